@@ -1,0 +1,222 @@
+"""``load_model`` / ``save_model``: every public BEiT checkpoint in, our format out.
+
+Loading never runs code from a file: safetensors, or ``torch.load(weights_only=True)``.
+Errors name the file and the first tensor that does not fit, instead of a stack trace from deep
+inside ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.beit import Beit
+from ..models.config import BeitConfig
+from ..models.relpos import resize_table
+from . import formats
+from .infer import config_from_hf, config_to_hf, infer_config
+
+OUR_FORMAT = "beit"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as BEiT, or does not fit the requested model."""
+
+
+# ---------------------------------------------------------------------------- reading files
+def _read_tensors(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, pickle with code, not a checkpoint at all
+        raise CheckpointError(
+            f"{path}: could not be read as a weights file ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "Is it truncated, or a pickled object that needs code to load (refused for safety)?"
+        ) from None
+
+
+def _resolve_remote(source: str) -> Path:
+    """A Hugging Face Hub id or an http(s)/file URL -> a local path (downloaded once into the cache)."""
+    if re.match(r"^(https?|file)://", source):
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        cache.mkdir(parents=True, exist_ok=True)
+        dst = cache / os.path.basename(source.split("?")[0])
+        if not dst.exists():
+            torch.hub.download_url_to_file(source, str(dst), progress=True)
+        return dst
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{source!r} is not a local path; to fetch it from the Hugging Face Hub install huggingface_hub "
+            "(pip install 'beit[hub]')"
+        ) from None
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as e:
+        raise CheckpointError(f"{source!r}: not a local file and could not be fetched from the Hub ({e})") from None
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Any supported source -> (state dict in our layout, config hints, a name for messages)."""
+    hints: dict[str, Any] = {}
+    if isinstance(source, Mapping):
+        raw, name = dict(source), "<state dict>"
+    else:
+        path = Path(source)
+        text = str(source)
+        if not path.exists():
+            if not (re.match(r"^(https?|file)://", text) or re.match(r"^[\w.-]+/[\w.-]+$", text)):
+                raise FileNotFoundError(f"checkpoint not found: {text}")
+            path = _resolve_remote(text)
+        name = str(path)
+        if path.is_dir():
+            cfg_file = path / "config.json"
+            if cfg_file.exists():
+                meta = json.loads(cfg_file.read_text())
+                if meta.get("format") == OUR_FORMAT:
+                    hints = meta
+                else:
+                    hints = config_from_hf(meta)
+            weights = next((path / f for f in WEIGHT_FILES if (path / f).exists()), None)
+            if weights is None:
+                raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+            path, name = weights, str(weights)
+        raw = _read_tensors(path)
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{name}: holds a {type(raw).__name__}, not a state dict")
+    sd = formats.unwrap(raw)
+    kind = formats.detect(sd)
+    if kind == "hf":
+        sd = formats.from_hf(sd)
+        hints.setdefault("layer_norm_eps", 1e-12)  # transformers' BeitConfig default, when no config.json
+    elif kind == "unknown":
+        sample = ", ".join(list(sd)[:5]) or "no tensors"
+        raise CheckpointError(f"{name}: not a BEiT checkpoint (first keys: {sample})")
+    unmapped = [k for k in sd if k.startswith("__unmapped__.")]
+    if unmapped:
+        raise CheckpointError(f"{name}: unexpected Hugging Face tensor {unmapped[0][13:]!r}")
+    return formats.drop_derived(sd), hints, name
+
+
+# ---------------------------------------------------------------------------- adapting
+def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConfig) -> dict[str, torch.Tensor]:
+    """Make a checkpoint fit a (possibly different) target config: rel-pos layout and size, pos-embed, heads."""
+    sd = dict(sd)
+    if dst.use_rel_pos_bias and not dst.use_shared_rel_pos_bias and src.use_shared_rel_pos_bias:
+        sd = formats.shared_to_per_layer(sd, src.depth)
+    for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
+        if src.grid != dst.grid:
+            sd[k] = resize_table(sd[k], src.grid, dst.grid)
+    if "pos_embed" in sd and src.grid != dst.grid:
+        pos = sd["pos_embed"]
+        grid = pos[:, 1:].reshape(1, *src.grid, -1).permute(0, 3, 1, 2).float()
+        grid = torch.nn.functional.interpolate(grid, size=dst.grid, mode="bicubic", align_corners=False)
+        sd["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
+    if dst.head != "mim":
+        for k in ("mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"):
+            sd.pop(k, None)
+    if dst.head != "cls" or (src.head == "cls" and src.num_classes != dst.num_classes):
+        sd.pop("head.weight", None)  # a new head is initialised, as when fine-tuning on new labels
+        sd.pop("head.bias", None)
+    if dst.use_mean_pooling and dst.head == "cls" and "fc_norm.weight" not in sd and "norm.weight" in sd:
+        sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # official FT
+    return sd
+
+
+def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: set[str]) -> None:
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k not in own:
+            raise CheckpointError(f"{name}: tensor {k!r} {tuple(v.shape)} has no place in the requested model")
+        if own[k].shape != v.shape:
+            raise CheckpointError(
+                f"{name}: tensor {k!r} has shape {tuple(v.shape)} but the requested model needs "
+                f"{tuple(own[k].shape)} (check the overrides you passed, e.g. embed_dim/depth/num_heads/img_size)"
+            )
+    missing = [k for k in own if k not in sd and k not in allow_missing]
+    if missing:
+        raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r}")
+    model.load_state_dict(sd, strict=False)
+
+
+def load_model(source: str | os.PathLike | Mapping, **overrides: Any) -> nn.Module:
+    """Load any BEiT checkpoint (official, timm, Hugging Face, ours; file, directory, Hub id, URL or dict).
+
+    The architecture is read from the tensors (and a config.json if present); ``overrides`` change it:
+    ``img_size=384`` resamples position tables, ``num_classes=10`` puts on a new head,
+    ``use_rel_pos_bias=True, use_shared_rel_pos_bias=False`` turns a pre-training checkpoint into a
+    fine-tuning model, ``head="cls"`` makes a classifier from a MIM checkpoint. Returns the model in eval mode.
+    """
+    sd, hints, name = read_checkpoint(source)
+    try:
+        if hints.get("format") == OUR_FORMAT:
+            src = BeitConfig.from_dict(hints["config"])
+        else:  # tensors first; the config file and the caller fill in what tensors cannot tell
+            src = infer_config(sd, {**hints, **{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}})
+        dst = src.replace(**overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    model = Beit(dst)
+    adapted = adapt_state_dict(sd, src, dst)
+    allow_missing = set()
+    if dst.head == "cls" and (src.head != "cls" or src.num_classes != dst.num_classes):
+        allow_missing |= {"head.weight", "head.bias"}
+    if dst.head == "mim" and src.head != "mim":
+        allow_missing |= {"mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"}
+    if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
+        allow_missing |= {"fc_norm.weight", "fc_norm.bias"}
+    if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
+        allow_missing.add("pos_embed")
+    _fill_model(model, adapted, name, allow_missing)
+    return model.eval()
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (our format; ``load_model`` reads it back)."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, Beit):
+        raise TypeError(f"save_model expects a beit.models.Beit, got {type(model).__name__}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": OUR_FORMAT})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"format": OUR_FORMAT, "config": model.cfg.to_dict()}, indent=2))
+    return out
+
+
+def export_timm(model: Beit) -> dict[str, torch.Tensor]:
+    """A state dict that timm's ``Beit`` loads strictly (timm keeps our names)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
+    """A Hugging Face model directory (config.json + model.safetensors) that transformers loads."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = formats.to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    return out

@@ -1,0 +1,46 @@
+"""Attention kernels with an additive per-head bias, behind one swappable function.
+
+BEiT adds a learned relative-position bias before the softmax. ``sdpa`` passes it to PyTorch's
+fused kernels as a float mask; ``eager`` is the literal formula, kept as the reference the fast
+paths are tested against. Faster kernels register themselves in ``ATTENTION_IMPLS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """q, k, v: [B, H, L, d]; bias broadcastable to [B, H, L, L]."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.float().softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def get_attention(name: str) -> AttentionFn:
+    try:
+        return ATTENTION_IMPLS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(ATTENTION_IMPLS)}") from None

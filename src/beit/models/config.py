@@ -1,0 +1,124 @@
+"""Architecture description of a BEiT model, and the named presets.
+
+One flat dataclass: it is what ``config.json`` holds next to our weights, what ``load_model``
+infers from a foreign checkpoint, and what ``create_model`` overrides field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+HEADS = ("cls", "mim", "none")
+
+
+@dataclass
+class BeitConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    attn_head_dim: int | None = None  # None: embed_dim // num_heads
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # q and v biases; k never has one
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-6  # official code and timm; Hugging Face configs say 1e-12
+    init_values: float | None = 0.1  # layer scale gamma_1/gamma_2; None or 0 turns it off
+    use_abs_pos_emb: bool = False
+    use_rel_pos_bias: bool = True  # one table per block
+    use_shared_rel_pos_bias: bool = False  # one table for all blocks (pre-training)
+    use_mean_pooling: bool = True  # fc_norm(mean of patch tokens); False: norm then cls token
+    head: str = "cls"  # "cls" classifier, "mim" masked-image-modeling lm_head, "none" features only
+    num_classes: int = 1000
+    vocab_size: int = 8192
+    mim_head_norm: bool = False  # extra LayerNorm before lm_head (Hugging Face MIM without mean pooling)
+    init_std: float = 0.02
+    init_scale: float = 0.001  # classification head init multiplier (official fine-tuning)
+    attn_impl: str = "sdpa"
+    extra: dict[str, Any] = field(default_factory=dict)  # label names etc., carried through save/load
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, list):
+            self.img_size = tuple(self.img_size)
+        self.validate()
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        s = self.img_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.img_hw
+        return h // self.patch_size, w // self.patch_size
+
+    def validate(self) -> None:
+        h, w = self.img_hw
+        problems = []
+        if self.patch_size <= 0 or h % self.patch_size or w % self.patch_size:
+            problems.append(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        head_dim = self.attn_head_dim or (self.embed_dim // max(self.num_heads, 1))
+        if self.num_heads <= 0 or (self.attn_head_dim is None and self.embed_dim % self.num_heads):
+            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if head_dim <= 0 or self.depth <= 0 or self.embed_dim <= 0:
+            problems.append("embed_dim, depth and head dim must be positive")
+        if self.head not in HEADS:
+            problems.append(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "cls" and self.num_classes < 0:
+            problems.append(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.head == "mim" and self.vocab_size <= 1:
+            problems.append(f"vocab_size must be > 1 for a MIM head, got {self.vocab_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if problems:
+            raise ValueError("invalid BEiT config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["img_size"], tuple):
+            d["img_size"] = list(d["img_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BeitConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BEiT config keys: {unknown}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> BeitConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown BEiT config keys: {unknown}; valid keys: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# Literal hyper-parameters of the paper's sizes (tiny/small follow DeiT widths).
+PRESETS: dict[str, dict[str, Any]] = {
+    "beit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "beit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "beit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "beit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}
+
+# What the official pre-training script changes when the head is the MIM head.
+MIM_DEFAULTS: dict[str, Any] = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
+
+
+def preset_config(name: str, **overrides: Any) -> BeitConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(PRESETS)}")
+    args = dict(PRESETS[name])
+    if overrides.get("head") == "mim":
+        for k, v in MIM_DEFAULTS.items():
+            args.setdefault(k, v)
+    args.update(overrides)
+    base = BeitConfig()
+    return base.replace(**args)
