@@ -36,7 +36,26 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
-ATTENTION_IMPLS: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
+def _pinned_sdpa(*backends: str) -> AttentionFn:
+    """SDPA restricted to the named backends, in priority order (falls back to the later ones)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = [getattr(SDPBackend, b) for b in backends]
+
+    def attention(q, k, v, bias, dropout_p=0.0):  # noqa: ANN001, ANN202
+        with sdpa_kernel(chosen, set_priority=True):
+            return sdpa_attention(q, k, v, bias, dropout_p)
+
+    return attention
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    # cuDNN's fused attention takes an additive bias and returns its gradient on Hopper
+    "cudnn": _pinned_sdpa("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "efficient": _pinned_sdpa("EFFICIENT_ATTENTION", "MATH"),
+}
 
 
 def get_attention(name: str) -> AttentionFn:

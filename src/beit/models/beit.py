@@ -209,8 +209,10 @@ class Beit(nn.Module):
             if self.mask_token is None:
                 raise ValueError("this model has no mask token: create it with head='mim' to pass bool_masked_pos")
             w = bool_masked_pos.reshape(B, N).unsqueeze(-1).type_as(x)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+            x = x * (1 - w) + self.mask_token * w
+        # the residual stream stays fp32 under autocast (layer scale is an fp32 parameter), so every block
+        # sees one dtype: one compiled graph serves all blocks
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.float()], dim=1)
         if self.pos_embed is not None:
             x = x + self._pos_embed(grid)
         return self.pos_drop(x), grid

@@ -1,0 +1,630 @@
+"""Image datasets that survive real-world folders and are deterministic per (seed, epoch, index).
+
+* ``ImageFolderDataset``: every image under a root at any depth (pre-training needs no labels).
+* ``LabeledImageFolder``: ``root/<class>/.../<image>``, like torchvision's ImageFolder.
+* ``WebDatasetShards``: webdataset tar shards, split per rank and per DataLoader worker.
+* ``TensorImageDataset`` + ``load_image_folder_to_memory``: small images kept decoded in RAM.
+
+Images are always handed to transforms as 8-bit RGB PIL images: CMYK, grayscale, palette, alpha and
+16-bit images are converted (alpha is composited on white). A file that cannot be decoded (truncated,
+not an image) never stops an epoch: the dataset returns the next readable sample instead, logs one
+warning naming the file and counts it (``num_skipped``, ``bad_paths``). With DataLoader workers these
+counters live in the worker processes; call ``verify()`` in the main process first to find bad files
+up front, so that every worker skips them and the main-process counters are complete.
+
+Augmentation runs inside ``seeded(seed, epoch, index)`` so that each sample is a pure function of
+(seed, epoch, index) whatever the number of workers or ranks. ``__getitem__`` also accepts an
+``(epoch, index)`` pair, for samplers that carry the epoch into persistent workers (where a
+``set_epoch`` call made in the main process is not seen).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from .seeding import derive_seed, seeded, stable_index
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "ImageFolderDataset",
+    "LabeledImageFolder",
+    "TensorImageDataset",
+    "WebDatasetShards",
+    "decode_image",
+    "list_images",
+    "load_image_folder_to_memory",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
+)  # fmt: skip
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+Transform = Callable[[Image.Image], Any]
+
+
+# --------------------------------------------------------------------------------------- decoding
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without the silent mistakes of a bare ``convert("RGB")``.
+
+    ``convert("RGB")`` clips 16-bit pixels to 255 (a white image) and drops alpha, which leaves
+    whatever colour hides under transparent pixels (often black); here 16-bit data is rescaled and
+    alpha is composited on white (the natural background of documents and icons).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if mode in _SIXTEEN_BIT_MODES or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, L, 1, P, LAB, HSV
+
+
+def decode_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Open and fully decode an image (path or encoded bytes) as RGB; raise on any decode failure.
+
+    ``load()`` is forced here so that a truncated file fails now, inside the dataset's error
+    handling, rather than later inside a transform.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(source)))
+        img.load()
+        return to_rgb(img)
+    with open(source, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
+# --------------------------------------------------------------------------------------- listing
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"image folder does not exist: {str(path)!r}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"expected a folder of images, got a file: {str(path)!r}")
+    return path
+
+
+def list_images(
+    root: str | os.PathLike,
+    *,
+    recursive: bool = True,
+    extensions: Sequence[str] = IMG_EXTENSIONS,
+) -> list[str]:
+    """Sorted paths of the images under ``root`` (by relative path, so the order is the same on
+    every filesystem and machine). Hidden files and folders (``.*``, ``__MACOSX``) are ignored:
+    they are mostly OS metadata such as macOS ``._x.jpg`` files that look like broken images.
+    """
+    path = _check_root(root)
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found: list[tuple[str, str]] = []
+    if recursive:
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+            for name in filenames:
+                if not _is_hidden(name) and name.lower().endswith(exts):
+                    full = os.path.join(dirpath, name)
+                    found.append((Path(full).relative_to(path).as_posix(), full))
+    else:
+        for entry in os.scandir(path):
+            if entry.is_file() and not _is_hidden(entry.name) and entry.name.lower().endswith(exts):
+                found.append((entry.name, entry.path))
+    found.sort()
+    return [full for _, full in found]
+
+
+def _unpack_index(index: int | tuple[int, int], default_epoch: int, length: int) -> tuple[int, int]:
+    if isinstance(index, (tuple, list)):
+        epoch, index = int(index[0]), int(index[1])
+    else:
+        epoch, index = default_epoch, int(index)
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
+    return epoch, index
+
+
+# --------------------------------------------------------------------------------------- folders
+class _RobustImageFiles(Dataset):
+    """Shared machinery: decode with replacement on failure, counters, seeding, set_epoch."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform | None, seed: int) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        self._bad: dict[int, str] = {}  # index -> error message, per process
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct files failed to decode in this process."""
+        return len(self._bad)
+
+    @property
+    def bad_paths(self) -> list[str]:
+        """Paths of the files that failed to decode in this process, in dataset order."""
+        return [self.samples[i][0] for i in sorted(self._bad)]
+
+    def _mark_bad(self, index: int, err: BaseException) -> None:
+        if index not in self._bad:
+            self._bad[index] = f"{type(err).__name__}: {err}"
+            logger.warning(
+                "skipping unreadable image %s (%s: %s); a replacement sample is used",
+                self.samples[index][0],
+                type(err).__name__,
+                err,
+            )
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """Decode sample ``index``, or the next readable one (wrapping), so an epoch never stops."""
+        n = len(self.samples)
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            path, target = self.samples[i]
+            try:
+                return decode_image(path), target
+            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+                self._mark_bad(i, err)
+        raise RuntimeError(f"none of the {n} images could be decoded; first failures: {self.bad_paths[:5]}")
+
+    def verify(self, num_threads: int = 8, progress: bool = False) -> list[str]:
+        """Decode every file once (thread pool) and remember the bad ones; return their paths.
+
+        Run it in the main process before building the DataLoader: workers then inherit the list
+        and skip those files silently, and ``num_skipped`` / ``bad_paths`` are complete here.
+        """
+
+        def check(i: int) -> tuple[int, BaseException | None]:
+            try:
+                decode_image(self.samples[i][0])
+                return i, None
+            except Exception as err:  # noqa: BLE001
+                return i, err
+
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            results: Iterable = pool.map(check, range(len(self.samples)))
+            if progress:
+                from tqdm.auto import tqdm
+
+                results = tqdm(results, total=len(self.samples), desc="verify images")
+            for i, err in results:
+                if err is not None:
+                    self._mark_bad(i, err)
+        return self.bad_paths
+
+    def _transformed(self, img: Image.Image, epoch: int, index: int) -> Any:
+        if self.transform is None:
+            return img
+        with seeded(self.seed, epoch, index):
+            return self.transform(img)
+
+
+class ImageFolderDataset(_RobustImageFiles):
+    """All images under ``root`` at any depth, no class layout needed; yields ``transform(img)``.
+
+    Args:
+        root: folder to scan.
+        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)``.
+        recursive: scan sub-folders too.
+        extensions: file name endings to accept (case-insensitive).
+        seed: base seed of the augmentation streams.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform | None = None,
+        *,
+        recursive: bool = True,
+        extensions: Sequence[str] = IMG_EXTENSIONS,
+        seed: int = 0,
+    ) -> None:
+        self.root = str(root)
+        paths = list_images(root, recursive=recursive, extensions=extensions)
+        if not paths:
+            raise ValueError(
+                f"no images found under {self.root!r} (recursive={recursive}, extensions={tuple(extensions)})"
+            )
+        super().__init__([(p, -1) for p in paths], transform, seed)
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.samples]
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        epoch, index = _unpack_index(index, self.epoch, len(self))
+        img, _ = self._load(index)
+        return self._transformed(img, epoch, index)
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset(root={self.root!r}, n={len(self)}, seed={self.seed}, epoch={self.epoch})"
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``root``."""
+    path = _check_root(root)
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not _is_hidden(e.name))
+
+
+class LabeledImageFolder(_RobustImageFiles):
+    """``root/<class>/**/<image>`` with integer labels; yields ``(transform(img), label)``.
+
+    Args:
+        root: folder with one sub-folder per class.
+        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)``.
+        class_names: the classes in label order; must name exactly the sub-folders. Defaults to
+            the sorted sub-folder names (torchvision's convention).
+        extensions: file name endings to accept (case-insensitive).
+        seed: base seed of the augmentation streams.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform | None = None,
+        class_names: Sequence[str] | None = None,
+        *,
+        extensions: Sequence[str] = IMG_EXTENSIONS,
+        seed: int = 0,
+    ) -> None:
+        self.root = str(root)
+        folders = find_classes(root)
+        if not folders:
+            raise ValueError(
+                f"no class sub-folders in {self.root!r}: LabeledImageFolder expects root/<class>/<image> "
+                "(use ImageFolderDataset for images without labels)"
+            )
+        if class_names is None:
+            class_names = folders
+        else:
+            class_names = [str(c) for c in class_names]
+            dupes = sorted({c for c in class_names if class_names.count(c) > 1})
+            if dupes:
+                raise ValueError(f"class_names has duplicates: {dupes}")
+            missing = sorted(set(class_names) - set(folders))
+            extra = sorted(set(folders) - set(class_names))
+            if missing or extra:
+                raise ValueError(
+                    f"class_names does not match the sub-folders of {self.root!r}: "
+                    f"no folder for {missing}; folders not in class_names: {extra}"
+                )
+        self.classes: list[str] = list(class_names)
+        self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
+        samples: list[tuple[str, int]] = []
+        empty: list[str] = []
+        for c in self.classes:
+            paths = list_images(os.path.join(root, c), recursive=True, extensions=extensions)
+            if not paths:
+                empty.append(c)
+            samples.extend((p, self.class_to_idx[c]) for p in paths)
+        if empty:
+            raise ValueError(
+                f"class folders without images under {self.root!r}: {empty} "
+                f"(extensions={tuple(extensions)}); remove them or pass class_names without them"
+            )
+        super().__init__(samples, transform, seed)
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int]:
+        epoch, index = _unpack_index(index, self.epoch, len(self))
+        img, target = self._load(index)
+        return self._transformed(img, epoch, index), target
+
+    def __repr__(self) -> str:
+        return (
+            f"LabeledImageFolder(root={self.root!r}, n={len(self)}, classes={len(self.classes)}, "
+            f"seed={self.seed}, epoch={self.epoch})"
+        )
+
+
+# --------------------------------------------------------------------------------------- shards
+class WebDatasetShards(IterableDataset):
+    """Samples from webdataset tar shards (``<key>.jpg|png|webp`` [+ ``<key>.cls``]) for large sets.
+
+    Yields what the folder datasets yield: ``transform(img)``, or ``(transform(img), label)`` when
+    ``label_key`` is set. Shards are (optionally) shuffled per epoch with the same order on every
+    rank, then split by rank (``wds.split_by_node``) and by DataLoader worker
+    (``wds.split_by_worker``), so every shard is read exactly once per epoch across the job. Each
+    sample is augmented inside ``seeded(seed, epoch, hash(__key__))``: it does not depend on which
+    rank or worker reads it. Not resumable mid-epoch, and ranks can get different sample counts
+    when shards differ in size (use equal-size shards, at least ``world_size * num_workers`` of them).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        transform: Transform | None = None,
+        *,
+        label_key: str | None = None,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(urls, (str, os.PathLike)):
+            import braceexpand
+
+            self.urls = list(braceexpand.braceexpand(str(urls)))
+        else:
+            self.urls = [str(u) for u in urls]
+        if not self.urls:
+            raise ValueError("WebDatasetShards needs at least one shard url")
+        for u in self.urls:
+            if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u):
+                raise FileNotFoundError(f"webdataset shard does not exist: {u!r}")
+        self.transform = transform
+        self.label_key = label_key
+        self.image_keys = tuple(k.lower() for k in image_keys)
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_skipped = 0
+        self.bad_keys: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shard order and augmentation stream of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def _shards_for_epoch(self) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(derive_seed(self.seed, self.epoch, 0)).shuffle(urls)  # same on every rank
+        return urls
+
+    def _skip(self, key: str, why: str) -> None:
+        self.num_skipped += 1
+        self.bad_keys.append(key)
+        logger.warning("skipping webdataset sample %s: %s", key, why)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int] | None:
+        key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        data = next((sample[k] for k in sample if k.lower() in self.image_keys), None)
+        if data is None:
+            self._skip(key, f"no image among keys {sorted(k for k in sample if not k.startswith('__'))}")
+            return None
+        try:
+            img = decode_image(data)
+        except Exception as err:  # noqa: BLE001
+            self._skip(key, f"{type(err).__name__}: {err}")
+            return None
+        target = -1
+        if self.label_key is not None:
+            raw = sample.get(self.label_key)
+            try:
+                target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+            except (TypeError, ValueError):
+                self._skip(key, f"missing or non-integer label {self.label_key!r}: {raw!r}")
+                return None
+        return img, target
+
+    def __iter__(self) -> Iterator[Any]:
+        import webdataset as wds
+        from webdataset.utils import pytorch_worker_info
+
+        rank, world_size, worker, num_workers = pytorch_worker_info()
+        shards = self._shards_for_epoch()
+        if len(shards) < world_size * num_workers and worker == 0:
+            logger.warning(
+                "%d shards for %d ranks x %d workers: some readers get no data",
+                len(shards),
+                world_size,
+                num_workers,
+            )
+        stream = wds.split_by_worker(wds.split_by_node([{"url": u} for u in shards]))
+        samples: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=wds.warn_and_continue)(stream)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, self.epoch, 1 + rank * 4096 + worker))
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
+        epoch = self.epoch
+        for sample in samples:
+            decoded = self._decode(sample)
+            if decoded is None:
+                continue
+            img, target = decoded
+            if self.transform is not None:
+                with seeded(self.seed, epoch, stable_index(str(sample.get("__key__", "")))):
+                    img = self.transform(img)
+            yield (img, target) if self.label_key is not None else img
+
+
+def _buffer_shuffle(src: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for item in src:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+# --------------------------------------------------------------------------------------- in memory
+class TensorImageDataset(Dataset):
+    """Small decoded images kept in memory (CIFAR-sized): uint8 ``[N, H, W, 3]`` or ``[N, 3, H, W]``.
+
+    With a ``transform`` each sample is handed to it as an RGB PIL image (so torchvision / timm
+    transforms work unchanged) inside ``seeded(seed, epoch, index)``. Without one, the raw
+    ``[H, W, 3]`` uint8 tensor is returned, so that a DataLoader yields ``[B, H, W, 3]`` batches for
+    the GPU fast path (``beit.data.transforms.gpu_pretrain_views``); add a ``mask_generator`` to get
+    ``{"image": [H, W, 3] uint8, "mask": bool [h, w]}`` instead, the mask drawn per sample in the
+    workers (it is the slow part of that path). Labels, when given, come back as ``(sample, label)``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | Sequence[int] | None = None,
+        transform: Transform | None = None,
+        *,
+        mask_generator: Callable[[], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if transform is not None and mask_generator is not None:
+            raise ValueError(
+                "mask_generator is for the raw-tensor path (transform=None); PretrainTransform draws its own"
+            )
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8, got {images.dtype} (scale to 0..255 first)")
+        if images.ndim == 3:  # grayscale [N, H, W]
+            images = images.unsqueeze(-1)
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, 3] or [N, 3, H, W], got shape {tuple(images.shape)}")
+        if images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+            images = images.permute(0, 2, 3, 1)  # NCHW -> NHWC
+        if images.shape[-1] == 1:
+            images = images.expand(-1, -1, -1, 3)
+        if images.shape[-1] != 3:
+            raise ValueError(f"images must be [N, H, W, 3] or [N, 3, H, W], got shape {tuple(images.shape)}")
+        self.images = images.contiguous()
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.shape != (len(self.images),):
+                raise ValueError(f"labels must have shape [{len(self.images)}], got {tuple(labels.shape)}")
+        self.labels = labels
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        epoch, index = _unpack_index(index, self.epoch, len(self))
+        x: Any = self.images[index]
+        if self.transform is not None:
+            img = Image.fromarray(x.numpy(), mode="RGB")
+            with seeded(self.seed, epoch, index):
+                x = self.transform(img)
+        elif self.mask_generator is not None:
+            with seeded(self.seed, epoch, index):
+                x = {"image": x, "mask": self.mask_generator()}
+        if self.labels is None:
+            return x
+        return x, int(self.labels[index])
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image_folder_to_memory(
+    root: str | os.PathLike,
+    size: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    labeled: bool | None = None,
+    num_threads: int = 8,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Decode a whole folder into a uint8 ``[N, H, W, 3]`` tensor (thread pool, tqdm progress bar).
+
+    Worth it for small images (CIFAR: 50k JPEGs, 150 MB decoded): decoding once instead of every
+    epoch frees the DataLoader workers. ``labeled=None`` uses the class layout when ``root`` has
+    sub-folders. ``size`` resizes the short side (bicubic) and center-crops; without it all images
+    must share one size. Unreadable images are skipped with a warning.
+
+    Returns:
+        images ``[N, H, W, 3]`` uint8, labels ``[N]`` int64 (None when unlabeled), class names.
+    """
+    if labeled is None:
+        labeled = class_names is not None or bool(find_classes(root))
+    if labeled:
+        ds: _RobustImageFiles = LabeledImageFolder(root, class_names=class_names)
+        names = list(ds.classes)  # type: ignore[attr-defined]
+    else:
+        ds = ImageFolderDataset(root)
+        names = []
+
+    def load(i: int) -> np.ndarray | None:
+        path = ds.samples[i][0]
+        try:
+            img = decode_image(path)
+        except Exception as err:  # noqa: BLE001
+            ds._mark_bad(i, err)
+            return None
+        if size is not None:
+            img = _resize_center_crop(img, size)
+        return np.asarray(img, dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results: Iterable = pool.map(load, range(len(ds)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            results = tqdm(results, total=len(ds), desc=f"decoding {os.path.basename(str(root))}")
+        arrays = list(results)
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
+    if ds.num_skipped:
+        logger.warning("skipped %d unreadable images under %s", ds.num_skipped, root)
+    shape = arrays[keep[0]].shape
+    for i in keep:
+        if arrays[i].shape != shape:
+            raise ValueError(
+                f"images differ in size ({ds.samples[keep[0]][0]}: {shape[1]}x{shape[0]}, "
+                f"{ds.samples[i][0]}: {arrays[i].shape[1]}x{arrays[i].shape[0]}); pass size= to resize"
+            )
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
+    return images, labels, names

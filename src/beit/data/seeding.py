@@ -1,0 +1,82 @@
+"""Per-sample seeding: every augmented sample is a pure function of ``(seed, epoch, index)``.
+
+Augmentations draw from three global generators (torch, Python ``random`` used by timm, NumPy used by
+some timm ops). Seeding them per sample from a stable hash of the triple makes a sample independent
+of the number of DataLoader workers, of the rank and of what was drawn before, so a resumed or
+re-sharded run sees exactly the same data. The caller's generator states are restored on exit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+__all__ = ["derive_seed", "generator_for", "seeded", "stable_index"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _check(name: str, value: int) -> int:
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    return value
+
+
+def derive_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed from the triple, via NumPy's SeedSequence (stable across platforms and versions).
+
+    SeedSequence mixes its entropy well, so neighbouring triples (index 7 and 8, epoch 0 and 1)
+    give unrelated streams, unlike ``seed + epoch * N + index``.
+    """
+    ss = np.random.SeedSequence([_check("seed", seed), _check("epoch", epoch), _check("index", index)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0]) & _MASK64
+
+
+def stable_index(key: str) -> int:
+    """A stable non-negative 63-bit integer for a string key (e.g. a webdataset ``__key__``).
+
+    Python's ``hash`` is salted per process, so it cannot be used to seed samples across workers.
+    """
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def generator_for(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from the triple, for code that takes an explicit generator."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, epoch, index))
+    return g
+
+
+@contextmanager
+def seeded(seed: int, epoch: int, index: int) -> Iterator[torch.Generator]:
+    """Seed torch (CPU), Python ``random`` and NumPy's global RNG from the triple for the block.
+
+    Everything drawn inside is a pure function of ``(seed, epoch, index)``; the caller's RNG streams
+    are restored on exit (``torch.random.fork_rng`` for torch, get/set state for the others).
+    Yields a fresh generator seeded from the same triple for code that prefers an explicit one.
+    CUDA generators are not touched: data augmentation runs on CPU in DataLoader workers.
+    """
+    s = derive_seed(seed, epoch, index)
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            # Not torch.manual_seed: it also (lazily) reseeds every CUDA generator, which fork_rng
+            # would not restore, and would clobber the caller's GPU dropout stream.
+            torch.random.default_generator.manual_seed(s)
+            random.seed(s)
+            # NumPy's legacy global RNG only takes 32-bit words: feed all 64 bits as two words.
+            np.random.seed([s & 0xFFFFFFFF, s >> 32])
+            g = torch.Generator()
+            g.manual_seed(s ^ 0x9E3779B97F4A7C15)  # a different stream from the global one
+            yield g
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

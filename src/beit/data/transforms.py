@@ -1,0 +1,450 @@
+"""Transforms for BEiT pre-training, fine-tuning and evaluation.
+
+Pre-training (BEiT paper, Sec. 2.5; unilm ``DataAugmentationForBEiT``): color jitter, flip and ONE
+random-resized crop, resized twice: to ``input_size`` (bicubic, normalised) for the ViT, and to
+``(input_size // patch_size) * tokenizer_downsample`` (lanczos, in [0, 1]) for the image tokenizer,
+whose token grid must line up with the ViT's patch grid. Plus a blockwise mask of that grid.
+
+All random numbers come from the global torch / Python / NumPy generators, which the datasets seed
+per sample with ``beit.data.seeding.seeded``; ``gpu_pretrain_views`` takes an explicit generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .masking import BlockwiseMaskGenerator
+
+__all__ = [
+    "PretrainTransform",
+    "build_eval_transform",
+    "build_finetune_transform",
+    "build_linear_probe_transform",
+    "collate_pretrain",
+    "default_mask_generator",
+    "gpu_pretrain_views",
+]
+
+_INTERP = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "lanczos": InterpolationMode.LANCZOS,
+    "nearest": InterpolationMode.NEAREST,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+SMALL_IMAGE_SIZE = 32  # at or below this, follow unilm's CIFAR path: no resize-up-then-crop
+
+
+def _interp(name: str) -> InterpolationMode:
+    try:
+        return _INTERP[name]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {name!r}; choose from {sorted(_INTERP)}") from None
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) <= 0:
+        raise ValueError(f"{name} must be a positive int or (height, width), got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _check_range(value: Sequence[float], name: str, upper: float | None = None) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not 0 < lo <= hi or (upper is not None and hi > upper):
+        bound = f" <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must satisfy 0 < min <= max{bound}, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean/std need 3 channels and std > 0, got mean={mean}, std={std}")
+    return mean, std
+
+
+def default_mask_generator(grid: int | tuple[int, int]) -> BlockwiseMaskGenerator:
+    """The paper's masking scaled to any grid: 75/196 (~40%) of the patches.
+
+    Blocks are at least 16 patches on grids with a budget of 32 or more (the official setting),
+    else 4 (the official class default), so that small grids such as 8x8 still get several blocks.
+    """
+    gh, gw = _pair(grid, "grid")
+    budget = max(1, round(gh * gw * 75 / 196))
+    min_block = 16 if budget >= 32 else min(4, budget)
+    return BlockwiseMaskGenerator((gh, gw), num_masking_patches=budget, min_num_patches=min_block)
+
+
+class PretrainTransform:
+    """Two views of one random-resized crop + a blockwise mask, for BEiT pre-training.
+
+    Returns ``{"image": float [3, H, W] normalised, "tok_image": float [3, h, w] in [0, 1],
+    "mask": bool [H/p, W/p]}`` with ``h = (H // p) * tokenizer_downsample``. The tokenizer view is
+    not normalised and not ``map_pixels``-ed: the tokenizer owns its input mapping.
+
+    Args:
+        input_size: ViT input size (int or (H, W)).
+        patch_size: ViT patch size; ``input_size`` must be divisible by it.
+        tokenizer_downsample: the tokenizer's total stride (8 for the DALL-E dVAE).
+        scale, ratio: random-resized-crop area fraction and aspect ranges.
+        color_jitter: brightness/contrast/saturation strength (float or (b, c, s[, h])); 0/None = off.
+        hflip: probability of a horizontal flip (shared by both views).
+        mean, std: normalisation of the patch view.
+        mask_generator: draws the mask; defaults to ``default_mask_generator(grid)``.
+        interpolation, tokenizer_interpolation: resize filters of the two views.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        tokenizer_downsample: int = 8,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float | Sequence[float] | None = 0.4,
+        hflip: float = 0.5,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        mask_generator: BlockwiseMaskGenerator | None = None,
+        interpolation: str = "bicubic",
+        tokenizer_interpolation: str = "lanczos",
+    ) -> None:
+        self.input_size = _pair(input_size, "input_size")
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if self.input_size[0] % patch_size or self.input_size[1] % patch_size:
+            raise ValueError(
+                f"input_size {self.input_size} is not divisible by patch_size {patch_size}: "
+                "the patch grid and the tokenizer grid would not line up"
+            )
+        if not isinstance(tokenizer_downsample, int) or tokenizer_downsample <= 0:
+            raise ValueError(f"tokenizer_downsample must be a positive int, got {tokenizer_downsample!r}")
+        self.patch_size = patch_size
+        self.tokenizer_downsample = tokenizer_downsample
+        self.grid = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
+        self.tokenizer_size = (self.grid[0] * tokenizer_downsample, self.grid[1] * tokenizer_downsample)
+        self.scale = _check_range(scale, "scale", upper=1.0)
+        self.ratio = _check_range(ratio, "ratio")
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip is a probability, got {hflip}")
+        self.hflip = float(hflip)
+        self.mean, self.std = _check_mean_std(mean, std)
+        self.color_jitter = self._parse_jitter(color_jitter)
+        self.jitter = T.ColorJitter(*self.color_jitter) if any(self.color_jitter) else None
+        if mask_generator is None:
+            mask_generator = default_mask_generator(self.grid)
+        if (mask_generator.height, mask_generator.width) != self.grid:
+            raise ValueError(
+                f"mask_generator grid {mask_generator.height}x{mask_generator.width} does not match "
+                f"the patch grid {self.grid[0]}x{self.grid[1]} "
+                f"(input_size {self.input_size} / patch_size {patch_size})"
+            )
+        self.mask_generator = mask_generator
+        self.interpolation = _interp(interpolation)
+        self.tokenizer_interpolation = _interp(tokenizer_interpolation)
+
+    @staticmethod
+    def _parse_jitter(cj: float | Sequence[float] | None) -> tuple[float, float, float, float]:
+        if cj is None:
+            return (0.0, 0.0, 0.0, 0.0)
+        if isinstance(cj, (int, float)):
+            return (float(cj), float(cj), float(cj), 0.0)  # official: ColorJitter(0.4, 0.4, 0.4), no hue
+        vals = [float(v) for v in cj]
+        if len(vals) not in (3, 4) or min(vals) < 0 or (len(vals) == 4 and vals[3] > 0.5):
+            raise ValueError(f"color_jitter must be a float or (b, c, s[, hue<=0.5]) >= 0, got {cj}")
+        return (vals[0], vals[1], vals[2], vals[3] if len(vals) == 4 else 0.0)
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"PretrainTransform takes an RGB PIL image, got {type(img).__name__}")
+        if self.jitter is not None:
+            img = self.jitter(img)  # before the crop, as the official code: both views share it
+        top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        flip = self.hflip > 0 and torch.rand(()).item() < self.hflip
+        patch = TF.resized_crop(img, top, left, h, w, list(self.input_size), self.interpolation)
+        tok = TF.resized_crop(img, top, left, h, w, list(self.tokenizer_size), self.tokenizer_interpolation)
+        if flip:
+            patch, tok = TF.hflip(patch), TF.hflip(tok)
+        image = TF.normalize(TF.to_tensor(patch), self.mean, self.std)
+        return {"image": image, "tok_image": TF.to_tensor(tok), "mask": self.mask_generator()}
+
+    def gpu_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Batched on-device version for small uint8 images; see ``gpu_pretrain_views``."""
+        return gpu_pretrain_views(images, self, generator)
+
+    def __repr__(self) -> str:
+        return (
+            f"PretrainTransform(input_size={self.input_size}, patch={self.patch_size}, "
+            f"tokenizer_size={self.tokenizer_size}, scale={self.scale}, "
+            f"ratio={tuple(round(r, 3) for r in self.ratio)}, "
+            f"color_jitter={self.color_jitter}, hflip={self.hflip}, mask={self.mask_generator!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------- GPU path
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator)
+
+
+def _crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, vectorised: [B, 4] float (top, left, h, w)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * _rand((batch, attempts), generator))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand((batch, attempts), generator))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # fallback (no attempt fits): the largest center crop within the ratio range, as torchvision
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    has = ok.any(dim=1)
+    w = torch.where(has, w, torch.full_like(w, fw))
+    h = torch.where(has, h, torch.full_like(h, fh))
+    u = _rand((batch, 2), generator)
+    top = torch.floor(u[:, 0] * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(u[:, 1] * (width - w + 1)).clamp(max=width - w)
+    top = torch.where(has, top, torch.full_like(top, (height - fh) // 2))
+    left = torch.where(has, left, torch.full_like(left, (width - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
+
+
+def gpu_pretrain_views(
+    images: torch.Tensor,
+    cfg: PretrainTransform,
+    generator: torch.Generator | None = None,
+    masks: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``PretrainTransform`` for a whole batch of small uint8 images ``[B, H, W, 3]`` on their device.
+
+    For CIFAR-sized data kept in memory the per-sample PIL pipeline, not the model, limits
+    throughput; this does color jitter (brightness, contrast, saturation in that fixed order; hue
+    is not supported), the random-resized crop and flip via one ``grid_sample`` (bicubic), and the
+    tokenizer view by an antialiased bicubic resize of the same crop. The crop is resampled without
+    antialiasing, so use it where crops are upsampled (small images), not for 224 px ImageNet.
+
+    All random numbers are drawn on CPU from ``generator`` (a CPU ``torch.Generator``; None = the
+    global one), so the result depends only on the generator state, not on the device; seed it
+    with e.g. ``generator_for(seed, epoch, step)`` for reproducible batches.
+
+    ``masks`` (bool ``[B, H/p, W/p]``) skips drawing masks here. Mask drawing is a Python loop
+    (~0.1-0.3 ms a mask), the slowest part of this function by far: for real runs draw masks in the
+    DataLoader workers (``TensorImageDataset(..., mask_generator=...)``) and pass them in.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("generator must be a CPU torch.Generator (random numbers are drawn on CPU)")
+    if cfg.color_jitter[3] > 0:
+        raise ValueError("gpu_pretrain_views does not implement hue jitter; set hue to 0")
+    B, H, W, _ = images.shape
+    device = images.device
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+
+    bri, con, sat, _ = cfg.color_jitter
+    factors = _rand((B, 3), generator) * 2 - 1  # U[-1, 1]
+    if bri > 0:
+        fb = (1 + bri * factors[:, 0]).clamp(min=0).to(device).view(B, 1, 1, 1)
+        x = (x * fb).clamp_(0, 1)
+    if con > 0:
+        fc = (1 + con * factors[:, 1]).clamp(min=0).to(device).view(B, 1, 1, 1)
+        m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = (fc * x + (1 - fc) * m).clamp_(0, 1)
+    if sat > 0:
+        fs = (1 + sat * factors[:, 2]).clamp(min=0).to(device).view(B, 1, 1, 1)
+        x = (fs * x + (1 - fs) * _gray(x)).clamp_(0, 1)
+
+    boxes = _crop_boxes(B, H, W, cfg.scale, cfg.ratio, generator)
+    flip = _rand((B,), generator) < cfg.hflip
+    out_h, out_w = cfg.input_size
+    top, left, bh, bw = (boxes[:, k].view(B, 1) for k in range(4))
+    oy = (torch.arange(out_h, dtype=torch.float32) + 0.5).view(1, out_h)
+    ox = (torch.arange(out_w, dtype=torch.float32) + 0.5).view(1, out_w)
+    ox = torch.where(flip.view(B, 1), out_w - ox, ox)
+    # pixel-center convention of PIL / align_corners=False: output o samples left + (o + .5) * w / S
+    gy = (top + oy * bh / out_h) * 2 / H - 1  # [B, out_h]
+    gx = (left + ox * bw / out_w) * 2 / W - 1  # [B, out_w]
+    grid = torch.stack(
+        [gx.view(B, 1, out_w).expand(B, out_h, out_w), gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1
+    ).to(device)
+    patch = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+    if tuple(cfg.tokenizer_size) == tuple(cfg.input_size):
+        tok = patch.clone()
+    else:
+        tok = F.interpolate(patch, size=cfg.tokenizer_size, mode="bicubic", antialias=True, align_corners=False).clamp_(
+            0, 1
+        )
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+    if masks is None:
+        masks = torch.stack([cfg.mask_generator(generator) for _ in range(B)])
+    elif masks.shape != (B, *cfg.grid) or masks.dtype != torch.bool:
+        raise ValueError(
+            f"masks must be bool [{B}, {cfg.grid[0]}, {cfg.grid[1]}], got {masks.dtype} {tuple(masks.shape)}"
+        )
+    masks = masks.to(device, non_blocking=True)
+    return {"image": (patch - mean) / std, "tok_image": tok, "mask": masks}
+
+
+def collate_pretrain(batch: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Stack pre-training samples: dicts from ``PretrainTransform``, ``(dict, label)`` pairs from a
+    labeled dataset, or ``(image, tok_image, mask)`` tuples. Labels, when present, are kept."""
+    if not batch:
+        raise ValueError("collate_pretrain got an empty batch")
+    first = batch[0]
+    labels = None
+    if isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], dict):
+        labels = torch.tensor([int(b[1]) for b in batch], dtype=torch.long)
+        batch = [b[0] for b in batch]
+        first = batch[0]
+    if isinstance(first, dict):
+        out = {k: torch.stack([b[k] for b in batch]) for k in ("image", "tok_image", "mask")}
+    elif isinstance(first, (tuple, list)) and len(first) == 3:
+        out = {k: torch.stack([b[i] for b in batch]) for i, k in enumerate(("image", "tok_image", "mask"))}
+    else:
+        raise TypeError(f"collate_pretrain cannot collate samples of type {type(first).__name__}")
+    if labels is not None:
+        out["label"] = labels
+    return out
+
+
+# --------------------------------------------------------------------------------------- fine-tune / eval
+def _resolve_crop_pct(input_size: int, crop_pct: float | None) -> float:
+    if crop_pct is None:  # unilm run_class_finetuning.py: 224/256 below 384, no crop at 384+
+        crop_pct = 1.0 if input_size <= SMALL_IMAGE_SIZE or input_size >= 384 else 224 / 256
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return float(crop_pct)
+
+
+def build_eval_transform(
+    input_size: int = 224,
+    *,
+    crop_pct: float | None = None,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``input_size / crop_pct``, center crop, normalise.
+
+    ``crop_pct`` defaults to 224/256 (the usual ImageNet eval crop) and to 1.0 for images of 32 px
+    or less, which have no margin to crop away, and for 384+ (as unilm).
+    """
+    if not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    mean, std = _check_mean_std(mean, std)
+    size = int(input_size / _resolve_crop_pct(input_size, crop_pct))
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=_interp(interpolation)),
+            T.CenterCrop(input_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def build_finetune_transform(
+    is_train: bool,
+    input_size: int = 224,
+    *,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float | None = 0.4,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The BEiT fine-tuning recipe (unilm ``build_transform``) through timm's ``create_transform``.
+
+    Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
+    skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
+    For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=4)`` instead, as unilm does for
+    CIFAR-sized inputs. Eval: ``build_eval_transform``.
+    """
+    if not is_train:
+        return build_eval_transform(input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    if not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    if not 0 <= re_prob <= 1:
+        raise ValueError(f"re_prob is a probability, got {re_prob}")
+    mean, std = _check_mean_std(mean, std)
+    _check_range(scale, "scale", upper=1.0)
+    transform = create_transform(
+        input_size=input_size,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
+        color_jitter=color_jitter if color_jitter else 0.0,
+        auto_augment=auto_augment,
+        interpolation=interpolation,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        mean=mean,
+        std=std,
+    )
+    if input_size <= SMALL_IMAGE_SIZE:
+        transform.transforms[0] = T.RandomCrop(input_size, padding=4)
+    return transform
+
+
+def build_linear_probe_transform(
+    is_train: bool,
+    input_size: int = 224,
+    *,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Linear probing (unilm ``run_linear_eval``): light augmentation only, random-resized crop +
+    flip for training (padded random crop at <= 32 px), ``build_eval_transform`` for evaluation."""
+    if not is_train:
+        return build_eval_transform(input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+    mean, std = _check_mean_std(mean, std)
+    if input_size <= SMALL_IMAGE_SIZE:
+        crop: Any = T.RandomCrop(input_size, padding=4)
+    else:
+        crop = T.RandomResizedCrop(input_size, interpolation=_interp(interpolation))
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])

@@ -1,0 +1,300 @@
+"""Folder, labeled, in-memory and webdataset datasets: robustness, errors, seeding."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from beit.data.datasets import (
+    ImageFolderDataset,
+    LabeledImageFolder,
+    TensorImageDataset,
+    WebDatasetShards,
+    decode_image,
+    list_images,
+    load_image_folder_to_memory,
+)
+from beit.data.transforms import PretrainTransform
+
+
+def _rgb(size: int = 24, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _make_odd_folder(root: Path) -> dict[str, Path]:
+    """One file per awkward case; names sort in this order."""
+    files = {}
+    files["a_rgb"] = _save(_rgb(24, 1), root / "a_rgb.jpg")
+    files["b_cmyk"] = _save(_rgb(24, 2).convert("CMYK"), root / "b_cmyk.jpg")
+    files["c_gray"] = _save(_rgb(24, 3).convert("L"), root / "sub" / "c_gray.png")
+    files["d_la"] = _save(_rgb(24, 4).convert("LA"), root / "sub" / "d_la.png")
+    pal = _rgb(24, 5).convert("P")
+    pal.info["transparency"] = 0
+    files["e_pal"] = _save(pal, root / "sub" / "deeper" / "e_pal.png")
+    rgba = np.zeros((24, 24, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:12, :, 3] = 255  # top opaque red, bottom fully transparent
+    files["f_rgba"] = _save(Image.fromarray(rgba, "RGBA"), root / "f_rgba.png")
+    files["g_16bit"] = _save(Image.fromarray(np.full((24, 24), 128 * 257, np.uint16)), root / "g_16bit.png")
+    trunc = root / "h_truncated.jpg"
+    trunc.write_bytes(_jpeg_bytes(_rgb(64, 6))[:600])
+    files["h_truncated"] = trunc
+    junk = root / "i_random.jpg"
+    junk.write_bytes(np.random.default_rng(7).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    files["i_random"] = junk
+    files["j_rgb"] = _save(_rgb(24, 8), root / "j_rgb.PNG")  # upper-case extension
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.jpg").write_bytes(b"junk")
+    (root / "._a_rgb.jpg").write_bytes(b"macOS metadata")
+    return files
+
+
+def test_folder_lists_sorted_recursive_and_skips_hidden(tmp_path: Path) -> None:
+    files = _make_odd_folder(tmp_path)
+    paths = list_images(tmp_path)
+    rel = [Path(p).relative_to(tmp_path).as_posix() for p in paths]
+    assert rel == sorted(rel) and len(rel) == 10
+    assert not any(".hidden" in r or r.startswith("._") for r in rel)
+    flat = list_images(tmp_path, recursive=False)
+    assert len(flat) == 7 and str(files["c_gray"]) not in flat
+
+
+def test_odd_modes_convert_and_corrupt_files_are_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    files = _make_odd_folder(tmp_path)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 10
+    with caplog.at_level(logging.WARNING, logger="beit.data.datasets"):
+        for _ in range(2):  # two epochs: each bad file is warned about once
+            samples = [ds[i] for i in range(len(ds))]
+    assert all(s.mode == "RGB" and s.size == (24, 24) for s in samples)
+    assert ds.num_skipped == 2
+    assert ds.bad_paths == [str(files["h_truncated"]), str(files["i_random"])]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "h_truncated.jpg" in warned[0] and "i_random.jpg" in warned[1]
+    # the replacement of a bad index is the next readable sample, deterministically
+    order = [Path(p).stem for p in ds.paths]
+    j = order.index("j_rgb")
+    assert np.array_equal(np.asarray(samples[order.index("h_truncated")]), np.asarray(samples[j]))
+    # 16-bit data is rescaled, not clipped to white; alpha is composited on white
+    g = np.asarray(samples[order.index("g_16bit")])
+    assert (g == 128).all()
+    f = np.asarray(samples[order.index("f_rgba")])
+    assert (f[:12] == [200, 0, 0]).all() and (f[12:] == 255).all()
+
+
+def test_verify_finds_bad_files_up_front(tmp_path: Path) -> None:
+    files = _make_odd_folder(tmp_path)
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.verify(num_threads=2) == [str(files["h_truncated"]), str(files["i_random"])]
+    assert ds.num_skipped == 2
+
+
+def test_all_bad_raises_clearly(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"nope")
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.raises(RuntimeError, match="none of the 1 images"):
+        ds[0]
+
+
+def test_missing_empty_and_file_roots_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        ImageFolderDataset(missing)
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="empty_dir"):
+        ImageFolderDataset(empty)
+    f = _save(_rgb(), tmp_path / "one.jpg")
+    with pytest.raises(NotADirectoryError, match="one.jpg"):
+        ImageFolderDataset(f)
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        LabeledImageFolder(missing)
+
+
+def _make_labeled(root: Path, classes: dict[str, int]) -> None:
+    for k, (name, n) in enumerate(classes.items()):
+        for i in range(n):
+            _save(_rgb(20, 10 * k + i), root / name / f"{i:02d}.jpg")
+
+
+def test_labeled_folder_labels_and_class_names(tmp_path: Path) -> None:
+    _make_labeled(tmp_path, {"cat": 2, "dog": 3, "ant": 1})
+    (tmp_path / "dog" / "nested").mkdir()
+    _save(_rgb(20, 99), tmp_path / "dog" / "nested" / "x.png")
+    ds = LabeledImageFolder(tmp_path)
+    assert ds.classes == ["ant", "cat", "dog"]
+    assert ds.targets == [0, 1, 1, 2, 2, 2, 2]
+    img, label = ds[3]
+    assert img.mode == "RGB" and label == 2
+    ds2 = LabeledImageFolder(tmp_path, class_names=["dog", "cat", "ant"])
+    assert ds2.class_to_idx == {"dog": 0, "cat": 1, "ant": 2}
+    assert sorted(ds2.targets) == [0, 0, 0, 0, 1, 1, 2]
+
+
+def test_labeled_folder_errors(tmp_path: Path) -> None:
+    _make_labeled(tmp_path, {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match=r"no folder for \['bird'\]; folders not in class_names: \['dog'\]"):
+        LabeledImageFolder(tmp_path, class_names=["cat", "bird"])
+    with pytest.raises(ValueError, match="duplicates"):
+        LabeledImageFolder(tmp_path, class_names=["cat", "cat", "dog"])
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="empty_class"):
+        LabeledImageFolder(tmp_path)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _save(_rgb(), flat / "a.jpg")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        LabeledImageFolder(flat)
+
+
+def test_labeled_replacement_keeps_image_label_pairs(tmp_path: Path) -> None:
+    _make_labeled(tmp_path, {"a": 1, "b": 2})
+    (tmp_path / "a" / "zz_bad.jpg").write_bytes(b"\xff\xd8broken")
+    ds = LabeledImageFolder(tmp_path)
+    img, label = ds[1]  # a/zz_bad.jpg -> replaced by b/00.jpg, with b's label
+    ref, ref_label = ds[2]
+    assert label == ref_label == 1 and np.array_equal(np.asarray(img), np.asarray(ref))
+    assert ds.num_skipped == 1 and ds.bad_paths[0].endswith("zz_bad.jpg")
+
+
+def test_dataset_augmentation_is_pure_in_seed_epoch_index(tmp_path: Path) -> None:
+    _make_labeled(tmp_path, {"a": 2, "b": 2})
+    ds = LabeledImageFolder(tmp_path, PretrainTransform(32, 4, 4), seed=3)
+    a, b = ds[1][0], ds[1][0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ds.set_epoch(1)
+    c = ds[1][0]
+    assert not torch.equal(a["image"], c["image"])
+    d = ds[(0, 1)][0]  # explicit (epoch, index), as a persistent-worker sampler would pass
+    assert torch.equal(a["image"], d["image"]) and torch.equal(a["mask"], d["mask"])
+    other = LabeledImageFolder(tmp_path, PretrainTransform(32, 4, 4), seed=4)
+    assert not torch.equal(a["image"], other[(0, 1)][0]["image"])
+    with pytest.raises(IndexError):
+        ds[4]
+
+
+def test_tensor_dataset_layouts_and_transform() -> None:
+    rng = np.random.default_rng(0)
+    hwc = torch.from_numpy(rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    chw = hwc.permute(0, 3, 1, 2).clone()
+    a, b = TensorImageDataset(hwc), TensorImageDataset(chw, labels=[0, 1, 2, 3, 4])
+    assert torch.equal(a[2], hwc[2]) and a[2].shape == (16, 16, 3)
+    x, y = b[3]
+    assert torch.equal(x, hwc[3]) and y == 3
+    gray = TensorImageDataset(hwc[..., 0])
+    assert gray[0].shape == (16, 16, 3)
+    tf = TensorImageDataset(hwc, transform=PretrainTransform(16, 4, 4), seed=1)
+    s1, s2 = tf[0], tf[0]
+    assert s1["image"].shape == (3, 16, 16) and torch.equal(s1["image"], s2["image"])
+    with pytest.raises(TypeError, match="uint8"):
+        TensorImageDataset(hwc.float())
+    with pytest.raises(ValueError, match="labels"):
+        TensorImageDataset(hwc, labels=[0, 1])
+
+
+def test_load_folder_to_memory(tmp_path: Path) -> None:
+    _make_labeled(tmp_path, {"x": 3, "y": 2})
+    (tmp_path / "y" / "bad.jpg").write_bytes(b"garbage")
+    images, labels, names = load_image_folder_to_memory(tmp_path, num_threads=2, progress=False)
+    assert images.shape == (5, 20, 20, 3) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1] and names == ["x", "y"]
+    ref = np.asarray(decode_image(tmp_path / "x" / "01.jpg"))
+    assert np.array_equal(images[1].numpy(), ref)
+    _save(_rgb(40, 50).resize((40, 30)), tmp_path / "x" / "wide.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        load_image_folder_to_memory(tmp_path, progress=False)
+    images, labels, _ = load_image_folder_to_memory(tmp_path, size=16, progress=False)
+    assert images.shape == (6, 16, 16, 3)
+    flat_images, flat_labels, flat_names = load_image_folder_to_memory(tmp_path / "x", progress=False, size=8)
+    assert flat_images.shape == (4, 8, 8, 3) and flat_labels is None and flat_names == []
+
+
+def _write_shards(root: Path, n_shards: int = 4, per_shard: int = 3, bad_key: str | None = None) -> list[str]:
+    urls = []
+    k = 0
+    for s in range(n_shards):
+        url = str(root / f"shard-{s:04d}.tar")
+        with wds.TarWriter(url) as sink:
+            for _ in range(per_shard):
+                key = f"sample{k:04d}"
+                img = _rgb(20, k)
+                sample = {"__key__": key, "cls": str(k % 3).encode()}
+                if key == bad_key:
+                    sample["jpg"] = b"\x00" * 50
+                elif k % 2:
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    sample["png"] = buf.getvalue()
+                else:
+                    sample["jpg"] = _jpeg_bytes(img)
+                sink.write(sample)
+                k += 1
+        urls.append(url)
+    return urls
+
+
+def test_webdataset_shards_round_trip(tmp_path: Path) -> None:
+    urls = _write_shards(tmp_path, bad_key="sample0004")
+    ds = WebDatasetShards(urls, label_key="cls", shuffle_shards=False)
+    got = list(ds)
+    assert len(got) == 11 and ds.num_skipped == 1 and "sample0004" in ds.bad_keys[0]
+    assert [lbl for _, lbl in got][:4] == [0, 1, 2, 0]  # sample0000..0003
+    img0 = got[0][0]
+    assert img0.mode == "RGB" and img0.size == (20, 20)
+    assert np.array_equal(np.asarray(img0), np.asarray(decode_image(_jpeg_bytes(_rgb(20, 0)))))
+    # brace notation works and the unlabeled form yields bare samples
+    pattern = str(tmp_path / "shard-{0000..0003}.tar")
+    assert len(list(WebDatasetShards(pattern))) == 11
+    with pytest.raises(FileNotFoundError, match="shard-9999"):
+        WebDatasetShards([str(tmp_path / "shard-9999.tar")])
+
+
+def test_webdataset_augmentation_depends_on_key_not_order(tmp_path: Path) -> None:
+    urls = _write_shards(tmp_path)
+    tf = PretrainTransform(16, 4, 4)
+    plain = {
+        i: s["image"] for i, (s, _) in enumerate(WebDatasetShards(urls, tf, label_key="cls", shuffle_shards=False))
+    }
+    shuffled = WebDatasetShards(urls, tf, label_key="cls", shuffle_shards=True, shuffle_buffer=4, seed=0)
+    out = list(shuffled)
+    assert len(out) == 12
+    keyed = {tuple(s["image"].flatten()[:8].tolist()) for s, _ in out}
+    assert keyed == {tuple(v.flatten()[:8].tolist()) for v in plain.values()}
+    shuffled.set_epoch(1)
+    keyed1 = {tuple(s["image"].flatten()[:8].tolist()) for s, _ in shuffled}
+    assert keyed1 != keyed
+
+
+def test_webdataset_split_by_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks shuffle shards identically, then read disjoint halves that cover the whole set."""
+    urls = _write_shards(tmp_path)
+    everything = {np.asarray(img).tobytes() for img in WebDatasetShards(urls)}
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        part = [np.asarray(img).tobytes() for img in WebDatasetShards(urls, seed=1)]
+        assert len(part) == 6
+        seen.append(set(part))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == everything

@@ -1,0 +1,211 @@
+"""Pre-training views, fine-tune/eval transforms and the GPU fast path (run on CPU here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from beit.data.masking import BlockwiseMaskGenerator
+from beit.data.seeding import generator_for, seeded
+from beit.data.transforms import (
+    PretrainTransform,
+    build_eval_transform,
+    build_finetune_transform,
+    build_linear_probe_transform,
+    collate_pretrain,
+    default_mask_generator,
+    gpu_pretrain_views,
+)
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _gradient_image(w: int = 256, h: int = 192) -> Image.Image:
+    """R grows left to right, G top to bottom: any crop box / flip is readable from the pixels."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    arr = np.stack([x, y, np.full_like(x, 60)], -1).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _random_image(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size,patch,down,tok,grid", [(224, 16, 8, 112, 14), (32, 4, 4, 32, 8), (32, 4, 2, 16, 8)])
+def test_view_sizes_ranges_and_mask_budget(size: int, patch: int, down: int, tok: int, grid: int) -> None:
+    tf = PretrainTransform(size, patch, down)
+    img = _random_image(300, 260)
+    for i in range(4):
+        with seeded(0, 0, i):
+            out = tf(img)
+        assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.float32
+        assert out["tok_image"].shape == (3, tok, tok)
+        assert 0.0 <= out["tok_image"].min() and out["tok_image"].max() <= 1.0
+        assert out["mask"].shape == (grid, grid) and out["mask"].dtype == torch.bool
+        assert 0 < int(out["mask"].sum()) <= tf.mask_generator.num_masking_patches
+    assert tf.tokenizer_size == (tok, tok)
+
+
+def test_official_mask_budget_respected() -> None:
+    gen = BlockwiseMaskGenerator(14, num_masking_patches=75, min_num_patches=16)
+    tf = PretrainTransform(224, 16, 8, mask_generator=gen)
+    img = _random_image(64, 64)
+    counts = []
+    for i in range(20):
+        with seeded(1, 0, i):
+            counts.append(int(tf(img)["mask"].sum()))
+    assert max(counts) <= 75 and min(counts) > 0
+    assert default_mask_generator(14).num_masking_patches == 75
+
+
+def test_two_views_share_crop_box_and_flip() -> None:
+    tf = PretrainTransform(224, 16, 8, color_jitter=0.0, scale=(0.1, 0.6))
+    img = _gradient_image()
+    flips = set()
+    for i in range(12):
+        with seeded(0, 0, i):
+            out = tf(img)
+        patch = (out["image"] * STD + MEAN).clamp(0, 1)
+        # the patch view, shrunk to the tokenizer size, must match the tokenizer view pixel for pixel
+        shrunk = F.interpolate(patch[None], size=(112, 112), mode="area")[0]
+        assert (shrunk - out["tok_image"]).abs().mean() < 0.01, i
+        # both views flip together: R (x position) decreases left to right on flipped samples
+        d_patch = float(patch[0, :, -1].mean() - patch[0, :, 0].mean())
+        d_tok = float(out["tok_image"][0, :, -1].mean() - out["tok_image"][0, :, 0].mean())
+        assert np.sign(d_patch) == np.sign(d_tok) != 0
+        flips.add(d_patch < 0)
+    assert flips == {True, False}  # both cases were exercised
+
+
+def test_pretrain_transform_deterministic_under_seed() -> None:
+    tf = PretrainTransform(32, 4, 4)
+    img = _random_image(40, 40)
+    with seeded(5, 2, 9):
+        a = tf(img)
+    with seeded(5, 2, 9):
+        b = tf(img)
+    with seeded(5, 3, 9):
+        c = tf(img)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image"], c["image"])
+
+
+def test_pretrain_transform_validation() -> None:
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        PretrainTransform(225, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        PretrainTransform(224, 16, mask_generator=BlockwiseMaskGenerator(8, num_masking_patches=20))
+    with pytest.raises(ValueError, match="scale"):
+        PretrainTransform(scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="ratio"):
+        PretrainTransform(ratio=(2.0, 1.0))
+    with pytest.raises(ValueError, match="hflip"):
+        PretrainTransform(hflip=2)
+    with pytest.raises(ValueError, match="tokenizer_downsample"):
+        PretrainTransform(tokenizer_downsample=0)
+    with pytest.raises(ValueError, match="interpolation"):
+        PretrainTransform(interpolation="cubic")
+    with pytest.raises(TypeError):
+        PretrainTransform(32, 4, 4)(torch.zeros(3, 32, 32))
+
+
+def test_finetune_and_eval_transforms() -> None:
+    img = _random_image(300, 256)
+    tf = build_finetune_transform(True, 224)
+    with seeded(0, 0, 0):
+        assert tf(img).shape == (3, 224, 224)
+    small = build_finetune_transform(True, 32)
+    assert isinstance(small.transforms[0], T.RandomCrop)
+    with seeded(0, 0, 0):
+        assert small(_random_image(32, 32)).shape == (3, 32, 32)
+    ev = build_finetune_transform(False, 224)
+    assert ev.transforms[0].size == 256  # 224 / (224/256)
+    assert ev(img).shape == (3, 224, 224)
+    ev32 = build_eval_transform(32)
+    assert ev32.transforms[0].size == 32  # crop_pct 1.0: no resize-up-then-crop
+    x = _random_image(32, 32)
+    expected = (T.ToTensor()(x) - MEAN) / STD
+    torch.testing.assert_close(ev32(x), expected)
+    with pytest.raises(ValueError, match="crop_pct"):
+        build_eval_transform(224, crop_pct=1.5)
+    lp = build_linear_probe_transform(True, 224)
+    with seeded(0, 0, 0):
+        assert lp(img).shape == (3, 224, 224)
+    assert build_linear_probe_transform(False, 64)(img).shape == (3, 64, 64)
+
+
+def test_gpu_views_shapes_ranges_determinism() -> None:
+    cfg = PretrainTransform(32, 4, 2)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    a = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
+    b = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
+    c = gpu_pretrain_views(images, cfg, generator_for(0, 1, 0))
+    assert a["image"].shape == (6, 3, 32, 32) and a["tok_image"].shape == (6, 3, 16, 16)
+    assert a["mask"].shape == (6, 8, 8) and a["mask"].dtype == torch.bool
+    assert 0 <= a["tok_image"].min() and a["tok_image"].max() <= 1
+    assert (a["mask"].flatten(1).sum(1) <= cfg.mask_generator.num_masking_patches).all()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image"], c["image"])
+    patch = (a["image"] * STD + MEAN).clamp(0, 1)
+    shrunk = F.interpolate(patch, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(shrunk, a["tok_image"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        gpu_pretrain_views(images.float(), cfg)
+
+
+def test_gpu_views_geometry_matches_identity_and_flip() -> None:
+    """Full-image crop at the input size samples exact pixel centres: output == input (or its mirror)."""
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    src = images.permute(0, 3, 1, 2).float() / 255
+    for hflip, expected in [(0.0, src), (1.0, src.flip(-1))]:
+        cfg = PretrainTransform(32, 4, 4, scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0, hflip=hflip)
+        out = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
+        torch.testing.assert_close(out["tok_image"], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["image"], (expected - MEAN) / STD, atol=1e-4, rtol=0)
+    # the PIL path agrees on this identity crop
+    cfg = PretrainTransform(32, 4, 4, scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0, hflip=0)
+    with seeded(0, 0, 0):
+        pil = cfg(Image.fromarray(images[0].numpy()))
+    torch.testing.assert_close(pil["tok_image"], src[0], atol=1e-6, rtol=0)
+
+
+def test_collate_pretrain() -> None:
+    tf = PretrainTransform(32, 4, 4)
+    img = _random_image(40, 40)
+    samples = []
+    for i in range(3):
+        with seeded(0, 0, i):
+            samples.append(tf(img))
+    out = collate_pretrain(samples)
+    assert out["image"].shape == (3, 3, 32, 32) and out["mask"].shape == (3, 8, 8)
+    out = collate_pretrain([(s, i) for i, s in enumerate(samples)])
+    assert out["label"].tolist() == [0, 1, 2]
+    out = collate_pretrain([(s["image"], s["tok_image"], s["mask"]) for s in samples])
+    assert out["tok_image"].shape == (3, 3, 32, 32)
+
+
+def test_gpu_views_with_masks_drawn_in_the_dataset() -> None:
+    """The fast path's recommended use: masks drawn per sample by the dataset, views on the batch."""
+    from torch.utils.data import DataLoader
+
+    from beit.data.datasets import TensorImageDataset
+
+    cfg = PretrainTransform(32, 4, 4)
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    ds = TensorImageDataset(images, labels=list(range(8)), mask_generator=cfg.mask_generator, seed=1)
+    s0, s0b = ds[0][0], ds[0][0]
+    assert torch.equal(s0["mask"], s0b["mask"]) and torch.equal(s0["image"], images[0])
+    batch, labels = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["mask"].shape == (4, 8, 8)
+    out = gpu_pretrain_views(batch["image"], cfg, generator_for(0, 0, 0), masks=batch["mask"])
+    assert torch.equal(out["mask"], batch["mask"]) and labels.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="masks must be bool"):
+        gpu_pretrain_views(batch["image"], cfg, masks=batch["mask"][:, :4])
+    with pytest.raises(ValueError, match="mask_generator"):
+        TensorImageDataset(images, transform=cfg, mask_generator=cfg.mask_generator)
