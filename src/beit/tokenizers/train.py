@@ -1,0 +1,211 @@
+"""Train a dVAE tokenizer on a folder of images with the shared engine.
+
+    python -m beit.tokenizers.train data_dir=/data/docs train.output_dir=runs/dvae train.max_steps=20000
+
+Writes, under ``train.output_dir``: the engine's checkpoints / logs / curves, ``dvae.safetensors``
+(load it with ``load_tokenizer("dvae", path)``), ``recon_grid.png`` (held-out originals above their
+token round trips) and ``tokenizer_metrics.json`` (held-out MSE / PSNR, codebook perplexity, dead codes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from beit.engine import ConfigError, TrainConfig, Trainer, is_main, load_config
+
+from .dvae import DiscreteVAE, DVAEConfig
+from .metrics import codebook_usage, psnr, save_recon_grid, token_histogram
+
+
+def _default_train() -> TrainConfig:
+    # dVAEs like a higher lr than ViTs and little weight decay (DALL-E: AdamW, wd 1e-4).
+    return TrainConfig(
+        output_dir="runs/dvae",
+        lr=1e-3,
+        min_lr=1e-5,
+        weight_decay=1e-4,
+        warmup_steps=500,
+        max_steps=20000,
+        batch_size=64,
+        image_every=1000,
+        ckpt_every=2000,
+    )
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data_dir: str = ""  # images under it at any depth
+    val_dir: str = ""  # held-out images; "" = hold out val_fraction of data_dir
+    val_fraction: float = 0.02
+    max_val_images: int = 2048  # cap on held-out images used per evaluation
+    img_size: int = 128  # random crops for training, center crops for evaluation
+    grid_images: int = 8  # columns of the reconstruction grid
+    model: DVAEConfig = field(default_factory=lambda: DVAEConfig(temperature_anneal_steps=20000))
+    train: TrainConfig = field(default_factory=_default_train)
+
+    def validate(self) -> None:
+        if not self.data_dir:
+            raise ConfigError("data_dir", "is required (a folder of images)")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.img_size % self.model.downsample:
+            raise ConfigError("img_size", f"must be divisible by model.downsample ({self.model.downsample})")
+        if self.max_val_images < 1 or self.grid_images < 1:
+            raise ConfigError("max_val_images", "max_val_images and grid_images must be >= 1")
+        try:
+            self.model.check()
+        except ValueError as e:
+            raise ConfigError("model", str(e)) from None
+
+
+class _Subset(Dataset):
+    """``Subset`` that forwards ``set_epoch`` (the engine's per-epoch augmentation stream)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+def build_datasets(cfg: TokenizerTrainConfig) -> tuple[Dataset, Dataset]:
+    """Train set (random crop + flip) and held-out set (center crop), images as float [3, S, S] in [0, 1]."""
+    from torchvision import transforms as T
+
+    from beit.data import ImageFolderDataset
+
+    s = cfg.img_size
+    train_tf = T.Compose([T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
+    eval_tf = T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()])
+    seed = cfg.train.seed
+    train_ds = ImageFolderDataset(cfg.data_dir, train_tf, seed=seed)
+    if cfg.val_dir:
+        eval_ds: Dataset = ImageFolderDataset(cfg.val_dir, eval_tf, seed=seed)
+        return train_ds, _Subset(eval_ds, range(min(len(eval_ds), cfg.max_val_images)))
+    n = len(train_ds)
+    n_val = max(1, round(n * cfg.val_fraction))
+    if n - n_val < 1:
+        raise ValueError(f"{cfg.data_dir}: {n} image(s) is too few to hold out a validation split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(perm[:n_val][: cfg.max_val_images]), sorted(perm[n_val:])
+    eval_ds = ImageFolderDataset(cfg.data_dir, eval_tf, seed=seed)
+    return _Subset(train_ds, train_idx), _Subset(eval_ds, val_idx)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: nn.Module, dataset: Dataset, batch_size: int = 64, num_workers: int = 0
+) -> dict[str, float]:
+    """Held-out token round trip (encode -> argmax ids -> decode): MSE, PSNR and codebook usage.
+
+    A tokenizer without a decoder (DALL-E loaded from ``encoder.pkl`` alone) gets codebook usage only.
+    """
+    device = next(model.parameters()).device
+    can_decode = getattr(model, "decoder", None) is not None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    hist = torch.zeros(model.vocab_size, dtype=torch.long)
+    sq_err, psnr_sum, n = 0.0, 0.0, 0
+    for images in loader:
+        images = images.to(device).float()
+        ids = model.encode(images)
+        b = images.shape[0]
+        if can_decode:
+            recon = model.decode(ids).float()
+            sq_err += float(((recon - images) ** 2).mean()) * b
+            psnr_sum += psnr(recon, images) * b
+        hist += token_histogram(ids, model.vocab_size)
+        n += b
+    usage = codebook_usage(hist)
+    recon_metrics = {"mse": sq_err / max(n, 1), "psnr": psnr_sum / max(n, 1)} if can_decode else {}
+    return {
+        **recon_metrics,
+        "perplexity": usage["perplexity"],
+        "used_codes": usage["used_codes"],
+        "dead_codes": usage["dead_codes"],
+        "dead_fraction": usage["dead_fraction"],
+    }
+
+
+@torch.no_grad()
+def write_recon_grid(model: nn.Module, dataset: Dataset, path: str | Path, n: int = 8) -> str:
+    """Originals (top) and their token round trips (bottom) for the first ``n`` held-out images."""
+    device = next(model.parameters()).device
+    images = torch.stack([dataset[i] for i in range(min(n, len(dataset)))]).to(device).float()
+    recon = model.decode(model.encode(images))
+    return save_recon_grid(images, recon, path, max_images=n)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
+    """Train a :class:`DiscreteVAE` with :class:`beit.engine.Trainer`; return the held-out metrics.
+
+    The Gumbel temperature follows the engine's optimizer step (restored on resume), not a private
+    counter, so a resumed run anneals exactly like an uninterrupted one.
+    """
+    cfg.validate()
+    train_ds, eval_ds = build_datasets(cfg)
+    model = DiscreteVAE(cfg.model)
+    bs, workers = cfg.train.batch_size, cfg.train.num_workers
+    trainer: Trainer | None = None
+
+    def step_fn(m: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return m(batch, step=trainer.step)  # through __call__, so DDP sees a forward
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        return evaluate_tokenizer(m, eval_ds, bs, workers)
+
+    def visualize_fn(m: nn.Module, step: int, out_dir: Path) -> None:
+        if is_main():
+            write_recon_grid(m, eval_ds, Path(out_dir) / f"recon_{step:07d}.png", cfg.grid_images)
+
+    trainer = Trainer(
+        model,
+        train_ds,
+        step_fn,
+        cfg.train,
+        eval_fn=eval_fn,
+        visualize_fn=visualize_fn,
+        metric_to_track="psnr",
+        mode="max",
+        run_config=cfg,
+    )
+    results = trainer.fit()
+    final = trainer.raw_model.eval()
+    out = Path(cfg.train.output_dir)
+    heldout = {k[len("eval/") :]: v for k, v in results.items() if k.startswith("eval/")}
+    if not heldout:  # fit() evaluates at the end; only a run resumed at its end skips it
+        heldout = eval_fn(final)
+    report: dict[str, Any] = {**results, **{f"heldout_{k}": v for k, v in heldout.items()}}
+    if is_main():
+        final.save(out / "dvae.safetensors")
+        report["tokenizer_path"] = str(out / "dvae.safetensors")
+        report["recon_grid"] = write_recon_grid(final, eval_ds, out / "recon_grid.png", cfg.grid_images)
+        (out / "tokenizer_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``[config.yaml] key=value ...`` -> train; the YAML and overrides follow ``beit.engine.load_config``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = args.pop(0) if args and "=" not in args[0] else None
+    cfg = load_config(TokenizerTrainConfig, path, args)
+    return train_tokenizer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Trainable dVAE and tokenizer metrics, on tiny synthetic images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit.tokenizers import (
+    DiscreteVAE,
+    DVAEConfig,
+    Tokenizer,
+    TokenizerCheckpointError,
+    gumbel_temperature,
+    load_tokenizer,
+)
+from beit.tokenizers.dvae import logit_laplace_nll
+from beit.tokenizers.metrics import codebook_usage, mse, psnr, save_recon_grid, token_histogram
+
+TINY = dict(vocab_size=64, hidden=32, num_res_blocks=1, codebook_dim=16)
+
+
+def _blocky_images(n: int, size: int = 16, cell: int = 4, seed: int = 0) -> torch.Tensor:
+    """Piecewise-constant colour cells: easy to reconstruct, varied enough to need several codes."""
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.rand(n, 3, size // cell, size // cell, generator=g)
+    return cells.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+
+
+@pytest.mark.parametrize("downsample, grid", [(4, 8), (8, 4)])
+def test_shapes(downsample: int, grid: int) -> None:
+    torch.manual_seed(0)
+    vae = DiscreteVAE(downsample=downsample, **TINY)
+    x = torch.rand(2, 3, 32, 32)
+    recon, logits = vae(x, temperature=0.5)
+    assert recon.shape == x.shape and logits.shape == (2, 64, grid, grid)
+    ids = vae.encode(x)
+    assert ids.dtype == torch.long and ids.shape == (2, grid, grid)
+    out = vae.decode(ids)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert isinstance(vae, Tokenizer) and vae.downsample == downsample and vae.vocab_size == 64
+    with pytest.raises(ValueError, match="divisible by"):
+        vae.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="0-255"):
+        vae.encode(torch.rand(1, 3, 32, 32) * 255)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convs: thread start-up costs more than it gains on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_loss_decreases_over_50_steps(one_thread: None) -> None:
+    torch.manual_seed(0)
+    vae = DiscreteVAE(downsample=4, kl_weight=1e-3, temperature_anneal_steps=50, **TINY)
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    data = _blocky_images(64, seed=1)
+    losses, metrics = [], {}
+    for step in range(50):
+        batch = data[(step * 16) % 64 :][:16]
+        loss, metrics = vae.loss(batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(metrics) == {"recon_mse", "kl", "perplexity", "temperature"}
+    assert metrics["temperature"] == pytest.approx(gumbel_temperature(49, 1.0, 1 / 16, 50))
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    # Tokens carry information: argmax round trip beats predicting the mean colour.
+    held_out = _blocky_images(16, seed=2)
+    mean_colour = data.mean((0, 2, 3), keepdim=True).expand_as(held_out)
+    assert mse(vae.decode(vae.encode(held_out)), held_out) < 0.9 * mse(mean_colour, held_out)
+    assert float(metrics["perplexity"]) > 1.5
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_logit_laplace_loss_trains(straight_through: bool) -> None:
+    torch.manual_seed(0)
+    vae = DiscreteVAE(downsample=4, recon_loss="logit_laplace", straight_through=straight_through, **TINY)
+    x = _blocky_images(8)
+    loss, metrics = vae.loss(x, step=0)
+    loss.backward()
+    assert math.isfinite(loss.item()) and "nll" in metrics
+    assert all(p.grad is not None for p in vae.encoder.parameters())
+    assert vae.decode(vae.encode(x)).shape == x.shape
+
+
+def test_logit_laplace_nll_is_smallest_at_the_right_mean() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    m = 0.8 * x + 0.1
+    mu = torch.log(m) - torch.log1p(-m)
+    exact = torch.cat([mu, torch.full_like(mu, -2.0)], 1)
+    off = torch.cat([mu + 0.5, torch.full_like(mu, -2.0)], 1)
+    assert logit_laplace_nll(exact, x) < logit_laplace_nll(off, x)
+
+
+def test_temperature_schedule() -> None:
+    assert gumbel_temperature(0) == 1.0
+    assert gumbel_temperature(5000) == pytest.approx(1 / 16)
+    assert gumbel_temperature(2500) == pytest.approx(0.25)  # geometric: exp decay
+    assert gumbel_temperature(10**6) == pytest.approx(1 / 16)
+
+
+def test_kl_to_uniform_is_zero_for_uniform_logits() -> None:
+    vae = DiscreteVAE(downsample=4, **TINY)
+    for p in vae.encoder[-1].parameters():  # final 1x1 conv -> constant logits
+        torch.nn.init.zeros_(p)
+    _, metrics = vae.loss(torch.rand(2, 3, 16, 16), step=0)
+    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = DiscreteVAE(downsample=8, recon_loss="logit_laplace", **TINY)
+    path = tmp_path / "dvae.safetensors"
+    vae.save(path)
+    back = load_tokenizer("dvae", path)
+    assert isinstance(back, DiscreteVAE) and back.config == vae.config and not back.training
+    x = torch.rand(2, 3, 32, 32)
+    ids = vae.encode(x)
+    assert torch.equal(back.encode(x), ids)
+    assert torch.equal(back.decode(ids), vae.decode(ids))
+    for k, v in vae.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_tokenizer("dvae", tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(TokenizerCheckpointError, match="foreign.safetensors.*not a beit dVAE"):
+        load_tokenizer("dvae", tmp_path / "foreign.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(TokenizerCheckpointError, match="junk.safetensors"):
+        load_tokenizer("dvae", tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        load_tokenizer("vqgan", tmp_path / "x")
+    with pytest.raises(ValueError, match="downsample must be 4 or 8"):
+        DiscreteVAE(DVAEConfig(downsample=2))
+
+
+# ---------------------------------------------------------------------- metrics
+def test_psnr_and_mse() -> None:
+    a = torch.zeros(2, 3, 4, 4)
+    b = torch.full_like(a, 0.1)
+    assert mse(a, b) == pytest.approx(0.01)
+    assert psnr(a, b) == pytest.approx(20.0)
+    assert psnr(a, a) == pytest.approx(100.0)  # capped, not inf
+    with pytest.raises(ValueError, match="equal shapes"):
+        psnr(a, b[:1])
+
+
+def test_codebook_usage() -> None:
+    ids = torch.tensor([[0, 1], [2, 3]]).repeat(5, 1, 1)  # 4 codes, equally used, of 16
+    usage = codebook_usage(ids, vocab_size=16)
+    assert usage["perplexity"] == pytest.approx(4.0)
+    assert usage["used_codes"] == 4 and usage["dead_codes"] == 12 and usage["dead_fraction"] == 0.75
+    hist = token_histogram(ids, 16) + token_histogram(torch.zeros(1, 2, 2, dtype=torch.long), 16)
+    assert codebook_usage(hist)["num_tokens"] == 24
+    assert codebook_usage(torch.zeros(16, dtype=torch.long))["perplexity"] == 1.0
+
+
+def test_save_recon_grid(tmp_path: Path) -> None:
+    from PIL import Image
+
+    x = torch.rand(3, 3, 16, 16)
+    path = save_recon_grid(x, x.flip(-1), tmp_path / "sub" / "grid.png")
+    with Image.open(path) as img:
+        # make_grid: 3 columns x 2 rows of 16 px with 2 px padding around every cell
+        assert img.size == (3 * 18 + 2, 2 * 18 + 2) and img.mode == "RGB"
+
+
+# ---------------------------------------------------------------------- training entry point
+def test_train_tokenizer_smoke(tmp_path: Path, one_thread: None) -> None:
+    """A few engine steps on a folder of PNGs: artifacts written, reloadable, metrics reported."""
+    from PIL import Image
+
+    from beit.engine import TrainConfig
+    from beit.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+
+    data = tmp_path / "images" / "sub"
+    data.mkdir(parents=True)
+    for i, img in enumerate(_blocky_images(12, size=20, cell=4, seed=3)):
+        array = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(array).save(data / f"{i:02d}.png")
+    out = tmp_path / "run"
+    cfg = TokenizerTrainConfig(
+        data_dir=str(tmp_path / "images"),
+        img_size=16,
+        val_fraction=0.25,
+        grid_images=3,
+        model=DVAEConfig(downsample=4, temperature_anneal_steps=4, **TINY),
+        train=TrainConfig(
+            output_dir=str(out),
+            max_steps=4,
+            batch_size=4,
+            num_workers=0,
+            lr=3e-3,
+            warmup_steps=1,
+            log_every=2,
+            image_every=2,
+            ckpt_every=100,
+        ),
+    )
+    report = train_tokenizer(cfg)
+    for key in ("heldout_mse", "heldout_psnr", "heldout_perplexity", "heldout_dead_codes"):
+        assert math.isfinite(report[key]), key
+    assert report["step"] == 4 and 0 < report["heldout_mse"] < 1
+    assert (out / "recon_grid.png").is_file() and (out / "images" / "recon_0000002.png").is_file()
+    vae = load_tokenizer("dvae", report["tokenizer_path"])
+    assert vae.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
