@@ -1,0 +1,174 @@
+"""Metrics out of the trainer: console, TensorBoard scalars, ``metrics.jsonl`` and a ``curves.png``.
+
+``metrics.jsonl`` has one JSON object per log step, ``{"split": "train"|"eval", "step", "epoch", ...}``,
+and is the source of truth: ``plot_curves`` and the tests read it back. Only the main rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricLogger", "get_logger", "plot_curves", "read_metrics", "setup_logging"]
+
+_LOGGER_NAME = "beit"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(_LOGGER_NAME)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (test runners and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _RunFileHandler(logging.FileHandler):
+    """``output_dir/log.txt`` of the current run."""
+
+
+def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
+    """Console (INFO) and ``output_dir/log.txt`` handlers on the main rank; other ranks only warn.
+
+    Idempotent: handlers are added once per file.
+    """
+    logger = get_logger()
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        h = _StdoutHandler()
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    if main and output_dir is not None:
+        path = str(Path(output_dir).resolve() / "log.txt")
+        for h in [h for h in logger.handlers if isinstance(h, _RunFileHandler)]:
+            if h.baseFilename != path:  # a new run in the same process: log to its own dir only
+                logger.removeHandler(h)
+                h.close()
+        if not any(isinstance(h, _RunFileHandler) for h in logger.handlers):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fh = _RunFileHandler(path)
+            fh.setFormatter(fmt)
+            logger.addHandler(fh)
+    return logger
+
+
+def read_metrics(path: str | Path, split: str | None = "train") -> list[dict[str, Any]]:
+    """Lines of ``metrics.jsonl`` (of one split, or all with ``split=None``)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+class MetricLogger:
+    """Writes scalars to TensorBoard (``train/loss``, ``train/lr``, ``eval/acc1``...) and ``metrics.jsonl``.
+
+    ``resume_step``: drop JSONL lines and TensorBoard events after that step, so a run resumed from an
+    older checkpoint does not leave duplicate, diverging points behind.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        self.jsonl = self.dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.jsonl.unlink(missing_ok=True)
+        elif self.jsonl.is_file():
+            keep = [r for r in read_metrics(self.jsonl, split=None) if r.get("step", 0) <= resume_step]
+            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step)
+            except ImportError:  # tensorboard is optional at runtime
+                get_logger().warning("tensorboard not installed: no TensorBoard logs")
+
+    def log(self, step: int, metrics: dict[str, float], *, split: str = "train",
+            epoch: int | None = None) -> None:
+        if not self.enabled:
+            return
+        row: dict[str, Any] = {"split": split, "step": step}
+        if epoch is not None:
+            row["epoch"] = epoch
+        row.update({k: float(v) for k, v in metrics.items()})
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
+    """One panel per metric (loss first) vs step; eval points as markers. Uses the Agg canvas directly,
+    so it works headless and leaves the user's matplotlib backend alone."""
+    rows = read_metrics(jsonl_path, split=None)
+    if not rows:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k in ("split", "step", "epoch") or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            xs, ys = series.setdefault((k, r.get("split", "train")), ([], []))
+            xs.append(r["step"])
+            ys.append(v)
+    names = sorted({k for k, _ in series}, key=lambda k: (k != "loss", k))
+    if not names:
+        return None
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(5 * cols, 3.2 * nrows))
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for (k, split), (xs, ys) in series.items():
+            if k == name:
+                style = {"marker": "o"} if split != "train" else {}
+                ax.plot(xs, ys, label=split, **style)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        values = [y for (k, _), (_, ys) in series.items() if k == name for y in ys]
+        if name in ("loss", "lr") and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")  # lr warmup / long runs span decades
+        splits = {s for k, s in series if k == name}
+        if len(splits) > 1:
+            ax.legend()
+        elif splits != {"train"}:
+            ax.set_title(f"{name} ({splits.pop()})")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    return png_path

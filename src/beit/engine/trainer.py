@@ -1,0 +1,520 @@
+"""The one training loop of the toolkit (pre-training, fine-tuning, tokenizers, segmentation, layout).
+
+A task supplies a model, a dataset and a ``step_fn``; the trainer does everything else::
+
+    def step_fn(model, batch):                      # runs under the engine's autocast
+        images, targets = batch
+        loss = F.cross_entropy(model(images), targets)
+        return loss, {"acc": (logits.argmax(-1) == targets).float().mean()}
+
+    Trainer(model, dataset, step_fn, cfg.train, eval_fn=evaluate, metric_to_track="acc1").fit()
+
+Resume is exact: model, optimizer, step, epoch, the batch offset inside the epoch, the best metric and
+every rank's RNG state are restored, and datasets draw their randomness from (seed, epoch, index)
+(see ``docs/CONTRACTS.md``), so on CPU a resumed run repeats the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import distributed as D
+from . import optim as O
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointManager,
+    find_resume_path,
+    get_rng_state,
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    model_state_dict,
+    optimizer_state_dict,
+    set_rng_state,
+)
+from .config import ConfigError, TrainConfig, save_config, to_dict, validate_config
+from .distributed import ResumableDistributedSampler, _mix_seed
+from .logging import MetricLogger, plot_curves, setup_logging
+from .optim import build_optimizer, lr_at, summarize_param_groups
+
+__all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
+
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; no optimizer step and no checkpoint were made."""
+
+    def __init__(self, step: int, metrics: dict[str, float], last_checkpoint: Path | None):
+        self.step, self.metrics, self.last_checkpoint = step, metrics, last_checkpoint
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+        where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint saved yet"
+        super().__init__(f"training diverged at step {step}: {shown}. {where}. Lower the lr, raise warmup, "
+                         "set clip_grad, or check the batch (e.g. a mask with no masked patch).")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a side job (eval, visualization) without moving the training RNG streams, so that where
+    checkpoints, evals and images happen never changes the training losses."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+class ModelEMA:
+    """Exponential moving average of the weights: ``ema = decay * ema + (1 - decay) * w`` after every step.
+
+    ``ema.module`` is a frozen copy of the (unwrapped) model, usable for evaluation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state_dict)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuples too
+    return batch
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id (base_seed comes from the loader's own generator);
+    # give python and numpy the same, so nothing depends on the parent's RNG.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _compile_model(model: nn.Module) -> None:
+    """Regional compile (torchtitan): each block of ``model.blocks`` in place, else the whole model.
+
+    ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids are unaffected.
+    """
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+        for block in blocks:
+            block.compile()
+    else:
+        model.compile()
+
+
+class Trainer:
+    """Trains ``model`` on ``train_dataset`` with ``step_fn``; see the module docstring.
+
+    Args:
+        model: the plain module (not yet on device, compiled or wrapped; the trainer does all three).
+        train_dataset: map-style dataset; ``set_epoch(epoch)`` is called each epoch when it exists.
+        step_fn: ``(model, batch) -> (loss, metrics)``; ``batch`` is already on the device. ``metrics`` are
+            scalars (floats or 0-d tensors, kept on device until a log step); with several ranks every rank
+            must return the same keys (they are averaged over ranks in one collective).
+        cfg: the :class:`TrainConfig`.
+        collate_fn: for the DataLoader.
+        eval_fn: ``(model) -> dict[str, float]``, called on every rank every ``eval_every`` epochs and at the
+            end, in eval mode under ``no_grad`` and autocast; it decides whether to shard or run on rank 0
+            only. Rank 0's result is logged and used for ``metric_to_track``. With ``ema`` it is also called
+            on the EMA model and those metrics are prefixed ``ema_``.
+        visualize_fn: ``(model, step, out_dir)`` every ``image_every`` steps, on rank 0 (on every rank
+            under FSDP, where a forward needs all ranks; write files on rank 0 only).
+        metric_to_track / mode: the eval metric whose best value (``"max"`` or ``"min"``) makes ``best.pt``.
+        param_groups: custom optimizer groups, or a callable ``(model) -> groups`` (required under FSDP,
+            which replaces the parameters). Groups may carry ``lr_scale``. Default: :func:`param_groups`
+            with the config's weight decay and layer decay.
+        run_config: the task's whole config (stored in checkpoints and ``config.yaml``); default ``cfg``.
+    """
+
+    def __init__(self, model: nn.Module, train_dataset: Dataset, step_fn: StepFn, cfg: TrainConfig, *,
+                 collate_fn: Callable | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
+                 visualize_fn: Callable[[nn.Module, int, Path], None] | None = None,
+                 metric_to_track: str | None = None, mode: str = "max",
+                 param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None,
+                 run_config: Any = None):
+        validate_config(cfg)
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        D.init_distributed()
+        self.cfg, self.dataset, self.step_fn = cfg, train_dataset, step_fn
+        self.collate_fn, self.eval_fn, self.visualize_fn = collate_fn, eval_fn, visualize_fn
+        self.metric_to_track, self.mode = metric_to_track, mode
+        self.run_config = run_config if run_config is not None else cfg
+        self.device = D.device()
+        self.main = D.is_main()
+        self.out = Path(cfg.output_dir)
+        self.log = setup_logging(self.out, self.main)
+        fsdp = cfg.distributed == "fsdp" and D.world_size() > 1
+        if fsdp and cfg.ema > 0:
+            raise ConfigError("ema", "model EMA is not supported with distributed=fsdp yet")
+        if fsdp and param_groups is not None and not callable(param_groups):
+            raise ValueError("under FSDP pass param_groups as a callable (model) -> groups: sharding "
+                             "replaces the parameters")
+
+        # Steps, checked before any work: an epoch is this rank's shard in full batches, by accum_steps.
+        self.sampler = ResumableDistributedSampler(len(train_dataset), cfg.batch_size, seed=cfg.seed)
+        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError("batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
+                                            f"no full step of batch_size {cfg.batch_size} x accum_steps "
+                                            f"{cfg.accum_steps}")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
+        if self.warmup_steps >= self.total_steps:
+            key = "warmup_steps" if cfg.warmup_steps else "warmup_epochs"
+            raise ConfigError(key, f"warmup ({self.warmup_steps} steps) must be shorter than training "
+                                   f"({self.total_steps} steps)")
+
+        # Model: device -> EMA copy -> regional compile -> DDP/FSDP2 (torchtitan's order) -> optimizer.
+        seed_everything(cfg.seed + D.rank())  # the training RNG stream (dropout, drop-path), per rank
+        self.num_params = sum(p.numel() for p in model.parameters())
+        model.to(self.device)
+        self.ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
+        if cfg.compile:
+            _compile_model(model)
+        self.model = D.wrap_model(model, cfg)
+        self.raw_model = D.unwrap_model(self.model)
+        if callable(param_groups):
+            groups = param_groups(self.raw_model)
+        elif param_groups is not None:
+            groups = param_groups
+        else:
+            groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
+        self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+
+        # Position: the next optimizer step, and the epoch / loader batch it starts at.
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
+        self.ckpt = CheckpointManager(self.out, cfg.keep_last)
+        self.metric_logger: MetricLogger | None = None
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self._new_best = False
+        self.bar: tqdm | None = None
+        self._restored_window: dict | None = None
+        self._reset_window()
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def fit(self, stop_after_step: int | None = None) -> dict[str, float]:
+        """Train to the end (or until ``stop_after_step``, without changing the lr schedule); return the
+        last train window's metrics (``train/...``), the last eval (``eval/...``) and the best value."""
+        resume_path = find_resume_path(self.cfg.resume, self.out)
+        if resume_path is not None:
+            self.load(resume_path)
+        self.metric_logger = MetricLogger(self.out, enabled=self.main,
+                                          resume_step=self.step if resume_path is not None else None)
+        if self.main:
+            save_config(self.run_config, self.out / "config.yaml")
+        self._print_setup()
+        self._reset_window()
+        if self._restored_window is not None:
+            self._win.update(self._restored_window)
+            self._restored_window = None
+        end = self.total_steps if stop_after_step is None else min(stop_after_step, self.total_steps)
+        self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True,
+                        disable=not (self.main and sys.stderr.isatty()))
+        try:
+            with logging_redirect_tqdm(loggers=[self.log]):
+                while self.step < end:
+                    self.train_one_epoch(end)
+        finally:
+            self.bar.close()
+            self.bar = None
+            self.metric_logger.close()
+            if self.main:
+                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        D.barrier()
+        return self._final_metrics()
+
+    def train_one_epoch(self, end_step: int) -> None:
+        """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        model.train()
+        batches = iter(self._make_loader())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        epoch = self.epoch
+        while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
+            lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
+                       total_steps=self.total_steps, schedule=cfg.schedule, power=cfg.poly_power)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+
+            loss_sum, metric_sums = 0.0, {}
+            for micro in range(cfg.accum_steps):
+                batch = _to_device(next(batches), self.device)
+                with D.grad_sync(model, enabled=micro == cfg.accum_steps - 1):
+                    with self._autocast():
+                        loss, metrics = self.step_fn(model, batch)
+                    (loss / cfg.accum_steps).backward()
+                loss_sum = loss_sum + loss.detach().float()
+                for k, v in metrics.items():
+                    v = v.detach().float() if torch.is_tensor(v) else v
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v
+            loss = loss_sum / cfg.accum_steps
+            metrics = {k: v / cfg.accum_steps for k, v in metric_sums.items()}
+
+            grad_norm = self._clip_grad(params)
+            if not torch.isfinite(torch.stack([loss, grad_norm.to(loss.device)])).all():  # one sync a step
+                self._diverged(loss, grad_norm, metrics)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.raw_model)
+
+            self.step += 1
+            self.batch_in_epoch += cfg.accum_steps
+            self._accumulate(loss, grad_norm, metrics, lr)
+            self._after_step(end_step)
+
+    def _after_step(self, end_step: int) -> None:
+        """Logging, eval, images and checkpoints, in an order that keeps ``best.pt`` consistent."""
+        cfg = self.cfg
+        epoch_done = self.batch_in_epoch >= self.steps_per_epoch * cfg.accum_steps
+        if epoch_done:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finished = self.step >= self.total_steps
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.step % cfg.log_every == 0 or finished:
+            self._log_train()
+        paused = time.perf_counter()  # time spent below is not training time: keep it out of img/s
+        if self.eval_fn is not None and (finished or (epoch_done and cfg.eval_every > 0
+                                                      and self.epoch % cfg.eval_every == 0)):
+            self.evaluate()
+        if self.visualize_fn is not None and cfg.image_every > 0 and self.step % cfg.image_every == 0:
+            self._visualize()
+        if self.step % cfg.ckpt_every == 0 or epoch_done or finished or self.step == end_step:
+            self.save()
+        self._win["t0"] += time.perf_counter() - paused
+
+    # --- pieces of a step ------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _clip_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Clip to ``clip_grad`` if set; return the total grad norm either way (it is logged)."""
+        max_norm = self.cfg.clip_grad or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return norm.detach().float()
+
+    def _diverged(self, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: dict) -> None:
+        shown = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        shown.update({k: float(v) for k, v in metrics.items()})
+        last = self.out / "last.pt"
+        self.log.error(f"non-finite loss/grad at step {self.step + 1}: {shown}")
+        raise TrainingDivergedError(self.step + 1, shown, last if last.is_file() else None)
+
+    def _make_loader(self) -> DataLoader:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
+        # a loader (fresh or resumed) never shifts the training RNG stream.
+        g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.epoch, D.rank()))
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                          num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
+                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+                          worker_init_fn=_worker_init, generator=g)
+
+    # --- metrics ---------------------------------------------------------------------------------------
+
+    def _reset_window(self) -> None:
+        self._win: dict[str, Any] = {"n": 0, "sums": {}, "counts": {}, "t0": time.perf_counter()}
+
+    def _accumulate(self, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: dict, lr: float) -> None:
+        w = self._win
+        w["n"] += 1
+        w["lr"] = lr
+        for k, v in {"loss": loss, "grad_norm": grad_norm, **metrics}.items():
+            w["sums"][k] = w["sums"].get(k, 0.0) + v
+            w["counts"][k] = w["counts"].get(k, 0) + 1
+
+    def _log_train(self) -> None:
+        w = self._win
+        if w["n"] == 0:
+            return
+        values = D.all_reduce_mean({k: s / w["counts"][k] for k, s in w["sums"].items()})
+        dt = max(time.perf_counter() - w["t0"], 1e-9)
+        values["lr"] = w["lr"]
+        values["img_per_s"] = w["n"] * self.cfg.batch_size * self.cfg.accum_steps * D.world_size() / dt
+        if self.device.type == "cuda":
+            values["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.last_train = values
+        self.metric_logger.log(self.step, values, split="train", epoch=self.epoch)
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("lr", "img_per_s"))
+        self.log.info(f"step {self.step}/{self.total_steps} ep {self.epoch} | {shown} "
+                      f"| lr {values['lr']:.3e} | {values['img_per_s']:.1f} img/s")
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        self._reset_window()
+
+    def evaluate(self) -> dict[str, float]:
+        """Run ``eval_fn`` (and on the EMA model), log it, and update the best metric."""
+        with preserved_rng(), torch.no_grad(), self._autocast():
+            self.raw_model.eval()
+            results = dict(self.eval_fn(self.raw_model) or {})
+            if self.ema is not None:
+                results.update({f"ema_{k}": v for k, v in (self.eval_fn(self.ema.module) or {}).items()})
+            self.raw_model.train()
+        results = D.broadcast_object({k: float(v) for k, v in results.items()})  # every rank: rank 0's view
+        self.last_eval = results
+        self.metric_logger.log(self.step, results, split="eval", epoch=self.epoch)
+        self.log.info(f"eval step {self.step} ep {self.epoch}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        name = self.metric_to_track
+        if name is not None:
+            if name not in results:
+                raise KeyError(f"metric_to_track={name!r} not among eval metrics {sorted(results)}")
+            value = results[name]
+            better = self.best is None or (value > self.best["value"] if self.mode == "max"
+                                           else value < self.best["value"])
+            if better and math.isfinite(value):
+                self.best = {"metric": name, "value": value, "step": self.step}
+                self._new_best = True
+                self.log.info(f"new best {name} = {value:.4g}")
+        return results
+
+    def _visualize(self) -> None:
+        if not (self.main or D.is_fsdp(self.raw_model)):
+            return
+        out_dir = self.out / "images"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with preserved_rng(), torch.no_grad(), self._autocast():
+            self.raw_model.eval()
+            self.visualize_fn(self.raw_model, self.step, out_dir)
+            self.raw_model.train()
+
+    def _final_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"step": self.step, "epoch": self.epoch}
+        out.update({f"train/{k}": v for k, v in self.last_train.items()})
+        out.update({f"eval/{k}": v for k, v in self.last_eval.items()})
+        if self.best is not None:
+            out[f"best/{self.best['metric']}"] = self.best["value"]
+            out["best/step"] = self.best["step"]
+        return out
+
+    def _print_setup(self) -> None:
+        cfg, ws = self.cfg, D.world_size()
+        eff = cfg.batch_size * cfg.accum_steps * ws
+        trainable = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        precision = "bf16 autocast" if self.use_bf16 else "fp32"
+        self.log.info(
+            f"{ws} rank(s) on {self.device.type}, batch {cfg.batch_size}/rank x {cfg.accum_steps} accum "
+            f"x {ws} = {eff} per step; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
+            f"(~{self.total_steps / self.steps_per_epoch:.3g} epochs), warmup {self.warmup_steps} steps\n"
+            f"lr {cfg.lr:.3g} -> {cfg.min_lr:.3g} ({cfg.schedule}), AdamW betas {tuple(cfg.betas)} "
+            f"eps {cfg.eps:g} wd {cfg.weight_decay:g}, layer_decay {cfg.layer_decay:g}, "
+            f"clip_grad {cfg.clip_grad}, {precision}, compile {cfg.compile}, "
+            f"ema {cfg.ema:g}\nmodel {self.num_params:,} params, {trainable:,} trainable\n"
+            + summarize_param_groups(self.optimizer.param_groups))
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint payload (see ``beit.engine.checkpoint``). Collective: call on every rank."""
+        # per rank: RNG streams, and the open logging window (so the first log after a resume averages the
+        # same steps as an uninterrupted run would)
+        w = self._win
+        window = {"n": w["n"], "lr": w.get("lr", 0.0), "counts": dict(w["counts"]),
+                  "sums": {k: float(v) for k, v in w["sums"].items()}}
+        per_rank = D.all_gather_object({"rng": get_rng_state(), "log_window": window})
+        return {
+            "format": FORMAT, "version": VERSION,
+            "model": model_state_dict(self.model),
+            "optimizer": optimizer_state_dict(self.model, self.optimizer),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best, "world_size": D.world_size(),
+            "rng": [r["rng"] for r in per_rank], "log_window": [r["log_window"] for r in per_rank],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "config": to_dict(self.run_config),
+        }
+
+    def save(self) -> None:
+        state = self.state_dict()
+        if self.main:
+            self.ckpt.save(state, self.step, is_best=self._new_best)
+        self._new_best = False
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
+        path = Path(path)
+        state = load_checkpoint(path)
+        load_model_state(self.model, state["model"], source=str(path))
+        keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        try:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        except ValueError as e:
+            raise ValueError(f"{path}: optimizer state does not fit this model's param groups ({e}); "
+                             "did layer_decay or the frozen parameters change?") from e
+        for g, (scale, wd) in zip(self.optimizer.param_groups, keep):
+            g["lr_scale"], g["weight_decay"] = scale, wd
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.log.warning(f"{path} has no EMA weights: EMA restarts from the loaded model")
+                self.ema = ModelEMA(self.raw_model, self.cfg.ema)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best = state.get("best")
+        if self.batch_in_epoch >= self.steps_per_epoch * self.cfg.accum_steps:  # batch size / data changed
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        rng = state.get("rng") or []
+        if len(rng) == D.world_size():
+            set_rng_state(rng[D.rank()])
+            windows = state.get("log_window") or []
+            if len(windows) == D.world_size():
+                self._restored_window = windows[D.rank()]
+        else:
+            self.log.warning(f"{path} was saved by {len(rng)} rank(s), this run has {D.world_size()}: "
+                             "RNG streams are re-seeded, so the run is not an exact continuation")
+            seed_everything(self.cfg.seed + D.rank() + 1000003 * self.step)
+        self.log.info(f"resumed from {path} at step {self.step} "
+                      f"(epoch {self.epoch}, batch {self.batch_in_epoch})")

@@ -1,0 +1,87 @@
+"""Checkpoint files: atomic writes, keep_last pruning, best.pt, format marker, RNG round trip."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from _engine_fixtures import TinyNet
+from beit.engine import checkpoint as C
+
+
+def payload(step: int) -> dict:
+    return {"format": C.FORMAT, "step": step, "model": {"w": torch.full((2,), float(step))},
+            "config": {"train": {"lr": 1e-3, "betas": (0.9, 0.98)}}, "best": None}
+
+
+def test_keep_last_and_best(tmp_path):
+    mgr = C.CheckpointManager(tmp_path, keep_last=2)
+    for step in range(1, 6):
+        mgr.save(payload(step), step, is_best=step == 3)
+    assert [p.name for p in mgr.step_files()] == ["step_0000004.pt", "step_0000005.pt"]
+    assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 5
+    assert C.load_checkpoint(tmp_path / "best.pt")["step"] == 3  # survives pruning of step_0000003.pt
+    assert C.load_checkpoint(tmp_path / "step_0000004.pt")["step"] == 4
+    assert not list(tmp_path.glob("*.tmp"))
+    mgr0 = C.CheckpointManager(tmp_path / "only_last", keep_last=0)
+    mgr0.save(payload(7), 7)
+    assert [p.name for p in (tmp_path / "only_last").iterdir()] == ["last.pt"]
+
+
+def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    C.save_checkpoint(payload(1), path)
+
+    def crash(obj, f, *a, **kw):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        C.save_checkpoint(payload(2), path)
+    monkeypatch.undo()
+    assert C.load_checkpoint(path)["step"] == 1  # the old file is intact
+
+
+def test_format_marker_and_weights_only(tmp_path):
+    torch.save({"model": {}}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a beit training checkpoint"):
+        C.load_checkpoint(tmp_path / "plain.pt")
+    torch.save({"format": C.FORMAT, "obj": argparse.Namespace(a=1)}, tmp_path / "evil.pt")  # arbitrary object
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        C.load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(FileNotFoundError):
+        C.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_find_resume_path(tmp_path):
+    assert C.find_resume_path("", tmp_path) is None
+    assert C.find_resume_path("auto", tmp_path) is None  # nothing yet: fresh start
+    C.save_checkpoint(payload(1), tmp_path / "last.pt")
+    assert C.find_resume_path("auto", tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        C.find_resume_path(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def test_state_dict_mismatch_names_key_and_file():
+    sd = TinyNet().state_dict()
+    with pytest.raises(C.CheckpointMismatchError, match=r"ck\.pt: shape mismatch for 'head.weight'"):
+        C.load_model_state(TinyNet(num_classes=5), sd, source="ck.pt")
+    with pytest.raises(C.CheckpointMismatchError, match="'blocks.3.norm.weight' of the model is missing"):
+        C.load_model_state(TinyNet(depth=4), sd, source="ck.pt")
+    with pytest.raises(C.CheckpointMismatchError, match="unexpected key 'blocks.2.norm.weight'"):
+        C.load_model_state(TinyNet(depth=2), sd, source="ck.pt")
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    C.save_checkpoint({"format": C.FORMAT, "rng": [C.get_rng_state()]}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    C.set_rng_state(C.load_checkpoint(tmp_path / "r.pt")["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected

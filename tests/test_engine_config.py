@@ -1,0 +1,79 @@
+"""Config: YAML + dotted overrides into nested dataclass schemas; bad input fails naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from beit.engine.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+
+
+@dataclass
+class ModelCfg:
+    depth: int = 12
+    name: str = "beit_base_patch16_224"
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise ConfigError("depth", f"must be >= 1, got {self.depth}")
+
+
+@dataclass
+class PretrainCfg:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(betas=(0.9, 0.98), lr=1.5e-3))
+    model: ModelCfg = field(default_factory=ModelCfg)
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("train:\n  epochs: 5\n  lr: 2.0e-3\nmodel:\n  depth: 6\n")
+    cfg = load_config(PretrainCfg, yaml, ["train.lr=3e-4", "--model.name=tiny", "train.max_steps=null",
+                                          "train.clip_grad=3.0", "train.betas=[0.9,0.95]"])
+    assert isinstance(cfg, PretrainCfg) and isinstance(cfg.train, TrainConfig)
+    assert cfg.train.epochs == 5 and cfg.model.depth == 6  # from the file
+    assert cfg.train.lr == 3e-4 and cfg.model.name == "tiny"  # overrides win over the file
+    assert cfg.train.max_steps is None and cfg.train.clip_grad == 3.0
+    assert tuple(cfg.train.betas) == (0.9, 0.95)
+    assert load_config(PretrainCfg).train.betas == (0.9, 0.98)  # task-specific defaults kept
+
+
+def test_instance_schema_and_roundtrip(tmp_path):
+    cfg = load_config(TrainConfig(epochs=7), None, ["seed=3"])
+    assert cfg.epochs == 7 and cfg.seed == 3
+    save_config(load_config(PretrainCfg, None, ["model.depth=2"]), tmp_path / "config.yaml")
+    again = load_config(PretrainCfg, tmp_path / "config.yaml")
+    assert again.model.depth == 2 and again.train.betas == (0.9, 0.98)
+    assert list(to_dict(again)["train"]["betas"]) == [0.9, 0.98]
+    assert "betas:\n  - 0.9\n  - 0.98" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override,key", [
+    (["train.lrr=1e-3"], "train.lrr"),                 # unknown key
+    (["modle.depth=3"], "modle"),                      # unknown section
+    (["train.lr=fast"], "train.lr"),                   # wrong type
+    (["model.depth=1.5"], "model.depth"),              # float into int
+    (["train.betas=[0.9,0.98,0.5]"], "train.betas"),   # wrong length
+    (["train.lr=-1"], "train.lr"),                     # bad value
+    (["train.schedule=linear"], "train.schedule"),
+    (["train.precision=fp16"], "train.precision"),
+    (["train.layer_decay=1.5"], "train.layer_decay"),
+    (["train.max_steps=10", "train.warmup_steps=20"], "train.warmup_steps"),  # warmup longer than training
+    (["train.epochs=2", "train.warmup_epochs=3"], "train.warmup_epochs"),
+    (["model.depth=0"], "model.depth"),                # a task's own validate()
+    (["train.lr"], "train.lr"),                        # not key=value
+])
+def test_bad_input_names_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainCfg, None, override)
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value)
+
+
+def test_bad_yaml_key_and_missing_file(tmp_path):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("train:\n  epoch: 5\n")
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config(PretrainCfg, yaml)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PretrainCfg, tmp_path / "nope.yaml")
