@@ -27,6 +27,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint: file, directory, Hugging Face Hub id or URL")
     p.add_argument("dst", help="output: a directory (beit, hf) or a .pth file (timm)")
     p.add_argument("--to", choices=["beit", "timm", "hf"], default="beit", help="output format (default: ours)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (ours only)")
 
 
 @command("convert", "convert any BEiT checkpoint to ours, or export ours to timm / Hugging Face")(_convert_args)
@@ -37,7 +38,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     model = load_model(args.src)
     if args.to == "beit":
-        out = save_model(model, args.dst)
+        out = save_model(model, args.dst, dtype=args.dtype)
     elif args.to == "hf":
         out = export_hf(model, args.dst)
     else:
@@ -50,7 +51,29 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each task registers its sub-commands with ``@command`` in its own module (heavy imports inside ``run``).
+TASK_CLI_MODULES = (
+    "beit.tasks.pretrain_cli",
+    "beit.tasks.finetune_cli",
+    "beit.tasks.segmentation_cli",
+    "beit.tasks.layout_cli",
+    "beit.tokenizers.cli",
+)
+
+
+def _load_task_commands() -> None:
+    import importlib
+
+    for mod in TASK_CLI_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the module exists but a dependency of it is missing: say so
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _load_task_commands()
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: pre-train and fine-tune image transformers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, run) in COMMANDS.items():

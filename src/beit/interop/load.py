@@ -187,9 +187,18 @@ def load_model(source: str | os.PathLike | Mapping, **overrides: Any) -> nn.Modu
     return model.eval()
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (our format; ``load_model`` reads it back)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp32") -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (our format; ``load_model`` reads it back).
+
+    ``dtype="bf16"`` halves the file (e.g. to ship an encoder); loading casts back to the model's dtype.
+    """
     from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
@@ -197,7 +206,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise TypeError(f"save_model expects a beit.models.Beit, got {type(model).__name__}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().to(DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": OUR_FORMAT})
     os.replace(tmp, out / "model.safetensors")

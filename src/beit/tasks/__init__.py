@@ -1,0 +1,1 @@
+"""Tasks built on the shared engine: pre-training, fine-tuning, segmentation, layout."""

@@ -1,0 +1,436 @@
+"""Classification evaluation: top-1/top-5, per-class accuracy, confusion matrix, and prediction CSVs.
+
+Used three ways: inside training (``make_eval_fn``: sharded over ranks, floats only), after training
+(``write_report``: per-class numbers and a confusion-matrix PNG), and on a saved model
+(``evaluate_checkpoint`` / ``predict_folder``, behind ``beit evaluate`` / ``beit predict``).
+
+A fine-tuned model carries what evaluation needs in ``model.cfg.extra``: ``class_names`` and
+``preprocess`` (:class:`Preprocess` as a dict), so ``beit predict out/model images/`` needs no flags.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = [
+    "ClassificationMeter",
+    "Preprocess",
+    "build_preprocess",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "load_classifier",
+    "make_eval_fn",
+    "predict_folder",
+    "save_confusion_png",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+@dataclass
+class Preprocess:
+    """How a model's eval images are made; stored in ``model.cfg.extra["preprocess"]``.
+
+    ``resize="crop"``: short side to ``img_size / crop_pct`` then center crop (ImageNet-style).
+    ``resize="full"``: the whole image squashed to ``img_size x img_size``, nothing cut away
+    (documents: a crop would cut off the header or footer that tells a letter from a memo).
+    """
+
+    img_size: int = 224
+    resize: str = "crop"  # crop | full
+    crop_pct: float | None = None  # None: the data helper's default (224/256, 1.0 at <=32 px and >=384 px)
+    interpolation: str = "bicubic"
+    grayscale: bool = False  # convert to gray and replicate to 3 channels (scanned documents)
+    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
+    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Preprocess:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items() if k in known}
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform for ``p`` (through the data helper's ``build_eval_transform`` where it fits)."""
+    from torchvision import transforms as T
+
+    from ..data.transforms import _interp, build_eval_transform
+
+    if p.resize == "crop":
+        tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
+                                  mean=p.mean, std=p.std)
+        steps = list(tf.transforms)
+    elif p.resize == "full":
+        steps = [T.Resize((p.img_size, p.img_size), interpolation=_interp(p.interpolation)),
+                 T.ToTensor(), T.Normalize(p.mean, p.std)]
+    else:
+        raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
+    if p.grayscale:
+        steps.insert(0, T.Grayscale(num_output_channels=3))
+    return T.Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+class ClassificationMeter:
+    """Streaming top-k counts, loss and confusion matrix; ``all_reduce`` sums them over ranks."""
+
+    def __init__(self, num_classes: int, topk: Sequence[int] = (1, 5)):
+        self.num_classes = num_classes
+        self.topk = tuple(sorted({min(k, num_classes) for k in topk}))
+        self.requested = tuple(topk)
+        self.correct = torch.zeros(len(self.topk), dtype=torch.float64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.float(), targets.long()
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"model outputs {logits.shape[-1]} classes, the data has {self.num_classes}")
+        self.loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+        self.count += targets.numel()
+        top = logits.topk(max(self.topk), dim=-1).indices
+        hits = top == targets[:, None]
+        for i, k in enumerate(self.topk):
+            self.correct[i] += hits[:, :k].any(dim=1).sum().double().cpu()
+        idx = targets * self.num_classes + top[:, 0]
+        self.confusion += torch.bincount(idx.cpu(), minlength=self.num_classes**2).view_as(self.confusion)
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (no-op in a single process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        flat = torch.cat([self.correct, self.loss_sum.view(1), self.count.view(1)]).to(device)
+        dist.all_reduce(flat)
+        conf = self.confusion.to(device)
+        dist.all_reduce(conf)
+        flat = flat.cpu()
+        n = len(self.topk)
+        self.correct, self.loss_sum, self.count = flat[:n], flat[n], flat[n + 1]
+        self.confusion = conf.cpu()
+
+    def summary(self) -> dict[str, float]:
+        """``top1``, ``top5`` (percent; k is capped at the class count) and mean ``loss``."""
+        n = max(float(self.count), 1.0)
+        out = {"loss": float(self.loss_sum) / n}
+        for k in self.requested:
+            out[f"top{k}"] = 100.0 * float(self.correct[self.topk.index(min(k, self.num_classes))]) / n
+        return out
+
+    def per_class(self, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per class: accuracy (recall, percent), precision (percent) and support."""
+        cm = self.confusion.double()
+        support, predicted, right = cm.sum(1), cm.sum(0), cm.diag()
+        return {
+            name: {"acc": 100.0 * float(right[i] / support[i]) if support[i] else float("nan"),
+                   "precision": 100.0 * float(right[i] / predicted[i]) if predicted[i] else float("nan"),
+                   "n": int(support[i])}
+            for i, name in enumerate(class_names)
+        }
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Any, num_classes: int, topk: Sequence[int] = (1, 5)
+                   ) -> ClassificationMeter:
+    """Run ``model`` over ``(images, targets)`` batches; the caller sets eval mode / autocast."""
+    device = _device_of(model)
+    meter = ClassificationMeter(num_classes, topk)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        meter.update(model(images), targets.to(device, non_blocking=True))
+    return meter
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_eval_fn(dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0,
+                 topk: Sequence[int] = (1, 5)) -> Callable[[nn.Module], dict[str, float]]:
+    """An engine ``eval_fn``: each rank evaluates its shard ``rank::world``, counts are summed."""
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        rank, world = _rank_world()
+        shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+        loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=_device_of(model).type == "cuda")
+        meter = evaluate_model(model, loader, num_classes, topk)
+        meter.all_reduce()
+        return meter.summary()
+
+    return eval_fn
+
+
+# ---------------------------------------------------------------------------------------- reports
+def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike,
+                       title: str = "") -> Path:
+    """Row-normalised confusion matrix (true class per row) as a PNG; Agg canvas, no display needed.
+
+    Above 40 classes the tick labels are dropped (they would be unreadable), the colours stay.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = confusion.double()
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    side = min(max(4.0, 0.45 * n + 2.0), 24.0)
+    fig = Figure(figsize=(side + 1.5, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels(class_names, rotation=90, fontsize=8)
+        ax.set_yticklabels(class_names, fontsize=8)
+        if n <= 20:  # counts in the cells
+            for i in range(n):
+                for j in range(n):
+                    if cm[i, j] > 0:
+                        ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion ({int(cm.sum())} images)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_report(meter: ClassificationMeter, class_names: Sequence[str], out_dir: str | os.PathLike,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``metrics.json`` (overall + per class), ``per_class.csv`` and ``confusion.png``; return the dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_class = meter.per_class(class_names)
+    result: dict[str, Any] = {**meter.summary(), "num_images": int(meter.count), **(extra or {})}
+    result["per_class"] = per_class
+    result["confusion"] = meter.confusion.tolist()
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "accuracy", "precision", "n"])
+        for name, v in per_class.items():
+            w.writerow([name, f"{v['acc']:.2f}", f"{v['precision']:.2f}", v["n"]])
+    png = save_confusion_png(meter.confusion, class_names, out / "confusion.png",
+                             title=f"top-1 {result['top1']:.2f}% on {int(meter.count)} images")
+    result["confusion_png"] = str(png)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- saved models
+TRAIN_CKPT_FORMAT = "beit-train-ckpt"
+
+
+def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides: Any
+                    ) -> tuple[nn.Module, list[str], Preprocess]:
+    """A classifier, its class names and its eval preprocessing, from any checkpoint.
+
+    ``source``: a ``save_model`` directory (written at the end of ``beit finetune``), an engine training
+    checkpoint (``last.pt`` / ``best.pt``; ``ema=True`` takes its EMA weights; class names and
+    preprocessing come from the run config inside it), or anything ``beit.load_model`` reads.
+    Models without stored class names get ``class_0 ...``.
+    """
+    from ..interop import load_model
+
+    path = Path(source)
+    run_cfg: dict[str, Any] = {}
+    src: Any = source
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
+            run_cfg = state.get("config") or {}
+            if ema and state.get("ema") is None:
+                raise ValueError(f"{path}: has no EMA weights (trained with train.ema=0)")
+            src = state["ema"] if ema else state["model"]
+        elif ema:
+            raise ValueError(f"{path}: ema=True needs an engine training checkpoint (last.pt / best.pt)")
+    model = load_model(src, **overrides)
+    if getattr(model.cfg, "head", "cls") != "cls" or model.cfg.num_classes <= 0:
+        raise ValueError(f"{source}: not a classifier (head={model.cfg.head!r}, num_classes={model.cfg.num_classes});"
+                         " fine-tune it first (beit finetune)")
+    extra = dict(model.cfg.extra or {})
+    names = list(extra.get("class_names") or run_cfg.get("class_names") or [])
+    if not names:
+        names = [f"class_{i}" for i in range(model.cfg.num_classes)]
+    if len(names) != model.cfg.num_classes:
+        raise ValueError(f"{source}: {len(names)} class names stored but the head has {model.cfg.num_classes} outputs")
+    if "preprocess" in extra:
+        pre = Preprocess.from_dict(extra["preprocess"])
+    elif run_cfg:
+        pre = Preprocess.from_dict({**(run_cfg.get("data") or {}), "img_size": run_cfg.get("img_size", 224)})
+    else:  # a foreign classifier: its own resolution, ImageNet-style crop
+        pre = Preprocess(img_size=model.cfg.img_hw[0])
+    if "img_size" in overrides:
+        pre.img_size = int(overrides["img_size"])
+    return model, names, pre
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device) -> Any:
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
+    """Decode every file once and keep the readable ones, so that a broken file is reported and left
+    out instead of being replaced by its neighbour (which would count that neighbour twice)."""
+    bad = set(ds.verify(num_threads=num_threads))
+    keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
+    if not keep:
+        raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
+    if bad:
+        logger.warning("left out %d unreadable images: %s", len(bad), sorted(bad)[:10])
+    return Subset(ds, keep), keep, sorted(bad)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        *, batch_size: int = 64, num_workers: int = 4, ema: bool = False,
+                        device: str | torch.device | None = None, img_size: int | None = None) -> dict[str, Any]:
+    """Evaluate a saved classifier on ``data_dir/<class>/<image>``; write the report into ``out_dir``.
+
+    The class folders must be exactly the model's classes (by name when the model stores them, else
+    by count): a mismatch is an error, not a silently shifted label map.
+    """
+    from ..data.datasets import LabeledImageFolder, find_classes
+
+    overrides = {"img_size": img_size} if img_size else {}
+    model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
+    folders = find_classes(data_dir)
+    named = not all(n == f"class_{i}" for i, n in enumerate(names))
+    if named and set(folders) != set(names):
+        missing, extra = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
+        raise ValueError(f"{data_dir}: class folders do not match the model's {len(names)} classes "
+                         f"(no folder for {missing[:10]}; folders the model does not know: {extra[:10]})")
+    if not named:
+        if len(folders) != len(names):
+            raise ValueError(f"{data_dir}: {len(folders)} class folders but the model has {len(names)} classes")
+        names = folders
+    ds = LabeledImageFolder(data_dir, build_preprocess(pre), class_names=names)
+    subset, _, bad = _readable_subset(ds, num_threads=max(num_workers, 1))
+    dev = _pick_device(device)
+    model.to(dev).eval()
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+    with _autocast(dev):
+        meter = evaluate_model(model, loader, len(names))
+    result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
+                                                        "skipped": bad, "preprocess": pre.to_dict()})
+    return result
+
+
+class _Files(Dataset):
+    def __init__(self, paths: list[str], transform: Callable):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from ..data.datasets import decode_image
+
+        return self.transform(decode_image(self.paths[i]))
+
+
+@torch.no_grad()
+def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, out_csv: str | os.PathLike,
+                   *, topk: int = 5, batch_size: int = 64, num_workers: int = 4, ema: bool = False,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
+    """Top-k labels for every image under ``images_dir`` (any depth) into a CSV.
+
+    Columns: ``path`` (relative to ``images_dir``), then ``label_1, prob_1, ... label_k, prob_k``.
+    Unreadable files are left out of the CSV and listed in the returned ``skipped``.
+    """
+    from ..data.datasets import decode_image, list_images
+
+    model, names, pre = load_classifier(checkpoint, ema=ema)
+    paths = list_images(images_dir)
+    if not paths:
+        raise ValueError(f"no images found under {str(images_dir)!r}")
+    good, bad = [], []
+    for p in paths:  # decode once up front: a broken file is reported, never mislabelled
+        try:
+            decode_image(p)
+            good.append(p)
+        except Exception as err:  # noqa: BLE001 - any decoder error means unreadable
+            logger.warning("skipping unreadable image %s (%s)", p, err)
+            bad.append(p)
+    if not good:
+        raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be decoded")
+    dev = _pick_device(device)
+    model.to(dev).eval()
+    k = min(topk, len(names))
+    loader = DataLoader(_Files(good, build_preprocess(pre)), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(images_dir)
+    rows = 0
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["path"]
+        for j in range(1, k + 1):
+            header += [f"label_{j}", f"prob_{j}"]
+        w.writerow(header)
+        i = 0
+        for images in loader:
+            with _autocast(dev):
+                logits = model(images.to(dev, non_blocking=True))
+            probs, idx = logits.float().softmax(-1).topk(k, dim=-1)
+            for pr, ix in zip(probs.cpu().tolist(), idx.cpu().tolist()):
+                row: list[Any] = [Path(good[i]).relative_to(root).as_posix()]
+                for p, c in zip(pr, ix):
+                    row += [names[c], f"{p:.6f}"]
+                w.writerow(row)
+                i += 1
+                rows += 1
+    return {"csv": str(out_csv), "num_images": rows, "skipped": bad, "topk": k}
+

@@ -1,0 +1,449 @@
+"""COCO-format layout datasets (PubLayNet, DocLayNet, DocBank, ...) as torchvision detection samples.
+
+One class reads any COCO file: categories are mapped to contiguous labels ``1..K`` in id order (0 is
+torchvision's background), grayscale pages become RGB. Bad input is found when the dataset is built, not
+half-way through an epoch: an annotation pointing at a missing image, an unknown category or a malformed
+box is skipped and counted (``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the
+annotation (``on_bad="error"``); boxes sticking out of the page are clipped, boxes that are empty after
+clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all.
+
+Training augmentation (DiT's recipe): optional DETR-style random crop, multi-scale short side, horizontal
+flip, all drawn inside ``seeded(seed, epoch, index)`` so a sample is a pure function of that triple.
+Masks are rasterized by pycocotools from the transformed polygons, so they are exact at every scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ...data.seeding import seeded
+
+__all__ = [
+    "CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "collate", "split_image_ids", "write_synthetic_pages",
+]
+
+log = logging.getLogger("beit")
+
+DIT_MIN_SIZES = tuple(range(480, 801, 32))  # DiT / Detectron2 multi-scale training short sides
+CROP_RESIZE = (400, 500, 600)  # DETR-style crop: short side before cropping
+
+
+class LayoutDataError(ValueError):
+    """The annotation file or an image is unusable; the message names the file and the annotation."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LayoutDataError(f"{path}: not a JSON file ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise LayoutDataError(f"{path}: not a COCO file: no '{key}' list")
+    if not data["categories"]:
+        raise LayoutDataError(f"{path}: no categories")
+    return data
+
+
+def split_image_ids(ann_file: str | Path, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A deterministic train/val split of one COCO file: images sorted by file name, shuffled with a
+    fixed legacy NumPy stream (stable across versions), the last ``num_val`` held out."""
+    data = _read_json(Path(ann_file))
+    ids = [im["id"] for im in sorted(data["images"], key=lambda im: (str(im.get("file_name")), im["id"]))]
+    if not 0 < num_val < len(ids):
+        raise ValueError(f"{ann_file}: cannot hold out {num_val} of {len(ids)} images")
+    order = [ids[i] for i in np.random.RandomState(seed).permutation(len(ids))]
+    return sorted(order[:-num_val]), sorted(order[-num_val:])
+
+
+def _valid_polygons(seg: Any) -> list[list[float]] | None:
+    if not isinstance(seg, list) or not seg:
+        return None
+    polys = [list(map(float, p)) for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    return polys or None
+
+
+class CocoLayoutDataset(Dataset):
+    """Pages of a COCO file as ``(image uint8 [3, H, W], target)``; ``target`` holds torchvision's ``boxes``
+    (xyxy float), ``labels`` (1..K), ``image_id`` and, with ``with_masks``, ``masks`` (uint8 [N, H, W]).
+
+    Args:
+        ann_file, image_root: the COCO JSON and the folder its ``file_name`` entries are relative to.
+        train: augment (crop, multi-scale resize, flip); otherwise pages keep their size (the model resizes).
+        image_ids: a subset of the file's images (e.g. from :func:`split_image_ids`).
+        on_bad: ``"skip"`` (count in ``report``, log once) or ``"error"`` (raise at the first problem).
+        check_images: open every image header at build time (finds missing / unreadable files and wrong sizes).
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, *, train: bool = False,
+                 image_ids: Sequence[int] | None = None, with_masks: bool = False,
+                 min_sizes: Sequence[int] = DIT_MIN_SIZES, max_size: int = 1333, flip_prob: float = 0.5,
+                 crop_prob: float = 0.0, crop_size: tuple[int, int] = (384, 600), seed: int = 0,
+                 on_bad: str = "skip", check_images: bool = True, min_box_size: float = 1.0) -> None:
+        if on_bad not in ("skip", "error"):
+            raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+        self.ann_file, self.root = Path(ann_file), Path(image_root)
+        self.train, self.with_masks = train, with_masks
+        self.min_sizes, self.max_size = tuple(min_sizes), max_size
+        self.flip_prob, self.crop_prob, self.crop_size = flip_prob, crop_prob, tuple(crop_size)
+        self.seed, self.epoch, self.on_bad = seed, 0, on_bad
+        self.min_box_size, self.check_images = min_box_size, check_images
+        self.report: Counter[str] = Counter()
+        self.problems: list[str] = []
+        data = _read_json(self.ann_file)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} (for {self.ann_file})")
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [int(c["id"]) for c in cats]  # label i+1 <-> category id cat_ids[i]
+        self.class_names = [str(c.get("name", c["id"])) for c in cats]
+        self.categories = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
+        cat_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+
+        wanted = set(image_ids) if image_ids is not None else None
+        if wanted is not None:
+            unknown = wanted - {im.get("id") for im in data["images"]}
+            if unknown:
+                raise LayoutDataError(f"{self.ann_file}: image ids {sorted(unknown)[:5]} are not in the file")
+        images: dict[int, dict[str, Any]] = {}
+        all_ids = set()
+        for im in data["images"]:
+            all_ids.add(im.get("id"))
+            if wanted is not None and im.get("id") not in wanted:
+                continue
+            info = self._check_image(im)
+            if info is not None:
+                images[info["id"]] = info
+
+        self.anns: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+        for ann in data["annotations"]:
+            img_id = ann.get("image_id")
+            if wanted is not None and img_id not in wanted:
+                continue
+            if img_id not in all_ids:
+                self._bad("unknown_image", f"annotation {ann.get('id')} points at image id {img_id}, which is not "
+                                           "in 'images'")
+                continue
+            if img_id not in images:
+                self.report["anns_of_skipped_images"] += 1
+                continue
+            clean = self._check_ann(ann, images[img_id], cat_to_label)
+            if clean is not None:
+                self.anns[img_id].append(clean)
+
+        self.images = [images[i] for i in sorted(images)]
+        self.report["images"] = len(self.images)
+        self.report["boxes"] = sum(len(v) for v in self.anns.values())
+        self.report["empty_pages"] = sum(1 for v in self.anns.values() if not any(not a["iscrowd"] for a in v))
+        if not self.images:
+            raise LayoutDataError(f"{self.ann_file}: no usable image ({self.summary()})")
+        skipped = {k: v for k, v in self.report.items() if k not in ("images", "boxes", "empty_pages")}
+        if skipped:
+            log.warning(f"{self.ann_file}: {self.summary()}; first: {self.problems[0] if self.problems else '-'}")
+
+    # --- build-time checks -------------------------------------------------------------------------------
+
+    def _bad(self, kind: str, message: str) -> None:
+        """A problem that ``on_bad`` decides about: raise, or count and remember the message."""
+        message = f"{self.ann_file}: {message}"
+        if self.on_bad == "error":
+            raise LayoutDataError(message)
+        self.report[kind] += 1
+        if len(self.problems) < 50:
+            self.problems.append(message)
+
+    def _check_image(self, im: dict[str, Any]) -> dict[str, Any] | None:
+        name = im.get("file_name")
+        if "id" not in im or not name:
+            self._bad("bad_image_entry", f"image entry {im!r:.80} has no id or file_name")
+            return None
+        path = self.root / name
+        w, h = im.get("width"), im.get("height")
+        if self.check_images:
+            if not path.is_file():
+                self._bad("missing_image", f"image {im['id']} '{name}' not found under {self.root}")
+                return None
+            try:
+                with Image.open(path) as f:
+                    fw, fh = f.size
+            except OSError as e:
+                self._bad("unreadable_image", f"image {im['id']} '{path}' cannot be read ({e})")
+                return None
+            if (w, h) != (fw, fh):
+                if w and h:
+                    self.report["size_mismatch"] += 1  # annotations are rescaled to the file's size
+                w, h = w or fw, h or fh
+                return {"id": im["id"], "file_name": name, "path": path, "width": w, "height": h,
+                        "file_size": (fw, fh)}
+        elif not (w and h):
+            self._bad("bad_image_entry", f"image {im['id']} '{name}' has no width/height (use check_images)")
+            return None
+        return {"id": im["id"], "file_name": name, "path": path, "width": w, "height": h, "file_size": (w, h)}
+
+    def _check_ann(self, ann: dict[str, Any], img: dict[str, Any], cat_to_label: dict[int, int]
+                   ) -> dict[str, Any] | None:
+        where = f"annotation {ann.get('id')} (image '{img['file_name']}')"
+        cid = ann.get("category_id")
+        if cid not in cat_to_label:
+            self._bad("unknown_category", f"{where} has category id {cid}, not in 'categories' {self.cat_ids}")
+            return None
+        box = ann.get("bbox")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+            self._bad("bad_bbox", f"{where} has a malformed bbox {box!r:.60}")
+            return None
+        W, H = img["width"], img["height"]
+        x0, y0, x1, y1 = box[0], box[1], box[0] + box[2], box[1] + box[3]
+        cx0, cy0, cx1, cy1 = min(max(x0, 0), W), min(max(y0, 0), H), min(max(x1, 0), W), min(max(y1, 0), H)
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            self.report["clipped_boxes"] += 1
+        if cx1 - cx0 < self.min_box_size or cy1 - cy0 < self.min_box_size:
+            self.report["degenerate_boxes"] += 1
+            return None
+        seg = ann.get("segmentation")
+        polys = _valid_polygons(seg)
+        if polys is None and not isinstance(seg, dict):
+            if self.with_masks and not ann.get("iscrowd"):
+                self.report["mask_from_box"] += 1
+            seg = None
+        return {"id": ann.get("id"), "bbox": [cx0, cy0, cx1 - cx0, cy1 - cy0], "category_id": cid,
+                "label": cat_to_label[cid], "iscrowd": int(bool(ann.get("iscrowd", 0))),
+                "area": float(ann.get("area") or (cx1 - cx0) * (cy1 - cy0)),
+                "polygons": polys, "segmentation": seg}
+
+    # --- Dataset --------------------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line: kept images / boxes and every skipped or repaired count."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.report.items()))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def label_to_cat(self) -> list[int]:
+        """``label_to_cat[label - 1]`` is the COCO category id of a torchvision label."""
+        return list(self.cat_ids)
+
+    def load_image(self, index: int) -> Image.Image:
+        info = self.images[index]
+        try:
+            with Image.open(info["path"]) as f:
+                return f.convert("RGB")  # grayscale (DocBank) and palette pages -> 3 channels
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... on broken files
+            raise LayoutDataError(f"image {info['id']} '{info['path']}' cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """In training, a page that fails to decode now (header fine at build time, body truncated) is
+        replaced by the next readable page, with a warning, rather than killing the run; in evaluation the
+        error (naming the file) is raised, since skipping a page would change the score."""
+        for k in range(len(self.images) if self.train else 1):
+            i = (index + k) % len(self.images)
+            try:
+                img = self.load_image(i)
+            except LayoutDataError as e:
+                if not self.train:
+                    raise
+                log.warning(f"{e}; using the next page instead")
+                self.report["unreadable_at_load"] += 1
+                continue
+            return self._sample(i, img, index)
+        raise LayoutDataError(f"{self.ann_file}: no page of {self.root} can be read")
+
+    def _sample(self, i: int, img: Image.Image, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        info = self.images[i]
+        fw, fh = img.size
+        sx, sy = fw / info["width"], fh / info["height"]  # 1 unless the JSON size disagrees with the file
+        anns = [a for a in self.anns[info["id"]] if not a["iscrowd"]]
+        boxes = torch.tensor([[a["bbox"][0] * sx, a["bbox"][1] * sy, (a["bbox"][0] + a["bbox"][2]) * sx,
+                               (a["bbox"][1] + a["bbox"][3]) * sy] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([a["label"] for a in anns], dtype=torch.int64)
+        polys = [[np.asarray(p).reshape(-1, 2) * (sx, sy) for p in a["polygons"]] if a["polygons"] else None
+                 for a in anns] if self.with_masks else None
+
+        W, H = fw, fh
+        if self.train:
+            with seeded(self.seed, self.epoch, index):
+                crop = self._draw_crop(W, H)
+                short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+                flip = bool(torch.rand(()) < self.flip_prob)
+            # geometry: crop -> resize -> flip, applied to image, boxes and polygons alike
+            offset = (0.0, 0.0)
+            if crop is not None:
+                x0, y0, cw, ch = crop
+                img = img.crop((x0, y0, x0 + cw, y0 + ch))
+                offset, W, H = (float(x0), float(y0)), cw, ch
+                boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+            scale = min(short / min(W, H), self.max_size / max(W, H))
+            nw, nh = max(1, round(W * scale)), max(1, round(H * scale))
+            img = img.resize((nw, nh), Image.BILINEAR)
+            rx, ry = nw / W, nh / H
+            boxes = boxes * torch.tensor([rx, ry, rx, ry])
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                boxes = torch.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], dim=1)
+            if polys is not None:
+                polys = [[self._move(p, offset, rx, ry, nw if flip else None) for p in ps] if ps else None
+                         for ps in polys]
+            wh = boxes[:, 2:] - boxes[:, :2]
+            keep = (wh >= self.min_box_size).all(dim=1)
+            boxes, labels = boxes[keep], labels[keep]
+            if polys is not None:
+                polys = [p for p, k in zip(polys, keep.tolist()) if k]
+            W, H = nw, nh
+
+        image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"], dtype=torch.int64)}
+        if self.with_masks:
+            target["masks"] = self._rasterize(polys, boxes, H, W)
+        return image, target
+
+    def _draw_crop(self, W: int, H: int) -> tuple[int, int, int, int] | None:
+        """DETR-style crop as in DiT: short side to 400/500/600, a crop of 384-600 px there (in page pixels)."""
+        if self.crop_prob <= 0 or not bool(torch.rand(()) < self.crop_prob):
+            return None
+        s = CROP_RESIZE[int(torch.randint(len(CROP_RESIZE), ()))] / min(W, H)
+        lo, hi = self.crop_size
+        ch = int(torch.randint(min(lo, round(H * s)), min(hi, round(H * s)) + 1, ())) / s
+        cw = int(torch.randint(min(lo, round(W * s)), min(hi, round(W * s)) + 1, ())) / s
+        cw, ch = max(1, min(W, round(cw))), max(1, min(H, round(ch)))
+        x0 = int(torch.randint(W - cw + 1, ()))
+        y0 = int(torch.randint(H - ch + 1, ()))
+        return x0, y0, cw, ch
+
+    @staticmethod
+    def _move(p: np.ndarray, offset: tuple[float, float], rx: float, ry: float, flip_w: int | None) -> np.ndarray:
+        q = (p - offset) * (rx, ry)
+        if flip_w is not None:
+            q[:, 0] = flip_w - q[:, 0]
+        return q
+
+    @staticmethod
+    def _rasterize(polys: list | None, boxes: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """uint8 [N, H, W] masks; pycocotools clips polygons to the page. No polygon: the box is the mask."""
+        from pycocotools import mask as mask_util
+
+        out = torch.zeros((len(boxes), H, W), dtype=torch.uint8)
+        for i, box in enumerate(boxes.tolist()):
+            ps = polys[i] if polys is not None else None
+            if ps:
+                rles = mask_util.frPyObjects([p.reshape(-1).tolist() for p in ps], H, W)
+                with warnings.catch_warnings():  # pycocotools' Cython array vs NumPy 2's copy keyword
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    m = mask_util.decode(mask_util.merge(rles))
+                out[i] = torch.from_numpy(m)
+            if not ps or not out[i].any():  # no polygon, or one that vanished in a crop: fall back to the box
+                x0, y0, x1, y1 = box
+                out[i, int(y0):max(int(y0) + 1, math.ceil(y1)), int(x0):max(int(x0) + 1, math.ceil(x1))] = 1
+        return out
+
+    # --- evaluation ground truth ----------------------------------------------------------------------------
+
+    def coco_gt(self) -> Any:
+        """A pycocotools ``COCO`` of exactly this dataset's pages and cleaned annotations (crowd ones
+        included), with the original category ids: the ground truth the evaluator scores against."""
+        from pycocotools.coco import COCO
+
+        anns = []
+        for info in self.images:
+            fw, fh = info["file_size"]
+            sx, sy = fw / info["width"], fh / info["height"]  # predictions are in the file's pixels
+            for a in self.anns[info["id"]]:
+                x, y, w, h = a["bbox"][0] * sx, a["bbox"][1] * sy, a["bbox"][2] * sx, a["bbox"][3] * sy
+                seg = a["segmentation"] if (sx, sy) == (1, 1) else (
+                    [(np.asarray(p).reshape(-1, 2) * (sx, sy)).reshape(-1).tolist() for p in a["polygons"]]
+                    if a["polygons"] else None)
+                seg = seg or [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                anns.append({"id": len(anns) + 1, "image_id": info["id"], "category_id": a["category_id"],
+                             "bbox": [x, y, w, h], "area": a["area"] * sx * sy, "iscrowd": a["iscrowd"],
+                             "segmentation": seg})
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i["id"], "file_name": i["file_name"], "width": i["file_size"][0],
+                                    "height": i["file_size"][1]} for i in self.images],
+                        "annotations": anns, "categories": self.categories}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+
+class RepeatedDataset(Dataset):
+    """``times`` passes over ``dataset`` per engine epoch, each pass its own augmentation draw (the wrapped
+    dataset sees epoch ``epoch * times + pass``). Small sets (80 DocBank pages) then give long epochs, and
+    the engine checkpoints and evaluates per epoch rather than every few steps."""
+
+    def __init__(self, dataset: CocoLayoutDataset, times: int) -> None:
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        self.dataset, self.times, self.epoch = dataset, times, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(self.dataset)
+        self.dataset.set_epoch(self.epoch * self.times + index // n)  # each worker holds its own copy
+        return self.dataset[index % n]
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Pages differ in size: keep lists (torchvision pads them into one batch inside the model)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def write_synthetic_pages(out_dir: str | Path, num_pages: int = 2, size: tuple[int, int] = (96, 128),
+                          seed: int = 0, grayscale: bool = False) -> Path:
+    """White pages with dark rectangles ("text" lines, grey "figure" blocks) plus their COCO JSON, for tests
+    and CPU smoke runs. ``size`` is (width, height). Returns the path of ``annotations.json``."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    W, H = size
+    images, anns = [], []
+    for i in range(num_pages):
+        page = np.full((H, W), 255, dtype=np.uint8)
+        y = int(rng.randint(4, 10))
+        while y < H - 12:
+            if rng.rand() < 0.3 and y < H - 40:  # a figure block
+                h, x0, x1, cat, shade = rng.randint(20, 34), rng.randint(6, 20), rng.randint(W // 2, W - 6), 2, 110
+            else:  # a text block of 1-2 lines
+                h, x0, x1, cat, shade = rng.randint(6, 12), rng.randint(4, 12), rng.randint(W // 2, W - 4), 1, 20
+            h, x0, x1 = int(h), int(x0), int(x1)
+            page[y:y + h, x0:x1] = shade
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "iscrowd": 0,
+                         "bbox": [x0, y, x1 - x0, h], "area": (x1 - x0) * h,
+                         "segmentation": [[x0, y, x1, y, x1, y + h, x0, y + h]]})
+            y += h + int(rng.randint(5, 10))
+        name = f"page_{i:03d}.png"
+        img = Image.fromarray(page) if grayscale else Image.fromarray(np.stack([page] * 3, -1))
+        img.save(out / "images" / name)
+        images.append({"id": i + 1, "file_name": name, "width": W, "height": H})
+    cats = [{"id": 1, "name": "text"}, {"id": 2, "name": "figure"}]
+    path = out / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path

@@ -1,0 +1,255 @@
+"""A document-layout detector: BEiT backbone -> simple feature pyramid -> FPN -> torchvision Mask/Faster R-CNN.
+
+The backbone is DiT's / BEiT's ``build_vit_fpn_backbone``: patch-token maps after four blocks (3, 5, 7, 11
+for a 12-block model) are brought to strides 4, 8, 16, 32 by transposed convolutions, identity and max
+pooling, then torchvision's FPN adds the top-down path and a max-pooled fifth level. Detection heads,
+anchors, RoI pooling and losses are torchvision's, so nothing here needs Detectron2 or mmdet.
+
+Pages of any size work: torchvision's transform pads the batch to a multiple of ``lcm(32, patch)`` and the
+backbone resamples its relative-position tables to the page's patch grid at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ...models import Beit, BeitConfig, create_model
+
+__all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices"]
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+@dataclass
+class DetectorConfig:
+    """The detector's architecture; ``backbone`` is filled in by :func:`build_detector` so that a training
+    checkpoint can be rebuilt without the file it was initialised from."""
+
+    arch: str = "beit_base_patch16_224"  # preset used when training from scratch
+    init: str = ""  # pre-trained BEiT (any format beit.load_model reads); "" = from scratch
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # BeitConfig fields, e.g. depth
+    drop_path_rate: float = 0.1
+    out_indices: list[int] | None = None  # blocks feeding the pyramid; None: depth/3, /2, 2/3, last
+    fpn_channels: int = 256
+    pyramid_norm: str = "bn"  # between the two deconvs of the stride-4 level: bn (official) | gn | none
+    mask_head: bool = True  # Mask R-CNN (segm AP too) or Faster R-CNN (boxes only)
+    min_size_test: int = 800  # short side pages are resized to at evaluation / prediction
+    max_size_test: int = 1333
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # DiT: 127.5 / 127.5 on 0-255 pixels
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per pyramid level (4 + max-pooled)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_head_dim: int = 1024  # torchvision's TwoMLPHead width
+    mask_head_dim: int = 256  # torchvision's 4-conv mask head width
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+    # filled in by build_detector, so that eval / predict need neither the init file nor the annotations:
+    backbone: dict[str, Any] = field(default_factory=dict)  # the resolved BeitConfig
+    class_names: list[str] = field(default_factory=list)  # label i+1 <-> class_names[i]
+    category_ids: list[int] = field(default_factory=list)  # ... <-> COCO category id category_ids[i]
+
+    def validate(self) -> None:
+        from ...engine.config import ConfigError
+
+        if self.pyramid_norm not in ("bn", "gn", "none"):
+            raise ConfigError("pyramid_norm", f"must be bn | gn | none, got {self.pyramid_norm!r}")
+        if len(self.anchor_sizes) not in (4, 5):
+            raise ConfigError("anchor_sizes", f"one size per level (4 or 5 levels), got {list(self.anchor_sizes)}")
+        if self.out_indices is not None and len(self.out_indices) != 4:
+            raise ConfigError("out_indices", f"must name 4 blocks, got {list(self.out_indices)}")
+        if not 0.0 <= self.score_thresh < 1.0:
+            raise ConfigError("score_thresh", f"must be in [0, 1), got {self.score_thresh}")
+
+
+def default_out_indices(depth: int) -> tuple[int, int, int, int]:
+    """Blocks at 1/3, 1/2, 2/3 and the end of the network: (3, 5, 7, 11) for base, (7, 11, 15, 23) for large."""
+    return tuple(max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3)) + (depth - 1,)
+
+
+def _norm(kind: str, dim: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(dim)
+    if kind == "gn":
+        return nn.GroupNorm(math.gcd(32, dim), dim)
+    return nn.Identity()
+
+
+def _rescale(dim: int, factor: float, norm: str) -> nn.Module:
+    """Stride change by ``factor``: >1 transposed convs (norm + GELU between), 1 identity, <1 max pooling."""
+    if factor == 1:
+        return nn.Identity()
+    if factor < 1:
+        k = round(1 / factor)
+        return nn.MaxPool2d(kernel_size=k, stride=k)
+    layers: list[nn.Module] = []
+    for i in range(round(math.log2(factor))):
+        if i > 0:
+            layers += [_norm(norm, dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+    return nn.Sequential(*layers) if len(layers) > 1 else layers[0]
+
+
+class BeitPyramidBackbone(nn.Module):
+    """BEiT -> four maps at strides 4/8/16/32 -> FPN (+ max-pooled level): what torchvision's R-CNNs expect.
+
+    ``forward(images [B, 3, H, W]) -> OrderedDict('0', '1', '2', '3', 'pool')`` of ``[B, out_channels, H/s, W/s]``
+    (H, W multiples of ``lcm(32, patch)``). ``out_channels`` is read by torchvision's detectors.
+    """
+
+    def __init__(self, body: Beit, out_indices: tuple[int, ...] | list[int] | None = None,
+                 out_channels: int = 256, norm: str = "bn", extra_pool: bool = True) -> None:
+        super().__init__()
+        p = body.patch_size
+        if p & (p - 1) or p < 2:
+            raise ValueError(f"the pyramid needs a power-of-two patch size, got {p}")
+        self.body = body
+        self.out_indices = tuple(out_indices) if out_indices is not None else default_out_indices(body.num_layers)
+        if len(self.out_indices) != 4:
+            raise ValueError(f"out_indices must name 4 blocks, got {self.out_indices}")
+        dim = body.embed_dim
+        self.scales = nn.ModuleList(_rescale(dim, p / s, norm) for s in PYRAMID_STRIDES)
+        extra = LastLevelMaxPool() if extra_pool else None
+        self.fpn = FeaturePyramidNetwork([dim] * 4, out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+        self.size_divisible = math.lcm(PYRAMID_STRIDES[-1], p)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        maps = self.body.forward_intermediates(x, self.out_indices)
+        feats = OrderedDict((str(i), scale(m)) for i, (scale, m) in enumerate(zip(self.scales, maps)))
+        # fp32 out: torchvision builds anchors in the features' dtype, and bf16 anchors / proposals would be
+        # quantized to 4-8 px on an 800-1333 px page. The head layers still run under autocast.
+        return OrderedDict((k, v.float()) for k, v in self.fpn(feats).items())
+
+
+class _Fp32Predictor(FastRCNNPredictor):
+    """Class scores and box deltas in fp32 even under autocast: bf16 scores tie often, which reorders
+    COCOeval's ranking, and the cost of one small linear layer in fp32 is nothing."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class _PageTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, except that training pages come already resized by the dataset.
+
+    The dataset draws the multi-scale short side inside ``seeded(seed, epoch, index)`` (reproducible, worker
+    independent); at evaluation the model resizes to ``min_size`` and maps boxes back to the original page.
+    """
+
+    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.training:
+            return image, target
+        return super().resize(image, target)
+
+
+class LayoutDetector(nn.Module):
+    """A torchvision R-CNN with a BEiT backbone, plus what the engine's optimizer and our tools need.
+
+    ``forward(images: list[[3, H, W] in 0..1], targets=None)``: in train mode returns torchvision's loss dict,
+    in eval mode a list of ``{"boxes" xyxy in page pixels, "labels" (1..K), "scores", ["masks" [N,1,H,W]]}``.
+    ``layer_id`` / ``num_layers`` / ``no_weight_decay`` give layer-wise lr decay on the backbone; the
+    pyramid, FPN and heads count as the top layer.
+    """
+
+    _BODY = "detector.backbone.body."
+
+    def __init__(self, backbone: BeitPyramidBackbone, num_classes: int, class_names: list[str] | None = None,
+                 cfg: DetectorConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or DetectorConfig()
+        levels = ["0", "1", "2", "3"]
+        n_anchor_levels = 5 if backbone.fpn.extra_blocks is not None else 4
+        sizes = tuple((s,) for s in cfg.anchor_sizes)
+        if len(sizes) != n_anchor_levels:
+            raise ValueError(f"{len(sizes)} anchor sizes for {n_anchor_levels} pyramid levels")
+        ch, n_out = backbone.out_channels, num_classes + 1  # + background
+        common = dict(
+            box_head=TwoMLPHead(ch * 7 * 7, cfg.box_head_dim),
+            box_predictor=_Fp32Predictor(cfg.box_head_dim, n_out),
+            min_size=cfg.min_size_test, max_size=cfg.max_size_test,
+            image_mean=list(cfg.pixel_mean), image_std=list(cfg.pixel_std),
+            rpn_anchor_generator=AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * len(sizes)),
+            box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
+        )
+        if cfg.mask_head:
+            det = MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+                           mask_head=MaskRCNNHeads(ch, [cfg.mask_head_dim] * 4, 1),
+                           mask_predictor=MaskRCNNPredictor(cfg.mask_head_dim, cfg.mask_head_dim, n_out), **common)
+        else:
+            det = FasterRCNN(backbone, **common)
+        det.transform = _PageTransform(cfg.min_size_test, cfg.max_size_test, list(cfg.pixel_mean),
+                                       list(cfg.pixel_std), size_divisible=backbone.size_divisible)
+        self.detector = det
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i + 1) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.category_ids = list(cfg.category_ids) or list(range(1, num_classes + 1))
+        self.has_masks = cfg.mask_head
+        self.num_layers = backbone.body.num_layers
+
+    @property
+    def body(self) -> Beit:
+        return self.detector.backbone.body
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+                ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        return self.detector(images, targets)
+
+    def layer_id(self, name: str) -> int:
+        """Backbone params keep BEiT's depth; everything added for detection is the top layer."""
+        if name.startswith(self._BODY):
+            return self.body.layer_id(name[len(self._BODY):])
+        return self.num_layers + 1
+
+    def no_weight_decay(self) -> set[str]:
+        return set(self.body.no_weight_decay())
+
+
+def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
+                   category_ids: list[int] | None = None) -> LayoutDetector:
+    """Backbone from ``cfg.backbone`` (a resolved config: weights come from a checkpoint later), ``cfg.init``
+    (pre-trained weights, turned into per-layer rel-pos bias) or ``cfg.arch`` (random init), then the detector.
+
+    ``cfg.backbone``, ``cfg.class_names`` and ``cfg.category_ids`` are updated, so saving ``cfg`` is enough to
+    rebuild the model (``build_detector(cfg)``) from a training checkpoint.
+    """
+    cfg.validate()
+    if class_names is not None:
+        cfg.class_names = list(class_names)
+        cfg.category_ids = list(category_ids) if category_ids else list(range(1, len(class_names) + 1))
+    if not cfg.class_names:
+        raise ValueError("build_detector needs class_names (from the dataset) or a config that has them")
+    if len(cfg.category_ids) != len(cfg.class_names):
+        raise ValueError(f"{len(cfg.category_ids)} category ids for {len(cfg.class_names)} class names")
+    overrides = dict(cfg.backbone_overrides)
+    overrides.update(head="none", drop_path_rate=cfg.drop_path_rate)
+    if cfg.backbone:
+        bcfg = BeitConfig.from_dict({**cfg.backbone, "drop_path_rate": cfg.drop_path_rate})
+        body = create_model(bcfg)
+    elif cfg.init:
+        from ...interop import load_model
+
+        body = load_model(cfg.init, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, **overrides)
+    else:
+        body = create_model(cfg.arch, **overrides)
+    cfg.backbone = body.cfg.to_dict()
+    backbone = BeitPyramidBackbone(body, cfg.out_indices, cfg.fpn_channels, cfg.pyramid_norm,
+                                   extra_pool=len(cfg.anchor_sizes) == 5)
+    return LayoutDetector(backbone, len(cfg.class_names), cfg.class_names, cfg)

@@ -1,0 +1,87 @@
+"""Run a layout detector on page images: labelled boxes drawn on PNGs, and the detections as COCO results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .evaluate import predictions_to_coco
+
+__all__ = ["IMAGE_SUFFIXES", "draw_detections", "find_pages", "predict_pages"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
+            "#469990", "#800000", "#808000", "#000075", "#a9a9a9"]
+
+
+def find_pages(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders expand to their images (sorted, so ids are stable)."""
+    pages: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            pages += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            pages.append(p)
+        else:
+            raise FileNotFoundError(f"page image not found: {p}")
+    if not pages:
+        raise FileNotFoundError(f"no page images in {[str(p) for p in paths]}")
+    return pages
+
+
+def draw_detections(image: torch.Tensor, det: dict[str, torch.Tensor], class_names: Sequence[str],
+                    score_thresh: float = 0.5, width: int = 2) -> Image.Image:
+    """``image`` uint8 [3, H, W] with the detections scoring at least ``score_thresh`` as labelled boxes."""
+    from torchvision.utils import draw_bounding_boxes
+
+    keep = det["scores"].float().cpu() >= score_thresh
+    boxes, labels, scores = det["boxes"].float().cpu()[keep], det["labels"].cpu()[keep], det["scores"].cpu()[keep]
+    text = [f"{class_names[int(lab) - 1]} {float(s):.2f}" for lab, s in zip(labels, scores)]
+    colors = [_PALETTE[(int(lab) - 1) % len(_PALETTE)] for lab in labels]
+    if len(boxes):
+        image = draw_bounding_boxes(image, boxes, labels=text, colors=colors, width=width)
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | Path, *,
+                  class_names: Sequence[str], category_ids: Sequence[int] | None = None,
+                  score_thresh: float = 0.5, image_ids: Sequence[int] | None = None,
+                  device: torch.device | str | None = None) -> dict[str, Any]:
+    """Detect on each page; write ``<stem>.png`` with the boxes over ``score_thresh``, ``results.json`` (every
+    detection the model returns, COCO results format) and ``pages.json`` (the ids, files and categories the
+    results refer to). Returns the written paths and the number of detections drawn per page."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    category_ids = list(category_ids) if category_ids else list(range(1, len(class_names) + 1))
+    ids = list(image_ids) if image_ids is not None else list(range(1, len(pages) + 1))
+    was_training = model.training
+    model.eval()
+    results, images, pngs, drawn = [], [], [], []
+    try:
+        for img_id, page in zip(ids, map(Path, pages)):
+            with Image.open(page) as f:
+                rgb = f.convert("RGB")
+            image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+            det = model([image.to(device).float().div_(255)])[0]
+            det = {k: v.float().cpu() if k in ("boxes", "scores", "masks") else v.cpu() for k, v in det.items()}
+            results += predictions_to_coco([det], [img_id], category_ids)
+            png = out / f"{page.stem}.png"
+            draw_detections(image, det, class_names, score_thresh).save(png)
+            pngs.append(str(png))
+            drawn.append(int((det["scores"] >= score_thresh).sum()))
+            images.append({"id": img_id, "file_name": str(page), "width": image.shape[2], "height": image.shape[1]})
+    finally:
+        model.train(was_training)
+    (out / "results.json").write_text(json.dumps(results))
+    cats = [{"id": int(c), "name": n} for c, n in zip(category_ids, class_names)]
+    (out / "pages.json").write_text(json.dumps({"images": images, "categories": cats}, indent=1))
+    return {"results": str(out / "results.json"), "pages": str(out / "pages.json"), "pngs": pngs, "drawn": drawn}

@@ -1,0 +1,297 @@
+"""Linear probing of a frozen BEiT: which block's features are linearly separable, and how well.
+
+The paper probes intermediate blocks because a masked-image-modeling encoder's last blocks specialise
+in predicting visual tokens; the best block is usually in the upper middle. Here the encoder runs ONCE
+per dataset (train and val), the pooled features of every probed block are kept in memory as fp16, and
+one linear head per block is trained simultaneously on them by the shared trainer (as unilm
+``run_linear_eval.py`` trains its per-layer heads together; the feature cache replaces its per-epoch
+forward passes, so there is no crop/flip augmentation).
+
+Per block: pooled tokens (``cat``: cls token + mean of patch tokens, unilm's default; ``avg``: mean of
+patch tokens; ``cls``) -> ``BatchNorm1d(affine=False)`` (MAE's linear probe; off with ``batchnorm=false``)
+-> ``Linear`` (init normal std 0.01, as unilm). AdamW, cosine, base lr 1e-3 per 256 images (unilm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..engine import ConfigError, TrainConfig
+from ..engine.config import validate_config
+from .evaluate import build_preprocess
+from .finetune import (
+    DataConfig,
+    _check_model_overrides,
+    build_datasets,
+    check_num_classes,
+    check_overrides_fit,
+    scaled_train_config,
+    source_config,
+)
+
+__all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
+
+logger = logging.getLogger(__name__)
+
+
+def _linprobe_train_defaults() -> TrainConfig:
+    # num_workers=0: training reads the in-memory feature cache; no lr warmup, lr to 0 (unilm)
+    return TrainConfig(output_dir="runs/linprobe", epochs=100, warmup_epochs=0, lr=1e-3, min_lr=0.0,
+                       weight_decay=1e-4, layer_decay=1.0, batch_size=1024, num_workers=0, log_every=50)
+
+
+def _linprobe_data_defaults() -> DataConfig:
+    return DataConfig(auto_augment=None, color_jitter=0.0, reprob=0.0, hflip=0.0)
+
+
+@dataclass
+class LinprobeConfig:
+    """``beit linprobe``: frozen encoder + cached features + one linear head per probed block."""
+
+    model: str = MISSING  # checkpoint (or a preset name: random features, a baseline)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    layers: str = "all"  # all | last | block numbers counted from 1, e.g. "9" or "6,8,10"
+    pool: str = "cat"  # cat (cls + mean patch, unilm) | avg (mean patch) | cls
+    batchnorm: bool = True  # BatchNorm1d(affine=False) before each linear head
+    num_classes: int = 0  # 0 = from the data
+    class_names: list[str] = field(default_factory=list)
+    ref_batch: int = 256  # train.lr is per 256 images (unilm base_lr), scaled to the real batch; 0 = absolute
+    extract_batch_size: int = 256
+    extract_num_workers: int = 8  # DataLoader workers of the two encoder passes (training reads the cache)
+    data: DataConfig = field(default_factory=_linprobe_data_defaults)
+    train: TrainConfig = field(default_factory=_linprobe_train_defaults)
+
+    def validate(self) -> None:
+        if self.pool not in ("cat", "avg", "cls"):
+            raise ConfigError("pool", f"must be cat | avg | cls, got '{self.pool}'")
+        if self.img_size <= 0 or self.extract_batch_size <= 0:
+            raise ConfigError("img_size", "img_size and extract_batch_size must be > 0")
+        if self.extract_num_workers < 0:
+            raise ConfigError("extract_num_workers", f"must be >= 0, got {self.extract_num_workers}")
+        _check_model_overrides(self.model_overrides)
+        for k in ("img_size", "head", "num_classes"):
+            if k in self.model_overrides:
+                raise ConfigError(f"model_overrides.{k}", "set by the linprobe config itself")
+        if self.ref_batch < 0:
+            raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
+        if self.train.layer_decay != 1.0:
+            raise ConfigError("train.layer_decay", "linear heads have no layers: leave it at 1.0")
+        try:
+            parse_blocks(self.layers, 10**6)
+        except ValueError as e:
+            raise ConfigError("layers", str(e)) from None
+
+
+def parse_blocks(spec: str | int, depth: int) -> list[int]:
+    """``"all"`` / ``"last"`` / ``"9"`` / ``"6,8,10"`` -> sorted 1-based block numbers (block k = ``blocks[k-1]``)."""
+    s = str(spec).strip().lower()
+    if s == "all":
+        return list(range(1, depth + 1))
+    if s == "last":
+        return [depth]
+    try:
+        blocks = sorted({int(x) for x in s.replace(" ", "").split(",") if x})
+    except ValueError:
+        raise ValueError(f"layers must be 'all', 'last' or block numbers like '9' or '6,8,10', got {spec!r}") from None
+    if not blocks or blocks[0] < 1 or blocks[-1] > depth:
+        raise ValueError(f"block numbers {blocks} out of range 1..{depth} (counted from 1)")
+    return blocks
+
+
+def build_encoder(cfg: LinprobeConfig) -> nn.Module:
+    """The frozen encoder (no head) in eval mode: a checkpoint via ``load_model`` or a preset (random)."""
+    from ..interop import load_model
+    from ..models import PRESETS, create_model
+
+    over = {"img_size": cfg.img_size, "head": "none", "drop_path_rate": 0.0, **cfg.model_overrides}
+    if cfg.model in PRESETS:
+        model = create_model(cfg.model, **over)
+    else:
+        check_overrides_fit(cfg.model, source_config(cfg.model), cfg.model_overrides)
+        model = load_model(cfg.model, **over)
+    return model.eval().requires_grad_(False)
+
+
+def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    if pool == "avg":
+        return tokens[:, 1:].mean(dim=1)
+    if pool == "cls":
+        return tokens[:, 0]
+    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, dataset: Dataset, blocks: list[int], *, pool: str = "cat",
+                     batch_size: int = 256, num_workers: int = 4, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the frozen encoder: fp16 features ``[N, len(blocks), D']`` and labels ``[N]`` on CPU.
+
+    ``get_intermediate_layers`` gives every block's tokens in one forward; bf16 autocast on CUDA.
+    """
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats: torch.Tensor | None = None
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    idx = [b - 1 for b in blocks]
+    i = 0
+    from tqdm.auto import tqdm
+
+    for images, targets in tqdm(loader, desc="features", disable=len(loader) < 20):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outs = model.get_intermediate_layers(images)
+        f = torch.stack([_pool(outs[j].float(), pool) for j in idx], dim=1).half().cpu()  # [B, L, D']
+        if feats is None:
+            feats = torch.empty((len(dataset), *f.shape[1:]), dtype=torch.float16)
+        feats[i:i + len(f)] = f
+        labels[i:i + len(f)] = torch.as_tensor(targets)
+        i += len(f)
+    if feats is None:
+        raise ValueError("empty dataset: no features")
+    return feats[:i], labels[:i]
+
+
+class ProbeHeads(nn.Module):
+    """One ``[BatchNorm1d(affine=False)] -> Linear`` per probed block, batched: ``[B, L, D] -> [B, L, C]``.
+
+    One BatchNorm over the ``L*D`` features is the same as a separate one per block; the linear heads are one
+    ``[L, D, C]`` weight (a batched matmul instead of L small ones).
+    """
+
+    def __init__(self, num_blocks: int, dim: int, num_classes: int, batchnorm: bool = True):
+        super().__init__()
+        self.num_blocks, self.dim = num_blocks, dim
+        self.norm = nn.BatchNorm1d(num_blocks * dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.weight = nn.Parameter(torch.randn(num_blocks, dim, num_classes) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(num_blocks, num_classes))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"bias"}
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        B = feats.shape[0]
+        x = self.norm(feats.float().reshape(B, -1)).view(B, self.num_blocks, self.dim)
+        return torch.einsum("bld,ldc->blc", x, self.weight) + self.bias
+
+
+class _Features(Dataset):
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor):
+        self.feats, self.labels = feats, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.feats[i], self.labels[i]
+
+
+@torch.no_grad()
+def _per_block_top1(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    device = next(heads.parameters()).device
+    was_training = heads.training
+    heads.eval()
+    correct = torch.zeros(heads.num_blocks, dtype=torch.float64)
+    for s in range(0, len(labels), batch):
+        logits = heads(feats[s:s + batch].to(device))
+        y = labels[s:s + batch].to(device)
+        correct += (logits.argmax(-1) == y[:, None]).sum(0).double().cpu()
+    heads.train(was_training)
+    return 100.0 * correct / max(len(labels), 1)
+
+
+def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
+             class_names: list[str] | None = None) -> dict[str, Any]:
+    """Probe the blocks in ``cfg.layers``; return ``top1`` per block, ``best_block`` and ``best_top1``.
+
+    Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
+    paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
+    """
+    from ..engine import Trainer
+    from ..engine import distributed as D
+    from ..engine.logging import setup_logging
+
+    validate_config(cfg)
+    setup_logging(cfg.train.output_dir, D.is_main())
+    if cfg.model in ("", MISSING):
+        raise ConfigError("model", "is not set: the checkpoint to probe")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
+    t0 = time.perf_counter()
+    tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation
+    if train_dataset is None:
+        train_dataset, val_dataset, names = build_datasets(cfg.data, tf, tf, seed=cfg.train.seed,
+                                                           class_names=cfg.class_names or None)
+    else:
+        names = list(class_names or cfg.class_names)
+        if not names:
+            raise ValueError("linprobe(train_dataset=...) needs class_names (or cfg.class_names)")
+    if val_dataset is None:
+        raise ConfigError("data.val_dir", "linear probing needs a val set to pick and report the best block")
+    num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
+    cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
+
+    encoder = build_encoder(cfg)
+    blocks = parse_blocks(cfg.layers, encoder.num_layers)
+    kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=cfg.extract_num_workers)
+    train_f, train_y = extract_features(encoder, train_dataset, blocks, **kw)
+    val_f, val_y = extract_features(encoder, val_dataset, blocks, **kw)
+    if int(train_y.max()) >= num_classes or int(train_y.min()) < 0:
+        raise ValueError(f"labels outside 0..{num_classes - 1} in the training set")
+    encoder.cpu()
+    t_feat = time.perf_counter() - t0
+    logger.info("features: train %s, val %s (fp16, %.0f MB) in %.1fs", tuple(train_f.shape), tuple(val_f.shape),
+                (train_f.numel() + val_f.numel()) * 2 / 2**20, t_feat)
+
+    torch.manual_seed(cfg.train.seed)
+    heads = ProbeHeads(len(blocks), train_f.shape[-1], num_classes, cfg.batchnorm)
+
+    def step_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = batch
+        logits = model(x).float()  # [B, L, C]
+        L = logits.shape[1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(L)) * L  # sum over heads
+        return loss, {}
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        acc = _per_block_top1(model, val_f, val_y)
+        out = {f"top1_block{b:02d}": float(a) for b, a in zip(blocks, acc)}
+        out["top1"] = float(acc.max())
+        out["best_block"] = float(blocks[int(acc.argmax())])
+        return out
+
+    train_cfg = scaled_train_config(cfg.train, cfg.ref_batch)
+    trainer = Trainer(heads, _Features(train_f, train_y), step_fn, train_cfg, eval_fn=eval_fn,
+                      metric_to_track="top1", run_config=cfg)
+    fit = trainer.fit()
+    acc = _per_block_top1(trainer.raw_model, val_f, val_y)
+    per_block = {int(b): float(a) for b, a in zip(blocks, acc)}
+    best = max(per_block, key=per_block.get)
+    result = {
+        "model": cfg.model, "pool": cfg.pool, "blocks": blocks, "depth": encoder.num_layers,
+        "top1": per_block, "best_block": best, "best_top1": per_block[best],
+        "train_top1_best_block": float(_per_block_top1(trainer.raw_model, train_f, train_y)[blocks.index(best)]),
+        "num_train": len(train_y), "num_val": len(val_y), "feature_dim": int(train_f.shape[-1]),
+        "feature_seconds": t_feat, "total_seconds": time.perf_counter() - t0, "steps": int(fit["step"]),
+    }
+    out = Path(trainer.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "linprobe.json").write_text(json.dumps(result, indent=2))
+    logger.info("linear probe: best block %d/%d top-1 %.2f%% (%s)", best, encoder.num_layers, per_block[best],
+                ", ".join(f"{b}: {a:.1f}" for b, a in per_block.items()))
+    return result

@@ -1,0 +1,283 @@
+"""BEiT masked-image-modeling pre-training on the shared engine.
+
+Per step: the frozen tokenizer turns the tokenizer view into visual tokens (no grad), the masked
+patches are replaced by the mask token, and cross-entropy is taken on the masked positions only.
+Everything else (optimizer, schedule, bf16, DDP/FSDP, checkpoints, resume, logging) is the engine's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.masking import BlockwiseMaskGenerator
+from ..engine.config import ConfigError, TrainConfig
+from ..models import BeitConfig, create_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PretrainModelConfig:
+    name: str = "beit_base_patch16_224"  # a preset; the fields below override it when set
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1
+    init_values: float = 0.1  # layer scale (paper: 0.1 base, 1e-5 large)
+    attn_impl: str = "sdpa"
+    init: str = ""  # optional checkpoint to start from (any format beit.load_model reads)
+
+
+@dataclass
+class PretrainDataConfig:
+    path: str = ""  # a folder of images, searched recursively (any class layout or none)
+    in_memory: bool = False  # decode every image once into RAM as uint8 (small images such as CIFAR)
+    max_images: int = 0  # 0 = all
+    scale: tuple[float, float] = (0.08, 1.0)
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_mask_patches: int = 75  # ~40% of 14x14
+    min_mask_patches_per_block: int = 16
+    max_mask_patches_per_block: int | None = None
+
+
+@dataclass
+class PretrainTokenizerConfig:
+    kind: str = "dalle"  # dalle (OpenAI's dVAE, encoder.pkl) | dvae (trained with `beit tokenizer train`)
+    path: str = ""  # dalle: encoder.pkl or our safetensors; dvae: safetensors
+    decoder: str = ""  # dalle only: decoder.pkl, for the image panels
+    precision: str = "fp32"  # dalle: fp32 | tf32 | bf16 | fp16 (official: fp16; ids match fp32 at ~99.7%)
+
+
+def _default_train() -> TrainConfig:
+    # the paper's BEiT-B recipe (per-rank batch 128 x 16 GPUs = 2048)
+    return TrainConfig(
+        output_dir="runs/pretrain", epochs=800, batch_size=128, lr=1.5e-3, min_lr=1e-5, warmup_epochs=10,
+        weight_decay=0.05, betas=(0.9, 0.98), clip_grad=3.0, image_every=1000,
+    )
+
+
+@dataclass
+class PretrainConfig:
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    tokenizer: PretrainTokenizerConfig = field(default_factory=PretrainTokenizerConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    vis_samples: int = 4
+
+    def validate(self) -> None:
+        validate(self)
+
+
+# ------------------------------------------------------------------------------------------ building
+def model_config(cfg: PretrainConfig, vocab_size: int) -> BeitConfig:
+    m = cfg.model
+    overrides: dict[str, Any] = dict(
+        head="mim", vocab_size=vocab_size, img_size=m.img_size, patch_size=m.patch_size,
+        drop_path_rate=m.drop_path_rate, init_values=m.init_values, attn_impl=m.attn_impl,
+    )
+    overrides.update({k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k)})
+    try:
+        return create_model(m.name, **overrides).cfg
+    except ValueError as e:
+        raise ConfigError("model", str(e)) from None
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Fail before any work: missing files, impossible shapes, a mask budget the grid cannot hold."""
+    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    if m.img_size % m.patch_size:
+        raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
+    if not d.path:
+        raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
+    if not Path(d.path).exists():
+        raise ConfigError("data.path", f"folder not found: {d.path}")
+    grid = m.img_size // m.patch_size
+    try:
+        BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
+                               d.max_mask_patches_per_block)
+    except ValueError as e:
+        key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
+        raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
+    if t.kind not in ("dalle", "dvae"):
+        raise ConfigError("tokenizer.kind", f"must be 'dalle' or 'dvae', got {t.kind!r}")
+    if not t.path:
+        raise ConfigError("tokenizer.path", "no tokenizer: give tokenizer.path (DALL-E encoder.pkl or a dVAE "
+                                            "trained with `beit tokenizer train`)")
+    for key, value in (("tokenizer.path", t.path), ("tokenizer.decoder", t.decoder)):
+        if value and not Path(value).exists():
+            raise ConfigError(key, f"file not found: {value}")
+
+
+def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cpu") -> nn.Module:
+    from ..tokenizers import load_tokenizer
+
+    if t.kind == "dalle":
+        tok = load_tokenizer("dalle", encoder=t.path, decoder=t.decoder or None, precision=t.precision,
+                             channels_last=torch.device(device).type == "cuda")
+    else:
+        tok = load_tokenizer("dvae", t.path)
+    return tok.to(device).eval().requires_grad_(False)
+
+
+def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
+    from ..data.datasets import ImageFolderDataset, TensorImageDataset, load_image_folder_to_memory
+    from ..data.transforms import PretrainTransform
+
+    m, d = cfg.model, cfg.data
+    grid = m.img_size // m.patch_size
+    masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
+                                   d.max_mask_patches_per_block)
+    transform = PretrainTransform(
+        input_size=m.img_size, patch_size=m.patch_size, tokenizer_downsample=tokenizer_downsample,
+        scale=tuple(d.scale), color_jitter=d.color_jitter, hflip=d.hflip, mean=tuple(d.mean), std=tuple(d.std),
+        mask_generator=masks,
+    )
+    seed = cfg.train.seed
+    if d.in_memory:
+        images, _, _ = load_image_folder_to_memory(d.path)
+        if d.max_images:
+            images = images[: d.max_images]
+        return TensorImageDataset(images, transform=transform, seed=seed)
+    ds = ImageFolderDataset(d.path, transform=transform, seed=seed)
+    if d.max_images and d.max_images < len(ds):
+        ds = torch.utils.data.Subset(ds, range(d.max_images))
+        ds.set_epoch = ds.dataset.set_epoch  # type: ignore[attr-defined]  # keep per-epoch augmentation
+    return ds
+
+
+def make_step_fn(tokenizer: nn.Module):
+    """``(model, batch) -> (loss, metrics)``: tokens of the masked patches are the targets."""
+
+    def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, mask = batch["image"], batch["mask"].flatten(1).bool()
+        with torch.no_grad():
+            tokens = tokenizer.encode(batch["tok_image"], validate=False).flatten(1)  # [B, N]
+        labels = tokens[mask]
+        logits = model(images, mask)  # [num_masked, vocab]: the head runs on masked tokens only
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return loss, {"mim_acc": acc, "masked_frac": mask.float().mean()}
+
+    return step_fn
+
+
+# ------------------------------------------------------------------------------------------ pictures
+def _denorm(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+@torch.no_grad()
+def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Tensor], mean: tuple, std: tuple,
+              path: str | Path) -> Path:
+    """One row per image: input | input with its mask | tokenizer's reconstruction of the true tokens |
+    the same with the model's predictions at the masked patches (decoded through the tokenizer)."""
+    from torchvision.utils import save_image
+
+    model_was_training = model.training
+    model.eval()
+    images, mask = batch["image"], batch["mask"].bool()
+    B, gh, gw = mask.shape
+    tokens = tokenizer.encode(batch["tok_image"], validate=False)  # [B, gh, gw]
+    pred = model(images, mask.flatten(1)).argmax(-1)
+    mixed = tokens.clone()
+    mixed[mask] = pred
+    shown = _denorm(images.float(), mean, std)
+    H, W = shown.shape[-2:]
+    up = F.interpolate(mask[:, None].float(), size=(H, W), mode="nearest")
+    masked = shown * (1 - up) + 0.5 * up
+    cols = [shown, masked]
+    try:  # a DALL-E tokenizer loaded without its decoder cannot decode
+        rec_true = F.interpolate(tokenizer.decode(tokens).float(), size=(H, W), mode="bilinear")
+        rec_pred = F.interpolate(tokenizer.decode(mixed).float(), size=(H, W), mode="bilinear")
+        cols += [rec_true.clamp(0, 1), rec_pred.clamp(0, 1)]
+    except RuntimeError:
+        pass
+    if len(cols) == 2:  # no decoder: show where the prediction is right (green) or wrong (red)
+        right = (mixed == tokens).float()[:, None]
+        color = torch.cat([1 - right, right, torch.zeros_like(right)], 1)
+        color = F.interpolate(color, size=(H, W), mode="nearest")
+        cols.append(shown * (1 - up) + color * up)
+    grid = torch.stack(cols, dim=1).flatten(0, 1)  # row-major: each image's panels side by side
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, str(path), nrow=len(cols), padding=2, pad_value=1.0)
+    model.train(model_was_training)
+    return path
+
+
+def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from ..data.transforms import collate_pretrain
+
+    n = min(n, len(dataset))
+    return {k: v.to(device) for k, v in collate_pretrain([dataset[i] for i in range(n)]).items()}
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) a pre-training; returns the final metrics and where things were written."""
+    from ..engine import Trainer
+    from ..engine import distributed as D
+    from ..engine.trainer import seed_everything
+    from ..interop import load_model, save_model
+
+    validate(cfg)
+    D.init_distributed()
+    seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
+    device = D.device()
+    tokenizer = build_tokenizer(cfg.tokenizer, device)
+    mcfg = model_config(cfg, tokenizer.vocab_size)
+    if cfg.model.init:
+        model = load_model(cfg.model.init, **{k: v for k, v in mcfg.to_dict().items() if k != "extra"})
+        model.train()
+    else:
+        model = create_model(mcfg)
+    dataset = build_dataset(cfg, tokenizer.downsample)
+    step_fn = make_step_fn(tokenizer)
+    panel_batch: dict[str, torch.Tensor] = {}
+    d = cfg.data
+
+    def visualize(model: nn.Module, step: int, out_dir: Path) -> None:
+        if not panel_batch:
+            panel_batch.update(_fixed_batch(dataset, cfg.vis_samples, device))
+        mim_panel(model, tokenizer, panel_batch, tuple(d.mean), tuple(d.std), Path(out_dir) / f"mim_step{step:07d}.png")
+
+    from ..data.transforms import collate_pretrain
+
+    trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate_pretrain, visualize_fn=visualize,
+                      run_config=cfg)
+    metrics = trainer.fit()
+    out = Path(cfg.train.output_dir)
+    result: dict[str, Any] = dict(metrics)
+    if D.is_main():
+        final = save_model(trainer.raw_model, out / "final")
+        panel = mim_panel(trainer.raw_model, tokenizer, _fixed_batch(dataset, cfg.vis_samples, device),
+                          tuple(d.mean), tuple(d.std), out / "mim_panel.png")
+        result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
+    return result
+
+
+def mask_ratio(cfg: PretrainConfig) -> float:
+    grid = cfg.model.img_size // cfg.model.patch_size
+    return cfg.data.num_mask_patches / float(grid * grid)
+
+
+def scaled_mask_budget(grid: int, ratio: float = 0.4, min_block: int = 16) -> tuple[int, int]:
+    """The paper's 40% / 16-patch blocks, scaled to a smaller grid (e.g. 8x8 for 32px images, 4px patches)."""
+    budget = max(1, round(ratio * grid * grid))
+    block = max(1, min(min_block, math.ceil(budget / 4.7)))  # 75/16 ~ 4.7 blocks per mask, as on 14x14
+    return budget, block

@@ -1,0 +1,459 @@
+"""Semantic-segmentation data: ADE20K / image-mask folders / "<img> <mask>" lists, and mmseg's ADE20K pipeline.
+
+Layouts:
+
+* ADE20K: ``images/{training,validation}/*.jpg`` + ``annotations/{training,validation}/*.png``, 150 classes,
+  ``reduce_zero_label`` (label 0 "other" -> ignore, k -> k - 1).
+* a generic pair of folders (image and mask with the same relative path, suffixes configurable) with a
+  class list (names, or a file with one name per line);
+* a list file of ``<image> <mask>`` lines relative to a root (CamVid's ``train.txt``; its void is 11).
+
+Training augmentation is mmseg's standard ADE20K pipeline: resize to a random ratio (0.5-2.0) of a base
+scale keeping the aspect ratio, random crop whose largest class covers < ``cat_max_ratio`` of the labelled
+pixels (up to 10 tries), horizontal flip, photometric distortion, normalize, pad to the crop size with the
+ignore index. Every random number is drawn inside ``beit.data.seeding.seeded(seed, epoch, index)``, so a
+sample is a pure function of (seed, epoch, index) whatever the number of workers.
+
+Bad input (a mask whose size differs from its image, label values outside the classes that are not the
+ignore index, an image without a mask or the reverse, an unreadable file) raises :class:`BadSampleError`
+naming the file with ``on_bad_sample="error"``; with ``"skip"`` the sample is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from beit.data.datasets import decode_image, list_images
+from beit.data.seeding import seeded
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "CAMVID_CLASSES",
+    "BadSampleError",
+    "SegEvalTransform",
+    "SegTrainTransform",
+    "SegmentationDataset",
+    "collate_eval",
+    "folder_pairs",
+    "list_pairs",
+    "load_class_names",
+    "read_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)  # fmt: skip
+
+CAMVID_CLASSES: tuple[str, ...] = (
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+    "Bicyclist",
+)  # fmt: skip  (SegNet's CamVid: 11 classes, 11 = void)
+
+Pair = tuple[str, str]
+
+
+class BadSampleError(ValueError):
+    """An image/mask pair that cannot be used; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------- listing
+def folder_pairs(img_dir: str | os.PathLike, ann_dir: str | os.PathLike, img_suffix: str = ".jpg",
+                 seg_suffix: str = ".png") -> tuple[list[Pair], list[str]]:
+    """(image, mask) pairs matched by relative path, and a list of problems (unpaired files).
+
+    ``img_suffix`` may be "" to accept any image extension.
+    """
+    img_dir, ann_dir = Path(img_dir), Path(ann_dir)
+    for d, what in ((img_dir, "image"), (ann_dir, "mask")):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{what} folder does not exist: {str(d)!r}")
+    exts = (img_suffix,) if img_suffix else None
+    images = list_images(img_dir, extensions=exts) if exts else list_images(img_dir)
+    masks = {Path(p).relative_to(ann_dir).as_posix() for p in list_images(ann_dir, extensions=(seg_suffix,))}
+    pairs, problems, used = [], [], set()
+    for img in images:
+        rel = Path(img).relative_to(img_dir)
+        stem = rel.as_posix()[: -len(rel.suffix)] if rel.suffix else rel.as_posix()
+        mask_rel = stem + seg_suffix
+        if mask_rel in masks:
+            pairs.append((img, str(ann_dir / mask_rel)))
+            used.add(mask_rel)
+        else:
+            problems.append(f"{img}: no mask {str(ann_dir / mask_rel)!r}")
+    for m in sorted(masks - used):
+        problems.append(f"{ann_dir / m}: mask without an image in {str(img_dir)!r}")
+    return pairs, problems
+
+
+def list_pairs(list_file: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[list[Pair], list[str]]:
+    """Pairs from ``<image> <mask>`` lines (paths relative to ``root``, default the list's folder)."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise FileNotFoundError(f"pair list not found: {str(list_file)!r}")
+    base = Path(root) if root is not None else list_file.parent
+    pairs, problems = [], []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            problems.append(f"{list_file}:{n}: expected '<image> <mask>', got {line!r}")
+            continue
+        img, mask = (str(base / p) for p in parts)
+        missing = [p for p in (img, mask) if not os.path.isfile(p)]
+        if missing:
+            problems.append(f"{list_file}:{n}: file not found: {', '.join(repr(p) for p in missing)}")
+            continue
+        pairs.append((img, mask))
+    return pairs, problems
+
+
+def load_class_names(classes: str | os.PathLike | Sequence[str] | None, num_classes: int = 0) -> list[str]:
+    """Class names from a list or a text file (one per line); ``class_<i>`` names when none are given."""
+    if classes is None or (isinstance(classes, (list, tuple)) and not classes) or classes == "":
+        if num_classes <= 0:
+            raise ValueError("give the class names (a list or a file) or num_classes")
+        return [f"class_{i}" for i in range(num_classes)]
+    if isinstance(classes, (str, os.PathLike)):
+        path = Path(classes)
+        if not path.is_file():
+            raise FileNotFoundError(f"class list file not found: {str(path)!r}")
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    else:
+        names = [str(c) for c in classes]
+    if num_classes and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names but num_classes={num_classes}")
+    return names
+
+
+# --------------------------------------------------------------------------------------- decoding
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A label map as int64 ``[H, W]``: palette / gray / 16-bit PNGs; RGB only if the 3 channels agree."""
+    with open(path, "rb") as f:
+        m = Image.open(f)
+        m.load()
+    arr = np.asarray(m)
+    if arr.ndim == 3:
+        if arr.shape[2] >= 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all():
+            arr = arr[..., 0]
+        else:
+            raise BadSampleError(f"{path}: mask is a colour image ({m.mode}); segmentation masks must hold one "
+                                 "class index per pixel (mode L, P or I;16)")
+    return arr.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------- transforms
+def _rescale_size(w: int, h: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmcv ``imrescale``: the largest size keeping the aspect ratio with long <= max(scale), short <= min(scale)."""
+    f = min(max(scale) / max(w, h), min(scale) / min(w, h))
+    return max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
+
+
+def _resize_pair(img: Image.Image, mask: np.ndarray | None, size: tuple[int, int]
+                 ) -> tuple[Image.Image, np.ndarray | None]:
+    if img.size == size:
+        return img, mask
+    img = img.resize(size, Image.BILINEAR)
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+    return img, mask
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] RGB in [0, 255] -> H in degrees [0, 360), S in [0, 1], V in [0, 255]."""
+    r, g, b = x.unbind(0)
+    maxc, minc = x.max(0).values, x.min(0).values
+    d = maxc - minc
+    s = torch.where(maxc > 0, d / maxc.clamp(min=1e-6), torch.zeros_like(maxc))
+    dd = d.clamp(min=1e-6)
+    h = torch.where(maxc == r, torch.remainder((g - b) / dd, 6.0),
+                    torch.where(maxc == g, (b - r) / dd + 2.0, (r - g) / dd + 4.0))
+    h = torch.where(d > 0, h * 60.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc])
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(0)
+    out = []
+    for n in (5.0, 3.0, 1.0):  # r, g, b
+        k = torch.remainder(n + h / 60.0, 6.0)
+        out.append(v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(out)
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high] from the (per-sample seeded) global torch RNG."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()).item())
+
+
+def photometric_distortion(img: torch.Tensor, brightness_delta: int = 32, contrast: tuple[float, float] = (0.5, 1.5),
+                           saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
+    """mmseg's ``PhotoMetricDistortion`` on a float [3, H, W] image in [0, 255]; each step with prob. 0.5.
+
+    brightness -> contrast (first or last, at random) -> saturation (HSV S scale) -> hue (shift of up to
+    ``hue_delta`` OpenCV units = 2 degrees each).
+    """
+    if _randint(0, 1):
+        img = (img + _uniform(-brightness_delta, brightness_delta)).clamp(0, 255)
+    contrast_first = _randint(0, 1) == 1
+    if contrast_first and _randint(0, 1):
+        img = (img * _uniform(*contrast)).clamp(0, 255)
+    sat = _uniform(*saturation) if _randint(0, 1) else None
+    hue = _randint(-hue_delta, hue_delta) * 2.0 if _randint(0, 1) else None
+    if sat is not None or hue is not None:
+        hsv = _rgb_to_hsv(img)
+        if sat is not None:
+            hsv[1] = (hsv[1] * sat).clamp(0, 1)
+        if hue is not None:
+            hsv[0] = torch.remainder(hsv[0] + hue, 360.0)
+        img = _hsv_to_rgb(hsv).clamp(0, 255)
+    if not contrast_first and _randint(0, 1):
+        img = (img * _uniform(*contrast)).clamp(0, 255)
+    return img
+
+
+def _to_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1).contiguous()
+
+
+class SegTrainTransform:
+    """mmseg's ADE20K training pipeline: (PIL image, label map) -> (normalized [3, c, c], long [c, c]).
+
+    Random numbers come from the global torch RNG, which :class:`SegmentationDataset` seeds per sample.
+    """
+
+    def __init__(self, crop_size: int | Sequence[int] = 512, img_scale: Sequence[int] = (2048, 512),
+                 ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
+                 photometric: bool = True, mean: Sequence[float] = (123.675, 116.28, 103.53),
+                 std: Sequence[float] = (58.395, 57.12, 57.375), ignore_index: int = 255) -> None:
+        self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.img_scale, self.ratio_range = tuple(img_scale), tuple(ratio_range)
+        self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.ignore_index = ignore_index
+
+    def _crop_box(self, h: int, w: int) -> tuple[int, int]:
+        ch, cw = self.crop
+        return _randint(0, max(h - ch, 0)), _randint(0, max(w - cw, 0))
+
+    def __call__(self, img: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        r = _uniform(*self.ratio_range)
+        scale = (int(self.img_scale[0] * r), int(self.img_scale[1] * r))
+        img, mask = _resize_pair(img, mask, _rescale_size(*img.size, scale))
+        H, W = mask.shape
+        ch, cw = self.crop
+        y0, x0 = self._crop_box(H, W)
+        if self.cat_max_ratio < 1.0:  # avoid crops dominated by one class (e.g. all sky)
+            for _ in range(10):
+                sub = mask[y0:y0 + ch, x0:x0 + cw]
+                cnt = np.bincount(sub[sub != self.ignore_index].ravel())
+                cnt = cnt[cnt > 0]
+                if len(cnt) > 1 and cnt.max() / cnt.sum() < self.cat_max_ratio:
+                    break
+                y0, x0 = self._crop_box(H, W)
+        x = _to_chw(img)[:, y0:y0 + ch, x0:x0 + cw]
+        m = torch.from_numpy(np.ascontiguousarray(mask[y0:y0 + ch, x0:x0 + cw]))
+        if float(torch.rand(()).item()) < self.flip_prob:
+            x, m = x.flip(-1), m.flip(-1)
+        if self.photometric:
+            x = photometric_distortion(x)
+        x = (x - self.mean) / self.std
+        ph, pw = ch - x.shape[1], cw - x.shape[2]
+        if ph > 0 or pw > 0:  # bottom/right, image with 0 (the mean), labels with the ignore index
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=0.0)
+            m = torch.nn.functional.pad(m, (0, pw, 0, ph), value=self.ignore_index)
+        return x.contiguous(), m.long().contiguous()
+
+
+class SegEvalTransform:
+    """Test pipeline: resize keeping the ratio to ``scale`` (None = as is), normalize; the label stays at full size."""
+
+    def __init__(self, scale: Sequence[int] | None = (2048, 512), mean: Sequence[float] = (123.675, 116.28, 103.53),
+                 std: Sequence[float] = (58.395, 57.12, 57.375)) -> None:
+        self.scale = tuple(scale) if scale else None
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        if self.scale is not None:
+            img, _ = _resize_pair(img, None, _rescale_size(*img.size, self.scale))
+        return (_to_chw(img) - self.mean) / self.std
+
+    def __call__(self, img: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image(img), torch.from_numpy(mask).long()
+
+
+# --------------------------------------------------------------------------------------- dataset
+class SegmentationDataset(Dataset):
+    """Image / label-map pairs with per-sample seeded augmentation and checked labels.
+
+    ``__getitem__`` returns ``(image, mask)`` for training, and a dict ``{"image", "mask", "path"}`` when
+    ``train=False`` (eval images keep their own size: use batch size 1 or :func:`collate_eval`; a bad pair
+    gives ``None`` there with ``on_bad_sample="skip"``, so it is left out of the metrics, not repeated).
+
+    Args:
+        pairs: (image path, mask path) pairs.
+        num_classes: labels must be in ``[0, num_classes)`` or equal ``ignore_index`` (after reduction).
+        transform: a :class:`SegTrainTransform` / :class:`SegEvalTransform` (``(PIL, labels) -> tensors``).
+        reduce_zero_label: ADE20K's convention: 0 ("other") -> ignore, k -> k - 1 (255 stays ignored).
+        on_bad_sample: ``"error"`` raises :class:`BadSampleError` naming the file; ``"skip"`` drops the
+            sample (the next good one is returned) and counts it in ``num_skipped`` / ``bad_samples``.
+        problems: listing problems (unpaired files) found by :func:`folder_pairs` / :func:`list_pairs`;
+            raised or counted according to ``on_bad_sample``.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], num_classes: int, *, transform: Any, train: bool = True,
+                 ignore_index: int = 255, reduce_zero_label: bool = False, on_bad_sample: str = "error",
+                 class_names: Sequence[str] | None = None, seed: int = 0, problems: Sequence[str] = ()) -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.pairs = [(str(a), str(b)) for a, b in pairs]
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.transform, self.train = transform, train
+        self.reduce_zero_label, self.on_bad_sample = reduce_zero_label, on_bad_sample
+        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        self.seed, self.epoch = seed, 0
+        self.bad_samples: list[tuple[str, str]] = []  # (path, reason)
+        for p in problems:
+            self._bad(p.split(":")[0], p)
+        if not self.pairs:
+            raise BadSampleError("no usable image/mask pairs" + (f" ({len(self.bad_samples)} skipped)"
+                                                                  if self.bad_samples else ""))
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_samples)
+
+    def _bad(self, path: str, reason: str) -> None:
+        if self.on_bad_sample == "error":
+            raise BadSampleError(reason)
+        if (path, reason) not in self.bad_samples:
+            self.bad_samples.append((path, reason))
+            logger.warning("skipping bad sample: %s", reason)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """Decode and check one pair: (RGB image, label map in training label space); raises BadSampleError."""
+        img_path, mask_path = self.pairs[index]
+        try:
+            img = decode_image(img_path)
+        except (OSError, ValueError) as e:
+            raise BadSampleError(f"{img_path}: cannot read image ({e})") from None
+        try:
+            raw = read_mask(mask_path)
+        except BadSampleError:
+            raise
+        except (OSError, ValueError) as e:
+            raise BadSampleError(f"{mask_path}: cannot read mask ({e})") from None
+        if raw.shape != (img.height, img.width):
+            raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {img_path} "
+                                 f"is {img.width}x{img.height}")
+        mask = self.convert_labels(raw)
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            vals = np.unique(raw[bad])[:5].tolist()
+            raise BadSampleError(f"{mask_path}: label values {vals} are outside the {self.num_classes} classes "
+                                 f"(ignore index {self.ignore_index}, reduce_zero_label={self.reduce_zero_label})")
+        return img, mask
+
+    def convert_labels(self, raw: np.ndarray) -> np.ndarray:
+        if not self.reduce_zero_label:
+            return raw
+        out = raw - 1
+        out[(raw == 0) | (raw == 255)] = self.ignore_index
+        return out
+
+    def verify(self) -> int:
+        """Check every pair now (decodes all masks); with ``skip`` drop the bad ones. Returns how many were bad.
+
+        Call it in the main process before training so that DataLoader workers never meet a bad file and
+        ``num_skipped`` is complete (workers keep their own counters).
+        """
+        good, n_bad = [], 0
+        for i in range(len(self.pairs)):
+            try:
+                img_path, mask_path = self.pairs[i]
+                with Image.open(img_path) as im:
+                    size = im.size
+                raw = read_mask(mask_path)
+                if raw.shape != (size[1], size[0]):
+                    raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
+                                         f"{img_path} is {size[0]}x{size[1]}")
+                mask = self.convert_labels(raw)
+                bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+                if bad.any():
+                    raise BadSampleError(f"{mask_path}: label values {np.unique(raw[bad])[:5].tolist()} are outside "
+                                         f"the {self.num_classes} classes (ignore index {self.ignore_index})")
+                good.append(self.pairs[i])
+            except (BadSampleError, OSError, ValueError) as e:
+                n_bad += 1
+                self._bad(self.pairs[i][0], str(e) if isinstance(e, BadSampleError) else f"{self.pairs[i][0]}: {e}")
+        if not good:
+            raise BadSampleError(f"no usable image/mask pairs ({n_bad} bad)")
+        self.pairs = good
+        return n_bad
+
+    def _load_good(self, index: int) -> tuple[int, Image.Image, np.ndarray]:
+        for k in range(len(self.pairs)):
+            j = (index + k) % len(self.pairs)
+            try:
+                return (j, *self.load(j))
+            except BadSampleError as e:
+                self._bad(self.pairs[j][0], str(e))
+        raise BadSampleError("every image/mask pair is bad")
+
+    def __getitem__(self, index: int) -> Any:
+        if not self.train:  # eval: a bad pair is dropped (None), never replaced by a sample counted twice
+            try:
+                img, mask = self.load(int(index))
+            except BadSampleError as e:
+                self._bad(self.pairs[int(index)][0], str(e))
+                return None
+            x, m = self.transform(img, mask)
+            return {"image": x, "mask": m, "path": self.pairs[int(index)][0]}
+        j, img, mask = self._load_good(int(index))
+        with seeded(self.seed, self.epoch, int(index)):
+            return self.transform(img, mask)
+
+
+def collate_eval(batch: list[dict | None]) -> dict[str, Any]:
+    """Eval batches of images that may differ in size: lists, not stacked tensors (skipped samples dropped)."""
+    batch = [b for b in batch if b is not None]
+    return {k: [b[k] for b in batch] for k in ("image", "mask", "path")}

@@ -1,0 +1,144 @@
+"""Inference for segmentation: whole-image or sliding-window (mmseg's ``slide_inference``), flip and
+multi-scale test-time augmentation, and coloured overlays.
+
+Sliding windows: crops of ``crop`` pixels every ``stride`` pixels (ADE20K: 512 / 341), the last window
+of a row/column moved back to end at the border; logits of overlapping windows are averaged. A window
+larger than the image covers it whole, so the result is then exactly the whole-image one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+__all__ = ["colorize", "inference", "make_palette", "overlay", "save_overlay", "slide_logits", "whole_logits"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def whole_logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """One forward of the whole ``[B, 3, H, W]`` image -> logits ``[B, C, H, W]``."""
+    return model(image)
+
+
+def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int | Sequence[int] = 512,
+                 stride: int | Sequence[int] = 341, batch_windows: int = 8) -> torch.Tensor:
+    """Average of the logits of overlapping windows -> ``[B, C, H, W]``; windows run ``batch_windows`` at a time."""
+    B, _, H, W = image.shape
+    (ch, cw), (sh, sw) = _pair(crop), _pair(stride)
+    rows = max(H - ch + sh - 1, 0) // sh + 1
+    cols = max(W - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, H), min(c * sw + cw, W)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    logits = image.new_zeros((B, num_classes, H, W), dtype=torch.float32)
+    count = image.new_zeros((1, 1, H, W), dtype=torch.float32)
+    # windows have one size except when the image is smaller than the crop (then there is one window)
+    for i in range(0, len(boxes), batch_windows):
+        chunk = boxes[i:i + batch_windows]
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        out = model(crops).float().view(len(chunk), B, num_classes, *crops.shape[-2:])
+        for (y1, y2, x1, x2), o in zip(chunk, out):
+            logits[:, :, y1:y2, x1:x2] += o
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def inference(model: nn.Module, image: torch.Tensor, num_classes: int, *, mode: str = "slide",
+              crop: int | Sequence[int] = 512, stride: int | Sequence[int] = 341, flip: bool = False,
+              scales: Sequence[float] = (1.0,), out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class probabilities ``[B, C, h, w]`` for a normalized image batch ``[B, 3, H, W]``.
+
+    ``mode`` is ``"whole"`` or ``"slide"``; ``scales`` resizes the input (bilinear) before inference and
+    ``flip`` adds the horizontally flipped image; the softmax probabilities of all views are averaged
+    (mmseg's ``aug_test``). ``out_size`` (default: the input size) is the size of the returned map, e.g.
+    the original image size when the input was resized for testing.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    H, W = image.shape[-2:]
+    out_size = tuple(out_size) if out_size is not None else (H, W)
+    probs = None
+    n = 0
+    for s in scales:
+        x = image
+        if s != 1.0:
+            x = F.interpolate(image, size=(max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5))), mode="bilinear",
+                              align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            if mode == "whole":
+                lg = whole_logits(model, xi).float()
+            else:
+                lg = slide_logits(model, xi, num_classes, crop, stride)
+            if flipped:
+                lg = lg.flip(-1)
+            if lg.shape[-2:] != out_size:
+                lg = F.interpolate(lg, size=out_size, mode="bilinear", align_corners=False)
+            p = lg.softmax(dim=1)
+            probs = p if probs is None else probs + p
+            n += 1
+    return probs / n
+
+
+# --------------------------------------------------------------------------------------- drawing
+def make_palette(num_classes: int) -> np.ndarray:
+    """``[num_classes, 3]`` uint8 colours, the PASCAL VOC bit-interleaving scheme (distinct, stable)."""
+    pal = np.zeros((num_classes, 3), dtype=np.uint8)
+    for i in range(num_classes):
+        c, r, g, b = i + 1, 0, 0, 0  # +1: class 0 gets a colour, not black
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def colorize(labels: np.ndarray | torch.Tensor, palette: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """Label map ``[H, W]`` -> RGB ``[H, W, 3]`` uint8; ignored / out-of-range pixels are black."""
+    lab = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    lab = lab.astype(np.int64)
+    valid = (lab >= 0) & (lab < len(palette))
+    if ignore_index is not None:
+        valid &= lab != ignore_index
+    out = np.zeros((*lab.shape, 3), dtype=np.uint8)
+    out[valid] = palette[lab[valid]]
+    return out
+
+
+def overlay(image: np.ndarray | Image.Image, labels: np.ndarray | torch.Tensor, palette: np.ndarray,
+            alpha: float = 0.5, ignore_index: int | None = None) -> np.ndarray:
+    """Blend the coloured label map over an RGB image (``alpha`` = weight of the colours)."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
+    col = colorize(labels, palette, ignore_index).astype(np.float32)
+    if img.shape[:2] != col.shape[:2]:
+        raise ValueError(f"image {img.shape[:2]} and label map {col.shape[:2]} differ in size")
+    return np.clip(img * (1 - alpha) + col * alpha, 0, 255).astype(np.uint8)
+
+
+def save_overlay(path: str | os.PathLike, image: np.ndarray | Image.Image, labels: np.ndarray | torch.Tensor,
+                 palette: np.ndarray, alpha: float = 0.5, gt: np.ndarray | torch.Tensor | None = None,
+                 ignore_index: int | None = None) -> Path:
+    """Write a PNG: the overlay of ``labels`` (and, if ``gt`` is given, the ground-truth overlay beside it)."""
+    panels = [overlay(image, labels, palette, alpha, ignore_index)]
+    if gt is not None:
+        panels.append(overlay(image, gt, palette, alpha, ignore_index))
+    arr = np.concatenate(panels, axis=1) if len(panels) > 1 else panels[0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path

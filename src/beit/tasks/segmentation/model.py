@@ -1,0 +1,262 @@
+"""BEiT + UperNet for semantic segmentation, as in the paper's ADE20K setup, without mmcv/mmseg.
+
+Pieces (shapes for a 512x512 input and BEiT-base, patch 16):
+
+* backbone: a ``beit.models.Beit`` (``head="none"``); ``forward_intermediates`` gives the patch maps of
+  four blocks (base: 3, 5, 7, 11), each ``[B, 768, 32, 32]``.
+* ``FeaturePyramid``: turns the four single-scale maps into strides 4, 8, 16, 32 with
+  ConvT2x2-BN-GELU-ConvT2x2 / ConvT2x2 / Identity / MaxPool2 (the official ``fpn1..fpn4``).
+* ``UperHead``: PPM (pool scales 1, 2, 3, 6) on the coarsest level + FPN top-down path + fusion.
+* ``FCNHead``: auxiliary head on the third level (stride 16), loss weight 0.4 during training.
+
+``BeitSegmenter(x)`` returns logits at the input resolution; ``BeitSegmenter(x, with_aux=True)`` also
+returns the auxiliary logits (training). Inputs of any size work: they are padded to a multiple of
+``2 * patch_size`` and the logits cropped back, so sliding-window inference can feed border windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beit.models import Beit
+
+__all__ = [
+    "BeitSegmenter",
+    "ConvBNReLU",
+    "FCNHead",
+    "FeaturePyramid",
+    "PPM",
+    "UperHead",
+    "default_out_indices",
+    "segmentation_loss",
+]
+
+
+def default_out_indices(depth: int) -> tuple[int, int, int, int]:
+    """Four evenly spaced blocks ending at the last one: depth 12 -> (3, 5, 7, 11), 24 -> (5, 11, 17, 23).
+
+    The paper's code uses 3, 5, 7, 11 for base and 7, 11, 15, 23 for large; for other depths the
+    even spacing ``depth // 4 * k - 1`` keeps the deepest map at the last block.
+    """
+    if depth < 4:  # tiny test models: repeat blocks rather than fail
+        return tuple(min(depth - 1, max(0, round((k + 1) * depth / 4) - 1)) for k in range(4))  # type: ignore[return-value]
+    if depth == 12:
+        return (3, 5, 7, 11)
+    if depth == 24:
+        return (7, 11, 15, 23)
+    step = depth // 4
+    return (step - 1, 2 * step - 1, 3 * step - 1, depth - 1)
+
+
+class ConvBNReLU(nn.Sequential):
+    """mmseg's ``ConvModule``: conv (no bias, since BN follows) -> BatchNorm -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _rescale(dim: int, factor: float) -> nn.Module:
+    """One pyramid branch: up by ``factor`` with 2x2 transposed convs (BN-GELU between), down by max-pool."""
+    if factor == 1:
+        return nn.Identity()
+    if factor < 1:
+        k = round(1 / factor)
+        return nn.MaxPool2d(kernel_size=k, stride=k)
+    layers: list[nn.Module] = []
+    for i in range(round(math.log2(factor))):
+        if i > 0:
+            layers += [nn.BatchNorm2d(dim), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class FeaturePyramid(nn.Module):
+    """Four ViT maps at stride ``patch_size`` -> strides 4, 8, 16, 32 (the official ``fpn1..fpn4``).
+
+    For patch 16 the branches are ConvT2x2-BN-GELU-ConvT2x2 (x4), ConvT2x2 (x2), Identity, MaxPool2 (/2),
+    exactly the paper's code; other power-of-two patch sizes get the same recipe with other factors.
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, dim: int, patch_size: int = 16) -> None:
+        super().__init__()
+        if patch_size & (patch_size - 1) or patch_size < 1:
+            raise ValueError(f"the feature pyramid needs a power-of-two patch size, got {patch_size}")
+        self.branches = nn.ModuleList(_rescale(dim, patch_size / s) for s in self.strides)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [branch(f) for branch, f in zip(self.branches, feats)]
+
+
+class PPM(nn.Module):
+    """Pyramid pooling: average-pool to each scale, 1x1 ConvBNReLU, upsample back (PSPNet)."""
+
+    def __init__(self, pool_scales: Sequence[int], cin: int, channels: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(cin, channels, 1)) for s in pool_scales
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        size = x.shape[-2:]
+        return [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False) for stage in self.stages]
+
+
+class UperHead(nn.Module):
+    """UperNet decoder (Xiao et al., 2018) as in mmseg 0.11's ``UPerHead``: PPM + FPN + fused 3x3 conv.
+
+    Returns logits at the finest input level (stride 4).
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.psp = PPM(pool_scales, in_channels[-1], channels)
+        self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        top = feats[-1]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
+        laterals.append(self.bottleneck(torch.cat([top, *self.psp(top)], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down path
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False)
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head (mmseg ``FCNHead``, one 3x3 ConvBNReLU, no input concat): deep supervision only."""
+
+    def __init__(self, cin: int, channels: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(cin, channels, 3)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.conv(x)))
+
+
+class BeitSegmenter(nn.Module):
+    """BEiT backbone + feature pyramid + UperNet (+ auxiliary FCN head).
+
+    Exposes ``num_layers``, ``layer_id`` and ``no_weight_decay`` so the engine's default parameter groups
+    apply layer-wise lr decay to the backbone: everything outside it (pyramid, heads) counts as the top
+    layer, as in the official ``LayerDecayOptimizerConstructor``.
+    """
+
+    def __init__(self, backbone: Beit, num_classes: int, *, out_indices: Sequence[int] | None = None,
+                 channels: int = 512, aux_channels: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6),
+                 dropout: float = 0.1, use_aux: bool = True) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        depth = backbone.num_layers
+        self.out_indices = tuple(out_indices) if out_indices else default_out_indices(depth)
+        if len(self.out_indices) != 4 or not all(0 <= i < depth for i in self.out_indices):
+            raise ValueError(f"out_indices must be 4 block indices in [0, {depth}), got {list(self.out_indices)}")
+        # The segmenter reads block outputs directly: the final norms would get no gradient (and trip
+        # DDP's unused-parameter check), so they are dropped, as in the official backbone.
+        backbone.norm = nn.Identity()
+        backbone.fc_norm = None
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_layers = depth
+        self.patch_size = backbone.patch_size
+        dim = backbone.embed_dim
+        self.neck = FeaturePyramid(dim, self.patch_size)
+        self.decode_head = UperHead([dim] * 4, channels, num_classes, pool_scales, dropout)
+        self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, dropout) if use_aux else None
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        heads = [self.neck, self.decode_head] + ([self.auxiliary_head] if self.auxiliary_head else [])
+        for head in heads:
+            for m in head.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for head in (self.decode_head, self.auxiliary_head):
+            if head is not None:  # mmseg: normal(0, 0.01) for the classifier
+                nn.init.normal_(head.conv_seg.weight, std=0.01)
+                nn.init.zeros_(head.conv_seg.bias)
+
+    # ---------------------------------------------------------------- optimizer helpers
+    def layer_id(self, name: str) -> int:
+        """Backbone params keep their depth (0 .. depth); the pyramid and heads are layer depth + 1."""
+        if name.startswith("backbone."):
+            return self.backbone.layer_id(name[len("backbone."):])
+        return self.num_layers + 1
+
+    def no_weight_decay(self) -> set[str]:
+        return set(self.backbone.no_weight_decay())
+
+    # ---------------------------------------------------------------- forward
+    def extract_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Four maps at strides 4, 8, 16, 32; ``x`` must be divisible by the patch size."""
+        return self.neck(self.backbone.forward_intermediates(x, self.out_indices))
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, num_classes, H, W]`` at the input size (and the auxiliary logits if ``with_aux``)."""
+        H, W = x.shape[-2:]
+        m = 2 * self.patch_size  # so that the stride-32 max-pool sees an even grid
+        pad_h, pad_w = (-H) % m, (-W) % m
+        if pad_h or pad_w:  # zeros = the mean colour after normalisation, like mmseg's Pad
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        feats = self.extract_pyramid(x)
+        size = x.shape[-2:]
+        logits = F.interpolate(self.decode_head(feats), size=size, mode="bilinear", align_corners=False)
+        logits = logits[..., :H, :W]
+        if not with_aux:
+            return logits
+        if self.auxiliary_head is None:
+            raise ValueError("this model was built with use_aux=False")
+        aux = F.interpolate(self.auxiliary_head(feats[2]), size=size, mode="bilinear", align_corners=False)
+        return logits, aux[..., :H, :W]
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                      aux_logits: torch.Tensor | None = None, aux_weight: float = 0.4
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pixel cross-entropy averaged over non-ignored pixels, plus ``aux_weight`` x the auxiliary loss.
+
+    Logits are upsampled to the label size first (mmseg decodes at 1/4 and resizes, as here). A batch with
+    only ignored pixels gives a zero loss (with a graph), not NaN. (mmseg 0.11 divided by all pixels,
+    ignored ones included; later mmseg made the non-ignored mean, used here, an option.)
+    """
+    def ce(lg: torch.Tensor) -> torch.Tensor:
+        if lg.shape[-2:] != target.shape[-2:]:
+            lg = F.interpolate(lg, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        total = F.cross_entropy(lg.float(), target, ignore_index=ignore_index, reduction="sum")
+        return total / (target != ignore_index).sum().clamp(min=1)  # no host sync, no NaN
+
+    loss_seg = ce(logits)
+    parts = {"loss_seg": loss_seg.detach()}
+    loss = loss_seg
+    if aux_logits is not None:
+        loss_aux = ce(aux_logits)
+        parts["loss_aux"] = loss_aux.detach()
+        loss = loss + aux_weight * loss_aux
+    return loss, parts

@@ -1,0 +1,250 @@
+"""Fine-tuning, evaluation and prediction on tiny models and generated images (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import beit
+from _finetune_data import TINY_OVERRIDES, colored_squares, document_pages, tiny_pretrain_checkpoint
+from beit.cli import main as cli_main
+from beit.engine import ConfigError, load_config, param_groups
+from beit.engine.logging import read_metrics
+from beit.models.relpos import table_size
+from beit.tasks.evaluate import evaluate_checkpoint, load_classifier, predict_folder
+from beit.tasks.finetune import FinetuneConfig, build_model, finetune
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~20x faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(tmp: Path, data: Path | None, *extra: str) -> FinetuneConfig:
+    base = [*TINY_OVERRIDES, f"train.output_dir={tmp}", "train.num_workers=0", "train.batch_size=16",
+            "train.log_every=1", "train.warmup_epochs=0", "train.epochs=1"]
+    if data is not None:
+        base += [f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}"]
+    return load_config(FinetuneConfig, None, base + list(extra))
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory) -> Path:
+    return colored_squares(tmp_path_factory.mktemp("squares"), {"train": 32, "val": 8})
+
+
+@pytest.fixture(scope="module")
+def trained(squares, tmp_path_factory) -> dict:
+    """One tiny fine-tune with the paper's recipe (mixup, cutmix, erasing, layer decay, EMA) minus RandAugment,
+    whose Invert/Solarize/Color ops change the very colours these classes are told apart by."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(out, squares, "train.epochs=6", "train.warmup_epochs=1", "train.lr=4e-3", "train.eval_every=3",
+                   "train.layer_decay=0.75", "train.ema=0.9", "train.log_every=10", "data.auto_augment=null")
+    return finetune(cfg)
+
+
+def test_layer_decay_groups_scale_each_block(tmp_path):
+    cfg = tiny_cfg(tmp_path, None, "model_overrides.depth=3")
+    model = build_model(cfg, num_classes=4)
+    depth, ld = 3, 0.65
+    groups = param_groups(model, 0.05, ld)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if name.startswith(("cls_token", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:  # head, fc_norm
+            assert name.startswith(("head", "fc_norm")), name
+            layer = depth + 1
+        assert scale_of[id(p)] == pytest.approx(ld ** (depth + 1 - layer)), name
+    assert scale_of[id(model.head.weight)] == 1.0
+    assert scale_of[id(model.patch_embed.proj.weight)] == pytest.approx(ld ** 4)
+
+
+def test_pretraining_checkpoint_becomes_finetune_model(tmp_path):
+    src = tiny_pretrain_checkpoint(tmp_path / "pt")
+    shared = beit.load_model(src).rel_pos_bias.relative_position_bias_table.detach()
+
+    same = build_model(tiny_cfg(tmp_path, None, f"model={src}"), num_classes=5)
+    assert same.rel_pos_bias is None and same.fc_norm is not None and same.head.out_features == 5
+    for blk in same.blocks:  # shared table copied into every block
+        torch.testing.assert_close(blk.attn.relative_position_bias_table.detach(), shared)
+    pt = beit.load_model(src)
+    torch.testing.assert_close(same.blocks[1].mlp.fc1.weight, pt.blocks[1].mlp.fc1.weight)
+    assert same.head.weight.abs().max() < 0.01  # fresh head, scaled by init_scale
+
+    big = build_model(tiny_cfg(tmp_path, None, f"model={src}", "img_size=48", "drop_path=0.2"), num_classes=5)
+    assert big.cfg.grid == (12, 12) and big.cfg.drop_path_rate == 0.2
+    for blk in big.blocks:  # per-layer and resampled from 8x8 to 12x12
+        assert blk.attn.relative_position_bias_table.shape == (table_size((12, 12)), 2)
+    assert big(torch.randn(2, 3, 48, 48)).shape == (2, 5)
+
+    # an override that contradicts the checkpoint's tensors says so (not a shape error deep in load_state_dict)
+    with pytest.raises(ValueError, match="model_overrides.embed_dim=64 but .* has embed_dim=32"):
+        build_model(tiny_cfg(tmp_path, None, f"model={src}", "model_overrides.embed_dim=64"), num_classes=5)
+
+    # an official-style .pth ({"model": state dict}) goes the same way
+    torch.save({"model": pt.state_dict()}, tmp_path / "pt.pth")
+    again = build_model(tiny_cfg(tmp_path, None, f"model={tmp_path / 'pt.pth'}"), num_classes=5)
+    torch.testing.assert_close(again.blocks[0].attn.relative_position_bias_table, shared)
+
+
+def test_tiny_finetune_learns_colored_squares(trained):
+    assert trained["top1"] > 70.0, trained  # 4 classes: chance is 25%
+    assert "ema_top1" in trained and Path(trained["model_dir"]).is_dir() and Path(trained["model_ema_dir"]).is_dir()
+    assert Path(trained["confusion_png"]).stat().st_size > 1000
+    report = json.loads(Path(trained["report"]).read_text())
+    assert set(report["per_class"]) == {"c0", "c1", "c2", "c3"} and report["num_images"] == 32
+    model, names, pre = load_classifier(trained["model_dir"])
+    assert names == ["c0", "c1", "c2", "c3"] and pre.img_size == 32 and model.cfg.num_classes == 4
+
+
+def test_resume_through_finetune_is_exact(squares, tmp_path):
+    knobs = ["train.max_steps=6", "train.warmup_steps=2", "train.ema=0.9", "drop_path=0.1",
+             "train.layer_decay=0.75", "train.ckpt_every=1"]
+    full = finetune(tiny_cfg(tmp_path / "full", squares, *knobs))
+    finetune(tiny_cfg(tmp_path / "part", squares, *knobs), stop_after_step=3)
+    part = finetune(tiny_cfg(tmp_path / "part", squares, *knobs, "train.resume=auto"))
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl")]
+
+    assert len(losses(tmp_path / "full")) == 6
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    assert full["top1"] == part["top1"] and full["ema_top1"] == part["ema_top1"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_evaluate_and_predict_saved_model(trained, squares, tmp_path):
+    res = evaluate_checkpoint(trained["model_dir"], squares / "val", tmp_path / "eval", num_workers=0)
+    assert res["top1"] == pytest.approx(trained["top1"])
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "per_class.csv")))
+    assert [r["class"] for r in rows] == ["c0", "c1", "c2", "c3"] and all(int(r["n"]) == 8 for r in rows)
+
+    # the training checkpoint gives the same numbers (EMA weights on request)
+    run = Path(trained["output_dir"])
+    res_pt = evaluate_checkpoint(run / "last.pt", squares / "val", tmp_path / "eval_pt", num_workers=0)
+    assert res_pt["top1"] == pytest.approx(res["top1"])
+    res_ema = evaluate_checkpoint(run / "last.pt", squares / "val", tmp_path / "eval_ema", num_workers=0, ema=True)
+    assert res_ema["top1"] == pytest.approx(trained["ema_top1"])
+
+    images = tmp_path / "imgs"
+    (images / "sub").mkdir(parents=True)
+    for i, src in enumerate(sorted((squares / "val" / "c2").glob("*.png"))[:3]):
+        (images / "sub" / f"{i}.png").write_bytes(src.read_bytes())
+    (images / "broken.png").write_bytes(b"not an image")
+    pred = predict_folder(trained["model_dir"], images, tmp_path / "pred.csv", topk=3, num_workers=0)
+    assert pred["num_images"] == 3 and [Path(p).name for p in pred["skipped"]] == ["broken.png"]
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
+    assert rows[0]["path"] == "sub/0.png"
+    for r in rows:
+        probs = [float(r[f"prob_{j}"]) for j in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        assert r["label_1"] in {"c0", "c1", "c2", "c3"}
+
+    # the same through the command line
+    assert cli_main(["predict", trained["model_dir"], str(images), "--out", str(tmp_path / "cli.csv"),
+                     "--topk", "2", "--num-workers", "0"]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "cli.csv")))) == 3
+    assert cli_main(["evaluate", trained["model_dir"], "--data", str(squares / "val"), "--out",
+                     str(tmp_path / "cli_eval"), "--num-workers", "0"]) == 0
+    assert (tmp_path / "cli_eval" / "confusion.png").is_file()
+
+
+def test_clear_errors(trained, squares, tmp_path, capsys):
+    with pytest.raises(ValueError, match="num_classes=10 but .* has 4 classes"):
+        finetune(tiny_cfg(tmp_path / "a", squares, "num_classes=10"))
+    # data with other classes than the saved model
+    other = tmp_path / "other"
+    for c in ("cat", "dog"):
+        (other / c).mkdir(parents=True)
+        (other / c / "x.png").write_bytes((squares / "val" / "c0" / "0.png").read_bytes())
+    with pytest.raises(ValueError, match="do not match the model's 4 classes"):
+        evaluate_checkpoint(trained["model_dir"], other, tmp_path / "e", num_workers=0)
+    # an empty class folder
+    (other / "empty").mkdir()
+    with pytest.raises(ValueError, match="without images.*empty"):
+        finetune(tiny_cfg(tmp_path / "b", None, f"data.train_dir={other}"))
+    # bad config values name their key, through the CLI as one line
+    with pytest.raises(ConfigError, match="mixup_mode"):
+        tiny_cfg(tmp_path, squares, "mixup_mode=weird")
+    with pytest.raises(ConfigError, match="model_overrides.dpeth"):
+        tiny_cfg(tmp_path, squares, "model_overrides.dpeth=3")
+    assert cli_main(["finetune", *TINY_OVERRIDES, "train.batch_size=15"]) == 1
+    assert "even batch" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped(squares, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(squares, data)
+    (data / "train" / "c1" / "truncated.png").write_bytes((data / "train" / "c1" / "0.png").read_bytes()[:60])
+    (data / "val" / "c3" / "junk.png").write_bytes(b"\x00" * 10)
+    res = finetune(tiny_cfg(tmp_path / "run", data, "train.max_steps=2"))
+    assert res["step"] == 2
+    report = json.loads(Path(res["report"]).read_text())
+    assert report["num_images"] == 32  # the junk val file is left out, not replaced by a neighbour
+
+
+def test_in_memory_cifar_config_runs(squares, tmp_path):
+    cfg = load_config(FinetuneConfig, CONFIGS / "finetune_cifar10_small.yaml", [
+        *TINY_OVERRIDES, f"data.train_dir={squares / 'train'}", f"data.val_dir={squares / 'val'}",
+        f"train.output_dir={tmp_path}", "train.num_workers=0", "train.batch_size=16", "train.max_steps=2",
+        "train.warmup_epochs=0"])
+    assert cfg.data.in_memory
+    res = finetune(cfg)
+    assert res["step"] == 2 and 0.0 <= res["top1"] <= 100.0
+
+
+def test_rvlcdip_preset_runs_on_generated_pages(tmp_path):
+    pages = document_pages(tmp_path / "pages", num_classes=16, per_class=2)
+    out = tmp_path / "run"
+    rc = cli_main(["finetune", "-c", str(CONFIGS / "finetune_rvlcdip_base.yaml"),
+                   "model=beit_tiny_patch16_224", "img_size=64", "model_overrides.patch_size=8",
+                   "model_overrides.depth=2", "model_overrides.embed_dim=32", "model_overrides.num_heads=2",
+                   f"data.train_dir={pages}", f"data.val_dir={pages}", f"train.output_dir={out}",
+                   "train.batch_size=8", "train.max_steps=2", "train.warmup_epochs=0", "train.num_workers=0"])
+    assert rc == 0
+    assert len(read_metrics(out / "metrics.jsonl")) >= 1
+    model, names, pre = load_classifier(out / "model")
+    assert len(names) == 16 and pre.resize == "full" and pre.grayscale and pre.img_size == 64
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["num_images"] == 32 and len(report["per_class"]) == 16
+    # the preset asks for 16 classes: 15 folders is an error, not a silently smaller head
+    (pages / "doc15" / "page0.png").unlink()
+    (pages / "doc15" / "page1.png").unlink()
+    (pages / "doc15").rmdir()
+    with pytest.raises(ValueError, match="num_classes=16 but .* has 15 classes"):
+        finetune(load_config(FinetuneConfig, CONFIGS / "finetune_rvlcdip_base.yaml", [
+            "model=beit_tiny_patch16_224", f"data.train_dir={pages}", f"train.output_dir={out}"]))
+
+
+def test_preset_configs_load():
+    for name in ("finetune_base", "finetune_cifar10_small", "finetune_rvlcdip_base"):
+        cfg = load_config(FinetuneConfig, CONFIGS / f"{name}.yaml", ["model=x", "data.train_dir=t"])
+        assert cfg.train.weight_decay == 0.05
+    base = load_config(FinetuneConfig, CONFIGS / "finetune_base.yaml", ["model=x", "data.train_dir=t"])
+    assert (base.train.lr, base.train.epochs, base.train.warmup_epochs, base.train.layer_decay, base.drop_path,
+            base.mixup, base.cutmix, base.smoothing, base.data.reprob, base.ref_batch) == \
+        (4e-3, 100, 20, 0.65, 0.1, 0.8, 1.0, 0.1, 0.25, 1024)
+    with pytest.raises(ConfigError, match="model"):
+        load_config(FinetuneConfig, CONFIGS / "finetune_base.yaml", ["data.train_dir=t"])
+
+

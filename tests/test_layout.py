@@ -1,0 +1,227 @@
+"""Layout detection: pyramid shapes, a training step, COCO evaluation, bad annotations, predictions (CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+
+from beit.tasks.layout.data import CocoLayoutDataset, LayoutDataError, split_image_ids, write_synthetic_pages  # noqa: E402
+from beit.tasks.layout.evaluate import evaluate_coco, format_table  # noqa: E402
+from beit.tasks.layout.model import BeitPyramidBackbone, DetectorConfig, build_detector, default_out_indices  # noqa: E402
+
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
+TINY_OVERRIDES = [
+    "model.arch=beit_tiny_patch16_224", "model.backbone_overrides={depth: 2, embed_dim: 32, num_heads: 2, img_size: 64}",
+    "model.fpn_channels=32", "model.box_head_dim=64", "model.mask_head_dim=16", "model.min_size_test=96",
+    "model.max_size_test=160", "data.min_sizes=[96,112]", "data.max_size=160", "data.crop_prob=0",
+    "train.max_steps=2", "train.warmup_steps=0", "train.batch_size=2", "train.num_workers=0", "eval_workers=0",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tests share 2 cores
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pages")
+    return write_synthetic_pages(d, num_pages=2, size=(96, 128))
+
+
+def test_out_indices_follow_the_reference():
+    assert default_out_indices(12) == (3, 5, 7, 11)
+    assert default_out_indices(24) == (7, 11, 15, 23)
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_pyramid_shapes_strides_4_to_64(patch):
+    import beit
+
+    body = beit.create_model("beit_tiny_patch16_224", head="none", patch_size=patch, **TINY)
+    bb = BeitPyramidBackbone(body, out_channels=24, norm="gn").eval()
+    assert bb.size_divisible == 32
+    with torch.no_grad():
+        feats = bb(torch.randn(2, 3, 96, 160))  # not the model's 64x64: rel-pos is resampled on the fly
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    for (name, f), stride in zip(feats.items(), (4, 8, 16, 32, 64)):
+        assert f.shape == (2, 24, math.ceil(96 / stride), math.ceil(160 / stride)), name
+
+
+def test_layer_decay_hooks():
+    cfg = DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=TINY, fpn_channels=16, box_head_dim=16,
+                         mask_head_dim=8)
+    m = build_detector(cfg, ["text", "figure"])
+    assert m.num_layers == 2 and cfg.backbone["depth"] == 2 and cfg.category_ids == [1, 2]
+    assert m.layer_id("detector.backbone.body.patch_embed.proj.weight") == 0
+    assert m.layer_id("detector.backbone.body.blocks.1.attn.qkv.weight") == 2
+    assert m.layer_id("detector.backbone.fpn.layer_blocks.0.0.weight") == 3
+    assert m.layer_id("detector.roi_heads.box_predictor.cls_score.weight") == 3
+    assert "relative_position_bias_table" in m.no_weight_decay()
+
+
+def test_dataset_samples_are_seeded_and_consistent(pages):
+    ds = CocoLayoutDataset(pages, pages.parent / "images", train=True, with_masks=True, min_sizes=(96, 160),
+                           max_size=200, flip_prob=0.5, crop_prob=0.5, seed=3)
+    a, ta = ds[1]
+    b, tb = ds[1]
+    assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    assert a.dtype == torch.uint8 and a.shape[0] == 3
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        img, t = ds[0]
+        H, W = img.shape[1:]
+        assert t["masks"].shape == (len(t["boxes"]), H, W)
+        assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
+        assert (t["boxes"][:, 0::2] <= W).all() and (t["boxes"][:, 1::2] <= H).all()
+        for box, mask in zip(t["boxes"], t["masks"]):  # each mask lies in its (transformed) box
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1 and ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
+
+
+def test_augmented_boxes_stay_on_their_ink(pages):
+    """Crop, resize and flip move pixels and boxes together: synthetic blocks are dark, the page is white."""
+    from beit.tasks.layout.data import RepeatedDataset
+
+    ds = CocoLayoutDataset(pages, pages.parent / "images", train=True, min_sizes=(80, 144), max_size=200,
+                           flip_prob=0.5, crop_prob=0.5, seed=1)
+    rep = RepeatedDataset(ds, 2)
+    rep.set_epoch(1)
+    seen = set()
+    for i in range(len(rep)):
+        img, t = rep[i]
+        seen.add((tuple(img.shape), round(float(t["boxes"].sum()), 2)))
+        gray = img.float().mean(0)
+        for x0, y0, x1, y1 in t["boxes"].round().int().tolist():
+            inner = gray[y0 + 1:y1 - 1, x0 + 1:x1 - 1]
+            if inner.numel() > 4:
+                assert inner.mean() < 140, (i, (x0, y0, x1, y1))
+    assert len(seen) == 4  # the two passes over the two pages drew different augmentations
+
+
+def test_grayscale_pages_become_rgb(tmp_path):
+    ann = write_synthetic_pages(tmp_path, num_pages=1, size=(64, 80), grayscale=True)
+    img, t = CocoLayoutDataset(ann, tmp_path / "images")[0]
+    assert img.shape == (3, 80, 64) and len(t["boxes"]) > 0
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    ann = write_synthetic_pages(tmp_path, num_pages=6, size=(32, 48))
+    tr, va = split_image_ids(ann, 2)
+    assert (tr, va) == split_image_ids(ann, 2) and len(va) == 2 and not set(tr) & set(va)
+    assert sorted(tr + va) == list(range(1, 7))
+
+
+def _bad_file(tmp_path):
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
+    data = json.loads(ann.read_text())
+    data["images"].append({"id": 3, "file_name": "missing.png", "width": 64, "height": 80})
+    data["images"].append({"id": 4, "file_name": data["images"][0]["file_name"], "width": 64, "height": 80})  # empty
+    nxt = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"] += [
+        {"id": nxt, "image_id": 3, "category_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 0},  # image file missing
+        {"id": nxt + 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 0},  # unknown category
+        {"id": nxt + 2, "image_id": 1, "category_id": 1, "bbox": [50, 70, 40, 40], "iscrowd": 0},  # clipped
+        {"id": nxt + 3, "image_id": 2, "category_id": 2, "bbox": [10, 10, 0, 5], "iscrowd": 0},  # degenerate
+        {"id": nxt + 4, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0},  # no such image
+        {"id": nxt + 5, "image_id": 2, "category_id": 1, "bbox": [1, "x", 5, 5], "iscrowd": 0},  # malformed
+    ]
+    ann.write_text(json.dumps(data))
+    return ann, nxt
+
+
+def test_bad_annotations_are_skipped_and_counted(tmp_path):
+    ann, _ = _bad_file(tmp_path)
+    ds = CocoLayoutDataset(ann, tmp_path / "images", train=True, with_masks=True, min_sizes=(64,), max_size=128)
+    r = ds.report
+    assert (r["missing_image"], r["unknown_category"], r["clipped_boxes"], r["degenerate_boxes"]) == (1, 1, 1, 1)
+    assert (r["unknown_image"], r["bad_bbox"], r["anns_of_skipped_images"], r["empty_pages"]) == (1, 1, 1, 1)
+    assert len(ds) == 3 and "missing.png" in " ".join(ds.problems)
+    for i in range(len(ds)):  # every kept page loads, the empty one as a negative
+        img, t = ds[i]
+        assert t["boxes"].shape[1] == 4 and t["masks"].shape[0] == len(t["boxes"])
+    assert any(len(ds[i][1]["boxes"]) == 0 for i in range(len(ds)))
+    assert float(max(b[2] for i in range(len(ds)) for b in ds[i][1]["boxes"])) <= 64
+
+
+def test_bad_annotations_raise_when_asked(tmp_path):
+    ann, nxt = _bad_file(tmp_path)
+    with pytest.raises(LayoutDataError, match="missing.png"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+    data = json.loads(ann.read_text())
+    data["images"] = [im for im in data["images"] if im["id"] != 3]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(LayoutDataError, match=f"annotation {nxt + 1} .*category id 7"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoLayoutDataset(tmp_path / "nope.json", tmp_path / "images")
+
+
+def test_page_broken_after_build_is_replaced_in_training_and_named_in_eval(tmp_path):
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
+    train = CocoLayoutDataset(ann, tmp_path / "images", train=True, min_sizes=(64,), max_size=128)
+    val = CocoLayoutDataset(ann, tmp_path / "images")
+    broken = tmp_path / "images" / "page_000.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # header intact, pixels gone
+    img, t = train[0]  # page 1 instead, with a warning
+    assert int(t["image_id"]) == 2 and train.report["unreadable_at_load"] == 1
+    with pytest.raises(LayoutDataError, match="page_000.png"):
+        val[0]
+
+
+def test_coco_eval_perfect_is_one_and_empty_is_zero(pages):
+    ds = CocoLayoutDataset(pages, pages.parent / "images")
+    gt = ds.coco_gt()
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in gt.dataset["annotations"]]
+    m = evaluate_coco(gt, perfect, ("bbox", "segm"))
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/AP/text", "bbox/AP/figure", "segm/AP"):
+        assert m[key] == pytest.approx(1.0), key
+    m0 = evaluate_coco(gt, [], ("bbox",))
+    assert m0["bbox/AP"] == 0.0 and m0["bbox/AP/text"] == 0.0
+    only_text = [r for r in perfect if r["category_id"] == 1]
+    m1 = evaluate_coco(gt, only_text, ("bbox",))
+    assert m1["bbox/AP/text"] == pytest.approx(1.0) and m1["bbox/AP/figure"] == 0.0
+    table = format_table(m, ds.class_names, reference="publaynet")
+    assert "overall" in table and "text" in table and "0.934" in table
+
+
+def test_train_eval_predict_end_to_end(pages, tmp_path, capsys):
+    from beit.cli import main
+    from beit.engine.config import load_config
+    from beit.tasks.layout.train import LayoutConfig, train
+
+    out = tmp_path / "run"
+    cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={pages}", f"data.val_ann={pages}",
+                                           f"train.output_dir={out}"])
+    result = train(cfg)
+    assert result["step"] == 2 and math.isfinite(result["train/loss"])
+    for part in ("classifier", "box_reg", "objectness", "rpn_box_reg", "mask"):
+        assert math.isfinite(result[f"train/{part}"])
+    assert "bbox AP" in result["table"] and (out / "ap_table.txt").is_file() and (out / "last.pt").is_file()
+
+    assert main(["layout", "eval", "--ckpt", str(out / "last.pt"), "--out", str(tmp_path / "ev")]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert "bbox/AP" in json.loads((tmp_path / "ev" / "metrics.json").read_text())
+
+    pred = tmp_path / "pred"
+    assert main(["layout", "predict", "--ckpt", str(out / "last.pt"), "--out", str(pred), "--score-thresh", "0.0",
+                 str(pages.parent / "images"), "model.score_thresh=0.0"]) == 0
+    pngs = sorted(pred.glob("*.png"))
+    assert len(pngs) == 2
+    results = json.loads((pred / "results.json").read_text())
+    assert isinstance(results, list) and all({"image_id", "category_id", "bbox", "score"} <= set(r) for r in results)
+    assert json.loads((pred / "pages.json").read_text())["categories"][0]["name"] == "text"
+
+    assert main(["layout", "eval", "--ckpt", str(tmp_path / "nope.pt")]) == 1  # user error: one line
+    assert "nope.pt" in capsys.readouterr().err

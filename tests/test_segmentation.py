@@ -1,0 +1,311 @@
+"""Semantic segmentation: pyramid / UperNet shapes, data layouts and bad input, metrics, inference, training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import beit
+from beit.engine import load_config
+from beit.tasks.segmentation import (
+    ADE20K_CLASSES,
+    BadSampleError,
+    BeitSegmenter,
+    ConfusionMatrix,
+    SegmentConfig,
+    build_datasets,
+    default_out_indices,
+    format_table,
+    inference,
+    load_segmenter,
+    make_palette,
+    metrics_from_confusion,
+    save_overlay,
+    slide_logits,
+    whole_logits,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dim=32, depth=4, num_heads=2)
+
+
+def tiny_segmenter(num_classes: int = 5, patch_size: int = 16, img_size: int = 64, **kw) -> BeitSegmenter:
+    bb = beit.create_model("beit_tiny_patch16_224", head="none", img_size=img_size, patch_size=patch_size, **TINY)
+    return BeitSegmenter(bb, num_classes, channels=16, aux_channels=8, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ model
+@pytest.mark.parametrize("patch_size", [16, 8])
+def test_pyramid_strides_4_8_16_32(patch_size: int) -> None:
+    torch.manual_seed(0)
+    model = tiny_segmenter(patch_size=patch_size).eval()
+    feats = model.extract_pyramid(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    if patch_size == 16:  # the paper's fpn1..fpn4
+        kinds = [[type(m).__name__ for m in b.modules()][1:] or [type(b).__name__] for b in model.neck.branches]
+        assert kinds == [["ConvTranspose2d", "BatchNorm2d", "GELU", "ConvTranspose2d"], ["ConvTranspose2d"],
+                         ["Identity"], ["MaxPool2d"]]
+
+
+def test_upernet_output_matches_input_size_and_layer_decay() -> None:
+    torch.manual_seed(0)
+    model = tiny_segmenter(num_classes=7)
+    model.train()
+    logits, aux = model(torch.randn(2, 3, 50, 70), with_aux=True)  # not a multiple of the patch: padded inside
+    assert logits.shape == aux.shape == (2, 7, 50, 70)
+    model.eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7, 64, 64)
+    # layer decay: backbone keeps its depth, pyramid and heads are the top layer; final norms are gone
+    assert model.layer_id("backbone.patch_embed.proj.weight") == 0
+    assert model.layer_id("backbone.blocks.2.attn.qkv.weight") == 3
+    assert model.layer_id("decode_head.conv_seg.weight") == model.layer_id("neck.branches.0.0.weight") == 5
+    assert not any(n.startswith(("backbone.norm", "backbone.fc_norm")) for n, _ in model.named_parameters())
+    assert "relative_position_bias_table" in model.no_weight_decay()
+    # every parameter gets a gradient (DDP without find_unused_parameters)
+    model.train()
+    lg, ax = model(torch.randn(2, 3, 32, 32), with_aux=True)
+    (lg.sum() + ax.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_default_out_indices() -> None:
+    assert default_out_indices(12) == (3, 5, 7, 11)
+    assert default_out_indices(24) == (7, 11, 15, 23)
+    assert default_out_indices(8) == (1, 3, 5, 7)
+    for depth in (1, 2, 3, 6, 16):
+        idx = default_out_indices(depth)
+        assert len(idx) == 4 and idx[-1] == depth - 1 and all(0 <= i < depth for i in idx)
+
+
+def test_load_pretrained_mim_checkpoint_at_crop_size(tmp_path: Path) -> None:
+    mim = beit.create_model("beit_tiny_patch16_224", head="mim", img_size=32, **TINY)  # shared rel-pos table
+    beit.save_model(mim, tmp_path / "pt")
+    cfg = load_config(SegmentConfig, None, [f"model.init={tmp_path / 'pt'}", "data.crop_size=64", "data.root=x",
+                                            "data.num_classes=3", "data.format=folder", "model.channels=8"])
+    from beit.tasks.segmentation.train import build_model
+
+    model = build_model(cfg, 3)
+    assert model.backbone.window == (4, 4) and model.backbone.rel_pos_bias is None  # per-layer tables at 64 px
+    assert cfg.model.backbone["img_size"] == 64 and cfg.model.backbone["head"] == "none"
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_confusion_matrix_metrics_by_hand() -> None:
+    # 3 classes, ignore 255. gt/pred pairs (ignoring the two 255 pixels):
+    gt = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm = ConfusionMatrix(3, ignore_index=255)
+    cm.update(pred, gt)
+    assert cm.counts.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    m = cm.compute()
+    # IoU: c0 1/(2+2-1)=1/3, c1 2/(2+3-2)=2/3, c2 1/(2+1-1)=1/2; Acc: 1/2, 1, 1/2; aAcc 4/6
+    assert m["IoU"] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert m["Acc"] == pytest.approx([0.5, 1.0, 0.5])
+    assert m["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m["aAcc"] == pytest.approx(4 / 6) and m["mAcc"] == pytest.approx(2 / 3)
+    # a class absent from labels and predictions is NaN and left out of the mean
+    m4 = metrics_from_confusion(torch.nn.functional.pad(cm.counts, (0, 1, 0, 1)))
+    assert np.isnan(m4["IoU"][3]) and m4["mIoU"] == pytest.approx(m["mIoU"])
+    table = format_table(m, ["wall", "sky", "road"])
+    assert "| sky" in table and "66.67" in table and "mIoU" in table
+    with pytest.raises(ValueError, match="outside"):
+        cm.update(torch.tensor([0]), torch.tensor([7]))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _save_pair(img_path: Path, mask_path: Path, mask: np.ndarray, size: tuple[int, int] | None = None) -> None:
+    h, w = mask.shape
+    rng = np.random.default_rng(abs(hash(img_path.name)) % 2**32)
+    img_path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    W, H = size or (w, h)
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(img_path)
+    Image.fromarray(mask.astype(np.uint8)).save(mask_path)
+
+
+def make_ade(root: Path, n: int = 3, size: tuple[int, int] = (40, 30)) -> Path:
+    for split in ("training", "validation"):
+        for i in range(n):
+            mask = np.zeros((size[1], size[0]), np.uint8)
+            mask[:, size[0] // 2:] = 150  # last class
+            mask[: size[1] // 2, : size[0] // 2] = 1 + i  # class i (raw i + 1)
+            _save_pair(root / "images" / split / f"ADE_{i}.jpg", root / "annotations" / split / f"ADE_{i}.png", mask)
+    return root
+
+
+def test_ade20k_layout_reduce_zero_label(tmp_path: Path) -> None:
+    root = make_ade(tmp_path / "ade")
+    cfg = load_config(SegmentConfig, REPO / "configs" / "segment_ade20k_base.yaml",
+                      [f"data.root={root}", "data.crop_size=32", "data.img_scale=[40,30]", "train.seed=3"])
+    sets = build_datasets(cfg)
+    train_ds, val = sets["train"], sets["val"]
+    assert len(train_ds) == len(val) == 3 and val.num_classes == 150 and val.class_names == list(ADE20K_CLASSES)
+    item = val[1]
+    m = item["mask"]
+    assert m.shape == (30, 40) and item["image"].shape == (3, 512, 683)  # test scale (2048, 512), keep ratio
+    assert set(m.unique().tolist()) == {255, 1, 149}  # 0 -> ignore, 2 -> 1, 150 -> 149
+    assert (m[20:, :20] == 255).all() and (m[:15, :20] == 1).all()
+    # training samples: crop-sized, padded with the ignore index, pure functions of (seed, epoch, index)
+    x, y = train_ds[0]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.long
+    assert set(y.unique().tolist()) <= {0, 149, 255}
+    x2, y2 = train_ds[0]
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    train_ds.set_epoch(1)
+    assert not torch.equal(train_ds[0][0], x)
+
+
+def test_folder_and_list_layouts_with_class_file(tmp_path: Path) -> None:
+    mask = np.array([[0, 1, 2, 11]] * 8, np.uint8).repeat(4, axis=1)
+    for i in range(2):
+        _save_pair(tmp_path / "CamVid" / "train" / f"{i}.jpg", tmp_path / "CamVid" / "trainannot" / f"{i}.png", mask)
+    (tmp_path / "CamVid" / "train.txt").write_text("train/0.jpg trainannot/0.png\ntrain/1.jpg trainannot/1.png\n")
+    (tmp_path / "CamVid" / "val.txt").write_text("train/0.jpg trainannot/0.png\n")
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{i}" for i in range(11)) + "\n")
+    base = ["data.reduce_zero_label=false", "data.ignore_index=11", f"data.classes_file={tmp_path / 'classes.txt'}",
+            "data.crop_size=16", "data.img_scale=[16,8]", "data.test_scale=null"]
+    lst = build_datasets(load_config(SegmentConfig, None, base + ["data.format=list", f"data.root={tmp_path / 'CamVid'}"]))
+    assert len(lst["train"]) == 2 and lst["val"].class_names[10] == "c10"
+    assert set(lst["val"][0]["mask"].unique().tolist()) == {0, 1, 2, 11}
+    fld = build_datasets(load_config(SegmentConfig, None, base + [
+        "data.format=folder", f"data.root={tmp_path / 'CamVid'}", "data.img_dir=train", "data.ann_dir=trainannot"]))
+    assert len(fld["train"]) == 2 and fld["train"][1][1].shape == (16, 16)
+
+
+def test_bad_samples_raise_or_skip(tmp_path: Path) -> None:
+    root = make_ade(tmp_path / "ade", n=2)
+    # a mask of the wrong size, a label beyond 150, an image without a mask
+    _save_pair(root / "images/training/ADE_size.jpg", root / "annotations/training/ADE_size.png",
+               np.ones((30, 40), np.uint8), size=(41, 30))
+    bad_label = np.ones((30, 40), np.uint8)
+    bad_label[0, 0] = 200
+    _save_pair(root / "images/training/ADE_label.jpg", root / "annotations/training/ADE_label.png", bad_label)
+    Image.new("RGB", (40, 30)).save(root / "images/training/ADE_nomask.jpg")
+    ov = [f"data.root={root}", "data.crop_size=32", "data.img_scale=[40,30]"]
+
+    with pytest.raises(BadSampleError, match="ADE_nomask.jpg: no mask"):
+        build_datasets(load_config(SegmentConfig, None, ov), ("train",))
+    (root / "images/training/ADE_nomask.jpg").unlink()
+    ds = build_datasets(load_config(SegmentConfig, None, ov), ("train",))["train"]
+    assert ds[0][0].shape == (3, 32, 32)  # sorted: ADE_0, ADE_1, ADE_label, ADE_size
+    with pytest.raises(BadSampleError, match=r"ADE_label.png: label values \[200\]"):
+        ds[2]
+    with pytest.raises(BadSampleError, match=r"ADE_size.png: mask is 40x30 but its image .* is 41x30"):
+        ds[3]
+    with pytest.raises(BadSampleError, match="ADE_label.png"):
+        build_datasets(load_config(SegmentConfig, None, ov + ["data.verify=true"]), ("train",))
+
+    Image.new("RGB", (40, 30)).save(root / "images/training/ADE_nomask.jpg")
+    skip = build_datasets(load_config(SegmentConfig, None, ov + ["data.on_bad_sample=skip"]), ("train",))["train"]
+    assert skip.num_skipped == 1 and len(skip) == 4  # unpaired file counted at listing
+    x, y = skip[2]  # the bad label sample is replaced by the next good one
+    assert x.shape == (3, 32, 32) and skip.num_skipped >= 2
+    verified = build_datasets(load_config(SegmentConfig, None, ov + ["data.on_bad_sample=skip", "data.verify=true"]),
+                              ("train",))["train"]
+    assert len(verified) == 2 and verified.num_skipped == 3
+    assert {Path(p).name for p, _ in verified.bad_samples} == {"ADE_nomask.jpg", "ADE_label.jpg", "ADE_size.jpg"}
+    # eval: a bad pair is left out (None), not replaced by a sample that would be counted twice
+    ev = build_datasets(load_config(SegmentConfig, None, ov + ["data.on_bad_sample=skip", "data.val_split=training"]),
+                        ("val",))["val"]
+    assert ev[2] is None and ev[3] is None and ev[1]["mask"].shape == (30, 40)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def test_slide_equals_whole_when_window_covers_image(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = tiny_segmenter(num_classes=4).eval()
+    x = torch.randn(1, 3, 48, 60)
+    with torch.no_grad():
+        whole = whole_logits(model, x)
+        assert torch.allclose(slide_logits(model, x, 4, crop=64, stride=32), whole, atol=0, rtol=0)
+        assert torch.allclose(slide_logits(model, x, 4, crop=(48, 60), stride=16), whole)
+        # overlapping windows: right shape, each pixel an average of probabilities that sum to one
+        p = inference(model, x, 4, mode="slide", crop=32, stride=20, flip=True, scales=(1.0, 0.75), out_size=(24, 30))
+    assert p.shape == (1, 4, 24, 30) and torch.allclose(p.sum(1), torch.ones(1, 24, 30), atol=1e-5)
+    pal = make_palette(4)
+    assert len({tuple(c) for c in pal}) == 4
+    out = save_overlay(tmp_path / "o.png", np.zeros((24, 30, 3), np.uint8), p.argmax(1)[0], pal, gt=p.argmax(1)[0])
+    assert Image.open(out).size == (60, 24)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def make_toy(root: Path, n: int = 8, size: int = 32) -> Path:
+    """Class given by colour: red left (0), blue right (1), a green square (2); learnable in a few steps."""
+    lines = []
+    for i in range(n):
+        img = np.zeros((size, size, 3), np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        split = size // 4 + (i * 3) % (size // 2)
+        img[:, :split] = (220, 30, 30)
+        img[:, split:] = (30, 30, 220)
+        mask[:, split:] = 1
+        y0 = (i * 5) % (size - 8)
+        img[y0:y0 + 8, 4:12] = (30, 220, 30)
+        mask[y0:y0 + 8, 4:12] = 2
+        mask[0, :] = 3  # void
+        Image.fromarray(img).save(root / f"{i}.png")
+        Image.fromarray(mask).save(root / f"{i}_m.png")
+        lines.append(f"{i}.png {i}_m.png")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "val.txt").write_text("\n".join(lines[:2]) + "\n")
+    return root
+
+
+def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from beit.cli import main
+    from beit.engine.logging import read_metrics
+
+    data = make_toy(tmp_path)
+    out = tmp_path / "run"
+    assert main(["segment", "train", "--config", str(REPO / "configs" / "segment_camvid.yaml"),
+        f"data.root={data}", "data.classes=[red,blue,green]", "data.ignore_index=3", "data.crop_size=32",
+        "data.img_scale=[32,32]", "data.ratio_range=[0.9,1.1]", "data.repeat=8", "test.crop=32", "test.stride=16",
+        "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
+        "model.num_heads=2", "model.channels=16", "model.aux_channels=8", "model.drop_path_rate=0.0",
+        "train.batch_size=4", "train.max_steps=16", "train.warmup_steps=2", "train.lr=6e-3", "train.layer_decay=1.0",
+        "train.num_workers=0", "train.log_every=1", f"train.output_dir={out}"]) == 0
+    assert "| blue" in capsys.readouterr().out  # the per-class table after training
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert len(losses) == 16 and np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4])
+    final_miou = read_metrics(out / "metrics.jsonl", split="eval")[-1]["mIoU"]
+
+    model, rcfg = load_segmenter(out / "last.pt")
+    assert rcfg.model.backbone["patch_size"] == 8 and model.num_classes == 3
+    capsys.readouterr()
+    assert main(["segment", "eval", "--ckpt", str(out / "last.pt"), "--output", str(tmp_path / "ev"),
+                 "test.mode=whole"]) == 0
+    printed = capsys.readouterr().out
+    assert "per class results" in printed and "| green" in printed
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["mIoU"] == pytest.approx(final_miou, abs=30)
+    assert main(["segment", "predict", "--ckpt", str(out / "last.pt"), "--output", str(tmp_path / "pred"),
+                 "--input", str(data / "0.png")]) == 0
+    assert Image.open(tmp_path / "pred" / "0_overlay.png").size == (32, 32)
+    assert np.asarray(Image.open(tmp_path / "pred" / "0_labels.png")).max() <= 2
+    assert main(["segment", "eval", "--ckpt", str(tmp_path / "missing.pt")]) == 1
+
+
+def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
+    cam = tmp_path / "CamVid"
+    for split, n in (("train", 4), ("val", 2)):
+        lines = []
+        for i in range(n):
+            mask = np.full((48, 64), i % 11, np.uint8)
+            mask[:, 32:] = (i + 3) % 12
+            _save_pair(cam / split / f"{i}.jpg", cam / f"{split}annot" / f"{i}.png", mask)
+            lines.append(f"{split}/{i}.jpg {split}annot/{i}.png")
+        (cam / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    spec = importlib.util.spec_from_file_location("segment_camvid", REPO / "benchmarks" / "segment_camvid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["runs"]) == {"pretrained", "scratch"} and res["steps"] == 2
+    for r in res["runs"].values():
+        assert 0 <= r["mIoU"] <= 100 and (tmp_path / "out" / r["overlay"]).is_file()
