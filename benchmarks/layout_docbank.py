@@ -1,0 +1,290 @@
+"""Layout detection: BEiT backbone + FPN + R-CNN fine-tuned from a pre-trained checkpoint vs from scratch.
+
+DocBank: trains on 80 pages of the shared 100-page subset and scores COCO box AP on the other 20 (a fixed,
+seeded split), 13 classes, Faster R-CNN (the subset's regions are rectangles). PubLayNet: a SMOKE TEST on
+the 20 official sample pages (16 train / 4 val, Mask R-CNN, the issue's seed numbers printed alongside but
+not comparable: they are on the 11k-page val set after 60k steps). Each dataset is trained twice with the
+same architecture, recipe and number of steps: from ``--init`` (layer decay on) and from random weights
+(layer decay off: it only makes sense for pre-trained layers). Writes ``results.json``, the per-category AP
+tables (``*_ap.txt``) and one page per run with its predicted boxes (``*_page_*.png``) into ``--out``.
+
+    # GPU (one H100, ~6-7 min with the defaults): --minutes is the training time of EACH DocBank run,
+    # --publaynet-minutes of each PubLayNet run; steps are calibrated once per dataset
+    python benchmarks/layout_docbank.py --data data/layout --init pretrained.pth --out $OUT
+    python benchmarks/layout_docbank.py --data data/layout --init pretrained.pth --out $OUT --only docbank --minutes 3
+    # CPU smoke test (tiny model written on the fly, 2 steps, small pages)
+    python benchmarks/layout_docbank.py --smoke --data /work/shared/data --out /tmp/layout_smoke
+
+``--data`` holds ``docbank_subset/`` (annotations.json + docbank_subset.tar.gz or an extracted images/) and
+``publaynet_subset/`` (annotations.json + publaynet_subset_images.tar or images/); tars are extracted into
+a temporary folder, never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = {
+    # name: (config, subset folder, image tar, held-out pages, smoke-test note)
+    "docbank": (REPO / "configs" / "layout_docbank.yaml", "docbank_subset", "docbank_subset.tar.gz", 20,
+                "80 train / 20 val pages of the shared DocBank subset; its region boxes were derived from token "
+                "labels (not the official DocBank regions): not comparable with published DocBank numbers"),
+    "publaynet": (REPO / "configs" / "layout_publaynet_base.yaml", "publaynet_subset", "publaynet_subset_images.tar",
+                  4, "SMOKE TEST: 16 train / 4 val of PubLayNet's 20 sample pages; the seed (BEiT-B 0.931 AP) is "
+                     "PubLayNet val (11k pages) after 60k steps of 16 pages: NOT comparable"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder holding docbank_subset/ and publaynet_subset/")
+    p.add_argument("--init", default="", help="pre-trained BEiT checkpoint (any format beit.load_model reads)")
+    p.add_argument("--out", required=True, help="folder for results.json, the AP tables and the page PNGs")
+    p.add_argument("--only", default="docbank,publaynet", help="comma list: docbank, publaynet")
+    p.add_argument("--runs", default="pretrained,scratch", help="comma list: pretrained, scratch")
+    p.add_argument("--minutes", type=float, default=1.25, help="training time of each DocBank run (steps calibrated)")
+    p.add_argument("--publaynet-minutes", type=float, default=0.5, help="training time of each PubLayNet run")
+    p.add_argument("--steps", type=int, default=0, help="fixed optimizer steps per run (skips calibration)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--layer-decay", type=float, default=0.75, help="layer decay of the pre-trained run")
+    p.add_argument("--scratch-layer-decay", type=float, default=1.0, help="layer decay of the from-scratch run")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--keep-runs", action="store_true", help="keep checkpoints/logs under --out/runs (large)")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny model, 2 steps, small pages")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides for every run")
+    return p.parse_args(argv)
+
+
+def find_subset(data: Path, folder: str, tar_name: str, work: Path) -> Path:
+    """``annotations.json`` with ``images/`` next to it: the subset as given, or its tar extracted into ``work``."""
+    src = data / folder
+    ann = src / "annotations.json"
+    if not ann.is_file():
+        raise FileNotFoundError(f"{ann} not found (expected --data to hold {folder}/annotations.json)")
+    if (src / "images").is_dir():
+        return ann
+    tar = src / tar_name
+    if not tar.is_file():
+        raise FileNotFoundError(f"{src}: neither images/ nor {tar_name}")
+    dst = work / folder
+    dst.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar) as t:
+        members = [m for m in t.getmembers() if m.name.startswith("images/")]  # DocBank's tokens/ are not needed
+        try:
+            t.extractall(dst, members=members, filter="data")
+        except TypeError:  # Python without extraction filters
+            t.extractall(dst, members=members)
+    shutil.copy(ann, dst / "annotations.json")
+    return dst / "annotations.json"
+
+
+def write_smoke_init(path: Path) -> Path:
+    """A tiny MIM-pre-training-shaped checkpoint (shared rel-pos table), to exercise the real loading path."""
+    import beit
+
+    model = beit.create_model("beit_tiny_patch16_224", head="mim", img_size=64, embed_dim=32, depth=4, num_heads=2)
+    return beit.save_model(model, path)
+
+
+def base_overrides(args: argparse.Namespace, ann: Path, holdout: int, out_dir: Path) -> list[str]:
+    ov = [f"data.train_ann={ann}", "data.train_images=''", "data.val_ann=''", "data.val_images=''",
+          f"data.holdout={holdout}", f"train.batch_size={args.batch_size}",
+          f"train.lr={args.lr}", f"train.num_workers={args.workers}", f"eval_workers={min(args.workers, 4)}",
+          "train.eval_every=0", "train.keep_last=0", "train.ckpt_every=1000000", "train.log_every=10",
+          f"train.output_dir={out_dir}", "eval_batch_size=4"]
+    if args.smoke:
+        ov += ["train.num_workers=0", "eval_workers=0", "train.batch_size=2", "train.log_every=1",
+               "data.min_sizes=[128]", "data.max_size=192", "model.min_size_test=128", "model.max_size_test=192",
+               "model.fpn_channels=32", "model.box_head_dim=64", "model.mask_head_dim=16"]
+    return ov + list(args.overrides)
+
+
+def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
+    """Steps that fit in ``seconds``: 30 steps of the same model through the engine, last window's img/s."""
+    import copy
+
+    from beit.tasks.layout.train import train
+
+    c = copy.deepcopy(cfg)
+    c.model.init = ""  # random weights: same speed, no need to load the file twice
+    c.data.holdout, c.data.repeat = 0, 100  # no evaluation; one epoch covers the calibration
+    c.train.max_steps, c.train.warmup_steps, c.train.log_every = 30, 5, 10
+    c.train.output_dir = str(Path(cfg.train.output_dir) / "_calibrate")
+    res = train(c)
+    ips = float(res["train/img_per_s"])
+    return max(10, int(0.9 * seconds * ips / c.train.batch_size)), ips
+
+
+def _nan_to_none(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
+    from beit.tasks.layout.predict import draw_detections
+    from beit.tasks.layout.train import build_val_dataset, load_detector, train
+
+    t0 = time.perf_counter()
+    res = train(cfg)
+    wall = time.perf_counter() - t0
+    table = res.get("table", "")
+    (out / f"{dataset}_{name}_ap.txt").write_text(f"{DATASETS[dataset][4]}\n{name}: {res['step']} steps\n{table}\n")
+    model, rcfg = load_detector(res["checkpoint"])
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    val = build_val_dataset(rcfg)
+    image, _ = val[0]
+    with torch.no_grad():
+        det = model([image.to(next(model.parameters()).device).float().div_(255)])[0]
+    det = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()}
+    png = out / f"{dataset}_page_{name}.png"
+    draw_detections(image, det, val.class_names, score_thresh=0.5).save(png)
+    ev = {k[len("eval/"):]: _nan_to_none(v) for k, v in res.items() if k.startswith("eval/")}
+    return {
+        "init": cfg.model.init or None, "layer_decay": cfg.train.layer_decay, "steps": int(res["step"]),
+        "bbox_AP": ev.get("bbox/AP"), "bbox_AP50": ev.get("bbox/AP50"), "bbox_AP75": ev.get("bbox/AP75"),
+        "segm_AP": ev.get("segm/AP"),
+        "per_class_bbox_AP": {n: ev.get(f"bbox/AP/{n}") for n in val.class_names},
+        "final_train_loss": res.get("train/loss"), "img_per_s": res.get("train/img_per_s"),
+        "wall_s": round(wall, 1), "page_png": png.name, "val_pages": len(val), "data_report": res.get("data"),
+        "boxes_on_page": int((det["scores"] >= 0.5).sum()), "metrics": ev,
+    }
+
+
+def comparison(dataset: str, runs: dict[str, Any], class_names: list[str]) -> str:
+    """Per-category bbox AP of the runs side by side (plus the seed for PubLayNet)."""
+    from beit.tasks.layout.evaluate import PUBLAYNET_REFERENCE
+
+    names = list(runs)
+    ref = PUBLAYNET_REFERENCE if dataset == "publaynet" else None
+    head = f"{'category':<14}" + "".join(f"{n:>12}" for n in names) + (f"{'seed (B)':>12}" if ref else "")
+    lines = [DATASETS[dataset][4], "bbox AP (COCO .50:.95); '-' = no ground truth in the val pages",
+             head, "-" * len(head)]
+    for c in [*class_names, "overall"]:
+        vals = [runs[n]["bbox_AP"] if c == "overall" else runs[n]["per_class_bbox_AP"].get(c) for n in names]
+        row = f"{c:<14}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals)
+        if ref:
+            row += f"{ref.get(c, float('nan')):>12.3f}" if c in ref else f"{'-':>12}"
+        lines.append(row)
+    lines.append("steps " + ", ".join(f"{n} {runs[n]['steps']}" for n in names))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from beit.engine import load_config
+    from beit.tasks.layout.train import LayoutConfig
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="layout_bench_"))
+    runs_dir = out / "runs" if args.keep_runs else work / "runs"
+    init = args.init
+    if args.smoke and not init:
+        init = str(write_smoke_init(work / "smoke_init"))
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    datasets = [d.strip() for d in args.only.split(",") if d.strip()]
+    for d in datasets:
+        if d not in DATASETS:
+            raise SystemExit(f"unknown dataset {d!r} (docbank | publaynet)")
+    if "pretrained" in wanted and not init:
+        raise SystemExit("--init is required for the pretrained run (or use --runs scratch)")
+
+    arch = None  # the architecture comes from the checkpoint; the scratch twin reuses it with random weights
+    if init:
+        import beit
+
+        body = beit.load_model(init, head="none", use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+        arch = body.cfg.to_dict()
+        tokens = (800 // body.patch_size) * (1143 // body.patch_size)  # a DocBank page at the largest train scale
+        print(f"backbone from {init}: depth {body.num_layers}, width {body.embed_dim}, patch {body.patch_size}, "
+              f"{tokens} tokens per 800x1143 page", flush=True)
+        if tokens > 4096 and not args.smoke:
+            print(f"warning: {tokens} tokens per page is slow for global attention; lower data.min_sizes / "
+                  "data.max_size and model.min_size_test (KEY=VALUE overrides)", flush=True)
+        del body
+
+    results: dict[str, Any] = {}
+    path = out / "results.json"
+    if path.is_file():  # runs done by an earlier command (e.g. --only publaynet later) are kept
+        results = json.loads(path.read_text())
+    results.update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__, "init": init or None, "smoke": args.smoke,
+                    "batch_size": 2 if args.smoke else args.batch_size, "lr": args.lr})
+    results.setdefault("datasets", {})
+    t_start = time.perf_counter()
+    for dataset in datasets:
+        config, folder, tar_name, holdout, note = DATASETS[dataset]
+        ann = find_subset(Path(args.data), folder, tar_name, work / "data")
+        minutes = args.minutes if dataset == "docbank" else args.publaynet_minutes
+        print(f"##### {dataset}: {note}", flush=True)
+        steps, ips = args.steps, None
+        if args.smoke:
+            steps = steps or 2
+        if not steps:
+            c = load_config(LayoutConfig, config, base_overrides(args, ann, holdout, work / "calib" / dataset))
+            c.model.init, c.model.backbone = "", dict(arch) if arch else {}
+            steps, ips = calibrate_steps(c, minutes * 60)
+            print(f"calibration: {ips:.1f} img/s -> {steps} steps of {args.batch_size} pages per run", flush=True)
+        batch = 2 if args.smoke else args.batch_size
+        n_train = 100 - holdout if dataset == "docbank" else 20 - holdout
+        repeat = max(1, math.ceil(steps * batch / n_train))  # one epoch ~ the whole run: no per-epoch checkpoints
+        entry = results["datasets"].setdefault(dataset, {})
+        entry.update({"note": note, "steps": steps, "calibrated_img_per_s": ips, "budget_minutes": minutes})
+        entry.setdefault("runs", {})
+        class_names: list[str] = []
+        for name in wanted:
+            run_dir = runs_dir / dataset / name
+            extra = [f"train.max_steps={steps}",
+                     f"train.warmup_steps={max(1, min(steps // 10, 100)) if steps > 1 else 0}",
+                     f"data.repeat={repeat}"]
+            if name == "pretrained":
+                extra += [f"model.init={init}", f"train.layer_decay={args.layer_decay}"]
+            elif name == "scratch":
+                extra += [f"train.layer_decay={args.scratch_layer_decay}"]
+            else:
+                raise SystemExit(f"unknown run {name!r} (pretrained | scratch)")
+            rc = load_config(LayoutConfig, config, base_overrides(args, ann, holdout, run_dir) + extra)
+            if name == "scratch":
+                rc.model.init, rc.model.backbone = "", dict(arch) if arch else {}
+            print(f"=== {dataset} {name}: {steps} steps, layer decay {rc.train.layer_decay}, "
+                  f"init {rc.model.init or 'random'}", flush=True)
+            try:
+                r = run_one(dataset, name, rc, out)
+            except Exception as e:  # e.g. a diverged scratch run: keep the other runs' results
+                import traceback
+
+                traceback.print_exc()
+                entry["runs"][name] = {"error": f"{type(e).__name__}: {e}", "steps": steps}
+                path.write_text(json.dumps(results, indent=1))
+                continue
+            class_names = list(r["per_class_bbox_AP"])
+            print(f"{dataset} {name}: bbox AP {r['bbox_AP']}  AP50 {r['bbox_AP50']}  ({r['steps']} steps, "
+                  f"{r['wall_s']} s)", flush=True)
+            entry["runs"][name] = r
+            path.write_text(json.dumps(results, indent=1))
+        done = {n: r for n, r in entry["runs"].items() if "error" not in r}
+        if done and class_names:
+            table = comparison(dataset, done, class_names)
+            (out / f"{dataset}_ap.txt").write_text(table + "\n")
+            print(table, flush=True)
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    path.write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {path} and the tables / PNGs in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
