@@ -209,3 +209,18 @@ def test_gpu_views_with_masks_drawn_in_the_dataset() -> None:
         gpu_pretrain_views(batch["image"], cfg, masks=batch["mask"][:, :4])
     with pytest.raises(ValueError, match="mask_generator"):
         TensorImageDataset(images, transform=cfg, mask_generator=cfg.mask_generator)
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_crash() -> None:
+    """RandAugment's PosterizeIncreasing can ask for 0 bits; recent Pillow raises there (mid-epoch crash)."""
+    from PIL import Image
+    from timm.data import auto_augment as aa
+
+    from beit.data.transforms import build_finetune_transform
+
+    t = build_finetune_transform(True, 32)
+    ra = next(x for x in t.transforms if isinstance(x, aa.RandAugment))
+    op = next(o for o in ra.ops if o.aug_fn.__name__ == "_posterize_zero_safe")
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    assert op.aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert op.aug_fn(img, 8) is img

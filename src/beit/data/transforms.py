@@ -379,6 +379,29 @@ def build_eval_transform(
     )
 
 
+def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, with 0 bits (RandAugment's level 10 of PosterizeIncreasing) giving the black image
+    that Pillow < 11 gave; Pillow >= 11 raises instead and would stop training at a random step."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _guard_posterize(transform: Any) -> Any:
+    from timm.data import auto_augment as aa
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, aa.RandAugment):
+            for op in t.ops:
+                if op.aug_fn is aa.posterize:
+                    op.aug_fn = _posterize_zero_safe
+    return transform
+
+
 def build_finetune_transform(
     is_train: bool,
     input_size: int = 224,
@@ -426,7 +449,7 @@ def build_finetune_transform(
     )
     if input_size <= SMALL_IMAGE_SIZE:
         transform.transforms[0] = T.RandomCrop(input_size, padding=4)
-    return transform
+    return _guard_posterize(transform)
 
 
 def build_linear_probe_transform(

@@ -223,28 +223,6 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | 
 
 
 # ---------------------------------------------------------------------------------------- data
-def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
-    """timm's posterize, with 0 bits (RandAugment's level 10 of PosterizeIncreasing) giving the black image
-    that Pillow < 11 gave; Pillow >= 11 raises instead and would stop training at a random step."""
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _guard_posterize(transform: Any) -> None:
-    from timm.data import auto_augment as aa
-
-    for t in getattr(transform, "transforms", []):
-        if isinstance(t, aa.RandAugment):
-            for op in t.ops:
-                if op.aug_fn is aa.posterize:
-                    op.aug_fn = _posterize_zero_safe
-
-
 def build_train_transform(data: DataConfig, img_size: int) -> Any:
     """Training augmentation: the paper's recipe via the data helper, or the document recipe (``resize=full``:
     whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
@@ -257,7 +235,6 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
                                       hflip=data.hflip, interpolation=data.interpolation,
                                       mean=tuple(data.mean), std=tuple(data.std))
-        _guard_posterize(tf)
         steps = list(tf.transforms)
     else:
         from timm.data.random_erasing import RandomErasing
