@@ -58,8 +58,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
                           min_lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=1000, **common),
     )
     tok = train_tokenizer(tok_cfg)
-    print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {tok.get('heldout_psnr', float('nan')):.1f} dB, codebook perplexity "
-          f"{tok.get('heldout_perplexity', float('nan')):.1f} of 128", flush=True)
+    psnr, ppl = tok.get("heldout_psnr", float("nan")), tok.get("heldout_perplexity", float("nan"))
+    print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
+          f"{ppl:.1f} of 128", flush=True)
 
     pre_cfg = PretrainConfig(
         model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=IMG, patch_size=PATCH,
@@ -73,7 +74,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
         vis_samples=6,
     )
     pre = pretrain(pre_cfg)
-    print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {pre.get('train/mim_acc', float('nan')):.3f}", flush=True)
+    mim_acc = pre.get("train/mim_acc", float("nan"))
+    print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
 
     ft_train = TrainConfig(output_dir="", max_steps=steps["ft"], batch_size=64, lr=2e-3, min_lr=1e-5,
                            warmup_steps=max(1, steps["ft"] // 10), weight_decay=0.05, layer_decay=0.75,
@@ -90,8 +92,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
                              train=replace(ft_train, output_dir=str(out / f"finetune_{arm}")))
         arms[arm] = finetune(cfg)
     acc = {arm: r.get("top1", float("nan")) for arm, r in arms.items()}
-    print(f"[4/4] ({time.perf_counter() - t0:.0f}s) fine-tuned {steps['ft']} steps each: pre-trained {acc['pretrained']:.1f}% vs from scratch "
-          f"{acc['scratch']:.1f}% top-1 on {sum(1 for _ in test_dir.rglob('*.png'))} held-out digits", flush=True)
+    n_test = sum(1 for _ in test_dir.rglob("*.png"))
+    print(f"[4/4] ({time.perf_counter() - t0:.0f}s) fine-tuned {steps['ft']} steps each: pre-trained "
+          f"{acc['pretrained']:.1f}% vs from scratch {acc['scratch']:.1f}% top-1 on {n_test} held-out digits",
+          flush=True)
     pngs = {
         "tokenizer reconstructions": tok.get("recon_grid"),
         "masked-prediction panel": pre.get("panel"),
@@ -103,7 +107,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
         print(f"  {name}: {path}")
     summary = dict(top1=acc, seconds=round(time.perf_counter() - t0, 1), pngs=pngs,
                    tokenizer={k: tok.get(k) for k in ("heldout_psnr", "heldout_perplexity", "heldout_dead_codes")},
-                   mim_acc=pre.get("train/mim_acc"))
+                   mim_acc=mim_acc)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done in {summary['seconds']}s; summary: {out / 'demo_summary.json'}")
     return summary
