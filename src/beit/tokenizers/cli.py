@@ -5,6 +5,8 @@
   codebook perplexity and dead codes, plus a reconstruction grid PNG.
 - ``beit tokenizer convert encoder.pkl decoder.pkl dalle.safetensors``: read the official pickles
   once through the restricted unpickler and keep a safetensors copy.
+- ``beit tokenizer encode dvae tok.safetensors --data DIR --out ids.safetensors``: token ids of every
+  image of a folder (center crop), for users who cache targets; paths in ``ids.json`` beside it.
 """
 
 from __future__ import annotations
@@ -39,13 +41,23 @@ def _args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
     e.add_argument("--out", default="tokenizer_recon.png", help="reconstruction grid PNG")
 
+    n = sub.add_parser("encode", help="precompute the token ids of every image of a folder")
+    n.add_argument("kind", choices=["dalle", "dvae"])
+    n.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
+    n.add_argument("--data", required=True, help="folder of images (any depth)")
+    n.add_argument("--img-size", type=int, default=112, help="resize + center crop size (default 112, BEiT's)")
+    n.add_argument("--batch-size", type=int, default=64)
+    n.add_argument("--num-workers", type=int, default=4)
+    n.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
+    n.add_argument("--out", default="token_ids.safetensors", help="ids [N, h, w] (+ the paths in OUT.json)")
+
     c = sub.add_parser("convert", help="official DALL-E pickles -> one safetensors file (no pickle later)")
     c.add_argument("encoder", help="encoder.pkl")
     c.add_argument("decoder", nargs="?", default=None, help="decoder.pkl (optional)")
     c.add_argument("out", help="output .safetensors")
 
 
-@command("tokenizer", "visual tokenizers: train a dVAE, evaluate one, convert DALL-E pickles")(_args)
+@command("tokenizer", "visual tokenizers: train a dVAE, evaluate or encode with one, convert DALL-E pickles")(_args)
 def _run(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "train":
         from ..engine.config import load_config
@@ -77,15 +89,42 @@ def _run(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     if args.kind == "dalle":
-        tok = load_tokenizer("dalle", encoder=args.path, decoder=args.decoder, precision=args.precision)
+        tok = load_tokenizer("dalle", encoder=args.path, decoder=getattr(args, "decoder", None),
+                             precision=args.precision)
     else:
         tok = load_tokenizer("dvae", args.path)
     tok = tok.to(device).eval()
     s = args.img_size
     ds = ImageFolderDataset(args.data, T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()]))
+    if args.tokenizer_command == "encode":
+        return _encode_folder(tok, ds, args, device)
     ds = Subset(ds, range(min(len(ds), args.max_images)))
     metrics: dict = evaluate_tokenizer(tok, ds, args.batch_size)
     if getattr(tok, "decoder", None) is not None:
         metrics["recon_grid"] = write_recon_grid(tok, ds, args.out)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # noqa: ANN001
+    """Token ids of a whole folder in one safetensors file (uint16 when the vocabulary allows)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
+    chunks = []
+    for images in tqdm(loader, desc="encoding", unit="batch"):
+        chunks.append(tok.encode(images.to(device)).cpu())
+    ids = torch.cat(chunks)
+    ids = ids.to(torch.uint16 if tok.vocab_size <= 65536 else torch.int32)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"ids": ids.contiguous()}, str(out), metadata={"vocab_size": str(tok.vocab_size),
+                                                              "img_size": str(args.img_size)})
+    out.with_suffix(".json").write_text(json.dumps({"paths": ds.paths, "num_skipped": ds.num_skipped}, indent=1))
+    print(f"{len(ds)} images -> {out} ids {tuple(ids.shape)} (vocab {tok.vocab_size}); "
+          f"paths in {out.with_suffix('.json')}; {ds.num_skipped} unreadable skipped")
     return 0
