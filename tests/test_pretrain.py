@@ -121,3 +121,42 @@ def test_step_only_scores_masked_tokens() -> None:
     expected = torch.nn.functional.cross_entropy(model(batch["image"], mask), tokens)
     torch.testing.assert_close(loss, expected)
     assert float(metrics["masked_frac"]) == pytest.approx(6 / 64)
+
+
+def test_webdataset_shards_train_and_resume_exactly(tiny_setup, tmp_path) -> None:
+    """Large sets come as tar shards: a stream, split over ranks and workers; resume stays exact."""
+    import io
+
+    import webdataset as wds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    images = sorted((tiny_setup / "images" / "nested").glob("*.png"))
+    for s in range(3):
+        with wds.TarWriter(str(shards / f"train-{s:04d}.tar")) as w:
+            for p in images[s * 8 : (s + 1) * 8]:
+                buf = io.BytesIO()
+                Image.open(p).save(buf, format="PNG")
+                w.write({"__key__": f"{s}_{p.stem}", "png": buf.getvalue()})
+
+    def cfg(out, **train):
+        c = _cfg(tiny_setup, out, **train)
+        c.data.path, c.data.num_samples = str(shards), 24
+        return c
+
+    with pytest.raises(ConfigError, match="data.num_samples"):
+        load_config(PretrainConfig, None, [f"data.path={shards}", f"tokenizer.path={tiny_setup / 'tok.safetensors'}"])
+    full = tmp_path / "full"
+    pretrain(cfg(full, max_steps=7))
+    assert len(_losses(full)) == 7
+    part = tmp_path / "part"
+    from beit.engine.trainer import Trainer
+
+    real_fit = Trainer.fit
+    Trainer.fit = lambda self, stop_after_step=None: real_fit(self, stop_after_step=4)  # killed mid-epoch
+    try:
+        pretrain(cfg(part, max_steps=7))
+    finally:
+        Trainer.fit = real_fit
+    pretrain(cfg(part, max_steps=7, resume="auto"))
+    assert _losses(part) == _losses(full)

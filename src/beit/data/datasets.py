@@ -384,6 +384,7 @@ class WebDatasetShards(IterableDataset):
         shuffle_shards: bool = True,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        num_samples: int | None = None,
     ) -> None:
         if isinstance(urls, (str, os.PathLike)):
             import braceexpand
@@ -405,6 +406,13 @@ class WebDatasetShards(IterableDataset):
         self.epoch = 0
         self.num_skipped = 0
         self.bad_keys: list[str] = []
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        """Nominal samples of one epoch over all ranks (a stream cannot count itself: ``num_samples``)."""
+        if self.num_samples is None:
+            raise TypeError("WebDatasetShards has no length unless num_samples= (images per epoch) is given")
+        return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shard order and augmentation stream of ``epoch``."""

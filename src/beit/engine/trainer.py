@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -137,6 +137,14 @@ def _compile_model(model: nn.Module) -> None:
     """
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+        # blocks differ in Python constants (each its own drop-path rate), and dynamo specialises on them:
+        # allow a graph per block, or blocks past the default limit of 8 silently run eager
+        import torch._dynamo
+
+        needed = 2 * len(blocks) + 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if getattr(torch._dynamo.config, name, needed) < needed:
+                setattr(torch._dynamo.config, name, needed)
         for block in blocks:
             block.compile()
     else:
@@ -193,8 +201,13 @@ class Trainer:
                              "replaces the parameters")
 
         # Steps, checked before any work: an epoch is this rank's shard in full batches, by accum_steps.
-        self.sampler = ResumableDistributedSampler(len(train_dataset), cfg.batch_size, seed=cfg.seed)
-        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size // cfg.accum_steps
+        # A streaming (iterable) dataset, e.g. webdataset shards, splits itself across ranks and workers;
+        # its len() is the nominal number of samples of one epoch over all ranks.
+        self.streaming = isinstance(train_dataset, IterableDataset)
+        self.sampler = None if self.streaming else ResumableDistributedSampler(len(train_dataset), cfg.batch_size,
+                                                                                seed=cfg.seed)
+        per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
+        self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError("batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
                                             f"no full step of batch_size {cfg.batch_size} x accum_steps "
@@ -273,7 +286,7 @@ class Trainer:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         model.train()
-        batches = iter(self._make_loader())
+        batches = self._batches()
         params = [p for g in opt.param_groups for p in g["params"]]
         epoch = self.epoch
         while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
@@ -352,13 +365,38 @@ class Trainer:
         self.log.error(f"non-finite loss/grad at step {self.step + 1}: {shown}")
         raise TrainingDivergedError(self.step + 1, shown, last if last.is_file() else None)
 
+    def _batches(self) -> Iterator[Any]:
+        """This epoch's batches from the current position. A stream is read from the start of the epoch and
+        the batches already trained on are skipped (its order is a function of seed and epoch, so resume
+        stays exact, at the cost of decoding them again); a stream that runs dry starts another pass."""
+        if not self.streaming:
+            yield from self._make_loader()
+            return
+        skip = self.batch_in_epoch
+        passes = 0
+        while True:
+            got = False
+            for batch in self._make_loader():
+                got = True
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            passes += 1
+            if not got or passes > 1000:
+                raise RuntimeError("the streaming dataset yields no full batch: check the shards and batch_size")
+
     def _make_loader(self) -> DataLoader:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
+        g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.epoch, D.rank()))
+        if self.streaming:
+            return DataLoader(self.dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                              collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda", drop_last=True,
+                              worker_init_fn=_worker_init, generator=g)
         self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
         # a loader (fresh or resumed) never shifts the training RNG stream.
-        g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.epoch, D.rank()))
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
                           pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,

@@ -40,7 +40,9 @@ class PretrainModelConfig:
 
 @dataclass
 class PretrainDataConfig:
-    path: str = ""  # a folder of images, searched recursively (any class layout or none)
+    path: str = ""  # a folder of images (searched recursively, any layout), or webdataset shards: a .tar,
+    # a folder of .tar files, or a brace pattern such as shards/train-{000000..001023}.tar
+    num_samples: int = 0  # shards only: images per epoch (a stream cannot count itself)
     in_memory: bool = False  # decode every image once into RAM as uint8 (small images such as CIFAR)
     max_images: int = 0  # 0 = all
     scale: tuple[float, float] = (0.08, 1.0)
@@ -102,8 +104,11 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
     if not d.path:
         raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
-    if not Path(d.path).exists():
+    if not shard_urls(d.path) and not Path(d.path).exists():
         raise ConfigError("data.path", f"folder not found: {d.path}")
+    if shard_urls(d.path) and d.num_samples <= 0:
+        raise ConfigError("data.num_samples", f"{d.path} is webdataset shards: give the images per epoch "
+                                              "(data.num_samples=N)")
     grid = m.img_size // m.patch_size
     try:
         BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
@@ -119,6 +124,22 @@ def validate(cfg: PretrainConfig) -> None:
     for key, value in (("tokenizer.path", t.path), ("tokenizer.decoder", t.decoder)):
         if value and not Path(value).exists():
             raise ConfigError(key, f"file not found: {value}")
+
+
+def shard_urls(path: str) -> list[str]:
+    """The shard files ``path`` names (a .tar, a folder of .tar files, a brace pattern), or [] for images."""
+    if "{" in path:
+        import braceexpand
+
+        return list(braceexpand.braceexpand(path))
+    p = Path(path)
+    if p.is_file() and p.suffix == ".tar":
+        return [str(p)]
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        has_images = any(f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") for f in p.iterdir())
+        return tars if tars and not has_images else []
+    return []
 
 
 def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cpu") -> nn.Module:
@@ -146,6 +167,11 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
         mask_generator=masks,
     )
     seed = cfg.train.seed
+    urls = shard_urls(d.path)
+    if urls:
+        from ..data.datasets import WebDatasetShards
+
+        return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
     if d.in_memory:
         images, _, _ = load_image_folder_to_memory(d.path)
         if d.max_images:
@@ -223,8 +249,11 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
 def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device) -> dict[str, torch.Tensor]:
     from ..data.transforms import collate_pretrain
 
-    n = min(n, len(dataset))
-    return {k: v.to(device) for k, v in collate_pretrain([dataset[i] for i in range(n)]).items()}
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        samples = [s for _, s in zip(range(n), iter(dataset))]
+    else:
+        samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    return {k: v.to(device) for k, v in collate_pretrain(samples).items()}
 
 
 # ------------------------------------------------------------------------------------------ entry point
