@@ -26,11 +26,12 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
+
 from ...models import Beit, BeitConfig, create_model
 
 __all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices"]
 
-PYRAMID_STRIDES = (4, 8, 16, 32)
 
 
 @dataclass
@@ -74,34 +75,6 @@ class DetectorConfig:
             raise ConfigError("score_thresh", f"must be in [0, 1), got {self.score_thresh}")
 
 
-def default_out_indices(depth: int) -> tuple[int, int, int, int]:
-    """Blocks at 1/3, 1/2, 2/3 and the end of the network: (3, 5, 7, 11) for base, (7, 11, 15, 23) for large."""
-    return tuple(max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3)) + (depth - 1,)
-
-
-def _norm(kind: str, dim: int) -> nn.Module:
-    if kind == "bn":
-        return nn.BatchNorm2d(dim)
-    if kind == "gn":
-        return nn.GroupNorm(math.gcd(32, dim), dim)
-    return nn.Identity()
-
-
-def _rescale(dim: int, factor: float, norm: str) -> nn.Module:
-    """Stride change by ``factor``: >1 transposed convs (norm + GELU between), 1 identity, <1 max pooling."""
-    if factor == 1:
-        return nn.Identity()
-    if factor < 1:
-        k = round(1 / factor)
-        return nn.MaxPool2d(kernel_size=k, stride=k)
-    layers: list[nn.Module] = []
-    for i in range(round(math.log2(factor))):
-        if i > 0:
-            layers += [_norm(norm, dim), nn.GELU()]
-        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
-    return nn.Sequential(*layers) if len(layers) > 1 else layers[0]
-
-
 class BeitPyramidBackbone(nn.Module):
     """BEiT -> four maps at strides 4/8/16/32 -> FPN (+ max-pooled level): what torchvision's R-CNNs expect.
 
@@ -120,7 +93,7 @@ class BeitPyramidBackbone(nn.Module):
         if len(self.out_indices) != 4:
             raise ValueError(f"out_indices must name 4 blocks, got {self.out_indices}")
         dim = body.embed_dim
-        self.scales = nn.ModuleList(_rescale(dim, p / s, norm) for s in PYRAMID_STRIDES)
+        self.scales = nn.ModuleList(pyramid_branch(dim, p / s, norm) for s in PYRAMID_STRIDES)
         extra = LastLevelMaxPool() if extra_pool else None
         self.fpn = FeaturePyramidNetwork([dim] * 4, out_channels, extra_blocks=extra)
         self.out_channels = out_channels

@@ -16,7 +16,6 @@ returns the auxiliary logits (training). Inputs of any size work: they are padde
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit.models import Beit
+from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
 __all__ = [
     "BeitSegmenter",
@@ -37,22 +37,6 @@ __all__ = [
 ]
 
 
-def default_out_indices(depth: int) -> tuple[int, int, int, int]:
-    """Four evenly spaced blocks ending at the last one: depth 12 -> (3, 5, 7, 11), 24 -> (5, 11, 17, 23).
-
-    The paper's code uses 3, 5, 7, 11 for base and 7, 11, 15, 23 for large; for other depths the
-    even spacing ``depth // 4 * k - 1`` keeps the deepest map at the last block.
-    """
-    if depth < 4:  # tiny test models: repeat blocks rather than fail
-        return tuple(min(depth - 1, max(0, round((k + 1) * depth / 4) - 1)) for k in range(4))  # type: ignore[return-value]
-    if depth == 12:
-        return (3, 5, 7, 11)
-    if depth == 24:
-        return (7, 11, 15, 23)
-    step = depth // 4
-    return (step - 1, 2 * step - 1, 3 * step - 1, depth - 1)
-
-
 class ConvBNReLU(nn.Sequential):
     """mmseg's ``ConvModule``: conv (no bias, since BN follows) -> BatchNorm -> ReLU."""
 
@@ -64,21 +48,6 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-def _rescale(dim: int, factor: float) -> nn.Module:
-    """One pyramid branch: up by ``factor`` with 2x2 transposed convs (BN-GELU between), down by max-pool."""
-    if factor == 1:
-        return nn.Identity()
-    if factor < 1:
-        k = round(1 / factor)
-        return nn.MaxPool2d(kernel_size=k, stride=k)
-    layers: list[nn.Module] = []
-    for i in range(round(math.log2(factor))):
-        if i > 0:
-            layers += [nn.BatchNorm2d(dim), nn.GELU()]
-        layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
-    return nn.Sequential(*layers)
-
-
 class FeaturePyramid(nn.Module):
     """Four ViT maps at stride ``patch_size`` -> strides 4, 8, 16, 32 (the official ``fpn1..fpn4``).
 
@@ -86,13 +55,13 @@ class FeaturePyramid(nn.Module):
     exactly the paper's code; other power-of-two patch sizes get the same recipe with other factors.
     """
 
-    strides = (4, 8, 16, 32)
+    strides = PYRAMID_STRIDES
 
     def __init__(self, dim: int, patch_size: int = 16) -> None:
         super().__init__()
         if patch_size & (patch_size - 1) or patch_size < 1:
             raise ValueError(f"the feature pyramid needs a power-of-two patch size, got {patch_size}")
-        self.branches = nn.ModuleList(_rescale(dim, patch_size / s) for s in self.strides)
+        self.branches = nn.ModuleList(pyramid_branch(dim, patch_size / s) for s in self.strides)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [branch(f) for branch, f in zip(self.branches, feats)]
