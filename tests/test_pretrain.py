@@ -160,3 +160,28 @@ def test_webdataset_shards_train_and_resume_exactly(tiny_setup, tmp_path) -> Non
         Trainer.fit = real_fit
     pretrain(cfg(part, max_steps=7, resume="auto"))
     assert _losses(part) == _losses(full)
+
+
+def test_two_process_gloo_pretraining(tiny_setup, tmp_path) -> None:
+    """`torchrun --nproc_per_node 2 -m beit pretrain` on CPU (gloo): ranks train on disjoint shards in step."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cfg = _cfg(tiny_setup, out, max_steps=4)
+    overrides = [
+        f"data.path={cfg.data.path}", "data.num_mask_patches=26", "data.min_mask_patches_per_block=4",
+        "data.color_jitter=0.0", "model.name=beit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4",
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "tokenizer.kind=dvae",
+        f"tokenizer.path={cfg.tokenizer.path}", f"train.output_dir={out}", "train.batch_size=4",
+        "train.num_workers=0", "train.warmup_steps=1", "train.max_steps=4", "train.log_every=1",
+        "train.image_every=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "beit", "pretrain", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(_losses(out)) == 4 and (out / "last.pt").exists()
+    assert "2 rank(s) on cpu" in proc.stdout + proc.stderr
