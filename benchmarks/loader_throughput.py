@@ -61,7 +61,7 @@ def memory_gpu_path(images: torch.Tensor, workers: int, batch: int, batches: int
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0, pin_memory=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # crop boxes and flips are drawn on the CPU, applied on the device
     it = iter(loader)
     t0 = time.perf_counter()
     n = 0
