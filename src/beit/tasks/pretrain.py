@@ -7,7 +7,6 @@ Everything else (optimizer, schedule, bf16, DDP/FSDP, checkpoints, resume, loggi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,14 +298,3 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
     return result
 
-
-def mask_ratio(cfg: PretrainConfig) -> float:
-    grid = cfg.model.img_size // cfg.model.patch_size
-    return cfg.data.num_mask_patches / float(grid * grid)
-
-
-def scaled_mask_budget(grid: int, ratio: float = 0.4, min_block: int = 16) -> tuple[int, int]:
-    """The paper's 40% / 16-patch blocks, scaled to a smaller grid (e.g. 8x8 for 32px images, 4px patches)."""
-    budget = max(1, round(ratio * grid * grid))
-    block = max(1, min(min_block, math.ceil(budget / 4.7)))  # 75/16 ~ 4.7 blocks per mask, as on 14x14
-    return budget, block
