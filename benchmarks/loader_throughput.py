@@ -35,22 +35,23 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (375, 500)) -> None:
         img.save(root / f"{i:05d}.jpg", quality=90)
 
 
+def _endless(loader: torch.utils.data.DataLoader):
+    """Batches without end: a new pass starts when one runs out."""
+    while True:
+        yield from loader
+
+
 def folder_path(root: Path, workers: int, batch: int, batches: int) -> float:
     ds = ImageFolderDataset(root, transform=PretrainTransform(224, 16, 8), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                                          collate_fn=collate_pretrain, drop_last=True, persistent_workers=True,
                                          prefetch_factor=4)
-    it = iter(loader)
+    it = _endless(loader)
     next(it)  # workers up
     t0 = time.perf_counter()
     n = 0
     for _ in range(batches):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader)
-            b = next(it)
-        n += b["image"].shape[0]
+        n += next(it)["image"].shape[0]
     return n / (time.perf_counter() - t0)
 
 
@@ -62,15 +63,11 @@ def memory_gpu_path(images: torch.Tensor, workers: int, batch: int, batches: int
                                          persistent_workers=workers > 0, pin_memory=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)  # crop boxes and flips are drawn on the CPU, applied on the device
-    it = iter(loader)
+    it = _endless(loader)
     t0 = time.perf_counter()
     n = 0
     for _ in range(batches):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader)
-            b = next(it)
+        b = next(it)
         views = gpu_pretrain_views(b["image"].to(device, non_blocking=True), cfg, g, masks=b["mask"].to(device))
         n += views["image"].shape[0]
     if device == "cuda":
