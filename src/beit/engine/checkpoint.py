@@ -53,33 +53,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_error(e: OSError, path: Path) -> OSError:
+    """The same kind of ``OSError`` (same errno), saying which checkpoint could not be written."""
+    err = OSError(f"could not write checkpoint {path}: {e}")
+    err.errno = e.errno
+    return err
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` atomically: ``name.tmp`` in the same dir, fsync, ``os.replace``.
 
-    A crash mid-write leaves the previous file intact (at worst a stray ``.tmp``).
+    A crash mid-write leaves the previous file intact (at worst a stray ``.tmp``, which the next run in the
+    folder removes). On an error (e.g. a full disk) the ``.tmp`` is deleted and an ``OSError`` with the
+    original errno is raised, its message naming ``path`` and the cause.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _write_error(e, path) from e
+    except BaseException:  # e.g. KeyboardInterrupt, or a pickling error: no partial file left behind
+        _remove_quietly(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
 def _link_atomic(src: Path, dst: Path) -> None:
-    """``dst`` becomes the same file as ``src`` (hard link: no copy, no extra disk), atomically."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # filesystem without hard links: copy
-        import shutil
+    """``dst`` becomes the same file as ``src`` (hard link: no copy, no extra disk), atomically.
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    On an error ``dst`` is unchanged, the ``.tmp`` is deleted and an ``OSError`` naming ``dst`` is raised.
+    """
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:  # filesystem without hard links: copy
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _write_error(e, dst) from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -115,7 +148,11 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, state: dict[str, Any], step: int, *, is_best: bool = False) -> Path:
-        """Write the checkpoint (call on the main rank only) and return the path of ``last.pt``."""
+        """Write the checkpoint (call on the main rank only) and return the path of ``last.pt``.
+
+        On a write error (e.g. a full disk) the ``OSError`` of the file that failed is raised, naming it;
+        ``last.pt`` / ``best.pt`` still point to the previous complete checkpoint and no ``.tmp`` remains.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         last = self.dir / "last.pt"
         if self.keep_last > 0:

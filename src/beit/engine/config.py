@@ -72,6 +72,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 = only at the end
     image_every: int = 0  # steps between visualize_fn calls; 0 = off
     resume: str = ""  # "" | path/to/ckpt.pt | "auto" (output_dir/last.pt if present)
+    overwrite: bool = False  # a fresh run may replace an earlier run in output_dir (else it is refused)
+    allow_config_change: bool = False  # resume even if keys that define the run changed (else refused)
 
     def validate(self) -> None:
         """Reject values that would fail (or silently misbehave) later."""

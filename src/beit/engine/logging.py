@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .rundir import atomic_write
+
 __all__ = ["MetricLogger", "get_logger", "plot_curves", "read_metrics", "setup_logging"]
 
 _LOGGER_NAME = "beit"
@@ -66,11 +68,30 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
 
 
 def read_metrics(path: str | Path, split: str | None = "train") -> list[dict[str, Any]]:
-    """Lines of ``metrics.jsonl`` (of one split, or all with ``split=None``)."""
+    """Lines of ``metrics.jsonl`` (of one split, or all with ``split=None``).
+
+    A line that is not a JSON object (cut short by a crash or a full disk) is skipped with a warning naming
+    the file and line, so an incomplete file never blocks a resume or a plot.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad:
+        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        get_logger().warning(f"{path}: skipped {len(bad)} incomplete or damaged line(s) (line {lines}), "
+                             "e.g. cut short by a crash")
     return [r for r in rows if split is None or r.get("split") == split]
 
 
@@ -92,9 +113,10 @@ class MetricLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.jsonl.unlink(missing_ok=True)
-        elif self.jsonl.is_file():
+        elif self.jsonl.is_file():  # damaged lines (a crash mid-write) are dropped here too
             keep = [r for r in read_metrics(self.jsonl, split=None) if r.get("step", 0) <= resume_step]
-            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            with atomic_write(self.jsonl) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -129,7 +151,9 @@ class MetricLogger:
 
 def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
     """One panel per metric (loss first) vs step; eval points as markers. Uses the Agg canvas directly,
-    so it works headless and leaves the user's matplotlib backend alone."""
+    so it works headless and leaves the user's matplotlib backend alone. Written atomically: on an error
+    (e.g. ``OSError`` of a full disk, raised) the previous ``png_path`` is kept and no temporary file remains.
+    Returns ``png_path``, or None when there is nothing to plot."""
     rows = read_metrics(jsonl_path, split=None)
     if not rows:
         return None
@@ -170,5 +194,6 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
             ax.set_title(f"{name} ({splits.pop()})")
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=100)
+    with atomic_write(png_path) as tmp:  # never a truncated or 0-byte png (crash, full disk)
+        fig.savefig(tmp, dpi=100, format="png")
     return png_path

@@ -52,6 +52,7 @@ from .config import ConfigError, TrainConfig, save_config, to_dict, validate_con
 from .distributed import ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
+from .rundir import RunDirError, RunLock, atomic_write, check_resume_config, prepare_output_dir
 
 __all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
 
@@ -59,14 +60,33 @@ StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; no optimizer step and no checkpoint were made."""
+    """Training diverged at optimizer step ``step`` (1-based): its loss or gradient norm was NaN/inf (then
+    that step's optimizer update was not made), or its optimizer update made the weights non-finite
+    (``reason`` says so). Either way no checkpoint of that step or later was written: ``last_checkpoint``
+    (if any) holds finite weights."""
 
-    def __init__(self, step: int, metrics: dict[str, float], last_checkpoint: Path | None):
-        self.step, self.metrics, self.last_checkpoint = step, metrics, last_checkpoint
+    def __init__(self, step: int, metrics: dict[str, float], last_checkpoint: Path | None,
+                 reason: str | None = None):
+        self.step, self.metrics, self.last_checkpoint, self.reason = step, metrics, last_checkpoint, reason
         shown = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
         where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint saved yet"
-        super().__init__(f"training diverged at step {step}: {shown}. {where}. Lower the lr, raise warmup, "
+        what = f"{reason} ({shown})" if reason else shown
+        super().__init__(f"training diverged at step {step}: {what}. {where}. Lower the lr, raise warmup, "
                          "set clip_grad, or check the batch (e.g. a mask with no masked patch).")
+
+
+def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-d tensor on the params' device: 0 when every weight is finite, NaN otherwise; no host sync.
+
+    One fused norm per parameter (a read of the weights, small next to the optimizer step). Under FSDP each
+    rank looks at its own shard (no collective).
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [p.detach() for p in local if p.numel() > 0]
+    if not local:
+        return None
+    norms = torch._foreach_norm(local)
+    return torch.stack([n.float() for n in norms]).amax() * 0.0  # inf * 0 and NaN * 0 are NaN
 
 
 def seed_everything(seed: int) -> None:
@@ -253,14 +273,62 @@ class Trainer:
 
     def fit(self, stop_after_step: int | None = None) -> dict[str, float]:
         """Train to the end (or until ``stop_after_step``, without changing the lr schedule); return the
-        last train window's metrics (``train/...``), the last eval (``eval/...``) and the best value."""
+        last train window's metrics (``train/...``), the last eval (``eval/...``) and the best value.
+
+        The output folder is locked for the duration (one run per folder) and a fresh run into a folder
+        holding an earlier run is refused unless ``resume`` or ``overwrite`` (see ``beit.engine.rundir``).
+
+        Raises:
+            RunLockedError / RunExistsError / ConfigChangedError (``RunDirError``, a ``ValueError``): the
+                folder is in use, holds an earlier run, or the resumed checkpoint's config differs.
+            TrainingDivergedError: a non-finite loss, gradient norm or weights (the last good checkpoint kept).
+            OSError: a checkpoint could not be written (e.g. a full disk), naming the file.
+        """
+        lock = self._open_output_dir()
+        try:
+            return self._fit(stop_after_step)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open_output_dir(self) -> RunLock | None:
+        """Rank 0 takes the folder's lock and decides fresh / overwrite / resume; every rank gets the outcome
+        (so on a refusal all ranks raise the same error and none waits in a collective)."""
+        lock, error = None, None
+        if self.main:
+            try:
+                lock = RunLock(self.out).acquire()
+                if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
+                    resume_path = find_resume_path(self.cfg.resume, self.out)
+                    prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
+                                       overwrite=getattr(self.cfg, "overwrite", False))
+            except (RunDirError, OSError) as e:
+                if lock is not None:
+                    lock.release()
+                error = e
+        outcome = D.broadcast_object(None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        if outcome is not None:  # rank 0 refused: the same error here
+            import builtins
+
+            from . import rundir
+
+            cls = getattr(rundir, outcome[0], None) or getattr(builtins, outcome[0], RuntimeError)
+            raise cls(outcome[1])
+        self._fit_started = True
+        return lock
+
+    def _fit(self, stop_after_step: int | None) -> dict[str, float]:
         resume_path = find_resume_path(self.cfg.resume, self.out)
         if resume_path is not None:
             self.load(resume_path)
+        self._weights_check = None
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
                                           resume_step=self.step if resume_path is not None else None)
         if self.main:
-            save_config(self.run_config, self.out / "config.yaml")
+            with atomic_write(self.out / "config.yaml") as tmp:
+                save_config(self.run_config, tmp)
         self._print_setup()
         self._reset_window()
         if self._restored_window is not None:
@@ -274,11 +342,17 @@ class Trainer:
                 while self.step < end:
                     self.train_one_epoch(end)
         finally:
+            # Clean-up must not replace the error that stopped training (e.g. a checkpoint on a full disk):
+            # a failure here is logged as a warning (metrics.jsonl stays the source of truth).
             self.bar.close()
             self.bar = None
-            self.metric_logger.close()
-            if self.main:
-                plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+            for what, job in (("TensorBoard logs", self.metric_logger.close),
+                              ("curves.png", lambda: self.main and plot_curves(self.out / "metrics.jsonl",
+                                                                               self.out / "curves.png"))):
+                try:
+                    job()
+                except Exception as e:  # noqa: BLE001 - reported, never masks the training error
+                    self.log.warning(f"could not write {what} in {self.out}: {e}")
         D.barrier()
         return self._final_metrics()
 
@@ -310,9 +384,15 @@ class Trainer:
             metrics = {k: v / cfg.accum_steps for k, v in metric_sums.items()}
 
             grad_norm = self._clip_grad(params)
-            if not torch.isfinite(torch.stack([loss, grad_norm.to(loss.device)])).all():  # one sync a step
+            # one sync a step: this step's loss and grad norm, and the weights left by the previous update
+            checks = [loss, grad_norm.to(loss.device)]
+            weights_check = getattr(self, "_weights_check", None)
+            if weights_check is not None:
+                checks.append(weights_check.to(loss.device))
+            if not torch.isfinite(torch.stack(checks)).all():
                 self._diverged(loss, grad_norm, metrics)
             opt.step()
+            self._weights_check = self._probe_weights(params)
             opt.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.raw_model)
@@ -340,6 +420,7 @@ class Trainer:
         if self.visualize_fn is not None and cfg.image_every > 0 and self.step % cfg.image_every == 0:
             self._visualize()
         if self.step % cfg.ckpt_every == 0 or epoch_done or finished or self.step == end_step:
+            self._check_weights_before_save()
             self.save()
         self._win["t0"] += time.perf_counter() - paused
 
@@ -358,12 +439,46 @@ class Trainer:
             norm = norm.full_tensor()
         return norm.detach().float()
 
+    def _probe_weights(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """After ``opt.step()``: a device flag of the updated weights' finiteness (checked in the next step's
+        sync and before a save). Under FSDP a rank sees only its shard, so the per-step flag is skipped there
+        (the next loss, computed from the gathered weights, is non-finite on every rank alike) and the
+        pre-save check reduces over ranks."""
+        if D.is_fsdp(self.raw_model):
+            return None
+        return _weights_probe(params)
+
+    def _check_weights_before_save(self) -> None:
+        """Never write a checkpoint with non-finite weights: check the last update's weights (a host sync, at
+        save steps only; a collective under FSDP, where every rank saves together)."""
+        if D.is_fsdp(self.raw_model):
+            probe = _weights_probe([p for g in self.optimizer.param_groups for p in g["params"]])
+            bad = D.all_reduce_mean({"bad": torch.isnan(probe).float() if probe is not None else 0.0})["bad"]
+        else:
+            probe = getattr(self, "_weights_check", None)
+            bad = float(probe is not None and not bool(torch.isfinite(probe)))
+        if bad:
+            self._weights_diverged(self.step)
+
+    def _weights_diverged(self, step: int) -> None:
+        lr = lr_at(step - 1, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=self.warmup_steps,
+                   total_steps=self.total_steps, schedule=self.cfg.schedule, power=self.cfg.poly_power)
+        last = find_resume_path("auto", self.out)
+        reason = "its optimizer update made the weights non-finite"
+        self.log.error(f"non-finite weights after the optimizer update of step {step} (lr {lr:.3g})")
+        raise TrainingDivergedError(step, {"lr": lr}, last, reason=reason)
+
     def _diverged(self, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: dict) -> None:
+        """Raise :class:`TrainingDivergedError` for the step in progress (``self.step + 1``), or for the
+        previous step when it was that step's update that left non-finite weights."""
+        weights_check = getattr(self, "_weights_check", None)
+        if weights_check is not None and not bool(torch.isfinite(weights_check)):
+            self._weights_diverged(self.step)
         shown = {"loss": loss.item(), "grad_norm": grad_norm.item()}
         shown.update({k: float(v) for k, v in metrics.items()})
-        last = self.out / "last.pt"
+        last = find_resume_path("auto", self.out)
         self.log.error(f"non-finite loss/grad at step {self.step + 1}: {shown}")
-        raise TrainingDivergedError(self.step + 1, shown, last if last.is_file() else None)
+        raise TrainingDivergedError(self.step + 1, shown, last)
 
     def _batches(self) -> Iterator[Any]:
         """This epoch's batches from the current position. A stream is read from the start of the epoch and
@@ -525,6 +640,8 @@ class Trainer:
         """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
         path = Path(path)
         state = load_checkpoint(path)
+        check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
+                            allow=getattr(self.cfg, "allow_config_change", False))
         load_model_state(self.model, state["model"], source=str(path))
         keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
         try:

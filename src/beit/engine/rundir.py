@@ -1,0 +1,398 @@
+"""The output folder of a training run: one run at a time, never a silent overwrite, safe resumes.
+
+- **Lock** (:class:`RunLock`): ``output_dir/.lock`` holds ``{"pid", "host", "started"}`` of the run using the
+  folder and is ``flock``-ed while it runs. A second run on the folder is refused naming the holder. A lock
+  whose process is gone (the kernel drops a ``flock`` when its process dies, even on ``kill -9``; where
+  ``flock`` is unavailable, the pid is checked on this host) is stale: it is taken over with a warning.
+- **Fresh, overwrite or resume** (:func:`prepare_output_dir`): a fresh run into a folder that holds an
+  earlier run's checkpoints or metrics is refused unless ``train.resume`` (``--resume``) continues it or
+  ``train.overwrite=true`` (``--overwrite``) replaces it; overwriting deletes only what the engine wrote
+  (:data:`RUN_FILES`, :data:`RUN_DIRS`, ``step_*`` checkpoints), other files in the folder are kept.
+- **Resume with a changed config** (:func:`check_resume_config`): the checkpoint's ``config`` is compared
+  with the current one; keys that change what is trained (model, data, masking, batch size, seed, optimizer,
+  schedule, ...) must be equal, else :class:`ConfigChangedError` names each differing key;
+  ``train.allow_config_change=true`` accepts them with a warning. Bookkeeping, duration and runtime keys
+  (:data:`RESUME_SAFE_KEYS`) may change freely.
+- **Atomic small files** (:func:`atomic_write`): plots and ``config.yaml`` are written to a temporary file and
+  renamed, so a crash or a full disk never leaves a truncated one.
+
+Nothing here is distributed-aware: the trainer calls these on rank 0 and broadcasts the outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOCK_NAME", "RESUME_SAFE_KEYS", "RUN_DIRS", "RUN_FILES", "ConfigChangedError", "RunDirError", "RunExistsError",
+    "RunLock", "RunLockedError", "atomic_write", "check_resume_config", "clear_previous_run", "diff_configs",
+    "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
+]
+
+LOCK_NAME = ".lock"
+#: files the engine writes into ``output_dir`` (deleted by an overwrite; ``log.txt`` is appended to, kept)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.yaml")
+#: folders the engine writes into ``output_dir`` (deleted by an overwrite)
+RUN_DIRS = ("tb", "images")
+# step checkpoints: step_0000042.pt files, or folders (sharded checkpoints), and last/best folders
+_CKPT_RE = re.compile(r"^(step_\d+(\.pt)?|last|best|last\.pt|best\.pt)$")
+
+#: config keys (last component of the dotted path) that may differ on resume: where the run writes, how
+#: long it runs, how often it logs/evaluates/saves, and how it computes (workers, compile, precision, DDP/FSDP,
+#: evaluation-only batch sizes). Everything else defines the run and must match.
+RESUME_SAFE_KEYS = frozenset({
+    "output_dir", "resume", "overwrite", "allow_config_change",  # where / how the run is started
+    "epochs", "max_steps",  # extend or shorten (the lr schedule follows the new length)
+    "log_every", "ckpt_every", "keep_last", "eval_every", "image_every",  # bookkeeping
+    "num_workers", "compile", "precision", "distributed",  # runtime: same data, same model
+    "eval_batch_size", "extract_batch_size", "extract_num_workers", "vis_samples", "grid_images",
+})
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked (held by another run, holds a run, or a changed config)."""
+
+
+class RunLockedError(RunDirError):
+    """Another live run holds ``output_dir/.lock``."""
+
+
+class RunExistsError(RunDirError):
+    """A fresh run was started into a folder that holds an earlier run (no resume, no overwrite)."""
+
+
+class ConfigChangedError(RunDirError):
+    """Resume with a config that differs from the checkpoint's in keys that define the run."""
+
+
+def _log() -> logging.Logger:
+    return logging.getLogger("beit")
+
+
+# --- lock ------------------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a pid we may not signal exists too)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The holder written in a lock file, or None if the file is missing, empty or damaged."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "an unknown process (the lock file is empty or damaged)"
+    return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
+
+
+class RunLock:
+    """``output_dir/.lock``: at most one run per output folder (see the module docstring).
+
+    Use as ``lock = RunLock(dir).acquire()`` ... ``lock.release()`` (or as a context manager).
+    ``acquire`` raises :class:`RunLockedError` naming the holder (pid, host, start time) when a live run
+    holds it, and takes over a stale lock (its process is gone) with a warning.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.path = self.dir / LOCK_NAME
+        self.info: dict[str, Any] = {}
+        self._fd: int | None = None
+        self._flock = True  # flock honoured by this filesystem (else: pid check on this host)
+
+    def acquire(self) -> RunLock:
+        """Take the lock; see the class docstring. Raises :class:`RunLockedError`; ``OSError`` if the folder
+        cannot be written."""
+        if self._fd is not None:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):  # retry if the holder removed the file between our open and our flock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._try_flock(fd)
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                self._take(fd)
+                return self
+            except BaseException:
+                if self._fd is None:
+                    os.close(fd)
+                raise
+        raise RunLockedError(f"{self.path}: could not take the lock (it keeps being replaced by another run)")
+
+    def _try_flock(self, fd: int) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: pid check only
+            self._flock = False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(self._held_message(_read_lock(self.path))) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            self._flock = False  # filesystem without flock: fall back to the pid check
+
+    def _held_message(self, info: dict[str, Any] | None) -> str:
+        return (f"output_dir {self.dir} is in use by another run ({_describe(info)}; lock file {self.path}). "
+                "Wait for it to end, stop it, or choose another output_dir")
+
+    def _take(self, fd: int) -> None:
+        old = _read_lock(self.path)
+        host = socket.gethostname()
+        if old:
+            pid = old.get("pid") if isinstance(old.get("pid"), int) else -1
+            here = old.get("host") == host
+            live = here and pid != os.getpid() and _pid_alive(pid)
+            # flock free but the recorded process lives: a filesystem that does not share flocks between
+            # processes, or a recycled pid; without flock a lock of another host cannot be checked: refuse both
+            if live or (not self._flock and not here):
+                raise RunLockedError(self._held_message(old) + f" (if that run is gone, delete {self.path})")
+            if pid != os.getpid():
+                _log().warning(f"{self.path}: taking over a stale lock of {_describe(old)}: that run ended "
+                               "without releasing it (killed or crashed)")
+        elif self.path.stat().st_size > 0:
+            _log().warning(f"{self.path}: taking over a damaged stale lock")
+        self.info = {"pid": os.getpid(), "host": host, "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(self.info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            if _read_lock(self.path) == self.info:  # still ours
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --- fresh / overwrite / resume ----------------------------------------------------------------------------
+
+def previous_run_files(output_dir: str | Path) -> list[Path]:
+    """What an earlier run left in ``output_dir``: checkpoints (``last.pt``, ``best.pt``, ``step_*``, files or
+    sharded folders) and a non-empty ``metrics.jsonl``; sorted by name. Empty for a new or missing folder."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if _CKPT_RE.match(p.name)]
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics)
+    return sorted(found, key=lambda p: p.name)
+
+
+def _is_checkpoint(p: Path) -> bool:
+    return p.name != "metrics.jsonl"
+
+
+def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
+    """Delete ``*.tmp`` files/folders a crash left in ``output_dir`` (call only while holding the lock)."""
+    out = Path(output_dir)
+    removed = []
+    for p in out.glob("*.tmp") if out.is_dir() else []:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def clear_previous_run(output_dir: str | Path) -> list[Path]:
+    """Delete what the engine wrote in ``output_dir`` (checkpoints, metrics, curves, config.yaml, tb/, images/,
+    temporary files); other files are left alone. Returns what was deleted."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    doomed = [p for p in out.iterdir()
+              if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")]
+    for p in doomed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return sorted(doomed, key=lambda p: p.name)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().parent == folder.resolve()
+    except OSError:
+        return False
+
+
+def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resume: str = "",
+                       overwrite: bool = False) -> str:
+    """Decide how a run starts in ``output_dir`` and get the folder ready; returns ``"resume"``, ``"fresh"`` or
+    ``"overwrite"``. Call on rank 0 while holding the :class:`RunLock`.
+
+    ``resume_path`` is the checkpoint the run resumes from (None: fresh start). Resuming from a checkpoint of
+    this folder continues its run. A fresh start (or a resume from another folder's checkpoint) into a folder
+    that holds an earlier run (:func:`previous_run_files`) raises :class:`RunExistsError` naming ``--resume``
+    and ``--overwrite``, unless ``overwrite`` (then the earlier run's files are deleted, see
+    :func:`clear_previous_run`). With ``resume="auto"`` and no checkpoint, metrics of a run that crashed
+    before its first checkpoint are replaced (nothing resumable is lost). Stray ``*.tmp`` files are removed.
+    """
+    out = Path(output_dir)
+    remove_stale_tmp(out)
+    if resume_path is not None and _inside(resume_path, out):
+        return "resume"
+    found = previous_run_files(out)
+    if resume_path is None and resume == "auto":
+        found = [p for p in found if _is_checkpoint(p)]
+    if not found:
+        return "fresh"
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    if not overwrite:
+        start = (f"resuming from {resume_path} (another folder) would mix two runs" if resume_path is not None
+                 else "a fresh run would delete its metrics and replace its checkpoints")
+        hint = ("no last.pt to resume: resume a checkpoint explicitly (--resume PATH / train.resume=PATH)"
+                if resume == "auto" else "to continue it pass --resume auto (train.resume=auto)")
+        raise RunExistsError(f"output_dir {out} holds an earlier run ({names}): {start}. {hint}, or pass "
+                             "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")
+    removed = clear_previous_run(out)
+    _log().warning(f"overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in removed)})")
+    return "overwrite"
+
+
+# --- config comparison ---------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(_flatten(v, key + "."))
+            else:
+                out[key] = v
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _norm(v: Any) -> Any:
+    """Tuples and lists compare equal (YAML and torch.load give lists); ints equal to floats stay equal."""
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
+
+
+def diff_configs(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, stored value, current value)`` for every leaf that differs (a missing side is
+    ``"<absent>"``), sorted by key."""
+    a, b = _flatten(stored), _flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va is _MISSING or vb is _MISSING or _norm(va) != _norm(vb):
+            out.append((key, "<absent>" if va is _MISSING else va, "<absent>" if vb is _MISSING else vb))
+    return out
+
+
+def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, source: str | Path,
+                        allow: bool = False) -> list[str]:
+    """Compare a checkpoint's ``config`` with the current run's; return the dotted keys that differ.
+
+    Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line). Any other
+    difference raises :class:`ConfigChangedError` naming ``source`` and every such key with both values,
+    unless ``allow`` (``train.allow_config_change``), which logs them as a warning instead. A checkpoint
+    without a stored config (``stored`` None) is accepted with a warning.
+    """
+    log = _log()
+    if not isinstance(stored, dict):
+        log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
+        return []
+    diffs = diff_configs(stored, current)
+    harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS]
+    changed = [d for d in diffs if d not in harmless]
+    shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]
+    if shown:
+        log.info("resume: settings changed since the checkpoint (allowed): "
+                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shown))
+    if changed:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+        if not allow:
+            raise ConfigChangedError(
+                f"{source}: the config differs from the checkpoint's in {len(changed)} key(s) that define the "
+                f"run: {listed}. Resume with the checkpoint's settings (its config.yaml), or set "
+                "train.allow_config_change=true to continue with the new ones anyway")
+        log.warning(f"resume with a changed config (allow_config_change): {listed}")
+    return [d[0] for d in diffs]
+
+
+# --- atomic writes -------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block ends without error it replaces ``path``
+    (``os.replace``), else it is deleted and the error propagates. The temporary file is ``path`` + ``.tmp``
+    (give writers that infer the format from the name the format explicitly)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
