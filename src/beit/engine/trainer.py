@@ -324,8 +324,9 @@ class Trainer:
         if resume_path is not None:
             self.load(resume_path)
         self._weights_check = None
+        continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
-                                          resume_step=self.step if resume_path is not None else None)
+                                          resume_step=self.step if continuing else None)
         if self.main:
             with atomic_write(self.out / "config.yaml") as tmp:
                 save_config(self.run_config, tmp)

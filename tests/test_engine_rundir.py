@@ -1,0 +1,371 @@
+"""The output folder (issue 14, items 13-18): divergence in the optimizer step, resume config check, incomplete
+files, one run per folder (lock), no silent overwrite of a finished run, full disk during a checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from _engine_fixtures import NoisyDataset, TinyNet, step_fn
+from beit.engine import TrainConfig, Trainer, TrainingDivergedError, load_checkpoint
+from beit.engine import checkpoint as C
+from beit.engine import rundir as R
+from beit.engine.logging import plot_curves, read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def cfg_of(out, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), max_steps=6, batch_size=4, num_workers=0, lr=1e-2, min_lr=1e-4,
+                warmup_steps=0, schedule="constant", clip_grad=1.0, log_every=1, ckpt_every=3, keep_last=10)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def trainer_of(cfg: TrainConfig, **kw) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(TinyNet(), NoisyDataset(40), step_fn, cfg, **kw)
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")]
+
+
+# --- 13: divergence anywhere, including inside the optimizer step ---------------------------------------
+
+def test_overflow_in_optimizer_step_stops_before_any_bad_checkpoint(tmp_path):
+    """lr 1e38 overflows inside AdamW (the loss and grads of that step are finite): the save right after it is
+    refused, the error names that step, and last.pt keeps the previous step's finite weights."""
+    # warmup: step 1 runs at lr 0 (saved, finite), step 2 at lr 5e37
+    cfg = cfg_of(tmp_path, lr=1e38, min_lr=0.0, warmup_steps=2, ckpt_every=1)
+    with pytest.raises(TrainingDivergedError, match=r"step 2: its optimizer update made the weights non-finite "
+                                                     r"\(lr=5e\+37\)\. last good checkpoint: .*last\.pt") as info:
+        trainer_of(cfg).fit()
+    assert info.value.step == 2
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000001.pt"]
+    assert not (tmp_path / ".lock").exists()  # released on the error
+
+
+def test_overflow_between_saves_is_named_at_its_own_step(tmp_path):
+    """No save right after the bad update: the next step's single check reports the step that overflowed."""
+    cfg = cfg_of(tmp_path, lr=1e38, min_lr=0.0, warmup_steps=2, ckpt_every=100)
+    with pytest.raises(TrainingDivergedError, match=r"step 2: its optimizer update made the weights") as info:
+        trainer_of(cfg).fit()
+    assert info.value.step == 2 and info.value.last_checkpoint is None
+    assert "no checkpoint saved yet" in str(info.value)
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_finite_run_keeps_exactly_one_check_per_step(tmp_path, monkeypatch):
+    """The weights check rides in the step's existing sync: one torch.isfinite(...).all() per step."""
+    calls = {"n": 0}
+    real = torch.Tensor.all
+
+    def counting_all(self, *a, **kw):
+        calls["n"] += 1
+        return real(self, *a, **kw)
+
+    trainer = trainer_of(cfg_of(tmp_path, ckpt_every=100, max_steps=5))
+    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    trainer.fit()
+    monkeypatch.undo()
+    assert trainer.step == 5 and calls["n"] == 5
+
+
+# --- 14: resume with a changed config ----------------------------------------------------------------------
+
+@dataclass
+class TaskCfg:  # a task's config: sections around the TrainConfig
+    model: dict = field(default_factory=lambda: {"depth": 3, "dim": 8})
+    data: dict = field(default_factory=lambda: {"path": "/data/a", "num_workers": 2, "mask": [0.3, 0.5]})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def test_resume_with_changed_config_is_refused_naming_keys(tmp_path):
+    trainer_of(cfg_of(tmp_path, max_steps=3)).fit()
+    changed = cfg_of(tmp_path, max_steps=6, resume="auto", batch_size=8, seed=1, lr=2e-2)
+    with pytest.raises(R.ConfigChangedError) as info:
+        trainer_of(changed).fit()
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'last.pt'}: the config differs from the checkpoint's in 3 key(s)")
+    assert "batch_size: 4 -> 8; lr: 0.01 -> 0.02; seed: 0 -> 1." in msg
+    assert "max_steps" not in msg and "train.allow_config_change=true" in msg
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3  # nothing was touched
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]
+    # the explicit flag allows it
+    trainer = trainer_of(cfg_of(tmp_path, max_steps=6, resume="auto", seed=1, allow_config_change=True))
+    trainer.fit()
+    assert trainer.step == 6 and [s for s, _ in losses(tmp_path)] == list(range(1, 7))
+
+
+def test_resume_with_harmless_changes_is_exact(tmp_path):
+    """Run length, logging, checkpoint cadence and workers may change: the run continues exactly."""
+    trainer_of(cfg_of(tmp_path / "full", max_steps=8)).fit()
+    trainer_of(cfg_of(tmp_path / "part", max_steps=4, log_every=2, keep_last=1)).fit()
+    trainer_of(cfg_of(tmp_path / "part", max_steps=8, resume="auto", ckpt_every=5, image_every=7)).fit()
+    assert losses(tmp_path / "part")[-4:] == losses(tmp_path / "full")[-4:]
+
+
+def test_check_resume_config_nested_sections(tmp_path):
+    from beit.engine.config import to_dict
+
+    stored = to_dict(TaskCfg())
+    same = TaskCfg()
+    same.data = {**same.data, "num_workers": 8, "mask": (0.3, 0.5)}  # harmless key; tuple == list
+    same.train = TrainConfig(output_dir="elsewhere", epochs=5, log_every=1, resume="auto")
+    assert sorted(R.check_resume_config(stored, to_dict(same), source="ck.pt")) == [
+        "data.num_workers", "train.epochs", "train.log_every", "train.output_dir", "train.resume"]
+    other = TaskCfg(model={"depth": 4, "dim": 8}, data={**TaskCfg().data, "path": "/data/b"})
+    other.train = TrainConfig(batch_size=32)
+    with pytest.raises(R.ConfigChangedError, match=r"^ck\.pt: .* in 3 key\(s\) that define the run: data\.path: "
+                                                   r"'/data/a' -> '/data/b'; model\.depth: 3 -> 4; "
+                                                   r"train\.batch_size: 64 -> 32\. "):
+        R.check_resume_config(stored, to_dict(other), source="ck.pt")
+    gone = to_dict(TaskCfg())
+    del gone["model"]["dim"]
+    with pytest.raises(R.ConfigChangedError, match=r"model\.dim: 8 -> '<absent>'"):
+        R.check_resume_config(stored, gone, source="ck.pt")
+    assert R.check_resume_config(stored, to_dict(other), source="ck.pt", allow=True) == [
+        "data.path", "model.depth", "train.batch_size"]
+    assert R.check_resume_config(None, stored, source="old.pt") == []  # no stored config: warned, accepted
+
+
+# --- 15: files a crash left incomplete never block a resume -------------------------------------------------
+
+def test_resume_after_crash_left_damaged_files(tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    trainer_of(cfg_of(full, max_steps=9)).fit()
+    trainer_of(cfg_of(part, max_steps=9)).fit(stop_after_step=6)
+    # the crash: killed while writing step 7's metrics line, the plot, the config, a checkpoint, TensorBoard
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "step": 7, "epoch": 0, "lo')
+    (part / "curves.png").write_bytes(b"")
+    (part / "config.yaml").write_text("output_dir: /x\nbatch_si")
+    (part / "step_0000009.pt.tmp").write_bytes(b"\x80\x02partial")
+    for ev in (part / "tb").iterdir():
+        ev.write_bytes(ev.read_bytes()[: ev.stat().st_size // 2])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (part / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    capsys.readouterr()
+
+    trainer_of(cfg_of(part, max_steps=9, resume="auto")).fit()
+    assert losses(part) == losses(full)  # the damaged line dropped, the resumed steps appended
+    out = capsys.readouterr().out
+    assert "metrics.jsonl: skipped 1 incomplete or damaged line(s) (line 7)" in out
+    assert f"taking over a stale lock of pid {dead.pid} on host {socket.gethostname()}" in out
+    assert not list(part.glob("*.tmp")) and not (part / ".lock").exists()
+    assert (part / "curves.png").stat().st_size > 1000
+    assert "batch_size: 4" in (part / "config.yaml").read_text()
+
+
+def test_read_metrics_skips_damaged_lines(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"split": "train", "step": 1, "loss": 2.0}\n[1, 2]\n{"split": "train", "st\n'
+                 '{"split": "eval", "step": 1, "acc": 0.5}\n{"split": "train", "step": 2, "loss"')
+    assert read_metrics(p, split=None) == [{"split": "train", "step": 1, "loss": 2.0},
+                                           {"split": "eval", "step": 1, "acc": 0.5}]
+
+
+# --- 16: one run per output folder -----------------------------------------------------------------------------
+
+HOLD = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("rundir", {path!r})  # the module alone: no torch import
+rundir = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rundir)
+rundir.RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_run_refused_then_stale_lock_taken_over(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(path=R.__file__), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(R.RunLockedError) as info:
+            trainer_of(cfg_of(tmp_path)).fit()
+        assert str(info.value).startswith(
+            f"output_dir {tmp_path} is in use by another run (pid {holder.pid} on host {socket.gethostname()}, "
+            "started 20")
+        assert not (tmp_path / "metrics.jsonl").exists() and not list(tmp_path.glob("*.pt"))
+    finally:
+        holder.kill()  # kill -9: the lock file stays, its flock goes with the process
+        holder.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    capsys.readouterr()
+    trainer = trainer_of(cfg_of(tmp_path))
+    trainer.fit()
+    assert trainer.step == 6
+    assert f"taking over a stale lock of pid {holder.pid}" in capsys.readouterr().out
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_in_one_process_and_its_file(tmp_path):
+    with R.RunLock(tmp_path) as lock:
+        info = json.loads((tmp_path / ".lock").read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        assert abs(time.time() - __import__("datetime").datetime.fromisoformat(info["started"]).timestamp()) < 60
+        assert lock.held
+        with pytest.raises(R.RunLockedError, match=f"pid {os.getpid()} on host"):
+            R.RunLock(tmp_path).acquire()  # another run in this process: a separate flock, refused
+    assert not (tmp_path / ".lock").exists()
+    # a lock of a live process recorded without flock (e.g. a filesystem that ignores it) is not taken over
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "t"}))
+    with pytest.raises(R.RunLockedError, match=rf"pid {os.getppid()} .*\(if that run is gone, delete"):
+        R.RunLock(tmp_path).acquire()
+
+
+DIST = """
+import sys
+sys.path.insert(0, {tests!r})
+from _engine_fixtures import NoisyDataset, TinyNet, step_fn
+from beit.engine import TrainConfig, Trainer
+from beit.engine import distributed as D
+cfg = TrainConfig(output_dir=sys.argv[1], max_steps=2, batch_size=4, num_workers=0, log_every=1)
+try:
+    Trainer(TinyNet(), NoisyDataset(40), step_fn, cfg).fit()
+except ValueError as e:
+    print(f"rank {{D.rank()}} refused: {{type(e).__name__}}: {{e}}", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_refusal_reaches_every_rank(tmp_path):
+    """Under torchrun only rank 0 looks at the folder; its refusal is raised on every rank (no hang)."""
+    out = tmp_path / "run"
+    trainer_of(cfg_of(out, max_steps=2)).fit()  # a finished run
+    script = tmp_path / "dist.py"
+    script.write_text(DIST.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": SRC}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} refused: RunExistsError: output_dir {out} holds an earlier run" in proc.stdout
+
+
+# --- 17: a fresh run into a finished run's folder --------------------------------------------------------------
+
+def test_fresh_run_into_finished_folder_refused_unless_overwrite(tmp_path):
+    trainer_of(cfg_of(tmp_path, max_steps=9)).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "log.txt"}
+    with pytest.raises(R.RunExistsError) as info:
+        trainer_of(cfg_of(tmp_path, max_steps=4)).fit()
+    assert str(info.value) == (
+        f"output_dir {tmp_path} holds an earlier run (last.pt, metrics.jsonl, step_0000003.pt, step_0000006.pt, "
+        "...): a fresh run would delete its metrics and replace its checkpoints. to continue it pass --resume "
+        "auto (train.resume=auto), or pass --overwrite (train.overwrite=true) to replace it, or choose another "
+        "output_dir")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "log.txt"}
+    assert after == before  # untouched
+    trainer_of(cfg_of(tmp_path, max_steps=4, overwrite=True)).fit()
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003.pt", "step_0000004.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resume_auto_decisions(tmp_path):
+    # crashed before its first checkpoint: nothing to resume, auto starts over
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    assert R.prepare_output_dir(tmp_path, resume_path=None, resume="auto") == "fresh"
+    with pytest.raises(R.RunExistsError, match=r"\(metrics\.jsonl\)"):
+        R.prepare_output_dir(tmp_path, resume_path=None, resume="")
+    # checkpoints without last.pt: auto cannot pick one and must not delete them
+    C.save_checkpoint({"format": C.FORMAT}, tmp_path / "step_0000004.pt")
+    with pytest.raises(R.RunExistsError, match=r"no last\.pt to resume: resume a checkpoint explicitly"):
+        R.prepare_output_dir(tmp_path, resume_path=None, resume="auto")
+    assert R.prepare_output_dir(tmp_path, resume_path=tmp_path / "step_0000004.pt",
+                                resume=str(tmp_path / "step_0000004.pt")) == "resume"
+    # resuming another folder's checkpoint into this one would mix two runs
+    with pytest.raises(R.RunExistsError, match=r"resuming from /elsewhere/last\.pt \(another folder\)"):
+        R.prepare_output_dir(tmp_path, resume_path=Path("/elsewhere/last.pt"), resume="/elsewhere/last.pt")
+    # overwrite deletes only what the engine wrote
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "step_0000008").mkdir()  # a sharded checkpoint folder
+    assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True) == "overwrite"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_same_trainer_may_fit_again(tmp_path):
+    trainer = trainer_of(cfg_of(tmp_path))
+    trainer.fit(stop_after_step=3)
+    trainer.fit()  # continues its own run in its own folder, its metrics too
+    assert trainer.step == 6 and [s for s, _ in losses(tmp_path)] == list(range(1, 7))
+
+
+# --- 18: disk full during a checkpoint ---------------------------------------------------------------------------
+
+def test_disk_full_during_checkpoint(tmp_path, monkeypatch, capsys):
+    trainer_of(cfg_of(tmp_path, max_steps=3)).fit()
+    png = (tmp_path / "curves.png").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        f.write(b"\x80\x02partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_savefig(self, fname, *a, **kw):
+        Path(fname).write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(C.torch, "save", full_disk)
+    monkeypatch.setattr(Figure, "savefig", full_disk_savefig)
+    with pytest.raises(OSError) as info:
+        trainer_of(cfg_of(tmp_path, max_steps=9, resume="auto")).fit()
+    monkeypatch.setattr(C.torch, "save", real_save)
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value) == (f"could not write checkpoint {tmp_path / 'step_0000006.pt'}: "
+                               "[Errno 28] No space left on device")
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+    assert (tmp_path / "curves.png").read_bytes() == png  # the old plot, not a 0-byte one
+    assert "could not write curves.png" in capsys.readouterr().out
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_link_and_plot_failures_leave_no_partial_files(tmp_path, monkeypatch):
+    C.save_checkpoint({"format": C.FORMAT, "step": 1}, tmp_path / "step_0000001.pt")
+    C.save_checkpoint({"format": C.FORMAT, "step": 0}, tmp_path / "last.pt")
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.os, "link", no_space)
+    import shutil
+
+    monkeypatch.setattr(shutil, "copyfile", no_space)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.pt: \[Errno 28\]"):
+        C._link_atomic(tmp_path / "step_0000001.pt", tmp_path / "last.pt")
+    assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 0 and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    from matplotlib.figure import Figure
+
+    def half_written(self, fname, *a, **kw):
+        Path(fname).write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists() and not list(tmp_path.glob("*.tmp"))
