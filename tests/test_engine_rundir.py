@@ -369,3 +369,13 @@ def test_link_and_plot_failures_leave_no_partial_files(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert not (tmp_path / "curves.png").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_rank0_errors_are_rebuilt_by_name():
+    from beit.engine.trainer import _error_named
+
+    e = _error_named("RunExistsError", "output_dir x holds an earlier run")
+    assert type(e) is R.RunExistsError and str(e) == "output_dir x holds an earlier run"
+    assert type(_error_named("PermissionError", "p")) is PermissionError
+    e = _error_named("SomeLibraryError", "boom")
+    assert type(e) is RuntimeError and str(e) == "SomeLibraryError: boom"

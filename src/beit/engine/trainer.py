@@ -52,7 +52,7 @@ from .config import ConfigError, TrainConfig, save_config, to_dict, validate_con
 from .distributed import ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
-from .rundir import RunDirError, RunLock, atomic_write, check_resume_config, prepare_output_dir
+from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
 
 __all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
 
@@ -73,6 +73,23 @@ class TrainingDivergedError(RuntimeError):
         what = f"{reason} ({shown})" if reason else shown
         super().__init__(f"training diverged at step {step}: {what}. {where}. Lower the lr, raise warmup, "
                          "set clip_grad, or check the batch (e.g. a mask with no masked patch).")
+
+
+def _error_named(name: str, message: str) -> Exception:
+    """Rebuild on this rank an error that rank 0 raised: a ``beit.engine.rundir`` error or a builtin one
+    (``PermissionError``, ...) of that name, else a ``RuntimeError``."""
+    import builtins
+
+    from . import rundir
+
+    for where in (rundir, builtins):
+        cls = getattr(where, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(message)
+            except TypeError:
+                break
+    return RuntimeError(f"{name}: {message}")
 
 
 def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
@@ -302,7 +319,7 @@ class Trainer:
                     resume_path = find_resume_path(self.cfg.resume, self.out)
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
                                        overwrite=getattr(self.cfg, "overwrite", False))
-            except (RunDirError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
                     lock.release()
                 error = e
@@ -310,12 +327,7 @@ class Trainer:
         if error is not None:
             raise error
         if outcome is not None:  # rank 0 refused: the same error here
-            import builtins
-
-            from . import rundir
-
-            cls = getattr(rundir, outcome[0], None) or getattr(builtins, outcome[0], RuntimeError)
-            raise cls(outcome[1])
+            raise _error_named(*outcome)
         self._fit_started = True
         return lock
 

@@ -45,7 +45,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
     out = Path(out)
     t0 = time.perf_counter()
     steps = dict(tok=12, pre=12, ft=12) if quick else dict(tok=300, pre=STEPS_PRE, ft=STEPS_FT)
-    common = dict(num_workers=NUM_WORKERS, log_every=10 if quick else 50, seed=0)
+    # overwrite: running the demo again replaces its previous run (training commands refuse that by default)
+    common = dict(num_workers=NUM_WORKERS, log_every=10 if quick else 50, seed=0, overwrite=True)
     train_dir, test_dir = write_digits(out / "data")
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
 
