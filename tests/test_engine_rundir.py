@@ -235,9 +235,20 @@ DIST = """
 import sys
 sys.path.insert(0, {tests!r})
 from _engine_fixtures import NoisyDataset, TinyNet, step_fn
-from beit.engine import TrainConfig, Trainer
+from beit.engine import TrainConfig, Trainer, TrainingDivergedError
 from beit.engine import distributed as D
-cfg = TrainConfig(output_dir=sys.argv[1], max_steps=2, batch_size=4, num_workers=0, log_every=1)
+from beit.engine.optim import param_groups
+
+# 1. FSDP2, lr 1e38 from step 2: the update of step 2 overflows; the save after it is refused on every rank
+cfg = TrainConfig(output_dir=sys.argv[1] + "/diverge", max_steps=4, batch_size=4, num_workers=0, lr=1e38,
+                  min_lr=0.0, warmup_steps=2, ckpt_every=1, log_every=1, distributed="fsdp")
+try:
+    Trainer(TinyNet(), NoisyDataset(40), step_fn, cfg,
+            param_groups=lambda m: param_groups(m, 0.05, 1.0, 1e38)).fit()
+except TrainingDivergedError as e:
+    print(f"rank {{D.rank()}} diverged at step {{e.step}}: {{e.reason}}", flush=True)
+# 2. a fresh run into a finished run's folder: rank 0 refuses, every rank raises
+cfg = TrainConfig(output_dir=sys.argv[1] + "/run", max_steps=2, batch_size=4, num_workers=0, log_every=1)
 try:
     Trainer(TinyNet(), NoisyDataset(40), step_fn, cfg).fit()
 except ValueError as e:
@@ -247,18 +258,22 @@ except ValueError as e:
 
 
 @pytest.mark.slow
-def test_refusal_reaches_every_rank(tmp_path):
-    """Under torchrun only rank 0 looks at the folder; its refusal is raised on every rank (no hang)."""
+def test_divergence_and_refusal_reach_every_rank(tmp_path):
+    """Under torchrun (2 gloo processes): FSDP2's pre-save weights check agrees over ranks; only rank 0 looks
+    at the folder and its refusal is raised on every rank (no rank hangs in a collective)."""
     out = tmp_path / "run"
     trainer_of(cfg_of(out, max_steps=2)).fit()  # a finished run
     script = tmp_path / "dist.py"
     script.write_text(DIST.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": SRC}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for rank in (0, 1):
+        assert f"rank {rank} diverged at step 2: its optimizer update made the weights non-finite" in proc.stdout
         assert f"rank {rank} refused: RunExistsError: output_dir {out} holds an earlier run" in proc.stdout
+    # step 1's checkpoint (a file, or a sharded folder) and none of step 2
+    assert [p.name.split(".")[0] for p in (tmp_path / "diverge").glob("step_*")] == ["step_0000001"]
 
 
 # --- 17: a fresh run into a finished run's folder --------------------------------------------------------------
