@@ -168,7 +168,7 @@ def load_model(source: str | os.PathLike | Mapping, **overrides: Any) -> nn.Modu
         if hints.get("format") == OUR_FORMAT:
             src = BeitConfig.from_dict(hints["config"])
         else:  # tensors first; the config file and the caller fill in what tensors cannot tell
-            src = infer_config(sd, {**hints, **{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}})
+            src = infer_config(sd, {**{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}, **hints})
         dst = src.replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
