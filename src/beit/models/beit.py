@@ -34,7 +34,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}")
-        x = self.proj(x)
+        x = self.proj(x.to(self.proj.weight.dtype))  # fp32 images into a 16-bit model (autocast recasts)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
 
@@ -210,9 +210,10 @@ class Beit(nn.Module):
                 raise ValueError("this model has no mask token: create it with head='mim' to pass bool_masked_pos")
             w = bool_masked_pos.reshape(B, N).unsqueeze(-1).type_as(x)
             x = x * (1 - w) + self.mask_token * w
-        # the residual stream stays fp32 under autocast (layer scale is an fp32 parameter), so every block
-        # sees one dtype: one compiled graph serves all blocks
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.float()], dim=1)
+        # the residual stream keeps the parameters' dtype: fp32 under autocast (layer scale is an fp32
+        # parameter, so every block sees one dtype and one compiled graph serves all blocks), and 16 bits
+        # in a model cast with .half() / .to(torch.bfloat16)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.to(self.cls_token.dtype)], dim=1)
         if self.pos_embed is not None:
             x = x + self._pos_embed(grid)
         return self.pos_drop(x), grid
