@@ -23,6 +23,23 @@ from .config import BeitConfig
 from .relpos import RelativePositionBias, gather_bias, relative_position_index, table_size
 
 
+def check_mask(bool_masked_pos: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A mask checked against the images' patch grid, as a bool tensor [B, N] (True = masked).
+
+    Accepted: [B, H, W] with (H, W) the patch grid of the images, or [B, H*W] (row-major, as ``flatten``).
+    A transposed [B, W, H] mask on a non-square grid is refused rather than masking the wrong patches.
+    Raises ValueError naming both shapes otherwise.
+    """
+    h, w = grid
+    shape = tuple(bool_masked_pos.shape)
+    if shape not in ((batch, h, w), (batch, h * w)):
+        raise ValueError(
+            f"bool_masked_pos has shape {list(shape)} but the images (batch {batch}, patch grid {h}x{w}) "
+            f"need [{batch}, {h}, {w}] or [{batch}, {h * w}]"
+        )
+    return bool_masked_pos.reshape(batch, h * w).bool()
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, one strided convolution."""
 
@@ -204,11 +221,11 @@ class Beit(nn.Module):
         self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(x)
-        B, N, _ = x.shape
+        B = x.shape[0]
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("this model has no mask token: create it with head='mim' to pass bool_masked_pos")
-            w = bool_masked_pos.reshape(B, N).unsqueeze(-1).type_as(x)
+            w = check_mask(bool_masked_pos, B, grid).unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token * w
         # the residual stream keeps the parameters' dtype: fp32 under autocast (layer scale is an fp32
         # parameter, so every block sees one dtype and one compiled graph serves all blocks), and 16 bits
@@ -267,8 +284,8 @@ class Beit(nn.Module):
         """Logits [num_masked_total, vocab] for the masked patches, rows in ``nonzero()`` order."""
         if self.cfg.head != "mim":
             raise ValueError("forward_mim needs a model created with head='mim'")
-        B = x.shape[0]
-        mask = bool_masked_pos.reshape(B, -1).bool()
+        p = self.patch_size
+        mask = check_mask(bool_masked_pos, x.shape[0], (x.shape[-2] // p, x.shape[-1] // p))
         tokens = self.forward_features(x, mask)[:, 1:]
         tokens = tokens[mask]  # only masked positions go through the 8192-way head
         if self.head_norm is not None:
