@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ import torch
 
 from ..models.config import BeitConfig
 from ..models.relpos import table_size
+
+log = logging.getLogger(__name__)
 
 
 def _hint_grid(hints: Mapping[str, Any], patch_size: int) -> tuple[int, int] | None:
@@ -98,10 +101,19 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         all_head_dim = q_bias.shape[0]
     else:
         all_head_dim = embed_dim
+    for key, ndim in (("pos_embed", 3), ("rel_pos_bias.relative_position_bias_table", 2), ("cls_token", 3)):
+        if key in sd and sd[key].ndim != ndim:
+            raise ValueError(f"{key!r} has shape {tuple(sd[key].shape)}, expected {ndim} dimensions")
+    if table is not None and table.ndim != 2:
+        raise ValueError(f"relative position table has shape {tuple(table.shape)}, expected [rows, heads]")
     if table is not None:
         num_heads = table.shape[1]
+    elif hints.get("num_heads"):
+        num_heads = int(hints["num_heads"])
     else:
-        num_heads = hints.get("num_heads") or max(1, all_head_dim // 64)
+        num_heads = max(1, all_head_dim // 64)
+        log.warning("the checkpoint does not tell the number of attention heads (no relative position table, "
+                    "no config): assuming %d (64-dim heads); pass num_heads=... if that is wrong", num_heads)
     num_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
     window = source_grid(None if table is None else table.shape[0], num_pos, _hint_grid(hints, patch_size))
     if window is None:
@@ -156,7 +168,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     if "num_attention_heads" in hf:
         out["num_heads"] = int(hf["num_attention_heads"])
     if "image_size" in hf:
-        out["img_size"] = hf["image_size"] if isinstance(hf["image_size"], int) else tuple(hf["image_size"])
+        out["img_size"] = tuple(hf["image_size"]) if isinstance(hf["image_size"], list) else hf["image_size"]
     if hf.get("id2label"):
         labels = [hf["id2label"][str(i)] if str(i) in hf["id2label"] else hf["id2label"].get(i)
                   for i in range(len(hf["id2label"]))]
