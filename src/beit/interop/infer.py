@@ -146,7 +146,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         use_abs_pos_emb="pos_embed" in sd,
         use_rel_pos_bias=per_layer_table is not None,
         use_shared_rel_pos_bias=shared,
-        use_mean_pooling="fc_norm.weight" in sd,
+        # neither norm in the file: the source's final norm was an Identity (mean pooling, pooler not saved)
+        use_mean_pooling="fc_norm.weight" in sd or ("norm.weight" not in sd and "lm_head.weight" not in sd),
     )
     if "lm_head.weight" in sd:
         cfg.update(head="mim", vocab_size=sd["lm_head.weight"].shape[0], mim_head_norm="head_norm.weight" in sd)
@@ -154,6 +155,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         cfg.update(head="cls", num_classes=sd["head.weight"].shape[0])
     else:
         cfg.update(head="none" if "fc_norm.weight" not in sd and "norm.weight" not in sd else "cls", num_classes=0)
+    if cfg["head"] == "none":
+        cfg["use_mean_pooling"] = "norm.weight" not in sd  # keeps the final norm exactly when the file has it
     for k in ("layer_norm_eps", "extra"):
         if k in hints:
             cfg[k] = hints[k]

@@ -131,7 +131,9 @@ def _read_config_json(cfg_file: Path) -> dict[str, Any]:
 _HF_FAMILY_PREFIXES = {"data2vec_vision.": "beit."}
 # extra modules of BEiT relatives that a BEiT encoder does not use: dropped with a note
 _EXTRA_MODULES = {
-    "cls_pt_layers.": "BEiT v2 patch-aggregation layers (pre-training only)",
+    "cls_pt_layers.": "BEiT v2 patch-aggregation layers (a pre-training-only head on the cls token)",
+    "cls_pt_norm.": "BEiT v2 patch-aggregation norm (pre-training only)",
+    "cls_pt_lm_head.": "BEiT v2 patch-aggregation lm head (pre-training only)",
 }
 
 
@@ -297,6 +299,8 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
         allow_missing |= {"mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"}
     if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
         allow_missing |= {"fc_norm.weight", "fc_norm.bias"}
+    if dst.use_mean_pooling and dst.head != "mim" and "fc_norm.weight" not in adapted:
+        allow_missing |= {"fc_norm.weight", "fc_norm.bias"}  # the file has no pooling norm: a fresh one
     if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
         allow_missing.add("pos_embed")
     _fill_model(model, adapted, name, allow_missing, strict)
