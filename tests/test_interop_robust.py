@@ -130,6 +130,12 @@ def test_malformed_tensors_are_named_not_a_bare_error(ref) -> None:
         beit.load_model(sd)
 
 
+def test_a_missing_patch_embedding_is_named(ref) -> None:
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("patch_embed.")}
+    with pytest.raises(CheckpointError, match=r"^<state dict>: lacks 'patch_embed\.proj\.weight', which tells"):
+        beit.load_model(sd)
+
+
 def test_non_square_grid(tmp_path) -> None:
     ref = _timm(img_size=(16, 24), abs_pos=True)
     x = _images(16, 24)

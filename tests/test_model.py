@@ -137,6 +137,8 @@ def test_masks_are_checked_against_the_images() -> None:
                 m(x, bad)
             with pytest.raises(ValueError, match=msg):
                 m.forward_features(x, bad)
+        with pytest.raises(ValueError, match=r"input \(30, 48\) is not divisible by the patch size 4"):
+            m(torch.randn(2, 3, 30, 48), mask)
         # a mask that fits the default image size does not fit another input size
         with pytest.raises(ValueError, match=r"patch grid 4x4"):
             m(torch.randn(2, 3, 16, 16), mask)

@@ -180,6 +180,9 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
             raise CheckpointError(f"{name}: {e}") from None
         hints.setdefault("layer_norm_eps", 1e-12)  # transformers' BeitConfig default, when no config.json
     elif kind == "unknown":
+        if any(re.match(r"blocks\.\d+\.attn\.", k) for k in sd):
+            raise CheckpointError(f"{name}: lacks 'patch_embed.proj.weight', which tells the width, input channels "
+                                  "and patch size; a BEiT encoder cannot be built without it")
         sample = ", ".join(list(sd)[:5]) or "no tensors"
         raise CheckpointError(f"{name}: not a BEiT checkpoint (first keys: {sample})")
     unmapped = [k for k in sd if k.startswith("__unmapped__.")]

@@ -48,9 +48,14 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (H/p, W/p) of images [B, C, H, W]; ValueError when H or W is not a multiple of p."""
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}")
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        self.grid_of(x)
         x = self.proj(x.to(self.proj.weight.dtype))  # fp32 images into a 16-bit model (autocast recasts)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
@@ -284,8 +289,7 @@ class Beit(nn.Module):
         """Logits [num_masked_total, vocab] for the masked patches, rows in ``nonzero()`` order."""
         if self.cfg.head != "mim":
             raise ValueError("forward_mim needs a model created with head='mim'")
-        p = self.patch_size
-        mask = check_mask(bool_masked_pos, x.shape[0], (x.shape[-2] // p, x.shape[-1] // p))
+        mask = check_mask(bool_masked_pos, x.shape[0], self.patch_embed.grid_of(x))
         tokens = self.forward_features(x, mask)[:, 1:]
         tokens = tokens[mask]  # only masked positions go through the 8192-way head
         if self.head_norm is not None:
