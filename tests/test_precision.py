@@ -40,6 +40,10 @@ def _paths(m: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> dict[str,
     return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 @pytest.mark.parametrize(
@@ -48,10 +52,10 @@ def _paths(m: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> dict[str,
      dict(num_classes=5, use_abs_pos_emb=True, use_mean_pooling=False, use_shared_rel_pos_bias=True)],
     ids=["cls", "mim", "abs-shared"],
 )
-def test_cast_model_runs_close_to_fp32(one_thread, dtype, attn_impl, kw) -> None:
-    m = _random_model(attn_impl=attn_impl, **kw)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.4
+def test_cast_model_runs_close_to_fp32(one_thread, device, dtype, attn_impl, kw) -> None:
+    m = _random_model(attn_impl=attn_impl, **kw).to(device)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    mask = (torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.4).to(device)
     with torch.no_grad():
         ref = _paths(m, x, mask)
         half = m.to(dtype)
