@@ -112,3 +112,33 @@ def test_drop_path_and_layer_scale_config() -> None:
     assert not torch.equal(m(x), m(x))  # stochastic depth is active in training
     m.eval()
     assert torch.equal(m(x), m(x))
+
+
+def test_masks_are_checked_against_the_images() -> None:
+    """[B, H, W] or [B, N] of the images' patch grid; anything else (incl. a transposed mask) is refused."""
+    torch.manual_seed(0)
+    m = beit.create_model("beit_tiny_patch16_224", **dict(TINY, img_size=(32, 48)), head="mim", vocab_size=20).eval()
+    x = torch.randn(2, 3, 32, 48)  # patch grid 8 x 12
+    mask = torch.rand(2, 8, 12) < 0.4
+    with torch.no_grad():
+        got = m(x, mask)
+        torch.testing.assert_close(m(x, mask.flatten(1)), got, atol=0, rtol=0)
+        assert got.shape[0] == int(mask.sum())
+        cases = {
+            (2, 12, 8): r"bool_masked_pos has shape \[2, 12, 8\] but the images \(batch 2, patch grid 8x12\) "
+                        r"need \[2, 8, 12\] or \[2, 96\]",
+            (2, 95): r"shape \[2, 95\] .*need \[2, 8, 12\] or \[2, 96\]",
+            (1, 96): r"shape \[1, 96\] .*batch 2",
+            (2, 4, 24): r"shape \[2, 4, 24\]",
+        }
+        for shape, msg in cases.items():
+            bad = torch.zeros(shape, dtype=torch.bool)
+            with pytest.raises(ValueError, match=msg):
+                m(x, bad)
+            with pytest.raises(ValueError, match=msg):
+                m.forward_features(x, bad)
+        with pytest.raises(ValueError, match=r"input \(30, 48\) is not divisible by the patch size 4"):
+            m(torch.randn(2, 3, 30, 48), mask)
+        # a mask that fits the default image size does not fit another input size
+        with pytest.raises(ValueError, match=r"patch grid 4x4"):
+            m(torch.randn(2, 3, 16, 16), mask)

@@ -14,25 +14,84 @@ import torch
 
 Tensor = torch.Tensor
 
-WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "model_ema")
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "model_state_dict", "network", "net", "params",
+                "teacher", "student", "model_ema", "state_dict_ema", "ema")
 DERIVED = ("relative_position_index", "k_bias")  # buffers recomputed by every implementation
+# the first tensor of a BEiT encoder in each layout (ours/official/timm; transformers Beit*/Data2VecVision*)
+ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+HF_MODEL_PREFIXES = ("beit.", "data2vec_vision.")
+_WRAPPING_SEGMENTS = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, anywhere in a name
+
+
+def _has_anchor(d: Mapping) -> bool:
+    return any(isinstance(k, str) and k.endswith(ANCHORS) and isinstance(v, Tensor) for k, v in d.items())
+
+
+def _find_state_dict(obj: Mapping, depth: int = 0) -> Mapping | None:
+    """The nested mapping that holds a BEiT encoder: well-known wrapper keys first, then any other key."""
+    if _has_anchor(obj):
+        return obj
+    if depth >= 4:
+        return None
+    keys = [k for k in WRAPPER_KEYS if k in obj] + [k for k in obj if k not in WRAPPER_KEYS]
+    for k in keys:
+        if isinstance(obj[k], Mapping):
+            found = _find_state_dict(obj[k], depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _clean(key: str) -> str:
+    for seg in _WRAPPING_SEGMENTS:
+        while key.startswith(seg):
+            key = key[len(seg):]
+        key = key.replace("." + seg, ".")
+    return key
+
+
+def locate(obj: Mapping) -> tuple[dict[str, Tensor], str, list[str]]:
+    """Find the BEiT encoder inside any checkpoint -> (state dict, prefix stripped, names of tensors left out).
+
+    Handles wrappers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"teacher": ...}``, ... up to 4 deep),
+    DDP / torch.compile segments (``module.``, ``_orig_mod.``) and the prefix under which larger models
+    keep their backbone (``backbone.``, ``encoder.``, ``model.``, ``student.backbone.``, ...): tensors
+    under that prefix are taken with it removed, all others are left out (decode heads, necks, optimizer
+    state...). Non-tensor entries are ignored. When no BEiT encoder is found, every tensor of the
+    outermost tensor-holding mapping is returned as is (``detect`` then names it unknown).
+    """
+    sd = _find_state_dict(obj)
+    if sd is None:  # old behaviour: peel wrappers until tensors show up
+        sd = obj
+        while not any(isinstance(v, Tensor) for v in sd.values()):
+            inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+            if inner is None:
+                break
+            sd = inner
+        return {_clean(k): v for k, v in sd.items() if isinstance(v, Tensor)}, "", []
+    tensors = {_clean(str(k)): v for k, v in sd.items() if isinstance(v, Tensor)}
+    found: list[tuple[str, str]] = []  # (prefix to strip, prefix to add)
+    for k in tensors:
+        for anchor in ANCHORS:
+            if k == anchor or k.endswith("." + anchor):
+                prefix, add = k[: len(k) - len(anchor)], ""
+                if anchor != ANCHORS[0]:  # transformers: keep the model's own "beit." / "data2vec_vision."
+                    own = next((o for o in HF_MODEL_PREFIXES if prefix.endswith(o)), None)
+                    if own is None:
+                        add = "beit."  # a bare BeitModel / Data2VecVisionModel: "embeddings.*", "encoder.*"
+                    else:
+                        prefix = prefix[: len(prefix) - len(own)]
+                found.append((prefix, add))
+    # several encoders (teacher + student, model + ema): the outermost, then the first in name order
+    prefix, add = min(found, key=lambda pa: (pa[0].count("."), pa[0]))
+    taken = {add + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    left_out = [k for k in tensors if not k.startswith(prefix)]
+    return taken, prefix, left_out
 
 
 def unwrap(obj: Mapping) -> dict[str, Tensor]:
-    """Peel {"model": ...} / {"module": ...} wrappers and DDP / torch.compile prefixes."""
-    sd = obj
-    while not any(isinstance(v, Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
-        if inner is None:
-            break
-        sd = inner
-    out = {}
-    for k, v in sd.items():
-        if isinstance(v, Tensor):
-            while k.startswith(("module.", "_orig_mod.")):
-                k = k.split(".", 1)[1]
-            out[k] = v
-    return out
+    """The BEiT state dict inside any checkpoint (see ``locate``), without the bookkeeping."""
+    return locate(obj)[0]
 
 
 def detect(sd: Mapping[str, Tensor]) -> str:

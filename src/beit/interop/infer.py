@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -10,47 +11,127 @@ from typing import Any
 import torch
 
 from ..models.config import BeitConfig
-from ..models.relpos import window_from_table
+from ..models.relpos import table_size
+
+log = logging.getLogger(__name__)
+
+
+def _hint_grid(hints: Mapping[str, Any], patch_size: int) -> tuple[int, int] | None:
+    img = hints.get("img_size")
+    if img is None:
+        return None
+    h, w = (img, img) if isinstance(img, int) else (int(img[0]), int(img[1]))
+    return h // patch_size, w // patch_size
+
+
+def source_grid(table_rows: int | None, num_pos: int | None, hint: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The patch grid a checkpoint was made for, from its rel-pos table rows and/or abs-pos positions.
+
+    Every grid (h, w) that fits both is a candidate; the caller's ``hint`` wins when it fits, then the
+    square one, then the only one; several non-square candidates are told apart by the hint's aspect
+    ratio. None when the checkpoint has neither tensor. Raises ValueError when no grid fits or the
+    choice is ambiguous.
+    """
+    if table_rows is None and num_pos is None:
+        return None
+    if table_rows is not None:
+        cand = [(h, ((table_rows - 3) // (2 * h - 1) + 1) // 2) for h in range(1, table_rows)
+                if table_rows > 3 and (table_rows - 3) % (2 * h - 1) == 0 and ((table_rows - 3) // (2 * h - 1)) % 2]
+        cand = [g for g in cand if table_size(g) == table_rows]
+        if num_pos is not None:
+            cand = [g for g in cand if g[0] * g[1] == num_pos]
+    else:
+        cand = [(h, num_pos // h) for h in range(1, num_pos + 1) if num_pos % h == 0]
+    what = " and ".join(
+        ([f"a relative position table of {table_rows} rows"] if table_rows is not None else [])
+        + ([f"pos_embed with {num_pos} patch positions"] if num_pos is not None else [])
+    )
+    if not cand:
+        raise ValueError(f"{what}: no patch grid fits")
+    if hint is not None and tuple(hint) in cand:
+        return tuple(hint)  # type: ignore[return-value]
+    square = [g for g in cand if g[0] == g[1]]
+    if square:
+        return square[0]
+    if len(cand) == 1:
+        return cand[0]
+    if hint is not None:
+        ratio = math.log(hint[0] / hint[1])
+        return min(cand, key=lambda g: abs(math.log(g[0] / g[1]) - ratio))
+    raise ValueError(f"{what}: the patch grid is not square and ambiguous ({cand[:4]}...); pass img_size=(H, W)")
+
+
+def _first(sd: Mapping[str, torch.Tensor], pattern: str) -> torch.Tensor | None:
+    """The tensor of the lowest block matching ``blocks.N.<pattern>`` (partial checkpoints may lack block 0)."""
+    best = None
+    for k, v in sd.items():
+        m = re.match(r"blocks\.(\d+)\." + re.escape(pattern) + "$", k)
+        if m and (best is None or int(m[1]) < best[0]):
+            best = (int(m[1]), v)
+    return None if best is None else best[1]
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None) -> BeitConfig:
     """Depth, width, heads, patch and image size, pooling, layer scale and head from the tensors.
 
     ``hints`` (a config file's values or the caller's overrides) win where the tensors are silent:
-    heads when there is no relative-position table (else 64-dim heads), eps, image size without tables.
+    heads when there is no relative-position table (else 64-dim heads), eps, MLP width, image size without
+    tables, and which grid a non-square table belongs to. Works on partial state dicts (any block may be
+    missing its tensors). Raises ValueError naming the missing tensor when the architecture cannot be told.
     """
     hints = dict(hints or {})
     if "patch_embed.proj.weight" not in sd:
         raise ValueError("not a BEiT checkpoint: no patch embedding ('patch_embed.proj.weight')")
     w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4:
+        raise ValueError(f"'patch_embed.proj.weight' has shape {tuple(w.shape)}, expected [D, C, p, p]")
     embed_dim, in_chans, patch_size = w.shape[0], w.shape[1], w.shape[-1]
     depth = 1 + max((int(m[1]) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth == 0:
         raise ValueError("not a BEiT checkpoint: no transformer blocks ('blocks.N.*')")
 
     shared = "rel_pos_bias.relative_position_bias_table" in sd
-    per_layer = "blocks.0.attn.relative_position_bias_table" in sd
-    table = sd.get("rel_pos_bias.relative_position_bias_table", sd.get("blocks.0.attn.relative_position_bias_table"))
-    all_head_dim = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
+    per_layer_table = _first(sd, "attn.relative_position_bias_table")
+    table = sd.get("rel_pos_bias.relative_position_bias_table", per_layer_table)
+    qkv = _first(sd, "attn.qkv.weight")
+    q_bias = _first(sd, "attn.q_bias")
+    if qkv is not None:
+        all_head_dim = qkv.shape[0] // 3
+    elif q_bias is not None:
+        all_head_dim = q_bias.shape[0]
+    else:
+        all_head_dim = embed_dim
+    for key, ndim in (("pos_embed", 3), ("rel_pos_bias.relative_position_bias_table", 2), ("cls_token", 3)):
+        if key in sd and sd[key].ndim != ndim:
+            raise ValueError(f"{key!r} has shape {tuple(sd[key].shape)}, expected {ndim} dimensions")
+    if table is not None and table.ndim != 2:
+        raise ValueError(f"relative position table has shape {tuple(table.shape)}, expected [rows, heads]")
     if table is not None:
         num_heads = table.shape[1]
-        window = window_from_table(table.shape[0])
+    elif hints.get("num_heads"):
+        num_heads = int(hints["num_heads"])
     else:
-        num_heads = hints.get("num_heads") or max(1, all_head_dim // 64)
-        window = None
-    if "pos_embed" in sd:
-        n = sd["pos_embed"].shape[1] - 1
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"pos_embed has {n} patch positions: not a square grid")
-        window = window or (side, side)
+        num_heads = max(1, all_head_dim // 64)
+        log.warning("the checkpoint does not tell the number of attention heads (no relative position table, "
+                    "no config): assuming %d (64-dim heads); pass num_heads=... if that is wrong", num_heads)
+    num_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+    window = source_grid(None if table is None else table.shape[0], num_pos, _hint_grid(hints, patch_size))
     if window is None:
         img = hints.get("img_size", 224)
         img_hw = (img, img) if isinstance(img, int) else tuple(img)
     else:
         img_hw = (window[0] * patch_size, window[1] * patch_size)
 
-    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    fc1, fc2 = _first(sd, "mlp.fc1.weight"), _first(sd, "mlp.fc2.weight")
+    if fc1 is not None:
+        mlp_ratio = fc1.shape[0] / embed_dim
+    elif fc2 is not None:
+        mlp_ratio = fc2.shape[1] / embed_dim
+    else:
+        mlp_ratio = float(hints.get("mlp_ratio", 4.0))
+    gamma = _first(sd, "gamma_1")
+    if gamma is None:
+        gamma = _first(sd, "gamma_2")
     cfg: dict[str, Any] = dict(
         img_size=img_hw[0] if img_hw[0] == img_hw[1] else img_hw,
         patch_size=patch_size,
@@ -59,13 +140,14 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         depth=depth,
         num_heads=num_heads,
         attn_head_dim=None if all_head_dim == embed_dim else all_head_dim // num_heads,
-        mlp_ratio=mlp_hidden / embed_dim,
-        qkv_bias="blocks.0.attn.q_bias" in sd,
-        init_values=float(sd["blocks.0.gamma_1"].float().mean()) if "blocks.0.gamma_1" in sd else None,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=q_bias is not None or _first(sd, "attn.v_bias") is not None,
+        init_values=float(gamma.float().mean()) if gamma is not None else None,
         use_abs_pos_emb="pos_embed" in sd,
-        use_rel_pos_bias=per_layer,
+        use_rel_pos_bias=per_layer_table is not None,
         use_shared_rel_pos_bias=shared,
-        use_mean_pooling="fc_norm.weight" in sd,
+        # neither norm in the file: the source's final norm was an Identity (mean pooling, pooler not saved)
+        use_mean_pooling="fc_norm.weight" in sd or ("norm.weight" not in sd and "lm_head.weight" not in sd),
     )
     if "lm_head.weight" in sd:
         cfg.update(head="mim", vocab_size=sd["lm_head.weight"].shape[0], mim_head_norm="head_norm.weight" in sd)
@@ -73,6 +155,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         cfg.update(head="cls", num_classes=sd["head.weight"].shape[0])
     else:
         cfg.update(head="none" if "fc_norm.weight" not in sd and "norm.weight" not in sd else "cls", num_classes=0)
+    if cfg["head"] == "none":
+        cfg["use_mean_pooling"] = "norm.weight" not in sd  # keeps the final norm exactly when the file has it
     for k in ("layer_norm_eps", "extra"):
         if k in hints:
             cfg[k] = hints[k]
@@ -87,7 +171,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     if "num_attention_heads" in hf:
         out["num_heads"] = int(hf["num_attention_heads"])
     if "image_size" in hf:
-        out["img_size"] = hf["image_size"] if isinstance(hf["image_size"], int) else tuple(hf["image_size"])
+        out["img_size"] = tuple(hf["image_size"]) if isinstance(hf["image_size"], list) else hf["image_size"]
     if hf.get("id2label"):
         labels = [hf["id2label"][str(i)] if str(i) in hf["id2label"] else hf["id2label"].get(i)
                   for i in range(len(hf["id2label"]))]

@@ -8,6 +8,7 @@ inside ``load_state_dict``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ from .infer import config_from_hf, config_to_hf, infer_config
 
 OUR_FORMAT = "beit"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -72,8 +76,69 @@ def _resolve_remote(source: str) -> Path:
         raise CheckpointError(f"{source!r}: not a local file and could not be fetched from the Hub ({e})") from None
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """Any supported source -> (state dict in our layout, config hints, a name for messages)."""
+def _valid_hints(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Keep the config-file values the loader uses only when they have a usable type; warn about the rest."""
+    checks = {
+        "img_size": lambda v: (isinstance(v, int) and v > 0) or (
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(i, int) and i > 0 for i in v)),
+        "num_heads": lambda v: isinstance(v, int) and v > 0,
+        "layer_norm_eps": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
+        "mlp_ratio": lambda v: isinstance(v, (int, float)) and v > 0,
+        "extra": lambda v: isinstance(v, dict),
+    }
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in checks and not checks[k](v):
+            log.warning("%s: ignoring %s=%r (not a valid value)", where, k, v)
+            continue
+        out[k] = tuple(v) if k == "img_size" and isinstance(v, list) else v
+    return out
+
+
+def _read_config_json(cfg_file: Path) -> dict[str, Any]:
+    """Hints from a ``config.json`` next to the weights; a damaged one is reported and ignored, never fatal.
+
+    Our format's full config is kept only when it builds a valid ``BeitConfig``; otherwise its usable
+    values become hints and the architecture is read from the tensors.
+    """
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s: unreadable (%s); the architecture is read from the tensors", cfg_file, e)
+        return {}
+    if not isinstance(meta, dict):
+        log.warning("%s: holds a %s, not an object; ignored", cfg_file, type(meta).__name__)
+        return {}
+    if meta.get("format") == OUR_FORMAT:
+        cfg = meta.get("config")
+        try:
+            if not isinstance(cfg, dict):
+                raise ValueError(f"'config' is {type(cfg).__name__}, not an object")
+            BeitConfig.from_dict(cfg)
+            return meta
+        except (TypeError, ValueError) as e:
+            log.warning("%s: damaged BEiT config (%s); the architecture is read from the tensors", cfg_file, e)
+            return _valid_hints(cfg if isinstance(cfg, dict) else {}, str(cfg_file))
+    try:
+        hints = config_from_hf(meta)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        log.warning("%s: damaged Hugging Face config (%s); the architecture is read from the tensors", cfg_file, e)
+        return {}
+    return _valid_hints(hints, str(cfg_file))
+
+
+# transformers classes of the BEiT family: same tensors as Beit* under another top-level name
+_HF_FAMILY_PREFIXES = {"data2vec_vision.": "beit."}
+# extra modules of BEiT relatives that a BEiT encoder does not use: dropped with a note
+_EXTRA_MODULES = {
+    "cls_pt_layers.": "BEiT v2 patch-aggregation layers (a pre-training-only head on the cls token)",
+    "cls_pt_norm.": "BEiT v2 patch-aggregation norm (pre-training only)",
+    "cls_pt_lm_head.": "BEiT v2 patch-aggregation lm head (pre-training only)",
+}
+
+
+def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any], str, list[str]]:
+    """``read_checkpoint`` plus the names of the tensors that were left out (not part of a BEiT encoder)."""
     hints: dict[str, Any] = {}
     if isinstance(source, Mapping):
         raw, name = dict(source), "<state dict>"
@@ -88,11 +153,7 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
         if path.is_dir():
             cfg_file = path / "config.json"
             if cfg_file.exists():
-                meta = json.loads(cfg_file.read_text())
-                if meta.get("format") == OUR_FORMAT:
-                    hints = meta
-                else:
-                    hints = config_from_hf(meta)
+                hints = _read_config_json(cfg_file)
             weights = next((path / f for f in WEIGHT_FILES if (path / f).exists()), None)
             if weights is None:
                 raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
@@ -100,18 +161,49 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
         raw = _read_tensors(path)
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"{name}: holds a {type(raw).__name__}, not a state dict")
-    sd = formats.unwrap(raw)
+    sd, prefix, left_out = formats.locate(raw)
+    if prefix:
+        log.info("%s: BEiT encoder found under %r", name, prefix)
+    for old, new in _HF_FAMILY_PREFIXES.items():
+        if any(k.startswith(old) for k in sd):
+            sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+    for extra, what in _EXTRA_MODULES.items():
+        dropped = [k for k in sd if k.startswith(extra)]
+        if dropped:
+            log.info("%s: dropped %d tensors of the %s (%s*)", name, len(dropped), what, extra)
+            sd = {k: v for k, v in sd.items() if not k.startswith(extra)}
     kind = formats.detect(sd)
     if kind == "hf":
-        sd = formats.from_hf(sd)
+        try:
+            sd = formats.from_hf(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from None
         hints.setdefault("layer_norm_eps", 1e-12)  # transformers' BeitConfig default, when no config.json
     elif kind == "unknown":
+        if any(re.match(r"blocks\.\d+\.attn\.", k) for k in sd):
+            raise CheckpointError(f"{name}: lacks 'patch_embed.proj.weight', which tells the width, input channels "
+                                  "and patch size; a BEiT encoder cannot be built without it")
         sample = ", ".join(list(sd)[:5]) or "no tensors"
         raise CheckpointError(f"{name}: not a BEiT checkpoint (first keys: {sample})")
     unmapped = [k for k in sd if k.startswith("__unmapped__.")]
     if unmapped:
-        raise CheckpointError(f"{name}: unexpected Hugging Face tensor {unmapped[0][13:]!r}")
-    return formats.drop_derived(sd), hints, name
+        left_out += [k[len("__unmapped__."):] for k in unmapped]
+        sd = {k: v for k, v in sd.items() if not k.startswith("__unmapped__.")}
+    if left_out:
+        log.info("%s: left out %d tensors that are not part of the BEiT encoder, e.g. %s",
+                 name, len(left_out), ", ".join(left_out[:5]))
+    return formats.drop_derived(sd), hints, name, left_out
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Any supported source -> (state dict in our layout, config hints, a name for messages).
+
+    The encoder is found wherever it sits in the file (wrappers, ``backbone.``-style prefixes, DDP /
+    compile segments); a damaged ``config.json`` is reported in the log and ignored. Raises
+    FileNotFoundError for a missing path and CheckpointError (naming the file) for anything unreadable.
+    """
+    sd, hints, name, _ = _read(source)
+    return sd, hints, name
 
 
 # ---------------------------------------------------------------------------- adapting
@@ -139,41 +231,70 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConf
     return sd
 
 
-def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: set[str]) -> None:
+def _short(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: set[str], strict: bool) -> None:
+    """Copy what fits; report (or, ``strict``, refuse) tensors without a place and tensors not in the file.
+
+    A tensor of the wrong shape is always an error: it means the architecture was read wrongly.
+    """
     own = model.state_dict()
     for k, v in sd.items():
-        if k not in own:
-            raise CheckpointError(f"{name}: tensor {k!r} {tuple(v.shape)} has no place in the requested model")
-        if own[k].shape != v.shape:
+        if k in own and own[k].shape != v.shape:
             raise CheckpointError(
                 f"{name}: tensor {k!r} has shape {tuple(v.shape)} but the requested model needs "
                 f"{tuple(own[k].shape)} (check the overrides you passed, e.g. embed_dim/depth/num_heads/img_size)"
             )
+    unused = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd and k not in allow_missing]
+    if strict and unused:
+        raise CheckpointError(f"{name}: tensor {unused[0]!r} {tuple(sd[unused[0]].shape)} has no place in the "
+                              f"requested model ({len(unused)} such tensors; strict=False drops them)")
+    if strict and missing:
+        raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors the model needs: {_short(missing)} "
+                              "(strict=False leaves them at their initial values)")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    log.info("%s: loaded %d of the model's %d tensors", name, sum(k in own for k in sd), len(own))
+    if unused:
+        log.warning("%s: dropped %d tensors that have no place in the model: %s", name, len(unused), _short(unused))
     if missing:
-        raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors, first {missing[0]!r}")
-    model.load_state_dict(sd, strict=False)
+        log.warning("%s: the checkpoint lacks %d tensors; left at their initial values: %s",
+                    name, len(missing), _short(missing))
 
 
-def load_model(source: str | os.PathLike | Mapping, **overrides: Any) -> nn.Module:
+def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **overrides: Any) -> nn.Module:
     """Load any BEiT checkpoint (official, timm, Hugging Face, ours; file, directory, Hub id, URL or dict).
 
     The architecture is read from the tensors (and a config.json if present); ``overrides`` change it:
     ``img_size=384`` resamples position tables, ``num_classes=10`` puts on a new head,
     ``use_rel_pos_bias=True, use_shared_rel_pos_bias=False`` turns a pre-training checkpoint into a
     fine-tuning model, ``head="cls"`` makes a classifier from a MIM checkpoint. Returns the model in eval mode.
+
+    Checkpoints as users bring them load: the encoder is found inside larger models' files
+    (``backbone.``, ``encoder.``, ``model.``, ``module.``, ``state_dict``, ...) and the rest is left out;
+    a partial state dict loads what it has and leaves the rest at initialisation. Both are logged
+    (logger ``beit.interop.load``: INFO what was taken and left out, WARNING what was dropped or lacking).
+    ``strict=True`` turns a lacking tensor, or one with no place in the model, into a CheckpointError.
+    The family loads too: transformers ``Beit*`` and ``Data2VecVision*``, DiT (``microsoft/dit-*``), BEiT v2
+    (its pre-training-only ``cls_pt_layers`` are dropped with a note). Raises CheckpointError (one line
+    naming the file) when the file cannot be read or the architecture cannot be told; FileNotFoundError.
     """
-    sd, hints, name = read_checkpoint(source)
+    sd, hints, name, _ = _read(source)
     try:
         if hints.get("format") == OUR_FORMAT:
             src = BeitConfig.from_dict(hints["config"])
-        else:  # tensors first; the config file and the caller fill in what tensors cannot tell
-            src = infer_config(sd, {**hints, **{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}})
+        else:  # tensors first; the config file, then the caller, fill in what tensors cannot tell
+            src = infer_config(sd, {**{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}, **hints})
         dst = src.replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
     model = Beit(dst)
-    adapted = adapt_state_dict(sd, src, dst)
+    try:
+        adapted = adapt_state_dict(sd, src, dst)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     allow_missing = set()
     if dst.head == "cls" and (src.head != "cls" or src.num_classes != dst.num_classes):
         allow_missing |= {"head.weight", "head.bias"}
@@ -181,9 +302,11 @@ def load_model(source: str | os.PathLike | Mapping, **overrides: Any) -> nn.Modu
         allow_missing |= {"mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"}
     if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
         allow_missing |= {"fc_norm.weight", "fc_norm.bias"}
+    if dst.use_mean_pooling and dst.head != "mim" and "fc_norm.weight" not in adapted:
+        allow_missing |= {"fc_norm.weight", "fc_norm.bias"}  # the file has no pooling norm: a fresh one
     if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
         allow_missing.add("pos_embed")
-    _fill_model(model, adapted, name, allow_missing)
+    _fill_model(model, adapted, name, allow_missing, strict)
     return model.eval()
 
 

@@ -23,6 +23,23 @@ from .config import BeitConfig
 from .relpos import RelativePositionBias, gather_bias, relative_position_index, table_size
 
 
+def check_mask(bool_masked_pos: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A mask checked against the images' patch grid, as a bool tensor [B, N] (True = masked).
+
+    Accepted: [B, H, W] with (H, W) the patch grid of the images, or [B, H*W] (row-major, as ``flatten``).
+    A transposed [B, W, H] mask on a non-square grid is refused rather than masking the wrong patches.
+    Raises ValueError naming both shapes otherwise.
+    """
+    h, w = grid
+    shape = tuple(bool_masked_pos.shape)
+    if shape not in ((batch, h, w), (batch, h * w)):
+        raise ValueError(
+            f"bool_masked_pos has shape {list(shape)} but the images (batch {batch}, patch grid {h}x{w}) "
+            f"need [{batch}, {h}, {w}] or [{batch}, {h * w}]"
+        )
+    return bool_masked_pos.reshape(batch, h * w).bool()
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, one strided convolution."""
 
@@ -31,10 +48,15 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (H/p, W/p) of images [B, C, H, W]; ValueError when H or W is not a multiple of p."""
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}")
-        x = self.proj(x)
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        self.grid_of(x)
+        x = self.proj(x.to(self.proj.weight.dtype))  # fp32 images into a 16-bit model (autocast recasts)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
 
@@ -204,15 +226,16 @@ class Beit(nn.Module):
         self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(x)
-        B, N, _ = x.shape
+        B = x.shape[0]
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("this model has no mask token: create it with head='mim' to pass bool_masked_pos")
-            w = bool_masked_pos.reshape(B, N).unsqueeze(-1).type_as(x)
+            w = check_mask(bool_masked_pos, B, grid).unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token * w
-        # the residual stream stays fp32 under autocast (layer scale is an fp32 parameter), so every block
-        # sees one dtype: one compiled graph serves all blocks
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.float()], dim=1)
+        # the residual stream keeps the parameters' dtype: fp32 under autocast (layer scale is an fp32
+        # parameter, so every block sees one dtype and one compiled graph serves all blocks), and 16 bits
+        # in a model cast with .half() / .to(torch.bfloat16)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.to(self.cls_token.dtype)], dim=1)
         if self.pos_embed is not None:
             x = x + self._pos_embed(grid)
         return self.pos_drop(x), grid
@@ -266,8 +289,7 @@ class Beit(nn.Module):
         """Logits [num_masked_total, vocab] for the masked patches, rows in ``nonzero()`` order."""
         if self.cfg.head != "mim":
             raise ValueError("forward_mim needs a model created with head='mim'")
-        B = x.shape[0]
-        mask = bool_masked_pos.reshape(B, -1).bool()
+        mask = check_mask(bool_masked_pos, x.shape[0], self.patch_embed.grid_of(x))
         tokens = self.forward_features(x, mask)[:, 1:]
         tokens = tokens[mask]  # only masked positions go through the 8192-way head
         if self.head_norm is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,33 +39,114 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     return _relative_position_index_cpu(tuple(window)).clone()
 
 
-def window_from_table(num_rows: int) -> tuple[int, int]:
-    """Square window that a table of ``num_rows`` rows was made for (checkpoints store only the table)."""
-    side = round(((num_rows - 3) ** 0.5 + 1) / 2)
+def window_from_table(num_rows: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Patch grid (Wh, Ww) that a table of ``num_rows`` rows was made for (checkpoints store only the table).
+
+    ``hint`` (e.g. from a config's image size) is taken when it fits, which is how non-square grids are
+    recognised; otherwise the square grid of that size. Raises ValueError when neither fits.
+    """
+    if hint is not None and table_size(hint) == num_rows:
+        return int(hint[0]), int(hint[1])
+    side = round(((max(num_rows - 3, 0)) ** 0.5 + 1) / 2)
     if table_size((side, side)) != num_rows:
-        raise ValueError(f"a relative position table of {num_rows} rows matches no square patch grid")
+        raise ValueError(
+            f"a relative position table of {num_rows} rows matches no square patch grid"
+            + ("" if hint is None else f" nor the {hint[0]}x{hint[1]} grid of the given image size")
+            + "; pass img_size=(H, W) for a non-square grid"
+        )
     return side, side
 
 
-def resize_table(table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]) -> torch.Tensor:
-    """Resample a [(2Wh-1)(2Ww-1)+3, H] table to another window, bicubic over the offset grid.
+def _geometric_offsets(src: int, dst: int) -> list[float]:
+    """Source offsets -n..n (n = src // 2) placed on the geometric grid of the official resampling.
 
-    Used when fine-tuning at 384 from 224, or segmenting at 512. The 3 cls entries are kept as
-    they are. Identity when the windows match.
+    microsoft/unilm run_class_finetuning.py and timm ``resize_rel_pos_bias_table``: the gaps from the
+    centre grow as 1, q, q^2, ... so near offsets keep (almost) their place and far ones stretch; q solves
+    1 + q + ... + q^(n-1) = dst // 2 by bisection in [1.01, 1.5] (the official interval, kept so the
+    numbers are identical: for a stretch beyond it the grid stops short of the edge and the outermost
+    target offsets take the outermost source value).
     """
-    old_window, new_window = tuple(old_window), tuple(new_window)
-    if old_window == new_window:
-        return table
+    n, target = src // 2, dst // 2
+
+    def span(q: float) -> float:
+        return (1.0 - q**n) / (1.0 - q)
+
+    left, right = 1.01, 1.5
+    q = (left + right) / 2.0
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if span(q) > target:
+            right = q
+        else:
+            left = q
+    offsets, cur = [], 1.0
+    for i in range(n):  # the official code uses the last midpoint q, not the bracket's ends
+        offsets.append(cur)
+        cur += q ** (i + 1)
+    return [-o for o in reversed(offsets)] + [0.0] + offsets
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(src: int, dst: int) -> torch.Tensor:
+    """[dst, src] float64 matrix resampling one axis of the offset grid (src, dst odd: 2W-1).
+
+    Equal sizes: identity. Shrinking: the exact central block (the offsets both windows have keep their
+    learned values). Growing: linear interpolation on the geometric grid of ``_geometric_offsets``;
+    target offsets beyond the outermost source offset take its value.
+    """
+    if dst == src:
+        return torch.eye(src, dtype=torch.float64)
+    m = torch.zeros(dst, src, dtype=torch.float64)
+    if dst < src:
+        start = (src - dst) // 2
+        m[torch.arange(dst), torch.arange(start, start + dst)] = 1.0
+        return m
+    if src == 1:  # a single offset (window of 1): nothing to interpolate between
+        m[:, 0] = 1.0
+        return m
+    pos = torch.tensor(_geometric_offsets(src, dst), dtype=torch.float64)
+    half = dst // 2
+    for i, t in enumerate(range(-half, half + 1)):
+        t = min(max(float(t), float(pos[0])), float(pos[-1]))
+        j = int(torch.searchsorted(pos, torch.tensor(t, dtype=torch.float64), right=True)) - 1
+        j = min(max(j, 0), src - 2)
+        w = (t - float(pos[j])) / float(pos[j + 1] - pos[j])
+        m[i, j] += 1.0 - w
+        m[i, j + 1] += w
+    return m
+
+
+def resize_table(table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]) -> torch.Tensor:
+    """Resample a relative-position table [(2Wh-1)(2Ww-1)+3, heads] from ``old_window`` to ``new_window``.
+
+    The official way (microsoft/unilm fine-tuning, timm ``resize_rel_pos_bias_table``): each axis of the
+    offset grid that grows is resampled on a geometric grid that keeps near offsets where they were
+    (linear interpolation, as timm without scipy); an axis that shrinks keeps the exact central block;
+    an unchanged axis is untouched. Windows may be non-square. The 3 cls entries are kept as they are.
+    Differentiable (a fixed linear map), so it also serves run-time resizing during training; computed
+    in fp32 at least, returned in the table's dtype. Identity when the windows match.
+
+    Raises ValueError when the table's row count does not fit ``old_window``.
+    """
+    old_window = (int(old_window[0]), int(old_window[1]))
+    new_window = (int(new_window[0]), int(new_window[1]))
     if table.shape[0] != table_size(old_window):
         raise ValueError(
             f"relative position table has {table.shape[0]} rows, expected {table_size(old_window)} "
             f"for a {old_window[0]}x{old_window[1]} window"
         )
+    if old_window == new_window:
+        return table
     num_heads = table.shape[1]
     oh, ow = 2 * old_window[0] - 1, 2 * old_window[1] - 1
     nh, nw = 2 * new_window[0] - 1, 2 * new_window[1] - 1
-    grid = table[:-3].float().T.reshape(1, num_heads, oh, ow)
-    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    if table.is_meta:
+        return table.new_empty(table_size(new_window), num_heads)
+    work = torch.promote_types(table.dtype, torch.float32)
+    my = _axis_matrix(oh, nh).to(device=table.device, dtype=work)
+    mx = _axis_matrix(ow, nw).to(device=table.device, dtype=work)
+    grid = table[:-3].to(work).T.reshape(num_heads, oh, ow)
+    grid = my @ grid @ mx.T  # [heads, nh, nw]
     grid = grid.reshape(num_heads, nh * nw).T.to(table.dtype)
     return torch.cat([grid, table[-3:]], dim=0)
 

@@ -1,0 +1,181 @@
+"""Checkpoints as users bring them: nested in larger models, partial, non-square, next to a damaged config."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import beit
+from beit.interop import CheckpointError
+
+timm_beit = pytest.importorskip("timm.models.beit")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+LOGGER = "beit.interop"
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def _images(h: int = 32, w: int = 32) -> torch.Tensor:
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+def _timm(img_size=32, abs_pos=False) -> torch.nn.Module:
+    return _randomize(timm_beit.Beit(img_size=img_size, patch_size=4, num_classes=5, embed_dim=32, depth=2,
+                                     num_heads=2, init_values=0.1, use_abs_pos_emb=abs_pos,
+                                     use_rel_pos_bias=True))
+
+
+@pytest.fixture(scope="module")
+def ref() -> torch.nn.Module:
+    torch.set_num_threads(1)
+    return _timm()
+
+
+def _nest(sd: dict, prefix: str, wrapper: tuple[str, ...]) -> dict:
+    obj: dict = {prefix + k: v for k, v in sd.items()}
+    obj["decode_head.conv_seg.weight"] = torch.zeros(3, 32, 1, 1)  # a larger model's other parts
+    obj["neck.lateral.0.weight"] = torch.zeros(8, 32)
+    for key in reversed(wrapper):
+        obj = {key: obj, "epoch": 7, "optimizer": {"state": {}, "param_groups": []}}
+    return obj
+
+
+@pytest.mark.parametrize(
+    "prefix,wrapper",
+    [("backbone.", ("state_dict",)), ("encoder.", ()), ("model.", ("model",)), ("module.", ("model",)),
+     ("module.backbone.", ("checkpoint", "state_dict")), ("backbone.bottom_up.backbone.", ("model",)),
+     ("model._orig_mod.", ("state_dict",)), ("student.backbone.", ("teacher_student",))],
+)
+def test_encoder_nested_in_larger_checkpoints(tmp_path, caplog, ref, prefix, wrapper) -> None:
+    path = tmp_path / "big.pth"
+    torch.save(_nest(ref.state_dict(), prefix, wrapper), path)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = beit.load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_images()), ref(_images()), atol=TOL, rtol=0)
+    text = caplog.text
+    if prefix != "module.":
+        found = prefix.replace("_orig_mod.", "").removeprefix("module.")
+        assert f"BEiT encoder found under {found!r}" in text
+        assert "left out 2 tensors that are not part of the BEiT encoder" in text
+    else:  # DDP's "module." wraps the whole model: its other parts have no place in an encoder
+        assert "dropped 2 tensors that have no place in the model" in text
+    assert "decode_head.conv_seg.weight" in text
+
+
+def test_hf_model_inside_a_larger_checkpoint_and_bare(tmp_path, caplog) -> None:
+    cfg = transformers.BeitConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=128, num_labels=5,
+                                  use_relative_position_bias=True)
+    hf = _randomize(transformers.BeitForImageClassification(cfg))
+    x = _images()
+    with torch.no_grad():
+        expected = hf.beit(pixel_values=x).pooler_output
+        nested = {"state_dict": {"backbone." + k: v for k, v in hf.state_dict().items()}}
+        got = beit.load_model(nested, head="cls", num_classes=0)
+        torch.testing.assert_close(got(x), expected, atol=TOL, rtol=0)
+        bare = beit.load_model(hf.beit.state_dict(), head="cls", num_classes=0)  # BeitModel: no "beit." at all
+        torch.testing.assert_close(bare(x), expected, atol=TOL, rtol=0)
+
+
+def test_partial_state_dict_loads_what_is_there(caplog, ref) -> None:
+    sd = {k: v for k, v in ref.state_dict().items()
+          if k not in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "blocks.0.gamma_1")}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = beit.load_model(sd)  # used to be a bare KeyError from interop/infer.py
+    assert "the checkpoint lacks 3 tensors; left at their initial values: " in caplog.text
+    for k in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "blocks.0.gamma_1"):
+        assert k in caplog.text
+    for k, v in sd.items():
+        if k in model.state_dict():
+            torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
+    assert model.cfg.mlp_ratio == 4.0 and model.cfg.num_heads == 2  # read from the blocks that have them
+    with pytest.raises(CheckpointError, match=r"<state dict>: checkpoint lacks 3 tensors the model needs: "
+                                              r"blocks\.0\.gamma_1, blocks\.0\.attn\.qkv\.weight, "
+                                              r"blocks\.0\.mlp\.fc1\.weight \(strict=False leaves"):
+        beit.load_model(sd, strict=True)
+
+
+def test_filtered_state_dict_without_block_zero_and_extra_tensors(caplog, ref) -> None:
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("blocks.0.")}
+    sd["blocks.1.attn.adapter.weight"] = torch.zeros(4, 4)  # another code base's addition
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = beit.load_model(sd)
+    assert model.cfg.depth == 2 and model.cfg.use_rel_pos_bias and model.cfg.init_values == pytest.approx(
+        float(ref.blocks[1].gamma_1.float().mean()))
+    assert "dropped 1 tensors that have no place in the model: blocks.1.attn.adapter.weight" in caplog.text
+    assert "the checkpoint lacks" in caplog.text and "blocks.0.norm1.weight" in caplog.text
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.1\.attn\.adapter\.weight' \(4, 4\) has no place"):
+        beit.load_model(sd, strict=True)
+
+
+def test_malformed_tensors_are_named_not_a_bare_error(ref) -> None:
+    sd = dict(ref.state_dict(), pos_embed=torch.zeros(65))
+    with pytest.raises(CheckpointError, match=r"<state dict>: 'pos_embed' has shape \(65,\), expected 3 dim"):
+        beit.load_model(sd)
+    sd = {k: v for k, v in ref.state_dict().items() if "relative_position" not in k}
+    sd["blocks.0.attn.relative_position_bias_table"] = torch.zeros(51, 2)
+    with pytest.raises(CheckpointError, match=r"a relative position table of 51 rows: no patch grid fits"):
+        beit.load_model(sd)
+
+
+def test_a_missing_patch_embedding_is_named(ref) -> None:
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("patch_embed.")}
+    with pytest.raises(CheckpointError, match=r"^<state dict>: lacks 'patch_embed\.proj\.weight', which tells"):
+        beit.load_model(sd)
+
+
+def test_non_square_grid(tmp_path) -> None:
+    ref = _timm(img_size=(16, 24), abs_pos=True)
+    x = _images(16, 24)
+    with torch.no_grad():
+        expected = ref(x)
+        # a bare state dict: (4, 6) and (6, 4) both fit its tensors, so the image size is needed
+        with pytest.raises(CheckpointError, match=r"not square and ambiguous.*pass img_size=\(H, W\)"):
+            beit.load_model(ref.state_dict())
+        model = beit.load_model(ref.state_dict(), img_size=(16, 24))
+        torch.testing.assert_close(model(x), expected, atol=TOL, rtol=0)
+        beit.save_model(model, tmp_path / "ours")  # our config.json carries the grid
+        torch.testing.assert_close(beit.load_model(tmp_path / "ours")(x), expected, atol=TOL, rtol=0)
+        # resampled to another non-square size at load time
+        big = beit.load_model(tmp_path / "ours", img_size=(28, 36))
+        assert big.window == (7, 9) and big(_images(28, 36)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    "config_text,warning",
+    [("{broken", "unreadable"), ("[1, 2]", "holds a list, not an object"),
+     (json.dumps({"format": "beit", "config": {"embed_dim": "wide"}}), "damaged BEiT config"),
+     (json.dumps({"format": "beit"}), "damaged BEiT config ('config' is NoneType"),
+     (json.dumps({"image_size": "big", "num_attention_heads": 0, "layer_norm_eps": 1e-6}), "ignoring img_size='big'"),
+     (json.dumps({"id2label": 5}), "damaged Hugging Face config")],
+)
+def test_damaged_config_json_is_reported_and_ignored(tmp_path, caplog, ref, config_text, warning) -> None:
+    model = beit.load_model(ref.state_dict())
+    beit.save_model(model, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(config_text)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        again = beit.load_model(tmp_path / "m")
+    assert warning in caplog.text and "config.json" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(again(_images()), ref(_images()), atol=TOL, rtol=0)
+
+
+def test_unknown_head_count_is_a_warning(caplog) -> None:
+    m = beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=128, depth=1, num_heads=2,
+                          use_rel_pos_bias=False, num_classes=3)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert beit.load_model(m.state_dict()).cfg.num_heads == 2  # 128 / 64
+    assert "does not tell the number of attention heads" in caplog.text
+    assert beit.load_model(m.state_dict(), num_heads=4).cfg.num_heads == 4
