@@ -23,8 +23,9 @@ _INTERPRETED = textwrap.dedent("""
     from beit.models import attention_triton as T
     from beit.models.attention import eager_attention
     torch.manual_seed(0)
+    T.DBIAS_CHUNKS = 2  # B = 5 -> chunks of 3 and 2 images: the uneven split of the d(bias) reduction
     worst = 0.0
-    for B, H, L, d in [(2, 2, 37, 16), (1, 3, 65, 32), (2, 1, 70, 64)]:
+    for B, H, L, d in [(2, 2, 37, 16), (1, 3, 65, 32), (2, 1, 70, 64), (5, 2, 20, 16)]:
         qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64).float()
         q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # strided, like the model
         bias = (2 * torch.randn(1, H, L, L)).requires_grad_()

@@ -59,7 +59,7 @@ if HAS_TRITON:
     def _fwd_kernel(Q, K, V, Bias, Out, Lse,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                     H, L, scale,
-                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -76,7 +76,7 @@ if HAS_TRITON:
             offs_n = start_n + tl.arange(0, BN)
             n_ok = offs_n < L
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             s += tl.load(bias_row + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -84,7 +84,7 @@ if HAS_TRITON:
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(Out + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(Out.dtype.element_ty),
@@ -95,7 +95,7 @@ if HAS_TRITON:
     def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                          sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
                          H, L, scale,
-                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -117,13 +117,13 @@ if HAS_TRITON:
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
             ok = m_ok[:, None] & n_ok[None, :]
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         # dk/dv are [B, H, L, D] contiguous
         base = bh * L * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
@@ -133,7 +133,7 @@ if HAS_TRITON:
     def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ,
                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
                        H, L, scale,
-                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -153,24 +153,25 @@ if HAS_TRITON:
             ok = m_ok[:, None] & n_ok[None, :]
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_ok[:, None])
 
     @triton.jit
     def _bwd_dbias_kernel(Q, K, V, Bias, DO, Lse, Delta, DBias,
                           sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
-                          B, H, L, scale,
-                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        # one [BM, BN] tile of d(bias) for head h, summed over the batch in registers
+                          B, H, L, scale, per_chunk,
+                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        # one [BM, BN] tile of d(bias) for head h, summed in registers over one chunk of the batch
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        h = tl.program_id(2)
+        h = tl.program_id(2) % H
+        chunk = tl.program_id(2) // H
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
@@ -179,7 +180,7 @@ if HAS_TRITON:
         ok = m_ok[:, None] & n_ok[None, :]
         bias = tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         acc = tl.zeros([BM, BN], tl.float32)
-        for b in range(0, B):
+        for b in range(chunk * per_chunk, tl.minimum(chunk * per_chunk + per_chunk, B)):
             bh = b * H + h
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=m_ok[:, None],
                         other=0.0)
@@ -189,16 +190,29 @@ if HAS_TRITON:
                          other=0.0)
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale + bias
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             acc += p * (dp - delta[:, None])
-        tl.store(DBias + h * L * L + offs_m[:, None] * L + offs_n[None, :], acc, mask=ok)
+        tl.store(DBias + (chunk * H + h) * L * L + offs_m[:, None] * L + offs_n[None, :], acc, mask=ok)
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BM, BN, num_warps) for head dim ``d``; 64x64 tiles fit BEiT's L = 197 with little masked waste."""
-    return (64, 64, 4) if d <= 64 else (64, 32, 4)
+# (BM, BN, num_warps, num_stages) per kernel; ``benchmarks/attention_kernel.py --tune`` measures the choices
+CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dbias": (64, 64, 4, 2),
+}
+DBIAS_CHUNKS = 8  # the batch is split over this many programs per d(bias) tile (partial sums added after)
+
+
+def _cfg(kernel: str, d: int) -> tuple[int, int, int, int]:
+    bm, bn, warps, stages = CONFIGS[kernel]
+    if d > 64:  # keep the [BM, d] and [BN, d] tiles within shared memory
+        bm, bn = min(bm, 64), min(bn, 64)
+    return bm, bn, warps, stages
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -215,10 +229,10 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) 
     B, H, L, d = q.shape
     out = torch.empty((B, H, L, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
-    BM, BN, warps = _blocks(d)
+    BM, BN, warps, stages = _cfg("fwd", d)
     _fwd_kernel[(triton.cdiv(L, BM), B * H)](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, L, d ** -0.5, D=d, BM=BM, BN=BN, num_warps=warps, num_stages=2)
+        H, L, d ** -0.5, D=d, BM=BM, BN=BN, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -237,17 +251,23 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bi
     dq = torch.empty((B, H, L, d), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    dbias = torch.empty((H, L, L), device=q.device, dtype=torch.float32)
-    BM, BN, warps = _blocks(d)
+    chunks = min(DBIAS_CHUNKS, B)
+    per_chunk = triton.cdiv(B, chunks)
+    chunks = triton.cdiv(B, per_chunk)
+    dbias = torch.empty((chunks, H, L, L), device=q.device, dtype=torch.float32)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    prec = _prec(q.dtype)
+    BM, BN, warps, stages = _cfg("dkdv", d)
     _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](q, k, v, bias, do, lse, delta, dk, dv, *common, H, L, d ** -0.5,
-                                                  D=d, BM=BM, BN=BN, num_warps=warps, num_stages=2)
+                                                  D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _cfg("dq", d)
     _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, bias, do, lse, delta, dq, *common, H, L, d ** -0.5,
-                                                D=d, BM=BM, BN=BN, num_warps=warps, num_stages=2)
-    _bwd_dbias_kernel[(triton.cdiv(L, BM), triton.cdiv(L, BN), H)](
-        q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5,
-        D=d, BM=BM, BN=BN, num_warps=warps, num_stages=2)
-    return dq, dk, dv, dbias.to(bias.dtype)
+                                                D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _cfg("dbias", d)
+    _bwd_dbias_kernel[(triton.cdiv(L, BM), triton.cdiv(L, BN), H * chunks)](
+        q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5, per_chunk,
+        D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    return dq, dk, dv, dbias.sum(0).to(bias.dtype)
 
 
 @_bwd.register_fake
