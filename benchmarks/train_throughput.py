@@ -119,9 +119,9 @@ def hf_mim(batch: int, attn: str = "sdpa"):
     return step
 
 
-def _cls_step(model: torch.nn.Module, batch: int):
+def _cls_step(model: torch.nn.Module, batch: int, img_size: int = 224):
     opt = _opt(model)
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    x = torch.randn(batch, 3, img_size, img_size, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
     def step() -> None:
@@ -143,13 +143,14 @@ def timm_cls(batch: int, name: str = "beit_base_patch16_224", compile: bool = Fa
     return _cls_step(model, batch)
 
 
-def ours_cls(batch: int, attn: str = "cudnn", compile: str = "blocks"):
-    model = beit.create_model("beit_base_patch16_224", num_classes=1000, attn_impl=attn).cuda().train()
+def ours_cls(batch: int, attn: str = "cudnn", compile: str = "blocks", img_size: int = 224):
+    model = beit.create_model("beit_base_patch16_224", num_classes=1000, attn_impl=attn,
+                              img_size=img_size).cuda().train()
     if compile == "blocks":
         _compile_blocks(model)
     elif compile == "full":
         model = torch.compile(model)
-    return _cls_step(model, batch)
+    return _cls_step(model, batch, img_size)
 
 
 def dalle_pkg_encoder(batch: int):
@@ -195,6 +196,8 @@ SYSTEMS: dict[str, tuple[str, Callable]] = {
     "ours_mim_sdpa_full": ("ours MIM step, SDPA, whole model compiled", lambda b: ours_mim(b, "sdpa", "full")),
     "ours_mim_nobias_c": ("ours MIM step without rel-pos bias (flash bound), compiled",
                           lambda b: ours_mim(b, "sdpa", "blocks", bias=False)),
+    "ours_mim_fused_c": ("ours MIM step, fused_bias Triton attention, compiled blocks",
+                         lambda b: ours_mim(b, "fused_bias", "blocks")),
     "ours_mim_tok": ("ours MIM step + DALL-E tokenizer (fp16, compiled) in the loop",
                      lambda b: ours_mim_with_tokenizer(b)),
     "hf_mim_sdpa": ("Hugging Face BeitForMaskedImageModeling, sdpa", lambda b: hf_mim(b, "sdpa")),
@@ -206,6 +209,14 @@ SYSTEMS: dict[str, tuple[str, Callable]] = {
     "ours_cls_c": ("ours BEiT-B classification fine-tune step, cuDNN, compiled blocks", lambda b: ours_cls(b)),
     "ours_mim_large_c": ("ours BEiT-L MIM step, cuDNN, compiled blocks (batch 64)",
                          lambda b: ours_mim(64, "cudnn", "blocks", size="large")),
+    "ours_mim_large_sdpa_c": ("ours BEiT-L MIM step, SDPA, compiled blocks (batch 64)",
+                              lambda b: ours_mim(64, "sdpa", "blocks", size="large")),
+    "ours_mim_large_fused_c": ("ours BEiT-L MIM step, fused_bias, compiled blocks (batch 64)",
+                               lambda b: ours_mim(64, "fused_bias", "blocks", size="large")),
+    "ours_cls512_sdpa_c": ("ours BEiT-B at 512 px (1025 tokens, per-layer bias: segmentation's backbone), SDPA, "
+                           "compiled blocks (batch 16)", lambda b: ours_cls(16, "sdpa", img_size=512)),
+    "ours_cls512_fused_c": ("ours BEiT-B at 512 px, fused_bias, compiled blocks (batch 16)",
+                            lambda b: ours_cls(16, "fused_bias", img_size=512)),
     "dalle_pkg_enc": ("dall-e package encoder 112px (fp16 convs)", dalle_pkg_encoder),
     "ours_enc_c": ("ours DALL-E encoder 112px, bf16 channels_last, compiled", ours_encoder),
     "ours_enc_fp16_c": ("ours DALL-E encoder 112px, fp16 channels_last, compiled",
@@ -232,7 +243,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = None
-        batch = 64 if "large" in key else args.batch
+        batch = 64 if "large" in key else 16 if "512" in key else args.batch
         try:
             t_build = time.perf_counter()
             step = build(args.batch)
@@ -240,7 +251,8 @@ def main() -> None:
             ips = batch / sec
             mem = torch.cuda.max_memory_allocated() / 2**30
             gflop = GFLOP_PER_IMG["large" if "large" in key else "base"]
-            mfu = ips * gflop / (H100_BF16_DENSE_TFLOPS * 1e3) if "enc" not in key else float("nan")
+            known = "enc" not in key and "512" not in key  # GFLOP_PER_IMG is for 224-px steps
+            mfu = ips * gflop / (H100_BF16_DENSE_TFLOPS * 1e3) if known else float("nan")
             results[key] = dict(desc=desc, img_per_s=ips, step_ms=sec * 1e3, peak_gib=mem, mfu=mfu,
                                 setup_s=time.perf_counter() - t_build, batch=batch)
             print(f"{key:20s} {ips:8.0f} img/s  {sec * 1e3:7.1f} ms/step  {mem:6.1f} GiB  MFU {mfu:5.1%}  | {desc}",

@@ -2,7 +2,10 @@
 
 BEiT adds a learned relative-position bias before the softmax. ``sdpa`` passes it to PyTorch's
 fused kernels as a float mask; ``eager`` is the literal formula, kept as the reference the fast
-paths are tested against. Faster kernels register themselves in ``ATTENTION_IMPLS``.
+paths are tested against. ``fused_bias`` is our Triton kernel (``attention_triton``): the bias added
+inside a flash-style kernel and its gradient summed over the batch in-kernel; it runs where it supports
+the inputs (CUDA, no dropout, head dim 16-128) and falls back to ``sdpa`` elsewhere, so it is safe to choose
+on any machine. Faster kernels register themselves in ``ATTENTION_IMPLS``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import attention_triton
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -49,12 +54,22 @@ def _pinned_sdpa(*backends: str) -> AttentionFn:
     return attention
 
 
+def fused_bias_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Our Triton kernel where :func:`beit.models.attention_triton.supported` says it runs, else SDPA."""
+    if attention_triton.supported(q, k, v, bias, dropout_p):
+        return attention_triton.fused_bias_attention(q, k, v, bias)
+    return sdpa_attention(q, k, v, bias, dropout_p)
+
+
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     # cuDNN's fused attention takes an additive bias and returns its gradient on Hopper
     "cudnn": _pinned_sdpa("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "efficient": _pinned_sdpa("EFFICIENT_ATTENTION", "MATH"),
+    "fused_bias": fused_bias_attention,
 }
 
 

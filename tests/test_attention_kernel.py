@@ -1,0 +1,80 @@
+"""The fused-bias Triton attention kernel: numerics in Triton's CPU interpreter, and the SDPA fallback.
+
+The GPU run of the same checks (bf16/fp32, BEiT's sequence lengths) is ``benchmarks/attention_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import beit
+from beit.models import attention_triton
+from beit.models.attention import ATTENTION_IMPLS, eager_attention
+
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from beit.models import attention_triton as T
+    from beit.models.attention import eager_attention
+    torch.manual_seed(0)
+    T.DBIAS_CHUNKS = 2  # B = 5 -> chunks of 3 and 2 images: the uneven split of the d(bias) reduction
+    worst = 0.0
+    for B, H, L, d in [(2, 2, 37, 16), (1, 3, 65, 32), (2, 1, 70, 64), (5, 2, 20, 16)]:
+        qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64).float()
+        q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # strided, like the model
+        bias = (2 * torch.randn(1, H, L, L)).requires_grad_()
+        g = torch.randn(B, H, L, d)
+        out, _ = T._fwd(q, k, v, bias.reshape(H, L, L))          # the custom op, with its autograd formula
+        got = [out, *torch.autograd.grad(out, (q, k, v, bias), g)]
+        ref = eager_attention(*(t.double() for t in (q, k, v, bias)))
+        want = [ref, *torch.autograd.grad(ref, (q, k, v, bias), g.double())]
+        for a, b in zip(got, want):
+            assert a.shape == b.shape, (a.shape, b.shape)
+            worst = max(worst, ((a.double() - b).abs().max() / b.abs().max()).item())
+    print("WORST", worst)
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_matches_eager_in_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = float(proc.stdout.split("WORST")[-1])
+    assert worst < 1e-5  # fp32 kernel vs fp64 reference: output, dq, dk, dv and the batch-summed d(bias)
+
+
+def test_supported_refuses_what_the_kernel_cannot_take():
+    q = torch.randn(2, 3, 10, 16)
+    bias = torch.randn(1, 3, 10, 10)
+    assert not attention_triton.supported(q, q, q, bias)  # CPU tensors
+    if torch.cuda.is_available() and attention_triton.HAS_TRITON:  # pragma: no cover - GPU machines
+        qc, bc = q.cuda(), bias.cuda()
+        assert attention_triton.supported(qc, qc, qc, bc)
+        assert not attention_triton.supported(qc, qc, qc, bc, dropout_p=0.1)
+        assert not attention_triton.supported(qc, qc, qc, None)
+        assert not attention_triton.supported(qc, qc, qc, torch.randn(2, 3, 10, 10, device="cuda"))  # per-image
+        q24 = torch.randn(2, 3, 10, 24, device="cuda")
+        assert not attention_triton.supported(q24, q24, q24, bc)  # head dim not a power of two
+    with pytest.raises(ValueError, match="does not take"):
+        attention_triton.fused_bias_attention(q, q, q, bias)
+
+
+def test_fused_bias_impl_falls_back_to_sdpa_off_gpu():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 17, 16).unbind(0)
+    bias = torch.randn(1, 4, 17, 17)
+    torch.testing.assert_close(ATTENTION_IMPLS["fused_bias"](q, k, v, bias), eager_attention(q, k, v, bias),
+                               rtol=1e-5, atol=1e-5)
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    a = beit.create_model("beit_tiny_patch16_224", attn_impl="sdpa", **kw).eval()
+    b = beit.create_model("beit_tiny_patch16_224", attn_impl="fused_bias", **kw).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
