@@ -49,7 +49,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, save_config, to_dict, validate_config
-from .distributed import ResumableDistributedSampler, _mix_seed
+from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
 
@@ -130,27 +130,6 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def _compile_model(model: nn.Module) -> None:
-    """Regional compile (torchtitan): each block of ``model.blocks`` in place, else the whole model.
-
-    ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids are unaffected.
-    """
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-        # blocks differ in Python constants (each its own drop-path rate), and dynamo specialises on them:
-        # allow a graph per block, or blocks past the default limit of 8 silently run eager
-        import torch._dynamo
-
-        needed = 2 * len(blocks) + 8
-        for name in ("recompile_limit", "cache_size_limit"):
-            if getattr(torch._dynamo.config, name, needed) < needed:
-                setattr(torch._dynamo.config, name, needed)
-        for block in blocks:
-            block.compile()
-    else:
-        model.compile()
-
-
 class Trainer:
     """Trains ``model`` on ``train_dataset`` with ``step_fn``; see the module docstring.
 
@@ -204,8 +183,8 @@ class Trainer:
         # A streaming (iterable) dataset, e.g. webdataset shards, splits itself across ranks and workers;
         # its len() is the nominal number of samples of one epoch over all ranks.
         self.streaming = isinstance(train_dataset, IterableDataset)
-        self.sampler = None if self.streaming else ResumableDistributedSampler(len(train_dataset), cfg.batch_size,
-                                                                                seed=cfg.seed)
+        self.sampler = None if self.streaming else ResumableDistributedSampler(
+            len(train_dataset), cfg.batch_size, seed=cfg.seed, yield_epoch=cfg.num_workers > 0)
         per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
         self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -220,13 +199,19 @@ class Trainer:
                                    f"({self.total_steps} steps)")
 
         # Model: device -> EMA copy -> regional compile -> DDP/FSDP2 (torchtitan's order) -> optimizer.
+        # Compile only the repeated blocks (D.repeated_blocks: the model protocol of docs/CONTRACTS.md), then
+        # FSDP2 shards those blocks and the root; DDP wraps the whole. See D.compile_blocks / D.wrap_model.
         seed_everything(cfg.seed + D.rank())  # the training RNG stream (dropout, drop-path), per rank
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        # Under FSDP2 rank 0 keeps a plain CPU copy to export the final weights into (export_model): a
+        # sharded module cannot run a forward or be written on one rank alone.
+        self._export_copy = copy.deepcopy(model).cpu() if fsdp and self.main else None
         model.to(self.device)
         self.ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
         if cfg.compile:
-            _compile_model(model)
-        self.model = D.wrap_model(model, cfg)
+            D.compile_blocks(model, cfg.distributed if D.world_size() > 1 else "none")
+        self.model = D.wrap_model(model, cfg, bf16=self.use_bf16)
         self.raw_model = D.unwrap_model(self.model)
         if callable(param_groups):
             groups = param_groups(self.raw_model)
@@ -235,7 +220,7 @@ class Trainer:
         else:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
 
         # Position: the next optimizer step, and the epoch / loader batch it starts at.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -310,7 +295,7 @@ class Trainer:
             metrics = {k: v / cfg.accum_steps for k, v in metric_sums.items()}
 
             grad_norm = self._clip_grad(params)
-            if not torch.isfinite(torch.stack([loss, grad_norm.to(loss.device)])).all():  # one sync a step
+            if not D.all_finite(torch.stack([loss, grad_norm.to(loss.device)])):  # one sync a step, all ranks agree
                 self._diverged(loss, grad_norm, metrics)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -395,12 +380,21 @@ class Trainer:
                               collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda", drop_last=True,
                               worker_init_fn=_worker_init, generator=g)
         self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-        # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
-        # a loader (fresh or resumed) never shifts the training RNG stream.
-        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                          num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
-                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
-                          worker_init_fn=_worker_init, generator=g)
+        if self._loader is None:
+            # One loader for the whole run, its workers persistent across epochs (no process start-up and
+            # dataset pickling at every epoch boundary). Workers hold their own dataset copies, which a
+            # set_epoch() here never reaches: the sampler then yields (epoch, index) and EpochIndexed sets
+            # the epoch inside each worker, so every sample stays a function of (seed, epoch, index).
+            # The workers' base seed comes from this generator, not from the global RNG, so creating the
+            # loader (fresh or resumed) never shifts the training RNG stream.
+            g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, D.rank()))
+            workers = self.cfg.num_workers
+            self._loader = DataLoader(EpochIndexed(self.dataset) if workers > 0 else self.dataset,
+                                      batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
+                                      collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                                      drop_last=True, persistent_workers=workers > 0,
+                                      worker_init_fn=_worker_init, generator=g)
+        return self._loader
 
     # --- metrics ---------------------------------------------------------------------------------------
 
@@ -509,7 +503,7 @@ class Trainer:
             "model": model_state_dict(self.model),
             "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best, "world_size": D.world_size(),
+            "best": self.best, "world_size": D.world_size(), "batch_size": self.cfg.batch_size,
             "rng": [r["rng"] for r in per_rank], "log_window": [r["log_window"] for r in per_rank],
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": to_dict(self.run_config),
@@ -520,6 +514,22 @@ class Trainer:
         if self.main:
             self.ckpt.save(state, self.step, is_best=self._new_best)
         self._new_best = False
+
+    def export_model(self) -> nn.Module | None:
+        """The trained model as a plain, unsharded module on rank 0 (``None`` on other ranks), for the final
+        export (``save_model``) and pictures. Collective: call on every rank.
+
+        Plain / DDP / compiled: the trained module itself. FSDP2: the full state dict is gathered to rank 0
+        (on CPU) and loaded into a plain copy of the model kept since ``__init__``, on this rank's device.
+        """
+        if not D.is_fsdp(self.raw_model):
+            return self.raw_model if self.main else None
+        state = model_state_dict(self.model)  # collective; values on rank 0 only
+        if not self.main:
+            return None
+        model = self._export_copy
+        model.load_state_dict(state)
+        return model.to(self.device).train(self.raw_model.training)
 
     def load(self, path: str | Path) -> None:
         """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
@@ -542,6 +552,20 @@ class Trainer:
                 self.ema = ModelEMA(self.raw_model, self.cfg.ema)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
+        saved_ws, saved_bs = state.get("world_size", D.world_size()), state.get("batch_size", self.cfg.batch_size)
+        if (saved_ws, saved_bs) != (D.world_size(), self.cfg.batch_size) and not self.streaming:
+            # Another number of ranks (or per-rank batch): continue at the same sample of the epoch's global
+            # order (the permutation is a function of (seed, epoch) alone), i.e. the same data order when
+            # batch_size x ranks is unchanged; the lr schedule is a function of the step.
+            samples = self.batch_in_epoch * saved_bs * saved_ws
+            try:
+                self.batch_in_epoch = self.sampler.start_batch_for(samples)
+            except ValueError as e:
+                raise ValueError(f"{path}: saved by {saved_ws} rank(s) x batch_size {saved_bs}: {e}") from None
+            if saved_bs * saved_ws != self.cfg.batch_size * D.world_size():
+                self.log.warning(f"{path}: global batch {saved_bs * saved_ws} -> "
+                                 f"{self.cfg.batch_size * D.world_size()} (per step, before accumulation): "
+                                 "steps per epoch and the lr schedule change")
         if self.batch_in_epoch >= self.steps_per_epoch * self.cfg.accum_steps:  # batch size / data changed
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         rng = state.get("rng") or []
