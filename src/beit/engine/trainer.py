@@ -130,6 +130,13 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def _eager() -> contextlib.AbstractContextManager:
+    """Evaluation and pictures run the compiled blocks eagerly: their inputs (sliding windows, multi-scale
+    inference, other batch sizes, no_grad) would otherwise trigger recompiles with dynamic shapes at the
+    first eval, where dynamo bugs can lose the run; training keeps its compiled graphs."""
+    return torch.compiler.set_stance("force_eager")
+
+
 class Trainer:
     """Trains ``model`` on ``train_dataset`` with ``step_fn``; see the module docstring.
 
@@ -430,7 +437,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Run ``eval_fn`` (and on the EMA model), log it, and update the best metric."""
-        with preserved_rng(), torch.no_grad(), self._autocast():
+        with preserved_rng(), torch.no_grad(), self._autocast(), _eager():
             self.raw_model.eval()
             results = dict(self.eval_fn(self.raw_model) or {})
             if self.ema is not None:
@@ -459,7 +466,7 @@ class Trainer:
             return
         out_dir = self.out / "images"
         out_dir.mkdir(parents=True, exist_ok=True)
-        with preserved_rng(), torch.no_grad(), self._autocast():
+        with preserved_rng(), torch.no_grad(), self._autocast(), _eager():
             self.raw_model.eval()
             self.visualize_fn(self.raw_model, self.step, out_dir)
             self.raw_model.train()

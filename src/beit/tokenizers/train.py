@@ -191,7 +191,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     if not heldout:  # fit() evaluates at the end; only a run resumed at its end skips it
         heldout = eval_fn(final)
     report: dict[str, Any] = {**results, **{f"heldout_{k}": v for k, v in heldout.items()}}
+    final = trainer.export_model()  # collective: under FSDP2 the full weights, gathered to rank 0
     if is_main():
+        final.eval()
         final.save(out / "dvae.safetensors")
         report["tokenizer_path"] = str(out / "dvae.safetensors")
         report["recon_grid"] = write_recon_grid(final, eval_ds, out / "recon_grid.png", cfg.grid_images)
