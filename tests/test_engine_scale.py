@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from _engine_fixtures import NoisyDataset, TinyNet, step_fn
-from beit.engine import TrainConfig, Trainer
+from beit.engine import TrainConfig, Trainer, load_checkpoint
 from beit.engine import distributed as D
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,7 +225,7 @@ def _assert_export_is_the_trained_model(out: Path) -> None:
     from safetensors.torch import load_file
 
     exported = load_file(str(out / "final" / "model.safetensors"))
-    trained = torch.load(out / "last.pt", weights_only=True)["model"]
+    trained = load_checkpoint(out / "last" if (out / "last").exists() else out / "last.pt")["model"]
     assert set(exported) == set(trained)
     for k, v in trained.items():
         assert torch.equal(exported[k], v), k
@@ -251,13 +252,16 @@ def test_pretrain_fsdp_exports_and_resumes_in_one_process(pretrain_data, tmp_pat
     _assert_export_is_the_trained_model(full)
     ref = _train_losses(full)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-    ckpt = torch.load(full / "step_0000002.pt", weights_only=True)
-    assert (ckpt["world_size"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0, 2)
+    # FSDP2 checkpoints are sharded DCP folders; last -> the newest, the last keep_last kept
+    assert not (full / "last.pt").exists() and (full / "last").resolve() == (full / "step_0000006").resolve()
+    assert sorted(p.name for p in full.glob("step_*")) == [f"step_{i:07d}" for i in range(1, 7)]
+    meta = load_checkpoint(full / "step_0000002", full=False)
+    assert (meta["world_size"], meta["epoch"], meta["batch_in_epoch"], meta["sharded"]) == (2, 0, 2, True)
 
     part = tmp_path / "part"
-    part.mkdir()
-    (part / "last.pt").write_bytes((full / "step_0000002.pt").read_bytes())
-    text = _ok(_beit(1, *_pretrain_args(pretrain_data, part, *common, "train.batch_size=8", "train.resume=auto")))
+    shutil.copytree(full / "step_0000002", part / "step_0000002")
+    text = _ok(_beit(1, *_pretrain_args(pretrain_data, part, *common, "train.batch_size=8",
+                                        f"train.resume={part / 'step_0000002'}")))
     assert "resumed from" in text and "at step 2 (epoch 0, batch 2)" in text
     got = _train_losses(part)
     assert sorted(got) == [3, 4, 5, 6]

@@ -39,11 +39,13 @@ from .checkpoint import (
     FORMAT,
     VERSION,
     CheckpointManager,
+    CheckpointMismatchError,
     find_resume_path,
     get_rng_state,
     load_checkpoint,
     load_model_state,
     load_optimizer_state,
+    load_sharded_state,
     model_state_dict,
     optimizer_state_dict,
     set_rng_state,
@@ -499,6 +501,11 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint payload (see ``beit.engine.checkpoint``). Collective: call on every rank."""
+        return {**self._meta_state(), "model": model_state_dict(self.model),
+                "optimizer": optimizer_state_dict(self.model, self.optimizer)}
+
+    def _meta_state(self) -> dict[str, Any]:
+        """Everything of a checkpoint but the model and optimizer. Collective (gathers per-rank RNG)."""
         # per rank: RNG streams, and the open logging window (so the first log after a resume averages the
         # same steps as an uninterrupted run would)
         w = self._win
@@ -507,8 +514,6 @@ class Trainer:
         per_rank = D.all_gather_object({"rng": get_rng_state(), "log_window": window})
         return {
             "format": FORMAT, "version": VERSION,
-            "model": model_state_dict(self.model),
-            "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best": self.best, "world_size": D.world_size(), "batch_size": self.cfg.batch_size,
             "rng": [r["rng"] for r in per_rank], "log_window": [r["log_window"] for r in per_rank],
@@ -517,9 +522,15 @@ class Trainer:
         }
 
     def save(self) -> None:
-        state = self.state_dict()
-        if self.main:
-            self.ckpt.save(state, self.step, is_best=self._new_best)
+        """A checkpoint (collective). Single process / DDP: one full ``step_XXXXXXX.pt`` written by rank 0.
+        FSDP2: a sharded ``step_XXXXXXX/`` folder that every rank writes its shards into (no full gather)."""
+        if D.is_fsdp(self.raw_model):
+            self.ckpt.save_sharded(self.model, self.optimizer, self._meta_state(), self.step,
+                                   is_best=self._new_best)
+        else:
+            state = self.state_dict()
+            if self.main:
+                self.ckpt.save(state, self.step, is_best=self._new_best)
         self._new_best = False
 
     def export_model(self) -> nn.Module | None:
@@ -541,11 +552,18 @@ class Trainer:
     def load(self, path: str | Path) -> None:
         """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
         path = Path(path)
-        state = load_checkpoint(path)
-        load_model_state(self.model, state["model"], source=str(path))
+        sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
+        state = load_checkpoint(path, full=not sharded)
         keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        if not sharded:
+            load_model_state(self.model, state["model"], source=str(path))
         try:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            if sharded:
+                load_sharded_state(self.model, self.optimizer, path)  # DCP reshards onto this many ranks
+            else:
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        except CheckpointMismatchError:
+            raise
         except ValueError as e:
             raise ValueError(f"{path}: optimizer state does not fit this model's param groups ({e}); "
                              "did layer_decay or the frozen parameters change?") from e
