@@ -81,3 +81,12 @@ def test_two_process_gloo(tmp_path, mode):
         ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
     assert set(ckpt["model"]) == set(r0["full"])  # full, unprefixed state dict
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT), str(tmp_path), "nan"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)] == ["diverged at step 2"] * 2

@@ -288,3 +288,23 @@ def test_every_rank_fails_cleanly_on_a_missing_file(pretrain_data, tmp_path):
                                     f"tokenizer.path={tmp_path / 'missing.safetensors'}"), timeout=120)
     assert proc.returncode != 0
     assert "missing.safetensors" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_fsdp_on_two(pretrain_data, tmp_path):
+    """1 process x 8 for 6 steps; its mid-epoch step-2 checkpoint resumed by 2 FSDP2 ranks x 4 gives the
+    same losses (same global batches, same lr schedule)."""
+    common = ("train.max_steps=6", "model.drop_path_rate=0.0", "train.ckpt_every=1", "train.keep_last=10")
+    full = tmp_path / "full"
+    _ok(_beit(1, *_pretrain_args(pretrain_data, full, *common, "train.batch_size=8")))
+    ref = _train_losses(full)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copyfile(full / "step_0000002.pt", part / "last.pt")
+    text = _ok(_beit(2, *_pretrain_args(pretrain_data, part, *common, "train.distributed=fsdp",
+                                        "train.resume=auto")))
+    assert "at step 2 (epoch 0, batch 2)" in text
+    got = _train_losses(part)
+    assert sorted(got) == [3, 4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in (3, 4, 5, 6)], [ref[s] for s in (3, 4, 5, 6)], rtol=2e-4)
+    _assert_export_is_the_trained_model(part)

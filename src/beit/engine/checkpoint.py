@@ -262,12 +262,28 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     position, or by parameter name as in a sharded checkpoint read in full)."""
     model = D.unwrap_model(model)
     by_name = any(isinstance(k, str) for k in state.get("state", {}))
+    if D.is_fsdp(model) and not by_name:  # a single-process / DDP checkpoint resumed under FSDP2
+        state, by_name = _optimizer_state_by_name(model, optimizer, state), True
     if D.is_fsdp(model) or by_name:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) keyed by parameter name, as
+    ``set_optimizer_state_dict`` wants; the numbering is this optimizer's (the same groups as the saved one)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = [i for g in state["param_groups"] for i in g["params"]]
+    if len(saved) != len(order):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameters, this model {len(order)}")
+    fqn = dict(zip(saved, order))
+    return {"state": {fqn[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 # --- RNG ------------------------------------------------------------------------------------------------
