@@ -244,11 +244,11 @@ def test_pretrain_ddp_with_compile_to_the_final_model(pretrain_data, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_fsdp_exports_and_resumes_in_one_process(pretrain_data, tmp_path):
-    """2 ranks x 4 under FSDP2 for 6 steps (2 epochs); resume its mid-epoch step-2 checkpoint in 1 process
-    x 8: the same global batches, so the same losses as the uninterrupted run."""
+    """2 ranks x 4 under FSDP2 + compile for 6 steps (2 epochs) to the final export; resume its mid-epoch
+    step-2 checkpoint in 1 process x 8: the same global batches, so the same losses as the uninterrupted run."""
     full = tmp_path / "full"
     common = ("train.max_steps=6", "model.drop_path_rate=0.0", "train.ckpt_every=1", "train.keep_last=10")
-    _ok(_beit(2, *_pretrain_args(pretrain_data, full, "train.distributed=fsdp", *common)))
+    _ok(_beit(2, *_pretrain_args(pretrain_data, full, "train.distributed=fsdp", "train.compile=true", *common)))
     _assert_export_is_the_trained_model(full)
     ref = _train_losses(full)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
