@@ -107,6 +107,45 @@ def test_evaluation_and_pictures_run_compiled_code_eagerly(tmp_path):
     assert graphs == ["graph"]
 
 
+def test_sharded_checkpoint_folders_keep_last_and_best_and_load_back(tmp_path):
+    """The FSDP2 checkpoint layout, in one process (DCP needs no process group): atomic step folders,
+    ``last`` / ``best`` symlinks, keep_last pruning that never drops the best, full and sharded loads."""
+    from beit.engine.checkpoint import CheckpointManager, CheckpointMismatchError, find_resume_path, load_sharded_state
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        loss = model(torch.randn(2, 4)).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mgr.save_sharded(model, opt, {"format": "beit-train-ckpt", "step": step}, step, is_best=step == 1)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best", "last", "step_0000001", "step_0000003", "step_0000004"]  # best pinned, no .tmp
+    assert (tmp_path / "last").resolve().name == "step_0000004" and find_resume_path("auto", tmp_path).name == "last"
+    state = load_checkpoint(tmp_path / "last")
+    assert state["step"] == 4 and state["sharded"] is True
+    for k, v in model.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
+    assert set(state["optimizer"]["state"]) == {n for n, _ in model.named_parameters()}  # keyed by name
+
+    torch.manual_seed(1)
+    fresh = TinyNet()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    load_sharded_state(fresh, fresh_opt, tmp_path / "best")
+    first = load_checkpoint(tmp_path / "step_0000001")["model"]
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(first[k], v), k
+    assert fresh_opt.state_dict()["state"][0]["step"].item() == 1
+    bad = nn.Module()
+    bad.other = nn.Linear(8, 3)
+    with pytest.raises(CheckpointMismatchError, match=r"step_0000001: key 'other.weight' of the model is "
+                                                      r"missing from the checkpoint \(different architecture\?\)"):
+        load_sharded_state(bad, torch.optim.AdamW(bad.parameters()), tmp_path / "step_0000001")
+
+
 def test_global_batch_is_the_same_for_any_number_of_ranks():
     n, seed = 37, 3
     two = [D.ResumableDistributedSampler(n, 4, num_replicas=2, rank=r, seed=seed) for r in range(2)]
