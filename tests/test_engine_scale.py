@@ -57,21 +57,21 @@ def test_layout_detector_exposes_its_body_blocks():
     assert D.repeated_blocks(det) == list(det.body.blocks) and len(det.body.blocks) == 4
 
 
-def test_compile_blocks_compiles_only_the_blocks_and_turns_off_ddp_graph_splitting(monkeypatch):
+def test_compile_blocks_compiles_only_the_blocks_and_turns_off_ddp_graph_splitting():
     import torch._dynamo
 
     from beit.tasks.segmentation.model import BeitSegmenter
 
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    seg = BeitSegmenter(_tiny_beit(head="none"), num_classes=3, channels=8, aux_channels=4)
-    assert D.compile_blocks(seg, "ddp") == "blocks"
-    compiled = [m for m in seg.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    assert compiled == list(seg.backbone.blocks)  # never the whole segmenter, its heads or the backbone
-    assert torch._dynamo.config.optimize_ddp is False
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    lin = nn.Linear(2, 2)
-    assert D.compile_blocks(lin, "fsdp") == "whole" and lin._compiled_call_impl is not None
-    assert torch._dynamo.config.optimize_ddp is True  # only DDP needs it off
+    with torch._dynamo.config.patch(optimize_ddp=True):  # restored on exit
+        seg = BeitSegmenter(_tiny_beit(head="none"), num_classes=3, channels=8, aux_channels=4)
+        assert D.compile_blocks(seg, "ddp") == "blocks"
+        compiled = [m for m in seg.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert compiled == list(seg.backbone.blocks)  # never the whole segmenter, its heads or the backbone
+        assert torch._dynamo.config.optimize_ddp is False
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        lin = nn.Linear(2, 2)
+        assert D.compile_blocks(lin, "fsdp") == "whole" and lin._compiled_call_impl is not None
+        assert torch._dynamo.config.optimize_ddp is True  # only DDP needs it off
 
 
 def test_evaluation_and_pictures_run_compiled_code_eagerly(tmp_path):
