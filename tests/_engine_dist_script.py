@@ -1,6 +1,6 @@
 """Run by tests/test_engine_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-usage: _engine_dist_script.py OUT_DIR ddp|fsdp
+usage: _engine_dist_script.py OUT_DIR ddp|fsdp|nan
 Trains uninterrupted, then stopped + resumed, and saves per rank: final params, sampler shards.
 """
 
@@ -37,8 +37,36 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def nan_on_one_rank(out: Path) -> None:
+    """Rank 1 alone sees a NaN loss at step 2 (its gradients stay finite): every rank must stop there."""
+    from beit.engine import TrainingDivergedError
+
+    calls = []
+
+    def step(model, batch):
+        loss, metrics = step_fn(model, batch)
+        calls.append(1)
+        if D.rank() == 1 and len(calls) == 3:  # micro-batch 1 of step 2 (accum_steps=2)
+            loss = loss + torch.tensor(float("nan"))  # a constant: no effect on the gradients
+        return loss, metrics
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(output_dir=str(out / "nan"), epochs=2, batch_size=4, num_workers=0, lr=1e-2,
+                      warmup_steps=1, log_every=1, ckpt_every=100, accum_steps=2)
+    try:
+        Trainer(TinyNet(), NoisyDataset(40), step, cfg).fit()
+        result = "finished"
+    except TrainingDivergedError as e:
+        result = f"diverged at step {e.step}"
+    (out / f"nan_rank{D.rank()}.txt").write_text(result)
+    D.cleanup()
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "nan":
+        nan_on_one_rank(out)
+        return
     full = make(out / "full", mode)
     full.fit()
     make(out / "part", mode).fit(stop_after_step=3)

@@ -72,6 +72,21 @@ def test_two_process_gloo(tmp_path, mode):
     full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
     part = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "part" / "metrics.jsonl")]
     assert full == part and len(full) == r0["steps"]
-    ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    if mode == "fsdp":  # a sharded DCP folder (no full gather at each save), read in full here
+        from beit.engine import load_checkpoint
+
+        assert not (tmp_path / "full" / "last.pt").exists()
+        ckpt = load_checkpoint(tmp_path / "full" / "last")
+    else:
+        ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
     assert set(ckpt["model"]) == set(r0["full"])  # full, unprefixed state dict
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT), str(tmp_path), "nan"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)] == ["diverged at step 2"] * 2

@@ -6,6 +6,12 @@ A checkpoint is one ``torch.save`` dict that loads with ``torch.load(weights_onl
      "step": int, "epoch": int, "batch_in_epoch": int, "best": {"metric", "value", "step"} | None,
      "rng": [state of rank 0, state of rank 1, ...], "ema": state_dict | None, "config": dict}
 
+Under FSDP2 a checkpoint is a folder instead (no full gather at every save): ``step_XXXXXXX/`` holds each
+rank's shards of the model and optimizer written by ``torch.distributed.checkpoint`` (DCP) plus ``meta.pt``
+(the dict above without ``model``/``optimizer``, ``"sharded": True``); ``last`` / ``best`` are symlinks to
+such folders. ``load_checkpoint(folder)`` returns the same full dict as for a file (read without a process
+group), and a sharded resume reshards onto any number of ranks.
+
 ``step``/``epoch``/``batch_in_epoch`` say where training continues: the next optimizer step, and the
 epoch and the loader batch it starts at. ``model`` is the plain module's state dict (no ``module.`` /
 ``_orig_mod.`` prefixes), so ``torch.load(path)["model"]`` loads into ``beit.create_model(...)`` directly.
@@ -17,6 +23,7 @@ import os
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,13 +34,15 @@ from . import distributed as D
 
 __all__ = [
     "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict", "find_resume_path",
-    "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "model_state_dict",
-    "optimizer_state_dict", "save_checkpoint", "set_rng_state",
+    "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "load_sharded_state",
+    "model_state_dict", "optimizer_state_dict", "save_checkpoint", "save_sharded_checkpoint", "set_rng_state",
 ]
 
 FORMAT = "beit-train-ckpt"
 VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+META = "meta.pt"  # inside a sharded checkpoint folder
 
 
 class CheckpointMismatchError(ValueError):
@@ -115,9 +124,29 @@ def _link_atomic(src: Path, dst: Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` and check the format marker."""
+def _symlink_atomic(target: str, link: Path) -> None:
+    """``link`` -> ``target`` (a name in the same folder), replacing any previous link atomically."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    full: bool = True) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` and check the format marker.
+
+    A sharded (FSDP2) checkpoint folder gives the same dict: ``meta.pt`` plus, with ``full=True``, the full
+    ``model`` / ``optimizer`` state dicts assembled from all ranks' shards on CPU, without a process group
+    (the optimizer state is keyed by parameter name). With ``full=False`` only the metadata is read.
+    Raises ``FileNotFoundError`` (missing file or folder) or ``ValueError`` (not a beit checkpoint).
+    """
     path = Path(path)
+    if path.is_dir():
+        meta = load_checkpoint(path / META, map_location)
+        if full:
+            meta["model"], meta["optimizer"] = _read_full_sharded(path)
+        return meta
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location=map_location, weights_only=True)
@@ -128,14 +157,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_resume_path(resume: str, output_dir: str | Path) -> Path | None:
-    """``""`` -> None; ``"auto"`` -> ``output_dir/last.pt`` if it exists; else the given path (must exist)."""
+    """``""`` -> None; ``"auto"`` -> the newer of ``output_dir/last.pt`` and ``output_dir/last`` (a sharded
+    FSDP2 folder) if any exists; else the given path (a file or a sharded folder; must exist)."""
     if not resume:
         return None
     if resume == "auto":
-        last = Path(output_dir) / "last.pt"
-        return last if last.is_file() else None
+        found = [p for p in (Path(output_dir) / "last.pt", Path(output_dir) / "last")
+                 if p.is_file() or (p / META).is_file()]
+        return max(found, key=lambda p: (p / META if p.is_dir() else p).stat().st_mtime) if found else None
     path = Path(resume)
-    if not path.is_file():
+    if not (path.is_file() or (path / META).is_file()):
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
     return path
 
@@ -166,14 +197,39 @@ class CheckpointManager:
         self.prune()
         return last
 
+    def save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], step: int,
+                     *, is_best: bool = False) -> Path:
+        """FSDP2: write ``step_XXXXXXX/`` through DCP (a collective: call on every rank; each rank writes its
+        own shards, nothing is gathered), point ``last`` (and ``best``) at it, keep the last N folders."""
+        folder = self.dir / f"step_{step:07d}"
+        save_sharded_checkpoint(model, optimizer, meta, folder)
+        if D.is_main():
+            _symlink_atomic(folder.name, self.dir / "last")
+            if is_best:
+                _symlink_atomic(folder.name, self.dir / "best")
+            self.prune()
+        D.barrier()
+        return self.dir / "last"
+
     def step_files(self) -> list[Path]:
         files = [p for p in self.dir.glob("step_*.pt") if _STEP_RE.match(p.name)]
         return sorted(files, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+    def step_dirs(self) -> list[Path]:
+        dirs = [p for p in self.dir.glob("step_*") if _STEP_DIR_RE.match(p.name) and p.is_dir()]
+        return sorted(dirs, key=lambda p: int(_STEP_DIR_RE.match(p.name).group(1)))
 
     def prune(self) -> None:
         files = self.step_files()
         for p in files[:max(len(files) - self.keep_last, 0)]:
             p.unlink(missing_ok=True)  # last.pt / best.pt are separate links and stay
+        dirs = self.step_dirs()  # folders cannot be hard-linked: never drop what last / best point to
+        pinned = {(self.dir / n).resolve() for n in ("last", "best") if (self.dir / n).is_symlink()}
+        for p in dirs[:max(len(dirs) - max(self.keep_last, 1), 0)]:
+            if p.resolve() not in pinned:
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # --- model / optimizer state (plain, DDP, compiled or FSDP2) ---------------------------------------------
@@ -239,14 +295,32 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor],
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_state_dict`; every rank passes the full dict."""
+    """Inverse of :func:`optimizer_state_dict`; every rank passes the full dict (indexed by parameter
+    position, or by parameter name as in a sharded checkpoint read in full)."""
     model = D.unwrap_model(model)
-    if D.is_fsdp(model):
+    by_name = any(isinstance(k, str) for k in state.get("state", {}))
+    if D.is_fsdp(model) and not by_name:  # a single-process / DDP checkpoint resumed under FSDP2
+        state, by_name = _optimizer_state_by_name(model, optimizer, state), True
+    if D.is_fsdp(model) or by_name:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) keyed by parameter name, as
+    ``set_optimizer_state_dict`` wants; the numbering is this optimizer's (the same groups as the saved one)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = [i for g in state["param_groups"] for i in g["params"]]
+    if len(saved) != len(order):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameters, this model {len(order)}")
+    fqn = dict(zip(saved, order))
+    return {"state": {fqn[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 # --- RNG ------------------------------------------------------------------------------------------------
@@ -274,3 +348,63 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- sharded (FSDP2) checkpoints through torch.distributed.checkpoint ------------------------------------
+
+def save_sharded_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                            path: str | Path) -> None:
+    """Collective: every rank writes its shards of ``{"model", "optimizer"}`` (DCP, no gather) into
+    ``path.tmp/``; rank 0 adds ``meta.pt`` and renames the folder to ``path`` (atomic: a crash leaves the
+    previous checkpoint intact and at worst a stray ``.tmp`` folder)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    msd, osd = get_state_dict(D.unwrap_model(model), optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    D.barrier()
+    if D.is_main():
+        save_checkpoint({**meta, "sharded": True}, tmp / META)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    D.barrier()
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Collective: load a sharded checkpoint folder into an FSDP2 (or plain) model and its optimizer; DCP
+    reshards, so the folder may come from any number of ranks. Raises :class:`CheckpointMismatchError`
+    naming the folder and the first missing / unexpected / mis-shaped parameter."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    model = D.unwrap_model(model)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved_model = {k[len("model."):]: tuple(getattr(v, "size", ())) for k, v in saved.items()
+                   if k.startswith("model.")}
+    check_state_dict(model.state_dict(), {k: SimpleNamespace(shape=s) for k, s in saved_model.items()}, str(path))
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+
+
+def _read_full_sharded(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full model / optimizer state dicts of a sharded folder, on CPU, in this process alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict[str, Any] = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return sd["model"], sd["optimizer"]

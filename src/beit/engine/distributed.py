@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import Sampler
 
 __all__ = [
-    "ResumableDistributedSampler", "all_gather_object", "all_reduce_mean", "barrier", "broadcast_object",
-    "cleanup", "device", "grad_sync", "init_distributed", "is_dist", "is_main", "local_rank", "rank",
-    "unwrap_model", "world_size", "wrap_model",
+    "EpochIndexed", "ResumableDistributedSampler", "all_finite", "all_gather_object", "all_reduce_mean", "barrier",
+    "broadcast_object", "cleanup", "compile_blocks", "device", "grad_sync", "init_distributed", "is_dist",
+    "is_main", "local_rank", "rank", "repeated_blocks", "unwrap_model", "world_size", "wrap_model",
 ]
 
 
@@ -111,23 +111,91 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def wrap_model(model: nn.Module, cfg: Any) -> nn.Module:
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated transformer blocks: the unit of regional compile and of FSDP sharding.
+
+    The protocol (``docs/CONTRACTS.md``): ``model.repeated_blocks()`` when the model defines it (task
+    models whose blocks sit deeper, e.g. the segmenter's ``backbone.blocks``), else ``model.blocks`` when
+    it is a non-empty ``ModuleList``/``Sequential``, else ``[]`` (no repeated blocks).
+    """
+    fn = getattr(model, "repeated_blocks", None)
+    if callable(fn):
+        return list(fn())
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        return list(blocks)
+    return []
+
+
+def compile_blocks(model: nn.Module, distributed: str = "ddp") -> str:
+    """Regional compile (torchtitan): ``torch.compile`` each of :func:`repeated_blocks` in place.
+
+    Never the whole task model when it has blocks: heads, padding and sliding-window / multi-scale
+    inference then stay eager and new input shapes never reach a whole-model graph. A model without
+    repeated blocks (e.g. the dVAE tokenizer) is compiled whole. ``dynamic=None`` (PyTorch's default):
+    a block recompiles once with dynamic shapes when the token count changes instead of erroring.
+    ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids are unaffected.
+
+    Returns ``"blocks"`` or ``"whole"`` (what was compiled).
+    """
+    import torch._dynamo
+
+    blocks = repeated_blocks(model)
+    if distributed == "ddp":
+        # DDP + compile: dynamo's DDPOptimizer splits every compiled graph at DDP bucket boundaries. With
+        # regional compile each block's graph is small and already a natural bucket boundary (DDP's reducer
+        # overlaps the all-reduce of one block's gradients with the backward of the next), so the split buys
+        # nothing, and on CUDA it crashes when a float module attribute (the drop-path rate) becomes a
+        # split-graph output ("AttributeError: 'float' object has no attribute 'meta'"). Switch it off.
+        torch._dynamo.config.optimize_ddp = False
+    if not blocks:
+        model.compile()
+        return "whole"
+    # blocks differ in Python constants (each its own drop-path rate) and dynamo specialises on them:
+    # allow a graph per block (x2 for a dynamic-shape recompile), or blocks past the default limit of 8
+    # would silently run eager
+    needed = 2 * len(blocks) + 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(torch._dynamo.config, name, needed) < needed:
+            setattr(torch._dynamo.config, name, needed)
+    for block in blocks:
+        block.compile()
+    return "blocks"
+
+
+def wrap_model(model: nn.Module, cfg: Any, *, bf16: bool = False) -> nn.Module:
     """DDP or FSDP2 (``cfg.distributed``), or the model itself in a single process.
 
-    FSDP2 shards each of ``model.blocks`` and then the root (torchtitan's order: compile the blocks
-    first, then shard). The module stays the same object, so ``unwrap_model`` returns it.
+    FSDP2 (torchtitan's order: compile the blocks first, then shard): ``fully_shard`` each of
+    :func:`repeated_blocks`, then the root. With ``bf16`` on CUDA a ``MixedPrecisionPolicy`` keeps the
+    sharded fp32 master weights, all-gathers and computes in bf16 and reduce-scatters gradients in fp32.
+    The module stays the same object, so ``unwrap_model`` returns it.
     """
     if world_size() == 1:
         return model
     if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        fully_shard(model)
+        kw: dict[str, Any] = {}
+        if bf16 and torch.cuda.is_available():
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in repeated_blocks(model):
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
         return model
     device_ids = [local_rank()] if torch.cuda.is_available() else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """``True`` when every element is finite on every rank (one host sync; one tiny all-reduce when
+    distributed), so that all ranks take the same decision on a NaN and none is left waiting."""
+    bad = (~torch.isfinite(values)).any().to(torch.int32).reshape(1)
+    if is_dist():
+        if dist.get_backend() != "nccl":
+            bad = bad.cpu()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -165,22 +233,30 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-class ResumableDistributedSampler(Sampler[int]):
+class ResumableDistributedSampler(Sampler):
     """Like ``DistributedSampler`` (same padding and ``rank::world_size`` sharding) plus a batch offset.
 
     The permutation is a pure function of (seed, epoch), so any rank can recompute it, and
     ``set_epoch(epoch, start_batch=k)`` makes a resumed run skip the first ``k`` batches of this rank's
-    shard without loading them.
+    shard without loading them. Batch ``b`` of every rank together covers ``perm[b*B*W:(b+1)*B*W]``
+    (``B`` = batch size, ``W`` = ranks): a step's global batch depends on ``B*W`` only, so a run resumed
+    on another number of ranks with the same global batch sees the same samples per step
+    (see :meth:`start_batch_for`).
+
+    With ``yield_epoch=True`` it yields ``(epoch, index)`` pairs instead of indices, for
+    :class:`EpochIndexed`: persistent DataLoader workers then learn the epoch from each index, since a
+    ``dataset.set_epoch()`` in the main process never reaches them.
     """
 
     def __init__(self, dataset_len: int, batch_size: int, *, num_replicas: int | None = None,
-                 rank: int | None = None, shuffle: bool = True, seed: int = 0):
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0, yield_epoch: bool = False):
         self.dataset_len = dataset_len
         self.batch_size = batch_size
         self.num_replicas = world_size() if num_replicas is None else num_replicas
         self.rank = (dist.get_rank() if is_dist() else 0) if rank is None else rank
         self.shuffle = shuffle
         self.seed = seed
+        self.yield_epoch = yield_epoch
         self.num_samples = math.ceil(dataset_len / self.num_replicas)  # per rank, after padding
         self.total_size = self.num_samples * self.num_replicas
         self.epoch = 0
@@ -189,6 +265,19 @@ class ResumableDistributedSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
+
+    def start_batch_for(self, samples_done: int) -> int:
+        """This sampler's batch offset after ``samples_done`` samples of the epoch (over all ranks).
+
+        Raises ``ValueError`` when ``samples_done`` is not a whole number of global batches
+        (``batch_size * num_replicas``), i.e. the run cannot continue at the same sample.
+        """
+        per_step = self.batch_size * self.num_replicas
+        if samples_done % per_step:
+            raise ValueError(f"{samples_done} samples of the epoch were trained on, not a multiple of this run's "
+                             f"global batch {self.batch_size} x {self.num_replicas} ranks = {per_step}: keep "
+                             "batch_size x ranks the same as the checkpoint's run to resume at the same sample")
+        return samples_done // per_step
 
     def shard(self) -> list[int]:
         """This rank's indices for the current epoch, before the batch offset."""
@@ -201,11 +290,37 @@ class ResumableDistributedSampler(Sampler[int]):
         indices += (indices * math.ceil(pad / max(len(indices), 1)))[:pad]
         return indices[self.rank:self.total_size:self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start_batch * self.batch_size:])
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self.shard()[self.start_batch * self.batch_size:]
+        if self.yield_epoch:
+            return iter([(self.epoch, i) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start_batch * self.batch_size, 0)
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """``dataset[(epoch, index)]`` = ``dataset.set_epoch(epoch)`` (when it changed) then ``dataset[index]``.
+
+    Lets persistent DataLoader workers follow the epoch (each worker holds its own copy of the dataset),
+    with :class:`ResumableDistributedSampler` ``(yield_epoch=True)``.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+        self._epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self._epoch:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            self._epoch = epoch
+        return self.dataset[index]
 
 
 def _mix_seed(*ints: int) -> int:

@@ -39,17 +39,19 @@ from .checkpoint import (
     FORMAT,
     VERSION,
     CheckpointManager,
+    CheckpointMismatchError,
     find_resume_path,
     get_rng_state,
     load_checkpoint,
     load_model_state,
     load_optimizer_state,
+    load_sharded_state,
     model_state_dict,
     optimizer_state_dict,
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, save_config, to_dict, validate_config
-from .distributed import ResumableDistributedSampler, _mix_seed
+from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
@@ -167,25 +169,11 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def _compile_model(model: nn.Module) -> None:
-    """Regional compile (torchtitan): each block of ``model.blocks`` in place, else the whole model.
-
-    ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids are unaffected.
-    """
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-        # blocks differ in Python constants (each its own drop-path rate), and dynamo specialises on them:
-        # allow a graph per block, or blocks past the default limit of 8 silently run eager
-        import torch._dynamo
-
-        needed = 2 * len(blocks) + 8
-        for name in ("recompile_limit", "cache_size_limit"):
-            if getattr(torch._dynamo.config, name, needed) < needed:
-                setattr(torch._dynamo.config, name, needed)
-        for block in blocks:
-            block.compile()
-    else:
-        model.compile()
+def _eager() -> contextlib.AbstractContextManager:
+    """Evaluation and pictures run the compiled blocks eagerly: their inputs (sliding windows, multi-scale
+    inference, other batch sizes, no_grad) would otherwise trigger recompiles with dynamic shapes at the
+    first eval, where dynamo bugs can lose the run; training keeps its compiled graphs."""
+    return torch.compiler.set_stance("force_eager")
 
 
 class Trainer:
@@ -241,8 +229,8 @@ class Trainer:
         # A streaming (iterable) dataset, e.g. webdataset shards, splits itself across ranks and workers;
         # its len() is the nominal number of samples of one epoch over all ranks.
         self.streaming = isinstance(train_dataset, IterableDataset)
-        self.sampler = None if self.streaming else ResumableDistributedSampler(len(train_dataset), cfg.batch_size,
-                                                                                seed=cfg.seed)
+        self.sampler = None if self.streaming else ResumableDistributedSampler(
+            len(train_dataset), cfg.batch_size, seed=cfg.seed, yield_epoch=cfg.num_workers > 0)
         per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
         self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -257,13 +245,19 @@ class Trainer:
                                    f"({self.total_steps} steps)")
 
         # Model: device -> EMA copy -> regional compile -> DDP/FSDP2 (torchtitan's order) -> optimizer.
+        # Compile only the repeated blocks (D.repeated_blocks: the model protocol of docs/CONTRACTS.md), then
+        # FSDP2 shards those blocks and the root; DDP wraps the whole. See D.compile_blocks / D.wrap_model.
         seed_everything(cfg.seed + D.rank())  # the training RNG stream (dropout, drop-path), per rank
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        # Under FSDP2 rank 0 keeps a plain CPU copy to export the final weights into (export_model): a
+        # sharded module cannot run a forward or be written on one rank alone.
+        self._export_copy = copy.deepcopy(model).cpu() if fsdp and self.main else None
         model.to(self.device)
         self.ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
         if cfg.compile:
-            _compile_model(model)
-        self.model = D.wrap_model(model, cfg)
+            D.compile_blocks(model, cfg.distributed if D.world_size() > 1 else "none")
+        self.model = D.wrap_model(model, cfg, bf16=self.use_bf16)
         self.raw_model = D.unwrap_model(self.model)
         if callable(param_groups):
             groups = param_groups(self.raw_model)
@@ -272,7 +266,7 @@ class Trainer:
         else:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
 
         # Position: the next optimizer step, and the epoch / loader batch it starts at.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -397,12 +391,13 @@ class Trainer:
             metrics = {k: v / cfg.accum_steps for k, v in metric_sums.items()}
 
             grad_norm = self._clip_grad(params)
-            # one sync a step: this step's loss and grad norm, and the weights left by the previous update
+            # one sync a step, all ranks agree: this step's loss and grad norm, and the weights left by the
+            # previous update
             checks = [loss, grad_norm.to(loss.device)]
             weights_check = getattr(self, "_weights_check", None)
             if weights_check is not None:
                 checks.append(weights_check.to(loss.device))
-            if not torch.isfinite(torch.stack(checks)).all():
+            if not D.all_finite(torch.stack(checks)):
                 self._diverged(loss, grad_norm, metrics)
             opt.step()
             self._weights_check = self._probe_weights(params)
@@ -523,12 +518,21 @@ class Trainer:
                               collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda", drop_last=True,
                               worker_init_fn=_worker_init, generator=g)
         self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-        # The loader draws its workers' base seed from this generator, not from the global RNG, so creating
-        # a loader (fresh or resumed) never shifts the training RNG stream.
-        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                          num_workers=self.cfg.num_workers, collate_fn=self.collate_fn,
-                          pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
-                          worker_init_fn=_worker_init, generator=g)
+        if self._loader is None:
+            # One loader for the whole run, its workers persistent across epochs (no process start-up and
+            # dataset pickling at every epoch boundary). Workers hold their own dataset copies, which a
+            # set_epoch() here never reaches: the sampler then yields (epoch, index) and EpochIndexed sets
+            # the epoch inside each worker, so every sample stays a function of (seed, epoch, index).
+            # The workers' base seed comes from this generator, not from the global RNG, so creating the
+            # loader (fresh or resumed) never shifts the training RNG stream.
+            g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, D.rank()))
+            workers = self.cfg.num_workers
+            self._loader = DataLoader(EpochIndexed(self.dataset) if workers > 0 else self.dataset,
+                                      batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
+                                      collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
+                                      drop_last=True, persistent_workers=workers > 0,
+                                      worker_init_fn=_worker_init, generator=g)
+        return self._loader
 
     # --- metrics ---------------------------------------------------------------------------------------
 
@@ -564,7 +568,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Run ``eval_fn`` (and on the EMA model), log it, and update the best metric."""
-        with preserved_rng(), torch.no_grad(), self._autocast():
+        with preserved_rng(), torch.no_grad(), self._autocast(), _eager():
             self.raw_model.eval()
             results = dict(self.eval_fn(self.raw_model) or {})
             if self.ema is not None:
@@ -593,7 +597,7 @@ class Trainer:
             return
         out_dir = self.out / "images"
         out_dir.mkdir(parents=True, exist_ok=True)
-        with preserved_rng(), torch.no_grad(), self._autocast():
+        with preserved_rng(), torch.no_grad(), self._autocast(), _eager():
             self.raw_model.eval()
             self.visualize_fn(self.raw_model, self.step, out_dir)
             self.raw_model.train()
@@ -626,6 +630,11 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint payload (see ``beit.engine.checkpoint``). Collective: call on every rank."""
+        return {**self._meta_state(), "model": model_state_dict(self.model),
+                "optimizer": optimizer_state_dict(self.model, self.optimizer)}
+
+    def _meta_state(self) -> dict[str, Any]:
+        """Everything of a checkpoint but the model and optimizer. Collective (gathers per-rank RNG)."""
         # per rank: RNG streams, and the open logging window (so the first log after a resume averages the
         # same steps as an uninterrupted run would)
         w = self._win
@@ -634,31 +643,58 @@ class Trainer:
         per_rank = D.all_gather_object({"rng": get_rng_state(), "log_window": window})
         return {
             "format": FORMAT, "version": VERSION,
-            "model": model_state_dict(self.model),
-            "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best, "world_size": D.world_size(),
+            "best": self.best, "world_size": D.world_size(), "batch_size": self.cfg.batch_size,
             "rng": [r["rng"] for r in per_rank], "log_window": [r["log_window"] for r in per_rank],
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": to_dict(self.run_config),
         }
 
     def save(self) -> None:
-        state = self.state_dict()
-        if self.main:
-            self.ckpt.save(state, self.step, is_best=self._new_best)
+        """A checkpoint (collective). Single process / DDP: one full ``step_XXXXXXX.pt`` written by rank 0.
+        FSDP2: a sharded ``step_XXXXXXX/`` folder that every rank writes its shards into (no full gather)."""
+        if D.is_fsdp(self.raw_model):
+            self.ckpt.save_sharded(self.model, self.optimizer, self._meta_state(), self.step,
+                                   is_best=self._new_best)
+        else:
+            state = self.state_dict()
+            if self.main:
+                self.ckpt.save(state, self.step, is_best=self._new_best)
         self._new_best = False
+
+    def export_model(self) -> nn.Module | None:
+        """The trained model as a plain, unsharded module on rank 0 (``None`` on other ranks), for the final
+        export (``save_model``) and pictures. Collective: call on every rank.
+
+        Plain / DDP / compiled: the trained module itself. FSDP2: the full state dict is gathered to rank 0
+        (on CPU) and loaded into a plain copy of the model kept since ``__init__``, on this rank's device.
+        """
+        if not D.is_fsdp(self.raw_model):
+            return self.raw_model if self.main else None
+        state = model_state_dict(self.model)  # collective; values on rank 0 only
+        if not self.main:
+            return None
+        model = self._export_copy
+        model.load_state_dict(state)
+        return model.to(self.device).train(self.raw_model.training)
 
     def load(self, path: str | Path) -> None:
         """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
         path = Path(path)
-        state = load_checkpoint(path)
+        sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
+        state = load_checkpoint(path, full=not sharded)
         check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
                             allow=getattr(self.cfg, "allow_config_change", False))
-        load_model_state(self.model, state["model"], source=str(path))
         keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        if not sharded:
+            load_model_state(self.model, state["model"], source=str(path))
         try:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            if sharded:
+                load_sharded_state(self.model, self.optimizer, path)  # DCP reshards onto this many ranks
+            else:
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        except CheckpointMismatchError:
+            raise
         except ValueError as e:
             raise ValueError(f"{path}: optimizer state does not fit this model's param groups ({e}); "
                              "did layer_decay or the frozen parameters change?") from e
@@ -672,6 +708,20 @@ class Trainer:
                 self.ema = ModelEMA(self.raw_model, self.cfg.ema)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
+        saved_ws, saved_bs = state.get("world_size", D.world_size()), state.get("batch_size", self.cfg.batch_size)
+        if (saved_ws, saved_bs) != (D.world_size(), self.cfg.batch_size) and not self.streaming:
+            # Another number of ranks (or per-rank batch): continue at the same sample of the epoch's global
+            # order (the permutation is a function of (seed, epoch) alone), i.e. the same data order when
+            # batch_size x ranks is unchanged; the lr schedule is a function of the step.
+            samples = self.batch_in_epoch * saved_bs * saved_ws
+            try:
+                self.batch_in_epoch = self.sampler.start_batch_for(samples)
+            except ValueError as e:
+                raise ValueError(f"{path}: saved by {saved_ws} rank(s) x batch_size {saved_bs}: {e}") from None
+            if saved_bs * saved_ws != self.cfg.batch_size * D.world_size():
+                self.log.warning(f"{path}: global batch {saved_bs * saved_ws} -> "
+                                 f"{self.cfg.batch_size * D.world_size()} (per step, before accumulation): "
+                                 "steps per epoch and the lr schedule change")
         if self.batch_in_epoch >= self.steps_per_epoch * self.cfg.accum_steps:  # batch size / data changed
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         rng = state.get("rng") or []

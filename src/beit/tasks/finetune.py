@@ -342,16 +342,18 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
                 eval_bs: int) -> dict[str, Any]:
     """Main rank, after training: ``model/`` (+ ``model_ema/``) in our format and the eval report.
 
-    Weights come from ``last.pt`` (full, unsharded, whatever DDP/FSDP did), into a model of ``arch``.
+    Weights come from the last checkpoint (``last.pt``, or FSDP2's sharded ``last/`` read in full), into a
+    model of ``arch``.
     """
     import contextlib
 
     from ..engine import load_checkpoint
+    from ..engine.checkpoint import find_resume_path
     from ..interop import save_model
     from ..models import Beit
     from .evaluate import evaluate_model, write_report
 
-    state = load_checkpoint(out / "last.pt")
+    state = load_checkpoint(find_resume_path("auto", out) or out / "last.pt")  # last.pt, or FSDP2's last/
     result: dict[str, Any] = {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = arch.replace(extra={**arch.extra, "class_names": names,

@@ -291,10 +291,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     metrics = trainer.fit()
     out = Path(cfg.train.output_dir)
     result: dict[str, Any] = dict(metrics)
+    final_model = trainer.export_model()  # collective: under FSDP2 gathers the full weights to rank 0
     if D.is_main():
-        final = save_model(trainer.raw_model, out / "final")
-        panel = mim_panel(trainer.raw_model, tokenizer, _fixed_batch(dataset, cfg.vis_samples, device),
-                          tuple(d.mean), tuple(d.std), out / "mim_panel.png")
+        final = save_model(final_model, out / "final")
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks: no recompile for the panel's shapes
+            panel = mim_panel(final_model, tokenizer, _fixed_batch(dataset, cfg.vis_samples, device),
+                              tuple(d.mean), tuple(d.std), out / "mim_panel.png")
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
     return result
 

@@ -189,12 +189,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     heldout = {k[len("eval/") :]: v for k, v in results.items() if k.startswith("eval/")}
     if not heldout:  # fit() evaluates at the end; only a run resumed at its end skips it
-        heldout = eval_fn(final)
+        with torch.compiler.set_stance("force_eager"):  # a compiled model: no recompile for eval shapes
+            heldout = eval_fn(final)
     report: dict[str, Any] = {**results, **{f"heldout_{k}": v for k, v in heldout.items()}}
+    final = trainer.export_model()  # collective: under FSDP2 the full weights, gathered to rank 0
     if is_main():
+        final.eval()
         final.save(out / "dvae.safetensors")
         report["tokenizer_path"] = str(out / "dvae.safetensors")
-        report["recon_grid"] = write_recon_grid(final, eval_ds, out / "recon_grid.png", cfg.grid_images)
+        with torch.compiler.set_stance("force_eager"):
+            report["recon_grid"] = write_recon_grid(final, eval_ds, out / "recon_grid.png", cfg.grid_images)
         (out / "tokenizer_metrics.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 

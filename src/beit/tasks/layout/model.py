@@ -185,6 +185,11 @@ class LayoutDetector(nn.Module):
                 ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         return self.detector(images, targets)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The BEiT body's transformer blocks: what the engine compiles and shards one by one (the model
+        protocol in ``docs/CONTRACTS.md``); the torchvision detector around them stays eager."""
+        return list(self.body.blocks)
+
     def layer_id(self, name: str) -> int:
         """Backbone params keep BEiT's depth; everything added for detection is the top layer."""
         if name.startswith(self._BODY):

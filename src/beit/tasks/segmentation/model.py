@@ -172,6 +172,11 @@ class BeitSegmenter(nn.Module):
                 nn.init.normal_(head.conv_seg.weight, std=0.01)
                 nn.init.zeros_(head.conv_seg.bias)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The backbone's transformer blocks: what the engine compiles and shards one by one (the model
+        protocol in ``docs/CONTRACTS.md``); pyramid, heads and sliding-window padding stay eager."""
+        return list(self.backbone.blocks)
+
     # ---------------------------------------------------------------- optimizer helpers
     def layer_id(self, name: str) -> int:
         """Backbone params keep their depth (0 .. depth); the pyramid and heads are layer depth + 1."""
