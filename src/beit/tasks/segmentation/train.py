@@ -98,6 +98,15 @@ class SegModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.out_indices is not None and len(self.out_indices) != 4:
             raise ConfigError("out_indices", f"needs 4 block indices, got {list(self.out_indices)}")
+        # the architecture of a checkpoint (init) or of a stored run (backbone) comes from it: a shape the user
+        # gave would be dropped silently, so it is an error
+        source = f"model.init={self.init!r}" if self.init else "the checkpoint's stored backbone" if self.backbone \
+            else ""
+        for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+            if source and getattr(self, name) is not None:
+                raise ConfigError(name, f"{name}={getattr(self, name)} cannot apply with {source}: the architecture "
+                                        f"comes from its weights. Remove model.{name} (or model.init to train "
+                                        "from scratch)")
 
 
 @dataclass
