@@ -5,7 +5,8 @@ Recipe defaults are the paper's ADE20K setup for a BEiT checkpoint that was only
 weight decay 0.05, layer decay 0.65, poly schedule (power 1, min lr 0) after 1500 linear warmup steps,
 160k steps of 16 images (8 GPUs x 2), drop path 0.1, slide test with 512 windows, stride 341::
 
-    cfg = load_config(SegmentConfig, "configs/segment_ade20k_base.yaml", ["data.root=/data/ADEChallengeData2016"])
+    cfg = load_config(SegmentConfig, beit.configs.preset_path("segment_ade20k_base"),
+                      ["data.root=/data/ADEChallengeData2016"])
     train(cfg)
 
 The model, the datasets and the step / eval functions are built here; the loop, optimizer, schedule,
