@@ -293,6 +293,23 @@ def test_under_torchrun_a_failing_rank_exits_at_once(setup, tmp_path, monkeypatc
     assert "error: rank 1 failed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_under_real_torchrun_every_rank_exits_non_zero():
+    """2 gloo ranks: rank 1 fails in a command while rank 0 waits in a barrier; both end non-zero, no hang."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "_cli_dist_script.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "beit boom: error: rank 1 failed" in out, out[-3000:]
+    codes = [int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+)", out)]  # the per-rank table
+    assert len(codes) == 2 and all(codes), out[-3000:]
+
+
 # ---------------------------------------------------------------- [robust] 12: validation before any work
 @pytest.mark.parametrize("override, message", [
     ("train.lr=inf", "config key 'train.lr': must be a finite number, got inf"),
@@ -391,3 +408,30 @@ def test_users_shape_is_never_dropped_for_a_checkpoints(tmp_path):
 def test_train_config_has_overwrite():
     assert TrainConfig().overwrite is False
     assert load_config(TrainConfig, None, ["overwrite=true"]).overwrite is True
+
+
+def test_every_readme_command_parses_and_resolves():
+    """Each `beit ...` line of the README parses, names an existing command and its preset resolves."""
+    import re
+    import shlex
+
+    text = (SRC.parent / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = " \n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            part = part.split(" #")[0].strip()
+            m = re.search(r"(?:^|-m )beit (.*)$", part)
+            if m:
+                commands.append([t for t in shlex.split(m.group(1)) if t != "..." and not t.endswith("=...")])
+    assert len(commands) >= 20
+    parser = build_parser()
+    for argv in commands:
+        args, extra = parser.parse_known_args(cli._expand(argv))
+        assert getattr(args, "_cmd", None) and not [e for e in extra if e.startswith("-")], argv
+        if extra:
+            args.rest = list(args.rest) + extra
+        cli._normalize(args, " ".join(argv[:2]))
+        config = getattr(args, "config", None)  # tools have none
+        assert config is None or Path(config).is_file(), argv
