@@ -435,3 +435,13 @@ def test_every_readme_command_parses_and_resolves():
         cli._normalize(args, " ".join(argv[:2]))
         config = getattr(args, "config", None)  # tools have none
         assert config is None or Path(config).is_file(), argv
+
+
+def test_layout_refuses_backbone_overrides_it_would_replace():
+    from beit.tasks.layout.train import LayoutConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(LayoutConfig, None, ["model.backbone_overrides={drop_path_rate: 0.3}"])
+    assert str(info.value) == ("config key 'model.backbone_overrides.drop_path_rate': set by the layout config "
+                               "itself; use model.drop_path_rate")
+    assert load_config(LayoutConfig, None, ["model.drop_path_rate=0.3"]).model.drop_path_rate == 0.3
