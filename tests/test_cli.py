@@ -167,6 +167,8 @@ def test_train_flags_become_overrides_in_any_order(setup, tmp_path, captured):
     assert out.is_dir()  # probed (created) at config time
     assert main(_pretrain_args(setup)) == 0  # the short form, no flags
     assert (captured[-1].train.resume, captured[-1].train.overwrite) == ("", False)
+    assert cli._expand(["--debug", "pretrain", "-c", "x"]) == ["--debug", "pretrain", "train", "-c", "x"]
+    assert cli._expand(["pretrain", "visualize", "x.pt"]) == ["pretrain", "visualize", "x.pt"]
 
 
 def test_a_flag_and_its_key_together_are_refused(setup, tmp_path, captured, capsys):

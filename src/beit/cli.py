@@ -235,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expand(argv: list[str]) -> list[str]:
     """``beit pretrain -c x`` -> ``beit pretrain train -c x`` (a task given without an action)."""
-    if argv and argv[0] in DEFAULT_ACTION:
-        nxt = argv[1] if len(argv) > 1 else ""
-        if nxt not in TASKS[argv[0]] and nxt not in ("-h", "--help"):
-            return [argv[0], DEFAULT_ACTION[argv[0]], *argv[1:]]
+    i = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))  # after `beit --debug`
+    if i < len(argv) and argv[i] in DEFAULT_ACTION:
+        nxt = argv[i + 1] if len(argv) > i + 1 else ""
+        if nxt not in TASKS[argv[i]] and nxt not in ("-h", "--help"):
+            return [*argv[:i + 1], DEFAULT_ACTION[argv[i]], *argv[i + 1:]]
     return argv
 
 
