@@ -405,6 +405,11 @@ def test_users_shape_is_never_dropped_for_a_checkpoints(tmp_path):
                                "architecture comes from its weights. Remove model.depth (or model.init to train "
                                "from scratch)")
     assert load_config(SegmentConfig, None, ["model.depth=6"]).model.depth == 6  # from scratch: the user's value
+    # eval of a stored run: the stored shape agrees with itself; a different one would be dropped, so it is refused
+    assert load_config(SegmentConfig, None, ["model.depth=6", "model.backbone={depth: 6}"]).model.depth == 6
+    with pytest.raises(ConfigError, match=r"^config key 'model.depth': depth=4 cannot apply with the checkpoint's "
+                                          r"stored backbone \(depth=6\)"):
+        load_config(SegmentConfig, None, ["model.depth=4", "model.backbone={depth: 6}"])
 
 
 def test_train_config_has_overwrite():

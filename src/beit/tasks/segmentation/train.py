@@ -101,13 +101,17 @@ class SegModelConfig:
             raise ConfigError("out_indices", f"needs 4 block indices, got {list(self.out_indices)}")
         # the architecture of a checkpoint (init) or of a stored run (backbone) comes from it: a shape the user
         # gave would be dropped silently, so it is an error
-        source = f"model.init={self.init!r}" if self.init else "the checkpoint's stored backbone" if self.backbone \
-            else ""
         for name in ("embed_dim", "depth", "num_heads", "patch_size"):
-            if source and getattr(self, name) is not None:
-                raise ConfigError(name, f"{name}={getattr(self, name)} cannot apply with {source}: the architecture "
-                                        f"comes from its weights. Remove model.{name} (or model.init to train "
-                                        "from scratch)")
+            value = getattr(self, name)
+            if value is None:
+                continue
+            source = f"model.init={self.init!r}" if self.init else ""
+            if not source and self.backbone and self.backbone.get(name, value) != value:
+                source = f"the checkpoint's stored backbone ({name}={self.backbone[name]})"
+            if source:
+                tail = " (or model.init to train from scratch)" if self.init else ""
+                raise ConfigError(name, f"{name}={value} cannot apply with {source}: the architecture comes from its "
+                                        f"weights. Remove model.{name}{tail}")
 
 
 @dataclass
