@@ -16,10 +16,10 @@ TOK_STEPS=${TOK_STEPS:-3000}
 ENC="model_overrides.embed_dim=192 model_overrides.depth=12 model_overrides.num_heads=3 model_overrides.patch_size=4"
 
 if [ "$stage" = A ]; then
-  t python3 -m beit tokenizer train -c configs/tokenizer_cifar10.yaml data_dir="$data/train" \
+  t python3 -m beit tokenizer train -c tokenizer_cifar10 data_dir="$data/train" \
       train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) train.num_workers=14
   cp $run/tokenizer/dvae.safetensors $run/tokenizer/recon_grid.png "$out/"
-  t python3 -m beit pretrain -c configs/pretrain_cifar10_small.yaml data.path="$data/train" \
+  t python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
       tokenizer.path=$run/tokenizer/dvae.safetensors train.output_dir=$run/pretrain train.epochs=$PRE_EPOCHS \
       train.warmup_epochs=$(( PRE_EPOCHS / 10 )) train.num_workers=14 train.image_every=100000
   python3 -m beit convert $run/pretrain/final "$out/encoder" --dtype bf16
@@ -29,18 +29,18 @@ if [ "$stage" = A ]; then
 elif [ "$stage" = B ]; then
   common="data.train_dir=$data/train data.val_dir=$data/test train.epochs=$FT_EPOCHS train.warmup_epochs=$(( FT_EPOCHS / 10 )) \
           train.num_workers=14 train.compile=true"
-  [ "${ARMS:-both}" = scratch ] || t python3 -m beit finetune -c configs/finetune_cifar10_small.yaml \
+  [ "${ARMS:-both}" = scratch ] || t python3 -m beit finetune -c finetune_cifar10_small \
       model="$prev/encoder" model_overrides={} train.output_dir=$run/ft_pretrained $common train.lr=2e-3 \
       train.layer_decay=0.75
   # SCRATCH_LD=1.0: no layer decay for a randomly initialised encoder (a fairer scratch baseline)
   [ "${ARMS:-both}" = pretrained ] || t timeout ${SCRATCH_TIMEOUT:-100000} python3 -m beit finetune \
-      -c configs/finetune_cifar10_small.yaml model=beit_tiny_patch16_224 $ENC \
+      -c finetune_cifar10_small model=beit_tiny_patch16_224 $ENC \
       train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} || true
   for arm in pretrained scratch; do cp $run/ft_$arm/curves.png "$out/ft_${arm}_curves.png" || true; done
-  t python3 -m beit linprobe -c configs/linprobe_base.yaml model="$prev/encoder" img_size=32 layers=all \
+  t python3 -m beit linprobe -c linprobe_base model="$prev/encoder" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_pretrained \
       train.epochs=20 train.num_workers=14 || true
-  t python3 -m beit linprobe -c configs/linprobe_base.yaml model=beit_tiny_patch16_224 \
+  t python3 -m beit linprobe -c linprobe_base model=beit_tiny_patch16_224 \
       "model_overrides={patch_size: 4, embed_dim: 192, depth: 12, num_heads: 3}" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_scratch \
       train.epochs=20 train.num_workers=14 || true

@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from beit.configs import preset_path
+
 DATASETS = {
     # name: (config, subset folder, image tar, held-out pages, smoke-test note)
-    "docbank": (REPO / "configs" / "layout_docbank.yaml", "docbank_subset", "docbank_subset.tar.gz", 20,
+    "docbank": (preset_path("layout_docbank"), "docbank_subset", "docbank_subset.tar.gz", 20,
                 "80 train / 20 val pages of the shared DocBank subset; its region boxes were derived from token "
                 "labels (not the official DocBank regions): not comparable with published DocBank numbers"),
-    "publaynet": (REPO / "configs" / "layout_publaynet_base.yaml", "publaynet_subset", "publaynet_subset_images.tar",
+    "publaynet": (preset_path("layout_publaynet_base"), "publaynet_subset", "publaynet_subset_images.tar",
                   4, "SMOKE TEST: 16 train / 4 val of PubLayNet's 20 sample pages; the seed (BEiT-B 0.931 AP) is "
                      "PubLayNet val (11k pages) after 60k steps of 16 pages: NOT comparable"),
 }

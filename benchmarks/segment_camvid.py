@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "segment_camvid.yaml"
+from beit.configs import preset_path
+
+CONFIG = preset_path("segment_camvid")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import beit
+import beit.configs as beit_configs
 from _finetune_data import TINY_OVERRIDES, colored_squares, document_pages, tiny_pretrain_checkpoint
 from beit.cli import main as cli_main
 from beit.engine import ConfigError, load_config, param_groups
@@ -18,7 +19,7 @@ from beit.models.relpos import table_size
 from beit.tasks.evaluate import evaluate_checkpoint, load_classifier, predict_folder
 from beit.tasks.finetune import FinetuneConfig, build_model, finetune
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(beit_configs.__file__).parent  # the presets shipped in the package
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import beit.configs as beit_configs
 from _finetune_data import colored_squares, tiny_pretrain_checkpoint
 from beit.cli import main as cli_main
 from beit.engine import ConfigError, load_config
 from beit.models import Beit
 from beit.tasks.linprobe import LinprobeConfig, ProbeHeads, extract_features, linprobe, parse_blocks
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(beit_configs.__file__).parent  # the presets shipped in the package
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

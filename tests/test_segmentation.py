@@ -32,6 +32,7 @@ from beit.tasks.segmentation import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(beit.__file__).parent / "configs"  # the presets shipped in the package
 TINY = dict(embed_dim=32, depth=4, num_heads=2)
 
 
@@ -142,7 +143,7 @@ def make_ade(root: Path, n: int = 3, size: tuple[int, int] = (40, 30)) -> Path:
 
 def test_ade20k_layout_reduce_zero_label(tmp_path: Path) -> None:
     root = make_ade(tmp_path / "ade")
-    cfg = load_config(SegmentConfig, REPO / "configs" / "segment_ade20k_base.yaml",
+    cfg = load_config(SegmentConfig, CONFIGS / "segment_ade20k_base.yaml",
                       [f"data.root={root}", "data.crop_size=32", "data.img_scale=[40,30]", "train.seed=3"])
     sets = build_datasets(cfg)
     train_ds, val = sets["train"], sets["val"]
@@ -264,7 +265,7 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
 
     data = make_toy(tmp_path)
     out = tmp_path / "run"
-    assert main(["segment", "train", "--config", str(REPO / "configs" / "segment_camvid.yaml"),
+    assert main(["segment", "train", "--config", str(CONFIGS / "segment_camvid.yaml"),
         f"data.root={data}", "data.classes=[red,blue,green]", "data.ignore_index=3", "data.crop_size=32",
         "data.img_scale=[32,32]", "data.ratio_range=[0.9,1.1]", "data.repeat=8", "test.crop=32", "test.stride=16",
         "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",

@@ -1,26 +1,72 @@
-"""The ``beit`` command: one sub-command per job, each a thin layer over the library."""
+"""The ``beit`` command: one static table of sub-commands, every one of the same shape, one error boundary.
+
+    beit <task> <action> [-c PRESET_OR_PATH] [key=value ...] [--resume CKPT|auto] [--out DIR] [--overwrite] [--debug]
+
+Tasks and actions (:data:`TASKS`): ``pretrain train|visualize``, ``classify train|linprobe|eval|predict``,
+``segment train|eval|predict``, ``layout train|eval|predict``, ``tokenizer train|eval|encode|convert``; the
+short forms users type (``beit pretrain``, ``beit finetune``, ``beit linprobe``, ``beit evaluate``,
+``beit predict``, ``beit visualize``) are the same commands (:data:`SHORT`). Tools: ``convert``, ``demo``,
+``configs``.
+
+Shapes (:class:`Command.kind`):
+
+- ``train``: ``-c/--config`` (a preset name from ``beit configs`` or a YAML path), ``key=value`` overrides,
+  ``--resume`` (``train.resume``), ``--out`` (``train.output_dir``), ``--overwrite`` (``train.overwrite``).
+- ``checkpoint`` (eval / predict / visualize): the checkpoint as ``--ckpt PATH`` or the first argument, the
+  inputs as the following arguments, ``--out``; ``-c`` and ``key=value`` where the command has a config.
+- ``tool``: its own arguments.
+
+Every command takes ``--debug`` (or ``BEIT_DEBUG=1``). Anticipated errors (bad config, missing or damaged
+file, unwritable folder, refused pickle, divergence, Ctrl-C) end in one line ``beit CMD: error: ...`` and a
+non-zero exit; with ``--debug`` the traceback is shown. Heavy imports stay inside each command's ``run``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+from .tasks import finetune_cli, layout_cli, pretrain_cli, segmentation_cli
+from .tokenizers import cli as tokenizer_cli
+
+__all__ = ["COMMANDS", "SHORT", "TASKS", "TOOLS", "Command", "build_parser", "main"]
+
+# ``key=value`` (dotted key) vs a path or a name: paths with '=' in them are not supported as inputs.
+_OVERRIDE = re.compile(r"^-{0,2}[A-Za-z_][\w.\-\[\]]*=")
 
 
-def command(name: str, help: str):
-    """Register ``fn(args) -> exit code`` with an ``add_args(parser)`` companion."""
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: ``run(args) -> exit code``; ``add_args`` adds its own options to the shared shape.
 
-    def wrap(add_args: Callable[[argparse.ArgumentParser], None]):
-        def register(run: Callable[[argparse.Namespace], int]):
-            COMMANDS[name] = (help, add_args, run)
-            return run
+    ``kind`` is ``train`` | ``checkpoint`` | ``tool`` (see the module docstring); for a ``checkpoint`` command
+    ``config`` says whether it takes ``-c`` and ``overrides`` whether it takes ``key=value`` overrides (options a
+    command cannot honour are not offered); ``out_help`` documents ``--out``.
+    """
 
-        return register
+    help: str
+    kind: str
+    run: Callable[[argparse.Namespace], int]
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    config: bool = True
+    overrides: bool = True
+    out_help: str = "output folder"
 
-    return wrap
+
+def _configs_run(args: argparse.Namespace) -> int:
+    from .configs import describe, list_presets
+
+    names = list_presets()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {describe(name)}")
+    print(f"\nuse: beit <command> -c NAME [key=value ...]   (files in {Path(__file__).parent / 'configs'})")
+    return 0
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +76,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (ours only)")
 
 
-@command("convert", "convert any BEiT checkpoint to ours, or export ours to timm / Hugging Face")(_convert_args)
-def _convert(args: argparse.Namespace) -> int:
+def _convert_run(args: argparse.Namespace) -> int:
     import torch
 
     from .interop import export_hf, export_timm, load_model, save_model
@@ -51,48 +96,275 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each task registers its sub-commands with ``@command`` in its own module (heavy imports inside ``run``).
-TASK_CLI_MODULES = (
-    "beit.tasks.pretrain_cli",
-    "beit.tasks.finetune_cli",
-    "beit.tasks.segmentation_cli",
-    "beit.tasks.layout_cli",
-    "beit.tokenizers.cli",
-)
+# ----------------------------------------------------------------------------------------- the table
+TASKS: dict[str, dict[str, Command]] = {
+    "pretrain": {
+        "train": Command("BEiT masked-image-modeling pre-training on a folder of unlabeled images", "train",
+                         pretrain_cli.train),
+        "visualize": Command("PNG panel: input, mask, and the model's predicted tokens decoded to pixels",
+                             "checkpoint", pretrain_cli.visualize, pretrain_cli.visualize_args,
+                             out_help="the PNG to write (default mim_panel.png)"),
+    },
+    "classify": {
+        "train": Command("fine-tune a (pre-trained) BEiT classifier on class folders, the paper's recipe", "train",
+                         finetune_cli.finetune),
+        "linprobe": Command("linear probing of a frozen encoder, one head per block (layers=all sweeps them)",
+                            "train", finetune_cli.linprobe),
+        "eval": Command("top-1/top-5, per-class accuracy and a confusion-matrix PNG of a classifier", "checkpoint",
+                        finetune_cli.evaluate, finetune_cli.evaluate_args, config=False, overrides=False,
+                        out_help="report folder (default: eval/ next to the checkpoint)"),
+        "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
+                           finetune_cli.predict, finetune_cli.predict_args, config=False, overrides=False,
+                           out_help="the CSV to write (default predictions.csv)"),
+    },
+    "segment": {
+        "train": Command("fine-tune BEiT + UperNet with the shared trainer", "train", segmentation_cli.train),
+        "eval": Command("mIoU / aAcc on the val split, per-class table", "checkpoint", segmentation_cli.evaluate,
+                        segmentation_cli.eval_args, out_help="folder for overlays and metrics.json"),
+        "predict": Command("coloured overlays and label maps for images", "checkpoint", segmentation_cli.predict,
+                           segmentation_cli.predict_args, out_help="folder for the PNGs (default "
+                                                                   "segment_predictions)"),
+    },
+    "layout": {
+        "train": Command("train a document layout detector (PubLayNet, DocLayNet, DocBank)", "train",
+                         layout_cli.train),
+        "eval": Command("COCO AP of a checkpoint on data.val_ann (or the data.holdout split)", "checkpoint",
+                        layout_cli.evaluate, layout_cli.eval_args, config=False, out_help="folder for metrics.json"),
+        "predict": Command("draw predicted boxes on pages and write COCO results JSON", "checkpoint",
+                           layout_cli.predict, layout_cli.predict_args, config=False,
+                           out_help="folder for PNGs + results.json (default predictions)"),
+    },
+    "tokenizer": {
+        "train": Command("train a dVAE tokenizer on a folder of images", "train", tokenizer_cli.train),
+        "eval": Command("reconstruction error and codebook usage of a tokenizer on images", "tool",
+                        tokenizer_cli.evaluate, tokenizer_cli.eval_args),
+        "encode": Command("precompute the token ids of every image of a folder", "tool", tokenizer_cli.encode,
+                          tokenizer_cli.encode_args),
+        "convert": Command("official DALL-E pickles -> one safetensors file (no pickle later)", "tool",
+                           tokenizer_cli.convert, tokenizer_cli.convert_args),
+    },
+}
+
+TASK_HELP = {
+    "pretrain": "masked-image-modeling pre-training (train) and its MIM panel (visualize)",
+    "classify": "image classification: fine-tune (train), linear probe, eval, predict",
+    "segment": "semantic segmentation (BEiT + UperNet): train, eval (mIoU table) or predict (overlays)",
+    "layout": "document layout detection (PubLayNet, DocLayNet, DocBank): train | eval | predict",
+    "tokenizer": "visual tokenizers: train a dVAE, evaluate or encode with one, convert DALL-E pickles",
+}
+
+# Short forms: ``beit finetune ...`` is ``beit classify train ...``. ``beit pretrain -c ...`` (no action) is
+# ``beit pretrain train -c ...`` (DEFAULT_ACTION).
+SHORT: dict[str, tuple[str, str]] = {
+    "finetune": ("classify", "train"),
+    "linprobe": ("classify", "linprobe"),
+    "evaluate": ("classify", "eval"),
+    "predict": ("classify", "predict"),
+    "visualize": ("pretrain", "visualize"),
+}
+DEFAULT_ACTION = {"pretrain": "train"}
+
+TOOLS: dict[str, Command] = {
+    "convert": Command("convert any BEiT checkpoint to ours, or export ours to timm / Hugging Face", "tool",
+                       _convert_run, _convert_args),
+    "demo": Command("offline demo: tokenizer -> BEiT pre-training -> fine-tune vs from scratch, on real digits",
+                    "tool", pretrain_cli.demo, pretrain_cli.demo_args),
+    "configs": Command("list the presets that -c NAME accepts, one line each", "tool", _configs_run),
+}
+
+# Every command by its full name ("segment eval") and its short name ("evaluate").
+COMMANDS: dict[str, Command] = {
+    **{f"{t} {a}": c for t, actions in TASKS.items() for a, c in actions.items()},
+    **{s: TASKS[t][a] for s, (t, a) in SHORT.items()},
+    **TOOLS,
+}
 
 
-def _load_task_commands() -> None:
-    import importlib
+# ---------------------------------------------------------------------------------------- the parser
+def _add_shape(p: argparse.ArgumentParser, cmd: Command) -> None:
+    """The options every command of ``cmd.kind`` shares, then the command's own."""
+    if cmd.kind == "train":
+        p.add_argument("-c", "--config", default=None, metavar="PRESET_OR_PATH",
+                       help="a preset name (see `beit configs`) or a YAML file")
+        p.add_argument("--resume", default=None, metavar="CKPT|auto",
+                       help="checkpoint to resume from, or 'auto' (output_dir/last.pt) = train.resume")
+        p.add_argument("--out", default=None, metavar="DIR", help="output folder = train.output_dir")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a folder that holds a finished run = train.overwrite=true")
+        p.add_argument("rest", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. data.path=images/ train.lr=1e-3 train.epochs=100")
+    elif cmd.kind == "checkpoint":
+        p.add_argument("--ckpt", default=None, metavar="CKPT",
+                       help="the checkpoint (or give it as the first argument)")
+        p.add_argument("--out", "--output", dest="out", default=None, metavar="PATH", help=cmd.out_help)
+        if cmd.config:
+            p.add_argument("-c", "--config", default=None, metavar="PRESET_OR_PATH",
+                           help="a preset name or a YAML file, merged over the config stored in the checkpoint")
+        p.add_argument("rest", nargs="*", metavar="CKPT|INPUT|key=value",
+                       help="the checkpoint (unless --ckpt), inputs" + (", dotted overrides" if cmd.overrides else ""))
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or BEIT_DEBUG=1)")
+    if cmd.add_args:
+        cmd.add_args(p)
 
-    for mod in TASK_CLI_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but a dependency of it is missing: say so
-                raise
+
+def _sub(sub: argparse._SubParsersAction, name: str, cmd: Command) -> None:
+    p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+    _add_shape(p, cmd)
+    p.set_defaults(_cmd=cmd, _name=name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_task_commands()
-    parser = argparse.ArgumentParser(prog="beit", description="BEiT: pre-train and fine-tune image transformers")
+    """The argparse tree of :data:`TASKS`, :data:`SHORT` and :data:`TOOLS`."""
+    parser = argparse.ArgumentParser(prog="beit", description="BEiT: pre-train and fine-tune image transformers",
+                                     epilog="short forms: " + ", ".join(f"{s} = {t} {a}" for s, (t, a)
+                                                                        in SHORT.items()))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or BEIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
-        p.set_defaults(_run=run)
+    for task, actions in TASKS.items():
+        tp = sub.add_parser(task, help=TASK_HELP[task], description=TASK_HELP[task])
+        tsub = tp.add_subparsers(dest="action", metavar="{" + ",".join(actions) + "}", required=True)
+        for action, cmd in actions.items():
+            _sub(tsub, action, cmd)
+            tsub.choices[action].prog = f"beit {task} {action}"
+    for short, (task, action) in SHORT.items():
+        _sub(sub, short, TASKS[task][action])
+    for name, cmd in TOOLS.items():
+        _sub(sub, name, cmd)
     return parser
 
 
+def _expand(argv: list[str]) -> list[str]:
+    """``beit pretrain -c x`` -> ``beit pretrain train -c x`` (a task given without an action)."""
+    i = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))  # after `beit --debug`
+    if i < len(argv) and argv[i] in DEFAULT_ACTION:
+        nxt = argv[i + 1] if len(argv) > i + 1 else ""
+        if nxt not in TASKS[argv[i]] and nxt not in ("-h", "--help"):
+            return [*argv[:i + 1], DEFAULT_ACTION[argv[i]], *argv[i + 1:]]
+    return argv
+
+
+def _normalize(args: argparse.Namespace, name: str) -> None:
+    """Fill ``args.config`` (a file), ``args.overrides``, ``args.ckpt`` and ``args.inputs`` from the shape."""
+    from .configs import resolve_config
+
+    cmd: Command = args._cmd
+    rest = list(getattr(args, "rest", None) or [])
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    positional = [a for a in rest if not _OVERRIDE.match(a)]
+    if cmd.kind == "train":
+        if positional:
+            raise ValueError(f"unexpected argument(s) {positional}: overrides are key=value, options go as --name")
+        given = {a.lstrip("-").partition("=")[0] for a in overrides}
+        for flag, key, value in (("--resume", "train.resume", args.resume), ("--out", "train.output_dir", args.out),
+                                 ("--overwrite", "train.overwrite", "true" if args.overwrite else None)):
+            if value is None:
+                continue
+            if key in given:
+                raise ValueError(f"{flag} and {key}=... both given: keep one")
+            overrides.append(f"{key}={value}")
+    elif cmd.kind == "checkpoint":
+        if args.ckpt is None:
+            if not positional:
+                raise ValueError(f"beit {name} needs a checkpoint: --ckpt PATH (or the first argument)")
+            args.ckpt = positional.pop(0)
+        if overrides and not cmd.overrides:
+            raise ValueError(f"beit {name} takes no key=value overrides, got {overrides}")
+    args.overrides, args.inputs = overrides, positional
+    if getattr(args, "config", None) is not None:
+        args.config = resolve_config(args.config)
+    elif cmd.kind != "tool":
+        args.config = None
+
+
+# ------------------------------------------------------------------------------------ error boundary
+def _error_line(e: BaseException) -> str | None:
+    """One line for an anticipated error (the file or key is in it), or None for a bug (traceback)."""
+    import pickle
+
+    try:
+        import yaml
+
+        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        yaml_errors = ()
+    first = (str(e).strip().splitlines() or [""])[0]
+    name = type(e).__name__
+    if isinstance(e, yaml_errors):
+        where = getattr(e, "problem_mark", None)
+        src = f"{where.name}, line {where.line + 1}: " if where is not None else ""
+        return f"YAML syntax error: {src}{getattr(e, 'problem', None) or first}"
+    if isinstance(e, pickle.UnpicklingError | EOFError):
+        return f"{first or name}"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ValueError):
+        # PermissionError, disk full, read-only file system: errno text + the file
+        text = f"{e.strerror or name}: {e.filename}" if e.filename else (first or name)
+        return f"{text} ({name})"
+    if isinstance(e, ValueError | FileNotFoundError | NotADirectoryError):
+        return first or name
+    if name == "TrainingDivergedError":
+        return first
+    if name == "OutOfMemoryError":
+        return f"out of GPU memory: lower train.batch_size (raise train.accum_steps to keep the total) ({first})"
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        return f"needs the optional package '{e.name}': pip install 'beit[data]' (or '{e.name}')"
+    return None
+
+
+def _distributed() -> bool:
+    """True inside a torchrun process group of more than one rank."""
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except Exception:  # noqa: BLE001 - no torch / a broken group: act as one process
+        return False
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """Under torchrun a rank that failed must not wait in a collective or in the process-group teardown:
+    exit at once (torchrun then stops the other ranks, so every rank ends non-zero)."""
+    if _distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``beit ARGV``; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("BEIT_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = _expand(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "_cmd", None):
         parser.print_help()
         return 2
+    if extra:  # options and arguments after the key=value overrides: argparse leaves them over
+        unknown = [a for a in extra if a.startswith("-") and not _OVERRIDE.match(a)]
+        if unknown or not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        args.rest = list(args.rest) + extra
+    label = f"beit {args._name if args.command in COMMANDS else args.command + ' ' + args._name}"
     try:
-        return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no stack trace
-        print(f"beit {args.command}: error: {e}", file=sys.stderr)
+        _normalize(args, label[5:])
+        return int(args._cmd.run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{label}: interrupted", file=sys.stderr)
+        _exit_now_if_distributed(130)
+        return 130
+    except Exception as e:
+        line = _error_line(e)
+        if debug or line is None:  # --debug, or a bug: the traceback
+            if _distributed():
+                import traceback
+
+                traceback.print_exc()
+                _exit_now_if_distributed(1)
+            raise
+        print(f"{label}: error: {line}", file=sys.stderr)
+        _exit_now_if_distributed(1)
         return 1
 
 

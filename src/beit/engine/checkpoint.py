@@ -35,7 +35,8 @@ from . import distributed as D
 __all__ = [
     "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict", "find_resume_path",
     "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "load_sharded_state",
-    "model_state_dict", "optimizer_state_dict", "save_checkpoint", "save_sharded_checkpoint", "set_rng_state",
+    "model_state_dict", "optimizer_state_dict", "read_torch_file", "save_checkpoint", "save_sharded_checkpoint",
+    "set_rng_state",
 ]
 
 FORMAT = "beit-train-ckpt"
@@ -132,6 +133,19 @@ def _symlink_atomic(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a damaged, truncated or code-carrying file is one ``ValueError``
+    naming the file (torch's own errors name neither the file nor the cause in words)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError (bad zip), UnpicklingError (code / garbage), EOFError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: {first})"
+                         ) from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
                     full: bool = True) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` and check the format marker.
@@ -149,7 +163,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         return meta
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = read_torch_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a beit training checkpoint (no 'format': '{FORMAT}'); "
                          "to initialise a model from plain weights use the model's loading helpers")

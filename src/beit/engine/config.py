@@ -17,14 +17,18 @@ with the offending key named, not after an hour of data loading.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "save_config", "to_dict", "validate_config"]
+__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "save_config", "to_dict",
+           "validate_config"]
 
 T = TypeVar("T")
 
@@ -117,8 +121,67 @@ class TrainConfig:
             raise ConfigError("output_dir", "must not be empty")
 
 
+# Integer fields that may be negative (seeds, label indices); every other int must be >= 0.
+SIGNED_INT_FIELDS = frozenset({"seed", "split_seed", "ignore_index"})
+# Integer fields that count or measure something: they must be > 0 (0 allowed only where the field's default
+# is 0, which then documents "0 = auto / off / all").
+_SIZE_SUFFIXES = ("size", "sizes", "dim", "depth", "heads", "channels", "hidden", "epochs", "steps_per_epoch")
+
+
+def _is_size_name(name: str) -> bool:
+    return name.endswith(_SIZE_SUFFIXES) or name in ("batch_size", "accum_steps", "repeat", "vocab_size")
+
+
+def _check_value(key: str, name: str, value: Any, zero_ok: bool) -> None:
+    """Generic checks on one value (recursing into lists/tuples): finite floats, non-negative ints, sizes > 0."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, list | tuple):
+        for v in value:
+            _check_value(key, name, v, zero_ok)
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    if isinstance(value, int) and name not in SIGNED_INT_FIELDS and not name.endswith(("_index", "indices")):
+        if _is_size_name(name) and value <= 0 and not (zero_ok and value == 0):
+            raise ConfigError(key, f"must be > 0, got {value}")
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0{' (0 = ' + 'off/all/auto)' if zero_ok else ''}, got {value}")
+
+
+def check_values(cfg: Any, prefix: str = "") -> None:
+    """Checks by kind over every field of every dataclass node of ``cfg``, before any ``validate()`` method runs
+    (so that those can divide by sizes and compare numbers safely):
+
+    - every float (also inside lists/tuples) is finite: ``train.lr=inf``, ``train.clip_grad=nan`` are refused;
+    - every int is >= 0, except :data:`SIGNED_INT_FIELDS` and ``*_index`` / ``*indices`` fields;
+    - every size-like int (``*size``, ``*_dim``, ``depth``, ``*heads``, ``*channels``, ``batch_size``, ...) is > 0,
+      or 0 where the field's default is 0 (there ``0`` documents "auto" / "off").
+
+    Raises :class:`ConfigError` with the dotted key.
+    """
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            try:
+                default = f.default_factory()  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - a factory that needs context: no zero exemption
+                default = None
+        _check_value(prefix + f.name, f.name, value, zero_ok=default == 0)
+
+
 def validate_config(cfg: Any, prefix: str = "") -> None:
-    """Call ``validate()`` on every dataclass node of ``cfg``; errors get the full dotted key."""
+    """Generic checks (:func:`check_values`) on the whole tree, then ``validate()`` on every dataclass node;
+    errors get the full dotted key. A validator that trips over a value (e.g. divides by zero) becomes a
+    :class:`ConfigError` naming the node instead of a traceback."""
+    if not prefix:
+        check_values(cfg)
     if not dataclasses.is_dataclass(cfg):
         return
     if hasattr(cfg, "validate"):
@@ -126,8 +189,30 @@ def validate_config(cfg: Any, prefix: str = "") -> None:
             cfg.validate()
         except ConfigError as e:
             raise ConfigError(prefix + e.key, e.message) from None
+        except (ArithmeticError, TypeError) as e:
+            raise ConfigError(prefix.rstrip(".") or "config", f"invalid values ({type(e).__name__}: {e})") from None
     for f in dataclasses.fields(cfg):
         validate_config(getattr(cfg, f.name), f"{prefix}{f.name}.")
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Fail now, not after the dataset is built, if ``path`` cannot be used as an output folder.
+
+    Creates the folder (and parents) and writes/removes a probe file in it. Raises :class:`ConfigError`
+    (key ``train.output_dir``) naming the folder and the reason: a file in the way, no permission, read-only
+    or full file system.
+    """
+    path = Path(path)
+    probe = path / f".beit_write_probe_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(probe)) else ""
+        raise ConfigError("train.output_dir", f"cannot write to {path}: {why}{where}") from None
+    return path
 
 
 def _key_of(e: OmegaConfBaseException, fallback: str) -> str:
@@ -158,6 +243,11 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
             raise ConfigError(_key_of(e, ""), f"{_msg_of(e)} (in {path})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or _msg_of(e)
+            raise ConfigError("", f"{path}{line}: not valid YAML ({problem})") from None
     for item in overrides or []:
         item = item[2:] if item.startswith("--") else item
         key, sep, _ = item.partition("=")

@@ -277,7 +277,9 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     run_cfg: dict[str, Any] = {}
     src: Any = source
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..engine.checkpoint import read_torch_file
+
+        state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
             run_cfg = state.get("config") or {}
             if ema and state.get("ema") is None:

@@ -9,7 +9,7 @@ block, tables resampled when the resolution changes, a fresh head (``init_scale`
 
 Everything that trains goes through ``beit.engine.Trainer`` (optimizer, layer decay from
 ``model.layer_id``, schedule, EMA, checkpoints, exact resume); this module builds the model, the data,
-the mixup step and the evaluation around it. ``configs/finetune_*.yaml`` hold the presets.
+the mixup step and the evaluation around it. The presets are ``beit/configs/finetune_*.yaml`` (``beit configs``).
 """
 
 from __future__ import annotations

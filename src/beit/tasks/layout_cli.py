@@ -1,8 +1,9 @@
-"""``beit layout train|eval|predict``: document layout detection from the command line.
+"""``beit layout train|eval|predict``: document layout detection (run functions of the command table in
+:mod:`beit.cli`).
 
-    beit layout train --config configs/layout_publaynet_base.yaml model.init=beit_base_pt22k.pth
-    beit layout eval --ckpt runs/layout_publaynet/best.pt [data.val_ann=... data.val_images=...]
-    beit layout predict --ckpt runs/layout_publaynet/best.pt pages/ --out predictions/
+    beit layout train -c layout_publaynet_base model.init=beit_base_pt22k.pth
+    beit layout eval runs/layout_publaynet/best.pt [data.val_ann=... data.val_images=...]
+    beit layout predict runs/layout_publaynet/best.pt pages/ --out predictions/
 """
 
 from __future__ import annotations
@@ -11,70 +12,66 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import command
+
+def train(args: argparse.Namespace) -> int:
+    """``beit layout train``: train a detector (logs the COCO AP table itself)."""
+    from ..engine.config import check_output_dir, load_config
+    from .layout.train import LayoutConfig
+    from .layout.train import train as run_train
+
+    cfg = load_config(LayoutConfig, args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir)
+    result = run_train(cfg)
+    if "table" not in result:
+        print("no validation set: set data.val_ann=... or data.holdout=N to get COCO AP")
+    return 0
 
 
-def _args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a detector (YAML config + key=value overrides)")
-    t.add_argument("--config", "-c", default=None, help="YAML config; see configs/layout_*.yaml")
-    t.add_argument("rest", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-4 data.holdout=20")
-    for name, text in (("eval", "COCO AP of a checkpoint on data.val_ann (or the data.holdout split)"),
-                       ("predict", "draw predicted boxes on pages and write COCO results JSON")):
-        a = sub.add_parser(name, help=text)
-        a.add_argument("--ckpt", required=True, help="training checkpoint, e.g. runs/x/best.pt")
-        a.add_argument("--out", default=None, help="predict: PNGs + results.json (default predictions/); "
-                                                   "eval: metrics.json")
-        a.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-        if name == "predict":
-            a.add_argument("--score-thresh", type=float, default=0.5, help="draw boxes scoring at least this")
-            a.add_argument("rest", nargs="*", metavar="PAGE|key=value", help="page images or folders, and overrides")
-        else:
-            a.add_argument("rest", nargs="*", metavar="key=value", help="config overrides, e.g. data.val_ann=...")
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
 
 
-@command("layout", "document layout detection (PubLayNet, DocLayNet, DocBank): train | eval | predict")(_args)
-def run(args: argparse.Namespace) -> int:
-    overrides = [a for a in args.rest if "=" in a]
-    others = [a for a in args.rest if "=" not in a]
-    if others and args.action != "predict":
-        raise ValueError(f"unexpected arguments {others}: overrides are key=value")
-    if args.action == "train":
-        from ..engine.config import load_config
-        from .layout.train import LayoutConfig, train
+def predict_args(p: argparse.ArgumentParser) -> None:
+    eval_args(p)
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw boxes scoring at least this")
 
-        cfg = load_config(LayoutConfig, args.config, overrides)
-        result = train(cfg)  # logs the AP table itself
-        if "table" not in result:
-            print("no validation set: set data.val_ann=... or data.holdout=N to get COCO AP")
-        return 0
 
+def _load(args: argparse.Namespace):  # noqa: ANN202
     from .layout.train import load_detector
 
-    model, cfg = load_detector(args.ckpt, overrides, use_ema=args.ema)
-    device = _device()
-    model.to(device)
-    if args.action == "eval":
-        from .layout.evaluate import evaluate_model, format_table
-        from .layout.train import build_val_dataset
+    model, cfg = load_detector(args.ckpt, list(args.overrides), use_ema=args.ema)
+    return model.to(_device()), cfg
 
-        val_ds = build_val_dataset(cfg)
-        if val_ds is None:
-            raise ValueError("no evaluation set: set data.val_ann=... (and data.val_images=...) or data.holdout=N")
-        metrics = evaluate_model(model, val_ds, cfg.eval_batch_size, cfg.eval_workers)
-        print(format_table(metrics, val_ds.class_names, cfg.reference,
-                           title=f"{args.ckpt} on {val_ds.ann_file} ({len(val_ds)} pages; {val_ds.summary()})"))
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return 0
 
+def evaluate(args: argparse.Namespace) -> int:
+    """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
+    from .layout.evaluate import evaluate_model, format_table
+    from .layout.train import build_val_dataset
+
+    if args.inputs:
+        raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value")
+    model, cfg = _load(args)
+    val_ds = build_val_dataset(cfg)
+    if val_ds is None:
+        raise ValueError("no evaluation set: set data.val_ann=... (and data.val_images=...) or data.holdout=N")
+    metrics = evaluate_model(model, val_ds, cfg.eval_batch_size, cfg.eval_workers)
+    print(format_table(metrics, val_ds.class_names, cfg.reference,
+                       title=f"{args.ckpt} on {val_ds.ann_file} ({len(val_ds)} pages; {val_ds.summary()})"))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """``beit layout predict CKPT PAGES...``: boxes drawn on the pages + COCO results JSON in ``--out``."""
     from .layout.predict import find_pages, predict_pages
 
-    if not others:
+    if not args.inputs:
         raise ValueError("layout predict needs page images or folders")
-    pages = find_pages(others)
+    pages = find_pages(args.inputs)
+    model, cfg = _load(args)
     out = predict_pages(model, pages, args.out or "predictions", class_names=cfg.model.class_names,
                         category_ids=cfg.model.category_ids, score_thresh=args.score_thresh)
     for png, n in zip(out["pngs"], out["drawn"]):
@@ -83,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device():
+def _device():  # noqa: ANN202
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,47 +1,33 @@
-"""``beit pretrain``, ``beit visualize`` and ``beit demo``."""
+"""``beit pretrain [train]``, ``beit visualize`` and ``beit demo``: the run functions of the command table.
+
+Arguments arrive normalised by :mod:`beit.cli` (``args.config`` a file or None, ``args.overrides``,
+``args.ckpt``, ``args.out``); heavy imports stay inside each function.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from ..cli import command
 
-
-def add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """The convention of every training command: a YAML file, then ``key=value`` overrides."""
-    p.add_argument("--config", "-c", default=default_config, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. data.path=images/ train.lr=1e-3 train.epochs=100")
-
-
-def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
-    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (output_dir/last.pt)")
-
-
-@command("pretrain", "BEiT masked-image-modeling pre-training on a folder of unlabeled images")(_pretrain_args)
-def _pretrain(args: argparse.Namespace) -> int:
-    from ..engine.config import load_config
+def train(args: argparse.Namespace) -> int:
+    """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.pretrain`)."""
+    from ..engine.config import check_output_dir, load_config
     from .pretrain import PretrainConfig, pretrain
 
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(PretrainConfig, args.config, overrides)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir)
     result = pretrain(cfg)
     for k, v in result.items():
         print(f"{k}: {v}")
     return 0
 
 
-def _visualize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a pre-training checkpoint (last.pt, step_*.pt) or a saved MIM model dir")
-    p.add_argument("--config", "-c", default=None, help="the run's config.yaml (default: next to the checkpoint)")
-    p.add_argument("--out", default="mim_panel.png")
+def visualize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=8, help="how many images")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.path=other_images/")
 
 
-@command("visualize", "PNG panel: input, mask, and the model's predicted tokens decoded to pixels")(_visualize_args)
-def _visualize(args: argparse.Namespace) -> int:
+def visualize(args: argparse.Namespace) -> int:
+    """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
     from pathlib import Path
 
     import torch
@@ -50,16 +36,23 @@ def _visualize(args: argparse.Namespace) -> int:
     from ..interop import load_model
     from .pretrain import PretrainConfig, _fixed_batch, build_dataset, build_tokenizer, mim_panel
 
-    ckpt = Path(args.checkpoint)
+    if args.inputs:
+        raise ValueError(f"unexpected argument(s) {args.inputs}: beit visualize takes one checkpoint")
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    weights = ckpt if ckpt.is_dir() else _model_state(ckpt)  # the input first: a damaged file is named as such
     cfg_path = args.config or next((p for p in (ckpt.parent / "config.yaml", ckpt / "config.yaml") if p.exists()),
                                    None)
     cfg = load_config(PretrainConfig, cfg_path, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer, device)
-    model = load_model(ckpt if ckpt.is_dir() else _model_state(ckpt)).to(device)
+    model = load_model(weights).to(device)
     dataset = build_dataset(cfg, tokenizer.downsample)
     batch = _fixed_batch(dataset, args.num, device)
-    out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out)
+    out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out or "mim_panel.png")
     print(f"wrote {out}")
     return 0
 
@@ -71,14 +64,13 @@ def _model_state(path):  # noqa: ANN001, ANN202
     return state["model"] if "model" in state else state
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
+def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where the demo writes its runs and PNGs")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
 
 
-@command("demo", "offline demo: tokenizer -> BEiT pre-training -> fine-tune vs from scratch, on real digits")(
-    _demo_args)
-def _demo(args: argparse.Namespace) -> int:
+def demo(args: argparse.Namespace) -> int:
+    """``beit demo``: the offline tokenizer -> pre-training -> fine-tuning demo on scikit-learn's digits."""
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick)

@@ -1,10 +1,9 @@
-"""``beit segment train|eval|predict``: semantic segmentation with BEiT + UperNet.
+"""``beit segment train|eval|predict``: semantic segmentation with BEiT + UperNet (run functions of the
+command table in :mod:`beit.cli`).
 
-    beit segment train --config configs/segment_camvid.yaml data.root=data/CamVid model.init=pt.pth
-    beit segment eval --ckpt runs/segment_camvid/best.pt            # prints the per-class table
-    beit segment predict --ckpt runs/segment_camvid/best.pt --input photos/ --output overlays/
-
-Options go before the ``KEY=VALUE`` overrides.
+    beit segment train -c segment_camvid data.root=data/CamVid model.init=pt.pth
+    beit segment eval runs/segment_camvid/best.pt           # prints the per-class table (or --ckpt PATH)
+    beit segment predict runs/segment_camvid/best.pt photos/ --out overlays/
 """
 
 from __future__ import annotations
@@ -13,62 +12,61 @@ import argparse
 import json
 from pathlib import Path
 
-from beit.cli import command
+
+def train(args: argparse.Namespace) -> int:
+    """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
+    from ..engine.config import check_output_dir, load_config
+    from .segmentation import SegmentConfig
+    from .segmentation import train as run_train
+
+    cfg = load_config(SegmentConfig, args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir)
+    result = run_train(cfg)
+    shown = {k: v for k, v in result.items() if k not in ("table", "per_class")}
+    print(json.dumps(shown, indent=1, default=str))
+    return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (configs/segment_*.yaml); for eval/predict it is "
-                                                  "merged over the config stored in the checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides after the options, e.g. train.lr=3e-4 data.root=/data/ade")
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
 
 
-def _args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", metavar="{train,eval,predict}", required=True)
-    t = sub.add_parser("train", help="fine-tune BEiT + UperNet with the shared trainer")
-    _common(t)
-    for name, what in (("eval", "mIoU / aAcc on the val split, per-class table"),
-                       ("predict", "coloured overlays and label maps for images")):
-        q = sub.add_parser(name, help=what, description=what)
-        q.add_argument("--ckpt", required=True, help="a training checkpoint (last.pt / best.pt)")
-        q.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
-        if name == "eval":
-            q.add_argument("--output", default=None, help="folder for overlays and metrics.json")
-        else:
-            q.add_argument("--input", nargs="+", required=True, help="image files or folders")
-            q.add_argument("--output", default="segment_predictions", help="folder for the PNGs")
-            q.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
-        _common(q)
+def predict_args(p: argparse.ArgumentParser) -> None:
+    eval_args(p)
+    p.add_argument("--input", nargs="+", default=[], help="image files or folders (or give them after the ckpt)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
 
 
-@command("segment", "semantic segmentation (BEiT + UperNet): train, eval (mIoU table) or predict (overlays)")(_args)
-def run(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace) -> int:
+    """``beit segment eval CKPT``: mIoU / aAcc and the per-class table; metrics.json in ``--out``."""
+    from .segmentation import evaluate as run_eval
+    from .segmentation import load_segmenter
+
+    if args.inputs:
+        raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value (e.g. data.root=DIR)")
+    model, cfg = load_segmenter(args.ckpt, args.config, args.overrides, use_ema=args.ema)
+    res = run_eval(model, cfg, args.out)
+    print(res["table"])
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1))
+        print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """``beit segment predict CKPT IMAGES...``: coloured overlays and label maps in ``--out``."""
     from beit.data.datasets import IMG_EXTENSIONS, list_images
-    from beit.engine import load_config
 
-    from .segmentation import SegmentConfig, evaluate, load_segmenter, predict, train
+    from .segmentation import load_segmenter
+    from .segmentation import predict as run_predict
 
-    overrides = list(args.overrides or [])
-    if args.action == "train":
-        cfg = load_config(SegmentConfig, args.config, overrides)
-        result = train(cfg)
-        shown = {k: v for k, v in result.items() if k not in ("table", "per_class")}
-        print(json.dumps(shown, indent=1, default=str))
-        return 0
-
-    model, cfg = load_segmenter(args.ckpt, args.config, overrides, use_ema=args.ema)
-    if args.action == "eval":
-        res = evaluate(model, cfg, args.output)
-        print(res["table"])
-        if args.output:
-            out = Path(args.output)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1))
-            print(f"wrote {out / 'metrics.json'}")
-        return 0
-
+    inputs = list(args.input) + list(args.inputs)
+    if not inputs:
+        raise ValueError("beit segment predict needs image files or folders (after the checkpoint, or --input)")
     files: list[str] = []
-    for item in args.input:
+    for item in inputs:
         path = Path(item)
         if path.is_dir():
             files += list_images(path)
@@ -77,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise FileNotFoundError(f"not an image or a folder: {item}")
     if not files:
-        raise FileNotFoundError(f"no images in {args.input}")
-    written = predict(model, cfg, files, args.output, alpha=args.alpha)
+        raise FileNotFoundError(f"no images in {inputs}")
+    model, cfg = load_segmenter(args.ckpt, args.config, args.overrides, use_ema=args.ema)
+    written = run_predict(model, cfg, files, args.out or "segment_predictions", alpha=args.alpha)
     print(f"wrote {len(written)} overlays (+ label maps) to {Path(written[0]).parent}")
     return 0

@@ -1,6 +1,8 @@
-"""``beit tokenizer train | eval | convert``: train a dVAE, judge any tokenizer, make pickles safe.
+"""``beit tokenizer train | eval | encode | convert``: train a dVAE, judge any tokenizer, make pickles safe.
 
-- ``beit tokenizer train [-c run.yaml] data_dir=DIR train.max_steps=20000 ...``
+The run functions of the command table in :mod:`beit.cli`:
+
+- ``beit tokenizer train [-c tokenizer_cifar10] data_dir=DIR train.max_steps=20000 ...``
 - ``beit tokenizer eval dalle encoder.pkl --decoder decoder.pkl --data DIR``: held-out MSE / PSNR,
   codebook perplexity and dead codes, plus a reconstruction grid PNG.
 - ``beit tokenizer convert encoder.pkl decoder.pkl dalle.safetensors``: read the official pickles
@@ -14,80 +16,69 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+
+def train(args: argparse.Namespace) -> int:
+    """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
+    from ..engine.config import check_output_dir, load_config
+    from .train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir)
+    report = train_tokenizer(cfg)
+    for k, v in report.items():
+        print(f"{k}: {v}")
+    return 0
 
 
-def _args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-
-    t = sub.add_parser("train", help="train a dVAE tokenizer on a folder of images")
-    t.add_argument("--config", "-c", default=None, help="YAML config (fields of TokenizerTrainConfig)")
-    t.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (output_dir/last.pt)")
-    t.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides, e.g. data_dir=images/ model.vocab_size=8192 train.max_steps=20000",
-    )
-
-    e = sub.add_parser("eval", help="reconstruction error and codebook usage of a tokenizer on images")
-    e.add_argument("kind", choices=["dalle", "dvae"])
-    e.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
-    e.add_argument("--decoder", default=None, help="dalle: decoder.pkl (needed unless inside the safetensors)")
-    e.add_argument("--data", required=True, help="folder of images (any depth)")
-    e.add_argument("--img-size", type=int, default=112, help="center crop size (default 112, BEiT's)")
-    e.add_argument("--max-images", type=int, default=2048)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
-    e.add_argument("--out", default="tokenizer_recon.png", help="reconstruction grid PNG")
-
-    n = sub.add_parser("encode", help="precompute the token ids of every image of a folder")
-    n.add_argument("kind", choices=["dalle", "dvae"])
-    n.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
-    n.add_argument("--data", required=True, help="folder of images (any depth)")
-    n.add_argument("--img-size", type=int, default=112, help="resize + center crop size (default 112, BEiT's)")
-    n.add_argument("--batch-size", type=int, default=64)
-    n.add_argument("--num-workers", type=int, default=4)
-    n.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
-    n.add_argument("--out", default="token_ids.safetensors", help="ids [N, h, w] (+ the paths in OUT.json)")
-
-    c = sub.add_parser("convert", help="official DALL-E pickles -> one safetensors file (no pickle later)")
-    c.add_argument("encoder", help="encoder.pkl")
-    c.add_argument("decoder", nargs="?", default=None, help="decoder.pkl (optional)")
-    c.add_argument("out", help="output .safetensors")
+def _kind_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["dalle", "dvae"])
+    p.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
+    p.add_argument("--data", required=True, help="folder of images (any depth)")
+    p.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
 
 
-@command("tokenizer", "visual tokenizers: train a dVAE, evaluate or encode with one, convert DALL-E pickles")(_args)
-def _run(args: argparse.Namespace) -> int:
-    if args.tokenizer_command == "train":
-        from ..engine.config import load_config
-        from .train import TokenizerTrainConfig, train_tokenizer
+def eval_args(p: argparse.ArgumentParser) -> None:
+    _kind_path(p)
+    p.add_argument("--decoder", default=None, help="dalle: decoder.pkl (needed unless inside the safetensors)")
+    p.add_argument("--img-size", type=int, default=112, help="center crop size (default 112, BEiT's)")
+    p.add_argument("--max-images", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="tokenizer_recon.png", help="reconstruction grid PNG")
 
-        overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-        report = train_tokenizer(load_config(TokenizerTrainConfig, args.config, overrides))
-        for k, v in report.items():
-            print(f"{k}: {v}")
-        return 0
 
-    if args.tokenizer_command == "convert":
-        from .dalle import DalleTokenizer
+def encode_args(p: argparse.ArgumentParser) -> None:
+    _kind_path(p)
+    p.add_argument("--img-size", type=int, default=112, help="resize + center crop size (default 112, BEiT's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--out", default="token_ids.safetensors", help="ids [N, h, w] (+ the paths in OUT.json)")
 
-        tok = DalleTokenizer.load(args.encoder, args.decoder)
-        tok.save(args.out)
-        dec = "with decoder" if tok.decoder is not None else "encoder only"
-        print(f"{args.encoder} -> {args.out} ({dec}; vocab {tok.vocab_size}, {tok.downsample}x downsampling)")
-        return 0
 
+def convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("encoder", help="encoder.pkl")
+    p.add_argument("decoder", nargs="?", default=None, help="decoder.pkl (optional)")
+    p.add_argument("out", help="output .safetensors")
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``beit tokenizer convert encoder.pkl [decoder.pkl] out.safetensors`` through the restricted unpickler."""
+    from .dalle import DalleTokenizer
+
+    tok = DalleTokenizer.load(args.encoder, args.decoder)
+    tok.save(args.out)
+    dec = "with decoder" if tok.decoder is not None else "encoder only"
+    print(f"{args.encoder} -> {args.out} ({dec}; vocab {tok.vocab_size}, {tok.downsample}x downsampling)")
+    return 0
+
+
+def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     import torch
-    from torch.utils.data import Subset
     from torchvision import transforms as T
 
     from ..data import ImageFolderDataset
     from . import load_tokenizer
-    from .train import evaluate_tokenizer, write_recon_grid
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
     if args.kind == "dalle":
         tok = load_tokenizer("dalle", encoder=args.path, decoder=getattr(args, "decoder", None),
                              precision=args.precision)
@@ -96,14 +87,28 @@ def _run(args: argparse.Namespace) -> int:
     tok = tok.to(device).eval()
     s = args.img_size
     ds = ImageFolderDataset(args.data, T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()]))
-    if args.tokenizer_command == "encode":
-        return _encode_folder(tok, ds, args, device)
+    return tok, ds, device
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``beit tokenizer eval KIND PATH --data DIR``: held-out MSE / PSNR, codebook usage, a recon grid PNG."""
+    from torch.utils.data import Subset
+
+    from .train import evaluate_tokenizer, write_recon_grid
+
+    tok, ds, _ = _tokenizer_and_images(args)
     ds = Subset(ds, range(min(len(ds), args.max_images)))
     metrics: dict = evaluate_tokenizer(tok, ds, args.batch_size)
     if getattr(tok, "decoder", None) is not None:
         metrics["recon_grid"] = write_recon_grid(tok, ds, args.out)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def encode(args: argparse.Namespace) -> int:
+    """``beit tokenizer encode KIND PATH --data DIR --out ids.safetensors``."""
+    tok, ds, device = _tokenizer_and_images(args)
+    return _encode_folder(tok, ds, args, device)
 
 
 def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # noqa: ANN001

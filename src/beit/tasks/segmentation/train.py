@@ -5,7 +5,8 @@ Recipe defaults are the paper's ADE20K setup for a BEiT checkpoint that was only
 weight decay 0.05, layer decay 0.65, poly schedule (power 1, min lr 0) after 1500 linear warmup steps,
 160k steps of 16 images (8 GPUs x 2), drop path 0.1, slide test with 512 windows, stride 341::
 
-    cfg = load_config(SegmentConfig, "configs/segment_ade20k_base.yaml", ["data.root=/data/ADEChallengeData2016"])
+    cfg = load_config(SegmentConfig, beit.configs.preset_path("segment_ade20k_base"),
+                      ["data.root=/data/ADEChallengeData2016"])
     train(cfg)
 
 The model, the datasets and the step / eval functions are built here; the loop, optimizer, schedule,
@@ -98,6 +99,19 @@ class SegModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.out_indices is not None and len(self.out_indices) != 4:
             raise ConfigError("out_indices", f"needs 4 block indices, got {list(self.out_indices)}")
+        # the architecture of a checkpoint (init) or of a stored run (backbone) comes from it: a shape the user
+        # gave would be dropped silently, so it is an error
+        for name in ("embed_dim", "depth", "num_heads", "patch_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            source = f"model.init={self.init!r}" if self.init else ""
+            if not source and self.backbone and self.backbone.get(name, value) != value:
+                source = f"the checkpoint's stored backbone ({name}={self.backbone[name]})"
+            if source:
+                tail = " (or model.init to train from scratch)" if self.init else ""
+                raise ConfigError(name, f"{name}={value} cannot apply with {source}: the architecture comes from its "
+                                        f"weights. Remove model.{name}{tail}")
 
 
 @dataclass

@@ -1,0 +1,454 @@
+"""The ``beit`` command: one static table, one shape per kind, presets by name, one error boundary, and
+validation of every config before any work (issue 14 items 11-12, issue 16 items 3-4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import beit.cli as cli
+from beit.cli import COMMANDS, SHORT, TASKS, TOOLS, build_parser, main
+from beit.configs import describe, list_presets, preset_path, resolve_config
+from beit.engine.config import ConfigError, TrainConfig, check_output_dir, check_values, load_config
+from beit.tokenizers.dvae import DiscreteVAE
+
+SRC = Path(cli.__file__).resolve().parents[1]
+PRESETS = ["finetune_base", "finetune_cifar10_small", "finetune_rvlcdip_base", "layout_docbank",
+           "layout_publaynet_base", "linprobe_base", "pretrain_base", "pretrain_cifar10_small",
+           "segment_ade20k_base", "segment_camvid", "tokenizer_cifar10"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A folder of 8 tiny images and a tiny dVAE: enough for `beit pretrain` to get past validation."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(root / "images" / f"{i}.png")
+    torch.manual_seed(0)
+    DiscreteVAE(vocab_size=16, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).save(root / "tok.safetensors")
+    return root
+
+
+def _pretrain_args(root: Path, *extra: str) -> list[str]:
+    """`beit pretrain` on the tiny setup: the cifar preset made tiny, then ``extra``."""
+    return ["pretrain", "-c", "pretrain_cifar10_small", f"data.path={root / 'images'}", "data.in_memory=false",
+            "tokenizer.kind=dvae", f"tokenizer.path={root / 'tok.safetensors'}", "model.embed_dim=32", "model.depth=1",
+            "model.num_heads=2", "train.batch_size=4", "train.num_workers=0", "train.epochs=1", "train.warmup_epochs=0", "train.log_every=1",
+            *extra]
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace the pre-training itself: the configs the command would have trained with."""
+    seen: list = []
+
+    def fake(cfg):
+        seen.append(cfg)
+        return {"done": 1}
+
+    monkeypatch.setattr("beit.tasks.pretrain.pretrain", fake)
+    return seen
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+# ------------------------------------------------------------------ [shape] 4: presets inside the package
+def test_presets_ship_in_the_package_each_with_a_description():
+    assert list_presets() == PRESETS
+    assert preset_path("segment_camvid") == SRC / "beit" / "configs" / "segment_camvid.yaml"
+    for name in PRESETS:
+        line = preset_path(name).read_text().splitlines()[0]
+        assert line.startswith("# ") and describe(name) == line[2:].strip() and len(describe(name)) > 20
+    assert describe("segment_camvid") == "BEiT + UperNet on CamVid (SegNet split, 11 classes, void = 11)"
+    pyproject = (SRC.parent / "pyproject.toml").read_text()
+    assert '"beit.configs" = ["*.yaml"]' in pyproject  # shipped in wheels as package data
+
+
+def test_config_resolves_by_name_from_any_folder(setup, tmp_path, monkeypatch, captured):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"))) == 0
+    cfg = captured[-1]
+    assert (cfg.model.patch_size, cfg.model.img_size, cfg.data.num_mask_patches) == (4, 32, 26)  # from the preset
+    assert cfg.model.embed_dim == 32  # the command line over the preset
+    # the old spellings of the presets' place keep working; an existing file wins over a preset
+    assert resolve_config("configs/pretrain_base.yaml") == str(preset_path("pretrain_base"))
+    assert resolve_config("pretrain_base.yaml") == str(preset_path("pretrain_base"))
+    (tmp_path / "pretrain_base.yaml").write_text("model: {}\n")
+    assert resolve_config("pretrain_base.yaml") == "pretrain_base.yaml"
+    assert resolve_config(None) is None
+
+
+def test_unknown_preset_lists_the_presets(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "-c", "pretrain_huge"]) == 1
+    assert _err(capsys) == ("beit pretrain train: error: unknown preset 'pretrain_huge'; presets: "
+                            + ", ".join(PRESETS) + " (or give the path of a YAML file)")
+    assert main(["finetune", "-c", "nope/x.yaml"]) == 1
+    assert _err(capsys) == f"beit finetune: error: config file not found: nope/x.yaml (presets: {', '.join(PRESETS)})"
+
+
+def test_beit_configs_lists_one_line_each(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, line in zip(PRESETS, lines):
+        assert line.split()[0] == name and line.endswith(describe(name))
+
+
+# --------------------------------------------------------------------- [shape] 3: one static table
+def test_the_table_is_static_and_imports_nothing_heavy():
+    """cli.py imports only the light *_cli modules (which import no beit.cli, no task code at module level):
+    the heavy imports stay inside each run function."""
+    import ast
+
+    def top_imports(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.parse(path.read_text()).body:  # module level only, not inside functions
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names |= {("." * node.level) + (node.module or "") + (":" + a.name if node.level else "")
+                          for a in node.names}
+        return names
+
+    light = {"__future__", "argparse", "json", "pathlib", "os", "re", "sys", "collections.abc", "dataclasses"}
+    for mod in ("tasks/pretrain_cli.py", "tasks/finetune_cli.py", "tasks/segmentation_cli.py", "tasks/layout_cli.py",
+                "tokenizers/cli.py"):
+        assert top_imports(SRC / "beit" / mod) <= light, mod
+    assert top_imports(Path(cli.__file__)) - light == {".tasks:finetune_cli", ".tasks:layout_cli",
+                                                       ".tasks:pretrain_cli", ".tasks:segmentation_cli",
+                                                       ".tokenizers:cli"}
+    assert not hasattr(cli, "command") and "importlib" not in Path(cli.__file__).read_text()
+
+
+def test_every_command_has_the_shape_of_its_kind():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+
+    def options(p):
+        return {o for a in p._actions for o in a.option_strings}
+
+    for task, actions in TASKS.items():
+        tsub = next(a for a in sub.choices[task]._actions if a.dest == "action")
+        for action, cmd in actions.items():
+            opts = options(tsub.choices[action])
+            assert "--debug" in opts
+            if cmd.kind == "train":
+                assert {"-c", "--config", "--resume", "--out", "--overwrite"} <= opts, (task, action)
+            elif cmd.kind == "checkpoint":
+                assert {"--ckpt", "--out", "--output"} <= opts, (task, action)
+                assert ("--config" in opts) == cmd.config
+    expected = {"pretrain": {"train", "visualize"}, "classify": {"train", "linprobe", "eval", "predict"},
+                "segment": {"train", "eval", "predict"}, "layout": {"train", "eval", "predict"},
+                "tokenizer": {"train", "eval", "encode", "convert"}}
+    assert {t: set(a) for t, a in TASKS.items()} == expected
+    for short, (task, action) in SHORT.items():
+        assert COMMANDS[short] is TASKS[task][action]
+    assert set(TOOLS) == {"convert", "demo", "configs"}
+    assert set(sub.choices) == set(TASKS) | set(SHORT) | set(TOOLS)
+
+
+def test_train_flags_become_overrides_in_any_order(setup, tmp_path, captured):
+    out = tmp_path / "run"
+    # the long form, options after the overrides, every flag of the shape
+    assert main(["pretrain", "train", *_pretrain_args(setup)[1:], "--out", str(out), "--resume", "auto",
+                 "--overwrite", "train.seed=3"]) == 0
+    cfg = captured[-1]
+    assert (cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite, cfg.train.seed) == (str(out), "auto", True, 3)
+    assert out.is_dir()  # probed (created) at config time
+    assert main(_pretrain_args(setup)) == 0  # the short form, no flags
+    assert (captured[-1].train.resume, captured[-1].train.overwrite) == ("", False)
+    assert cli._expand(["--debug", "pretrain", "-c", "x"]) == ["--debug", "pretrain", "train", "-c", "x"]
+    assert cli._expand(["pretrain", "visualize", "x.pt"]) == ["pretrain", "visualize", "x.pt"]
+
+
+def test_a_flag_and_its_key_together_are_refused(setup, tmp_path, captured, capsys):
+    assert main(_pretrain_args(setup, "--out", "a", "train.output_dir=b")) == 1
+    assert _err(capsys) == "beit pretrain train: error: --out and train.output_dir=... both given: keep one"
+    assert main(_pretrain_args(setup, "stray")) == 1
+    assert _err(capsys) == ("beit pretrain train: error: unexpected argument(s) ['stray']: overrides are key=value, "
+                            "options go as --name")
+    assert not captured
+
+
+def test_checkpoint_commands_take_the_checkpoint_either_way(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    for argv in (["segment", "eval", str(missing)], ["segment", "eval", "--ckpt", str(missing)],
+                 ["layout", "eval", str(missing)]):
+        assert main(argv) == 1
+        assert _err(capsys).endswith(f"error: checkpoint not found: {missing}")
+    assert main(["segment", "eval"]) == 1
+    assert _err(capsys) == "beit segment eval: error: beit segment eval needs a checkpoint: --ckpt PATH (or the first " \
+                           "argument)"
+    assert main(["evaluate", str(missing), "--data", str(tmp_path), "train.lr=1"]) == 1
+    assert _err(capsys) == "beit evaluate: error: beit evaluate takes no key=value overrides, got ['train.lr=1']"
+
+
+# ------------------------------------------------------------------- [robust] 11: one error boundary
+def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1e-3, 2\n")
+    assert main(["pretrain", "-c", str(bad)]) == 1
+    err = _err(capsys)
+    assert err.startswith(f"beit pretrain train: error: {bad}, line 3 column 1: not valid YAML (")
+    assert "\n" not in err
+
+
+def test_malicious_pickle_on_the_dalle_path_is_one_line(tmp_path, capsys):
+    path = tmp_path / "encoder.pkl"
+    torch.save({"w": torch.zeros(1), "x": _Evil()}, path)
+    assert main(["tokenizer", "convert", str(path), str(tmp_path / "out.safetensors")]) == 1
+    err = _err(capsys)
+    assert err.startswith(f"beit tokenizer convert: error: refusing to load {path}: it references the global "
+                          "'posix.system'") and "\n" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "{bad}", "--data", "{tmp}"], ["predict", "{bad}", "{tmp}"],
+                                  ["visualize", "{bad}"], ["segment", "eval", "{bad}"], ["layout", "eval", "{bad}"]])
+def test_damaged_checkpoint_is_one_line_naming_it(argv, tmp_path, capsys):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    argv = [a.format(bad=bad, tmp=tmp_path) for a in argv]
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert f"error: {bad}: not a readable checkpoint, damaged or truncated? (" in err and "\n" not in err
+
+
+def test_damaged_checkpoint_on_resume_is_one_line(setup, tmp_path, capsys):
+    bad = tmp_path / "step.pt"
+    bad.write_bytes(b"\x80\x02garbage")
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(bad))) == 1
+    assert f"beit pretrain train: error: {bad}: not a readable checkpoint, damaged or truncated?" in _err(capsys)
+
+
+def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, capsys):
+    from beit.engine.trainer import TrainingDivergedError
+
+    errors = {
+        "diverged": (TrainingDivergedError(7, {"loss": float("nan")}, Path("run/last.pt")),
+                     "beit pretrain train: error: training diverged at step 7: loss=nan. last good checkpoint: "
+                     "run/last.pt. Lower the lr, raise warmup, set clip_grad, or check the batch (e.g. a mask with "
+                     "no masked patch)."),
+        "denied": (PermissionError(13, "Permission denied", "/data/run/metrics.jsonl"),
+                   "beit pretrain train: error: Permission denied: /data/run/metrics.jsonl (PermissionError)"),
+        "full": (OSError(28, "No space left on device", "/data/run/step_0000010.pt.tmp"),
+                 "beit pretrain train: error: No space left on device: /data/run/step_0000010.pt.tmp (OSError)"),
+        "interrupt": (KeyboardInterrupt(), "beit pretrain train: interrupted"),
+    }
+    current: list[BaseException] = []
+
+    def fake(cfg):
+        raise current[0]
+
+    monkeypatch.setattr("beit.tasks.pretrain.pretrain", fake)
+    args = _pretrain_args(setup, "--out", str(tmp_path / "run"))
+    for exc, line in errors.values():
+        current[:] = [exc]
+        assert main(args) == (130 if isinstance(exc, KeyboardInterrupt) else 1)
+        assert _err(capsys) == line
+        with pytest.raises(type(exc)):  # --debug: the traceback
+            main([*args, "--debug"])
+        monkeypatch.setenv("BEIT_DEBUG", "1")
+        with pytest.raises(type(exc)):
+            main(args)
+        monkeypatch.delenv("BEIT_DEBUG")
+    current[:] = [AttributeError("a bug")]  # not anticipated: the traceback, never a swallowed bug
+    with pytest.raises(AttributeError):
+        main(args)
+
+
+def test_under_torchrun_a_failing_rank_exits_at_once(setup, tmp_path, monkeypatch, capsys):
+    """A rank that fails must not hang in a collective or the teardown: it exits non-zero right away (torchrun
+    then stops the other ranks)."""
+    exits: list[int] = []
+
+    class Exited(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(cli, "_distributed", lambda: True)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr("beit.tasks.pretrain.pretrain", lambda cfg: (_ for _ in ()).throw(ValueError("rank 1 failed")))
+    for extra, code in (([], 1), (["--debug"], 1)):
+        with pytest.raises(Exited):
+            main(_pretrain_args(setup, "--out", str(tmp_path / "run"), *extra))
+        assert exits[-1] == code
+    assert "error: rank 1 failed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_real_torchrun_every_rank_exits_non_zero():
+    """2 gloo ranks: rank 1 fails in a command while rank 0 waits in a barrier; both end non-zero, no hang."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "_cli_dist_script.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "beit boom: error: rank 1 failed" in out, out[-3000:]
+    codes = [int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+)", out)]  # the per-rank table
+    assert len(codes) == 2 and all(codes), out[-3000:]
+
+
+# ---------------------------------------------------------------- [robust] 12: validation before any work
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", "config key 'train.lr': must be a finite number, got inf"),
+    ("train.clip_grad=nan", "config key 'train.clip_grad': must be a finite number, got nan"),
+    ("train.warmup_epochs=nan", "config key 'train.warmup_epochs': must be a finite number, got nan"),
+    ("data.mean=[0.5,nan,0.5]", "config key 'data.mean': must be a finite number, got nan"),
+    ("model.patch_size=0", "config key 'model.patch_size': must be > 0, got 0"),
+    ("model.embed_dim=0", "config key 'model.embed_dim': must be > 0, got 0"),
+    ("data.max_images=-5", "config key 'data.max_images': must be >= 0 (0 = off/all/auto), got -5"),
+    ("train.batch_size=0", "config key 'train.batch_size': must be > 0, got 0"),
+])
+def test_bad_numbers_fail_before_any_work(override, message, setup, tmp_path, captured, capsys):
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), override)) == 1
+    assert _err(capsys) == f"beit pretrain train: error: {message}"
+    assert not captured and not (tmp_path / "run").exists()
+
+
+def test_every_float_of_every_task_config_must_be_finite():
+    """By kind: each float field (also inside lists) of every task's config, set to nan, is refused by name."""
+    from beit.tasks.finetune import FinetuneConfig
+    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.linprobe import LinprobeConfig
+    from beit.tasks.pretrain import PretrainConfig
+    from beit.tasks.segmentation import SegmentConfig
+    from beit.tokenizers.train import TokenizerTrainConfig
+
+    def floats(node, prefix=""):
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from floats(v, f"{prefix}{f.name}.")
+            elif isinstance(v, float) or (isinstance(v, list | tuple) and v and isinstance(v[0], float)):
+                yield node, f.name, prefix + f.name
+
+    checked = 0
+    for schema in (PretrainConfig, FinetuneConfig, LinprobeConfig, SegmentConfig, LayoutConfig, TokenizerTrainConfig):
+        cfg = schema()
+        for node, name, key in list(floats(cfg)):
+            old = getattr(node, name)
+            bad = float("inf") if isinstance(old, float) else type(old)([float("nan")] * len(old))
+            setattr(node, name, bad)
+            with pytest.raises(ConfigError) as info:
+                check_values(cfg)
+            assert info.value.key == key and "must be a finite number" in info.value.message
+            setattr(node, name, old)
+            checked += 1
+    assert checked > 60
+
+
+def test_size_checks_by_kind_and_validators_that_trip():
+    @dataclasses.dataclass
+    class Node:
+        crop_size: int = 0  # default 0 = auto: 0 allowed
+        hidden: int = 8
+        seed: int = 0
+        ignore_index: int = 255
+
+        def validate(self) -> None:
+            _ = 10 // self.seed  # a validator that would divide by zero
+
+    from beit.engine.config import validate_config
+
+    for bad, msg in ((Node(crop_size=-1), "config key 'crop_size': must be > 0, got -1"),
+                     (Node(hidden=0), "config key 'hidden': must be > 0, got 0")):
+        with pytest.raises(ConfigError) as info:
+            check_values(bad)
+        assert str(info.value) == msg
+    check_values(Node(seed=-3, ignore_index=-1))  # signed fields may be negative
+    with pytest.raises(ConfigError, match=r"^config key 'config': invalid values \(ZeroDivisionError"):
+        validate_config(Node())
+
+
+def test_output_dir_that_cannot_be_written_fails_before_the_dataset(setup, tmp_path, captured, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(_pretrain_args(setup, "--out", str(blocker / "run"))) == 1
+    assert _err(capsys) == (f"beit pretrain train: error: config key 'train.output_dir': cannot write to "
+                            f"{blocker / 'run'}: Not a directory")
+    assert not captured
+    with pytest.raises(ConfigError, match="cannot write to"):
+        check_output_dir(blocker)
+    assert check_output_dir(tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+
+
+def test_users_shape_is_never_dropped_for_a_checkpoints(tmp_path):
+    from beit.tasks.segmentation import SegmentConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SegmentConfig, None, ["model.init=pt.pth", "model.depth=6"])
+    assert str(info.value) == ("config key 'model.depth': depth=6 cannot apply with model.init='pt.pth': the "
+                               "architecture comes from its weights. Remove model.depth (or model.init to train "
+                               "from scratch)")
+    assert load_config(SegmentConfig, None, ["model.depth=6"]).model.depth == 6  # from scratch: the user's value
+    # eval of a stored run: the stored shape agrees with itself; a different one would be dropped, so it is refused
+    assert load_config(SegmentConfig, None, ["model.depth=6", "model.backbone={depth: 6}"]).model.depth == 6
+    with pytest.raises(ConfigError, match=r"^config key 'model.depth': depth=4 cannot apply with the checkpoint's "
+                                          r"stored backbone \(depth=6\)"):
+        load_config(SegmentConfig, None, ["model.depth=4", "model.backbone={depth: 6}"])
+
+
+def test_train_config_has_overwrite():
+    assert TrainConfig().overwrite is False
+    assert load_config(TrainConfig, None, ["overwrite=true"]).overwrite is True
+
+
+def test_every_readme_command_parses_and_resolves():
+    """Each `beit ...` line of the README parses, names an existing command and its preset resolves."""
+    import re
+    import shlex
+
+    text = (SRC.parent / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = " \n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            part = part.split(" #")[0].strip()
+            m = re.search(r"(?:^|-m )beit (.*)$", part)
+            if m:
+                commands.append([t for t in shlex.split(m.group(1)) if t != "..." and not t.endswith("=...")])
+    assert len(commands) >= 20
+    parser = build_parser()
+    for argv in commands:
+        args, extra = parser.parse_known_args(cli._expand(argv))
+        assert getattr(args, "_cmd", None) and not [e for e in extra if e.startswith("-")], argv
+        if extra:
+            args.rest = list(args.rest) + extra
+        cli._normalize(args, " ".join(argv[:2]))
+        config = getattr(args, "config", None)  # tools have none
+        assert config is None or Path(config).is_file(), argv
+
+
+def test_layout_refuses_backbone_overrides_it_would_replace():
+    from beit.tasks.layout.train import LayoutConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(LayoutConfig, None, ["model.backbone_overrides={drop_path_rate: 0.3}"])
+    assert str(info.value) == ("config key 'model.backbone_overrides.drop_path_rate': set by the layout config "
+                               "itself; use model.drop_path_rate")
+    assert load_config(LayoutConfig, None, ["model.drop_path_rate=0.3"]).model.drop_path_rate == 0.3
