@@ -39,6 +39,8 @@ from .seeding import derive_seed, seeded, stable_index
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "FileImages",
+    "collate_files",
     "ImageFolderDataset",
     "LabeledImageFolder",
     "TensorImageDataset",
@@ -610,6 +612,49 @@ class LabeledImageFolder(_RobustImageFiles):
             f"LabeledImageFolder(root={self.root!r}, n={len(self)}, classes={len(self.classes)}, "
             f"seed={self.seed}, epoch={self.epoch})"
         )
+
+
+# --------------------------------------------------------------------------------------- one result per file
+class FileImages(Dataset):
+    """Images of a list of files for commands that write one result per file (predict, encode).
+
+    Unlike the training datasets, a file is never replaced by its neighbour: ``__getitem__(i)``
+    returns ``{"index": i, "image": transform(img) | None, "error": "" | "Type: message"}``, and
+    :func:`collate_files` keeps the indices with the images, so results stay aligned with the files
+    whatever fails, in any DataLoader worker. Decoding applies EXIF orientation.
+
+    Args:
+        paths: the files, in output order.
+        transform: applied to the RGB PIL image (must return a tensor of one fixed shape).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Transform) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            img = decode_image(self.paths[index])
+        except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+            return {"index": index, "image": None, "error": f"unreadable: {type(err).__name__}: {err}"}
+        try:
+            return {"index": index, "image": self.transform(img), "error": ""}
+        except Exception as err:  # noqa: BLE001
+            return {"index": index, "image": None, "error": f"transform failed: {type(err).__name__}: {err}"}
+
+
+def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch :class:`FileImages` items: ``index`` (int64 ``[k]``) and ``image`` (``[k, ...]``, or None
+    when k = 0) of the files that worked, and ``failed``: ``[(index, error), ...]`` of the others."""
+    good = [b for b in batch if not b["error"]]
+    return {
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "image": torch.stack([b["image"] for b in good]) if good else None,
+        "failed": [(b["index"], b["error"]) for b in batch if b["error"]],
+    }
 
 
 # --------------------------------------------------------------------------------------- shards

@@ -1,0 +1,77 @@
+"""Issue 14.10: commands that write one result per input file keep results aligned with the files when
+some are unreadable, and report the skipped ones."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+import beit.tasks.evaluate as ev
+from beit.data.datasets import FileImages, collate_files
+
+
+class _Brightness(nn.Module):
+    """Class 1 ("bright") when the mean pixel is above 0.5, else class 0 ("dark")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3)) - 0.5
+        return torch.stack([-m, m], dim=1) * 20 * self.w
+
+
+def _folder(root: Path) -> dict[str, str]:
+    expected = {}
+    for i, bright in enumerate([1, 0, 0, 1, 1, 0, 1]):
+        name = f"{i:02d}.png" if i % 2 else f"sub/{i:02d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 7), (230,) * 3 if bright else (20,) * 3).save(root / name)
+        expected[name] = "bright" if bright else "dark"
+    (root / "02_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "sub" / "04_junk.jpg").write_bytes(b"junk")
+    os.symlink(root / "missing.png", root / "05_gone.png")
+    return expected
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_predict_rows_aligned_with_files_when_some_are_unreadable(tmp_path: Path, monkeypatch,
+                                                                  num_workers: int) -> None:
+    images = tmp_path / "images"
+    expected = _folder(images)
+    pre = ev.Preprocess(img_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    monkeypatch.setattr(ev, "load_classifier", lambda *a, **k: (_Brightness(), ["dark", "bright"], pre))
+    out = tmp_path / "pred.csv"
+    res = ev.predict_folder("unused", images, out, topk=2, batch_size=2, num_workers=num_workers, device="cpu")
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == sorted(expected)
+    assert {r["path"]: r["label_1"] for r in rows} == expected
+    assert res["num_images"] == 7 and res["num_skipped"] == 3
+    assert res["skipped"] == [str(images / "02_corrupt.png"), str(images / "05_gone.png"),
+                              str(images / "sub" / "04_junk.jpg")]
+
+
+def test_file_images_keep_indices_and_name_failures(tmp_path: Path) -> None:
+    Image.new("RGB", (5, 5)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"no")
+    Image.new("RGB", (6, 6)).save(tmp_path / "c.png")
+
+    def tf(img: Image.Image) -> torch.Tensor:
+        if img.size == (6, 6):
+            raise ValueError("six")
+        return torch.zeros(2)
+
+    ds = FileImages([tmp_path / n for n in ("a.png", "b.png", "c.png")], tf)
+    (batch,) = list(DataLoader(ds, batch_size=3, collate_fn=collate_files))
+    assert batch["index"].tolist() == [0] and batch["image"].shape == (1, 2)
+    assert [i for i, _ in batch["failed"]] == [1, 2]
+    assert batch["failed"][0][1].startswith("unreadable: UnidentifiedImageError")
+    assert batch["failed"][1][1] == "transform failed: ValueError: six"
