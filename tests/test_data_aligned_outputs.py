@@ -75,3 +75,36 @@ def test_file_images_keep_indices_and_name_failures(tmp_path: Path) -> None:
     assert [i for i, _ in batch["failed"]] == [1, 2]
     assert batch["failed"][0][1].startswith("unreadable: UnidentifiedImageError")
     assert batch["failed"][1][1] == "transform failed: ValueError: six"
+
+
+def test_tokenizer_encode_ids_aligned_with_paths(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+    from torchvision.transforms import functional as TF
+
+    from beit.cli import main
+    from beit.tokenizers import DiscreteVAE
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    (data / "1_broken.png").write_bytes(b"broken")
+    os.symlink(data / "nowhere.png", data / "2_gone.png")
+    torch.manual_seed(0)
+    tok = DiscreteVAE(vocab_size=32, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).eval()
+    tok.save(tmp_path / "tok.safetensors")
+    out = tmp_path / "ids.safetensors"
+    assert main(["tokenizer", "encode", "dvae", str(tmp_path / "tok.safetensors"), "--data", str(data),
+                 "--img-size", "32", "--num-workers", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    ids = load_file(out)["ids"]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["paths"] == [str(data / f"{i}.png") for i in range(4)] and ids.shape == (4, 8, 8)
+    assert meta["num_skipped"] == 2
+    assert [x["path"] for x in meta["skipped"]] == [str(data / "2_gone.png"), str(data / "1_broken.png")]
+    for row, path in zip(ids, meta["paths"]):
+        x = TF.to_tensor(TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 32), 32))
+        torch.testing.assert_close(row.long(), tok.encode(x[None])[0])
