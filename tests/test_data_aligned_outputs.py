@@ -108,3 +108,61 @@ def test_tokenizer_encode_ids_aligned_with_paths(tmp_path: Path) -> None:
     for row, path in zip(ids, meta["paths"]):
         x = TF.to_tensor(TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 32), 32))
         torch.testing.assert_close(row.long(), tok.encode(x[None])[0])
+
+
+def test_segment_predict_skips_unreadable_and_keeps_repeated_stems_apart(tmp_path: Path, one_thread) -> None:
+    import json
+
+    import beit
+    from beit.engine import load_config
+    from beit.tasks.segmentation import BeitSegmenter, SegmentConfig, predict
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(SegmentConfig, repo / "configs" / "segment_camvid.yaml",
+                      ["data.test_scale=[32,32]", "test.mode=whole", "train.precision=fp32"])
+    torch.manual_seed(0)
+    bb = beit.create_model("beit_tiny_patch16_224", head="none", img_size=32, patch_size=8, embed_dim=32, depth=4,
+                           num_heads=2)
+    model = BeitSegmenter(bb, 3, channels=16, aux_channels=8)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (32, 24), (200, 0, 0) if d == "a" else (0, 0, 200)).save(tmp_path / d / "x.png")
+    (tmp_path / "a" / "bad.png").write_bytes(b"junk")
+    inputs = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "bad.png"), str(tmp_path / "b" / "x.png")]
+    written = predict(model, cfg, inputs, tmp_path / "out")
+    assert [p.name for p in written] == ["a__x.png_overlay.png", "b__x.png_overlay.png"]
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [e["input"] for e in index["files"]] == inputs and index["num_skipped"] == 1
+    assert index["files"][1]["error"].startswith("unreadable: UnidentifiedImageError")
+    assert index["files"][2]["labels"] == str(tmp_path / "out" / "b__x.png_labels.png")
+
+
+def test_layout_predict_skips_unreadable_pages_keeping_ids(tmp_path: Path) -> None:
+    import json
+
+    from beit.tasks.layout.predict import predict_pages
+
+    class _OneBox(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([1]),
+                     "scores": torch.tensor([0.9]) * self.w} for _ in images]
+
+    pages = []
+    for name in ("p1.png", "p2.png", "p3.png"):
+        path = tmp_path / name
+        Image.new("RGB", (12, 16), (255, 255, 255)).save(path)
+        pages.append(path)
+    pages[1].write_bytes(b"truncated")
+    with torch.no_grad():
+        out = predict_pages(_OneBox(), pages, tmp_path / "out", class_names=["text"], device="cpu")
+    meta = json.loads((tmp_path / "out" / "pages.json").read_text())
+    assert [im["id"] for im in meta["images"]] == [1, 3]
+    assert meta["skipped"][0]["id"] == 2 and meta["skipped"][0]["file_name"] == str(pages[1])
+    assert meta["num_skipped"] == 1 and out["skipped"] == [str(pages[1])]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted({r["image_id"] for r in results}) == [1, 3]
+    assert [Path(p).name for p in out["pngs"]] == ["p1.png", "p3.png"]

@@ -215,3 +215,20 @@ def test_skip_counts_summed_over_two_workers(tmp_path: Path) -> None:
     assert ds.skipped_count() == 4  # 2 bad files x 2 epochs, counted in the workers, read in the main process
     assert ds.num_skipped == 2 and ds.bad_paths == [str(tmp_path / "cat" / "9_bad.jpg"),
                                                       str(tmp_path / "dog" / "9_bad.jpg")]
+
+
+def test_segmentation_pairs_with_exif_rotated_photos(tmp_path: Path) -> None:
+    from beit.tasks.segmentation.data import SegmentationDataset
+
+    img = _exif_jpeg(tmp_path / "photo.jpg", 6)  # stored 40x20, upright 20x40
+    up = tmp_path / "up.png"
+    Image.fromarray(np.ones((40, 20), np.uint8)).save(up)  # mask drawn on the upright photo
+    raw = tmp_path / "raw.png"
+    Image.fromarray(np.ones((20, 40), np.uint8)).save(raw)  # mask drawn on the stored pixels
+    ds = SegmentationDataset([(img, up), (img, raw)], 3, transform=None)
+    assert ds.verify() == 0 and len(ds.pairs) == 2  # no bad pair
+    a, mask_a = ds.load(0)
+    b, mask_b = ds.load(1)
+    assert a.size == (20, 40) and mask_a.shape == (40, 20)
+    assert b.size == (40, 20) and mask_b.shape == (20, 40)
+    assert np.abs(np.asarray(a).astype(int)[5, 10] - (255, 0, 0)).max() < 20  # upright: red on top

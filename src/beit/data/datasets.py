@@ -46,8 +46,11 @@ __all__ = [
     "TensorImageDataset",
     "WebDatasetShards",
     "decode_image",
+    "decode_image_matching",
+    "image_size",
     "list_images",
     "load_image_folder_to_memory",
+    "output_stems",
     "scan_images",
     "to_rgb",
 ]
@@ -125,6 +128,21 @@ def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Ima
     if exif:
         img = apply_exif_orientation(img)
     return to_rgb(img)
+
+
+def image_size(source: str | os.PathLike, *, exif: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (no full decode); with ``exif`` (default)
+    as :func:`decode_image` returns it, i.e. swapped when the EXIF orientation turns it by 90 degrees."""
+    with Image.open(source) as im:
+        w, h = im.size
+        if exif:
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # noqa: BLE001 - malformed EXIF: decode_image keeps the stored pixels
+                orientation = 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+    return w, h
 
 
 def decode_image_matching(source: str | os.PathLike | bytes, size: tuple[int, int]) -> Image.Image:
@@ -655,6 +673,23 @@ def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([b["image"] for b in good]) if good else None,
         "failed": [(b["index"], b["error"]) for b in batch if b["error"]],
     }
+
+
+def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One distinct output name (no suffix) per input file, for commands writing a file per input:
+    the file's stem, or, where stems repeat (``a/x.png`` and ``b/x.jpg``), its path relative to the
+    inputs' common folder with ``/`` as ``__`` and the suffix kept (``a__x.png``), so no result
+    overwrites another."""
+    full = [os.path.abspath(str(p)) for p in paths]
+    stems = [Path(p).stem for p in full]
+    counts = Counter(stems)
+    if all(counts[s] == 1 for s in stems):
+        return stems
+    base = os.path.commonpath([os.path.dirname(p) for p in full]) if full else ""
+    out = []
+    for p, stem in zip(full, stems):
+        out.append(stem if counts[stem] == 1 else os.path.relpath(p, base).replace(os.sep, "__"))
+    return out
 
 
 # --------------------------------------------------------------------------------------- shards

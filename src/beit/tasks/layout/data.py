@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ...data.datasets import decode_image_matching, image_size
 from ...data.seeding import seeded
 
 __all__ = [
@@ -179,9 +180,11 @@ class CocoLayoutDataset(Dataset):
             if not path.is_file():
                 self._bad("missing_image", f"image {im['id']} '{name}' not found under {self.root}")
                 return None
-            try:
-                with Image.open(path) as f:
-                    fw, fh = f.size
+            try:  # the size load_image will return: upright by EXIF, or as stored if that is the JSON's size
+                fw, fh = image_size(path)
+                raw = image_size(path, exif=False)
+                if raw == (w, h) and (fw, fh) != (w, h):
+                    fw, fh = raw
             except OSError as e:
                 self._bad("unreadable_image", f"image {im['id']} '{path}' cannot be read ({e})")
                 return None
@@ -247,8 +250,9 @@ class CocoLayoutDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         info = self.images[index]
         try:
-            with Image.open(info["path"]) as f:
-                return f.convert("RGB")  # grayscale (DocBank) and palette pages -> 3 channels
+            # upright by EXIF unless the annotations were made on the stored pixels; grayscale (DocBank) and
+            # palette pages -> 3 channels
+            return decode_image_matching(info["path"], info["file_size"])
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... on broken files
             raise LayoutDataError(f"image {info['id']} '{info['path']}' cannot be read "
                                   f"({type(e).__name__}: {e})") from None
