@@ -232,3 +232,18 @@ def test_segmentation_pairs_with_exif_rotated_photos(tmp_path: Path) -> None:
     assert a.size == (20, 40) and mask_a.shape == (40, 20)
     assert b.size == (40, 20) and mask_b.shape == (20, 40)
     assert np.abs(np.asarray(a).astype(int)[5, 10] - (255, 0, 0)).max() < 20  # upright: red on top
+
+
+def test_segmentation_skips_counted_for_the_engine(tmp_path: Path) -> None:
+    from beit.tasks.segmentation.data import SegmentationDataset
+
+    mask = tmp_path / "m.png"
+    Image.fromarray(np.ones((6, 8), np.uint8)).save(mask)
+    good = _img(tmp_path / "good.png", (8, 6))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"junk")
+    ds = SegmentationDataset([(good, mask), (bad, mask)], 3, on_bad_sample="skip",
+                             transform=lambda img, m: (torch.tensor(img.size), torch.tensor(m.shape)))
+    loader = DataLoader(ds, batch_size=1, num_workers=2)
+    assert [x.tolist() for x, _ in loader] == [[[8, 6]], [[8, 6]]]  # the bad pair replaced by the good one
+    assert ds.skipped_count() == 1

@@ -42,3 +42,25 @@ def test_trainer_logs_skipped_files_per_epoch_over_two_workers(tmp_path: Path, o
     train = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert train[-1]["skipped_files_total"] == 4
     assert final["skipped_files"] == 4
+
+
+def test_linprobe_reports_skipped_files(tmp_path: Path, one_thread) -> None:
+    import json
+
+    from _finetune_data import colored_squares, tiny_pretrain_checkpoint
+    from beit.engine import load_config
+    from beit.tasks.linprobe import LinprobeConfig, linprobe
+
+    data = colored_squares(tmp_path / "data", {"train": 8, "val": 4})
+    Image.new("RGB", (9, 9), (255, 0, 0)).save(data / "train" / "c0" / "tiny_9x9.png")
+    Image.new("RGB", (2000, 10), (0, 255, 0)).save(data / "train" / "c1" / "thin.png")
+    (data / "train" / "c1" / "zz_broken.png").write_bytes(b"broken")
+    (data / "val" / "c0" / "zz_broken.jpg").write_bytes(b"\xff\xd8 broken")
+    cfg = load_config(LinprobeConfig, None, [
+        f"model={tiny_pretrain_checkpoint(tmp_path / 'pt', depth=2)}", "img_size=32",
+        f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}", f"train.output_dir={tmp_path / 'out'}",
+        "train.epochs=2", "train.batch_size=8", "train.log_every=100", "extract_batch_size=8",
+        "extract_num_workers=2"])
+    res = linprobe(cfg)
+    assert res["skipped_files"] == {"train": 1, "val": 1}
+    assert json.loads((tmp_path / "out" / "linprobe.json").read_text())["skipped_files"] == {"train": 1, "val": 1}

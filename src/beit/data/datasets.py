@@ -40,6 +40,8 @@ from .seeding import derive_seed, seeded, stable_index
 __all__ = [
     "IMG_EXTENSIONS",
     "FileImages",
+    "ScanResult",
+    "SkipCounter",
     "collate_files",
     "ImageFolderDataset",
     "LabeledImageFolder",

@@ -363,7 +363,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     with _autocast(dev):
         meter = evaluate_model(model, loader, len(names))
     result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
-                                                        "skipped": bad, "preprocess": pre.to_dict()})
+                                                        "skipped": bad, "num_skipped": len(bad),
+                                                        "preprocess": pre.to_dict()})
     return result
 
 

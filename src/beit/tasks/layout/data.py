@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ...data.datasets import decode_image_matching, image_size
+from ...data.datasets import SkipCounter, decode_image_matching, image_size
 from ...data.seeding import seeded
 
 __all__ = [
@@ -106,6 +106,7 @@ class CocoLayoutDataset(Dataset):
         self.seed, self.epoch, self.on_bad = seed, 0, on_bad
         self.min_box_size, self.check_images = min_box_size, check_images
         self.report: Counter[str] = Counter()
+        self._skips = SkipCounter()  # pages replaced at load time, summed over DataLoader workers
         self.problems: list[str] = []
         data = _read_json(self.ann_file)
         if not self.root.is_dir():
@@ -247,6 +248,11 @@ class CocoLayoutDataset(Dataset):
         """``label_to_cat[label - 1]`` is the COCO category id of a torchvision label."""
         return list(self.cat_ids)
 
+    def skipped_count(self) -> int:
+        """Pages replaced because they failed to decode at load time, summed over this process and its
+        DataLoader workers (the engine logs it as ``skipped_files``)."""
+        return self._skips.total()
+
     def load_image(self, index: int) -> Image.Image:
         info = self.images[index]
         try:
@@ -270,6 +276,7 @@ class CocoLayoutDataset(Dataset):
                     raise
                 log.warning(f"{e}; using the next page instead")
                 self.report["unreadable_at_load"] += 1
+                self._skips.add()
                 continue
             return self._sample(i, img, index)
         raise LayoutDataError(f"{self.ann_file}: no page of {self.root} can be read")

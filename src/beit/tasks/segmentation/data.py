@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from beit.data.datasets import decode_image_matching, image_size, list_images
+from beit.data.datasets import SkipCounter, decode_image_matching, image_size, list_images
 from beit.data.seeding import seeded
 
 __all__ = [
@@ -346,6 +346,7 @@ class SegmentationDataset(Dataset):
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         self.seed, self.epoch = seed, 0
         self.bad_samples: list[tuple[str, str]] = []  # (path, reason)
+        self._skips = SkipCounter()  # replaced samples, summed over DataLoader workers
         for p in problems:
             self._bad(p.split(":")[0], p)
         if not self.pairs:
@@ -355,6 +356,11 @@ class SegmentationDataset(Dataset):
     @property
     def num_skipped(self) -> int:
         return len(self.bad_samples)
+
+    def skipped_count(self) -> int:
+        """Bad pairs met while loading (a training sample replaced, an eval sample dropped), one per request,
+        summed over this process and its DataLoader workers (the engine logs it as ``skipped_files``)."""
+        return self._skips.total()
 
     def _bad(self, path: str, reason: str) -> None:
         if self.on_bad_sample == "error":
@@ -446,10 +452,13 @@ class SegmentationDataset(Dataset):
                 img, mask = self.load(int(index))
             except BadSampleError as e:
                 self._bad(self.pairs[int(index)][0], str(e))
+                self._skips.add()
                 return None
             x, m = self.transform(img, mask)
             return {"image": x, "mask": m, "path": self.pairs[int(index)][0]}
         j, img, mask = self._load_good(int(index))
+        if j != int(index):
+            self._skips.add()
         with seeded(self.seed, self.epoch, int(index)):
             return self.transform(img, mask)
 
