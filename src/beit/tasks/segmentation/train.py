@@ -347,7 +347,7 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
 def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentConfig, out_dir: str | Path,
                    n: int, prefix: str = "overlay") -> list[Path]:
     """Overlays (prediction | ground truth) of the first ``n`` val images as PNGs."""
-    from beit.data.datasets import decode_image
+    from beit.data.datasets import decode_image_matching
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -360,7 +360,7 @@ def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentCo
         probs = inference(model, item["image"][None].to(device), val_ds.num_classes, mode=t.mode,
                           crop=t.crop or cfg.data.crop_size, stride=t.stride, out_size=tuple(item["mask"].shape))
         pred = probs.argmax(1)[0].cpu()
-        img = decode_image(item["path"])
+        img = decode_image_matching(item["path"], (item["mask"].shape[-1], item["mask"].shape[-2]))
         paths.append(save_overlay(Path(out_dir) / f"{prefix}_{i:03d}.png", img, pred, palette, gt=item["mask"],
                                   ignore_index=val_ds.ignore_index))
     model.train(was_training)
