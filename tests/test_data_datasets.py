@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from beit.data.datasets import (
     ImageFolderDataset,
@@ -222,8 +222,11 @@ def test_load_folder_to_memory(tmp_path: Path) -> None:
     ref = np.asarray(decode_image(tmp_path / "x" / "01.jpg"))
     assert np.array_equal(images[1].numpy(), ref)
     _save(_rgb(40, 50).resize((40, 30)), tmp_path / "x" / "wide.png")
-    with pytest.raises(ValueError, match="differ in size"):
-        load_image_folder_to_memory(tmp_path, progress=False)
+    # issue 14.8: one odd-sized image is resized to the common size (named in a warning), not refused
+    mixed, mixed_labels, _ = load_image_folder_to_memory(tmp_path, progress=False)
+    assert mixed.shape == (6, 20, 20, 3) and mixed_labels.tolist() == [0, 0, 0, 0, 1, 1]
+    wide = ImageOps.fit(decode_image(tmp_path / "x" / "wide.png"), (20, 20), method=Image.BICUBIC)
+    assert np.array_equal(mixed[3].numpy(), np.asarray(wide))
     images, labels, _ = load_image_folder_to_memory(tmp_path, size=16, progress=False)
     assert images.shape == (6, 16, 16, 3)
     flat_images, flat_labels, flat_names = load_image_folder_to_memory(tmp_path / "x", progress=False, size=8)

@@ -6,13 +6,16 @@ Every augmenting dataset implements ``set_epoch`` and draws its random numbers i
 
 from .datasets import (
     IMG_EXTENSIONS,
+    FileImages,
     ImageFolderDataset,
     LabeledImageFolder,
     TensorImageDataset,
     WebDatasetShards,
+    collate_files,
     decode_image,
     list_images,
     load_image_folder_to_memory,
+    scan_images,
     to_rgb,
 )
 from .demo import load_digits_images, train_test_split
@@ -31,6 +34,7 @@ from .transforms import (
 __all__ = [
     "IMG_EXTENSIONS",
     "BlockwiseMaskGenerator",
+    "FileImages",
     "ImageFolderDataset",
     "LabeledImageFolder",
     "PretrainTransform",
@@ -39,6 +43,7 @@ __all__ = [
     "build_eval_transform",
     "build_finetune_transform",
     "build_linear_probe_transform",
+    "collate_files",
     "collate_pretrain",
     "decode_image",
     "default_mask_generator",
@@ -48,6 +53,7 @@ __all__ = [
     "list_images",
     "load_digits_images",
     "load_image_folder_to_memory",
+    "scan_images",
     "seeded",
     "stable_index",
     "to_rgb",

@@ -24,27 +24,36 @@ import io
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
 from .seeding import derive_seed, seeded, stable_index
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "FileImages",
+    "ScanResult",
+    "SkipCounter",
+    "collate_files",
     "ImageFolderDataset",
     "LabeledImageFolder",
     "TensorImageDataset",
     "WebDatasetShards",
     "decode_image",
+    "decode_image_matching",
+    "image_size",
     "list_images",
     "load_image_folder_to_memory",
+    "output_stems",
+    "scan_images",
     "to_rgb",
 ]
 
@@ -54,6 +63,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
 )  # fmt: skip
 
+_EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -86,20 +96,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, L, 1, P, LAB, HSV
 
 
-def decode_image(source: str | os.PathLike | bytes) -> Image.Image:
+def apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """``img`` turned upright by its EXIF Orientation tag (``PIL.ImageOps.exif_transpose``), as
+    cameras and phones expect; an image without the tag, or with an EXIF block Pillow cannot parse,
+    comes back unchanged (a broken EXIF block must not make a readable photo unreadable)."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as err:  # noqa: BLE001
+        logger.debug("cannot apply EXIF orientation %s: %s", orientation, err)
+        return img
+
+
+def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Image.Image:
     """Open and fully decode an image (path or encoded bytes) as RGB; raise on any decode failure.
 
     ``load()`` is forced here so that a truncated file fails now, inside the dataset's error
-    handling, rather than later inside a transform.
+    handling, rather than later inside a transform. With ``exif`` (default) the EXIF Orientation
+    tag is applied (:func:`apply_exif_orientation`), so camera photos come out upright.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         img = Image.open(io.BytesIO(bytes(source)))
         img.load()
-        return to_rgb(img)
-    with open(source, "rb") as f:
-        img = Image.open(f)
-        img.load()
+    else:
+        with open(source, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    if exif:
+        img = apply_exif_orientation(img)
     return to_rgb(img)
+
+
+def image_size(source: str | os.PathLike, *, exif: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (no full decode); with ``exif`` (default)
+    as :func:`decode_image` returns it, i.e. swapped when the EXIF orientation turns it by 90 degrees."""
+    with Image.open(source) as im:
+        w, h = im.size
+        if exif:
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # noqa: BLE001 - malformed EXIF: decode_image keeps the stored pixels
+                orientation = 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+    return w, h
+
+
+def decode_image_matching(source: str | os.PathLike | bytes, size: tuple[int, int]) -> Image.Image:
+    """``decode_image`` for an image whose annotation (mask, boxes) has the pixel size ``size``
+    ``(width, height)``: upright by EXIF, unless only the stored pixels have that size (the annotation
+    was made on the raw pixels, as tools that ignore EXIF do); then the raw pixels are returned."""
+    img = decode_image(source)
+    if img.size != tuple(size):
+        raw = decode_image(source, exif=False)
+        if raw.size == tuple(size):
+            return raw
+    return img
 
 
 # --------------------------------------------------------------------------------------- listing
@@ -116,6 +173,107 @@ def _check_root(root: str | os.PathLike) -> Path:
     return path
 
 
+class ScanResult(NamedTuple):
+    """What :func:`scan_images` found: image ``paths`` (sorted) and the ``skipped`` entries as
+    ``(path, reason)``: links that lead nowhere or in a loop, folders that cannot be read."""
+
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def _dir_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _os_reason(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return "not a regular file"
+
+
+def scan_images(
+    root: str | os.PathLike,
+    *,
+    recursive: bool = True,
+    extensions: Sequence[str] = IMG_EXTENSIONS,
+) -> ScanResult:
+    """Image files under ``root``, visiting each real directory once.
+
+    Links are followed, but a directory already visited (a link to itself, to a parent or to a
+    folder listed elsewhere) is not entered again, so no image is listed twice through a link loop.
+    Real folders are walked before linked ones, so an image reachable both ways is listed under
+    its real path, whatever the order of the file system. An entry that cannot be read (dangling
+    link, file link loop, folder without permission) is skipped and returned in ``skipped``.
+    """
+    path = _check_root(root)
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    visited: set[tuple[int, int]] = set()
+    root_key = _dir_key(str(path))
+    if root_key is not None:
+        visited.add(root_key)
+    pending = [str(path)]  # real folders first, breadth-first
+    links: list[str] = []  # linked folders, entered once the real tree is listed
+    while pending or links:
+        if not pending:
+            link = links.pop(0)
+            key = _dir_key(link)
+            if key is None:
+                skipped.append((link, _os_reason(link)))
+                continue
+            if key in visited:
+                logger.debug("not entering %s: its folder is already listed", link)
+                continue
+            visited.add(key)
+            pending.append(link)
+            continue
+        folder = pending.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append((folder, f"{type(err).__name__}: {err.strerror or err}"))
+            continue
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            try:
+                is_link = entry.is_symlink()
+                is_dir = entry.is_dir()  # follows links; False for a dangling link or a link loop
+            except OSError as err:
+                skipped.append((entry.path, f"{type(err).__name__}: {err.strerror or err}"))
+                continue
+            if is_dir:
+                if not recursive:
+                    continue
+                if is_link:
+                    links.append(entry.path)
+                    continue
+                key = _dir_key(entry.path)
+                if key is None or key in visited:
+                    continue
+                visited.add(key)
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(exts):
+                try:
+                    ok = entry.is_file() if not is_link else os.path.isfile(entry.path)
+                except OSError:
+                    ok = False
+                if not ok:
+                    skipped.append((entry.path, _os_reason(entry.path)))
+                    continue
+                found.append((Path(entry.path).relative_to(path).as_posix(), entry.path))
+    found.sort()
+    skipped.sort()
+    return ScanResult([full for _, full in found], skipped)
+
+
 def list_images(
     root: str | os.PathLike,
     *,
@@ -125,23 +283,19 @@ def list_images(
     """Sorted paths of the images under ``root`` (by relative path, so the order is the same on
     every filesystem and machine). Hidden files and folders (``.*``, ``__MACOSX``) are ignored:
     they are mostly OS metadata such as macOS ``._x.jpg`` files that look like broken images.
+    Each real directory is visited once (link loops are not followed twice); entries that cannot
+    be read are skipped with one warning naming them (see :func:`scan_images`).
     """
-    path = _check_root(root)
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    found: list[tuple[str, str]] = []
-    if recursive:
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-            for name in filenames:
-                if not _is_hidden(name) and name.lower().endswith(exts):
-                    full = os.path.join(dirpath, name)
-                    found.append((Path(full).relative_to(path).as_posix(), full))
-    else:
-        for entry in os.scandir(path):
-            if entry.is_file() and not _is_hidden(entry.name) and entry.name.lower().endswith(exts):
-                found.append((entry.name, entry.path))
-    found.sort()
-    return [full for _, full in found]
+    result = scan_images(root, recursive=recursive, extensions=extensions)
+    _warn_skipped_entries(root, result.skipped)
+    return result.paths
+
+
+def _warn_skipped_entries(root: str | os.PathLike, skipped: Sequence[tuple[str, str]]) -> None:
+    if skipped:
+        shown = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        logger.warning("skipped %d unreadable entries under %s: %s%s", len(skipped), root, shown, more)
 
 
 def _unpack_index(index: int | tuple[int, int], default_epoch: int, length: int) -> tuple[int, int]:
@@ -157,8 +311,40 @@ def _unpack_index(index: int | tuple[int, int], default_epoch: int, length: int)
 
 
 # --------------------------------------------------------------------------------------- folders
+_SKIP_SLOTS = 1025  # slot 0: the main process; 1 + worker id % 1024: DataLoader workers
+
+
+def _skip_slot() -> int:
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else 1 + info.id % (_SKIP_SLOTS - 1)
+
+
+class SkipCounter:
+    """Skipped-sample count shared by a dataset and its DataLoader workers (shared memory, one slot
+    per worker so that no two processes write the same number). ``total()`` in the main process is
+    the sum over all workers, fork or spawn, persistent or not; each rank sums its own."""
+
+    def __init__(self) -> None:
+        self.slots = torch.zeros(_SKIP_SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> None:
+        """Count ``n`` skips in the calling process (main process or DataLoader worker)."""
+        self.slots[_skip_slot()] += n
+
+    def total(self) -> int:
+        """Skips counted so far by this process and all its DataLoader workers."""
+        return int(self.slots.sum())
+
+
 class _RobustImageFiles(Dataset):
-    """Shared machinery: decode with replacement on failure, counters, seeding, set_epoch."""
+    """Shared machinery: decode with replacement on failure, counters, seeding, set_epoch.
+
+    A sample whose file cannot be decoded, or whose image the transform cannot handle, is replaced by
+    the next usable one; the file is marked bad for every worker (shared memory) and the replacement
+    is counted in ``skipped_count()`` (summed over DataLoader workers: the engine logs it per epoch).
+    """
+
+    _MAX_TRANSFORM_FAILURES_IN_A_ROW = 8
 
     def __init__(self, samples: list[tuple[str, int]], transform: Transform | None, seed: int) -> None:
         self.samples = samples
@@ -166,6 +352,8 @@ class _RobustImageFiles(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self._bad: dict[int, str] = {}  # index -> error message, per process
+        self._bad_mask = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by every worker
+        self._skips = SkipCounter()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (call before creating the DataLoader iterator)."""
@@ -176,19 +364,28 @@ class _RobustImageFiles(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        """How many distinct files failed to decode in this process."""
-        return len(self._bad)
+        """How many distinct files were found unreadable so far (by this process or its workers)."""
+        return int(self._bad_mask.sum())
 
     @property
     def bad_paths(self) -> list[str]:
-        """Paths of the files that failed to decode in this process, in dataset order."""
-        return [self.samples[i][0] for i in sorted(self._bad)]
+        """Paths of the files found unreadable so far (by this process or its workers), in dataset order."""
+        return [self.samples[i][0] for i in self._bad_mask.nonzero().flatten().tolist()]
 
-    def _mark_bad(self, index: int, err: BaseException) -> None:
+    def skipped_count(self) -> int:
+        """Samples replaced so far because their file was unreadable or untransformable (one per
+        request of such a sample: a bad file counts once in every epoch that visits it), summed over
+        this process and its DataLoader workers."""
+        return self._skips.total()
+
+    def _mark_bad(self, index: int, err: BaseException, stage: str = "decode") -> None:
+        self._bad_mask[index] = True
         if index not in self._bad:
             self._bad[index] = f"{type(err).__name__}: {err}"
+            what = "unreadable image" if stage == "decode" else "image the transform cannot handle"
             logger.warning(
-                "skipping unreadable image %s (%s: %s); a replacement sample is used",
+                "skipping %s %s (%s: %s); a replacement sample is used",
+                what,
                 self.samples[index][0],
                 type(err).__name__,
                 err,
@@ -199,14 +396,54 @@ class _RobustImageFiles(Dataset):
         n = len(self.samples)
         for step in range(n):
             i = (index + step) % n
-            if i in self._bad:
+            if self._bad_mask[i]:
                 continue
             path, target = self.samples[i]
             try:
                 return decode_image(path), target
             except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
                 self._mark_bad(i, err)
-        raise RuntimeError(f"none of the {n} images could be decoded; first failures: {self.bad_paths[:5]}")
+        raise RuntimeError(f"none of the {n} images could be decoded; first failures: {self._first_failures()}")
+
+    def _first_failures(self) -> list[str]:
+        return [f"{self.samples[i][0]}: {msg}" for i, msg in sorted(self._bad.items())[:3]]
+
+    def _get(self, index: int, epoch: int) -> tuple[Any, int]:
+        """``(transform(image), target)`` of sample ``index``, or of the next usable one (counted).
+
+        The transform is guarded like decoding: an image it fails on (e.g. smaller than a crop) is
+        skipped and counted. Several failures in a row on different files are a broken transform,
+        not bad files: that error is raised.
+        """
+        n = len(self.samples)
+        failures_in_a_row = 0
+        for step in range(n):
+            i = (index + step) % n
+            if self._bad_mask[i]:
+                continue
+            path, target = self.samples[i]
+            try:
+                img = decode_image(path)
+            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+                self._mark_bad(i, err)
+                continue
+            try:
+                out = self._transformed(img, epoch, index)
+            except Exception as err:  # noqa: BLE001
+                failures_in_a_row += 1
+                if failures_in_a_row >= self._MAX_TRANSFORM_FAILURES_IN_A_ROW:
+                    raise RuntimeError(
+                        f"the transform failed on {failures_in_a_row} images in a row (last {path}: "
+                        f"{type(err).__name__}: {err}): the transform is broken, not the files"
+                    ) from err
+                self._mark_bad(i, err, stage="transform")
+                continue
+            if step:
+                self._skips.add()
+            return out, target
+        raise RuntimeError(
+            f"none of the {n} images could be decoded and transformed; first failures: {self._first_failures()}"
+        )
 
     def verify(self, num_threads: int = 8, progress: bool = False) -> list[str]:
         """Decode every file once (thread pool) and remember the bad ones; return their paths.
@@ -261,7 +498,10 @@ class ImageFolderDataset(_RobustImageFiles):
         seed: int = 0,
     ) -> None:
         self.root = str(root)
-        paths = list_images(root, recursive=recursive, extensions=extensions)
+        scan = scan_images(root, recursive=recursive, extensions=extensions)
+        _warn_skipped_entries(root, scan.skipped)
+        self.unreadable_entries: list[tuple[str, str]] = scan.skipped
+        paths = scan.paths
         if not paths:
             raise ValueError(
                 f"no images found under {self.root!r} (recursive={recursive}, extensions={tuple(extensions)})"
@@ -274,17 +514,42 @@ class ImageFolderDataset(_RobustImageFiles):
 
     def __getitem__(self, index: int | tuple[int, int]) -> Any:
         epoch, index = _unpack_index(index, self.epoch, len(self))
-        img, _ = self._load(index)
-        return self._transformed(img, epoch, index)
+        return self._get(index, epoch)[0]
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(root={self.root!r}, n={len(self)}, seed={self.seed}, epoch={self.epoch})"
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``root``."""
+    """Sorted names of the non-hidden sub-folders of ``root`` (links to folders count).
+
+    Entries that cannot be read (a file link loop, a dangling link) are not classes: they are skipped
+    with a warning naming them. A link back to ``root`` or one of its parents is not a class either
+    (it would hold every image again).
+    """
     path = _check_root(root)
-    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not _is_hidden(e.name))
+    real_root = os.path.realpath(path)
+    names: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for entry in os.scandir(path):
+        if _is_hidden(entry.name):
+            continue
+        try:
+            is_dir = entry.is_dir()
+        except OSError as err:
+            skipped.append((entry.path, f"{type(err).__name__}: {err.strerror or err}"))
+            continue
+        if not is_dir:
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                skipped.append((entry.path, _os_reason(entry.path)))
+            continue
+        target = os.path.realpath(entry.path)
+        if real_root == target or real_root.startswith(target.rstrip(os.sep) + os.sep):
+            skipped.append((entry.path, f"link to {target}, which contains the image folder itself"))
+            continue
+        names.append(entry.name)
+    _warn_skipped_entries(root, sorted(skipped))
+    return sorted(names)
 
 
 class LabeledImageFolder(_RobustImageFiles):
@@ -331,13 +596,22 @@ class LabeledImageFolder(_RobustImageFiles):
                 )
         self.classes: list[str] = list(class_names)
         self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
+        # one scan of the whole tree, so that a link inside a class folder to the root, to itself or
+        # to another class is not followed twice: every image is listed once, under its real class
+        scan = scan_images(root, recursive=True, extensions=extensions)
+        _warn_skipped_entries(root, scan.skipped)
+        self.unreadable_entries: list[tuple[str, str]] = scan.skipped
+        by_class: dict[str, list[str]] = {c: [] for c in self.classes}
+        for p in scan.paths:
+            parts = Path(p).relative_to(Path(root).expanduser()).parts
+            if len(parts) > 1 and parts[0] in by_class:
+                by_class[parts[0]].append(p)
         samples: list[tuple[str, int]] = []
         empty: list[str] = []
         for c in self.classes:
-            paths = list_images(os.path.join(root, c), recursive=True, extensions=extensions)
-            if not paths:
+            if not by_class[c]:
                 empty.append(c)
-            samples.extend((p, self.class_to_idx[c]) for p in paths)
+            samples.extend((p, self.class_to_idx[c]) for p in by_class[c])
         if empty:
             raise ValueError(
                 f"class folders without images under {self.root!r}: {empty} "
@@ -351,14 +625,73 @@ class LabeledImageFolder(_RobustImageFiles):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int]:
         epoch, index = _unpack_index(index, self.epoch, len(self))
-        img, target = self._load(index)
-        return self._transformed(img, epoch, index), target
+        return self._get(index, epoch)
 
     def __repr__(self) -> str:
         return (
             f"LabeledImageFolder(root={self.root!r}, n={len(self)}, classes={len(self.classes)}, "
             f"seed={self.seed}, epoch={self.epoch})"
         )
+
+
+# --------------------------------------------------------------------------------------- one result per file
+class FileImages(Dataset):
+    """Images of a list of files for commands that write one result per file (predict, encode).
+
+    Unlike the training datasets, a file is never replaced by its neighbour: ``__getitem__(i)``
+    returns ``{"index": i, "image": transform(img) | None, "error": "" | "Type: message"}``, and
+    :func:`collate_files` keeps the indices with the images, so results stay aligned with the files
+    whatever fails, in any DataLoader worker. Decoding applies EXIF orientation.
+
+    Args:
+        paths: the files, in output order.
+        transform: applied to the RGB PIL image (must return a tensor of one fixed shape).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Transform) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            img = decode_image(self.paths[index])
+        except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+            return {"index": index, "image": None, "error": f"unreadable: {type(err).__name__}: {err}"}
+        try:
+            return {"index": index, "image": self.transform(img), "error": ""}
+        except Exception as err:  # noqa: BLE001
+            return {"index": index, "image": None, "error": f"transform failed: {type(err).__name__}: {err}"}
+
+
+def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch :class:`FileImages` items: ``index`` (int64 ``[k]``) and ``image`` (``[k, ...]``, or None
+    when k = 0) of the files that worked, and ``failed``: ``[(index, error), ...]`` of the others."""
+    good = [b for b in batch if not b["error"]]
+    return {
+        "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
+        "image": torch.stack([b["image"] for b in good]) if good else None,
+        "failed": [(b["index"], b["error"]) for b in batch if b["error"]],
+    }
+
+
+def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One distinct output name (no suffix) per input file, for commands writing a file per input:
+    the file's stem, or, where stems repeat (``a/x.png`` and ``b/x.jpg``), its path relative to the
+    inputs' common folder with ``/`` as ``__`` and the suffix kept (``a__x.png``), so no result
+    overwrites another."""
+    full = [os.path.abspath(str(p)) for p in paths]
+    stems = [Path(p).stem for p in full]
+    counts = Counter(stems)
+    if all(counts[s] == 1 for s in stems):
+        return stems
+    base = os.path.commonpath([os.path.dirname(p) for p in full]) if full else ""
+    out = []
+    for p, stem in zip(full, stems):
+        out.append(stem if counts[stem] == 1 else os.path.relpath(p, base).replace(os.sep, "__"))
+    return out
 
 
 # --------------------------------------------------------------------------------------- shards
@@ -404,9 +737,15 @@ class WebDatasetShards(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.epoch = 0
-        self.num_skipped = 0
+        self.num_skipped = 0  # in this process (see skipped_count() for the sum over workers)
         self.bad_keys: list[str] = []
         self.num_samples = num_samples
+        self._skips = SkipCounter()
+
+    def skipped_count(self) -> int:
+        """Samples skipped so far (unreadable, unlabelled or untransformable), summed over this
+        process and its DataLoader workers."""
+        return self._skips.total()
 
     def __len__(self) -> int:
         """Nominal samples of one epoch over all ranks (a stream cannot count itself: ``num_samples``)."""
@@ -426,6 +765,7 @@ class WebDatasetShards(IterableDataset):
 
     def _skip(self, key: str, why: str) -> None:
         self.num_skipped += 1
+        self._skips.add()
         self.bad_keys.append(key)
         logger.warning("skipping webdataset sample %s: %s", key, why)
 
@@ -475,8 +815,13 @@ class WebDatasetShards(IterableDataset):
                 continue
             img, target = decoded
             if self.transform is not None:
-                with seeded(self.seed, epoch, stable_index(str(sample.get("__key__", "")))):
-                    img = self.transform(img)
+                try:
+                    with seeded(self.seed, epoch, stable_index(str(sample.get("__key__", "")))):
+                        img = self.transform(img)
+                except Exception as err:  # noqa: BLE001 - guarded like decoding: skip and count
+                    self._skip(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}",
+                               f"transform failed ({type(err).__name__}: {err})")
+                    continue
             yield (img, target) if self.label_key is not None else img
 
 
@@ -564,15 +909,13 @@ class TensorImageDataset(Dataset):
         return x, int(self.labels[index])
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if (w, h) == (size, size):
+def _resize_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Scale ``img`` (bicubic) so that it covers ``size`` (int: square, or ``(width, height)``), then
+    center-crop to exactly that size; any input size works, thin strips included."""
+    wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if img.size == wh:
         return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return ImageOps.fit(img, wh, method=Image.BICUBIC)
 
 
 def load_image_folder_to_memory(
@@ -588,8 +931,10 @@ def load_image_folder_to_memory(
 
     Worth it for small images (CIFAR: 50k JPEGs, 150 MB decoded): decoding once instead of every
     epoch frees the DataLoader workers. ``labeled=None`` uses the class layout when ``root`` has
-    sub-folders. ``size`` resizes the short side (bicubic) and center-crops; without it all images
-    must share one size. Unreadable images are skipped with a warning.
+    sub-folders. ``size`` resizes the short side (bicubic) and center-crops to ``size x size``.
+    Without it the images keep their size when they all share one; images of another size than the
+    most common one are resized (bicubic) and center-cropped to it, with one warning that counts
+    and names them. Unreadable images are skipped with a warning.
 
     Returns:
         images ``[N, H, W, 3]`` uint8, labels ``[N]`` int64 (None when unlabeled), class names.
@@ -626,13 +971,16 @@ def load_image_folder_to_memory(
         raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
     if ds.num_skipped:
         logger.warning("skipped %d unreadable images under %s", ds.num_skipped, root)
-    shape = arrays[keep[0]].shape
-    for i in keep:
-        if arrays[i].shape != shape:
-            raise ValueError(
-                f"images differ in size ({ds.samples[keep[0]][0]}: {shape[1]}x{shape[0]}, "
-                f"{ds.samples[i][0]}: {arrays[i].shape[1]}x{arrays[i].shape[0]}); pass size= to resize"
-            )
+    shapes = Counter(arrays[i].shape for i in keep)
+    if len(shapes) > 1:  # the most common size; on a tie the larger one
+        shape = max(shapes, key=lambda sh: (shapes[sh], sh[0] * sh[1], sh))
+        odd = [i for i in keep if arrays[i].shape != shape]
+        for i in odd:
+            img = Image.fromarray(arrays[i], mode="RGB")
+            arrays[i] = np.asarray(_resize_center_crop(img, (shape[1], shape[0])), dtype=np.uint8)
+        shown = ", ".join(ds.samples[i][0] for i in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        logger.warning("resized %d of %d images under %s to the common size %dx%d (short side, then center "
+                       "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
     return images, labels, names

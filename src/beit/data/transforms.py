@@ -26,7 +26,9 @@ from torchvision.transforms import functional as TF
 from .masking import BlockwiseMaskGenerator
 
 __all__ = [
+    "EnsureMinSize",
     "PretrainTransform",
+    "SmallImageRandomCrop",
     "build_eval_transform",
     "build_finetune_transform",
     "build_linear_probe_transform",
@@ -402,6 +404,53 @@ def _guard_posterize(transform: Any) -> Any:
     return transform
 
 
+class EnsureMinSize:
+    """Scale an image up (keeping its aspect ratio) until both sides are at least ``min_size`` px;
+    larger images pass unchanged. Put before a fixed-size crop, so that a 9x9 icon or a 2000x10
+    strip is cropped like any image instead of stopping an epoch ("Required crop size ... is
+    larger than input image size").
+
+    Args:
+        min_size: the smallest side allowed, in pixels.
+        interpolation: resize filter name (``bicubic`` by default).
+    """
+
+    def __init__(self, min_size: int, interpolation: str = "bicubic") -> None:
+        if not isinstance(min_size, int) or min_size <= 0:
+            raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+        self.min_size = min_size
+        self.interpolation = _interp(interpolation)
+
+    def __call__(self, img: Any) -> Any:
+        w, h = TF.get_image_size(img)
+        short = min(w, h)
+        if short >= self.min_size:
+            return img
+        scale = self.min_size / short
+        size = [max(self.min_size, math.ceil(h * scale - 1e-6)), max(self.min_size, math.ceil(w * scale - 1e-6))]
+        return TF.resize(img, size, interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"EnsureMinSize({self.min_size}, {self.interpolation.value})"
+
+
+class SmallImageRandomCrop(T.RandomCrop):
+    """unilm's crop for CIFAR-sized inputs, ``RandomCrop(size, padding=4)``, after scaling images
+    smaller than the crop up to it (:class:`EnsureMinSize`), so a 9x9 or 2000x10 image is cropped
+    like any other instead of raising "Required crop size ... is larger than input image size"."""
+
+    def __init__(self, size: int, padding: int = 4, interpolation: str = "bicubic") -> None:
+        super().__init__(size, padding=padding)
+        self.ensure = EnsureMinSize(size, interpolation)
+
+    def forward(self, img: Any) -> Any:
+        return super().forward(self.ensure(img))
+
+
+def _small_image_crop(input_size: int, interpolation: str) -> SmallImageRandomCrop:
+    return SmallImageRandomCrop(input_size, padding=4, interpolation=interpolation)
+
+
 def build_finetune_transform(
     is_train: bool,
     input_size: int = 224,
@@ -423,7 +472,8 @@ def build_finetune_transform(
     Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
     skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
     For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=4)`` instead, as unilm does for
-    CIFAR-sized inputs. Eval: ``build_eval_transform``.
+    CIFAR-sized inputs, after scaling images smaller than the crop up to it (``EnsureMinSize``), so
+    tiny or thin images never stop an epoch. Eval: ``build_eval_transform``.
     """
     if not is_train:
         return build_eval_transform(input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
@@ -448,7 +498,7 @@ def build_finetune_transform(
         std=std,
     )
     if input_size <= SMALL_IMAGE_SIZE:
-        transform.transforms[0] = T.RandomCrop(input_size, padding=4)
+        transform.transforms[0] = _small_image_crop(input_size, interpolation)
     return _guard_posterize(transform)
 
 
@@ -462,12 +512,13 @@ def build_linear_probe_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Linear probing (unilm ``run_linear_eval``): light augmentation only, random-resized crop +
-    flip for training (padded random crop at <= 32 px), ``build_eval_transform`` for evaluation."""
+    flip for training (padded random crop at <= 32 px, images smaller than the crop scaled up to it
+    first), ``build_eval_transform`` for evaluation."""
     if not is_train:
         return build_eval_transform(input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
     mean, std = _check_mean_std(mean, std)
     if input_size <= SMALL_IMAGE_SIZE:
-        crop: Any = T.RandomCrop(input_size, padding=4)
+        crop: Any = _small_image_crop(input_size, interpolation)
     else:
         crop = T.RandomResizedCrop(input_size, interpolation=_interp(interpolation))
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])

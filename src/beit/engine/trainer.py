@@ -421,6 +421,8 @@ class Trainer:
             self.bar.update(1)
         if self.step % cfg.log_every == 0 or finished:
             self._log_train()
+        if epoch_done or finished:
+            self._log_skipped(self.epoch - 1 if epoch_done else self.epoch)
         paused = time.perf_counter()  # time spent below is not training time: keep it out of img/s
         if self.eval_fn is not None and (finished or (epoch_done and cfg.eval_every > 0
                                                       and self.epoch % cfg.eval_every == 0)):
@@ -554,17 +556,48 @@ class Trainer:
         values = D.all_reduce_mean({k: s / w["counts"][k] for k, s in w["sums"].items()})
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         values["lr"] = w["lr"]
+        skipped = self._skipped_files()
+        if skipped is not None:
+            values["skipped_files_total"] = skipped
         values["img_per_s"] = w["n"] * self.cfg.batch_size * self.cfg.accum_steps * D.world_size() / dt
         if self.device.type == "cuda":
             values["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.last_train = values
         self.metric_logger.log(self.step, values, split="train", epoch=self.epoch)
-        shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("lr", "img_per_s"))
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items()
+                           if k not in ("lr", "img_per_s", "skipped_files_total"))
         self.log.info(f"step {self.step}/{self.total_steps} ep {self.epoch} | {shown} "
                       f"| lr {values['lr']:.3e} | {values['img_per_s']:.1f} img/s")
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         self._reset_window()
+
+    def _skipped_files(self) -> int | None:
+        """Samples the training data skipped so far in this run (unreadable or untransformable files),
+        summed over DataLoader workers (the dataset's ``skipped_count()``, through ``Subset``-like
+        wrappers) and over ranks; None when the dataset does not count. Collective: call on every rank."""
+        ds = self.dataset
+        while not hasattr(ds, "skipped_count") and hasattr(ds, "dataset"):
+            ds = ds.dataset
+        if not hasattr(ds, "skipped_count"):
+            return None
+        total = D.all_reduce_mean({"skipped": float(ds.skipped_count())})["skipped"] * D.world_size()
+        self._skipped_total = int(round(total))
+        return self._skipped_total
+
+    def _log_skipped(self, epoch: int) -> None:
+        """One ``split="data"`` record at the end of each epoch (and of training): ``skipped_files`` in
+        that epoch and ``skipped_files_total`` in this run, over all workers and ranks."""
+        total = self._skipped_files()
+        if total is None:
+            return
+        in_epoch = total - getattr(self, "_skipped_at_epoch_start", 0)
+        self._skipped_at_epoch_start = total
+        self.metric_logger.log(self.step, {"skipped_files": in_epoch, "skipped_files_total": total},
+                               split="data", epoch=epoch)
+        if in_epoch:
+            self.log.warning(f"epoch {epoch}: {in_epoch} unreadable or untransformable files skipped "
+                             f"({total} in this run); their names are in the warnings above")
 
     def evaluate(self) -> dict[str, float]:
         """Run ``eval_fn`` (and on the EMA model), log it, and update the best metric."""
@@ -604,6 +637,8 @@ class Trainer:
 
     def _final_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"step": self.step, "epoch": self.epoch}
+        if getattr(self, "_skipped_total", None) is not None:
+            out["skipped_files"] = self._skipped_total
         out.update({f"train/{k}": v for k, v in self.last_train.items()})
         out.update({f"eval/{k}": v for k, v in self.last_eval.items()})
         if self.best is not None:

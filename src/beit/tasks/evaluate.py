@@ -365,21 +365,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     with _autocast(dev):
         meter = evaluate_model(model, loader, len(names))
     result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
-                                                        "skipped": bad, "preprocess": pre.to_dict()})
+                                                        "skipped": bad, "num_skipped": len(bad),
+                                                        "preprocess": pre.to_dict()})
     return result
-
-
-class _Files(Dataset):
-    def __init__(self, paths: list[str], transform: Callable):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from ..data.datasets import decode_image
-
-        return self.transform(decode_image(self.paths[i]))
 
 
 @torch.no_grad()
@@ -388,33 +376,33 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                    device: str | torch.device | None = None) -> dict[str, Any]:
     """Top-k labels for every image under ``images_dir`` (any depth) into a CSV.
 
-    Columns: ``path`` (relative to ``images_dir``), then ``label_1, prob_1, ... label_k, prob_k``.
-    Unreadable files are left out of the CSV and listed in the returned ``skipped``.
+    Columns: ``path`` (relative to ``images_dir``), then ``label_1, prob_1, ... label_k, prob_k``, one
+    row per readable image in path order. Each file is decoded once; the row of each result is the
+    index carried with its image through the DataLoader, so rows stay aligned with the files whatever
+    fails in any worker. Files that cannot be listed (dangling links, link loops), decoded or
+    transformed are left out of the CSV, named in the returned ``skipped`` (each with its reason in a
+    warning) and counted in ``num_skipped``.
     """
-    from ..data.datasets import decode_image, list_images
+    from ..data.datasets import IMG_EXTENSIONS, FileImages, collate_files, scan_images
 
     model, names, pre = load_classifier(checkpoint, ema=ema)
-    paths = list_images(images_dir)
+    scan = scan_images(images_dir)
+    exts = tuple(IMG_EXTENSIONS)
+    skipped: dict[str, str] = {p: why for p, why in scan.skipped if p.lower().endswith(exts)}
+    for p, why in scan.skipped:
+        if p not in skipped:
+            logger.warning("not listed: %s (%s)", p, why)
+    paths = scan.paths
     if not paths:
         raise ValueError(f"no images found under {str(images_dir)!r}")
-    good, bad = [], []
-    for p in paths:  # decode once up front: a broken file is reported, never mislabelled
-        try:
-            decode_image(p)
-            good.append(p)
-        except Exception as err:  # noqa: BLE001 - any decoder error means unreadable
-            logger.warning("skipping unreadable image %s (%s)", p, err)
-            bad.append(p)
-    if not good:
-        raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be decoded")
     dev = _pick_device(device)
     model.to(dev).eval()
     k = min(topk, len(names))
-    loader = DataLoader(_Files(good, build_preprocess(pre)), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(FileImages(paths, build_preprocess(pre)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_files, pin_memory=dev.type == "cuda")
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(images_dir)
+    root = Path(images_dir).expanduser()
     rows = 0
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -422,17 +410,24 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
         for j in range(1, k + 1):
             header += [f"label_{j}", f"prob_{j}"]
         w.writerow(header)
-        i = 0
-        for images in loader:
+        for batch in loader:
+            for i, err in batch["failed"]:
+                logger.warning("skipping %s (%s)", paths[i], err)
+                skipped[paths[i]] = err
+            if batch["image"] is None:
+                continue
             with _autocast(dev):
-                logits = model(images.to(dev, non_blocking=True))
+                logits = model(batch["image"].to(dev, non_blocking=True))
             probs, idx = logits.float().softmax(-1).topk(k, dim=-1)
-            for pr, ix in zip(probs.cpu().tolist(), idx.cpu().tolist()):
-                row: list[Any] = [Path(good[i]).relative_to(root).as_posix()]
+            for i, pr, ix in zip(batch["index"].tolist(), probs.cpu().tolist(), idx.cpu().tolist()):
+                row: list[Any] = [Path(paths[i]).relative_to(root).as_posix()]
                 for p, c in zip(pr, ix):
                     row += [names[c], f"{p:.6f}"]
                 w.writerow(row)
-                i += 1
                 rows += 1
-    return {"csv": str(out_csv), "num_images": rows, "skipped": bad, "topk": k}
-
+    if not rows:
+        raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be read")
+    bad = sorted(skipped)
+    if bad:
+        logger.warning("left out %d unreadable images: %s", len(bad), bad[:10])
+    return {"csv": str(out_csv), "num_images": rows, "num_skipped": len(bad), "skipped": bad, "topk": k}

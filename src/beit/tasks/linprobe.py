@@ -215,6 +215,15 @@ def _per_block_top1(heads: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
     return 100.0 * correct / max(len(labels), 1)
 
 
+def _skipped_count(ds: Any) -> int:
+    """Distinct unreadable files the dataset found (``num_skipped``: shared with its DataLoader workers, and
+    including those a readable subset left out up front), through ``Subset``-like wrappers; 0 if it does not
+    count. Features are extracted in one pass, so this is also the number of samples skipped."""
+    while not hasattr(ds, "num_skipped") and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    return int(getattr(ds, "num_skipped", 0))
+
+
 def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
              class_names: list[str] | None = None) -> dict[str, Any]:
     """Probe the blocks in ``cfg.layers``; return ``top1`` per block, ``best_block`` and ``best_top1``.
@@ -254,6 +263,10 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     if int(train_y.max()) >= num_classes or int(train_y.min()) < 0:
         raise ValueError(f"labels outside 0..{num_classes - 1} in the training set")
     encoder.cpu()
+    skipped = {"train": _skipped_count(train_dataset), "val": _skipped_count(val_dataset)}
+    if skipped["train"] or skipped["val"]:
+        logger.warning("features: %d train and %d val samples replaced or dropped (unreadable files; named above)",
+                       skipped["train"], skipped["val"])
     t_feat = time.perf_counter() - t0
     logger.info("features: train %s, val %s (fp16, %.0f MB) in %.1fs", tuple(train_f.shape), tuple(val_f.shape),
                 (train_f.numel() + val_f.numel()) * 2 / 2**20, t_feat)
@@ -288,6 +301,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         "train_top1_best_block": float(_per_block_top1(trainer.raw_model, train_f, train_y)[blocks.index(best)]),
         "num_train": len(train_y), "num_val": len(val_y), "feature_dim": int(train_f.shape[-1]),
         "feature_seconds": t_feat, "total_seconds": time.perf_counter() - t0, "steps": int(fit["step"]),
+        "skipped_files": skipped,
     }
     out = Path(trainer.out)
     out.mkdir(parents=True, exist_ok=True)

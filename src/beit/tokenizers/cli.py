@@ -112,24 +112,45 @@ def encode(args: argparse.Namespace) -> int:
 
 
 def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # noqa: ANN001
-    """Token ids of a whole folder in one safetensors file (uint16 when the vocabulary allows)."""
+    """Token ids of a whole folder in one safetensors file (uint16 when the vocabulary allows).
+
+    Row ``i`` of ``ids`` is the file ``paths[i]`` of the ``.json`` next to it: each file is decoded once
+    and its index travels with its image through the DataLoader, so a file that cannot be read or
+    transformed is left out of both (never replaced by a neighbour), named in ``skipped`` with its
+    reason and counted in ``num_skipped``.
+    """
     from pathlib import Path
 
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
-    chunks = []
-    for images in tqdm(loader, desc="encoding", unit="batch"):
-        chunks.append(tok.encode(images.to(device)).cpu())
+    from ..data.datasets import IMG_EXTENSIONS, FileImages, collate_files
+
+    files = FileImages(ds.paths, ds.transform)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=collate_files)
+    chunks, done, skipped = [], [], {}
+    for batch in tqdm(loader, desc="encoding", unit="batch"):
+        skipped.update({files.paths[i]: err for i, err in batch["failed"]})
+        if batch["image"] is None:
+            continue
+        chunks.append(tok.encode(batch["image"].to(device)).cpu())
+        done += [files.paths[i] for i in batch["index"].tolist()]
+    if not chunks:
+        raise ValueError(f"none of the {len(files)} images under {args.data} could be read")
     ids = torch.cat(chunks)
     ids = ids.to(torch.uint16 if tok.vocab_size <= 65536 else torch.int32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"ids": ids.contiguous()}, str(out), metadata={"vocab_size": str(tok.vocab_size),
                                                               "img_size": str(args.img_size)})
-    out.with_suffix(".json").write_text(json.dumps({"paths": ds.paths, "num_skipped": ds.num_skipped}, indent=1))
-    print(f"{len(ds)} images -> {out} ids {tuple(ids.shape)} (vocab {tok.vocab_size}); "
-          f"paths in {out.with_suffix('.json')}; {ds.num_skipped} unreadable skipped")
+    listing = [{"path": p, "reason": why} for p, why in getattr(ds, "unreadable_entries", [])
+               if p.lower().endswith(IMG_EXTENSIONS)]
+    listing += [{"path": p, "reason": skipped[p]} for p in sorted(skipped)]
+    out.with_suffix(".json").write_text(json.dumps({"paths": done, "num_skipped": len(listing),
+                                                    "skipped": listing}, indent=1))
+    print(f"{len(done)} images -> {out} ids {tuple(ids.shape)} (vocab {tok.vocab_size}); "
+          f"paths in {out.with_suffix('.json')}; {len(listing)} unreadable skipped"
+          + (f": {', '.join(x['path'] for x in listing[:5])}" if listing else ""))
     return 0

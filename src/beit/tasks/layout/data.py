@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ...data.datasets import SkipCounter, decode_image_matching, image_size
 from ...data.seeding import seeded
 
 __all__ = [
@@ -105,6 +106,7 @@ class CocoLayoutDataset(Dataset):
         self.seed, self.epoch, self.on_bad = seed, 0, on_bad
         self.min_box_size, self.check_images = min_box_size, check_images
         self.report: Counter[str] = Counter()
+        self._skips = SkipCounter()  # pages replaced at load time, summed over DataLoader workers
         self.problems: list[str] = []
         data = _read_json(self.ann_file)
         if not self.root.is_dir():
@@ -179,9 +181,11 @@ class CocoLayoutDataset(Dataset):
             if not path.is_file():
                 self._bad("missing_image", f"image {im['id']} '{name}' not found under {self.root}")
                 return None
-            try:
-                with Image.open(path) as f:
-                    fw, fh = f.size
+            try:  # the size load_image will return: upright by EXIF, or as stored if that is the JSON's size
+                fw, fh = image_size(path)
+                raw = image_size(path, exif=False)
+                if raw == (w, h) and (fw, fh) != (w, h):
+                    fw, fh = raw
             except OSError as e:
                 self._bad("unreadable_image", f"image {im['id']} '{path}' cannot be read ({e})")
                 return None
@@ -244,11 +248,17 @@ class CocoLayoutDataset(Dataset):
         """``label_to_cat[label - 1]`` is the COCO category id of a torchvision label."""
         return list(self.cat_ids)
 
+    def skipped_count(self) -> int:
+        """Pages replaced because they failed to decode at load time, summed over this process and its
+        DataLoader workers (the engine logs it as ``skipped_files``)."""
+        return self._skips.total()
+
     def load_image(self, index: int) -> Image.Image:
         info = self.images[index]
         try:
-            with Image.open(info["path"]) as f:
-                return f.convert("RGB")  # grayscale (DocBank) and palette pages -> 3 channels
+            # upright by EXIF unless the annotations were made on the stored pixels; grayscale (DocBank) and
+            # palette pages -> 3 channels
+            return decode_image_matching(info["path"], info["file_size"])
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... on broken files
             raise LayoutDataError(f"image {info['id']} '{info['path']}' cannot be read "
                                   f"({type(e).__name__}: {e})") from None
@@ -266,6 +276,7 @@ class CocoLayoutDataset(Dataset):
                     raise
                 log.warning(f"{e}; using the next page instead")
                 self.report["unreadable_at_load"] += 1
+                self._skips.add()
                 continue
             return self._sample(i, img, index)
         raise LayoutDataError(f"{self.ann_file}: no page of {self.root} can be read")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from beit.data.datasets import decode_image, output_stems
+
 from .evaluate import predictions_to_coco
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_SUFFIXES", "draw_detections", "find_pages", "predict_pages"]
 
@@ -57,7 +62,12 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
                   device: torch.device | str | None = None) -> dict[str, Any]:
     """Detect on each page; write ``<stem>.png`` with the boxes over ``score_thresh``, ``results.json`` (every
     detection the model returns, COCO results format) and ``pages.json`` (the ids, files and categories the
-    results refer to). Returns the written paths and the number of detections drawn per page."""
+    results refer to). Returns the written paths and the number of detections drawn per page.
+
+    Pages are decoded upright (EXIF orientation). A page that cannot be read is skipped with a warning and
+    listed in ``pages.json`` ``skipped`` (``id``, ``file_name``, ``error``); the other pages keep their ids,
+    so results stay aligned with the files. Stems that repeat across folders are written as
+    ``<dir>__<file>.png`` so that no drawing overwrites another."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -65,16 +75,20 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     ids = list(image_ids) if image_ids is not None else list(range(1, len(pages) + 1))
     was_training = model.training
     model.eval()
-    results, images, pngs, drawn = [], [], [], []
+    results, images, pngs, drawn, skipped = [], [], [], [], []
     try:
-        for img_id, page in zip(ids, map(Path, pages)):
-            with Image.open(page) as f:
-                rgb = f.convert("RGB")
+        for img_id, page, stem in zip(ids, map(Path, pages), output_stems(pages)):
+            try:
+                rgb = decode_image(page)
+            except Exception as err:  # noqa: BLE001 - any decoder error means unreadable
+                logger.warning("skipping unreadable page %s (%s: %s)", page, type(err).__name__, err)
+                skipped.append({"id": img_id, "file_name": str(page), "error": f"{type(err).__name__}: {err}"})
+                continue
             image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
             det = model([image.to(device).float().div_(255)])[0]
             det = {k: v.float().cpu() if k in ("boxes", "scores", "masks") else v.cpu() for k, v in det.items()}
             results += predictions_to_coco([det], [img_id], category_ids)
-            png = out / f"{page.stem}.png"
+            png = out / f"{stem}.png"
             draw_detections(image, det, class_names, score_thresh).save(png)
             pngs.append(str(png))
             drawn.append(int((det["scores"] >= score_thresh).sum()))
@@ -83,5 +97,9 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
         model.train(was_training)
     (out / "results.json").write_text(json.dumps(results))
     cats = [{"id": int(c), "name": n} for c, n in zip(category_ids, class_names)]
-    (out / "pages.json").write_text(json.dumps({"images": images, "categories": cats}, indent=1))
-    return {"results": str(out / "results.json"), "pages": str(out / "pages.json"), "pngs": pngs, "drawn": drawn}
+    (out / "pages.json").write_text(json.dumps({"images": images, "categories": cats, "skipped": skipped,
+                                                "num_skipped": len(skipped)}, indent=1))
+    if not images and skipped:
+        raise ValueError(f"none of the {len(skipped)} pages could be read (see {out / 'pages.json'})")
+    return {"results": str(out / "results.json"), "pages": str(out / "pages.json"), "pngs": pngs, "drawn": drawn,
+            "skipped": [s["file_name"] for s in skipped], "num_skipped": len(skipped)}

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from beit.data.datasets import decode_image, list_images
+from beit.data.datasets import SkipCounter, decode_image_matching, image_size, list_images
 from beit.data.seeding import seeded
 
 __all__ = [
@@ -346,6 +346,7 @@ class SegmentationDataset(Dataset):
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         self.seed, self.epoch = seed, 0
         self.bad_samples: list[tuple[str, str]] = []  # (path, reason)
+        self._skips = SkipCounter()  # replaced samples, summed over DataLoader workers
         for p in problems:
             self._bad(p.split(":")[0], p)
         if not self.pairs:
@@ -355,6 +356,11 @@ class SegmentationDataset(Dataset):
     @property
     def num_skipped(self) -> int:
         return len(self.bad_samples)
+
+    def skipped_count(self) -> int:
+        """Bad pairs met while loading (a training sample replaced, an eval sample dropped), one per request,
+        summed over this process and its DataLoader workers (the engine logs it as ``skipped_files``)."""
+        return self._skips.total()
 
     def _bad(self, path: str, reason: str) -> None:
         if self.on_bad_sample == "error":
@@ -373,15 +379,15 @@ class SegmentationDataset(Dataset):
         """Decode and check one pair: (RGB image, label map in training label space); raises BadSampleError."""
         img_path, mask_path = self.pairs[index]
         try:
-            img = decode_image(img_path)
-        except (OSError, ValueError) as e:
-            raise BadSampleError(f"{img_path}: cannot read image ({e})") from None
-        try:
             raw = read_mask(mask_path)
         except BadSampleError:
             raise
         except (OSError, ValueError) as e:
             raise BadSampleError(f"{mask_path}: cannot read mask ({e})") from None
+        try:  # upright by EXIF, unless the mask was drawn on the stored pixels
+            img = decode_image_matching(img_path, (raw.shape[1], raw.shape[0]))
+        except (OSError, ValueError) as e:
+            raise BadSampleError(f"{img_path}: cannot read image ({e})") from None
         if raw.shape != (img.height, img.width):
             raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {img_path} "
                                  f"is {img.width}x{img.height}")
@@ -410,9 +416,10 @@ class SegmentationDataset(Dataset):
         for i in range(len(self.pairs)):
             try:
                 img_path, mask_path = self.pairs[i]
-                with Image.open(img_path) as im:
-                    size = im.size
+                size = image_size(img_path)
                 raw = read_mask(mask_path)
+                if raw.shape == (size[0], size[1]) and image_size(img_path, exif=False) == (size[1], size[0]):
+                    size = (size[1], size[0])  # mask drawn on the stored pixels of an EXIF-rotated photo
                 if raw.shape != (size[1], size[0]):
                     raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
                                          f"{img_path} is {size[0]}x{size[1]}")
@@ -445,10 +452,13 @@ class SegmentationDataset(Dataset):
                 img, mask = self.load(int(index))
             except BadSampleError as e:
                 self._bad(self.pairs[int(index)][0], str(e))
+                self._skips.add()
                 return None
             x, m = self.transform(img, mask)
             return {"image": x, "mask": m, "path": self.pairs[int(index)][0]}
         j, img, mask = self._load_good(int(index))
+        if j != int(index):
+            self._skips.add()
         with seeded(self.seed, self.epoch, int(index)):
             return self.transform(img, mask)
 

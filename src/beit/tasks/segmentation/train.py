@@ -361,7 +361,7 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
 def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentConfig, out_dir: str | Path,
                    n: int, prefix: str = "overlay") -> list[Path]:
     """Overlays (prediction | ground truth) of the first ``n`` val images as PNGs."""
-    from beit.data.datasets import decode_image
+    from beit.data.datasets import decode_image_matching
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -374,7 +374,7 @@ def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentCo
         probs = inference(model, item["image"][None].to(device), val_ds.num_classes, mode=t.mode,
                           crop=t.crop or cfg.data.crop_size, stride=t.stride, out_size=tuple(item["mask"].shape))
         pred = probs.argmax(1)[0].cpu()
-        img = decode_image(item["path"])
+        img = decode_image_matching(item["path"], (item["mask"].shape[-1], item["mask"].shape[-2]))
         paths.append(save_overlay(Path(out_dir) / f"{prefix}_{i:03d}.png", img, pred, palette, gt=item["mask"],
                                   ignore_index=val_ds.ignore_index))
     model.train(was_training)
@@ -456,25 +456,45 @@ def evaluate(model: nn.Module, cfg: SegmentConfig, out_dir: str | Path | None = 
 @torch.no_grad()
 def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], out_dir: str | Path,
             alpha: float = 0.5) -> list[Path]:
-    """For each image: ``<stem>_overlay.png`` (colours over the image) and ``<stem>_labels.png`` (class ids)."""
+    """For each image: ``<stem>_overlay.png`` (colours over the image) and ``<stem>_labels.png`` (class ids).
+
+    Stems that repeat across folders become ``<dir>__<file>`` (``beit.data.datasets.output_stems``), so
+    no result overwrites another. A file that cannot be read is skipped with a warning; ``index.json``
+    in ``out_dir`` has one entry per input, in input order: its outputs, or its ``error``, and
+    ``num_skipped``. Returns the overlays written.
+    """
+    import json
+
     from PIL import Image
 
-    from beit.data.datasets import decode_image
+    from beit.data.datasets import decode_image, output_stems
 
     device = D.device()
     model.to(device).eval()
     tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
     palette, t, out = make_palette(model.num_classes), cfg.test, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    written = []
-    for path in inputs:
-        img = decode_image(path)
+    written, index = [], []
+    for path, stem in zip(inputs, output_stems(inputs)):
+        try:
+            img = decode_image(path)
+        except Exception as err:  # noqa: BLE001 - any decoder error means unreadable
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            index.append({"input": str(path), "error": f"unreadable: {type(err).__name__}: {err}"})
+            continue
         x = tf.image(img)[None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             probs = inference(model, x, model.num_classes, mode=t.mode, crop=t.crop or cfg.data.crop_size,
                               stride=t.stride, flip=t.flip, scales=t.scales, out_size=(img.height, img.width))
         pred = probs.argmax(1)[0].cpu().numpy()
-        stem = Path(path).stem
         written.append(save_overlay(out / f"{stem}_overlay.png", img, pred, palette, alpha))
         Image.fromarray(pred.astype("uint8" if model.num_classes <= 256 else "int32")).save(out / f"{stem}_labels.png")
+        index.append({"input": str(path), "overlay": str(written[-1]), "labels": str(out / f"{stem}_labels.png")})
+    skipped = sum("error" in e for e in index)
+    (out / "index.json").write_text(json.dumps({"files": index, "num_skipped": skipped}, indent=1))
+    if skipped:
+        logger.warning("skipped %d of %d images (see %s)", skipped, len(index), out / "index.json")
+    if not written:
+        raise ValueError(f"none of the {len(index)} images could be read (see {out / 'index.json'})")
     return written
