@@ -10,6 +10,7 @@ Rows (img/s; ratios against the resident step of the same model):
   finetune_dev      BEiT-B/16 classification at 224, RandAugment + random erasing on the device, mixup/cutmix
                     + label smoothing (timm Mixup) in the step, fed from class folders of the JPEGs
   finetune_res      the same step (mixup included) on one GPU-resident batch
+  token_agreement   share of tokenizer ids equal on device-made vs CPU-made (PIL Lanczos) views of the same crops
   cifar_ft / cifar_pt   21M BEiT (384 wide, 12 blocks, 4-px patches) on 32 px images kept in GPU memory:
                     fine-tuning with the full recipe, pre-training with a dVAE tokenizer in the loop
 
@@ -160,6 +161,41 @@ def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: 
     res["loader_dev"]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
 
 
+def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    """How often the tokenizer's ids on device-made tokenizer views equal those on the CPU path's views
+    (PIL Lanczos resize of the same crop and flip, no colour jitter), over ``a.batch`` images."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    if a.tokenizer:
+        from beit.tokenizers import load_tokenizer
+
+        tok = load_tokenizer("dalle", encoder=a.tokenizer, precision="fp16" if device.type == "cuda" else "fp32")
+        tok = tok.to(device).eval()
+    else:
+        tok = _tokenizer(a, device, a.tok_down)
+    views = PretrainViews((a.size, a.size), (a.size // a.patch * tok.downsample,) * 2, color_jitter=(0, 0, 0))
+    enc = EncodedImageFiles.from_folder(folder, seed=0)
+    batch = collate_encoded([enc[i] for i in range(min(a.batch, len(enc)))])
+    pipe = PretrainPipeline(views, device)
+    dev_views = pipe(batch)["tok_image"]
+    imgs, _ = pipe.decoder(batch)
+    p = views.params(batch.index, batch.epoch, torch.tensor([i.shape[-2] for i in imgs]),
+                     torch.tensor([i.shape[-1] for i in imgs]))
+    cpu_views = []
+    for path, (t, left, h, w), flip in zip(batch.names, p["box"].tolist(), p["flip"].tolist()):
+        img = Image.open(path).convert("RGB")
+        v = TF.resized_crop(img, t, left, h, w, list(views.tokenizer_size), InterpolationMode.LANCZOS)
+        cpu_views.append(TF.to_tensor(TF.hflip(v) if flip else v))
+    cpu_views = torch.stack(cpu_views).to(device)
+    with torch.no_grad():
+        ids_dev = tok.encode(dev_views, validate=False)
+        ids_cpu = tok.encode(cpu_views, validate=False)
+    res["token_agreement"] = {"ids_equal_frac": float((ids_dev == ids_cpu).float().mean()),
+                              "pixel_mean_abs_diff": float((dev_views - cpu_views).abs().mean()),
+                              "tokenizer": a.tokenizer or "random weights (pass --tokenizer encoder.pkl)"}
+
+
 def _mim_model(a: argparse.Namespace, vocab: int, device: torch.device) -> torch.nn.Module:
     if a.tiny:
         m = beit.create_model("beit_tiny_patch16_224", head="mim", vocab_size=vocab, img_size=a.size,
@@ -281,7 +317,8 @@ def main() -> None:
     ap.add_argument("--cifar-images", type=int, default=50000)
     ap.add_argument("--cifar-batch", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
-    ap.add_argument("--only", default="loader,pretrain,finetune,cifar")
+    ap.add_argument("--tokenizer", default="", help="DALL-E encoder.pkl / safetensors for the id-agreement row")
+    ap.add_argument("--only", default="loader,tokens,pretrain,finetune,cifar")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -308,6 +345,7 @@ def main() -> None:
             make_jpegs(folder, a.images)
         print(f"{a.images} JPEGs 500x375 written in {time.perf_counter() - t0:.1f}s", flush=True)
         for name, fn in (("loader", lambda: loader_rows(folder, a, device, res)),
+                         ("tokens", lambda: token_agreement_row(folder, a, device, res)),
                          ("pretrain", lambda: pretrain_rows(folder, a, device, res)),
                          ("finetune", lambda: finetune_rows(folder, a, device, res)),
                          ("cifar", lambda: cifar_rows(a, device, res))):
@@ -322,7 +360,7 @@ def main() -> None:
                 traceback.print_exc(limit=4)
                 res[name + "_error"] = f"{type(e).__name__}: {e}"
             print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(
-                {k: v for k, v in res.items() if k.startswith(name)}, default=float), flush=True)
+                {k: v for k, v in res.items() if k.startswith(name[:5])}, default=float), flush=True)
     print("\nsummary (img/s):")
     for k, v in res.items():
         if isinstance(v, dict) and "img_per_s" in v:
