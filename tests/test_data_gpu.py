@@ -322,6 +322,23 @@ def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
         build_device_train(bad, "cpu")
 
 
+def test_pretrain_device_setting_errors_name_the_key(tmp_path):
+    from beit.engine import ConfigError
+    from beit.tasks.pretrain import PretrainConfig, PretrainDataConfig, build_device_data
+
+    (tmp_path / "a.tar").write_bytes(b"")
+
+    def cfg(path, device):
+        return PretrainConfig(data=PretrainDataConfig(path=str(path), num_samples=8, device=device))
+
+    with pytest.raises(ConfigError, match=r"data\.device.*gpu is not implemented for webdataset shards"):
+        build_device_data(cfg(tmp_path / "a.tar", "gpu"), 8, "cpu")
+    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
+        build_device_data(cfg(tmp_path, "fast"), 8, "cpu")
+    assert build_device_data(cfg(tmp_path, "auto"), 8, "cpu") is None  # auto without CUDA: the PIL path
+    assert build_device_data(cfg(tmp_path / "a.tar", "auto"), 8, "cuda") is None  # shards: the PIL path
+
+
 def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     from _finetune_data import TINY_OVERRIDES, colored_squares
     from beit.engine import load_config
@@ -334,6 +351,7 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
         f"data.val_dir={data / 'val'}", "data.device=gpu"])
     res = finetune(cfg)
     assert res["step"] == 2 and 0 <= res["top1"] <= 100
+    assert res["data_decode"]["fallback"] == {"png": 16} and res["data_decode"]["skipped"] == 0  # 2 steps x 8 PNGs
     # pre-training from a folder with a broken file, views made by the batched path
     from beit.tasks.pretrain import PretrainConfig, pretrain
     from beit.tokenizers import DiscreteVAE
@@ -354,3 +372,4 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     out = pretrain(pcfg)
     assert out["step"] == 3 and Path(out["panel"]).exists()
     assert out["data_decode"]["skipped_names"] == [str(images / "broken.jpg")]
+    assert out["data_decode"]["gpu"] >= 12 and not out["data_decode"]["fallback"]  # JPEGs: decode_jpeg
