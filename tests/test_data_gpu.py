@@ -373,3 +373,30 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     assert out["step"] == 3 and Path(out["panel"]).exists()
     assert out["data_decode"]["skipped_names"] == [str(images / "broken.jpg")]
     assert out["data_decode"]["gpu"] >= 12 and not out["data_decode"]["fallback"]  # JPEGs: decode_jpeg
+
+
+def test_device_path_resume_is_exact(tmp_path):
+    """Augmentation parameters are a function of (seed, epoch, index): a resumed run sees the same data."""
+    from _finetune_data import TINY_OVERRIDES, colored_squares
+    from beit.engine import load_config
+    from beit.engine.logging import read_metrics
+    from beit.tasks.finetune import FinetuneConfig, finetune
+
+    data = colored_squares(tmp_path / "sq", {"train": 8})
+
+    def cfg(out, *extra):
+        return load_config(FinetuneConfig, None, [
+            *TINY_OVERRIDES, f"train.output_dir={out}", "train.num_workers=0", "train.batch_size=8",
+            "train.max_steps=4", "train.warmup_steps=1", "train.ckpt_every=1", "train.log_every=1",
+            f"data.train_dir={data / 'train'}",
+            "data.device=gpu", *extra])
+
+    finetune(cfg(tmp_path / "full"))
+    finetune(cfg(tmp_path / "part"), stop_after_step=2)
+    finetune(cfg(tmp_path / "part", "train.resume=auto"))
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+
+    assert len(losses(tmp_path / "full")) == 4
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
