@@ -199,7 +199,7 @@ def _upsampled_crops(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int,
     gy = (top + oy * bh / out_h) * 2 / H - 1
     gx = (left + ox * bw / out_w) * 2 / W - 1
     grid = torch.stack([gx.view(B, 1, out_w).expand(B, out_h, out_w),
-                        gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1).to(images.device)
+                        gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1).to(images.device, non_blocking=True)
     return F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
@@ -211,8 +211,28 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     return (factor * x + (1 - factor) * other).clamp_(0, 1)
 
 
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's SMOOTH filter
+
+
+class _DeviceConstants:
+    """Copies of small constant CPU tensors per device, made once: a blocking copy of a CPU tensor waits for
+    all queued GPU work, so none is made per batch."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._copies:
+            self._copies[key] = t.to(device)
+        return self._copies[key]
+
+
+_MODULE_CONSTANTS = _DeviceConstants()
+
+
 def _col(v: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return v.to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)
+    return v.to(torch.float32).to(device, non_blocking=True).view(-1, 1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------ pre-training
@@ -262,6 +282,7 @@ class PretrainViews:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.seed = int(seed)
+        self._constants = _DeviceConstants()
 
     @classmethod
     def from_transform(cls, t: Any, seed: int = 0) -> PretrainViews:
@@ -306,7 +327,7 @@ class PretrainViews:
         patch, tok = resized_crops(images, p["box"], [self.input_size, self.tokenizer_size])
         patch = patch.div_(255.0).clamp_(0, 1)
         tok = tok.div_(255.0).clamp_(0, 1)
-        flip = p["flip"].to(device).view(-1, 1, 1, 1)
+        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
         patch = torch.where(flip, patch.flip(-1), patch)
         tok = torch.where(flip, tok.flip(-1), tok)
         factors = p["jitter"].float()
@@ -323,7 +344,8 @@ class PretrainViews:
                     patch, tok = _blend(patch, m, f), _blend(tok, m, f)
                 else:
                     patch, tok = _blend(patch, _gray(patch), f), _blend(tok, _gray(tok), f)
-        out = {"image": (patch - self.mean.to(device)) / self.std.to(device), "tok_image": tok}
+        c = self._constants
+        out = {"image": (patch - c.get("mean", self.mean, device)) / c.get("std", self.std, device), "tok_image": tok}
         if masks is not None:
             out["mask"] = masks.to(device, non_blocking=True)
         return out
@@ -372,7 +394,8 @@ def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor) -> torch.Te
     xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [H, W, 3]
-    src = torch.einsum("hwk,nck->nhwc", pts, mats.to(x.device, torch.float32))  # [n, H, W, 2] in pixels
+    mats = mats.to(torch.float32).to(x.device, non_blocking=True)
+    src = torch.einsum("hwk,nck->nhwc", pts, mats)  # [n, H, W, 2] input pixel coordinates
     grid = torch.stack([src[..., 0] * 2 / W - 1, src[..., 1] * 2 / H - 1], dim=-1)
     ones = torch.ones(n, 1, H, W, device=x.device)
     out = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -404,7 +427,7 @@ def _geometric_mats(name: str, arg: torch.Tensor, H: int, W: int) -> torch.Tenso
 
 
 def _sharp_degenerate(x: torch.Tensor) -> torch.Tensor:
-    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13
+    k = _MODULE_CONSTANTS.get("smooth", _SMOOTH, x.device)
     blurred = F.conv2d(x, k.expand(3, 1, 3, 3), groups=3)
     out = x.clone()
     out[..., 1:-1, 1:-1] = blurred
@@ -426,7 +449,7 @@ def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor)
         return 1 - x
     if name.startswith("Posterize"):
         bits = arg.to(torch.int64).clamp(0, 8)
-        masks = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).to(device).view(-1, 1, 1, 1)
+        masks = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).to(device, non_blocking=True).view(-1, 1, 1, 1)
         return ((x * 255).round_().to(torch.uint8) & masks).float() / 255
     if name.startswith("Solarize") and name != "SolarizeAdd":
         thr = _col(arg, device)
@@ -515,6 +538,7 @@ class FinetuneAugment:
         self.fill = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1) / 255
         self.ra = _RandAugmentSpec(auto_augment, fill) if auto_augment else None  # type: ignore[arg-type]
         self.seed = int(seed)
+        self._constants = _DeviceConstants()
 
     # --- parameters (CPU) -----------------------------------------------------------------------------
     def _crop(self, u: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
@@ -589,25 +613,26 @@ class FinetuneAugment:
         if self.small:
             x = images if torch.is_tensor(images) else torch.stack(list(images))
             x = F.pad(x.float(), (4, 4, 4, 4)) / 255
-            box = p["box"].to(device)
+            box = p["box"].to(device, non_blocking=True)
             rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
             cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)
             bidx = torch.arange(B, device=device).view(B, 1, 1)
             x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
         else:
             x = resized_crops(images, p["box"], [(S, S)])[0].div_(255).clamp_(0, 1)
-        flip = p["flip"].to(device).view(-1, 1, 1, 1)
+        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x).contiguous()
-        fill = self.fill.to(device)
+        c = self._constants
+        fill = c.get("fill", self.fill, device)
         for op, applied, arg in p["ra"]:
             assert self.ra is not None
             for k, name in enumerate(self.ra.names):
                 sel = ((op == k) & applied).nonzero().view(-1)  # CPU tensors: no device sync
                 if len(sel) == 0:
                     continue
-                idx = sel.to(device)
+                idx = sel.to(device, non_blocking=True)
                 x[idx] = _apply_op(name, x[idx], arg[sel], fill)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = (x - c.get("mean", self.mean, device)) / c.get("std", self.std, device)
         if self.re_prob > 0 and bool(p["erase"].any()):
             eb = p["erase_box"]
             ar = torch.arange(S)
@@ -618,5 +643,5 @@ class FinetuneAugment:
             g = torch.Generator(device=device)
             g.manual_seed(derive_seed(self.seed, epoch, int(index.view(-1)[0])))
             noise = torch.randn(x.shape, generator=g, device=device)
-            x = torch.where(inside.to(device).unsqueeze(1), noise, x)
+            x = torch.where(inside.to(device, non_blocking=True).unsqueeze(1), noise, x)
         return x

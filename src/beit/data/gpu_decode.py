@@ -467,7 +467,7 @@ class FinetunePipeline:
         self.device = torch.device(device)
         self.decoder = BatchDecoder(self.device)
         self.images = _device_images(images, self.device) if images is not None else None
-        self.labels = labels.to(self.device) if labels is not None else None
+        self.labels = labels.to(self.device) if labels is not None else None  # once, at set-up
 
     @torch.no_grad()
     def __call__(self, batch: EncodedBatch | IndexBatch) -> tuple[torch.Tensor, torch.Tensor]:
