@@ -14,6 +14,11 @@ rejects after all (corrupt body) is retried alone, then on CPU with PIL, and if 
 skipped, named and replaced by another image of the batch, so an epoch never stops. EXIF orientation is
 applied to every image (PIL's ``ImageOps.exif_transpose`` semantics).
 
+Why torchvision's nvJPEG and not NVIDIA DALI: DALI is a separate CUDA-specific wheel that the training
+machines do not carry, and its pipelines own the loader (sharding, seeding, resume), which the engine
+already does; torchvision ships with torch and decodes a list of JPEGs in one call. Measure with
+``benchmarks/data_pipeline.py`` (rows ``loader_cpu`` / ``loader_dev``) before reconsidering.
+
 The batch (``EncodedBatch``) is not a tensor, dict or list, so the engine's ``_to_device`` passes it to
 the task's step untouched; the task turns it into views with ``PretrainPipeline`` / ``FinetunePipeline``.
 """
