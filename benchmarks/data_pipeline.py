@@ -173,7 +173,7 @@ def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.devic
         tok = load_tokenizer("dalle", encoder=a.tokenizer, precision="fp16" if device.type == "cuda" else "fp32")
         tok = tok.to(device).eval()
     else:
-        tok = _tokenizer(a, device, a.tok_down)
+        tok = _tokenizer(a, device, a.tok_down, compile=False)
     views = PretrainViews((a.size, a.size), (a.size // a.patch * tok.downsample,) * 2, color_jitter=(0, 0, 0))
     enc = EncodedImageFiles.from_folder(folder, seed=0)
     batch = collate_encoded([enc[i] for i in range(min(a.batch, len(enc)))])
@@ -205,7 +205,7 @@ def _mim_model(a: argparse.Namespace, vocab: int, device: torch.device) -> torch
     return _compile(m.to(device).train(), device, a.compile)
 
 
-def _tokenizer(a: argparse.Namespace, device: torch.device, downsample: int) -> torch.nn.Module:
+def _tokenizer(a: argparse.Namespace, device: torch.device, downsample: int, compile: bool = True) -> torch.nn.Module:
     if a.tiny or device.type != "cuda":
         from beit.tokenizers import DiscreteVAE
 
@@ -215,7 +215,7 @@ def _tokenizer(a: argparse.Namespace, device: torch.device, downsample: int) -> 
 
         tok = DalleTokenizer(DalleEncoder(), precision="fp16", channels_last=True)
     tok = tok.to(device).eval().requires_grad_(False)
-    if device.type == "cuda" and a.compile and hasattr(tok, "encoder"):
+    if device.type == "cuda" and a.compile and compile and hasattr(tok, "encoder"):
         tok.encoder.compile()
     return tok
 
@@ -285,8 +285,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     ds = InMemoryIndices(len(images), seed=0)
     pipe = FinetunePipeline(FinetuneAugment(32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device,
                             images, labels)
-    workers = min(a.workers, 4)
-    it = _endless(lambda: _loader(ds, batch, workers, InMemoryIndices.collate, device), ds)
+    it = _endless(lambda: _loader(ds, batch, min(a.workers, 2), InMemoryIndices.collate, device), ds)
     res["cifar_ft"] = _timed(lambda: pipe(next(it)), step, batch, a.steps, 3, device)
     # pre-training: masks in the workers, views on the device, dVAE tokenizer (4x down) in the loop
     from beit.tokenizers import DiscreteVAE
@@ -300,7 +299,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     masks = default_mask_generator(8)
     pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
     ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
-    pit = _endless(lambda: _loader(pds, batch, workers, InMemoryIndices.collate, device), pds)
+    pit = _endless(lambda: _loader(pds, batch, a.workers, InMemoryIndices.collate, device), pds)  # masks: CPU work
     res["cifar_pt"] = _timed(lambda: ppipe(next(pit)), pstep, batch, a.steps, 3, device)
 
 
