@@ -331,12 +331,9 @@ def test_pretrain_device_setting_errors_name_the_key(tmp_path):
     def cfg(path, device):
         return PretrainConfig(data=PretrainDataConfig(path=str(path), num_samples=8, device=device))
 
-    with pytest.raises(ConfigError, match=r"data\.device.*gpu is not implemented for webdataset shards"):
-        build_device_data(cfg(tmp_path / "a.tar", "gpu"), 8, "cpu")
     with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
         build_device_data(cfg(tmp_path, "fast"), 8, "cpu")
     assert build_device_data(cfg(tmp_path, "auto"), 8, "cpu") is None  # auto without CUDA: the PIL path
-    assert build_device_data(cfg(tmp_path / "a.tar", "auto"), 8, "cuda") is None  # shards: the PIL path
 
 
 def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
@@ -400,3 +397,30 @@ def test_device_path_resume_is_exact(tmp_path):
 
     assert len(losses(tmp_path / "full")) == 4
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_webdataset_shards_on_the_device_path(tmp_path):
+    import io
+
+    import webdataset as wds
+
+    from beit.data.gpu_decode import EncodedWebDataset
+
+    shard = tmp_path / "train-0000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(_smooth_image(24, 32, i)).save(buf, format="JPEG" if i % 2 else "PNG")
+            w.write({"__key__": f"k{i}", "jpg" if i % 2 else "png": buf.getvalue(), "cls": str(i % 3).encode()})
+            if i == 2:
+                w.write({"__key__": "bad", "jpg": b"not an image", "cls": b"0"})
+    masks = BlockwiseMaskGenerator((2, 2), 2, 1)
+    ds = EncodedWebDataset([str(shard)], mask_generator=masks, label_key="cls", shuffle_shards=False, seed=4)
+    batch = collate_encoded(list(ds))
+    assert len(batch) == 6 and batch.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert batch.skipped == [f"{shard}:bad"] and batch.reasons == ["png", None] * 3
+    pipe = PretrainPipeline(PretrainViews((16, 16), (8, 8), seed=4), "cpu")
+    out = pipe(batch)
+    assert out["image"].shape == (6, 3, 16, 16) and pipe.decoder.summary()["skipped_names"] == [f"{shard}:bad"]
+    again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
+    assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])

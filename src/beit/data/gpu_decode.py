@@ -36,14 +36,15 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from .datasets import ImageFolderDataset, LabeledImageFolder, _unpack_index, to_rgb
-from .seeding import seeded
+from .datasets import ImageFolderDataset, LabeledImageFolder, WebDatasetShards, _unpack_index, to_rgb
+from .seeding import seeded, stable_index
 
 __all__ = [
     "BatchDecoder",
     "EncodedBatch",
     "EncodedImageFiles",
     "EncodedSample",
+    "EncodedWebDataset",
     "FinetunePipeline",
     "InMemoryIndices",
     "PretrainPipeline",
@@ -166,10 +167,12 @@ class EncodedBatch:
         return self
 
 
-def collate_encoded(samples: Sequence[EncodedSample]) -> EncodedBatch:
-    """Stack ``EncodedSample``s into an ``EncodedBatch`` (masks and labels stacked, the rest as lists)."""
+def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]) -> EncodedBatch:
+    """Stack ``EncodedSample``s (or ``(sample, label)`` pairs) into an ``EncodedBatch`` (masks and labels
+    stacked, the rest as lists)."""
     if not samples:
         raise ValueError("collate_encoded got an empty batch")
+    samples = [s[0] if isinstance(s, tuple) else s for s in samples]  # (sample, label) from labeled streams
     masks = torch.stack([s.mask for s in samples]) if samples[0].mask is not None else None
     labels = torch.tensor([s.label for s in samples], dtype=torch.long) if samples[0].label >= 0 else None
     spans: list[tuple[int, int] | None] = []
@@ -266,6 +269,58 @@ class EncodedImageFiles(torch.utils.data.Dataset):
             with seeded(self.seed, epoch, index):
                 sample.mask = self.mask_generator()
         return sample
+
+
+class EncodedWebDataset(WebDatasetShards):
+    """``WebDatasetShards`` for the batched decoder: yields ``EncodedSample``s (bytes or CPU-decoded image,
+    mask drawn inside ``seeded(seed, epoch, stable_index(__key__))``, label when ``label_key`` is set).
+
+    Same shard order, rank/worker split and resume as ``WebDatasetShards``; unreadable samples are skipped and
+    named in the next sample's ``skipped`` list, so the main process counts them.
+    """
+
+    def __init__(self, urls: str | Sequence[str], *, mask_generator: Callable[[], torch.Tensor] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(urls, transform=self._draw_mask, **kwargs)
+        self.mask_generator = mask_generator
+        self._pending_skips: list[str] = []
+
+    def _draw_mask(self, sample: EncodedSample) -> EncodedSample:  # runs inside seeded(seed, epoch, key)
+        if self.mask_generator is not None:
+            sample.mask = self.mask_generator()
+        sample.skipped, self._pending_skips = self._pending_skips, []
+        return sample
+
+    def _skip(self, key: str, why: str) -> None:
+        super()._skip(key, why)
+        self._pending_skips.append(key)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[EncodedSample, int] | None:
+        key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        data = next((sample[k] for k in sample if k.lower() in self.image_keys), None)
+        if data is None:
+            self._skip(key, f"no image among keys {sorted(k for k in sample if not k.startswith('__'))}")
+            return None
+        target = -1
+        if self.label_key is not None:
+            raw = sample.get(self.label_key)
+            try:
+                target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+            except (TypeError, ValueError):
+                self._skip(key, f"missing or non-integer label {self.label_key!r}: {raw!r}")
+                return None
+        try:
+            reason, _, orientation = probe(data)
+            out = EncodedSample(index=stable_index(str(sample.get("__key__", ""))), epoch=self.epoch, name=key,
+                                orientation=orientation, reason=reason, label=target)
+            if reason is None:
+                out.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                out.image = _pil_decode(data)
+        except Exception as err:  # noqa: BLE001
+            self._skip(key, f"{type(err).__name__}: {err}")
+            return None
+        return out, target
 
 
 class BatchDecoder:

@@ -53,7 +53,7 @@ class PretrainDataConfig:
     min_mask_patches_per_block: int = 16
     max_mask_patches_per_block: int | None = None
     device: str = "auto"  # where images are decoded and augmented: auto (gpu on CUDA) | cpu (PIL in the
-    # workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device; folders and in_memory)
+    # workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
 
 
 @dataclass
@@ -190,10 +190,10 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     """The batched on-device data path (``data.device``), or None for the CPU path.
 
     Returns ``(dataset, collate_fn, pipeline)``: the workers read bytes and draw masks, ``pipeline(batch)``
-    decodes and makes the two views on ``device``. Webdataset shards stay on the CPU path (``auto``).
+    decodes and makes the two views on ``device``. Folders, webdataset shards and ``data.in_memory``.
 
     Raises:
-        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with webdataset shards.
+        ConfigError: ``data.device`` is not auto | cpu | gpu.
     """
     from ..data.gpu_augment import PretrainViews
     from ..data.gpu_decode import (
@@ -212,10 +212,6 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         raise ConfigError("data.device", str(e)) from None
     if not wanted:
         return None
-    if shard_urls(d.path):
-        if d.device == "gpu":
-            raise ConfigError("data.device", "gpu is not implemented for webdataset shards; use auto or cpu")
-        return None
     grid = m.img_size // m.patch_size
     masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
                                    d.max_mask_patches_per_block)
@@ -224,6 +220,12 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
                           std=tuple(d.std), mask_generator=masks)
     views = PretrainViews.from_transform(t, seed=cfg.train.seed)
     seed = cfg.train.seed
+    urls = shard_urls(d.path)
+    if urls:
+        from ..data.gpu_decode import EncodedWebDataset
+
+        shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
+        return shards, collate_encoded, PretrainPipeline(views, device)
     if d.in_memory:
         from ..data.datasets import load_image_folder_to_memory
 
