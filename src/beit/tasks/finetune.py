@@ -60,6 +60,8 @@ class DataConfig:
     mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
     std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
     eval_batch_size: int = 0  # 0 = train.batch_size
+    device: str = "auto"  # where training images are decoded and augmented: auto (gpu on CUDA when the recipe
+    # allows) | cpu (PIL in the workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
 
     def validate(self) -> None:
         if self.resize not in ("crop", "full"):
@@ -258,7 +260,6 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
     left out (counted and logged) instead of being replaced by a neighbour.
     """
     from ..data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
-    from .evaluate import _readable_subset
 
     if not data.train_dir:
         raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
@@ -269,6 +270,14 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
     else:
         folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
         train, names = folder, list(folder.classes)
+    return train, _build_val(data, eval_transform, names, seed), list(names)
+
+
+def _build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int) -> Dataset | None:
+    """The val dataset of ``data`` for the training classes ``names`` (None without ``val_dir``)."""
+    from ..data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
+    from .evaluate import _readable_subset
+
     val: Dataset | None = None
     if data.val_dir:
         try:
@@ -281,7 +290,74 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
         except ValueError as e:
             raise ValueError(f"validation set {data.val_dir!r} does not fit the {len(names)} training classes: "
                              f"{e}") from None
-    return train, val, list(names)
+    return val
+
+
+def _device_path_blocker(data: DataConfig) -> str | None:
+    """Why the training recipe of ``data`` cannot run on the batched device path (None = it can)."""
+    if data.resize != "crop":
+        return f"data.resize={data.resize!r} (only 'crop')"
+    if data.grayscale:
+        return "data.grayscale=true"
+    if data.interpolation != "bicubic":
+        return f"data.interpolation={data.interpolation!r} (only 'bicubic')"
+    if data.auto_augment and not str(data.auto_augment).startswith("rand"):
+        return f"data.auto_augment={data.auto_augment!r} (only RandAugment 'rand-...')"
+    if not data.auto_augment and data.color_jitter:
+        return "data.color_jitter without auto_augment (no colour jitter on the device path)"
+    return None
+
+
+def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_names: list[str] | None = None
+                       ) -> tuple[Dataset, Any, Any, list[str]] | None:
+    """The batched on-device training data (``data.device``), or None for the CPU path.
+
+    Returns ``(dataset, collate_fn, pipeline, class_names)``; ``pipeline(batch)`` gives ``(images, labels)``
+    on ``device`` with the paper's recipe applied per sample (``beit.data.gpu_augment.FinetuneAugment``).
+
+    Raises:
+        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks.
+    """
+    from ..data.gpu_augment import FinetuneAugment
+    from ..data.gpu_decode import (
+        EncodedImageFiles,
+        FinetunePipeline,
+        InMemoryIndices,
+        collate_encoded,
+        use_device_path,
+    )
+
+    data = cfg.data
+    try:
+        wanted = use_device_path(data.device, device)
+    except ValueError as e:
+        raise ConfigError("data.device", str(e)) from None
+    if not wanted:
+        return None
+    blocker = _device_path_blocker(data)
+    if blocker is not None:
+        if data.device == "gpu":
+            raise ConfigError("data.device", f"gpu cannot run this recipe: {blocker}; use auto or cpu")
+        logger.info("data.device=auto: CPU data path, because of %s", blocker)
+        return None
+    if not data.train_dir:
+        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    try:
+        augment = FinetuneAugment(cfg.img_size, scale=tuple(data.scale), hflip=data.hflip,
+                                  auto_augment=data.auto_augment or None, re_prob=data.reprob,
+                                  mean=tuple(data.mean), std=tuple(data.std), seed=cfg.train.seed)
+    except ValueError as e:
+        raise ConfigError("data.auto_augment", str(e)) from None
+    if data.in_memory:
+        from ..data.datasets import load_image_folder_to_memory
+
+        images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size,
+                                                            class_names=class_names or None)
+        return (InMemoryIndices(len(images), seed=cfg.train.seed), InMemoryIndices.collate,
+                FinetunePipeline(augment, device, images, labels), list(names))
+    ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
+                                       seed=cfg.train.seed)
+    return ds, collate_encoded, FinetunePipeline(augment, device), list(ds.classes)  # type: ignore[attr-defined]
 
 
 def check_num_classes(requested: int, names: list[str], where: str) -> int:
@@ -402,7 +478,13 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     if cfg.model in ("", MISSING):
         raise ConfigError("model", "is not set: a preset name (from scratch) or a checkpoint to fine-tune")
     preprocess = cfg.data.preprocess(cfg.img_size)
+    device_data = None
     if train_dataset is None:
+        device_data = build_device_train(cfg, D.device(), cfg.class_names or None)
+    if device_data is not None:
+        train_dataset, collate, pipeline, names = device_data
+        val_dataset = _build_val(cfg.data, build_preprocess(preprocess), names, cfg.train.seed)
+    elif train_dataset is None:
         train_dataset, val_dataset, names = build_datasets(
             cfg.data, build_train_transform(cfg.data, cfg.img_size), build_preprocess(preprocess),
             seed=cfg.train.seed, class_names=cfg.class_names or None)
@@ -420,11 +502,20 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     eval_bs = cfg.data.eval_batch_size or train_cfg.batch_size
     eval_fn = (make_eval_fn(val_dataset, num_classes, eval_bs, train_cfg.num_workers)
                if val_dataset is not None else None)
-    trainer = Trainer(model, train_dataset, make_step_fn(cfg, num_classes), train_cfg, eval_fn=eval_fn,
+    step_fn = make_step_fn(cfg, num_classes)
+    if device_data is not None:
+        from ..data.gpu_decode import with_pipeline
+
+        step_fn = with_pipeline(step_fn, pipeline)
+    trainer = Trainer(model, train_dataset, step_fn, train_cfg, eval_fn=eval_fn,
+                      collate_fn=collate if device_data is not None else None,
                       metric_to_track="top1" if eval_fn is not None else None, run_config=cfg)
     result: dict[str, Any] = dict(trainer.fit(stop_after_step))
     result["class_names"] = names
     result["output_dir"] = str(trainer.out)
+    if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
+        result["data_decode"] = pipeline.decoder.summary()
+        logger.info("data: %s", result["data_decode"])
     if trainer.step >= trainer.total_steps and D.is_main():
         result.update(_save_final(cfg, arch, trainer.out, names, val_dataset, eval_bs))
     return result

@@ -52,6 +52,8 @@ class PretrainDataConfig:
     num_mask_patches: int = 75  # ~40% of 14x14
     min_mask_patches_per_block: int = 16
     max_mask_patches_per_block: int | None = None
+    device: str = "auto"  # where images are decoded and augmented: auto (gpu on CUDA) | cpu (PIL in the
+    # workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
 
 
 @dataclass
@@ -183,6 +185,61 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
     return ds
 
 
+def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: torch.device | str
+                      ) -> tuple[torch.utils.data.Dataset, Any, Any] | None:
+    """The batched on-device data path (``data.device``), or None for the CPU path.
+
+    Returns ``(dataset, collate_fn, pipeline)``: the workers read bytes and draw masks, ``pipeline(batch)``
+    decodes and makes the two views on ``device``. Folders, webdataset shards and ``data.in_memory``.
+
+    Raises:
+        ConfigError: ``data.device`` is not auto | cpu | gpu.
+    """
+    from ..data.gpu_augment import PretrainViews
+    from ..data.gpu_decode import (
+        EncodedImageFiles,
+        InMemoryIndices,
+        PretrainPipeline,
+        collate_encoded,
+        use_device_path,
+    )
+    from ..data.transforms import PretrainTransform
+
+    m, d = cfg.model, cfg.data
+    try:
+        wanted = use_device_path(d.device, device)
+    except ValueError as e:
+        raise ConfigError("data.device", str(e)) from None
+    if not wanted:
+        return None
+    grid = m.img_size // m.patch_size
+    masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
+                                   d.max_mask_patches_per_block)
+    t = PretrainTransform(input_size=m.img_size, patch_size=m.patch_size, tokenizer_downsample=tokenizer_downsample,
+                          scale=tuple(d.scale), color_jitter=d.color_jitter, hflip=d.hflip, mean=tuple(d.mean),
+                          std=tuple(d.std), mask_generator=masks)
+    views = PretrainViews.from_transform(t, seed=cfg.train.seed)
+    seed = cfg.train.seed
+    urls = shard_urls(d.path)
+    if urls:
+        from ..data.gpu_decode import EncodedWebDataset
+
+        shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
+        return shards, collate_encoded, PretrainPipeline(views, device)
+    if d.in_memory:
+        from ..data.datasets import load_image_folder_to_memory
+
+        images, _, _ = load_image_folder_to_memory(d.path)
+        if d.max_images:
+            images = images[: d.max_images]
+        return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
+                PretrainPipeline(views, device, images))
+    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed)
+    if d.max_images:
+        ds.samples = ds.samples[: d.max_images]
+    return ds, collate_encoded, PretrainPipeline(views, device)
+
+
 def make_step_fn(tokenizer: nn.Module):
     """``(model, batch) -> (loss, metrics)``: tokens of the masked patches are the targets."""
 
@@ -245,13 +302,17 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
     return path
 
 
-def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device,
+                 device_data: tuple[Any, Any, Any] | None = None) -> dict[str, torch.Tensor]:
     from ..data.transforms import collate_pretrain
 
     if isinstance(dataset, torch.utils.data.IterableDataset):
         samples = [s for _, s in zip(range(n), iter(dataset))]
     else:
         samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    if device_data is not None:  # the on-device path: collate raw samples, then decode + views
+        _, collate, pipeline = device_data
+        return {k: v.to(device) for k, v in pipeline(collate(samples)).items()}
     return {k: v.to(device) for k, v in collate_pretrain(samples).items()}
 
 
@@ -274,19 +335,26 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.train()
     else:
         model = create_model(mcfg)
-    dataset = build_dataset(cfg, tokenizer.downsample)
-    step_fn = make_step_fn(tokenizer)
+    from ..data.transforms import collate_pretrain
+
+    device_data = build_device_data(cfg, tokenizer.downsample, device)
+    if device_data is None:
+        dataset, collate = build_dataset(cfg, tokenizer.downsample), collate_pretrain
+        step_fn = make_step_fn(tokenizer)
+    else:
+        dataset, collate, pipeline = device_data
+        from ..data.gpu_decode import with_pipeline
+
+        step_fn = with_pipeline(make_step_fn(tokenizer), pipeline)
     panel_batch: dict[str, torch.Tensor] = {}
     d = cfg.data
 
     def visualize(model: nn.Module, step: int, out_dir: Path) -> None:
         if not panel_batch:
-            panel_batch.update(_fixed_batch(dataset, cfg.vis_samples, device))
+            panel_batch.update(_fixed_batch(dataset, cfg.vis_samples, device, device_data))
         mim_panel(model, tokenizer, panel_batch, tuple(d.mean), tuple(d.std), Path(out_dir) / f"mim_step{step:07d}.png")
 
-    from ..data.transforms import collate_pretrain
-
-    trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate_pretrain, visualize_fn=visualize,
+    trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate, visualize_fn=visualize,
                       run_config=cfg)
     metrics = trainer.fit()
     out = Path(cfg.train.output_dir)
@@ -295,8 +363,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if D.is_main():
         final = save_model(final_model, out / "final")
         with torch.compiler.set_stance("force_eager"):  # compiled blocks: no recompile for the panel's shapes
-            panel = mim_panel(final_model, tokenizer, _fixed_batch(dataset, cfg.vis_samples, device),
+            panel = mim_panel(final_model, tokenizer, _fixed_batch(dataset, cfg.vis_samples, device, device_data),
                               tuple(d.mean), tuple(d.std), out / "mim_panel.png")
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
+    if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
+        result["data_decode"] = device_data[2].decoder.summary()
+        trainer.log.info(f"data: {result['data_decode']}")
     return result
 

@@ -1,0 +1,377 @@
+"""The input pipeline at GPU speed (issue 17): loader alone, and training steps fed by the loader vs the same
+step on GPU-resident batches, side by side in one command.
+
+Rows (img/s; ratios against the resident step of the same model):
+  loader_cpu        PIL decode + two views + mask in DataLoader workers (the CPU path)
+  loader_dev        bytes + masks from the workers, nvJPEG batch decode + per-sample views on the device
+  pretrain_dev      BEiT-B/16 MIM step + DALL-E-format tokenizer fed from the JPEG folder (device path),
+                    two epochs, with the slowest window after an epoch start against the median
+  pretrain_res      the same step on one GPU-resident batch
+  finetune_dev      BEiT-B/16 classification at 224, RandAugment + random erasing on the device, mixup/cutmix
+                    + label smoothing (timm Mixup) in the step, fed from class folders of the JPEGs
+  finetune_res      the same step (mixup included) on one GPU-resident batch
+  token_agreement   share of tokenizer ids equal on device-made vs CPU-made (PIL Lanczos) views of the same crops
+  cifar_ft / cifar_pt   21M BEiT (384 wide, 12 blocks, 4-px patches) on 32 px images kept in GPU memory:
+                    fine-tuning with the full recipe, pre-training with a dVAE tokenizer in the loop
+
+    python benchmarks/data_pipeline.py --json $OUT/data_pipeline.json             # on a GPU
+    python benchmarks/data_pipeline.py --device cpu --tiny                         # smoke test, a minute on CPU
+    python benchmarks/data_pipeline.py --photos data/camvid/train --cifar data/cifar10/train   # real images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+import beit
+from beit.data.datasets import ImageFolderDataset, load_image_folder_to_memory
+from beit.data.gpu_augment import FinetuneAugment, PretrainViews
+from beit.data.gpu_decode import (
+    EncodedImageFiles,
+    FinetunePipeline,
+    InMemoryIndices,
+    PretrainPipeline,
+    collate_encoded,
+)
+from beit.data.transforms import PretrainTransform, collate_pretrain, default_mask_generator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader_throughput import make_jpegs  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loader(ds: Any, batch: int, workers: int, collate: Callable, device: torch.device,
+            persistent: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
+                                       drop_last=True, pin_memory=device.type == "cuda",
+                                       persistent_workers=persistent and workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None)
+
+
+def _endless(make: Callable[[], Any], dataset: Any) -> Iterator[Any]:
+    """Batches epoch after epoch; a new loader (and new workers, as the engine) at every epoch start."""
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        yield from make()
+        epoch += 1
+
+
+def photos_to_jpegs(src: Path, dst: Path, n: int) -> None:
+    """Real photos (e.g. CamVid frames) resized to 500x375 and saved as JPEG q90, cycling if fewer than n."""
+    files = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if not files:
+        raise SystemExit(f"--photos {src}: no images found")
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.open(files[i % len(files)]).convert("RGB").resize((500, 375), Image.BICUBIC)
+        if i >= len(files):  # a different crop of a repeated photo, so files differ
+            img = img.transpose(Image.FLIP_LEFT_RIGHT) if (i // len(files)) % 2 else img
+        img.save(dst / f"{i:05d}.jpg", quality=90)
+
+
+def _classes(root: Path, out: Path, num_classes: int) -> Path:
+    """Class folders of symlinks to the same JPEGs (fine-tuning reads root/<class>/<image>)."""
+    files = sorted(root.glob("*.jpg"))
+    for i, f in enumerate(files):
+        d = out / f"c{i % num_classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f.name).symlink_to(f)
+    return out
+
+
+def _timed(next_batch: Callable[[], Any], step: Callable[[Any], None], batch: int, steps: int, warmup: int,
+           device: torch.device, window: int = 0) -> dict[str, float]:
+    """img/s of ``step(next_batch())`` over ``steps`` after ``warmup``; with ``window``, per-window img/s too."""
+    for _ in range(warmup):
+        step(next_batch())
+    _sync(device)
+    t0 = last = time.perf_counter()
+    windows: list[float] = []
+    for i in range(steps):
+        step(next_batch())
+        if window and (i + 1) % window == 0:
+            _sync(device)
+            now = time.perf_counter()
+            windows.append(window * batch / (now - last))
+            last = now
+    _sync(device)
+    out = {"img_per_s": steps * batch / (time.perf_counter() - t0)}
+    if windows:
+        med = statistics.median(windows)
+        out.update(window_min_img_per_s=min(windows), window_median_img_per_s=med,
+                   worst_window_vs_median=min(windows) / med)
+    return out
+
+
+def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device.type == "cuda")
+
+
+def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device) -> Callable[[Any], None]:
+    opt = _optimizer(model, device)
+    use_bf16 = device.type == "cuda"
+
+    def run(batch: Any) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss, _ = step_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _compile(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
+    if enabled and device.type == "cuda":
+        from beit.engine.trainer import _compile_model
+
+        _compile_model(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ rows
+def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    size, patch, ds_tok = a.size, a.patch, a.tok_down
+    t = PretrainTransform(size, patch, ds_tok, color_jitter=0.4)
+    cpu = ImageFolderDataset(folder, transform=t, seed=0)
+    it = _endless(lambda: _loader(cpu, a.batch, a.workers, collate_pretrain, device), cpu)
+    res["loader_cpu"] = _timed(lambda: next(it), lambda b: None, a.batch, a.steps, 2, device)
+    enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0)
+    pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+    it2 = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
+    res["loader_dev"] = _timed(lambda: next(it2), pipe, a.batch, a.steps, 2, device)
+    res["loader_dev"]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
+
+
+def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    """How often the tokenizer's ids on device-made tokenizer views equal those on the CPU path's views
+    (PIL Lanczos resize of the same crop and flip, no colour jitter), over ``a.batch`` images."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    if a.tokenizer:
+        from beit.tokenizers import load_tokenizer
+
+        tok = load_tokenizer("dalle", encoder=a.tokenizer, precision="fp16" if device.type == "cuda" else "fp32")
+        tok = tok.to(device).eval()
+    else:
+        tok = _tokenizer(a, device, a.tok_down, compile=False)
+    views = PretrainViews((a.size, a.size), (a.size // a.patch * tok.downsample,) * 2, color_jitter=(0, 0, 0))
+    enc = EncodedImageFiles.from_folder(folder, seed=0)
+    batch = collate_encoded([enc[i] for i in range(min(a.batch, len(enc)))])
+    pipe = PretrainPipeline(views, device)
+    dev_views = pipe(batch)["tok_image"]
+    imgs, _ = pipe.decoder(batch)
+    p = views.params(batch.index, batch.epoch, torch.tensor([i.shape[-2] for i in imgs]),
+                     torch.tensor([i.shape[-1] for i in imgs]))
+    cpu_views = []
+    for path, (t, left, h, w), flip in zip(batch.names, p["box"].tolist(), p["flip"].tolist()):
+        img = Image.open(path).convert("RGB")
+        v = TF.resized_crop(img, t, left, h, w, list(views.tokenizer_size), InterpolationMode.LANCZOS)
+        cpu_views.append(TF.to_tensor(TF.hflip(v) if flip else v))
+    cpu_views = torch.stack(cpu_views).to(device)
+    with torch.no_grad():
+        ids_dev = tok.encode(dev_views, validate=False)
+        ids_cpu = tok.encode(cpu_views, validate=False)
+    res["token_agreement"] = {"ids_equal_frac": float((ids_dev == ids_cpu).float().mean()),
+                              "pixel_mean_abs_diff": float((dev_views - cpu_views).abs().mean()),
+                              "tokenizer": a.tokenizer or "random weights (pass --tokenizer encoder.pkl)"}
+
+
+def _mim_model(a: argparse.Namespace, vocab: int, device: torch.device) -> torch.nn.Module:
+    if a.tiny:
+        m = beit.create_model("beit_tiny_patch16_224", head="mim", vocab_size=vocab, img_size=a.size,
+                              patch_size=a.patch, embed_dim=32, depth=2, num_heads=2)
+    else:
+        m = beit.create_model("beit_base_patch16_224", head="mim", vocab_size=vocab, attn_impl="cudnn")
+    return _compile(m.to(device).train(), device, a.compile)
+
+
+def _tokenizer(a: argparse.Namespace, device: torch.device, downsample: int, compile: bool = True) -> torch.nn.Module:
+    if a.tiny or device.type != "cuda":
+        from beit.tokenizers import DiscreteVAE
+
+        tok = DiscreteVAE(vocab_size=64, hidden=16, downsample=downsample, num_res_blocks=0, codebook_dim=16)
+    else:  # DALL-E format, random weights: the FLOPs of the official encoder, fp16 as the official code
+        from beit.tokenizers import DalleEncoder, DalleTokenizer
+
+        tok = DalleTokenizer(DalleEncoder(), precision="fp16", channels_last=True)
+    tok = tok.to(device).eval().requires_grad_(False)
+    if device.type == "cuda" and a.compile and compile and hasattr(tok, "encoder"):
+        tok.encoder.compile()
+    return tok
+
+
+def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    from beit.tasks.pretrain import make_step_fn
+
+    tok = _tokenizer(a, device, a.tok_down)
+    model = _mim_model(a, tok.vocab_size, device)
+    step = _train_step(model, make_step_fn(tok), device)
+    t = PretrainTransform(a.size, a.patch, a.tok_down, color_jitter=0.4)
+    enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0)
+    pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+    it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
+    steps_per_epoch = len(enc) // a.batch
+    res["pretrain_dev"] = _timed(lambda: pipe(next(it)), step, a.batch, max(a.steps, 2 * steps_per_epoch), 3,
+                                 device, window=max(1, steps_per_epoch // 4))
+    resident = pipe(next(it))
+    res["pretrain_res"] = _timed(lambda: resident, step, a.batch, a.steps, 3, device)
+    res["pretrain_ratio"] = res["pretrain_dev"]["img_per_s"] / res["pretrain_res"]["img_per_s"]
+
+
+def _finetune_step_fn(num_classes: int) -> Callable:
+    from beit.engine import load_config
+    from beit.tasks.finetune import FinetuneConfig, make_step_fn
+
+    cfg = load_config(FinetuneConfig, None, ["model=beit_base_patch16_224"])  # paper: mixup .8, cutmix 1, ls .1
+    return make_step_fn(cfg, num_classes)
+
+
+def finetune_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    nc = 10
+    classes = _classes(folder, folder.parent / "classes", nc)
+    if a.tiny:
+        model = beit.create_model("beit_tiny_patch16_224", num_classes=nc, img_size=a.size, patch_size=a.patch,
+                                  embed_dim=32, depth=2, num_heads=2)
+    else:
+        model = beit.create_model("beit_base_patch16_224", num_classes=nc, attn_impl="cudnn")
+    model = _compile(model.to(device).train(), device, a.compile)
+    step = _train_step(model, _finetune_step_fn(nc), device)
+    enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0)
+    pipe = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+    it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
+    res["finetune_dev"] = _timed(lambda: pipe(next(it)), step, a.batch, a.steps, 3, device)
+    x, y = pipe(next(it))
+    res["finetune_res"] = _timed(lambda: (x.clone(), y), step, a.batch, a.steps, 3, device)  # mixup is in place
+    res["finetune_ratio"] = res["finetune_dev"]["img_per_s"] / res["finetune_res"]["img_per_s"]
+
+
+def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
+    from beit.tasks.pretrain import make_step_fn
+
+    if a.cifar:
+        images, labels, _ = load_image_folder_to_memory(a.cifar, progress=False)
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 255, (a.cifar_images, 32, 32, 3), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (a.cifar_images,), generator=g)
+    wide = dict(embed_dim=32, depth=2, num_heads=2) if a.tiny else dict(embed_dim=384, depth=12, num_heads=6)
+    batch = a.cifar_batch
+    # fine-tuning: crop 4-px pad, flip, RandAugment, erasing on the device; mixup/cutmix + smoothing in the step
+    model = beit.create_model("beit_small_patch16_224" if not a.tiny else "beit_tiny_patch16_224", num_classes=10,
+                              img_size=32, patch_size=4, **wide)
+    model = _compile(model.to(device).train(), device, a.compile)
+    res["cifar_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    step = _train_step(model, _finetune_step_fn(10), device)
+    ds = InMemoryIndices(len(images), seed=0)
+    pipe = FinetunePipeline(FinetuneAugment(32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device,
+                            images, labels)
+    it = _endless(lambda: _loader(ds, batch, min(a.workers, 2), InMemoryIndices.collate, device), ds)
+    res["cifar_ft"] = _timed(lambda: pipe(next(it)), step, batch, a.steps, 3, device)
+    # pre-training: masks in the workers, views on the device, dVAE tokenizer (4x down) in the loop
+    from beit.tokenizers import DiscreteVAE
+
+    tok = DiscreteVAE(vocab_size=8192 if not a.tiny else 64, hidden=64 if not a.tiny else 16, downsample=4,
+                      num_res_blocks=1 if not a.tiny else 0).to(device).eval().requires_grad_(False)
+    mim = beit.create_model("beit_small_patch16_224" if not a.tiny else "beit_tiny_patch16_224", head="mim",
+                            vocab_size=tok.vocab_size, img_size=32, patch_size=4, **wide)
+    mim = _compile(mim.to(device).train(), device, a.compile)
+    pstep = _train_step(mim, make_step_fn(tok), device)
+    masks = default_mask_generator(8)
+    pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
+    ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
+    pit = _endless(lambda: _loader(pds, batch, a.workers, InMemoryIndices.collate, device), pds)  # masks: CPU work
+    res["cifar_pt"] = _timed(lambda: ppipe(next(pit)), pstep, batch, a.steps, 3, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny models, images and step counts (CPU smoke test)")
+    ap.add_argument("--workers", type=int, default=min(15, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--images", type=int, default=6144, help="synthetic 500x375 JPEGs to write")
+    ap.add_argument("--photos", default="", help="a folder of real photos to resize to 500x375 JPEGs instead")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cifar", default="", help="CIFAR class folders to keep in memory (default: random 32px)")
+    ap.add_argument("--cifar-images", type=int, default=50000)
+    ap.add_argument("--cifar-batch", type=int, default=512)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--tokenizer", default="", help="DALL-E encoder.pkl / safetensors for the id-agreement row")
+    ap.add_argument("--only", default="loader,tokens,pretrain,finetune,cifar")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    a.size, a.patch, a.tok_down = (64, 8, 4) if a.tiny else (224, 16, 8)
+    if a.tiny:
+        a.images, a.batch, a.steps = min(a.images, 48), min(a.batch, 8), min(a.steps, 4)
+        a.cifar_images, a.cifar_batch, a.workers = min(a.cifar_images, 256), min(a.cifar_batch, 32), min(a.workers, 2)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    only = set(a.only.split(","))
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                           "torch": torch.__version__, "cpus": os.cpu_count(), "workers": a.workers,
+                           "batch": a.batch, "tiny": a.tiny, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(res), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "jpegs"
+        t0 = time.perf_counter()
+        if a.photos:
+            photos_to_jpegs(Path(a.photos), folder, a.images)
+        else:
+            make_jpegs(folder, a.images)
+        print(f"{a.images} JPEGs 500x375 written in {time.perf_counter() - t0:.1f}s", flush=True)
+        for name, fn in (("loader", lambda: loader_rows(folder, a, device, res)),
+                         ("tokens", lambda: token_agreement_row(folder, a, device, res)),
+                         ("pretrain", lambda: pretrain_rows(folder, a, device, res)),
+                         ("finetune", lambda: finetune_rows(folder, a, device, res)),
+                         ("cifar", lambda: cifar_rows(a, device, res))):
+            if name not in only:
+                continue
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as e:  # one failing row must not hide the others
+                import traceback
+
+                traceback.print_exc(limit=4)
+                res[name + "_error"] = f"{type(e).__name__}: {e}"
+            print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(
+                {k: v for k, v in res.items() if k.startswith(name[:5])}, default=float), flush=True)
+    print("\nsummary (img/s):")
+    for k, v in res.items():
+        if isinstance(v, dict) and "img_per_s" in v:
+            worst = v.get("worst_window_vs_median")
+            extra = f"  worst window / median {worst:.2f}" if worst is not None else ""
+            print(f"  {k:14s} {v['img_per_s']:9.0f}{extra}")
+    for k in ("pretrain_ratio", "finetune_ratio"):
+        if k in res:
+            print(f"  {k:14s} {res[k]:9.2f}  (loader-fed / GPU-resident)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

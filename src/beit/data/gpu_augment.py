@@ -1,0 +1,647 @@
+"""Per-sample augmentation of whole batches on their device (GPU, or CPU tensors for tests and laptops).
+
+The CPU path (``PretrainTransform``, ``build_finetune_transform``) augments one PIL image at a time in
+DataLoader workers; here a batch of uint8 images already on the device gets the same recipe, each
+sample with its own random parameters:
+
+* ``PretrainViews``: BEiT's pre-training views: colour jitter (brightness, contrast, saturation in a
+  random order per sample, as ``T.ColorJitter``), ONE random-resized crop (torchvision's sampling) and a
+  horizontal flip shared by the patch view (``input_size``, bicubic, normalised) and the tokenizer view
+  (``tokenizer_size``, bicubic with antialiasing, in [0, 1]; the official code uses Lanczos, which
+  torch does not have).
+* ``FinetuneAugment``: the fine-tuning recipe: random-resized crop (padded random crop at <= 32 px, as
+  unilm for CIFAR), flip, timm's RandAugment (``rand-m9-mstd0.5-inc1``: same op set, magnitudes and
+  probabilities, parsed by timm itself), normalisation and random erasing ('pixel' mode). Mixup/cutmix
+  and label smoothing stay with timm's ``Mixup`` in the task's step (it works on device batches).
+
+Random numbers are a pure function of ``(seed, epoch, index)`` (``per_sample_uniforms``: a
+counter-based hash computed on CPU, vectorised), so a sample's augmentation does not depend on the
+batch it lands in, on the number of workers or ranks, or on the device; all parameters are drawn on
+CPU before anything is launched on the device, so nothing here waits for the GPU. The one exception is
+the Gaussian noise of random erasing, drawn on the device from a generator seeded by the batch's
+(seed, epoch, first index).
+
+Differences from the CPU path, by design: jitter runs after the crop (on the views; the contrast mean is
+that of the patch view, not of the whole image), the RandAugment geometric ops use bilinear sampling with
+a hard-edged fill, and pixels are not re-quantised to 8 bits between ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .seeding import derive_seed
+
+__all__ = [
+    "FinetuneAugment",
+    "PretrainViews",
+    "crop_boxes",
+    "per_sample_uniforms",
+    "resized_crops",
+]
+
+# ------------------------------------------------------------------------------------------ random numbers
+_C1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
+_C2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiplication)."""
+    x = x ^ _lsr(x, 30)
+    x = x * _C1
+    x = x ^ _lsr(x, 27)
+    x = x * _C2
+    return x ^ _lsr(x, 31)
+
+
+def _signed(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def per_sample_uniforms(seed: int, epoch: int, index: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
+    """``n`` uniform numbers in [0, 1) per sample, a pure function of (seed, epoch, index, stream).
+
+    Args:
+        seed, epoch: the run's seed and the epoch (non-negative ints).
+        index: int64 ``[B]`` dataset indices (CPU).
+        n: how many numbers per sample.
+        stream: separates the uses (crop, flip, RandAugment, ...) so they never share numbers.
+
+    Returns:
+        float64 ``[B, n]`` on CPU, 53-bit uniforms.
+    """
+    index = torch.as_tensor(index, dtype=torch.int64).cpu().view(-1)
+    base = _signed(derive_seed(seed, epoch, (1 << 40) + int(stream)))
+    key = _mix(index * _GOLDEN + base)
+    k = torch.arange(1, n + 1, dtype=torch.int64) * _signed(0xD1B54A32D192ED03)
+    bits = _mix(key.view(-1, 1) + k.view(1, -1))
+    return _lsr(bits, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def _normal(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """Box-Muller: standard normals from two uniforms in [0, 1)."""
+    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2 * math.pi * u2)
+
+
+# ------------------------------------------------------------------------------------------ crops
+def crop_boxes(
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    u: torch.Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` for a batch of images of different sizes.
+
+    Args:
+        heights, widths: ``[B]`` image sizes in pixels.
+        u: ``[B, 2 * attempts + 2]`` uniforms in [0, 1) (e.g. from ``per_sample_uniforms``).
+        scale, ratio: area fraction and aspect (w / h) ranges.
+
+    Returns:
+        int64 ``[B, 4]`` boxes ``(top, left, h, w)``: the first of ``attempts`` draws that fits, else the
+        largest centre crop within the ratio range (torchvision's fallback).
+    """
+    if u.shape[1] < 2 * attempts + 2:
+        raise ValueError(f"crop_boxes needs {2 * attempts + 2} uniforms per sample, got {u.shape[1]}")
+    H = heights.to(torch.float64).view(-1, 1)
+    W = widths.to(torch.float64).view(-1, 1)
+    target = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, attempts : 2 * attempts])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    H, W = H.squeeze(1), W.squeeze(1)
+    top = torch.floor(u[:, -2] * (H - h + 1)).clamp(max=H - h)
+    left = torch.floor(u[:, -1] * (W - w + 1)).clamp(max=W - w)
+    # fallback: whole image cut to the ratio range, centred
+    in_ratio = W / H
+    fw = torch.where(in_ratio < ratio[0], W, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    has = ok.any(dim=1)
+    h, w = torch.where(has, h, fh), torch.where(has, w, fw)
+    top = torch.where(has, top, torch.div(H - fh, 2, rounding_mode="floor"))
+    left = torch.where(has, left, torch.div(W - fw, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def _sizes(images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """Device and CPU int64 heights, widths ``[B]`` of a batch tensor or a list of images."""
+    if torch.is_tensor(images):
+        B, _, H, W = images.shape
+        return images.device, torch.full((B,), H), torch.full((B,), W)
+    imgs = list(images)
+    if not imgs:
+        raise ValueError("empty batch of images")
+    return (imgs[0].device, torch.tensor([im.shape[-2] for im in imgs]), torch.tensor([im.shape[-1] for im in imgs]))
+
+
+def _as_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return list(images.unbind(0)) if torch.is_tensor(images) else list(images)
+
+
+def resized_crops(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """Each image's box, resized (bicubic, antialiased like PIL) to every size in ``sizes``.
+
+    Args:
+        images: uint8 or float ``[B, 3, H, W]``, or a list of ``[3, H_i, W_i]`` (sizes may differ), on one device.
+        boxes: int64 ``[B, 4]`` (top, left, h, w) on CPU.
+        sizes: output ``(h, w)`` of each view.
+
+    Returns:
+        one float ``[B, 3, h, w]`` tensor per size, values in the input's 0..255 or 0..1 range (not clamped).
+    """
+    if torch.is_tensor(images) and images.ndim == 4 and all(
+        bool((boxes[:, 2] <= h).all() and (boxes[:, 3] <= w).all()) for h, w in sizes
+    ):
+        return [_upsampled_crops(images, boxes, size) for size in sizes]
+    imgs = _as_list(images)
+    if len(imgs) != len(boxes):
+        raise ValueError(f"{len(imgs)} images but {len(boxes)} boxes")
+    device = imgs[0].device
+    outs = [torch.empty(len(imgs), 3, h, w, device=device) for h, w in sizes]
+    for i, ((t, left, bh, bw), img) in enumerate(zip(boxes.tolist(), imgs)):
+        crop = img[:, t : t + bh, left : left + bw].unsqueeze(0).float()
+        for out, size in zip(outs, sizes):
+            out[i] = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    return outs
+
+
+def _upsampled_crops(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Batched crop + resize by one bicubic ``grid_sample`` (pixel-centre mapping, as PIL); for crops that
+    are not downscaled, where no antialiasing is needed (small in-memory images)."""
+    B, _, H, W = images.shape
+    out_h, out_w = size
+    b = boxes.to(torch.float32)
+    top, left, bh, bw = (b[:, k].view(B, 1) for k in range(4))
+    oy = (torch.arange(out_h, dtype=torch.float32) + 0.5).view(1, out_h)
+    ox = (torch.arange(out_w, dtype=torch.float32) + 0.5).view(1, out_w)
+    gy = (top + oy * bh / out_h) * 2 / H - 1
+    gx = (left + ox * bw / out_w) * 2 / W - 1
+    grid = torch.stack([gx.view(B, 1, out_w).expand(B, out_h, out_w),
+                        gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1).to(images.device, non_blocking=True)
+    return F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's SMOOTH filter
+
+
+class _DeviceConstants:
+    """Copies of small constant CPU tensors per device, made once: a blocking copy of a CPU tensor waits for
+    all queued GPU work, so none is made per batch."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._copies:
+            self._copies[key] = t.to(device)
+        return self._copies[key]
+
+
+_MODULE_CONSTANTS = _DeviceConstants()
+
+
+def _col(v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return v.to(torch.float32).to(device, non_blocking=True).view(-1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------ pre-training
+class PretrainViews:
+    """BEiT's two pre-training views of one crop per sample, for a batch on its device.
+
+    Args:
+        input_size: patch view ``(H, W)`` for the ViT.
+        tokenizer_size: tokenizer view ``(h, w)`` (``input_size // patch * tokenizer downsample``).
+        scale, ratio: random-resized-crop ranges (the recipe: (0.08, 1), (3/4, 4/3)).
+        color_jitter: (brightness, contrast, saturation) strengths; hue is not supported.
+        hflip: flip probability, shared by both views.
+        mean, std: normalisation of the patch view.
+        seed: the run's seed (random numbers are a function of (seed, epoch, index)).
+
+    Raises:
+        ValueError: a hue jitter or a bad range, naming the argument.
+    """
+
+    STREAM = 11
+
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        tokenizer_size: tuple[int, int],
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.4),
+        hflip: float = 0.5,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        seed: int = 0,
+    ) -> None:
+        cj = [float(c) for c in color_jitter]
+        if len(cj) == 4 and cj[3] > 0:
+            raise ValueError(f"color_jitter: hue jitter is not supported on the tensor path, got {tuple(cj)}")
+        if len(cj) not in (3, 4) or min(cj) < 0:
+            raise ValueError(f"color_jitter must be (brightness, contrast, saturation) >= 0, got {tuple(cj)}")
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"scale must be in (0, 1] and ratio > 0, ordered; got scale={scale}, ratio={ratio}")
+        self.input_size = tuple(int(v) for v in input_size)
+        self.tokenizer_size = tuple(int(v) for v in tokenizer_size)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.jitter = tuple(cj[:3])
+        self.hflip = float(hflip)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.seed = int(seed)
+        self._constants = _DeviceConstants()
+
+    @classmethod
+    def from_transform(cls, t: Any, seed: int = 0) -> PretrainViews:
+        """The same recipe as a ``beit.data.transforms.PretrainTransform``."""
+        return cls(t.input_size, t.tokenizer_size, scale=t.scale, ratio=t.ratio, color_jitter=t.color_jitter,
+                   hflip=t.hflip, mean=t.mean, std=t.std, seed=seed)
+
+    def params(self, index: torch.Tensor, epoch: int, heights: torch.Tensor, widths: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """CPU parameters of each sample: ``box`` [B, 4] (top, left, h, w), ``flip`` bool [B],
+        ``jitter`` float [B, 3] factors (brightness, contrast, saturation), ``order`` int [B, 3]."""
+        u = per_sample_uniforms(self.seed, epoch, index, 22 + 1 + 3 + 1, stream=self.STREAM)
+        box = crop_boxes(heights, widths, u[:, :22], self.scale, self.ratio)
+        flip = u[:, 22] < self.hflip
+        lo = torch.tensor([max(0.0, 1 - j) for j in self.jitter], dtype=torch.float64)
+        hi = torch.tensor([1 + j for j in self.jitter], dtype=torch.float64)
+        jitter = lo + (hi - lo) * u[:, 23:26]
+        perms = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+        order = perms[(u[:, 26] * 6).long().clamp(max=5)]
+        return {"box": box, "flip": flip, "jitter": jitter, "order": order}
+
+    def __call__(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        index: torch.Tensor,
+        epoch: int,
+        masks: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Views of a batch.
+
+        Args:
+            images: uint8 ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` on the device.
+            index: int64 ``[B]`` dataset indices (CPU); epoch: the epoch.
+            masks: bool ``[B, h, w]`` blockwise masks (drawn in the workers), passed through.
+
+        Returns:
+            ``{"image": float [B, 3, H, W] normalised, "tok_image": float [B, 3, h, w] in [0, 1]}``
+            (+ ``"mask"`` when given), on the images' device.
+        """
+        device, hs, ws = _sizes(images)
+        p = self.params(index, epoch, hs, ws)
+        patch, tok = resized_crops(images, p["box"], [self.input_size, self.tokenizer_size])
+        patch = patch.div_(255.0).clamp_(0, 1)
+        tok = tok.div_(255.0).clamp_(0, 1)
+        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
+        patch = torch.where(flip, patch.flip(-1), patch)
+        tok = torch.where(flip, tok.flip(-1), tok)
+        factors = p["jitter"].float()
+        for step in range(3):
+            op = p["order"][:, step]
+            for k in range(3):
+                if self.jitter[k] == 0:
+                    continue
+                f = _col(torch.where(op == k, factors[:, k], torch.ones_like(factors[:, k])), device)
+                if k == 0:
+                    patch, tok = (patch * f).clamp_(0, 1), (tok * f).clamp_(0, 1)
+                elif k == 1:
+                    m = _gray(patch).mean(dim=(1, 2, 3), keepdim=True)
+                    patch, tok = _blend(patch, m, f), _blend(tok, m, f)
+                else:
+                    patch, tok = _blend(patch, _gray(patch), f), _blend(tok, _gray(tok), f)
+        c = self._constants
+        out = {"image": (patch - c.get("mean", self.mean, device)) / c.get("std", self.std, device), "tok_image": tok}
+        if masks is not None:
+            out["mask"] = masks.to(device, non_blocking=True)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ RandAugment
+_SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "ColorIncreasing",
+           "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
+_GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+_SUPPORTED = _SIGNED | {"AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "Posterize",
+                        "SolarizeIncreasing", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness",
+                        "Sharpness"}
+
+
+def _level_arg(name: str, level: torch.Tensor, sign: torch.Tensor, hparams: dict) -> torch.Tensor:
+    """timm's ``LEVEL_TO_ARG`` for a vector of magnitudes (``sign``: +-1, timm's ``_randomly_negate``)."""
+    lv = level / 10.0
+    if name == "Rotate":
+        return lv * 30.0 * sign
+    if name in ("ShearX", "ShearY"):
+        return lv * 0.3 * sign
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return lv * float(hparams.get("translate_pct", 0.45)) * sign
+    if name.endswith("Increasing") and name != "PosterizeIncreasing" and name != "SolarizeIncreasing":
+        return torch.clamp(1.0 + lv * 0.9 * sign, min=0.1)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return lv * 1.8 + 0.1
+    if name == "PosterizeIncreasing":
+        return 4 - torch.floor(lv * 4)
+    if name == "Posterize":
+        return torch.floor(lv * 4)
+    if name == "SolarizeIncreasing":
+        return 256 - torch.clamp(torch.floor(lv * 256), max=256)
+    if name == "Solarize":
+        return torch.clamp(torch.floor(lv * 256), max=256)
+    if name == "SolarizeAdd":
+        return torch.clamp(torch.floor(lv * 110), max=128)
+    return torch.zeros_like(level)
+
+
+def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """PIL ``Image.transform(AFFINE)`` per sample: ``mats`` [n, 2, 3] maps output pixel coordinates (pixel
+    centres at +0.5) to input ones; outside pixels get ``fill`` [1, 3, 1, 1]."""
+    n, _, H, W = x.shape
+    ys = torch.arange(H, device=x.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [H, W, 3]
+    mats = mats.to(torch.float32).to(x.device, non_blocking=True)
+    src = torch.einsum("hwk,nck->nhwc", pts, mats)  # [n, H, W, 2] input pixel coordinates
+    grid = torch.stack([src[..., 0] * 2 / W - 1, src[..., 1] * 2 / H - 1], dim=-1)
+    ones = torch.ones(n, 1, H, W, device=x.device)
+    out = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = (out[:, 3:] > 0.5).float()
+    return out[:, :3] * inside + fill * (1 - inside)
+
+
+def _geometric_mats(name: str, arg: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    n = arg.shape[0]
+    m = torch.zeros(n, 2, 3, dtype=torch.float64)
+    m[:, 0, 0] = 1
+    m[:, 1, 1] = 1
+    if name == "ShearX":
+        m[:, 0, 1] = arg
+    elif name == "ShearY":
+        m[:, 1, 0] = arg
+    elif name == "TranslateXRel":
+        m[:, 0, 2] = arg * W
+    elif name == "TranslateYRel":
+        m[:, 1, 2] = arg * H
+    elif name == "Rotate":  # PIL rotate: counter-clockwise about the centre
+        a = -arg * math.pi / 180
+        c, s = torch.cos(a), torch.sin(a)
+        cx, cy = W / 2, H / 2
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = c, s, -s, c
+        m[:, 0, 2] = cx - c * cx - s * cy
+        m[:, 1, 2] = cy + s * cx - c * cy
+    return m
+
+
+def _sharp_degenerate(x: torch.Tensor) -> torch.Tensor:
+    k = _MODULE_CONSTANTS.get("smooth", _SMOOTH, x.device)
+    blurred = F.conv2d(x, k.expand(3, 1, 3, 3), groups=3)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = blurred
+    return out
+
+
+def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """One RandAugment op on float [n, 3, H, W] in [0, 1] with per-sample args (CPU [n])."""
+    from torchvision.transforms.v2 import functional as TF2
+
+    device = x.device
+    if name in _GEOMETRIC:
+        return _affine(x, _geometric_mats(name, arg, x.shape[-2], x.shape[-1]), fill)
+    if name == "AutoContrast":
+        return TF2.autocontrast(x)
+    if name == "Equalize":
+        return TF2.equalize((x * 255).round_().to(torch.uint8)).float() / 255
+    if name == "Invert":
+        return 1 - x
+    if name.startswith("Posterize"):
+        bits = arg.to(torch.int64).clamp(0, 8)
+        masks = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).to(device, non_blocking=True).view(-1, 1, 1, 1)
+        return ((x * 255).round_().to(torch.uint8) & masks).float() / 255
+    if name.startswith("Solarize") and name != "SolarizeAdd":
+        thr = _col(arg, device)
+        v = (x * 255).round_()
+        return torch.where(v >= thr, 255 - v, v) / 255
+    if name == "SolarizeAdd":
+        v = (x * 255).round_()
+        return torch.where(v < 128, (v + _col(arg, device)).clamp_(max=255), v) / 255
+    f = _col(arg, device)
+    if name.startswith("Color"):
+        return _blend(x, _gray(x), f)
+    if name.startswith("Contrast"):
+        m = (_gray(x) * 255).mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_() / 255  # PIL: int(mean + .5)
+        return _blend(x, m, f)
+    if name.startswith("Brightness"):
+        return (x * f).clamp_(0, 1)
+    if name.startswith("Sharpness"):
+        return _blend(x, _sharp_degenerate(x), f)
+    raise ValueError(f"RandAugment op {name!r} has no tensor implementation")
+
+
+class _RandAugmentSpec:
+    """timm's parse of a ``rand-...`` string: op names, layers, probability, magnitude (mean, std, max)."""
+
+    def __init__(self, config: str, fill: tuple[int, int, int]) -> None:
+        from timm.data.auto_augment import rand_augment_transform
+
+        if not config.startswith("rand"):
+            raise ValueError(f"auto_augment {config!r}: the tensor path implements RandAugment ('rand-...') only")
+        ra = rand_augment_transform(config, {"img_mean": fill, "translate_const": 100})
+        if ra.choice_weights is not None:
+            raise ValueError(f"auto_augment {config!r}: weighted op choice ('tweights') is not supported")
+        self.names = [op.name for op in ra.ops]
+        unknown = sorted(set(self.names) - _SUPPORTED)
+        if unknown:
+            raise ValueError(f"auto_augment {config!r}: ops {unknown} have no tensor implementation")
+        op = ra.ops[0]
+        self.num_layers = ra.num_layers
+        self.prob = float(op.prob)
+        self.magnitude = float(op.magnitude)
+        self.mstd = float(op.magnitude_std)
+        self.mmax = float(op.magnitude_max or 10)
+        self.hparams = dict(op.hparams)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+class FinetuneAugment:
+    """The fine-tuning recipe for a batch on its device, per sample (see module docstring).
+
+    Args:
+        input_size: output side (square).
+        scale, ratio: random-resized-crop ranges; for ``input_size <= 32`` a 4-px padded random crop instead.
+        hflip: flip probability.
+        auto_augment: timm RandAugment string (``rand-m9-mstd0.5-inc1``) or None.
+        re_prob: random-erasing probability ('pixel' mode: N(0, 1) noise in normalised units).
+        mean, std: normalisation.
+        seed: the run's seed.
+
+    Raises:
+        ValueError: an auto_augment policy or op without a tensor implementation, naming it.
+    """
+
+    STREAM = 23
+
+    def __init__(
+        self,
+        input_size: int = 224,
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        seed: int = 0,
+    ) -> None:
+        self.input_size = int(input_size)
+        self.small = self.input_size <= 32
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.hflip = float(hflip)
+        self.re_prob = float(re_prob)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        fill = tuple(min(255, round(255 * m)) for m in mean)
+        self.fill = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1) / 255
+        self.ra = _RandAugmentSpec(auto_augment, fill) if auto_augment else None  # type: ignore[arg-type]
+        self.seed = int(seed)
+        self._constants = _DeviceConstants()
+
+    # --- parameters (CPU) -----------------------------------------------------------------------------
+    def _crop(self, u: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        if self.small:  # RandomCrop(size, padding=4) on the padded image
+            s = self.input_size
+            top = torch.floor(u[:, 0] * (hs + 8 - s + 1)).clamp(max=hs + 8 - s)
+            left = torch.floor(u[:, 1] * (ws + 8 - s + 1)).clamp(max=ws + 8 - s)
+            return torch.stack([top, left, torch.full_like(top, s), torch.full_like(top, s)], 1).long()
+        return crop_boxes(hs, ws, u, self.scale, self.ratio)
+
+    def ra_params(self, u: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer: (op index [B], applied bool [B], argument [B]) from 5 uniforms per layer."""
+        assert self.ra is not None
+        out = []
+        n_ops = len(self.ra.names)
+        for j in range(self.ra.num_layers):
+            uj = u[:, 5 * j : 5 * j + 5]
+            op = (uj[:, 0] * n_ops).long().clamp(max=n_ops - 1)
+            applied = uj[:, 1] <= self.ra.prob if self.ra.prob < 1 else torch.ones_like(uj[:, 1], dtype=torch.bool)
+            mag = torch.full_like(uj[:, 0], self.ra.magnitude)
+            if math.isinf(self.ra.mstd):
+                mag = uj[:, 2] * self.ra.magnitude
+            elif self.ra.mstd > 0:
+                mag = mag + self.ra.mstd * _normal(uj[:, 2], uj[:, 3])
+            mag = mag.clamp(0, self.ra.mmax)
+            sign = torch.where(uj[:, 4] > 0.5, -1.0, 1.0).to(torch.float64)
+            arg = torch.zeros_like(mag)
+            for k, name in enumerate(self.ra.names):
+                sel = op == k
+                if sel.any():
+                    arg[sel] = _level_arg(name, mag[sel], sign[sel], self.ra.hparams)
+            out.append((op, applied, arg))
+        return out
+
+    def params(self, index: torch.Tensor, epoch: int, heights: torch.Tensor, widths: torch.Tensor
+               ) -> dict[str, Any]:
+        """CPU parameters of each sample: ``box`` [B, 4], ``flip`` [B], ``ra`` (per layer: op, applied, arg),
+        ``erase`` bool [B] and ``erase_box`` [B, 4] (top, left, h, w)."""
+        n_ra = 5 * (self.ra.num_layers if self.ra else 0)
+        u = per_sample_uniforms(self.seed, epoch, index, 22 + 1 + n_ra + 23, stream=self.STREAM)
+        p: dict[str, Any] = {"box": self._crop(u[:, :22], heights, widths), "flip": u[:, 22] < self.hflip}
+        p["ra"] = self.ra_params(u[:, 23 : 23 + n_ra]) if self.ra else []
+        ue = u[:, 23 + n_ra :]
+        p["erase"], p["erase_box"] = self._erase_boxes(ue)
+        return p
+
+    def _erase_boxes(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm RandomErasing (count 1, area 0.02..1/3, aspect 0.3..1/0.3, 10 attempts), vectorised;
+        ``u`` [B, 23]: probability, 10 areas, 10 aspects, top, left."""
+        S = self.input_size
+        area = S * S * (0.02 + (1 / 3 - 0.02) * u[:, 1:11])
+        lo, hi = math.log(0.3), math.log(1 / 0.3)
+        ar = torch.exp(lo + (hi - lo) * u[:, 11:21])
+        h = torch.round(torch.sqrt(area * ar))
+        w = torch.round(torch.sqrt(area / ar))
+        ok = (w < S) & (h < S)
+        first = ok.to(torch.uint8).argmax(1, keepdim=True)
+        h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+        top = torch.floor(u[:, 21] * (S - h + 1)).clamp(max=S - h)
+        left = torch.floor(u[:, 22] * (S - w + 1)).clamp(max=S - w)
+        erase = (u[:, 0] < self.re_prob) & ok.any(1)
+        return erase, torch.stack([top, left, h, w], 1).long()
+
+    # --- device work ----------------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], index: torch.Tensor, epoch: int
+                 ) -> torch.Tensor:
+        """Augmented, normalised float ``[B, 3, S, S]`` from uint8 ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]``
+        on the device; ``index`` int64 [B] (CPU) and ``epoch`` select the random parameters."""
+        device, hs, ws = _sizes(images)
+        B, S = len(hs), self.input_size
+        p = self.params(index, epoch, hs, ws)
+        if self.small:
+            x = images if torch.is_tensor(images) else torch.stack(list(images))
+            x = F.pad(x.float(), (4, 4, 4, 4)) / 255
+            box = p["box"].to(device, non_blocking=True)
+            rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
+            cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)
+            bidx = torch.arange(B, device=device).view(B, 1, 1)
+            x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
+        else:
+            x = resized_crops(images, p["box"], [(S, S)])[0].div_(255).clamp_(0, 1)
+        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x).contiguous()
+        c = self._constants
+        fill = c.get("fill", self.fill, device)
+        for op, applied, arg in p["ra"]:
+            assert self.ra is not None
+            for k, name in enumerate(self.ra.names):
+                sel = ((op == k) & applied).nonzero().view(-1)  # CPU tensors: no device sync
+                if len(sel) == 0:
+                    continue
+                idx = sel.to(device, non_blocking=True)
+                x[idx] = _apply_op(name, x[idx], arg[sel], fill)
+        x = (x - c.get("mean", self.mean, device)) / c.get("std", self.std, device)
+        if self.re_prob > 0 and bool(p["erase"].any()):
+            eb = p["erase_box"]
+            ar = torch.arange(S)
+            r, c = ar.view(1, S, 1), ar.view(1, 1, S)
+            t, lf = eb[:, 0].view(-1, 1, 1), eb[:, 1].view(-1, 1, 1)
+            inside = (r >= t) & (r < t + eb[:, 2].view(-1, 1, 1)) & (c >= lf) & (c < lf + eb[:, 3].view(-1, 1, 1))
+            inside &= p["erase"].view(-1, 1, 1)
+            g = torch.Generator(device=device)
+            g.manual_seed(derive_seed(self.seed, epoch, int(index.view(-1)[0])))
+            noise = torch.randn(x.shape, generator=g, device=device)
+            x = torch.where(inside.to(device, non_blocking=True).unsqueeze(1), noise, x)
+        return x

@@ -1,0 +1,553 @@
+"""Batched image decoding on the training device (nvJPEG through ``torchvision.io.decode_jpeg``).
+
+The loader's workers do only cheap work per file: read the bytes, parse the header with PIL (format,
+mode, size, progressive flag, EXIF orientation) and draw the blockwise mask inside
+``seeded(seed, epoch, index)``. Files the GPU decoder takes (baseline 8-bit 3-channel JPEG) travel as
+raw bytes; every other file (PNG, WebP, CMYK, grayscale, progressive or 12-bit JPEG, ...) is decoded in
+the worker on CPU with the CPU path's ``decode_image`` and travels as a uint8 tensor, counted per reason.
+A file that cannot be read is skipped and replaced by the next readable one (as the CPU path does); the
+batch carries its name, so the main process counts every skip even with workers.
+
+In the training process ``BatchDecoder`` decodes the raw bytes of a whole batch in one
+``decode_jpeg(list, device=...)`` call (the same code on CPU, for tests and laptops). A file nvJPEG
+rejects after all (corrupt body) is retried alone, then on CPU with PIL, and if that fails too it is
+skipped, named and replaced by another image of the batch, so an epoch never stops. EXIF orientation is
+applied to every image (PIL's ``ImageOps.exif_transpose`` semantics).
+
+Why torchvision's nvJPEG and not NVIDIA DALI: DALI is a separate CUDA-specific wheel that the training
+machines do not carry, and its pipelines own the loader (sharding, seeding, resume), which the engine
+already does; torchvision ships with torch and decodes a list of JPEGs in one call. Measure with
+``benchmarks/data_pipeline.py`` (rows ``loader_cpu`` / ``loader_dev``) before reconsidering.
+
+The batch (``EncodedBatch``) is not a tensor, dict or list, so the engine's ``_to_device`` passes it to
+the task's step untouched; the task turns it into views with ``PretrainPipeline`` / ``FinetunePipeline``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from .datasets import ImageFolderDataset, LabeledImageFolder, WebDatasetShards, _unpack_index, to_rgb
+from .seeding import seeded, stable_index
+
+__all__ = [
+    "BatchDecoder",
+    "EncodedBatch",
+    "EncodedImageFiles",
+    "EncodedSample",
+    "EncodedWebDataset",
+    "FinetunePipeline",
+    "InMemoryIndices",
+    "PretrainPipeline",
+    "apply_exif_orientation",
+    "collate_encoded",
+    "probe",
+    "use_device_path",
+    "with_pipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def probe(data: bytes) -> tuple[str | None, tuple[int, int], int]:
+    """Read an image header: ``(reason, (height, width), orientation)``.
+
+    ``reason`` is None when the GPU decoder takes the file (baseline/extended 8-bit 3-channel JPEG),
+    else why not (``"png"``, ``"progressive"``, ``"mode CMYK"``, ...). The size is the stored one (before
+    EXIF orientation). Raises whatever PIL raises on a file that is not an image.
+    """
+    img = Image.open(io.BytesIO(data))
+    orientation = 1
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+        orientation = 1
+    w, h = img.size
+    fmt = (img.format or "?").lower()
+    if fmt != "jpeg":
+        return fmt, (h, w), orientation
+    if img.mode != "RGB":
+        return f"mode {img.mode}", (h, w), orientation
+    if img.info.get("progressive") or img.info.get("progression"):
+        return "progressive", (h, w), orientation
+    bits = getattr(img, "bits", 8)
+    if bits != 8:
+        return f"{bits}-bit", (h, w), orientation
+    return None, (h, w), orientation
+
+
+def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``[C, H, W]`` as PIL's ``ImageOps.exif_transpose`` would show it (orientation 1..8)."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return img.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return img.transpose(-1, -2).flip(-2)
+    return img
+
+
+def _pil_decode(data: bytes) -> torch.Tensor:
+    """CPU decode (the CPU path's ``to_rgb``) with EXIF orientation -> uint8 ``[3, H, W]``."""
+    import numpy as np
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+        pass
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class EncodedSample:
+    """One file as the worker hands it on: raw JPEG ``data`` for the GPU, or ``image`` decoded on CPU."""
+
+    index: int
+    epoch: int
+    name: str
+    data: torch.Tensor | None = None  # uint8 [n] encoded bytes (GPU decode)
+    image: torch.Tensor | None = None  # uint8 [3, H, W] (CPU fallback, orientation applied)
+    orientation: int = 1
+    reason: str | None = None  # why the file fell back to CPU
+    mask: torch.Tensor | None = None
+    label: int = -1
+    skipped: list[str] = field(default_factory=list)  # unreadable files replaced by this one
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of ``EncodedSample``; ``pin_memory`` keeps it whole (the engine moves no part of it)."""
+
+    index: torch.Tensor  # int64 [B]
+    epoch: int
+    names: list[str]
+    blob: torch.Tensor  # uint8: the raw bytes of every GPU-decodable file, back to back (one shared buffer
+    # per batch, not one per file, so a worker never hands over hundreds of file descriptors)
+    spans: list[tuple[int, int] | None]  # each sample's (start, end) in ``blob``; None = decoded on CPU
+    images: list[torch.Tensor | None]
+    orientation: list[int]
+    reasons: list[str | None]
+    masks: torch.Tensor | None
+    labels: torch.Tensor | None
+    skipped: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def data(self, i: int) -> torch.Tensor | None:
+        """Sample ``i``'s encoded bytes (a view of ``blob``), or None when it was decoded on CPU."""
+        span = self.spans[i]
+        return None if span is None else self.blob[span[0] : span[1]]
+
+    def pin_memory(self) -> EncodedBatch:
+        if self.masks is not None:
+            self.masks = self.masks.pin_memory()
+        return self
+
+
+def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]) -> EncodedBatch:
+    """Stack ``EncodedSample``s (or ``(sample, label)`` pairs) into an ``EncodedBatch`` (masks and labels
+    stacked, the rest as lists)."""
+    if not samples:
+        raise ValueError("collate_encoded got an empty batch")
+    samples = [s[0] if isinstance(s, tuple) else s for s in samples]  # (sample, label) from labeled streams
+    masks = torch.stack([s.mask for s in samples]) if samples[0].mask is not None else None
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long) if samples[0].label >= 0 else None
+    spans: list[tuple[int, int] | None] = []
+    chunks: list[torch.Tensor] = []
+    pos = 0
+    for s in samples:
+        if s.data is None:
+            spans.append(None)
+        else:
+            spans.append((pos, pos + len(s.data)))
+            chunks.append(s.data)
+            pos += len(s.data)
+    blob = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    return EncodedBatch(
+        index=torch.tensor([s.index for s in samples], dtype=torch.long), epoch=samples[0].epoch,
+        names=[s.name for s in samples], blob=blob, spans=spans, images=[s.image for s in samples],
+        orientation=[s.orientation for s in samples], reasons=[s.reason for s in samples], masks=masks,
+        labels=labels, skipped=[n for s in samples for n in s.skipped],
+    )
+
+
+class EncodedImageFiles(torch.utils.data.Dataset):
+    """Image files as ``EncodedSample``s for the batched decoder (see the module docstring).
+
+    Args:
+        samples: ``(path, label)`` pairs (label -1 = unlabeled), e.g. ``ImageFolderDataset(root).samples``.
+        mask_generator: draws a bool ``[h, w]`` mask per sample inside ``seeded(seed, epoch, index)``.
+        seed: the run's seed.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], *, mask_generator: Callable[[], torch.Tensor] | None = None,
+                 seed: int = 0) -> None:
+        if not samples:
+            raise ValueError("EncodedImageFiles needs at least one file")
+        self.samples = list(samples)
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.epoch = 0
+        self._bad: dict[int, str] = {}
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, *, labeled: bool = False, class_names: Sequence[str] | None = None,
+                    **kwargs: Any) -> EncodedImageFiles:
+        """All images under ``root`` (``labeled``: ``root/<class>/...`` as ``LabeledImageFolder``)."""
+        ds = LabeledImageFolder(root, class_names=class_names) if labeled else ImageFolderDataset(root)
+        out = cls(ds.samples, **kwargs)
+        out.classes = list(getattr(ds, "classes", []))  # type: ignore[attr-defined]
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def bad_paths(self) -> list[str]:
+        """Files found unreadable in this process."""
+        return [self.samples[i][0] for i in sorted(self._bad)]
+
+    def _read(self, i: int) -> EncodedSample:
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            data = f.read()
+        reason, _, orientation = probe(data)
+        s = EncodedSample(index=i, epoch=self.epoch, name=path, orientation=orientation, reason=reason, label=label)
+        if reason is None:
+            s.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            s.image = _pil_decode(data)
+        return s
+
+    def __getitem__(self, index: int | tuple[int, int]) -> EncodedSample:
+        epoch, index = _unpack_index(index, self.epoch, len(self))
+        n = len(self.samples)
+        skipped: list[str] = []
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            try:
+                sample = self._read(i)
+                break
+            except Exception as err:  # noqa: BLE001 - any reader error means "unreadable file"
+                self._bad[i] = f"{type(err).__name__}: {err}"
+                skipped.append(self.samples[i][0])
+                logger.warning("skipping unreadable image %s (%s); a replacement sample is used",
+                               self.samples[i][0], self._bad[i])
+        else:
+            raise RuntimeError(f"none of the {n} images could be read; first failures: {self.bad_paths[:5]}")
+        sample.index, sample.epoch, sample.skipped = index, epoch, skipped
+        if self.mask_generator is not None:
+            with seeded(self.seed, epoch, index):
+                sample.mask = self.mask_generator()
+        return sample
+
+
+class EncodedWebDataset(WebDatasetShards):
+    """``WebDatasetShards`` for the batched decoder: yields ``EncodedSample``s (bytes or CPU-decoded image,
+    mask drawn inside ``seeded(seed, epoch, stable_index(__key__))``, label when ``label_key`` is set).
+
+    Same shard order, rank/worker split and resume as ``WebDatasetShards``; unreadable samples are skipped and
+    named in the next sample's ``skipped`` list, so the main process counts them.
+    """
+
+    def __init__(self, urls: str | Sequence[str], *, mask_generator: Callable[[], torch.Tensor] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(urls, transform=self._draw_mask, **kwargs)
+        self.mask_generator = mask_generator
+        self._pending_skips: list[str] = []
+
+    def _draw_mask(self, sample: EncodedSample) -> EncodedSample:  # runs inside seeded(seed, epoch, key)
+        if self.mask_generator is not None:
+            sample.mask = self.mask_generator()
+        sample.skipped, self._pending_skips = self._pending_skips, []
+        return sample
+
+    def _skip(self, key: str, why: str) -> None:
+        super()._skip(key, why)
+        self._pending_skips.append(key)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[EncodedSample, int] | None:
+        key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        data = next((sample[k] for k in sample if k.lower() in self.image_keys), None)
+        if data is None:
+            self._skip(key, f"no image among keys {sorted(k for k in sample if not k.startswith('__'))}")
+            return None
+        target = -1
+        if self.label_key is not None:
+            raw = sample.get(self.label_key)
+            try:
+                target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+            except (TypeError, ValueError):
+                self._skip(key, f"missing or non-integer label {self.label_key!r}: {raw!r}")
+                return None
+        try:
+            reason, _, orientation = probe(data)
+            out = EncodedSample(index=stable_index(str(sample.get("__key__", ""))), epoch=self.epoch, name=key,
+                                orientation=orientation, reason=reason, label=target)
+            if reason is None:
+                out.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                out.image = _pil_decode(data)
+        except Exception as err:  # noqa: BLE001
+            self._skip(key, f"{type(err).__name__}: {err}")
+            return None
+        return out, target
+
+
+class BatchDecoder:
+    """Decode an ``EncodedBatch`` on ``device``: one batched nvJPEG call, per-file fallbacks, counters.
+
+    Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``fallback`` (reason ->
+    count) decoded on CPU (in the workers or here after a device failure), ``skipped_names`` files that no
+    decoder could read (their slots hold a copy of another image of the batch).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.num_gpu = 0
+        self.fallback: Counter[str] = Counter()
+        self._skipped: dict[str, None] = {}  # insertion-ordered set
+
+    @property
+    def skipped_names(self) -> list[str]:
+        """Distinct files no decoder could read, in the order they were met."""
+        return list(self._skipped)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_names)
+
+    def _decode_jpegs(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+            return list(out)
+        except RuntimeError:
+            pass
+        res: list[torch.Tensor | None] = []
+        for d in datas:  # find the culprit(s): one by one
+            try:
+                res.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                res.append(None)
+        return res
+
+    def __call__(self, batch: EncodedBatch) -> tuple[list[torch.Tensor], EncodedBatch]:
+        """Images (uint8 ``[3, H, W]`` on the device, EXIF orientation applied) and the batch, whose
+        ``index``/``masks``/``labels`` rows of skipped files are replaced by those of the copied image."""
+        B = len(batch)
+        self.fallback.update(r for r in batch.reasons if r is not None)
+        self._skipped.update(dict.fromkeys(batch.skipped))
+        images: list[torch.Tensor | None] = [None] * B
+        gpu_pos = [i for i in range(B) if batch.spans[i] is not None]
+        if gpu_pos:
+            decoded = self._decode_jpegs([batch.data(i) for i in gpu_pos])  # type: ignore[misc]
+            for i, img in zip(gpu_pos, decoded):
+                if img is None:
+                    try:
+                        img = _pil_decode(batch.data(i).numpy().tobytes())  # type: ignore[union-attr]
+                        self.fallback["gpu decoder failed"] += 1
+                    except Exception as err:  # noqa: BLE001
+                        self._skipped[batch.names[i]] = None
+                        logger.warning("skipping unreadable image %s (%s: %s)", batch.names[i], type(err).__name__, err)
+                        continue
+                else:
+                    self.num_gpu += 1
+                images[i] = apply_exif_orientation(img, batch.orientation[i])
+        for i in range(B):
+            cpu = batch.images[i]
+            if cpu is not None:
+                images[i] = cpu.to(self.device, non_blocking=True)
+            elif images[i] is not None and images[i].device != self.device:  # type: ignore[union-attr]
+                images[i] = images[i].to(self.device, non_blocking=True)  # type: ignore[union-attr]
+        good = [i for i in range(B) if images[i] is not None]
+        if not good:
+            raise RuntimeError(f"no image of the batch could be decoded: {batch.names}")
+        if len(good) < B:
+            src = torch.tensor([i if images[i] is not None else good[k % len(good)] for k, i in enumerate(range(B))])
+            for i in range(B):
+                images[i] = images[int(src[i])]
+            batch = EncodedBatch(
+                index=batch.index[src], epoch=batch.epoch, names=[batch.names[int(j)] for j in src], blob=batch.blob,
+                spans=batch.spans,
+                images=batch.images, orientation=batch.orientation, reasons=batch.reasons,
+                masks=batch.masks[src] if batch.masks is not None else None,
+                labels=batch.labels[src] if batch.labels is not None else None, skipped=batch.skipped,
+            )
+        return images, batch  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, Any]:
+        """Counters as a dict: gpu, fallback per reason, skipped and their names."""
+        return {"gpu": self.num_gpu, "fallback": dict(self.fallback), "skipped": self.num_skipped,
+                "skipped_names": list(self.skipped_names)}
+
+
+# ------------------------------------------------------------------------------------------ in memory
+@dataclass
+class IndexBatch:
+    """Indices (and masks, labels) of a batch of in-memory images."""
+
+    index: torch.Tensor
+    epoch: int
+    masks: torch.Tensor | None
+
+    def pin_memory(self) -> IndexBatch:
+        return self
+
+
+class InMemoryIndices(torch.utils.data.Dataset):
+    """The loader's side of the in-memory path: only indices (and masks drawn in the workers).
+
+    The images themselves live on the device (``uint8 [N, 3, H, W]``) in the pipeline, which gathers a
+    batch with one index lookup.
+    """
+
+    def __init__(self, n: int, *, mask_generator: Callable[[], torch.Tensor] | None = None, seed: int = 0) -> None:
+        self.n = int(n)
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[int, int, torch.Tensor | None]:
+        epoch, index = _unpack_index(index, self.epoch, self.n)
+        mask = None
+        if self.mask_generator is not None:
+            with seeded(self.seed, epoch, index):
+                mask = self.mask_generator()
+        return index, epoch, mask
+
+    @staticmethod
+    def collate(samples: Sequence[tuple[int, int, torch.Tensor | None]]) -> IndexBatch:
+        masks = torch.stack([s[2] for s in samples]) if samples[0][2] is not None else None  # type: ignore[misc]
+        return IndexBatch(torch.tensor([s[0] for s in samples], dtype=torch.long), int(samples[0][1]), masks)
+
+
+def use_device_path(setting: str, device: torch.device | str) -> bool:
+    """``data.device``: ``cpu`` = the PIL path in the workers; ``gpu`` = this batched path on the training
+    device (on a machine without CUDA the same code runs on CPU tensors, with a warning); ``auto`` = ``gpu``
+    when the training device is CUDA, else ``cpu``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if setting not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"must be auto | cpu | gpu, got {setting!r}")
+    device = torch.device(device)
+    if setting == "gpu" and device.type != "cuda":
+        logger.warning("data.device=gpu without CUDA: the batched tensor path runs on %s", device)
+    return setting == "gpu" or (setting == "auto" and device.type == "cuda")
+
+
+def _device_images(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` or ``[N, 3, H, W]`` -> ``[N, 3, H, W]`` on ``device``."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"in-memory images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    if images.shape[-1] == 3 and images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    return images.contiguous().to(device)
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+class PretrainPipeline:
+    """``EncodedBatch`` or ``IndexBatch`` -> the pre-training batch ``{"image", "tok_image", "mask"}``.
+
+    Args:
+        views: a ``beit.data.gpu_augment.PretrainViews``.
+        device: where decoding and augmentation run.
+        images: for the in-memory path, all images (uint8 ``[N, H, W, 3]``), moved to ``device`` once.
+    """
+
+    def __init__(self, views: Any, device: torch.device | str, images: torch.Tensor | None = None) -> None:
+        self.views = views
+        self.device = torch.device(device)
+        self.decoder = BatchDecoder(self.device)
+        self.images = _device_images(images, self.device) if images is not None else None
+
+    @torch.no_grad()
+    def __call__(self, batch: EncodedBatch | IndexBatch) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, enabled=False):
+            if isinstance(batch, IndexBatch):
+                if self.images is None:
+                    raise ValueError("PretrainPipeline got an IndexBatch but holds no in-memory images")
+                imgs: Any = self.images[batch.index.to(self.device, non_blocking=True)]
+            else:
+                imgs, batch = self.decoder(batch)
+            return self.views(imgs, batch.index, batch.epoch, batch.masks)
+
+
+class FinetunePipeline:
+    """``EncodedBatch`` (labeled) or ``IndexBatch`` -> ``(images [B, 3, S, S], labels [B])`` on the device.
+
+    Args:
+        augment: a ``beit.data.gpu_augment.FinetuneAugment``.
+        device: where decoding and augmentation run.
+        images, labels: for the in-memory path, all images (uint8 ``[N, H, W, 3]``) and labels ``[N]``.
+    """
+
+    def __init__(self, augment: Any, device: torch.device | str, images: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> None:
+        self.augment = augment
+        self.device = torch.device(device)
+        self.decoder = BatchDecoder(self.device)
+        self.images = _device_images(images, self.device) if images is not None else None
+        self.labels = labels.to(self.device) if labels is not None else None  # once, at set-up
+
+    @torch.no_grad()
+    def __call__(self, batch: EncodedBatch | IndexBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, enabled=False):
+            if isinstance(batch, IndexBatch):
+                if self.images is None or self.labels is None:
+                    raise ValueError("FinetunePipeline got an IndexBatch but holds no in-memory images/labels")
+                idx = batch.index.to(self.device, non_blocking=True)
+                return self.augment(self.images[idx], batch.index, batch.epoch), self.labels[idx]
+            imgs, batch = self.decoder(batch)
+            if batch.labels is None:
+                raise ValueError("FinetunePipeline needs labeled files (root/<class>/<image>)")
+            return self.augment(imgs, batch.index, batch.epoch), batch.labels.to(self.device, non_blocking=True)
+
+
+def with_pipeline(step_fn: Callable[[Any, Any], Any], pipeline: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    """``step_fn`` preceded by ``pipeline``: the step gets ``pipeline(batch)`` (decoded, augmented, on the
+    device) instead of the loader's raw batch. The engine calls it like any ``step_fn(model, batch)``."""
+
+    def step(model: Any, batch: Any) -> Any:
+        return step_fn(model, pipeline(batch))
+
+    return step

@@ -1,0 +1,426 @@
+"""The batched on-device data path (beit.data.gpu_decode / gpu_augment), run on CPU tensors and checked
+against the CPU path (PIL, torchvision, timm) it replaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from beit.data.gpu_augment import (
+    FinetuneAugment,
+    PretrainViews,
+    _apply_op,
+    _mix,
+    crop_boxes,
+    per_sample_uniforms,
+)
+from beit.data.gpu_decode import (
+    BatchDecoder,
+    EncodedImageFiles,
+    FinetunePipeline,
+    InMemoryIndices,
+    PretrainPipeline,
+    collate_encoded,
+    use_device_path,
+)
+from beit.data.masking import BlockwiseMaskGenerator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(fa - fb).max())
+
+
+def _smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC)).copy()
+
+
+# ------------------------------------------------------------------------------------------ random numbers
+def test_uniforms_are_splitmix64_and_a_function_of_seed_epoch_index():
+    # the int64 tensor hash equals splitmix64's finaliser computed with Python integers (wrapping is exact)
+    def ref(v: int) -> int:
+        m = (1 << 64) - 1
+        v &= m
+        v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & m
+        v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & m
+        return v ^ (v >> 31)
+
+    xs = [0, 1, 12345, -7, (1 << 62) + 3]
+    got = _mix(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert [g & ((1 << 64) - 1) for g in got] == [ref(x) for x in xs]
+    u = per_sample_uniforms(3, 2, torch.tensor([5, 9, 11]), 4)
+    alone = per_sample_uniforms(3, 2, torch.tensor([9]), 4)
+    assert torch.equal(u[1], alone[0])  # independent of the batch it lands in
+    assert not torch.equal(per_sample_uniforms(3, 3, torch.tensor([9]), 4), alone)  # new epoch, new numbers
+    assert not torch.equal(per_sample_uniforms(3, 2, torch.tensor([9]), 4, stream=1), alone)
+    big = per_sample_uniforms(0, 0, torch.arange(20000), 1).numpy().ravel()
+    assert _ks(big, np.random.default_rng(0).random(20000)) < 0.02 and 0 <= big.min() and big.max() < 1
+
+
+# ------------------------------------------------------------------------------------------ pre-training views
+def test_crop_statistics_match_torchvision_random_resized_crop():
+    H, W, n = 375, 500, 3000
+    img = Image.new("RGB", (W, H))
+    torch.manual_seed(0)
+    ref = np.array([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], float)
+    views = PretrainViews((224, 224), (112, 112), seed=1)
+    p = views.params(torch.arange(n), 0, torch.full((n,), H), torch.full((n,), W))
+    ours = p["box"].numpy().astype(float)
+    area = lambda b: b[:, 2] * b[:, 3] / (H * W)  # noqa: E731
+    aspect = lambda b: np.log(b[:, 3] / b[:, 2])  # noqa: E731
+    assert _ks(area(ours), area(ref)) < 0.05  # ~1.6x the 5% critical value of n=3000
+    assert _ks(aspect(ours), aspect(ref)) < 0.05
+    assert _ks(ours[:, 0] / H, ref[:, 0] / H) < 0.05 and _ks(ours[:, 1] / W, ref[:, 1] / W) < 0.05
+    assert (ours[:, 0] + ours[:, 2] <= H).all() and (ours[:, 1] + ours[:, 3] <= W).all()
+    # and the test can fail: another scale range is far off
+    other = PretrainViews((224, 224), (112, 112), scale=(0.3, 1.0)).params(
+        torch.arange(n), 0, torch.full((n,), H), torch.full((n,), W))["box"].numpy().astype(float)
+    assert _ks(area(other), area(ref)) > 0.2
+
+
+def test_crop_fallback_is_torchvision_centre_crop():
+    # a 10x1000 strip: no draw fits the ratio range, torchvision falls back to the largest centre crop
+    u = torch.rand(4, 22, dtype=torch.float64)
+    box = crop_boxes(torch.full((4,), 10), torch.full((4,), 1000), u, (0.9, 1.0), (3 / 4, 4 / 3))
+    img = Image.new("RGB", (1000, 10))
+    torch.manual_seed(0)
+    assert box[0].tolist() == list(T.RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3]))
+
+
+def test_both_views_come_from_the_same_crop_and_flip():
+    imgs = torch.stack([torch.from_numpy(_smooth_image(96, 128, s)).permute(2, 0, 1) for s in range(8)])
+    views = PretrainViews((64, 64), (32, 32), color_jitter=(0.4, 0.4, 0.4), seed=0)
+    out = views(list(imgs), torch.arange(8), 0)
+    mean, std = views.mean, views.std
+    patch = out["image"] * std + mean
+    down = torch.nn.functional.interpolate(patch, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+    same = (down - out["tok_image"]).abs().mean(dim=(1, 2, 3))
+    other = (down - out["tok_image"].roll(1, 0)).abs().mean(dim=(1, 2, 3))
+    assert same.max() < 0.03, same
+    assert other.min() > 3 * same.max(), (same, other)
+    assert out["image"].shape == (8, 3, 64, 64) and out["tok_image"].shape == (8, 3, 32, 32)
+
+
+def test_flip_rate_and_flip_is_applied():
+    n = 4000
+    views = PretrainViews((32, 32), (16, 16), color_jitter=(0, 0, 0), seed=5)
+    flips = views.params(torch.arange(n), 3, torch.full((n,), 32), torch.full((n,), 32))["flip"].float().mean()
+    assert abs(float(flips) - 0.5) < 0.03
+    # whole image, no resize: the patch view is the image or its mirror, as the flip parameter says
+    whole = PretrainViews((32, 32), (32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=(0, 0, 0),
+                          mean=(0, 0, 0), std=(1, 1, 1))
+    img = torch.from_numpy(_smooth_image(32, 32, 1)).permute(2, 0, 1)
+    idx = torch.arange(16)
+    out = whole(img.expand(16, -1, -1, -1).contiguous(), idx, 0)["image"]
+    flip = whole.params(idx, 0, torch.full((16,), 32), torch.full((16,), 32))["flip"]
+    x = img.float() / 255
+    for i in range(16):
+        want = x.flip(-1) if flip[i] else x
+        assert (out[i] - want).abs().max() < 1e-4
+    assert 0 < int(flip.sum()) < 16
+
+
+def test_color_jitter_statistics_match_torchvision():
+    # brightness alone: the mean ratio of output to input follows U[0.6, 1.4] as T.ColorJitter's factor
+    img = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8)
+    views = PretrainViews((16, 16), (16, 16), scale=(1, 1), ratio=(1, 1), color_jitter=(0.4, 0, 0),
+                          mean=(0, 0, 0), std=(1, 1, 1))
+    n = 2000
+    f = views.params(torch.arange(n), 0, torch.full((n,), 16), torch.full((n,), 16))["jitter"][:, 0].numpy()
+    torch.manual_seed(0)
+    ref = np.array([float(T.ColorJitter.get_params([0.6, 1.4], None, None, None)[1]) for _ in range(n)])
+    assert _ks(f, ref) < 0.06
+    out = views(img.expand(4, -1, -1, -1), torch.arange(4), 0)["image"]
+    fac = views.params(torch.arange(4), 0, torch.full((4,), 16), torch.full((4,), 16))["jitter"][:, 0]
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), (100 / 255 * fac).float().clamp(max=1), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("odd")
+    a = _smooth_image(30, 40)
+    Image.fromarray(a).save(root / "a_good.jpg", quality=95)
+    Image.fromarray(a).save(root / "b_lossless.png")
+    Image.fromarray(a).convert("CMYK").save(root / "c_cmyk.jpg")
+    Image.fromarray(a).save(root / "d_progressive.jpg", progressive=True, quality=95)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    im.save(root / "e_exif6.jpg", exif=exif, quality=95)
+    (root / "f_garbage.jpg").write_bytes(b"not an image at all")
+    data = (root / "a_good.jpg").read_bytes()
+    (root / "g_truncated.jpg").write_bytes(data[: len(data) * 9 // 10])  # header intact, scan cut short
+    Image.fromarray(a[:, :, 0]).save(root / "h_gray.jpg")
+    return root
+
+
+def _pil(path: Path) -> torch.Tensor:
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files):
+    ds = EncodedImageFiles.from_folder(odd_files, mask_generator=BlockwiseMaskGenerator((2, 2), 2, 1))
+    samples = [ds[i] for i in range(len(ds))]
+    reasons = {Path(s.name).name: s.reason for s in samples}
+    assert reasons["a_good.jpg"] is None and reasons["e_exif6.jpg"] is None
+    assert reasons["b_lossless.png"] == "png" and reasons["c_cmyk.jpg"] == "mode CMYK"
+    assert reasons["d_progressive.jpg"] == "progressive" and reasons["h_gray.jpg"] == "mode L"
+    # the garbage file is replaced in the worker by the next readable one, and named in the batch
+    assert [Path(n).name for s in samples for n in s.skipped] == ["f_garbage.jpg"]
+    batch = collate_encoded(samples)
+    dec = BatchDecoder("cpu")
+    images, batch2 = dec(batch)
+    assert len(images) == len(ds) == len(batch2.index) and batch2.masks.shape == (len(ds), 2, 2)
+    # the truncated JPEG passes the header check and fails in the batched decoder: skipped and named
+    assert dec.skipped_names == [str(odd_files / "f_garbage.jpg"), str(odd_files / "g_truncated.jpg")]
+    assert dec.summary()["fallback"] == {"png": 1, "mode CMYK": 1, "progressive": 1, "mode L": 1}
+    assert dec.num_gpu == 2  # a_good, e_exif6 (decode_jpeg on this device)
+    g = batch.names.index(str(odd_files / "g_truncated.jpg"))
+    assert batch2.names[g] != batch.names[g] and torch.equal(images[g], images[batch.names.index(batch2.names[g])])
+    for i, name in enumerate(batch2.names):
+        want = _pil(Path(name))
+        assert images[i].shape == want.shape, name
+        tol = 0 if name.endswith(".png") else 3  # libjpeg builds may differ by a level or two
+        assert (images[i].int() - want.int()).abs().float().mean() <= tol, name
+    assert images[batch.names.index(str(odd_files / "e_exif6.jpg"))].shape == (3, 40, 30)  # EXIF applied
+
+
+def test_pretrain_pipeline_from_files_gives_the_batch_the_step_expects(odd_files):
+    masks = BlockwiseMaskGenerator((4, 4), 6, 2)
+    ds = EncodedImageFiles.from_folder(odd_files, mask_generator=masks, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_encoded)
+    pipe = PretrainPipeline(PretrainViews((16, 16), (8, 8), seed=3), "cpu")
+    batch = next(iter(loader))
+    out = pipe(batch)
+    assert out["image"].shape == (4, 3, 16, 16) and out["tok_image"].shape == (4, 3, 8, 8)
+    assert out["mask"].shape == (4, 4, 4) and out["mask"].dtype == torch.bool
+    again = pipe(next(iter(loader)))  # same (seed, epoch, index): same views and masks
+    assert torch.equal(out["image"], again["image"]) and torch.equal(out["mask"], again["mask"])
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning recipe
+def test_randaugment_ops_match_timm_on_pil():
+    from timm.data import auto_augment as aa
+
+    img = Image.fromarray(_smooth_image(48, 48, 2))
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    fill = (124, 116, 104)
+    fill_t = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1) / 255
+    cases = {"AutoContrast": None, "Equalize": None, "Invert": None, "Rotate": 20.0, "PosterizeIncreasing": 2,
+             "SolarizeIncreasing": 100, "SolarizeAdd": 60, "ColorIncreasing": 1.6, "ContrastIncreasing": 0.4,
+             "BrightnessIncreasing": 1.5, "SharpnessIncreasing": 1.8, "ShearX": 0.2, "ShearY": -0.2,
+             "TranslateXRel": 0.3, "TranslateYRel": -0.3}
+    for name, arg in cases.items():
+        fn = aa.NAME_TO_OP[name]
+        args = () if arg is None else (arg,)
+        want = fn(img, *args, fillcolor=fill, resample=Image.BILINEAR)
+        want_t = torch.from_numpy(np.asarray(want).copy()).permute(2, 0, 1).float() / 255
+        got = _apply_op(name, x.clone(), torch.tensor([0.0 if arg is None else float(arg)], dtype=torch.float64),
+                        fill_t)[0]
+        err = (got - want_t).abs().mean().item()
+        assert err < (0.02 if name in ("Rotate", "ShearX", "ShearY") else 0.006), (name, err)
+
+
+def test_randaugment_choices_follow_timm_recipe():
+    aug = FinetuneAugment(32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0)
+    n = 4000
+    u = per_sample_uniforms(0, 0, torch.arange(n), 10)
+    layers = aug.ra_params(u)
+    assert len(layers) == 2 and len(aug.ra.names) == 15
+    op, applied, arg = layers[0]
+    assert abs(float(applied.float().mean()) - 0.5) < 0.03  # each layer applies with p=0.5
+    counts = torch.bincount(op, minlength=15).float() / n
+    assert (counts - 1 / 15).abs().max() < 0.02  # uniform choice with replacement
+    rot = arg[op == aug.ra.names.index("Rotate")].numpy()
+    # timm: |deg| = N(9, 0.5) clipped to [0, 10] / 10 * 30, random sign
+    assert abs(np.abs(rot).mean() - 27.0) < 0.5 and abs((rot > 0).mean() - 0.5) < 0.1
+    with pytest.raises(ValueError, match="auto_augment 'augmix-m5': the tensor path implements RandAugment"):
+        FinetuneAugment(32, auto_augment="augmix-m5")
+
+
+def test_finetune_augment_is_per_sample_and_independent_of_the_batch():
+    imgs = torch.stack([torch.from_numpy(_smooth_image(40, 56, s)).permute(2, 0, 1) for s in range(6)])
+    aug = FinetuneAugment(32, re_prob=0.0, seed=2)
+    big = FinetuneAugment(48, re_prob=0.0, seed=2)
+    a = big(list(imgs), torch.arange(10, 16), 1)
+    b = big(list(imgs[2:3]), torch.tensor([12]), 1)
+    assert a.shape == (6, 3, 48, 48) and torch.allclose(a[2], b[0], atol=1e-5)
+    small = aug(imgs[:, :, :32, :32].contiguous(), torch.arange(6), 0)
+    assert small.shape == (6, 3, 32, 32)
+    erase = FinetuneAugment(32, auto_augment=None, re_prob=1.0, hflip=0.0, seed=2)
+    p = erase.params(torch.arange(200), 0, torch.full((200,), 32), torch.full((200,), 32))
+    assert p["erase"].float().mean() > 0.9  # erasing at p=1 (a few draws find no box, as timm)
+    area = (p["erase_box"][:, 2] * p["erase_box"][:, 3]).float() / 1024
+    assert 0.015 < area.min() and area.max() < 0.36
+
+
+def test_in_memory_path_shapes_and_mixup_label_mixing():
+    from timm.data import Mixup
+
+    n = 12
+    images = torch.from_numpy(np.stack([_smooth_image(32, 32, s) for s in range(n)]))  # [N, H, W, 3]
+    labels = torch.arange(n) % 4
+    ds = InMemoryIndices(n, seed=0)
+    batch = InMemoryIndices.collate([ds[i] for i in (3, 1, 4, 0, 5, 9)])
+    pipe = FinetunePipeline(FinetuneAugment(32, seed=0), "cpu", images, labels)
+    x, y = pipe(batch)
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32 and y.tolist() == [3, 1, 0, 0, 1, 1]
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=4)
+    np.random.seed(0)
+    xm, soft = mix(x.clone(), y)
+    assert torch.allclose(soft.sum(1), torch.ones(6))
+    off, on = 0.1 / 4, 1 - 0.1 + 0.1 / 4
+    lam = float((soft[0, 3] - off) / (on - off))  # sample 0 (class 3) is mixed with sample 5 (class 1)
+    assert 0 < lam < 1
+    hard = torch.nn.functional.one_hot(y, 4).float() * (on - off) + off
+    assert torch.allclose(soft, lam * hard + (1 - lam) * hard.flip(0), atol=1e-5)
+    assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-4)  # batch mode: images mixed alike
+    # pre-training views from the same in-memory store, masks drawn per (seed, epoch, index) in the workers
+    masks = BlockwiseMaskGenerator((8, 8), 26, 4)
+    pds = InMemoryIndices(n, mask_generator=masks, seed=7)
+    pp = PretrainPipeline(PretrainViews((32, 32), (32, 32), seed=7), "cpu", images)
+    out = pp(InMemoryIndices.collate([pds[i] for i in range(4)]))
+    assert out["image"].shape == (4, 3, 32, 32) and out["mask"].shape == (4, 8, 8)
+    assert torch.equal(out["mask"][2], pds[2][2]) and not torch.equal(pds[(1, 2)][2], pds[(0, 2)][2])
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_data_device_setting():
+    assert use_device_path("auto", "cpu") is False and use_device_path("auto", "cuda") is True
+    assert use_device_path("cpu", "cuda") is False and use_device_path("gpu", "cpu") is True
+    with pytest.raises(ValueError, match=r"^must be auto \| cpu \| gpu, got 'tpu'$"):
+        use_device_path("tpu", "cpu")
+
+
+def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
+    from beit.engine import ConfigError, load_config
+    from beit.tasks.finetune import FinetuneConfig, build_device_train
+
+    cfg = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=gpu", "data.resize=full",
+                                             "data.auto_augment=null", f"data.train_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.device.*gpu cannot run this recipe: data\.resize='full'"):
+        build_device_train(cfg, "cpu")
+    auto = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=auto",
+                                              "data.resize=full", "data.auto_augment=null"])
+    assert build_device_train(auto, "cuda") is None  # auto: quietly the CPU path
+    bad = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=fast"])
+    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
+        build_device_train(bad, "cpu")
+
+
+def test_pretrain_device_setting_errors_name_the_key(tmp_path):
+    from beit.engine import ConfigError
+    from beit.tasks.pretrain import PretrainConfig, PretrainDataConfig, build_device_data
+
+    (tmp_path / "a.tar").write_bytes(b"")
+
+    def cfg(path, device):
+        return PretrainConfig(data=PretrainDataConfig(path=str(path), num_samples=8, device=device))
+
+    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
+        build_device_data(cfg(tmp_path, "fast"), 8, "cpu")
+    assert build_device_data(cfg(tmp_path, "auto"), 8, "cpu") is None  # auto without CUDA: the PIL path
+
+
+def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
+    from _finetune_data import TINY_OVERRIDES, colored_squares
+    from beit.engine import load_config
+    from beit.tasks.finetune import FinetuneConfig, finetune
+
+    data = colored_squares(tmp_path / "sq", {"train": 16, "val": 4})
+    cfg = load_config(FinetuneConfig, None, [
+        *TINY_OVERRIDES, f"train.output_dir={tmp_path / 'ft'}", "train.num_workers=0", "train.batch_size=8",
+        "train.max_steps=2", "train.warmup_epochs=0", "train.epochs=1", f"data.train_dir={data / 'train'}",
+        f"data.val_dir={data / 'val'}", "data.device=gpu"])
+    res = finetune(cfg)
+    assert res["step"] == 2 and 0 <= res["top1"] <= 100
+    assert res["data_decode"]["fallback"] == {"png": 16} and res["data_decode"]["skipped"] == 0  # 2 steps x 8 PNGs
+    # pre-training from a folder with a broken file, views made by the batched path
+    from beit.tasks.pretrain import PretrainConfig, pretrain
+    from beit.tokenizers import DiscreteVAE
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.fromarray(_smooth_image(40, 48, i)).save(images / f"{i}.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    DiscreteVAE(vocab_size=16, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).save(tmp_path / "tok.st")
+    pcfg = load_config(PretrainConfig, None, [
+        f"data.path={images}", "data.num_mask_patches=26", "data.min_mask_patches_per_block=4", "data.device=gpu",
+        "model.name=beit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4", "model.embed_dim=32",
+        "model.depth=2", "model.num_heads=2", "tokenizer.kind=dvae", f"tokenizer.path={tmp_path / 'tok.st'}",
+        f"train.output_dir={tmp_path / 'pt'}", "train.batch_size=4", "train.num_workers=0", "train.max_steps=3",
+        "train.warmup_steps=1", "train.log_every=1", "vis_samples=2"])
+    out = pretrain(pcfg)
+    assert out["step"] == 3 and Path(out["panel"]).exists()
+    assert out["data_decode"]["skipped_names"] == [str(images / "broken.jpg")]
+    assert out["data_decode"]["gpu"] >= 12 and not out["data_decode"]["fallback"]  # JPEGs: decode_jpeg
+
+
+def test_device_path_resume_is_exact(tmp_path):
+    """Augmentation parameters are a function of (seed, epoch, index): a resumed run sees the same data."""
+    from _finetune_data import TINY_OVERRIDES, colored_squares
+    from beit.engine import load_config
+    from beit.engine.logging import read_metrics
+    from beit.tasks.finetune import FinetuneConfig, finetune
+
+    data = colored_squares(tmp_path / "sq", {"train": 8})
+
+    def cfg(out, *extra):
+        return load_config(FinetuneConfig, None, [
+            *TINY_OVERRIDES, f"train.output_dir={out}", "train.num_workers=0", "train.batch_size=8",
+            "train.max_steps=4", "train.warmup_steps=1", "train.ckpt_every=1", "train.log_every=1",
+            f"data.train_dir={data / 'train'}",
+            "data.device=gpu", *extra])
+
+    finetune(cfg(tmp_path / "full"))
+    finetune(cfg(tmp_path / "part"), stop_after_step=2)
+    finetune(cfg(tmp_path / "part", "train.resume=auto"))
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+
+    assert len(losses(tmp_path / "full")) == 4
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_webdataset_shards_on_the_device_path(tmp_path):
+    import io
+
+    import webdataset as wds
+
+    from beit.data.gpu_decode import EncodedWebDataset
+
+    shard = tmp_path / "train-0000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(_smooth_image(24, 32, i)).save(buf, format="JPEG" if i % 2 else "PNG")
+            w.write({"__key__": f"k{i}", "jpg" if i % 2 else "png": buf.getvalue(), "cls": str(i % 3).encode()})
+            if i == 2:
+                w.write({"__key__": "bad", "jpg": b"not an image", "cls": b"0"})
+    masks = BlockwiseMaskGenerator((2, 2), 2, 1)
+    ds = EncodedWebDataset([str(shard)], mask_generator=masks, label_key="cls", shuffle_shards=False, seed=4)
+    batch = collate_encoded(list(ds))
+    assert len(batch) == 6 and batch.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert batch.skipped == [f"{shard}:bad"] and batch.reasons == ["png", None] * 3
+    pipe = PretrainPipeline(PretrainViews((16, 16), (8, 8), seed=4), "cpu")
+    out = pipe(batch)
+    assert out["image"].shape == (6, 3, 16, 16) and pipe.decoder.summary()["skipped_names"] == [f"{shard}:bad"]
+    again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
+    assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])
