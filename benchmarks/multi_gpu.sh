@@ -37,10 +37,10 @@ else
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
   [ "$NGPU" -ge 1 ] || { echo "multi_gpu: no CUDA device (BEIT_SMOKE_CPU=1 for the CPU run)" >&2; exit 1; }
   GPUS=${GPUS:-1 $NGPU}; STEPS=${STEPS:-100}; BATCH=${BATCH:-128}; LOG_EVERY=${LOG_EVERY:-10}
-  WARMUP_WINDOWS=${WARMUP_WINDOWS:-3}; COMPILE=${COMPILE:-true}; RUN_TIMEOUT=${RUN_TIMEOUT:-180}
+  WARMUP_WINDOWS=${WARMUP_WINDOWS:-3}; COMPILE=${COMPILE:-true}; RUN_TIMEOUT=${RUN_TIMEOUT:-150}
   TINY=()
 fi
-BUDGET=${BUDGET:-510}   # seconds: runs not started by then are reported as skipped (the GPU call allows 600)
+BUDGET=${BUDGET:-430}   # seconds: runs not started by then are reported as skipped (a GPU call allows 600)
 WORK=${WORK:-/tmp/beit_multi_gpu}
 rm -rf "$WORK"; mkdir -p "$WORK/runs" "$WORK/logs"
 
