@@ -24,7 +24,7 @@ import io
 import logging
 import os
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,11 +219,11 @@ def scan_images(
     root_key = _dir_key(str(path))
     if root_key is not None:
         visited.add(root_key)
-    pending = [str(path)]  # real folders first, breadth-first
-    links: list[str] = []  # linked folders, entered once the real tree is listed
+    pending: deque[str] = deque([str(path)])  # real folders first, breadth-first
+    links: deque[str] = deque()  # linked folders, entered once the real tree is listed
     while pending or links:
         if not pending:
-            link = links.pop(0)
+            link = links.popleft()
             key = _dir_key(link)
             if key is None:
                 skipped.append((link, _os_reason(link)))
@@ -234,7 +234,7 @@ def scan_images(
             visited.add(key)
             pending.append(link)
             continue
-        folder = pending.pop(0)
+        folder = pending.popleft()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
