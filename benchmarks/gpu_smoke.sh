@@ -30,17 +30,17 @@ export PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 BEIT=("$PY" -m beit)
 
-# ---- presets: today's paths; after the preset move these become names (e.g. CFG_PRETRAIN=pretrain_cifar10_small)
-CFG_TOKENIZER=${CFG_TOKENIZER:-configs/tokenizer_cifar10.yaml}
-CFG_PRETRAIN=${CFG_PRETRAIN:-configs/pretrain_cifar10_small.yaml}
-CFG_FINETUNE=${CFG_FINETUNE:-configs/finetune_cifar10_small.yaml}
-CFG_LINPROBE=${CFG_LINPROBE:-configs/linprobe_base.yaml}
-CFG_SEGMENT=${CFG_SEGMENT:-configs/segment_camvid.yaml}
-CFG_LAYOUT_DOCBANK=${CFG_LAYOUT_DOCBANK:-configs/layout_docbank.yaml}
-CFG_LAYOUT_PUBLAYNET=${CFG_LAYOUT_PUBLAYNET:-configs/layout_publaynet_base.yaml}
-# flag spelling of the segment/layout commands' config option (today: --config; -c works for the others)
-SEG_CONFIG_FLAG=${SEG_CONFIG_FLAG:---config}
-LAYOUT_CONFIG_FLAG=${LAYOUT_CONFIG_FLAG:---config}
+# ---- presets: names of the presets shipped in the package (`beit configs`), or YAML paths
+CFG_TOKENIZER=${CFG_TOKENIZER:-tokenizer_cifar10}
+CFG_PRETRAIN=${CFG_PRETRAIN:-pretrain_cifar10_small}
+CFG_FINETUNE=${CFG_FINETUNE:-finetune_cifar10_small}
+CFG_LINPROBE=${CFG_LINPROBE:-linprobe_base}
+CFG_SEGMENT=${CFG_SEGMENT:-segment_camvid}
+CFG_LAYOUT_DOCBANK=${CFG_LAYOUT_DOCBANK:-layout_docbank}
+CFG_LAYOUT_PUBLAYNET=${CFG_LAYOUT_PUBLAYNET:-layout_publaynet_base}
+# every command takes -c/--config
+SEG_CONFIG_FLAG=${SEG_CONFIG_FLAG:--c}
+LAYOUT_CONFIG_FLAG=${LAYOUT_CONFIG_FLAG:--c}
 
 RUNS=${RUNS:-$OUT/runs}            # checkpoints (large; PACK leaves .pt / .safetensors out)
 # the user flow first (cheap), then the BEiT-B segmentation and layout runs (from scratch: no dependency on the

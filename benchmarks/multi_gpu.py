@@ -17,7 +17,7 @@ wall time of the window); a run's figure is the median over its log windows afte
     python benchmarks/multi_gpu.py report /tmp/mg --json $OUT/multi_gpu.json
     BEIT_SMOKE_CPU=1 bash benchmarks/multi_gpu.sh /tmp/mg_cpu      # the same on CPU (gloo), tiny models
 
-Presets are found by path or name (``--preset``); the lead may point them at ``src/beit/configs`` later.
+Presets are found by path or by the name of a shipped preset (``--preset``).
 """
 
 from __future__ import annotations
@@ -35,26 +35,21 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"pretrain": "configs/pretrain_base.yaml", "finetune": "configs/finetune_base.yaml"}
+PRESETS = {"pretrain": "pretrain_base", "finetune": "finetune_base"}
 # tiny shapes for the CPU smoke mode (BEIT_SMOKE_CPU=1 / --tiny): a 64 px image of 16 px patches (4x4 grid)
 TARGET_EFFICIENCY = 0.9  # issue 15: 2 GPUs >= 1.8x one GPU's img/s
 TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 def find_preset(name: str) -> Path:
-    """A YAML path as given, else ``<name>.yaml`` in ./configs, the repository's configs/ or src/beit/configs/.
+    """A YAML path as given, else the shipped preset of that name (``beit.configs.resolve_config``).
 
     Raises:
-        FileNotFoundError: naming every place looked at.
+        FileNotFoundError: naming the value and listing the presets.
     """
-    if Path(name).is_file():
-        return Path(name)
-    stem = name[:-5] if name.endswith(".yaml") else Path(name).name.removesuffix(".yaml")
-    places = [Path.cwd() / "configs", REPO / "configs", REPO / "src" / "beit" / "configs"]
-    for base in places:
-        if (base / f"{stem}.yaml").is_file():
-            return base / f"{stem}.yaml"
-    raise FileNotFoundError(f"preset not found: {name} (looked for {stem}.yaml in {', '.join(map(str, places))})")
+    from beit.configs import resolve_config
+
+    return Path(resolve_config(name))
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -23,8 +23,8 @@ cd "$REPO"
 export PYTHONPATH=$REPO/src${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 
-PRESET_PRETRAIN=${PRESET_PRETRAIN:-configs/pretrain_base.yaml}   # later: pretrain_base (a name)
-PRESET_FINETUNE=${PRESET_FINETUNE:-configs/finetune_base.yaml}
+PRESET_PRETRAIN=${PRESET_PRETRAIN:-pretrain_base}
+PRESET_FINETUNE=${PRESET_FINETUNE:-finetune_base}
 TASKS=${TASKS:-pretrain finetune}
 MODES=${MODES:-ddp fsdp}
 CPU=${BEIT_SMOKE_CPU:-0}

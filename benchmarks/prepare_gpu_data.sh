@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/prepare_gpu_data.sh .carry/data          # then carry .carry on the GPU call
 #
-# DEST gets the layouts the tasks read (see configs/*.yaml and /work/shared/data/README.md):
+# DEST gets the layouts the tasks read (see src/beit/configs/*.yaml and /work/shared/data/README.md):
 #   cifar10/{train,test}/<class>/NNNN.jpg       ImageFolder classes (tokenizer, pretrain, finetune, linprobe)
 #   CamVid/{train.txt,val.txt,train,trainannot,val,valannot}   segment_camvid.yaml's "list" format
 #   docbank/{annotations.json,images/}          layout_docbank.yaml (holdout split inside the one JSON)

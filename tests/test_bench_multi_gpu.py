@@ -42,11 +42,11 @@ def test_bank_step_gathers_the_indexed_rows(mg):
 
 
 def test_find_preset(mg, tmp_path):
-    assert mg.find_preset("pretrain_base") == REPO / "configs" / "pretrain_base.yaml"
+    assert mg.find_preset("pretrain_base") == REPO / "src" / "beit" / "configs" / "pretrain_base.yaml"
     f = tmp_path / "x.yaml"
     f.write_text("{}")
     assert mg.find_preset(str(f)) == f
-    with pytest.raises(FileNotFoundError, match="preset not found: nope "):
+    with pytest.raises(FileNotFoundError, match="unknown preset 'nope'; presets: .*pretrain_base"):
         mg.find_preset("nope")
 
 
