@@ -114,11 +114,11 @@ def test_segment_predict_skips_unreadable_and_keeps_repeated_stems_apart(tmp_pat
     import json
 
     import beit
+    from beit.configs import preset_path
     from beit.engine import load_config
     from beit.tasks.segmentation import BeitSegmenter, SegmentConfig, predict
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(SegmentConfig, repo / "configs" / "segment_camvid.yaml",
+    cfg = load_config(SegmentConfig, preset_path("segment_camvid"),
                       ["data.test_scale=[32,32]", "test.mode=whole", "train.precision=fp32"])
     torch.manual_seed(0)
     bb = beit.create_model("beit_tiny_patch16_224", head="none", img_size=32, patch_size=8, embed_dim=32, depth=4,
