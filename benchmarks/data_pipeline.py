@@ -141,9 +141,9 @@ def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device)
 
 def _compile(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
     if enabled and device.type == "cuda":
-        from beit.engine.trainer import _compile_model
+        from beit.engine.distributed import compile_blocks
 
-        _compile_model(model)
+        compile_blocks(model)
     return model
 
 

@@ -50,9 +50,9 @@ def _opt(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _compile_blocks(model: torch.nn.Module) -> None:
     """Regional compilation as the engine does it: every block in place, one graph shared by all."""
-    from beit.engine.trainer import _compile_model
+    from beit.engine.distributed import compile_blocks
 
-    _compile_model(model)
+    compile_blocks(model)
 
 
 # ------------------------------------------------------------------------------------------ systems
