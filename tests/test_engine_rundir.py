@@ -70,16 +70,18 @@ def test_overflow_between_saves_is_named_at_its_own_step(tmp_path):
 
 
 def test_finite_run_keeps_exactly_one_check_per_step(tmp_path, monkeypatch):
-    """The weights check rides in the step's existing sync: one torch.isfinite(...).all() per step."""
-    calls = {"n": 0}
-    real = torch.Tensor.all
+    """The weights check rides in the step's existing sync: one ``all_finite`` (one host sync) per step."""
+    from beit.engine import distributed as D
 
-    def counting_all(self, *a, **kw):
+    calls = {"n": 0}
+    real = D.all_finite
+
+    def counting_all_finite(values):
         calls["n"] += 1
-        return real(self, *a, **kw)
+        return real(values)
 
     trainer = trainer_of(cfg_of(tmp_path, ckpt_every=100, max_steps=5))
-    monkeypatch.setattr(torch.Tensor, "all", counting_all)
+    monkeypatch.setattr(D, "all_finite", counting_all_finite)
     trainer.fit()
     monkeypatch.undo()
     assert trainer.step == 5 and calls["n"] == 5
@@ -394,3 +396,18 @@ def test_rank0_errors_are_rebuilt_by_name():
     assert type(_error_named("PermissionError", "p")) is PermissionError
     e = _error_named("SomeLibraryError", "boom")
     assert type(e) is RuntimeError and str(e) == "SomeLibraryError: boom"
+
+
+def test_resume_on_another_number_of_ranks_may_regroup_the_same_global_batch(tmp_path):
+    from beit.engine.rundir import ConfigChangedError, check_resume_config
+
+    stored = {"train": {"batch_size": 4, "accum_steps": 1, "lr": 1e-3}}
+    same_global = {"train": {"batch_size": 8, "accum_steps": 1, "lr": 1e-3}}
+    assert check_resume_config(stored, same_global, source="ck", stored_world_size=2, world_size=1) == []
+    accum = {"train": {"batch_size": 2, "accum_steps": 4, "lr": 1e-3}}  # 4 x 1 x 2 ranks = 2 x 4 x 1 rank
+    assert check_resume_config(stored, accum, source="ck", stored_world_size=2, world_size=1) == []
+    with pytest.raises(ConfigChangedError, match=r"train.batch_size: 4 -> 8"):  # same ranks: a real change
+        check_resume_config(stored, same_global, source="ck", stored_world_size=2, world_size=2)
+    with pytest.raises(ConfigChangedError, match=r"train.batch_size: 4 -> 5"):
+        check_resume_config(stored, {"train": {"batch_size": 5, "accum_steps": 1, "lr": 1e-3}}, source="ck",
+                            stored_world_size=2, world_size=1)  # global 8 -> 5

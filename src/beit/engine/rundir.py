@@ -349,20 +349,43 @@ def diff_configs(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[
     return out
 
 
+def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
+    """``batch_size x accum_steps x world_size`` of a config dict (its ``train`` section, or itself)."""
+    train = config.get("train") if isinstance(config.get("train"), dict) else config
+    try:
+        return int(train["batch_size"]) * int(train.get("accum_steps", 1)) * int(world_size)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, source: str | Path,
-                        allow: bool = False) -> list[str]:
+                        allow: bool = False, stored_world_size: int | None = None,
+                        world_size: int = 1) -> list[str]:
     """Compare a checkpoint's ``config`` with the current run's; return the dotted keys that differ.
 
     Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line). Any other
     difference raises :class:`ConfigChangedError` naming ``source`` and every such key with both values,
     unless ``allow`` (``train.allow_config_change``), which logs them as a warning instead. A checkpoint
     without a stored config (``stored`` None) is accepted with a warning.
+
+    On another number of ranks (``stored_world_size`` != ``world_size``) the per-rank ``batch_size`` and
+    ``accum_steps`` may change when the global batch (their product with the number of ranks) stays the same:
+    the run then sees the same samples in the same steps.
     """
     log = _log()
     if not isinstance(stored, dict):
         log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
         return []
     diffs = diff_configs(stored, current)
+    per_rank = ("batch_size", "accum_steps")
+    if (stored_world_size and stored_world_size != world_size
+            and _global_batch(stored, stored_world_size) == _global_batch(current, world_size) is not None):
+        regrouped = [d for d in diffs if d[0].rsplit(".", 1)[-1] in per_rank]
+        if regrouped:
+            log.info(f"resume on {world_size} rank(s) from {stored_world_size}: same global batch "
+                     f"{_global_batch(current, world_size)}, "
+                     + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped))
+        diffs = [d for d in diffs if d not in regrouped]
     harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS]
     changed = [d for d in diffs if d not in harmless]
     shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]

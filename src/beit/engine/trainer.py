@@ -719,7 +719,8 @@ class Trainer:
         sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
         state = load_checkpoint(path, full=not sharded)
         check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
-                            allow=getattr(self.cfg, "allow_config_change", False))
+                            allow=getattr(self.cfg, "allow_config_change", False),
+                            stored_world_size=state.get("world_size"), world_size=D.world_size())
         keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
         if not sharded:
             load_model_state(self.model, state["model"], source=str(path))
