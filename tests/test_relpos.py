@@ -98,3 +98,29 @@ def test_runtime_equals_load_time_on_a_non_square_grid_and_is_differentiable() -
     m.forward_intermediates(x, (1,))[0].sum().backward()
     assert m.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
     assert relative_position_index((7, 9)).max() == table_size((7, 9)) - 1
+
+
+def test_compiled_blocks_take_new_grids_without_a_graph_per_size():
+    """Dense tasks feed many grid sizes (multi-scale pages, sliding windows): the run-time table resampling
+    runs eagerly (one graph break), so each block's graphs become shape-generic instead of one per size."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import beit
+
+    torch.manual_seed(0)
+    model = beit.create_model("beit_tiny_patch16_224", head="none", img_size=32, patch_size=8, embed_dim=32,
+                              depth=3, num_heads=2, use_rel_pos_bias=True).eval()
+    sizes = (32, 48, 64, 80, 96, 112)
+    images = {s: torch.randn(2, 3, s, s + 16, generator=torch.Generator().manual_seed(s)) for s in sizes}
+    with torch.no_grad():
+        ref = {s: model.forward_intermediates(images[s], (1, 2)) for s in sizes}
+        torch._dynamo.reset()
+        counters.clear()
+        for block in model.blocks:
+            block.compile(backend="eager")  # dynamo's tracing is what is tested; no code generation
+        for s in sizes:
+            for got, want in zip(model.forward_intermediates(images[s], (1, 2)), ref[s]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 3 * len(model.blocks)  # 17 before: a recompile per size
+    torch._dynamo.reset()

@@ -151,16 +151,32 @@ def resize_table(table: torch.Tensor, old_window: tuple[int, int], new_window: t
     return torch.cat([grid, table[-3:]], dim=0)
 
 
+def _gather(table: torch.Tensor, index: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    length = window[0] * window[1] + 1
+    return table[index.view(-1)].view(length, length, -1).permute(2, 0, 1).contiguous()
+
+
+@torch.compiler.disable
+def _resized_bias(table: torch.Tensor, native: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """The bias for another grid than the table's, computed eagerly even inside compiled blocks.
+
+    Dense tasks change the grid at run time (sliding windows, multi-scale pages): tracing this per-grid
+    Python (cached resampling matrices and index tables) into every block's graph made each new size a
+    slow recompile. Here it is one graph break; the graphs around it stay shape-generic. Autograd is
+    unaffected (the table still gets its gradient)."""
+    window = (int(window[0]), int(window[1]))
+    table = resize_table(table, native, window)
+    return _gather(table, relative_position_index(window).to(table.device), window)
+
+
 def gather_bias(
     table: torch.Tensor, index: torch.Tensor, native: tuple[int, int], window: tuple[int, int] | None
 ) -> torch.Tensor:
     """Bias [num_heads, L, L] from a table made for ``native``, for the patch grid ``window``."""
     window = native if window is None else tuple(window)
     if window != native:  # another resolution at run time (dense tasks): resample the table on the fly
-        table = resize_table(table, native, window)
-        index = relative_position_index(window).to(table.device)
-    length = window[0] * window[1] + 1
-    return table[index.view(-1)].view(length, length, -1).permute(2, 0, 1).contiguous()
+        return _resized_bias(table, native, window)
+    return _gather(table, index, window)
 
 
 class RelativePositionBias(nn.Module):
