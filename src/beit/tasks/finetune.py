@@ -34,12 +34,12 @@ from ..engine.config import validate_config
 from ..interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
     SHAPE_FIELDS,
     build_backbone,
-    check_override_keys,
     check_overrides_fit,
     is_preset,
     source_config,
 )
 from ..models.config import Preprocess
+from .backbone_config import check_model_overrides
 from .evaluate import build_preprocess
 
 __all__ = ["DataConfig", "FinetuneConfig", "build_datasets", "build_model", "build_train_transform",
@@ -159,11 +159,7 @@ class FinetuneConfig:
 # ---------------------------------------------------------------------------------------- model
 def _check_model_overrides(overrides: dict[str, Any], key: str = "model_overrides") -> None:
     """Unknown BeitConfig fields fail at config time, naming the key (ConfigError)."""
-    try:
-        check_override_keys(overrides, key)
-    except ValueError as e:
-        k, _, msg = str(e).partition(": ")
-        raise ConfigError(k, msg) from None
+    check_model_overrides(overrides, key=key)
 
 
 def _reset_head(model: nn.Module) -> None:
