@@ -121,3 +121,105 @@ def test_checkpoint_error_names_the_file(tmp_path) -> None:
     torch.save({"foo": torch.zeros(2)}, bad)
     with pytest.raises(CheckpointError, match=f"^{bad}: not a BEiT checkpoint"):
         beit.build_backbone(bad)
+
+
+# ------------------------------------------------------------------------------------------------ every task
+SEG = ["data.crop_size=32", "data.root=x", "data.num_classes=3", "data.format=folder", "model.channels=8",
+       "model.aux_channels=8", "model.arch=beit_tiny_patch16_224", "model.depth=2", "model.embed_dim=32",
+       "model.num_heads=2", "model.patch_size=4"]
+
+
+def test_segmentation_model_overrides_reach_the_backbone(tmp_path) -> None:
+    from beit.engine import ConfigError, load_config
+    from beit.tasks.segmentation.train import SegmentConfig, build_model
+
+    cfg = load_config(SegmentConfig, None, SEG + ["model_overrides.attn_impl=eager"])
+    model = build_model(cfg, 3)
+    assert model.backbone.cfg.attn_impl == "eager" and cfg.model.backbone["attn_impl"] == "eager"
+    assert model.backbone.cfg.use_rel_pos_bias and not model.backbone.cfg.use_shared_rel_pos_bias
+    # a checkpoint: its shared table made per-layer, the override applied
+    _, path = _tiny_mim(tmp_path)
+    cfg = load_config(SegmentConfig, None, SEG[:6] + [f"model.init={path}", "model_overrides.attn_impl=eager"])
+    bb = build_model(cfg, 3).backbone
+    assert (bb.cfg.attn_impl, bb.cfg.use_rel_pos_bias, bb.cfg.img_hw) == ("eager", True, (32, 32))
+    # the stored architecture (eval / predict of a trained run) takes overrides too
+    cfg.model.init = ""
+    cfg.model_overrides = {"attn_impl": "sdpa"}
+    assert build_model(cfg, 3).backbone.cfg.attn_impl == "sdpa"
+    with pytest.raises(ConfigError) as info:
+        load_config(SegmentConfig, None, SEG + ["model_overrides.img_size=64"])
+    assert str(info.value) == ("config key 'model_overrides.img_size': set by the task's config itself; "
+                               "use data.crop_size")
+    with pytest.raises(ConfigError) as info:
+        load_config(SegmentConfig, None, SEG + ["model_overrides.depth=3"])
+    assert str(info.value) == "config key 'model_overrides.depth': 3 but model.depth=2: set one of them"
+    cfg = load_config(SegmentConfig, None, SEG[:6] + [f"model.init={path}", "model_overrides.depth=3"])
+    with pytest.raises(ValueError, match=r"^model_overrides\.depth=3 but .*pt has depth=2: a checkpoint's"):
+        build_model(cfg, 3)
+
+
+def test_layout_model_overrides_and_old_spelling() -> None:
+    from beit.engine import ConfigError, load_config
+    from beit.tasks.layout.model import DetectorConfig, build_detector
+    from beit.tasks.layout.train import LayoutConfig
+
+    tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
+    cfg = DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny, fpn_channels=16, box_head_dim=16,
+                         mask_head_dim=8)
+    m = build_detector(cfg, ["text"], model_overrides={"attn_impl": "eager"})
+    assert m.body.cfg.attn_impl == "eager" and m.body.cfg.depth == 2 and cfg.backbone["attn_impl"] == "eager"
+    with pytest.raises(ValueError, match=r"^model_overrides\.depth=3 but model\.backbone_overrides\.depth=2: "):
+        build_detector(DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny), ["t"],
+                       model_overrides={"depth": 3})
+    with pytest.raises(ConfigError) as info:
+        load_config(LayoutConfig, None, ["model.backbone_overrides={depth: 2}", "model_overrides.depth=3"])
+    assert str(info.value) == ("config key 'model_overrides.depth': 3 but model.backbone_overrides.depth=2: "
+                               "set one of them")
+    with pytest.raises(ConfigError, match=r"^config key 'model_overrides.dpeth': not a BeitConfig field"):
+        load_config(LayoutConfig, None, ["model_overrides.dpeth=3"])
+
+
+def test_pretrain_builds_through_build_backbone(tmp_path) -> None:
+    from beit.engine import ConfigError, load_config
+    from beit.tasks.pretrain import PretrainConfig, build_model
+
+    (tmp_path / "imgs").mkdir()
+    base = [f"data.path={tmp_path / 'imgs'}", "model.name=beit_tiny_patch16_224", "model.img_size=32",
+            "model.patch_size=4", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+            "data.num_mask_patches=10", "data.min_mask_patches_per_block=2", "tokenizer.kind=dvae",
+            f"tokenizer.path={tmp_path / 'tok.safetensors'}"]
+    (tmp_path / "tok.safetensors").write_bytes(b"")
+    cfg = load_config(PretrainConfig, None, base + ["model_overrides.attn_impl=eager"])
+    m = build_model(cfg, 64)
+    assert (m.cfg.head, m.cfg.vocab_size, m.cfg.attn_impl, m.cfg.depth) == ("mim", 64, "eager", 2)
+    mim, path = _tiny_mim(tmp_path)
+    cfg.model.init, cfg.model.depth, cfg.model.embed_dim, cfg.model.num_heads = str(path), None, None, None
+    m = build_model(cfg, 64)
+    torch.testing.assert_close(m.lm_head.weight, mim.lm_head.weight)
+    cfg.model.depth = 3
+    with pytest.raises(ValueError, match=r"^model\.depth=3 but .*pt has depth=2: a checkpoint's architecture"):
+        build_model(cfg, 64)
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, None, base + ["model_overrides.patch_size=8"])
+    assert str(info.value) == ("config key 'model_overrides.patch_size': set by the task's config itself; "
+                               "use model.patch_size")
+
+
+def test_one_loader_for_the_config_stored_in_a_checkpoint(tmp_path) -> None:
+    from beit.engine import ConfigError
+    from beit.engine.checkpoint import config_from_checkpoint
+    from beit.engine.config import stored_config
+    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.segmentation.train import SegmentConfig
+
+    cfg = stored_config(SegmentConfig, {"model_overrides": {"attn_impl": "eager"}, "data": {"crop_size": 64}},
+                        None, ["test.stride=7"])
+    assert (cfg.model_overrides, cfg.data.crop_size, cfg.test.stride) == ({"attn_impl": "eager"}, 64, 7)
+    with pytest.raises(ConfigError) as info:
+        stored_config(LayoutConfig, {"no_such_key": 1}, source="x/last.pt")
+    assert str(info.value).startswith("config key 'no_such_key': x/last.pt: its stored config does not fit "
+                                      "LayoutConfig (")
+    ckpt = tmp_path / "last.pt"
+    torch.save({"format": "beit-train-ckpt", "version": 1, "model": {}, "config": {"data": {"crop_size": 48}}}, ckpt)
+    cfg, state = config_from_checkpoint(SegmentConfig, ckpt, None, ["data.repeat=2"])
+    assert (cfg.data.crop_size, cfg.data.repeat, state["model"]) == (48, 2, {})
