@@ -4,8 +4,9 @@ Used three ways: inside training (``make_eval_fn``: sharded over ranks, floats o
 (``write_report``: per-class numbers and a confusion-matrix PNG), and on a saved model
 (``evaluate_checkpoint`` / ``predict_folder``, behind ``beit evaluate`` / ``beit predict``).
 
-A fine-tuned model carries what evaluation needs in ``model.cfg.extra``: ``class_names`` and
-``preprocess`` (:class:`Preprocess` as a dict), so ``beit predict out/model images/`` needs no flags.
+A fine-tuned model carries what evaluation needs: ``class_names`` in ``model.cfg.extra`` and its eval
+preprocessing (:class:`beit.models.Preprocess`, the ``"preprocess"`` entry of its ``config.json``, kept in
+``model.cfg.extra`` once loaded), so ``beit predict out/model images/`` needs no flags.
 """
 
 from __future__ import annotations

@@ -233,14 +233,18 @@ def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
                              "set one of them")
         overrides[k] = v
     fixed = dict(head="none", drop_path_rate=cfg.drop_path_rate)
+    for k in fixed:
+        if k in overrides:
+            raise ValueError(f"model_overrides.{k}: set by the layout config itself; use "
+                             f"{'model.drop_path_rate' if k == 'drop_path_rate' else 'nothing: the detector has none'}")
     if cfg.backbone:
         stored = BeitConfig.from_dict(dict(cfg.backbone))
         check_overrides_fit("the checkpoint's stored backbone", stored, overrides)
         body = build_backbone(stored, **{**overrides, **fixed, "img_size": stored.img_size})
     elif cfg.init:
-        body = build_backbone(cfg.init, rel_pos="per_layer", **overrides, **fixed)
+        body = build_backbone(cfg.init, rel_pos="per_layer", **{**overrides, **fixed})
     else:
-        body = build_backbone(cfg.arch, **overrides, **fixed)
+        body = build_backbone(cfg.arch, **{**overrides, **fixed})
     cfg.backbone = body.cfg.to_dict()
     backbone = BeitPyramidBackbone(body, cfg.out_indices, cfg.fpn_channels, cfg.pyramid_norm,
                                    extra_pool=len(cfg.anchor_sizes) == 5)

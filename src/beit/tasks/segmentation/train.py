@@ -295,15 +295,15 @@ def build_backbone(cfg: SegmentConfig) -> Beit:
     m, crop = cfg.model, cfg.data.crop_size
     user = dict(cfg.model_overrides)
     user.update({k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None})
-    fixed = {"head": "none", "drop_path_rate": m.drop_path_rate}
+    fixed = {"head": "none", "drop_path_rate": m.drop_path_rate}  # SegmentConfig.validate refuses them in user
     if m.init:
-        return _build_backbone(m.init, rel_pos="per_layer", **user, **fixed, img_size=crop)
+        return _build_backbone(m.init, rel_pos="per_layer", **{**user, **fixed, "img_size": crop})
     if m.backbone:
         stored = BeitConfig.from_dict(dict(m.backbone))
         check_overrides_fit("the checkpoint's stored backbone", stored, user)
-        return _build_backbone(stored, **user, **fixed)
-    return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user}, **fixed,
-                          img_size=crop)
+        return _build_backbone(stored, **{**user, **fixed})
+    return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user, **fixed,
+                                      "img_size": crop})
 
 
 def build_model(cfg: SegmentConfig, num_classes: int | None = None) -> BeitSegmenter:
