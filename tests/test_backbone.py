@@ -171,6 +171,10 @@ def test_layout_model_overrides_and_old_spelling() -> None:
     with pytest.raises(ValueError, match=r"^model_overrides\.depth=3 but model\.backbone_overrides\.depth=2: "):
         build_detector(DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny), ["t"],
                        model_overrides={"depth": 3})
+    with pytest.raises(ValueError, match=r"^model_overrides\.drop_path_rate: set by the layout config itself; "
+                                         r"use model\.drop_path_rate$"):
+        build_detector(DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny), ["t"],
+                       model_overrides={"drop_path_rate": 0.3})
     with pytest.raises(ConfigError) as info:
         load_config(LayoutConfig, None, ["model.backbone_overrides={depth: 2}", "model_overrides.depth=3"])
     assert str(info.value) == ("config key 'model_overrides.depth': 3 but model.backbone_overrides.depth=2: "
