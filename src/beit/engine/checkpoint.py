@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from .config import stored_config
 
 __all__ = [
-    "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict", "find_resume_path",
+    "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict", "config_from_checkpoint",
+    "find_resume_path",
     "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "load_sharded_state",
     "model_state_dict", "optimizer_state_dict", "read_torch_file", "save_checkpoint", "save_sharded_checkpoint",
     "set_rng_state",
@@ -144,6 +146,19 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: {first})"
                          ) from None
+
+
+def config_from_checkpoint(schema: Any, path: str | Path, config_file: str | Path | None = None,
+                           overrides: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run config stored in a training checkpoint (``last.pt`` / ``best.pt`` / an FSDP2 folder) read into
+    ``schema`` (+ a YAML file + ``key=value`` overrides), and the checkpoint's full state dict.
+
+    The one loader for "the config stored in a checkpoint" (segmentation and layout eval / predict, ...).
+    Raises FileNotFoundError / ValueError (not a checkpoint) as :func:`load_checkpoint`, and ConfigError
+    naming the file when its config does not fit ``schema``.
+    """
+    state = load_checkpoint(path)
+    return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,

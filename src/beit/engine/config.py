@@ -27,7 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "save_config", "to_dict",
+__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "save_config", "stored_config", "to_dict",
            "validate_config"]
 
 T = TypeVar("T")
@@ -263,6 +263,22 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
         raise ConfigError(_key_of(e, ""), _msg_of(e)) from None
     validate_config(obj)
     return obj
+
+
+def stored_config(schema: type[T] | T, saved: Any, path: str | Path | None = None,
+                  overrides: list[str] | None = None, source: str = "the checkpoint") -> T:
+    """A run config stored in a checkpoint (``saved``: its dict), read back into ``schema``, then a YAML file
+    and ``key=value`` overrides on top (as :func:`load_config`); validated.
+
+    Keys the schema no longer has, or values of the wrong type, raise ConfigError naming ``source`` and the
+    key (the checkpoint is not one of this task's, or from an incompatible version).
+    """
+    try:
+        base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), saved or {}))
+    except OmegaConfBaseException as e:
+        name = getattr(schema, "__name__", type(schema).__name__)
+        raise ConfigError(_key_of(e, ""), f"{source}: its stored config does not fit {name} ({_msg_of(e)})") from None
+    return load_config(base, path, overrides)
 
 
 def to_dict(cfg: Any) -> dict:

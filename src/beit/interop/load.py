@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models.beit import Beit
-from ..models.config import BeitConfig
+from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
 from . import formats
 from .infer import config_from_hf, config_to_hf, infer_config
@@ -282,11 +282,35 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
     naming the file) when the file cannot be read or the architecture cannot be told; FileNotFoundError.
     """
     sd, hints, name, _ = _read(source)
+    src = source_config_of(sd, hints, name, overrides)
+    return build_from(sd, name, src, strict, overrides)
+
+
+def source_config_of(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any], name: str,
+                     overrides: Mapping[str, Any] | None = None) -> BeitConfig:
+    """The architecture a checkpoint holds (what ``load_model`` builds without overrides).
+
+    Our format's stored config when present; otherwise read from the tensors, the config file's hints
+    filling in what tensors cannot tell (then ``num_heads`` / ``img_size`` from ``overrides``).
+    Raises CheckpointError naming ``name`` when it cannot be told.
+    """
+    overrides = overrides or {}
     try:
         if hints.get("format") == OUR_FORMAT:
             src = BeitConfig.from_dict(hints["config"])
         else:  # tensors first; the config file, then the caller, fill in what tensors cannot tell
             src = infer_config(sd, {**{k: overrides[k] for k in ("num_heads", "img_size") if k in overrides}, **hints})
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    if isinstance(hints.get("preprocess"), dict) and "preprocess" not in src.extra:
+        src = src.replace(extra={**src.extra, "preprocess": dict(hints["preprocess"])})
+    return src
+
+
+def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: bool,
+               overrides: Mapping[str, Any]) -> Beit:
+    """A model of ``src`` changed by ``overrides``, filled with the (adapted) tensors ``sd`` of checkpoint ``name``."""
+    try:
         dst = src.replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
@@ -316,6 +340,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp32") -> Path:
     """Write ``model.safetensors`` + ``config.json`` (our format; ``load_model`` reads it back).
 
+    ``config.json`` holds ``{"format": "beit", "config": <BeitConfig>, "preprocess": <Preprocess>}``; the
+    ``preprocess`` entry (the eval resize / crop / mean / std / interpolation, see
+    :class:`beit.models.Preprocess`) is written when the model has one (``model.cfg.extra["preprocess"]``,
+    set by ``beit finetune``); ``load_model`` puts it back there.
+
     ``dtype="bf16"`` halves the file (e.g. to ship an encoder); loading casts back to the model's dtype.
     """
     from safetensors.torch import save_file
@@ -334,7 +363,11 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": OUR_FORMAT})
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({"format": OUR_FORMAT, "config": model.cfg.to_dict()}, indent=2))
+    cfg = model.cfg.to_dict()
+    meta: dict[str, Any] = {"format": OUR_FORMAT, "config": cfg}
+    if "preprocess" in cfg["extra"]:  # the eval preprocessing sits beside the architecture (timm's pretrained_cfg)
+        meta["preprocess"] = Preprocess.from_dict(cfg["extra"].pop("preprocess")).to_dict()
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out
 
 

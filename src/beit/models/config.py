@@ -92,12 +92,64 @@ class BeitConfig:
             raise ValueError(f"unknown BEiT config keys: {unknown}")
         return cls(**d)
 
+    def eval_preprocess(self) -> Preprocess:
+        """The stored eval preprocessing (``extra["preprocess"]``), else ImageNet-style crop at ``img_size``."""
+        stored = self.extra.get(PREPROCESS_KEY)
+        if isinstance(stored, dict):
+            return Preprocess.from_dict(stored)
+        return Preprocess(img_size=self.img_hw[0])
+
+    def with_preprocess(self, p: Preprocess) -> BeitConfig:
+        """A copy that carries ``p`` as its eval preprocessing (written to ``config.json`` by ``save_model``)."""
+        return dataclasses.replace(self, extra={**self.extra, PREPROCESS_KEY: p.to_dict()})
+
     def replace(self, **overrides: Any) -> BeitConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown BEiT config keys: {unknown}; valid keys: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_KEY = "preprocess"  # where a model keeps its Preprocess: ``cfg.extra["preprocess"]``
+
+
+@dataclass
+class Preprocess:
+    """How a model's eval images are made (timm's ``pretrained_cfg`` input fields, for our models).
+
+    Kept beside the architecture: in memory as ``BeitConfig.extra["preprocess"]`` (a dict), on disk as
+    the ``preprocess`` entry of ``config.json`` (``beit.save_model``). ``BeitConfig.eval_preprocess()``
+    gives it, or the default for the model's resolution when none was stored.
+
+    ``resize="crop"``: short side to ``img_size / crop_pct`` then center crop (ImageNet-style).
+    ``resize="full"``: the whole image squashed to ``img_size x img_size``, nothing cut away
+    (documents: a crop would cut off the header or footer that tells a letter from a memo).
+    ``mean`` / ``std`` apply to pixels in [0, 1].
+    """
+
+    img_size: int = 224  # pixels, square
+    resize: str = "crop"  # crop | full
+    crop_pct: float | None = None  # None: the data helper's default (224/256, 1.0 at <=32 px and >=384 px)
+    interpolation: str = "bicubic"
+    grayscale: bool = False  # convert to gray and replicate to 3 channels (scanned documents)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Preprocess:
+        """From a stored dict; unknown keys are ignored (a newer writer), lists become tuples."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items() if k in known}
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (mean / std as lists)."""
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
 
 
 # Literal hyper-parameters of the paper's sizes (tiny/small follow DeiT widths).

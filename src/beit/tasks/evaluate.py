@@ -4,28 +4,28 @@ Used three ways: inside training (``make_eval_fn``: sharded over ranks, floats o
 (``write_report``: per-class numbers and a confusion-matrix PNG), and on a saved model
 (``evaluate_checkpoint`` / ``predict_folder``, behind ``beit evaluate`` / ``beit predict``).
 
-A fine-tuned model carries what evaluation needs in ``model.cfg.extra``: ``class_names`` and
-``preprocess`` (:class:`Preprocess` as a dict), so ``beit predict out/model images/`` needs no flags.
+A fine-tuned model carries what evaluation needs: ``class_names`` in ``model.cfg.extra`` and its eval
+preprocessing (:class:`beit.models.Preprocess`, the ``"preprocess"`` entry of its ``config.json``, kept in
+``model.cfg.extra`` once loaded), so ``beit predict out/model images/`` needs no flags.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..models.config import Preprocess
 
 __all__ = [
     "ClassificationMeter",
@@ -44,35 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
-@dataclass
-class Preprocess:
-    """How a model's eval images are made; stored in ``model.cfg.extra["preprocess"]``.
-
-    ``resize="crop"``: short side to ``img_size / crop_pct`` then center crop (ImageNet-style).
-    ``resize="full"``: the whole image squashed to ``img_size x img_size``, nothing cut away
-    (documents: a crop would cut off the header or footer that tells a letter from a memo).
-    """
-
-    img_size: int = 224
-    resize: str = "crop"  # crop | full
-    crop_pct: float | None = None  # None: the data helper's default (224/256, 1.0 at <=32 px and >=384 px)
-    interpolation: str = "bicubic"
-    grayscale: bool = False  # convert to gray and replicate to 3 channels (scanned documents)
-    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
-    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Preprocess:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (d or {}).items() if k in known}
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-
 def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform for ``p`` (through the data helper's ``build_eval_transform`` where it fits)."""
     from torchvision import transforms as T
@@ -297,8 +268,8 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
         names = [f"class_{i}" for i in range(model.cfg.num_classes)]
     if len(names) != model.cfg.num_classes:
         raise ValueError(f"{source}: {len(names)} class names stored but the head has {model.cfg.num_classes} outputs")
-    if "preprocess" in extra:
-        pre = Preprocess.from_dict(extra["preprocess"])
+    if "preprocess" in extra:  # config.json's "preprocess" entry (beit.save_model), kept in cfg.extra
+        pre = model.cfg.eval_preprocess()
     elif run_cfg:
         pre = Preprocess.from_dict({**(run_cfg.get("data") or {}), "img_size": run_cfg.get("img_size", 224)})
     else:  # a foreign classifier: its own resolution, ImageNet-style crop

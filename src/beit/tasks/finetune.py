@@ -31,7 +31,16 @@ from torch.utils.data import Dataset
 
 from ..engine import ConfigError, TrainConfig
 from ..engine.config import validate_config
-from .evaluate import Preprocess, build_preprocess
+from ..interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
+    SHAPE_FIELDS,
+    build_backbone,
+    check_overrides_fit,
+    is_preset,
+    source_config,
+)
+from ..models.config import Preprocess
+from .backbone_config import check_model_overrides
+from .evaluate import build_preprocess
 
 __all__ = ["DataConfig", "FinetuneConfig", "build_datasets", "build_model", "build_train_transform",
            "finetune", "make_step_fn", "scaled_train_config"]
@@ -148,43 +157,9 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------- model
-def _check_model_overrides(overrides: dict[str, Any]) -> None:
-    """Unknown BeitConfig fields fail at config time, naming the key."""
-    from ..models import BeitConfig
-
-    known = {f.name for f in dataclasses.fields(BeitConfig)}
-    for k in overrides:
-        if k not in known:
-            raise ConfigError(f"model_overrides.{k}", f"not a BeitConfig field; valid: {sorted(known)}")
-
-
-def source_config(source: str | os.PathLike) -> Any:
-    """The architecture of a checkpoint (what ``load_model`` would build without overrides)."""
-    from ..interop.infer import infer_config
-    from ..interop.load import OUR_FORMAT, read_checkpoint
-    from ..models import BeitConfig
-
-    sd, hints, _ = read_checkpoint(source)
-    if hints.get("format") == OUR_FORMAT:
-        return BeitConfig.from_dict(hints["config"])
-    return infer_config(sd, hints)
-
-
-SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_head_dim", "mlp_ratio", "in_chans", "qkv_bias")
-
-
-def check_overrides_fit(source: str, src: Any, overrides: dict[str, Any]) -> None:
-    """``model_overrides`` that change the shape of a checkpoint's tensors are an error that says so.
-
-    The architecture of a checkpoint comes from its tensors; such keys only describe a from-scratch model.
-    """
-    for k in SHAPE_FIELDS:
-        if k in overrides and overrides[k] != getattr(src, k):
-            raise ValueError(
-                f"model_overrides.{k}={overrides[k]!r} but {source} has {k}={getattr(src, k)!r}: a checkpoint's "
-                "architecture comes from its tensors. Remove the key (on the command line model_overrides={} "
-                "does not clear keys a YAML file sets: use a config without them, or set them to the "
-                "checkpoint's values)")
+def _check_model_overrides(overrides: dict[str, Any], key: str = "model_overrides") -> None:
+    """Unknown BeitConfig fields fail at config time, naming the key (ConfigError)."""
+    check_model_overrides(overrides, key=key)
 
 
 def _reset_head(model: nn.Module) -> None:
@@ -202,22 +177,13 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | 
     A classifier checkpoint whose stored class names differ from ``class_names`` gets a fresh head even when
     the class count matches (its old head would map the new labels to the wrong outputs).
     """
-    from ..interop import load_model
-    from ..models import PRESETS, create_model
-
     over: dict[str, Any] = dict(num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path,
                                 use_mean_pooling=cfg.use_mean_pooling, head="cls")
     over.update(cfg.model_overrides)
-    if cfg.model in PRESETS:
-        return create_model(cfg.model, **over)
-    src = source_config(cfg.model)
-    check_overrides_fit(cfg.model, src, cfg.model_overrides)
-    if cfg.rel_pos == "per_layer" and (src.use_shared_rel_pos_bias or src.use_rel_pos_bias):
-        over.setdefault("use_rel_pos_bias", True)
-        over.setdefault("use_shared_rel_pos_bias", False)
-    model = load_model(cfg.model, **over)
-    old_names = list((src.extra or {}).get("class_names") or [])
-    if (src.head == "cls" and src.num_classes == num_classes and class_names and old_names
+    model = build_backbone(cfg.model, rel_pos=cfg.rel_pos, **over)
+    # a classifier checkpoint of the same class count keeps its head; its stored names tell whether they match
+    old_names = list((model.cfg.extra or {}).get("class_names") or [])
+    if (not is_preset(cfg.model) and class_names and len(old_names) == num_classes
             and old_names != list(class_names)):
         logger.info("checkpoint classes %s... differ from the data's: new head", old_names[:3])
         _reset_head(model)
@@ -432,8 +398,7 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
     state = load_checkpoint(find_resume_path("auto", out) or out / "last.pt")  # last.pt, or FSDP2's last/
     result: dict[str, Any] = {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    arch = arch.replace(extra={**arch.extra, "class_names": names,
-                               "preprocess": cfg.data.preprocess(cfg.img_size).to_dict()})
+    arch = arch.replace(extra={**arch.extra, "class_names": names}).with_preprocess(cfg.data.preprocess(cfg.img_size))
     for key, sub in (("model", "model"), ("ema", "model_ema")):
         sd = state.get(key)
         if sd is None:

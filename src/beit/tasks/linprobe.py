@@ -31,16 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..engine import ConfigError, TrainConfig
 from ..engine.config import validate_config
+from ..interop.backbone import build_backbone
 from .evaluate import build_preprocess
-from .finetune import (
-    DataConfig,
-    _check_model_overrides,
-    build_datasets,
-    check_num_classes,
-    check_overrides_fit,
-    scaled_train_config,
-    source_config,
-)
+from .finetune import DataConfig, _check_model_overrides, build_datasets, check_num_classes, scaled_train_config
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
 
@@ -113,17 +106,9 @@ def parse_blocks(spec: str | int, depth: int) -> list[int]:
 
 
 def build_encoder(cfg: LinprobeConfig) -> nn.Module:
-    """The frozen encoder (no head) in eval mode: a checkpoint via ``load_model`` or a preset (random)."""
-    from ..interop import load_model
-    from ..models import PRESETS, create_model
-
+    """The frozen encoder (no head) in eval mode: a checkpoint or a preset (random), via ``beit.build_backbone``."""
     over = {"img_size": cfg.img_size, "head": "none", "drop_path_rate": 0.0, **cfg.model_overrides}
-    if cfg.model in PRESETS:
-        model = create_model(cfg.model, **over)
-    else:
-        check_overrides_fit(cfg.model, source_config(cfg.model), cfg.model_overrides)
-        model = load_model(cfg.model, **over)
-    return model.eval().requires_grad_(False)
+    return build_backbone(cfg.model, **over).eval().requires_grad_(False)
 
 
 def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:

@@ -17,7 +17,10 @@ from torch import nn
 
 from ..data.masking import BlockwiseMaskGenerator
 from ..engine.config import ConfigError, TrainConfig
-from ..models import BeitConfig, create_model
+from ..interop.backbone import build_backbone
+from ..models import BeitConfig
+from ..models.config import preset_config
+from .backbone_config import check_model_overrides
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,28 +82,61 @@ class PretrainConfig:
     tokenizer: PretrainTokenizerConfig = field(default_factory=PretrainTokenizerConfig)
     train: TrainConfig = field(default_factory=_default_train)
     vis_samples: int = 4
+    # BeitConfig fields of the model (as every task's model_overrides), e.g. {attn_impl: eager, mlp_ratio: 2}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         validate(self)
 
 
 # ------------------------------------------------------------------------------------------ building
-def model_config(cfg: PretrainConfig, vocab_size: int) -> BeitConfig:
+SHAPE_KEYS = ("embed_dim", "depth", "num_heads")  # model.<key>: shape shortcuts (None = the preset's / checkpoint's)
+
+
+def model_overrides(cfg: PretrainConfig, vocab_size: int) -> dict[str, Any]:
+    """The ``BeitConfig`` fields pre-training sets: the MIM head, the image / patch size of the masks, the
+    recipe's drop path / layer scale / attention, the shape shortcuts ``model.depth`` ..., then ``model_overrides``
+    (which win over ``model.drop_path_rate`` / ``model.init_values`` / ``model.attn_impl``)."""
     m = cfg.model
-    overrides: dict[str, Any] = dict(
+    over: dict[str, Any] = dict(
         head="mim", vocab_size=vocab_size, img_size=m.img_size, patch_size=m.patch_size,
         drop_path_rate=m.drop_path_rate, init_values=m.init_values, attn_impl=m.attn_impl,
     )
-    overrides.update({k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k)})
+    over.update({k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k)})
+    over.update(cfg.model_overrides)
+    return over
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int) -> BeitConfig:
+    """The from-scratch architecture: preset ``model.name`` with :func:`model_overrides`."""
     try:
-        return create_model(m.name, **overrides).cfg
+        return preset_config(cfg.model.name, **model_overrides(cfg, vocab_size))
     except ValueError as e:
         raise ConfigError("model", str(e)) from None
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
+    """The MIM model through ``beit.build_backbone``: preset ``model.name`` (random init), or ``model.init``
+    (a checkpoint, any format ``beit.load_model`` reads: its shape comes from its tensors, ``model.depth`` /
+    ``model_overrides.depth`` ... that disagree are an error; its relative-position scheme is kept)."""
+    over = model_overrides(cfg, vocab_size)
+    if not cfg.model.init:
+        model_config(cfg, vocab_size)  # config errors name the key
+        return build_backbone(cfg.model.name, **over)
+    over.setdefault("use_mean_pooling", False)  # the final norm feeds the lm head, as a pre-training model
+    return build_backbone(cfg.model.init, key="model", **over)
 
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before any work: missing files, impossible shapes, a mask budget the grid cannot hold."""
     m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    check_model_overrides(cfg.model_overrides, {"head": "nothing: pre-training uses the MIM head",
+                                                "vocab_size": "tokenizer (its vocabulary)",
+                                                "img_size": "model.img_size", "patch_size": "model.patch_size"})
+    for k in SHAPE_KEYS:
+        mine, theirs = getattr(m, k), cfg.model_overrides.get(k)
+        if mine and theirs is not None and mine != theirs:
+            raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
     if m.img_size % m.patch_size:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
     if not d.path:
@@ -322,19 +358,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from ..engine import Trainer
     from ..engine import distributed as D
     from ..engine.trainer import seed_everything
-    from ..interop import load_model, save_model
+    from ..interop import save_model
 
     validate(cfg)
     D.init_distributed()
     seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
     device = D.device()
     tokenizer = build_tokenizer(cfg.tokenizer, device)
-    mcfg = model_config(cfg, tokenizer.vocab_size)
-    if cfg.model.init:
-        model = load_model(cfg.model.init, **{k: v for k, v in mcfg.to_dict().items() if k != "extra"})
-        model.train()
-    else:
-        model = create_model(mcfg)
+    model = build_model(cfg, tokenizer.vocab_size)
     from ..data.transforms import collate_pretrain
 
     device_data = build_device_data(cfg, tokenizer.downsample, device)

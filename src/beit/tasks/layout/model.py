@@ -28,7 +28,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
-from ...models import Beit, BeitConfig, create_model
+from ...models import Beit, BeitConfig
 
 __all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices"]
 
@@ -204,13 +204,20 @@ class LayoutDetector(nn.Module):
 
 
 def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
-                   category_ids: list[int] | None = None) -> LayoutDetector:
-    """Backbone from ``cfg.backbone`` (a resolved config: weights come from a checkpoint later), ``cfg.init``
-    (pre-trained weights, turned into per-layer rel-pos bias) or ``cfg.arch`` (random init), then the detector.
+                   category_ids: list[int] | None = None,
+                   model_overrides: dict[str, Any] | None = None) -> LayoutDetector:
+    """Backbone through ``beit.build_backbone`` from ``cfg.backbone`` (a resolved config: weights come from a
+    checkpoint later), ``cfg.init`` (pre-trained weights, turned into per-layer rel-pos bias) or ``cfg.arch``
+    (random init), then the detector.
 
-    ``cfg.backbone``, ``cfg.class_names`` and ``cfg.category_ids`` are updated, so saving ``cfg`` is enough to
-    rebuild the model (``build_detector(cfg)``) from a training checkpoint.
+    ``model_overrides`` (the layout config's top-level ``model_overrides``, BeitConfig fields such as
+    ``attn_impl``) and ``cfg.backbone_overrides`` (its older spelling) both apply; a key both set to
+    different values is a ValueError. ``cfg.backbone``, ``cfg.class_names`` and ``cfg.category_ids`` are
+    updated, so saving ``cfg`` is enough to rebuild the model (``build_detector(cfg)``) from a training
+    checkpoint.
     """
+    from ...interop.backbone import build_backbone, check_overrides_fit
+
     cfg.validate()
     if class_names is not None:
         cfg.class_names = list(class_names)
@@ -220,16 +227,24 @@ def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
     if len(cfg.category_ids) != len(cfg.class_names):
         raise ValueError(f"{len(cfg.category_ids)} category ids for {len(cfg.class_names)} class names")
     overrides = dict(cfg.backbone_overrides)
-    overrides.update(head="none", drop_path_rate=cfg.drop_path_rate)
+    for k, v in (model_overrides or {}).items():
+        if k in overrides and overrides[k] != v:
+            raise ValueError(f"model_overrides.{k}={v!r} but model.backbone_overrides.{k}={overrides[k]!r}: "
+                             "set one of them")
+        overrides[k] = v
+    fixed = dict(head="none", drop_path_rate=cfg.drop_path_rate)
+    for k in fixed:
+        if k in overrides:
+            raise ValueError(f"model_overrides.{k}: set by the layout config itself; use "
+                             f"{'model.drop_path_rate' if k == 'drop_path_rate' else 'nothing: the detector has none'}")
     if cfg.backbone:
-        bcfg = BeitConfig.from_dict({**cfg.backbone, "drop_path_rate": cfg.drop_path_rate})
-        body = create_model(bcfg)
+        stored = BeitConfig.from_dict(dict(cfg.backbone))
+        check_overrides_fit("the checkpoint's stored backbone", stored, overrides)
+        body = build_backbone(stored, **{**overrides, **fixed, "img_size": stored.img_size})
     elif cfg.init:
-        from ...interop import load_model
-
-        body = load_model(cfg.init, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, **overrides)
+        body = build_backbone(cfg.init, rel_pos="per_layer", **{**overrides, **fixed})
     else:
-        body = create_model(cfg.arch, **overrides)
+        body = build_backbone(cfg.arch, **{**overrides, **fixed})
     cfg.backbone = body.cfg.to_dict()
     backbone = BeitPyramidBackbone(body, cfg.out_indices, cfg.fpn_channels, cfg.pyramid_norm,
                                    extra_pool=len(cfg.anchor_sizes) == 5)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ...engine import Trainer
-from ...engine.config import ConfigError, TrainConfig, validate_config
+from ...engine.config import ConfigError, TrainConfig, stored_config, validate_config
 from ...engine.trainer import seed_everything
+from ..backbone_config import check_model_overrides
 from .data import DIT_MIN_SIZES, CocoLayoutDataset, RepeatedDataset, collate, split_image_ids
 from .evaluate import evaluate_model, format_table
 from .model import DetectorConfig, LayoutDetector, build_detector
@@ -68,12 +69,24 @@ def _default_train() -> TrainConfig:
 @dataclass
 class LayoutConfig:
     model: DetectorConfig = field(default_factory=DetectorConfig)
+    # BeitConfig fields of the backbone (as every task's model_overrides), e.g. {attn_impl: eager};
+    # model.backbone_overrides is the older spelling of the same thing
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     data: LayoutDataConfig = field(default_factory=LayoutDataConfig)
     train: TrainConfig = field(default_factory=_default_train)
     eval_batch_size: int = 2
     eval_workers: int = 2
     reference: str = ""  # "publaynet": print the seed's BEiT-B numbers next to the AP table
     vis_score_thresh: float = 0.5  # boxes drawn on the pages written every train.image_every steps
+
+    def validate(self) -> None:
+        check_model_overrides(self.model_overrides, {"head": "nothing: the detector has none",
+                                                     "drop_path_rate": "model.drop_path_rate"})
+        for k, v in self.model_overrides.items():
+            old = self.model.backbone_overrides.get(k, v)
+            if old != v:
+                raise ConfigError(f"model_overrides.{k}", f"{v!r} but model.backbone_overrides.{k}={old!r}: "
+                                                          "set one of them")
 
 
 def _images_of(ann: str, images: str) -> Path:
@@ -163,7 +176,8 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     validate_config(cfg)
     train_ds, val_ds = build_datasets(cfg)
     seed_everything(cfg.train.seed)  # the detector's random init is part of the run
-    model = build_detector(cfg.model, train_ds.class_names, train_ds.cat_ids)  # fills cfg.model.backbone etc.
+    # fills cfg.model.backbone etc.
+    model = build_detector(cfg.model, train_ds.class_names, train_ds.cat_ids, cfg.model_overrides)
     eval_fn = make_eval_fn(val_ds, cfg.eval_batch_size, cfg.eval_workers) if val_ds is not None else None
     vis = make_visualize_fn(val_ds or CocoLayoutDataset(train_ds.ann_file, train_ds.root, image_ids=[
         train_ds.images[0]["id"]]), train_ds.class_names, cfg.vis_score_thresh)
@@ -187,18 +201,7 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
 
 def config_from_dict(saved: dict[str, Any], overrides: list[str] | None = None) -> LayoutConfig:
     """A validated :class:`LayoutConfig` from a checkpoint's ``config`` dict plus ``key=value`` overrides."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(LayoutConfig), saved)
-        for item in overrides or []:
-            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item.removeprefix("--")]))
-        cfg = OmegaConf.to_object(node)
-    except OmegaConfBaseException as e:
-        raise ConfigError(getattr(e, "full_key", "") or "", str(e).splitlines()[0]) from None
-    validate_config(cfg)
-    return cfg
+    return stored_config(LayoutConfig, saved, None, overrides)
 
 
 def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema: bool = False
@@ -208,13 +211,12 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
     The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
     annotation file are not needed.
     """
-    from ...engine.checkpoint import load_checkpoint, load_model_state
+    from ...engine.checkpoint import config_from_checkpoint, load_model_state
 
-    state = load_checkpoint(ckpt)
-    cfg = config_from_dict(state.get("config") or {}, overrides)
+    cfg, state = config_from_checkpoint(LayoutConfig, ckpt, None, overrides)
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
-    model = build_detector(cfg.model)
+    model = build_detector(cfg.model, model_overrides=cfg.model_overrides)
     weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
     load_model_state(model, weights, source=str(ckpt))
     return model.eval(), cfg

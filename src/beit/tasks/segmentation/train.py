@@ -25,12 +25,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import beit
 from beit.data.seeding import seeded
-from beit.engine import ConfigError, TrainConfig, Trainer, load_checkpoint, load_config
+from beit.engine import ConfigError, TrainConfig, Trainer
 from beit.engine import distributed as D
+from beit.engine.checkpoint import config_from_checkpoint as _config_from_checkpoint
 from beit.engine.config import validate_config
+from beit.interop.backbone import build_backbone as _build_backbone
+from beit.interop.backbone import check_overrides_fit
 from beit.models import Beit, BeitConfig
+from beit.tasks.backbone_config import check_model_overrides
 
 from .data import (
     ADE20K_CLASSES,
@@ -194,12 +197,26 @@ def _default_train() -> TrainConfig:
                        batch_size=2, eval_every=0, ckpt_every=4000, log_every=50)
 
 
+SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")  # model.<key>: from-scratch shape shortcuts
+
+
 @dataclass
 class SegmentConfig:
     train: TrainConfig = field(default_factory=_default_train)
     model: SegModelConfig = field(default_factory=SegModelConfig)
+    # BeitConfig fields of the backbone (as every task's model_overrides), e.g. {attn_impl: eager}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     test: SegTestConfig = field(default_factory=SegTestConfig)
+
+    def validate(self) -> None:
+        check_model_overrides(self.model_overrides, {"head": "nothing: the segmenter's backbone has none",
+                                                     "img_size": "data.crop_size",
+                                                     "drop_path_rate": "model.drop_path_rate"})
+        for k in SHAPE_KEYS:
+            mine, theirs = getattr(self.model, k), self.model_overrides.get(k)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
 
 
 # --------------------------------------------------------------------------------------- building
@@ -272,25 +289,21 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
 
 
 def build_backbone(cfg: SegmentConfig) -> Beit:
-    """The BEiT backbone at the crop size: from ``model.init``, from a stored config, or from a preset."""
+    """The BEiT backbone at the crop size through ``beit.build_backbone``: from ``model.init`` (rel-pos tables
+    made per-layer and resampled to the crop's grid), from the config stored by training
+    (``model.backbone``), or from the preset ``model.arch``; ``model_overrides`` apply to all three."""
     m, crop = cfg.model, cfg.data.crop_size
+    user = dict(cfg.model_overrides)
+    user.update({k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None})
+    fixed = {"head": "none", "drop_path_rate": m.drop_path_rate}  # SegmentConfig.validate refuses them in user
     if m.init:
-        # rel-pos tables are resampled to the crop's grid; a shared pre-training table becomes per-layer
-        try:
-            return beit.load_model(m.init, head="none", img_size=crop, use_rel_pos_bias=True,
-                                   use_shared_rel_pos_bias=False, drop_path_rate=m.drop_path_rate)
-        except beit.CheckpointError as e:
-            if "relative_position_bias_table" not in str(e):
-                raise
-            # a checkpoint without any relative-position table (absolute positions only): keep its scheme
-            logger.warning("%s has no relative-position tables: keeping its own position embedding", m.init)
-            return beit.load_model(m.init, head="none", img_size=crop, drop_path_rate=m.drop_path_rate)
+        return _build_backbone(m.init, rel_pos="per_layer", **{**user, **fixed, "img_size": crop})
     if m.backbone:
-        bcfg = BeitConfig.from_dict(dict(m.backbone)).replace(head="none", drop_path_rate=m.drop_path_rate)
-        return Beit(bcfg)
-    over = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(m, k) is not None}
-    return beit.create_model(m.arch, head="none", img_size=crop, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
-                             drop_path_rate=m.drop_path_rate, **over)
+        stored = BeitConfig.from_dict(dict(m.backbone))
+        check_overrides_fit("the checkpoint's stored backbone", stored, user)
+        return _build_backbone(stored, **{**user, **fixed})
+    return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user, **fixed,
+                                      "img_size": crop})
 
 
 def build_model(cfg: SegmentConfig, num_classes: int | None = None) -> BeitSegmenter:
@@ -410,16 +423,9 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
 
 def config_from_checkpoint(path: str | Path, config_file: str | None = None,
                            overrides: list[str] | None = None) -> tuple[SegmentConfig, dict[str, Any]]:
-    """The run config stored in a training checkpoint (+ a YAML file + ``key=value`` overrides), and the state."""
-    state = load_checkpoint(path)
-    saved = state.get("config") or {}
-    from omegaconf import OmegaConf
-
-    try:
-        base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SegmentConfig), saved))
-    except Exception as e:  # noqa: BLE001 - any omegaconf error: the checkpoint is not ours
-        raise ValueError(f"{path}: its config is not a segmentation config ({str(e).splitlines()[0]})") from None
-    return load_config(base, config_file, overrides), state
+    """The run config stored in a training checkpoint (+ a YAML file + ``key=value`` overrides), and the state
+    (``beit.engine.checkpoint.config_from_checkpoint`` with the segmentation schema)."""
+    return _config_from_checkpoint(SegmentConfig, path, config_file, overrides)
 
 
 def load_segmenter(path: str | Path, config_file: str | None = None, overrides: list[str] | None = None,
