@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import beit
+from _interop_helpers import randomize as _randomize
 from beit.interop import CheckpointError, export_hf, export_timm
 
 timm_beit = pytest.importorskip("timm.models.beit")
@@ -16,14 +17,6 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised tables and biases would hide mapping bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model.eval()
 
 
 def _images(n: int = 2, size: int = 32) -> torch.Tensor:

@@ -11,19 +11,13 @@ import pytest
 import torch
 
 import beit
+from _interop_helpers import randomize as _randomize
 
 timm_beit = pytest.importorskip("timm.models.beit")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model.eval()
 
 
 def _images(n: int = 2) -> torch.Tensor:
