@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .tasks import finetune_cli, layout_cli, pretrain_cli, segmentation_cli
-from .tokenizers import cli as tokenizer_cli
+from .tasks.tokenizer import cli as tokenizer_cli
 
 __all__ = ["COMMANDS", "SHORT", "TASKS", "TOOLS", "Command", "build_parser", "main"]
 

@@ -38,9 +38,9 @@ def write_digits(root: Path) -> tuple[Path, Path]:
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
     from ..engine.config import TrainConfig
     from ..tokenizers.dvae import DVAEConfig
-    from ..tokenizers.train import TokenizerTrainConfig, train_tokenizer
     from .finetune import DataConfig, FinetuneConfig, finetune
     from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
+    from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     out = Path(out)
     t0 = time.perf_counter()

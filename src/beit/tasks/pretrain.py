@@ -18,6 +18,7 @@ from torch import nn
 from ..data.masking import BlockwiseMaskGenerator
 from ..engine.config import ConfigError, TrainConfig
 from ..models import BeitConfig, create_model
+from ..tokenizers import TOKENIZERS, load_tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,8 +118,15 @@ def validate(cfg: PretrainConfig) -> None:
     except ValueError as e:
         key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
         raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
-    if t.kind not in ("dalle", "dvae"):
-        raise ConfigError("tokenizer.kind", f"must be 'dalle' or 'dvae', got {t.kind!r}")
+    kind = TOKENIZERS.get(t.kind)
+    if kind is None:
+        raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in TOKENIZERS)}, got {t.kind!r}")
+    if t.precision not in kind.precisions:
+        raise ConfigError("tokenizer.precision", f"a {t.kind} tokenizer runs in {' | '.join(kind.precisions)}, "
+                                                 f"got {t.precision!r}")
+    if t.decoder and not kind.has_decoder_file:
+        raise ConfigError("tokenizer.decoder", f"a {t.kind} tokenizer keeps its decoder in tokenizer.path; "
+                                               f"leave tokenizer.decoder empty (got {t.decoder!r})")
     if not t.path:
         raise ConfigError("tokenizer.path", "no tokenizer: give tokenizer.path (DALL-E encoder.pkl or a dVAE "
                                             "trained with `beit tokenizer train`)")
@@ -144,13 +152,10 @@ def shard_urls(path: str) -> list[str]:
 
 
 def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cpu") -> nn.Module:
-    from ..tokenizers import load_tokenizer
-
-    if t.kind == "dalle":
-        tok = load_tokenizer("dalle", encoder=t.path, decoder=t.decoder or None, precision=t.precision,
-                             channels_last=torch.device(device).type == "cuda")
-    else:
-        tok = load_tokenizer("dvae", t.path)
+    """The frozen tokenizer ``t`` names, through the one registry (:func:`beit.tokenizers.load_tokenizer`),
+    on ``device`` in eval mode without gradients. Raises ``ValueError`` for a kind or option the
+    registry does not know."""
+    tok = load_tokenizer(t.kind, t.path, decoder=t.decoder or None, precision=t.precision, device=device)
     return tok.to(device).eval().requires_grad_(False)
 
 
