@@ -27,6 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..engine.precision import autocast_for
+
 __all__ = [
     "ClassificationMeter",
     "Preprocess",
@@ -314,14 +316,6 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device) -> Any:
-    import contextlib
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
     """Decode every file once and keep the readable ones, so that a broken file is reported and left
     out instead of being replaced by its neighbour (which would count that neighbour twice)."""
@@ -362,7 +356,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     model.to(dev).eval()
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
-    with _autocast(dev):
+    with autocast_for(dev, "auto"):
         meter = evaluate_model(model, loader, len(names))
     result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
                                                         "skipped": bad, "num_skipped": len(bad),
@@ -416,7 +410,7 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                 skipped[paths[i]] = err
             if batch["image"] is None:
                 continue
-            with _autocast(dev):
+            with autocast_for(dev, "auto"):
                 logits = model(batch["image"].to(dev, non_blocking=True))
             probs, idx = logits.float().softmax(-1).topk(k, dim=-1)
             for i, pr, ix in zip(batch["index"].tolist(), probs.cpu().tolist(), idx.cpu().tolist()):

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..engine import ConfigError, TrainConfig
 from ..engine.config import validate_config
+from ..engine.precision import autocast_for
 from .evaluate import Preprocess, build_preprocess
 
 __all__ = ["DataConfig", "FinetuneConfig", "build_datasets", "build_model", "build_train_transform",
@@ -421,8 +422,6 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
     Weights come from the last checkpoint (``last.pt``, or FSDP2's sharded ``last/`` read in full), into a
     model of ``arch``.
     """
-    import contextlib
-
     from ..engine import load_checkpoint
     from ..engine.checkpoint import find_resume_path
     from ..interop import save_model
@@ -445,9 +444,7 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
             continue
         model.to(device).eval()
         loader = torch.utils.data.DataLoader(val, batch_size=eval_bs, num_workers=cfg.train.num_workers)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast_for(device, "auto"):
             meter = evaluate_model(model, loader, len(names))
         tag = "eval" if key == "model" else "eval_ema"
         rep = write_report(meter, names, out / tag, extra={"checkpoint": str(out / sub)})

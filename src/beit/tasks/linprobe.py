@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..engine import ConfigError, TrainConfig
 from ..engine.config import validate_config
+from ..engine.precision import autocast_for
 from .evaluate import build_preprocess
 from .finetune import (
     DataConfig,
@@ -154,7 +155,7 @@ def extract_features(model: nn.Module, dataset: Dataset, blocks: list[int], *, p
 
     for images, targets in tqdm(loader, desc="features", disable=len(loader) < 20):
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast_for(device, "auto"):
             outs = model.get_intermediate_layers(images)
         f = torch.stack([_pool(outs[j].float(), pool) for j in idx], dim=1).half().cpu()  # [B, L, D']
         if feats is None:

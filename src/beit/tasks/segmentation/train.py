@@ -30,6 +30,7 @@ from beit.data.seeding import seeded
 from beit.engine import ConfigError, TrainConfig, Trainer, load_checkpoint, load_config
 from beit.engine import distributed as D
 from beit.engine.config import validate_config
+from beit.engine.precision import autocast_for
 from beit.models import Beit, BeitConfig
 
 from .data import (
@@ -445,8 +446,7 @@ def evaluate(model: nn.Module, cfg: SegmentConfig, out_dir: str | Path | None = 
     device = D.device()
     model.to(device).eval()
     eval_fn = make_eval_fn(val, cfg, cfg.train.num_workers)
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast_for(device, cfg.train.precision):
         summary = eval_fn(model)
         if out_dir is not None and cfg.test.overlays > 0 and D.is_main():
             write_overlays(model, val, cfg, out_dir, cfg.test.overlays)
@@ -474,7 +474,6 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
     tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
     palette, t, out = make_palette(model.num_classes), cfg.test, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     written, index = [], []
     for path, stem in zip(inputs, output_stems(inputs)):
         try:
@@ -484,7 +483,7 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
             index.append({"input": str(path), "error": f"unreadable: {type(err).__name__}: {err}"})
             continue
         x = tf.image(img)[None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast_for(device, cfg.train.precision):
             probs = inference(model, x, model.num_classes, mode=t.mode, crop=t.crop or cfg.data.crop_size,
                               stride=t.stride, flip=t.flip, scales=t.scales, out_size=(img.height, img.width))
         pred = probs.argmax(1)[0].cpu().numpy()
