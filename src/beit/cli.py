@@ -313,9 +313,9 @@ def _error_line(e: BaseException) -> str | None:
 def _distributed() -> bool:
     """True inside a torchrun process group of more than one rank."""
     try:
-        import torch.distributed as dist
+        from .engine import distributed as D
 
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return D.is_dist() and D.world_size() > 1
     except Exception:  # noqa: BLE001 - no torch / a broken group: act as one process
         return False
 

@@ -27,6 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..engine import distributed as D
 from ..engine.precision import autocast_for
 
 __all__ = [
@@ -126,7 +127,7 @@ class ClassificationMeter:
         """Sum over ranks (no-op in a single process)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not D.is_dist() or D.world_size() == 1:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         flat = torch.cat([self.correct, self.loss_sum.view(1), self.count.view(1)]).to(device)
@@ -176,11 +177,7 @@ def evaluate_model(model: nn.Module, loader: Any, num_classes: int, topk: Sequen
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return D.rank(), D.world_size()
 
 
 def make_eval_fn(dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0,

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..engine import ConfigError, TrainConfig
+from ..engine import distributed as D
 from ..engine.config import validate_config
 from ..engine.precision import autocast_for
 from .evaluate import Preprocess, build_preprocess
@@ -378,7 +379,7 @@ def scaled_train_config(train: TrainConfig, ref_batch: int) -> TrainConfig:
     """
     if ref_batch <= 0:
         return train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = D.world_size()
     total = train.batch_size * train.accum_steps * world
     s = total / ref_batch
     logger.info("lr %.3g x %d/%d = %.3g (total batch %d)", train.lr, total, ref_batch, train.lr * s, total)

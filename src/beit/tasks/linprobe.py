@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +239,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     setup_logging(cfg.train.output_dir, D.is_main())
     if cfg.model in ("", MISSING):
         raise ConfigError("model", "is not set: the checkpoint to probe")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
     tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation
