@@ -45,6 +45,7 @@ __all__ = [
     "collate_files",
     "ImageFolderDataset",
     "LabeledImageFolder",
+    "RepeatedDataset",
     "TensorImageDataset",
     "WebDatasetShards",
     "decode_image",
@@ -984,3 +985,38 @@ def load_image_folder_to_memory(
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
     return images, labels, names
+
+
+class RepeatedDataset(Dataset):
+    """``times`` passes over a map-style ``dataset`` per epoch, each pass its own augmentation draw.
+
+    The one repeat wrapper of the package (mmseg's ``RepeatDataset``, used by segmentation and layout
+    through their ``data.repeat``): small sets then give long epochs, so the engine checkpoints and
+    evaluates per epoch rather than every few steps. Meaning, exactly: ``len = len(dataset) * times``;
+    item ``i`` of epoch ``e`` is item ``i % n`` of ``dataset`` at epoch ``e * times + i // n`` (``n =
+    len(dataset)``), so pass ``p`` of epoch ``e`` is what ``dataset`` gives at its epoch ``e * times + p``:
+    every pass a different draw, every sample still a pure function of (seed, epoch, index), and with
+    ``times=1`` the wrapped dataset unchanged. ``dataset`` must implement ``set_epoch`` (every augmenting
+    dataset here does); each DataLoader worker holds its own copy, so setting it per item is safe.
+
+    Raises ``ValueError`` for ``times < 1`` or a dataset without ``set_epoch``.
+    """
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        if not callable(getattr(dataset, "set_epoch", None)):
+            raise ValueError(f"RepeatedDataset needs a dataset with set_epoch(epoch); "
+                             f"{type(dataset).__name__} has none")
+        self.dataset, self.times, self.epoch = dataset, int(times), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        self.dataset.set_epoch(self.epoch * self.times + int(index) // n)  # type: ignore[attr-defined]
+        return self.dataset[int(index) % n]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import beit
-from beit.data.seeding import seeded
+from beit.data.datasets import RepeatedDataset
 from beit.engine import ConfigError, TrainConfig, Trainer, load_checkpoint, load_config
 from beit.engine import distributed as D
 from beit.engine.config import validate_config
@@ -136,7 +136,7 @@ class SegDataConfig:
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") is ignored, k -> k - 1
     on_bad_sample: str = "error"  # error | skip
     verify: bool = False  # check every pair before training (decodes all masks)
-    repeat: int = 1  # the train set counts this many times per epoch (mmseg's RepeatDataset)
+    repeat: int = 1  # passes over the train set per epoch, each its own draw (beit.data.RepeatedDataset)
     crop_size: int = 512
     img_scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) base scale
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -231,24 +231,6 @@ def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list
     return folder_pairs(root / img_dir.format(split=name), root / ann_dir.format(split=name), img_suffix, seg_suffix)
 
 
-class _Repeat(Dataset):
-    """``times`` passes over a dataset per epoch, each with its own augmentation (index -> seed)."""
-
-    def __init__(self, ds: SegmentationDataset, times: int) -> None:
-        self.ds, self.times = ds, times
-
-    def __len__(self) -> int:
-        return len(self.ds) * self.times
-
-    def set_epoch(self, epoch: int) -> None:
-        self.ds.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> Any:
-        _, img, mask = self.ds._load_good(int(index) % len(self.ds))
-        with seeded(self.ds.seed, self.ds.epoch, int(index)):
-            return self.ds.transform(img, mask)
-
-
 def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Dataset]:
     """``{"train": augmenting dataset, "val": eval dataset}`` from the data config."""
     d = cfg.data
@@ -268,7 +250,7 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
             ds.verify()
         if ds.num_skipped:
             logger.warning("%s: %d bad samples skipped, %d used", split, ds.num_skipped, len(ds))
-        out[split] = _Repeat(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
+        out[split] = RepeatedDataset(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
     return out
 
 
