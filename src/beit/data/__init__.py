@@ -26,10 +26,11 @@ from .transforms import (
     PretrainTransform,
     build_eval_transform,
     build_finetune_transform,
+    build_full_image_transform,
     build_linear_probe_transform,
     collate_pretrain,
     default_mask_generator,
-    gpu_pretrain_views,
+    interpolation_mode,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "WebDatasetShards",
     "build_eval_transform",
     "build_finetune_transform",
+    "build_full_image_transform",
     "build_linear_probe_transform",
     "collate_files",
     "collate_pretrain",
@@ -51,7 +53,7 @@ __all__ = [
     "default_mask_generator",
     "derive_seed",
     "generator_for",
-    "gpu_pretrain_views",
+    "interpolation_mode",
     "list_images",
     "load_digits_images",
     "load_image_folder_to_memory",

@@ -846,7 +846,7 @@ class TensorImageDataset(Dataset):
     With a ``transform`` each sample is handed to it as an RGB PIL image (so torchvision / timm
     transforms work unchanged) inside ``seeded(seed, epoch, index)``. Without one, the raw
     ``[H, W, 3]`` uint8 tensor is returned, so that a DataLoader yields ``[B, H, W, 3]`` batches for
-    the GPU fast path (``beit.data.transforms.gpu_pretrain_views``); add a ``mask_generator`` to get
+    the GPU fast path (``beit.data.gpu_augment.PretrainViews``); add a ``mask_generator`` to get
     ``{"image": [H, W, 3] uint8, "mask": bool [h, w]}`` instead, the mask drawn per sample in the
     workers (it is the slow part of that path). Labels, when given, come back as ``(sample, label)``.
     """

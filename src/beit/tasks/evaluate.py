@@ -77,20 +77,20 @@ class Preprocess:
 
 
 def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform for ``p`` (through the data helper's ``build_eval_transform`` where it fits)."""
+    """The eval transform for ``p``: ``beit.data.transforms``' ``build_eval_transform`` (resize + center
+    crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
     from torchvision import transforms as T
 
-    from ..data.transforms import _interp, build_eval_transform
+    from ..data.transforms import build_eval_transform, build_full_image_transform
 
     if p.resize == "crop":
         tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                   mean=p.mean, std=p.std)
-        steps = list(tf.transforms)
     elif p.resize == "full":
-        steps = [T.Resize((p.img_size, p.img_size), interpolation=_interp(p.interpolation)),
-                 T.ToTensor(), T.Normalize(p.mean, p.std)]
+        tf = build_full_image_transform(False, p.img_size, interpolation=p.interpolation, mean=p.mean, std=p.std)
     else:
         raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
+    steps = list(tf.transforms)
     if p.grayscale:
         steps.insert(0, T.Grayscale(num_output_channels=3))
     return T.Compose(steps)

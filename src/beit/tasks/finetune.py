@@ -232,23 +232,17 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
     from torchvision import transforms as T
 
-    from ..data.transforms import _interp, build_finetune_transform
+    from ..data.transforms import build_finetune_transform, build_full_image_transform
 
     if data.resize == "crop":
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
                                       hflip=data.hflip, interpolation=data.interpolation,
                                       mean=tuple(data.mean), std=tuple(data.std))
-        steps = list(tf.transforms)
     else:
-        from timm.data.random_erasing import RandomErasing
-
-        steps = [T.Resize((img_size, img_size), interpolation=_interp(data.interpolation))]
-        if data.hflip > 0:
-            steps.append(T.RandomHorizontalFlip(data.hflip))
-        steps += [T.ToTensor(), T.Normalize(tuple(data.mean), tuple(data.std))]
-        if data.reprob > 0:
-            steps.append(RandomErasing(data.reprob, mode="pixel", device="cpu"))
+        tf = build_full_image_transform(True, img_size, hflip=data.hflip, re_prob=data.reprob,
+                                        interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
+    steps = list(tf.transforms)
     if data.grayscale:
         steps.insert(0, T.Grayscale(num_output_channels=3))
     return T.Compose(steps)
