@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from .seeding import derive_seed, seeded, stable_index
 
@@ -463,8 +464,6 @@ class _RobustImageFiles(Dataset):
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             results: Iterable = pool.map(check, range(len(self.samples)))
             if progress:
-                from tqdm.auto import tqdm
-
                 results = tqdm(results, total=len(self.samples), desc="verify images")
             for i, err in results:
                 if err is not None:
@@ -963,8 +962,6 @@ def load_image_folder_to_memory(
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results: Iterable = pool.map(load, range(len(ds)))
         if progress:
-            from tqdm.auto import tqdm
-
             results = tqdm(results, total=len(ds), desc=f"decoding {os.path.basename(str(root))}")
         arrays = list(results)
     keep = [i for i, a in enumerate(arrays) if a is not None]

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as aa
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -295,8 +296,6 @@ def build_full_image_transform(
 def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
     """timm's posterize, with 0 bits (RandAugment's level 10 of PosterizeIncreasing) giving the black image
     that Pillow < 11 gave; Pillow >= 11 raises instead and would stop training at a random step."""
-    from PIL import Image, ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -305,8 +304,6 @@ def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
 
 
 def _guard_posterize(transform: Any) -> Any:
-    from timm.data import auto_augment as aa
-
     for t in getattr(transform, "transforms", []):
         if isinstance(t, aa.RandAugment):
             for op in t.ops:

@@ -16,6 +16,7 @@ every rank's RNG state are restored, and datasets draw their randomness from (se
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import math
@@ -35,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed as D
 from . import optim as O
+from . import rundir
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -81,9 +83,6 @@ class TrainingDivergedError(RuntimeError):
 def _error_named(name: str, message: str) -> Exception:
     """Rebuild on this rank an error that rank 0 raised: a ``beit.engine.rundir`` error or a builtin one
     (``PermissionError``, ...) of that name, else a ``RuntimeError``."""
-    import builtins
-
-    from . import rundir
 
     for where in (rundir, builtins):
         cls = getattr(where, name, None)

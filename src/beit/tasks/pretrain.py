@@ -14,9 +14,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import save_image
 
+from ..data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
+from ..data.gpu_augment import PretrainViews
+from ..data.gpu_decode import (
+    EncodedImageFiles,
+    EncodedWebDataset,
+    InMemoryIndices,
+    PretrainPipeline,
+    collate_encoded,
+    use_device_path,
+    with_pipeline,
+)
 from ..data.masking import BlockwiseMaskGenerator
+from ..data.transforms import PretrainTransform, collate_pretrain
+from ..engine import Trainer
+from ..engine import distributed as D
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.trainer import seed_everything
+from ..interop import load_model, save_model
 from ..models import BeitConfig, create_model
 from ..tokenizers import TOKENIZERS, load_tokenizer
 
@@ -160,9 +177,6 @@ def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cp
 
 
 def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
-    from ..data.datasets import ImageFolderDataset, TensorImageDataset, load_image_folder_to_memory
-    from ..data.transforms import PretrainTransform
-
     m, d = cfg.model, cfg.data
     grid = m.img_size // m.patch_size
     masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
@@ -175,8 +189,6 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
     seed = cfg.train.seed
     urls = shard_urls(d.path)
     if urls:
-        from ..data.datasets import WebDatasetShards
-
         return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
     if d.in_memory:
         images, _, _ = load_image_folder_to_memory(d.path)
@@ -200,16 +212,6 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     Raises:
         ConfigError: ``data.device`` is not auto | cpu | gpu.
     """
-    from ..data.gpu_augment import PretrainViews
-    from ..data.gpu_decode import (
-        EncodedImageFiles,
-        InMemoryIndices,
-        PretrainPipeline,
-        collate_encoded,
-        use_device_path,
-    )
-    from ..data.transforms import PretrainTransform
-
     m, d = cfg.model, cfg.data
     try:
         wanted = use_device_path(d.device, device)
@@ -227,13 +229,9 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     seed = cfg.train.seed
     urls = shard_urls(d.path)
     if urls:
-        from ..data.gpu_decode import EncodedWebDataset
-
         shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
         return shards, collate_encoded, PretrainPipeline(views, device)
     if d.in_memory:
-        from ..data.datasets import load_image_folder_to_memory
-
         images, _, _ = load_image_folder_to_memory(d.path)
         if d.max_images:
             images = images[: d.max_images]
@@ -273,8 +271,6 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
               path: str | Path) -> Path:
     """One row per image: input | input with its mask | tokenizer's reconstruction of the true tokens |
     the same with the model's predictions at the masked patches (decoded through the tokenizer)."""
-    from torchvision.utils import save_image
-
     model_was_training = model.training
     model.eval()
     images, mask = batch["image"], batch["mask"].bool()
@@ -309,8 +305,6 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
 
 def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device,
                  device_data: tuple[Any, Any, Any] | None = None) -> dict[str, torch.Tensor]:
-    from ..data.transforms import collate_pretrain
-
     if isinstance(dataset, torch.utils.data.IterableDataset):
         samples = [s for _, s in zip(range(n), iter(dataset))]
     else:
@@ -324,11 +318,6 @@ def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device
 # ------------------------------------------------------------------------------------------ entry point
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training; returns the final metrics and where things were written."""
-    from ..engine import Trainer
-    from ..engine import distributed as D
-    from ..engine.trainer import seed_everything
-    from ..interop import load_model, save_model
-
     validate(cfg)
     D.init_distributed()
     seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
@@ -340,7 +329,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         model.train()
     else:
         model = create_model(mcfg)
-    from ..data.transforms import collate_pretrain
 
     device_data = build_device_data(cfg, tokenizer.downsample, device)
     if device_data is None:
@@ -348,7 +336,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         step_fn = make_step_fn(tokenizer)
     else:
         dataset, collate, pipeline = device_data
-        from ..data.gpu_decode import with_pipeline
 
         step_fn = with_pipeline(make_step_fn(tokenizer), pipeline)
     panel_batch: dict[str, torch.Tensor] = {}

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from ...engine import Trainer
+from ...engine import Trainer, is_main
+from ...engine.checkpoint import load_checkpoint, load_model_state
 from ...engine.config import ConfigError, TrainConfig, validate_config
 from ...engine.trainer import seed_everything
 from .data import DIT_MIN_SIZES, CocoLayoutDataset, RepeatedDataset, collate, split_image_ids
@@ -126,8 +129,6 @@ def step_fn(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]]) -> t
 def make_eval_fn(dataset: CocoLayoutDataset, batch_size: int, num_workers: int
                  ) -> Callable[[nn.Module], dict[str, float]]:
     """COCOeval on rank 0 (the engine broadcasts its result to the other ranks)."""
-    from ...engine import is_main
-
     def eval_fn(model: nn.Module) -> dict[str, float]:
         if not is_main():
             return {}
@@ -141,8 +142,6 @@ def make_visualize_fn(dataset: CocoLayoutDataset, class_names: list[str], score_
     """Every ``image_every`` steps: the first page with the current predictions, to watch training."""
 
     def visualize(model: nn.Module, step: int, out_dir: Path) -> None:
-        from ...engine import is_main
-
         if not is_main():
             return
         image, _ = dataset[0]
@@ -187,9 +186,6 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
 
 def config_from_dict(saved: dict[str, Any], overrides: list[str] | None = None) -> LayoutConfig:
     """A validated :class:`LayoutConfig` from a checkpoint's ``config`` dict plus ``key=value`` overrides."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         node = OmegaConf.merge(OmegaConf.structured(LayoutConfig), saved)
         for item in overrides or []:
@@ -208,8 +204,6 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
     The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
     annotation file are not needed.
     """
-    from ...engine.checkpoint import load_checkpoint, load_model_state
-
     state = load_checkpoint(ckpt)
     cfg = config_from_dict(state.get("config") or {}, overrides)
     if not cfg.model.backbone or not cfg.model.class_names:

@@ -15,6 +15,7 @@ checkpoints and logging are :class:`beit.engine.Trainer`'s.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import beit
-from beit.data.datasets import RepeatedDataset
+from beit.data.datasets import RepeatedDataset, decode_image, decode_image_matching, output_stems
 from beit.engine import ConfigError, TrainConfig, Trainer, load_checkpoint, load_config
 from beit.engine import distributed as D
+from beit.engine.checkpoint import load_model_state
 from beit.engine.config import validate_config
 from beit.engine.precision import autocast_for
 from beit.models import Beit, BeitConfig
@@ -344,8 +348,6 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
 def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentConfig, out_dir: str | Path,
                    n: int, prefix: str = "overlay") -> list[Path]:
     """Overlays (prediction | ground truth) of the first ``n`` val images as PNGs."""
-    from beit.data.datasets import decode_image_matching
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -396,7 +398,6 @@ def config_from_checkpoint(path: str | Path, config_file: str | None = None,
     """The run config stored in a training checkpoint (+ a YAML file + ``key=value`` overrides), and the state."""
     state = load_checkpoint(path)
     saved = state.get("config") or {}
-    from omegaconf import OmegaConf
 
     try:
         base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SegmentConfig), saved))
@@ -416,7 +417,6 @@ def load_segmenter(path: str | Path, config_file: str | None = None, overrides: 
     model = build_model(cfg, num_classes)
     cfg.model.init = init
     sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    from beit.engine.checkpoint import load_model_state
 
     load_model_state(model, sd, source=str(path))
     return model.eval(), cfg
@@ -445,11 +445,7 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
     in ``out_dir`` has one entry per input, in input order: its outputs, or its ``error``, and
     ``num_skipped``. Returns the overlays written.
     """
-    import json
 
-    from PIL import Image
-
-    from beit.data.datasets import decode_image, output_stems
 
     device = D.device()
     model.to(device).eval()
