@@ -46,6 +46,7 @@ from beit.data.gpu_decode import (
     collate_encoded,
 )
 from beit.data.transforms import PretrainTransform, collate_pretrain, default_mask_generator
+from beit.engine.precision import autocast_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader_throughput import make_jpegs  # noqa: E402
@@ -127,10 +128,9 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
 
 def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device) -> Callable[[Any], None]:
     opt = _optimizer(model, device)
-    use_bf16 = device.type == "cuda"
 
     def run(batch: Any) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast_for(device, "auto"):
             loss, _ = step_fn(model, batch)
         loss.backward()
         opt.step()

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from beit.data.datasets import ImageFolderDataset, TensorImageDataset, load_image_folder_to_memory
+from beit.data.gpu_augment import PretrainViews
 from beit.data.masking import BlockwiseMaskGenerator
-from beit.data.transforms import PretrainTransform, collate_pretrain, gpu_pretrain_views
+from beit.data.transforms import PretrainTransform, collate_pretrain
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int] = (375, 500)) -> None:
@@ -62,14 +63,16 @@ def memory_gpu_path(images: torch.Tensor, workers: int, batch: int, batches: int
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                          persistent_workers=workers > 0, pin_memory=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)  # crop boxes and flips are drawn on the CPU, applied on the device
+    views = PretrainViews.from_transform(cfg, seed=0)  # crop boxes and flips drawn on the CPU, applied on the device
     it = _endless(loader)
     t0 = time.perf_counter()
     n = 0
-    for _ in range(batches):
+    for i in range(batches):
         b = next(it)
-        views = gpu_pretrain_views(b["image"].to(device, non_blocking=True), cfg, g, masks=b["mask"].to(device))
-        n += views["image"].shape[0]
+        images = b["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+        index = torch.arange(i * batch, (i + 1) * batch)  # the views only need distinct per-sample ids here
+        out = views(images, index, 0, masks=b["mask"].to(device))
+        n += out["image"].shape[0]
     if device == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)

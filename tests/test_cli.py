@@ -122,11 +122,11 @@ def test_the_table_is_static_and_imports_nothing_heavy():
 
     light = {"__future__", "argparse", "json", "pathlib", "os", "re", "sys", "collections.abc", "dataclasses"}
     for mod in ("tasks/pretrain_cli.py", "tasks/finetune_cli.py", "tasks/segmentation_cli.py", "tasks/layout_cli.py",
-                "tokenizers/cli.py"):
+                "tasks/tokenizer/cli.py"):
         assert top_imports(SRC / "beit" / mod) <= light, mod
     assert top_imports(Path(cli.__file__)) - light == {".tasks:finetune_cli", ".tasks:layout_cli",
                                                        ".tasks:pretrain_cli", ".tasks:segmentation_cli",
-                                                       ".tokenizers:cli"}
+                                                       ".tasks.tokenizer:cli"}
     assert not hasattr(cli, "command") and "importlib" not in Path(cli.__file__).read_text()
 
 
@@ -336,7 +336,7 @@ def test_every_float_of_every_task_config_must_be_finite():
     from beit.tasks.linprobe import LinprobeConfig
     from beit.tasks.pretrain import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig
-    from beit.tokenizers.train import TokenizerTrainConfig
+    from beit.tasks.tokenizer.train import TokenizerTrainConfig
 
     def floats(node, prefix=""):
         for f in dataclasses.fields(node):

@@ -301,3 +301,35 @@ def test_webdataset_split_by_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert len(part) == 6
         seen.append(set(part))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == everything
+
+
+def test_repeated_dataset_passes_are_epochs_of_the_wrapped_dataset() -> None:
+    """Item i of epoch e is item i % n of the wrapped dataset at its epoch e * times + i // n."""
+    from torch.utils.data import Dataset
+
+    from beit.data import RepeatedDataset
+
+    class EpochEcho(Dataset):
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> tuple[int, int]:
+            return self.epoch, i
+
+    rep = RepeatedDataset(EpochEcho(), 2)
+    rep.set_epoch(5)
+    assert len(rep) == 6
+    assert [rep[i] for i in range(6)] == [(10, 0), (10, 1), (10, 2), (11, 0), (11, 1), (11, 2)]
+    once = RepeatedDataset(EpochEcho(), 1)
+    once.set_epoch(4)
+    assert [once[i] for i in range(3)] == [(4, 0), (4, 1), (4, 2)]  # times=1: the wrapped dataset unchanged
+    with pytest.raises(ValueError, match="times must be >= 1, got 0"):
+        RepeatedDataset(EpochEcho(), 0)
+    with pytest.raises(ValueError, match="RepeatedDataset needs a dataset with set_epoch\\(epoch\\); list has none"):
+        RepeatedDataset([1, 2], 2)

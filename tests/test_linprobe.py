@@ -110,3 +110,10 @@ def test_linprobe_cli_and_config(setup, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "block   1/3" in out and "block   3/3" in out and "best block" in out
     assert json.loads((tmp_path / "linprobe.json").read_text())["blocks"] == [1, 3]
+
+
+def test_linprobe_refuses_several_processes(setup, tmp_path, monkeypatch):
+    """The world size comes from engine.distributed (torchrun's WORLD_SIZE before a group exists)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="linprobe runs in one process .* launch it without torchrun"):
+        linprobe(lp_cfg(setup, tmp_path))

@@ -107,6 +107,22 @@ def test_bad_configs_fail_fast(tiny_setup, tmp_path) -> None:
         load_config(PretrainConfig, None, ["data.nmask=3"])
 
 
+def test_tokenizer_config_is_checked_against_the_registry(tiny_setup) -> None:
+    """tokenizer.kind / precision / decoder are judged by the kind's registry entry, before any work."""
+    base = [f"data.path={tiny_setup}", f"tokenizer.path={tiny_setup / 'tok.safetensors'}"]
+    with pytest.raises(ConfigError, match="tokenizer.kind': must be one of 'dalle', 'dvae', got 'vqgan'"):
+        load_config(PretrainConfig, None, base + ["tokenizer.kind=vqgan"])
+    with pytest.raises(ConfigError, match="tokenizer.precision': a dvae tokenizer runs in fp32, got 'bf16'"):
+        load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae", "tokenizer.precision=bf16"])
+    with pytest.raises(ConfigError, match="tokenizer.decoder': a dvae tokenizer keeps its decoder in tokenizer.path"):
+        load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae", f"tokenizer.decoder={tiny_setup / 'tok.safetensors'}"])
+    cfg = load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae"])
+    from beit.tasks.pretrain import build_tokenizer
+
+    tok = build_tokenizer(cfg.tokenizer)
+    assert isinstance(tok, DiscreteVAE) and not tok.training and tok.vocab_size == 16
+
+
 def test_step_only_scores_masked_tokens() -> None:
     import beit
 

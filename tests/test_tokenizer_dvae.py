@@ -147,6 +147,39 @@ def test_load_errors(tmp_path: Path) -> None:
         DiscreteVAE(DVAEConfig(downsample=2))
 
 
+def test_one_registry_dispatches_every_kind(tmp_path: Path) -> None:
+    """``load_tokenizer`` reads TOKENIZERS; a new kind registered there is loadable by name, and
+    options a kind does not take are refused with a message naming the kind."""
+    from beit.tokenizers import TOKENIZERS, TokenizerKind, register_tokenizer
+
+    assert set(TOKENIZERS) >= {"dalle", "dvae"}
+    vae = DiscreteVAE(DVAEConfig(**TINY))
+    vae.save(tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match=r"load_tokenizer\('dvae'\) takes no decoder file"):
+        load_tokenizer("dvae", tmp_path / "t.safetensors", decoder=tmp_path / "d.pkl")
+    with pytest.raises(ValueError, match=r"load_tokenizer\('dvae'\): precision must be one of \('fp32',\), got 'bf16'"):
+        load_tokenizer("dvae", tmp_path / "t.safetensors", precision="bf16")
+    with pytest.raises(ValueError, match=r"load_tokenizer\('dvae'\) needs the tokenizer file"):
+        load_tokenizer("dvae")
+    with pytest.raises(ValueError, match="give the tokenizer file once"):
+        load_tokenizer("dalle", tmp_path / "a.pkl", encoder=tmp_path / "b.pkl")
+    seen = {}
+
+    def load(path, *, decoder, device, precision, **options):  # noqa: ANN001, ANN003, ANN202
+        seen.update(path=path, precision=precision, options=options)
+        return DiscreteVAE.load(path, device=device)
+
+    kind = register_tokenizer(TokenizerKind("test_kind", load, "a test file"))
+    try:
+        with pytest.raises(ValueError, match="tokenizer kind 'test_kind' is already registered"):
+            register_tokenizer(kind)
+        tok = load_tokenizer("test_kind", tmp_path / "t.safetensors", precision="fp32", flag=1)
+        assert isinstance(tok, DiscreteVAE) and seen == {"path": tmp_path / "t.safetensors", "precision": "fp32",
+                                                         "options": {"flag": 1}}
+    finally:
+        del TOKENIZERS["test_kind"]
+
+
 # ---------------------------------------------------------------------- metrics
 def test_psnr_and_mse() -> None:
     a = torch.zeros(2, 3, 4, 4)
@@ -184,7 +217,7 @@ def test_train_tokenizer_smoke(tmp_path: Path, one_thread: None) -> None:
     from PIL import Image
 
     from beit.engine import TrainConfig
-    from beit.tokenizers.train import TokenizerTrainConfig, train_tokenizer
+    from beit.tasks.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     data = tmp_path / "images" / "sub"
     data.mkdir(parents=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .tasks import finetune_cli, layout_cli, pretrain_cli, segmentation_cli
-from .tokenizers import cli as tokenizer_cli
+from .tasks.tokenizer import cli as tokenizer_cli
 
 __all__ = ["COMMANDS", "SHORT", "TASKS", "TOOLS", "Command", "build_parser", "main"]
 
@@ -313,9 +313,9 @@ def _error_line(e: BaseException) -> str | None:
 def _distributed() -> bool:
     """True inside a torchrun process group of more than one rank."""
     try:
-        import torch.distributed as dist
+        from .engine import distributed as D
 
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return D.is_dist() and D.world_size() > 1
     except Exception:  # noqa: BLE001 - no torch / a broken group: act as one process
         return False
 

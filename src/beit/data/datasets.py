@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from .seeding import derive_seed, seeded, stable_index
 
@@ -45,6 +46,7 @@ __all__ = [
     "collate_files",
     "ImageFolderDataset",
     "LabeledImageFolder",
+    "RepeatedDataset",
     "TensorImageDataset",
     "WebDatasetShards",
     "decode_image",
@@ -462,8 +464,6 @@ class _RobustImageFiles(Dataset):
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             results: Iterable = pool.map(check, range(len(self.samples)))
             if progress:
-                from tqdm.auto import tqdm
-
                 results = tqdm(results, total=len(self.samples), desc="verify images")
             for i, err in results:
                 if err is not None:
@@ -845,7 +845,7 @@ class TensorImageDataset(Dataset):
     With a ``transform`` each sample is handed to it as an RGB PIL image (so torchvision / timm
     transforms work unchanged) inside ``seeded(seed, epoch, index)``. Without one, the raw
     ``[H, W, 3]`` uint8 tensor is returned, so that a DataLoader yields ``[B, H, W, 3]`` batches for
-    the GPU fast path (``beit.data.transforms.gpu_pretrain_views``); add a ``mask_generator`` to get
+    the GPU fast path (``beit.data.gpu_augment.PretrainViews``); add a ``mask_generator`` to get
     ``{"image": [H, W, 3] uint8, "mask": bool [h, w]}`` instead, the mask drawn per sample in the
     workers (it is the slow part of that path). Labels, when given, come back as ``(sample, label)``.
     """
@@ -962,8 +962,6 @@ def load_image_folder_to_memory(
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results: Iterable = pool.map(load, range(len(ds)))
         if progress:
-            from tqdm.auto import tqdm
-
             results = tqdm(results, total=len(ds), desc=f"decoding {os.path.basename(str(root))}")
         arrays = list(results)
     keep = [i for i, a in enumerate(arrays) if a is not None]
@@ -984,3 +982,38 @@ def load_image_folder_to_memory(
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
     return images, labels, names
+
+
+class RepeatedDataset(Dataset):
+    """``times`` passes over a map-style ``dataset`` per epoch, each pass its own augmentation draw.
+
+    The one repeat wrapper of the package (mmseg's ``RepeatDataset``, used by segmentation and layout
+    through their ``data.repeat``): small sets then give long epochs, so the engine checkpoints and
+    evaluates per epoch rather than every few steps. Meaning, exactly: ``len = len(dataset) * times``;
+    item ``i`` of epoch ``e`` is item ``i % n`` of ``dataset`` at epoch ``e * times + i // n`` (``n =
+    len(dataset)``), so pass ``p`` of epoch ``e`` is what ``dataset`` gives at its epoch ``e * times + p``:
+    every pass a different draw, every sample still a pure function of (seed, epoch, index), and with
+    ``times=1`` the wrapped dataset unchanged. ``dataset`` must implement ``set_epoch`` (every augmenting
+    dataset here does); each DataLoader worker holds its own copy, so setting it per item is safe.
+
+    Raises ``ValueError`` for ``times < 1`` or a dataset without ``set_epoch``.
+    """
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        if not callable(getattr(dataset, "set_epoch", None)):
+            raise ValueError(f"RepeatedDataset needs a dataset with set_epoch(epoch); "
+                             f"{type(dataset).__name__} has none")
+        self.dataset, self.times, self.epoch = dataset, int(times), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        self.dataset.set_epoch(self.epoch * self.times + int(index) // n)  # type: ignore[attr-defined]
+        return self.dataset[int(index) % n]

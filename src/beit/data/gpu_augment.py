@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms.v2 import functional as TF2
 
 from .seeding import derive_seed
 
@@ -436,8 +438,6 @@ def _sharp_degenerate(x: torch.Tensor) -> torch.Tensor:
 
 def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """One RandAugment op on float [n, 3, H, W] in [0, 1] with per-sample args (CPU [n])."""
-    from torchvision.transforms.v2 import functional as TF2
-
     device = x.device
     if name in _GEOMETRIC:
         return _affine(x, _geometric_mats(name, arg, x.shape[-2], x.shape[-1]), fill)
@@ -475,8 +475,6 @@ class _RandAugmentSpec:
     """timm's parse of a ``rand-...`` string: op names, layers, probability, magnitude (mean, std, max)."""
 
     def __init__(self, config: str, fill: tuple[int, int, int]) -> None:
-        from timm.data.auto_augment import rand_augment_transform
-
         if not config.startswith("rand"):
             raise ValueError(f"auto_augment {config!r}: the tensor path implements RandAugment ('rand-...') only")
         ra = rand_augment_transform(config, {"img_mean": fill, "translate_const": 100})

@@ -33,8 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .datasets import ImageFolderDataset, LabeledImageFolder, WebDatasetShards, _unpack_index, to_rgb
 from .seeding import seeded, stable_index
@@ -108,8 +110,6 @@ def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def _pil_decode(data: bytes) -> torch.Tensor:
     """CPU decode (the CPU path's ``to_rgb``) with EXIF orientation -> uint8 ``[3, H, W]``."""
-    import numpy as np
-
     img = Image.open(io.BytesIO(data))
     img.load()
     try:
@@ -347,8 +347,6 @@ class BatchDecoder:
         return len(self.skipped_names)
 
     def _decode_jpegs(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
             out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
             return list(out)

@@ -8,6 +8,7 @@ re-sharded run sees exactly the same data. The caller's generator states are res
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,8 +43,6 @@ def stable_index(key: str) -> int:
 
     Python's ``hash`` is salted per process, so it cannot be used to seed samples across workers.
     """
-    import hashlib
-
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 

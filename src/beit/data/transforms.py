@@ -5,8 +5,13 @@ random-resized crop, resized twice: to ``input_size`` (bicubic, normalised) for 
 ``(input_size // patch_size) * tokenizer_downsample`` (lanczos, in [0, 1]) for the image tokenizer,
 whose token grid must line up with the ViT's patch grid. Plus a blockwise mask of that grid.
 
+Fine-tuning, linear probing and evaluation: the unilm / timm recipes (``build_finetune_transform``,
+``build_linear_probe_transform``, ``build_eval_transform``) and the document recipe that resizes the
+whole image to a square (``build_full_image_transform``). The batched on-device versions of these
+views are in :mod:`beit.data.gpu_augment`.
+
 All random numbers come from the global torch / Python / NumPy generators, which the datasets seed
-per sample with ``beit.data.seeding.seeded``; ``gpu_pretrain_views`` takes an explicit generator.
+per sample with ``beit.data.seeding.seeded``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as aa
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -31,10 +37,11 @@ __all__ = [
     "SmallImageRandomCrop",
     "build_eval_transform",
     "build_finetune_transform",
+    "build_full_image_transform",
     "build_linear_probe_transform",
     "collate_pretrain",
     "default_mask_generator",
-    "gpu_pretrain_views",
+    "interpolation_mode",
 ]
 
 _INTERP = {
@@ -49,7 +56,9 @@ _INTERP = {
 SMALL_IMAGE_SIZE = 32  # at or below this, follow unilm's CIFAR path: no resize-up-then-crop
 
 
-def _interp(name: str) -> InterpolationMode:
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's ``InterpolationMode`` for a config name (bicubic | bilinear | lanczos | nearest | box |
+    hamming). Raises ``ValueError`` naming the choices for any other name."""
     try:
         return _INTERP[name]
     except KeyError:
@@ -157,8 +166,8 @@ class PretrainTransform:
                 f"(input_size {self.input_size} / patch_size {patch_size})"
             )
         self.mask_generator = mask_generator
-        self.interpolation = _interp(interpolation)
-        self.tokenizer_interpolation = _interp(tokenizer_interpolation)
+        self.interpolation = interpolation_mode(interpolation)
+        self.tokenizer_interpolation = interpolation_mode(tokenizer_interpolation)
 
     @staticmethod
     def _parse_jitter(cj: float | Sequence[float] | None) -> tuple[float, float, float, float]:
@@ -185,10 +194,6 @@ class PretrainTransform:
         image = TF.normalize(TF.to_tensor(patch), self.mean, self.std)
         return {"image": image, "tok_image": TF.to_tensor(tok), "mask": self.mask_generator()}
 
-    def gpu_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Batched on-device version for small uint8 images; see ``gpu_pretrain_views``."""
-        return gpu_pretrain_views(images, self, generator)
-
     def __repr__(self) -> str:
         return (
             f"PretrainTransform(input_size={self.input_size}, patch={self.patch_size}, "
@@ -196,131 +201,6 @@ class PretrainTransform:
             f"ratio={tuple(round(r, 3) for r in self.ratio)}, "
             f"color_jitter={self.color_jitter}, hflip={self.hflip}, mask={self.mask_generator!r})"
         )
-
-
-# --------------------------------------------------------------------------------------- GPU path
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator)
-
-
-def _crop_boxes(
-    batch: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator | None,
-    attempts: int = 10,
-) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params, vectorised: [B, 4] float (top, left, h, w)."""
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * _rand((batch, attempts), generator))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand((batch, attempts), generator))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # fallback (no attempt fits): the largest center crop within the ratio range, as torchvision
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    has = ok.any(dim=1)
-    w = torch.where(has, w, torch.full_like(w, fw))
-    h = torch.where(has, h, torch.full_like(h, fh))
-    u = _rand((batch, 2), generator)
-    top = torch.floor(u[:, 0] * (height - h + 1)).clamp(max=height - h)
-    left = torch.floor(u[:, 1] * (width - w + 1)).clamp(max=width - w)
-    top = torch.where(has, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(has, left, torch.full_like(left, (width - fw) // 2))
-    return torch.stack([top, left, h, w], dim=1)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
-
-
-def gpu_pretrain_views(
-    images: torch.Tensor,
-    cfg: PretrainTransform,
-    generator: torch.Generator | None = None,
-    masks: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """``PretrainTransform`` for a whole batch of small uint8 images ``[B, H, W, 3]`` on their device.
-
-    For CIFAR-sized data kept in memory the per-sample PIL pipeline, not the model, limits
-    throughput; this does color jitter (brightness, contrast, saturation in that fixed order; hue
-    is not supported), the random-resized crop and flip via one ``grid_sample`` (bicubic), and the
-    tokenizer view by an antialiased bicubic resize of the same crop. The crop is resampled without
-    antialiasing, so use it where crops are upsampled (small images), not for 224 px ImageNet.
-
-    All random numbers are drawn on CPU from ``generator`` (a CPU ``torch.Generator``; None = the
-    global one), so the result depends only on the generator state, not on the device; seed it
-    with e.g. ``generator_for(seed, epoch, step)`` for reproducible batches.
-
-    ``masks`` (bool ``[B, H/p, W/p]``) skips drawing masks here. Mask drawing is a Python loop
-    (~0.1-0.3 ms a mask), the slowest part of this function by far: for real runs draw masks in the
-    DataLoader workers (``TensorImageDataset(..., mask_generator=...)``) and pass them in.
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError("generator must be a CPU torch.Generator (random numbers are drawn on CPU)")
-    if cfg.color_jitter[3] > 0:
-        raise ValueError("gpu_pretrain_views does not implement hue jitter; set hue to 0")
-    B, H, W, _ = images.shape
-    device = images.device
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-
-    bri, con, sat, _ = cfg.color_jitter
-    factors = _rand((B, 3), generator) * 2 - 1  # U[-1, 1]
-    if bri > 0:
-        fb = (1 + bri * factors[:, 0]).clamp(min=0).to(device).view(B, 1, 1, 1)
-        x = (x * fb).clamp_(0, 1)
-    if con > 0:
-        fc = (1 + con * factors[:, 1]).clamp(min=0).to(device).view(B, 1, 1, 1)
-        m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = (fc * x + (1 - fc) * m).clamp_(0, 1)
-    if sat > 0:
-        fs = (1 + sat * factors[:, 2]).clamp(min=0).to(device).view(B, 1, 1, 1)
-        x = (fs * x + (1 - fs) * _gray(x)).clamp_(0, 1)
-
-    boxes = _crop_boxes(B, H, W, cfg.scale, cfg.ratio, generator)
-    flip = _rand((B,), generator) < cfg.hflip
-    out_h, out_w = cfg.input_size
-    top, left, bh, bw = (boxes[:, k].view(B, 1) for k in range(4))
-    oy = (torch.arange(out_h, dtype=torch.float32) + 0.5).view(1, out_h)
-    ox = (torch.arange(out_w, dtype=torch.float32) + 0.5).view(1, out_w)
-    ox = torch.where(flip.view(B, 1), out_w - ox, ox)
-    # pixel-center convention of PIL / align_corners=False: output o samples left + (o + .5) * w / S
-    gy = (top + oy * bh / out_h) * 2 / H - 1  # [B, out_h]
-    gx = (left + ox * bw / out_w) * 2 / W - 1  # [B, out_w]
-    grid = torch.stack(
-        [gx.view(B, 1, out_w).expand(B, out_h, out_w), gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1
-    ).to(device)
-    patch = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
-
-    if tuple(cfg.tokenizer_size) == tuple(cfg.input_size):
-        tok = patch.clone()
-    else:
-        tok = F.interpolate(patch, size=cfg.tokenizer_size, mode="bicubic", antialias=True, align_corners=False).clamp_(
-            0, 1
-        )
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
-    if masks is None:
-        masks = torch.stack([cfg.mask_generator(generator) for _ in range(B)])
-    elif masks.shape != (B, *cfg.grid) or masks.dtype != torch.bool:
-        raise ValueError(
-            f"masks must be bool [{B}, {cfg.grid[0]}, {cfg.grid[1]}], got {masks.dtype} {tuple(masks.shape)}"
-        )
-    masks = masks.to(device, non_blocking=True)
-    return {"image": (patch - mean) / std, "tok_image": tok, "mask": masks}
 
 
 def collate_pretrain(batch: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -373,7 +253,7 @@ def build_eval_transform(
     size = int(input_size / _resolve_crop_pct(input_size, crop_pct))
     return T.Compose(
         [
-            T.Resize(size, interpolation=_interp(interpolation)),
+            T.Resize(size, interpolation=interpolation_mode(interpolation)),
             T.CenterCrop(input_size),
             T.ToTensor(),
             T.Normalize(mean, std),
@@ -381,11 +261,41 @@ def build_eval_transform(
     )
 
 
+def build_full_image_transform(
+    is_train: bool,
+    input_size: int = 224,
+    *,
+    hflip: float = 0.0,
+    re_prob: float = 0.0,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The document recipe (DiT / RVL-CDIP): the whole image resized to ``input_size`` x ``input_size``,
+    no crop (a page's layout is the signal), no colour augmentation.
+
+    Train: resize, flip with probability ``hflip`` (0 = none), normalise, then timm's random erasing
+    ('pixel' mode) with probability ``re_prob`` (0 = none). Eval: resize, normalise. Output float
+    ``[3, input_size, input_size]``. Raises ``ValueError`` for a bad size, probability or interpolation.
+    """
+    if not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    for name, p in (("hflip", hflip), ("re_prob", re_prob)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} is a probability, got {p}")
+    mean, std = _check_mean_std(mean, std)
+    steps: list[Any] = [T.Resize((input_size, input_size), interpolation=interpolation_mode(interpolation))]
+    if is_train and hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if is_train and re_prob > 0:
+        steps.append(RandomErasing(re_prob, mode="pixel", device="cpu"))
+    return T.Compose(steps)
+
+
 def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
     """timm's posterize, with 0 bits (RandAugment's level 10 of PosterizeIncreasing) giving the black image
     that Pillow < 11 gave; Pillow >= 11 raises instead and would stop training at a random step."""
-    from PIL import Image, ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -394,8 +304,6 @@ def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:
 
 
 def _guard_posterize(transform: Any) -> Any:
-    from timm.data import auto_augment as aa
-
     for t in getattr(transform, "transforms", []):
         if isinstance(t, aa.RandAugment):
             for op in t.ops:
@@ -419,7 +327,7 @@ class EnsureMinSize:
         if not isinstance(min_size, int) or min_size <= 0:
             raise ValueError(f"min_size must be a positive int, got {min_size!r}")
         self.min_size = min_size
-        self.interpolation = _interp(interpolation)
+        self.interpolation = interpolation_mode(interpolation)
 
     def __call__(self, img: Any) -> Any:
         w, h = TF.get_image_size(img)
@@ -520,5 +428,5 @@ def build_linear_probe_transform(
     if input_size <= SMALL_IMAGE_SIZE:
         crop: Any = _small_image_crop(input_size, interpolation)
     else:
-        crop = T.RandomResizedCrop(input_size, interpolation=_interp(interpolation))
+        crop = T.RandomResizedCrop(input_size, interpolation=interpolation_mode(interpolation))
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -115,7 +116,6 @@ def _link_atomic(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:  # filesystem without hard links: copy
-            import shutil
 
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
@@ -256,8 +256,6 @@ class CheckpointManager:
         pinned = {(self.dir / n).resolve() for n in ("last", "best") if (self.dir / n).is_symlink()}
         for p in dirs[:max(len(dirs) - max(self.keep_last, 1), 0)]:
             if p.resolve() not in pinned:
-                import shutil
-
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -386,8 +384,6 @@ def save_sharded_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, 
     """Collective: every rank writes its shards of ``{"model", "optimizer"}`` (DCP, no gather) into
     ``path.tmp/``; rank 0 adds ``meta.pt`` and renames the folder to ``path`` (atomic: a crash leaves the
     previous checkpoint intact and at worst a stray ``.tmp`` folder)."""
-    import shutil
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

@@ -27,6 +27,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .precision import PRECISIONS
+
 __all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "save_config", "stored_config", "to_dict",
            "validate_config"]
 
@@ -112,7 +114,7 @@ class TrainConfig:
             raise ConfigError("ema", f"must be in [0, 1) (0 = off), got {self.ema}")
         if self.poly_power <= 0:
             raise ConfigError("poly_power", f"must be > 0, got {self.poly_power}")
-        choices = {"schedule": ("cosine", "poly", "constant"), "precision": ("auto", "bf16", "fp32"),
+        choices = {"schedule": ("cosine", "poly", "constant"), "precision": PRECISIONS,
                    "distributed": ("ddp", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -30,23 +30,33 @@ __all__ = [
 ]
 
 
+# The one source of rank / world size for the package: the process group once it exists, before that
+# the launcher's environment (torchrun's RANK / WORLD_SIZE / LOCAL_RANK, which the group is built from),
+# else a single process. Nothing else reads those variables or asks torch.distributed directly.
+
+
 def is_dist() -> bool:
+    """Whether a torch.distributed process group is initialized in this process."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    """This process's global rank: the group's, else torchrun's ``RANK``, else 0."""
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    """Processes in the job: the group's size, else torchrun's ``WORLD_SIZE`` (before the group exists), else 1."""
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def local_rank() -> int:
+    """This process's rank on its host (torchrun's ``LOCAL_RANK``, else 0): picks ``cuda:LOCAL_RANK``."""
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main() -> bool:
+    """Whether this is rank 0 (the one that writes files and logs)."""
     return rank() == 0
 
 

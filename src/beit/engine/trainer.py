@@ -16,6 +16,7 @@ every rank's RNG state are restored, and datasets draw their randomness from (se
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import math
@@ -35,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed as D
 from . import optim as O
+from . import rundir
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -54,6 +56,7 @@ from .config import ConfigError, TrainConfig, save_config, to_dict, validate_con
 from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
+from .precision import autocast_for, use_bf16
 from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
 
 __all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
@@ -80,9 +83,6 @@ class TrainingDivergedError(RuntimeError):
 def _error_named(name: str, message: str) -> Exception:
     """Rebuild on this rank an error that rank 0 raised: a ``beit.engine.rundir`` error or a builtin one
     (``PermissionError``, ...) of that name, else a ``RuntimeError``."""
-    import builtins
-
-    from . import rundir
 
     for where in (rundir, builtins):
         cls = getattr(where, name, None)
@@ -249,7 +249,7 @@ class Trainer:
         # FSDP2 shards those blocks and the root; DDP wraps the whole. See D.compile_blocks / D.wrap_model.
         seed_everything(cfg.seed + D.rank())  # the training RNG stream (dropout, drop-path), per rank
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.use_bf16 = use_bf16(self.device, cfg.precision)
         # Under FSDP2 rank 0 keeps a plain CPU copy to export the final weights into (export_model): a
         # sharded module cannot run a forward or be written on one rank alone.
         self._export_copy = copy.deepcopy(model).cpu() if fsdp and self.main else None
@@ -437,9 +437,7 @@ class Trainer:
     # --- pieces of a step ------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.use_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast_for(self.device, self.cfg.precision)
 
     def _clip_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
         """Clip to ``clip_grad`` if set; return the total grad norm either way (it is logged)."""

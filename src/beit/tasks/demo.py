@@ -15,6 +15,13 @@ from typing import Any
 
 from PIL import Image
 
+from ..data.demo import load_digits_images, train_test_split
+from ..engine.config import TrainConfig
+from ..tokenizers.dvae import DVAEConfig
+from .finetune import DataConfig, FinetuneConfig, finetune
+from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
+from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
 # one place for the demo's sizes: a 32px image, 4px patches -> 8x8 tokens, a 4-layer 96-wide BEiT
 IMG, PATCH = 32, 4
 ENCODER = dict(embed_dim=96, depth=4, num_heads=3)
@@ -23,8 +30,6 @@ STEPS_PRE, STEPS_FT, NUM_WORKERS = 300, 200, 0  # ~2.5 min on 2 CPU cores
 
 def write_digits(root: Path) -> tuple[Path, Path]:
     """Digits as PNG class folders (train 80% / test 20%, stratified), like a user's own data."""
-    from ..data.demo import load_digits_images, train_test_split
-
     images, labels = load_digits_images(size=IMG)
     x_tr, y_tr, x_te, y_te = train_test_split(images, labels, test_fraction=0.2, seed=0)
     for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
@@ -36,12 +41,6 @@ def write_digits(root: Path) -> tuple[Path, Path]:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
-    from ..engine.config import TrainConfig
-    from ..tokenizers.dvae import DVAEConfig
-    from ..tokenizers.train import TokenizerTrainConfig, train_tokenizer
-    from .finetune import DataConfig, FinetuneConfig, finetune
-    from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
-
     out = Path(out)
     t0 = time.perf_counter()
     steps = dict(tok=12, pre=12, ft=12) if quick else dict(tok=300, pre=STEPS_PRE, ft=STEPS_FT)

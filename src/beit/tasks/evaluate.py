@@ -25,6 +25,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..engine import distributed as D
+from ..engine.precision import autocast_for
 from ..models.config import Preprocess
 
 __all__ = [
@@ -45,20 +47,20 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------- preprocessing
 def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform for ``p`` (through the data helper's ``build_eval_transform`` where it fits)."""
+    """The eval transform for ``p``: ``beit.data.transforms``' ``build_eval_transform`` (resize + center
+    crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
     from torchvision import transforms as T
 
-    from ..data.transforms import _interp, build_eval_transform
+    from ..data.transforms import build_eval_transform, build_full_image_transform
 
     if p.resize == "crop":
         tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
                                   mean=p.mean, std=p.std)
-        steps = list(tf.transforms)
     elif p.resize == "full":
-        steps = [T.Resize((p.img_size, p.img_size), interpolation=_interp(p.interpolation)),
-                 T.ToTensor(), T.Normalize(p.mean, p.std)]
+        tf = build_full_image_transform(False, p.img_size, interpolation=p.interpolation, mean=p.mean, std=p.std)
     else:
         raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
+    steps = list(tf.transforms)
     if p.grayscale:
         steps.insert(0, T.Grayscale(num_output_channels=3))
     return T.Compose(steps)
@@ -95,7 +97,7 @@ class ClassificationMeter:
         """Sum over ranks (no-op in a single process)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not D.is_dist() or D.world_size() == 1:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         flat = torch.cat([self.correct, self.loss_sum.view(1), self.count.view(1)]).to(device)
@@ -145,11 +147,7 @@ def evaluate_model(model: nn.Module, loader: Any, num_classes: int, topk: Sequen
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return D.rank(), D.world_size()
 
 
 def make_eval_fn(dataset: Dataset, num_classes: int, batch_size: int, num_workers: int = 0,
@@ -285,14 +283,6 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device) -> Any:
-    import contextlib
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
     """Decode every file once and keep the readable ones, so that a broken file is reported and left
     out instead of being replaced by its neighbour (which would count that neighbour twice)."""
@@ -333,7 +323,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     model.to(dev).eval()
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
-    with _autocast(dev):
+    with autocast_for(dev, "auto"):
         meter = evaluate_model(model, loader, len(names))
     result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
                                                         "skipped": bad, "num_skipped": len(bad),
@@ -387,7 +377,7 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                 skipped[paths[i]] = err
             if batch["image"] is None:
                 continue
-            with _autocast(dev):
+            with autocast_for(dev, "auto"):
                 logits = model(batch["image"].to(dev, non_blocking=True))
             probs, idx = logits.float().softmax(-1).topk(k, dim=-1)
             for i, pr, ix in zip(batch["index"].tolist(), probs.cpu().tolist(), idx.cpu().tolist()):

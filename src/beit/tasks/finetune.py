@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..engine import ConfigError, TrainConfig
+from ..engine import distributed as D
 from ..engine.config import validate_config
+from ..engine.precision import autocast_for
 from ..interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
     SHAPE_FIELDS,
     build_backbone,
@@ -196,23 +197,17 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
     from torchvision import transforms as T
 
-    from ..data.transforms import _interp, build_finetune_transform
+    from ..data.transforms import build_finetune_transform, build_full_image_transform
 
     if data.resize == "crop":
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
                                       hflip=data.hflip, interpolation=data.interpolation,
                                       mean=tuple(data.mean), std=tuple(data.std))
-        steps = list(tf.transforms)
     else:
-        from timm.data.random_erasing import RandomErasing
-
-        steps = [T.Resize((img_size, img_size), interpolation=_interp(data.interpolation))]
-        if data.hflip > 0:
-            steps.append(T.RandomHorizontalFlip(data.hflip))
-        steps += [T.ToTensor(), T.Normalize(tuple(data.mean), tuple(data.std))]
-        if data.reprob > 0:
-            steps.append(RandomErasing(data.reprob, mode="pixel", device="cpu"))
+        tf = build_full_image_transform(True, img_size, hflip=data.hflip, re_prob=data.reprob,
+                                        interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
+    steps = list(tf.transforms)
     if data.grayscale:
         steps.insert(0, T.Grayscale(num_output_channels=3))
     return T.Compose(steps)
@@ -343,7 +338,7 @@ def scaled_train_config(train: TrainConfig, ref_batch: int) -> TrainConfig:
     """
     if ref_batch <= 0:
         return train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = D.world_size()
     total = train.batch_size * train.accum_steps * world
     s = total / ref_batch
     logger.info("lr %.3g x %d/%d = %.3g (total batch %d)", train.lr, total, ref_batch, train.lr * s, total)
@@ -387,8 +382,6 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
     Weights come from the last checkpoint (``last.pt``, or FSDP2's sharded ``last/`` read in full), into a
     model of ``arch``.
     """
-    import contextlib
-
     from ..engine import load_checkpoint
     from ..engine.checkpoint import find_resume_path
     from ..interop import save_model
@@ -410,9 +403,7 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
             continue
         model.to(device).eval()
         loader = torch.utils.data.DataLoader(val, batch_size=eval_bs, num_workers=cfg.train.num_workers)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast_for(device, "auto"):
             meter = evaluate_model(model, loader, len(names))
         tag = "eval" if key == "model" else "eval_ema"
         rep = write_report(meter, names, out / tag, extra={"checkpoint": str(out / sub)})

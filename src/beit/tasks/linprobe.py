@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..engine import ConfigError, TrainConfig
 from ..engine.config import validate_config
+from ..engine.precision import autocast_for
 from ..interop.backbone import build_backbone
 from .evaluate import build_preprocess
 from .finetune import DataConfig, _check_model_overrides, build_datasets, check_num_classes, scaled_train_config
@@ -139,7 +139,7 @@ def extract_features(model: nn.Module, dataset: Dataset, blocks: list[int], *, p
 
     for images, targets in tqdm(loader, desc="features", disable=len(loader) < 20):
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast_for(device, "auto"):
             outs = model.get_intermediate_layers(images)
         f = torch.stack([_pool(outs[j].float(), pool) for j in idx], dim=1).half().cpu()  # [B, L, D']
         if feats is None:
@@ -224,7 +224,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     setup_logging(cfg.train.output_dir, D.is_main())
     if cfg.model in ("", MISSING):
         raise ConfigError("model", "is not set: the checkpoint to probe")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
     tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation

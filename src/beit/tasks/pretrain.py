@@ -14,12 +14,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import save_image
 
+from ..data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
+from ..data.gpu_augment import PretrainViews
+from ..data.gpu_decode import (
+    EncodedImageFiles,
+    EncodedWebDataset,
+    InMemoryIndices,
+    PretrainPipeline,
+    collate_encoded,
+    use_device_path,
+    with_pipeline,
+)
 from ..data.masking import BlockwiseMaskGenerator
+from ..data.transforms import PretrainTransform, collate_pretrain
+from ..engine import Trainer
+from ..engine import distributed as D
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.trainer import seed_everything
+from ..interop import save_model
 from ..interop.backbone import build_backbone
 from ..models import BeitConfig
 from ..models.config import preset_config
+from ..tokenizers import TOKENIZERS, load_tokenizer
 from .backbone_config import check_model_overrides
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -153,8 +171,15 @@ def validate(cfg: PretrainConfig) -> None:
     except ValueError as e:
         key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
         raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
-    if t.kind not in ("dalle", "dvae"):
-        raise ConfigError("tokenizer.kind", f"must be 'dalle' or 'dvae', got {t.kind!r}")
+    kind = TOKENIZERS.get(t.kind)
+    if kind is None:
+        raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in TOKENIZERS)}, got {t.kind!r}")
+    if t.precision not in kind.precisions:
+        raise ConfigError("tokenizer.precision", f"a {t.kind} tokenizer runs in {' | '.join(kind.precisions)}, "
+                                                 f"got {t.precision!r}")
+    if t.decoder and not kind.has_decoder_file:
+        raise ConfigError("tokenizer.decoder", f"a {t.kind} tokenizer keeps its decoder in tokenizer.path; "
+                                               f"leave tokenizer.decoder empty (got {t.decoder!r})")
     if not t.path:
         raise ConfigError("tokenizer.path", "no tokenizer: give tokenizer.path (DALL-E encoder.pkl or a dVAE "
                                             "trained with `beit tokenizer train`)")
@@ -180,20 +205,14 @@ def shard_urls(path: str) -> list[str]:
 
 
 def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cpu") -> nn.Module:
-    from ..tokenizers import load_tokenizer
-
-    if t.kind == "dalle":
-        tok = load_tokenizer("dalle", encoder=t.path, decoder=t.decoder or None, precision=t.precision,
-                             channels_last=torch.device(device).type == "cuda")
-    else:
-        tok = load_tokenizer("dvae", t.path)
+    """The frozen tokenizer ``t`` names, through the one registry (:func:`beit.tokenizers.load_tokenizer`),
+    on ``device`` in eval mode without gradients. Raises ``ValueError`` for a kind or option the
+    registry does not know."""
+    tok = load_tokenizer(t.kind, t.path, decoder=t.decoder or None, precision=t.precision, device=device)
     return tok.to(device).eval().requires_grad_(False)
 
 
 def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
-    from ..data.datasets import ImageFolderDataset, TensorImageDataset, load_image_folder_to_memory
-    from ..data.transforms import PretrainTransform
-
     m, d = cfg.model, cfg.data
     grid = m.img_size // m.patch_size
     masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
@@ -206,8 +225,6 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
     seed = cfg.train.seed
     urls = shard_urls(d.path)
     if urls:
-        from ..data.datasets import WebDatasetShards
-
         return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
     if d.in_memory:
         images, _, _ = load_image_folder_to_memory(d.path)
@@ -231,16 +248,6 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     Raises:
         ConfigError: ``data.device`` is not auto | cpu | gpu.
     """
-    from ..data.gpu_augment import PretrainViews
-    from ..data.gpu_decode import (
-        EncodedImageFiles,
-        InMemoryIndices,
-        PretrainPipeline,
-        collate_encoded,
-        use_device_path,
-    )
-    from ..data.transforms import PretrainTransform
-
     m, d = cfg.model, cfg.data
     try:
         wanted = use_device_path(d.device, device)
@@ -258,13 +265,9 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     seed = cfg.train.seed
     urls = shard_urls(d.path)
     if urls:
-        from ..data.gpu_decode import EncodedWebDataset
-
         shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
         return shards, collate_encoded, PretrainPipeline(views, device)
     if d.in_memory:
-        from ..data.datasets import load_image_folder_to_memory
-
         images, _, _ = load_image_folder_to_memory(d.path)
         if d.max_images:
             images = images[: d.max_images]
@@ -304,8 +307,6 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
               path: str | Path) -> Path:
     """One row per image: input | input with its mask | tokenizer's reconstruction of the true tokens |
     the same with the model's predictions at the masked patches (decoded through the tokenizer)."""
-    from torchvision.utils import save_image
-
     model_was_training = model.training
     model.eval()
     images, mask = batch["image"], batch["mask"].bool()
@@ -340,8 +341,6 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
 
 def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device,
                  device_data: tuple[Any, Any, Any] | None = None) -> dict[str, torch.Tensor]:
-    from ..data.transforms import collate_pretrain
-
     if isinstance(dataset, torch.utils.data.IterableDataset):
         samples = [s for _, s in zip(range(n), iter(dataset))]
     else:
@@ -355,18 +354,12 @@ def _fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device
 # ------------------------------------------------------------------------------------------ entry point
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training; returns the final metrics and where things were written."""
-    from ..engine import Trainer
-    from ..engine import distributed as D
-    from ..engine.trainer import seed_everything
-    from ..interop import save_model
-
     validate(cfg)
     D.init_distributed()
     seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
     device = D.device()
     tokenizer = build_tokenizer(cfg.tokenizer, device)
     model = build_model(cfg, tokenizer.vocab_size)
-    from ..data.transforms import collate_pretrain
 
     device_data = build_device_data(cfg, tokenizer.downsample, device)
     if device_data is None:
@@ -374,7 +367,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         step_fn = make_step_fn(tokenizer)
     else:
         dataset, collate, pipeline = device_data
-        from ..data.gpu_decode import with_pipeline
 
         step_fn = with_pipeline(make_step_fn(tokenizer), pipeline)
     panel_batch: dict[str, torch.Tensor] = {}

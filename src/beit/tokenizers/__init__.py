@@ -1,13 +1,24 @@
 """Image tokenizers: images in [0, 1] <-> discrete visual tokens (BEiT's MIM targets).
 
-- ``load_tokenizer("dalle", encoder="encoder.pkl", decoder="decoder.pkl")``: OpenAI's frozen DALL-E
+This package holds the tokenizer modules only (``dalle``, ``dvae``, ``base``, ``metrics``,
+``safe_pickle``) and one registry, :data:`TOKENIZERS`, read by :func:`load_tokenizer`; training a dVAE
+and the ``beit tokenizer`` commands are a task (:mod:`beit.tasks.tokenizer`).
+
+- ``load_tokenizer("dalle", "encoder.pkl", decoder="decoder.pkl")``: OpenAI's frozen DALL-E
   dVAE (vocab 8192, 8x downsampling), read without importing ``dall_e`` or running pickled code.
-- ``load_tokenizer("dvae", "my_dvae.safetensors")``: a dVAE trained with :mod:`beit.tokenizers.train`.
+- ``load_tokenizer("dvae", "my_dvae.safetensors")``: a dVAE trained with ``beit tokenizer train``.
+
+A new tokenizer kind: a module here whose model implements :class:`Tokenizer` and a loader
+``load(path, *, decoder, device, precision, **options) -> Tokenizer``, registered with
+:func:`register_tokenizer`; ``beit pretrain tokenizer.kind=NAME`` and ``beit tokenizer eval NAME``
+then find it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -16,40 +27,99 @@ from .dalle import DalleDecoder, DalleDecoderConfig, DalleEncoder, DalleEncoderC
 from .dvae import DiscreteVAE, DVAEConfig, gumbel_temperature
 from .safe_pickle import UnsafeCheckpointError
 
-TOKENIZER_KINDS = ("dalle", "dvae")
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class TokenizerKind:
+    """One entry of the registry: how to load a frozen tokenizer of this kind from a file.
+
+    ``load(path, *, decoder, device, precision, **options)`` returns the tokenizer (eval mode);
+    ``decoder`` is ``None`` unless the kind keeps its decoder in a second file; ``precision`` is
+    ``None`` or one of ``precisions``. ``files`` says in one line which files ``path`` may be.
+    """
+
+    name: str
+    load: Callable[..., Tokenizer]
+    files: str
+    precisions: tuple[str, ...] = ("fp32",)
+    has_decoder_file: bool = False
+
+
+TOKENIZERS: dict[str, TokenizerKind] = {}
+
+
+def register_tokenizer(kind: TokenizerKind) -> TokenizerKind:
+    """Add ``kind`` to :data:`TOKENIZERS` (its name must be new). Returns it, for use at module level."""
+    if kind.name in TOKENIZERS:
+        raise ValueError(f"tokenizer kind {kind.name!r} is already registered")
+    TOKENIZERS[kind.name] = kind
+    return kind
+
+
+def _load_dalle(path: PathLike, *, decoder: PathLike | None, device: str | torch.device,
+                precision: str | None, channels_last: bool | None = None) -> Tokenizer:
+    # channels_last by default on CUDA: faster convs there, the same ids (see DalleTokenizer)
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cuda"
+    return DalleTokenizer.load(path, decoder, device=device, precision=precision or "fp32",  # type: ignore[arg-type]
+                               channels_last=channels_last)
+
+
+def _load_dvae(path: PathLike, *, decoder: PathLike | None, device: str | torch.device,
+               precision: str | None, **options: object) -> Tokenizer:
+    if options:
+        raise ValueError(f'load_tokenizer("dvae") takes no options {sorted(options)}: just the safetensors path')
+    return DiscreteVAE.load(path, device=device).eval()
+
+
+register_tokenizer(TokenizerKind("dalle", _load_dalle, "the official encoder.pkl or our safetensors copy",
+                                 precisions=("fp32", "tf32", "bf16", "fp16"), has_decoder_file=True))
+register_tokenizer(TokenizerKind("dvae", _load_dvae, "a safetensors file written by `beit tokenizer train`"))
+
+TOKENIZER_KINDS = tuple(TOKENIZERS)  # the names at import time; TOKENIZERS is the live registry
 
 
 def load_tokenizer(
     kind: str,
-    path: str | os.PathLike | None = None,
+    path: PathLike | None = None,
     *,
-    encoder: str | os.PathLike | None = None,
-    decoder: str | os.PathLike | None = None,
+    encoder: PathLike | None = None,
+    decoder: PathLike | None = None,
     device: str | torch.device = "cpu",
-    **kwargs: object,
+    precision: str | None = None,
+    **options: object,
 ) -> Tokenizer:
-    """Load a frozen tokenizer in eval mode.
+    """Load a frozen tokenizer of a registered ``kind`` (see :data:`TOKENIZERS`) in eval mode.
 
-    ``kind="dalle"``: ``encoder`` (or ``path``) is the official ``encoder.pkl`` or a safetensors file
-    written by ``DalleTokenizer.save``; ``decoder`` is optional (only ``decode`` needs it); extra
-    keyword arguments go to :class:`DalleTokenizer` (``precision``, ``channels_last``).
-    ``kind="dvae"``: ``path`` is a safetensors file written by ``DiscreteVAE.save``.
+    The one place a tokenizer kind is dispatched (``beit pretrain``, ``beit tokenizer eval|encode``
+    and the library all come here). ``path`` is the tokenizer file (``encoder=`` is its older name
+    for DALL-E's ``encoder.pkl``); ``decoder`` a second file for kinds that keep one (DALL-E's
+    ``decoder.pkl``, needed only by ``decode``); ``precision`` one of the kind's precisions
+    (DALL-E: fp32 | tf32 | bf16 | fp16; dVAE: fp32); other keyword options go to the kind's loader
+    (DALL-E: ``channels_last``, by default on when ``device`` is CUDA).
+
+    Raises:
+        ValueError: unknown kind, no file, the encoder given twice, a decoder or precision the kind
+            does not take.
     """
-    if kind == "dalle":
-        if encoder is not None and path is not None and os.fspath(encoder) != os.fspath(path):
-            raise ValueError("give the DALL-E encoder file once: either path or encoder=")
-        enc = encoder if encoder is not None else path
-        if enc is None:
-            raise ValueError('load_tokenizer("dalle") needs encoder=PATH (the official encoder.pkl)')
-        return DalleTokenizer.load(enc, decoder, device=device, **kwargs)  # type: ignore[arg-type]
-    if kind == "dvae":
-        if path is None or encoder is not None or decoder is not None or kwargs:
-            raise ValueError('load_tokenizer("dvae", PATH) takes just the safetensors path (and device)')
-        return DiscreteVAE.load(path, device=device).eval()
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
+    entry = TOKENIZERS.get(kind)
+    if entry is None:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {tuple(TOKENIZERS)}")
+    if encoder is not None and path is not None and os.fspath(encoder) != os.fspath(path):
+        raise ValueError("give the tokenizer file once: either path or encoder=")
+    path = encoder if encoder is not None else path
+    if path is None:
+        raise ValueError(f"load_tokenizer({kind!r}) needs the tokenizer file: {entry.files}")
+    if decoder is not None and not entry.has_decoder_file:
+        raise ValueError(f"load_tokenizer({kind!r}) takes no decoder file (got decoder={os.fspath(decoder)!r})")
+    if precision is not None and precision not in entry.precisions:
+        raise ValueError(f"load_tokenizer({kind!r}): precision must be one of {entry.precisions}, got {precision!r}")
+    return entry.load(path, decoder=decoder, device=device, precision=precision, **options)
 
 
 __all__ = [
+    "TOKENIZERS",
     "TOKENIZER_KINDS",
     "DVAEConfig",
     "DalleDecoder",
@@ -60,9 +130,11 @@ __all__ = [
     "DiscreteVAE",
     "Tokenizer",
     "TokenizerCheckpointError",
+    "TokenizerKind",
     "UnsafeCheckpointError",
     "gumbel_temperature",
     "load_tokenizer",
     "map_pixels",
+    "register_tokenizer",
     "unmap_pixels",
 ]

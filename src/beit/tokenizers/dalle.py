@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .base import (
@@ -319,8 +321,6 @@ class DalleTokenizer(Tokenizer):
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file: ``encoder.*`` / ``decoder.*`` weights, configs in the metadata."""
-        from safetensors.torch import save_file
-
         tensors = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in self.encoder.state_dict().items()}
         meta = {"format": FORMAT, "encoder_config": json.dumps(asdict(self.encoder.config))}
         if self.decoder is not None:
@@ -477,8 +477,6 @@ def _read_pickled(path: str, role: str) -> nn.Module:
 
 
 def _read_safetensors(path: str) -> tuple[DalleEncoder | None, DalleDecoder | None]:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .base import Tokenizer, TokenizerCheckpointError, check_ids, check_images, map_pixels, unmap_pixels
@@ -215,16 +217,12 @@ class DiscreteVAE(Tokenizer):
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file; the config (JSON) rides in its metadata, so it loads on its own."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(asdict(self.config))})
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> DiscreteVAE:
         """Rebuild a dVAE written by :meth:`save`; errors name the file."""
-        from safetensors import SafetensorError, safe_open
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dVAE file not found: {path}")

@@ -10,6 +10,8 @@ import math
 import os
 
 import torch
+from PIL import Image
+from torchvision.utils import make_grid
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,9 +74,6 @@ def codebook_usage(hist_or_ids: torch.Tensor, vocab_size: int | None = None) -> 
 
 def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike, max_images: int = 8) -> str:
     """PNG with originals on the top row and their reconstructions below; returns the path."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
     if originals.shape != recons.shape:
         raise ValueError(f"shape mismatch: originals {tuple(originals.shape)} vs recons {tuple(recons.shape)}")
     n = min(max_images, originals.shape[0])

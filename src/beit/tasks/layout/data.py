@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ...data.datasets import SkipCounter, decode_image_matching, image_size
+from ...data.datasets import RepeatedDataset, SkipCounter, decode_image_matching, image_size
 from ...data.seeding import seeded
 
 __all__ = [
@@ -397,28 +397,6 @@ class CocoLayoutDataset(Dataset):
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
-
-
-class RepeatedDataset(Dataset):
-    """``times`` passes over ``dataset`` per engine epoch, each pass its own augmentation draw (the wrapped
-    dataset sees epoch ``epoch * times + pass``). Small sets (80 DocBank pages) then give long epochs, and
-    the engine checkpoints and evaluates per epoch rather than every few steps."""
-
-    def __init__(self, dataset: CocoLayoutDataset, times: int) -> None:
-        if times < 1:
-            raise ValueError(f"times must be >= 1, got {times}")
-        self.dataset, self.times, self.epoch = dataset, times, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.times
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n = len(self.dataset)
-        self.dataset.set_epoch(self.epoch * self.times + index // n)  # each worker holds its own copy
-        return self.dataset[index % n]
 
 
 def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.utils import draw_bounding_boxes
 
 from beit.data.datasets import decode_image, output_stems
 
@@ -44,8 +45,6 @@ def find_pages(paths: Sequence[str | Path]) -> list[Path]:
 def draw_detections(image: torch.Tensor, det: dict[str, torch.Tensor], class_names: Sequence[str],
                     score_thresh: float = 0.5, width: int = 2) -> Image.Image:
     """``image`` uint8 [3, H, W] with the detections scoring at least ``score_thresh`` as labelled boxes."""
-    from torchvision.utils import draw_bounding_boxes
-
     keep = det["scores"].float().cpu() >= score_thresh
     boxes, labels, scores = det["boxes"].float().cpu()[keep], det["labels"].cpu()[keep], det["scores"].cpu()[keep]
     text = [f"{class_names[int(lab) - 1]} {float(s):.2f}" for lab, s in zip(labels, scores)]

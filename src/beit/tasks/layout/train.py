@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...engine import Trainer
+from ...engine import Trainer, is_main
+from ...engine.checkpoint import config_from_checkpoint, load_model_state
 from ...engine.config import ConfigError, TrainConfig, stored_config, validate_config
 from ...engine.trainer import seed_everything
 from ..backbone_config import check_model_overrides
@@ -139,8 +140,6 @@ def step_fn(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]]) -> t
 def make_eval_fn(dataset: CocoLayoutDataset, batch_size: int, num_workers: int
                  ) -> Callable[[nn.Module], dict[str, float]]:
     """COCOeval on rank 0 (the engine broadcasts its result to the other ranks)."""
-    from ...engine import is_main
-
     def eval_fn(model: nn.Module) -> dict[str, float]:
         if not is_main():
             return {}
@@ -154,8 +153,6 @@ def make_visualize_fn(dataset: CocoLayoutDataset, class_names: list[str], score_
     """Every ``image_every`` steps: the first page with the current predictions, to watch training."""
 
     def visualize(model: nn.Module, step: int, out_dir: Path) -> None:
-        from ...engine import is_main
-
         if not is_main():
             return
         image, _ = dataset[0]
@@ -211,8 +208,6 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
     The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
     annotation file are not needed.
     """
-    from ...engine.checkpoint import config_from_checkpoint, load_model_state
-
     cfg, state = config_from_checkpoint(LayoutConfig, ckpt, None, overrides)
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")

@@ -11,6 +11,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed
+
+from ...engine import distributed as D
 
 __all__ = ["ConfusionMatrix", "format_table", "metrics_from_confusion"]
 
@@ -41,10 +44,8 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts of every rank (no-op outside torch.distributed)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
+        if D.is_dist():
+            torch.distributed.all_reduce(self.counts)
 
     def compute(self) -> dict[str, float | list[float]]:
         return metrics_from_confusion(self.counts)

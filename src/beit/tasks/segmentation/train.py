@@ -15,6 +15,7 @@ checkpoints and logging are :class:`beit.engine.Trainer`'s.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from beit.data.seeding import seeded
+from beit.data.datasets import RepeatedDataset, decode_image, decode_image_matching, output_stems
 from beit.engine import ConfigError, TrainConfig, Trainer
 from beit.engine import distributed as D
 from beit.engine.checkpoint import config_from_checkpoint as _config_from_checkpoint
+from beit.engine.checkpoint import load_model_state
 from beit.engine.config import validate_config
+from beit.engine.precision import autocast_for
 from beit.interop.backbone import build_backbone as _build_backbone
 from beit.interop.backbone import check_overrides_fit
 from beit.models import Beit, BeitConfig
@@ -138,7 +142,7 @@ class SegDataConfig:
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") is ignored, k -> k - 1
     on_bad_sample: str = "error"  # error | skip
     verify: bool = False  # check every pair before training (decodes all masks)
-    repeat: int = 1  # the train set counts this many times per epoch (mmseg's RepeatDataset)
+    repeat: int = 1  # passes over the train set per epoch, each its own draw (beit.data.RepeatedDataset)
     crop_size: int = 512
     img_scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) base scale
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -247,24 +251,6 @@ def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list
     return folder_pairs(root / img_dir.format(split=name), root / ann_dir.format(split=name), img_suffix, seg_suffix)
 
 
-class _Repeat(Dataset):
-    """``times`` passes over a dataset per epoch, each with its own augmentation (index -> seed)."""
-
-    def __init__(self, ds: SegmentationDataset, times: int) -> None:
-        self.ds, self.times = ds, times
-
-    def __len__(self) -> int:
-        return len(self.ds) * self.times
-
-    def set_epoch(self, epoch: int) -> None:
-        self.ds.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> Any:
-        _, img, mask = self.ds._load_good(int(index) % len(self.ds))
-        with seeded(self.ds.seed, self.ds.epoch, int(index)):
-            return self.ds.transform(img, mask)
-
-
 def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Dataset]:
     """``{"train": augmenting dataset, "val": eval dataset}`` from the data config."""
     d = cfg.data
@@ -284,7 +270,7 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
             ds.verify()
         if ds.num_skipped:
             logger.warning("%s: %d bad samples skipped, %d used", split, ds.num_skipped, len(ds))
-        out[split] = _Repeat(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
+        out[split] = RepeatedDataset(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
     return out
 
 
@@ -374,8 +360,6 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
 def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentConfig, out_dir: str | Path,
                    n: int, prefix: str = "overlay") -> list[Path]:
     """Overlays (prediction | ground truth) of the first ``n`` val images as PNGs."""
-    from beit.data.datasets import decode_image_matching
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -439,7 +423,6 @@ def load_segmenter(path: str | Path, config_file: str | None = None, overrides: 
     model = build_model(cfg, num_classes)
     cfg.model.init = init
     sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    from beit.engine.checkpoint import load_model_state
 
     load_model_state(model, sd, source=str(path))
     return model.eval(), cfg
@@ -451,8 +434,7 @@ def evaluate(model: nn.Module, cfg: SegmentConfig, out_dir: str | Path | None = 
     device = D.device()
     model.to(device).eval()
     eval_fn = make_eval_fn(val, cfg, cfg.train.num_workers)
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with autocast_for(device, cfg.train.precision):
         summary = eval_fn(model)
         if out_dir is not None and cfg.test.overlays > 0 and D.is_main():
             write_overlays(model, val, cfg, out_dir, cfg.test.overlays)
@@ -469,18 +451,13 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
     in ``out_dir`` has one entry per input, in input order: its outputs, or its ``error``, and
     ``num_skipped``. Returns the overlays written.
     """
-    import json
 
-    from PIL import Image
-
-    from beit.data.datasets import decode_image, output_stems
 
     device = D.device()
     model.to(device).eval()
     tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
     palette, t, out = make_palette(model.num_classes), cfg.test, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     written, index = [], []
     for path, stem in zip(inputs, output_stems(inputs)):
         try:
@@ -490,7 +467,7 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
             index.append({"input": str(path), "error": f"unreadable: {type(err).__name__}: {err}"})
             continue
         x = tf.image(img)[None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast_for(device, cfg.train.precision):
             probs = inference(model, x, model.num_classes, mode=t.mode, crop=t.crop or cfg.data.crop_size,
                               stride=t.stride, flip=t.flip, scales=t.scales, out_size=(img.height, img.width))
         pred = probs.argmax(1)[0].cpu().numpy()

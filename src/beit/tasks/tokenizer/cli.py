@@ -19,7 +19,7 @@ import json
 
 def train(args: argparse.Namespace) -> int:
     """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
-    from ..engine.config import check_output_dir, load_config
+    from ...engine.config import check_output_dir, load_config
     from .train import TokenizerTrainConfig, train_tokenizer
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
@@ -31,10 +31,10 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _kind_path(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=["dalle", "dvae"])
+    p.add_argument("kind", help="a kind registered in beit.tokenizers.TOKENIZERS: dalle | dvae")
     p.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
     p.add_argument("--data", required=True, help="folder of images (any depth)")
-    p.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16")
+    p.add_argument("--precision", default="fp32", help="dalle: fp32 | tf32 | bf16 | fp16; dvae: fp32")
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def convert_args(p: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     """``beit tokenizer convert encoder.pkl [decoder.pkl] out.safetensors`` through the restricted unpickler."""
-    from .dalle import DalleTokenizer
+    from ...tokenizers.dalle import DalleTokenizer
 
     tok = DalleTokenizer.load(args.encoder, args.decoder)
     tok.save(args.out)
@@ -75,15 +75,12 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     import torch
     from torchvision import transforms as T
 
-    from ..data import ImageFolderDataset
-    from . import load_tokenizer
+    from ...data import ImageFolderDataset
+    from ...tokenizers import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.kind == "dalle":
-        tok = load_tokenizer("dalle", encoder=args.path, decoder=getattr(args, "decoder", None),
-                             precision=args.precision)
-    else:
-        tok = load_tokenizer("dvae", args.path)
+    tok = load_tokenizer(args.kind, args.path, decoder=getattr(args, "decoder", None),
+                         precision=args.precision)
     tok = tok.to(device).eval()
     s = args.img_size
     ds = ImageFolderDataset(args.data, T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()]))
@@ -125,7 +122,7 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..data.datasets import IMG_EXTENSIONS, FileImages, collate_files
+    from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files
 
     files = FileImages(ds.paths, ds.transform)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers,

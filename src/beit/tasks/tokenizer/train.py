@@ -1,6 +1,6 @@
 """Train a dVAE tokenizer on a folder of images with the shared engine.
 
-    python -m beit.tokenizers.train data_dir=/data/docs train.output_dir=runs/dvae train.max_steps=20000
+    python -m beit.tasks.tokenizer.train data_dir=/data/docs train.output_dir=runs/dvae train.max_steps=20000
 
 Writes, under ``train.output_dir``: the engine's checkpoints / logs / curves, ``dvae.safetensors``
 (load it with ``load_tokenizer("dvae", path)``), ``recon_grid.png`` (held-out originals above their
@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
-from beit.engine import ConfigError, TrainConfig, Trainer, is_main, load_config
-
-from .dvae import DiscreteVAE, DVAEConfig
-from .metrics import codebook_usage, psnr, save_recon_grid, token_histogram
+from ...data import ImageFolderDataset
+from ...engine import ConfigError, TrainConfig, Trainer, is_main, load_config
+from ...tokenizers.dvae import DiscreteVAE, DVAEConfig
+from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
 
 
 def _default_train() -> TrainConfig:
@@ -86,10 +87,6 @@ class _Subset(Dataset):
 
 def build_datasets(cfg: TokenizerTrainConfig) -> tuple[Dataset, Dataset]:
     """Train set (random crop + flip) and held-out set (center crop), images as float [3, S, S] in [0, 1]."""
-    from torchvision import transforms as T
-
-    from beit.data import ImageFolderDataset
-
     s = cfg.img_size
     train_tf = T.Compose([T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
     eval_tf = T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()])
