@@ -29,8 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .precision import PRECISIONS
 
-__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "save_config", "stored_config", "to_dict",
-           "validate_config"]
+__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "load_run_config", "save_config",
+           "stored_config", "to_dict", "validate_config"]
 
 T = TypeVar("T")
 
@@ -266,6 +266,15 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
     validate_config(obj)
     return obj
 
+
+
+def load_run_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """:func:`load_config` for a training run, then :func:`check_output_dir` on its ``train.output_dir``: every
+    check a training command makes before any work (raises :class:`ConfigError`, or ``OSError`` naming the
+    folder that cannot be written)."""
+    cfg = load_config(schema, path, overrides)
+    check_output_dir(cfg.train.output_dir)
+    return cfg
 
 def stored_config(schema: type[T] | T, saved: Any, path: str | Path | None = None,
                   overrides: list[str] | None = None, source: str = "the checkpoint") -> T:

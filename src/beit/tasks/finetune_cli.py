@@ -16,11 +16,10 @@ def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     """``beit finetune``: :func:`beit.tasks.finetune.finetune` with the paper's recipe."""
-    from ..engine.config import check_output_dir, load_config
+    from ..engine.config import load_run_config
     from .finetune import FinetuneConfig, finetune
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
     result = finetune(cfg)
     names = result.get("class_names", [])
     _print_result(result, skip=("class_names",))
@@ -30,11 +29,10 @@ def finetune(args: argparse.Namespace) -> int:
 
 def linprobe(args: argparse.Namespace) -> int:
     """``beit linprobe``: one linear head per block on frozen features (:func:`beit.tasks.linprobe.linprobe`)."""
-    from ..engine.config import check_output_dir, load_config
+    from ..engine.config import load_run_config
     from .linprobe import LinprobeConfig, linprobe
 
-    cfg = load_config(LinprobeConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(LinprobeConfig, args.config, args.overrides)
     result = linprobe(cfg)
     for b, acc in result["top1"].items():
         mark = "  <- best" if b == result["best_block"] else ""

@@ -15,12 +15,11 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit layout train``: train a detector (logs the COCO AP table itself)."""
-    from ..engine.config import check_output_dir, load_config
+    from ..engine.config import load_run_config
     from .layout.train import LayoutConfig
     from .layout.train import train as run_train
 
-    cfg = load_config(LayoutConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(LayoutConfig, args.config, args.overrides)
     result = run_train(cfg)
     if "table" not in result:
         print("no validation set: set data.val_ann=... or data.holdout=N to get COCO AP")

@@ -11,11 +11,10 @@ import argparse
 
 def train(args: argparse.Namespace) -> int:
     """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.pretrain`)."""
-    from ..engine.config import check_output_dir, load_config
+    from ..engine.config import load_run_config
     from .pretrain import PretrainConfig, pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg)
     for k, v in result.items():
         print(f"{k}: {v}")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
-    from ..engine.config import check_output_dir, load_config
+    from ..engine.config import load_run_config
     from .segmentation import SegmentConfig
     from .segmentation import train as run_train
 
-    cfg = load_config(SegmentConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(SegmentConfig, args.config, args.overrides)
     result = run_train(cfg)
     shown = {k: v for k, v in result.items() if k not in ("table", "per_class")}
     print(json.dumps(shown, indent=1, default=str))

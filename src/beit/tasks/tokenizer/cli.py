@@ -19,11 +19,10 @@ import json
 
 def train(args: argparse.Namespace) -> int:
     """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
-    from ...engine.config import check_output_dir, load_config
+    from ...engine.config import load_run_config
     from .train import TokenizerTrainConfig, train_tokenizer
 
-    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
-    check_output_dir(cfg.train.output_dir)
+    cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides)
     report = train_tokenizer(cfg)
     for k, v in report.items():
         print(f"{k}: {v}")
