@@ -41,6 +41,7 @@ from .seeding import derive_seed, seeded, stable_index
 __all__ = [
     "IMG_EXTENSIONS",
     "FileImages",
+    "NoReadableImagesError",
     "ScanResult",
     "SkipCounter",
     "collate_files",
@@ -174,6 +175,11 @@ def _check_root(root: str | os.PathLike) -> Path:
         raise NotADirectoryError(f"expected a folder of images, got a file: {str(path)!r}")
     return path
 
+
+
+class NoReadableImagesError(ValueError, RuntimeError):
+    """Every image of a dataset failed to decode (or to transform): a data problem, reported as one line by the
+    CLI (a ``ValueError``; also a ``RuntimeError`` as it was before)."""
 
 class ScanResult(NamedTuple):
     """What :func:`scan_images` found: image ``paths`` (sorted) and the ``skipped`` entries as
@@ -405,7 +411,8 @@ class _RobustImageFiles(Dataset):
                 return decode_image(path), target
             except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
                 self._mark_bad(i, err)
-        raise RuntimeError(f"none of the {n} images could be decoded; first failures: {self._first_failures()}")
+        raise NoReadableImagesError(f"none of the {n} images could be decoded; first failures: "
+                                    f"{self._first_failures()}")
 
     def _first_failures(self) -> list[str]:
         return [f"{self.samples[i][0]}: {msg}" for i, msg in sorted(self._bad.items())[:3]]
@@ -443,7 +450,7 @@ class _RobustImageFiles(Dataset):
             if step:
                 self._skips.add()
             return out, target
-        raise RuntimeError(
+        raise NoReadableImagesError(
             f"none of the {n} images could be decoded and transformed; first failures: {self._first_failures()}"
         )
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..interop.load import read_torch_file
 from . import distributed as D
 from .config import stored_config
 
@@ -133,19 +134,6 @@ def _symlink_atomic(target: str, link: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-
-
-def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``; a damaged, truncated or code-carrying file is one ``ValueError``
-    naming the file (torch's own errors name neither the file nor the cause in words)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as e:  # noqa: BLE001 - RuntimeError (bad zip), UnpicklingError (code / garbage), EOFError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: {first})"
-                         ) from None
 
 
 def config_from_checkpoint(schema: Any, path: str | Path, config_file: str | Path | None = None,

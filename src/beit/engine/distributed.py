@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 __all__ = [
     "EpochIndexed", "ResumableDistributedSampler", "all_finite", "all_gather_object", "all_reduce_mean", "barrier",
     "broadcast_object", "cleanup", "compile_blocks", "device", "grad_sync", "init_distributed", "is_dist",
+    "resolve_device",
     "is_main", "local_rank", "rank", "repeated_blocks", "unwrap_model", "world_size", "wrap_model",
 ]
 
@@ -63,6 +64,26 @@ def is_main() -> bool:
 def device() -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A user's ``--device`` value as a usable device: ``None``/``""`` -> this rank's :func:`device`.
+
+    Raises ValueError (one line, naming the value) for a string torch does not parse (``gpu0``) or a CUDA
+    device on a machine without one / with fewer GPUs.
+    """
+    if not name:
+        return device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r}: not a device name (use cpu, cuda or cuda:N) ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def init_distributed(timeout_min: int = 30) -> None:

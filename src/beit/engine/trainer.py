@@ -329,6 +329,8 @@ class Trainer:
         resume_path = find_resume_path(self.cfg.resume, self.out)
         if resume_path is not None:
             self.load(resume_path)
+        elif self.cfg.resume == "auto" and self.step == 0:
+            self.log.info(f"resume=auto: no checkpoint in {self.out} yet, starting from step 0")
         self._weights_check = None
         continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,

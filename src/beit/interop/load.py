@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,22 +37,44 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading files
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: never runs code from the file.
+
+    A damaged, truncated or code-carrying file is one ``ValueError`` naming the file and the cause in words
+    (torch's own messages name neither, and advise ``weights_only=False``, which would run the file's code:
+    that advice is never passed on). Missing files and permission errors propagate as they are.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError (bad zip), UnpicklingError (code / garbage), EOFError
+        if isinstance(e, pickle.UnpicklingError):
+            detail = ("not a file of tensors, or one that needs code to load: refused, beit never runs code "
+                      "from a file")
+        else:
+            first = (str(e).strip().splitlines() or [""])[0]
+            first = re.split(r"(?<=\.)\s|\s(?=Re-running|You can|Please)", first)[0][:160]
+            detail = first or "unreadable"
+        raise ValueError(f"{path}: not a readable checkpoint, damaged or truncated? ({type(e).__name__}: "
+                         f"{detail})") from None
+
+
 def _read_tensors(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix != ".safetensors":
+        try:
+            return read_torch_file(path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated zip, pickle with code, not a checkpoint at all
-        raise CheckpointError(
-            f"{path}: could not be read as a weights file ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-            "Is it truncated, or a pickled object that needs code to load (refused for safety)?"
-        ) from None
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file, damaged or truncated? "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
 def _resolve_remote(source: str) -> Path:

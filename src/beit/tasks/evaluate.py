@@ -278,9 +278,7 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return D.resolve_device(device)
 
 
 def _readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:

@@ -45,10 +45,20 @@ def visualize(args: argparse.Namespace) -> int:
     weights = ckpt if ckpt.is_dir() else _model_state(ckpt)  # the input first: a damaged file is named as such
     cfg_path = args.config or next((p for p in (ckpt.parent / "config.yaml", ckpt / "config.yaml") if p.exists()),
                                    None)
+    if cfg_path is not None and not args.config:
+        import yaml
+
+        stored = yaml.safe_load(Path(cfg_path).read_text()) or {}
+        if not isinstance(stored, dict) or "tokenizer" not in stored:
+            raise ValueError(f"{ckpt}: not a pre-training run ({cfg_path} has no tokenizer section): beit visualize "
+                             "draws the masked-token predictions of a `beit pretrain` checkpoint")
     cfg = load_config(PretrainConfig, cfg_path, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer, device)
     model = load_model(weights).to(device)
+    if model.cfg.head != "mim":
+        raise ValueError(f"{ckpt}: a model with head={model.cfg.head!r}, not a pre-training (MIM) model: beit "
+                         "visualize draws the masked-token predictions of a `beit pretrain` checkpoint")
     dataset = build_dataset(cfg, tokenizer.downsample)
     batch = _fixed_batch(dataset, args.num, device)
     out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out or "mim_panel.png")
