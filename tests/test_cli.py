@@ -452,3 +452,32 @@ def test_layout_refuses_backbone_overrides_it_would_replace():
     assert str(info.value) == ("config key 'model.backbone_overrides.drop_path_rate': set by the layout config "
                                "itself; use model.drop_path_rate")
     assert load_config(LayoutConfig, None, ["model.drop_path_rate=0.3"]).model.drop_path_rate == 0.3
+
+
+def test_device_values_are_checked_in_one_line(tmp_path, capsys):
+    from beit.engine.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device 'gpu0': not a device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device 'cuda': no CUDA GPU is available here"):
+            resolve_device("cuda")
+
+
+def test_random_bytes_checkpoint_never_suggests_running_its_code(tmp_path, capsys):
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    for argv in (["convert", str(bad), str(tmp_path / "out")], ["evaluate", str(bad), "--data", str(tmp_path)]):
+        assert main(argv) == 1
+        err = _err(capsys)
+        assert f"{bad}: not a readable checkpoint" in err and "\n" not in err
+        assert "weights_only" not in err and "arbitrary code" not in err
+
+
+def test_visualize_refuses_a_run_that_is_not_pre_training(tmp_path, capsys):
+    run = tmp_path / "finetune"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: runs/pretrain/final\ndata: {}\n")
+    assert main(["visualize", str(run / "model")]) == 1
+    assert f"{run / 'model'}: not a pre-training run" in _err(capsys)

@@ -114,6 +114,8 @@ def test_all_bad_raises_clearly(tmp_path: Path) -> None:
     ds = ImageFolderDataset(tmp_path)
     with pytest.raises(RuntimeError, match="none of the 1 images"):
         ds[0]
+    with pytest.raises(ValueError, match="none of the 1 images"):  # a data problem: the CLI prints one line
+        ds[0]
 
 
 def test_missing_empty_and_file_roots_name_the_path(tmp_path: Path) -> None:
