@@ -50,8 +50,9 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         raise
     except Exception as e:  # noqa: BLE001 - RuntimeError (bad zip), UnpicklingError (code / garbage), EOFError
         if isinstance(e, pickle.UnpicklingError):
-            detail = ("not a file of tensors, or one that needs code to load: refused, beit never runs code "
-                      "from a file")
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            detail = ("not a file of tensors, or one that needs code to load"
+                      + (f" ({found.group(1)})" if found else "") + ": refused, beit never runs code from a file")
         else:
             first = (str(e).strip().splitlines() or [""])[0]
             first = re.split(r"(?<=\.)\s|\s(?=Re-running|You can|Please)", first)[0][:160]
