@@ -776,16 +776,13 @@ class WebDatasetShards(IterableDataset):
         self.bad_keys.append(key)
         logger.warning("skipping webdataset sample %s: %s", key, why)
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int] | None:
+    def _fields(self, sample: dict[str, Any]) -> tuple[str, bytes, int] | None:
+        """A shard sample's name, image bytes and integer label (-1 without ``label_key``); ``None`` after
+        skipping it (named and counted) when the image or the label is missing or the label is not an int."""
         key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         data = next((sample[k] for k in sample if k.lower() in self.image_keys), None)
         if data is None:
             self._skip(key, f"no image among keys {sorted(k for k in sample if not k.startswith('__'))}")
-            return None
-        try:
-            img = decode_image(data)
-        except Exception as err:  # noqa: BLE001
-            self._skip(key, f"{type(err).__name__}: {err}")
             return None
         target = -1
         if self.label_key is not None:
@@ -795,6 +792,18 @@ class WebDatasetShards(IterableDataset):
             except (TypeError, ValueError):
                 self._skip(key, f"missing or non-integer label {self.label_key!r}: {raw!r}")
                 return None
+        return key, data, target
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int] | None:
+        fields = self._fields(sample)
+        if fields is None:
+            return None
+        key, data, target = fields
+        try:
+            img = decode_image(data)
+        except Exception as err:  # noqa: BLE001
+            self._skip(key, f"{type(err).__name__}: {err}")
+            return None
         return img, target
 
     def __iter__(self) -> Iterator[Any]:

@@ -296,19 +296,10 @@ class EncodedWebDataset(WebDatasetShards):
         self._pending_skips.append(key)
 
     def _decode(self, sample: dict[str, Any]) -> tuple[EncodedSample, int] | None:
-        key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        data = next((sample[k] for k in sample if k.lower() in self.image_keys), None)
-        if data is None:
-            self._skip(key, f"no image among keys {sorted(k for k in sample if not k.startswith('__'))}")
+        fields = self._fields(sample)
+        if fields is None:
             return None
-        target = -1
-        if self.label_key is not None:
-            raw = sample.get(self.label_key)
-            try:
-                target = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
-            except (TypeError, ValueError):
-                self._skip(key, f"missing or non-integer label {self.label_key!r}: {raw!r}")
-                return None
+        key, data, target = fields
         try:
             reason, _, orientation = probe(data)
             out = EncodedSample(index=stable_index(str(sample.get("__key__", ""))), epoch=self.epoch, name=key,
