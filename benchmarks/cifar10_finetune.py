@@ -7,8 +7,8 @@ Two arms with the same architecture, data, augmentation and number of epochs:
 * ``scratch``: the same architecture with random weights, layer decay ``--scratch-layer-decay`` (1.0: decay
   only makes sense for pre-trained layers).
 
-Each arm is fine-tuned with the paper's recipe (``beit.tasks.finetune``: AdamW, cosine, warmup, drop path,
-RandAugment, mixup/cutmix, label smoothing, random erasing) and linearly probed (``beit.tasks.linprobe``: every
+Each arm is fine-tuned with the paper's recipe (``beit.tasks.classify.finetune``: AdamW, cosine, warmup, drop path,
+RandAugment, mixup/cutmix, label smoothing, random erasing) and linearly probed (``beit.tasks.classify.linprobe``: every
 block, frozen encoder, features cached once; for ``scratch`` that probes random features, the floor).
 All 60k images are decoded once into memory as uint8. Writes ``results.json`` (top-1/top-5 per arm, linear probe
 best block and accuracy per block, wall times, throughput), ``curves.png`` (loss / top-1 per epoch, both arms),
@@ -128,7 +128,7 @@ def load_split(data: Path, split: str, work: Path, per_class: int | None) -> tup
 def arch_overrides(args: argparse.Namespace) -> tuple[str, dict[str, Any], int]:
     """(preset, overrides, img_size) describing the architecture both arms share."""
     if args.init:
-        from beit.tasks.finetune import source_config
+        from beit.tasks.classify.finetune import source_config
 
         src = source_config(args.init)
         over = {k: getattr(src, k) for k in ARCH_FIELDS}
@@ -160,9 +160,9 @@ def run_arm(arm: str, args: argparse.Namespace, preset: str, over: dict[str, Any
     from beit.data.datasets import TensorImageDataset
     from beit.engine import load_config
     from beit.engine.logging import read_metrics
-    from beit.tasks.evaluate import build_preprocess
-    from beit.tasks.finetune import FinetuneConfig, build_train_transform, finetune
-    from beit.tasks.linprobe import LinprobeConfig, linprobe
+    from beit.tasks.classify.evaluate import build_preprocess
+    from beit.tasks.classify.finetune import FinetuneConfig, build_train_transform, finetune
+    from beit.tasks.classify.linprobe import LinprobeConfig, linprobe
 
     names = train[2]
     model = args.init if arm == "pretrained" else preset

@@ -99,7 +99,7 @@ def test_preprocess_round_trips_through_config_json(tmp_path) -> None:
     back = beit.load_model(out)
     assert back.cfg.eval_preprocess() == pre
     assert beit.build_backbone(out).cfg.eval_preprocess() == pre
-    from beit.tasks.evaluate import load_classifier
+    from beit.tasks.classify.evaluate import load_classifier
 
     assert load_classifier(out)[2] == pre
 
@@ -185,7 +185,7 @@ def test_layout_model_overrides_and_old_spelling() -> None:
 
 def test_pretrain_builds_through_build_backbone(tmp_path) -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.pretrain import PretrainConfig, build_model
+    from beit.tasks.pretrain.train import PretrainConfig, build_model
 
     (tmp_path / "imgs").mkdir()
     base = [f"data.path={tmp_path / 'imgs'}", "model.name=beit_tiny_patch16_224", "model.img_size=32",

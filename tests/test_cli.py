@@ -54,7 +54,7 @@ def captured(monkeypatch):
         seen.append(cfg)
         return {"done": 1}
 
-    monkeypatch.setattr("beit.tasks.pretrain.pretrain", fake)
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", fake)
     return seen
 
 
@@ -106,7 +106,7 @@ def test_beit_configs_lists_one_line_each(capsys):
 
 # --------------------------------------------------------------------- [shape] 3: one static table
 def test_the_table_is_static_and_imports_nothing_heavy():
-    """cli.py imports only the light *_cli modules (which import no beit.cli, no task code at module level):
+    """cli.py imports only the light tasks' cli modules (which import no beit.cli, no task code at module level):
     the heavy imports stay inside each run function."""
     import ast
 
@@ -121,11 +121,11 @@ def test_the_table_is_static_and_imports_nothing_heavy():
         return names
 
     light = {"__future__", "argparse", "json", "pathlib", "os", "re", "sys", "collections.abc", "dataclasses"}
-    for mod in ("tasks/pretrain_cli.py", "tasks/finetune_cli.py", "tasks/segmentation_cli.py", "tasks/layout_cli.py",
+    for mod in ("tasks/pretrain/cli.py", "tasks/classify/cli.py", "tasks/segmentation/cli.py", "tasks/layout/cli.py",
                 "tasks/tokenizer/cli.py"):
         assert top_imports(SRC / "beit" / mod) <= light, mod
-    assert top_imports(Path(cli.__file__)) - light == {".tasks:finetune_cli", ".tasks:layout_cli",
-                                                       ".tasks:pretrain_cli", ".tasks:segmentation_cli",
+    assert top_imports(Path(cli.__file__)) - light == {".tasks.classify:cli", ".tasks.layout:cli",
+                                                       ".tasks.pretrain:cli", ".tasks.segmentation:cli",
                                                        ".tasks.tokenizer:cli"}
     assert not hasattr(cli, "command") and "importlib" not in Path(cli.__file__).read_text()
 
@@ -256,7 +256,7 @@ def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, 
     def fake(cfg):
         raise current[0]
 
-    monkeypatch.setattr("beit.tasks.pretrain.pretrain", fake)
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", fake)
     args = _pretrain_args(setup, "--out", str(tmp_path / "run"))
     for exc, line in errors.values():
         current[:] = [exc]
@@ -287,7 +287,7 @@ def test_under_torchrun_a_failing_rank_exits_at_once(setup, tmp_path, monkeypatc
 
     monkeypatch.setattr(cli, "_distributed", lambda: True)
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
-    monkeypatch.setattr("beit.tasks.pretrain.pretrain", lambda cfg: (_ for _ in ()).throw(ValueError("rank 1 failed")))
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", lambda cfg: (_ for _ in ()).throw(ValueError("rank 1 failed")))
     for extra, code in (([], 1), (["--debug"], 1)):
         with pytest.raises(Exited):
             main(_pretrain_args(setup, "--out", str(tmp_path / "run"), *extra))
@@ -331,10 +331,10 @@ def test_bad_numbers_fail_before_any_work(override, message, setup, tmp_path, ca
 
 def test_every_float_of_every_task_config_must_be_finite():
     """By kind: each float field (also inside lists) of every task's config, set to nan, is refused by name."""
-    from beit.tasks.finetune import FinetuneConfig
+    from beit.tasks.classify.finetune import FinetuneConfig
+    from beit.tasks.classify.linprobe import LinprobeConfig
     from beit.tasks.layout.train import LayoutConfig
-    from beit.tasks.linprobe import LinprobeConfig
-    from beit.tasks.pretrain import PretrainConfig
+    from beit.tasks.pretrain.train import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig
     from beit.tasks.tokenizer.train import TokenizerTrainConfig
 

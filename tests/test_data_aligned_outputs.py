@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-import beit.tasks.evaluate as ev
+import beit.tasks.classify.evaluate as ev
 from beit.data.datasets import FileImages, collate_files
 
 

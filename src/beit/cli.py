@@ -31,8 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import finetune_cli, layout_cli, pretrain_cli, segmentation_cli
-from .tasks.tokenizer import cli as tokenizer_cli
+from .tasks.classify import cli as cli_classify
+from .tasks.layout import cli as cli_layout
+from .tasks.pretrain import cli as cli_pretrain
+from .tasks.segmentation import cli as cli_segment
+from .tasks.tokenizer import cli as cli_tokenizer
 
 __all__ = ["COMMANDS", "SHORT", "TASKS", "TOOLS", "Command", "build_parser", "main"]
 
@@ -100,48 +103,48 @@ def _convert_run(args: argparse.Namespace) -> int:
 TASKS: dict[str, dict[str, Command]] = {
     "pretrain": {
         "train": Command("BEiT masked-image-modeling pre-training on a folder of unlabeled images", "train",
-                         pretrain_cli.train),
+                         cli_pretrain.train),
         "visualize": Command("PNG panel: input, mask, and the model's predicted tokens decoded to pixels",
-                             "checkpoint", pretrain_cli.visualize, pretrain_cli.visualize_args,
+                             "checkpoint", cli_pretrain.visualize, cli_pretrain.visualize_args,
                              out_help="the PNG to write (default mim_panel.png)"),
     },
     "classify": {
         "train": Command("fine-tune a (pre-trained) BEiT classifier on class folders, the paper's recipe", "train",
-                         finetune_cli.finetune),
+                         cli_classify.finetune),
         "linprobe": Command("linear probing of a frozen encoder, one head per block (layers=all sweeps them)",
-                            "train", finetune_cli.linprobe),
+                            "train", cli_classify.linprobe),
         "eval": Command("top-1/top-5, per-class accuracy and a confusion-matrix PNG of a classifier", "checkpoint",
-                        finetune_cli.evaluate, finetune_cli.evaluate_args, config=False, overrides=False,
+                        cli_classify.evaluate, cli_classify.evaluate_args, config=False, overrides=False,
                         out_help="report folder (default: eval/ next to the checkpoint)"),
         "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
-                           finetune_cli.predict, finetune_cli.predict_args, config=False, overrides=False,
+                           cli_classify.predict, cli_classify.predict_args, config=False, overrides=False,
                            out_help="the CSV to write (default predictions.csv)"),
     },
     "segment": {
-        "train": Command("fine-tune BEiT + UperNet with the shared trainer", "train", segmentation_cli.train),
-        "eval": Command("mIoU / aAcc on the val split, per-class table", "checkpoint", segmentation_cli.evaluate,
-                        segmentation_cli.eval_args, out_help="folder for overlays and metrics.json"),
-        "predict": Command("coloured overlays and label maps for images", "checkpoint", segmentation_cli.predict,
-                           segmentation_cli.predict_args, out_help="folder for the PNGs (default "
+        "train": Command("fine-tune BEiT + UperNet with the shared trainer", "train", cli_segment.train),
+        "eval": Command("mIoU / aAcc on the val split, per-class table", "checkpoint", cli_segment.evaluate,
+                        cli_segment.eval_args, out_help="folder for overlays and metrics.json"),
+        "predict": Command("coloured overlays and label maps for images", "checkpoint", cli_segment.predict,
+                           cli_segment.predict_args, out_help="folder for the PNGs (default "
                                                                    "segment_predictions)"),
     },
     "layout": {
         "train": Command("train a document layout detector (PubLayNet, DocLayNet, DocBank)", "train",
-                         layout_cli.train),
+                         cli_layout.train),
         "eval": Command("COCO AP of a checkpoint on data.val_ann (or the data.holdout split)", "checkpoint",
-                        layout_cli.evaluate, layout_cli.eval_args, config=False, out_help="folder for metrics.json"),
+                        cli_layout.evaluate, cli_layout.eval_args, config=False, out_help="folder for metrics.json"),
         "predict": Command("draw predicted boxes on pages and write COCO results JSON", "checkpoint",
-                           layout_cli.predict, layout_cli.predict_args, config=False,
+                           cli_layout.predict, cli_layout.predict_args, config=False,
                            out_help="folder for PNGs + results.json (default predictions)"),
     },
     "tokenizer": {
-        "train": Command("train a dVAE tokenizer on a folder of images", "train", tokenizer_cli.train),
+        "train": Command("train a dVAE tokenizer on a folder of images", "train", cli_tokenizer.train),
         "eval": Command("reconstruction error and codebook usage of a tokenizer on images", "tool",
-                        tokenizer_cli.evaluate, tokenizer_cli.eval_args),
-        "encode": Command("precompute the token ids of every image of a folder", "tool", tokenizer_cli.encode,
-                          tokenizer_cli.encode_args),
+                        cli_tokenizer.evaluate, cli_tokenizer.eval_args),
+        "encode": Command("precompute the token ids of every image of a folder", "tool", cli_tokenizer.encode,
+                          cli_tokenizer.encode_args),
         "convert": Command("official DALL-E pickles -> one safetensors file (no pickle later)", "tool",
-                           tokenizer_cli.convert, tokenizer_cli.convert_args),
+                           cli_tokenizer.convert, cli_tokenizer.convert_args),
     },
 }
 
@@ -168,7 +171,7 @@ TOOLS: dict[str, Command] = {
     "convert": Command("convert any BEiT checkpoint to ours, or export ours to timm / Hugging Face", "tool",
                        _convert_run, _convert_args),
     "demo": Command("offline demo: tokenizer -> BEiT pre-training -> fine-tune vs from scratch, on real digits",
-                    "tool", pretrain_cli.demo, pretrain_cli.demo_args),
+                    "tool", cli_pretrain.demo, cli_pretrain.demo_args),
     "configs": Command("list the presets that -c NAME accepts, one line each", "tool", _configs_run),
 }
 

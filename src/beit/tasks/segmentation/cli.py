@@ -15,9 +15,9 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
-    from ..engine.config import load_run_config
-    from .segmentation import SegmentConfig
-    from .segmentation import train as run_train
+    from ...engine.config import load_run_config
+    from . import SegmentConfig
+    from . import train as run_train
 
     cfg = load_run_config(SegmentConfig, args.config, args.overrides)
     result = run_train(cfg)
@@ -38,8 +38,8 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit segment eval CKPT``: mIoU / aAcc and the per-class table; metrics.json in ``--out``."""
-    from .segmentation import evaluate as run_eval
-    from .segmentation import load_segmenter
+    from . import evaluate as run_eval
+    from . import load_segmenter
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value (e.g. data.root=DIR)")
@@ -58,8 +58,8 @@ def predict(args: argparse.Namespace) -> int:
     """``beit segment predict CKPT IMAGES...``: coloured overlays and label maps in ``--out``."""
     from beit.data.datasets import IMG_EXTENSIONS, list_images
 
-    from .segmentation import load_segmenter
-    from .segmentation import predict as run_predict
+    from . import load_segmenter
+    from . import predict as run_predict
 
     inputs = list(args.input) + list(args.inputs)
     if not inputs:

@@ -15,8 +15,8 @@ def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    """``beit finetune``: :func:`beit.tasks.finetune.finetune` with the paper's recipe."""
-    from ..engine.config import load_run_config
+    """``beit finetune``: :func:`beit.tasks.classify.finetune.finetune` with the paper's recipe."""
+    from ...engine.config import load_run_config
     from .finetune import FinetuneConfig, finetune
 
     cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
@@ -28,8 +28,9 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def linprobe(args: argparse.Namespace) -> int:
-    """``beit linprobe``: one linear head per block on frozen features (:func:`beit.tasks.linprobe.linprobe`)."""
-    from ..engine.config import load_run_config
+    """``beit linprobe``: one linear head per block on frozen features
+    (:func:`beit.tasks.classify.linprobe.linprobe`)."""
+    from ...engine.config import load_run_config
     from .linprobe import LinprobeConfig, linprobe
 
     cfg = load_run_config(LinprobeConfig, args.config, args.overrides)

@@ -28,10 +28,10 @@ from omegaconf import MISSING
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine import ConfigError, TrainConfig
-from ..engine.config import validate_config
-from ..engine.precision import autocast_for
-from ..interop.backbone import build_backbone
+from ...engine import ConfigError, TrainConfig
+from ...engine.config import validate_config
+from ...engine.precision import autocast_for
+from ...interop.backbone import build_backbone
 from .evaluate import build_preprocess
 from .finetune import DataConfig, _check_model_overrides, build_datasets, check_num_classes, scaled_train_config
 
@@ -216,9 +216,9 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
     paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
     """
-    from ..engine import Trainer
-    from ..engine import distributed as D
-    from ..engine.logging import setup_logging
+    from ...engine import Trainer
+    from ...engine import distributed as D
+    from ...engine.logging import setup_logging
 
     validate_config(cfg)
     setup_logging(cfg.train.output_dir, D.is_main())

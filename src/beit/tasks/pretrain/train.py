@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import save_image
 
-from ..data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
-from ..data.gpu_augment import PretrainViews
-from ..data.gpu_decode import (
+from ...data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
+from ...data.gpu_augment import PretrainViews
+from ...data.gpu_decode import (
     EncodedImageFiles,
     EncodedWebDataset,
     InMemoryIndices,
@@ -27,18 +27,18 @@ from ..data.gpu_decode import (
     use_device_path,
     with_pipeline,
 )
-from ..data.masking import BlockwiseMaskGenerator
-from ..data.transforms import PretrainTransform, collate_pretrain
-from ..engine import Trainer
-from ..engine import distributed as D
-from ..engine.config import ConfigError, TrainConfig
-from ..engine.trainer import seed_everything
-from ..interop import save_model
-from ..interop.backbone import build_backbone
-from ..models import BeitConfig
-from ..models.config import preset_config
-from ..tokenizers import TOKENIZERS, load_tokenizer
-from .backbone_config import check_model_overrides
+from ...data.masking import BlockwiseMaskGenerator
+from ...data.transforms import PretrainTransform, collate_pretrain
+from ...engine import Trainer
+from ...engine import distributed as D
+from ...engine.config import ConfigError, TrainConfig
+from ...engine.trainer import seed_everything
+from ...interop import save_model
+from ...interop.backbone import build_backbone
+from ...models import BeitConfig
+from ...models.config import preset_config
+from ...tokenizers import TOKENIZERS, load_tokenizer
+from ..backbone_config import check_model_overrides
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

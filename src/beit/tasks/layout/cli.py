@@ -15,9 +15,9 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit layout train``: train a detector (logs the COCO AP table itself)."""
-    from ..engine.config import load_run_config
-    from .layout.train import LayoutConfig
-    from .layout.train import train as run_train
+    from ...engine.config import load_run_config
+    from .train import LayoutConfig
+    from .train import train as run_train
 
     cfg = load_run_config(LayoutConfig, args.config, args.overrides)
     result = run_train(cfg)
@@ -36,7 +36,7 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
-    from .layout.train import load_detector
+    from .train import load_detector
 
     model, cfg = load_detector(args.ckpt, list(args.overrides), use_ema=args.ema)
     return model.to(_device()), cfg
@@ -44,8 +44,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
-    from .layout.evaluate import evaluate_model, format_table
-    from .layout.train import build_val_dataset
+    from .evaluate import evaluate_model, format_table
+    from .train import build_val_dataset
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value")
@@ -65,7 +65,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """``beit layout predict CKPT PAGES...``: boxes drawn on the pages + COCO results JSON in ``--out``."""
-    from .layout.predict import find_pages, predict_pages
+    from .predict import find_pages, predict_pages
 
     if not args.inputs:
         raise ValueError("layout predict needs page images or folders")

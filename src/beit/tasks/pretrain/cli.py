@@ -10,9 +10,9 @@ import argparse
 
 
 def train(args: argparse.Namespace) -> int:
-    """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.pretrain`)."""
-    from ..engine.config import load_run_config
-    from .pretrain import PretrainConfig, pretrain
+    """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.train.pretrain`)."""
+    from ...engine.config import load_run_config
+    from .train import PretrainConfig, pretrain
 
     cfg = load_run_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg)
@@ -31,9 +31,9 @@ def visualize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..engine.config import load_config
-    from ..interop import load_model
-    from .pretrain import PretrainConfig, _fixed_batch, build_dataset, build_tokenizer, mim_panel
+    from ...engine.config import load_config
+    from ...interop import load_model
+    from .train import PretrainConfig, _fixed_batch, build_dataset, build_tokenizer, mim_panel
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: beit visualize takes one checkpoint")
@@ -67,7 +67,7 @@ def visualize(args: argparse.Namespace) -> int:
 
 
 def _model_state(path):  # noqa: ANN001, ANN202
-    from ..engine.checkpoint import load_checkpoint
+    from ...engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
     return state["model"] if "model" in state else state
@@ -80,7 +80,7 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     """``beit demo``: the offline tokenizer -> pre-training -> fine-tuning demo on scikit-learn's digits."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0

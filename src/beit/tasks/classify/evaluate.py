@@ -25,9 +25,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..engine import distributed as D
-from ..engine.precision import autocast_for
-from ..models.config import Preprocess
+from ...engine import distributed as D
+from ...engine.precision import autocast_for
+from ...models.config import Preprocess
 
 __all__ = [
     "ClassificationMeter",
@@ -51,7 +51,7 @@ def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
     from torchvision import transforms as T
 
-    from ..data.transforms import build_eval_transform, build_full_image_transform
+    from ...data.transforms import build_eval_transform, build_full_image_transform
 
     if p.resize == "crop":
         tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
@@ -240,13 +240,13 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     preprocessing come from the run config inside it), or anything ``beit.load_model`` reads.
     Models without stored class names get ``class_0 ...``.
     """
-    from ..interop import load_model
+    from ...interop import load_model
 
     path = Path(source)
     run_cfg: dict[str, Any] = {}
     src: Any = source
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        from ..engine.checkpoint import read_torch_file
+        from ...engine.checkpoint import read_torch_file
 
         state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
@@ -301,7 +301,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     The class folders must be exactly the model's classes (by name when the model stores them, else
     by count): a mismatch is an error, not a silently shifted label map.
     """
-    from ..data.datasets import LabeledImageFolder, find_classes
+    from ...data.datasets import LabeledImageFolder, find_classes
 
     overrides = {"img_size": img_size} if img_size else {}
     model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
@@ -342,7 +342,7 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     transformed are left out of the CSV, named in the returned ``skipped`` (each with its reason in a
     warning) and counted in ``num_skipped``.
     """
-    from ..data.datasets import IMG_EXTENSIONS, FileImages, collate_files, scan_images
+    from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files, scan_images
 
     model, names, pre = load_classifier(checkpoint, ema=ema)
     scan = scan_images(images_dir)

@@ -28,19 +28,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..engine import ConfigError, TrainConfig
-from ..engine import distributed as D
-from ..engine.config import validate_config
-from ..engine.precision import autocast_for
-from ..interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
+from ...engine import ConfigError, TrainConfig
+from ...engine import distributed as D
+from ...engine.config import validate_config
+from ...engine.precision import autocast_for
+from ...interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
     SHAPE_FIELDS,
     build_backbone,
     check_overrides_fit,
     is_preset,
     source_config,
 )
-from ..models.config import Preprocess
-from .backbone_config import check_model_overrides
+from ...models.config import Preprocess
+from ..backbone_config import check_model_overrides
 from .evaluate import build_preprocess
 
 __all__ = ["DataConfig", "FinetuneConfig", "build_datasets", "build_model", "build_train_transform",
@@ -197,7 +197,7 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
     from torchvision import transforms as T
 
-    from ..data.transforms import build_finetune_transform, build_full_image_transform
+    from ...data.transforms import build_finetune_transform, build_full_image_transform
 
     if data.resize == "crop":
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
@@ -220,7 +220,7 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
     The val folders must hold exactly the training classes; with ``verify_val`` unreadable val images are
     left out (counted and logged) instead of being replaced by a neighbour.
     """
-    from ..data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
+    from ...data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
 
     if not data.train_dir:
         raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
@@ -236,7 +236,7 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
 
 def _build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int) -> Dataset | None:
     """The val dataset of ``data`` for the training classes ``names`` (None without ``val_dir``)."""
-    from ..data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
+    from ...data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
     from .evaluate import _readable_subset
 
     val: Dataset | None = None
@@ -279,8 +279,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     Raises:
         ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks.
     """
-    from ..data.gpu_augment import FinetuneAugment
-    from ..data.gpu_decode import (
+    from ...data.gpu_augment import FinetuneAugment
+    from ...data.gpu_decode import (
         EncodedImageFiles,
         FinetunePipeline,
         InMemoryIndices,
@@ -310,7 +310,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     except ValueError as e:
         raise ConfigError("data.auto_augment", str(e)) from None
     if data.in_memory:
-        from ..data.datasets import load_image_folder_to_memory
+        from ...data.datasets import load_image_folder_to_memory
 
         images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size,
                                                             class_names=class_names or None)
@@ -382,10 +382,10 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
     Weights come from the last checkpoint (``last.pt``, or FSDP2's sharded ``last/`` read in full), into a
     model of ``arch``.
     """
-    from ..engine import load_checkpoint
-    from ..engine.checkpoint import find_resume_path
-    from ..interop import save_model
-    from ..models import Beit
+    from ...engine import load_checkpoint
+    from ...engine.checkpoint import find_resume_path
+    from ...interop import save_model
+    from ...models import Beit
     from .evaluate import evaluate_model, write_report
 
     state = load_checkpoint(find_resume_path("auto", out) or out / "last.pt")  # last.pt, or FSDP2's last/
@@ -424,9 +424,9 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     model on the val set, the report and confusion PNG paths and ``model_dir`` (a ``save_model``
     directory that ``beit evaluate`` / ``beit predict`` / ``beit.load_model`` read).
     """
-    from ..engine import Trainer
-    from ..engine import distributed as D
-    from ..engine.logging import setup_logging
+    from ...engine import Trainer
+    from ...engine import distributed as D
+    from ...engine.logging import setup_logging
     from .evaluate import make_eval_fn
 
     validate_config(cfg)
@@ -460,7 +460,7 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
                if val_dataset is not None else None)
     step_fn = make_step_fn(cfg, num_classes)
     if device_data is not None:
-        from ..data.gpu_decode import with_pipeline
+        from ...data.gpu_decode import with_pipeline
 
         step_fn = with_pipeline(step_fn, pipeline)
     trainer = Trainer(model, train_dataset, step_fn, train_cfg, eval_fn=eval_fn,
