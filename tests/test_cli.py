@@ -481,3 +481,12 @@ def test_visualize_refuses_a_run_that_is_not_pre_training(tmp_path, capsys):
     (run / "config.yaml").write_text("model: runs/pretrain/final\ndata: {}\n")
     assert main(["visualize", str(run / "model")]) == 1
     assert f"{run / 'model'}: not a pre-training run" in _err(capsys)
+
+
+def test_output_piped_into_head_is_not_an_error():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m beit configs | head -n 1", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.count("\n") == 1 and "Broken pipe" not in proc.stderr and "error" not in proc.stderr

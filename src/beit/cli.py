@@ -357,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label}: interrupted", file=sys.stderr)
         _exit_now_if_distributed(130)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     except Exception as e:
         line = _error_line(e)
         if debug or line is None:  # --debug, or a bug: the traceback
