@@ -312,6 +312,22 @@ def test_under_real_torchrun_every_rank_exits_non_zero():
     assert len(codes) == 2 and all(codes), out[-3000:]
 
 
+@pytest.mark.slow
+def test_under_real_torchrun_a_successful_command_leaves_the_process_group():
+    """Both ranks succeed: main destroys the group before returning (CI once saw a finished gloo rank abort at
+    interpreter exit, 'terminate called without an active exception', when it did not)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "_cli_dist_script.py"), "ok"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("rank group still initialized after main: False") == 2, out[-3000:]
+
+
 # ---------------------------------------------------------------- [robust] 12: validation before any work
 @pytest.mark.parametrize("override, message", [
     ("train.lr=inf", "config key 'train.lr': must be a finite number, got inf"),

@@ -332,6 +332,18 @@ def _exit_now_if_distributed(code: int) -> None:
         os._exit(code)
 
 
+def _close_distributed() -> None:
+    """After a successful command: leave the process group explicitly. Without it gloo's worker threads are torn
+    down during interpreter exit and a finished rank can die with SIGABRT ("terminate called without an active
+    exception", pytorch issue 190489), turning a good run into a failed torchrun. Only on success: a rank that failed
+    exits at once instead (a collective teardown could wait forever on ranks that are still running)."""
+    try:
+        from .engine import distributed as D
+    except ImportError:  # no torch: nothing to close
+        return
+    D.cleanup()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``beit ARGV``; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -350,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = f"beit {args._name if args.command in COMMANDS else args.command + ' ' + args._name}"
     try:
         _normalize(args, label[5:])
-        return int(args._cmd.run(args) or 0)
+        code = int(args._cmd.run(args) or 0)
+        _close_distributed()
+        return code
     except KeyboardInterrupt:
         if debug:
             raise

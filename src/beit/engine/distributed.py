@@ -101,6 +101,8 @@ def init_distributed(timeout_min: int = 30) -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group (``destroy_process_group``); no-op outside one. Call once per process after its
+    last collective, on success only (see ``beit.cli``)."""
     if is_dist():
         dist.destroy_process_group()
 
