@@ -38,6 +38,7 @@ from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms.v2 import functional as TF2
 
 from .seeding import derive_seed
+from .transforms import small_image_padding
 
 __all__ = [
     "FinetuneAugment",
@@ -499,7 +500,8 @@ class FinetuneAugment:
 
     Args:
         input_size: output side (square).
-        scale, ratio: random-resized-crop ranges; for ``input_size <= 32`` a 4-px padded random crop instead.
+        scale, ratio: random-resized-crop ranges; for ``input_size <= 32`` a padded random crop
+            instead (``input_size // 8`` px of padding, as the CPU path).
         hflip: flip probability.
         auto_augment: timm RandAugment string (``rand-m9-mstd0.5-inc1``) or None.
         re_prob: random-erasing probability ('pixel' mode: N(0, 1) noise in normalised units).
@@ -527,6 +529,7 @@ class FinetuneAugment:
     ) -> None:
         self.input_size = int(input_size)
         self.small = self.input_size <= 32
+        self.pad = small_image_padding(self.input_size)  # as the CPU path
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.hflip = float(hflip)
         self.re_prob = float(re_prob)
@@ -540,10 +543,10 @@ class FinetuneAugment:
 
     # --- parameters (CPU) -----------------------------------------------------------------------------
     def _crop(self, u: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-        if self.small:  # RandomCrop(size, padding=4) on the padded image
-            s = self.input_size
-            top = torch.floor(u[:, 0] * (hs + 8 - s + 1)).clamp(max=hs + 8 - s)
-            left = torch.floor(u[:, 1] * (ws + 8 - s + 1)).clamp(max=ws + 8 - s)
+        if self.small:  # RandomCrop(size, padding=size // 8) on the padded image
+            s, p2 = self.input_size, 2 * self.pad
+            top = torch.floor(u[:, 0] * (hs + p2 - s + 1)).clamp(max=hs + p2 - s)
+            left = torch.floor(u[:, 1] * (ws + p2 - s + 1)).clamp(max=ws + p2 - s)
             return torch.stack([top, left, torch.full_like(top, s), torch.full_like(top, s)], 1).long()
         return crop_boxes(hs, ws, u, self.scale, self.ratio)
 
@@ -610,7 +613,7 @@ class FinetuneAugment:
         p = self.params(index, epoch, hs, ws)
         if self.small:
             x = images if torch.is_tensor(images) else torch.stack(list(images))
-            x = F.pad(x.float(), (4, 4, 4, 4)) / 255
+            x = F.pad(x.float(), (self.pad,) * 4) / 255
             box = p["box"].to(device, non_blocking=True)
             rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
             cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)

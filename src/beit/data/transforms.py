@@ -56,6 +56,13 @@ _INTERP = {
 SMALL_IMAGE_SIZE = 32  # at or below this, follow unilm's CIFAR path: no resize-up-then-crop
 
 
+def small_image_padding(input_size: int) -> int:
+    """Pixels of padding of the random crop at ``input_size <= SMALL_IMAGE_SIZE``: an eighth of the side, so
+    32 px gets unilm's CIFAR ``RandomCrop(32, padding=4)`` and smaller inputs the same relative shift (16 px -> 2;
+    a fixed 4 would shift a 16-px image by a quarter of its side)."""
+    return max(1, int(input_size) // 8)
+
+
 def interpolation_mode(name: str) -> InterpolationMode:
     """torchvision's ``InterpolationMode`` for a config name (bicubic | bilinear | lanczos | nearest | box |
     hamming). Raises ``ValueError`` naming the choices for any other name."""
@@ -356,7 +363,7 @@ class SmallImageRandomCrop(T.RandomCrop):
 
 
 def _small_image_crop(input_size: int, interpolation: str) -> SmallImageRandomCrop:
-    return SmallImageRandomCrop(input_size, padding=4, interpolation=interpolation)
+    return SmallImageRandomCrop(input_size, padding=small_image_padding(input_size), interpolation=interpolation)
 
 
 def build_finetune_transform(
@@ -379,8 +386,8 @@ def build_finetune_transform(
 
     Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
     skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
-    For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=4)`` instead, as unilm does for
-    CIFAR-sized inputs, after scaling images smaller than the crop up to it (``EnsureMinSize``), so
+    For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=size // 8)`` instead (4 at 32 px, as unilm
+    does for CIFAR-sized inputs), after scaling images smaller than the crop up to it (``EnsureMinSize``), so
     tiny or thin images never stop an epoch. Eval: ``build_eval_transform``.
     """
     if not is_train:
