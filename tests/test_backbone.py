@@ -131,7 +131,7 @@ SEG = ["data.crop_size=32", "data.root=x", "data.num_classes=3", "data.format=fo
 
 def test_segmentation_model_overrides_reach_the_backbone(tmp_path) -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.segmentation.train import SegmentConfig, build_model
+    from beit.tasks.segmentation import SegmentConfig, build_model
 
     cfg = load_config(SegmentConfig, None, SEG + ["model_overrides.attn_impl=eager"])
     model = build_model(cfg, 3)
@@ -214,7 +214,7 @@ def test_one_loader_for_the_config_stored_in_a_checkpoint(tmp_path) -> None:
     from beit.engine.checkpoint import config_from_checkpoint
     from beit.engine.config import stored_config
     from beit.tasks.layout.train import LayoutConfig
-    from beit.tasks.segmentation.train import SegmentConfig
+    from beit.tasks.segmentation import SegmentConfig
 
     cfg = stored_config(SegmentConfig, {"model_overrides": {"attn_impl": "eager"}, "data": {"crop_size": 64}},
                         None, ["test.stride=7"])
