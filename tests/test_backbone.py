@@ -160,8 +160,7 @@ def test_segmentation_model_overrides_reach_the_backbone(tmp_path) -> None:
 
 def test_layout_model_overrides_and_old_spelling() -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.layout.model import DetectorConfig, build_detector
-    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.layout import DetectorConfig, LayoutConfig, build_detector
 
     tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
     cfg = DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny, fpn_channels=16, box_head_dim=16,
@@ -213,7 +212,7 @@ def test_one_loader_for_the_config_stored_in_a_checkpoint(tmp_path) -> None:
     from beit.engine import ConfigError
     from beit.engine.checkpoint import config_from_checkpoint
     from beit.engine.config import stored_config
-    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.layout import LayoutConfig
     from beit.tasks.segmentation import SegmentConfig
 
     cfg = stored_config(SegmentConfig, {"model_overrides": {"attn_impl": "eager"}, "data": {"crop_size": 64}},
