@@ -184,7 +184,7 @@ def test_layout_model_overrides_and_old_spelling() -> None:
 
 def test_pretrain_builds_through_build_backbone(tmp_path) -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.pretrain.train import PretrainConfig, build_model
+    from beit.tasks.pretrain import PretrainConfig, build_model
 
     (tmp_path / "imgs").mkdir()
     base = [f"data.path={tmp_path / 'imgs'}", "model.name=beit_tiny_patch16_224", "model.img_size=32",

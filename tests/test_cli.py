@@ -350,7 +350,7 @@ def test_every_float_of_every_task_config_must_be_finite():
     from beit.tasks.classify.finetune import FinetuneConfig
     from beit.tasks.classify.linprobe import LinprobeConfig
     from beit.tasks.layout import LayoutConfig
-    from beit.tasks.pretrain.train import PretrainConfig
+    from beit.tasks.pretrain import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig
     from beit.tasks.tokenizer.train import TokenizerTrainConfig
 

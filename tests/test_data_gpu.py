@@ -324,7 +324,7 @@ def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
 
 def test_pretrain_device_setting_errors_name_the_key(tmp_path):
     from beit.engine import ConfigError
-    from beit.tasks.pretrain.train import PretrainConfig, PretrainDataConfig, build_device_data
+    from beit.tasks.pretrain import PretrainConfig, PretrainDataConfig, build_device_data
 
     (tmp_path / "a.tar").write_bytes(b"")
 
@@ -350,7 +350,7 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     assert res["step"] == 2 and 0 <= res["top1"] <= 100
     assert res["data_decode"]["fallback"] == {"png": 16} and res["data_decode"]["skipped"] == 0  # 2 steps x 8 PNGs
     # pre-training from a folder with a broken file, views made by the batched path
-    from beit.tasks.pretrain.train import PretrainConfig, pretrain
+    from beit.tasks.pretrain import PretrainConfig, pretrain
     from beit.tokenizers import DiscreteVAE
 
     images = tmp_path / "images"

@@ -92,3 +92,14 @@ def test_a_function_keeps_its_name_next_to_its_module(pkg: str, name: str) -> No
     module = importlib.import_module(f"beit.tasks.{pkg}.{name}")  # binds the submodule: must not hide the function
     value = getattr(importlib.import_module(f"beit.tasks.{pkg}"), name)
     assert callable(value) and not isinstance(value, type(module)) and value is getattr(module, name)
+
+
+def test_wants_device_path_names_the_key() -> None:
+    """One reading of ``data.device`` for classify and pretrain: the data room's ValueError as a ConfigError."""
+    from beit.engine.config import ConfigError
+    from beit.tasks.device_data import wants_device_path
+
+    assert wants_device_path("auto", "cpu") is False and wants_device_path("cpu", "cuda") is False
+    with pytest.raises(ConfigError) as err:
+        wants_device_path("tpu", "cpu")
+    assert str(err.value) == "config key 'data.device': must be auto | cpu | gpu, got 'tpu'"

@@ -12,7 +12,8 @@ import argparse
 def train(args: argparse.Namespace) -> int:
     """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.train.pretrain`)."""
     from ...engine.config import load_run_config
-    from .train import PretrainConfig, pretrain
+    from .config import PretrainConfig
+    from .train import pretrain
 
     cfg = load_run_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg)
@@ -33,7 +34,10 @@ def visualize(args: argparse.Namespace) -> int:
 
     from ...engine.config import load_config
     from ...interop import load_model
-    from .train import PretrainConfig, _fixed_batch, build_dataset, build_tokenizer, mim_panel
+    from .config import PretrainConfig
+    from .data import build_dataset
+    from .model import build_tokenizer
+    from .panel import fixed_batch, mim_panel
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: beit visualize takes one checkpoint")
@@ -60,7 +64,7 @@ def visualize(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt}: a model with head={model.cfg.head!r}, not a pre-training (MIM) model: beit "
                          "visualize draws the masked-token predictions of a `beit pretrain` checkpoint")
     dataset = build_dataset(cfg, tokenizer.downsample)
-    batch = _fixed_batch(dataset, args.num, device)
+    batch = fixed_batch(dataset, args.num, device)
     out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out or "mim_panel.png")
     print(f"wrote {out}")
     return 0
