@@ -240,7 +240,7 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
 
 def _finetune_step_fn(num_classes: int) -> Callable:
     from beit.engine import load_config
-    from beit.tasks.classify.finetune import FinetuneConfig, make_step_fn
+    from beit.tasks.classify import FinetuneConfig, make_step_fn
 
     cfg = load_config(FinetuneConfig, None, ["model=beit_base_patch16_224"])  # paper: mixup .8, cutmix 1, ls .1
     return make_step_fn(cfg, num_classes)

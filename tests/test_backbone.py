@@ -99,7 +99,7 @@ def test_preprocess_round_trips_through_config_json(tmp_path) -> None:
     back = beit.load_model(out)
     assert back.cfg.eval_preprocess() == pre
     assert beit.build_backbone(out).cfg.eval_preprocess() == pre
-    from beit.tasks.classify.evaluate import load_classifier
+    from beit.tasks.classify import load_classifier
 
     assert load_classifier(out)[2] == pre
 

@@ -347,8 +347,7 @@ def test_bad_numbers_fail_before_any_work(override, message, setup, tmp_path, ca
 
 def test_every_float_of_every_task_config_must_be_finite():
     """By kind: each float field (also inside lists) of every task's config, set to nan, is refused by name."""
-    from beit.tasks.classify.finetune import FinetuneConfig
-    from beit.tasks.classify.linprobe import LinprobeConfig
+    from beit.tasks.classify import FinetuneConfig, LinprobeConfig
     from beit.tasks.layout import LayoutConfig
     from beit.tasks.pretrain import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig

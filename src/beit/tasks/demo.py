@@ -18,7 +18,8 @@ from PIL import Image
 from ..data.demo import load_digits_images, train_test_split
 from ..engine.config import TrainConfig
 from ..tokenizers.dvae import DVAEConfig
-from .classify.finetune import DataConfig, FinetuneConfig, finetune
+from .classify.config import DataConfig, FinetuneConfig
+from .classify.train import finetune
 from .pretrain.config import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig
 from .pretrain.train import pretrain
 from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
