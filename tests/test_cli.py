@@ -351,7 +351,7 @@ def test_every_float_of_every_task_config_must_be_finite():
     from beit.tasks.layout import LayoutConfig
     from beit.tasks.pretrain import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig
-    from beit.tasks.tokenizer.train import TokenizerTrainConfig
+    from beit.tasks.tokenizer import TokenizerTrainConfig
 
     def floats(node, prefix=""):
         for f in dataclasses.fields(node):

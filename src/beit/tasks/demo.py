@@ -22,7 +22,8 @@ from .classify.config import DataConfig, FinetuneConfig
 from .classify.train import finetune
 from .pretrain.config import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig
 from .pretrain.train import pretrain
-from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from .tokenizer.config import TokenizerTrainConfig
+from .tokenizer.train import train_tokenizer
 
 # one place for the demo's sizes: a 32px image, 4px patches -> 8x8 tokens, a 4-layer 96-wide BEiT
 IMG, PATCH = 32, 4

@@ -20,7 +20,8 @@ import json
 def train(args: argparse.Namespace) -> int:
     """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
     from ...engine.config import load_run_config
-    from .train import TokenizerTrainConfig, train_tokenizer
+    from .config import TokenizerTrainConfig
+    from .train import train_tokenizer
 
     cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides)
     report = train_tokenizer(cfg)
