@@ -105,3 +105,19 @@ def test_wants_device_path_names_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         wants_device_path("tpu", "cpu")
     assert str(err.value) == "config key 'data.device': must be auto | cpu | gpu, got 'tpu'"
+
+
+@pytest.mark.parametrize(("run", "message"), [
+    ("finetune", "config key 'model': is not set: a preset name (from scratch) or a checkpoint to fine-tune"),
+    ("linprobe", "config key 'model': is not set: the checkpoint to probe"),
+])
+def test_fine_tuning_and_probing_start_alike(tmp_path: Path, run: str, message: str) -> None:
+    """One start for ``finetune`` and ``linprobe`` (classify.train.begin_run): validate, log, refuse a missing model."""
+    from beit.engine.config import ConfigError, TrainConfig
+    from beit.tasks import classify
+
+    schema = classify.FinetuneConfig if run == "finetune" else classify.LinprobeConfig
+    cfg = schema(model="", train=TrainConfig(output_dir=str(tmp_path / "run"), layer_decay=1.0))
+    with pytest.raises(ConfigError) as err:
+        getattr(classify, run)(cfg)
+    assert str(err.value) == message

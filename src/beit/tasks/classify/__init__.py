@@ -22,7 +22,7 @@ _WHERE = {
     "source_config": "model",
     "build_datasets": "data", "build_device_train": "data", "build_preprocess": "data",
     "build_train_transform": "data", "build_val": "data", "check_num_classes": "data", "readable_subset": "data",
-    "finetune": "train", "make_step_fn": "train", "scaled_train_config": "train",
+    "begin_run": "train", "finetune": "train", "make_step_fn": "train", "scaled_train_config": "train",
     "ProbeHeads": "linprobe", "build_encoder": "linprobe", "extract_features": "linprobe", "linprobe": "linprobe",
     "ClassificationMeter": "evaluate", "Preprocess": "evaluate", "TRAIN_CKPT_FORMAT": "evaluate",
     "evaluate_checkpoint": "evaluate", "evaluate_model": "evaluate", "load_classifier": "evaluate",

@@ -29,6 +29,14 @@ __all__ = ["build_datasets", "build_device_train", "build_preprocess", "build_tr
 logger = logging.getLogger(__name__)
 
 
+def _gray_first(tf: T.Compose, grayscale: bool) -> T.Compose:
+    """``tf``, behind a gray -> 3-channel step when ``grayscale`` (scans: keeps colour out of the decision)."""
+    steps = list(tf.transforms)
+    if grayscale:
+        steps.insert(0, T.Grayscale(num_output_channels=3))
+    return T.Compose(steps)
+
+
 def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform for ``p``: ``beit.data.transforms``' ``build_eval_transform`` (resize + center
     crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
@@ -39,10 +47,7 @@ def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
         tf = build_full_image_transform(False, p.img_size, interpolation=p.interpolation, mean=p.mean, std=p.std)
     else:
         raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
-    steps = list(tf.transforms)
-    if p.grayscale:
-        steps.insert(0, T.Grayscale(num_output_channels=3))
-    return T.Compose(steps)
+    return _gray_first(tf, p.grayscale)
 
 
 def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
@@ -68,10 +73,7 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     else:
         tf = build_full_image_transform(True, img_size, hflip=data.hflip, re_prob=data.reprob,
                                         interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
-    steps = list(tf.transforms)
-    if data.grayscale:
-        steps.insert(0, T.Grayscale(num_output_channels=3))
-    return T.Compose(steps)
+    return _gray_first(tf, data.grayscale)
 
 
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,

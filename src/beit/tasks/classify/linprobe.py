@@ -23,20 +23,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ...engine import ConfigError, Trainer
 from ...engine import distributed as D
-from ...engine.config import validate_config
-from ...engine.logging import setup_logging
 from ...engine.precision import autocast_for
 from ...interop.backbone import build_backbone
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
-from .train import scaled_train_config
+from .train import begin_run, scaled_train_config
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
 
@@ -152,10 +149,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
     paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
     """
-    validate_config(cfg)
-    setup_logging(cfg.train.output_dir, D.is_main())
-    if cfg.model in ("", MISSING):
-        raise ConfigError("model", "is not set: the checkpoint to probe")
+    begin_run(cfg, "the checkpoint to probe")
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from ...engine.logging import setup_logging
 from ...engine.precision import autocast_for
 from ...interop import save_model
 from ...models import Beit
-from .config import FinetuneConfig
+from .config import FinetuneConfig, LinprobeConfig
 from .data import (
     build_datasets,
     build_device_train,
@@ -49,9 +49,21 @@ from .data import (
 from .evaluate import evaluate_model, make_eval_fn, write_report
 from .model import build_model
 
-__all__ = ["finetune", "make_step_fn", "scaled_train_config"]
+__all__ = ["begin_run", "finetune", "make_step_fn", "scaled_train_config"]
 
 logger = logging.getLogger(__name__)
+
+
+def begin_run(cfg: FinetuneConfig | LinprobeConfig, what_model: str) -> None:
+    """The start of ``beit finetune`` / ``beit linprobe``: validate ``cfg``, log to its output folder (main rank).
+
+    Raises:
+        ConfigError: a bad key, or ``model`` not set (``config key 'model': is not set: <what_model>``).
+    """
+    validate_config(cfg)
+    setup_logging(cfg.train.output_dir, D.is_main())
+    if cfg.model in ("", MISSING):
+        raise ConfigError("model", f"is not set: {what_model}")
 
 
 def scaled_train_config(train: TrainConfig, ref_batch: int) -> TrainConfig:
@@ -139,10 +151,7 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     model on the val set, the report and confusion PNG paths and ``model_dir`` (a ``save_model``
     directory that ``beit evaluate`` / ``beit predict`` / ``beit.load_model`` read).
     """
-    validate_config(cfg)
-    setup_logging(cfg.train.output_dir, D.is_main())
-    if cfg.model in ("", MISSING):
-        raise ConfigError("model", "is not set: a preset name (from scratch) or a checkpoint to fine-tune")
+    begin_run(cfg, "a preset name (from scratch) or a checkpoint to fine-tune")
     preprocess = cfg.data.preprocess(cfg.img_size)
     device_data = None
     if train_dataset is None:

@@ -353,7 +353,7 @@ class CocoLayoutDataset(Dataset):
     @staticmethod
     def _rasterize(polys: list | None, boxes: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """uint8 [N, H, W] masks; pycocotools clips polygons to the page. No polygon: the box is the mask."""
-        from pycocotools import mask as mask_util
+        from pycocotools import mask as mask_util  # optional (the layout extra): imported where COCO files are read
 
         out = torch.zeros((len(boxes), H, W), dtype=torch.uint8)
         for i, box in enumerate(boxes.tolist()):
@@ -374,7 +374,7 @@ class CocoLayoutDataset(Dataset):
     def coco_gt(self) -> Any:
         """A pycocotools ``COCO`` of exactly this dataset's pages and cleaned annotations (crowd ones
         included), with the original category ids: the ground truth the evaluator scores against."""
-        from pycocotools.coco import COCO
+        from pycocotools.coco import COCO  # optional (the layout extra): imported where COCO files are read
 
         anns = []
         for info in self.images:

@@ -7,6 +7,7 @@ Arguments arrive normalised by :mod:`beit.cli` (``args.config`` a file or None, 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def train(args: argparse.Namespace) -> int:
@@ -28,8 +29,6 @@ def visualize_args(p: argparse.ArgumentParser) -> None:
 
 def visualize(args: argparse.Namespace) -> int:
     """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
-    from pathlib import Path
-
     import torch
 
     from ...engine.config import load_config

@@ -34,6 +34,13 @@ def build_transform(cfg: PretrainConfig, tokenizer_downsample: int) -> PretrainT
     )
 
 
+def _memory_images(cfg: PretrainConfig) -> torch.Tensor:
+    """``data.in_memory``: every image of ``data.path`` decoded once, uint8 ``[N, H, W, 3]``, the first
+    ``data.max_images`` (0 = all)."""
+    images, _, _ = load_image_folder_to_memory(cfg.data.path)
+    return images[: cfg.data.max_images] if cfg.data.max_images else images
+
+
 def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
     d = cfg.data
     transform = build_transform(cfg, tokenizer_downsample)
@@ -42,9 +49,7 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
     if urls:
         return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
     if d.in_memory:
-        images, _, _ = load_image_folder_to_memory(d.path)
-        if d.max_images:
-            images = images[: d.max_images]
+        images = _memory_images(cfg)
         return TensorImageDataset(images, transform=transform, seed=seed)
     ds = ImageFolderDataset(d.path, transform=transform, seed=seed)
     if d.max_images and d.max_images < len(ds):
@@ -75,9 +80,7 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
         return shards, collate_encoded, PretrainPipeline(views, device)
     if d.in_memory:
-        images, _, _ = load_image_folder_to_memory(d.path)
-        if d.max_images:
-            images = images[: d.max_images]
+        images = _memory_images(cfg)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed)

@@ -45,7 +45,6 @@ def make_step_fn(tokenizer: nn.Module):
     return step_fn
 
 
-
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training; returns the final metrics and where things were written."""
     validate(cfg)

@@ -56,8 +56,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """``beit segment predict CKPT IMAGES...``: coloured overlays and label maps in ``--out``."""
-    from beit.data.datasets import IMG_EXTENSIONS, list_images
-
+    from ...data.datasets import IMG_EXTENSIONS, list_images
     from .infer import predict as run_predict
     from .model import load_segmenter
 

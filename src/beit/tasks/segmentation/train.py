@@ -92,7 +92,6 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
     return eval_fn
 
 
-
 def train(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune BEiT + UperNet with the shared trainer; returns its final metrics (+ ``"table"``)."""
     validate_config(cfg)
@@ -117,7 +116,6 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
         if D.is_main():
             print(result["table"])
     return result
-
 
 
 def evaluate(model: nn.Module, cfg: SegmentConfig, out_dir: str | Path | None = None) -> dict[str, Any]:

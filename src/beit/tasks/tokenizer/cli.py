@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def train(args: argparse.Namespace) -> int:
@@ -116,8 +117,6 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     transformed is left out of both (never replaced by a neighbour), named in ``skipped`` with its
     reason and counted in ``num_skipped``.
     """
-    from pathlib import Path
-
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
