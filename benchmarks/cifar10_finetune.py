@@ -128,7 +128,7 @@ def load_split(data: Path, split: str, work: Path, per_class: int | None) -> tup
 def arch_overrides(args: argparse.Namespace) -> tuple[str, dict[str, Any], int]:
     """(preset, overrides, img_size) describing the architecture both arms share."""
     if args.init:
-        from beit.tasks.classify.finetune import source_config
+        from beit.tasks.classify import source_config
 
         src = source_config(args.init)
         over = {k: getattr(src, k) for k in ARCH_FIELDS}
@@ -160,9 +160,14 @@ def run_arm(arm: str, args: argparse.Namespace, preset: str, over: dict[str, Any
     from beit.data.datasets import TensorImageDataset
     from beit.engine import load_config
     from beit.engine.logging import read_metrics
-    from beit.tasks.classify.evaluate import build_preprocess
-    from beit.tasks.classify.finetune import FinetuneConfig, build_train_transform, finetune
-    from beit.tasks.classify.linprobe import LinprobeConfig, linprobe
+    from beit.tasks.classify import (
+        FinetuneConfig,
+        LinprobeConfig,
+        build_preprocess,
+        build_train_transform,
+        finetune,
+        linprobe,
+    )
 
     names = train[2]
     model = args.init if arm == "pretrained" else preset

@@ -221,7 +221,7 @@ def _tokenizer(a: argparse.Namespace, device: torch.device, downsample: int, com
 
 
 def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
-    from beit.tasks.pretrain.train import make_step_fn
+    from beit.tasks.pretrain import make_step_fn
 
     tok = _tokenizer(a, device, a.tok_down)
     model = _mim_model(a, tok.vocab_size, device)
@@ -240,7 +240,7 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
 
 def _finetune_step_fn(num_classes: int) -> Callable:
     from beit.engine import load_config
-    from beit.tasks.classify.finetune import FinetuneConfig, make_step_fn
+    from beit.tasks.classify import FinetuneConfig, make_step_fn
 
     cfg = load_config(FinetuneConfig, None, ["model=beit_base_patch16_224"])  # paper: mixup .8, cutmix 1, ls .1
     return make_step_fn(cfg, num_classes)
@@ -266,7 +266,7 @@ def finetune_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
 
 
 def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
-    from beit.tasks.pretrain.train import make_step_fn
+    from beit.tasks.pretrain import make_step_fn
 
     if a.cifar:
         images, labels, _ = load_image_folder_to_memory(a.cifar, progress=False)

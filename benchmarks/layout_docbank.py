@@ -117,7 +117,7 @@ def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
     """Steps that fit in ``seconds``: 30 steps of the same model through the engine, last window's img/s."""
     import copy
 
-    from beit.tasks.layout.train import train
+    from beit.tasks.layout import train
 
     c = copy.deepcopy(cfg)
     c.model.init = ""  # random weights: same speed, no need to load the file twice
@@ -134,8 +134,7 @@ def _nan_to_none(v: Any) -> Any:
 
 
 def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
-    from beit.tasks.layout.predict import draw_detections
-    from beit.tasks.layout.train import build_val_dataset, load_detector, train
+    from beit.tasks.layout import build_val_dataset, draw_detections, load_detector, train
 
     t0 = time.perf_counter()
     res = train(cfg)
@@ -165,7 +164,7 @@ def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
 
 def comparison(dataset: str, runs: dict[str, Any], class_names: list[str]) -> str:
     """Per-category bbox AP of the runs side by side (plus the seed for PubLayNet)."""
-    from beit.tasks.layout.evaluate import PUBLAYNET_REFERENCE
+    from beit.tasks.layout import PUBLAYNET_REFERENCE
 
     names = list(runs)
     ref = PUBLAYNET_REFERENCE if dataset == "publaynet" else None
@@ -185,7 +184,7 @@ def comparison(dataset: str, runs: dict[str, Any], class_names: list[str]) -> st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from beit.engine import load_config
-    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.layout import LayoutConfig
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

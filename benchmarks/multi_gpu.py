@@ -115,7 +115,7 @@ def build(args: argparse.Namespace, out_dir: Path) -> tuple[Any, Any, dict[str, 
               f"train.distributed={args.mode if args.mode in ('ddp', 'fsdp') else 'ddp'}",
               "train.ckpt_every=100000000", "train.image_every=0", "train.eval_every=0", "train.keep_last=0"]
     if args.task == "pretrain":
-        from beit.tasks.pretrain.train import PretrainConfig, build_tokenizer, make_step_fn, model_config
+        from beit.tasks.pretrain import PretrainConfig, build_tokenizer, make_step_fn, model_config
         from beit.tokenizers.dalle import DalleEncoder, DalleTokenizer
 
         # a random-weight tokenizer of the DALL-E architecture, written once per rank, then loaded the real way
@@ -140,7 +140,7 @@ def build(args: argparse.Namespace, out_dir: Path) -> tuple[Any, Any, dict[str, 
                 f"{cfg.tokenizer.precision}, {grid * tokenizer.downsample}px view"}
         return model, bank_step(make_step_fn(tokenizer), bank, "pretrain"), {"cfg": cfg.train, **info}
 
-    from beit.tasks.classify.finetune import FinetuneConfig, build_model, make_step_fn, scaled_train_config
+    from beit.tasks.classify import FinetuneConfig, build_model, make_step_fn, scaled_train_config
 
     num_classes = 1000
     ov = ["model=beit_base_patch16_224", f"num_classes={num_classes}", f"data.train_dir={out_dir}"] + common

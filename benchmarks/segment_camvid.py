@@ -107,7 +107,7 @@ def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
 
     from beit.engine import Trainer
     from beit.engine.logging import read_metrics
-    from beit.tasks.segmentation.train import build_datasets, build_model, make_step_fn
+    from beit.tasks.segmentation import build_datasets, build_model, make_step_fn
 
     c = copy.deepcopy(cfg)
     c.model.init = ""  # random weights: same speed, no need to load the file twice
@@ -122,7 +122,7 @@ def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
 
 
 def run_one(name: str, cfg: Any, out: Path) -> dict[str, Any]:
-    from beit.tasks.segmentation.train import build_datasets, load_segmenter, train, write_overlays
+    from beit.tasks.segmentation import build_datasets, load_segmenter, train, write_overlays
 
     t0 = time.perf_counter()
     res = train(cfg)
@@ -169,7 +169,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     # the architecture comes from the checkpoint; the scratch twin reuses it with random weights
     arch, patch = None, 16
     if init:
-        from beit.tasks.segmentation.train import build_backbone
+        from beit.tasks.segmentation import build_backbone
 
         geo0 = {"crop": args.crop, "img_scale": [480, 360], "test_scale": None, "stride": 256}
         arch_cfg = load_config(SegmentConfig, CONFIG, base_overrides(args, root, work / "arch", geo0)

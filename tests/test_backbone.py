@@ -99,7 +99,7 @@ def test_preprocess_round_trips_through_config_json(tmp_path) -> None:
     back = beit.load_model(out)
     assert back.cfg.eval_preprocess() == pre
     assert beit.build_backbone(out).cfg.eval_preprocess() == pre
-    from beit.tasks.classify.evaluate import load_classifier
+    from beit.tasks.classify import load_classifier
 
     assert load_classifier(out)[2] == pre
 
@@ -131,7 +131,7 @@ SEG = ["data.crop_size=32", "data.root=x", "data.num_classes=3", "data.format=fo
 
 def test_segmentation_model_overrides_reach_the_backbone(tmp_path) -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.segmentation.train import SegmentConfig, build_model
+    from beit.tasks.segmentation import SegmentConfig, build_model
 
     cfg = load_config(SegmentConfig, None, SEG + ["model_overrides.attn_impl=eager"])
     model = build_model(cfg, 3)
@@ -160,8 +160,7 @@ def test_segmentation_model_overrides_reach_the_backbone(tmp_path) -> None:
 
 def test_layout_model_overrides_and_old_spelling() -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.layout.model import DetectorConfig, build_detector
-    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.layout import DetectorConfig, LayoutConfig, build_detector
 
     tiny = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
     cfg = DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides=tiny, fpn_channels=16, box_head_dim=16,
@@ -185,7 +184,7 @@ def test_layout_model_overrides_and_old_spelling() -> None:
 
 def test_pretrain_builds_through_build_backbone(tmp_path) -> None:
     from beit.engine import ConfigError, load_config
-    from beit.tasks.pretrain.train import PretrainConfig, build_model
+    from beit.tasks.pretrain import PretrainConfig, build_model
 
     (tmp_path / "imgs").mkdir()
     base = [f"data.path={tmp_path / 'imgs'}", "model.name=beit_tiny_patch16_224", "model.img_size=32",
@@ -213,8 +212,8 @@ def test_one_loader_for_the_config_stored_in_a_checkpoint(tmp_path) -> None:
     from beit.engine import ConfigError
     from beit.engine.checkpoint import config_from_checkpoint
     from beit.engine.config import stored_config
-    from beit.tasks.layout.train import LayoutConfig
-    from beit.tasks.segmentation.train import SegmentConfig
+    from beit.tasks.layout import LayoutConfig
+    from beit.tasks.segmentation import SegmentConfig
 
     cfg = stored_config(SegmentConfig, {"model_overrides": {"attn_impl": "eager"}, "data": {"crop_size": 64}},
                         None, ["test.stride=7"])

@@ -347,12 +347,11 @@ def test_bad_numbers_fail_before_any_work(override, message, setup, tmp_path, ca
 
 def test_every_float_of_every_task_config_must_be_finite():
     """By kind: each float field (also inside lists) of every task's config, set to nan, is refused by name."""
-    from beit.tasks.classify.finetune import FinetuneConfig
-    from beit.tasks.classify.linprobe import LinprobeConfig
-    from beit.tasks.layout.train import LayoutConfig
-    from beit.tasks.pretrain.train import PretrainConfig
+    from beit.tasks.classify import FinetuneConfig, LinprobeConfig
+    from beit.tasks.layout import LayoutConfig
+    from beit.tasks.pretrain import PretrainConfig
     from beit.tasks.segmentation import SegmentConfig
-    from beit.tasks.tokenizer.train import TokenizerTrainConfig
+    from beit.tasks.tokenizer import TokenizerTrainConfig
 
     def floats(node, prefix=""):
         for f in dataclasses.fields(node):
@@ -461,7 +460,7 @@ def test_every_readme_command_parses_and_resolves():
 
 
 def test_layout_refuses_backbone_overrides_it_would_replace():
-    from beit.tasks.layout.train import LayoutConfig
+    from beit.tasks.layout import LayoutConfig
 
     with pytest.raises(ConfigError) as info:
         load_config(LayoutConfig, None, ["model.backbone_overrides={drop_path_rate: 0.3}"])

@@ -140,7 +140,7 @@ def test_segment_predict_skips_unreadable_and_keeps_repeated_stems_apart(tmp_pat
 def test_layout_predict_skips_unreadable_pages_keeping_ids(tmp_path: Path) -> None:
     import json
 
-    from beit.tasks.layout.predict import predict_pages
+    from beit.tasks.layout import predict_pages
 
     class _OneBox(nn.Module):
         def __init__(self) -> None:

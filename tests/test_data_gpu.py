@@ -308,7 +308,7 @@ def test_data_device_setting():
 
 def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
     from beit.engine import ConfigError, load_config
-    from beit.tasks.classify.finetune import FinetuneConfig, build_device_train
+    from beit.tasks.classify import FinetuneConfig, build_device_train
 
     cfg = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=gpu", "data.resize=full",
                                              "data.auto_augment=null", f"data.train_dir={tmp_path}"])
@@ -324,7 +324,7 @@ def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
 
 def test_pretrain_device_setting_errors_name_the_key(tmp_path):
     from beit.engine import ConfigError
-    from beit.tasks.pretrain.train import PretrainConfig, PretrainDataConfig, build_device_data
+    from beit.tasks.pretrain import PretrainConfig, PretrainDataConfig, build_device_data
 
     (tmp_path / "a.tar").write_bytes(b"")
 
@@ -339,7 +339,7 @@ def test_pretrain_device_setting_errors_name_the_key(tmp_path):
 def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     from _finetune_data import TINY_OVERRIDES, colored_squares
     from beit.engine import load_config
-    from beit.tasks.classify.finetune import FinetuneConfig, finetune
+    from beit.tasks.classify import FinetuneConfig, finetune
 
     data = colored_squares(tmp_path / "sq", {"train": 16, "val": 4})
     cfg = load_config(FinetuneConfig, None, [
@@ -350,7 +350,7 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     assert res["step"] == 2 and 0 <= res["top1"] <= 100
     assert res["data_decode"]["fallback"] == {"png": 16} and res["data_decode"]["skipped"] == 0  # 2 steps x 8 PNGs
     # pre-training from a folder with a broken file, views made by the batched path
-    from beit.tasks.pretrain.train import PretrainConfig, pretrain
+    from beit.tasks.pretrain import PretrainConfig, pretrain
     from beit.tokenizers import DiscreteVAE
 
     images = tmp_path / "images"
@@ -377,7 +377,7 @@ def test_device_path_resume_is_exact(tmp_path):
     from _finetune_data import TINY_OVERRIDES, colored_squares
     from beit.engine import load_config
     from beit.engine.logging import read_metrics
-    from beit.tasks.classify.finetune import FinetuneConfig, finetune
+    from beit.tasks.classify import FinetuneConfig, finetune
 
     data = colored_squares(tmp_path / "sq", {"train": 8})
 

@@ -49,7 +49,7 @@ def test_linprobe_reports_skipped_files(tmp_path: Path, one_thread) -> None:
 
     from _finetune_data import colored_squares, tiny_pretrain_checkpoint
     from beit.engine import load_config
-    from beit.tasks.classify.linprobe import LinprobeConfig, linprobe
+    from beit.tasks.classify import LinprobeConfig, linprobe
 
     data = colored_squares(tmp_path / "data", {"train": 8, "val": 4})
     Image.new("RGB", (9, 9), (255, 0, 0)).save(data / "train" / "c0" / "tiny_9x9.png")

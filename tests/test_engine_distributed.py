@@ -98,8 +98,8 @@ def test_rank_and_world_come_from_one_place(monkeypatch: pytest.MonkeyPatch) -> 
 
     from beit.engine import TrainConfig
     from beit.engine import distributed as D
+    from beit.tasks.classify import scaled_train_config
     from beit.tasks.classify.evaluate import _rank_world
-    from beit.tasks.classify.finetune import scaled_train_config
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -49,7 +49,7 @@ def test_repeated_blocks_protocol_for_every_task_model():
 
 def test_layout_detector_exposes_its_body_blocks():
     pytest.importorskip("torchvision")
-    from beit.tasks.layout.model import DetectorConfig, build_detector
+    from beit.tasks.layout import DetectorConfig, build_detector
 
     cfg = DetectorConfig(arch="beit_tiny_patch16_224", fpn_channels=8, box_head_dim=8, mask_head_dim=8,
                          backbone_overrides=dict(img_size=64, patch_size=16, embed_dim=16, depth=4, num_heads=2))

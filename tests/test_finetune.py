@@ -16,8 +16,14 @@ from beit.cli import main as cli_main
 from beit.engine import ConfigError, load_config, param_groups
 from beit.engine.logging import read_metrics
 from beit.models.relpos import table_size
-from beit.tasks.classify.evaluate import evaluate_checkpoint, load_classifier, predict_folder
-from beit.tasks.classify.finetune import FinetuneConfig, build_model, finetune
+from beit.tasks.classify import (
+    FinetuneConfig,
+    build_model,
+    evaluate_checkpoint,
+    finetune,
+    load_classifier,
+    predict_folder,
+)
 
 CONFIGS = Path(beit_configs.__file__).parent  # the presets shipped in the package
 

@@ -10,9 +10,18 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from beit.tasks.layout.data import CocoLayoutDataset, LayoutDataError, split_image_ids, write_synthetic_pages  # noqa: E402
-from beit.tasks.layout.evaluate import evaluate_coco, format_table  # noqa: E402
-from beit.tasks.layout.model import BeitPyramidBackbone, DetectorConfig, build_detector, default_out_indices  # noqa: E402
+from beit.tasks.layout import (  # noqa: E402
+    BeitPyramidBackbone,
+    CocoLayoutDataset,
+    DetectorConfig,
+    LayoutDataError,
+    build_detector,
+    default_out_indices,
+    evaluate_coco,
+    format_table,
+    split_image_ids,
+    write_synthetic_pages,
+)
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
 TINY_OVERRIDES = [
@@ -90,7 +99,7 @@ def test_dataset_samples_are_seeded_and_consistent(pages):
 
 def test_augmented_boxes_stay_on_their_ink(pages):
     """Crop, resize and flip move pixels and boxes together: synthetic blocks are dark, the page is white."""
-    from beit.tasks.layout.data import RepeatedDataset
+    from beit.tasks.layout import RepeatedDataset
 
     ds = CocoLayoutDataset(pages, pages.parent / "images", train=True, min_sizes=(80, 144), max_size=200,
                            flip_prob=0.5, crop_prob=0.5, seed=1)
@@ -199,7 +208,7 @@ def test_coco_eval_perfect_is_one_and_empty_is_zero(pages):
 def test_train_eval_predict_end_to_end(pages, tmp_path, capsys):
     from beit.cli import main
     from beit.engine.config import load_config
-    from beit.tasks.layout.train import LayoutConfig, train
+    from beit.tasks.layout import LayoutConfig, train
 
     out = tmp_path / "run"
     cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={pages}", f"data.val_ann={pages}",

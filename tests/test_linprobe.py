@@ -13,7 +13,7 @@ from _finetune_data import colored_squares, tiny_pretrain_checkpoint
 from beit.cli import main as cli_main
 from beit.engine import ConfigError, load_config
 from beit.models import Beit
-from beit.tasks.classify.linprobe import LinprobeConfig, ProbeHeads, extract_features, linprobe, parse_blocks
+from beit.tasks.classify import LinprobeConfig, ProbeHeads, extract_features, linprobe, parse_blocks
 
 CONFIGS = Path(beit_configs.__file__).parent  # the presets shipped in the package
 
@@ -79,9 +79,7 @@ def test_sweep_every_block_features_extracted_once(setup, tmp_path, monkeypatch)
 
 
 def test_single_block_avg_pool_and_fp16_cache(setup):
-    from beit.tasks.classify.evaluate import build_preprocess
-    from beit.tasks.classify.finetune import build_datasets
-    from beit.tasks.classify.linprobe import build_encoder
+    from beit.tasks.classify import build_datasets, build_encoder, build_preprocess
 
     cfg = lp_cfg(setup, Path("unused"), "layers=2", "pool=avg")
     enc = build_encoder(cfg)

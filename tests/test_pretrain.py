@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from beit.engine.config import ConfigError, load_config
-from beit.tasks.pretrain.train import PretrainConfig, make_step_fn, pretrain
+from beit.tasks.pretrain import PretrainConfig, make_step_fn, pretrain
 from beit.tokenizers import DiscreteVAE
 
 
@@ -117,7 +117,7 @@ def test_tokenizer_config_is_checked_against_the_registry(tiny_setup) -> None:
     with pytest.raises(ConfigError, match="tokenizer.decoder': a dvae tokenizer keeps its decoder in tokenizer.path"):
         load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae", f"tokenizer.decoder={tiny_setup / 'tok.safetensors'}"])
     cfg = load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae"])
-    from beit.tasks.pretrain.train import build_tokenizer
+    from beit.tasks.pretrain import build_tokenizer
 
     tok = build_tokenizer(cfg.tokenizer)
     assert isinstance(tok, DiscreteVAE) and not tok.training and tok.vocab_size == 16

@@ -89,7 +89,7 @@ def test_load_pretrained_mim_checkpoint_at_crop_size(tmp_path: Path) -> None:
     beit.save_model(mim, tmp_path / "pt")
     cfg = load_config(SegmentConfig, None, [f"model.init={tmp_path / 'pt'}", "data.crop_size=64", "data.root=x",
                                             "data.num_classes=3", "data.format=folder", "model.channels=8"])
-    from beit.tasks.segmentation.train import build_model
+    from beit.tasks.segmentation import build_model
 
     model = build_model(cfg, 3)
     assert model.backbone.window == (4, 4) and model.backbone.rel_pos_bias is None  # per-layer tables at 64 px

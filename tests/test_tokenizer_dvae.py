@@ -217,7 +217,7 @@ def test_train_tokenizer_smoke(tmp_path: Path, one_thread: None) -> None:
     from PIL import Image
 
     from beit.engine import TrainConfig
-    from beit.tasks.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+    from beit.tasks.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     data = tmp_path / "images" / "sub"
     data.mkdir(parents=True)

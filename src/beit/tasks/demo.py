@@ -18,9 +18,9 @@ from PIL import Image
 from ..data.demo import load_digits_images, train_test_split
 from ..engine.config import TrainConfig
 from ..tokenizers.dvae import DVAEConfig
-from .classify.finetune import DataConfig, FinetuneConfig, finetune
-from .pretrain.train import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
-from .tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from .classify import DataConfig, FinetuneConfig, finetune
+from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
+from .tokenizer import TokenizerTrainConfig, train_tokenizer
 
 # one place for the demo's sizes: a 32px image, 4px patches -> 8x8 tokens, a 4-layer 96-wide BEiT
 IMG, PATCH = 32, 4

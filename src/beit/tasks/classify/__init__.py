@@ -1,41 +1,35 @@
 """Image classification on a pre-trained backbone: fine-tuning, linear probing, evaluation, prediction.
 
-``finetune``: :class:`FinetuneConfig` and :func:`~beit.tasks.classify.finetune.finetune` (the paper's recipe).
-``linprobe``: :class:`LinprobeConfig` and :func:`~beit.tasks.classify.linprobe.linprobe` (one linear head
-per block on frozen features). ``evaluate``: checkpoint evaluation, reports, folder prediction. ``cli``: the
-run functions of ``beit classify train | linprobe | eval | predict``.
+The files every task package has: ``config`` (:class:`FinetuneConfig`, :class:`LinprobeConfig`, the shared
+:class:`DataConfig`), ``model`` (the classifier built from the config), ``data`` (image folders, training
+augmentation, eval preprocessing, the on-device path), ``train`` (the mixup step and :func:`finetune`, the
+paper's recipe), ``cli`` (the run functions of ``beit classify train | linprobe | eval | predict``). Task
+extras: ``linprobe`` (one linear head per block on frozen features, :func:`linprobe`) and ``evaluate``
+(checkpoint evaluation, reports, folder prediction).
 
-Imports are lazy so that ``beit --help`` (which reads ``cli``) does not load the engine. The names
-``finetune`` and ``linprobe`` here are the submodules; the functions are
-``beit.tasks.classify.finetune.finetune`` and ``beit.tasks.classify.linprobe.linprobe``.
+Imports are lazy (``beit.tasks._lazy``) so that ``beit --help`` (which reads ``cli``) does not load the
+engine. ``beit.tasks.classify.finetune`` and ``beit.tasks.classify.linprobe`` are the functions; the probe's
+module is ``from beit.tasks.classify.linprobe import ...``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-__all__ = [
-    "ClassificationMeter", "DataConfig", "FinetuneConfig", "LinprobeConfig", "Preprocess", "ProbeHeads",
-    "build_datasets", "build_encoder", "build_model", "build_preprocess", "build_train_transform",
-    "evaluate_checkpoint", "evaluate_model", "extract_features", "load_classifier", "make_eval_fn",
-    "make_step_fn", "parse_blocks", "predict_folder", "save_confusion_png", "scaled_train_config", "write_report",
-]
+from .._lazy import lazy_names
 
 _WHERE = {
-    "DataConfig": "finetune", "FinetuneConfig": "finetune", "build_datasets": "finetune", "build_model": "finetune",
-    "build_train_transform": "finetune", "make_step_fn": "finetune", "scaled_train_config": "finetune",
-    "LinprobeConfig": "linprobe", "ProbeHeads": "linprobe", "build_encoder": "linprobe",
-    "extract_features": "linprobe", "parse_blocks": "linprobe",
-    "ClassificationMeter": "evaluate", "Preprocess": "evaluate", "build_preprocess": "evaluate",
+    "DataConfig": "config", "FinetuneConfig": "config", "LinprobeConfig": "config", "parse_blocks": "config",
+    "SHAPE_FIELDS": "model", "build_model": "model", "check_overrides_fit": "model", "is_preset": "model",
+    "source_config": "model",
+    "build_datasets": "data", "build_device_train": "data", "build_preprocess": "data",
+    "build_train_transform": "data", "build_val": "data", "check_num_classes": "data", "readable_subset": "data",
+    "begin_run": "train", "finetune": "train", "make_step_fn": "train", "scaled_train_config": "train",
+    "ProbeHeads": "linprobe", "build_encoder": "linprobe", "extract_features": "linprobe", "linprobe": "linprobe",
+    "ClassificationMeter": "evaluate", "Preprocess": "evaluate", "TRAIN_CKPT_FORMAT": "evaluate",
     "evaluate_checkpoint": "evaluate", "evaluate_model": "evaluate", "load_classifier": "evaluate",
     "make_eval_fn": "evaluate", "predict_folder": "evaluate", "save_confusion_png": "evaluate",
     "write_report": "evaluate",
 }
 
+__all__ = sorted(_WHERE)
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _WHERE)

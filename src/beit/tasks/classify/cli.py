@@ -15,9 +15,10 @@ def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    """``beit finetune``: :func:`beit.tasks.classify.finetune.finetune` with the paper's recipe."""
+    """``beit finetune``: :func:`beit.tasks.classify.train.finetune` with the paper's recipe."""
     from ...engine.config import load_run_config
-    from .finetune import FinetuneConfig, finetune
+    from .config import FinetuneConfig
+    from .train import finetune
 
     cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
     result = finetune(cfg)
@@ -31,7 +32,8 @@ def linprobe(args: argparse.Namespace) -> int:
     """``beit linprobe``: one linear head per block on frozen features
     (:func:`beit.tasks.classify.linprobe.linprobe`)."""
     from ...engine.config import load_run_config
-    from .linprobe import LinprobeConfig, linprobe
+    from .config import LinprobeConfig
+    from .linprobe import linprobe
 
     cfg = load_run_config(LinprobeConfig, args.config, args.overrides)
     result = linprobe(cfg)

@@ -20,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, collate_files, find_classes, scan_images
 from ...engine import distributed as D
+from ...engine.checkpoint import read_torch_file
 from ...engine.precision import autocast_for
+from ...interop import load_model
 from ...models.config import Preprocess
+from .data import build_preprocess, readable_subset
 
 __all__ = [
     "ClassificationMeter",
@@ -43,27 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------- preprocessing
-def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform for ``p``: ``beit.data.transforms``' ``build_eval_transform`` (resize + center
-    crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
-    from torchvision import transforms as T
-
-    from ...data.transforms import build_eval_transform, build_full_image_transform
-
-    if p.resize == "crop":
-        tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
-                                  mean=p.mean, std=p.std)
-    elif p.resize == "full":
-        tf = build_full_image_transform(False, p.img_size, interpolation=p.interpolation, mean=p.mean, std=p.std)
-    else:
-        raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
-    steps = list(tf.transforms)
-    if p.grayscale:
-        steps.insert(0, T.Grayscale(num_output_channels=3))
-    return T.Compose(steps)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -95,8 +78,6 @@ class ClassificationMeter:
 
     def all_reduce(self) -> None:
         """Sum over ranks (no-op in a single process)."""
-        import torch.distributed as dist
-
         if not D.is_dist() or D.world_size() == 1:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -173,7 +154,7 @@ def save_confusion_png(confusion: torch.Tensor, class_names: Sequence[str], path
 
     Above 40 classes the tick labels are dropped (they would be unreadable), the colours stay.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional, and slow to import: only reports draw
     from matplotlib.figure import Figure
 
     cm = confusion.double()
@@ -240,14 +221,10 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     preprocessing come from the run config inside it), or anything ``beit.load_model`` reads.
     Models without stored class names get ``class_0 ...``.
     """
-    from ...interop import load_model
-
     path = Path(source)
     run_cfg: dict[str, Any] = {}
     src: Any = source
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        from ...engine.checkpoint import read_torch_file
-
         state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
             run_cfg = state.get("config") or {}
@@ -281,18 +258,6 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     return D.resolve_device(device)
 
 
-def _readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
-    """Decode every file once and keep the readable ones, so that a broken file is reported and left
-    out instead of being replaced by its neighbour (which would count that neighbour twice)."""
-    bad = set(ds.verify(num_threads=num_threads))
-    keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
-    if not keep:
-        raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
-    if bad:
-        logger.warning("left out %d unreadable images: %s", len(bad), sorted(bad)[:10])
-    return Subset(ds, keep), keep, sorted(bad)
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         *, batch_size: int = 64, num_workers: int = 4, ema: bool = False,
                         device: str | torch.device | None = None, img_size: int | None = None) -> dict[str, Any]:
@@ -301,8 +266,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     The class folders must be exactly the model's classes (by name when the model stores them, else
     by count): a mismatch is an error, not a silently shifted label map.
     """
-    from ...data.datasets import LabeledImageFolder, find_classes
-
     overrides = {"img_size": img_size} if img_size else {}
     model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
     folders = find_classes(data_dir)
@@ -316,7 +279,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
             raise ValueError(f"{data_dir}: {len(folders)} class folders but the model has {len(names)} classes")
         names = folders
     ds = LabeledImageFolder(data_dir, build_preprocess(pre), class_names=names)
-    subset, _, bad = _readable_subset(ds, num_threads=max(num_workers, 1))
+    subset, _, bad = readable_subset(ds, num_threads=max(num_workers, 1))
     dev = _pick_device(device)
     model.to(dev).eval()
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -342,8 +305,6 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     transformed are left out of the CSV, named in the returned ``skipped`` (each with its reason in a
     warning) and counted in ``num_skipped``.
     """
-    from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files, scan_images
-
     model, names, pre = load_classifier(checkpoint, ema=ema)
     scan = scan_images(images_dir)
     exts = tuple(IMG_EXTENSIONS)

@@ -18,91 +18,26 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from ...engine import ConfigError, TrainConfig
-from ...engine.config import validate_config
+from ...engine import ConfigError, Trainer
+from ...engine import distributed as D
 from ...engine.precision import autocast_for
 from ...interop.backbone import build_backbone
-from .evaluate import build_preprocess
-from .finetune import DataConfig, _check_model_overrides, build_datasets, check_num_classes, scaled_train_config
+from .config import LinprobeConfig, parse_blocks
+from .data import build_datasets, build_preprocess, check_num_classes
+from .train import begin_run, scaled_train_config
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
 
 logger = logging.getLogger(__name__)
-
-
-def _linprobe_train_defaults() -> TrainConfig:
-    # num_workers=0: training reads the in-memory feature cache; no lr warmup, lr to 0 (unilm)
-    return TrainConfig(output_dir="runs/linprobe", epochs=100, warmup_epochs=0, lr=1e-3, min_lr=0.0,
-                       weight_decay=1e-4, layer_decay=1.0, batch_size=1024, num_workers=0, log_every=50)
-
-
-def _linprobe_data_defaults() -> DataConfig:
-    return DataConfig(auto_augment=None, color_jitter=0.0, reprob=0.0, hflip=0.0)
-
-
-@dataclass
-class LinprobeConfig:
-    """``beit linprobe``: frozen encoder + cached features + one linear head per probed block."""
-
-    model: str = MISSING  # checkpoint (or a preset name: random features, a baseline)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
-    layers: str = "all"  # all | last | block numbers counted from 1, e.g. "9" or "6,8,10"
-    pool: str = "cat"  # cat (cls + mean patch, unilm) | avg (mean patch) | cls
-    batchnorm: bool = True  # BatchNorm1d(affine=False) before each linear head
-    num_classes: int = 0  # 0 = from the data
-    class_names: list[str] = field(default_factory=list)
-    ref_batch: int = 256  # train.lr is per 256 images (unilm base_lr), scaled to the real batch; 0 = absolute
-    extract_batch_size: int = 256
-    extract_num_workers: int = 8  # DataLoader workers of the two encoder passes (training reads the cache)
-    data: DataConfig = field(default_factory=_linprobe_data_defaults)
-    train: TrainConfig = field(default_factory=_linprobe_train_defaults)
-
-    def validate(self) -> None:
-        if self.pool not in ("cat", "avg", "cls"):
-            raise ConfigError("pool", f"must be cat | avg | cls, got '{self.pool}'")
-        if self.img_size <= 0 or self.extract_batch_size <= 0:
-            raise ConfigError("img_size", "img_size and extract_batch_size must be > 0")
-        if self.extract_num_workers < 0:
-            raise ConfigError("extract_num_workers", f"must be >= 0, got {self.extract_num_workers}")
-        _check_model_overrides(self.model_overrides)
-        for k in ("img_size", "head", "num_classes"):
-            if k in self.model_overrides:
-                raise ConfigError(f"model_overrides.{k}", "set by the linprobe config itself")
-        if self.ref_batch < 0:
-            raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
-        if self.train.layer_decay != 1.0:
-            raise ConfigError("train.layer_decay", "linear heads have no layers: leave it at 1.0")
-        try:
-            parse_blocks(self.layers, 10**6)
-        except ValueError as e:
-            raise ConfigError("layers", str(e)) from None
-
-
-def parse_blocks(spec: str | int, depth: int) -> list[int]:
-    """``"all"`` / ``"last"`` / ``"9"`` / ``"6,8,10"`` -> sorted 1-based block numbers (block k = ``blocks[k-1]``)."""
-    s = str(spec).strip().lower()
-    if s == "all":
-        return list(range(1, depth + 1))
-    if s == "last":
-        return [depth]
-    try:
-        blocks = sorted({int(x) for x in s.replace(" ", "").split(",") if x})
-    except ValueError:
-        raise ValueError(f"layers must be 'all', 'last' or block numbers like '9' or '6,8,10', got {spec!r}") from None
-    if not blocks or blocks[0] < 1 or blocks[-1] > depth:
-        raise ValueError(f"block numbers {blocks} out of range 1..{depth} (counted from 1)")
-    return blocks
 
 
 def build_encoder(cfg: LinprobeConfig) -> nn.Module:
@@ -135,8 +70,6 @@ def extract_features(model: nn.Module, dataset: Dataset, blocks: list[int], *, p
     labels = torch.empty(len(dataset), dtype=torch.long)
     idx = [b - 1 for b in blocks]
     i = 0
-    from tqdm.auto import tqdm
-
     for images, targets in tqdm(loader, desc="features", disable=len(loader) < 20):
         images = images.to(device, non_blocking=True)
         with autocast_for(device, "auto"):
@@ -216,14 +149,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
     paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
     """
-    from ...engine import Trainer
-    from ...engine import distributed as D
-    from ...engine.logging import setup_logging
-
-    validate_config(cfg)
-    setup_logging(cfg.train.output_dir, D.is_main())
-    if cfg.model in ("", MISSING):
-        raise ConfigError("model", "is not set: the checkpoint to probe")
+    begin_run(cfg, "the checkpoint to probe")
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 def train(args: argparse.Namespace) -> int:
     """``beit layout train``: train a detector (logs the COCO AP table itself)."""
     from ...engine.config import load_run_config
-    from .train import LayoutConfig
+    from .config import LayoutConfig
     from .train import train as run_train
 
     cfg = load_run_config(LayoutConfig, args.config, args.overrides)
@@ -36,7 +36,7 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
-    from .train import load_detector
+    from .model import load_detector
 
     model, cfg = load_detector(args.ckpt, list(args.overrides), use_ema=args.ema)
     return model.to(_device()), cfg
@@ -44,8 +44,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
+    from .data import build_val_dataset
     from .evaluate import evaluate_model, format_table
-    from .train import build_val_dataset
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value")

@@ -32,15 +32,14 @@ from torch.utils.data import Dataset
 
 from ...data.datasets import RepeatedDataset, SkipCounter, decode_image_matching, image_size
 from ...data.seeding import seeded
+from ...engine.config import ConfigError
+from .config import CROP_RESIZE, DIT_MIN_SIZES, LayoutConfig
 
-__all__ = [
-    "CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "collate", "split_image_ids", "write_synthetic_pages",
-]
+__all__ = ["CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "build_datasets", "build_val_dataset", "collate",
+           "split_image_ids", "write_synthetic_pages"]
 
 log = logging.getLogger("beit")
 
-DIT_MIN_SIZES = tuple(range(480, 801, 32))  # DiT / Detectron2 multi-scale training short sides
-CROP_RESIZE = (400, 500, 600)  # DETR-style crop: short side before cropping
 
 
 class LayoutDataError(ValueError):
@@ -354,7 +353,7 @@ class CocoLayoutDataset(Dataset):
     @staticmethod
     def _rasterize(polys: list | None, boxes: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """uint8 [N, H, W] masks; pycocotools clips polygons to the page. No polygon: the box is the mask."""
-        from pycocotools import mask as mask_util
+        from pycocotools import mask as mask_util  # optional (the layout extra): imported where COCO files are read
 
         out = torch.zeros((len(boxes), H, W), dtype=torch.uint8)
         for i, box in enumerate(boxes.tolist()):
@@ -375,7 +374,7 @@ class CocoLayoutDataset(Dataset):
     def coco_gt(self) -> Any:
         """A pycocotools ``COCO`` of exactly this dataset's pages and cleaned annotations (crowd ones
         included), with the original category ids: the ground truth the evaluator scores against."""
-        from pycocotools.coco import COCO
+        from pycocotools.coco import COCO  # optional (the layout extra): imported where COCO files are read
 
         anns = []
         for info in self.images:
@@ -436,3 +435,43 @@ def write_synthetic_pages(out_dir: str | Path, num_pages: int = 2, size: tuple[i
     path = out / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return path
+
+
+# ---------------------------------------------------------------------------------------- from the config
+def _images_of(ann: str, images: str) -> Path:
+    return Path(images) if images else Path(ann).parent / "images"
+
+
+def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
+    """Validation pages as they are (the model resizes them): ``data.val_ann``, or the ``data.holdout`` pages
+    split off ``data.train_ann``; None when neither is set."""
+    d = cfg.data
+    if d.val_ann:
+        return CocoLayoutDataset(d.val_ann, _images_of(d.val_ann, d.val_images), on_bad=d.on_bad,
+                                 check_images=d.check_images)
+    if d.holdout:
+        if not d.train_ann:
+            raise ConfigError("data.train_ann", "required with data.holdout: the file the pages are held out of")
+        _, val_ids = split_image_ids(d.train_ann, d.holdout, d.split_seed)
+        return CocoLayoutDataset(d.train_ann, _images_of(d.train_ann, d.train_images), image_ids=val_ids,
+                                 on_bad=d.on_bad, check_images=d.check_images)
+    return None
+
+
+def build_datasets(cfg: LayoutConfig, with_val: bool = True) -> tuple[CocoLayoutDataset, CocoLayoutDataset | None]:
+    """Training set (augmented, masks if the model has a mask head) and validation set (plain pages)."""
+    d = cfg.data
+    if not d.train_ann:
+        raise ConfigError("data.train_ann", "required: the COCO annotation file to train on")
+    train_ids = None
+    if d.holdout and not d.val_ann:
+        train_ids, _ = split_image_ids(d.train_ann, d.holdout, d.split_seed)
+    train_ds = CocoLayoutDataset(d.train_ann, _images_of(d.train_ann, d.train_images), train=True,
+                                 image_ids=train_ids, with_masks=cfg.model.mask_head, min_sizes=d.min_sizes,
+                                 max_size=d.max_size, flip_prob=d.flip_prob, crop_prob=d.crop_prob,
+                                 crop_size=d.crop_size, seed=cfg.train.seed, on_bad=d.on_bad,
+                                 check_images=d.check_images)
+    val_ds = build_val_dataset(cfg) if with_val else None
+    if val_ds is not None and val_ds.cat_ids != train_ds.cat_ids:
+        raise ConfigError("data.val_ann", f"categories {val_ds.cat_ids} differ from training's {train_ds.cat_ids}")
+    return train_ds, val_ds

@@ -44,7 +44,7 @@ def predictions_to_coco(outputs: Sequence[dict[str, torch.Tensor]], image_ids: S
         scores, labels = out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist()
         rles = None
         if "masks" in out:
-            from pycocotools import mask as mask_util
+            from pycocotools import mask as mask_util  # optional (the layout extra): imported where COCO files are read
 
             binary = (out["masks"][:, 0].float() > mask_thresh).cpu().numpy().astype(np.uint8)
             rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
@@ -86,7 +86,7 @@ def evaluate_coco(coco_gt: Any, results: list[dict[str, Any]], iou_types: Sequen
                   ) -> dict[str, float]:
     """Score COCO results against a pycocotools ``COCO``: ``{type}/AP``, ``/AP50``, ``/AP75`` and
     ``{type}/AP/{category name}`` (plus ``AP50``/``AP75`` per category) for each IoU type."""
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # optional (the layout extra): imported where COCO files are read
 
     cats = {c["id"]: c["name"] for c in coco_gt.dataset["categories"]}
     with_gt = {cid for cid in cats if coco_gt.getAnnIds(catIds=[cid], iscrowd=False)}

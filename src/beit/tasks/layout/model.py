@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,54 +28,15 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
+from ...engine.checkpoint import config_from_checkpoint, load_model_state
+from ...interop.backbone import build_backbone, check_overrides_fit
 from ...models import Beit, BeitConfig
+from .config import DetectorConfig, LayoutConfig
 
-__all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices"]
+__all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices",
+           "load_detector"]
 
 
-
-@dataclass
-class DetectorConfig:
-    """The detector's architecture; ``backbone`` is filled in by :func:`build_detector` so that a training
-    checkpoint can be rebuilt without the file it was initialised from."""
-
-    arch: str = "beit_base_patch16_224"  # preset used when training from scratch
-    init: str = ""  # pre-trained BEiT (any format beit.load_model reads); "" = from scratch
-    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # BeitConfig fields, e.g. depth
-    drop_path_rate: float = 0.1
-    out_indices: list[int] | None = None  # blocks feeding the pyramid; None: depth/3, /2, 2/3, last
-    fpn_channels: int = 256
-    pyramid_norm: str = "bn"  # between the two deconvs of the stride-4 level: bn (official) | gn | none
-    mask_head: bool = True  # Mask R-CNN (segm AP too) or Faster R-CNN (boxes only)
-    min_size_test: int = 800  # short side pages are resized to at evaluation / prediction
-    max_size_test: int = 1333
-    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # DiT: 127.5 / 127.5 on 0-255 pixels
-    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per pyramid level (4 + max-pooled)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    box_head_dim: int = 1024  # torchvision's TwoMLPHead width
-    mask_head_dim: int = 256  # torchvision's 4-conv mask head width
-    score_thresh: float = 0.05
-    detections_per_img: int = 100
-    # filled in by build_detector, so that eval / predict need neither the init file nor the annotations:
-    backbone: dict[str, Any] = field(default_factory=dict)  # the resolved BeitConfig
-    class_names: list[str] = field(default_factory=list)  # label i+1 <-> class_names[i]
-    category_ids: list[int] = field(default_factory=list)  # ... <-> COCO category id category_ids[i]
-
-    def validate(self) -> None:
-        from ...engine.config import ConfigError
-
-        if self.pyramid_norm not in ("bn", "gn", "none"):
-            raise ConfigError("pyramid_norm", f"must be bn | gn | none, got {self.pyramid_norm!r}")
-        if len(self.anchor_sizes) not in (4, 5):
-            raise ConfigError("anchor_sizes", f"one size per level (4 or 5 levels), got {list(self.anchor_sizes)}")
-        if self.out_indices is not None and len(self.out_indices) != 4:
-            raise ConfigError("out_indices", f"must name 4 blocks, got {list(self.out_indices)}")
-        if not 0.0 <= self.score_thresh < 1.0:
-            raise ConfigError("score_thresh", f"must be in [0, 1), got {self.score_thresh}")
-        for k, instead in (("drop_path_rate", "model.drop_path_rate"), ("head", "nothing: the detector has none")):
-            if k in self.backbone_overrides:  # build_detector sets these itself: the user's value would be dropped
-                raise ConfigError(f"backbone_overrides.{k}", f"set by the layout config itself; use {instead}")
 
 
 class BeitPyramidBackbone(nn.Module):
@@ -216,8 +177,6 @@ def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
     updated, so saving ``cfg`` is enough to rebuild the model (``build_detector(cfg)``) from a training
     checkpoint.
     """
-    from ...interop.backbone import build_backbone, check_overrides_fit
-
     cfg.validate()
     if class_names is not None:
         cfg.class_names = list(class_names)
@@ -249,3 +208,19 @@ def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
     backbone = BeitPyramidBackbone(body, cfg.out_indices, cfg.fpn_channels, cfg.pyramid_norm,
                                    extra_pool=len(cfg.anchor_sizes) == 5)
     return LayoutDetector(backbone, len(cfg.class_names), cfg.class_names, cfg)
+
+
+def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema: bool = False
+                  ) -> tuple[LayoutDetector, LayoutConfig]:
+    """The detector of a training checkpoint (``last.pt`` / ``best.pt``) and its config, in eval mode.
+
+    The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
+    annotation file are not needed.
+    """
+    cfg, state = config_from_checkpoint(LayoutConfig, ckpt, None, overrides)
+    if not cfg.model.backbone or not cfg.model.class_names:
+        raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
+    model = build_detector(cfg.model, model_overrides=cfg.model_overrides)
+    weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
+    load_model_state(model, weights, source=str(ckpt))
+    return model.eval(), cfg

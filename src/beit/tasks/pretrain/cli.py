@@ -7,12 +7,14 @@ Arguments arrive normalised by :mod:`beit.cli` (``args.config`` a file or None, 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def train(args: argparse.Namespace) -> int:
     """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.train.pretrain`)."""
     from ...engine.config import load_run_config
-    from .train import PretrainConfig, pretrain
+    from .config import PretrainConfig
+    from .train import pretrain
 
     cfg = load_run_config(PretrainConfig, args.config, args.overrides)
     result = pretrain(cfg)
@@ -27,13 +29,14 @@ def visualize_args(p: argparse.ArgumentParser) -> None:
 
 def visualize(args: argparse.Namespace) -> int:
     """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
-    from pathlib import Path
-
     import torch
 
     from ...engine.config import load_config
     from ...interop import load_model
-    from .train import PretrainConfig, _fixed_batch, build_dataset, build_tokenizer, mim_panel
+    from .config import PretrainConfig
+    from .data import build_dataset
+    from .model import build_tokenizer
+    from .panel import fixed_batch, mim_panel
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: beit visualize takes one checkpoint")
@@ -60,7 +63,7 @@ def visualize(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt}: a model with head={model.cfg.head!r}, not a pre-training (MIM) model: beit "
                          "visualize draws the masked-token predictions of a `beit pretrain` checkpoint")
     dataset = build_dataset(cfg, tokenizer.downsample)
-    batch = _fixed_batch(dataset, args.num, device)
+    batch = fixed_batch(dataset, args.num, device)
     out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out or "mim_panel.png")
     print(f"wrote {out}")
     return 0

@@ -1,44 +1,37 @@
 """Semantic segmentation with BEiT + UperNet (the paper's ADE20K setup), on the shared engine.
 
-``model``: backbone pyramid, UperNet and auxiliary FCN heads. ``data``: ADE20K / folder / list datasets
-and mmseg's augmentation. ``metrics``: confusion matrix -> mIoU / aAcc tables. ``infer``: whole-image and
-sliding-window inference, flip / multi-scale, overlays. ``train``: config, train / evaluate / predict.
+The files every task package has: ``config`` (:class:`SegmentConfig` and its parts), ``model`` (backbone
+pyramid, UperNet and auxiliary FCN heads; :func:`build_model` from the config, :func:`load_segmenter` from a
+training checkpoint), ``data`` (ADE20K / folder / list datasets, mmseg's augmentation, :func:`build_datasets`),
+``train`` (step / eval functions for the engine, :func:`train`, :func:`evaluate`), ``cli`` (the run functions
+of ``beit segment train | eval | predict``). Task extras: ``metrics`` (confusion matrix -> mIoU / aAcc
+tables) and ``infer`` (whole-image and sliding-window inference, flip / multi-scale, overlays, :func:`predict`).
+
+Imports are lazy (``beit.tasks._lazy``: a name is imported from the module :data:`_WHERE` names on first
+use) so that ``beit --help``, which reads ``cli``, loads neither the engine nor the data pipeline.
+``beit.tasks.segmentation.train`` is the function; its module is ``from beit.tasks.segmentation.train import ...``.
 """
 
-from .data import (
-    ADE20K_CLASSES,
-    CAMVID_CLASSES,
-    BadSampleError,
-    SegEvalTransform,
-    SegmentationDataset,
-    SegTrainTransform,
-    folder_pairs,
-    list_pairs,
-    load_class_names,
-)
-from .infer import colorize, inference, make_palette, overlay, save_overlay, slide_logits, whole_logits
-from .metrics import ConfusionMatrix, format_table, metrics_from_confusion
-from .model import BeitSegmenter, FCNHead, FeaturePyramid, UperHead, default_out_indices, segmentation_loss
-from .train import (
-    SegDataConfig,
-    SegmentConfig,
-    SegModelConfig,
-    SegTestConfig,
-    build_datasets,
-    build_model,
-    evaluate,
-    load_segmenter,
-    make_eval_fn,
-    make_step_fn,
-    predict,
-    train,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADE20K_CLASSES", "CAMVID_CLASSES", "BadSampleError", "BeitSegmenter", "ConfusionMatrix", "FCNHead",
-    "FeaturePyramid", "SegDataConfig", "SegEvalTransform", "SegModelConfig", "SegTestConfig", "SegTrainTransform",
-    "SegmentConfig", "SegmentationDataset", "UperHead", "build_datasets", "build_model", "colorize",
-    "default_out_indices", "evaluate", "folder_pairs", "format_table", "inference", "list_pairs",
-    "load_class_names", "load_segmenter", "make_eval_fn", "make_palette", "make_step_fn", "metrics_from_confusion",
-    "overlay", "predict", "save_overlay", "segmentation_loss", "slide_logits", "train", "whole_logits",
-]
+from .._lazy import lazy_names
+
+_WHERE = {
+    "IMAGENET_MEAN_255": "config", "IMAGENET_STD_255": "config", "SHAPE_KEYS": "config", "SegDataConfig": "config",
+    "SegModelConfig": "config", "SegTestConfig": "config", "SegmentConfig": "config",
+    "BeitSegmenter": "model", "ConvBNReLU": "model", "FCNHead": "model", "FeaturePyramid": "model", "PPM": "model",
+    "UperHead": "model", "build_backbone": "model", "build_model": "model", "config_from_checkpoint": "model",
+    "default_out_indices": "model", "load_segmenter": "model", "segmentation_loss": "model",
+    "ADE20K_CLASSES": "data", "BadSampleError": "data", "CAMVID_CLASSES": "data", "SegEvalTransform": "data",
+    "SegTrainTransform": "data", "SegmentationDataset": "data", "build_datasets": "data", "class_names": "data",
+    "collate_eval": "data", "folder_pairs": "data", "list_pairs": "data", "load_class_names": "data",
+    "photometric_distortion": "data", "read_mask": "data",
+    "evaluate": "train", "make_eval_fn": "train", "make_step_fn": "train", "train": "train",
+    "ConfusionMatrix": "metrics", "format_table": "metrics", "metrics_from_confusion": "metrics",
+    "colorize": "infer", "inference": "infer", "make_palette": "infer", "overlay": "infer", "predict": "infer",
+    "save_overlay": "infer", "slide_logits": "infer", "whole_logits": "infer", "write_overlays": "infer",
+}
+
+__all__ = sorted(_WHERE)
+
+__getattr__ = lazy_names(__name__, _WHERE)

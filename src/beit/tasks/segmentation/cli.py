@@ -16,8 +16,8 @@ from pathlib import Path
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
     from ...engine.config import load_run_config
-    from . import SegmentConfig
-    from . import train as run_train
+    from .config import SegmentConfig
+    from .train import train as run_train
 
     cfg = load_run_config(SegmentConfig, args.config, args.overrides)
     result = run_train(cfg)
@@ -38,8 +38,8 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit segment eval CKPT``: mIoU / aAcc and the per-class table; metrics.json in ``--out``."""
-    from . import evaluate as run_eval
-    from . import load_segmenter
+    from .model import load_segmenter
+    from .train import evaluate as run_eval
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value (e.g. data.root=DIR)")
@@ -56,10 +56,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """``beit segment predict CKPT IMAGES...``: coloured overlays and label maps in ``--out``."""
-    from beit.data.datasets import IMG_EXTENSIONS, list_images
-
-    from . import load_segmenter
-    from . import predict as run_predict
+    from ...data.datasets import IMG_EXTENSIONS, list_images
+    from .infer import predict as run_predict
+    from .model import load_segmenter
 
     inputs = list(args.input) + list(args.inputs)
     if not inputs:

@@ -32,8 +32,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from beit.data.datasets import SkipCounter, decode_image_matching, image_size, list_images
+from beit.data.datasets import RepeatedDataset, SkipCounter, decode_image_matching, image_size, list_images
 from beit.data.seeding import seeded
+from beit.engine.config import ConfigError
+
+from .config import SegDataConfig, SegmentConfig
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -42,10 +45,13 @@ __all__ = [
     "SegEvalTransform",
     "SegTrainTransform",
     "SegmentationDataset",
+    "build_datasets",
+    "class_names",
     "collate_eval",
     "folder_pairs",
     "list_pairs",
     "load_class_names",
+    "photometric_distortion",
     "read_mask",
 ]
 
@@ -467,3 +473,55 @@ def collate_eval(batch: list[dict | None]) -> dict[str, Any]:
     """Eval batches of images that may differ in size: lists, not stacked tensors (skipped samples dropped)."""
     batch = [b for b in batch if b is not None]
     return {k: [b[k] for b in batch] for k in ("image", "mask", "path")}
+
+
+# --------------------------------------------------------------------------------------- from the config
+def class_names(dcfg: SegDataConfig) -> list[str]:
+    """The class list: ``classes`` / ``classes_file`` / ADE20K's 150 names / ``class_<i>``."""
+    if dcfg.classes or dcfg.classes_file:
+        if dcfg.classes and dcfg.classes_file:
+            raise ConfigError("data.classes", "give classes or classes_file, not both")
+        return load_class_names(list(dcfg.classes) or dcfg.classes_file, dcfg.num_classes)
+    if dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
+        return list(ADE20K_CLASSES)
+    if dcfg.num_classes <= 0:
+        raise ConfigError("data.num_classes", "set num_classes or give the class names (data.classes)")
+    return load_class_names(None, dcfg.num_classes)
+
+
+def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list[str]]:
+    if not dcfg.root:
+        raise ConfigError("data.root", "set the dataset root (data.root=/path/to/data)")
+    root = Path(dcfg.root).expanduser()
+    name = dcfg.train_split if split == "train" else dcfg.val_split
+    if dcfg.format == "list":
+        return list_pairs(root / (dcfg.train_list if split == "train" else dcfg.val_list), root)
+    if dcfg.format == "ade20k":
+        img_dir, ann_dir, img_suffix, seg_suffix = "images/{split}", "annotations/{split}", ".jpg", ".png"
+    else:
+        img_dir, ann_dir, img_suffix, seg_suffix = dcfg.img_dir, dcfg.ann_dir, dcfg.img_suffix, dcfg.seg_suffix
+    return folder_pairs(root / img_dir.format(split=name), root / ann_dir.format(split=name), img_suffix, seg_suffix)
+
+
+def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Dataset]:
+    """``{"train": augmenting dataset, "val": eval dataset}`` from the data config."""
+    d = cfg.data
+    names = class_names(d)
+    out: dict[str, Dataset] = {}
+    for split in splits:
+        pairs, problems = _pairs(d, split)
+        if split == "train":
+            tf = SegTrainTransform(d.crop_size, d.img_scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
+                                   d.photometric, d.mean, d.std, d.ignore_index)
+        else:
+            tf = SegEvalTransform(d.test_scale, d.mean, d.std)
+        ds = SegmentationDataset(pairs, len(names), transform=tf, train=split == "train", ignore_index=d.ignore_index,
+                                 reduce_zero_label=d.reduce_zero_label, on_bad_sample=d.on_bad_sample,
+                                 class_names=names, seed=cfg.train.seed, problems=problems)
+        if d.verify:
+            ds.verify()
+        if ds.num_skipped:
+            logger.warning("%s: %d bad samples skipped, %d used", split, ds.num_skipped, len(ds))
+        out[split] = RepeatedDataset(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
+    return out
+

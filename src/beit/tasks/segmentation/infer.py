@@ -1,5 +1,6 @@
 """Inference for segmentation: whole-image or sliding-window (mmseg's ``slide_inference``), flip and
-multi-scale test-time augmentation, and coloured overlays.
+multi-scale test-time augmentation, coloured overlays, and a trained segmenter's overlays / label maps for a
+list of images (:func:`predict`, :func:`write_overlays`).
 
 Sliding windows: crops of ``crop`` pixels every ``stride`` pixels (ADE20K: 512 / 341), the last window
 of a row/column moved back to end at the border; logits of overlapping windows are averaged. A window
@@ -8,6 +9,8 @@ larger than the image covers it whole, so the result is then exactly the whole-i
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +21,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-__all__ = ["colorize", "inference", "make_palette", "overlay", "save_overlay", "slide_logits", "whole_logits"]
+from beit.data.datasets import decode_image, decode_image_matching, output_stems
+from beit.engine import distributed as D
+from beit.engine.precision import autocast_for
+
+from .config import SegmentConfig
+from .data import SegEvalTransform, SegmentationDataset
+from .model import BeitSegmenter
+
+__all__ = ["colorize", "inference", "make_palette", "overlay", "predict", "save_overlay", "slide_logits",
+           "whole_logits", "write_overlays"]
+
+logger = logging.getLogger(__name__)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -142,3 +156,67 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray | Image.Image, label
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
+
+
+# --------------------------------------------------------------------------------------- a trained segmenter
+@torch.no_grad()
+def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentConfig, out_dir: str | Path,
+                   n: int, prefix: str = "overlay") -> list[Path]:
+    """Overlays (prediction | ground truth) of the first ``n`` val images as PNGs."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t, palette, paths = cfg.test, make_palette(val_ds.num_classes), []
+    for i in range(min(n, len(val_ds))):
+        item = val_ds[i]
+        if item is None:  # skipped bad sample
+            continue
+        probs = inference(model, item["image"][None].to(device), val_ds.num_classes, mode=t.mode,
+                          crop=t.crop or cfg.data.crop_size, stride=t.stride, out_size=tuple(item["mask"].shape))
+        pred = probs.argmax(1)[0].cpu()
+        img = decode_image_matching(item["path"], (item["mask"].shape[-1], item["mask"].shape[-2]))
+        paths.append(save_overlay(Path(out_dir) / f"{prefix}_{i:03d}.png", img, pred, palette, gt=item["mask"],
+                                  ignore_index=val_ds.ignore_index))
+    model.train(was_training)
+    return paths
+
+
+
+@torch.no_grad()
+def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], out_dir: str | Path,
+            alpha: float = 0.5) -> list[Path]:
+    """For each image: ``<stem>_overlay.png`` (colours over the image) and ``<stem>_labels.png`` (class ids).
+
+    Stems that repeat across folders become ``<dir>__<file>`` (``beit.data.datasets.output_stems``), so
+    no result overwrites another. A file that cannot be read is skipped with a warning; ``index.json``
+    in ``out_dir`` has one entry per input, in input order: its outputs, or its ``error``, and
+    ``num_skipped``. Returns the overlays written.
+    """
+    device = D.device()
+    model.to(device).eval()
+    tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
+    palette, t, out = make_palette(model.num_classes), cfg.test, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, index = [], []
+    for path, stem in zip(inputs, output_stems(inputs)):
+        try:
+            img = decode_image(path)
+        except Exception as err:  # noqa: BLE001 - any decoder error means unreadable
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            index.append({"input": str(path), "error": f"unreadable: {type(err).__name__}: {err}"})
+            continue
+        x = tf.image(img)[None].to(device)
+        with autocast_for(device, cfg.train.precision):
+            probs = inference(model, x, model.num_classes, mode=t.mode, crop=t.crop or cfg.data.crop_size,
+                              stride=t.stride, flip=t.flip, scales=t.scales, out_size=(img.height, img.width))
+        pred = probs.argmax(1)[0].cpu().numpy()
+        written.append(save_overlay(out / f"{stem}_overlay.png", img, pred, palette, alpha))
+        Image.fromarray(pred.astype("uint8" if model.num_classes <= 256 else "int32")).save(out / f"{stem}_labels.png")
+        index.append({"input": str(path), "overlay": str(written[-1]), "labels": str(out / f"{stem}_labels.png")})
+    skipped = sum("error" in e for e in index)
+    (out / "index.json").write_text(json.dumps({"files": index, "num_skipped": skipped}, indent=1))
+    if skipped:
+        logger.warning("skipped %d of %d images (see %s)", skipped, len(index), out / "index.json")
+    if not written:
+        raise ValueError(f"none of the {len(index)} images could be read (see {out / 'index.json'})")
+    return written

@@ -17,13 +17,22 @@ returns the auxiliary logits (training). Inputs of any size work: they are padde
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.models import Beit
+from beit.engine.checkpoint import config_from_checkpoint as _config_from_checkpoint
+from beit.engine.checkpoint import load_model_state
+from beit.interop.backbone import build_backbone as _build_backbone
+from beit.interop.backbone import check_overrides_fit
+from beit.models import Beit, BeitConfig
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
+
+from .config import SHAPE_KEYS, SegmentConfig
+from .data import class_names
 
 __all__ = [
     "BeitSegmenter",
@@ -32,7 +41,11 @@ __all__ = [
     "FeaturePyramid",
     "PPM",
     "UperHead",
+    "build_backbone",
+    "build_model",
+    "config_from_checkpoint",
     "default_out_indices",
+    "load_segmenter",
     "segmentation_loss",
 ]
 
@@ -234,3 +247,59 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
         parts["loss_aux"] = loss_aux.detach()
         loss = loss + aux_weight * loss_aux
     return loss, parts
+
+
+# --------------------------------------------------------------------------------------- from the config
+def build_backbone(cfg: SegmentConfig) -> Beit:
+    """The BEiT backbone at the crop size through ``beit.build_backbone``: from ``model.init`` (rel-pos tables
+    made per-layer and resampled to the crop's grid), from the config stored by training
+    (``model.backbone``), or from the preset ``model.arch``; ``model_overrides`` apply to all three."""
+    m, crop = cfg.model, cfg.data.crop_size
+    user = dict(cfg.model_overrides)
+    user.update({k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None})
+    fixed = {"head": "none", "drop_path_rate": m.drop_path_rate}  # SegmentConfig.validate refuses them in user
+    if m.init:
+        return _build_backbone(m.init, rel_pos="per_layer", **{**user, **fixed, "img_size": crop})
+    if m.backbone:
+        stored = BeitConfig.from_dict(dict(m.backbone))
+        check_overrides_fit("the checkpoint's stored backbone", stored, user)
+        return _build_backbone(stored, **{**user, **fixed})
+    return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user, **fixed,
+                                      "img_size": crop})
+
+
+def build_model(cfg: SegmentConfig, num_classes: int | None = None) -> BeitSegmenter:
+    """Backbone + pyramid + UperNet (+ aux head); records the backbone config in ``cfg.model.backbone``."""
+    num_classes = num_classes or len(class_names(cfg.data))
+    backbone = build_backbone(cfg)
+    m = cfg.model
+    model = BeitSegmenter(backbone, num_classes, out_indices=m.out_indices, channels=m.channels,
+                          aux_channels=m.aux_channels, pool_scales=tuple(m.pool_scales), dropout=m.dropout,
+                          use_aux=m.aux_weight > 0)
+    m.backbone = backbone.cfg.to_dict()
+    return model.train()  # load_model hands the backbone back in eval mode
+
+
+
+def config_from_checkpoint(path: str | Path, config_file: str | None = None,
+                           overrides: list[str] | None = None) -> tuple[SegmentConfig, dict[str, Any]]:
+    """The run config stored in a training checkpoint (+ a YAML file + ``key=value`` overrides), and the state
+    (``beit.engine.checkpoint.config_from_checkpoint`` with the segmentation schema)."""
+    return _config_from_checkpoint(SegmentConfig, path, config_file, overrides)
+
+
+def load_segmenter(path: str | Path, config_file: str | None = None, overrides: list[str] | None = None,
+                   use_ema: bool = False) -> tuple[BeitSegmenter, SegmentConfig]:
+    """A trained segmenter (eval mode) and its config from a training checkpoint (``last.pt`` / ``best.pt``)."""
+    cfg, state = config_from_checkpoint(path, config_file, overrides)
+    if not cfg.model.backbone:
+        raise ValueError(f"{path}: the config has no model.backbone; was it written by `beit segment train`?")
+    init, cfg.model.init = cfg.model.init, ""  # rebuild from the stored architecture, not the pre-trained file
+    num_classes = len(class_names(cfg.data))
+    model = build_model(cfg, num_classes)
+    cfg.model.init = init
+    sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+
+    load_model_state(model, sd, source=str(path))
+    return model.eval(), cfg
+

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def train(args: argparse.Namespace) -> int:
     """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
     from ...engine.config import load_run_config
-    from .train import TokenizerTrainConfig, train_tokenizer
+    from .config import TokenizerTrainConfig
+    from .train import train_tokenizer
 
     cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides)
     report = train_tokenizer(cfg)
@@ -115,8 +117,6 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     transformed is left out of both (never replaced by a neighbour), named in ``skipped`` with its
     reason and counted in ``num_skipped``.
     """
-    from pathlib import Path
-
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm

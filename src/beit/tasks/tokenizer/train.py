@@ -5,6 +5,10 @@
 Writes, under ``train.output_dir``: the engine's checkpoints / logs / curves, ``dvae.safetensors``
 (load it with ``load_tokenizer("dvae", path)``), ``recon_grid.png`` (held-out originals above their
 token round trips) and ``tokenizer_metrics.json`` (held-out MSE / PSNR, codebook perplexity, dead codes).
+
+The config is ``config.py``, the datasets ``data.py``; the model is ``DiscreteVAE(cfg.model)`` (no ``model.py``:
+the dVAE lives with the other tokenizers in :mod:`beit.tokenizers`). Here: the held-out evaluation and
+reconstruction grid (also behind ``beit tokenizer eval``), the step and :func:`train_tokenizer`.
 """
 
 from __future__ import annotations
@@ -12,97 +16,20 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from ...data import ImageFolderDataset
-from ...engine import ConfigError, TrainConfig, Trainer, is_main, load_config
-from ...tokenizers.dvae import DiscreteVAE, DVAEConfig
+from ...engine import Trainer, is_main, load_config
+from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
+from .config import TokenizerTrainConfig
+from .data import build_datasets
 
-
-def _default_train() -> TrainConfig:
-    # dVAEs like a higher lr than ViTs and little weight decay (DALL-E: AdamW, wd 1e-4).
-    return TrainConfig(
-        output_dir="runs/dvae",
-        lr=1e-3,
-        min_lr=1e-5,
-        weight_decay=1e-4,
-        warmup_steps=500,
-        max_steps=20000,
-        batch_size=64,
-        image_every=1000,
-        ckpt_every=2000,
-    )
-
-
-@dataclass
-class TokenizerTrainConfig:
-    data_dir: str = ""  # images under it at any depth
-    val_dir: str = ""  # held-out images; "" = hold out val_fraction of data_dir
-    val_fraction: float = 0.02
-    max_val_images: int = 2048  # cap on held-out images used per evaluation
-    img_size: int = 128  # random crops for training, center crops for evaluation
-    grid_images: int = 8  # columns of the reconstruction grid
-    model: DVAEConfig = field(default_factory=lambda: DVAEConfig(temperature_anneal_steps=20000))
-    train: TrainConfig = field(default_factory=_default_train)
-
-    def validate(self) -> None:
-        if not self.data_dir:
-            raise ConfigError("data_dir", "is required (a folder of images)")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        if self.img_size % self.model.downsample:
-            raise ConfigError("img_size", f"must be divisible by model.downsample ({self.model.downsample})")
-        if self.max_val_images < 1 or self.grid_images < 1:
-            raise ConfigError("max_val_images", "max_val_images and grid_images must be >= 1")
-        try:
-            self.model.check()
-        except ValueError as e:
-            raise ConfigError("model", str(e)) from None
-
-
-class _Subset(Dataset):
-    """``Subset`` that forwards ``set_epoch`` (the engine's per-epoch augmentation stream)."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[self.indices[i]]
-
-
-def build_datasets(cfg: TokenizerTrainConfig) -> tuple[Dataset, Dataset]:
-    """Train set (random crop + flip) and held-out set (center crop), images as float [3, S, S] in [0, 1]."""
-    s = cfg.img_size
-    train_tf = T.Compose([T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
-    eval_tf = T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()])
-    seed = cfg.train.seed
-    train_ds = ImageFolderDataset(cfg.data_dir, train_tf, seed=seed)
-    if cfg.val_dir:
-        eval_ds: Dataset = ImageFolderDataset(cfg.val_dir, eval_tf, seed=seed)
-        return train_ds, _Subset(eval_ds, range(min(len(eval_ds), cfg.max_val_images)))
-    n = len(train_ds)
-    n_val = max(1, round(n * cfg.val_fraction))
-    if n - n_val < 1:
-        raise ValueError(f"{cfg.data_dir}: {n} image(s) is too few to hold out a validation split")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx, train_idx = sorted(perm[:n_val][: cfg.max_val_images]), sorted(perm[n_val:])
-    eval_ds = ImageFolderDataset(cfg.data_dir, eval_tf, seed=seed)
-    return _Subset(train_ds, train_idx), _Subset(eval_ds, val_idx)
+__all__ = ["evaluate_tokenizer", "main", "train_tokenizer", "write_recon_grid"]
 
 
 @torch.no_grad()

@@ -1,0 +1,174 @@
+"""The classification data built from the config: image folders (``root/<class>/<image>``, or decoded into
+memory), the training augmentation (the paper's recipe, or the document recipe), the eval preprocessing of a
+:class:`beit.models.Preprocess`, and the batched on-device training path (``data.device``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+
+from ...data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
+from ...data.gpu_augment import FinetuneAugment
+from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
+from ...data.transforms import build_eval_transform, build_finetune_transform, build_full_image_transform
+from ...engine.config import ConfigError
+from ...models.config import Preprocess
+from ..device_data import wants_device_path
+from .config import DataConfig, FinetuneConfig
+
+__all__ = ["build_datasets", "build_device_train", "build_preprocess", "build_train_transform", "build_val",
+           "check_num_classes", "readable_subset"]
+
+logger = logging.getLogger(__name__)
+
+
+def _gray_first(tf: T.Compose, grayscale: bool) -> T.Compose:
+    """``tf``, behind a gray -> 3-channel step when ``grayscale`` (scans: keeps colour out of the decision)."""
+    steps = list(tf.transforms)
+    if grayscale:
+        steps.insert(0, T.Grayscale(num_output_channels=3))
+    return T.Compose(steps)
+
+
+def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform for ``p``: ``beit.data.transforms``' ``build_eval_transform`` (resize + center
+    crop) or ``build_full_image_transform`` (whole image to a square), behind an optional grayscale step."""
+    if p.resize == "crop":
+        tf = build_eval_transform(p.img_size, crop_pct=p.crop_pct, interpolation=p.interpolation,
+                                  mean=p.mean, std=p.std)
+    elif p.resize == "full":
+        tf = build_full_image_transform(False, p.img_size, interpolation=p.interpolation, mean=p.mean, std=p.std)
+    else:
+        raise ValueError(f"resize must be 'crop' or 'full', got {p.resize!r}")
+    return _gray_first(tf, p.grayscale)
+
+
+def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
+    """Decode every file once and keep the readable ones, so that a broken file is reported and left
+    out instead of being replaced by its neighbour (which would count that neighbour twice)."""
+    bad = set(ds.verify(num_threads=num_threads))
+    keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
+    if not keep:
+        raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
+    if bad:
+        logger.warning("left out %d unreadable images: %s", len(bad), sorted(bad)[:10])
+    return Subset(ds, keep), keep, sorted(bad)
+
+
+def build_train_transform(data: DataConfig, img_size: int) -> Any:
+    """Training augmentation: the paper's recipe via the data helper, or the document recipe (``resize=full``:
+    whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
+    if data.resize == "crop":
+        tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
+                                      color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
+                                      hflip=data.hflip, interpolation=data.interpolation,
+                                      mean=tuple(data.mean), std=tuple(data.std))
+    else:
+        tf = build_full_image_transform(True, img_size, hflip=data.hflip, re_prob=data.reprob,
+                                        interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
+    return _gray_first(tf, data.grayscale)
+
+
+def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,
+                   class_names: list[str] | None = None) -> tuple[Dataset, Dataset | None, list[str]]:
+    """Train / val datasets from folders (or decoded into memory) and the class names in label order.
+
+    The val folders must hold exactly the training classes; with ``verify_val`` unreadable val images are
+    left out (counted and logged) instead of being replaced by a neighbour.
+    """
+    if not data.train_dir:
+        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    names = list(class_names) if class_names else None
+    if data.in_memory:
+        images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size, class_names=names)
+        train: Dataset = TensorImageDataset(images, labels, train_transform, seed=seed)
+    else:
+        folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
+        train, names = folder, list(folder.classes)
+    return train, build_val(data, eval_transform, names, seed), list(names)
+
+
+def build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int) -> Dataset | None:
+    """The val dataset of ``data`` for the training classes ``names`` (None without ``val_dir``)."""
+    val: Dataset | None = None
+    if data.val_dir:
+        try:
+            if data.in_memory:
+                images, labels, _ = load_image_folder_to_memory(data.val_dir, size=data.memory_size, class_names=names)
+                val = TensorImageDataset(images, labels, eval_transform, seed=seed)
+            else:
+                vf = LabeledImageFolder(data.val_dir, eval_transform, class_names=names, seed=seed)
+                val = readable_subset(vf, num_threads=8)[0] if data.verify_val else vf
+        except ValueError as e:
+            raise ValueError(f"validation set {data.val_dir!r} does not fit the {len(names)} training classes: "
+                             f"{e}") from None
+    return val
+
+
+def _device_path_blocker(data: DataConfig) -> str | None:
+    """Why the training recipe of ``data`` cannot run on the batched device path (None = it can)."""
+    if data.resize != "crop":
+        return f"data.resize={data.resize!r} (only 'crop')"
+    if data.grayscale:
+        return "data.grayscale=true"
+    if data.interpolation != "bicubic":
+        return f"data.interpolation={data.interpolation!r} (only 'bicubic')"
+    if data.auto_augment and not str(data.auto_augment).startswith("rand"):
+        return f"data.auto_augment={data.auto_augment!r} (only RandAugment 'rand-...')"
+    if not data.auto_augment and data.color_jitter:
+        return "data.color_jitter without auto_augment (no colour jitter on the device path)"
+    return None
+
+
+def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_names: list[str] | None = None
+                       ) -> tuple[Dataset, Any, Any, list[str]] | None:
+    """The batched on-device training data (``data.device``), or None for the CPU path.
+
+    Returns ``(dataset, collate_fn, pipeline, class_names)``; ``pipeline(batch)`` gives ``(images, labels)``
+    on ``device`` with the paper's recipe applied per sample (``beit.data.gpu_augment.FinetuneAugment``).
+
+    Raises:
+        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks.
+    """
+    data = cfg.data
+    if not wants_device_path(data.device, device):
+        return None
+    blocker = _device_path_blocker(data)
+    if blocker is not None:
+        if data.device == "gpu":
+            raise ConfigError("data.device", f"gpu cannot run this recipe: {blocker}; use auto or cpu")
+        logger.info("data.device=auto: CPU data path, because of %s", blocker)
+        return None
+    if not data.train_dir:
+        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    try:
+        augment = FinetuneAugment(cfg.img_size, scale=tuple(data.scale), hflip=data.hflip,
+                                  auto_augment=data.auto_augment or None, re_prob=data.reprob,
+                                  mean=tuple(data.mean), std=tuple(data.std), seed=cfg.train.seed)
+    except ValueError as e:
+        raise ConfigError("data.auto_augment", str(e)) from None
+    if data.in_memory:
+        images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size,
+                                                            class_names=class_names or None)
+        return (InMemoryIndices(len(images), seed=cfg.train.seed), InMemoryIndices.collate,
+                FinetunePipeline(augment, device, images, labels), list(names))
+    ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
+                                       seed=cfg.train.seed)
+    return ds, collate_encoded, FinetunePipeline(augment, device), list(ds.classes)  # type: ignore[attr-defined]
+
+
+def check_num_classes(requested: int, names: list[str], where: str) -> int:
+    """The class count, or a clear error when the config asks for another one than the data holds."""
+    if requested and requested != len(names):
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise ValueError(f"num_classes={requested} but {where} has {len(names)} classes ({shown}); "
+                         "set num_classes=0 to take them from the data")
+    return len(names)
+

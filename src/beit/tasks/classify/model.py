@@ -1,0 +1,51 @@
+"""The classifier built from its config: a preset from scratch or a checkpoint through ``beit.build_backbone``
+with the fine-tuning overrides (per-layer rel-pos, resampled tables, mean pooling, drop path, a new head).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ...interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
+    SHAPE_FIELDS,
+    build_backbone,
+    check_overrides_fit,
+    is_preset,
+    source_config,
+)
+from .config import FinetuneConfig
+
+__all__ = ["build_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _reset_head(model: nn.Module) -> None:
+    trunc_normal_(model.head.weight, std=model.cfg.init_std)
+    nn.init.zeros_(model.head.bias)
+    model.head.weight.data.mul_(model.cfg.init_scale)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
+    """Classifier for ``cfg``: a preset from scratch, or a checkpoint through ``beit.load_model`` with the
+    fine-tuning overrides (per-layer rel-pos, resampled tables, mean pooling, drop path, new head).
+
+    A classifier checkpoint whose stored class names differ from ``class_names`` gets a fresh head even when
+    the class count matches (its old head would map the new labels to the wrong outputs).
+    """
+    over: dict[str, Any] = dict(num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path,
+                                use_mean_pooling=cfg.use_mean_pooling, head="cls")
+    over.update(cfg.model_overrides)
+    model = build_backbone(cfg.model, rel_pos=cfg.rel_pos, **over)
+    # a classifier checkpoint of the same class count keeps its head; its stored names tell whether they match
+    old_names = list((model.cfg.extra or {}).get("class_names") or [])
+    if (not is_preset(cfg.model) and class_names and len(old_names) == num_classes
+            and old_names != list(class_names)):
+        logger.info("checkpoint classes %s... differ from the data's: new head", old_names[:3])
+        _reset_head(model)
+    return model.train()
+

@@ -1,0 +1,148 @@
+"""The pre-training config: :class:`PretrainConfig` (model, data, tokenizer, the engine's ``train``) and
+:func:`validate`, which fails before any work (missing files, impossible shapes, a mask budget the grid cannot
+hold). Defaults are the paper's BEiT-B recipe; the presets are ``beit/configs/pretrain_*.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...data.masking import BlockwiseMaskGenerator
+from ...engine.config import ConfigError, TrainConfig
+from ...tokenizers import TOKENIZERS
+from ..backbone_config import check_model_overrides
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SHAPE_KEYS", "PretrainConfig", "PretrainDataConfig",
+           "PretrainModelConfig", "PretrainTokenizerConfig", "shard_urls", "validate"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PretrainModelConfig:
+    name: str = "beit_base_patch16_224"  # a preset; the fields below override it when set
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1
+    init_values: float = 0.1  # layer scale (paper: 0.1 base, 1e-5 large)
+    attn_impl: str = "sdpa"
+    init: str = ""  # optional checkpoint to start from (any format beit.load_model reads)
+
+
+@dataclass
+class PretrainDataConfig:
+    path: str = ""  # a folder of images (searched recursively, any layout), or webdataset shards: a .tar,
+    # a folder of .tar files, or a brace pattern such as shards/train-{000000..001023}.tar
+    num_samples: int = 0  # shards only: images per epoch (a stream cannot count itself)
+    in_memory: bool = False  # decode every image once into RAM as uint8 (small images such as CIFAR)
+    max_images: int = 0  # 0 = all
+    scale: tuple[float, float] = (0.08, 1.0)
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_mask_patches: int = 75  # ~40% of 14x14
+    min_mask_patches_per_block: int = 16
+    max_mask_patches_per_block: int | None = None
+    device: str = "auto"  # where images are decoded and augmented: auto (gpu on CUDA) | cpu (PIL in the
+    # workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
+
+
+@dataclass
+class PretrainTokenizerConfig:
+    kind: str = "dalle"  # dalle (OpenAI's dVAE, encoder.pkl) | dvae (trained with `beit tokenizer train`)
+    path: str = ""  # dalle: encoder.pkl or our safetensors; dvae: safetensors
+    decoder: str = ""  # dalle only: decoder.pkl, for the image panels
+    precision: str = "fp32"  # dalle: fp32 | tf32 | bf16 | fp16 (official: fp16; ids match fp32 at ~99.7%)
+
+
+def _default_train() -> TrainConfig:
+    # the paper's BEiT-B recipe (per-rank batch 128 x 16 GPUs = 2048)
+    return TrainConfig(
+        output_dir="runs/pretrain", epochs=800, batch_size=128, lr=1.5e-3, min_lr=1e-5, warmup_epochs=10,
+        weight_decay=0.05, betas=(0.9, 0.98), clip_grad=3.0, image_every=1000,
+    )
+
+
+@dataclass
+class PretrainConfig:
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    tokenizer: PretrainTokenizerConfig = field(default_factory=PretrainTokenizerConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    vis_samples: int = 4
+    # BeitConfig fields of the model (as every task's model_overrides), e.g. {attn_impl: eager, mlp_ratio: 2}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+
+SHAPE_KEYS = ("embed_dim", "depth", "num_heads")  # model.<key>: shape shortcuts (None = the preset's / checkpoint's)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Fail before any work: missing files, impossible shapes, a mask budget the grid cannot hold."""
+    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    check_model_overrides(cfg.model_overrides, {"head": "nothing: pre-training uses the MIM head",
+                                                "vocab_size": "tokenizer (its vocabulary)",
+                                                "img_size": "model.img_size", "patch_size": "model.patch_size"})
+    for k in SHAPE_KEYS:
+        mine, theirs = getattr(m, k), cfg.model_overrides.get(k)
+        if mine and theirs is not None and mine != theirs:
+            raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
+    if m.img_size % m.patch_size:
+        raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
+    if not d.path:
+        raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
+    if not shard_urls(d.path) and not Path(d.path).exists():
+        raise ConfigError("data.path", f"folder not found: {d.path}")
+    if shard_urls(d.path) and d.num_samples <= 0:
+        raise ConfigError("data.num_samples", f"{d.path} is webdataset shards: give the images per epoch "
+                                              "(data.num_samples=N)")
+    grid = m.img_size // m.patch_size
+    try:
+        BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
+                               d.max_mask_patches_per_block)
+    except ValueError as e:
+        key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
+        raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
+    kind = TOKENIZERS.get(t.kind)
+    if kind is None:
+        raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in TOKENIZERS)}, got {t.kind!r}")
+    if t.precision not in kind.precisions:
+        raise ConfigError("tokenizer.precision", f"a {t.kind} tokenizer runs in {' | '.join(kind.precisions)}, "
+                                                 f"got {t.precision!r}")
+    if t.decoder and not kind.has_decoder_file:
+        raise ConfigError("tokenizer.decoder", f"a {t.kind} tokenizer keeps its decoder in tokenizer.path; "
+                                               f"leave tokenizer.decoder empty (got {t.decoder!r})")
+    if not t.path:
+        raise ConfigError("tokenizer.path", "no tokenizer: give tokenizer.path (DALL-E encoder.pkl or a dVAE "
+                                            "trained with `beit tokenizer train`)")
+    for key, value in (("tokenizer.path", t.path), ("tokenizer.decoder", t.decoder)):
+        if value and not Path(value).exists():
+            raise ConfigError(key, f"file not found: {value}")
+
+
+def shard_urls(path: str) -> list[str]:
+    """The shard files ``path`` names (a .tar, a folder of .tar files, a brace pattern), or [] for images."""
+    if "{" in path:
+        import braceexpand  # optional (the webdataset extra): only brace patterns need it
+
+        return list(braceexpand.braceexpand(path))
+    p = Path(path)
+    if p.is_file() and p.suffix == ".tar":
+        return [str(p)]
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        has_images = any(f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") for f in p.iterdir())
+        return tars if tars and not has_images else []
+    return []
+

@@ -1,0 +1,90 @@
+"""The pre-training data built from the config: images (a folder, decoded into memory, or webdataset shards)
+with the two views and the blockwise mask per sample, on the CPU in the workers (:func:`build_dataset`) or as
+encoded bytes augmented in batches on the device (:func:`build_device_data`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
+from ...data.gpu_augment import PretrainViews
+from ...data.gpu_decode import EncodedImageFiles, EncodedWebDataset, InMemoryIndices, PretrainPipeline, collate_encoded
+from ...data.masking import BlockwiseMaskGenerator
+from ...data.transforms import PretrainTransform
+from ..device_data import wants_device_path
+from .config import PretrainConfig, shard_urls
+
+__all__ = ["build_dataset", "build_device_data", "build_transform"]
+
+
+def build_transform(cfg: PretrainConfig, tokenizer_downsample: int) -> PretrainTransform:
+    """The per-sample views and mask of ``cfg``: patch view, tokenizer view (``tokenizer_downsample`` pixels per
+    token) and BEiT's blockwise mask over the patch grid (``transform.mask_generator``)."""
+    m, d = cfg.model, cfg.data
+    grid = m.img_size // m.patch_size
+    masks = BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
+                                   d.max_mask_patches_per_block)
+    return PretrainTransform(
+        input_size=m.img_size, patch_size=m.patch_size, tokenizer_downsample=tokenizer_downsample,
+        scale=tuple(d.scale), color_jitter=d.color_jitter, hflip=d.hflip, mean=tuple(d.mean), std=tuple(d.std),
+        mask_generator=masks,
+    )
+
+
+def _memory_images(cfg: PretrainConfig) -> torch.Tensor:
+    """``data.in_memory``: every image of ``data.path`` decoded once, uint8 ``[N, H, W, 3]``, the first
+    ``data.max_images`` (0 = all)."""
+    images, _, _ = load_image_folder_to_memory(cfg.data.path)
+    return images[: cfg.data.max_images] if cfg.data.max_images else images
+
+
+def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
+    d = cfg.data
+    transform = build_transform(cfg, tokenizer_downsample)
+    seed = cfg.train.seed
+    urls = shard_urls(d.path)
+    if urls:
+        return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
+    if d.in_memory:
+        images = _memory_images(cfg)
+        return TensorImageDataset(images, transform=transform, seed=seed)
+    ds = ImageFolderDataset(d.path, transform=transform, seed=seed)
+    if d.max_images and d.max_images < len(ds):
+        ds = torch.utils.data.Subset(ds, range(d.max_images))
+        ds.set_epoch = ds.dataset.set_epoch  # type: ignore[attr-defined]  # keep per-epoch augmentation
+    return ds
+
+
+def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: torch.device | str
+                      ) -> tuple[torch.utils.data.Dataset, Any, Any] | None:
+    """The batched on-device data path (``data.device``), or None for the CPU path.
+
+    Returns ``(dataset, collate_fn, pipeline)``: the workers read bytes and draw masks, ``pipeline(batch)``
+    decodes and makes the two views on ``device``. Folders, webdataset shards and ``data.in_memory``.
+
+    Raises:
+        ConfigError: ``data.device`` is not auto | cpu | gpu.
+    """
+    d = cfg.data
+    if not wants_device_path(d.device, device):
+        return None
+    t = build_transform(cfg, tokenizer_downsample)
+    masks = t.mask_generator
+    views = PretrainViews.from_transform(t, seed=cfg.train.seed)
+    seed = cfg.train.seed
+    urls = shard_urls(d.path)
+    if urls:
+        shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
+        return shards, collate_encoded, PretrainPipeline(views, device)
+    if d.in_memory:
+        images = _memory_images(cfg)
+        return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
+                PretrainPipeline(views, device, images))
+    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed)
+    if d.max_images:
+        ds.samples = ds.samples[: d.max_images]
+    return ds, collate_encoded, PretrainPipeline(views, device)
+
