@@ -242,17 +242,19 @@ def test_full_image_transform_is_the_document_recipe() -> None:
         build_full_image_transform(True, 32, re_prob=2)
 
 
-@pytest.mark.parametrize("size, pad", [(32, 4), (16, 2), (24, 3), (8, 1)])
-def test_small_image_crop_shifts_by_an_eighth_of_the_side_on_both_paths(size, pad) -> None:
-    """<= 32 px: RandomCrop(size, padding=size // 8), unilm's CIFAR crop at 32 px; the GPU path shifts alike.
-    A single lit pixel in the middle lands anywhere within +-pad of where it was, never farther."""
+@pytest.mark.parametrize("size, padding, pad", [(32, None, 4), (16, None, 2), (24, None, 3), (8, None, 1),
+                                                (16, 0, 0), (16, 3, 3)])
+def test_small_image_crop_shifts_by_an_eighth_of_the_side_on_both_paths(size, padding, pad) -> None:
+    """<= 32 px: RandomCrop(size, padding=size // 8), unilm's CIFAR crop at 32 px, or the ``crop_padding`` given
+    (0: no shift); the GPU path shifts alike. A single lit pixel in the middle lands anywhere within +-pad of
+    where it was, never farther."""
     from beit.data.gpu_augment import FinetuneAugment
 
     img = np.zeros((size, size, 3), np.uint8)
     c = size // 2
     img[c, c] = 255
     tf = build_finetune_transform(True, size, auto_augment=None, color_jitter=0.0, re_prob=0.0, hflip=0.0,
-                                  mean=(0, 0, 0), std=(1, 1, 1))
+                                  mean=(0, 0, 0), std=(1, 1, 1), crop_padding=padding)
     crop = tf.transforms[0]
     assert isinstance(crop, T.RandomCrop) and crop.padding == pad
     cpu = set()
@@ -261,7 +263,8 @@ def test_small_image_crop_shifts_by_an_eighth_of_the_side_on_both_paths(size, pa
             out = tf(Image.fromarray(img))
         r, q = divmod(int(out[0].argmax()), size)
         cpu.add((r - c, q - c))
-    aug = FinetuneAugment(size, auto_augment=None, re_prob=0.0, hflip=0.0, mean=(0, 0, 0), std=(1, 1, 1), seed=0)
+    aug = FinetuneAugment(size, auto_augment=None, re_prob=0.0, hflip=0.0, mean=(0, 0, 0), std=(1, 1, 1), seed=0,
+                          crop_padding=padding)
     batch = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).expand(300, -1, -1, -1).contiguous()
     gout = aug(batch, torch.arange(300), 0)
     gpu = {(int(i) // size - c, int(i) % size - c) for i in gout[:, 0].flatten(1).argmax(1)}
@@ -269,3 +272,12 @@ def test_small_image_crop_shifts_by_an_eighth_of_the_side_on_both_paths(size, pa
     for shifts in (cpu, gpu):
         assert shifts <= full  # never farther than the padding
         assert {r for r, _ in shifts} == {q for _, q in shifts} == set(range(-pad, pad + 1))  # every shift occurs
+
+
+def test_negative_crop_padding_is_refused() -> None:
+    from beit.tasks.classify import DataConfig
+
+    with pytest.raises(ValueError, match="crop_padding must be >= 0"):
+        build_finetune_transform(True, 16, crop_padding=-1)
+    with pytest.raises(ValueError, match="must be >= 0 or null"):
+        DataConfig(train_dir="x", crop_padding=-2).validate()

@@ -292,6 +292,32 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
     assert main(["segment", "eval", "--ckpt", str(tmp_path / "missing.pt")]) == 1
 
 
+def test_training_repeats_exactly_whatever_the_global_rng(tmp_path: Path) -> None:
+    """The heads' random init comes from train.seed: two runs of one config after different global draws
+    write the same weights."""
+    import torch
+
+    from beit.cli import main
+    from beit.engine.checkpoint import load_checkpoint
+
+    data = make_toy(tmp_path)
+    states = []
+    for run, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)
+        out = tmp_path / f"run{run}"
+        assert main(["segment", "train", "--config", str(CONFIGS / "segment_camvid.yaml"),
+            f"data.root={data}", "data.classes=[red,blue,green]", "data.ignore_index=3", "data.crop_size=32",
+            "data.img_scale=[32,32]", "data.ratio_range=[0.9,1.1]", "test.crop=32", "test.stride=16",
+            "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
+            "model.num_heads=2", "model.channels=16", "model.aux_channels=8", "model.drop_path_rate=0.0",
+            "train.batch_size=2", "train.max_steps=1", "train.warmup_steps=0", "train.num_workers=0",
+            "train.eval_every=0", f"train.output_dir={out}"]) == 0
+        states.append(load_checkpoint(out / "last.pt")["model"])
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0, msg=k)
+
+
 def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     cam = tmp_path / "CamVid"
     for split, n in (("train", 4), ("val", 2)):

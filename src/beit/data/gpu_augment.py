@@ -501,7 +501,7 @@ class FinetuneAugment:
     Args:
         input_size: output side (square).
         scale, ratio: random-resized-crop ranges; for ``input_size <= 32`` a padded random crop
-            instead (``input_size // 8`` px of padding, as the CPU path).
+            instead (``crop_padding`` px of padding, default ``input_size // 8``, as the CPU path).
         hflip: flip probability.
         auto_augment: timm RandAugment string (``rand-m9-mstd0.5-inc1``) or None.
         re_prob: random-erasing probability ('pixel' mode: N(0, 1) noise in normalised units).
@@ -526,10 +526,11 @@ class FinetuneAugment:
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         seed: int = 0,
+        crop_padding: int | None = None,
     ) -> None:
         self.input_size = int(input_size)
         self.small = self.input_size <= 32
-        self.pad = small_image_padding(self.input_size)  # as the CPU path
+        self.pad = small_image_padding(self.input_size, crop_padding)  # as the CPU path
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.hflip = float(hflip)
         self.re_prob = float(re_prob)

@@ -56,10 +56,16 @@ _INTERP = {
 SMALL_IMAGE_SIZE = 32  # at or below this, follow unilm's CIFAR path: no resize-up-then-crop
 
 
-def small_image_padding(input_size: int) -> int:
-    """Pixels of padding of the random crop at ``input_size <= SMALL_IMAGE_SIZE``: an eighth of the side, so
-    32 px gets unilm's CIFAR ``RandomCrop(32, padding=4)`` and smaller inputs the same relative shift (16 px -> 2;
-    a fixed 4 would shift a 16-px image by a quarter of its side)."""
+def small_image_padding(input_size: int, padding: int | None = None) -> int:
+    """Pixels of padding of the random crop at ``input_size <= SMALL_IMAGE_SIZE``: ``padding`` when given
+    (0 = no shift at all), else an eighth of the side, so 32 px gets unilm's CIFAR ``RandomCrop(32, padding=4)``
+    and smaller inputs the same relative shift (16 px -> 2; a fixed 4 would shift a 16-px image by a quarter).
+
+    Raises ValueError for a negative ``padding``."""
+    if padding is not None:
+        if int(padding) < 0:
+            raise ValueError(f"crop_padding must be >= 0 (or None for input_size // 8), got {padding}")
+        return int(padding)
     return max(1, int(input_size) // 8)
 
 
@@ -362,8 +368,9 @@ class SmallImageRandomCrop(T.RandomCrop):
         return super().forward(self.ensure(img))
 
 
-def _small_image_crop(input_size: int, interpolation: str) -> SmallImageRandomCrop:
-    return SmallImageRandomCrop(input_size, padding=small_image_padding(input_size), interpolation=interpolation)
+def _small_image_crop(input_size: int, interpolation: str, padding: int | None = None) -> SmallImageRandomCrop:
+    return SmallImageRandomCrop(input_size, padding=small_image_padding(input_size, padding),
+                                interpolation=interpolation)
 
 
 def build_finetune_transform(
@@ -381,13 +388,14 @@ def build_finetune_transform(
     crop_pct: float | None = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    crop_padding: int | None = None,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The BEiT fine-tuning recipe (unilm ``build_transform``) through timm's ``create_transform``.
 
     Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
     skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
-    For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=size // 8)`` instead (4 at 32 px, as unilm
-    does for CIFAR-sized inputs), after scaling images smaller than the crop up to it (``EnsureMinSize``), so
+    For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=crop_padding)`` instead (default
+    ``size // 8``: 4 at 32 px, as unilm does for CIFAR-sized inputs; 0: no shift), after scaling images smaller than the crop up to it (``EnsureMinSize``), so
     tiny or thin images never stop an epoch. Eval: ``build_eval_transform``.
     """
     if not is_train:
@@ -413,7 +421,7 @@ def build_finetune_transform(
         std=std,
     )
     if input_size <= SMALL_IMAGE_SIZE:
-        transform.transforms[0] = _small_image_crop(input_size, interpolation)
+        transform.transforms[0] = _small_image_crop(input_size, interpolation, crop_padding)
     return _guard_posterize(transform)
 
 

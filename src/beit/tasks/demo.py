@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,40 @@ from .classify import DataConfig, FinetuneConfig, finetune
 from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
 from .tokenizer import TokenizerTrainConfig, train_tokenizer
 
-# one place for the demo's sizes: a 32px image, 4px patches -> 8x8 tokens, a 4-layer 96-wide BEiT
-IMG, PATCH = 32, 4
-ENCODER = dict(embed_dim=96, depth=4, num_heads=3)
-STEPS_PRE, STEPS_FT, NUM_WORKERS = 300, 200, 0  # ~2.5 min on 2 CPU cores
+
+@dataclass
+class DemoConfig:
+    """The demo's sizes and recipe in one place (``beit demo`` uses the defaults; ``--quick`` shrinks the steps).
+
+    The digits are 8x8 at heart: at ``img_size`` 16 with 4-px patches each token covers 2x2 original pixels and
+    a sequence has 16 tokens, which makes every stage a few seconds per hundred steps on 2 CPU cores.
+    """
+
+    img_size: int = 16
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    vocab_size: int = 128
+    tok_steps: int = 300
+    pre_steps: int = 600
+    ft_steps: int = 150
+    batch_size: int = 64
+    pre_lr: float = 4e-3
+    ft_lr: float = 3e-3
+    layer_decay: float = 0.85
+    crop_padding: int = 0  # fine-tuning's random-crop shift in px (0: none; short schedules learn faster without)
+    num_mask_patches: int = 6
+    min_mask_patches_per_block: int = 2
+    seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
+
+    def encoder(self) -> dict[str, int]:
+        return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
 
 
-def write_digits(root: Path) -> tuple[Path, Path]:
+def write_digits(root: Path, img_size: int = 16) -> tuple[Path, Path]:
     """Digits as PNG class folders (train 80% / test 20%, stratified), like a user's own data."""
-    images, labels = load_digits_images(size=IMG)
+    images, labels = load_digits_images(size=img_size)
     x_tr, y_tr, x_te, y_te = train_test_split(images, labels, test_fraction=0.2, seed=0)
     for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
         for i, (x, y) in enumerate(zip(xs, ys)):
@@ -40,74 +65,96 @@ def write_digits(root: Path) -> tuple[Path, Path]:
     return root / "train", root / "test"
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig | None = None) -> dict[str, Any]:
+    """Tokenizer -> MIM pre-training -> fine-tuning of the pre-trained model and of a from-scratch twin.
+
+    Each arm is fine-tuned once per seed in ``cfg.seeds`` with the same recipe and steps; the held-out top-1
+    (%) of every run, their mean and spread are printed and written to ``OUT/demo_summary.json``.
+    """
     out = Path(out)
+    c = cfg or DemoConfig()
+    if quick:
+        c = replace(c, tok_steps=12, pre_steps=12, ft_steps=12, seeds=c.seeds[:1])
     t0 = time.perf_counter()
-    steps = dict(tok=12, pre=12, ft=12) if quick else dict(tok=300, pre=STEPS_PRE, ft=STEPS_FT)
     # overwrite: running the demo again replaces its previous run (training commands refuse that by default)
-    common = dict(num_workers=NUM_WORKERS, log_every=10 if quick else 50, seed=0, overwrite=True)
-    train_dir, test_dir = write_digits(out / "data")
+    common = dict(num_workers=0, log_every=10 if quick else 100, overwrite=True)
+    train_dir, test_dir = write_digits(out / "data", c.img_size)
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
 
     tok_cfg = TokenizerTrainConfig(
-        data_dir=str(train_dir), val_dir=str(test_dir), img_size=IMG, grid_images=8,
+        data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8,
         # a KL pull towards the uniform prior keeps the codebook in use (without it: ~5 of 128 codes)
-        model=DVAEConfig(vocab_size=128, hidden=48, downsample=PATCH, num_res_blocks=1, codebook_dim=32,
-                         kl_weight=0.03, temperature_anneal_steps=steps["tok"]),
-        train=TrainConfig(output_dir=str(out / "tokenizer"), max_steps=steps["tok"], batch_size=64, lr=3e-3,
-                          min_lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=1000, **common),
+        model=DVAEConfig(vocab_size=c.vocab_size, hidden=48, downsample=c.patch_size, num_res_blocks=1,
+                         codebook_dim=32, kl_weight=0.03, temperature_anneal_steps=c.tok_steps),
+        train=TrainConfig(output_dir=str(out / "tokenizer"), max_steps=c.tok_steps, batch_size=64, lr=3e-3,
+                          min_lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=10**9, seed=0, **common),
     )
     tok = train_tokenizer(tok_cfg)
     psnr, ppl = tok.get("heldout_psnr", float("nan")), tok.get("heldout_perplexity", float("nan"))
     print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
-          f"{ppl:.1f} of 128", flush=True)
+          f"{ppl:.1f} of {c.vocab_size}", flush=True)
 
     pre_cfg = PretrainConfig(
-        model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=IMG, patch_size=PATCH,
-                                  drop_path_rate=0.0, **ENCODER),
+        model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=c.img_size, patch_size=c.patch_size,
+                                  drop_path_rate=0.0, **c.encoder()),
         data=PretrainDataConfig(path=str(train_dir), scale=(0.5, 1.0), color_jitter=0.0, hflip=0.0,
-                                num_mask_patches=26, min_mask_patches_per_block=4),
+                                num_mask_patches=c.num_mask_patches,
+                                min_mask_patches_per_block=c.min_mask_patches_per_block),
         tokenizer=PretrainTokenizerConfig(kind="dvae", path=tok["tokenizer_path"]),
-        train=TrainConfig(output_dir=str(out / "pretrain"), max_steps=steps["pre"], batch_size=64, lr=2e-3,
-                          min_lr=1e-5, warmup_steps=max(1, steps["pre"] // 10), weight_decay=0.05,
-                          betas=(0.9, 0.98), clip_grad=3.0, image_every=10**9, **common),
+        train=TrainConfig(output_dir=str(out / "pretrain"), max_steps=c.pre_steps, batch_size=c.batch_size,
+                          lr=c.pre_lr, min_lr=1e-5, warmup_steps=max(1, c.pre_steps // 10), weight_decay=0.05,
+                          betas=(0.9, 0.98), clip_grad=3.0, image_every=10**9, seed=0, **common),
         vis_samples=6,
     )
     pre = pretrain(pre_cfg)
     mim_acc = pre.get("train/mim_acc", float("nan"))
     print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
 
-    ft_train = TrainConfig(output_dir="", max_steps=steps["ft"], batch_size=64, lr=2e-3, min_lr=1e-5,
-                           warmup_steps=max(1, steps["ft"] // 10), weight_decay=0.05, layer_decay=0.75,
-                           eval_every=1000, **common)
+    ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
+                           warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
+                           eval_every=10**9, **common)
     data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
-                      reprob=0.0, hflip=0.0, scale=(0.6, 1.0), color_jitter=0.0)
-    arms = {}
-    for arm, source, overrides in (
-        ("pretrained", pre["model_dir"], {}),
-        ("scratch", "beit_tiny_patch16_224", dict(patch_size=PATCH, **ENCODER)),
-    ):
-        cfg = FinetuneConfig(model=source, model_overrides=overrides, img_size=IMG, drop_path=0.0, mixup=0.0,
-                             cutmix=0.0, smoothing=0.1, data=data,
-                             train=replace(ft_train, output_dir=str(out / f"finetune_{arm}")))
-        arms[arm] = finetune(cfg)
-    acc = {arm: r.get("top1", float("nan")) for arm, r in arms.items()}
+                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding)
+    sources = {"pretrained": (pre["model_dir"], {}),
+               "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
+    top1: dict[str, list[float]] = {arm: [] for arm in sources}
+    for seed in c.seeds:
+        for arm, (source, overrides) in sources.items():
+            run_dir = out / f"finetune_{arm}" / f"seed{seed}"
+            ft = FinetuneConfig(model=source, model_overrides=overrides, img_size=c.img_size, drop_path=0.0,
+                                mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
+                                train=replace(ft_train, output_dir=str(run_dir), seed=seed))
+            top1[arm].append(float(finetune(ft).get("top1", float("nan"))))
+        print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
+              f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
+    stats = {arm: _mean_spread(v) for arm, v in top1.items()}
     n_test = sum(1 for _ in test_dir.rglob("*.png"))
-    print(f"[4/4] ({time.perf_counter() - t0:.0f}s) fine-tuned {steps['ft']} steps each: pre-trained "
-          f"{acc['pretrained']:.1f}% vs from scratch {acc['scratch']:.1f}% top-1 on {n_test} held-out digits",
-          flush=True)
+    pm, ps = stats["pretrained"]
+    sm, ss = stats["scratch"]
+    print(f"[4/4] ({time.perf_counter() - t0:.0f}s) fine-tuned {c.ft_steps} steps, {len(c.seeds)} seed(s) per arm, "
+          f"top-1 on {n_test} held-out digits (mean +- std): pre-trained {pm:.1f} +- {ps:.1f}% vs from scratch "
+          f"{sm:.1f} +- {ss:.1f}%", flush=True)
+    last = c.seeds[-1]
     pngs = {
         "tokenizer reconstructions": tok.get("recon_grid"),
         "masked-prediction panel": pre.get("panel"),
         "pre-training curves": pre.get("curves"),
-        "fine-tune curves (pre-trained)": str(out / "finetune_pretrained" / "curves.png"),
-        "fine-tune curves (scratch)": str(out / "finetune_scratch" / "curves.png"),
+        "fine-tune curves (pre-trained)": str(out / "finetune_pretrained" / f"seed{last}" / "curves.png"),
+        "fine-tune curves (scratch)": str(out / "finetune_scratch" / f"seed{last}" / "curves.png"),
     }
     for name, path in pngs.items():
         print(f"  {name}: {path}")
-    summary = dict(top1=acc, seconds=round(time.perf_counter() - t0, 1), pngs=pngs,
+    summary = dict(top1={arm: dict(runs=v, mean=stats[arm][0], std=stats[arm][1]) for arm, v in top1.items()},
+                   seeds=list(c.seeds), seconds=round(time.perf_counter() - t0, 1), pngs=pngs,
                    tokenizer={k: tok.get(k) for k in ("heldout_psnr", "heldout_perplexity", "heldout_dead_codes")},
-                   mim_acc=mim_acc)
+                   mim_acc=mim_acc, config=asdict(c))
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done in {summary['seconds']}s; summary: {out / 'demo_summary.json'}")
     return summary

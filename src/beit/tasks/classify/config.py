@@ -35,6 +35,7 @@ class DataConfig:
     reprob: float = 0.25  # random erasing probability
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     hflip: float = 0.5
+    crop_padding: int | None = None  # at <= 32 px: random-crop padding in px; null = img_size // 8, 0 = no shift
     crop_pct: float | None = None  # eval center-crop fraction; null = 224/256 (1.0 at <=32 and >=384 px)
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
@@ -50,6 +51,8 @@ class DataConfig:
             raise ConfigError("auto_augment", "resize=full (documents) takes no RandAugment; set it to null")
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError("reprob", f"must be in [0, 1], got {self.reprob}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ConfigError("crop_padding", f"must be >= 0 or null (img_size // 8), got {self.crop_padding}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ConfigError("hflip", f"must be in [0, 1], got {self.hflip}")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:

@@ -69,7 +69,7 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
                                       hflip=data.hflip, interpolation=data.interpolation,
-                                      mean=tuple(data.mean), std=tuple(data.std))
+                                      mean=tuple(data.mean), std=tuple(data.std), crop_padding=data.crop_padding)
     else:
         tf = build_full_image_transform(True, img_size, hflip=data.hflip, re_prob=data.reprob,
                                         interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
@@ -151,7 +151,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     try:
         augment = FinetuneAugment(cfg.img_size, scale=tuple(data.scale), hflip=data.hflip,
                                   auto_augment=data.auto_augment or None, re_prob=data.reprob,
-                                  mean=tuple(data.mean), std=tuple(data.std), seed=cfg.train.seed)
+                                  mean=tuple(data.mean), std=tuple(data.std), seed=cfg.train.seed,
+                                  crop_padding=data.crop_padding)
     except ValueError as e:
         raise ConfigError("data.auto_augment", str(e)) from None
     if data.in_memory:

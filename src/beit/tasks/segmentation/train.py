@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from beit.engine import Trainer
+from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import validate_config
 from beit.engine.precision import autocast_for
@@ -98,6 +98,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     D.init_distributed()
     sets = build_datasets(cfg)
     val = sets["val"]
+    seed_everything(cfg.train.seed)  # the heads' random init is part of the run: runs repeat exactly
     model = build_model(cfg, val.num_classes)
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...engine import Trainer, is_main, load_config
+from ...engine import Trainer, is_main, load_config, seed_everything
 from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
 from .config import TokenizerTrainConfig
@@ -83,6 +83,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     """
     cfg.validate()
     train_ds, eval_ds = build_datasets(cfg)
+    seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone: runs repeat exactly
     model = DiscreteVAE(cfg.model)
     bs, workers = cfg.train.batch_size, cfg.train.num_workers
     trainer: Trainer | None = None
