@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,8 +208,14 @@ def test_save_recon_grid(tmp_path: Path) -> None:
     x = torch.rand(3, 3, 16, 16)
     path = save_recon_grid(x, x.flip(-1), tmp_path / "sub" / "grid.png")
     with Image.open(path) as img:
-        # make_grid: 3 columns x 2 rows of 16 px with 2 px padding around every cell
-        assert img.size == (3 * 18 + 2, 2 * 18 + 2) and img.mode == "RGB"
+        # make_grid: 3 columns x 2 rows of 16 px enlarged 4x to 64 px, 2 px padding around every cell
+        assert img.size == (3 * 66 + 2, 2 * 66 + 2) and img.mode == "RGB"
+        cell = np.asarray(img)[2:66, 2:66]
+    expected = (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (cell == expected.repeat(4, 0).repeat(4, 1)).all()  # each pixel a 4x4 square
+    big = torch.rand(1, 3, 80, 96)
+    with Image.open(save_recon_grid(big, big, tmp_path / "big.png")) as img:
+        assert img.size == (96 + 4, 2 * 82 + 2)  # already >= 64 px: unchanged
 
 
 # ---------------------------------------------------------------------- training entry point

@@ -10,6 +10,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -72,12 +73,21 @@ def codebook_usage(hist_or_ids: torch.Tensor, vocab_size: int | None = None) -> 
     }
 
 
+def upscale_for_display(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """``[N, C, H, W]`` images enlarged by the smallest integer factor that makes ``min(H, W) >= min_side``
+    (nearest neighbour: pixels stay visible squares); unchanged when already that large. For PNG panels of
+    16- or 32-px images, which an image viewer would otherwise show as a few dots."""
+    k = -(-min_side // max(1, min(images.shape[-2:])))
+    return F.interpolate(images, scale_factor=k, mode="nearest") if k > 1 else images
+
+
 def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike, max_images: int = 8) -> str:
-    """PNG with originals on the top row and their reconstructions below; returns the path."""
+    """PNG with originals on the top row and their reconstructions below (cells enlarged to >= 64 px by
+    :func:`upscale_for_display`); returns the path."""
     if originals.shape != recons.shape:
         raise ValueError(f"shape mismatch: originals {tuple(originals.shape)} vs recons {tuple(recons.shape)}")
     n = min(max_images, originals.shape[0])
-    both = torch.cat([originals[:n], recons[:n]]).detach().float().cpu().clamp(0, 1)
+    both = upscale_for_display(torch.cat([originals[:n], recons[:n]]).detach().float().cpu().clamp(0, 1))
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0)
     if array.shape[-1] == 1:

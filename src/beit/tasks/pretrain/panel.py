@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from ...data.transforms import collate_pretrain
+from ...tokenizers.metrics import upscale_for_display
 
 __all__ = ["fixed_batch", "mim_panel"]
 
@@ -27,7 +28,8 @@ def _denorm(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
 def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Tensor], mean: tuple, std: tuple,
               path: str | Path) -> Path:
     """One row per image: input | input with its mask | tokenizer's reconstruction of the true tokens |
-    the same with the model's predictions at the masked patches (decoded through the tokenizer)."""
+    the same with the model's predictions at the masked patches (decoded through the tokenizer). Cells of small
+    images are enlarged to >= 64 px (nearest), so that the panel of a 16-px run is readable."""
     model_was_training = model.training
     model.eval()
     images, mask = batch["image"], batch["mask"].bool()
@@ -52,7 +54,7 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
         color = torch.cat([1 - right, right, torch.zeros_like(right)], 1)
         color = F.interpolate(color, size=(H, W), mode="nearest")
         cols.append(shown * (1 - up) + color * up)
-    grid = torch.stack(cols, dim=1).flatten(0, 1)  # row-major: each image's panels side by side
+    grid = upscale_for_display(torch.stack(cols, dim=1).flatten(0, 1))  # row-major: each image's panels side by side
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, str(path), nrow=len(cols), padding=2, pad_value=1.0)
