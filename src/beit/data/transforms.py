@@ -395,8 +395,9 @@ def build_finetune_transform(
     Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
     skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
     For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=crop_padding)`` instead (default
-    ``size // 8``: 4 at 32 px, as unilm does for CIFAR-sized inputs; 0: no shift), after scaling images smaller than the crop up to it (``EnsureMinSize``), so
-    tiny or thin images never stop an epoch. Eval: ``build_eval_transform``.
+    ``size // 8``: 4 at 32 px, as unilm does for CIFAR-sized inputs; 0: no shift), after scaling images
+    smaller than the crop up to it (``EnsureMinSize``), so tiny or thin images never stop an epoch.
+    Eval: ``build_eval_transform``.
     """
     if not is_train:
         return build_eval_transform(input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
