@@ -37,3 +37,18 @@ def test_demo_defaults_are_the_recorded_recipe() -> None:
     c = DemoConfig()
     assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.tok_steps, c.pre_steps, c.ft_steps, c.seeds) == (
         16, 4, 96, 4, 300, 600, 150, (0, 1, 2))
+
+
+def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys) -> None:
+    """Two seeds: the first seed's runs log to the console, the second's only to their log.txt."""
+    from beit.tasks.demo import DemoConfig, run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(out, cfg=DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1)))
+    printed = capsys.readouterr().out
+    assert [len(a["runs"]) for a in summary["top1"].values()] == [2, 2]
+    assert "seed 0: pre-trained" in printed and "seed 1: pre-trained" in printed
+    assert "the other seeds run quietly" in printed
+    assert printed.count("step 12/12") == 2 + 2  # tokenizer + pre-training + seed 0's two arms; not seed 1's
+    for arm in ("pretrained", "scratch"):
+        assert "step 12/12" in (out / f"finetune_{arm}" / "seed1" / "log.txt").read_text()

@@ -10,12 +10,17 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .rundir import atomic_write
 
-__all__ = ["MetricLogger", "get_logger", "plot_curves", "read_metrics", "setup_logging"]
+__all__ = ["MetricLogger", "console_through_tqdm", "get_logger", "plot_curves", "quiet_console", "read_metrics",
+           "setup_logging"]
 
 _LOGGER_NAME = "beit"
 
@@ -65,6 +70,39 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
             fh.setFormatter(fmt)
             logger.addHandler(fh)
     return logger
+
+
+@contextmanager
+def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
+    """Inside the block the console shows only records at ``level`` or above; each run's ``log.txt`` still gets
+    everything. For drivers that run many trainings in a row (``beit demo``'s seeds)."""
+    logger = get_logger()
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        h = _StdoutHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(h)
+    handlers = [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
+    before = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(level)
+    try:
+        yield
+    finally:
+        for h, lvl in zip(handlers, before):
+            h.setLevel(lvl)
+
+
+@contextmanager
+def console_through_tqdm(logger: logging.Logger) -> Iterator[None]:
+    """tqdm's ``logging_redirect_tqdm`` (console lines printed above the progress bar) that keeps the console's
+    level (tqdm's handler would show everything, :func:`quiet_console` included)."""
+    levels = [h.level for h in logger.handlers if isinstance(h, _StdoutHandler)]
+    with logging_redirect_tqdm(loggers=[logger]):
+        if levels:
+            for h in logger.handlers:
+                if not isinstance(h, (_StdoutHandler, logging.FileHandler)):  # tqdm's stand-in for the console
+                    h.setLevel(max(levels))
+        yield
 
 
 def read_metrics(path: str | Path, split: str | None = "train") -> list[dict[str, Any]]:

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed as D
 from . import optim as O
@@ -54,7 +53,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, save_config, to_dict, validate_config
 from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
-from .logging import MetricLogger, plot_curves, setup_logging
+from .logging import MetricLogger, console_through_tqdm, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
 from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
@@ -347,7 +346,7 @@ class Trainer:
         self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True,
                         disable=not (self.main and sys.stderr.isatty()))
         try:
-            with logging_redirect_tqdm(loggers=[self.log]):
+            with console_through_tqdm(self.log):
                 while self.step < end:
                     self.train_one_epoch(end)
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from PIL import Image
 
 from ..data.demo import load_digits_images, train_test_split
 from ..engine.config import TrainConfig
+from ..engine.logging import quiet_console
 from ..tokenizers.dvae import DVAEConfig
 from .classify import DataConfig, FinetuneConfig, finetune
 from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
@@ -125,13 +127,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     sources = {"pretrained": (pre["model_dir"], {}),
                "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
     top1: dict[str, list[float]] = {arm: [] for arm in sources}
-    for seed in c.seeds:
+    for i, seed in enumerate(c.seeds):
+        if i == 1:
+            print(f"      the other seeds run quietly: their logs are in {out}/finetune_*/seed*/log.txt", flush=True)
         for arm, (source, overrides) in sources.items():
             run_dir = out / f"finetune_{arm}" / f"seed{seed}"
             ft = FinetuneConfig(model=source, model_overrides=overrides, img_size=c.img_size, drop_path=0.0,
                                 mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
                                 train=replace(ft_train, output_dir=str(run_dir), seed=seed))
-            top1[arm].append(float(finetune(ft).get("top1", float("nan"))))
+            with quiet_console() if i > 0 else nullcontext():
+                top1[arm].append(float(finetune(ft).get("top1", float("nan"))))
         print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
               f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
     stats = {arm: _mean_spread(v) for arm, v in top1.items()}
