@@ -271,3 +271,25 @@ def test_hub_id_and_url_offline(tmp_path, monkeypatch) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=TOL, rtol=0)
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "release.pth").exists()
+
+
+def test_saved_weights_get_the_umask_mode_like_every_other_file(tmp_path) -> None:
+    """safetensors' save_file creates 0600 files: a model shared on a cluster would be unreadable to the team.
+    Every weight file we write gets 0666 & ~umask, as config.json beside it."""
+    import os
+
+    from beit.tokenizers import DiscreteVAE
+    from beit.tokenizers.dvae import DVAEConfig
+
+    old = os.umask(0o022)
+    try:
+        model = beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+        beit.save_model(model, tmp_path / "m")
+        export_hf(model, tmp_path / "hf")
+        DiscreteVAE(DVAEConfig(vocab_size=8, hidden=4, downsample=4, num_res_blocks=0, codebook_dim=4)).save(
+            tmp_path / "tok.safetensors")
+        for f in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json",
+                  tmp_path / "hf" / "model.safetensors", tmp_path / "tok.safetensors"):
+            assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
+    finally:
+        os.umask(old)

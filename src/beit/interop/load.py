@@ -371,7 +371,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
 
     ``dtype="bf16"`` halves the file (e.g. to ship an encoder); loading casts back to the model's dtype.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -385,7 +385,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
     sd = {k: v.detach().cpu().to(DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
           for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": OUR_FORMAT})
+    tmp.write_bytes(save(sd, metadata={"format": OUR_FORMAT}))  # umask mode (save_file: 0600)
     os.replace(tmp, out / "model.safetensors")
     cfg = model.cfg.to_dict()
     meta: dict[str, Any] = {"format": OUR_FORMAT, "config": cfg}
@@ -402,11 +402,11 @@ def export_timm(model: Beit) -> dict[str, torch.Tensor]:
 
 def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
     """A Hugging Face model directory (config.json + model.safetensors) that transformers loads."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     sd = formats.to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))  # umask mode (save_file: 0600)
     (out / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
     return out

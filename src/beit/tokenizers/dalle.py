@@ -21,12 +21,13 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .base import (
@@ -328,7 +329,7 @@ class DalleTokenizer(Tokenizer):
                 {f"decoder.{k}": v.detach().contiguous().cpu() for k, v in self.decoder.state_dict().items()}
             )
             meta["decoder_config"] = json.dumps(asdict(self.decoder.config))
-        save_file(tensors, os.fspath(path), metadata=meta)
+        Path(path).write_bytes(save(tensors, metadata=meta))  # umask mode (save_file: 0600)
 
     @classmethod
     def load(

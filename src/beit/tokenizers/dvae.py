@@ -15,12 +15,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .base import Tokenizer, TokenizerCheckpointError, check_ids, check_images, map_pixels, unmap_pixels
@@ -218,7 +219,8 @@ class DiscreteVAE(Tokenizer):
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file; the config (JSON) rides in its metadata, so it loads on its own."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(asdict(self.config))})
+        meta = {"format": FORMAT, "config": json.dumps(asdict(self.config))}
+        Path(path).write_bytes(save(tensors, metadata=meta))  # umask mode (save_file: 0600)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> DiscreteVAE:

@@ -118,7 +118,7 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     reason and counted in ``num_skipped``.
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from tqdm import tqdm
 
     from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files
@@ -139,8 +139,8 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     ids = ids.to(torch.uint16 if tok.vocab_size <= 65536 else torch.int32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"ids": ids.contiguous()}, str(out), metadata={"vocab_size": str(tok.vocab_size),
-                                                              "img_size": str(args.img_size)})
+    meta = {"vocab_size": str(tok.vocab_size), "img_size": str(args.img_size)}
+    out.write_bytes(save({"ids": ids.contiguous()}, metadata=meta))  # umask mode (save_file: 0600)
     listing = [{"path": p, "reason": why} for p, why in getattr(ds, "unreadable_entries", [])
                if p.lower().endswith(IMG_EXTENSIONS)]
     listing += [{"path": p, "reason": skipped[p]} for p in sorted(skipped)]
