@@ -505,3 +505,13 @@ def test_output_piped_into_head_is_not_an_error():
     proc = subprocess.run(f"{sys.executable} -m beit configs | head -n 1", shell=True, capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout.count("\n") == 1 and "Broken pipe" not in proc.stderr and "error" not in proc.stderr
+
+
+def test_errors_found_by_the_trainer_name_their_train_key(setup, tmp_path, capsys):
+    """Checks that need the data (warmup longer than training, a batch larger than the data) name the key as a
+    user writes it, ``train.<key>``, like every other config error."""
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "a"), "train.warmup_epochs=0.9")) == 1  # 2 steps
+    assert _err(capsys) == ("beit pretrain train: error: config key 'train.warmup_epochs': warmup (2 steps) must be "
+                            "shorter than training (2 steps)")
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "b"), "train.batch_size=64")) == 1
+    assert "config key 'train.batch_size': 8 samples over 1 ranks give no full step" in _err(capsys)

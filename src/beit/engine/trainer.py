@@ -219,7 +219,7 @@ class Trainer:
         self.log = setup_logging(self.out, self.main)
         fsdp = cfg.distributed == "fsdp" and D.world_size() > 1
         if fsdp and cfg.ema > 0:
-            raise ConfigError("ema", "model EMA is not supported with distributed=fsdp yet")
+            raise ConfigError("train.ema", "model EMA is not supported with distributed=fsdp yet")
         if fsdp and param_groups is not None and not callable(param_groups):
             raise ValueError("under FSDP pass param_groups as a callable (model) -> groups: sharding "
                              "replaces the parameters")
@@ -233,13 +233,13 @@ class Trainer:
         per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
         self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
         if self.steps_per_epoch == 0:
-            raise ConfigError("batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
+            raise ConfigError("train.batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
                                             f"no full step of batch_size {cfg.batch_size} x accum_steps "
                                             f"{cfg.accum_steps}")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
         if self.warmup_steps >= self.total_steps:
-            key = "warmup_steps" if cfg.warmup_steps else "warmup_epochs"
+            key = "train.warmup_steps" if cfg.warmup_steps else "train.warmup_epochs"
             raise ConfigError(key, f"warmup ({self.warmup_steps} steps) must be shorter than training "
                                    f"({self.total_steps} steps)")
 
