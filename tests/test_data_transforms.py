@@ -274,10 +274,41 @@ def test_small_image_crop_shifts_by_an_eighth_of_the_side_on_both_paths(size, pa
         assert {r for r, _ in shifts} == {q for _, q in shifts} == set(range(-pad, pad + 1))  # every shift occurs
 
 
-def test_negative_crop_padding_is_refused() -> None:
-    from beit.tasks.classify import DataConfig
+def test_negative_or_huge_crop_padding_is_refused() -> None:
+    from beit.data.gpu_augment import FinetuneAugment
+    from beit.tasks.classify import DataConfig, FinetuneConfig
 
     with pytest.raises(ValueError, match="crop_padding must be >= 0"):
         build_finetune_transform(True, 16, crop_padding=-1)
     with pytest.raises(ValueError, match="must be >= 0 or null"):
         DataConfig(train_dir="x", crop_padding=-2).validate()
+    # more than half the side: crops of mostly padding (10**9 once reached PIL and ran out of memory)
+    with pytest.raises(ValueError, match=r"crop_padding must be <= input_size // 2 \(8 at 16 px\), got 9"):
+        build_finetune_transform(True, 16, crop_padding=9)
+    with pytest.raises(ValueError, match=r"crop_padding must be <= input_size // 2"):
+        FinetuneAugment(16, crop_padding=10**9)
+    with pytest.raises(ValueError, match=r"data.crop_padding.*must be <= img_size // 2 \(8 at img_size 16\), got 100"):
+        FinetuneConfig(model="beit_tiny_patch16_224", img_size=16,
+                       data=DataConfig(train_dir="x", crop_padding=100)).validate()
+    FinetuneConfig(model="beit_tiny_patch16_224", img_size=64, data=DataConfig(train_dir="x", crop_padding=100)).validate()
+
+
+def test_crop_padding_where_it_does_not_apply_is_named_in_a_warning() -> None:
+    import logging
+
+    from beit.tasks.classify import DataConfig
+    from beit.tasks.classify.data import build_train_transform
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # the "beit" logger may not propagate (a trainer ran earlier in this process)
+    log = logging.getLogger("beit.tasks.classify.data")
+    log.addHandler(handler)
+    try:
+        build_train_transform(DataConfig(train_dir="x", crop_padding=2, auto_augment=None), 64)
+        build_train_transform(DataConfig(train_dir="x", crop_padding=2, auto_augment=None), 16)
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "data.crop_padding=2 is ignored: it applies to the padded random crop of img_size <= 32 "
+        "(this run: img_size 64, resize=crop)"]

@@ -195,7 +195,7 @@ def _add_shape(p: argparse.ArgumentParser, cmd: Command) -> None:
         p.add_argument("--overwrite", action="store_true",
                        help="start afresh in a folder that holds a finished run = train.overwrite=true")
         p.add_argument("rest", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. train.lr=1e-3 train.epochs=100 (`beit configs` lists the presets' keys)")
+                       help="dotted overrides, e.g. train.lr=1e-3 train.epochs=100 (see `beit configs`)")
     elif cmd.kind == "checkpoint":
         p.add_argument("--ckpt", default=None, metavar="CKPT",
                        help="the checkpoint (or give it as the first argument)")

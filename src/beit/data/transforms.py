@@ -61,10 +61,13 @@ def small_image_padding(input_size: int, padding: int | None = None) -> int:
     (0 = no shift at all), else an eighth of the side, so 32 px gets unilm's CIFAR ``RandomCrop(32, padding=4)``
     and smaller inputs the same relative shift (16 px -> 2; a fixed 4 would shift a 16-px image by a quarter).
 
-    Raises ValueError for a negative ``padding``."""
+    Raises ValueError for a negative ``padding`` or one above ``input_size // 2`` (crops of mostly padding)."""
     if padding is not None:
         if int(padding) < 0:
             raise ValueError(f"crop_padding must be >= 0 (or None for input_size // 8), got {padding}")
+        if int(padding) > int(input_size) // 2:
+            raise ValueError(f"crop_padding must be <= input_size // 2 ({int(input_size) // 2} at {input_size} px), "
+                             f"got {padding}")
         return int(padding)
     return max(1, int(input_size) // 8)
 

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ...data.transforms import SMALL_IMAGE_SIZE
 from ...engine.config import ConfigError, TrainConfig
 from ...models.config import Preprocess
 from ..backbone_config import check_model_overrides
@@ -109,6 +110,10 @@ class FinetuneConfig:
             raise ConfigError("drop_path", f"must be in [0, 1), got {self.drop_path}")
         if self.rel_pos not in ("per_layer", "keep"):
             raise ConfigError("rel_pos", f"must be 'per_layer' or 'keep', got '{self.rel_pos}'")
+        pad = self.data.crop_padding
+        if pad is not None and self.img_size <= SMALL_IMAGE_SIZE and pad > self.img_size // 2:
+            raise ConfigError("data.crop_padding", f"must be <= img_size // 2 ({self.img_size // 2} at img_size "
+                                                   f"{self.img_size}), got {pad}")
         check_model_overrides(self.model_overrides)
         for k in ("img_size", "num_classes", "drop_path_rate", "head"):
             if k in self.model_overrides:

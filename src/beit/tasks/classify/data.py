@@ -17,7 +17,12 @@ from torchvision import transforms as T
 from ...data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
 from ...data.gpu_augment import FinetuneAugment
 from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
-from ...data.transforms import build_eval_transform, build_finetune_transform, build_full_image_transform
+from ...data.transforms import (
+    SMALL_IMAGE_SIZE,
+    build_eval_transform,
+    build_finetune_transform,
+    build_full_image_transform,
+)
 from ...engine.config import ConfigError
 from ...models.config import Preprocess
 from ..device_data import wants_device_path
@@ -65,6 +70,10 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
 def build_train_transform(data: DataConfig, img_size: int) -> Any:
     """Training augmentation: the paper's recipe via the data helper, or the document recipe (``resize=full``:
     whole page to ``img_size^2``, no crop, no color augmentation, optional random erasing)."""
+    if data.crop_padding is not None and (img_size > SMALL_IMAGE_SIZE or data.resize != "crop"):
+        logger.warning("data.crop_padding=%s is ignored: it applies to the padded random crop of img_size <= %d "
+                       "(this run: img_size %d, resize=%s)", data.crop_padding, SMALL_IMAGE_SIZE, img_size,
+                       data.resize)
     if data.resize == "crop":
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
