@@ -335,3 +335,13 @@ def test_repeated_dataset_passes_are_epochs_of_the_wrapped_dataset() -> None:
         RepeatedDataset(EpochEcho(), 0)
     with pytest.raises(ValueError, match="RepeatedDataset needs a dataset with set_epoch\\(epoch\\); list has none"):
         RepeatedDataset([1, 2], 2)
+
+
+def test_spread_indices_cover_the_whole_set() -> None:
+    from beit.data.datasets import spread_indices
+
+    assert spread_indices(100, 5) == [0, 25, 50, 74, 99]  # not the first 5 (one class of a sorted folder)
+    assert spread_indices(3, 8) == [0, 1, 2]
+    assert spread_indices(10, 1) == [0] and spread_indices(0, 4) == [] and spread_indices(5, 0) == []
+    idx = spread_indices(1437, 8)
+    assert len(set(idx)) == 8 and idx == sorted(idx)

@@ -52,3 +52,27 @@ def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys) -> None:
     assert printed.count("step 12/12") == 2 + 2  # tokenizer + pre-training + seed 0's two arms; not seed 1's
     for arm in ("pretrained", "scratch"):
         assert "step 12/12" in (out / f"finetune_{arm}" / "seed1" / "log.txt").read_text()
+
+
+def test_demo_refuses_an_empty_out_and_folders_it_did_not_write(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", "", "--quick"]) == 1
+    assert "--out is empty" in capsys.readouterr().err
+    out = tmp_path / "mine"
+    (out / "data" / "train" / "digit_0").mkdir(parents=True)
+    (out / "data" / "train" / "digit_0" / "notes.txt").write_text("a user's file")
+    assert main(["demo", "--out", str(out), "--quick"]) == 1
+    assert f"{out / 'data'} holds files the demo did not write: choose another --out" in capsys.readouterr().err
+    assert (out / "data" / "train" / "digit_0" / "notes.txt").exists()  # left alone
+
+
+def test_a_second_demo_replaces_the_first(tmp_path) -> None:
+    """Stale seeds and stray images of an earlier demo are removed, not reported or trained on."""
+    from beit.tasks.demo import _clear_previous_demo
+
+    out = tmp_path / "demo"
+    (out / "data" / "train" / "digit_3").mkdir(parents=True)
+    (out / "data" / "train" / "digit_3" / "stray.png").write_bytes(b"")
+    (out / "finetune_scratch" / "seed7").mkdir(parents=True)
+    (out / "finetune_scratch" / "seed7" / "log.txt").write_text("old")
+    _clear_previous_demo(out)
+    assert not (out / "data").exists() and not (out / "finetune_scratch").exists()

@@ -40,6 +40,7 @@ from .seeding import derive_seed, seeded, stable_index
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "spread_indices",
     "FileImages",
     "NoReadableImagesError",
     "ScanResult",
@@ -1033,3 +1034,15 @@ class RepeatedDataset(Dataset):
         n = len(self.dataset)  # type: ignore[arg-type]
         self.dataset.set_epoch(self.epoch * self.times + int(index) // n)  # type: ignore[attr-defined]
         return self.dataset[int(index) % n]
+
+
+def spread_indices(length: int, n: int) -> list[int]:
+    """``min(n, length)`` indices spread evenly over ``range(length)``, first and last included: the samples a
+    panel shows. Class-sorted folders would otherwise show ``n`` images of the first class."""
+    if n <= 0 or length <= 0:
+        return []
+    if n >= length:
+        return list(range(length))
+    if n == 1:
+        return [0]
+    return [round(i * (length - 1) / (n - 1)) for i in range(n)]

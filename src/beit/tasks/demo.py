@@ -8,6 +8,7 @@ modeling, then fine-tune it and a from-scratch twin with the same recipe and ste
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -67,6 +68,33 @@ def write_digits(root: Path, img_size: int = 16) -> tuple[Path, Path]:
     return root / "train", root / "test"
 
 
+def _clear_previous_demo(out: Path) -> None:
+    """Remove what an earlier demo wrote into ``out`` (its digits, its fine-tuning seeds), so that nothing stale or
+    foreign is trained on or reported. Folders holding anything the demo does not write are left alone and refused:
+    ``out`` might be a user's folder.
+
+    Raises:
+        ValueError: ``out/data`` or ``out/finetune_*`` holds files the demo did not write.
+    """
+    digit_dirs = {f"digit_{d}" for d in range(10)}
+    data = out / "data"
+    if data.exists():
+        ok = data.is_dir() and all(
+            split.name in ("train", "test") and split.is_dir() and all(
+                d.name in digit_dirs and d.is_dir() and all(f.suffix == ".png" for f in d.iterdir())
+                for d in split.iterdir())
+            for split in data.iterdir())
+        if not ok:
+            raise ValueError(f"{data} holds files the demo did not write: choose another --out")
+        shutil.rmtree(data)
+    for arm in ("pretrained", "scratch"):
+        runs = out / f"finetune_{arm}"
+        if runs.exists():
+            if not (runs.is_dir() and all(p.is_dir() and p.name.startswith("seed") for p in runs.iterdir())):
+                raise ValueError(f"{runs} holds files the demo did not write: choose another --out")
+            shutil.rmtree(runs)
+
+
 def _mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     m = sum(values) / len(values)
@@ -78,15 +106,22 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     """Tokenizer -> MIM pre-training -> fine-tuning of the pre-trained model and of a from-scratch twin.
 
     Each arm is fine-tuned once per seed in ``cfg.seeds`` with the same recipe and steps; the held-out top-1
-    (%) of every run, their mean and spread are printed and written to ``OUT/demo_summary.json``.
+    (%) of every run, their mean and spread are printed and written to ``OUT/demo_summary.json``. A run replaces
+    the previous demo in ``out`` (its ``data/``, ``tokenizer/``, ``pretrain/``, ``finetune_*/``).
+
+    Raises:
+        ValueError: ``out`` is empty, or its ``data/`` / ``finetune_*/`` hold files the demo did not write.
     """
+    if not str(out).strip():
+        raise ValueError("--out is empty: give the folder the demo writes to (default runs/demo)")
     out = Path(out)
     c = cfg or DemoConfig()
     if quick:
         c = replace(c, tok_steps=12, pre_steps=12, ft_steps=12, seeds=c.seeds[:1])
     t0 = time.perf_counter()
     # overwrite: running the demo again replaces its previous run (training commands refuse that by default)
-    common = dict(num_workers=0, log_every=10 if quick else 100, overwrite=True)
+    common = dict(num_workers=0, log_every=10 if quick else 50, overwrite=True)
+    _clear_previous_demo(out)
     train_dir, test_dir = write_digits(out / "data", c.img_size)
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
 
@@ -121,7 +156,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
 
     ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
                            warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
-                           eval_every=10**9, **common)
+                           eval_every=50, **{**common, "log_every": 10 if quick else 25})
     data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
                       reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding)
     sources = {"pretrained": (pre["model_dir"], {}),

@@ -77,7 +77,8 @@ def _model_state(path):  # noqa: ANN001, ANN202
 
 
 def demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its runs and PNGs")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its runs and PNGs (a second run "
+                   "replaces the first one's data/, tokenizer/, pretrain/ and finetune_*/ there)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (for tests)")
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import save_image
 
+from ...data.datasets import spread_indices
 from ...data.transforms import collate_pretrain
 from ...tokenizers.metrics import upscale_for_display
 
@@ -64,12 +65,13 @@ def mim_panel(model: nn.Module, tokenizer: nn.Module, batch: dict[str, torch.Ten
 
 def fixed_batch(dataset: torch.utils.data.Dataset, n: int, device: torch.device,
                  device_data: tuple[Any, Any, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The first ``n`` samples of ``dataset`` as one batch on ``device`` (``image``, ``tok_image``, ``mask``), the
-    same at every call, for the panels; ``device_data`` = ``(dataset, collate, pipeline)`` of the device path."""
+    """``n`` samples spread over ``dataset`` (the first ``n`` of a stream) as one batch on ``device`` (``image``,
+    ``tok_image``, ``mask``), the same at every call, for the panels; ``device_data`` = ``(dataset, collate,
+    pipeline)`` of the device path."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         samples = [s for _, s in zip(range(n), iter(dataset))]
     else:
-        samples = [dataset[i] for i in range(min(n, len(dataset)))]
+        samples = [dataset[i] for i in spread_indices(len(dataset), n)]
     if device_data is not None:  # the on-device path: collate raw samples, then decode + views
         _, collate, pipeline = device_data
         return {k: v.to(device) for k, v in pipeline(collate(samples)).items()}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ...data.datasets import spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
 from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
@@ -68,9 +69,9 @@ def evaluate_tokenizer(
 
 @torch.no_grad()
 def write_recon_grid(model: nn.Module, dataset: Dataset, path: str | Path, n: int = 8) -> str:
-    """Originals (top) and their token round trips (bottom) for the first ``n`` held-out images."""
+    """Originals (top) and their token round trips (bottom) for ``n`` held-out images spread over the set."""
     device = next(model.parameters()).device
-    images = torch.stack([dataset[i] for i in range(min(n, len(dataset)))]).to(device).float()
+    images = torch.stack([dataset[i] for i in spread_indices(len(dataset), n)]).to(device).float()
     recon = model.decode(model.encode(images))
     return save_recon_grid(images, recon, path, max_images=n)
 
