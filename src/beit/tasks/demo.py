@@ -156,7 +156,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
 
     ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
                            warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
-                           eval_every=50, **{**common, "log_every": 10 if quick else 25})
+                           eval_every=2, **{**common, "log_every": 10 if quick else 25})
     data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
                       reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding)
     sources = {"pretrained": (pre["model_dir"], {}),
