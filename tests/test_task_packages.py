@@ -88,6 +88,21 @@ def test_packages_and_the_cli_import_no_trainer() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_beit_help_loads_no_torch_and_the_root_names_still_resolve() -> None:
+    """``beit --help`` (the parser) imports neither torch nor timm: the root package's names are lazy (PEP 562);
+    ``beit.load_model`` etc. still resolve, to the same objects as their rooms'."""
+    code = ("import sys\n"
+            "from beit.cli import build_parser\n"
+            "build_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+            "import beit, beit.interop, beit.models\n"
+            "assert beit.load_model is beit.interop.load_model and beit.Beit is beit.models.Beit\n"
+            "assert set(beit.__all__) <= set(dir(beit))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize(("pkg", "name"), [("segmentation", "train"), ("layout", "train"), ("classify", "linprobe")])
 def test_a_function_keeps_its_name_next_to_its_module(pkg: str, name: str) -> None:
     """``beit.tasks.<pkg>.<name>`` is the function even after its module of the same name was imported."""
