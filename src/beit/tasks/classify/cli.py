@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -48,7 +49,8 @@ def linprobe(args: argparse.Namespace) -> int:
 def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder with one sub-folder per class")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader processes (default: 4, or the CPU count if smaller)")
     p.add_argument("--img-size", type=int, default=None, help="evaluate at another resolution (tables resampled)")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -75,7 +77,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loader processes (default: 4, or the CPU count if smaller)")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     p.add_argument("--device", default=None)
 
