@@ -515,3 +515,11 @@ def test_errors_found_by_the_trainer_name_their_train_key(setup, tmp_path, capsy
                             "shorter than training (2 steps)")
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "b"), "train.batch_size=64")) == 1
     assert "config key 'train.batch_size': 8 samples over 1 ranks give no full step" in _err(capsys)
+
+
+def test_a_preset_of_another_command_is_refused_by_name(capsys):
+    assert main(["finetune", "-c", "pretrain_cifar10_small"]) == 1
+    assert _err(capsys) == ("beit finetune: error: -c pretrain_cifar10_small is a preset of another command; "
+                            "beit finetune takes: finetune_base, finetune_cifar10_small, finetune_rvlcdip_base")
+    assert main(["segment", "train", "-c", "layout_docbank"]) == 1
+    assert "beit segment train takes: segment_ade20k_base, segment_camvid" in _err(capsys)

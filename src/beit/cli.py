@@ -167,6 +167,10 @@ SHORT: dict[str, tuple[str, str]] = {
 }
 DEFAULT_ACTION = {"pretrain": "train"}
 
+# The shipped presets a training command takes: their names start with the task's prefix.
+PRESET_PREFIX = {"pretrain train": "pretrain_", "classify train": "finetune_", "classify linprobe": "linprobe_",
+                 "segment train": "segment_", "layout train": "layout_", "tokenizer train": "tokenizer_"}
+
 TOOLS: dict[str, Command] = {
     "convert": Command("convert any BEiT checkpoint to ours, or export ours to timm / Hugging Face", "tool",
                        _convert_run, _convert_args),
@@ -275,8 +279,24 @@ def _normalize(args: argparse.Namespace, name: str) -> None:
     args.overrides, args.inputs = overrides, positional
     if getattr(args, "config", None) is not None:
         args.config = resolve_config(args.config)
+        _check_preset_fits(args.config, name)
     elif cmd.kind != "tool":
         args.config = None
+
+
+def _check_preset_fits(config: str | None, name: str) -> None:
+    """A shipped preset of another command (``beit finetune -c pretrain_cifar10_small``) is refused by name, with
+    the presets this command takes, before its keys fail to fit the config one by one."""
+    from .configs import list_presets, preset_dir
+
+    full = " ".join(SHORT[name]) if name in SHORT else name
+    prefix = PRESET_PREFIX.get(full)
+    if not config or prefix is None or Path(config).parent != preset_dir():
+        return
+    stem = Path(config).stem
+    if not stem.startswith(prefix):
+        fits = ", ".join(p for p in list_presets() if p.startswith(prefix))
+        raise ValueError(f"-c {stem} is a preset of another command; beit {name} takes: {fits}")
 
 
 # ------------------------------------------------------------------------------------ error boundary

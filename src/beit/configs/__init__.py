@@ -8,11 +8,16 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["describe", "list_presets", "preset_path", "resolve_config"]
+__all__ = ["describe", "list_presets", "preset_dir", "preset_path", "resolve_config"]
 
 
 def _dir() -> Path:
     return Path(str(resources.files(__name__)))
+
+
+def preset_dir() -> Path:
+    """The folder of the shipped presets (inside the installed package)."""
+    return _dir()
 
 
 def list_presets() -> list[str]:
