@@ -523,3 +523,16 @@ def test_a_preset_of_another_command_is_refused_by_name(capsys):
                             "beit finetune takes: finetune_base, finetune_cifar10_small, finetune_rvlcdip_base")
     assert main(["segment", "train", "-c", "layout_docbank"]) == 1
     assert "beit segment train takes: segment_ade20k_base, segment_camvid" in _err(capsys)
+
+
+def test_an_output_path_through_a_file_is_named_as_such(tmp_path, capsys):
+    from beit.cli import _error_line
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for err in (FileExistsError(17, "File exists", str(f)), NotADirectoryError(20, "Not a directory", str(f))):
+        assert _error_line(err) == (f"{f} is a file, not a folder: give an output path whose folders are folders "
+                                    f"({type(err).__name__})")
+    assert main(["demo", "--quick", "--out", str(f / "sub")]) == 1
+    assert _err(capsys) == (f"beit demo: error: {f} is a file, not a folder: give an output path whose folders are "
+                            "folders (NotADirectoryError)")

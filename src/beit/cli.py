@@ -300,6 +300,18 @@ def _check_preset_fits(config: str | None, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ error boundary
+def _file_in_the_way(e: BaseException) -> str | None:
+    """For "File exists" / "Not a directory" while making folders: the file standing where a folder is needed
+    (the first existing part of the path), or None."""
+    if not isinstance(e, FileExistsError | NotADirectoryError) or not e.filename:
+        return None
+    path = Path(os.fsdecode(e.filename))
+    for part in (path, *path.parents):
+        if part.exists():
+            return str(part) if part.is_file() else None
+    return None
+
+
 def _error_line(e: BaseException) -> str | None:
     """One line for an anticipated error (the file or key is in it), or None for a bug (traceback)."""
     import pickle
@@ -318,6 +330,9 @@ def _error_line(e: BaseException) -> str | None:
         return f"YAML syntax error: {src}{getattr(e, 'problem', None) or first}"
     if isinstance(e, pickle.UnpicklingError | EOFError):
         return f"{first or name}"
+    blocker = _file_in_the_way(e)
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder: give an output path whose folders are folders ({name})"
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | ValueError):
         # PermissionError, disk full, read-only file system: errno text + the file
         text = f"{e.strerror or name}: {e.filename}" if e.filename else (first or name)
