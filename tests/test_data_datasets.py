@@ -345,3 +345,24 @@ def test_spread_indices_cover_the_whole_set() -> None:
     assert spread_indices(10, 1) == [0] and spread_indices(0, 4) == [] and spread_indices(5, 0) == []
     idx = spread_indices(1437, 8)
     assert len(set(idx)) == 8 and idx == sorted(idx)
+
+
+@pytest.mark.parametrize("rank, warned", [("0", True), ("1", False)])
+def test_folder_to_memory_warns_on_the_first_rank_only(tmp_path: Path, monkeypatch, rank: str, warned: bool) -> None:
+    """Under torchrun every rank decodes the same folder: the resize warning comes once (rank 0), the data alike."""
+    import logging
+
+    _make_labeled(tmp_path, {"x": 2})
+    _save(_rgb(40, 50).resize((40, 30)), tmp_path / "x" / "wide.png")
+    monkeypatch.setenv("RANK", rank)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("beit.data.datasets")
+    log.addHandler(handler)
+    try:
+        images, _, _ = load_image_folder_to_memory(tmp_path, progress=False)
+    finally:
+        log.removeHandler(handler)
+    assert images.shape == (3, 20, 20, 3)
+    assert any("resized 1 of 3 images" in r.getMessage() for r in records) == warned

@@ -958,6 +958,10 @@ def load_image_folder_to_memory(
     """
     if labeled is None:
         labeled = class_names is not None or bool(find_classes(root))
+    # Under torchrun every rank decodes the same folder: one progress bar and one set of warnings (rank 0's).
+    # (torchrun's RANK variable: the data room knows no process group.)
+    first_rank = os.environ.get("RANK", "0") == "0"
+    progress = progress and first_rank
     if labeled:
         ds: _RobustImageFiles = LabeledImageFolder(root, class_names=class_names)
         names = list(ds.classes)  # type: ignore[attr-defined]
@@ -984,7 +988,7 @@ def load_image_folder_to_memory(
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
-    if ds.num_skipped:
+    if ds.num_skipped and first_rank:
         logger.warning("skipped %d unreadable images under %s", ds.num_skipped, root)
     shapes = Counter(arrays[i].shape for i in keep)
     if len(shapes) > 1:  # the most common size; on a tie the larger one
@@ -994,8 +998,9 @@ def load_image_folder_to_memory(
             img = Image.fromarray(arrays[i], mode="RGB")
             arrays[i] = np.asarray(_resize_center_crop(img, (shape[1], shape[0])), dtype=np.uint8)
         shown = ", ".join(ds.samples[i][0] for i in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
-        logger.warning("resized %d of %d images under %s to the common size %dx%d (short side, then center "
-                       "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)
+        if first_rank:
+            logger.warning("resized %d of %d images under %s to the common size %dx%d (short side, then center "
+                           "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
     return images, labels, names
