@@ -404,10 +404,12 @@ def test_output_dir_that_cannot_be_written_fails_before_the_dataset(setup, tmp_p
     blocker.write_text("x")
     assert main(_pretrain_args(setup, "--out", str(blocker / "run"))) == 1
     assert _err(capsys) == (f"beit pretrain train: error: config key 'train.output_dir': cannot write to "
-                            f"{blocker / 'run'}: Not a directory")
+                            f"{blocker / 'run'}: {blocker} is a file, not a folder")
     assert not captured
-    with pytest.raises(ConfigError, match="cannot write to"):
+    with pytest.raises(ConfigError, match=f"cannot write to {blocker}: {blocker} is a file, not a folder"):
         check_output_dir(blocker)
+    with pytest.raises(ConfigError, match=f"cannot write to {blocker / 'x' / 'y'}: {blocker} is a file"):
+        check_output_dir(blocker / "x" / "y")
     assert check_output_dir(tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
 
 
@@ -523,6 +525,10 @@ def test_a_preset_of_another_command_is_refused_by_name(capsys):
                             "beit finetune takes: finetune_base, finetune_cifar10_small, finetune_rvlcdip_base")
     assert main(["segment", "train", "-c", "layout_docbank"]) == 1
     assert "beit segment train takes: segment_ade20k_base, segment_camvid" in _err(capsys)
+    from beit.configs import preset_path
+
+    assert main(["finetune", "-c", str(preset_path("pretrain_cifar10_small"))]) == 1  # the shipped file by its path
+    assert "-c pretrain_cifar10_small is a preset of another command" in _err(capsys)
 
 
 def test_an_output_path_through_a_file_is_named_as_such(tmp_path, capsys):

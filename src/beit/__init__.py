@@ -4,10 +4,8 @@ The names below are imported on first use (PEP 562), so that ``beit --help`` and
 torch: ``beit.load_model`` is ``beit.interop.load_model``, ``beit.Beit`` is ``beit.models.Beit``, and so on.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 __all__ = ["Beit", "BeitConfig", "CheckpointError", "Preprocess", "build_backbone", "create_model", "list_models",
@@ -18,9 +16,9 @@ _WHERE = {"CheckpointError": "interop", "build_backbone": "interop", "load_model
           "list_models": "models"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        value = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

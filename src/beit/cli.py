@@ -291,7 +291,7 @@ def _check_preset_fits(config: str | None, name: str) -> None:
 
     full = " ".join(SHORT[name]) if name in SHORT else name
     prefix = PRESET_PREFIX.get(full)
-    if not config or prefix is None or Path(config).parent != preset_dir():
+    if not config or prefix is None or Path(config).resolve().parent != preset_dir().resolve():
         return
     stem = Path(config).stem
     if not stem.startswith(prefix):
@@ -305,11 +305,10 @@ def _file_in_the_way(e: BaseException) -> str | None:
     (the first existing part of the path), or None."""
     if not isinstance(e, FileExistsError | NotADirectoryError) or not e.filename:
         return None
-    path = Path(os.fsdecode(e.filename))
-    for part in (path, *path.parents):
-        if part.exists():
-            return str(part) if part.is_file() else None
-    return None
+    from .engine.config import file_in_the_way
+
+    blocker = file_in_the_way(e.filename)
+    return None if blocker is None else str(blocker)
 
 
 def _error_line(e: BaseException) -> str | None:

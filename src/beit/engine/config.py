@@ -29,8 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .precision import PRECISIONS
 
-__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "load_config", "load_run_config", "save_config",
-           "stored_config", "to_dict", "validate_config"]
+__all__ = ["ConfigError", "TrainConfig", "check_output_dir", "file_in_the_way", "load_config", "load_run_config",
+           "save_config", "stored_config", "to_dict", "validate_config"]
 
 T = TypeVar("T")
 
@@ -197,6 +197,16 @@ def validate_config(cfg: Any, prefix: str = "") -> None:
         validate_config(getattr(cfg, f.name), f"{prefix}{f.name}.")
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file standing where ``path`` or one of its folders should be (the first existing part of the path,
+    when it is not a folder), else None. For "File exists" / "Not a directory" errors that name a deeper path."""
+    p = Path(os.fsdecode(path))
+    for part in (p, *p.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def check_output_dir(path: str | Path) -> Path:
     """Fail now, not after the dataset is built, if ``path`` cannot be used as an output folder.
 
@@ -211,6 +221,10 @@ def check_output_dir(path: str | Path) -> Path:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
+        blocker = file_in_the_way(path)
+        if blocker is not None:
+            raise ConfigError("train.output_dir",
+                              f"cannot write to {path}: {blocker} is a file, not a folder") from None
         why = e.strerror or type(e).__name__
         where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(probe)) else ""
         raise ConfigError("train.output_dir", f"cannot write to {path}: {why}{where}") from None
