@@ -45,6 +45,19 @@ class _RunFileHandler(logging.FileHandler):
     """``output_dir/log.txt`` of the current run."""
 
 
+def _formatter() -> logging.Formatter:
+    return logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The logger's console handlers, adding the one console handler first if it has none."""
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        h = _StdoutHandler()
+        h.setFormatter(_formatter())
+        logger.addHandler(h)
+    return [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
+
+
 def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
     """Console (INFO) and ``output_dir/log.txt`` handlers on the main rank; other ranks only warn.
 
@@ -53,11 +66,7 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
     logger = get_logger()
     logger.setLevel(logging.INFO if main else logging.WARNING)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        h = _StdoutHandler()
-        h.setFormatter(fmt)
-        logger.addHandler(h)
+    _console_handlers(logger)
     if main and output_dir is not None:
         path = str(Path(output_dir).resolve() / "log.txt")
         for h in [h for h in logger.handlers if isinstance(h, _RunFileHandler)]:
@@ -67,7 +76,7 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
         if not any(isinstance(h, _RunFileHandler) for h in logger.handlers):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             fh = _RunFileHandler(path)
-            fh.setFormatter(fmt)
+            fh.setFormatter(_formatter())
             logger.addHandler(fh)
     return logger
 
@@ -76,12 +85,7 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
 def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
     """Inside the block the console shows only records at ``level`` or above; each run's ``log.txt`` still gets
     everything. For drivers that run many trainings in a row (``beit demo``'s seeds)."""
-    logger = get_logger()
-    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        h = _StdoutHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(h)
-    handlers = [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
+    handlers = _console_handlers(get_logger())
     before = [h.level for h in handlers]
     for h in handlers:
         h.setLevel(level)
