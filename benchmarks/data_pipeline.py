@@ -4,8 +4,12 @@ step on GPU-resident batches, side by side in one command.
 Rows (img/s; ratios against the resident step of the same model):
   loader_cpu        PIL decode + two views + mask in DataLoader workers (the CPU path)
   loader_dev        bytes + masks from the workers, nvJPEG batch decode + per-sample views on the device
-  pretrain_dev      BEiT-B/16 MIM step + DALL-E-format tokenizer fed from the JPEG folder (device path),
-                    two epochs, with the slowest window after an epoch start against the median
+  transform_pt/_ft  the device transforms alone on one fixed loader batch (decode + pre-training views /
+                    decode + the fine-tuning recipe), synchronised: their whole cost per batch
+  pretrain_dev      BEiT-B/16 MIM step + DALL-E-format tokenizer fed from the JPEG folder (device path) as the
+                    engine feeds it (persistent workers; the transform one batch ahead on a side stream,
+                    launched after the backward; one host sync a step), two epochs, with the slowest window
+                    after an epoch start against the median
   pretrain_res      the same step on one GPU-resident batch
   finetune_dev      BEiT-B/16 classification at 224, RandAugment + random erasing on the device, mixup/cutmix
                     + label smoothing (timm Mixup) in the step, fed from class folders of the JPEGs
@@ -13,6 +17,8 @@ Rows (img/s; ratios against the resident step of the same model):
   token_agreement   share of tokenizer ids equal on device-made vs CPU-made (PIL Lanczos) views of the same crops
   cifar_ft / cifar_pt   21M BEiT (384 wide, 12 blocks, 4-px patches) on 32 px images kept in GPU memory:
                     fine-tuning with the full recipe, pre-training with a dVAE tokenizer in the loop
+                    (``_res``: the same steps on one GPU-resident batch)
+  --profile FILE    torch.profiler tables (ops by host and by device time, host syncs) of each fed row
 
     python benchmarks/data_pipeline.py --json $OUT/data_pipeline.json             # on a GPU
     python benchmarks/data_pipeline.py --device cpu --tiny                         # smoke test, a minute on CPU
@@ -59,7 +65,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _loader(ds: Any, batch: int, workers: int, collate: Callable, device: torch.device,
-            persistent: bool = False) -> torch.utils.data.DataLoader:
+            persistent: bool = True) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
                                        drop_last=True, pin_memory=device.type == "cuda",
                                        persistent_workers=persistent and workers > 0,
@@ -67,12 +73,10 @@ def _loader(ds: Any, batch: int, workers: int, collate: Callable, device: torch.
 
 
 def _endless(make: Callable[[], Any], dataset: Any) -> Iterator[Any]:
-    """Batches epoch after epoch; a new loader (and new workers, as the engine) at every epoch start."""
-    epoch = 0
+    """Batches epoch after epoch from one loader whose workers persist across epochs, as the engine's."""
+    loader = make()
     while True:
-        dataset.set_epoch(epoch)
-        yield from make()
-        epoch += 1
+        yield from loader
 
 
 def photos_to_jpegs(src: Path, dst: Path, n: int) -> None:
@@ -89,7 +93,9 @@ def photos_to_jpegs(src: Path, dst: Path, n: int) -> None:
 
 
 def _classes(root: Path, out: Path, num_classes: int) -> Path:
-    """Class folders of symlinks to the same JPEGs (fine-tuning reads root/<class>/<image>)."""
+    """Class folders of symlinks to the same JPEGs (fine-tuning reads root/<class>/<image>), made once."""
+    if out.exists():
+        return out
     files = sorted(root.glob("*.jpg"))
     for i, f in enumerate(files):
         d = out / f"c{i % num_classes}"
@@ -122,17 +128,56 @@ def _timed(next_batch: Callable[[], Any], step: Callable[[Any], None], batch: in
     return out
 
 
+def _fed(raw: Iterator[Any], pipe: Callable[[Any], Any] | None, device: torch.device,
+         train: Callable[..., None]) -> tuple[Callable[[], Any], Callable[[Any], None]]:
+    """``(next_batch, step)`` for ``_timed`` that feed ``train`` as the engine does: the loader's batch moved
+    and transformed by ``pipe`` one step ahead on a side stream (``beit.engine.prefetch.DevicePrefetcher``),
+    prefetched right after the backward, then the engine's one host sync a step (finite loss)."""
+    from beit.engine.prefetch import DevicePrefetcher
+
+    pf = DevicePrefetcher(raw, device, pipe)
+    return (lambda: next(pf)), (lambda b: train(b, after_backward=pf.prefetch))
+
+
+def _profile(name: str, next_batch: Callable[[], Any], step: Callable[[Any], None], steps: int, out: str) -> None:
+    """torch.profiler over ``steps`` fed steps: the ops by self CPU time and by device time, and the syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step(next_batch())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    text = [f"==== profile {name}: {steps} steps", ka.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if torch.cuda.is_available():
+        text.append(ka.table(sort_by="self_cuda_time_total", row_limit=30))
+    text.append("syncs: " + ", ".join(f"{e.key} x{e.count}" for e in ka if "ynchronize" in e.key or
+                                      e.key in ("cudaMemcpy", "cudaStreamWaitEvent", "cudaEventSynchronize")))
+    print("\n".join(text), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write("\n".join(text) + "\n")
+
+
 def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device.type == "cuda")
 
 
-def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device) -> Callable[[Any], None]:
+def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device) -> Callable[..., None]:
+    """One optimizer step as the engine's: forward + backward, ``after_backward`` (the prefetch), one host
+    sync on the loss (the engine's finiteness check), the update."""
     opt = _optimizer(model, device)
 
-    def run(batch: Any) -> None:
+    def run(batch: Any, after_backward: Callable[[], None] | None = None) -> None:
         with autocast_for(device, "auto"):
             loss, _ = step_fn(model, batch)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError("non-finite loss")
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -159,6 +204,17 @@ def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: 
     it2 = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
     res["loader_dev"] = _timed(lambda: next(it2), pipe, a.batch, a.steps, 2, device)
     res["loader_dev"]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
+    # the device transforms alone (one fixed loader batch, synchronised): their cost per batch, host + device
+    raw = next(it2)
+    res["transform_pt"] = _timed(lambda: raw, pipe, a.batch, a.steps, 2, device)
+    classes = _classes(folder, folder.parent / "classes", 10)
+    enc_ft = EncodedImageFiles.from_folder(classes, labeled=True, seed=0)
+    ft = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+    raw_ft = collate_encoded([enc_ft[i] for i in range(a.batch)])
+    res["transform_ft"] = _timed(lambda: raw_ft, ft, a.batch, a.steps, 2, device)
+    if a.profile:
+        _profile("transform_pt", lambda: raw, pipe, 3, a.profile)
+        _profile("transform_ft", lambda: raw_ft, ft, 3, a.profile)
 
 
 def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
@@ -231,8 +287,11 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
     pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
     it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
     steps_per_epoch = len(enc) // a.batch
-    res["pretrain_dev"] = _timed(lambda: pipe(next(it)), step, a.batch, max(a.steps, 2 * steps_per_epoch), 3,
+    fed = _fed(it, pipe, device, step)
+    res["pretrain_dev"] = _timed(*fed, a.batch, max(a.steps, 2 * steps_per_epoch), 3,
                                  device, window=max(1, steps_per_epoch // 4))
+    if a.profile:
+        _profile("pretrain_dev", *fed, 4, a.profile)
     resident = pipe(next(it))
     res["pretrain_res"] = _timed(lambda: resident, step, a.batch, a.steps, 3, device)
     res["pretrain_ratio"] = res["pretrain_dev"]["img_per_s"] / res["pretrain_res"]["img_per_s"]
@@ -259,7 +318,10 @@ def finetune_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
     enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0)
     pipe = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
     it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
-    res["finetune_dev"] = _timed(lambda: pipe(next(it)), step, a.batch, a.steps, 3, device)
+    fed = _fed(it, pipe, device, step)
+    res["finetune_dev"] = _timed(*fed, a.batch, a.steps, 3, device)
+    if a.profile:
+        _profile("finetune_dev", *fed, 4, a.profile)
     x, y = pipe(next(it))
     res["finetune_res"] = _timed(lambda: (x.clone(), y), step, a.batch, a.steps, 3, device)  # mixup is in place
     res["finetune_ratio"] = res["finetune_dev"]["img_per_s"] / res["finetune_res"]["img_per_s"]
@@ -286,7 +348,11 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     pipe = FinetunePipeline(FinetuneAugment(32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device,
                             images, labels)
     it = _endless(lambda: _loader(ds, batch, min(a.workers, 2), InMemoryIndices.collate, device), ds)
-    res["cifar_ft"] = _timed(lambda: pipe(next(it)), step, batch, a.steps, 3, device)
+    res["cifar_ft"] = _timed(*_fed(it, pipe, device, step), batch, a.steps, 3, device)
+    x, y = pipe(next(it))
+    res["cifar_ft_res"] = _timed(lambda: (x.clone(), y), step, batch, a.steps, 3, device)  # mixup is in place
+    if a.profile:
+        _profile("cifar_ft", *_fed(it, pipe, device, step), 4, a.profile)
     # pre-training: masks in the workers, views on the device, dVAE tokenizer (4x down) in the loop
     from beit.tokenizers import DiscreteVAE
 
@@ -300,7 +366,11 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
     ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
     pit = _endless(lambda: _loader(pds, batch, a.workers, InMemoryIndices.collate, device), pds)  # masks: CPU work
-    res["cifar_pt"] = _timed(lambda: ppipe(next(pit)), pstep, batch, a.steps, 3, device)
+    res["cifar_pt"] = _timed(*_fed(pit, ppipe, device, pstep), batch, a.steps, 3, device)
+    resident = ppipe(next(pit))
+    res["cifar_pt_res"] = _timed(lambda: resident, pstep, batch, a.steps, 3, device)
+    if a.profile:
+        _profile("cifar_pt", *_fed(pit, ppipe, device, pstep), 4, a.profile)
 
 
 def main() -> None:
@@ -319,6 +389,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="", help="DALL-E encoder.pkl / safetensors for the id-agreement row")
     ap.add_argument("--only", default="loader,tokens,pretrain,finetune,cifar")
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", default="", help="also profile each fed row (torch.profiler tables) into this file")
     a = ap.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
@@ -366,7 +437,10 @@ def main() -> None:
             worst = v.get("worst_window_vs_median")
             extra = f"  worst window / median {worst:.2f}" if worst is not None else ""
             print(f"  {k:14s} {v['img_per_s']:9.0f}{extra}")
-    for k in ("pretrain_ratio", "finetune_ratio"):
+    for k in ("cifar_ft", "cifar_pt"):
+        if k in res and k + "_res" in res:
+            res[k + "_ratio"] = res[k]["img_per_s"] / res[k + "_res"]["img_per_s"]
+    for k in ("pretrain_ratio", "finetune_ratio", "cifar_ft_ratio", "cifar_pt_ratio"):
         if k in res:
             print(f"  {k:14s} {res[k]:9.2f}  (loader-fed / GPU-resident)")
     if a.json:

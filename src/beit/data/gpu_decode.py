@@ -19,8 +19,9 @@ machines do not carry, and its pipelines own the loader (sharding, seeding, resu
 already does; torchvision ships with torch and decodes a list of JPEGs in one call. Measure with
 ``benchmarks/data_pipeline.py`` (rows ``loader_cpu`` / ``loader_dev``) before reconsidering.
 
-The batch (``EncodedBatch``) is not a tensor, dict or list, so the engine's ``_to_device`` passes it to
-the task's step untouched; the task turns it into views with ``PretrainPipeline`` / ``FinetunePipeline``.
+The batch (``EncodedBatch``) is not a tensor, dict or list, so the engine's move to the device passes it
+on untouched; the task hands ``PretrainPipeline`` / ``FinetunePipeline`` to the engine as its
+``device_transform``, which the engine runs one batch ahead on a side CUDA stream (``beit.engine.prefetch``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ __all__ = [
     "collate_encoded",
     "probe",
     "use_device_path",
-    "with_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -530,13 +530,3 @@ class FinetunePipeline:
             if batch.labels is None:
                 raise ValueError("FinetunePipeline needs labeled files (root/<class>/<image>)")
             return self.augment(imgs, batch.index, batch.epoch), batch.labels.to(self.device, non_blocking=True)
-
-
-def with_pipeline(step_fn: Callable[[Any, Any], Any], pipeline: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
-    """``step_fn`` preceded by ``pipeline``: the step gets ``pipeline(batch)`` (decoded, augmented, on the
-    device) instead of the loader's raw batch. The engine calls it like any ``step_fn(model, batch)``."""
-
-    def step(model: Any, batch: Any) -> Any:
-        return step_fn(model, pipeline(batch))
-
-    return step

@@ -56,6 +56,7 @@ from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, console_through_tqdm, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
+from .prefetch import DevicePrefetcher
 from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
 
 __all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
@@ -149,17 +150,6 @@ class ModelEMA:
         self.module.load_state_dict(state_dict)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuples too
-    return batch
-
-
 def _worker_init(worker_id: int) -> None:
     # torch seeds each worker with base_seed + worker_id (base_seed comes from the loader's own generator);
     # give python and numpy the same, so nothing depends on the parent's RNG.
@@ -186,6 +176,10 @@ class Trainer:
             must return the same keys (they are averaged over ranks in one collective).
         cfg: the :class:`TrainConfig`.
         collate_fn: for the DataLoader.
+        device_transform: ``batch -> batch`` applied on the device after the move and before ``step_fn``
+            (a task's nvJPEG decode + augmentation pipeline). On CUDA it runs one batch ahead on a side
+            stream, overlapping the previous step (:class:`~beit.engine.prefetch.DevicePrefetcher`); it must
+            not draw from the global RNG (the order of its calls and the steps' is not fixed).
         eval_fn: ``(model) -> dict[str, float]``, called on every rank every ``eval_every`` epochs and at the
             end, in eval mode under ``no_grad`` and autocast; it decides whether to shard or run on rank 0
             only. Rank 0's result is logged and used for ``metric_to_track``. With ``ema`` it is also called
@@ -200,7 +194,8 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_dataset: Dataset, step_fn: StepFn, cfg: TrainConfig, *,
-                 collate_fn: Callable | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
+                 collate_fn: Callable | None = None, device_transform: Callable[[Any], Any] | None = None,
+                 eval_fn: Callable[[nn.Module], dict] | None = None,
                  visualize_fn: Callable[[nn.Module, int, Path], None] | None = None,
                  metric_to_track: str | None = None, mode: str = "max",
                  param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None,
@@ -211,6 +206,7 @@ class Trainer:
         D.init_distributed()
         self.cfg, self.dataset, self.step_fn = cfg, train_dataset, step_fn
         self.collate_fn, self.eval_fn, self.visualize_fn = collate_fn, eval_fn, visualize_fn
+        self.device_transform = device_transform
         self.metric_to_track, self.mode = metric_to_track, mode
         self.run_config = run_config if run_config is not None else cfg
         self.device = D.device()
@@ -368,7 +364,7 @@ class Trainer:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         model.train()
-        batches = self._batches()
+        batches = DevicePrefetcher(self._batches(), self.device, self.device_transform)
         params = [p for g in opt.param_groups for p in g["params"]]
         epoch = self.epoch
         while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
@@ -379,11 +375,15 @@ class Trainer:
 
             loss_sum, metric_sums = 0.0, {}
             for micro in range(cfg.accum_steps):
-                batch = _to_device(next(batches), self.device)
+                batch = next(batches)
                 with D.grad_sync(model, enabled=micro == cfg.accum_steps - 1):
                     with self._autocast():
                         loss, metrics = self.step_fn(model, batch)
                     (loss / cfg.accum_steps).backward()
+                # the GPU has this backward queued: prepare the next batch beside it (engine/prefetch.py)
+                steps_left = min(end_step - self.step, self.steps_per_epoch - self.batch_in_epoch // cfg.accum_steps)
+                if steps_left * cfg.accum_steps > micro + 1:
+                    batches.prefetch()
                 loss_sum = loss_sum + loss.detach().float()
                 for k, v in metrics.items():
                     v = v.detach().float() if torch.is_tensor(v) else v

@@ -28,7 +28,6 @@ from timm.data import Mixup
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...data.gpu_decode import with_pipeline
 from ...engine import ConfigError, TrainConfig, Trainer, load_checkpoint
 from ...engine import distributed as D
 from ...engine.checkpoint import find_resume_path
@@ -178,10 +177,9 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     eval_fn = (make_eval_fn(val_dataset, num_classes, eval_bs, train_cfg.num_workers)
                if val_dataset is not None else None)
     step_fn = make_step_fn(cfg, num_classes)
-    if device_data is not None:
-        step_fn = with_pipeline(step_fn, pipeline)
     trainer = Trainer(model, train_dataset, step_fn, train_cfg, eval_fn=eval_fn,
                       collate_fn=collate if device_data is not None else None,
+                      device_transform=pipeline if device_data is not None else None,
                       metric_to_track="top1" if eval_fn is not None else None, run_config=cfg)
     result: dict[str, Any] = dict(trainer.fit(stop_after_step))
     result["class_names"] = names

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.gpu_decode import with_pipeline
 from ...data.transforms import collate_pretrain
 from ...engine import Trainer
 from ...engine import distributed as D
@@ -56,12 +55,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     device_data = build_device_data(cfg, tokenizer.downsample, device)
     if device_data is None:
-        dataset, collate = build_dataset(cfg, tokenizer.downsample), collate_pretrain
-        step_fn = make_step_fn(tokenizer)
+        dataset, collate, pipeline = build_dataset(cfg, tokenizer.downsample), collate_pretrain, None
     else:
         dataset, collate, pipeline = device_data
-
-        step_fn = with_pipeline(make_step_fn(tokenizer), pipeline)
     panel_batch: dict[str, torch.Tensor] = {}
     d = cfg.data
 
@@ -70,8 +66,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             panel_batch.update(fixed_batch(dataset, cfg.vis_samples, device, device_data))
         mim_panel(model, tokenizer, panel_batch, tuple(d.mean), tuple(d.std), Path(out_dir) / f"mim_step{step:07d}.png")
 
-    trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate, visualize_fn=visualize,
-                      run_config=cfg)
+    trainer = Trainer(model, dataset, make_step_fn(tokenizer), cfg.train, collate_fn=collate,
+                      device_transform=pipeline, visualize_fn=visualize, run_config=cfg)
     metrics = trainer.fit()
     out = Path(cfg.train.output_dir)
     result: dict[str, Any] = dict(metrics)
