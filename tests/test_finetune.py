@@ -166,6 +166,13 @@ def test_evaluate_and_predict_saved_model(trained, squares, tmp_path):
     assert cli_main(["evaluate", trained["model_dir"], "--data", str(squares / "val"), "--out",
                      str(tmp_path / "cli_eval"), "--num-workers", "0"]) == 0
     assert (tmp_path / "cli_eval" / "confusion.png").is_file()
+    # without --out, evaluating a training checkpoint writes beside it, named after the data: the training's
+    # own report (<run>/eval/metrics.json) is left as it was
+    report = run / "eval" / "metrics.json"
+    before = report.read_bytes()
+    assert cli_main(["evaluate", str(run / "last.pt"), "--data", str(squares / "val"), "--num-workers", "0"]) == 0
+    assert report.read_bytes() == before
+    assert (run / "eval_val" / "metrics.json").is_file()
 
 
 def test_clear_errors(trained, squares, tmp_path, capsys):

@@ -115,7 +115,7 @@ TASKS: dict[str, dict[str, Command]] = {
                             "train", cli_classify.linprobe),
         "eval": Command("top-1/top-5, per-class accuracy and a confusion-matrix PNG of a classifier", "checkpoint",
                         cli_classify.evaluate, cli_classify.evaluate_args, config=False, overrides=False,
-                        out_help="report folder (default: eval/ next to the checkpoint)"),
+                        out_help="report folder (default: eval_<data folder>/ next to the checkpoint)"),
         "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
                            cli_classify.predict, cli_classify.predict_args, config=False, overrides=False,
                            out_help="the CSV to write (default predictions.csv)"),

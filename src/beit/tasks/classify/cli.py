@@ -63,7 +63,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: the images are --data DIR")
     ckpt = Path(args.ckpt)
-    out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / ("eval_ema" if args.ema else "eval"))
+    # default: beside the checkpoint, named after the data, so it never overwrites the training's own report
+    # (<run>/eval) nor an evaluation on other data
+    tag = f"eval_{Path(args.data).resolve().name or 'data'}" + ("_ema" if args.ema else "")
+    out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / tag)
     r = evaluate_checkpoint(ckpt, args.data, out, batch_size=args.batch_size, num_workers=args.num_workers,
                             ema=args.ema, device=args.device, img_size=args.img_size)
     worst = sorted(r["per_class"].items(), key=lambda kv: kv[1]["acc"])[:5]
