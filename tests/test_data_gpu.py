@@ -18,6 +18,7 @@ from beit.data.gpu_augment import (
     _mix,
     crop_boxes,
     per_sample_uniforms,
+    resized_crops,
 )
 from beit.data.gpu_decode import (
     BatchDecoder,
@@ -97,6 +98,34 @@ def test_crop_fallback_is_torchvision_centre_crop():
     img = Image.new("RGB", (1000, 10))
     torch.manual_seed(0)
     assert box[0].tolist() == list(T.RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3]))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("max_bytes", [None, 400_000])
+def test_batched_resized_crops_equal_interpolate_antialias_per_image(mixed, max_bytes, monkeypatch):
+    """The two-matmul resize (JPEG path: a list of images, sizes may differ) gives what
+    F.interpolate(bicubic, antialias=True) gives on each crop alone: downscaled, upscaled and mixed boxes,
+    one chunk or several (padding chunks of mixed sizes)."""
+    import beit.data.gpu_augment as GA
+
+    if max_bytes is not None:
+        monkeypatch.setattr(GA, "MAX_CHUNK_BYTES", max_bytes)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(75, 100), (120, 90), (64, 64), (97, 131), (40, 50), (75, 100)] if mixed else [(75, 100)] * 6
+    imgs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    boxes = []
+    for k, (h, w) in enumerate(sizes):
+        bh, bw = (h, w) if k == 0 else (max(3, h // (k + 1)), max(3, w - 7 * k))  # whole image, then smaller
+        boxes.append((int(torch.randint(0, h - bh + 1, (1,), generator=g)), int(torch.randint(0, w - bw + 1, (1,),
+                     generator=g)), bh, bw))
+    boxes_t = torch.tensor(boxes)
+    outs = resized_crops(imgs, boxes_t, [(48, 40), (24, 24), (96, 80)])  # down, down, up (mostly)
+    for out, size in zip(outs, [(48, 40), (24, 24), (96, 80)]):
+        assert out.shape == (len(imgs), 3, *size)
+        for k, ((t, left, bh, bw), im) in enumerate(zip(boxes, imgs)):
+            ref = torch.nn.functional.interpolate(im[:, t:t + bh, left:left + bw][None].float(), size=size,
+                                                  mode="bicubic", antialias=True, align_corners=False)[0]
+            torch.testing.assert_close(out[k], ref, atol=2e-3, rtol=1e-5, msg=f"image {k} {size}")
 
 
 def test_both_views_come_from_the_same_crop_and_flip():

@@ -166,6 +166,12 @@ def resized_crops(
 ) -> list[torch.Tensor]:
     """Each image's box, resized (bicubic, antialiased like PIL) to every size in ``sizes``.
 
+    Crops that are never downscaled (small in-memory images) take one bicubic ``grid_sample``; otherwise the
+    resize runs as two batched matrix products with per-sample separable filter matrices
+    (:func:`_aa_weights`, the weights of ``F.interpolate(mode="bicubic", antialias=True)``), a fixed number
+    of kernels whatever the batch size, on images zero-padded to the largest of their chunk
+    (``max_chunk_bytes`` of float32 per chunk).
+
     Args:
         images: uint8 or float ``[B, 3, H, W]``, or a list of ``[3, H_i, W_i]`` (sizes may differ), on one device.
         boxes: int64 ``[B, 4]`` (top, left, h, w) on CPU.
@@ -173,6 +179,9 @@ def resized_crops(
 
     Returns:
         one float ``[B, 3, h, w]`` tensor per size, values in the input's 0..255 or 0..1 range (not clamped).
+
+    Raises:
+        ValueError: as many boxes as images are needed.
     """
     if torch.is_tensor(images) and images.ndim == 4 and all(
         bool((boxes[:, 2] <= h).all() and (boxes[:, 3] <= w).all()) for h, w in sizes
@@ -183,11 +192,96 @@ def resized_crops(
         raise ValueError(f"{len(imgs)} images but {len(boxes)} boxes")
     device = imgs[0].device
     outs = [torch.empty(len(imgs), 3, h, w, device=device) for h, w in sizes]
-    for i, ((t, left, bh, bw), img) in enumerate(zip(boxes.tolist(), imgs)):
-        crop = img[:, t : t + bh, left : left + bw].unsqueeze(0).float()
-        for out, size in zip(outs, sizes):
-            out[i] = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    for chunk in _size_chunks(imgs):
+        x = _padded(imgs, chunk)  # float [n, 3, Hc, Wc]
+        b = boxes[chunk]
+        idx = None if chunk == list(range(len(imgs))) else torch.tensor(chunk).to(device, non_blocking=True)
+        for out, (oh, ow) in zip(outs, sizes):
+            wy = _aa_weights(b[:, 0], b[:, 2], x.shape[-2], oh, device)  # [n, oh, Hc]
+            wx = _aa_weights(b[:, 1], b[:, 3], x.shape[-1], ow, device)  # [n, ow, Wc]
+            with _full_fp32_matmul():
+                y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))  # [n, 3, oh, ow]
+            if idx is None:
+                out.copy_(y)
+            else:
+                out.index_copy_(0, idx, y)
     return outs
+
+
+MAX_CHUNK_BYTES = 1 << 30  # float32 bytes of one padded chunk of images in resized_crops
+
+
+def _size_chunks(imgs: Sequence[torch.Tensor], max_bytes: int = MAX_CHUNK_BYTES) -> list[list[int]]:
+    """Indices of ``imgs`` in chunks whose zero-padded float32 batch stays under ``max_bytes`` (one chunk
+    when the images share a size, as they mostly do; otherwise by increasing area, so padding stays small)."""
+    shapes = [tuple(im.shape[-2:]) for im in imgs]
+    if len(set(shapes)) == 1:
+        per = 12 * shapes[0][0] * shapes[0][1]
+        step = max(1, max_bytes // per)
+        return [list(range(i, min(i + step, len(imgs)))) for i in range(0, len(imgs), step)]
+    order = sorted(range(len(imgs)), key=lambda i: shapes[i][0] * shapes[i][1])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    hmax = wmax = 0
+    for i in order:
+        h, w = max(hmax, shapes[i][0]), max(wmax, shapes[i][1])
+        if cur and 12 * (len(cur) + 1) * h * w > max_bytes:
+            chunks.append(cur)
+            cur, h, w = [], shapes[i][0], shapes[i][1]
+        cur.append(i)
+        hmax, wmax = h, w
+    chunks.append(cur)
+    return chunks
+
+
+def _padded(imgs: Sequence[torch.Tensor], chunk: list[int]) -> torch.Tensor:
+    """float32 ``[n, 3, Hmax, Wmax]`` of the chunk's images, zero-padded at the bottom and right (the filter
+    weights of padded pixels are zero)."""
+    sel = [imgs[i] for i in chunk]
+    if len({tuple(im.shape) for im in sel}) == 1:
+        return torch.stack(sel).float()
+    H, W = max(im.shape[-2] for im in sel), max(im.shape[-1] for im in sel)
+    x = torch.zeros(len(sel), 3, H, W, device=sel[0].device)
+    for k, im in enumerate(sel):
+        x[k, :, : im.shape[-2], : im.shape[-1]] = im
+    return x
+
+
+def _aa_weights(start: torch.Tensor, length: torch.Tensor, padded: int, out: int, device: torch.device
+                ) -> torch.Tensor:
+    """Resampling matrices ``[n, out, padded]``: row ``i`` of sample ``k`` holds the weights over input pixels
+    ``start..start+length`` that ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` (and
+    PIL's ``Image.resize(BICUBIC)``) give output pixel ``i`` when resizing that span to ``out`` pixels:
+    the bicubic kernel (a = -0.5) stretched by the downscale factor, normalised per row; zero elsewhere.
+    (ATen ``UpSample.h``: ``_compute_indices_min_size_weights_aa``.)"""
+    start = start.to(device, torch.float64, non_blocking=True).view(-1, 1, 1)
+    length = length.to(device, torch.float64, non_blocking=True).view(-1, 1, 1)
+    scale = length / out
+    support = torch.where(scale >= 1, 2.0 * scale, torch.full_like(scale, 2.0))
+    invscale = torch.where(scale >= 1, 1.0 / scale, torch.ones_like(scale))
+    i = torch.arange(out, device=device, dtype=torch.float64).view(1, -1, 1)
+    center = scale * (i + 0.5)
+    xmin = torch.floor(center - support + 0.5).clamp(min=0)
+    xmax = torch.minimum(torch.floor(center + support + 0.5), length)
+    j = torch.arange(padded, device=device, dtype=torch.float64).view(1, 1, -1) - start  # crop coordinates
+    t = ((j - center + 0.5) * invscale).abs()
+    a = -0.5
+    w = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+    w = torch.where((j >= xmin) & (j < xmax), w, torch.zeros_like(w))
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+class _full_fp32_matmul:
+    """Full-precision float32 matrix products inside (not TF32, which the training enables): the resize is
+    memory-bound anyway, and TF32 would move pixels by up to ~0.1 of a grey level."""
+
+    def __enter__(self) -> None:
+        self._prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self._prev
 
 
 def _upsampled_crops(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
