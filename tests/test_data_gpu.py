@@ -295,6 +295,36 @@ def test_finetune_augment_is_per_sample_and_independent_of_the_batch():
     assert p["erase"].float().mean() > 0.9  # erasing at p=1 (a few draws find no box, as timm)
     area = (p["erase_box"][:, 2] * p["erase_box"][:, 3]).float() / 1024
     assert 0.015 < area.min() and area.max() < 0.36
+    # applied: noise exactly inside each sample's box, the image untouched outside
+    plain = FinetuneAugment(32, auto_augment=None, re_prob=0.0, hflip=0.0, seed=2)
+    x = imgs[:, :, :32, :32].contiguous()
+    out, ref = erase(x, torch.arange(6), 0), plain(x, torch.arange(6), 0)
+    p = erase.params(torch.arange(6), 0, torch.full((6,), 32), torch.full((6,), 32))
+    for k, ((t, left, h, w), on) in enumerate(zip(p["erase_box"].tolist(), p["erase"].tolist())):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[t:t + h, left:left + w] = on
+        assert torch.equal(out[k][:, ~inside], ref[k][:, ~inside])
+        assert (out[k][:, inside] != ref[k][:, inside]).float().mean() > 0.99
+
+
+def test_batched_randaugment_equals_each_sample_alone():
+    """FinetuneAugment's batched dispatch (ops on disjoint sample sets, the geometric ones in one resampling)
+    gives what applying each sample's own ops to it alone gives."""
+    imgs = torch.stack([torch.from_numpy(_smooth_image(48, 48, s)).permute(2, 0, 1) for s in range(24)])
+    idx = torch.arange(24)
+    ra = FinetuneAugment(48, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0, seed=5)
+    plain = FinetuneAugment(48, auto_augment=None, re_prob=0.0, seed=5)  # same crop and flip draws
+    out = ra(imgs, idx, 3)
+    base = plain(imgs, idx, 3) * plain.std + plain.mean  # back to [0, 1]
+    layers = ra.params(idx, 3, torch.full((24,), 48), torch.full((24,), 48))["ra"]
+    names = {name for op, on, _ in layers for name in [ra.ra.names[int(i)] for i in op[on]]}
+    assert len(names) >= 8 and len(names & {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}) >= 2
+    for k in range(24):
+        x = base[k:k + 1].clone()
+        for op, on, arg in layers:
+            if on[k]:
+                x = _apply_op(ra.ra.names[int(op[k])], x, arg[k:k + 1], ra.fill)
+        torch.testing.assert_close(out[k:k + 1], (x - ra.mean) / ra.std, atol=1e-4, rtol=1e-4, msg=f"sample {k}")
 
 
 def test_in_memory_path_shapes_and_mixup_label_mixing():

@@ -720,24 +720,33 @@ class FinetuneAugment:
         x = torch.where(flip, x.flip(-1), x).contiguous()
         c = self._constants
         fill = c.get("fill", self.fill, device)
-        for op, applied, arg in p["ra"]:
+        for op, applied, arg in p["ra"]:  # one op per sample and layer: the ops' sample sets are disjoint
             assert self.ra is not None
+            geo_sel, geo_mats = [], []
             for k, name in enumerate(self.ra.names):
                 sel = ((op == k) & applied).nonzero().view(-1)  # CPU tensors: no device sync
                 if len(sel) == 0:
                     continue
+                if name in _GEOMETRIC:  # all geometric ops of the layer: one affine resampling
+                    geo_sel.append(sel)
+                    geo_mats.append(_geometric_mats(name, arg[sel], S, S))
+                    continue
                 idx = sel.to(device, non_blocking=True)
                 x[idx] = _apply_op(name, x[idx], arg[sel], fill)
+            if geo_sel:
+                idx = torch.cat(geo_sel).to(device, non_blocking=True)
+                x[idx] = _affine(x[idx], torch.cat(geo_mats), fill)
         x = (x - c.get("mean", self.mean, device)) / c.get("std", self.std, device)
         if self.re_prob > 0 and bool(p["erase"].any()):
-            eb = p["erase_box"]
-            ar = torch.arange(S)
+            # boxes as [B, 5] (top, left, h, w, erase) moved once; the [B, S, S] region is built on the device
+            eb = torch.cat([p["erase_box"], p["erase"].view(-1, 1).long()], 1).to(device, non_blocking=True)
+            ar = torch.arange(S, device=device)
             r, c = ar.view(1, S, 1), ar.view(1, 1, S)
             t, lf = eb[:, 0].view(-1, 1, 1), eb[:, 1].view(-1, 1, 1)
             inside = (r >= t) & (r < t + eb[:, 2].view(-1, 1, 1)) & (c >= lf) & (c < lf + eb[:, 3].view(-1, 1, 1))
-            inside &= p["erase"].view(-1, 1, 1)
+            inside &= eb[:, 4].view(-1, 1, 1).bool()
             g = torch.Generator(device=device)
             g.manual_seed(derive_seed(self.seed, epoch, int(index.view(-1)[0])))
             noise = torch.randn(x.shape, generator=g, device=device)
-            x = torch.where(inside.to(device, non_blocking=True).unsqueeze(1), noise, x)
+            x = torch.where(inside.unsqueeze(1), noise, x)
         return x
