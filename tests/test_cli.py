@@ -531,6 +531,24 @@ def test_a_preset_of_another_command_is_refused_by_name(capsys):
     assert "-c pretrain_cifar10_small is a preset of another command" in _err(capsys)
 
 
+def test_a_copied_preset_of_another_command_names_that_command(tmp_path, capsys):
+    from beit.configs import preset_path
+
+    mine = tmp_path / "my_run.yaml"
+    mine.write_text(preset_path("finetune_cifar10_small").read_text())
+    assert main(["pretrain", "-c", str(mine)]) == 1
+    assert _err(capsys).endswith(f"; {mine} is a config of `beit finetune`, not of `beit pretrain`")
+    seg = tmp_path / "seg.yaml"
+    seg.write_text(preset_path("segment_camvid").read_text())
+    assert main(["linprobe", "-c", str(seg)]) == 1
+    assert _err(capsys).endswith(f"; {seg} is a config of `beit segment train`, not of `beit linprobe`")
+    # a file that fits its own command: the error is its own, no hint
+    own = tmp_path / "own.yaml"
+    own.write_text("train:\n  lr: 3.0e-4\n")
+    assert main(["pretrain", "-c", str(own)]) == 1
+    assert "is a config of" not in _err(capsys)
+
+
 def test_an_output_path_through_a_file_is_named_as_such(tmp_path, capsys):
     from beit.cli import _error_line
 

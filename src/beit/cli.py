@@ -299,6 +299,46 @@ def _check_preset_fits(config: str | None, name: str) -> None:
         raise ValueError(f"-c {stem} is a preset of another command; beit {name} takes: {fits}")
 
 
+# The config schema of each training command (imported only on the error path, to name the command a config
+# file that fails its own schema was written for).
+TRAIN_SCHEMAS = {"pretrain train": "beit.tasks.pretrain.config:PretrainConfig",
+                 "classify train": "beit.tasks.classify.config:FinetuneConfig",
+                 "classify linprobe": "beit.tasks.classify.config:LinprobeConfig",
+                 "segment train": "beit.tasks.segmentation.config:SegmentConfig",
+                 "layout train": "beit.tasks.layout.config:LayoutConfig",
+                 "tokenizer train": "beit.tasks.tokenizer.config:TokenizerTrainConfig"}
+
+
+def _fits_another_command(e: BaseException, args: argparse.Namespace, name: str) -> str:
+    """For a config error of a training command whose -c file does not fit the command's schema but does fit
+    another command's (a copied finetune preset given to ``beit pretrain``): ``"; FILE is a config of `beit
+    X`"``, else ``""``."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from .engine.config import ConfigError
+
+    path = getattr(args, "config", None)
+    full = " ".join(SHORT[name]) if name in SHORT else name
+    if not isinstance(e, ConfigError) or not path or full not in TRAIN_SCHEMAS:
+        return ""
+
+    def fits(spec: str) -> bool:  # the file's keys and types merge into the schema (values are not validated)
+        module, _, cls = spec.partition(":")
+        try:
+            OmegaConf.merge(OmegaConf.structured(getattr(importlib.import_module(module), cls)), OmegaConf.load(path))
+        except Exception:  # noqa: BLE001 - any failure means: does not fit
+            return False
+        return True
+
+    if fits(TRAIN_SCHEMAS[full]):  # the file fits this command: the error is elsewhere (an override, a value)
+        return ""
+    short = {" ".join(v): k for k, v in SHORT.items()} | {"pretrain train": "pretrain"}
+    other = [short.get(c, c) for c, spec in TRAIN_SCHEMAS.items() if c != full and fits(spec)]
+    return f"; {path} is a config of `beit {other[0]}`, not of `beit {short.get(full, full)}`" if other else ""
+
+
 # ------------------------------------------------------------------------------------ error boundary
 def _file_in_the_way(e: BaseException) -> str | None:
     """For "File exists" / "Not a directory" while making folders: the file standing where a folder is needed
@@ -417,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 _exit_now_if_distributed(1)
             raise
-        print(f"{label}: error: {line}", file=sys.stderr)
+        print(f"{label}: error: {line}{_fits_another_command(e, args, label[5:])}", file=sys.stderr)
         _exit_now_if_distributed(1)
         return 1
 
