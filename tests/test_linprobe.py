@@ -76,6 +76,9 @@ def test_sweep_every_block_features_extracted_once(setup, tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "linprobe.json").read_text())
     assert saved["best_block"] == res["best_block"] and len(saved["top1"]) == 3
     assert res["feature_dim"] == 64  # cat: cls + mean patch (2 x 32)
+    assert sorted(res["knn_top1"]) == [1, 2, 3] and res["knn_k"] == 20  # k-NN from the same cache, per block
+    assert res["knn_best_top1"] == max(res["knn_top1"].values()) > 50.0
+    assert saved["knn_best_block"] == res["knn_best_block"]
 
 
 def test_single_block_avg_pool_and_fp16_cache(setup):
@@ -106,7 +109,7 @@ def test_linprobe_cli_and_config(setup, tmp_path, capsys):
                    "extract_num_workers=0"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "block   1/3" in out and "block   3/3" in out and "best block" in out
+    assert "block   1/3" in out and "block   3/3" in out and "best block" in out and "best k-NN block" in out
     assert json.loads((tmp_path / "linprobe.json").read_text())["blocks"] == [1, 3]
 
 
@@ -115,3 +118,44 @@ def test_linprobe_refuses_several_processes(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="linprobe runs in one process .* launch it without torchrun"):
         linprobe(lp_cfg(setup, tmp_path))
+
+
+def _knn_reference(train_f, train_y, val_f, val_y, k, T, C):
+    """One query at a time, straight from the definition."""
+    correct = 0
+    for q, y in zip(val_f, val_y):
+        sims = torch.stack([torch.nn.functional.cosine_similarity(q, t, dim=0) for t in train_f])
+        top = sims.topk(k)
+        votes = torch.zeros(C)
+        for s, i in zip(top.values, top.indices):
+            votes[train_y[i]] += torch.exp(s / T)
+        correct += int(votes.argmax() == y)
+    return 100.0 * correct / len(val_y)
+
+
+def test_knn_matches_the_definition_and_separates_what_is_separable():
+    from beit.tasks.classify.knn import knn_top1
+
+    g = torch.Generator().manual_seed(0)
+    C, N, M, D = 4, 60, 25, 8
+    train_y, val_y = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (M,), generator=g)
+    centres = torch.randn(C, D, generator=g) * 3
+    # feature set 0: clustered by class (separable); feature set 1: noise (chance)
+    train_f = torch.stack([centres[train_y] + torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)], 1)
+    val_f = torch.stack([centres[val_y] + torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)], 1)
+    acc = knn_top1(train_f.half(), train_y, val_f.half(), val_y, num_classes=C, k=5, temperature=0.1, chunk=7)
+    for level in range(2):
+        ref = _knn_reference(train_f[:, level].half().float(), train_y, val_f[:, level].half().float(), val_y, 5,
+                             0.1, C)
+        assert float(acc[level]) == pytest.approx(ref)
+    assert acc[0] > 90.0 and acc[1] < 60.0
+    single = knn_top1(train_f[:, 0], train_y, val_f[:, 0], val_y, num_classes=C, k=500)  # k capped at N
+    assert single.ndim == 0
+    with pytest.raises(ValueError, match="labels outside"):
+        knn_top1(train_f, train_y + C, val_f, val_y, num_classes=C)
+    with pytest.raises(ValueError, match="k must be"):
+        knn_top1(train_f, train_y, val_f, val_y, num_classes=C, k=0)
+    with pytest.raises(ValueError, match="alike"):
+        knn_top1(train_f, train_y, val_f[:, :1], val_y, num_classes=C)
+    with pytest.raises(ConfigError, match="knn"):
+        load_config(LinprobeConfig, None, ["model=x", "knn=-1"])

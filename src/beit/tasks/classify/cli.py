@@ -38,11 +38,16 @@ def linprobe(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(LinprobeConfig, args.config, args.overrides)
     result = linprobe(cfg)
+    knn = result.get("knn_top1", {})
     for b, acc in result["top1"].items():
         mark = "  <- best" if b == result["best_block"] else ""
-        print(f"block {b:>3}/{result['depth']}: top-1 {acc:6.2f}%{mark}")
+        k = f"   {result['knn_k']}-NN {knn[b]:6.2f}%" if b in knn else ""
+        print(f"block {b:>3}/{result['depth']}: top-1 {acc:6.2f}%{k}{mark}")
     print(f"best block {result['best_block']} top-1 {result['best_top1']:.2f}% "
           f"(features {result['feature_seconds']:.1f}s, total {result['total_seconds']:.1f}s)")
+    if knn:
+        print(f"best k-NN block {result['knn_best_block']} top-1 {result['knn_best_top1']:.2f}% "
+              f"(k={result['knn_k']}, T={result['knn_temperature']:g})")
     return 0
 
 

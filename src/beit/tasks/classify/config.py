@@ -156,6 +156,8 @@ class LinprobeConfig:
     layers: str = "all"  # all | last | block numbers counted from 1, e.g. "9" or "6,8,10"
     pool: str = "cat"  # cat (cls + mean patch, unilm) | avg (mean patch) | cls
     batchnorm: bool = True  # BatchNorm1d(affine=False) before each linear head
+    knn: int = 20  # weighted k-NN accuracy per block from the same features (0 = off); see classify/knn.py
+    knn_temperature: float = 0.07
     num_classes: int = 0  # 0 = from the data
     class_names: list[str] = field(default_factory=list)
     ref_batch: int = 256  # train.lr is per 256 images (unilm base_lr), scaled to the real batch; 0 = absolute
@@ -171,6 +173,10 @@ class LinprobeConfig:
             raise ConfigError("img_size", "img_size and extract_batch_size must be > 0")
         if self.extract_num_workers < 0:
             raise ConfigError("extract_num_workers", f"must be >= 0, got {self.extract_num_workers}")
+        if self.knn < 0:
+            raise ConfigError("knn", f"must be >= 0 (0 = no k-NN), got {self.knn}")
+        if self.knn_temperature <= 0:
+            raise ConfigError("knn_temperature", f"must be > 0, got {self.knn_temperature}")
         check_model_overrides(self.model_overrides)
         for k in ("img_size", "head", "num_classes"):
             if k in self.model_overrides:

@@ -33,6 +33,7 @@ from ...engine.precision import autocast_for
 from ...interop.backbone import build_backbone
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
+from .knn import knn_top1
 from .train import begin_run, scaled_train_config
 
 __all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
@@ -144,7 +145,9 @@ def _skipped_count(ds: Any) -> int:
 
 def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
              class_names: list[str] | None = None) -> dict[str, Any]:
-    """Probe the blocks in ``cfg.layers``; return ``top1`` per block, ``best_block`` and ``best_top1``.
+    """Probe the blocks in ``cfg.layers``; return ``top1`` per block, ``best_block`` and ``best_top1`` (and,
+    with ``cfg.knn > 0``, the weighted k-NN accuracy of the same features: ``knn_top1`` per block,
+    ``knn_best_block``, ``knn_best_top1``).
 
     Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
     paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
@@ -182,6 +185,15 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     logger.info("features: train %s, val %s (fp16, %.0f MB) in %.1fs", tuple(train_f.shape), tuple(val_f.shape),
                 (train_f.numel() + val_f.numel()) * 2 / 2**20, t_feat)
 
+    knn: dict[int, float] = {}
+    if cfg.knn > 0:
+        t_knn = time.perf_counter()
+        acc_knn = knn_top1(train_f, train_y, val_f, val_y, num_classes=num_classes, k=cfg.knn,
+                           temperature=cfg.knn_temperature, device=D.device())
+        knn = {int(b): float(a) for b, a in zip(blocks, acc_knn)}
+        logger.info("k-NN (k=%d, T=%g): %s in %.1fs", cfg.knn, cfg.knn_temperature,
+                    ", ".join(f"{b}: {a:.1f}" for b, a in knn.items()), time.perf_counter() - t_knn)
+
     torch.manual_seed(cfg.train.seed)
     heads = ProbeHeads(len(blocks), train_f.shape[-1], num_classes, cfg.batchnorm)
 
@@ -214,6 +226,10 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         "feature_seconds": t_feat, "total_seconds": time.perf_counter() - t0, "steps": int(fit["step"]),
         "skipped_files": skipped,
     }
+    if knn:
+        best_knn = max(knn, key=knn.get)
+        result.update(knn_top1=knn, knn_best_block=best_knn, knn_best_top1=knn[best_knn], knn_k=cfg.knn,
+                      knn_temperature=cfg.knn_temperature)
     out = Path(trainer.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "linprobe.json").write_text(json.dumps(result, indent=2))
