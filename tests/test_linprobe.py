@@ -126,7 +126,7 @@ def _knn_reference(train_f, train_y, val_f, val_y, k, T, C):
     for q, y in zip(val_f, val_y):
         sims = torch.stack([torch.nn.functional.cosine_similarity(q, t, dim=0) for t in train_f])
         top = sims.topk(k)
-        votes = torch.zeros(C)
+        votes = torch.zeros(C, dtype=torch.float64)
         for s, i in zip(top.values, top.indices):
             votes[train_y[i]] += torch.exp(s / T)
         correct += int(votes.argmax() == y)
@@ -151,6 +151,15 @@ def test_knn_matches_the_definition_and_separates_what_is_separable():
     assert acc[0] > 90.0 and acc[1] < 60.0
     single = knn_top1(train_f[:, 0], train_y, val_f[:, 0], val_y, num_classes=C, k=500)  # k capped at N
     assert single.ndim == 0
+    # small temperatures: exp(s / T) would overflow float32 (s / T > 88); the votes must not become inf ties
+    for T in (0.01, 0.005):  # the reference in float64 (exp up to e^200) does not overflow
+        small_t = knn_top1(train_f, train_y, val_f, val_y, num_classes=C, k=20, temperature=T)
+        ref = _knn_reference(train_f[:, 0].double(), train_y, val_f[:, 0].double(), val_y, 20, T, C)
+        assert float(small_t[0]) == pytest.approx(ref) and small_t[0] > 90.0
+    # T -> 0: the nearest neighbour decides (1-NN)
+    tiny_t = knn_top1(train_f, train_y, val_f, val_y, num_classes=C, k=20, temperature=1e-4)
+    one_nn = knn_top1(train_f, train_y, val_f, val_y, num_classes=C, k=1)
+    torch.testing.assert_close(tiny_t, one_nn)
     with pytest.raises(ValueError, match="labels outside"):
         knn_top1(train_f, train_y + C, val_f, val_y, num_classes=C)
     with pytest.raises(ValueError, match="k must be"):

@@ -61,7 +61,9 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, 
             q = F.normalize(val_f[s : s + chunk, level].to(device, torch.float32), dim=-1)
             sim, idx = (q @ bank.T).topk(k, dim=1)  # [c, k]
             votes = torch.zeros(len(q), num_classes, device=device)
-            votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+            # exp((s - s_max) / T): the same vote ranking as exp(s / T) (a common factor per query), and no
+            # overflow to inf at small T (float32 exp overflows past 88, i.e. s / T > 88)
+            votes.scatter_add_(1, train_y[idx], ((sim - sim[:, :1]) / temperature).exp())
             correct += int((votes.argmax(1) == val_y[s : s + chunk]).sum())
         acc.append(100.0 * correct / max(len(val_f), 1))
     out = torch.tensor(acc)

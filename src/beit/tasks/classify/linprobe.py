@@ -191,7 +191,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         acc_knn = knn_top1(train_f, train_y, val_f, val_y, num_classes=num_classes, k=cfg.knn,
                            temperature=cfg.knn_temperature, device=D.device())
         knn = {int(b): float(a) for b, a in zip(blocks, acc_knn)}
-        logger.info("k-NN (k=%d, T=%g): %s in %.1fs", cfg.knn, cfg.knn_temperature,
+        logger.info("k-NN (k=%d, T=%g): %s in %.1fs", min(cfg.knn, len(train_y)), cfg.knn_temperature,
                     ", ".join(f"{b}: {a:.1f}" for b, a in knn.items()), time.perf_counter() - t_knn)
 
     torch.manual_seed(cfg.train.seed)
@@ -228,7 +228,8 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     }
     if knn:
         best_knn = max(knn, key=knn.get)
-        result.update(knn_top1=knn, knn_best_block=best_knn, knn_best_top1=knn[best_knn], knn_k=cfg.knn,
+        result.update(knn_top1=knn, knn_best_block=best_knn, knn_best_top1=knn[best_knn],
+                      knn_k=min(cfg.knn, len(train_y)),  # the k used: at most the training set
                       knn_temperature=cfg.knn_temperature)
     out = Path(trainer.out)
     out.mkdir(parents=True, exist_ok=True)
