@@ -88,3 +88,17 @@ def test_loader_error_propagates() -> None:
     next(pf)
     with pytest.raises(OSError, match="disk gone"):
         next(pf)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_error_while_prefetching_is_raised_when_that_batch_is_asked_for(device: str) -> None:
+    def transform(b: torch.Tensor) -> torch.Tensor:
+        if int(b[0]) == 1:
+            raise ValueError("no image of the batch could be decoded: ['a.jpg']")
+        return b
+
+    pf = DevicePrefetcher(iter([torch.tensor([0]), torch.tensor([1])]), device, transform)
+    assert int(next(pf)) == 0
+    pf.prefetch()  # the step in flight goes on: nothing raised here
+    with pytest.raises(ValueError, match="a.jpg"):
+        next(pf)

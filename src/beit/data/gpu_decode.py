@@ -338,6 +338,12 @@ class BatchDecoder:
         return len(self.skipped_names)
 
     def _decode_jpegs(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        if self.device.type == "cuda":
+            # nvJPEG writes its outputs (fresh blocks of the caching allocator, which may have been freed on
+            # this stream while queued kernels still read them) from a stream that does not wait for this
+            # one (pytorch/vision PR 9606, torchcodec PR 1634): let the queued work finish first. Under the
+            # engine this is the prefetch side stream, idle by then, so the wait is short.
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
             return list(out)

@@ -62,7 +62,8 @@ class DevicePrefetcher:
 
     Raises:
         StopIteration: from ``next()`` once ``batches`` is exhausted. Errors of the loader or the transform
-            are raised where they happen (in ``prefetch`` or ``next``), unchanged.
+            are raised unchanged by the ``next()`` that asks for that batch (also when they happened during
+            ``prefetch``, so the step in flight still finishes).
     """
 
     def __init__(self, batches: Iterator[Any], device: torch.device | str,
@@ -73,6 +74,7 @@ class DevicePrefetcher:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pending: tuple[Any] | None = None  # a 1-tuple: a prepared batch may itself be None
         self._synced = False
+        self._error: Exception | None = None  # of a prefetch, raised by the next next()
 
     def _prepare(self, raw: Any) -> Any:
         batch = to_device(raw, self.device)
@@ -87,17 +89,26 @@ class DevicePrefetcher:
             raw = next(self._it)
         except StopIteration:
             return
+        except Exception as e:  # noqa: BLE001 - raised by next(), when the batch is asked for (the step in
+            self._error = e  # flight still completes its update)
+            return
         main = torch.cuda.current_stream(self.device)
         if not self._synced:  # once: tensors the transform holds (in-memory images) were made on the main stream
             self._stream.wait_stream(main)
             self._synced = True
-        with torch.cuda.stream(self._stream):
-            self._pending = (self._prepare(raw),)
+        try:
+            with torch.cuda.stream(self._stream):
+                self._pending = (self._prepare(raw),)
+        except Exception as e:  # noqa: BLE001 - as above
+            self._error = e
 
     def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> Any:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
         if self._pending is None:
             if self._stream is None:
                 return self._prepare(next(self._it))
