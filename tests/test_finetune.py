@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,11 +169,27 @@ def test_evaluate_and_predict_saved_model(trained, squares, tmp_path):
     assert (tmp_path / "cli_eval" / "confusion.png").is_file()
     # without --out, evaluating a training checkpoint writes beside it, named after the data: the training's
     # own report (<run>/eval/metrics.json) is left as it was
-    report = run / "eval" / "metrics.json"
-    before = report.read_bytes()
-    assert cli_main(["evaluate", str(run / "last.pt"), "--data", str(squares / "val"), "--num-workers", "0"]) == 0
-    assert report.read_bytes() == before
-    assert (run / "eval_val" / "metrics.json").is_file()
+    reports = {p: p.read_bytes() for p in run.glob("eval*/metrics.json")}  # the training's eval/ and eval_ema/
+    assert {p.parent.name for p in reports} == {"eval", "eval_ema"}
+
+    def evaluate_cli(ckpt, data, *more):
+        assert cli_main(["evaluate", str(ckpt), "--data", str(data), "--num-workers", "0", *more]) == 0
+
+    evaluate_cli(run / "last.pt", squares / "val")
+    assert (run / "eval-last-val" / "metrics.json").is_file()
+    ema_named = tmp_path / "ema"  # a data folder named like the training's EMA report
+    shutil.copytree(squares / "val", ema_named)
+    evaluate_cli(run / "last.pt", ema_named)
+    evaluate_cli(run / "last.pt", squares / "val", "--ema")
+    other_val = tmp_path / "other" / "val"  # another folder of the same name: its own report, not an overwrite
+    shutil.copytree(squares / "val", other_val)
+    evaluate_cli(run / "last.pt", other_val)
+    evaluate_cli(run / "last.pt", str(squares / "val") + "/")  # the same pair again: rewrites its own report
+    assert {p: p.read_bytes() for p in reports} == reports
+    assert sorted(p.name for p in run.glob("eval-*")) == ["eval-last-ema", "eval-last-val", "eval-last-val-2",
+                                                         "eval-last-val-ema"]
+    with pytest.raises(ValueError, match="model_ema/"):
+        evaluate_checkpoint(trained["model_dir"], squares / "val", tmp_path / "e2", num_workers=0, ema=True)
 
 
 def test_clear_errors(trained, squares, tmp_path, capsys):

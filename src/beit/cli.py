@@ -115,7 +115,8 @@ TASKS: dict[str, dict[str, Command]] = {
                             "train", cli_classify.linprobe),
         "eval": Command("top-1/top-5, per-class accuracy and a confusion-matrix PNG of a classifier", "checkpoint",
                         cli_classify.evaluate, cli_classify.evaluate_args, config=False, overrides=False,
-                        out_help="report folder (default: eval_<data folder>/ next to the checkpoint)"),
+                        out_help="report folder (default: eval-[<ckpt file>-]<data folder>/ beside the checkpoint or "
+                                 "inside a model folder; never overwrites another report)"),
         "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
                            cli_classify.predict, cli_classify.predict_args, config=False, overrides=False,
                            out_help="the CSV to write (default predictions.csv)"),
@@ -299,43 +300,47 @@ def _check_preset_fits(config: str | None, name: str) -> None:
         raise ValueError(f"-c {stem} is a preset of another command; beit {name} takes: {fits}")
 
 
-# The config schema of each training command (imported only on the error path, to name the command a config
-# file that fails its own schema was written for).
-TRAIN_SCHEMAS = {"pretrain train": "beit.tasks.pretrain.config:PretrainConfig",
-                 "classify train": "beit.tasks.classify.config:FinetuneConfig",
-                 "classify linprobe": "beit.tasks.classify.config:LinprobeConfig",
-                 "segment train": "beit.tasks.segmentation.config:SegmentConfig",
-                 "layout train": "beit.tasks.layout.config:LayoutConfig",
-                 "tokenizer train": "beit.tasks.tokenizer.config:TokenizerTrainConfig"}
+def _train_schema(full: str) -> type:
+    """The config dataclass of a training command (imported here, on the error path only)."""
+    if full == "pretrain train":
+        from .tasks.pretrain.config import PretrainConfig as schema
+    elif full == "classify train":
+        from .tasks.classify.config import FinetuneConfig as schema
+    elif full == "classify linprobe":
+        from .tasks.classify.config import LinprobeConfig as schema
+    elif full == "segment train":
+        from .tasks.segmentation.config import SegmentConfig as schema
+    elif full == "layout train":
+        from .tasks.layout.config import LayoutConfig as schema
+    else:
+        from .tasks.tokenizer.config import TokenizerTrainConfig as schema
+    return schema
 
 
 def _fits_another_command(e: BaseException, args: argparse.Namespace, name: str) -> str:
     """For a config error of a training command whose -c file does not fit the command's schema but does fit
     another command's (a copied finetune preset given to ``beit pretrain``): ``"; FILE is a config of `beit
     X`"``, else ``""``."""
-    import importlib
-
     from omegaconf import OmegaConf
 
     from .engine.config import ConfigError
 
     path = getattr(args, "config", None)
     full = " ".join(SHORT[name]) if name in SHORT else name
-    if not isinstance(e, ConfigError) or not path or full not in TRAIN_SCHEMAS:
+    if not isinstance(e, ConfigError) or not path or full not in PRESET_PREFIX:
         return ""
 
-    def fits(spec: str) -> bool:  # the file's keys and types merge into the schema (values are not validated)
-        module, _, cls = spec.partition(":")
+    def fits(command: str) -> bool:  # the file's keys and types merge into the schema (values are not validated)
         try:
-            OmegaConf.merge(OmegaConf.structured(getattr(importlib.import_module(module), cls)), OmegaConf.load(path))
+            OmegaConf.merge(OmegaConf.structured(_train_schema(command)), OmegaConf.load(path))
         except Exception:  # noqa: BLE001 - any failure means: does not fit
             return False
         return True
 
-    if fits(TRAIN_SCHEMAS[full]):  # the file fits this command: the error is elsewhere (an override, a value)
+    if fits(full):  # the file fits this command: the error is elsewhere (an override, a value)
         return ""
     short = {" ".join(v): k for k, v in SHORT.items()} | {"pretrain train": "pretrain"}
-    other = [short.get(c, c) for c, spec in TRAIN_SCHEMAS.items() if c != full and fits(spec)]
+    other = [short.get(c, c) for c in PRESET_PREFIX if c != full and fits(c)]
     return f"; {path} is a config of `beit {other[0]}`, not of `beit {short.get(full, full)}`" if other else ""
 
 

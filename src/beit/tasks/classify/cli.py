@@ -61,6 +61,31 @@ def evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 
 
+def default_report_dir(ckpt: Path, data: Path, ema: bool = False) -> Path:
+    """Where ``beit evaluate`` writes without ``--out``: beside the checkpoint (inside a model folder),
+    ``eval-<checkpoint file stem>-<data folder name>[-ema]``. It never overwrites another report: a folder of
+    that name holding a report of another checkpoint or data (or the training's own ``eval`` / ``eval_ema``,
+    which have no such hyphenated names) gets a ``-2``, ``-3`` ... suffix; re-evaluating the same pair
+    rewrites its own report."""
+    import json
+
+    parts = ["eval"] + ([ckpt.stem] if ckpt.is_file() else []) + [Path(os.path.abspath(data)).name or "data"]
+    base = (ckpt.parent if ckpt.is_file() else ckpt) / ("-".join(parts) + ("-ema" if ema else ""))
+    for n in range(1, 1000):
+        cand = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not cand.exists():
+            return cand
+        try:
+            got = json.loads((cand / "metrics.json").read_text())
+            same = (Path(got["checkpoint"]).resolve() == ckpt.resolve() and Path(got["data"]).resolve() ==
+                    data.resolve() and got.get("ema", False) == ema)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a folder of that name that is not such a report: leave it alone
+        if same:
+            return cand
+    raise ValueError(f"no free report folder beside {ckpt}: give --out")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """``beit evaluate CKPT --data DIR``: top-1/top-5, per-class accuracy, confusion PNG."""
     from .evaluate import evaluate_checkpoint
@@ -68,10 +93,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: the images are --data DIR")
     ckpt = Path(args.ckpt)
-    # default: beside the checkpoint, named after the data, so it never overwrites the training's own report
-    # (<run>/eval) nor an evaluation on other data
-    tag = f"eval_{Path(args.data).resolve().name or 'data'}" + ("_ema" if args.ema else "")
-    out = args.out or str((ckpt if ckpt.is_dir() else ckpt.parent) / tag)
+    out = args.out or str(default_report_dir(ckpt, Path(args.data), args.ema))
     r = evaluate_checkpoint(ckpt, args.data, out, batch_size=args.batch_size, num_workers=args.num_workers,
                             ema=args.ema, device=args.device, img_size=args.img_size)
     worst = sorted(r["per_class"].items(), key=lambda kv: kv[1]["acc"])[:5]

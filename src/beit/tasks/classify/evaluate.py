@@ -233,6 +233,9 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
             src = state["ema"] if ema else state["model"]
         elif ema:
             raise ValueError(f"{path}: ema=True needs an engine training checkpoint (last.pt / best.pt)")
+    elif ema:  # a model folder holds one set of weights: the EMA ones are their own folder (model_ema/)
+        raise ValueError(f"{source}: ema=True needs an engine training checkpoint (last.pt / best.pt); the EMA "
+                         "weights of a finished run are their own folder, model_ema/ (give it without ema)")
     model = load_model(src, **overrides)
     if getattr(model.cfg, "head", "cls") != "cls" or model.cfg.num_classes <= 0:
         raise ValueError(f"{source}: not a classifier (head={model.cfg.head!r}, num_classes={model.cfg.num_classes});"
@@ -287,7 +290,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     with autocast_for(dev, "auto"):
         meter = evaluate_model(model, loader, len(names))
     result = write_report(meter, names, out_dir, extra={"checkpoint": str(checkpoint), "data": str(data_dir),
-                                                        "skipped": bad, "num_skipped": len(bad),
+                                                        "ema": ema, "skipped": bad, "num_skipped": len(bad),
                                                         "preprocess": pre.to_dict()})
     return result
 
