@@ -128,6 +128,27 @@ def test_batched_resized_crops_equal_interpolate_antialias_per_image(mixed, max_
             torch.testing.assert_close(out[k], ref, atol=2e-3, rtol=1e-5, msg=f"image {k} {size}")
 
 
+def test_resized_crops_of_a_batch_tensor_and_bad_boxes():
+    """A [B, 3, H, W] batch (the in-memory path) gives the same per-crop result, upscales included (pixels
+    outside the box never leak in); boxes outside their image and empty batches are named errors."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (5, 3, 32, 32), generator=g, dtype=torch.uint8)
+    boxes = torch.tensor([[6, 6, 20, 20], [0, 0, 32, 32], [10, 3, 7, 29], [31, 31, 1, 1], [0, 16, 32, 16]])
+    out = resized_crops(x, boxes, [(32, 32)])[0]
+    for k, (t, left, h, w) in enumerate(boxes.tolist()):
+        ref = torch.nn.functional.interpolate(x[k:k + 1, :, t:t + h, left:left + w].float(), size=(32, 32),
+                                              mode="bicubic", antialias=True, align_corners=False)[0]
+        torch.testing.assert_close(out[k], ref, atol=2e-3, rtol=1e-5, msg=f"crop {k}")
+    with pytest.raises(ValueError, match=r"crop box \[15, 15, 20, 20\] .* sample 1 is not inside its 32x32 image"):
+        resized_crops(x[:2], torch.tensor([[0, 0, 8, 8], [15, 15, 20, 20]]), [(8, 8)])
+    with pytest.raises(ValueError, match="not inside"):
+        resized_crops([x[0]], torch.tensor([[-1, 0, 8, 8]]), [(8, 8)])
+    with pytest.raises(ValueError, match="empty batch"):
+        resized_crops([], torch.zeros(0, 4, dtype=torch.long), [(8, 8)])
+    with pytest.raises(ValueError, match="2 images but 1 boxes"):
+        resized_crops(x[:2], boxes[:1], [(8, 8)])
+
+
 def test_both_views_come_from_the_same_crop_and_flip():
     imgs = torch.stack([torch.from_numpy(_smooth_image(96, 128, s)).permute(2, 0, 1) for s in range(8)])
     views = PretrainViews((64, 64), (32, 32), color_jitter=(0.4, 0.4, 0.4), seed=0)

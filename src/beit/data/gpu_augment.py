@@ -155,10 +155,6 @@ def _sizes(images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.device,
     return (imgs[0].device, torch.tensor([im.shape[-2] for im in imgs]), torch.tensor([im.shape[-1] for im in imgs]))
 
 
-def _as_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return list(images.unbind(0)) if torch.is_tensor(images) else list(images)
-
-
 def resized_crops(
     images: torch.Tensor | Sequence[torch.Tensor],
     boxes: torch.Tensor,
@@ -166,36 +162,42 @@ def resized_crops(
 ) -> list[torch.Tensor]:
     """Each image's box, resized (bicubic, antialiased like PIL) to every size in ``sizes``.
 
-    Crops that are never downscaled (small in-memory images) take one bicubic ``grid_sample``; otherwise the
-    resize runs as two batched matrix products with per-sample separable filter matrices
-    (:func:`_aa_weights`, the weights of ``F.interpolate(mode="bicubic", antialias=True)``), a fixed number
-    of kernels whatever the batch size, on images zero-padded to the largest of their chunk
-    (``max_chunk_bytes`` of float32 per chunk).
+    The resize runs as two batched matrix products with per-sample separable filter matrices
+    (:func:`_aa_weights`: the weights of ``F.interpolate(mode="bicubic", antialias=True)``, as PIL resizes a
+    crop), a fixed number of kernels whatever the batch size, on images zero-padded to the largest of their
+    chunk (``MAX_CHUNK_BYTES`` of float32 per chunk). Pixels outside a box never contribute.
 
     Args:
         images: uint8 or float ``[B, 3, H, W]``, or a list of ``[3, H_i, W_i]`` (sizes may differ), on one device.
-        boxes: int64 ``[B, 4]`` (top, left, h, w) on CPU.
+        boxes: int64 ``[B, 4]`` (top, left, h, w) on CPU, inside their images.
         sizes: output ``(h, w)`` of each view.
 
     Returns:
         one float ``[B, 3, h, w]`` tensor per size, values in the input's 0..255 or 0..1 range (not clamped).
 
     Raises:
-        ValueError: as many boxes as images are needed.
+        ValueError: an empty batch, a box count unlike the image count, or a box not inside its image (named).
     """
-    if torch.is_tensor(images) and images.ndim == 4 and all(
-        bool((boxes[:, 2] <= h).all() and (boxes[:, 3] <= w).all()) for h, w in sizes
-    ):
-        return [_upsampled_crops(images, boxes, size) for size in sizes]
-    imgs = _as_list(images)
+    batch = torch.is_tensor(images) and images.ndim == 4
+    imgs: Any = images if batch else list(images)
+    if len(imgs) == 0:
+        raise ValueError("empty batch of images")
     if len(imgs) != len(boxes):
         raise ValueError(f"{len(imgs)} images but {len(boxes)} boxes")
+    shapes = [tuple(images.shape[-2:])] * len(imgs) if batch else [tuple(im.shape[-2:]) for im in imgs]
+    hw = torch.tensor(shapes, dtype=torch.int64)
+    bad = ((boxes[:, :2] < 0) | (boxes[:, 2:] < 1) | (boxes[:, :2] + boxes[:, 2:] > hw)).any(1)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"crop box {boxes[k].tolist()} (top, left, h, w) of sample {k} is not inside its "
+                         f"{shapes[k][0]}x{shapes[k][1]} image")
     device = imgs[0].device
     outs = [torch.empty(len(imgs), 3, h, w, device=device) for h, w in sizes]
-    for chunk in _size_chunks(imgs):
+    for chunk in _size_chunks(shapes):
         x = _padded(imgs, chunk)  # float [n, 3, Hc, Wc]
         b = boxes[chunk]
-        idx = None if chunk == list(range(len(imgs))) else torch.tensor(chunk).to(device, non_blocking=True)
+        whole = chunk == list(range(len(imgs)))
+        idx = None if whole else torch.tensor(chunk).to(device, non_blocking=True)
         for out, (oh, ow) in zip(outs, sizes):
             wy = _aa_weights(b[:, 0], b[:, 2], x.shape[-2], oh, device)  # [n, oh, Hc]
             wx = _aa_weights(b[:, 1], b[:, 3], x.shape[-1], ow, device)  # [n, ow, Wc]
@@ -211,15 +213,15 @@ def resized_crops(
 MAX_CHUNK_BYTES = 1 << 30  # float32 bytes of one padded chunk of images in resized_crops
 
 
-def _size_chunks(imgs: Sequence[torch.Tensor], max_bytes: int = MAX_CHUNK_BYTES) -> list[list[int]]:
-    """Indices of ``imgs`` in chunks whose zero-padded float32 batch stays under ``max_bytes`` (one chunk
-    when the images share a size, as they mostly do; otherwise by increasing area, so padding stays small)."""
-    shapes = [tuple(im.shape[-2:]) for im in imgs]
+def _size_chunks(shapes: Sequence[tuple[int, int]], max_bytes: int | None = None) -> list[list[int]]:
+    """Indices of images of ``shapes`` in chunks whose zero-padded float32 batch stays under ``max_bytes``
+    (one chunk when the images share a size, as they mostly do; otherwise by increasing area, so padding
+    stays small)."""
+    max_bytes = MAX_CHUNK_BYTES if max_bytes is None else max_bytes
     if len(set(shapes)) == 1:
-        per = 12 * shapes[0][0] * shapes[0][1]
-        step = max(1, max_bytes // per)
-        return [list(range(i, min(i + step, len(imgs)))) for i in range(0, len(imgs), step)]
-    order = sorted(range(len(imgs)), key=lambda i: shapes[i][0] * shapes[i][1])
+        step = max(1, max_bytes // (12 * shapes[0][0] * shapes[0][1]))
+        return [list(range(i, min(i + step, len(shapes)))) for i in range(0, len(shapes), step)]
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1])
     chunks: list[list[int]] = []
     cur: list[int] = []
     hmax = wmax = 0
@@ -234,9 +236,11 @@ def _size_chunks(imgs: Sequence[torch.Tensor], max_bytes: int = MAX_CHUNK_BYTES)
     return chunks
 
 
-def _padded(imgs: Sequence[torch.Tensor], chunk: list[int]) -> torch.Tensor:
-    """float32 ``[n, 3, Hmax, Wmax]`` of the chunk's images, zero-padded at the bottom and right (the filter
-    weights of padded pixels are zero)."""
+def _padded(imgs: torch.Tensor | Sequence[torch.Tensor], chunk: list[int]) -> torch.Tensor:
+    """float32 ``[n, 3, Hmax, Wmax]`` of the chunk's images (rows of a batch tensor, or list items),
+    zero-padded at the bottom and right (the filter weights of padded pixels are zero)."""
+    if torch.is_tensor(imgs):
+        return imgs[chunk[0] : chunk[-1] + 1].float()  # a batch tensor's chunks are contiguous ranges
     sel = [imgs[i] for i in chunk]
     if len({tuple(im.shape) for im in sel}) == 1:
         return torch.stack(sel).float()
@@ -282,22 +286,6 @@ class _full_fp32_matmul:
 
     def __exit__(self, *exc: object) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self._prev
-
-
-def _upsampled_crops(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Batched crop + resize by one bicubic ``grid_sample`` (pixel-centre mapping, as PIL); for crops that
-    are not downscaled, where no antialiasing is needed (small in-memory images)."""
-    B, _, H, W = images.shape
-    out_h, out_w = size
-    b = boxes.to(torch.float32)
-    top, left, bh, bw = (b[:, k].view(B, 1) for k in range(4))
-    oy = (torch.arange(out_h, dtype=torch.float32) + 0.5).view(1, out_h)
-    ox = (torch.arange(out_w, dtype=torch.float32) + 0.5).view(1, out_w)
-    gy = (top + oy * bh / out_h) * 2 / H - 1
-    gx = (left + ox * bw / out_w) * 2 / W - 1
-    grid = torch.stack([gx.view(B, 1, out_w).expand(B, out_h, out_w),
-                        gy.view(B, out_h, 1).expand(B, out_h, out_w)], dim=-1).to(images.device, non_blocking=True)
-    return F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
