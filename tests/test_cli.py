@@ -92,7 +92,8 @@ def test_unknown_preset_lists_the_presets(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "-c", "pretrain_huge"]) == 1
     assert _err(capsys) == ("beit pretrain train: error: unknown preset 'pretrain_huge'; presets: "
-                            + ", ".join(PRESETS) + " (or give the path of a YAML file)")
+                            + ", ".join(p for p in PRESETS if p.startswith("pretrain_"))
+                            + " (or give the path of a YAML file)")  # the presets this command takes
     assert main(["finetune", "-c", "nope/x.yaml"]) == 1
     assert _err(capsys) == f"beit finetune: error: config file not found: nope/x.yaml (presets: {', '.join(PRESETS)})"
 
@@ -547,6 +548,20 @@ def test_a_copied_preset_of_another_command_names_that_command(tmp_path, capsys)
     own.write_text("train:\n  lr: 3.0e-4\n")
     assert main(["pretrain", "-c", str(own)]) == 1
     assert "is a config of" not in _err(capsys)
+
+
+def test_config_paths_that_are_not_config_files(tmp_path, capsys):
+    assert main(["pretrain", "-c", str(tmp_path)]) == 1
+    assert f"-c {tmp_path} is a folder, not a config file" in _err(capsys)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    assert main(["pretrain", "-c", str(listed)]) == 1
+    assert _err(capsys).endswith(f"{listed}: a config is a mapping of keys (key: value lines), not a list")
+    assert main(["segment", "train", "-c", str(tmp_path / "nope.yaml")]) == 1
+    assert _err(capsys).endswith("(presets: segment_ade20k_base, segment_camvid)")  # this command's presets
+    assert main(["finetune", "-c", "nope"]) == 1
+    assert "unknown preset 'nope'; presets: finetune_base, finetune_cifar10_small, finetune_rvlcdip_base (or" in \
+        _err(capsys)
 
 
 def test_an_output_path_through_a_file_is_named_as_such(tmp_path, capsys):

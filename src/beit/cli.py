@@ -279,7 +279,8 @@ def _normalize(args: argparse.Namespace, name: str) -> None:
             raise ValueError(f"beit {name} takes no key=value overrides, got {overrides}")
     args.overrides, args.inputs = overrides, positional
     if getattr(args, "config", None) is not None:
-        args.config = resolve_config(args.config)
+        full = " ".join(SHORT[name]) if name in SHORT else name
+        args.config = resolve_config(args.config, PRESET_PREFIX.get(full, ""))
         _check_preset_fits(args.config, name)
     elif cmd.kind != "tool":
         args.config = None

@@ -40,22 +40,29 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def resolve_config(name_or_path: str | None) -> str | None:
+def resolve_config(name_or_path: str | None, prefix: str = "") -> str | None:
     """A ``-c`` value as a file: an existing path as given, else a shipped preset by name.
 
     ``finetune_base``, ``finetune_base.yaml`` and ``configs/finetune_base.yaml`` (the spelling of the
     presets' old place at the repository root) all name the shipped preset when no such file exists.
-    ``None``/``""`` stays ``None``. Raises FileNotFoundError naming the value and listing the presets.
+    ``None``/``""`` stays ``None``. Raises FileNotFoundError naming the value and listing the presets (those
+    whose names start with ``prefix``: the ones the command takes), or IsADirectoryError for a folder.
     """
     if not name_or_path:
         return None
     path = Path(name_or_path)
     if path.is_file():
         return str(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"-c {name_or_path} is a folder, not a config file: give a .yaml file or a preset name")
     stem = path.name[:-5] if path.name.endswith((".yaml", ".yml")) else path.name
     old_place = path.parent in (Path("."), Path("configs"))
     if old_place and (_dir() / f"{stem}.yaml").is_file():
         return str(_dir() / f"{stem}.yaml")
+    presets = [p for p in list_presets() if p.startswith(prefix)] or list_presets()
     if path.suffix in (".yaml", ".yml") or not old_place:
-        raise FileNotFoundError(f"config file not found: {name_or_path} (presets: {', '.join(list_presets())})")
+        raise FileNotFoundError(f"config file not found: {name_or_path} (presets: {', '.join(presets)})")
+    if not (_dir() / f"{stem}.yaml").is_file():
+        raise FileNotFoundError(f"unknown preset '{stem}'; presets: {', '.join(presets)} (or give the path of a "
+                                "YAML file)")
     return str(preset_path(stem))

@@ -252,10 +252,15 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
         raise ConfigError("", f"bad config schema {schema!r}: {_msg_of(e)}") from None
     if path:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError("", f"{path} is a folder, not a config file (give a .yaml file or a preset name)")
         if not path.is_file():
             raise ConfigError("", f"config file not found: {path}")
         try:
             file_cfg = OmegaConf.load(path)
+            if not isinstance(file_cfg, DictConfig):
+                raise ConfigError("", f"{path}: a config is a mapping of keys (key: value lines), not a "
+                                      f"{type(file_cfg).__name__.replace('Config', '').lower() or 'list'}")
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
             raise ConfigError(_key_of(e, ""), f"{_msg_of(e)} (in {path})") from None
