@@ -70,7 +70,7 @@ def test_loss_decreases_over_50_steps(one_thread: None) -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert set(metrics) == {"recon_mse", "kl", "perplexity", "temperature"}
+    assert set(metrics) == {"recon_mse", "kl", "usage_kl", "perplexity", "temperature"}
     assert metrics["temperature"] == pytest.approx(gumbel_temperature(49, 1.0, 1 / 16, 50))
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
     # Tokens carry information: argmax round trip beats predicting the mean colour.
@@ -284,3 +284,33 @@ def test_train_tokenizer_repeats_exactly_whatever_the_global_rng(tmp_path: Path,
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_usage_weight_adds_the_batch_mean_kl_and_spreads_the_codebook(one_thread: None) -> None:
+    """usage_weight * KL(mean q || uniform) is added to the loss (its value is the logged usage_kl, between 0
+    and log V), and training with it uses more of the codebook than without, on the same data and seed."""
+    data = _blocky_images(64, seed=1)
+    vae = DiscreteVAE(downsample=4, **TINY)
+    torch.manual_seed(0)
+    plain, m = vae.loss(data[:16], 0)
+    vae.config.usage_weight = 0.5
+    torch.manual_seed(0)  # the same Gumbel noise
+    reg, m2 = vae.loss(data[:16], 0)
+    assert 0 < float(m["usage_kl"]) <= math.log(64) + 1e-6
+    torch.testing.assert_close(reg - plain, 0.5 * m2["usage_kl"])
+    with pytest.raises(ValueError, match="usage_weight must be >= 0"):
+        DiscreteVAE(downsample=4, usage_weight=-1.0, **TINY)
+
+    def trained_perplexity(usage_weight: float) -> float:
+        torch.manual_seed(0)
+        v = DiscreteVAE(downsample=4, usage_weight=usage_weight, temperature_anneal_steps=60, **TINY)
+        opt = torch.optim.Adam(v.parameters(), lr=3e-3)
+        for step in range(60):
+            loss, _ = v.loss(data[(step * 16) % 64:][:16], step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(codebook_usage(v.encode(data), 64)["perplexity"])
+
+    base, spread = trained_perplexity(0.0), trained_perplexity(0.1)
+    assert spread > 1.5 * base, (base, spread)

@@ -4,7 +4,10 @@ Encoder: ``log2(downsample)`` stride-2 4x4 convs, residual blocks, 1x1 conv to `
 logits per position. A Gumbel-softmax sample over the logits (temperature annealed from 1 to
 1/16, optionally straight-through hard) mixes a learned codebook; the decoder mirrors the encoder
 with transposed convs. Loss: reconstruction (MSE, or DALL-E's logit-Laplace NLL) plus
-``kl_weight`` * KL(q || uniform prior), which pushes the encoder to spread over the codebook.
+``kl_weight`` * KL(q || uniform prior), which pushes the encoder to spread over the codebook (and makes
+every position's q flatter), plus ``usage_weight`` * KL(q-bar || uniform), q-bar the mean of q over the
+batch's positions: it asks for even use of the codebook as a whole and leaves each position free to be
+sharp (the batch-entropy half of the entropy penalty of MAGVIT-v2's lookup-free quantizer, Yu et al. 2023).
 
 At inference the tokens are the argmax of the logits (no noise), as with the DALL-E tokenizer.
 """
@@ -40,6 +43,7 @@ class DVAEConfig:
     codebook_dim: int = 256
     recon_loss: str = "mse"  # "mse" or "logit_laplace" (DALL-E)
     kl_weight: float = 0.0  # weight of KL(q || uniform) per token position
+    usage_weight: float = 0.0  # weight of KL(batch-mean q || uniform): even codebook use, sharp positions
     straight_through: bool = False  # hard one-hot forward, soft gradient
     temperature_start: float = 1.0
     temperature_end: float = 1.0 / 16
@@ -57,6 +61,8 @@ class DVAEConfig:
             problems.append(f"num_res_blocks must be >= 0, got {self.num_res_blocks}")
         if self.recon_loss not in RECON_LOSSES:
             problems.append(f"recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
+        if self.kl_weight < 0 or self.usage_weight < 0:
+            problems.append(f"kl_weight and usage_weight must be >= 0, got {self.kl_weight}, {self.usage_weight}")
         if not 0 < self.temperature_end <= self.temperature_start:
             problems.append("need 0 < temperature_end <= temperature_start")
         if problems:
@@ -166,8 +172,9 @@ class DiscreteVAE(Tokenizer):
         """Training loss at ``step`` (sets the Gumbel temperature) and metrics to log.
 
         Metrics: ``recon_mse`` (image space, whatever the loss), ``kl`` (nats per position, to the
-        uniform prior), ``perplexity`` (of the argmax codes in this batch; equals the number of codes
-        in use if used uniformly), ``temperature``; plus ``nll`` for the logit-Laplace loss.
+        uniform prior), ``usage_kl`` (nats, of the batch-mean q to the uniform prior), ``perplexity`` (of
+        the argmax codes in this batch; equals the number of codes in use if used uniformly),
+        ``temperature``; plus ``nll`` for the logit-Laplace loss.
         """
         return self(images, step=step)
 
@@ -181,8 +188,12 @@ class DiscreteVAE(Tokenizer):
         else:
             rec_loss = F.mse_loss(recon, images)
         log_q = F.log_softmax(logits, dim=1)
-        kl = (log_q.exp() * (log_q + math.log(self.vocab_size))).sum(1).mean()
-        loss = rec_loss + self.config.kl_weight * kl
+        q = log_q.exp()
+        log_v = math.log(self.vocab_size)
+        kl = (q * (log_q + log_v)).sum(1).mean()
+        q_bar = q.float().mean(dim=(0, 2, 3))  # [V]: the codebook's use over the batch
+        usage_kl = (q_bar * (q_bar.clamp_min(1e-12).log() + log_v)).sum()
+        loss = rec_loss + self.config.kl_weight * kl + self.config.usage_weight * usage_kl
         with torch.no_grad():
             ids = logits.argmax(1)
             counts = torch.bincount(ids.flatten(), minlength=self.vocab_size).float()
@@ -192,6 +203,7 @@ class DiscreteVAE(Tokenizer):
             metrics: dict[str, torch.Tensor | float] = {
                 "recon_mse": F.mse_loss(recon.detach().clamp(0, 1), images),
                 "kl": kl.detach(),
+                "usage_kl": usage_kl.detach(),
                 "perplexity": perplexity,
                 "temperature": tau,
             }
