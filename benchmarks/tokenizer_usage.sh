@@ -8,7 +8,7 @@
 #   SIZE=small bash benchmarks/tokenizer_usage.sh .carry/data/cifar10/train /tmp/tokexp    # 2-core CPU, ~3 min an arm
 #   SIZE=preset bash benchmarks/tokenizer_usage.sh /tmp/cifar/train $OUT/tok                # GPU: tokenizer_cifar10 as shipped
 #
-# SIZE=small: vocabulary 512, width 64, 1 residual block, 500 steps of 64 images, no compile (a CPU proxy);
+# SIZE=small: vocabulary 512, width 64, 1 residual block, STEPS (500) steps of 64 images, no compile (a CPU proxy);
 # SIZE=preset: the shipped tokenizer_cifar10 preset (vocabulary 1024, width 128, 2 blocks) for STEPS steps.
 # Arms run one after another (PARALLEL=2 runs two at a time, one thread each, for a 2-core machine).
 set -euo pipefail
@@ -16,13 +16,13 @@ DATA=${1:?usage: tokenizer_usage.sh DATA_DIR OUT [ARMS]}
 OUT=${2:?usage: tokenizer_usage.sh DATA_DIR OUT [ARMS]}
 ARMS=${3:-"base:0:0 kl0.03:0.03:0 usage0.01:0:0.01 usage0.1:0:0.1"}
 SIZE=${SIZE:-small}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-$([ "$SIZE" = small ] && echo 500 || echo 3000)}
 PARALLEL=${PARALLEL:-1}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 if [ "$SIZE" = small ]; then
   ARGS=(model.vocab_size=512 model.hidden=64 model.num_res_blocks=1 model.codebook_dim=64
-        model.temperature_anneal_steps=500 train.max_steps=500 train.batch_size=64 train.num_workers=0
+        model.temperature_anneal_steps=$STEPS train.max_steps=$STEPS train.batch_size=64 train.num_workers=0
         train.warmup_steps=25 train.compile=false val_fraction=0.1)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
