@@ -201,8 +201,9 @@ def resized_crops(
         for out, (oh, ow) in zip(outs, sizes):
             wy = _aa_weights(b[:, 0], b[:, 2], x.shape[-2], oh, device)  # [n, oh, Hc]
             wx = _aa_weights(b[:, 1], b[:, 3], x.shape[-1], ow, device)  # [n, ow, Wc]
-            with _full_fp32_matmul():
-                y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))  # [n, 3, oh, ow]
+            # float32 products; where the user enabled TF32 they round to it (pixels move by < 0.3 of a grey
+            # level, below the uint8 step): no global precision flag is touched here
+            y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))  # [n, 3, oh, ow]
             if idx is None:
                 out.copy_(y)
             else:
@@ -274,18 +275,6 @@ def _aa_weights(start: torch.Tensor, length: torch.Tensor, padded: int, out: int
                     torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
     w = torch.where((j >= xmin) & (j < xmax), w, torch.zeros_like(w))
     return (w / w.sum(-1, keepdim=True)).float()
-
-
-class _full_fp32_matmul:
-    """Full-precision float32 matrix products inside (not TF32, which the training enables): the resize is
-    memory-bound anyway, and TF32 would move pixels by up to ~0.1 of a grey level."""
-
-    def __enter__(self) -> None:
-        self._prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self._prev
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
