@@ -9,7 +9,8 @@ for the side stream's event only when it takes the batch (the pattern of NVIDIA'
 and torchtitan's loaders). Each tensor handed over is marked with ``record_stream`` so the caching allocator
 does not reuse its memory before the main stream is done with it.
 
-Without CUDA there is nothing to overlap: batches are prepared when taken, in order, exactly as a plain loop.
+Without CUDA, or without a transform, there is nothing to overlap: batches are prepared when taken, in order,
+exactly as a plain loop.
 The transforms of this package draw their random numbers from ``(seed, epoch, index)``, never from a global
 generator, so preparing a batch early changes no result.
 """
@@ -57,8 +58,9 @@ class DevicePrefetcher:
 
     Args:
         batches: the loader's batches (CPU, pinned where the loader pins).
-        device: the training device; a side stream is used only on CUDA.
-        transform: ``batch -> batch`` on the device (decode + augmentation), or None for a plain move.
+        device: the training device; a side stream is used only on CUDA and with a ``transform``.
+        transform: ``batch -> batch`` on the device (decode + augmentation), or None for a plain move (made
+            when the batch is taken, on the current stream).
 
     Raises:
         StopIteration: from ``next()`` once ``batches`` is exhausted. Errors of the loader or the transform
@@ -71,7 +73,10 @@ class DevicePrefetcher:
         self._it = iter(batches)
         self.device = torch.device(device)
         self._transform = transform
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # a side stream only where there is work to overlap: a device transform on CUDA (a plain move of pinned
+        # batches is already asynchronous; it stays on the main stream, as before the prefetcher)
+        self._stream = (torch.cuda.Stream(self.device) if self.device.type == "cuda" and transform is not None
+                        else None)
         self._pending: tuple[Any] | None = None  # a 1-tuple: a prepared batch may itself be None
         self._synced = False
         self._error: Exception | None = None  # of a prefetch, raised by the next next()
@@ -81,7 +86,8 @@ class DevicePrefetcher:
         return self._transform(batch) if self._transform is not None else batch
 
     def prefetch(self) -> None:
-        """Start preparing the next batch on the side stream (no-op without CUDA, or when one is pending).
+        """Start preparing the next batch on the side stream (no-op without CUDA or a transform, or when one is
+        pending).
         At the end of ``batches`` nothing is pending and the next ``next()`` raises ``StopIteration``."""
         if self._stream is None or self._pending is not None:
             return
