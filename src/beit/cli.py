@@ -279,11 +279,15 @@ def _normalize(args: argparse.Namespace, name: str) -> None:
             raise ValueError(f"beit {name} takes no key=value overrides, got {overrides}")
     args.overrides, args.inputs = overrides, positional
     if getattr(args, "config", None) is not None:
-        full = " ".join(SHORT[name]) if name in SHORT else name
-        args.config = resolve_config(args.config, PRESET_PREFIX.get(full, ""))
+        args.config = resolve_config(args.config, PRESET_PREFIX.get(_full_name(name), ""))
         _check_preset_fits(args.config, name)
     elif cmd.kind != "tool":
         args.config = None
+
+
+def _full_name(name: str) -> str:
+    """A command's full name ("classify train") from the name it was called by ("finetune")."""
+    return " ".join(SHORT[name]) if name in SHORT else name
 
 
 def _check_preset_fits(config: str | None, name: str) -> None:
@@ -291,7 +295,7 @@ def _check_preset_fits(config: str | None, name: str) -> None:
     the presets this command takes, before its keys fail to fit the config one by one."""
     from .configs import list_presets, preset_dir
 
-    full = " ".join(SHORT[name]) if name in SHORT else name
+    full = _full_name(name)
     prefix = PRESET_PREFIX.get(full)
     if not config or prefix is None or Path(config).resolve().parent != preset_dir().resolve():
         return
@@ -327,7 +331,7 @@ def _fits_another_command(e: BaseException, args: argparse.Namespace, name: str)
     from .engine.config import ConfigError
 
     path = getattr(args, "config", None)
-    full = " ".join(SHORT[name]) if name in SHORT else name
+    full = _full_name(name)
     if not isinstance(e, ConfigError) or not path or full not in PRESET_PREFIX:
         return ""
 
