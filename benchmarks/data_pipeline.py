@@ -3,13 +3,17 @@ step on GPU-resident batches, side by side in one command.
 
 Rows (img/s; ratios against the resident step of the same model):
   loader_cpu        PIL decode + two views + mask in DataLoader workers (the CPU path)
-  loader_dev        bytes + masks from the workers, nvJPEG batch decode + per-sample views on the device
-  transform_pt/_ft  the device transforms alone on one fixed loader batch (decode + pre-training views /
-                    decode + the fine-tuning recipe), synchronised: their whole cost per batch
+  loader_dev        JPEGs decoded in the workers (libjpeg-turbo, data.jpeg_decode=workers), one pinned copy of
+                    the batch's pixels, per-sample views on the device
+  *_nvjpeg          the same row with bytes from the workers and nvJPEG batch decode on the device
+                    (data.jpeg_decode=device); --jpeg-decode picks which of the two run
+  transform_pt/_ft  the device transforms alone on one fixed loader batch (pre-training views / the
+                    fine-tuning recipe, + decode for *_nvjpeg), synchronised: their whole cost per batch
   pretrain_dev      BEiT-B/16 MIM step + DALL-E-format tokenizer fed from the JPEG folder (device path) as the
                     engine feeds it (persistent workers; the transform one batch ahead on a side stream,
                     launched after the backward; one host sync a step), two epochs, with the slowest window
                     after an epoch start against the median
+  pretrain_cpu      the same step fed by the CPU path (PIL in the workers, data.device=cpu)
   pretrain_res      the same step on one GPU-resident batch
   finetune_dev      BEiT-B/16 classification at 224, RandAugment + random erasing on the device, mixup/cutmix
                     + label smoothing (timm Mixup) in the step, fed from class folders of the JPEGs
@@ -64,19 +68,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loader(ds: Any, batch: int, workers: int, collate: Callable, device: torch.device,
-            persistent: bool = True) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
-                                       drop_last=True, pin_memory=device.type == "cuda",
-                                       persistent_workers=persistent and workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None)
+def _endless(ds: Any, batch: int, workers: int, collate: Callable, device: torch.device) -> Iterator[Any]:
+    """Batches epoch after epoch from ONE loader iterator, as the engine makes them: persistent workers, the
+    engine's sampler running through the epochs (``epoch_batches``: no drain at an epoch boundary) with
+    ``(epoch, index)`` keys, pinned batches on CUDA."""
+    from beit.engine.distributed import EpochIndexed, ResumableDistributedSampler
 
-
-def _endless(make: Callable[[], Any], dataset: Any) -> Iterator[Any]:
-    """Batches epoch after epoch from one loader whose workers persist across epochs, as the engine's."""
-    loader = make()
-    while True:
-        yield from loader
+    sampler = ResumableDistributedSampler(len(ds), batch, num_replicas=1, rank=0, seed=0,
+                                          epoch_batches=len(ds) // batch)
+    yield from torch.utils.data.DataLoader(EpochIndexed(ds), batch_size=batch, sampler=sampler, num_workers=workers,
+                                           collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda",
+                                           persistent_workers=workers > 0)
 
 
 def photos_to_jpegs(src: Path, dst: Path, n: int) -> None:
@@ -193,28 +195,37 @@ def _compile(model: torch.nn.Module, device: torch.device, enabled: bool) -> tor
 
 
 # ------------------------------------------------------------------------------------------ rows
+def _suffix(jpeg_decode: str) -> str:
+    return "" if jpeg_decode == "workers" else "_nvjpeg"
+
+
 def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
     size, patch, ds_tok = a.size, a.patch, a.tok_down
     t = PretrainTransform(size, patch, ds_tok, color_jitter=0.4)
     cpu = ImageFolderDataset(folder, transform=t, seed=0)
-    it = _endless(lambda: _loader(cpu, a.batch, a.workers, collate_pretrain, device), cpu)
-    res["loader_cpu"] = _timed(lambda: next(it), lambda b: None, a.batch, a.steps, 2, device)
-    enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0)
-    pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
-    it2 = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
-    res["loader_dev"] = _timed(lambda: next(it2), pipe, a.batch, a.steps, 2, device)
-    res["loader_dev"]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
-    # the device transforms alone (one fixed loader batch, synchronised): their cost per batch, host + device
-    raw = next(it2)
-    res["transform_pt"] = _timed(lambda: raw, pipe, a.batch, a.steps, 2, device)
+    it = _endless(cpu, a.batch, a.workers, collate_pretrain, device)
+    res["loader_cpu"] = _timed(lambda: next(it), lambda b: None, a.batch, a.steps, a.warmup, device)
+    it.close()  # its workers stop
     classes = _classes(folder, folder.parent / "classes", 10)
-    enc_ft = EncodedImageFiles.from_folder(classes, labeled=True, seed=0)
-    ft = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
-    raw_ft = collate_encoded([enc_ft[i] for i in range(a.batch)])
-    res["transform_ft"] = _timed(lambda: raw_ft, ft, a.batch, a.steps, 2, device)
-    if a.profile:
-        _profile("transform_pt", lambda: raw, pipe, 3, a.profile)
-        _profile("transform_ft", lambda: raw_ft, ft, 3, a.profile)
+    for where in a.jpeg_decode:
+        sfx = _suffix(where)
+        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where)
+        pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+        it2 = _endless(enc, a.batch, a.workers, collate_encoded, device)
+        res["loader_dev" + sfx] = _timed(lambda it=it2: next(it), pipe, a.batch, a.steps, a.warmup, device)
+        res["loader_dev" + sfx]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
+        # the device transforms alone (one fixed loader batch, synchronised): their cost per batch, host + device
+        raw = next(it2)
+        it2.close()
+        res["transform_pt" + sfx] = _timed(lambda r=raw: r, pipe, a.batch, a.steps, 2, device)
+        enc_ft = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where)
+        ft = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+        raw_ft = collate_encoded([enc_ft[i] for i in range(a.batch)])
+        raw_ft = raw_ft.pin_memory() if device.type == "cuda" else raw_ft  # as the loader hands it over
+        res["transform_ft" + sfx] = _timed(lambda r=raw_ft: r, ft, a.batch, a.steps, 2, device)
+        if a.profile:
+            _profile("transform_pt" + sfx, lambda r=raw: r, pipe, 3, a.profile)
+            _profile("transform_ft" + sfx, lambda r=raw_ft: r, ft, 3, a.profile)
 
 
 def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
@@ -283,18 +294,29 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
     model = _mim_model(a, tok.vocab_size, device)
     step = _train_step(model, make_step_fn(tok), device)
     t = PretrainTransform(a.size, a.patch, a.tok_down, color_jitter=0.4)
-    enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0)
-    pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
-    it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
-    steps_per_epoch = len(enc) // a.batch
-    fed = _fed(it, pipe, device, step)
-    res["pretrain_dev"] = _timed(*fed, a.batch, max(a.steps, 2 * steps_per_epoch), 3,
-                                 device, window=max(1, steps_per_epoch // 4))
-    if a.profile:
-        _profile("pretrain_dev", *fed, 4, a.profile)
-    resident = pipe(next(it))
+    resident = None
+    for where in a.jpeg_decode:
+        sfx = _suffix(where)
+        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where)
+        pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+        it = _endless(enc, a.batch, a.workers, collate_encoded, device)
+        steps_per_epoch = len(enc) // a.batch
+        fed = _fed(it, pipe, device, step)
+        res["pretrain_dev" + sfx] = _timed(*fed, a.batch, max(a.steps, 2 * steps_per_epoch), a.warmup,
+                                           device, window=max(1, steps_per_epoch // 4))
+        if a.profile:
+            _profile("pretrain_dev" + sfx, *fed, 4, a.profile)
+        resident = pipe(next(it))
+        it.close()
+    if a.pretrain_cpu:  # the CPU path (PIL in the workers) feeding the same step: plain moves, no transform
+        cpu = ImageFolderDataset(folder, transform=t, seed=0)
+        itc = _endless(cpu, a.batch, a.workers, collate_pretrain, device)
+        res["pretrain_cpu"] = _timed(*_fed(itc, None, device, step), a.batch, a.steps, a.warmup, device)
+        itc.close()
     res["pretrain_res"] = _timed(lambda: resident, step, a.batch, a.steps, 3, device)
-    res["pretrain_ratio"] = res["pretrain_dev"]["img_per_s"] / res["pretrain_res"]["img_per_s"]
+    for k in ("pretrain_dev", "pretrain_dev_nvjpeg", "pretrain_cpu"):
+        if k in res:
+            res[k.replace("_dev", "") + "_ratio"] = res[k]["img_per_s"] / res["pretrain_res"]["img_per_s"]
 
 
 def _finetune_step_fn(num_classes: int) -> Callable:
@@ -315,16 +337,21 @@ def finetune_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
         model = beit.create_model("beit_base_patch16_224", num_classes=nc, attn_impl="cudnn")
     model = _compile(model.to(device).train(), device, a.compile)
     step = _train_step(model, _finetune_step_fn(nc), device)
-    enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0)
-    pipe = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
-    it = _endless(lambda: _loader(enc, a.batch, a.workers, collate_encoded, device), enc)
-    fed = _fed(it, pipe, device, step)
-    res["finetune_dev"] = _timed(*fed, a.batch, a.steps, 3, device)
-    if a.profile:
-        _profile("finetune_dev", *fed, 4, a.profile)
-    x, y = pipe(next(it))
+    for where in a.jpeg_decode:
+        sfx = _suffix(where)
+        enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where)
+        pipe = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+        it = _endless(enc, a.batch, a.workers, collate_encoded, device)
+        fed = _fed(it, pipe, device, step)
+        res["finetune_dev" + sfx] = _timed(*fed, a.batch, a.steps, a.warmup, device)
+        if a.profile:
+            _profile("finetune_dev" + sfx, *fed, 4, a.profile)
+        x, y = pipe(next(it))
+        it.close()
     res["finetune_res"] = _timed(lambda: (x.clone(), y), step, a.batch, a.steps, 3, device)  # mixup is in place
-    res["finetune_ratio"] = res["finetune_dev"]["img_per_s"] / res["finetune_res"]["img_per_s"]
+    for k in ("finetune_dev", "finetune_dev_nvjpeg"):
+        if k in res:
+            res[k.replace("_dev", "") + "_ratio"] = res[k]["img_per_s"] / res["finetune_res"]["img_per_s"]
 
 
 def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
@@ -347,8 +374,8 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     ds = InMemoryIndices(len(images), seed=0)
     pipe = FinetunePipeline(FinetuneAugment(32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device,
                             images, labels)
-    it = _endless(lambda: _loader(ds, batch, min(a.workers, 2), InMemoryIndices.collate, device), ds)
-    res["cifar_ft"] = _timed(*_fed(it, pipe, device, step), batch, a.steps, 3, device)
+    it = _endless(ds, batch, min(a.workers, 2), InMemoryIndices.collate, device)
+    res["cifar_ft"] = _timed(*_fed(it, pipe, device, step), batch, a.steps, a.warmup, device)
     x, y = pipe(next(it))
     res["cifar_ft_res"] = _timed(lambda: (x.clone(), y), step, batch, a.steps, 3, device)  # mixup is in place
     if a.profile:
@@ -365,8 +392,8 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     masks = default_mask_generator(8)
     pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
     ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
-    pit = _endless(lambda: _loader(pds, batch, a.workers, InMemoryIndices.collate, device), pds)  # masks: CPU work
-    res["cifar_pt"] = _timed(*_fed(pit, ppipe, device, pstep), batch, a.steps, 3, device)
+    pit = _endless(pds, batch, a.workers, InMemoryIndices.collate, device)  # masks: CPU work
+    res["cifar_pt"] = _timed(*_fed(pit, ppipe, device, pstep), batch, a.steps, a.warmup, device)
     resident = ppipe(next(pit))
     res["cifar_pt_res"] = _timed(lambda: resident, pstep, batch, a.steps, 3, device)
     if a.profile:
@@ -382,20 +409,29 @@ def main() -> None:
     ap.add_argument("--photos", default="", help="a folder of real photos to resize to 500x375 JPEGs instead")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="steps before timing a loader-fed row (worker start-up and the first queue fill)")
     ap.add_argument("--cifar", default="", help="CIFAR class folders to keep in memory (default: random 32px)")
     ap.add_argument("--cifar-images", type=int, default=50000)
     ap.add_argument("--cifar-batch", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--tokenizer", default="", help="DALL-E encoder.pkl / safetensors for the id-agreement row")
     ap.add_argument("--only", default="loader,tokens,pretrain,finetune,cifar")
+    ap.add_argument("--jpeg-decode", default="workers,device",
+                    help="which JPEG decoders the loader/pretrain/finetune rows run: workers and/or device (nvJPEG)")
+    ap.add_argument("--no-pretrain-cpu", dest="pretrain_cpu", action="store_false",
+                    help="skip the pretrain_cpu row (the CPU path feeding the pre-training step)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="", help="also profile each fed row (torch.profiler tables) into this file")
     a = ap.parse_args()
+    a.jpeg_decode = [w for w in a.jpeg_decode.split(",") if w]
+    if not a.jpeg_decode or set(a.jpeg_decode) - {"workers", "device"}:
+        ap.error(f"--jpeg-decode: a comma list of workers, device; got {a.jpeg_decode}")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     a.size, a.patch, a.tok_down = (64, 8, 4) if a.tiny else (224, 16, 8)
     if a.tiny:
-        a.images, a.batch, a.steps = min(a.images, 48), min(a.batch, 8), min(a.steps, 4)
+        a.images, a.batch, a.steps, a.warmup = min(a.images, 48), min(a.batch, 8), min(a.steps, 4), min(a.warmup, 2)
         a.cifar_images, a.cifar_batch, a.workers = min(a.cifar_images, 256), min(a.cifar_batch, 32), min(a.workers, 2)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -436,13 +472,14 @@ def main() -> None:
         if isinstance(v, dict) and "img_per_s" in v:
             worst = v.get("worst_window_vs_median")
             extra = f"  worst window / median {worst:.2f}" if worst is not None else ""
-            print(f"  {k:14s} {v['img_per_s']:9.0f}{extra}")
+            print(f"  {k:22s} {v['img_per_s']:9.0f}{extra}")
     for k in ("cifar_ft", "cifar_pt"):
         if k in res and k + "_res" in res:
             res[k + "_ratio"] = res[k]["img_per_s"] / res[k + "_res"]["img_per_s"]
-    for k in ("pretrain_ratio", "finetune_ratio", "cifar_ft_ratio", "cifar_pt_ratio"):
+    for k in ("pretrain_ratio", "pretrain_nvjpeg_ratio", "pretrain_cpu_ratio", "finetune_ratio",
+              "finetune_nvjpeg_ratio", "cifar_ft_ratio", "cifar_pt_ratio"):
         if k in res:
-            print(f"  {k:14s} {res[k]:9.2f}  (loader-fed / GPU-resident)")
+            print(f"  {k:22s} {res[k]:9.2f}  (loader-fed / GPU-resident)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=float))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 [scale], proof on ONE GPU: the whole user flow with the shipped presets and train.compile=true,
 # cut to a few dozen steps each (only steps, warmup, logging/eval cadence and workers are overridden):
-#   tokenizer train -> pretrain (that tokenizer) -> finetune (from the pre-trained model) -> evaluate -> predict
+#   tokenizer train -> pretrain (that tokenizer; again from the JPEG files) -> finetune (from the pre-trained
+#   model; again from the JPEG files) -> evaluate -> predict
 #   -> linprobe -> visualize -> segment train (+ eval: sliding window, then multi-scale + flip; predict overlays)
 #   -> layout train DocBank (+ eval, predict) -> layout train PubLayNet (Mask R-CNN)
 # Each stage's output goes to OUT/<stage>.log; each stage is checked for its output files; a stage whose
@@ -45,7 +46,7 @@ LAYOUT_CONFIG_FLAG=${LAYOUT_CONFIG_FLAG:--c}
 RUNS=${RUNS:-$OUT/runs}            # checkpoints (large; PACK leaves .pt / .safetensors out)
 # the user flow first (cheap), then the BEiT-B segmentation and layout runs (from scratch: no dependency on the
 # flow, so STAGES can split the script over two GPU calls if one is too short)
-STAGES=${STAGES:-tokenizer pretrain finetune evaluate predict linprobe visualize segment segment_eval segment_eval_ms segment_predict layout_docbank layout_eval layout_predict layout_publaynet}
+STAGES=${STAGES:-tokenizer pretrain pretrain_files finetune finetune_files evaluate predict linprobe visualize segment segment_eval segment_eval_ms segment_predict layout_docbank layout_eval layout_predict layout_publaynet}
 # seconds: stages not started by then are reported as "budget", and one stage is stopped after STAGE_TIMEOUT,
 # so that a GPU call (600 s at most) still ends with the summary; no limits in CPU mode
 BUDGET=${BUDGET:-$([ "${BEIT_SMOKE_CPU:-0}" = 1 ] && echo 100000 || echo 450)}
@@ -183,11 +184,24 @@ stage pretrain "tokenizer" "$PRE/final/model.safetensors $PRE/final/config.json 
   "train.output_dir=$PRE" "train.max_steps=$PRE_STEPS" "$(warm "$PRE_STEPS")" train.log_every=5 \
   "$(images "$PRE_STEPS")" "$W" "$C" "${TINY_PRE[@]}"
 
+# the same run from the JPEG folder instead of memory: the device path with JPEGs decoded in the loader's workers
+stage pretrain_files "tokenizer" "$RUNS/pretrain_files/final/model.safetensors $RUNS/pretrain_files/metrics.jsonl" \
+  "jsonl $RUNS/pretrain_files/metrics.jsonl loss mim_acc" -- \
+  "${BEIT[@]}" pretrain -c "$CFG_PRETRAIN" "data.path=$CIFAR/train" data.in_memory=false \
+  "tokenizer.path=$TOK/dvae.safetensors" "train.output_dir=$RUNS/pretrain_files" "train.max_steps=$PRE_STEPS" \
+  "$(warm "$PRE_STEPS")" train.log_every=5 "$W" "$C" "${TINY_PRE[@]}"
+
 stage finetune "pretrain" "$FT/model/model.safetensors $FT/model/config.json $FT/metrics.jsonl $FT/eval/metrics.json $FT/best.pt" \
   "jsonl $FT/metrics.jsonl top1 loss" -- \
   "${BEIT[@]}" finetune -c "$CFG_FINETUNE" "model=$PRE/final" "data.train_dir=$CIFAR/train" \
   "data.val_dir=$CIFAR/test" "train.output_dir=$FT" "train.max_steps=$FT_STEPS" "$(warm "$FT_STEPS")" \
   train.log_every=5 "$W" "$C" "${TINY_FT[@]}"
+
+stage finetune_files "pretrain" "$RUNS/finetune_files/model/model.safetensors $RUNS/finetune_files/metrics.jsonl" \
+  "jsonl $RUNS/finetune_files/metrics.jsonl top1 loss" -- \
+  "${BEIT[@]}" finetune -c "$CFG_FINETUNE" "model=$PRE/final" "data.train_dir=$CIFAR/train" data.in_memory=false \
+  "data.val_dir=$CIFAR/test" "train.output_dir=$RUNS/finetune_files" "train.max_steps=$FT_STEPS" \
+  "$(warm "$FT_STEPS")" train.log_every=5 "$W" "$C" "${TINY_FT[@]}"
 
 stage evaluate "finetune" "$RUNS/evaluate/metrics.json $RUNS/evaluate/per_class.csv" "json $RUNS/evaluate/metrics.json top1 top5" -- \
   "${BEIT[@]}" evaluate "$FT/model" --data "$CIFAR/test" --out "$RUNS/evaluate" --num-workers "$WORKERS"

@@ -128,6 +128,30 @@ def test_batched_resized_crops_equal_interpolate_antialias_per_image(mixed, max_
             torch.testing.assert_close(out[k], ref, atol=2e-3, rtol=1e-5, msg=f"image {k} {size}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_resize_in_float16_stays_within_half_a_grey_level_and_fused_views_equal_eager():
+    """On CUDA the resize multiplies in float16 (float32 accumulation) and the views' colour jitter runs
+    compiled: both against the float32 / eager computation of the same batch."""
+    import beit.data.gpu_augment as GA
+
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in [(375, 500)] * 6 + [(300, 400)] * 2]
+    views = PretrainViews((224, 224), (112, 112), seed=1)
+    p = views.params(torch.arange(8), 0, torch.tensor([375] * 6 + [300] * 2), torch.tensor([500] * 6 + [400] * 2))
+    cpu = resized_crops(imgs, p["box"], [(224, 224), (112, 112)])
+    gpu = resized_crops([im.cuda() for im in imgs], p["box"], [(224, 224), (112, 112)])
+    for c, d in zip(cpu, gpu):
+        err = (d.cpu() - c).abs()
+        assert err.max() < 0.5 and err.mean() < 0.05, (float(err.max()), float(err.mean()))
+    per = torch.cat([p["flip"].view(-1, 1).float(), p["jitter"].float(), p["order"].float()], 1).cuda()
+    mean, std = views.mean.cuda(), views.std.cuda()
+    args = (gpu[0], gpu[1], per, mean, std, (True, True, True))
+    fused = GA._finish_views(*args)
+    assert GA._finish_views._compiled is not None and not GA._finish_views._failed
+    for f, e in zip(fused, GA._finish_views_eager(*args)):
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
+
+
 def test_resized_crops_of_a_batch_tensor_and_bad_boxes():
     """A [B, 3, H, W] batch (the in-memory path) gives the same per-crop result, upscales included (pixels
     outside the box never leak in); boxes outside their image and empty batches are named errors."""
@@ -222,25 +246,35 @@ def _pil(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files):
-    ds = EncodedImageFiles.from_folder(odd_files, mask_generator=BlockwiseMaskGenerator((2, 2), 2, 1))
+@pytest.mark.parametrize("jpeg_decode", ["device", "workers"])
+def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, jpeg_decode):
+    ds = EncodedImageFiles.from_folder(odd_files, mask_generator=BlockwiseMaskGenerator((2, 2), 2, 1),
+                                       jpeg_decode=jpeg_decode)
     samples = [ds[i] for i in range(len(ds))]
     reasons = {Path(s.name).name: s.reason for s in samples}
     assert reasons["a_good.jpg"] is None and reasons["e_exif6.jpg"] is None
     assert reasons["b_lossless.png"] == "png" and reasons["c_cmyk.jpg"] == "mode CMYK"
     assert reasons["d_progressive.jpg"] == "progressive" and reasons["h_gray.jpg"] == "mode L"
-    # the garbage file is replaced in the worker by the next readable one, and named in the batch
-    assert [Path(n).name for s in samples for n in s.skipped] == ["f_garbage.jpg"]
+    # the garbage file (and, decoding in the workers, the truncated one) is replaced in the worker by the next
+    # readable one, and named in the batch
+    in_worker = ["f_garbage.jpg"] + (["g_truncated.jpg"] if jpeg_decode == "workers" else [])
+    assert [Path(n).name for s in samples for n in s.skipped] == in_worker
     batch = collate_encoded(samples)
+    assert (batch.blob.numel() > 0) == (jpeg_decode == "device")  # bytes travel only for the GPU decoder
     dec = BatchDecoder("cpu")
     images, batch2 = dec(batch)
     assert len(images) == len(ds) == len(batch2.index) and batch2.masks.shape == (len(ds), 2, 2)
-    # the truncated JPEG passes the header check and fails in the batched decoder: skipped and named
+    # the truncated JPEG passes the header check, then fails to decode: skipped and named either way
     assert dec.skipped_names == [str(odd_files / "f_garbage.jpg"), str(odd_files / "g_truncated.jpg")]
-    assert dec.summary()["fallback"] == {"png": 1, "mode CMYK": 1, "progressive": 1, "mode L": 1}
-    assert dec.num_gpu == 2  # a_good, e_exif6 (decode_jpeg on this device)
-    g = batch.names.index(str(odd_files / "g_truncated.jpg"))
-    assert batch2.names[g] != batch.names[g] and torch.equal(images[g], images[batch.names.index(batch2.names[g])])
+    # in the workers, f_garbage and g_truncated were replaced by the next readable file, h_gray: counted thrice
+    gray = 1 if jpeg_decode == "device" else 3
+    assert dec.summary()["fallback"] == {"png": 1, "mode CMYK": 1, "progressive": 1, "mode L": gray}
+    # a_good, e_exif6: decode_jpeg on this device, or in the workers
+    assert (dec.num_gpu, dec.num_workers) == ((2, 0) if jpeg_decode == "device" else (0, 2))
+    g = batch.names.index(str(odd_files / "g_truncated.jpg")) if jpeg_decode == "device" else None
+    if g is not None:  # replaced in the batch by another image of it
+        assert batch2.names[g] != batch.names[g]
+        assert torch.equal(images[g], images[batch.names.index(batch2.names[g])])
     for i, name in enumerate(batch2.names):
         want = _pil(Path(name))
         assert images[i].shape == want.shape, name
@@ -379,6 +413,19 @@ def test_in_memory_path_shapes_and_mixup_label_mixing():
 
 
 # ------------------------------------------------------------------------------------------ config
+def test_device_path_masks_equal_those_drawn_under_seeded():
+    """The device path draws each mask from a generator seeded by (seed, epoch, index), without the global
+    RNG save/restore of ``seeded``: the masks are the same as the CPU path's."""
+    from beit.data.seeding import seeded
+
+    masks = BlockwiseMaskGenerator((8, 8), 24, 4)
+    ds = InMemoryIndices(50, mask_generator=masks, seed=7)
+    for epoch, index in [(0, 0), (0, 13), (3, 49)]:
+        with seeded(7, epoch, index):
+            want = masks()
+        assert torch.equal(ds[(epoch, index)][2], want)
+
+
 def test_data_device_setting():
     assert use_device_path("auto", "cpu") is False and use_device_path("auto", "cuda") is True
     assert use_device_path("cpu", "cuda") is False and use_device_path("gpu", "cpu") is True
@@ -414,6 +461,15 @@ def test_pretrain_device_setting_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
         build_device_data(cfg(tmp_path, "fast"), 8, "cpu")
     assert build_device_data(cfg(tmp_path, "auto"), 8, "cpu") is None  # auto without CUDA: the PIL path
+    from beit.engine import load_config
+    from beit.tasks.classify import FinetuneConfig
+
+    with pytest.raises(ConfigError, match=r"data\.jpeg_decode.*must be workers \| device, got 'gpu'"):
+        load_config(PretrainConfig, None, [f"data.path={tmp_path}", "data.jpeg_decode=gpu"])
+    with pytest.raises(ConfigError, match=r"data\.jpeg_decode.*must be workers \| device, got 'nvjpeg'"):
+        load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.jpeg_decode=nvjpeg"])
+    with pytest.raises(ValueError, match=r"jpeg_decode must be one of workers \| device, got 'gpu'"):
+        EncodedImageFiles([("x.jpg", -1)], jpeg_decode="gpu")
 
 
 def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
@@ -449,7 +505,9 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     out = pretrain(pcfg)
     assert out["step"] == 3 and Path(out["panel"]).exists()
     assert out["data_decode"]["skipped_names"] == [str(images / "broken.jpg")]
-    assert out["data_decode"]["gpu"] >= 12 and not out["data_decode"]["fallback"]  # JPEGs: decode_jpeg
+    # JPEGs: decoded in the loader's workers by default (data.jpeg_decode=workers), nothing by the GPU decoder
+    assert out["data_decode"]["workers"] >= 12 and out["data_decode"]["gpu"] == 0
+    assert not out["data_decode"]["fallback"]
 
 
 def test_device_path_resume_is_exact(tmp_path):
@@ -495,12 +553,20 @@ def test_webdataset_shards_on_the_device_path(tmp_path):
             if i == 2:
                 w.write({"__key__": "bad", "jpg": b"not an image", "cls": b"0"})
     masks = BlockwiseMaskGenerator((2, 2), 2, 1)
-    ds = EncodedWebDataset([str(shard)], mask_generator=masks, label_key="cls", shuffle_shards=False, seed=4)
-    batch = collate_encoded(list(ds))
-    assert len(batch) == 6 and batch.labels.tolist() == [0, 1, 2, 0, 1, 2]
-    assert batch.skipped == [f"{shard}:bad"] and batch.reasons == ["png", None] * 3
-    pipe = PretrainPipeline(PretrainViews((16, 16), (8, 8), seed=4), "cpu")
-    out = pipe(batch)
-    assert out["image"].shape == (6, 3, 16, 16) and pipe.decoder.summary()["skipped_names"] == [f"{shard}:bad"]
-    again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
-    assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])
+    outs = {}
+    for where in ("workers", "device"):
+        ds = EncodedWebDataset([str(shard)], mask_generator=masks, label_key="cls", shuffle_shards=False, seed=4,
+                               jpeg_decode=where)
+        batch = collate_encoded(list(ds))
+        assert len(batch) == 6 and batch.labels.tolist() == [0, 1, 2, 0, 1, 2]
+        assert batch.skipped == [f"{shard}:bad"] and batch.reasons == ["png", None] * 3
+        pipe = PretrainPipeline(PretrainViews((16, 16), (8, 8), seed=4), "cpu")
+        out = pipe(batch)
+        summary = pipe.decoder.summary()
+        assert out["image"].shape == (6, 3, 16, 16) and summary["skipped_names"] == [f"{shard}:bad"]
+        assert (summary["gpu"], summary["workers"]) == ((3, 0) if where == "device" else (0, 3))
+        again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
+        assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])
+        outs[where] = out["image"]
+    # the same libjpeg-turbo decodes the JPEGs either way on CPU: identical views
+    assert torch.equal(outs["workers"], outs["device"])

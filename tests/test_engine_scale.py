@@ -170,6 +170,39 @@ def test_sampler_can_yield_epoch_index_pairs():
     assert list(s) == [(4, i) for i in plain] and len(s) == 8
 
 
+def test_sampler_with_epoch_batches_runs_through_the_epochs_without_mixing_them():
+    s = D.ResumableDistributedSampler(10, 3, num_replicas=1, rank=0, seed=0, epoch_batches=3)
+    s.set_epoch(2, start_batch=1)
+    it = iter(s)
+    got = [next(it) for _ in range(6 + 9 + 9)]
+    # epoch 2 from its second batch, then epochs 3 and 4 in full: 3 full batches each (the 10th index dropped)
+    want = [(2, i) for i in s.shard(2)[3:9]] + [(3, i) for i in s.shard(3)[:9]] + [(4, i) for i in s.shard(4)[:9]]
+    assert got == want and len(s) == 6
+    assert s.shard(3) != s.shard(4)  # a new order every epoch
+    batches = [got[k : k + 3] for k in range(0, len(got), 3)]
+    assert all(len({e for e, _ in b}) == 1 for b in batches)  # no batch mixes two epochs
+    with pytest.raises(ValueError, match="epoch_batches must be >= 1, got 0"):
+        D.ResumableDistributedSampler(10, 3, epoch_batches=0, num_replicas=1, rank=0)
+
+
+def test_one_loader_iterator_runs_through_all_epochs(tmp_path, monkeypatch):
+    """The loader is iterated once per fit(): its workers never drain at an epoch boundary."""
+    calls = []
+    orig = D.ResumableDistributedSampler.__iter__
+
+    def counting(self):
+        calls.append(self.epoch)
+        return orig(self)
+
+    monkeypatch.setattr(D.ResumableDistributedSampler, "__iter__", counting)
+    torch.manual_seed(0)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), epochs=3, batch_size=4, num_workers=0, lr=1e-2,
+                      warmup_steps=1, log_every=100, ckpt_every=1000)
+    t = Trainer(TinyNet(), NoisyDataset(18), step_fn, cfg)  # 4 steps an epoch, 2 samples left out each epoch
+    t.fit()
+    assert calls == [0] and t.step == 12 and t.epoch == 3
+
+
 class _EpochProbe(NoisyDataset):
     """NoisyDataset that also says which epoch and which process produced each sample."""
 

@@ -328,21 +328,31 @@ def _skip_slot() -> int:
     return 0 if info is None else 1 + info.id % (_SKIP_SLOTS - 1)
 
 
+_EPOCH_RING = 64  # per-epoch skip counts are kept for the last 64 epochs (epoch % 64)
+
+
 class SkipCounter:
     """Skipped-sample count shared by a dataset and its DataLoader workers (shared memory, one slot
-    per worker so that no two processes write the same number). ``total()`` in the main process is
-    the sum over all workers, fork or spawn, persistent or not; each rank sums its own."""
+    per worker so that no two processes write the same number), per epoch. ``total()`` in the main process
+    is the sum over all workers, fork or spawn, persistent or not; each rank sums its own.
+
+    Counts are kept per epoch (modulo 64) because the engine's loader workers run ahead into the next epoch
+    while the current one is still being trained on: the engine reads an epoch's count when it ends, long
+    before the workers can be 64 epochs further (they hold at most ``num_workers x prefetch_factor`` batches).
+    """
 
     def __init__(self) -> None:
-        self.slots = torch.zeros(_SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        self.slots = torch.zeros(_SKIP_SLOTS, _EPOCH_RING, dtype=torch.int32).share_memory_()
 
-    def add(self, n: int = 1) -> None:
-        """Count ``n`` skips in the calling process (main process or DataLoader worker)."""
-        self.slots[_skip_slot()] += n
+    def add(self, n: int = 1, epoch: int = 0) -> None:
+        """Count ``n`` skips of samples of ``epoch`` in the calling process (main process or DataLoader worker)."""
+        self.slots[_skip_slot(), int(epoch) % _EPOCH_RING] += n
 
-    def total(self) -> int:
-        """Skips counted so far by this process and all its DataLoader workers."""
-        return int(self.slots.sum())
+    def total(self, epoch: int | None = None) -> int:
+        """Skips counted so far by this process and all its DataLoader workers: of ``epoch``, or of all epochs."""
+        if epoch is None:
+            return int(self.slots.sum())
+        return int(self.slots[:, int(epoch) % _EPOCH_RING].sum())
 
 
 class _RobustImageFiles(Dataset):
@@ -381,11 +391,11 @@ class _RobustImageFiles(Dataset):
         """Paths of the files found unreadable so far (by this process or its workers), in dataset order."""
         return [self.samples[i][0] for i in self._bad_mask.nonzero().flatten().tolist()]
 
-    def skipped_count(self) -> int:
+    def skipped_count(self, epoch: int | None = None) -> int:
         """Samples replaced so far because their file was unreadable or untransformable (one per
         request of such a sample: a bad file counts once in every epoch that visits it), summed over
-        this process and its DataLoader workers."""
-        return self._skips.total()
+        this process and its DataLoader workers; those of ``epoch`` only when given."""
+        return self._skips.total(epoch)
 
     def _mark_bad(self, index: int, err: BaseException, stage: str = "decode") -> None:
         self._bad_mask[index] = True
@@ -449,7 +459,7 @@ class _RobustImageFiles(Dataset):
                 self._mark_bad(i, err, stage="transform")
                 continue
             if step:
-                self._skips.add()
+                self._skips.add(epoch=self.epoch)
             return out, target
         raise NoReadableImagesError(
             f"none of the {n} images could be decoded and transformed; first failures: {self._first_failures()}"
@@ -750,10 +760,10 @@ class WebDatasetShards(IterableDataset):
         self.num_samples = num_samples
         self._skips = SkipCounter()
 
-    def skipped_count(self) -> int:
+    def skipped_count(self, epoch: int | None = None) -> int:
         """Samples skipped so far (unreadable, unlabelled or untransformable), summed over this
-        process and its DataLoader workers."""
-        return self._skips.total()
+        process and its DataLoader workers; those of ``epoch`` only when given."""
+        return self._skips.total(epoch)
 
     def __len__(self) -> int:
         """Nominal samples of one epoch over all ranks (a stream cannot count itself: ``num_samples``)."""
@@ -773,7 +783,7 @@ class WebDatasetShards(IterableDataset):
 
     def _skip(self, key: str, why: str) -> None:
         self.num_skipped += 1
-        self._skips.add()
+        self._skips.add(epoch=self.epoch)
         self.bad_keys.append(key)
         logger.warning("skipping webdataset sample %s: %s", key, why)
 

@@ -17,7 +17,8 @@ sample with its own random parameters:
 Random numbers are a pure function of ``(seed, epoch, index)`` (``per_sample_uniforms``: a
 counter-based hash computed on CPU, vectorised), so a sample's augmentation does not depend on the
 batch it lands in, on the number of workers or ranks, or on the device; all parameters are drawn on
-CPU before anything is launched on the device, so nothing here waits for the GPU. The one exception is
+CPU before anything is launched on the device and moved from pinned memory (:func:`to_device_async`), so
+nothing here waits for the GPU. The one exception is
 the Gaussian noise of random erasing, drawn on the device from a generator seeded by the batch's
 (seed, epoch, first index).
 
@@ -28,6 +29,7 @@ a hard-edged fill, and pixels are not re-quantised to 8 bits between ops.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -40,8 +42,11 @@ from torchvision.transforms.v2 import functional as TF2
 from .seeding import derive_seed
 from .transforms import small_image_padding
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "FinetuneAugment",
+    "to_device_async",
     "PretrainViews",
     "crop_boxes",
     "per_sample_uniforms",
@@ -165,7 +170,9 @@ def resized_crops(
     The resize runs as two batched matrix products with per-sample separable filter matrices
     (:func:`_aa_weights`: the weights of ``F.interpolate(mode="bicubic", antialias=True)``, as PIL resizes a
     crop), a fixed number of kernels whatever the batch size, on images zero-padded to the largest of their
-    chunk (``MAX_CHUNK_BYTES`` of float32 per chunk). Pixels outside a box never contribute.
+    chunk (``MAX_CHUNK_BYTES`` of float32 per chunk). Pixels outside a box never contribute. On CUDA the
+    products take float16 operands with float32 accumulation (half the bytes of the padded batch, tensor
+    cores; results within 0.25 of a grey level of float32, below the uint8 step); elsewhere float32.
 
     Args:
         images: uint8 or float ``[B, 3, H, W]``, or a list of ``[3, H_i, W_i]`` (sizes may differ), on one device.
@@ -192,22 +199,23 @@ def resized_crops(
         raise ValueError(f"crop box {boxes[k].tolist()} (top, left, h, w) of sample {k} is not inside its "
                          f"{shapes[k][0]}x{shapes[k][1]} image")
     device = imgs[0].device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     outs = [torch.empty(len(imgs), 3, h, w, device=device) for h, w in sizes]
     for chunk in _size_chunks(shapes):
-        x = _padded(imgs, chunk)  # float [n, 3, Hc, Wc]
+        x = _padded(imgs, chunk, dtype)  # [n, 3, Hc, Wc]
         b = boxes[chunk]
         whole = chunk == list(range(len(imgs)))
-        idx = None if whole else torch.tensor(chunk).to(device, non_blocking=True)
+        idx = None if whole else to_device_async(torch.tensor(chunk), device)
         for out, (oh, ow) in zip(outs, sizes):
-            wy = _aa_weights(b[:, 0], b[:, 2], x.shape[-2], oh, device)  # [n, oh, Hc]
-            wx = _aa_weights(b[:, 1], b[:, 3], x.shape[-1], ow, device)  # [n, ow, Wc]
-            # float32 products; where the user enabled TF32 they round to it (pixels move by < 0.3 of a grey
-            # level, below the uint8 step): no global precision flag is touched here
+            wy = _aa_weights(b[:, 0], b[:, 2], x.shape[-2], oh, device).to(dtype)  # [n, oh, Hc]
+            wx = _aa_weights(b[:, 1], b[:, 3], x.shape[-1], ow, device).to(dtype)  # [n, ow, Wc]
+            # float32 products on CPU (where the user enabled TF32 they round to it); no global precision
+            # flag is touched here
             y = wy.unsqueeze(1) @ (x @ wx.transpose(1, 2).unsqueeze(1))  # [n, 3, oh, ow]
             if idx is None:
                 out.copy_(y)
             else:
-                out.index_copy_(0, idx, y)
+                out.index_copy_(0, idx, y.to(out.dtype))
     return outs
 
 
@@ -237,16 +245,17 @@ def _size_chunks(shapes: Sequence[tuple[int, int]], max_bytes: int | None = None
     return chunks
 
 
-def _padded(imgs: torch.Tensor | Sequence[torch.Tensor], chunk: list[int]) -> torch.Tensor:
-    """float32 ``[n, 3, Hmax, Wmax]`` of the chunk's images (rows of a batch tensor, or list items),
+def _padded(imgs: torch.Tensor | Sequence[torch.Tensor], chunk: list[int], dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
+    """``[n, 3, Hmax, Wmax]`` of ``dtype`` of the chunk's images (rows of a batch tensor, or list items),
     zero-padded at the bottom and right (the filter weights of padded pixels are zero)."""
     if torch.is_tensor(imgs):
-        return imgs[chunk[0] : chunk[-1] + 1].float()  # a batch tensor's chunks are contiguous ranges
+        return imgs[chunk[0] : chunk[-1] + 1].to(dtype)  # a batch tensor's chunks are contiguous ranges
     sel = [imgs[i] for i in chunk]
     if len({tuple(im.shape) for im in sel}) == 1:
-        return torch.stack(sel).float()
+        return torch.stack(sel).to(dtype)
     H, W = max(im.shape[-2] for im in sel), max(im.shape[-1] for im in sel)
-    x = torch.zeros(len(sel), 3, H, W, device=sel[0].device)
+    x = torch.zeros(len(sel), 3, H, W, device=sel[0].device, dtype=dtype)
     for k, im in enumerate(sel):
         x[k, :, : im.shape[-2], : im.shape[-1]] = im
     return x
@@ -259,8 +268,8 @@ def _aa_weights(start: torch.Tensor, length: torch.Tensor, padded: int, out: int
     PIL's ``Image.resize(BICUBIC)``) give output pixel ``i`` when resizing that span to ``out`` pixels:
     the bicubic kernel (a = -0.5) stretched by the downscale factor, normalised per row; zero elsewhere.
     (ATen ``UpSample.h``: ``_compute_indices_min_size_weights_aa``.)"""
-    start = start.to(device, torch.float64, non_blocking=True).view(-1, 1, 1)
-    length = length.to(device, torch.float64, non_blocking=True).view(-1, 1, 1)
+    span = to_device_async(torch.stack([start, length]).to(torch.float64), device)  # one copy, not two
+    start, length = span[0].view(-1, 1, 1), span[1].view(-1, 1, 1)
     scale = length / out
     support = torch.where(scale >= 1, 2.0 * scale, torch.full_like(scale, 2.0))
     invscale = torch.where(scale >= 1, 1.0 / scale, torch.ones_like(scale))
@@ -282,7 +291,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
 
 
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13  # PIL's SMOOTH filter
@@ -305,11 +314,80 @@ class _DeviceConstants:
 _MODULE_CONSTANTS = _DeviceConstants()
 
 
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the GPU: on CUDA the copy is made from
+    pinned memory (the caching host allocator keeps the block alive until the copy is done).
+
+    A copy from pageable memory may first wait for the work queued on its stream (CUDA runtime API, "API
+    synchronization behavior"): on the prefetch stream, after this batch's resize kernels, that would hold the
+    host until they had run beside the training step, and the step's next launches with it. Other devices:
+    ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _col(v: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return v.to(torch.float32).to(device, non_blocking=True).view(-1, 1, 1, 1)
+    return to_device_async(v.to(torch.float32), device).view(-1, 1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------ pre-training
+def _finish_views_eager(patch: torch.Tensor, tok: torch.Tensor, per: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor, active: tuple[bool, bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views from 0..255 to [0, 1], flipped, colour-jittered in each sample's order, the patch view
+    normalised. ``per`` [B, 7]: flip (0/1), brightness, contrast, saturation factors, the order (3 op ids)."""
+    patch = (patch / 255.0).clamp(0, 1)
+    tok = (tok / 255.0).clamp(0, 1)
+    flip = per[:, 0].view(-1, 1, 1, 1) > 0.5
+    patch = torch.where(flip, patch.flip(-1), patch)
+    tok = torch.where(flip, tok.flip(-1), tok)
+    for step in range(3):
+        op = per[:, 4 + step]
+        for k in range(3):
+            if not active[k]:
+                continue
+            f = torch.where(op == k, per[:, 1 + k], torch.ones_like(per[:, 1 + k])).view(-1, 1, 1, 1)
+            if k == 0:
+                patch, tok = (patch * f).clamp(0, 1), (tok * f).clamp(0, 1)
+            elif k == 1:
+                m = _gray(patch).mean(dim=(1, 2, 3), keepdim=True)
+                patch, tok = _blend(patch, m, f), _blend(tok, m, f)
+            else:
+                patch, tok = _blend(patch, _gray(patch), f), _blend(tok, _gray(tok), f)
+    return (patch - mean) / std, tok
+
+
+class _CompiledOnCuda:
+    """``fn`` compiled with ``torch.compile`` (fixed shapes) for CUDA tensors, eager elsewhere: the dozens of
+    elementwise passes of the colour jitter become a few fused kernels, which matters because they run beside
+    the training step on the same GPU. If compiling fails (no Triton, an unsupported setup), a warning and the
+    eager function from then on."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self._compiled: Any = None
+        self._failed = False
+
+    def __call__(self, first: torch.Tensor, *args: Any) -> Any:
+        if not first.is_cuda or self._failed:
+            return self.fn(first, *args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=False)
+        try:
+            return self._compiled(first, *args)
+        except Exception as e:  # noqa: BLE001 - the eager function is the same computation
+            logger.warning("compiling %s failed (%s: %s); running it eagerly",
+                                                self.fn.__name__, type(e).__name__, str(e).splitlines()[0][:200])
+            self._failed = True
+            return self.fn(first, *args)
+
+
+_finish_views = _CompiledOnCuda(_finish_views_eager)
+
+
 class PretrainViews:
     """BEiT's two pre-training views of one crop per sample, for a batch on its device.
 
@@ -399,29 +477,15 @@ class PretrainViews:
         device, hs, ws = _sizes(images)
         p = self.params(index, epoch, hs, ws)
         patch, tok = resized_crops(images, p["box"], [self.input_size, self.tokenizer_size])
-        patch = patch.div_(255.0).clamp_(0, 1)
-        tok = tok.div_(255.0).clamp_(0, 1)
-        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
-        patch = torch.where(flip, patch.flip(-1), patch)
-        tok = torch.where(flip, tok.flip(-1), tok)
-        factors = p["jitter"].float()
-        for step in range(3):
-            op = p["order"][:, step]
-            for k in range(3):
-                if self.jitter[k] == 0:
-                    continue
-                f = _col(torch.where(op == k, factors[:, k], torch.ones_like(factors[:, k])), device)
-                if k == 0:
-                    patch, tok = (patch * f).clamp_(0, 1), (tok * f).clamp_(0, 1)
-                elif k == 1:
-                    m = _gray(patch).mean(dim=(1, 2, 3), keepdim=True)
-                    patch, tok = _blend(patch, m, f), _blend(tok, m, f)
-                else:
-                    patch, tok = _blend(patch, _gray(patch), f), _blend(tok, _gray(tok), f)
+        # the per-sample numbers in one copy: flip, 3 jitter factors, the jitter order (as floats, exact)
+        per = to_device_async(torch.cat([p["flip"].view(-1, 1).float(), p["jitter"].float(), p["order"].float()], 1),
+                              device)
         c = self._constants
-        out = {"image": (patch - c.get("mean", self.mean, device)) / c.get("std", self.std, device), "tok_image": tok}
+        image, tok = _finish_views(patch, tok, per, c.get("mean", self.mean, device), c.get("std", self.std, device),
+                                   tuple(j > 0 for j in self.jitter))
+        out = {"image": image, "tok_image": tok}
         if masks is not None:
-            out["mask"] = masks.to(device, non_blocking=True)
+            out["mask"] = to_device_async(masks, device)
         return out
 
 
@@ -468,7 +532,7 @@ def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor) -> torch.Te
     xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [H, W, 3]
-    mats = mats.to(torch.float32).to(x.device, non_blocking=True)
+    mats = to_device_async(mats.to(torch.float32), x.device)
     src = torch.einsum("hwk,nck->nhwc", pts, mats)  # [n, H, W, 2] input pixel coordinates
     grid = torch.stack([src[..., 0] * 2 / W - 1, src[..., 1] * 2 / H - 1], dim=-1)
     ones = torch.ones(n, 1, H, W, device=x.device)
@@ -521,7 +585,7 @@ def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor)
         return 1 - x
     if name.startswith("Posterize"):
         bits = arg.to(torch.int64).clamp(0, 8)
-        masks = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).to(device, non_blocking=True).view(-1, 1, 1, 1)
+        masks = to_device_async(((0xFF << (8 - bits)) & 0xFF).to(torch.uint8), device).view(-1, 1, 1, 1)
         return ((x * 255).round_().to(torch.uint8) & masks).float() / 255
     if name.startswith("Solarize") and name != "SolarizeAdd":
         thr = _col(arg, device)
@@ -686,14 +750,14 @@ class FinetuneAugment:
         if self.small:
             x = images if torch.is_tensor(images) else torch.stack(list(images))
             x = F.pad(x.float(), (self.pad,) * 4) / 255
-            box = p["box"].to(device, non_blocking=True)
+            box = to_device_async(p["box"], device)
             rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
             cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)
             bidx = torch.arange(B, device=device).view(B, 1, 1)
             x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
         else:
             x = resized_crops(images, p["box"], [(S, S)])[0].div_(255).clamp_(0, 1)
-        flip = p["flip"].to(device, non_blocking=True).view(-1, 1, 1, 1)
+        flip = to_device_async(p["flip"], device).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x).contiguous()
         c = self._constants
         fill = c.get("fill", self.fill, device)
@@ -708,15 +772,15 @@ class FinetuneAugment:
                     geo_sel.append(sel)
                     geo_mats.append(_geometric_mats(name, arg[sel], S, S))
                     continue
-                idx = sel.to(device, non_blocking=True)
+                idx = to_device_async(sel, device)
                 x[idx] = _apply_op(name, x[idx], arg[sel], fill)
             if geo_sel:
-                idx = torch.cat(geo_sel).to(device, non_blocking=True)
+                idx = to_device_async(torch.cat(geo_sel), device)
                 x[idx] = _affine(x[idx], torch.cat(geo_mats), fill)
         x = (x - c.get("mean", self.mean, device)) / c.get("std", self.std, device)
         if self.re_prob > 0 and bool(p["erase"].any()):
             # boxes as [B, 5] (top, left, h, w, erase) moved once; the [B, S, S] region is built on the device
-            eb = torch.cat([p["erase_box"], p["erase"].view(-1, 1).long()], 1).to(device, non_blocking=True)
+            eb = to_device_async(torch.cat([p["erase_box"], p["erase"].view(-1, 1).long()], 1), device)
             ar = torch.arange(S, device=device)
             r, c = ar.view(1, S, 1), ar.view(1, 1, S)
             t, lf = eb[:, 0].view(-1, 1, 1), eb[:, 1].view(-1, 1, 1)

@@ -1,23 +1,30 @@
-"""Batched image decoding on the training device (nvJPEG through ``torchvision.io.decode_jpeg``).
+"""Images for the on-device augmentation: decoded in the loader's workers (default) or on the GPU (nvJPEG).
 
-The loader's workers do only cheap work per file: read the bytes, parse the header with PIL (format,
-mode, size, progressive flag, EXIF orientation) and draw the blockwise mask inside
-``seeded(seed, epoch, index)``. Files the GPU decoder takes (baseline 8-bit 3-channel JPEG) travel as
-raw bytes; every other file (PNG, WebP, CMYK, grayscale, progressive or 12-bit JPEG, ...) is decoded in
-the worker on CPU with the CPU path's ``decode_image`` and travels as a uint8 tensor, counted per reason.
-A file that cannot be read is skipped and replaced by the next readable one (as the CPU path does); the
-batch carries its name, so the main process counts every skip even with workers.
+The loader's workers read each file, parse its header with PIL (format, mode, size, progressive flag, EXIF
+orientation) and draw the blockwise mask from a generator seeded by ``(seed, epoch, index)``. Then, by
+``jpeg_decode``:
 
-In the training process ``BatchDecoder`` decodes the raw bytes of a whole batch in one
-``decode_jpeg(list, device=...)`` call (the same code on CPU, for tests and laptops). A file nvJPEG
-rejects after all (corrupt body) is retried alone, then on CPU with PIL, and if that fails too it is
-skipped, named and replaced by another image of the batch, so an epoch never stops. EXIF orientation is
-applied to every image (PIL's ``ImageOps.exif_transpose`` semantics).
+- ``"workers"`` (default): the worker decodes the JPEG too, with libjpeg-turbo (``torchvision.io.decode_jpeg``
+  on CPU, ~0.6 ms for a 500x375 photo on one core), applies the EXIF orientation, and the batch's pixels
+  travel as ONE uint8 buffer, pinned by the loader and copied to the GPU in one asynchronous copy. The GPU
+  only augments. This is the default because nvJPEG's decode is not free for the GPU: its kernels (and,
+  for small images, its Huffman stage on the training process's CPU thread) take time from the training
+  step they run beside, while 14 worker cores decode several times faster than a BEiT-B step consumes
+  (``benchmarks/data_pipeline.py``, rows ``*_dev`` vs ``*_gpu``; RESULTS.md §9).
+- ``"device"``: files the GPU decoder takes (baseline 8-bit 3-channel JPEG) travel as raw bytes and
+  ``BatchDecoder`` decodes a batch's bytes in one ``decode_jpeg(list, device=...)`` call (the same code on
+  CPU, for tests and laptops): for machines with few CPU cores per GPU.
 
-Why torchvision's nvJPEG and not NVIDIA DALI: DALI is a separate CUDA-specific wheel that the training
+Every other file (PNG, WebP, CMYK, grayscale, progressive or 12-bit JPEG, ...) is decoded in the worker with
+the CPU path's ``decode_image``, counted per reason. A file that cannot be read is skipped and replaced by
+the next readable one (as the CPU path does); the batch carries its name, so the main process counts every
+skip even with workers. A file nvJPEG rejects after all (corrupt body) is retried alone, then on CPU with
+PIL, and if that fails too it is skipped, named and replaced by another image of the batch, so an epoch never
+stops. EXIF orientation is applied to every image (PIL's ``ImageOps.exif_transpose`` semantics).
+
+Why torchvision's decoders and not NVIDIA DALI: DALI is a separate CUDA-specific wheel that the training
 machines do not carry, and its pipelines own the loader (sharding, seeding, resume), which the engine
-already does; torchvision ships with torch and decodes a list of JPEGs in one call. Measure with
-``benchmarks/data_pipeline.py`` (rows ``loader_cpu`` / ``loader_dev``) before reconsidering.
+already does; torchvision ships with torch. Measure with ``benchmarks/data_pipeline.py`` before reconsidering.
 
 The batch (``EncodedBatch``) is not a tensor, dict or list, so the engine's move to the device passes it
 on untouched; the task hands ``PretrainPipeline`` / ``FinetunePipeline`` to the engine as its
@@ -40,7 +47,8 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .datasets import ImageFolderDataset, LabeledImageFolder, WebDatasetShards, _unpack_index, to_rgb
-from .seeding import seeded, stable_index
+from .gpu_augment import to_device_async
+from .seeding import generator_for, stable_index
 
 __all__ = [
     "BatchDecoder",
@@ -49,6 +57,7 @@ __all__ = [
     "EncodedSample",
     "EncodedWebDataset",
     "FinetunePipeline",
+    "JPEG_DECODERS",
     "InMemoryIndices",
     "PretrainPipeline",
     "apply_exif_orientation",
@@ -58,6 +67,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+JPEG_DECODERS = ("workers", "device")  # where a JPEG the GPU decoder takes is decoded (module docstring)
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -120,9 +131,37 @@ def _pil_decode(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def _worker_decode(data: bytes, orientation: int) -> torch.Tensor:
+    """A JPEG the GPU decoder would take, decoded on CPU with libjpeg-turbo (EXIF orientation applied) ->
+    uint8 ``[3, H, W]``; a body libjpeg-turbo rejects goes to PIL, which decodes it or raises."""
+    try:
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return _pil_decode(data)
+    return apply_exif_orientation(img, orientation).contiguous()
+
+
+def _encode_or_decode(data: bytes, sample: EncodedSample, jpeg_decode: str) -> EncodedSample:
+    """Fill ``sample`` with the raw bytes (for the GPU decoder) or the decoded image, per ``jpeg_decode``."""
+    if sample.reason is not None:
+        sample.image = _pil_decode(data)
+    elif jpeg_decode == "workers":
+        sample.image = _worker_decode(data, sample.orientation)
+    else:
+        sample.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return sample
+
+
+def _check_jpeg_decode(jpeg_decode: str) -> str:
+    if jpeg_decode not in JPEG_DECODERS:
+        raise ValueError(f"jpeg_decode must be one of {' | '.join(JPEG_DECODERS)}, got {jpeg_decode!r}")
+    return jpeg_decode
+
+
 @dataclass
 class EncodedSample:
-    """One file as the worker hands it on: raw JPEG ``data`` for the GPU, or ``image`` decoded on CPU."""
+    """One file as the worker hands it on: raw JPEG ``data`` for the GPU, or ``image`` decoded on CPU
+    (``reason`` says why when it was not meant for the GPU; None with an ``image``: decoded by the worker)."""
 
     index: int
     epoch: int
@@ -146,7 +185,8 @@ class EncodedBatch:
     blob: torch.Tensor  # uint8: the raw bytes of every GPU-decodable file, back to back (one shared buffer
     # per batch, not one per file, so a worker never hands over hundreds of file descriptors)
     spans: list[tuple[int, int] | None]  # each sample's (start, end) in ``blob``; None = decoded on CPU
-    images: list[torch.Tensor | None]
+    pixels: torch.Tensor  # uint8: the CPU-decoded images, flattened back to back (one buffer, one copy)
+    shapes: list[tuple[int, int, int] | None]  # each CPU-decoded sample's (offset in ``pixels``, H, W), else None
     orientation: list[int]
     reasons: list[str | None]
     masks: torch.Tensor | None
@@ -161,9 +201,23 @@ class EncodedBatch:
         span = self.spans[i]
         return None if span is None else self.blob[span[0] : span[1]]
 
+    def image(self, i: int) -> torch.Tensor | None:
+        """Sample ``i``'s CPU-decoded uint8 ``[3, H, W]`` (a view of ``pixels``), or None (bytes for the GPU)."""
+        shape = self.shapes[i]
+        if shape is None:
+            return None
+        off, h, w = shape
+        return self.pixels[off : off + 3 * h * w].view(3, h, w)
+
     def pin_memory(self) -> EncodedBatch:
+        """Pin what moves to the GPU (pixels, masks, labels, indices) so the moves are asynchronous; the
+        encoded bytes stay (the decoder reads them on the host)."""
+        self.pixels = self.pixels.pin_memory()
+        self.index = self.index.pin_memory()
         if self.masks is not None:
             self.masks = self.masks.pin_memory()
+        if self.labels is not None:
+            self.labels = self.labels.pin_memory()
         return self
 
 
@@ -176,8 +230,10 @@ def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]
     masks = torch.stack([s.mask for s in samples]) if samples[0].mask is not None else None
     labels = torch.tensor([s.label for s in samples], dtype=torch.long) if samples[0].label >= 0 else None
     spans: list[tuple[int, int] | None] = []
+    shapes: list[tuple[int, int, int] | None] = []
     chunks: list[torch.Tensor] = []
-    pos = 0
+    pix: list[torch.Tensor] = []
+    pos = off = 0
     for s in samples:
         if s.data is None:
             spans.append(None)
@@ -185,10 +241,17 @@ def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]
             spans.append((pos, pos + len(s.data)))
             chunks.append(s.data)
             pos += len(s.data)
+        if s.image is None:
+            shapes.append(None)
+        else:
+            shapes.append((off, int(s.image.shape[-2]), int(s.image.shape[-1])))
+            pix.append(s.image.reshape(-1))
+            off += s.image.numel()
     blob = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    pixels = torch.cat(pix) if pix else torch.empty(0, dtype=torch.uint8)
     return EncodedBatch(
         index=torch.tensor([s.index for s in samples], dtype=torch.long), epoch=samples[0].epoch,
-        names=[s.name for s in samples], blob=blob, spans=spans, images=[s.image for s in samples],
+        names=[s.name for s in samples], blob=blob, spans=spans, pixels=pixels, shapes=shapes,
         orientation=[s.orientation for s in samples], reasons=[s.reason for s in samples], masks=masks,
         labels=labels, skipped=[n for s in samples for n in s.skipped],
     )
@@ -199,14 +262,22 @@ class EncodedImageFiles(torch.utils.data.Dataset):
 
     Args:
         samples: ``(path, label)`` pairs (label -1 = unlabeled), e.g. ``ImageFolderDataset(root).samples``.
-        mask_generator: draws a bool ``[h, w]`` mask per sample inside ``seeded(seed, epoch, index)``.
+        mask_generator: draws a bool ``[h, w]`` mask per sample from the ``torch.Generator`` it is given, seeded
+            from ``(seed, epoch, index)`` (a ``BlockwiseMaskGenerator``: the same masks as the CPU path, which
+            draws inside ``seeded(seed, epoch, index)``, without saving and restoring three global RNGs).
         seed: the run's seed.
+        jpeg_decode: ``"workers"`` (decode JPEGs here, in the loader's workers) or ``"device"`` (hand their
+            bytes to ``BatchDecoder``); see the module docstring.
+
+    Raises:
+        ValueError: no samples, or an unknown ``jpeg_decode``.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], *, mask_generator: Callable[[], torch.Tensor] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], *, mask_generator: Callable[..., torch.Tensor] | None = None,
+                 seed: int = 0, jpeg_decode: str = "workers") -> None:
         if not samples:
             raise ValueError("EncodedImageFiles needs at least one file")
+        self.jpeg_decode = _check_jpeg_decode(jpeg_decode)
         self.samples = list(samples)
         self.mask_generator = mask_generator
         self.seed = int(seed)
@@ -240,11 +311,7 @@ class EncodedImageFiles(torch.utils.data.Dataset):
             data = f.read()
         reason, _, orientation = probe(data)
         s = EncodedSample(index=i, epoch=self.epoch, name=path, orientation=orientation, reason=reason, label=label)
-        if reason is None:
-            s.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        else:
-            s.image = _pil_decode(data)
-        return s
+        return _encode_or_decode(data, s, self.jpeg_decode)
 
     def __getitem__(self, index: int | tuple[int, int]) -> EncodedSample:
         epoch, index = _unpack_index(index, self.epoch, len(self))
@@ -266,8 +333,7 @@ class EncodedImageFiles(torch.utils.data.Dataset):
             raise RuntimeError(f"none of the {n} images could be read; first failures: {self.bad_paths[:5]}")
         sample.index, sample.epoch, sample.skipped = index, epoch, skipped
         if self.mask_generator is not None:
-            with seeded(self.seed, epoch, index):
-                sample.mask = self.mask_generator()
+            sample.mask = self.mask_generator(generator_for(self.seed, epoch, index))
         return sample
 
 
@@ -279,9 +345,10 @@ class EncodedWebDataset(WebDatasetShards):
     named in the next sample's ``skipped`` list, so the main process counts them.
     """
 
-    def __init__(self, urls: str | Sequence[str], *, mask_generator: Callable[[], torch.Tensor] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, urls: str | Sequence[str], *, mask_generator: Callable[..., torch.Tensor] | None = None,
+                 jpeg_decode: str = "workers", **kwargs: Any) -> None:
         super().__init__(urls, transform=self._draw_mask, **kwargs)
+        self.jpeg_decode = _check_jpeg_decode(jpeg_decode)
         self.mask_generator = mask_generator
         self._pending_skips: list[str] = []
 
@@ -304,10 +371,7 @@ class EncodedWebDataset(WebDatasetShards):
             reason, _, orientation = probe(data)
             out = EncodedSample(index=stable_index(str(sample.get("__key__", ""))), epoch=self.epoch, name=key,
                                 orientation=orientation, reason=reason, label=target)
-            if reason is None:
-                out.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            else:
-                out.image = _pil_decode(data)
+            _encode_or_decode(data, out, self.jpeg_decode)
         except Exception as err:  # noqa: BLE001
             self._skip(key, f"{type(err).__name__}: {err}")
             return None
@@ -317,14 +381,16 @@ class EncodedWebDataset(WebDatasetShards):
 class BatchDecoder:
     """Decode an ``EncodedBatch`` on ``device``: one batched nvJPEG call, per-file fallbacks, counters.
 
-    Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``fallback`` (reason ->
-    count) decoded on CPU (in the workers or here after a device failure), ``skipped_names`` files that no
-    decoder could read (their slots hold a copy of another image of the batch).
+    Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``num_workers`` JPEGs
+    decoded by the loader's workers (``jpeg_decode="workers"``), ``fallback`` (reason -> count) files the GPU
+    decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
+    files that no decoder could read (their slots hold a copy of another image of the batch).
     """
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.num_gpu = 0
+        self.num_workers = 0
         self.fallback: Counter[str] = Counter()
         self._skipped: dict[str, None] = {}  # insertion-ordered set
 
@@ -362,6 +428,7 @@ class BatchDecoder:
         ``index``/``masks``/``labels`` rows of skipped files are replaced by those of the copied image."""
         B = len(batch)
         self.fallback.update(r for r in batch.reasons if r is not None)
+        self.num_workers += sum(1 for i in range(B) if batch.reasons[i] is None and batch.shapes[i] is not None)
         self._skipped.update(dict.fromkeys(batch.skipped))
         images: list[torch.Tensor | None] = [None] * B
         gpu_pos = [i for i in range(B) if batch.spans[i] is not None]
@@ -369,20 +436,21 @@ class BatchDecoder:
             decoded = self._decode_jpegs([batch.data(i) for i in gpu_pos])  # type: ignore[misc]
             for i, img in zip(gpu_pos, decoded):
                 if img is None:
-                    try:
-                        img = _pil_decode(batch.data(i).numpy().tobytes())  # type: ignore[union-attr]
+                    try:  # PIL applies the EXIF orientation itself
+                        images[i] = _pil_decode(batch.data(i).numpy().tobytes())  # type: ignore[union-attr]
                         self.fallback["gpu decoder failed"] += 1
                     except Exception as err:  # noqa: BLE001
                         self._skipped[batch.names[i]] = None
                         logger.warning("skipping unreadable image %s (%s: %s)", batch.names[i], type(err).__name__, err)
-                        continue
-                else:
-                    self.num_gpu += 1
+                    continue
+                self.num_gpu += 1
                 images[i] = apply_exif_orientation(img, batch.orientation[i])
+        pixels = to_device_async(batch.pixels, self.device) if batch.pixels.numel() else None  # one copy
         for i in range(B):
-            cpu = batch.images[i]
-            if cpu is not None:
-                images[i] = cpu.to(self.device, non_blocking=True)
+            shape = batch.shapes[i]
+            if shape is not None:
+                off, h, w = shape
+                images[i] = pixels[off : off + 3 * h * w].view(3, h, w)  # type: ignore[index]
             elif images[i] is not None and images[i].device != self.device:  # type: ignore[union-attr]
                 images[i] = images[i].to(self.device, non_blocking=True)  # type: ignore[union-attr]
         good = [i for i in range(B) if images[i] is not None]
@@ -394,8 +462,8 @@ class BatchDecoder:
                 images[i] = images[int(src[i])]
             batch = EncodedBatch(
                 index=batch.index[src], epoch=batch.epoch, names=[batch.names[int(j)] for j in src], blob=batch.blob,
-                spans=batch.spans,
-                images=batch.images, orientation=batch.orientation, reasons=batch.reasons,
+                spans=batch.spans, pixels=batch.pixels, shapes=batch.shapes, orientation=batch.orientation,
+                reasons=batch.reasons,
                 masks=batch.masks[src] if batch.masks is not None else None,
                 labels=batch.labels[src] if batch.labels is not None else None, skipped=batch.skipped,
             )
@@ -403,7 +471,8 @@ class BatchDecoder:
 
     def summary(self) -> dict[str, Any]:
         """Counters as a dict: gpu, fallback per reason, skipped and their names."""
-        return {"gpu": self.num_gpu, "fallback": dict(self.fallback), "skipped": self.num_skipped,
+        return {"gpu": self.num_gpu, "workers": self.num_workers, "fallback": dict(self.fallback),
+                "skipped": self.num_skipped,
                 "skipped_names": list(self.skipped_names)}
 
 
@@ -417,6 +486,9 @@ class IndexBatch:
     masks: torch.Tensor | None
 
     def pin_memory(self) -> IndexBatch:
+        self.index = self.index.pin_memory()
+        if self.masks is not None:
+            self.masks = self.masks.pin_memory()
         return self
 
 
@@ -427,7 +499,7 @@ class InMemoryIndices(torch.utils.data.Dataset):
     batch with one index lookup.
     """
 
-    def __init__(self, n: int, *, mask_generator: Callable[[], torch.Tensor] | None = None, seed: int = 0) -> None:
+    def __init__(self, n: int, *, mask_generator: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
         self.n = int(n)
         self.mask_generator = mask_generator
         self.seed = int(seed)
@@ -444,8 +516,7 @@ class InMemoryIndices(torch.utils.data.Dataset):
         epoch, index = _unpack_index(index, self.epoch, self.n)
         mask = None
         if self.mask_generator is not None:
-            with seeded(self.seed, epoch, index):
-                mask = self.mask_generator()
+            mask = self.mask_generator(generator_for(self.seed, epoch, index))
         return index, epoch, mask
 
     @staticmethod
@@ -501,7 +572,7 @@ class PretrainPipeline:
             if isinstance(batch, IndexBatch):
                 if self.images is None:
                     raise ValueError("PretrainPipeline got an IndexBatch but holds no in-memory images")
-                imgs: Any = self.images[batch.index.to(self.device, non_blocking=True)]
+                imgs: Any = self.images[to_device_async(batch.index, self.device)]
             else:
                 imgs, batch = self.decoder(batch)
             return self.views(imgs, batch.index, batch.epoch, batch.masks)
@@ -530,9 +601,9 @@ class FinetunePipeline:
             if isinstance(batch, IndexBatch):
                 if self.images is None or self.labels is None:
                     raise ValueError("FinetunePipeline got an IndexBatch but holds no in-memory images/labels")
-                idx = batch.index.to(self.device, non_blocking=True)
+                idx = to_device_async(batch.index, self.device)
                 return self.augment(self.images[idx], batch.index, batch.epoch), self.labels[idx]
             imgs, batch = self.decoder(batch)
             if batch.labels is None:
                 raise ValueError("FinetunePipeline needs labeled files (root/<class>/<image>)")
-            return self.augment(imgs, batch.index, batch.epoch), batch.labels.to(self.device, non_blocking=True)
+            return self.augment(imgs, batch.index, batch.epoch), to_device_async(batch.labels, self.device)

@@ -279,17 +279,26 @@ class ResumableDistributedSampler(Sampler):
     With ``yield_epoch=True`` it yields ``(epoch, index)`` pairs instead of indices, for
     :class:`EpochIndexed`: persistent DataLoader workers then learn the epoch from each index, since a
     ``dataset.set_epoch()`` in the main process never reaches them.
+
+    With ``epoch_batches=N`` it never ends: the first ``N`` batches of this epoch (from ``start_batch``), then
+    those of the next epoch, and so on, as ``(epoch, index)`` pairs. One DataLoader iterator then runs through
+    every epoch, so its workers keep preparing batches across an epoch boundary instead of draining and
+    starting again (the stall at every epoch start); a batch never mixes two epochs.
     """
 
     def __init__(self, dataset_len: int, batch_size: int, *, num_replicas: int | None = None,
-                 rank: int | None = None, shuffle: bool = True, seed: int = 0, yield_epoch: bool = False):
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0, yield_epoch: bool = False,
+                 epoch_batches: int | None = None):
         self.dataset_len = dataset_len
         self.batch_size = batch_size
         self.num_replicas = world_size() if num_replicas is None else num_replicas
         self.rank = (dist.get_rank() if is_dist() else 0) if rank is None else rank
         self.shuffle = shuffle
         self.seed = seed
-        self.yield_epoch = yield_epoch
+        self.yield_epoch = yield_epoch or epoch_batches is not None
+        if epoch_batches is not None and epoch_batches < 1:
+            raise ValueError(f"epoch_batches must be >= 1, got {epoch_batches}")
+        self.epoch_batches = epoch_batches
         self.num_samples = math.ceil(dataset_len / self.num_replicas)  # per rank, after padding
         self.total_size = self.num_samples * self.num_replicas
         self.epoch = 0
@@ -312,10 +321,11 @@ class ResumableDistributedSampler(Sampler):
                              "batch_size x ranks the same as the checkpoint's run to resume at the same sample")
         return samples_done // per_step
 
-    def shard(self) -> list[int]:
-        """This rank's indices for the current epoch, before the batch offset."""
+    def shard(self, epoch: int | None = None) -> list[int]:
+        """This rank's indices for ``epoch`` (default: the current one), before the batch offset."""
+        epoch = self.epoch if epoch is None else epoch
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
             indices = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
             indices = list(range(self.dataset_len))
@@ -324,13 +334,25 @@ class ResumableDistributedSampler(Sampler):
         return indices[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        if self.epoch_batches is not None:
+            return self._epochs()
         indices = self.shard()[self.start_batch * self.batch_size:]
         if self.yield_epoch:
             return iter([(self.epoch, i) for i in indices])
         return iter(indices)
 
+    def _epochs(self) -> Iterator[tuple[int, int]]:
+        epoch, start, end = self.epoch, self.start_batch, self.epoch_batches * self.batch_size  # type: ignore[operator]
+        while True:
+            for i in self.shard(epoch)[start * self.batch_size : end]:
+                yield epoch, i
+            epoch, start = epoch + 1, 0
+
     def __len__(self) -> int:
-        return max(self.num_samples - self.start_batch * self.batch_size, 0)
+        """Samples left in this epoch (with ``epoch_batches``: in its first ``epoch_batches`` batches; the
+        iteration itself goes on into the next epochs)."""
+        n = self.num_samples if self.epoch_batches is None else self.epoch_batches * self.batch_size
+        return max(n - self.start_batch * self.batch_size, 0)
 
 
 class EpochIndexed(torch.utils.data.Dataset):

@@ -225,13 +225,16 @@ class Trainer:
         # its len() is the nominal number of samples of one epoch over all ranks.
         self.streaming = isinstance(train_dataset, IterableDataset)
         self.sampler = None if self.streaming else ResumableDistributedSampler(
-            len(train_dataset), cfg.batch_size, seed=cfg.seed, yield_epoch=cfg.num_workers > 0)
+            len(train_dataset), cfg.batch_size, seed=cfg.seed)
         per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
         self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError("train.batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
                                             f"no full step of batch_size {cfg.batch_size} x accum_steps "
                                             f"{cfg.accum_steps}")
+        if self.sampler is not None:  # one pass through every epoch, each cut to its full steps (distributed.py)
+            self.sampler.epoch_batches = self.steps_per_epoch * cfg.accum_steps
+            self.sampler.yield_epoch = True
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
         if self.warmup_steps >= self.total_steps:
@@ -262,6 +265,7 @@ class Trainer:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
         self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
+        self._stream: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
 
         # Position: the next optimizer step, and the epoch / loader batch it starts at.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -327,6 +331,7 @@ class Trainer:
         elif self.cfg.resume == "auto" and self.step == 0:
             self.log.info(f"resume=auto: no checkpoint in {self.out} yet, starting from step 0")
         self._weights_check = None
+        self._stream = None  # batches from the (possibly restored) position
         continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
                                           resume_step=self.step if continuing else None)
@@ -364,7 +369,12 @@ class Trainer:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         model.train()
-        batches = DevicePrefetcher(self._batches(), self.device, self.device_transform)
+        if self.streaming:  # a stream restarts its pass per epoch
+            batches = DevicePrefetcher(self._batches(), self.device, self.device_transform)
+        else:  # one iterator through the epochs: the loader's workers never drain at an epoch boundary
+            if self._stream is None:
+                self._stream = DevicePrefetcher(self._batches(), self.device, self.device_transform)
+            batches = self._stream
         params = [p for g in opt.param_groups for p in g["params"]]
         epoch = self.epoch
         while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
@@ -380,8 +390,11 @@ class Trainer:
                     with self._autocast():
                         loss, metrics = self.step_fn(model, batch)
                     (loss / cfg.accum_steps).backward()
-                # the GPU has this backward queued: prepare the next batch beside it (engine/prefetch.py)
-                steps_left = min(end_step - self.step, self.steps_per_epoch - self.batch_in_epoch // cfg.accum_steps)
+                # the GPU has this backward queued: prepare the next batch beside it (engine/prefetch.py),
+                # also the next epoch's first one (not a stream's: its next pass starts at the next epoch)
+                steps_left = end_step - self.step
+                if self.streaming:
+                    steps_left = min(steps_left, self.steps_per_epoch - self.batch_in_epoch // cfg.accum_steps)
                 if steps_left * cfg.accum_steps > micro + 1:
                     batches.prefetch()
                 loss_sum = loss_sum + loss.detach().float()
@@ -423,7 +436,7 @@ class Trainer:
         if self.step % cfg.log_every == 0 or finished:
             self._log_train()
         if epoch_done or finished:
-            self._log_skipped(self.epoch - 1 if epoch_done else self.epoch)
+            self._log_skipped(self.epoch - 1 if epoch_done else self.epoch, complete=epoch_done)
         paused = time.perf_counter()  # time spent below is not training time: keep it out of img/s
         if self.eval_fn is not None and (finished or (epoch_done and cfg.eval_every > 0
                                                       and self.epoch % cfg.eval_every == 0)):
@@ -490,8 +503,9 @@ class Trainer:
         raise TrainingDivergedError(self.step + 1, shown, last)
 
     def _batches(self) -> Iterator[Any]:
-        """This epoch's batches from the current position. A stream is read from the start of the epoch and
-        the batches already trained on are skipped (its order is a function of seed and epoch, so resume
+        """Batches from the current position: of a map-style dataset, those of this epoch and then of the next
+        ones, without end (the sampler's ``epoch_batches``); of a stream, this epoch's: read from the start of
+        the epoch, the batches already trained on skipped (its order is a function of seed and epoch, so resume
         stays exact, at the cost of decoding them again); a stream that runs dry starts another pass."""
         if not self.streaming:
             yield from self._make_loader()
@@ -528,7 +542,7 @@ class Trainer:
             # loader (fresh or resumed) never shifts the training RNG stream.
             g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, D.rank()))
             workers = self.cfg.num_workers
-            self._loader = DataLoader(EpochIndexed(self.dataset) if workers > 0 else self.dataset,
+            self._loader = DataLoader(EpochIndexed(self.dataset),
                                       batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
                                       collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
                                       drop_last=True, persistent_workers=workers > 0,
@@ -571,27 +585,48 @@ class Trainer:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         self._reset_window()
 
-    def _skipped_files(self) -> int | None:
-        """Samples the training data skipped so far in this run (unreadable or untransformable files),
-        summed over DataLoader workers (the dataset's ``skipped_count()``, through ``Subset``-like
-        wrappers) and over ranks; None when the dataset does not count. Collective: call on every rank."""
+    def _skip_counts(self, epochs: list[int]) -> dict[int, int] | None:
+        """Samples of each of ``epochs`` the training data skipped (unreadable or untransformable files),
+        summed over DataLoader workers (the dataset's ``skipped_count(epoch)``, through ``Subset``-like
+        wrappers) and over ranks; None when the dataset does not count. Collective: call on every rank.
+        Per epoch, because the loader's workers run ahead into the next epoch (one iterator for the run)."""
         ds = self.dataset
         while not hasattr(ds, "skipped_count") and hasattr(ds, "dataset"):
             ds = ds.dataset
         if not hasattr(ds, "skipped_count"):
             return None
-        total = D.all_reduce_mean({"skipped": float(ds.skipped_count())})["skipped"] * D.world_size()
-        self._skipped_total = int(round(total))
+        sums = D.all_reduce_mean({str(e): float(ds.skipped_count(e)) for e in epochs} or {"none": 0.0})
+        return {e: int(round(sums[str(e)] * D.world_size())) for e in epochs}
+
+    def _skipped_files(self) -> int | None:
+        """Samples skipped so far in this run: the epochs already recorded whole, plus the epochs trained on
+        since (so far). Collective."""
+        last = self.epoch if self.batch_in_epoch > 0 else self.epoch - 1  # the epoch of the last trained batch
+        done, through = getattr(self, "_skips_done", (0, -1))
+        counts = self._skip_counts(list(range(through + 1, last + 1)))
+        if counts is None:
+            return None
+        self._skipped_total = done + sum(counts.values())
         return self._skipped_total
 
-    def _log_skipped(self, epoch: int) -> None:
-        """One ``split="data"`` record at the end of each epoch (and of training): ``skipped_files`` in
-        that epoch and ``skipped_files_total`` in this run, over all workers and ranks."""
-        total = self._skipped_files()
-        if total is None:
+    def _log_skipped(self, epoch: int, complete: bool = True) -> None:
+        """One ``split="data"`` record at the end of each epoch (and of training, ``complete=False`` when that
+        ends inside an epoch): ``skipped_files`` in that epoch and ``skipped_files_total`` in this run, over
+        all workers and ranks."""
+        counts = self._skip_counts([epoch])
+        if counts is None:
             return
-        in_epoch = total - getattr(self, "_skipped_at_epoch_start", 0)
-        self._skipped_at_epoch_start = total
+        done, through = getattr(self, "_skips_done", (0, -1))
+        partial = getattr(self, "_skips_partial", {})
+        in_epoch = counts[epoch] - partial.get(epoch, 0)  # a part of it may have been recorded already
+        if complete:
+            self._skips_done = (done + counts[epoch], epoch)
+            total = done + counts[epoch]
+        else:
+            partial[epoch] = counts[epoch]
+            self._skips_partial = partial
+            total = done + counts[epoch]
+        self._skipped_total = total
         self.metric_logger.log(self.step, {"skipped_files": in_epoch, "skipped_files_total": total},
                                split="data", epoch=epoch)
         if in_epoch:

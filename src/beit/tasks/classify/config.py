@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ...data.gpu_decode import JPEG_DECODERS
 from ...data.transforms import SMALL_IMAGE_SIZE
 from ...engine.config import ConfigError, TrainConfig
 from ...models.config import Preprocess
@@ -42,8 +43,10 @@ class DataConfig:
     mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # type: ignore[assignment]
     std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: ignore[assignment]
     eval_batch_size: int = 0  # 0 = train.batch_size
-    device: str = "auto"  # where training images are decoded and augmented: auto (gpu on CUDA when the recipe
-    # allows) | cpu (PIL in the workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
+    device: str = "auto"  # where training images are augmented: auto (gpu on CUDA when the recipe allows) |
+    # cpu (PIL in the workers) | gpu (per-sample augmentation of whole batches on the device)
+    jpeg_decode: str = "workers"  # with the device path: workers (libjpeg-turbo in the loader's workers, one
+    # pinned copy a batch) | device (nvJPEG on the GPU: for few CPU cores per GPU); beit.data.gpu_decode
 
     def validate(self) -> None:
         if self.resize not in ("crop", "full"):
@@ -60,6 +63,8 @@ class DataConfig:
             raise ConfigError("crop_pct", f"must be in (0, 1] or null, got {self.crop_pct}")
         if self.eval_batch_size < 0:
             raise ConfigError("eval_batch_size", f"must be >= 0, got {self.eval_batch_size}")
+        if self.jpeg_decode not in JPEG_DECODERS:
+            raise ConfigError("jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
 
     def preprocess(self, img_size: int) -> Preprocess:
         """The eval preprocessing, as stored in the fine-tuned model."""

@@ -170,7 +170,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         return (InMemoryIndices(len(images), seed=cfg.train.seed), InMemoryIndices.collate,
                 FinetunePipeline(augment, device, images, labels), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
-                                       seed=cfg.train.seed)
+                                       seed=cfg.train.seed, jpeg_decode=data.jpeg_decode)
     return ds, collate_encoded, FinetunePipeline(augment, device), list(ds.classes)  # type: ignore[attr-defined]
 
 

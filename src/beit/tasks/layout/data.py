@@ -247,10 +247,10 @@ class CocoLayoutDataset(Dataset):
         """``label_to_cat[label - 1]`` is the COCO category id of a torchvision label."""
         return list(self.cat_ids)
 
-    def skipped_count(self) -> int:
+    def skipped_count(self, epoch: int | None = None) -> int:
         """Pages replaced because they failed to decode at load time, summed over this process and its
-        DataLoader workers (the engine logs it as ``skipped_files``)."""
-        return self._skips.total()
+        DataLoader workers (the engine logs it as ``skipped_files``); those of ``epoch`` only when given."""
+        return self._skips.total(epoch)
 
     def load_image(self, index: int) -> Image.Image:
         info = self.images[index]
@@ -275,7 +275,7 @@ class CocoLayoutDataset(Dataset):
                     raise
                 log.warning(f"{e}; using the next page instead")
                 self.report["unreadable_at_load"] += 1
-                self._skips.add()
+                self._skips.add(epoch=self.epoch)
                 continue
             return self._sample(i, img, index)
         raise LayoutDataError(f"{self.ann_file}: no page of {self.root} can be read")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...data.gpu_decode import JPEG_DECODERS
 from ...data.masking import BlockwiseMaskGenerator
 from ...engine.config import ConfigError, TrainConfig
 from ...tokenizers import TOKENIZERS
@@ -50,8 +51,10 @@ class PretrainDataConfig:
     num_mask_patches: int = 75  # ~40% of 14x14
     min_mask_patches_per_block: int = 16
     max_mask_patches_per_block: int | None = None
-    device: str = "auto"  # where images are decoded and augmented: auto (gpu on CUDA) | cpu (PIL in the
-    # workers) | gpu (batched nvJPEG decode + per-sample augmentation on the device)
+    device: str = "auto"  # where images are augmented: auto (gpu on CUDA) | cpu (PIL in the workers) | gpu
+    # (per-sample augmentation of whole batches on the device)
+    jpeg_decode: str = "workers"  # with the device path: workers (libjpeg-turbo in the loader's workers, one
+    # pinned copy a batch) | device (nvJPEG on the GPU: for few CPU cores per GPU); beit.data.gpu_decode
 
 
 @dataclass
@@ -100,6 +103,8 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
     if m.img_size % m.patch_size:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
+    if d.jpeg_decode not in JPEG_DECODERS:
+        raise ConfigError("data.jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {d.jpeg_decode!r}")
     if not d.path:
         raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
     if not shard_urls(d.path) and not Path(d.path).exists():

@@ -62,8 +62,9 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
                       ) -> tuple[torch.utils.data.Dataset, Any, Any] | None:
     """The batched on-device data path (``data.device``), or None for the CPU path.
 
-    Returns ``(dataset, collate_fn, pipeline)``: the workers read bytes and draw masks, ``pipeline(batch)``
-    decodes and makes the two views on ``device``. Folders, webdataset shards and ``data.in_memory``.
+    Returns ``(dataset, collate_fn, pipeline)``: the workers read (and, with ``data.jpeg_decode=workers``,
+    decode) the images and draw masks, ``pipeline(batch)`` makes the two views on ``device``. Folders,
+    webdataset shards and ``data.in_memory``.
 
     Raises:
         ConfigError: ``data.device`` is not auto | cpu | gpu.
@@ -77,13 +78,14 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     seed = cfg.train.seed
     urls = shard_urls(d.path)
     if urls:
-        shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples)
+        shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples,
+                                   jpeg_decode=d.jpeg_decode)
         return shards, collate_encoded, PretrainPipeline(views, device)
     if d.in_memory:
         images = _memory_images(cfg)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
-    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed)
+    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode)
     if d.max_images:
         ds.samples = ds.samples[: d.max_images]
     return ds, collate_encoded, PretrainPipeline(views, device)

@@ -363,10 +363,11 @@ class SegmentationDataset(Dataset):
     def num_skipped(self) -> int:
         return len(self.bad_samples)
 
-    def skipped_count(self) -> int:
+    def skipped_count(self, epoch: int | None = None) -> int:
         """Bad pairs met while loading (a training sample replaced, an eval sample dropped), one per request,
-        summed over this process and its DataLoader workers (the engine logs it as ``skipped_files``)."""
-        return self._skips.total()
+        summed over this process and its DataLoader workers (the engine logs it as ``skipped_files``); those of
+        ``epoch`` only when given."""
+        return self._skips.total(epoch)
 
     def _bad(self, path: str, reason: str) -> None:
         if self.on_bad_sample == "error":
@@ -458,13 +459,13 @@ class SegmentationDataset(Dataset):
                 img, mask = self.load(int(index))
             except BadSampleError as e:
                 self._bad(self.pairs[int(index)][0], str(e))
-                self._skips.add()
+                self._skips.add(epoch=self.epoch)
                 return None
             x, m = self.transform(img, mask)
             return {"image": x, "mask": m, "path": self.pairs[int(index)][0]}
         j, img, mask = self._load_good(int(index))
         if j != int(index):
-            self._skips.add()
+            self._skips.add(epoch=self.epoch)
         with seeded(self.seed, self.epoch, int(index)):
             return self.transform(img, mask)
 
