@@ -7,10 +7,10 @@ orientation) and draw the blockwise mask from a generator seeded by ``(seed, epo
 - ``"workers"`` (default): the worker decodes the JPEG too, with libjpeg-turbo (``torchvision.io.decode_jpeg``
   on CPU, ~0.6 ms for a 500x375 photo on one core), applies the EXIF orientation, and the batch's pixels
   travel as ONE uint8 buffer, pinned by the loader and copied to the GPU in one asynchronous copy. The GPU
-  only augments. This is the default because nvJPEG's decode is not free for the GPU: its kernels (and,
-  for small images, its Huffman stage on the training process's CPU thread) take time from the training
-  step they run beside, while 14 worker cores decode several times faster than a BEiT-B step consumes
-  (``benchmarks/data_pipeline.py``, rows ``*_dev`` vs ``*_gpu``; RESULTS.md §9).
+  only augments. This is the default because nvJPEG's decode is not free for the GPU: its kernels (and its
+  host stage, on the training process's thread) take time from the training step they run beside, while 14
+  worker cores decode several times faster than a BEiT-B step consumes (``benchmarks/data_pipeline.py``,
+  rows ``*_dev`` vs ``*_nvjpeg``; RESULTS.md §9).
 - ``"device"``: files the GPU decoder takes (baseline 8-bit 3-channel JPEG) travel as raw bytes and
   ``BatchDecoder`` decodes a batch's bytes in one ``decode_jpeg(list, device=...)`` call (the same code on
   CPU, for tests and laptops): for machines with few CPU cores per GPU.
@@ -200,14 +200,6 @@ class EncodedBatch:
         """Sample ``i``'s encoded bytes (a view of ``blob``), or None when it was decoded on CPU."""
         span = self.spans[i]
         return None if span is None else self.blob[span[0] : span[1]]
-
-    def image(self, i: int) -> torch.Tensor | None:
-        """Sample ``i``'s CPU-decoded uint8 ``[3, H, W]`` (a view of ``pixels``), or None (bytes for the GPU)."""
-        shape = self.shapes[i]
-        if shape is None:
-            return None
-        off, h, w = shape
-        return self.pixels[off : off + 3 * h * w].view(3, h, w)
 
     def pin_memory(self) -> EncodedBatch:
         """Pin what moves to the GPU (pixels, masks, labels, indices) so the moves are asynchronous; the
