@@ -576,3 +576,24 @@ def test_an_output_path_through_a_file_is_named_as_such(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(f / "sub")]) == 1
     assert _err(capsys) == (f"beit demo: error: {f} is a file, not a folder: give an output path whose folders are "
                             "folders (NotADirectoryError)")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_shown_by_its_own_line():
+    """torch re-raises a worker's error as "Caught X in DataLoader worker process 0. Original Traceback ...":
+    the CLI line is the worker's own message (with the file names), not that header."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from beit.cli import _error_line
+    from beit.data.datasets import NoReadableImagesError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise NoReadableImagesError("none of the 2 images could be read: a.png (broken)")
+
+    with pytest.raises(NoReadableImagesError) as info:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert str(info.value).startswith("Caught NoReadableImagesError in DataLoader worker process 0")
+    assert _error_line(info.value) == "none of the 2 images could be read: a.png (broken)"

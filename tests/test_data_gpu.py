@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
+from beit.data.datasets import NoReadableImagesError
 from beit.data.gpu_augment import (
     FinetuneAugment,
     PretrainViews,
@@ -283,6 +284,40 @@ def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, j
     assert images[batch.names.index(str(odd_files / "e_exif6.jpg"))].shape == (3, 40, 30)  # EXIF applied
 
 
+def test_a_batch_none_of_whose_files_decode_gets_a_spare_image_and_is_counted(odd_files):
+    """GPU decoder path, batch size 1: a truncated JPEG alone in its batch must not stop the epoch."""
+    ds = EncodedImageFiles.from_folder(odd_files, jpeg_decode="device")
+    dec = BatchDecoder("cpu", skips=ds.skip_counter)
+    trunc = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("g_truncated.jpg")][0]
+    good = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("a_good.jpg")][0]
+    with pytest.raises(NoReadableImagesError, match="no image of the first batch could be decoded"):
+        dec(collate_encoded([ds[(0, trunc)]]))
+    first, _ = dec(collate_encoded([ds[(0, good)]]))
+    again, _ = dec(collate_encoded([ds[(1, trunc)]]))
+    assert torch.equal(again[0], first[0]) and dec.num_skipped == 1
+    assert ds.skipped_count(0) == 1 and ds.skipped_count(1) == 1 and ds.skipped_count() == 2
+
+
+def test_workers_count_their_skips_per_epoch(odd_files):
+    ds = EncodedImageFiles.from_folder(odd_files)  # workers decode: garbage and truncated files skipped here
+    for epoch in (0, 1):
+        for i in range(len(ds)):
+            ds[(epoch, i)]
+    assert ds.skipped_count(0) == ds.skipped_count(1) == 2 and ds.skipped_count() == 4
+
+
+def test_small_images_of_different_sizes_crop_each_within_its_own_padding():
+    """<= 32 px recipe on a folder (a list of images of different sizes, e.g. EXIF-rotated): each sample's
+    crop is what augmenting it alone gives."""
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in [(40, 48), (48, 40), (32, 32)]]
+    aug = FinetuneAugment(32, auto_augment=None, re_prob=0.0, seed=2)
+    idx = torch.arange(3)
+    out = aug(imgs, idx, 0)
+    for k in range(3):
+        torch.testing.assert_close(out[k:k + 1], aug([imgs[k]], idx[k:k + 1], 0))
+
+
 def test_pretrain_pipeline_from_files_gives_the_batch_the_step_expects(odd_files):
     masks = BlockwiseMaskGenerator((4, 4), 6, 2)
     ds = EncodedImageFiles.from_folder(odd_files, mask_generator=masks, seed=3)
@@ -472,6 +507,17 @@ def test_pretrain_device_setting_errors_name_the_key(tmp_path):
         EncodedImageFiles([("x.jpg", -1)], jpeg_decode="gpu")
 
 
+def test_jpeg_decode_device_without_the_device_path_is_named(tmp_path, caplog):
+    from beit.tasks.pretrain import PretrainConfig, PretrainDataConfig, build_device_data
+
+    (tmp_path / "a.tar").write_bytes(b"")
+    cfg = PretrainConfig(data=PretrainDataConfig(path=str(tmp_path), num_samples=8, device="cpu",
+                                                 jpeg_decode="device"))
+    with caplog.at_level("WARNING"):
+        assert build_device_data(cfg, 8, "cuda") is None
+    assert "data.jpeg_decode=device has no effect here: data.device=cpu reads the images on the CPU path" in caplog.text
+
+
 def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     from _finetune_data import TINY_OVERRIDES, colored_squares
     from beit.engine import load_config
@@ -505,6 +551,10 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     out = pretrain(pcfg)
     assert out["step"] == 3 and Path(out["panel"]).exists()
     assert out["data_decode"]["skipped_names"] == [str(images / "broken.jpg")]
+    from beit.engine.logging import read_metrics
+
+    rows = read_metrics(tmp_path / "pt" / "metrics.jsonl", split="data")  # per-epoch skip records, as the CPU path
+    assert rows and rows[-1]["skipped_files_total"] == sum(r["skipped_files"] for r in rows) >= 1
     # JPEGs: decoded in the loader's workers by default (data.jpeg_decode=workers), nothing by the GPU decoder
     assert out["data_decode"]["workers"] >= 12 and out["data_decode"]["gpu"] == 0
     assert not out["data_decode"]["fallback"]

@@ -64,3 +64,15 @@ def test_linprobe_reports_skipped_files(tmp_path: Path, one_thread) -> None:
     res = linprobe(cfg)
     assert res["skipped_files"] == {"train": 1, "val": 1}
     assert json.loads((tmp_path / "out" / "linprobe.json").read_text())["skipped_files"] == {"train": 1, "val": 1}
+
+
+def test_skip_counter_is_exact_per_epoch_past_its_64_epoch_cells() -> None:
+    """Cells are reused round-robin (epoch % 64): a later epoch must not inherit an older epoch's count."""
+    from beit.data.datasets import SkipCounter
+
+    c = SkipCounter()
+    for epoch in range(70):
+        c.add(1 + (epoch == 3), epoch=epoch)  # epoch 3 skips 2
+    assert [c.total(e) for e in (3, 6, 64, 67, 69)] == [0, 1, 1, 1, 1]  # 3 and 67 share a cell: 67's count only
+    assert c.total(5) == 0 and c.total(70) == 0  # forgotten (reused by 69) / not counted yet
+    assert c.total() == 71  # all epochs

@@ -233,6 +233,32 @@ def test_lock_in_one_process_and_its_file(tmp_path):
         R.RunLock(tmp_path).acquire()
 
 
+KILLED_WITH_WORKERS = """
+import multiprocessing as mp, os, sys, time
+from beit.engine import rundir as R
+R.RunLock(sys.argv[1]).acquire()
+child = mp.get_context("fork").Process(target=time.sleep, args=(30,), daemon=False)  # a DataLoader worker
+child.start()
+open(sys.argv[2], "w").write(str(child.pid))
+os._exit(1)  # killed: no release, the forked child lives on
+"""
+
+
+def test_orphaned_forked_children_do_not_keep_a_killed_run_locked(tmp_path):
+    """A killed run's DataLoader workers (forked, still alive for a while) must not hold its folder's flock."""
+    pid_file = tmp_path / "child.pid"
+    subprocess.run([sys.executable, "-c", KILLED_WITH_WORKERS, str(tmp_path / "run"), str(pid_file)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)  # the child keeps no pipe open
+    child = int(pid_file.read_text())
+    try:
+        assert R._pid_alive(child)  # the orphan still runs ...
+        lock = R.RunLock(tmp_path / "run").acquire()  # ... and the lock is free: taken over as stale, not refused
+        assert lock.held
+        lock.release()
+    finally:
+        os.kill(child, 9)
+
+
 DIST = """
 import sys
 sys.path.insert(0, {tests!r})

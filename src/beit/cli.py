@@ -371,8 +371,15 @@ def _error_line(e: BaseException) -> str | None:
         yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
     except ImportError:  # pragma: no cover - pyyaml is a dependency
         yaml_errors = ()
-    first = (str(e).strip().splitlines() or [""])[0]
+    lines = str(e).strip().splitlines() or [""]
+    first = lines[0]
     name = type(e).__name__
+    if first.startswith("Caught ") and "Original Traceback" in str(e):  # re-raised from a DataLoader worker:
+        # the worker's own error line ("pkg.module.Name: message") says what happened, not "Caught ..."
+        import re
+
+        own = [m.group(2) for m in (re.match(rf"^((?:\w+\.)*){name}: (.*)$", ln.strip()) for ln in lines) if m]
+        first = own[-1] if own else lines[-1].strip()
     if isinstance(e, yaml_errors):
         where = getattr(e, "problem_mark", None)
         src = f"{where.name}, line {where.line + 1}: " if where is not None else ""

@@ -328,31 +328,40 @@ def _skip_slot() -> int:
     return 0 if info is None else 1 + info.id % (_SKIP_SLOTS - 1)
 
 
-_EPOCH_RING = 64  # per-epoch skip counts are kept for the last 64 epochs (epoch % 64)
+_EPOCH_RING = 64  # per-epoch skip counts are kept for the last 64 epochs a process has counted
 
 
 class SkipCounter:
-    """Skipped-sample count shared by a dataset and its DataLoader workers (shared memory, one slot
-    per worker so that no two processes write the same number), per epoch. ``total()`` in the main process
-    is the sum over all workers, fork or spawn, persistent or not; each rank sums its own.
+    """Skipped-sample count shared by a dataset and its DataLoader workers (shared memory, one row per
+    process so that no two processes write the same number), in all and per epoch. ``total()`` in the main
+    process is the sum over all workers, fork or spawn, persistent or not; each rank sums its own.
 
-    Counts are kept per epoch (modulo 64) because the engine's loader workers run ahead into the next epoch
-    while the current one is still being trained on: the engine reads an epoch's count when it ends, long
-    before the workers can be 64 epochs further (they hold at most ``num_workers x prefetch_factor`` batches).
+    Counts are kept per epoch because the engine's loader workers run ahead into the next epoch while the
+    current one is still being trained on. Each row has 64 epoch cells, reused round-robin: a cell is tagged
+    with the epoch it counts and reset by its own process when that process first counts a later epoch there,
+    so ``total(epoch)`` is exact for any of the last 64 epochs (the engine reads an epoch when it ends).
     """
 
     def __init__(self) -> None:
-        self.slots = torch.zeros(_SKIP_SLOTS, _EPOCH_RING, dtype=torch.int32).share_memory_()
+        self.counts = torch.zeros(_SKIP_SLOTS, _EPOCH_RING + 1, dtype=torch.int64).share_memory_()  # last: all
+        self.tags = torch.full((_SKIP_SLOTS, _EPOCH_RING), -1, dtype=torch.int64).share_memory_()
 
     def add(self, n: int = 1, epoch: int = 0) -> None:
         """Count ``n`` skips of samples of ``epoch`` in the calling process (main process or DataLoader worker)."""
-        self.slots[_skip_slot(), int(epoch) % _EPOCH_RING] += n
+        row, cell = _skip_slot(), int(epoch) % _EPOCH_RING
+        if int(self.tags[row, cell]) != int(epoch):  # this process's cell held an older epoch: start it again
+            self.counts[row, cell] = 0
+            self.tags[row, cell] = int(epoch)
+        self.counts[row, cell] += n
+        self.counts[row, _EPOCH_RING] += n
 
     def total(self, epoch: int | None = None) -> int:
-        """Skips counted so far by this process and all its DataLoader workers: of ``epoch``, or of all epochs."""
+        """Skips counted so far by this process and all its DataLoader workers: of ``epoch`` (one of the last
+        64 counted), or of all epochs."""
         if epoch is None:
-            return int(self.slots.sum())
-        return int(self.slots[:, int(epoch) % _EPOCH_RING].sum())
+            return int(self.counts[:, _EPOCH_RING].sum())
+        cell = int(epoch) % _EPOCH_RING
+        return int(self.counts[:, cell][self.tags[:, cell] == int(epoch)].sum())
 
 
 class _RobustImageFiles(Dataset):
@@ -764,6 +773,11 @@ class WebDatasetShards(IterableDataset):
         """Samples skipped so far (unreadable, unlabelled or untransformable), summed over this
         process and its DataLoader workers; those of ``epoch`` only when given."""
         return self._skips.total(epoch)
+
+    @property
+    def skip_counter(self) -> SkipCounter:
+        """The shared per-epoch skip counter (a device pipeline adds its decoder's failures to it)."""
+        return self._skips
 
     def __len__(self) -> int:
         """Nominal samples of one epoch over all ranks (a stream cannot count itself: ``num_samples``)."""

@@ -748,8 +748,10 @@ class FinetuneAugment:
         B, S = len(hs), self.input_size
         p = self.params(index, epoch, hs, ws)
         if self.small:
-            x = images if torch.is_tensor(images) else torch.stack(list(images))
-            x = F.pad(x.float(), (self.pad,) * 4) / 255
+            # images of different sizes (a folder) are zero-padded to the largest first: each box stays inside
+            # its own image and its own padding, as padding each image alone (the CPU path's RandomCrop)
+            x = _padded(images if torch.is_tensor(images) else list(images), list(range(B)))
+            x = F.pad(x, (self.pad,) * 4) / 255
             box = to_device_async(p["box"], device)
             rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
             cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)

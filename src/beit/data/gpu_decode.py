@@ -46,7 +46,15 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .datasets import ImageFolderDataset, LabeledImageFolder, WebDatasetShards, _unpack_index, to_rgb
+from .datasets import (
+    ImageFolderDataset,
+    LabeledImageFolder,
+    NoReadableImagesError,
+    SkipCounter,
+    WebDatasetShards,
+    _unpack_index,
+    to_rgb,
+)
 from .gpu_augment import to_device_async
 from .seeding import generator_for, stable_index
 
@@ -275,6 +283,7 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self._bad: dict[int, str] = {}
+        self.skip_counter = SkipCounter()  # replaced samples per epoch, over workers (and the batch decoder)
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, *, labeled: bool = False, class_names: Sequence[str] | None = None,
@@ -291,6 +300,12 @@ class EncodedImageFiles(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def skipped_count(self, epoch: int | None = None) -> int:
+        """Samples replaced so far because their file could not be read (in the workers, and in the GPU
+        decoder when the pipeline was given ``skips=dataset.skip_counter``), over all processes; those of
+        ``epoch`` only when given. The engine logs it per epoch as ``skipped_files``."""
+        return self.skip_counter.total(epoch)
 
     @property
     def bad_paths(self) -> list[str]:
@@ -322,8 +337,11 @@ class EncodedImageFiles(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image %s (%s); a replacement sample is used",
                                self.samples[i][0], self._bad[i])
         else:
-            raise RuntimeError(f"none of the {n} images could be read; first failures: {self.bad_paths[:5]}")
+            raise NoReadableImagesError(f"none of the {n} images could be read; first failures: "
+                                        f"{self.bad_paths[:5]}")
         sample.index, sample.epoch, sample.skipped = index, epoch, skipped
+        if i != index:  # replaced: one skip per request, in every epoch (as the CPU path counts)
+            self.skip_counter.add(epoch=epoch)
         if self.mask_generator is not None:
             sample.mask = self.mask_generator(generator_for(self.seed, epoch, index))
         return sample
@@ -376,13 +394,19 @@ class BatchDecoder:
     Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``num_workers`` JPEGs
     decoded by the loader's workers (``jpeg_decode="workers"``), ``fallback`` (reason -> count) files the GPU
     decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
-    files that no decoder could read (their slots hold a copy of another image of the batch).
+    files that no decoder could read (their slots hold a copy of another image of the batch, or, when no file
+    of the batch decodes, of an image kept from an earlier batch).
+
+    Raises:
+        NoReadableImagesError: no file of the very first batch could be decoded.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, skips: SkipCounter | None = None) -> None:
         self.device = torch.device(device)
+        self.skips = skips  # the dataset's counter: files that fail here count as its skips too
         self.num_gpu = 0
         self.num_workers = 0
+        self._spare: torch.Tensor | None = None  # a decoded image kept to fill a batch none of whose files decode
         self.fallback: Counter[str] = Counter()
         self._skipped: dict[str, None] = {}  # insertion-ordered set
 
@@ -433,6 +457,8 @@ class BatchDecoder:
                         self.fallback["gpu decoder failed"] += 1
                     except Exception as err:  # noqa: BLE001
                         self._skipped[batch.names[i]] = None
+                        if self.skips is not None:
+                            self.skips.add(epoch=batch.epoch)
                         logger.warning("skipping unreadable image %s (%s: %s)", batch.names[i], type(err).__name__, err)
                     continue
                 self.num_gpu += 1
@@ -446,8 +472,13 @@ class BatchDecoder:
             elif images[i] is not None and images[i].device != self.device:  # type: ignore[union-attr]
                 images[i] = images[i].to(self.device, non_blocking=True)  # type: ignore[union-attr]
         good = [i for i in range(B) if images[i] is not None]
-        if not good:
-            raise RuntimeError(f"no image of the batch could be decoded: {batch.names}")
+        if not good:  # every file of the batch failed in the GPU decoder (e.g. batch size 1): a spare image
+            if self._spare is None:
+                raise NoReadableImagesError(f"no image of the first batch could be decoded: {batch.names}")
+            images = [self._spare] * B
+            return images, batch  # type: ignore[return-value]
+        if self._spare is None:
+            self._spare = images[good[0]].clone()  # type: ignore[union-attr]
         if len(good) < B:
             src = torch.tensor([i if images[i] is not None else good[k % len(good)] for k, i in enumerate(range(B))])
             for i in range(B):
@@ -550,12 +581,14 @@ class PretrainPipeline:
         views: a ``beit.data.gpu_augment.PretrainViews``.
         device: where decoding and augmentation run.
         images: for the in-memory path, all images (uint8 ``[N, H, W, 3]``), moved to ``device`` once.
+        skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
     """
 
-    def __init__(self, views: Any, device: torch.device | str, images: torch.Tensor | None = None) -> None:
+    def __init__(self, views: Any, device: torch.device | str, images: torch.Tensor | None = None,
+                 skips: SkipCounter | None = None) -> None:
         self.views = views
         self.device = torch.device(device)
-        self.decoder = BatchDecoder(self.device)
+        self.decoder = BatchDecoder(self.device, skips)
         self.images = _device_images(images, self.device) if images is not None else None
 
     @torch.no_grad()
@@ -577,13 +610,14 @@ class FinetunePipeline:
         augment: a ``beit.data.gpu_augment.FinetuneAugment``.
         device: where decoding and augmentation run.
         images, labels: for the in-memory path, all images (uint8 ``[N, H, W, 3]``) and labels ``[N]``.
+        skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
     """
 
     def __init__(self, augment: Any, device: torch.device | str, images: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None) -> None:
+                 labels: torch.Tensor | None = None, skips: SkipCounter | None = None) -> None:
         self.augment = augment
         self.device = torch.device(device)
-        self.decoder = BatchDecoder(self.device)
+        self.decoder = BatchDecoder(self.device, skips)
         self.images = _device_images(images, self.device) if images is not None else None
         self.labels = labels.to(self.device) if labels is not None else None  # once, at set-up
 

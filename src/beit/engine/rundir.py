@@ -4,6 +4,8 @@
   folder and is ``flock``-ed while it runs. A second run on the folder is refused naming the holder. A lock
   whose process is gone (the kernel drops a ``flock`` when its process dies, even on ``kill -9``; where
   ``flock`` is unavailable, the pid is checked on this host) is stale: it is taken over with a warning.
+  Forked children (DataLoader workers) close their copy of the lock's fd, so the orphaned workers of a killed
+  run do not keep its folder locked.
 - **Fresh, overwrite or resume** (:func:`prepare_output_dir`): a fresh run into a folder that holds an
   earlier run's checkpoints or metrics is refused unless ``train.resume`` (``--resume``) continues it or
   ``train.overwrite=true`` (``--overwrite``) replaces it; overwriting deletes only what the engine wrote
@@ -116,6 +118,23 @@ def _describe(info: dict[str, Any] | None) -> str:
     return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
 
 
+_HELD_LOCK_FDS: set[int] = set()  # the lock fds this process holds
+
+
+def _close_held_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock fds. A ``flock`` lives as long as ANY
+    process holds the open file: a child's copy would keep a killed run's folder locked until its workers
+    exit too. The parent's own fd keeps the lock held while it lives."""
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class RunLock:
     """``output_dir/.lock``: at most one run per output folder (see the module docstring).
 
@@ -196,6 +215,7 @@ class RunLock:
         os.pwrite(fd, (json.dumps(self.info) + "\n").encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
@@ -207,7 +227,9 @@ class RunLock:
         except OSError:
             pass
         finally:
-            os.close(self._fd)  # drops the flock
+            _HELD_LOCK_FDS.discard(self._fd)
+            if self._fd is not None and os.getpid() == self.info.get("pid"):  # a forked child closed its copy
+                os.close(self._fd)  # drops the flock
             self._fd = None
 
     @property

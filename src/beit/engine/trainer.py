@@ -612,7 +612,8 @@ class Trainer:
     def _log_skipped(self, epoch: int, complete: bool = True) -> None:
         """One ``split="data"`` record at the end of each epoch (and of training, ``complete=False`` when that
         ends inside an epoch): ``skipped_files`` in that epoch and ``skipped_files_total`` in this run, over
-        all workers and ranks."""
+        all workers and ranks. An epoch cut short counts the files the loader had already read for it, trained
+        on or not (its workers run ahead of the step)."""
         counts = self._skip_counts([epoch])
         if counts is None:
             return

@@ -25,7 +25,7 @@ from ...data.transforms import (
 )
 from ...engine.config import ConfigError
 from ...models.config import Preprocess
-from ..device_data import wants_device_path
+from ..device_data import unused_jpeg_decode, wants_device_path
 from .config import DataConfig, FinetuneConfig
 
 __all__ = ["build_datasets", "build_device_train", "build_preprocess", "build_train_transform", "build_val",
@@ -148,12 +148,14 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     """
     data = cfg.data
     if not wants_device_path(data.device, device):
+        unused_jpeg_decode(data.jpeg_decode, f"data.device={data.device} reads the images on the CPU path")
         return None
     blocker = _device_path_blocker(data)
     if blocker is not None:
         if data.device == "gpu":
             raise ConfigError("data.device", f"gpu cannot run this recipe: {blocker}; use auto or cpu")
         logger.info("data.device=auto: CPU data path, because of %s", blocker)
+        unused_jpeg_decode(data.jpeg_decode, f"the CPU data path is used ({blocker})")
         return None
     if not data.train_dir:
         raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
@@ -165,13 +167,15 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     except ValueError as e:
         raise ConfigError("data.auto_augment", str(e)) from None
     if data.in_memory:
+        unused_jpeg_decode(data.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
         images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size,
                                                             class_names=class_names or None)
         return (InMemoryIndices(len(images), seed=cfg.train.seed), InMemoryIndices.collate,
                 FinetunePipeline(augment, device, images, labels), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
                                        seed=cfg.train.seed, jpeg_decode=data.jpeg_decode)
-    return ds, collate_encoded, FinetunePipeline(augment, device), list(ds.classes)  # type: ignore[attr-defined]
+    return (ds, collate_encoded, FinetunePipeline(augment, device, skips=ds.skip_counter),
+            list(ds.classes))  # type: ignore[attr-defined]
 
 
 def check_num_classes(requested: int, names: list[str], where: str) -> int:

@@ -14,7 +14,7 @@ from ...data.gpu_augment import PretrainViews
 from ...data.gpu_decode import EncodedImageFiles, EncodedWebDataset, InMemoryIndices, PretrainPipeline, collate_encoded
 from ...data.masking import BlockwiseMaskGenerator
 from ...data.transforms import PretrainTransform
-from ..device_data import wants_device_path
+from ..device_data import unused_jpeg_decode, wants_device_path
 from .config import PretrainConfig, shard_urls
 
 __all__ = ["build_dataset", "build_device_data", "build_transform"]
@@ -71,6 +71,7 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     """
     d = cfg.data
     if not wants_device_path(d.device, device):
+        unused_jpeg_decode(d.jpeg_decode, f"data.device={d.device} reads the images on the CPU path")
         return None
     t = build_transform(cfg, tokenizer_downsample)
     masks = t.mask_generator
@@ -80,13 +81,14 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     if urls:
         shards = EncodedWebDataset(urls, mask_generator=masks, seed=seed, num_samples=d.num_samples,
                                    jpeg_decode=d.jpeg_decode)
-        return shards, collate_encoded, PretrainPipeline(views, device)
+        return shards, collate_encoded, PretrainPipeline(views, device, skips=shards.skip_counter)
     if d.in_memory:
+        unused_jpeg_decode(d.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
         images = _memory_images(cfg)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode)
     if d.max_images:
         ds.samples = ds.samples[: d.max_images]
-    return ds, collate_encoded, PretrainPipeline(views, device)
+    return ds, collate_encoded, PretrainPipeline(views, device, skips=ds.skip_counter)
 
