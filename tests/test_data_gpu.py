@@ -287,15 +287,24 @@ def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, j
 def test_a_batch_none_of_whose_files_decode_gets_a_spare_image_and_is_counted(odd_files):
     """GPU decoder path, batch size 1: a truncated JPEG alone in its batch must not stop the epoch."""
     ds = EncodedImageFiles.from_folder(odd_files, jpeg_decode="device")
-    dec = BatchDecoder("cpu", skips=ds.skip_counter)
     trunc = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("g_truncated.jpg")][0]
     good = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("a_good.jpg")][0]
-    with pytest.raises(NoReadableImagesError, match="no image of the first batch could be decoded"):
-        dec(collate_encoded([ds[(0, trunc)]]))
-    first, _ = dec(collate_encoded([ds[(0, good)]]))
+    # the very first batch: the dataset's first readable file stands in
+    dec = BatchDecoder("cpu", skips=ds.skip_counter, spare_source=ds.spare_image)
+    first, _ = dec(collate_encoded([ds[(0, trunc)]]))
+    assert torch.equal(first[0], _pil(Path(ds.samples[0][0])))  # a_good.jpg, the first file
+    # later: an image kept from a decoded batch
+    dec = BatchDecoder("cpu", skips=ds.skip_counter)
+    kept, _ = dec(collate_encoded([ds[(1, good)]]))
     again, _ = dec(collate_encoded([ds[(1, trunc)]]))
-    assert torch.equal(again[0], first[0]) and dec.num_skipped == 1
+    assert torch.equal(again[0], kept[0]) and dec.num_skipped == 1
     assert ds.skipped_count(0) == 1 and ds.skipped_count(1) == 1 and ds.skipped_count() == 2
+    # without a source (a stream), a grey stand-in; a folder with no readable file is one named error
+    grey, _ = BatchDecoder("cpu")(collate_encoded([ds[(2, trunc)]]))
+    assert grey[0].shape == (3, 64, 64) and bool((grey[0] == 128).all())
+    bad = EncodedImageFiles([(str(odd_files / "f_garbage.jpg"), -1)])
+    with pytest.raises(NoReadableImagesError, match="none of the 1 images could be read"):
+        bad.spare_image()
 
 
 def test_workers_count_their_skips_per_epoch(odd_files):

@@ -301,6 +301,21 @@ class EncodedImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def spare_image(self) -> torch.Tensor:
+        """The first file that decodes on CPU (PIL, EXIF applied), uint8 ``[3, H, W]``: the GPU decoder's stand-in
+        for a batch none of whose files it can decode.
+
+        Raises:
+            NoReadableImagesError: no file decodes.
+        """
+        for path, _ in self.samples:
+            try:
+                with open(path, "rb") as f:
+                    return _pil_decode(f.read())
+            except Exception:  # noqa: BLE001, S112 - any reader error: try the next file
+                continue
+        raise NoReadableImagesError(f"none of the {len(self.samples)} images could be read")
+
     def skipped_count(self, epoch: int | None = None) -> int:
         """Samples replaced so far because their file could not be read (in the workers, and in the GPU
         decoder when the pipeline was given ``skips=dataset.skip_counter``), over all processes; those of
@@ -395,15 +410,15 @@ class BatchDecoder:
     decoded by the loader's workers (``jpeg_decode="workers"``), ``fallback`` (reason -> count) files the GPU
     decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
     files that no decoder could read (their slots hold a copy of another image of the batch, or, when no file
-    of the batch decodes, of an image kept from an earlier batch).
-
-    Raises:
-        NoReadableImagesError: no file of the very first batch could be decoded.
+    of the batch decodes, of an image kept from an earlier batch, else of ``spare_source()``; the sample keeps
+    its own label, one noisy label per such file and epoch).
     """
 
-    def __init__(self, device: torch.device | str, skips: SkipCounter | None = None) -> None:
+    def __init__(self, device: torch.device | str, skips: SkipCounter | None = None,
+                 spare_source: Callable[[], torch.Tensor] | None = None) -> None:
         self.device = torch.device(device)
         self.skips = skips  # the dataset's counter: files that fail here count as its skips too
+        self.spare_source = spare_source  # a readable image (CPU uint8 [3, H, W]) before any batch decoded
         self.num_gpu = 0
         self.num_workers = 0
         self._spare: torch.Tensor | None = None  # a decoded image kept to fill a batch none of whose files decode
@@ -474,7 +489,10 @@ class BatchDecoder:
         good = [i for i in range(B) if images[i] is not None]
         if not good:  # every file of the batch failed in the GPU decoder (e.g. batch size 1): a spare image
             if self._spare is None:
-                raise NoReadableImagesError(f"no image of the first batch could be decoded: {batch.names}")
+                spare = self.spare_source() if self.spare_source is not None else None
+                # last resort (a stream without random access): a mid-grey image, counted and named as above
+                self._spare = (spare if spare is not None else torch.full((3, 64, 64), 128, dtype=torch.uint8)
+                               ).to(self.device)
             images = [self._spare] * B
             return images, batch  # type: ignore[return-value]
         if self._spare is None:
@@ -582,13 +600,15 @@ class PretrainPipeline:
         device: where decoding and augmentation run.
         images: for the in-memory path, all images (uint8 ``[N, H, W, 3]``), moved to ``device`` once.
         skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
+        spare_source: e.g. the dataset's ``spare_image``, for a first batch none of whose files decode.
     """
 
     def __init__(self, views: Any, device: torch.device | str, images: torch.Tensor | None = None,
-                 skips: SkipCounter | None = None) -> None:
+                 skips: SkipCounter | None = None,
+                 spare_source: Callable[[], torch.Tensor] | None = None) -> None:
         self.views = views
         self.device = torch.device(device)
-        self.decoder = BatchDecoder(self.device, skips)
+        self.decoder = BatchDecoder(self.device, skips, spare_source)
         self.images = _device_images(images, self.device) if images is not None else None
 
     @torch.no_grad()
@@ -611,13 +631,15 @@ class FinetunePipeline:
         device: where decoding and augmentation run.
         images, labels: for the in-memory path, all images (uint8 ``[N, H, W, 3]``) and labels ``[N]``.
         skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
+        spare_source: e.g. the dataset's ``spare_image``, for a first batch none of whose files decode.
     """
 
     def __init__(self, augment: Any, device: torch.device | str, images: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, skips: SkipCounter | None = None) -> None:
+                 labels: torch.Tensor | None = None, skips: SkipCounter | None = None,
+                 spare_source: Callable[[], torch.Tensor] | None = None) -> None:
         self.augment = augment
         self.device = torch.device(device)
-        self.decoder = BatchDecoder(self.device, skips)
+        self.decoder = BatchDecoder(self.device, skips, spare_source)
         self.images = _device_images(images, self.device) if images is not None else None
         self.labels = labels.to(self.device) if labels is not None else None  # once, at set-up
 

@@ -90,5 +90,5 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode)
     if d.max_images:
         ds.samples = ds.samples[: d.max_images]
-    return ds, collate_encoded, PretrainPipeline(views, device, skips=ds.skip_counter)
+    return ds, collate_encoded, PretrainPipeline(views, device, skips=ds.skip_counter, spare_source=ds.spare_image)
 
