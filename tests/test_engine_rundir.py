@@ -121,6 +121,17 @@ def test_resume_with_harmless_changes_is_exact(tmp_path):
     assert losses(tmp_path / "part")[-4:] == losses(tmp_path / "full")[-4:]
 
 
+def test_resume_past_the_last_step_says_there_is_nothing_to_train(tmp_path, capsys):
+    trainer_of(cfg_of(tmp_path, max_steps=4)).fit()
+    capsys.readouterr()
+    trainer = trainer_of(cfg_of(tmp_path, max_steps=2, resume="auto"))
+    trainer.fit()
+    assert trainer.step == 4 and [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]  # nothing trained, nothing lost
+    out = "".join(capsys.readouterr())
+    assert f"the checkpoint {tmp_path / 'last.pt'} is at step 4, at or past this run's last step 2: nothing left" \
+        in out.replace("\n", " ")
+
+
 def test_check_resume_config_nested_sections(tmp_path):
     from beit.engine.config import to_dict
 

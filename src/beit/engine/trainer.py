@@ -344,6 +344,10 @@ class Trainer:
             self._win.update(self._restored_window)
             self._restored_window = None
         end = self.total_steps if stop_after_step is None else min(stop_after_step, self.total_steps)
+        if resume_path is not None and self.step >= self.total_steps:
+            self.log.warning(f"the checkpoint {resume_path} is at step {self.step}, at or past this run's last step "
+                             f"{self.total_steps}: nothing left to train (raise train.max_steps or train.epochs "
+                             "to continue it)")
         self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True,
                         disable=not (self.main and sys.stderr.isatty()))
         try:
