@@ -621,16 +621,15 @@ class Trainer:
         counts = self._skip_counts([epoch])
         if counts is None:
             return
-        done, through = getattr(self, "_skips_done", (0, -1))
+        done, _ = getattr(self, "_skips_done", (0, -1))
         partial = getattr(self, "_skips_partial", {})
         in_epoch = counts[epoch] - partial.get(epoch, 0)  # a part of it may have been recorded already
+        total = done + counts[epoch]
         if complete:
-            self._skips_done = (done + counts[epoch], epoch)
-            total = done + counts[epoch]
+            self._skips_done = (total, epoch)
         else:
             partial[epoch] = counts[epoch]
             self._skips_partial = partial
-            total = done + counts[epoch]
         self._skipped_total = total
         self.metric_logger.log(self.step, {"skipped_files": in_epoch, "skipped_files_total": total},
                                split="data", epoch=epoch)
