@@ -46,11 +46,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FinetuneAugment",
-    "to_device_async",
     "PretrainViews",
     "crop_boxes",
     "per_sample_uniforms",
     "resized_crops",
+    "to_device_async",
 ]
 
 # ------------------------------------------------------------------------------------------ random numbers
@@ -324,9 +324,7 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
     ``t.to(device)``."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
-        if not t.is_pinned():
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
+        return t.pin_memory().to(device, non_blocking=True)  # pin_memory() returns a pinned tensor itself
     return t.to(device)
 
 

@@ -234,7 +234,6 @@ class Trainer:
                                             f"{cfg.accum_steps}")
         if self.sampler is not None:  # one pass through every epoch, each cut to its full steps (distributed.py)
             self.sampler.epoch_batches = self.steps_per_epoch * cfg.accum_steps
-            self.sampler.yield_epoch = True
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
         if self.warmup_steps >= self.total_steps:
@@ -265,7 +264,10 @@ class Trainer:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
         self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
-        self._stream: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
+        self._prefetcher: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
+        # skipped files: (total of the epochs recorded whole, the last of them), and epochs recorded in part
+        self._skips_done: tuple[int, int] = (0, -1)
+        self._skips_partial: dict[int, int] = {}
 
         # Position: the next optimizer step, and the epoch / loader batch it starts at.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -331,7 +333,7 @@ class Trainer:
         elif self.cfg.resume == "auto" and self.step == 0:
             self.log.info(f"resume=auto: no checkpoint in {self.out} yet, starting from step 0")
         self._weights_check = None
-        self._stream = None  # batches from the (possibly restored) position
+        self._prefetcher = None  # batches from the (possibly restored) position
         continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
                                           resume_step=self.step if continuing else None)
@@ -376,9 +378,9 @@ class Trainer:
         if self.streaming:  # a stream restarts its pass per epoch
             batches = DevicePrefetcher(self._batches(), self.device, self.device_transform)
         else:  # one iterator through the epochs: the loader's workers never drain at an epoch boundary
-            if self._stream is None:
-                self._stream = DevicePrefetcher(self._batches(), self.device, self.device_transform)
-            batches = self._stream
+            if self._prefetcher is None:
+                self._prefetcher = DevicePrefetcher(self._batches(), self.device, self.device_transform)
+            batches = self._prefetcher
         params = [p for g in opt.param_groups for p in g["params"]]
         epoch = self.epoch
         while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
@@ -599,14 +601,16 @@ class Trainer:
             ds = ds.dataset
         if not hasattr(ds, "skipped_count"):
             return None
-        sums = D.all_reduce_mean({str(e): float(ds.skipped_count(e)) for e in epochs} or {"none": 0.0})
+        if not epochs:  # the same on every rank: no collective needed
+            return {}
+        sums = D.all_reduce_mean({str(e): float(ds.skipped_count(e)) for e in epochs})
         return {e: int(round(sums[str(e)] * D.world_size())) for e in epochs}
 
     def _skipped_files(self) -> int | None:
         """Samples skipped so far in this run: the epochs already recorded whole, plus the epochs trained on
         since (so far). Collective."""
         last = self.epoch if self.batch_in_epoch > 0 else self.epoch - 1  # the epoch of the last trained batch
-        done, through = getattr(self, "_skips_done", (0, -1))
+        done, through = self._skips_done
         counts = self._skip_counts(list(range(through + 1, last + 1)))
         if counts is None:
             return None
@@ -621,15 +625,13 @@ class Trainer:
         counts = self._skip_counts([epoch])
         if counts is None:
             return
-        done, _ = getattr(self, "_skips_done", (0, -1))
-        partial = getattr(self, "_skips_partial", {})
-        in_epoch = counts[epoch] - partial.get(epoch, 0)  # a part of it may have been recorded already
+        done, _ = self._skips_done
+        in_epoch = counts[epoch] - self._skips_partial.get(epoch, 0)  # a part of it may have been recorded already
         total = done + counts[epoch]
         if complete:
             self._skips_done = (total, epoch)
         else:
-            partial[epoch] = counts[epoch]
-            self._skips_partial = partial
+            self._skips_partial[epoch] = counts[epoch]
         self._skipped_total = total
         self.metric_logger.log(self.step, {"skipped_files": in_epoch, "skipped_files_total": total},
                                split="data", epoch=epoch)
