@@ -1,0 +1,70 @@
+"""Per-item CPU costs of the loader's work on the device path (one core), the figures RESULTS.md section 9 quotes:
+
+  decode_ms          a 500x375 JPEG (q90, made from the CamVid frames or random smooth images) decoded by
+                     libjpeg-turbo (torchvision.io.decode_jpeg on CPU) and by PIL
+  mask_us            one blockwise mask (8x8 grid, CIFAR pre-training) drawn from a generator seeded by
+                     (seed, epoch, index), as the device path does, and inside ``seeded(...)``, as before
+
+    OMP_NUM_THREADS=1 python benchmarks/cpu_costs.py [--photos .carry/data/CamVid/train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from beit.data.seeding import generator_for, seeded
+from beit.data.transforms import default_mask_generator
+
+
+def _per_item(fn, items, repeat: int = 3) -> float:
+    for it in items[:5]:
+        fn(it)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for it in items:
+            fn(it)
+    return (time.perf_counter() - t) / (repeat * len(items))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", default="", help="a folder of photos to resize to 500x375 (default: synthetic)")
+    ap.add_argument("--n", type=int, default=50)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    files = sorted(Path(a.photos).rglob("*.jpg"))[: a.n] if a.photos else []
+    rng = np.random.default_rng(0)
+    imgs = [Image.open(f).convert("RGB") for f in files] or [
+        Image.fromarray(np.clip(rng.normal(128, 40, (24, 32, 3)), 0, 255).astype(np.uint8)) for _ in range(a.n)]
+    datas = []
+    for im in imgs:
+        buf = io.BytesIO()
+        im.resize((500, 375), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        datas.append(buf.getvalue())
+    tv = _per_item(lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB),
+                   datas)
+    pil = _per_item(lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")), datas)
+    masks = default_mask_generator(8)
+    idx = list(range(2000))
+    gen = _per_item(lambda i: masks(generator_for(0, 0, i)), idx, 1)
+
+    def old(i: int) -> torch.Tensor:
+        with seeded(0, 0, i):
+            return masks()
+
+    sd = _per_item(old, idx, 1)
+    print(f"decode_ms  libjpeg-turbo {tv * 1e3:.2f}  PIL {pil * 1e3:.2f}  ({len(datas)} JPEGs 500x375, "
+          f"{'photos' if files else 'synthetic'})")
+    print(f"mask_us    seeded generator {gen * 1e6:.0f}  inside seeded() {sd * 1e6:.0f}")
+
+
+if __name__ == "__main__":
+    main()
