@@ -141,18 +141,32 @@ def _fed(raw: Iterator[Any], pipe: Callable[[Any], Any] | None, device: torch.de
     return (lambda: next(pf)), (lambda b: train(b, after_backward=pf.prefetch))
 
 
+def _kernels(events: Any) -> list[Any]:
+    """The profiler's device-side events (kernels, copies, memsets), as its table totals them: the host ops
+    named like a Triton kernel carry that kernel's time too, and summing every row would count it twice."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
 def _profile(name: str, next_batch: Callable[[], Any], step: Callable[[Any], None], steps: int, out: str) -> None:
     """torch.profiler over ``steps`` fed steps: the ops by self CPU time and by device time, and the syncs."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step(next_batch())
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     ka = prof.key_averages()
-    text = [f"==== profile {name}: {steps} steps", ka.table(sort_by="self_cpu_time_total", row_limit=30)]
+    dev_ms = sum(e.self_device_time_total for e in _kernels(ka)) / 1e3 / steps
+    kernels = sum(e.count for e in _kernels(ka)) / steps
+    text = [f"==== profile {name}: {steps} steps, wall {1e3 * wall / steps:.1f} ms a step (profiled), device "
+            f"busy {dev_ms:.1f} ms a step in {kernels:.0f} device events",
+            ka.table(sort_by="self_cpu_time_total", row_limit=30)]
     if torch.cuda.is_available():
         text.append(ka.table(sort_by="self_cuda_time_total", row_limit=30))
     text.append("syncs: " + ", ".join(f"{e.key} x{e.count}" for e in ka if "ynchronize" in e.key or
@@ -167,10 +181,16 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=device.type == "cuda")
 
 
-def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device) -> Callable[..., None]:
-    """One optimizer step as the engine's: forward + backward, ``after_backward`` (the prefetch), one host
-    sync on the loss (the engine's finiteness check), the update."""
+def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device,
+                clip_grad: float | None = None) -> Callable[..., None]:
+    """One optimizer step as ``Trainer.train_one_epoch``'s, with the engine's own pieces: forward + backward,
+    ``after_backward`` (the prefetch), the grad norm (clipped to ``clip_grad`` as the recipe), one host sync
+    on the loss, grad norm and the previous update's weights probe, the update, the new weights probe."""
+    from beit.engine.trainer import _weights_probe, grad_norm_
+
     opt = _optimizer(model, device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    probe: list[torch.Tensor | None] = [None]
 
     def run(batch: Any, after_backward: Callable[[], None] | None = None) -> None:
         with autocast_for(device, "auto"):
@@ -178,9 +198,13 @@ def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device)
         loss.backward()
         if after_backward is not None:
             after_backward()
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError("non-finite loss")
+        checks = [loss.detach().float(), grad_norm_(params, clip_grad)]
+        if probe[0] is not None:
+            checks.append(probe[0])
+        if not bool(torch.isfinite(torch.stack(checks)).all()):
+            raise FloatingPointError("non-finite loss, grad norm or weights")
         opt.step()
+        probe[0] = _weights_probe(params)
         opt.zero_grad(set_to_none=True)
 
     return run
@@ -292,7 +316,7 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
 
     tok = _tokenizer(a, device, a.tok_down)
     model = _mim_model(a, tok.vocab_size, device)
-    step = _train_step(model, make_step_fn(tok), device)
+    step = _train_step(model, make_step_fn(tok), device, clip_grad=3.0)
     t = PretrainTransform(a.size, a.patch, a.tok_down, color_jitter=0.4)
     resident = None
     for where in a.jpeg_decode:
@@ -380,6 +404,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     res["cifar_ft_res"] = _timed(lambda: (x.clone(), y), step, batch, a.steps, 3, device)  # mixup is in place
     if a.profile:
         _profile("cifar_ft", *_fed(it, pipe, device, step), 4, a.profile)
+        _profile("cifar_ft_res", lambda: (x.clone(), y), step, 4, a.profile)
     # pre-training: masks in the workers, views on the device, dVAE tokenizer (4x down) in the loop
     from beit.tokenizers import DiscreteVAE
 
@@ -388,7 +413,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     mim = beit.create_model("beit_small_patch16_224" if not a.tiny else "beit_tiny_patch16_224", head="mim",
                             vocab_size=tok.vocab_size, img_size=32, patch_size=4, **wide)
     mim = _compile(mim.to(device).train(), device, a.compile)
-    pstep = _train_step(mim, make_step_fn(tok), device)
+    pstep = _train_step(mim, make_step_fn(tok), device, clip_grad=3.0)
     masks = default_mask_generator(8)
     pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
     ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
@@ -398,6 +423,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     res["cifar_pt_res"] = _timed(lambda: resident, pstep, batch, a.steps, 3, device)
     if a.profile:
         _profile("cifar_pt", *_fed(pit, ppipe, device, pstep), 4, a.profile)
+        _profile("cifar_pt_res", lambda: resident, pstep, 4, a.profile)
 
 
 def main() -> None:
@@ -421,6 +447,8 @@ def main() -> None:
                     help="which JPEG decoders the loader/pretrain/finetune rows run: workers and/or device (nvJPEG)")
     ap.add_argument("--no-pretrain-cpu", dest="pretrain_cpu", action="store_false",
                     help="skip the pretrain_cpu row (the CPU path feeding the pre-training step)")
+    ap.add_argument("--no-engine-threads", dest="engine_threads", action="store_false",
+                    help="keep PyTorch's intra-op thread pool at every core (the engine shrinks it beside its workers)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="", help="also profile each fed row (torch.profiler tables) into this file")
     a = ap.parse_args()
@@ -437,10 +465,16 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    host_threads = torch.get_num_threads()
+    if a.engine_threads:  # as the Trainer does beside its loader workers (beit.engine.threads)
+        from beit.engine.threads import cap_intra_op_threads
+
+        host_threads = cap_intra_op_threads(device, a.workers) or host_threads
     only = set(a.only.split(","))
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "torch": torch.__version__, "cpus": os.cpu_count(), "workers": a.workers,
-                           "batch": a.batch, "tiny": a.tiny, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                           "host_threads": host_threads, "batch": a.batch, "tiny": a.tiny,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(res), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"

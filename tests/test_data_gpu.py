@@ -153,6 +153,31 @@ def test_cuda_resize_in_float16_stays_within_half_a_grey_level_and_fused_views_e
         torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("size", [32, 64])
+def test_cuda_compiled_finetune_recipe_equals_eager(size):
+    """On CUDA the fine-tuning recipe after the crop (flip, RandAugment, normalisation, erasing) runs as one
+    compiled function: against the eager function on the same inputs. Rounding at 8-bit boundaries (posterize,
+    solarize, equalize) may flip a few pixels; everything else agrees to float precision."""
+    import beit.data.gpu_augment as GA
+
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    imgs = torch.randint(0, 256, (n, 3, 40, 48), generator=g, dtype=torch.uint8).cuda()
+    aug = FinetuneAugment(size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, seed=3)
+    out = aug(imgs, torch.arange(n), 1)
+    assert GA._finetune_finish._compiled is not None and not GA._finetune_finish._failed
+    GA._finetune_finish._failed = True  # the same call, eagerly
+    try:
+        ref = aug(imgs, torch.arange(n), 1)
+    finally:
+        GA._finetune_finish._failed = False
+    diff = (out - ref).abs()
+    assert out.shape == (n, 3, size, size) and torch.isfinite(out).all()
+    assert (diff > 1e-3).float().mean() < 0.005 and diff.mean() < 2e-3, (float((diff > 1e-3).float().mean()),
+                                                                         float(diff.mean()))
+
+
 def test_resized_crops_of_a_batch_tensor_and_bad_boxes():
     """A [B, 3, H, W] batch (the in-memory path) gives the same per-crop result, upscales included (pixels
     outside the box never leak in); boxes outside their image and empty batches are named errors."""

@@ -127,3 +127,21 @@ def test_resume_rejects_other_architecture(tmp_path):
     other = Trainer(TinyNet(dim=16), NoisyDataset(40), step_fn, cfg)
     with pytest.raises(ValueError, match=r"last\.pt: shape mismatch for 'cls_token'.*\(1, 16\)"):
         other.fit()
+
+
+def test_fit_stops_its_loader_workers_and_a_second_fit_continues(tmp_path):
+    """The persistent DataLoader workers end with fit(), not at interpreter exit (where torch's exit hook
+    waits 5 s a worker: pytorch issue 81794); a second fit() of the same trainer starts new ones at its
+    position and trains exactly as one uninterrupted fit."""
+    import multiprocessing as mp
+
+    kw = dict(num_workers=2, eval_every=1)
+    full = make_trainer(make_cfg(tmp_path / "full", **kw))
+    full.fit()
+    assert mp.active_children() == []
+    two = make_trainer(make_cfg(tmp_path / "two", **kw))
+    two.fit(stop_after_step=13)
+    assert mp.active_children() == []
+    two.fit()
+    assert two.step == full.step == 30 and mp.active_children() == []
+    assert train_rows(tmp_path / "full") == train_rows(tmp_path / "two")

@@ -523,23 +523,23 @@ def _level_arg(name: str, level: torch.Tensor, sign: torch.Tensor, hparams: dict
 
 
 def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """PIL ``Image.transform(AFFINE)`` per sample: ``mats`` [n, 2, 3] maps output pixel coordinates (pixel
-    centres at +0.5) to input ones; outside pixels get ``fill`` [1, 3, 1, 1]."""
+    """PIL ``Image.transform(AFFINE)`` per sample: ``mats`` float32 [n, 2, 3] on ``x``'s device maps output
+    pixel coordinates (pixel centres at +0.5) to input ones; outside pixels get ``fill`` [1, 3, 1, 1]."""
     n, _, H, W = x.shape
     ys = torch.arange(H, device=x.device, dtype=torch.float32) + 0.5
     xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # [H, W, 3]
-    mats = to_device_async(mats.to(torch.float32), x.device)
     src = torch.einsum("hwk,nck->nhwc", pts, mats)  # [n, H, W, 2] input pixel coordinates
     grid = torch.stack([src[..., 0] * 2 / W - 1, src[..., 1] * 2 / H - 1], dim=-1)
-    ones = torch.ones(n, 1, H, W, device=x.device)
+    ones = torch.ones(n, 1, H, W, device=x.device, dtype=x.dtype)
     out = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = (out[:, 3:] > 0.5).float()
+    inside = (out[:, 3:] > 0.5).to(x.dtype)
     return out[:, :3] * inside + fill * (1 - inside)
 
 
 def _geometric_mats(name: str, arg: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """float64 ``[n, 2, 3]`` output-to-input maps of a geometric op for per-sample ``arg`` [n] (CPU)."""
     n = arg.shape[0]
     m = torch.zeros(n, 2, 3, dtype=torch.float64)
     m[:, 0, 0] = 1
@@ -563,46 +563,123 @@ def _geometric_mats(name: str, arg: torch.Tensor, H: int, W: int) -> torch.Tenso
 
 
 def _sharp_degenerate(x: torch.Tensor) -> torch.Tensor:
-    k = _MODULE_CONSTANTS.get("smooth", _SMOOTH, x.device)
+    k = _MODULE_CONSTANTS.get("smooth", _SMOOTH, x.device).to(x.dtype)
     blurred = F.conv2d(x, k.expand(3, 1, 3, 3), groups=3)
     out = x.clone()
     out[..., 1:-1, 1:-1] = blurred
     return out
 
 
-def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """One RandAugment op on float [n, 3, H, W] in [0, 1] with per-sample args (CPU [n])."""
-    device = x.device
-    if name in _GEOMETRIC:
-        return _affine(x, _geometric_mats(name, arg, x.shape[-2], x.shape[-1]), fill)
+def _color_op(name: str, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One non-geometric RandAugment op on float ``[n, 3, H, W]`` in [0, 1] with per-sample arguments ``a``
+    (float32 ``[n, 1, 1, 1]`` on ``x``'s device): PIL's ``ImageOps`` / ``ImageEnhance`` as timm calls them
+    (torchvision's tensor kernels for the per-image autocontrast and equalize)."""
     if name == "AutoContrast":
-        return TF2.autocontrast(x)
+        return TF2.autocontrast_image(x)
     if name == "Equalize":
-        return TF2.equalize((x * 255).round_().to(torch.uint8)).float() / 255
+        return TF2.equalize_image((x * 255).round().to(torch.uint8)).float() / 255
     if name == "Invert":
         return 1 - x
-    if name.startswith("Posterize"):
-        bits = arg.to(torch.int64).clamp(0, 8)
-        masks = to_device_async(((0xFF << (8 - bits)) & 0xFF).to(torch.uint8), device).view(-1, 1, 1, 1)
-        return ((x * 255).round_().to(torch.uint8) & masks).float() / 255
+    if name.startswith("Posterize"):  # keep the top `bits` bits: mask 0xFF << (8 - bits) & 0xFF = 256 - 2^(8-bits)
+        bits = a.to(torch.int64).clamp(0, 8)
+        mask = (256 - torch.pow(2, 8 - bits)).to(torch.uint8)
+        return ((x * 255).round().to(torch.uint8) & mask).float() / 255
     if name.startswith("Solarize") and name != "SolarizeAdd":
-        thr = _col(arg, device)
-        v = (x * 255).round_()
-        return torch.where(v >= thr, 255 - v, v) / 255
+        v = (x * 255).round()
+        return torch.where(v >= a, 255 - v, v) / 255
     if name == "SolarizeAdd":
-        v = (x * 255).round_()
-        return torch.where(v < 128, (v + _col(arg, device)).clamp_(max=255), v) / 255
-    f = _col(arg, device)
+        v = (x * 255).round()
+        return torch.where(v < 128, (v + a).clamp(max=255), v) / 255
     if name.startswith("Color"):
-        return _blend(x, _gray(x), f)
+        return _blend(x, _gray(x), a)
     if name.startswith("Contrast"):
-        m = (_gray(x) * 255).mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_() / 255  # PIL: int(mean + .5)
-        return _blend(x, m, f)
+        m = ((_gray(x) * 255).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor() / 255  # PIL: int(mean + .5)
+        return _blend(x, m, a)
     if name.startswith("Brightness"):
-        return (x * f).clamp_(0, 1)
+        return (x * a).clamp(0, 1)
     if name.startswith("Sharpness"):
-        return _blend(x, _sharp_degenerate(x), f)
+        return _blend(x, _sharp_degenerate(x), a)
     raise ValueError(f"RandAugment op {name!r} has no tensor implementation")
+
+
+def _apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """One RandAugment op on float [n, 3, H, W] in [0, 1] with per-sample args (CPU [n]): the per-op reference
+    that the batched form (:func:`_randaugment_layers`) is tested against."""
+    fill = fill.to(x.device)
+    if name in _GEOMETRIC:
+        mats = _geometric_mats(name, arg, x.shape[-2], x.shape[-1]).to(torch.float32)
+        return _affine(x, to_device_async(mats, x.device), fill)
+    return _color_op(name, x, _col(arg, x.device))
+
+
+def _randaugment_layers(x: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, mats: torch.Tensor,
+                        fill: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """RandAugment layers on a batch with a fixed number of kernels whatever the op choices: every op of a
+    layer is computed for the whole batch and each sample keeps its own op's result (the geometric ops share
+    one resampling by per-sample affine maps). For small images that is far cheaper than dispatching each op
+    on its own subset of samples (dozens of tiny launches and index copies a layer), and under
+    ``torch.compile`` the selections fuse.
+
+    Args:
+        x: float ``[B, 3, H, W]`` in [0, 1].
+        ops: ``[B, L]`` op index per sample and layer, -1 where the layer does not apply (float or int).
+        args: float ``[B, L]`` the op's argument (timm's level-to-arg).
+        mats: float32 ``[B, L, 2, 3]`` the geometric op's output-to-input map (identity for other ops).
+        fill: ``[1, 3, 1, 1]`` fill colour in [0, 1]; names: the op names (timm's order).
+    """
+    geo = [k for k, name in enumerate(names) if name in _GEOMETRIC]
+    for j in range(ops.shape[1]):
+        op = ops[:, j].view(-1, 1, 1, 1)
+        a = args[:, j].view(-1, 1, 1, 1).to(x.dtype)
+        out = x
+        if geo:
+            is_geo = torch.zeros_like(op, dtype=torch.bool)
+            for k in geo:
+                is_geo = is_geo | (op == k)
+            out = torch.where(is_geo, _affine(x, mats[:, j].to(x.dtype), fill), out)
+        for k, name in enumerate(names):
+            if name not in _GEOMETRIC:
+                out = torch.where(op == k, _color_op(name, x, a), out)
+        x = out
+    return x
+
+
+def _finetune_finish_eager(x: torch.Tensor, per: torch.Tensor, fill: torch.Tensor, mean: torch.Tensor,
+                           std: torch.Tensor, noise: torch.Tensor | None, names: tuple[str, ...], layers: int,
+                           size: int, pad: int) -> torch.Tensor:
+    """The device part of :class:`FinetuneAugment` after the crop's resampling, in one function (compiled on
+    CUDA: a few fused kernels whatever the batch's op choices): the padded random crop (``pad`` > 0; ``x`` is
+    then the uncropped uint8 batch, else the resampled crops in 0..255), flip, RandAugment, normalisation,
+    random erasing (``noise``: N(0, 1) ``[B, 3, size, size]``, or None when no sample is erased).
+
+    ``per`` float32 ``[B, 10 + 8 * layers]`` (its integers are exact in float32): crop box (top, left, h, w),
+    flip, erase box (top, left, h, w), erase flag, then per layer: op (-1 = none), arg, affine map (6).
+    """
+    B, S = x.shape[0], size
+    if pad > 0:  # RandomCrop(S, padding=pad): zero padding, then each sample's S x S window
+        x = F.pad(x.float(), (pad,) * 4) / 255
+        ar = torch.arange(S, device=x.device)
+        rows = per[:, 0:1].long() + ar.view(1, S)
+        cols = per[:, 1:2].long() + ar.view(1, S)
+        bidx = torch.arange(B, device=x.device).view(B, 1, 1)
+        x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
+    else:
+        x = (x.float() / 255).clamp(0, 1)
+    x = torch.where(per[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
+    if layers:
+        ra = per[:, 10:].reshape(B, layers, 8)
+        x = _randaugment_layers(x, ra[..., 0], ra[..., 1], ra[..., 2:].reshape(B, layers, 2, 3), fill, names)
+    x = (x - mean) / std
+    if noise is not None:
+        r = torch.arange(S, device=x.device, dtype=per.dtype).view(1, S, 1)
+        c = r.view(1, 1, S)
+        t, lf, h, w, on = (per[:, 5 + i].view(-1, 1, 1) for i in range(5))
+        inside = (r >= t) & (r < t + h) & (c >= lf) & (c < lf + w) & (on > 0.5)
+        x = torch.where(inside.unsqueeze(1), noise, x)
+    return x.contiguous()
+
+
+_finetune_finish = _CompiledOnCuda(_finetune_finish_eager)
 
 
 class _RandAugmentSpec:
@@ -700,11 +777,9 @@ class FinetuneAugment:
                 mag = mag + self.ra.mstd * _normal(uj[:, 2], uj[:, 3])
             mag = mag.clamp(0, self.ra.mmax)
             sign = torch.where(uj[:, 4] > 0.5, -1.0, 1.0).to(torch.float64)
-            arg = torch.zeros_like(mag)
-            for k, name in enumerate(self.ra.names):
-                sel = op == k
-                if sel.any():
-                    arg[sel] = _level_arg(name, mag[sel], sign[sel], self.ra.hparams)
+            # every op's argument for every sample, then each sample's own: no per-op masking on the host
+            every = torch.stack([_level_arg(name, mag, sign, self.ra.hparams) for name in self.ra.names], 1)
+            arg = every.gather(1, op.view(-1, 1)).squeeze(1)
             out.append((op, applied, arg))
         return out
 
@@ -737,6 +812,23 @@ class FinetuneAugment:
         erase = (u[:, 0] < self.re_prob) & ok.any(1)
         return erase, torch.stack([top, left, h, w], 1).long()
 
+    def _packed(self, p: dict[str, Any], S: int) -> torch.Tensor:
+        """The per-sample parameters as one float32 ``[B, 10 + 8 * layers]`` tensor (one pinned copy), in the
+        layout :func:`_finetune_finish_eager` reads."""
+        B = len(p["flip"])
+        cols = [p["box"].float(), p["flip"].float().view(-1, 1), p["erase_box"].float(),
+                p["erase"].float().view(-1, 1)]
+        for op, applied, arg in p["ra"]:
+            assert self.ra is not None
+            mats = torch.eye(2, 3, dtype=torch.float64).expand(B, 2, 3).clone()
+            for k, name in enumerate(self.ra.names):
+                sel = (op == k) & applied
+                if name in _GEOMETRIC and bool(sel.any()):
+                    mats[sel] = _geometric_mats(name, arg[sel], S, S)
+            cols += [torch.where(applied, op, -1).float().view(-1, 1), arg.float().view(-1, 1),
+                     mats.view(B, 6).float()]
+        return torch.cat(cols, 1)
+
     # --- device work ----------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], index: torch.Tensor, epoch: int
                  ) -> torch.Tensor:
@@ -748,46 +840,16 @@ class FinetuneAugment:
         if self.small:
             # images of different sizes (a folder) are zero-padded to the largest first: each box stays inside
             # its own image and its own padding, as padding each image alone (the CPU path's RandomCrop)
-            x = _padded(images if torch.is_tensor(images) else list(images), list(range(B)))
-            x = F.pad(x, (self.pad,) * 4) / 255
-            box = to_device_async(p["box"], device)
-            rows = box[:, 0:1] + torch.arange(S, device=device).view(1, S)
-            cols = box[:, 1:2] + torch.arange(S, device=device).view(1, S)
-            bidx = torch.arange(B, device=device).view(B, 1, 1)
-            x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
+            x = _padded(images if torch.is_tensor(images) else list(images), list(range(B)), torch.uint8)
         else:
-            x = resized_crops(images, p["box"], [(S, S)])[0].div_(255).clamp_(0, 1)
-        flip = to_device_async(p["flip"], device).view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x).contiguous()
-        c = self._constants
-        fill = c.get("fill", self.fill, device)
-        for op, applied, arg in p["ra"]:  # one op per sample and layer: the ops' sample sets are disjoint
-            assert self.ra is not None
-            geo_sel, geo_mats = [], []
-            for k, name in enumerate(self.ra.names):
-                sel = ((op == k) & applied).nonzero().view(-1)  # CPU tensors: no device sync
-                if len(sel) == 0:
-                    continue
-                if name in _GEOMETRIC:  # all geometric ops of the layer: one affine resampling
-                    geo_sel.append(sel)
-                    geo_mats.append(_geometric_mats(name, arg[sel], S, S))
-                    continue
-                idx = to_device_async(sel, device)
-                x[idx] = _apply_op(name, x[idx], arg[sel], fill)
-            if geo_sel:
-                idx = to_device_async(torch.cat(geo_sel), device)
-                x[idx] = _affine(x[idx], torch.cat(geo_mats), fill)
-        x = (x - c.get("mean", self.mean, device)) / c.get("std", self.std, device)
+            x = resized_crops(images, p["box"], [(S, S)])[0]
+        noise = None
         if self.re_prob > 0 and bool(p["erase"].any()):
-            # boxes as [B, 5] (top, left, h, w, erase) moved once; the [B, S, S] region is built on the device
-            eb = to_device_async(torch.cat([p["erase_box"], p["erase"].view(-1, 1).long()], 1), device)
-            ar = torch.arange(S, device=device)
-            r, c = ar.view(1, S, 1), ar.view(1, 1, S)
-            t, lf = eb[:, 0].view(-1, 1, 1), eb[:, 1].view(-1, 1, 1)
-            inside = (r >= t) & (r < t + eb[:, 2].view(-1, 1, 1)) & (c >= lf) & (c < lf + eb[:, 3].view(-1, 1, 1))
-            inside &= eb[:, 4].view(-1, 1, 1).bool()
             g = torch.Generator(device=device)
             g.manual_seed(derive_seed(self.seed, epoch, int(index.view(-1)[0])))
-            noise = torch.randn(x.shape, generator=g, device=device)
-            x = torch.where(inside.unsqueeze(1), noise, x)
-        return x
+            noise = torch.randn((B, 3, S, S), generator=g, device=device)
+        c = self._constants
+        names = tuple(self.ra.names) if self.ra else ()
+        return _finetune_finish(x, to_device_async(self._packed(p, S), device), c.get("fill", self.fill, device),
+                                c.get("mean", self.mean, device), c.get("std", self.std, device), noise, names,
+                                self.ra.num_layers if self.ra else 0, S, self.pad if self.small else 0)

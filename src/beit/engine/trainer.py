@@ -58,6 +58,7 @@ from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
 from .prefetch import DevicePrefetcher
 from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
+from .threads import cap_intra_op_threads
 
 __all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
 
@@ -105,7 +106,23 @@ def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
     if not local:
         return None
     norms = torch._foreach_norm(local)
-    return torch.stack([n.float() for n in norms]).amax() * 0.0  # inf * 0 and NaN * 0 are NaN
+    if len({n.dtype for n in norms}) > 1:  # mixed dtypes (rare): stack needs one
+        norms = [n.float() for n in norms]
+    return torch.stack(norms).amax().float() * 0.0  # inf * 0 and NaN * 0 are NaN
+
+
+def grad_norm_(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The total L2 norm of ``params``' gradients (float32, 0-d, on their device; no host sync), clipping them
+    to ``max_norm`` when it is set. Without clipping no pass scales the gradients by 1 (as
+    ``clip_grad_norm_(..., inf)`` would): the norm alone, for the log and the finiteness check.
+    A DTensor norm (FSDP2) is gathered to a full tensor."""
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm.detach().float()
 
 
 def seed_everything(seed: int) -> None:
@@ -263,6 +280,7 @@ class Trainer:
         else:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        self.host_threads = cap_intra_op_threads(self.device, cfg.num_workers)  # engine/threads.py
         self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
         self._prefetcher: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
         # skipped files: (total of the epochs recorded whole, the last of them), and epochs recorded in part
@@ -361,7 +379,8 @@ class Trainer:
             # a failure here is logged as a warning (metrics.jsonl stays the source of truth).
             self.bar.close()
             self.bar = None
-            for what, job in (("TensorBoard logs", self.metric_logger.close),
+            for what, job in (("the DataLoader workers", self._stop_loader_workers),
+                              ("TensorBoard logs", self.metric_logger.close),
                               ("curves.png", lambda: self.main and plot_curves(self.out / "metrics.jsonl",
                                                                                self.out / "curves.png"))):
                 try:
@@ -461,11 +480,7 @@ class Trainer:
 
     def _clip_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
         """Clip to ``clip_grad`` if set; return the total grad norm either way (it is logged)."""
-        max_norm = self.cfg.clip_grad or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-            norm = norm.full_tensor()
-        return norm.detach().float()
+        return grad_norm_(params, self.cfg.clip_grad)
 
     def _probe_weights(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """After ``opt.step()``: a device flag of the updated weights' finiteness (checked in the next step's
@@ -529,6 +544,19 @@ class Trainer:
             passes += 1
             if not got or passes > 1000:
                 raise RuntimeError("the streaming dataset yields no full batch: check the shards and batch_size")
+
+    def _stop_loader_workers(self) -> None:
+        """Stop the persistent DataLoader workers when training ends, not at interpreter exit.
+
+        With ``persistent_workers`` and ``pin_memory`` (every CUDA run), torch's exit hook joins each worker
+        with a 5-s timeout that it always runs out (nothing told the workers to stop: pytorch issue 81794):
+        the process lingered 5 s per worker after its last line (40 s with 8 workers, measured on an H100
+        in ``beit tokenizer train``). A later ``fit()`` starts new workers at its position."""
+        self._prefetcher = None
+        it = getattr(self._loader, "_iterator", None)
+        self._loader = None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def _make_loader(self) -> DataLoader:
         if hasattr(self.dataset, "set_epoch"):
@@ -698,7 +726,10 @@ class Trainer:
             f"lr {cfg.lr:.3g} -> {cfg.min_lr:.3g} ({cfg.schedule}), AdamW betas {tuple(cfg.betas)} "
             f"eps {cfg.eps:g} wd {cfg.weight_decay:g}, layer_decay {cfg.layer_decay:g}, "
             f"clip_grad {cfg.clip_grad}, {precision}, compile {cfg.compile}, "
-            f"ema {cfg.ema:g}\nmodel {self.num_params:,} params, {trainable:,} trainable\n"
+            f"ema {cfg.ema:g}"
+            + (f", {self.host_threads} intra-op thread(s) beside {cfg.num_workers} loader workers"
+               if self.host_threads else "")
+            + f"\nmodel {self.num_params:,} params, {trainable:,} trainable\n"
             + summarize_param_groups(self.optimizer.param_groups))
 
     # --- checkpoints -----------------------------------------------------------------------------------

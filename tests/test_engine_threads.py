@@ -1,0 +1,66 @@
+"""The engine's per-step pieces and its host-thread policy: the grad norm (clipped or not), the weights probe,
+and the intra-op thread cap beside DataLoader workers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from beit.engine import threads
+from beit.engine.trainer import _weights_probe, grad_norm_
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 3), (7,), (2, 2, 2)]]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    return ps
+
+
+def test_grad_norm_without_clip_leaves_grads_and_equals_torch():
+    ps = _params()
+    before = [p.grad.clone() for p in ps]
+    norm = grad_norm_(ps, None)
+    want = torch.cat([g.flatten() for g in before]).norm()
+    assert norm.dtype == torch.float32 and norm.ndim == 0
+    torch.testing.assert_close(norm, want)
+    assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
+
+
+def test_grad_norm_with_clip_scales_grads_like_clip_grad_norm():
+    ps, ref = _params(), _params()
+    norm = grad_norm_(ps, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    torch.testing.assert_close(norm, want.float())
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.grad, r.grad)
+    assert torch.cat([p.grad.flatten() for p in ps]).norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_weights_probe_flags_non_finite_weights_of_any_dtype():
+    ps = _params()
+    assert float(_weights_probe(ps)) == 0.0
+    mixed = ps + [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))]
+    assert float(_weights_probe(mixed)) == 0.0
+    with torch.no_grad():
+        mixed[-1][1] = math.inf
+    assert math.isnan(float(_weights_probe(mixed)))
+
+
+def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_cores", lambda: 16)
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert threads.cap_intra_op_threads("cpu", 14) is None  # a CPU run computes on that pool
+    assert threads.cap_intra_op_threads("cuda", 0) is None  # no workers: nothing competes
+    assert threads.cap_intra_op_threads("cuda", 14) == 1 and set_to == [1]
+    assert threads.cap_intra_op_threads("cuda", 4) == 11 and set_to == [1, 11]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert threads.cap_intra_op_threads("cuda", 1) is None  # 14 cores left: a pool of 8 stays as it is
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert threads.cap_intra_op_threads("cuda", 14) is None and set_to == [1, 11]  # the user's choice stands
