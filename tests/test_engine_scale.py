@@ -238,7 +238,7 @@ def test_loader_workers_persist_across_epochs_and_follow_the_epoch(tmp_path):
     epochs = [r[0] for r in rows]
     assert epochs == sorted(epochs) and set(epochs) == {0, 1, 2}  # workers saw every set_epoch
     assert len({r[1] for r in rows}) == 2 and os.getpid() not in {r[1] for r in rows}  # same 2 workers
-    assert trainer._loader.persistent_workers
+    assert trainer._loader is None  # persistent through the epochs (the same 2 workers, above), stopped with fit()
     rows0, _ = run(0)
     assert [r[0] for r in rows0] == epochs
 

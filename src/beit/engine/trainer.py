@@ -550,8 +550,9 @@ class Trainer:
 
         With ``persistent_workers`` and ``pin_memory`` (every CUDA run), torch's exit hook joins each worker
         with a 5-s timeout that it always runs out (nothing told the workers to stop: pytorch issue 81794):
-        the process lingered 5 s per worker after its last line (40 s with 8 workers, measured on an H100
-        in ``beit tokenizer train``). A later ``fit()`` starts new workers at its position."""
+        the process lingers 5 s per worker after its last line (``beit tokenizer train`` with 8 workers on an
+        H200 was still alive 30 s after it, stacks in that join: benchmarks/RESULTS.md section 9). A later
+        ``fit()`` starts new workers at its position."""
         self._prefetcher = None
         it = getattr(self._loader, "_iterator", None)
         self._loader = None
