@@ -654,3 +654,31 @@ def test_webdataset_shards_on_the_device_path(tmp_path):
         outs[where] = out["image"]
     # the same libjpeg-turbo decodes the JPEGs either way on CPU: identical views
     assert torch.equal(outs["workers"], outs["device"])
+
+
+def test_small_recipe_without_padding_and_images_smaller_than_the_crop():
+    """crop_padding=0 still crops (a window of the image itself, no shift beyond it), and images with a side
+    under the crop are scaled up first (aspect kept), as the CPU path's EnsureMinSize: no box outside them."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (4, 3, 40, 48), generator=g, dtype=torch.uint8)
+    plain = FinetuneAugment(32, crop_padding=0, auto_augment=None, re_prob=0.0, hflip=0.0, mean=(0, 0, 0),
+                            std=(1, 1, 1), seed=1)
+    out = plain(imgs, torch.arange(4), 0)
+    p = plain.params(torch.arange(4), 0, torch.full((4,), 40), torch.full((4,), 48))
+    assert out.shape == (4, 3, 32, 32)
+    for k, (t, left, _, _) in enumerate(p["box"].tolist()):
+        assert 0 <= t <= 8 and 0 <= left <= 16
+        torch.testing.assert_close(out[k], imgs[k, :, t:t + 32, left:left + 32].float() / 255)
+    full = FinetuneAugment(32, crop_padding=0, seed=1)  # RandAugment and erasing on the same path
+    assert full(imgs, torch.arange(4), 0).shape == (4, 3, 32, 32)
+    tiny = [torch.randint(0, 256, (3, 20, 24), generator=g, dtype=torch.uint8),
+            torch.randint(0, 256, (3, 9, 40), generator=g, dtype=torch.uint8)]
+    for aug in (plain, full, FinetuneAugment(32, seed=1)):
+        y = aug(tiny, torch.arange(2), 0)
+        assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all()
+    y = plain(tiny, torch.arange(2), 0)
+    assert (y[0] > 0).float().mean() > 0.9  # a crop of the scaled-up image, not of zero padding
+    from beit.data.gpu_augment import _at_least
+
+    assert [tuple(im.shape) for im in _at_least(tiny, 32)] == [(3, 32, 39), (3, 32, 143)]  # as EnsureMinSize
+    assert _at_least(imgs, 32) is imgs

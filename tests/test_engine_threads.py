@@ -64,3 +64,27 @@ def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch)
     assert threads.cap_intra_op_threads("cuda", 1) is None  # 14 cores left: a pool of 8 stays as it is
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert threads.cap_intra_op_threads("cuda", 14) is None and set_to == [1, 11]  # the user's choice stands
+
+
+def test_trainer_caps_threads_only_while_fit_runs(tmp_path, monkeypatch):
+    """The pool is process-wide: fit() sets it beside its workers and puts the old size back after."""
+    from _engine_fixtures import NoisyDataset, TinyNet, step_fn
+    from beit.engine import TrainConfig, Trainer
+    from beit.engine import trainer as T
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def cap(device, workers):
+        torch.set_num_threads(1)
+        return 1
+
+    def probe(model, batch):
+        seen.append(torch.get_num_threads())
+        return step_fn(model, batch)
+
+    monkeypatch.setattr(T, "cap_intra_op_threads", cap)
+    cfg = TrainConfig(output_dir=str(tmp_path), epochs=1, batch_size=8, num_workers=0, lr=1e-2, warmup_steps=1)
+    t = Trainer(TinyNet(), NoisyDataset(16), probe, cfg)
+    t.fit()
+    assert set(seen) == {1} and t.host_threads == 1 and torch.get_num_threads() == before

@@ -616,9 +616,10 @@ def _randaugment_layers(x: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, 
                         fill: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     """RandAugment layers on a batch with a fixed number of kernels whatever the op choices: every op of a
     layer is computed for the whole batch and each sample keeps its own op's result (the geometric ops share
-    one resampling by per-sample affine maps). For small images that is far cheaper than dispatching each op
-    on its own subset of samples (dozens of tiny launches and index copies a layer), and under
-    ``torch.compile`` the selections fuse.
+    one resampling by per-sample affine maps). Compiled on CUDA the selections fuse and the host launches a
+    fixed handful of kernels, where dispatching each op on its own subset of samples took dozens of launches
+    and index copies a layer (26 ms of host time a CIFAR batch of 512, RESULTS.md section 9). Uncompiled
+    (CPU tensors, or the eager fallback) it does ~15x the arithmetic of that dispatch: about 3x its time on CPU.
 
     Args:
         x: float ``[B, 3, H, W]`` in [0, 1].
@@ -645,26 +646,22 @@ def _randaugment_layers(x: torch.Tensor, ops: torch.Tensor, args: torch.Tensor, 
 
 
 def _finetune_finish_eager(x: torch.Tensor, per: torch.Tensor, fill: torch.Tensor, mean: torch.Tensor,
-                           std: torch.Tensor, noise: torch.Tensor | None, names: tuple[str, ...], layers: int,
-                           size: int, pad: int) -> torch.Tensor:
-    """The device part of :class:`FinetuneAugment` after the crop's resampling, in one function (compiled on
-    CUDA: a few fused kernels whatever the batch's op choices): the padded random crop (``pad`` > 0; ``x`` is
-    then the uncropped uint8 batch, else the resampled crops in 0..255), flip, RandAugment, normalisation,
-    random erasing (``noise``: N(0, 1) ``[B, 3, size, size]``, or None when no sample is erased).
+                           std: torch.Tensor, noise: torch.Tensor | None, names: tuple[str, ...], layers: int
+                           ) -> torch.Tensor:
+    """The device part of :class:`FinetuneAugment` after the crop, in one function (compiled on CUDA: a few
+    fused kernels whatever the batch's op choices; its input is always ``[B, 3, S, S]``, so one graph serves
+    every batch of a size): flip, RandAugment, normalisation, random erasing.
 
-    ``per`` float32 ``[B, 10 + 8 * layers]`` (its integers are exact in float32): crop box (top, left, h, w),
-    flip, erase box (top, left, h, w), erase flag, then per layer: op (-1 = none), arg, affine map (6).
+    Args:
+        x: the crops ``[B, 3, S, S]``, uint8 or float in 0..255.
+        per: float32 ``[B, 10 + 8 * layers]`` (its integers are exact in float32): crop box (top, left, h, w;
+            not used here), flip, erase box (top, left, h, w), erase flag, then per layer: op (-1 = none),
+            arg, affine map (6).
+        fill, mean, std: ``[1, 3, 1, 1]``; noise: N(0, 1) ``[B, 3, S, S]``, or None when no sample is erased.
+        names: the RandAugment op names; layers: how many layers (0: none).
     """
-    B, S = x.shape[0], size
-    if pad > 0:  # RandomCrop(S, padding=pad): zero padding, then each sample's S x S window
-        x = F.pad(x.float(), (pad,) * 4) / 255
-        ar = torch.arange(S, device=x.device)
-        rows = per[:, 0:1].long() + ar.view(1, S)
-        cols = per[:, 1:2].long() + ar.view(1, S)
-        bidx = torch.arange(B, device=x.device).view(B, 1, 1)
-        x = x.permute(0, 2, 3, 1)[bidx, rows.view(B, S, 1), cols.view(B, 1, S)].permute(0, 3, 1, 2)
-    else:
-        x = (x.float() / 255).clamp(0, 1)
+    B, S = x.shape[0], x.shape[-1]
+    x = (x.float() / 255).clamp(0, 1)
     x = torch.where(per[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
     if layers:
         ra = per[:, 10:].reshape(B, layers, 8)
@@ -677,6 +674,36 @@ def _finetune_finish_eager(x: torch.Tensor, per: torch.Tensor, fill: torch.Tenso
         inside = (r >= t) & (r < t + h) & (c >= lf) & (c < lf + w) & (on > 0.5)
         x = torch.where(inside.unsqueeze(1), noise, x)
     return x.contiguous()
+
+
+def _padded_crops(imgs: torch.Tensor | list[torch.Tensor], boxes: torch.Tensor, size: int, pad: int
+                  ) -> torch.Tensor:
+    """``RandomCrop(size, padding=pad)`` per sample: uint8 ``[B, 3, size, size]`` windows ``boxes`` (CPU
+    ``[B, 4]``: top, left in padded coordinates) of the zero-padded images (a list of different sizes is
+    zero-padded to the largest first, each box staying inside its own image and padding)."""
+    x = _padded(imgs, list(range(len(boxes))), torch.uint8)
+    x = F.pad(x, (pad,) * 4) if pad else x
+    B, device = x.shape[0], x.device
+    ar = torch.arange(size, device=device)
+    b = to_device_async(boxes[:, :2], device)
+    rows, cols = b[:, 0:1] + ar.view(1, size), b[:, 1:2] + ar.view(1, size)
+    bidx = torch.arange(B, device=device).view(B, 1, 1)
+    return x.permute(0, 2, 3, 1)[bidx, rows.view(B, size, 1), cols.view(B, 1, size)].permute(0, 3, 1, 2)
+
+
+def _at_least(imgs: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Tensor | list[torch.Tensor]:
+    """Images with a side under ``size`` scaled up (bicubic, aspect kept) until both sides are ``size`` or more,
+    as the CPU path's ``EnsureMinSize`` before its small-image crop; the others unchanged (uint8)."""
+    def up(x: torch.Tensor) -> torch.Tensor:  # [n, 3, h, w]
+        h, w = x.shape[-2:]
+        scale = size / min(h, w)
+        hw = (max(size, math.ceil(h * scale - 1e-6)), max(size, math.ceil(w * scale - 1e-6)))
+        return F.interpolate(x.float(), size=hw, mode="bicubic", align_corners=False).round_().clamp_(0, 255).to(
+            torch.uint8)
+
+    if torch.is_tensor(imgs):
+        return up(imgs) if min(imgs.shape[-2:]) < size else imgs
+    return [up(im[None])[0] if min(im.shape[-2:]) < size else im for im in imgs]
 
 
 _finetune_finish = _CompiledOnCuda(_finetune_finish_eager)
@@ -834,13 +861,14 @@ class FinetuneAugment:
                  ) -> torch.Tensor:
         """Augmented, normalised float ``[B, 3, S, S]`` from uint8 ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]``
         on the device; ``index`` int64 [B] (CPU) and ``epoch`` select the random parameters."""
+        S = self.input_size
+        if self.small:  # images smaller than the crop are scaled up first, as the CPU path
+            images = _at_least(images if torch.is_tensor(images) else list(images), S)
         device, hs, ws = _sizes(images)
-        B, S = len(hs), self.input_size
+        B = len(hs)
         p = self.params(index, epoch, hs, ws)
         if self.small:
-            # images of different sizes (a folder) are zero-padded to the largest first: each box stays inside
-            # its own image and its own padding, as padding each image alone (the CPU path's RandomCrop)
-            x = _padded(images if torch.is_tensor(images) else list(images), list(range(B)), torch.uint8)
+            x = _padded_crops(images, p["box"], S, self.pad)
         else:
             x = resized_crops(images, p["box"], [(S, S)])[0]
         noise = None
@@ -852,4 +880,4 @@ class FinetuneAugment:
         names = tuple(self.ra.names) if self.ra else ()
         return _finetune_finish(x, to_device_async(self._packed(p, S), device), c.get("fill", self.fill, device),
                                 c.get("mean", self.mean, device), c.get("std", self.std, device), noise, names,
-                                self.ra.num_layers if self.ra else 0, S, self.pad if self.small else 0)
+                                self.ra.num_layers if self.ra else 0)

@@ -31,7 +31,8 @@ def cap_intra_op_threads(device: torch.device | str, num_workers: int) -> int | 
     """Shrink this process's intra-op thread pool to the cores its DataLoader workers leave free.
 
     Only for a CUDA training process with workers (a CPU run computes its model on that pool), and never
-    over the user's own ``OMP_NUM_THREADS`` or a pool already smaller.
+    over the user's own ``OMP_NUM_THREADS`` or a pool already smaller. The pool is process-wide: the trainer
+    sets it for the duration of ``fit()`` and puts the old size back after.
 
     Args:
         device: the training device.
@@ -40,7 +41,7 @@ def cap_intra_op_threads(device: torch.device | str, num_workers: int) -> int | 
     Returns:
         the pool size set, or None when left as it was.
     """
-    if torch.device(device).type != "cuda" or num_workers <= 0 or "OMP_NUM_THREADS" in os.environ:
+    if torch.device(device).type != "cuda" or num_workers <= 0 or os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
     n = max(1, _cores() - num_workers - 1)  # one core for this process's own thread and the pin thread
     if n >= torch.get_num_threads():

@@ -112,7 +112,8 @@ def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def grad_norm_(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """The total L2 norm of ``params``' gradients (float32, 0-d, on their device; no host sync), clipping them
+    """The total L2 norm of ``params``' gradients (float32, 0-d, on their device, a CPU zero when none has a
+    gradient; no host sync), clipping them
     to ``max_norm`` when it is set. Without clipping no pass scales the gradients by 1 (as
     ``clip_grad_norm_(..., inf)`` would): the norm alone, for the log and the finiteness check.
     A DTensor norm (FSDP2) is gathered to a full tensor."""
@@ -280,7 +281,7 @@ class Trainer:
         else:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-        self.host_threads = cap_intra_op_threads(self.device, cfg.num_workers)  # engine/threads.py
+        self.host_threads: int | None = None  # intra-op threads while fit() runs beside workers (engine/threads.py)
         self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
         self._prefetcher: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
         # skipped files: (total of the epochs recorded whole, the last of them), and epochs recorded in part
@@ -352,6 +353,8 @@ class Trainer:
             self.log.info(f"resume=auto: no checkpoint in {self.out} yet, starting from step 0")
         self._weights_check = None
         self._prefetcher = None  # batches from the (possibly restored) position
+        threads_before = torch.get_num_threads()
+        self.host_threads = cap_intra_op_threads(self.device, self.cfg.num_workers)
         continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
                                           resume_step=self.step if continuing else None)
@@ -379,14 +382,16 @@ class Trainer:
             # a failure here is logged as a warning (metrics.jsonl stays the source of truth).
             self.bar.close()
             self.bar = None
-            for what, job in (("the DataLoader workers", self._stop_loader_workers),
-                              ("TensorBoard logs", self.metric_logger.close),
-                              ("curves.png", lambda: self.main and plot_curves(self.out / "metrics.jsonl",
-                                                                               self.out / "curves.png"))):
+            if self.host_threads:
+                torch.set_num_threads(threads_before)
+            for what, job in (("stop the DataLoader workers", self._stop_loader_workers),
+                              ("write the TensorBoard logs", self.metric_logger.close),
+                              ("write curves.png", lambda: self.main and plot_curves(self.out / "metrics.jsonl",
+                                                                                     self.out / "curves.png"))):
                 try:
                     job()
                 except Exception as e:  # noqa: BLE001 - reported, never masks the training error
-                    self.log.warning(f"could not write {what} in {self.out}: {e}")
+                    self.log.warning(f"could not {what} ({self.out}): {e}")
         D.barrier()
         return self._final_metrics()
 
