@@ -654,23 +654,22 @@ def _finetune_finish_eager(x: torch.Tensor, per: torch.Tensor, fill: torch.Tenso
 
     Args:
         x: the crops ``[B, 3, S, S]``, uint8 or float in 0..255.
-        per: float32 ``[B, 10 + 8 * layers]`` (its integers are exact in float32): crop box (top, left, h, w;
-            not used here), flip, erase box (top, left, h, w), erase flag, then per layer: op (-1 = none),
-            arg, affine map (6).
+        per: float32 ``[B, 6 + 8 * layers]`` (its integers are exact in float32): flip, erase box (top, left,
+            h, w), erase flag, then per layer: op (-1 = none), arg, affine map (6).
         fill, mean, std: ``[1, 3, 1, 1]``; noise: N(0, 1) ``[B, 3, S, S]``, or None when no sample is erased.
         names: the RandAugment op names; layers: how many layers (0: none).
     """
     B, S = x.shape[0], x.shape[-1]
     x = (x.float() / 255).clamp(0, 1)
-    x = torch.where(per[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
+    x = torch.where(per[:, 0].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
     if layers:
-        ra = per[:, 10:].reshape(B, layers, 8)
+        ra = per[:, 6:].reshape(B, layers, 8)
         x = _randaugment_layers(x, ra[..., 0], ra[..., 1], ra[..., 2:].reshape(B, layers, 2, 3), fill, names)
     x = (x - mean) / std
     if noise is not None:
         r = torch.arange(S, device=x.device, dtype=per.dtype).view(1, S, 1)
         c = r.view(1, 1, S)
-        t, lf, h, w, on = (per[:, 5 + i].view(-1, 1, 1) for i in range(5))
+        t, lf, h, w, on = (per[:, 1 + i].view(-1, 1, 1) for i in range(5))
         inside = (r >= t) & (r < t + h) & (c >= lf) & (c < lf + w) & (on > 0.5)
         x = torch.where(inside.unsqueeze(1), noise, x)
     return x.contiguous()
@@ -840,17 +839,18 @@ class FinetuneAugment:
         return erase, torch.stack([top, left, h, w], 1).long()
 
     def _packed(self, p: dict[str, Any], S: int) -> torch.Tensor:
-        """The per-sample parameters as one float32 ``[B, 10 + 8 * layers]`` tensor (one pinned copy), in the
+        """The per-sample parameters as one float32 ``[B, 6 + 8 * layers]`` tensor (one pinned copy), in the
         layout :func:`_finetune_finish_eager` reads."""
         B = len(p["flip"])
-        cols = [p["box"].float(), p["flip"].float().view(-1, 1), p["erase_box"].float(),
-                p["erase"].float().view(-1, 1)]
+        cols = [p["flip"].float().view(-1, 1), p["erase_box"].float(), p["erase"].float().view(-1, 1)]
         for op, applied, arg in p["ra"]:
             assert self.ra is not None
             mats = torch.eye(2, 3, dtype=torch.float64).expand(B, 2, 3).clone()
             for k, name in enumerate(self.ra.names):
+                if name not in _GEOMETRIC:
+                    continue
                 sel = (op == k) & applied
-                if name in _GEOMETRIC and bool(sel.any()):
+                if bool(sel.any()):
                     mats[sel] = _geometric_mats(name, arg[sel], S, S)
             cols += [torch.where(applied, op, -1).float().view(-1, 1), arg.float().view(-1, 1),
                      mats.view(B, 6).float()]

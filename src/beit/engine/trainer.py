@@ -113,10 +113,9 @@ def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
 
 def grad_norm_(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The total L2 norm of ``params``' gradients (float32, 0-d, on their device, a CPU zero when none has a
-    gradient; no host sync), clipping them
-    to ``max_norm`` when it is set. Without clipping no pass scales the gradients by 1 (as
-    ``clip_grad_norm_(..., inf)`` would): the norm alone, for the log and the finiteness check.
-    A DTensor norm (FSDP2) is gathered to a full tensor."""
+    gradient; no host sync), clipping them to ``max_norm`` when it is set. Without clipping no pass scales the
+    gradients by 1 (as ``clip_grad_norm_(..., inf)`` would): the norm alone, for the log and the finiteness
+    check. A DTensor norm (FSDP2) is gathered to a full tensor."""
     if max_norm:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     else:
