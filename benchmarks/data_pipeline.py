@@ -210,11 +210,11 @@ def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device,
     return run
 
 
-def _compile(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.nn.Module:
+def _compile(model: torch.nn.Module, device: torch.device, enabled: bool, scope: str = "blocks") -> torch.nn.Module:
     if enabled and device.type == "cuda":
         from beit.engine.distributed import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, scope=scope)  # the engine's train.compile / train.compile_scope
     return model
 
 
@@ -316,8 +316,9 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
 
     tok = _tokenizer(a, device, a.tok_down)
     model = _mim_model(a, tok.vocab_size, device)
-    step = _train_step(model, make_step_fn(tok), device, clip_grad=3.0)
     t = PretrainTransform(a.size, a.patch, a.tok_down, color_jitter=0.4)
+    budget = None if a.boolean_mask else t.mask_generator.num_masking_patches  # as beit pretrain: no host sync
+    step = _train_step(model, make_step_fn(tok, budget), device, clip_grad=3.0)
     resident = None
     for where in a.jpeg_decode:
         sfx = _suffix(where)
@@ -392,7 +393,7 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
     # fine-tuning: crop 4-px pad, flip, RandAugment, erasing on the device; mixup/cutmix + smoothing in the step
     model = beit.create_model("beit_small_patch16_224" if not a.tiny else "beit_tiny_patch16_224", num_classes=10,
                               img_size=32, patch_size=4, **wide)
-    model = _compile(model.to(device).train(), device, a.compile)
+    model = _compile(model.to(device).train(), device, a.compile, a.compile_scope)
     res["cifar_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     step = _train_step(model, _finetune_step_fn(10), device)
     ds = InMemoryIndices(len(images), seed=0)
@@ -412,9 +413,10 @@ def cifar_rows(a: argparse.Namespace, device: torch.device, res: dict) -> None:
                       num_res_blocks=1 if not a.tiny else 0).to(device).eval().requires_grad_(False)
     mim = beit.create_model("beit_small_patch16_224" if not a.tiny else "beit_tiny_patch16_224", head="mim",
                             vocab_size=tok.vocab_size, img_size=32, patch_size=4, **wide)
-    mim = _compile(mim.to(device).train(), device, a.compile)
-    pstep = _train_step(mim, make_step_fn(tok), device, clip_grad=3.0)
+    mim = _compile(mim.to(device).train(), device, a.compile, a.compile_scope)
     masks = default_mask_generator(8)
+    budget = None if a.boolean_mask else masks.num_masking_patches  # as beit pretrain: no host sync
+    pstep = _train_step(mim, make_step_fn(tok, budget), device, clip_grad=3.0)
     pds = InMemoryIndices(len(images), mask_generator=masks, seed=0)
     ppipe = PretrainPipeline(PretrainViews((32, 32), (32, 32)), device, images)
     pit = _endless(pds, batch, a.workers, InMemoryIndices.collate, device)  # masks: CPU work
@@ -441,6 +443,11 @@ def main() -> None:
     ap.add_argument("--cifar-images", type=int, default=50000)
     ap.add_argument("--cifar-batch", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--boolean-mask", action="store_true",
+                    help="pre-training rows: the masked tokens by boolean indexing (two host syncs a step), as "
+                         "before the fixed mask budget")
+    ap.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
+                    help="the CIFAR rows' models: train.compile_scope (blocks = regional, model = one graph)")
     ap.add_argument("--tokenizer", default="", help="DALL-E encoder.pkl / safetensors for the id-agreement row")
     ap.add_argument("--only", default="loader,tokens,pretrain,finetune,cifar")
     ap.add_argument("--jpeg-decode", default="workers,device",
@@ -474,6 +481,8 @@ def main() -> None:
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "torch": torch.__version__, "cpus": os.cpu_count(), "workers": a.workers,
                            "host_threads": host_threads, "batch": a.batch, "tiny": a.tiny,
+                           "compile": a.compile, "compile_scope": a.compile_scope,
+                           "boolean_mask": a.boolean_mask,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(res), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

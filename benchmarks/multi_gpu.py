@@ -138,7 +138,8 @@ def build(args: argparse.Namespace, out_dir: Path) -> tuple[Any, Any, dict[str, 
                         d.min_mask_patches_per_block, 0, device, cfg.train.seed + D.rank())
         info = {"model": f"{m.name} img {m.img_size}/{m.patch_size}", "tokenizer": "dalle (random weights), "
                 f"{cfg.tokenizer.precision}, {grid * tokenizer.downsample}px view"}
-        return model, bank_step(make_step_fn(tokenizer), bank, "pretrain"), {"cfg": cfg.train, **info}
+        step_fn = make_step_fn(tokenizer, mask_budget=d.num_mask_patches)  # as beit pretrain
+        return model, bank_step(step_fn, bank, "pretrain"), {"cfg": cfg.train, **info}
 
     from beit.tasks.classify import FinetuneConfig, build_model, make_step_fn, scaled_train_config
 

@@ -10,7 +10,13 @@ same fine-tuning step (mixup/cutmix + soft-target CE, fused AdamW) on one GPU-re
   blocks_engine the same plus what ``Trainer.train_one_epoch`` adds (its own functions): the grad norm,
                 the weights probe and the stacked finiteness check (one sync)
   blocks_nosync regional compile, no host sync
-  whole         ``model.compile()`` (one graph for the whole model), one sync
+  whole         ``model.compile()`` (one graph for the whole model: ``train.compile_scope=model``), one sync
+  whole_engine  the same plus the engine's per-step pieces (as ``blocks_engine``)
+  whole_engine_ld  the same with layer-wise lr decay 0.75 (the fine-tuning recipe): the engine's ~2 x (depth
+                + 2) param groups, one fused AdamW call each (the ``*_engine`` rows use the engine's groups and
+                optimizer too, without layer decay: 2 groups)
+  whole_engine_ld_copt  the same with the optimizer step compiled (``torch.compile`` of ``opt.step``: each group's
+                lr a device tensor, so a new lr is no recompile; every group's update in a few fused kernels)
   whole_nosync  the same, no sync
   cudagraphs    ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs), one sync
   eager         no compile, one sync
@@ -34,11 +40,13 @@ import torch
 
 import beit
 from beit.engine import load_config
+from beit.engine import optim as O
 from beit.engine.precision import autocast_for
 from beit.engine.trainer import _weights_probe, grad_norm_
 from beit.tasks.classify import FinetuneConfig, make_step_fn
 
-VARIANTS = ("blocks", "blocks_engine", "blocks_nosync", "whole", "whole_nosync", "cudagraphs", "eager")
+VARIANTS = ("blocks", "blocks_engine", "blocks_nosync", "whole", "whole_engine", "whole_engine_ld",
+            "whole_engine_ld_copt", "whole_nosync", "cudagraphs", "eager")
 
 
 def _model(a: argparse.Namespace, variant: str, device: torch.device) -> torch.nn.Module:
@@ -61,13 +69,29 @@ def _model(a: argparse.Namespace, variant: str, device: torch.device) -> torch.n
 def _step(model: torch.nn.Module, variant: str, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     cfg = load_config(FinetuneConfig, None, ["model=beit_small_patch16_224"])  # mixup .8, cutmix 1, ls .1
     step_fn = make_step_fn(cfg, 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    params = list(model.parameters())
+    engine = "_engine" in variant
+    if engine:  # the trainer's param groups (weight decay, layer decay) and optimizer
+        groups = O.param_groups(model, 0.05, 0.75 if "_ld" in variant else 1.0, 1e-4)
+        opt = O.build_optimizer(groups, 1e-4)
+        if variant.endswith("_copt") and device.type == "cuda":
+            for g in groups:
+                g["lr"] = torch.tensor(1e-4 * g["lr_scale"], device=device)
+            opt = torch.optim.AdamW(groups, lr=torch.tensor(1e-4, device=device), weight_decay=0.05,
+                                    foreach=True, capturable=True)
+            opt.step = torch.compile(opt.step)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    params = [p for g in opt.param_groups for p in g["params"]]
     sync = not variant.endswith("nosync")
-    engine = variant == "blocks_engine"
     probe: list[torch.Tensor | None] = [None]
+    tensor_lr = torch.is_tensor(opt.param_groups[0]["lr"])
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        for g in opt.param_groups:  # as the trainer sets the scheduled lr every step
+            if tensor_lr:
+                g["lr"].fill_(1e-4 * g["lr_scale"])
+            else:
+                g["lr"] = 1e-4 * g.get("lr_scale", 1.0)
         with autocast_for(device, "auto"):
             loss, _ = step_fn(model, (x, y))
         loss.backward()

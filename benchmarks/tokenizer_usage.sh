@@ -29,11 +29,12 @@ else
   ARGS=(train.max_steps=$STEPS model.temperature_anneal_steps=$STEPS train.warmup_steps=$(( STEPS / 20 + 1 ))
         "train.num_workers=${WORKERS:-14}")
 fi
-run_arm() {  # name kl usage
+run_arm() {  # name kl usage (a rerun into the same OUT replaces the arm; a failed arm leaves no stale row)
   local t0=$SECONDS
+  rm -f "$OUT/$1/tokenizer_metrics.json"
   "$PY" -m beit tokenizer train -c tokenizer_cifar10 data_dir="$DATA" "${ARGS[@]}" model.kl_weight="$2" \
       model.usage_weight="$3" train.log_every=100 train.image_every=0 train.ckpt_every=1000000 \
-      train.output_dir="$OUT/$1" > "$OUT/$1.log" 2>&1 || echo "arm $1 failed (see $OUT/$1.log)" >&2
+      train.output_dir="$OUT/$1" train.overwrite=true > "$OUT/$1.log" 2>&1 || echo "arm $1 failed (see $OUT/$1.log)" >&2
   echo "$(( SECONDS - t0 ))" > "$OUT/$1.seconds"
 }
 n=0

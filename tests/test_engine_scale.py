@@ -74,6 +74,55 @@ def test_compile_blocks_compiles_only_the_blocks_and_turns_off_ddp_graph_splitti
         assert torch._dynamo.config.optimize_ddp is True  # only DDP needs it off
 
 
+def test_compile_scope_model_compiles_the_whole_model_once_and_bad_scopes_are_refused():
+    from beit.engine.config import ConfigError, TrainConfig
+
+    model = _tiny_beit(head="none")
+    assert D.compile_blocks(model, "none", scope="model") == "whole"
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == [model]  # one graph: no block compiled on its own
+    with pytest.raises(ValueError, match="'blocks' or 'model'"):
+        D.compile_blocks(_tiny_beit(head="none"), "none", scope="all")
+    cfg = TrainConfig(output_dir="x", compile_scope="whole")
+    with pytest.raises(ConfigError, match="compile_scope"):
+        cfg.validate()
+
+
+def test_trainer_with_compile_scope_model_trains_the_whole_model_graph_as_eager(tmp_path, monkeypatch):
+    """``train.compile_scope=model`` puts the whole model in one graph (dynamo's eager backend here: the trace,
+    not code generation, is under test) and trains exactly as the uncompiled model."""
+    import torch._dynamo
+
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(list(gm.graph.nodes)))
+        return gm.forward
+
+    compile_calls: list[str] = []
+    plain_compile = nn.Module.compile
+
+    def compile_eager(self, *args, **kwargs):
+        compile_calls.append(type(self).__name__)
+        return plain_compile(self, *args, backend=counting_backend, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", compile_eager)
+    finals = []
+    for compile_on in (False, True):
+        torch._dynamo.reset()
+        cfg = TrainConfig(output_dir=str(tmp_path / str(compile_on)), epochs=2, batch_size=4, num_workers=0,
+                          lr=1e-2, warmup_steps=1, log_every=100, compile=compile_on, compile_scope="model")
+        torch.manual_seed(0)  # the same initial weights
+        trainer = Trainer(TinyNet(), NoisyDataset(16), step_fn, cfg)
+        trainer.fit()
+        finals.append({k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()})
+    assert compile_calls == ["TinyNet"]  # the model once, no block on its own
+    assert graphs and max(graphs) > 20  # the blocks traced inside one graph, not a graph per block
+    assert finals[0].keys() == finals[1].keys()  # no _orig_mod prefixes in what is saved
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_evaluation_and_pictures_run_compiled_code_eagerly(tmp_path):
     """Eval inputs (sliding windows, other sizes, no_grad) must never reach dynamo: the trainer evaluates
     and draws under ``force_eager``, while training keeps compiled graphs."""

@@ -139,6 +139,44 @@ def test_step_only_scores_masked_tokens() -> None:
     assert float(metrics["masked_frac"]) == pytest.approx(6 / 64)
 
 
+def test_fixed_budget_step_equals_boolean_indexing_without_a_host_sync() -> None:
+    """The step with ``mask_budget`` (fixed-size positions, no data-dependent shape) gives the loss, accuracy
+    and gradients of the official boolean indexing, on masks of different counts per image."""
+    import beit
+    from beit.data.masking import BlockwiseMaskGenerator
+    from beit.models.beit import masked_positions
+
+    torch.manual_seed(0)
+    model = beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=1,
+                              num_heads=2, head="mim", vocab_size=16)
+    tok = DiscreteVAE(vocab_size=16, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).eval()
+    gen = BlockwiseMaskGenerator((8, 8), 26, 4)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.stack([gen(g) for _ in range(6)])
+    counts = mask.flatten(1).sum(1)
+    assert counts.max() <= 26 and len(set(counts.tolist())) > 1  # some images below the budget: padding used
+    batch = {"image": torch.randn(6, 3, 32, 32), "tok_image": torch.rand(6, 3, 32, 32), "mask": mask}
+    results = []
+    for budget in (None, 26):
+        model.zero_grad()
+        loss, metrics = make_step_fn(tok, mask_budget=budget)(model, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics["mim_acc"], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                            if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[1][2].keys() == results[0][2].keys()
+    for n in results[0][2]:
+        torch.testing.assert_close(results[1][2][n], results[0][2][n], rtol=1e-4, atol=1e-6, msg=n)
+    positions, valid = masked_positions(mask, 26)  # the masked rows, flattened, are tokens[mask]'s order
+    assert torch.equal(positions[valid], mask.flatten(1).nonzero()[:, 1]) and torch.equal(valid.sum(1), counts)
+    with pytest.raises(ValueError, match="mask budget"):
+        masked_positions(mask, 65)
+    with pytest.raises(ValueError, match="head='mim'"):
+        beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=1,
+                          num_heads=2)(batch["image"], positions=positions)
+
+
 def test_webdataset_shards_train_and_resume_exactly(tiny_setup, tmp_path) -> None:
     """Large sets come as tar shards: a stream, split over ranks and workers; resume stays exact."""
     import io

@@ -160,26 +160,33 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def compile_blocks(model: nn.Module, distributed: str = "ddp") -> str:
+def compile_blocks(model: nn.Module, distributed: str = "ddp", scope: str = "blocks") -> str:
     """Regional compile (torchtitan): ``torch.compile`` each of :func:`repeated_blocks` in place.
 
-    Never the whole task model when it has blocks: heads, padding and sliding-window / multi-scale
-    inference then stay eager and new input shapes never reach a whole-model graph. A model without
-    repeated blocks (e.g. the dVAE tokenizer) is compiled whole. ``dynamic=None`` (PyTorch's default):
-    a block recompiles once with dynamic shapes when the token count changes instead of erroring.
-    ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids are unaffected.
+    With ``scope="blocks"`` (the default) never the whole task model when it has blocks: heads, padding and
+    sliding-window / multi-scale inference then stay eager and new input shapes never reach a whole-model
+    graph. A model without repeated blocks (e.g. the dVAE tokenizer) is compiled whole. ``scope="model"``
+    compiles the whole model in one graph: fewer compiled regions to enter and leave a step (their host-side
+    wrappers dominate a small model's step: RESULTS.md section 9, ``benchmarks/step_overhead.py``), at a longer
+    compile; for a single process or DDP (FSDP2 shards per block: the trainer refuses the pair).
+    ``dynamic=None`` (PyTorch's default): a block recompiles once with dynamic shapes when the token count
+    changes instead of erroring. ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids
+    are unaffected.
 
-    Returns ``"blocks"`` or ``"whole"`` (what was compiled).
+    Returns ``"blocks"`` or ``"whole"`` (what was compiled). Raises ``ValueError`` for another ``scope``.
     """
     import torch._dynamo
 
-    blocks = repeated_blocks(model)
+    if scope not in ("blocks", "model"):
+        raise ValueError(f"compile scope must be 'blocks' or 'model', got {scope!r}")
+    blocks = repeated_blocks(model) if scope == "blocks" else []
     if distributed == "ddp":
         # DDP + compile: dynamo's DDPOptimizer splits every compiled graph at DDP bucket boundaries. With
         # regional compile each block's graph is small and already a natural bucket boundary (DDP's reducer
         # overlaps the all-reduce of one block's gradients with the backward of the next), so the split buys
         # nothing, and on CUDA it crashes when a float module attribute (the drop-path rate) becomes a
-        # split-graph output ("AttributeError: 'float' object has no attribute 'meta'"). Switch it off.
+        # split-graph output ("AttributeError: 'float' object has no attribute 'meta'"). Switch it off (for a
+        # whole-model graph too: its gradients are then all-reduced after its backward, without overlap).
         torch._dynamo.config.optimize_ddp = False
     if not blocks:
         model.compile()

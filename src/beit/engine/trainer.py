@@ -233,6 +233,9 @@ class Trainer:
         fsdp = cfg.distributed == "fsdp" and D.world_size() > 1
         if fsdp and cfg.ema > 0:
             raise ConfigError("train.ema", "model EMA is not supported with distributed=fsdp yet")
+        if fsdp and cfg.compile and cfg.compile_scope == "model":
+            raise ConfigError("train.compile_scope", "'model' (one graph for the whole model) does not work "
+                                                     "with distributed=fsdp, which shards per block: use 'blocks'")
         if fsdp and param_groups is not None and not callable(param_groups):
             raise ValueError("under FSDP pass param_groups as a callable (model) -> groups: sharding "
                              "replaces the parameters")
@@ -270,7 +273,7 @@ class Trainer:
         model.to(self.device)
         self.ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
         if cfg.compile:
-            D.compile_blocks(model, cfg.distributed if D.world_size() > 1 else "none")
+            D.compile_blocks(model, cfg.distributed if D.world_size() > 1 else "none", scope=cfg.compile_scope)
         self.model = D.wrap_model(model, cfg, bf16=self.use_bf16)
         self.raw_model = D.unwrap_model(self.model)
         if callable(param_groups):

@@ -40,6 +40,34 @@ def check_mask(bool_masked_pos: torch.Tensor, batch: int, grid: tuple[int, int])
     return bool_masked_pos.reshape(batch, h * w).bool()
 
 
+def masked_positions(bool_masked_pos: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed-size selection of each image's masked patches, for the MIM head without a host sync.
+
+    ``tokens[mask]`` (the official ``x[bool_masked_pos]``) has a data-dependent size: a device-to-host sync
+    each step (the CPU stops queueing work until the GPU catches up) and a graph break under ``torch.compile``.
+    Instead take ``budget`` positions per image: its masked patches in raster order, then unmasked ones as
+    padding. Flattening the masked rows of ``(positions, valid)`` gives exactly the order of ``tokens[mask]``.
+
+    Args:
+        bool_masked_pos: [B, N] or [B, H, W] (True = masked).
+        budget: positions per image, 1 <= budget <= N: the mask generator's budget
+            (``BlockwiseMaskGenerator.num_masking_patches``), which no mask it draws exceeds. An image with more
+            masked patches than ``budget`` keeps its first ``budget`` of them.
+
+    Returns:
+        ``positions`` [B, budget] int64 (patch indices, for ``forward_mim(..., positions=)`` and for gathering
+        the targets) and ``valid`` [B, budget] bool (which positions are masked patches, not padding).
+
+    Raises:
+        ValueError: ``budget`` outside [1, N].
+    """
+    mask = bool_masked_pos.flatten(1).bool()
+    if not 1 <= budget <= mask.shape[1]:
+        raise ValueError(f"mask budget must be in [1, {mask.shape[1]}] (patches per image), got {budget}")
+    positions = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :budget]
+    return positions, mask.gather(1, positions)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, one strided convolution."""
 
@@ -285,21 +313,33 @@ class Beit(nn.Module):
         x = self.pool(tokens)
         return x if pre_logits or self.cfg.head != "cls" else self.head(x)
 
-    def forward_mim(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Logits [num_masked_total, vocab] for the masked patches, rows in ``nonzero()`` order."""
+    def forward_mim(self, x: torch.Tensor, bool_masked_pos: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the MIM head for the masked patches (BEiT section 2.3; official ``modeling_pretrain.py``).
+
+        Without ``positions``: [num_masked_total, vocab], rows in ``nonzero()`` order (as the official
+        ``x[bool_masked_pos]``: a host sync). With ``positions`` [B, K] from :func:`masked_positions`:
+        [B, K, vocab] for those patches (no host sync; rows that are padding are the caller's to weight out).
+        """
         if self.cfg.head != "mim":
             raise ValueError("forward_mim needs a model created with head='mim'")
         mask = check_mask(bool_masked_pos, x.shape[0], self.patch_embed.grid_of(x))
         tokens = self.forward_features(x, mask)[:, 1:]
-        tokens = tokens[mask]  # only masked positions go through the 8192-way head
+        if positions is not None:  # only the selected positions go through the 8192-way head
+            tokens = tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        else:
+            tokens = tokens[mask]
         if self.head_norm is not None:
             tokens = self.head_norm(tokens)
         return self.lm_head(tokens)
 
-    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.head == "mim":
             if bool_masked_pos is None:
                 raise ValueError("a MIM model needs bool_masked_pos: model(images, bool_masked_pos)")
-            return self.forward_mim(x, bool_masked_pos)
+            return self.forward_mim(x, bool_masked_pos, positions)
+        if positions is not None:
+            raise ValueError("positions select patches for the MIM head: only a model with head='mim' takes them")
         tokens = self.forward_features(x, bool_masked_pos)
         return self.forward_head(tokens)

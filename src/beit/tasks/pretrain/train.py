@@ -20,6 +20,7 @@ from ...engine import Trainer
 from ...engine import distributed as D
 from ...engine.trainer import seed_everything
 from ...interop import save_model
+from ...models.beit import masked_positions
 from .config import PretrainConfig, validate
 from .data import build_dataset, build_device_data
 from .model import build_model, build_tokenizer
@@ -28,17 +29,34 @@ from .panel import fixed_batch, mim_panel
 __all__ = ["make_step_fn", "pretrain"]
 
 
-def make_step_fn(tokenizer: nn.Module):
-    """``(model, batch) -> (loss, metrics)``: tokens of the masked patches are the targets."""
+def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
+    """``(model, batch) -> (loss, metrics)``: tokens of the masked patches are the targets; the loss is the mean
+    cross-entropy over every masked patch of the batch (BEiT eq. 1), ``mim_acc`` the fraction predicted right.
+
+    ``mask_budget`` (the mask generator's ``num_masking_patches``, which no mask exceeds): the head runs on
+    that many positions per image (:func:`beit.models.beit.masked_positions`), the padding weighted out, so
+    the step never waits for the GPU (no data-dependent shapes) and compiles as one graph. ``None``: boolean
+    indexing as the official code (one host sync a step for the targets, one in the model).
+    """
 
     def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         images, mask = batch["image"], batch["mask"].flatten(1).bool()
         with torch.no_grad():
             tokens = tokenizer.encode(batch["tok_image"], validate=False).flatten(1)  # [B, N]
-        labels = tokens[mask]
-        logits = model(images, mask)  # [num_masked, vocab]: the head runs on masked tokens only
-        loss = F.cross_entropy(logits.float(), labels)
-        acc = (logits.argmax(-1) == labels).float().mean()
+        if mask_budget is None:
+            labels = tokens[mask]
+            logits = model(images, mask)  # [num_masked, vocab]: the head runs on masked tokens only
+            loss = F.cross_entropy(logits.float(), labels)
+            acc = (logits.argmax(-1) == labels).float().mean()
+        else:
+            positions, valid = masked_positions(mask, mask_budget)
+            labels = tokens.gather(1, positions)
+            logits = model(images, mask, positions=positions)  # [B, budget, vocab]
+            weight = valid.float()
+            count = weight.sum().clamp_min(1.0)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            loss = (ce * weight.flatten()).sum() / count
+            acc = ((logits.argmax(-1) == labels).float() * weight).sum() / count
         return loss, {"mim_acc": acc, "masked_frac": mask.float().mean()}
 
     return step_fn
@@ -66,7 +84,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             panel_batch.update(fixed_batch(dataset, cfg.vis_samples, device, device_data))
         mim_panel(model, tokenizer, panel_batch, tuple(d.mean), tuple(d.std), Path(out_dir) / f"mim_step{step:07d}.png")
 
-    trainer = Trainer(model, dataset, make_step_fn(tokenizer), cfg.train, collate_fn=collate,
+    step_fn = make_step_fn(tokenizer, mask_budget=cfg.data.num_mask_patches)  # the generator's: no mask exceeds it
+    trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate,
                       device_transform=pipeline, visualize_fn=visualize, run_config=cfg)
     metrics = trainer.fit()
     out = Path(cfg.train.output_dir)
