@@ -6,7 +6,8 @@ the 20 official sample pages (16 train / 4 val, Mask R-CNN, the issue's seed num
 not comparable: they are on the 11k-page val set after 60k steps). Each dataset is trained twice with the
 same architecture, recipe and number of steps: from ``--init`` (layer decay on) and from random weights
 (layer decay off: it only makes sense for pre-trained layers). Writes ``results.json``, the per-category AP
-tables (``*_ap.txt``) and one page per run with its predicted boxes (``*_page_*.png``) into ``--out``.
+tables (``*_ap.txt``) and one page per run with its predicted boxes next to the ground truth (``*_page_*.png``)
+into ``--out``.
 
     # GPU (one H100, ~6-7 min with the defaults): --minutes is the training time of EACH DocBank run,
     # --publaynet-minutes of each PubLayNet run; steps are calibrated once per dataset
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from beit.configs import preset_path
 
@@ -144,12 +146,19 @@ def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
     model, rcfg = load_detector(res["checkpoint"])
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     val = build_val_dataset(rcfg)
-    image, _ = val[0]
+    image, target = val[0]
     with torch.no_grad():
         det = model([image.to(next(model.parameters()).device).float().div_(255)])[0]
     det = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()}
     png = out / f"{dataset}_page_{name}.png"
-    draw_detections(image, det, val.class_names, score_thresh=0.5).save(png)
+    # predicted boxes (score >= 0.5) on the left, the ground truth of the same page on the right
+    truth = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}
+    left = draw_detections(image, det, val.class_names, score_thresh=0.5)
+    right = draw_detections(image, truth, val.class_names, score_thresh=0.5)
+    side = Image.new("RGB", (left.width + right.width + 8, max(left.height, right.height)), "white")
+    side.paste(left, (0, 0))
+    side.paste(right, (left.width + 8, 0))
+    side.save(png)
     ev = {k[len("eval/"):]: _nan_to_none(v) for k, v in res.items() if k.startswith("eval/")}
     return {
         "init": cfg.model.init or None, "layer_decay": cfg.train.layer_decay, "steps": int(res["step"]),
