@@ -48,6 +48,11 @@ def test_weights_probe_flags_non_finite_weights_of_any_dtype():
     with torch.no_grad():
         mixed[-1][1] = math.inf
     assert math.isnan(float(_weights_probe(mixed)))
+    big = [torch.nn.Parameter(torch.full((4,), 60000.0, dtype=torch.float16))]  # finite, L2 norm 120,000 > fp16 max
+    assert float(_weights_probe(big)) == 0.0
+    with torch.no_grad():
+        big[0][2] = math.nan
+    assert math.isnan(float(_weights_probe(big)))
 
 
 def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch):
