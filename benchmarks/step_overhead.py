@@ -1,7 +1,7 @@
 """Where a small model's training step spends its time (issue 17, the CIFAR-size rows): host vs device, by
 how the model is compiled and what the engine adds around the step.
 
-The 21M BEiT of the CIFAR presets (384 wide, 12 blocks, 4-px patches, 65 tokens) at batch 512 does ~4 TFLOP
+The 21M BEiT of issue 17's CIFAR rows (384 wide, 12 blocks, 4-px patches, 65 tokens) at batch 512 does ~4 TFLOP
 a step: a few milliseconds of an H100/H200. Steps that take much longer are host-bound: Python, dispatch,
 the compiled regions' guards and wrappers, the optimizer's launches, the host syncs. Each variant runs the
 same fine-tuning step (mixup/cutmix + soft-target CE, fused AdamW) on one GPU-resident batch:

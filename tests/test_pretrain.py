@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -172,6 +173,12 @@ def test_fixed_budget_step_equals_boolean_indexing_without_a_host_sync() -> None
     assert torch.equal(positions[valid], mask.flatten(1).nonzero()[:, 1]) and torch.equal(valid.sum(1), counts)
     with pytest.raises(ValueError, match="mask budget"):
         masked_positions(mask, 65)
+    with pytest.raises(RuntimeError, match="more masked patches than mask_budget 20"):  # never a silent cut
+        make_step_fn(tok, mask_budget=20)(model, batch)
+    empty = dict(batch, mask=torch.zeros_like(mask))  # as the boolean path: NaN, so the engine stops
+    assert math.isnan(float(make_step_fn(tok, mask_budget=26)(model, empty)[0].detach()))
+    with pytest.raises(ValueError, match="positions must be"):
+        model(batch["image"], mask, positions=positions[:1])
     with pytest.raises(ValueError, match="head='mim'"):
         beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=1,
                           num_heads=2)(batch["image"], positions=positions)

@@ -737,7 +737,7 @@ class Trainer:
             f"(~{self.total_steps / self.steps_per_epoch:.3g} epochs), warmup {self.warmup_steps} steps\n"
             f"lr {cfg.lr:.3g} -> {cfg.min_lr:.3g} ({cfg.schedule}), AdamW betas {tuple(cfg.betas)} "
             f"eps {cfg.eps:g} wd {cfg.weight_decay:g}, layer_decay {cfg.layer_decay:g}, "
-            f"clip_grad {cfg.clip_grad}, {precision}, compile {cfg.compile}, "
+            f"clip_grad {cfg.clip_grad}, {precision}, compile {cfg.compile_scope if cfg.compile else 'off'}, "
             f"ema {cfg.ema:g}"
             + (f", {self.host_threads} intra-op thread(s) beside {cfg.num_workers} loader workers"
                if self.host_threads else "")

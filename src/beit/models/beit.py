@@ -326,6 +326,9 @@ class Beit(nn.Module):
         mask = check_mask(bool_masked_pos, x.shape[0], self.patch_embed.grid_of(x))
         tokens = self.forward_features(x, mask)[:, 1:]
         if positions is not None:  # only the selected positions go through the 8192-way head
+            if positions.ndim != 2 or positions.shape[0] != x.shape[0]:
+                raise ValueError(f"positions must be [batch, K] with batch {x.shape[0]} (masked_positions), got "
+                                 f"{list(positions.shape)}")
             tokens = tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         else:
             tokens = tokens[mask]

@@ -50,10 +50,13 @@ def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
             acc = (logits.argmax(-1) == labels).float().mean()
         else:
             positions, valid = masked_positions(mask, mask_budget)
+            # a mask over the budget would lose patches from the loss: stop (checked on the device, no sync)
+            torch._assert_async(valid.sum() == mask.sum(), f"a mask has more masked patches than mask_budget "
+                                                           f"{mask_budget} (data.num_mask_patches)")
             labels = tokens.gather(1, positions)
             logits = model(images, mask, positions=positions)  # [B, budget, vocab]
             weight = valid.float()
-            count = weight.sum().clamp_min(1.0)
+            count = weight.sum()  # 0 for an all-empty mask: NaN, as the boolean path (the engine stops)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
             loss = (ce * weight.flatten()).sum() / count
             acc = ((logits.argmax(-1) == labels).float() * weight).sum() / count
