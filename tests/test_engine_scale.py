@@ -354,10 +354,12 @@ def _assert_export_is_the_trained_model(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_ddp_with_compile_to_the_final_model(pretrain_data, tmp_path):
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_pretrain_ddp_with_compile_to_the_final_model(pretrain_data, tmp_path, scope):
     out = tmp_path / "ddp"
     text = _ok(_beit(2, *_pretrain_args(pretrain_data, out, "train.max_steps=3", "train.compile=true",
-                                        "model.drop_path_rate=0.1")))
+                                        f"train.compile_scope={scope}", "model.drop_path_rate=0.1")))
+    assert f"compile {scope}" in text  # the setup line names what was compiled
     assert sorted(_train_losses(out)) == [1, 2, 3]
     _assert_export_is_the_trained_model(out)
     assert text.count("step 3/3") == 1  # rank 0 logs, rank 1 does not

@@ -71,6 +71,29 @@ def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch)
     assert threads.cap_intra_op_threads("cuda", 14) is None and set_to == [1, 11]  # the user's choice stands
 
 
+def test_cores_count_the_cgroup_cpu_quota(tmp_path, monkeypatch):
+    """A container limited to 4 cores' time (``--cpus=4``) on a bigger host counts 4, not the host's cores."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert threads._cgroup_cpus(v2) == 4
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert threads._cgroup_cpus(v2) == 2  # 1.5 cores: rounded up
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert threads._cgroup_cpus(v2) is None  # unlimited
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._cgroup_cpus(v1) == 2
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads._cgroup_cpus(v1) is None
+    assert threads._cgroup_cpus(tmp_path / "none") is None  # no cgroup files: the affinity mask alone
+    monkeypatch.setattr(threads, "CGROUP_ROOT", v2)
+    (v2 / "cpu.max").write_text("100000 100000\n")
+    assert threads._cores() == 1  # the quota caps the affinity mask
+
+
 def test_trainer_caps_threads_only_while_fit_runs(tmp_path, monkeypatch):
     """The pool is process-wide: fit() sets it beside its workers and puts the old size back after."""
     from _engine_fixtures import NoisyDataset, TinyNet, step_fn

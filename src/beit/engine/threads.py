@@ -13,18 +13,48 @@ when it starts several processes a host.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
 __all__ = ["cap_intra_op_threads"]
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_cpus(root: Path | None = None) -> int | None:
+    """The CPU quota of this process's cgroup in whole cores (rounded up), None when unlimited or unknown.
+
+    A container started with ``--cpus=4`` on a 64-core host sees 64 cores in its affinity mask but gets 4
+    cores' time: cgroup v2 ``cpu.max`` ("400000 100000"), v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    """
+    root = CGROUP_ROOT if root is None else root
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+            q, p = int(quota), int(period)
+        elif (root / "cpu" / "cpu.cfs_quota_us").is_file():
+            q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
+
 
 def _cores() -> int:
+    """Cores this process may use: its affinity mask, capped by its cgroup's CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return min(n, quota) if quota else n
 
 
 def cap_intra_op_threads(device: torch.device | str, num_workers: int) -> int | None:
