@@ -448,3 +448,14 @@ def test_resume_on_another_number_of_ranks_may_regroup_the_same_global_batch(tmp
     with pytest.raises(ConfigChangedError, match=r"train.batch_size: 4 -> 5"):
         check_resume_config(stored, {"train": {"batch_size": 5, "accum_steps": 1, "lr": 1e-3}}, source="ck",
                             stored_world_size=2, world_size=1)  # global 8 -> 5
+
+
+def test_a_checkpoint_from_before_compile_scope_resumes_with_any_scope():
+    """``train.compile_scope`` is how the run computes, not what it computes: a checkpoint written before the
+    key existed (absent) or with the other scope resumes."""
+    from beit.engine.rundir import check_resume_config
+
+    stored = {"train": {"lr": 1e-3, "compile": True}}
+    for scope in ("blocks", "model"):
+        now = {"train": {"lr": 1e-3, "compile": True, "compile_scope": scope}}
+        assert check_resume_config(stored, now, source="ck") == ["train.compile_scope"]

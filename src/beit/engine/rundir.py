@@ -57,7 +57,7 @@ RESUME_SAFE_KEYS = frozenset({
     "output_dir", "resume", "overwrite", "allow_config_change",  # where / how the run is started
     "epochs", "max_steps",  # extend or shorten (the lr schedule follows the new length)
     "log_every", "ckpt_every", "keep_last", "eval_every", "image_every",  # bookkeeping
-    "num_workers", "compile", "precision", "distributed",  # runtime: same data, same model
+    "num_workers", "compile", "compile_scope", "precision", "distributed",  # runtime: same data, same model
     "eval_batch_size", "extract_batch_size", "extract_num_workers", "vis_samples", "grid_images",
 })
 
