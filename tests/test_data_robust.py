@@ -247,3 +247,27 @@ def test_segmentation_skips_counted_for_the_engine(tmp_path: Path) -> None:
     loader = DataLoader(ds, batch_size=1, num_workers=2)
     assert [x.tolist() for x, _ in loader] == [[[8, 6]], [[8, 6]]]  # the bad pair replaced by the good one
     assert ds.skipped_count() == 1
+
+
+def test_first_readable_skips_known_and_new_bad_samples_and_wraps_around():
+    """The shared replace-the-unreadable-file loop: known bad samples are not retried, a sample whose read
+    raises is reported once and skipped, the search wraps around, and a set with none readable is named."""
+    from beit.data.datasets import NoReadableImagesError, first_readable
+
+    bad, reads = {1}, []
+
+    def read(i):
+        reads.append(i)
+        if i == 2:
+            raise OSError("truncated")
+        return f"img{i}"
+
+    def mark(i, err):
+        bad.add(i)
+
+    assert first_readable(4, 1, bad.__contains__, read, mark, list) == (3, "img3")  # 1 known bad, 2 fails
+    assert reads == [2, 3] and bad == {1, 2}
+    assert first_readable(4, 2, bad.__contains__, read, mark, list) == (3, "img3")  # 2 is not read again
+    assert first_readable(4, 3, {3}.__contains__, read, mark, list)[0] == 0  # wraps around
+    with pytest.raises(NoReadableImagesError, match=r"none of the 2 images could be read; first failures: \['a'\]"):
+        first_readable(2, 0, lambda i: False, lambda i: 1 / 0, mark, lambda: ["a"])

@@ -182,6 +182,28 @@ class NoReadableImagesError(ValueError, RuntimeError):
     """Every image of a dataset failed to decode (or to transform): a data problem, reported as one line by the
     CLI (a ``ValueError``; also a ``RuntimeError`` as it was before)."""
 
+
+def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Callable[[int], Any],
+                   mark_bad: Callable[[int, BaseException], None],
+                   failures: Callable[[], list[str]]) -> tuple[int, Any]:
+    """``(i, read(i))`` for the first sample from ``index`` on (wrapping around the ``n`` samples) that is not
+    known bad and reads without an error; each sample whose read raises is passed to ``mark_bad`` and skipped,
+    so an epoch never stops on a broken file. The replace-the-unreadable-file loop of the CPU datasets and of
+    the device path's ``EncodedImageFiles``.
+
+    Raises:
+        NoReadableImagesError: none of the ``n`` samples reads (naming ``failures()``, the first failures).
+    """
+    for step in range(n):
+        i = (index + step) % n
+        if is_bad(i):
+            continue
+        try:
+            return i, read(i)
+        except Exception as err:  # noqa: BLE001 - any reader error means "unreadable file"
+            mark_bad(i, err)
+    raise NoReadableImagesError(f"none of the {n} images could be read; first failures: {failures()}")
+
 class ScanResult(NamedTuple):
     """What :func:`scan_images` found: image ``paths`` (sorted) and the ``skipped`` entries as
     ``(path, reason)``: links that lead nowhere or in a loop, folders that cannot be read."""
@@ -421,18 +443,10 @@ class _RobustImageFiles(Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         """Decode sample ``index``, or the next readable one (wrapping), so an epoch never stops."""
-        n = len(self.samples)
-        for step in range(n):
-            i = (index + step) % n
-            if self._bad_mask[i]:
-                continue
-            path, target = self.samples[i]
-            try:
-                return decode_image(path), target
-            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
-                self._mark_bad(i, err)
-        raise NoReadableImagesError(f"none of the {n} images could be decoded; first failures: "
-                                    f"{self._first_failures()}")
+        _, loaded = first_readable(len(self.samples), index, lambda i: bool(self._bad_mask[i]),
+                                   lambda i: (decode_image(self.samples[i][0]), self.samples[i][1]),
+                                   self._mark_bad, self._first_failures)
+        return loaded
 
     def _first_failures(self) -> list[str]:
         return [f"{self.samples[i][0]}: {msg}" for i, msg in sorted(self._bad.items())[:3]]

@@ -53,6 +53,7 @@ from .datasets import (
     SkipCounter,
     WebDatasetShards,
     _unpack_index,
+    first_readable,
     to_rgb,
 )
 from .gpu_augment import to_device_async
@@ -337,23 +338,16 @@ class EncodedImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> EncodedSample:
         epoch, index = _unpack_index(index, self.epoch, len(self))
-        n = len(self.samples)
         skipped: list[str] = []
-        for step in range(n):
-            i = (index + step) % n
-            if i in self._bad:
-                continue
-            try:
-                sample = self._read(i)
-                break
-            except Exception as err:  # noqa: BLE001 - any reader error means "unreadable file"
-                self._bad[i] = f"{type(err).__name__}: {err}"
-                skipped.append(self.samples[i][0])
-                logger.warning("skipping unreadable image %s (%s); a replacement sample is used",
-                               self.samples[i][0], self._bad[i])
-        else:
-            raise NoReadableImagesError(f"none of the {n} images could be read; first failures: "
-                                        f"{self.bad_paths[:5]}")
+
+        def mark_bad(i: int, err: BaseException) -> None:
+            self._bad[i] = f"{type(err).__name__}: {err}"
+            skipped.append(self.samples[i][0])
+            logger.warning("skipping unreadable image %s (%s); a replacement sample is used",
+                           self.samples[i][0], self._bad[i])
+
+        i, sample = first_readable(len(self.samples), index, self._bad.__contains__, self._read, mark_bad,
+                                   lambda: self.bad_paths[:5])
         sample.index, sample.epoch, sample.skipped = index, epoch, skipped
         if i != index:  # replaced: one skip per request, in every epoch (as the CPU path counts)
             self.skip_counter.add(epoch=epoch)
