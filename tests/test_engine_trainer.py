@@ -145,3 +145,42 @@ def test_fit_stops_its_loader_workers_and_a_second_fit_continues(tmp_path):
     two.fit()
     assert two.step == full.step == 30 and mp.active_children() == []
     assert train_rows(tmp_path / "full") == train_rows(tmp_path / "two")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stream of NoisyDataset's samples (each worker yields them all: enough for the loader's lifetime)."""
+
+    def __init__(self, n: int = 40):
+        self.items = NoisyDataset(n)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return (self.items[i] for i in range(len(self.items)))
+
+
+def test_a_streaming_run_that_raises_leaves_no_loader_workers_behind(tmp_path):
+    """A step that raises ends the stream's workers with fit(), even while the exception (and its traceback,
+    which holds the training frames) is still alive, as in a notebook cell that caught it."""
+    import multiprocessing as mp
+
+    calls = {"n": 0}
+
+    def failing_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in step 3")
+        return step_fn(model, batch)
+
+    torch.manual_seed(0)
+    trainer = Trainer(TinyNet(), _Stream(), failing_step, make_cfg(tmp_path, num_workers=2))
+    try:
+        trainer.fit()
+    except RuntimeError as e:
+        caught = e  # keep the traceback alive, as a caller that stores the error does
+    assert "boom" in str(caught) and mp.active_children() == []
+    # and a stream that ends its epochs normally leaves none either
+    torch.manual_seed(0)
+    Trainer(TinyNet(), _Stream(), step_fn, make_cfg(tmp_path / "ok", num_workers=2, epochs=2)).fit()
+    assert mp.active_children() == []

@@ -403,14 +403,21 @@ class Trainer:
 
     def train_one_epoch(self, end_step: int) -> None:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        model.train()
-        if self.streaming:  # a stream restarts its pass per epoch
-            batches = DevicePrefetcher(self._batches(), self.device, self.device_transform)
-        else:  # one iterator through the epochs: the loader's workers never drain at an epoch boundary
-            if self._prefetcher is None:
+        self.model.train()
+        if not self.streaming:  # one iterator through the epochs: the loader's workers never drain at an epoch
+            if self._prefetcher is None:  # boundary
                 self._prefetcher = DevicePrefetcher(self._batches(), self.device, self.device_transform)
-            batches = self._prefetcher
+            self._train_steps(self._prefetcher, end_step)
+            return
+        stream = self._batches()  # a stream restarts its pass per epoch
+        try:
+            self._train_steps(DevicePrefetcher(stream, self.device, self.device_transform), end_step)
+        finally:  # end this pass's (non-persistent) workers now, also when a step raised: a caller that keeps
+            stream.close()  # the exception keeps its traceback's frames, and with them the loader's iterator
+
+    def _train_steps(self, batches: DevicePrefetcher, end_step: int) -> None:
+        """The optimizer steps of :meth:`train_one_epoch`, batches from ``batches``."""
+        cfg, model, opt = self.cfg, self.model, self.optimizer
         params = [p for g in opt.param_groups for p in g["params"]]
         epoch = self.epoch
         while self.epoch == epoch and self.step < end_step:  # _after_step advances the epoch
