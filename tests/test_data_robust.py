@@ -155,6 +155,7 @@ def test_finetune_dataset_epoch_with_tiny_images_and_a_failing_transform(tmp_pat
     assert [y for _, y in batch] == [0, 0, 1, 0]  # 3_odd replaced by the next usable sample (0_tiny)
     assert ds.skipped_count() == 1 and ds.bad_paths == [str(tmp_path / "b" / "3_odd.png")]
     assert "image the transform cannot handle" in caplog.text and "3_odd.png" in caplog.text
+    assert ds[(5, 3)][1] == 0 and ds.skipped_count(5) == 1  # a replacement counts in the epoch it was asked for
 
 
 def test_broken_transform_is_an_error_not_bad_files(tmp_path: Path) -> None:

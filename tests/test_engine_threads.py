@@ -53,6 +53,7 @@ def test_weights_probe_flags_non_finite_weights_of_any_dtype():
     with torch.no_grad():
         big[0][2] = math.nan
     assert math.isnan(float(_weights_probe(big)))
+    assert float(_weights_probe([torch.randn(3, dtype=torch.float64), torch.ones(2).half()])) == 0.0  # no narrowing
 
 
 def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch):

@@ -183,16 +183,21 @@ class NoReadableImagesError(ValueError, RuntimeError):
     CLI (a ``ValueError``; also a ``RuntimeError`` as it was before)."""
 
 
+class _TransformFailed(Exception):
+    """A decoded image the transform raised on (its error is ``__cause__``): skipped, counted apart."""
+
+
 def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Callable[[int], Any],
                    mark_bad: Callable[[int, BaseException], None],
-                   failures: Callable[[], list[str]]) -> tuple[int, Any]:
+                   failures: Callable[[], list[str]], what: str = "read") -> tuple[int, Any]:
     """``(i, read(i))`` for the first sample from ``index`` on (wrapping around the ``n`` samples) that is not
     known bad and reads without an error; each sample whose read raises is passed to ``mark_bad`` and skipped,
-    so an epoch never stops on a broken file. The replace-the-unreadable-file loop of the CPU datasets and of
-    the device path's ``EncodedImageFiles``.
+    so an epoch never stops on a broken file (an error ``mark_bad`` raises stops the search). The
+    replace-the-unreadable-file loop of the CPU datasets and of the device path's ``EncodedImageFiles``.
 
     Raises:
-        NoReadableImagesError: none of the ``n`` samples reads (naming ``failures()``, the first failures).
+        NoReadableImagesError: none of the ``n`` samples reads ("none of the n images could be ``what``",
+            naming ``failures()``, the first failures).
     """
     for step in range(n):
         i = (index + step) % n
@@ -202,7 +207,7 @@ def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Call
             return i, read(i)
         except Exception as err:  # noqa: BLE001 - any reader error means "unreadable file"
             mark_bad(i, err)
-    raise NoReadableImagesError(f"none of the {n} images could be read; first failures: {failures()}")
+    raise NoReadableImagesError(f"none of the {n} images could be {what}; first failures: {failures()}")
 
 class ScanResult(NamedTuple):
     """What :func:`scan_images` found: image ``paths`` (sorted) and the ``skipped`` entries as
@@ -441,13 +446,6 @@ class _RobustImageFiles(Dataset):
                 err,
             )
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        """Decode sample ``index``, or the next readable one (wrapping), so an epoch never stops."""
-        _, loaded = first_readable(len(self.samples), index, lambda i: bool(self._bad_mask[i]),
-                                   lambda i: (decode_image(self.samples[i][0]), self.samples[i][1]),
-                                   self._mark_bad, self._first_failures)
-        return loaded
-
     def _first_failures(self) -> list[str]:
         return [f"{self.samples[i][0]}: {msg}" for i, msg in sorted(self._bad.items())[:3]]
 
@@ -458,35 +456,34 @@ class _RobustImageFiles(Dataset):
         skipped and counted. Several failures in a row on different files are a broken transform,
         not bad files: that error is raised.
         """
-        n = len(self.samples)
         failures_in_a_row = 0
-        for step in range(n):
-            i = (index + step) % n
-            if self._bad_mask[i]:
-                continue
-            path, target = self.samples[i]
+
+        def read(i: int) -> Any:
+            img = decode_image(self.samples[i][0])  # a decoder error means "unreadable file"
             try:
-                img = decode_image(path)
-            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
-                self._mark_bad(i, err)
-                continue
-            try:
-                out = self._transformed(img, epoch, index)
+                return self._transformed(img, epoch, index)
             except Exception as err:  # noqa: BLE001
-                failures_in_a_row += 1
-                if failures_in_a_row >= self._MAX_TRANSFORM_FAILURES_IN_A_ROW:
-                    raise RuntimeError(
-                        f"the transform failed on {failures_in_a_row} images in a row (last {path}: "
-                        f"{type(err).__name__}: {err}): the transform is broken, not the files"
-                    ) from err
-                self._mark_bad(i, err, stage="transform")
-                continue
-            if step:
-                self._skips.add(epoch=self.epoch)
-            return out, target
-        raise NoReadableImagesError(
-            f"none of the {n} images could be decoded and transformed; first failures: {self._first_failures()}"
-        )
+                raise _TransformFailed(err) from err
+
+        def mark_bad(i: int, err: BaseException) -> None:
+            nonlocal failures_in_a_row
+            if not isinstance(err, _TransformFailed):
+                self._mark_bad(i, err)
+                return
+            failures_in_a_row += 1
+            if failures_in_a_row >= self._MAX_TRANSFORM_FAILURES_IN_A_ROW:
+                cause = err.__cause__
+                raise RuntimeError(
+                    f"the transform failed on {failures_in_a_row} images in a row (last {self.samples[i][0]}: "
+                    f"{type(cause).__name__}: {cause}): the transform is broken, not the files"
+                ) from cause
+            self._mark_bad(i, err.__cause__, stage="transform")
+
+        i, out = first_readable(len(self.samples), index, lambda j: bool(self._bad_mask[j]), read, mark_bad,
+                                self._first_failures, what="decoded and transformed")
+        if i != index:
+            self._skips.add(epoch=epoch)
+        return out, self.samples[i][1]
 
     def verify(self, num_threads: int = 8, progress: bool = False) -> list[str]:
         """Decode every file once (thread pool) and remember the bad ones; return their paths.

@@ -105,11 +105,13 @@ def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
     local = [p.detach() for p in local if p.numel() > 0]
     if not local:
         return None
-    if any(p.dtype in (torch.float16, torch.bfloat16) for p in local):
-        # accumulate in float32: the L2 norm of finite fp16 weights can pass fp16's 65504 (a false alarm)
-        norms = torch._foreach_norm(local, dtype=torch.float32)
-    else:
-        norms = torch._foreach_norm(local)
+    # fp16/bf16 norms accumulate in float32: the L2 norm of finite fp16 weights can pass fp16's 65504 (a false
+    # alarm); other dtypes keep their own (float64 cannot be narrowed by the norm)
+    half = [p for p in local if p.dtype in (torch.float16, torch.bfloat16)]
+    rest = [p for p in local if p.dtype not in (torch.float16, torch.bfloat16)]
+    norms = list(torch._foreach_norm(half, dtype=torch.float32)) if half else []
+    if rest:
+        norms += list(torch._foreach_norm(rest))
     if len({n.dtype for n in norms}) > 1:  # mixed dtypes (rare): stack needs one
         norms = [n.float() for n in norms]
     return torch.stack(norms).amax().float() * 0.0  # inf * 0 and NaN * 0 are NaN
