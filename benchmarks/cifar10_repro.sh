@@ -5,6 +5,11 @@
 #   bash benchmarks/cifar10_repro.sh A <cifar_dir> <out_dir>
 #   bash benchmarks/cifar10_repro.sh B <cifar_dir> <out_dir> <stageA_dir>
 # <cifar_dir> holds the extracted train/ and test/ class folders (see ../shared/data/README.md).
+# Knobs (env): PRE_EPOCHS, FT_EPOCHS, SCRATCH_EPOCHS (default FT_EPOCHS; give it the pre-training's time too for
+# the equal-GPU-time arm), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
+# 5.4M parameters, 384 / 6 = 21M), PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs
+# with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
+# over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
 set -euo pipefail
 stage=$1; data=$2; out=$3; prev=${4:-}
 run=runs/cifar10
@@ -13,35 +18,47 @@ t() { local s=$SECONDS; "$@"; echo "[time] $(( SECONDS - s ))s: $*"; }
 PRE_EPOCHS=${PRE_EPOCHS:-40}
 FT_EPOCHS=${FT_EPOCHS:-30}
 TOK_STEPS=${TOK_STEPS:-3000}
-ENC="model_overrides.embed_dim=192 model_overrides.depth=12 model_overrides.num_heads=3 model_overrides.patch_size=4"
+SCRATCH_EPOCHS=${SCRATCH_EPOCHS:-$FT_EPOCHS}
+WIDTH=${WIDTH:-192}; HEADS=${HEADS:-3}
+ENC="model_overrides.embed_dim=$WIDTH model_overrides.depth=12 model_overrides.num_heads=$HEADS model_overrides.patch_size=4"
+read -r -a PRE_X <<< "${PRE_EXTRA:-}"; read -r -a FT_X <<< "${FT_EXTRA:-}"
 
 if [ "$stage" = A ]; then
   t python3 -m beit tokenizer train -c tokenizer_cifar10 data_dir="$data/train" \
-      train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) train.num_workers=14
+      train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) \
+      train.num_workers=14 train.resume=auto
   cp $run/tokenizer/dvae.safetensors $run/tokenizer/recon_grid.png "$out/"
   t python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
       tokenizer.path=$run/tokenizer/dvae.safetensors train.output_dir=$run/pretrain train.epochs=$PRE_EPOCHS \
-      train.warmup_epochs=$(( PRE_EPOCHS / 10 )) train.num_workers=14 train.image_every=100000
+      train.warmup_epochs=$(( PRE_EPOCHS / 10 )) train.num_workers=14 train.image_every=100000 train.resume=auto \
+      model.embed_dim=$WIDTH model.num_heads=$HEADS "${PRE_X[@]}"
   python3 -m beit convert $run/pretrain/final "$out/encoder" --dtype bf16
+  if [ "$(stat -c %s "$out/encoder/model.safetensors")" -gt 15000000 ]; then
+    split -b 15000000 "$out/encoder/model.safetensors" "$out/encoder/model.safetensors.part-" && rm "$out/encoder/model.safetensors"
+  fi
   cp $run/pretrain/mim_panel.png "$out/mim_panel.png"; cp $run/pretrain/curves.png "$out/pretrain_curves.png"
   tar czf "$out/stageA_metrics.tgz" $run/tokenizer/tokenizer_metrics.json $run/tokenizer/metrics.jsonl \
       $run/pretrain/metrics.jsonl $run/pretrain/config.yaml
 elif [ "$stage" = B ]; then
-  common="data.train_dir=$data/train data.val_dir=$data/test train.epochs=$FT_EPOCHS train.warmup_epochs=$(( FT_EPOCHS / 10 )) \
-          train.num_workers=14 train.compile=true"
+  if [ ! -f "$prev/encoder/model.safetensors" ] && compgen -G "$prev/encoder/model.safetensors.part-*" > /dev/null; then
+    mkdir -p $run/encoder && cp "$prev/encoder/"*.json $run/encoder/ && cat "$prev/encoder/model.safetensors.part-"* > $run/encoder/model.safetensors
+    prev=$run
+  fi
+  common="data.train_dir=$data/train data.val_dir=$data/test train.num_workers=14 train.compile=true train.resume=auto"
   [ "${ARMS:-both}" = scratch ] || t python3 -m beit finetune -c finetune_cifar10_small \
       model="$prev/encoder" model_overrides={} train.output_dir=$run/ft_pretrained $common train.lr=2e-3 \
-      train.layer_decay=0.75
+      train.layer_decay=0.75 train.epochs=$FT_EPOCHS train.warmup_epochs=$(( FT_EPOCHS / 10 )) "${FT_X[@]}"
   # SCRATCH_LD=1.0: no layer decay for a randomly initialised encoder (a fairer scratch baseline)
   [ "${ARMS:-both}" = pretrained ] || t timeout ${SCRATCH_TIMEOUT:-100000} python3 -m beit finetune \
       -c finetune_cifar10_small model=beit_tiny_patch16_224 $ENC \
-      train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} || true
+      train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} \
+      train.epochs=$SCRATCH_EPOCHS train.warmup_epochs=$(( SCRATCH_EPOCHS / 10 )) "${FT_X[@]}" || true
   for arm in pretrained scratch; do cp $run/ft_$arm/curves.png "$out/ft_${arm}_curves.png" || true; done
   t python3 -m beit linprobe -c linprobe_base model="$prev/encoder" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_pretrained \
       train.epochs=20 train.num_workers=14 || true
   t python3 -m beit linprobe -c linprobe_base model=beit_tiny_patch16_224 \
-      "model_overrides={patch_size: 4, embed_dim: 192, depth: 12, num_heads: 3}" img_size=32 layers=all \
+      "model_overrides={patch_size: 4, embed_dim: $WIDTH, depth: 12, num_heads: $HEADS}" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_scratch \
       train.epochs=20 train.num_workers=14 || true
   tar czf "$out/stageB_results.tgz" $(ls -d $run/ft_*/eval $run/ft_*/metrics.jsonl $run/ft_*/config.yaml \
