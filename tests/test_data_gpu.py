@@ -340,6 +340,19 @@ def test_workers_count_their_skips_per_epoch(odd_files):
     assert ds.skipped_count(0) == ds.skipped_count(1) == 2 and ds.skipped_count() == 4
 
 
+def test_a_bad_file_found_in_one_worker_is_known_to_all(odd_files):
+    """The unreadable files one DataLoader worker finds are shared (as the CPU datasets share them): the other
+    workers and the main process never read them again (two workers may still meet the same new bad file at
+    once, within its first epoch)."""
+    ds = EncodedImageFiles.from_folder(odd_files)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=lambda b: b)
+    named = {p for batch in loader for s in batch for p in s.skipped}
+    assert {Path(p).name for p in named} == {"f_garbage.jpg", "g_truncated.jpg"}
+    assert int(ds._bad_mask.sum()) == 2 and ds._bad == {}  # found in the workers, known here
+    second = [p for batch in loader for s in batch for p in s.skipped]
+    assert second == []  # later epochs (fresh workers) replace them without reading them again
+
+
 def test_small_images_of_different_sizes_crop_each_within_its_own_padding():
     """<= 32 px recipe on a folder (a list of images of different sizes, e.g. EXIF-rotated): each sample's
     crop is what augmenting it alone gives."""

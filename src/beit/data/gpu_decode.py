@@ -283,7 +283,10 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         self.mask_generator = mask_generator
         self.seed = int(seed)
         self.epoch = 0
-        self._bad: dict[int, str] = {}
+        self._bad: dict[int, str] = {}  # index -> error, found in this process
+        # found unreadable in any process (shared with the DataLoader's workers, as the CPU datasets do): a bad
+        # file is read, warned about and named once, not once per worker
+        self._bad_mask = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self.skip_counter = SkipCounter()  # replaced samples per epoch, over workers (and the batch decoder)
 
     @classmethod
@@ -341,12 +344,13 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         skipped: list[str] = []
 
         def mark_bad(i: int, err: BaseException) -> None:
+            self._bad_mask[i] = True
             self._bad[i] = f"{type(err).__name__}: {err}"
             skipped.append(self.samples[i][0])
             logger.warning("skipping unreadable image %s (%s); a replacement sample is used",
                            self.samples[i][0], self._bad[i])
 
-        i, sample = first_readable(len(self.samples), index, self._bad.__contains__, self._read, mark_bad,
+        i, sample = first_readable(len(self.samples), index, lambda j: bool(self._bad_mask[j]), self._read, mark_bad,
                                    lambda: self.bad_paths[:5])
         sample.index, sample.epoch, sample.skipped = index, epoch, skipped
         if i != index:  # replaced: one skip per request, in every epoch (as the CPU path counts)
