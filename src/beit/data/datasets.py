@@ -209,6 +209,7 @@ def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Call
             mark_bad(i, err)
     raise NoReadableImagesError(f"none of the {n} images could be {what}; first failures: {failures()}")
 
+
 class ScanResult(NamedTuple):
     """What :func:`scan_images` found: image ``paths`` (sorted) and the ``skipped`` entries as
     ``(path, reason)``: links that lead nowhere or in a loop, folders that cannot be read."""

@@ -406,8 +406,9 @@ class Trainer:
     def train_one_epoch(self, end_step: int) -> None:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
         self.model.train()
-        if not self.streaming:  # one iterator through the epochs: the loader's workers never drain at an epoch
-            if self._prefetcher is None:  # boundary
+        if not self.streaming:
+            # one iterator through the epochs: the loader's workers never drain at an epoch boundary
+            if self._prefetcher is None:
                 self._prefetcher = DevicePrefetcher(self._batches(), self.device, self.device_transform)
             self._train_steps(self._prefetcher, end_step)
             return
