@@ -186,7 +186,7 @@ def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device,
     """One optimizer step as ``Trainer.train_one_epoch``'s, with the engine's own pieces: forward + backward,
     ``after_backward`` (the prefetch), the grad norm (clipped to ``clip_grad`` as the recipe), one host sync
     on the loss, grad norm and the previous update's weights probe, the update, the new weights probe."""
-    from beit.engine.trainer import _weights_probe, grad_norm_
+    from beit.engine.trainer import _weights_probe, grad_norm_, step_checks
 
     opt = _optimizer(model, device)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -198,10 +198,7 @@ def _train_step(model: torch.nn.Module, step_fn: Callable, device: torch.device,
         loss.backward()
         if after_backward is not None:
             after_backward()
-        checks = [loss.detach().float(), grad_norm_(params, clip_grad)]
-        if probe[0] is not None:
-            checks.append(probe[0])
-        if not bool(torch.isfinite(torch.stack(checks)).all()):
+        if not bool(torch.isfinite(step_checks(loss, grad_norm_(params, clip_grad), probe[0])).all()):
             raise FloatingPointError("non-finite loss, grad norm or weights")
         opt.step()
         probe[0] = _weights_probe(params)

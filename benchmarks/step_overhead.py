@@ -42,7 +42,7 @@ import beit
 from beit.engine import load_config
 from beit.engine import optim as O
 from beit.engine.precision import autocast_for
-from beit.engine.trainer import _weights_probe, grad_norm_
+from beit.engine.trainer import _weights_probe, grad_norm_, step_checks
 from beit.tasks.classify import FinetuneConfig, make_step_fn
 
 VARIANTS = ("blocks", "blocks_engine", "blocks_nosync", "whole", "whole_engine", "whole_engine_ld",
@@ -96,8 +96,7 @@ def _step(model: torch.nn.Module, variant: str, device: torch.device) -> Callabl
             loss, _ = step_fn(model, (x, y))
         loss.backward()
         if engine:  # the trainer's own pieces (no clipping: the fine-tuning recipe's clip_grad is None)
-            checks = [loss.detach().float(), grad_norm_(params, None)] + ([probe[0]] if probe[0] is not None else [])
-            ok = bool(torch.isfinite(torch.stack(checks)).all())
+            ok = bool(torch.isfinite(step_checks(loss, grad_norm_(params, None), probe[0])).all())
         elif sync:
             ok = bool(torch.isfinite(loss))
         else:

@@ -117,6 +117,16 @@ def _weights_probe(params: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(norms).amax().float() * 0.0  # inf * 0 and NaN * 0 are NaN
 
 
+def step_checks(loss: torch.Tensor, grad_norm: torch.Tensor, weights_probe: torch.Tensor | None) -> torch.Tensor:
+    """What the engine checks for finiteness every step, stacked on the loss's device (read with one host
+    sync): the step's loss and grad norm, and the probe of the weights the previous update left
+    (:func:`_weights_probe`; None when not probed)."""
+    checks = [loss.detach().float(), grad_norm.to(loss.device)]
+    if weights_probe is not None:
+        checks.append(weights_probe.to(loss.device))
+    return torch.stack(checks)
+
+
 def grad_norm_(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The total L2 norm of ``params``' gradients (float32, 0-d, on their device, a CPU zero when none has a
     gradient; no host sync), clipping them to ``max_norm`` when it is set. Without clipping no pass scales the
@@ -290,6 +300,7 @@ class Trainer:
             groups = O.param_groups(self.raw_model, cfg.weight_decay, cfg.layer_decay, cfg.lr)
         self.optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
         self.host_threads: int | None = None  # intra-op threads while fit() runs beside workers (engine/threads.py)
+        self._weights_check: torch.Tensor | None = None  # the last update's weights probe (step_checks)
         self._loader: DataLoader | None = None  # map-style: one loader, persistent workers across epochs
         self._prefetcher: DevicePrefetcher | None = None  # map-style: its batches, one iterator through the epochs
         # skipped files: (total of the epochs recorded whole, the last of them), and epochs recorded in part
@@ -453,11 +464,7 @@ class Trainer:
             grad_norm = self._clip_grad(params)
             # one sync a step, all ranks agree: this step's loss and grad norm, and the weights left by the
             # previous update
-            checks = [loss, grad_norm.to(loss.device)]
-            weights_check = getattr(self, "_weights_check", None)
-            if weights_check is not None:
-                checks.append(weights_check.to(loss.device))
-            if not D.all_finite(torch.stack(checks)):
+            if not D.all_finite(step_checks(loss, grad_norm, self._weights_check)):
                 self._diverged(loss, grad_norm, metrics)
             opt.step()
             self._weights_check = self._probe_weights(params)
@@ -519,7 +526,7 @@ class Trainer:
             probe = _weights_probe([p for g in self.optimizer.param_groups for p in g["params"]])
             bad = D.all_reduce_mean({"bad": torch.isnan(probe).float() if probe is not None else 0.0})["bad"]
         else:
-            probe = getattr(self, "_weights_check", None)
+            probe = self._weights_check
             bad = float(probe is not None and not bool(torch.isfinite(probe)))
         if bad:
             self._weights_diverged(self.step)
@@ -535,8 +542,7 @@ class Trainer:
     def _diverged(self, loss: torch.Tensor, grad_norm: torch.Tensor, metrics: dict) -> None:
         """Raise :class:`TrainingDivergedError` for the step in progress (``self.step + 1``), or for the
         previous step when it was that step's update that left non-finite weights."""
-        weights_check = getattr(self, "_weights_check", None)
-        if weights_check is not None and not bool(torch.isfinite(weights_check)):
+        if self._weights_check is not None and not bool(torch.isfinite(self._weights_check)):
             self._weights_diverged(self.step)
         shown = {"loss": loss.item(), "grad_norm": grad_norm.item()}
         shown.update({k: float(v) for k, v in metrics.items()})
