@@ -149,6 +149,12 @@ def _kernels(events: Any) -> list[Any]:
     return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
 
 
+def device_busy(events: Any, steps: int) -> tuple[float, float]:
+    """Device time (ms) and device events a step from a profiler's ``key_averages()`` over ``steps`` steps."""
+    kernels = _kernels(events)
+    return sum(e.self_device_time_total for e in kernels) / 1e3 / steps, sum(e.count for e in kernels) / steps
+
+
 def _profile(name: str, next_batch: Callable[[], Any], step: Callable[[Any], None], steps: int, out: str) -> None:
     """torch.profiler over ``steps`` fed steps: the ops by self CPU time and by device time, and the syncs."""
     from torch.profiler import ProfilerActivity, profile
@@ -162,8 +168,7 @@ def _profile(name: str, next_batch: Callable[[], Any], step: Callable[[Any], Non
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ka = prof.key_averages()
-    dev_ms = sum(e.self_device_time_total for e in _kernels(ka)) / 1e3 / steps
-    kernels = sum(e.count for e in _kernels(ka)) / steps
+    dev_ms, kernels = device_busy(ka, steps)
     text = [f"==== profile {name}: {steps} steps, wall {1e3 * wall / steps:.1f} ms a step (profiled), device "
             f"busy {dev_ms:.1f} ms a step in {kernels:.0f} device events",
             ka.table(sort_by="self_cpu_time_total", row_limit=30)]

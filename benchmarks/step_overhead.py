@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,9 @@ from beit.engine import optim as O
 from beit.engine.precision import autocast_for
 from beit.engine.trainer import _weights_probe, grad_norm_, step_checks
 from beit.tasks.classify import FinetuneConfig, make_step_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import device_busy  # noqa: E402  (the profile's device time, counted as data_pipeline counts it)
 
 VARIANTS = ("blocks", "blocks_engine", "blocks_nosync", "whole", "whole_engine", "whole_engine_ld",
             "whole_engine_ld_copt", "whole_nosync", "cudagraphs", "eager")
@@ -116,14 +120,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _kernels(events: Any) -> list[Any]:
-    """The profiler's device-side events (kernels, copies, memsets), as its table totals them: the host ops
-    named like a Triton kernel carry that kernel's time too, and summing every row would count it twice."""
-    from torch.autograd import DeviceType
-
-    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-
-
 def measure(a: argparse.Namespace, variant: str, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     model = _model(a, variant, device)
@@ -153,8 +149,7 @@ def measure(a: argparse.Namespace, variant: str, device: torch.device) -> dict[s
         wall = time.perf_counter() - t0
     ka = prof.key_averages()
     out["profiled_wall_ms"] = 1e3 * wall / n
-    out["device_busy_ms"] = sum(e.self_device_time_total for e in _kernels(ka)) / 1e3 / n
-    out["device_events"] = sum(e.count for e in _kernels(ka)) / n
+    out["device_busy_ms"], out["device_events"] = device_busy(ka, n)
     if a.tables:
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return out
