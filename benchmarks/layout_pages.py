@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -105,27 +104,20 @@ def training_pages(data: Path, work: Path) -> list[Path]:
 
 
 def write_crops(pages: list[Path], out: Path, a: argparse.Namespace) -> int:
-    """``a.crops`` random crops of each page (area ``a.crop_scale`` of the page, aspect 3/4..4/3, as
-    RandomResizedCrop draws them), resized (bicubic) to a short side of ``a.crop_px``, RGB JPEG q90."""
+    """``a.crops`` random crops of each page (torchvision's ``RandomResizedCrop`` draw: area ``a.crop_scale`` of
+    the page, aspect 3/4..4/3; seeded), resized (bicubic) to a short side of ``a.crop_px``, RGB JPEG q90."""
+    import torch
     from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
 
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
+    torch.manual_seed(0)  # get_params draws from torch's global stream
     n = 0
     for k, page in enumerate(pages):
         with Image.open(page) as im:
             img = im.convert("RGB")
-        W, H = img.size
         for c in range(a.crops):
-            for _ in range(20):  # RandomResizedCrop's rejection loop; the whole page if every draw fails
-                area = W * H * rng.uniform(*a.crop_scale)
-                aspect = pow(2.0, rng.uniform(-0.415, 0.415))  # log-uniform in 3/4..4/3
-                w, h = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
-                if 0 < w <= W and 0 < h <= H:
-                    break
-            else:
-                w, h = W, H
-            x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+            y, x, h, w = RandomResizedCrop.get_params(img, scale=list(a.crop_scale), ratio=[3 / 4, 4 / 3])
             s = a.crop_px / min(w, h)
             crop = img.crop((x, y, x + w, y + h)).resize((max(1, round(w * s)), max(1, round(h * s))),
                                                           Image.Resampling.BICUBIC)
