@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -186,6 +187,52 @@ def test_page_broken_after_build_is_replaced_in_training_and_named_in_eval(tmp_p
     assert int(t["image_id"]) == 2 and train.report["unreadable_at_load"] == 1
     with pytest.raises(LayoutDataError, match="page_000.png"):
         val[0]
+
+
+@pytest.fixture
+def beit_warnings():
+    """Warnings logged under the ``beit`` logger (which stops propagating once a run has set up logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("beit")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_broken_pages_are_remembered_and_counted_once_per_replaced_sample(tmp_path, beit_warnings, monkeypatch):
+    ann = write_synthetic_pages(tmp_path, num_pages=3, size=(64, 80))
+    train = CocoLayoutDataset(ann, tmp_path / "images", train=True, min_sizes=(64,), max_size=128)
+    for name in ("page_000.png", "page_001.png"):  # two bad pages in a row, found only at load time
+        broken = tmp_path / "images" / name
+        broken.write_bytes(broken.read_bytes()[:60])
+    reads: list[int] = []
+    load = train.load_image
+    monkeypatch.setattr(train, "load_image", lambda i: reads.append(i) or load(i))
+    _, t = train[0]  # page 2 after two bad pages: one replaced sample
+    assert int(t["image_id"]) == 3 and train.skipped_count(0) == 1 and train.skipped_count() == 1
+    assert train.report["unreadable_at_load"] == 2 and len(beit_warnings) == 2
+    train.set_epoch(1)
+    for index in (0, 1):  # known-bad pages: not decoded nor warned about again, one skip per sample
+        _, t = train[index]
+        assert int(t["image_id"]) == 3
+    assert train.skipped_count(1) == 2 and train.skipped_count() == 3
+    assert train.report["unreadable_at_load"] == 2 and len(beit_warnings) == 2
+    assert reads == [0, 1, 2, 2, 2]
+
+
+def test_all_pages_broken_at_load_raise_layout_data_error(tmp_path):
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
+    train = CocoLayoutDataset(ann, tmp_path / "images", train=True, min_sizes=(64,), max_size=128)
+    for name in ("page_000.png", "page_001.png"):
+        broken = tmp_path / "images" / name
+        broken.write_bytes(broken.read_bytes()[:60])
+    for _ in range(2):  # again once every page is known bad
+        with pytest.raises(LayoutDataError, match=r"annotations.json: none of the 2 pages of .*images can be read; "
+                                                  r"first failures: .*page_000.png.*page_001.png"):
+            train[1]
+    assert train.skipped_count() == 0 and train.report["unreadable_at_load"] == 2
 
 
 def test_coco_eval_perfect_is_one_and_empty_is_zero(pages):

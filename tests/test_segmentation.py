@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,13 @@ from beit.tasks.segmentation import (
     BadSampleError,
     BeitSegmenter,
     ConfusionMatrix,
+    SegEvalTransform,
+    SegmentationDataset,
     SegmentConfig,
+    SegTrainTransform,
     build_datasets,
     default_out_indices,
+    folder_pairs,
     format_table,
     inference,
     load_segmenter,
@@ -216,6 +222,84 @@ def test_bad_samples_raise_or_skip(tmp_path: Path) -> None:
     ev = build_datasets(load_config(SegmentConfig, None, ov + ["data.on_bad_sample=skip", "data.val_split=training"]),
                         ("val",))["val"]
     assert ev[2] is None and ev[3] is None and ev[1]["mask"].shape == (30, 40)
+
+
+@pytest.fixture
+def beit_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Warnings logged under the ``beit`` logger (which stops propagating once a run has set up logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("beit")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _ade_with_unreadable_images(tmp_path: Path, n: int, bad: tuple[int, ...]) -> list[tuple[str, str]]:
+    root = make_ade(tmp_path / "ade", n=n)
+    for i in bad:
+        (root / f"images/training/ADE_{i}.jpg").write_bytes(b"not a JPEG")
+    pairs, problems = folder_pairs(root / "images/training", root / "annotations/training")
+    assert not problems
+    return pairs
+
+
+def test_bad_pairs_are_remembered_and_counted_once_per_replaced_sample(tmp_path: Path, beit_warnings: list,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = _ade_with_unreadable_images(tmp_path, 4, bad=(0, 1))  # two bad pairs in a row
+    ds = SegmentationDataset(pairs, 150, transform=SegTrainTransform(32, (40, 30)), reduce_zero_label=True,
+                             on_bad_sample="skip")
+    ev = SegmentationDataset(pairs, 150, transform=SegEvalTransform(None), train=False, reduce_zero_label=True,
+                             on_bad_sample="skip")
+    reads: list[int] = []
+    for d in (ds, ev):
+        monkeypatch.setattr(d, "load", lambda i, load=d.load: reads.append(i) or load(i))
+    x, _ = ds[0]  # pair 2 after two bad pairs: one replaced sample
+    assert x.shape == (3, 32, 32) and ds.skipped_count(0) == 1 and ds.num_skipped == 2
+    assert reads == [0, 1, 2] and len(beit_warnings) == 2 and "ADE_0.jpg" in beit_warnings[0].getMessage()
+    ds.set_epoch(1)
+    _ = ds[0], ds[1]  # known bad: not decoded nor warned about again, one skip per sample
+    assert ds.skipped_count(1) == 2 and ds.skipped_count() == 3
+    assert reads == [0, 1, 2, 2, 2] and len(beit_warnings) == 2 and ds.num_skipped == 2
+    # eval: None and counted on every request, decoded and warned about once
+    assert ev[1] is None and ev[1] is None and ev[2]["mask"].shape == (30, 40)
+    assert ev.skipped_count() == 2 and reads[5:] == [1, 2] and len(beit_warnings) == 3
+
+
+def test_all_pairs_bad_raise_bad_sample_error(tmp_path: Path) -> None:
+    pairs = _ade_with_unreadable_images(tmp_path, 2, bad=(0, 1))
+    ds = SegmentationDataset(pairs, 150, transform=SegTrainTransform(32, (40, 30)), reduce_zero_label=True,
+                             on_bad_sample="skip")
+    for _ in range(2):  # again once every pair is known bad
+        with pytest.raises(BadSampleError, match=r"none of the 2 image/mask pairs can be used; first failures: "
+                                                 r".*ADE_0.jpg: cannot read image.*ADE_1.jpg"):
+            ds[1]
+    assert ds.skipped_count() == 0 and ds.num_skipped == 2
+
+
+def test_decoder_errors_of_any_type_are_bad_pairs_not_crashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL raises SyntaxError, zlib.error, DecompressionBombError... on broken files, not only OSError."""
+    import zlib
+
+    from beit.tasks.segmentation import data as seg_data
+
+    pairs = _ade_with_unreadable_images(tmp_path, 3, bad=())
+    real = seg_data.decode_image_matching
+    errors = {"ADE_0.jpg": SyntaxError("broken PNG file"), "ADE_1.jpg": zlib.error("invalid stored block lengths")}
+
+    def decode(path, size):  # noqa: ANN001, ANN202
+        err = errors.get(Path(path).name)
+        if err is not None:
+            raise err
+        return real(path, size)
+
+    monkeypatch.setattr(seg_data, "decode_image_matching", decode)
+    ds = SegmentationDataset(pairs, 150, transform=SegTrainTransform(32, (40, 30)), reduce_zero_label=True,
+                             on_bad_sample="skip")
+    x, _ = ds[0]
+    assert x.shape == (3, 32, 32) and ds.skipped_count(0) == 1 and ds.num_skipped == 2
+    assert "SyntaxError: broken PNG file" in ds.bad_samples[0][1] and "error: invalid stored" in ds.bad_samples[1][1]
 
 
 # ------------------------------------------------------------------------------------------------ inference

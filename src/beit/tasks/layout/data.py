@@ -30,7 +30,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ...data.datasets import RepeatedDataset, SkipCounter, decode_image_matching, image_size
+from ...data.datasets import (
+    NoReadableImagesError,
+    RepeatedDataset,
+    SkipCounter,
+    decode_image_matching,
+    first_readable,
+    image_size,
+)
 from ...data.seeding import seeded
 from ...engine.config import ConfigError
 from .config import CROP_RESIZE, DIT_MIN_SIZES, LayoutConfig
@@ -154,6 +161,8 @@ class CocoLayoutDataset(Dataset):
         self.report["empty_pages"] = sum(1 for v in self.anns.values() if not any(not a["iscrowd"] for a in v))
         if not self.images:
             raise LayoutDataError(f"{self.ann_file}: no usable image ({self.summary()})")
+        self._bad_pages: dict[int, str] = {}  # page index -> why it failed to decode at load time, per process
+        self._bad_mask = torch.zeros(len(self.images), dtype=torch.bool).share_memory_()  # seen by every worker
         skipped = {k: v for k, v in self.report.items() if k not in ("images", "boxes", "empty_pages")}
         if skipped:
             log.warning(f"{self.ann_file}: {self.summary()}; first: {self.problems[0] if self.problems else '-'}")
@@ -264,21 +273,42 @@ class CocoLayoutDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """In training, a page that fails to decode now (header fine at build time, body truncated) is
-        replaced by the next readable page, with a warning, rather than killing the run; in evaluation the
-        error (naming the file) is raised, since skipping a page would change the score."""
-        for k in range(len(self.images) if self.train else 1):
-            i = (index + k) % len(self.images)
-            try:
-                img = self.load_image(i)
-            except LayoutDataError as e:
-                if not self.train:
-                    raise
-                log.warning(f"{e}; using the next page instead")
-                self.report["unreadable_at_load"] += 1
-                self._skips.add(epoch=self.epoch)
-                continue
-            return self._sample(i, img, index)
-        raise LayoutDataError(f"{self.ann_file}: no page of {self.root} can be read")
+        replaced by the next readable page (one skip counted per replaced sample); the page is warned about and
+        counted in ``report["unreadable_at_load"]`` once, and never decoded again by this process or its
+        DataLoader workers. In evaluation the error (naming the file) is raised, since skipping a page would
+        change the score.
+
+        Raises:
+            LayoutDataError: evaluation: the page cannot be read (naming the file); training: no page can be read
+                (naming the annotation file, the image folder and the first failures).
+        """
+        n = len(self.images)
+        if not -n <= int(index) < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} pages")
+        index = int(index) % n
+        if not self.train:
+            return self._sample(index, self.load_image(index), index)
+        try:
+            i, img = first_readable(n, index, lambda j: bool(self._bad_mask[j]), self.load_image, self._mark_bad,
+                                    self._first_failures)
+        except NoReadableImagesError:
+            raise LayoutDataError(f"{self.ann_file}: none of the {n} pages of {self.root} can be read; first "
+                                  f"failures: {self._first_failures()}") from None
+        if i != index:  # replaced: one skip per request of a bad page
+            self._skips.add(epoch=self.epoch)
+        return self._sample(i, img, index)
+
+    def _mark_bad(self, i: int, err: BaseException) -> None:
+        """Page ``i`` failed to decode at load time: remember it, warn and count it once."""
+        self._bad_mask[i] = True
+        if i not in self._bad_pages:
+            self._bad_pages[i] = str(err)
+            self.report["unreadable_at_load"] += 1
+            log.warning(f"{err}; using the next page instead")
+
+    def _first_failures(self) -> list[str]:
+        """The errors of the first (up to 3) pages found unreadable at load time by this process."""
+        return [msg for _, msg in sorted(self._bad_pages.items())[:3]]
 
     def _sample(self, i: int, img: Image.Image, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         info = self.images[i]

@@ -32,7 +32,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from beit.data.datasets import RepeatedDataset, SkipCounter, decode_image_matching, image_size, list_images
+from beit.data.datasets import (
+    NoReadableImagesError,
+    RepeatedDataset,
+    SkipCounter,
+    decode_image_matching,
+    first_readable,
+    image_size,
+    list_images,
+)
 from beit.data.seeding import seeded
 from beit.engine.config import ConfigError
 
@@ -353,6 +361,7 @@ class SegmentationDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.bad_samples: list[tuple[str, str]] = []  # (path, reason)
         self._skips = SkipCounter()  # replaced samples, summed over DataLoader workers
+        self._reset_bad()
         for p in problems:
             self._bad(p.split(":")[0], p)
         if not self.pairs:
@@ -376,6 +385,25 @@ class SegmentationDataset(Dataset):
             self.bad_samples.append((path, reason))
             logger.warning("skipping bad sample: %s", reason)
 
+    def _reset_bad(self) -> None:
+        """Forget the pairs found bad while loading (``self.pairs`` was just set)."""
+        self._bad_reasons: dict[int, str] = {}  # pair index -> why it is bad, per process
+        self._bad_mask = torch.zeros(len(self.pairs), dtype=torch.bool).share_memory_()  # seen by every worker
+
+    def _mark_bad(self, index: int, err: BaseException) -> None:
+        """Pair ``index`` failed to load: raise (``on_bad_sample="error"``), or remember it (warned about once,
+        never decoded again by this process or its DataLoader workers).
+
+        Raises:
+            BadSampleError: with ``on_bad_sample="error"``, naming the file.
+            Exception: ``err`` itself when it is not a :class:`BadSampleError` (a bug, not a bad file).
+        """
+        if not isinstance(err, BadSampleError):
+            raise err
+        self._bad(self.pairs[index][0], str(err))  # raises with on_bad_sample="error"
+        self._bad_mask[index] = True
+        self._bad_reasons.setdefault(index, str(err))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -389,12 +417,12 @@ class SegmentationDataset(Dataset):
             raw = read_mask(mask_path)
         except BadSampleError:
             raise
-        except (OSError, ValueError) as e:
-            raise BadSampleError(f"{mask_path}: cannot read mask ({e})") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, zlib.error... on broken files
+            raise BadSampleError(f"{mask_path}: cannot read mask ({type(e).__name__}: {e})") from None
         try:  # upright by EXIF, unless the mask was drawn on the stored pixels
             img = decode_image_matching(img_path, (raw.shape[1], raw.shape[0]))
-        except (OSError, ValueError) as e:
-            raise BadSampleError(f"{img_path}: cannot read image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - as above
+            raise BadSampleError(f"{img_path}: cannot read image ({type(e).__name__}: {e})") from None
         if raw.shape != (img.height, img.width):
             raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {img_path} "
                                  f"is {img.width}x{img.height}")
@@ -436,37 +464,61 @@ class SegmentationDataset(Dataset):
                     raise BadSampleError(f"{mask_path}: label values {np.unique(raw[bad])[:5].tolist()} are outside "
                                          f"the {self.num_classes} classes (ignore index {self.ignore_index})")
                 good.append(self.pairs[i])
-            except (BadSampleError, OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - a broken file of any kind is a bad pair
                 n_bad += 1
                 self._bad(self.pairs[i][0], str(e) if isinstance(e, BadSampleError) else f"{self.pairs[i][0]}: {e}")
         if not good:
             raise BadSampleError(f"no usable image/mask pairs ({n_bad} bad)")
         self.pairs = good
+        self._reset_bad()
         return n_bad
 
     def _load_good(self, index: int) -> tuple[int, Image.Image, np.ndarray]:
-        for k in range(len(self.pairs)):
-            j = (index + k) % len(self.pairs)
-            try:
-                return (j, *self.load(j))
-            except BadSampleError as e:
-                self._bad(self.pairs[j][0], str(e))
-        raise BadSampleError("every image/mask pair is bad")
+        """``(j, image, labels)`` of pair ``index``, or of the next usable pair ``j`` (pairs known bad are not
+        decoded again).
+
+        Raises:
+            BadSampleError: a bad pair with ``on_bad_sample="error"`` (naming the file), or no usable pair at all
+                (how many pairs, the first failures).
+        """
+        try:
+            j, (img, mask) = first_readable(len(self.pairs), index, lambda k: bool(self._bad_mask[k]), self.load,
+                                            self._mark_bad, self._first_failures)
+        except NoReadableImagesError:
+            raise BadSampleError(f"none of the {len(self.pairs)} image/mask pairs can be used; first failures: "
+                                 f"{self._first_failures()}") from None
+        return j, img, mask
+
+    def _first_failures(self) -> list[str]:
+        """Why the first (up to 3) pairs found bad by this process are bad (each message names its file)."""
+        return [reason for _, reason in sorted(self._bad_reasons.items())[:3]]
 
     def __getitem__(self, index: int) -> Any:
+        """Training: ``(image, mask)`` of sample ``index``, or of the next usable pair (counted once in
+        ``skipped_count``); eval: a dict, or None for a bad pair (counted, never replaced).
+
+        Raises:
+            BadSampleError: a bad pair with ``on_bad_sample="error"``, or (training) no usable pair at all.
+        """
+        n = len(self.pairs)
+        if not -n <= int(index) < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} pairs")
+        index = int(index) % n
         if not self.train:  # eval: a bad pair is dropped (None), never replaced by a sample counted twice
-            try:
-                img, mask = self.load(int(index))
-            except BadSampleError as e:
-                self._bad(self.pairs[int(index)][0], str(e))
-                self._skips.add(epoch=self.epoch)
-                return None
-            x, m = self.transform(img, mask)
-            return {"image": x, "mask": m, "path": self.pairs[int(index)][0]}
-        j, img, mask = self._load_good(int(index))
-        if j != int(index):
+            if not self._bad_mask[index]:  # a pair known bad is not decoded again
+                try:
+                    img, mask = self.load(index)
+                except BadSampleError as e:
+                    self._mark_bad(index, e)
+                else:
+                    x, m = self.transform(img, mask)
+                    return {"image": x, "mask": m, "path": self.pairs[index][0]}
             self._skips.add(epoch=self.epoch)
-        with seeded(self.seed, self.epoch, int(index)):
+            return None
+        j, img, mask = self._load_good(index)
+        if j != index:  # replaced: one skip per request of a bad sample
+            self._skips.add(epoch=self.epoch)
+        with seeded(self.seed, self.epoch, index):
             return self.transform(img, mask)
 
 
