@@ -7,7 +7,8 @@
    from the same inputs, next to SDPA's error on the same inputs: the kernel passes when its error is within
    the tolerance below and no worse than 2x SDPA's at the same precision.
 2. Speed of one attention forward+backward at BEiT-B's pre-training shape (B 128, 12 heads, 197 tokens, d 64,
-   bf16): SDPA with the bias as a float mask (today's path), our kernel, FlexAttention with the bias as a
+   bf16): SDPA with the bias as a float mask (today's path), our kernel ([B, H, L, d] interface, and the packed
+   [B, L, 3, H, d] form the model calls), FlexAttention with the bias as a
    captured tensor (its learnable-bias support), and SDPA with no bias (flash: the bound).
 The full training steps with each kernel are rows of ``train_throughput.py`` (``ours_mim_fused_c`` ...).
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.models.attention import eager_attention, sdpa_attention
-from beit.models.attention_triton import fused_bias_attention
+from beit.models.attention_triton import fused_bias_attention, fused_bias_attention_packed
 
 SHAPES = [(16, 12, 197, 64), (16, 12, 65, 64), (4, 16, 577, 64), (2, 12, 1025, 64), (8, 6, 197, 32),
           (4, 8, 197, 128)]
@@ -56,6 +57,11 @@ def check(dtype: torch.dtype) -> list[dict]:
             e_sdpa = (s.double() - r).abs().max().item() / scale
             row[n] = {"ours": e_ours, "sdpa": e_sdpa}
             ok &= e_ours <= TOL[dtype] and e_ours <= max(2 * e_sdpa, TOL[dtype] / 10)
+        # the packed form the model calls reads/writes the projection's layout: the same numbers as above
+        packed = _grads(lambda q, k, v, b: fused_bias_attention_packed(
+            torch.stack((q, k, v), 2).transpose(1, 3), b).transpose(1, 2), q, k, v, bias, g)
+        row["packed_equals_unpacked"] = all(torch.equal(a, p) for a, p in zip(ours, packed))
+        ok &= row["packed_equals_unpacked"]
         row["pass"] = bool(ok)
         rows.append(row)
         print(f"{row['dtype']:8s} {str((B, H, L, d)):20s} " + "  ".join(
@@ -89,6 +95,8 @@ def speed(B: int = 128, H: int = 12, L: int = 197, d: int = 64) -> dict:
             out = sdpa_attention(q, k, v, bias)
         elif kind == "fused":
             out = fused_bias_attention(q, k, v, bias)
+        elif kind == "fused_packed":  # what the model calls: no stack/transpose copies around the kernels
+            out = fused_bias_attention_packed(qkv, bias).transpose(1, 2)
         elif kind == "flex":
             b3 = bias[0].to(torch.bfloat16)
 
@@ -101,7 +109,7 @@ def speed(B: int = 128, H: int = 12, L: int = 197, d: int = 64) -> dict:
         out.backward(g)
 
     res = {}
-    for kind in ("sdpa_bias", "fused", "flex", "sdpa_nobias"):
+    for kind in ("sdpa_bias", "fused", "fused_packed", "flex", "sdpa_nobias"):
         torch.cuda.reset_peak_memory_stats()
         try:
             ms = _bench(run, (kind,))

@@ -20,23 +20,55 @@ from beit.models.attention import ATTENTION_IMPLS, eager_attention
 
 _INTERPRETED = textwrap.dedent("""
     import torch
+    import beit
     from beit.models import attention_triton as T
     from beit.models.attention import eager_attention
+    T.supported = T.supported_packed = lambda *a, **k: True  # CPU tensors, run by Triton's interpreter
     torch.manual_seed(0)
     T.DBIAS_CHUNKS = 2  # B = 5 -> chunks of 3 and 2 images: the uneven split of the d(bias) reduction
     worst = 0.0
-    for B, H, L, d in [(2, 2, 37, 16), (1, 3, 65, 32), (2, 1, 70, 64), (5, 2, 20, 16)]:
-        qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64).float()
-        q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # strided, like the model
-        bias = (2 * torch.randn(1, H, L, L)).requires_grad_()
-        g = torch.randn(B, H, L, d)
-        out, _ = T._fwd(q, k, v, bias.reshape(H, L, L))          # the custom op, with its autograd formula
-        got = [out, *torch.autograd.grad(out, (q, k, v, bias), g)]
-        ref = eager_attention(*(t.double() for t in (q, k, v, bias)))
-        want = [ref, *torch.autograd.grad(ref, (q, k, v, bias), g.double())]
+
+    def err(got, want):
+        global worst
         for a, b in zip(got, want):
             assert a.shape == b.shape, (a.shape, b.shape)
             worst = max(worst, ((a.double() - b).abs().max() / b.abs().max()).item())
+
+    for B, H, L, d in [(2, 2, 37, 16), (1, 3, 65, 32), (2, 1, 70, 64), (5, 2, 20, 16)]:
+        bias = (2 * torch.randn(1, H, L, L)).requires_grad_()
+        # packed, as the model calls it: a [B, L, 3, H, d] view with a row stride larger than 3 * H * d
+        wide = torch.randn(B, L, 3 * H * d + 8, dtype=torch.float64).float().requires_grad_()
+        qkv = wide[..., : 3 * H * d].reshape(B, L, 3, H, d)
+        g = torch.randn(B, L, H, d)
+        out = T.fused_bias_attention_packed(qkv, bias)  # the custom op, with its autograd formula
+        got = [out, *torch.autograd.grad(out, (wide, bias), g)]
+        q, k, v = (t.double() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        ref = eager_attention(q, k, v, bias.double()).transpose(1, 2)
+        err(got, [ref, *torch.autograd.grad(ref, (wide, bias), g.double())])
+        # the [B, H, L, d] interface
+        q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        gh = g.transpose(1, 2)
+        out = T.fused_bias_attention(q, k, v, bias[0])
+        got = [out, *torch.autograd.grad(out, (q, k, v, bias), gh)]
+        ref = eager_attention(*(t.double() for t in (q, k, v, bias)))
+        err(got, [ref, *torch.autograd.grad(ref, (q, k, v, bias), gh.double())])
+    # the model's attention on the packed path: output and every gradient equal the SDPA model's
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5,
+              use_rel_pos_bias=True)
+    a = beit.create_model("beit_tiny_patch16_224", attn_impl="sdpa", **kw).double()
+    b = beit.create_model("beit_tiny_patch16_224", attn_impl="fused_bias", **kw).double()
+    for blk in a.blocks:  # a bias that matters (the tables start at zero)
+        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ya, yb = a(x), b(x)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    model_err = (ya - yb).abs().max().item()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is not None:
+            model_err = max(model_err, ((pa.grad - pb.grad).abs().max() / pa.grad.abs().max().clamp_min(1e-12)).item())
+    print("MODEL", model_err)
     print("WORST", worst)
 """)
 
@@ -48,6 +80,8 @@ def test_kernel_matches_eager_in_triton_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = float(proc.stdout.split("WORST")[-1])
     assert worst < 1e-5  # fp32 kernel vs fp64 reference: output, dq, dk, dv and the batch-summed d(bias)
+    model = float(proc.stdout.split("MODEL")[-1].split()[0])
+    assert model < 1e-6  # the packed kernel path (fp32 accumulation) vs SDPA in an fp64 model: output, every grad
 
 
 def test_supported_refuses_what_the_kernel_cannot_take():

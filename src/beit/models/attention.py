@@ -73,6 +73,20 @@ ATTENTION_IMPLS: dict[str, AttentionFn] = {
 }
 
 
+def fused_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``fused_bias`` on the qkv projection's ``[B, L, 3, H, d]`` output, returning ``[B, L, H * d]``: the
+    kernel reads and writes those layouts in place (no transposes or stacks around it); where it does not run,
+    the same result through SDPA."""
+    if attention_triton.supported_packed(qkv, bias, dropout_p):
+        return attention_triton.fused_bias_attention_packed(qkv, bias).flatten(2)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return sdpa_attention(q, k, v, bias, dropout_p).transpose(1, 2).flatten(2)
+
+
+# implementations that also take the packed form (used by the model when its ``attn_impl`` is one of them)
+PACKED_ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"fused_bias": fused_bias_attention_packed}
+
+
 def get_attention(name: str) -> AttentionFn:
     try:
         return ATTENTION_IMPLS[name]

@@ -11,11 +11,16 @@ gradient comes back as a ``[B, H, L, L]`` tensor that autograd then sums over th
   of ``d(bias)`` for one head and loops over the batch, so the reduction over images happens in registers
   (no ``[B, H, L, L]`` tensor, no atomics, deterministic);
 - any sequence length (197 = 14x14+1, 577, 1025, ...): out-of-range rows and columns are masked, nothing is
-  padded; fp32 accumulation, q/k/v in fp16, bf16 or fp32.
+  padded; fp32 accumulation, q/k/v in fp16, bf16 or fp32;
+- no copies around the kernels: q, k, v are read in place from the qkv projection's ``[B, L, 3, H, d]``
+  output, the result is written as ``[B, L, H, d]`` (the output projection's input once flattened), their
+  gradient comes back as one ``[B, L, 3, H, d]`` tensor, and ``rowsum(dO * O)`` is computed by the dQ kernel
+  (it was four eager fp32 ops inside the op, which ``torch.compile`` cannot fuse).
 
-The kernels are wrapped as the custom op ``beit::fused_bias_attention`` (one opaque node for ``torch.compile``)
-with its autograd formula registered. :func:`supported` says which inputs it takes; ``beit.models.attention``
-falls back to SDPA for the rest (CPU, dropout, head dims that are not a power of two in [16, 128]).
+The kernels are wrapped as the custom ops ``beit::fused_bias_attention_fwd`` / ``_bwd`` (opaque nodes for
+``torch.compile``) with the autograd formula registered. :func:`supported_packed` / :func:`supported` say which
+inputs they take; ``beit.models.attention`` falls back to SDPA for the rest (CPU, dropout, head dims that are
+not a power of two in [16, 128]).
 """
 
 from __future__ import annotations
@@ -30,9 +35,17 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs have no Trit
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "fused_bias_attention", "supported"]
+__all__ = ["HAS_TRITON", "fused_bias_attention", "fused_bias_attention_packed", "supported", "supported_packed"]
 
 _HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _takes(x: torch.Tensor, bias: torch.Tensor | None, dropout_p: float, H: int, L: int, d: int) -> bool:
+    if not (HAS_TRITON and x.is_cuda and dropout_p == 0.0 and bias is not None and d in _HEAD_DIMS):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return tuple(bias.shape) in ((H, L, L), (1, H, L, L))
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -42,18 +55,28 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     Needs Triton, CUDA tensors, q/k/v ``[B, H, L, d]`` of one float dtype with ``d`` in 16/32/64/128, no
     dropout, and a bias broadcast over the batch: ``[H, L, L]`` or ``[1, H, L, L]``.
     """
-    if not (HAS_TRITON and q.is_cuda and dropout_p == 0.0 and bias is not None):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape or not (q.dtype == k.dtype == v.dtype):
         return False
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape or q.shape[-1] not in _HEAD_DIMS:
+    _, H, L, d = q.shape
+    return _takes(q, bias, dropout_p, H, L, d)
+
+
+def supported_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> bool:
+    """True when :func:`fused_bias_attention_packed` takes these inputs (else use SDPA): as :func:`supported`,
+    for one ``[B, L, 3, H, d]`` tensor."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
-        return False
-    _, H, L, _ = q.shape
-    shape = tuple(bias.shape)
-    return shape == (H, L, L) or shape == (1, H, L, L)
+    _, L, _, H, d = qkv.shape
+    return _takes(qkv, bias, dropout_p, H, L, d)
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _tile(Ptr, sb, sh, sl, b, h, offs, ok, offs_d):
+        """The ``[len(offs), D]`` rows ``offs`` of image ``b``, head ``h`` of a tensor given by its strides
+        (batch, head, token; unit stride in ``d``); rows past ``L`` read as 0."""
+        return tl.load(Ptr + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :], mask=ok[:, None], other=0.0)
 
     @triton.jit
     def _fwd_kernel(Q, K, V, Bias, Out, Lse,
@@ -67,7 +90,7 @@ if HAS_TRITON:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         m_ok = offs_m < L
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q = _tile(Q, sqb, sqh, sql, b, h, offs_m, m_ok, offs_d)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -75,7 +98,7 @@ if HAS_TRITON:
         for start_n in range(0, L, BN):
             offs_n = start_n + tl.arange(0, BN)
             n_ok = offs_n < L
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             s += tl.load(bias_row + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -83,7 +106,7 @@ if HAS_TRITON:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         acc = acc / l_i[:, None]
@@ -92,8 +115,43 @@ if HAS_TRITON:
         tl.store(Lse + bh * L + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
     @triton.jit
+    def _bwd_dq_kernel(Q, K, V, Bias, DO, Out, Lse, Delta, DQ,
+                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sob, soh, sol, sgb, sgh, sgl,
+                       H, L, scale,
+                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        # runs first: also writes delta = rowsum(dO * O) for its rows, which the other two kernels read
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        m_ok = offs_m < L
+        q = _tile(Q, sqb, sqh, sql, b, h, offs_m, m_ok, offs_d)
+        do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
+        o = _tile(Out, sob, soh, sol, b, h, offs_m, m_ok, offs_d)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + bh * L + offs_m, delta, mask=m_ok)
+        lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BM, D], tl.float32)
+        for start_n in range(0, L, BN):
+            offs_n = start_n + tl.arange(0, BN)
+            n_ok = offs_n < L
+            ok = m_ok[:, None] & n_ok[None, :]
+            k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
+            v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=m_ok[:, None])
+
+    @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
-                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
+                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sgb, sgh, sgl,
                          H, L, scale,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -103,17 +161,15 @@ if HAS_TRITON:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         n_ok = offs_n < L
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
+        v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         for start_m in range(0, L, BM):
             offs_m = start_m + tl.arange(0, BM)
             m_ok = offs_m < L
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=m_ok[:, None],
-                        other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=m_ok[:, None],
-                         other=0.0)
+            q = _tile(Q, sqb, sqh, sql, b, h, offs_m, m_ok, offs_d)
+            do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
             ok = m_ok[:, None] & n_ok[None, :]
@@ -124,43 +180,9 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        # dk/dv are [B, H, L, D] contiguous
-        base = bh * L * D + offs_n[:, None] * D + offs_d[None, :]
+        base = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
         tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
         tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
-
-    @triton.jit
-    def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ,
-                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol,
-                       H, L, scale,
-                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_d = tl.arange(0, D)
-        m_ok = offs_m < L
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=m_ok[:, None],
-                     other=0.0)
-        lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
-        dq = tl.zeros([BM, D], tl.float32)
-        for start_n in range(0, L, BN):
-            offs_n = start_n + tl.arange(0, BN)
-            n_ok = offs_n < L
-            ok = m_ok[:, None] & n_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=m_ok[:, None])
 
     @triton.jit
     def _bwd_dbias_kernel(Q, K, V, Bias, DO, Lse, Delta, DBias,
@@ -182,12 +204,10 @@ if HAS_TRITON:
         acc = tl.zeros([BM, BN], tl.float32)
         for b in range(chunk * per_chunk, tl.minimum(chunk * per_chunk + per_chunk, B)):
             bh = b * H + h
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=m_ok[:, None],
-                        other=0.0)
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :], mask=m_ok[:, None],
-                         other=0.0)
+            q = _tile(Q, sqb, sqh, sql, b, h, offs_m, m_ok, offs_d)
+            k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
+            v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
+            do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
@@ -215,92 +235,126 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _inner(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with unit stride in the last dim; views of a qkv projection already have it."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a ``[B, L, H, d]`` tensor (a slice of the packed ``[B, L, 3, H, d]``)."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
 @torch.library.custom_op("beit::fused_bias_attention_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, L, d = q.shape
-    out = torch.empty((B, H, L, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+def _fwd(qkv: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, _, H, d = qkv.shape
+    q, k, v = qkv.unbind(2)  # [B, L, H, d] views: read in place through their strides
+    out = torch.empty((B, L, H, d), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
     BM, BN, warps, stages = _cfg("fwd", d)
     _fwd_kernel[(triton.cdiv(L, BM), B * H)](
-        q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, L, d ** -0.5, D=d, BM=BM, BN=BN, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+        q, k, v, bias, out, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out),
+        H, L, d ** -0.5, D=d, BM=BM, BN=BN, PREC=_prec(qkv.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
 @_fwd.register_fake
-def _(q, k, v, bias):  # noqa: ANN001, ANN202
-    B, H, L, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, L), dtype=torch.float32)
+def _(qkv, bias):  # noqa: ANN001, ANN202
+    B, L, _, H, d = qkv.shape
+    return qkv.new_empty((B, L, H, d)), qkv.new_empty((B, H, L), dtype=torch.float32)
 
 
 @torch.library.custom_op("beit::fused_bias_attention_bwd", mutates_args=())
-def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-         out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, L, d = q.shape
+def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, _, H, d = qkv.shape
     do = _inner(do)
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, H, L]
-    dq = torch.empty((B, H, L, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    q, k, v = qkv.unbind(2)
+    dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
+    dq, dk, dv = dqkv.unbind(2)
+    delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
     chunks = min(DBIAS_CHUNKS, B)
     per_chunk = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_chunk)
-    dbias = torch.empty((chunks, H, L, L), device=q.device, dtype=torch.float32)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    prec = _prec(q.dtype)
-    BM, BN, warps, stages = _cfg("dkdv", d)
-    _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](q, k, v, bias, do, lse, delta, dk, dv, *common, H, L, d ** -0.5,
-                                                  D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    dbias = torch.empty((chunks, H, L, L), device=qkv.device, dtype=torch.float32)
+    common = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
+    prec = _prec(qkv.dtype)
     BM, BN, warps, stages = _cfg("dq", d)
-    _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, bias, do, lse, delta, dq, *common, H, L, d ** -0.5,
+    _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out),
+                                                *_bhl(dq), H, L, d ** -0.5,
                                                 D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _cfg("dkdv", d)
+    _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](q, k, v, bias, do, lse, delta, dk, dv, *common, *_bhl(dk),
+                                                  H, L, d ** -0.5,
+                                                  D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _cfg("dbias", d)
     _bwd_dbias_kernel[(triton.cdiv(L, BM), triton.cdiv(L, BN), H * chunks)](
         q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5, per_chunk,
         D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
-    return dq, dk, dv, dbias.sum(0).to(bias.dtype)
+    return dqkv, (dbias[0] if chunks == 1 else dbias.sum(0)).to(bias.dtype)
 
 
 @_bwd.register_fake
-def _(do, q, k, v, bias, out, lse):  # noqa: ANN001, ANN202
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return dq, torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(bias)
+def _(do, qkv, bias, out, lse):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, bias = inputs
+    qkv, bias = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.save_for_backward(qkv, bias, out, lse)
 
 
 def _backward(ctx, do, dlse):  # noqa: ANN001, ANN202
-    q, k, v, bias, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = _bwd(do, q, k, v, bias, out, lse)
-    return dq, dk, dv, dbias
+    qkv, bias, out, lse = ctx.saved_tensors
+    return _bwd(do, qkv, bias, out, lse)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + bias) v`` in one Triton kernel; gradients for q, k, v and bias.
+def _packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The op without the input checks (tests run it on CPU tensors in Triton's interpreter)."""
+    H, L = qkv.shape[3], qkv.shape[1]
+    bias = bias.reshape(H, L, L)
+    if not bias.is_contiguous():
+        bias = bias.contiguous()
+    return _fwd(_inner(qkv), bias)[0]
+
+
+def fused_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` from the qkv projection's own layout, with no copies around it.
 
     Args:
-        q, k, v: ``[B, H, L, d]`` CUDA tensors of one dtype (fp16, bf16 or fp32), unit stride in ``d``.
+        qkv: ``[B, L, 3, H, d]`` CUDA tensor (q, k, v along dim 2; fp16, bf16 or fp32; unit stride in ``d``),
+            e.g. ``linear(x).reshape(B, L, 3, H, d)``. Its gradient comes back in the same layout.
         bias: ``[H, L, L]`` or ``[1, H, L, L]``, shared by the batch (any float dtype; added in fp32). Its
             gradient is summed over the batch inside the kernel.
 
     Returns:
-        ``[B, H, L, d]`` in q's dtype (contiguous).
+        ``[B, L, H, d]`` in qkv's dtype, contiguous: ``.flatten(2)`` is the output projection's input.
+
+    Raises:
+        ValueError: for inputs :func:`supported_packed` refuses (check it first to fall back).
+    """
+    if not supported_packed(qkv, bias):
+        raise ValueError(f"fused_bias_attention does not take qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
+                         f"with bias {None if bias is None else tuple(bias.shape)}")
+    return _packed(qkv, bias)
+
+
+def fused_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` in one Triton kernel; gradients for q, k, v and bias.
+
+    The ``[B, H, L, d]`` interface of :func:`fused_bias_attention_packed`: q, k, v are stacked into its layout
+    first (one copy; the model calls the packed form).
+
+    Args:
+        q, k, v: ``[B, H, L, d]`` CUDA tensors of one dtype (fp16, bf16 or fp32).
+        bias: ``[H, L, L]`` or ``[1, H, L, L]``, shared by the batch.
+
+    Returns:
+        ``[B, H, L, d]`` in q's dtype (a transposed view of a ``[B, L, H, d]`` tensor).
 
     Raises:
         ValueError: for inputs :func:`supported` refuses (check it first to fall back).
@@ -308,9 +362,4 @@ def fused_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     if not supported(q, k, v, bias):
         raise ValueError(f"fused_bias_attention does not take q {tuple(q.shape)} {q.dtype} on {q.device} with "
                          f"bias {None if bias is None else tuple(bias.shape)}")
-    H, L = q.shape[1], q.shape[2]
-    bias = bias.reshape(H, L, L)
-    if not bias.is_contiguous():
-        bias = bias.contiguous()
-    out, _ = _fwd(_inner(q), _inner(k), _inner(v), bias)
-    return out
+    return _packed(torch.stack((q, k, v), dim=0).permute(1, 3, 0, 2, 4), bias).transpose(1, 2)

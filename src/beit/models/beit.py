@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .attention import get_attention
+from .attention import PACKED_ATTENTION_IMPLS, get_attention
 from .config import BeitConfig
 from .relpos import RelativePositionBias, gather_bias, relative_position_index, table_size
 
@@ -113,6 +113,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(all_head_dim, cfg.embed_dim)
         self.proj_drop = nn.Dropout(cfg.drop_rate)
         self.attn_fn = get_attention(cfg.attn_impl)
+        self.packed_attn_fn = PACKED_ATTENTION_IMPLS.get(cfg.attn_impl)  # takes [B, L, 3, H, d], gives [B, L, C]
 
     def forward(
         self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, grid: tuple[int, int] | None = None
@@ -122,14 +123,17 @@ class Attention(nn.Module):
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d]
         attn_bias = shared_bias
         if self.relative_position_bias_table is not None:
             own = gather_bias(self.relative_position_bias_table, self.relative_position_index, self.window, grid)
             own = own.unsqueeze(0)
             attn_bias = own if attn_bias is None else attn_bias + own
-        x = self.attn_fn(q, k, v, attn_bias, self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, L, -1)
+        drop = self.attn_drop if self.training else 0.0
+        if self.packed_attn_fn is not None:
+            x = self.packed_attn_fn(qkv, attn_bias, drop)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d]
+            x = self.attn_fn(q, k, v, attn_bias, drop).transpose(1, 2).reshape(B, L, -1)
         return self.proj_drop(self.proj(x))
 
 
