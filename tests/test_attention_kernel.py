@@ -68,6 +68,13 @@ _INTERPRETED = textwrap.dedent("""
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is not None:
             model_err = max(model_err, ((pa.grad - pb.grad).abs().max() / pa.grad.abs().max().clamp_min(1e-12)).item())
+    # the ops' registration (schema, fake tensors for torch.compile, autograd) as torch.library checks it
+    qkv = torch.randn(2, 37, 3 * 2 * 16 + 8)[..., : 3 * 2 * 16].reshape(2, 37, 3, 2, 16).requires_grad_()
+    bias = torch.randn(2, 37, 37, requires_grad=True)
+    out, lse = T._fwd(qkv, bias)
+    for op, args in ((T._fwd, (qkv, bias)), (T._bwd, (torch.randn(2, 37, 2, 16), qkv, bias, out, lse))):
+        res = torch.library.opcheck(op, tuple(a.detach() if op is T._bwd else a for a in args))
+        assert all(v == "SUCCESS" for v in res.values()), res
     print("MODEL", model_err)
     print("WORST", worst)
 """)
