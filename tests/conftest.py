@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -13,3 +16,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def beit_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Warnings logged under the ``beit`` logger (which stops propagating once a run has set up logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("beit")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
@@ -187,18 +186,6 @@ def test_page_broken_after_build_is_replaced_in_training_and_named_in_eval(tmp_p
     assert int(t["image_id"]) == 2 and train.report["unreadable_at_load"] == 1
     with pytest.raises(LayoutDataError, match="page_000.png"):
         val[0]
-
-
-@pytest.fixture
-def beit_warnings():
-    """Warnings logged under the ``beit`` logger (which stops propagating once a run has set up logging)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("beit")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def test_broken_pages_are_remembered_and_counted_once_per_replaced_sample(tmp_path, beit_warnings, monkeypatch):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -222,18 +220,6 @@ def test_bad_samples_raise_or_skip(tmp_path: Path) -> None:
     ev = build_datasets(load_config(SegmentConfig, None, ov + ["data.on_bad_sample=skip", "data.val_split=training"]),
                         ("val",))["val"]
     assert ev[2] is None and ev[3] is None and ev[1]["mask"].shape == (30, 40)
-
-
-@pytest.fixture
-def beit_warnings() -> Iterator[list[logging.LogRecord]]:
-    """Warnings logged under the ``beit`` logger (which stops propagating once a run has set up logging)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("beit")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _ade_with_unreadable_images(tmp_path: Path, n: int, bad: tuple[int, ...]) -> list[tuple[str, str]]:
