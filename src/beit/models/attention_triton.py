@@ -79,6 +79,21 @@ if HAS_TRITON:
         return tl.load(Ptr + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :], mask=ok[:, None], other=0.0)
 
     @triton.jit
+    def _bias_tile(Bias, h, L, offs_m, offs_n, ok):
+        """Head ``h``'s ``[BM, BN]`` bias tile (rows ``offs_m``, columns ``offs_n``) in fp32; 0 outside ``ok``."""
+        return tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _grad_tile(q, k, v, do, lse, delta, bias, ok, scale, PREC: tl.constexpr):
+        """The backward's shared step for one ``[BM, BN]`` tile: the probabilities ``P`` (recomputed from the
+        saved log-sum-exp; 0 outside ``ok``) and ``dS = P * (dO V^T - delta)``, the gradient of the scores
+        (and of the bias)."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, Bias, Out, Lse,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                     H, L, scale,
@@ -140,11 +155,7 @@ if HAS_TRITON:
             ok = m_ok[:, None] & n_ok[None, :]
             k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
             v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
+            _, ds = _grad_tile(q, k, v, do, lse, delta, _bias_tile(Bias, h, L, offs_m, offs_n, ok), ok, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_ok[:, None])
@@ -173,12 +184,8 @@ if HAS_TRITON:
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
             ok = m_ok[:, None] & n_ok[None, :]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            s += tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+            p, ds = _grad_tile(q, k, v, do, lse, delta, _bias_tile(Bias, h, L, offs_m, offs_n, ok), ok, scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         base = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
         tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
@@ -200,7 +207,7 @@ if HAS_TRITON:
         m_ok = offs_m < L
         n_ok = offs_n < L
         ok = m_ok[:, None] & n_ok[None, :]
-        bias = tl.load(Bias + h * L * L + offs_m[:, None] * L + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        bias = _bias_tile(Bias, h, L, offs_m, offs_n, ok)
         acc = tl.zeros([BM, BN], tl.float32)
         for b in range(chunk * per_chunk, tl.minimum(chunk * per_chunk + per_chunk, B)):
             bh = b * H + h
@@ -210,10 +217,8 @@ if HAS_TRITON:
             do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
             lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            acc += p * (dp - delta[:, None])
+            _, ds = _grad_tile(q, k, v, do, lse, delta, bias, ok, scale, PREC)
+            acc += ds
         tl.store(DBias + (chunk * H + h) * L * L + offs_m[:, None] * L + offs_n[None, :], acc, mask=ok)
 
 
