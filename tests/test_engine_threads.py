@@ -95,6 +95,26 @@ def test_cores_count_the_cgroup_cpu_quota(tmp_path, monkeypatch):
     assert threads._cores() == 1  # the quota caps the affinity mask
 
 
+def test_cgroup_quota_of_a_nested_cgroup_is_the_smallest_up_to_the_root(tmp_path):
+    """Outside a cgroup namespace (a systemd slice, a batch job) the process's cgroup is a sub-folder: its own
+    quota and its ancestors' count, the smallest wins."""
+    root = tmp_path / "v2"
+    job = root / "system.slice" / "job.scope"
+    job.mkdir(parents=True)
+    (root / "system.slice" / "cpu.max").write_text("800000 100000\n")
+    (job / "cpu.max").write_text("max 100000\n")
+    own = "0::/system.slice/job.scope\n"
+    assert threads._cgroup_cpus(root, own) == 8  # the slice's quota caps an unlimited child
+    (job / "cpu.max").write_text("300000 100000\n")
+    assert threads._cgroup_cpus(root, own) == 3
+    assert threads._cgroup_cpus(root, "0::/elsewhere\n") is None  # a folder that is not there, no quota above
+    v1 = tmp_path / "v1"
+    (v1 / "cpu" / "batch" / "42").mkdir(parents=True)
+    (v1 / "cpu" / "batch" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu" / "batch" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._cgroup_cpus(v1, "4:cpu,cpuacct:/batch/42\n1:memory:/x\n") == 3
+
+
 def test_trainer_caps_threads_only_while_fit_runs(tmp_path, monkeypatch):
     """The pool is process-wide: fit() sets it beside its workers and puts the old size back after."""
     from _engine_fixtures import NoisyDataset, TinyNet, step_fn

@@ -24,27 +24,66 @@ __all__ = ["cap_intra_op_threads"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def _cgroup_cpus(root: Path | None = None) -> int | None:
+def _quota_at(folder: Path, v1: bool) -> int | None:
+    """Whole cores (rounded up) of one cgroup folder's CPU quota; None when unlimited, absent or unreadable."""
+    try:
+        if v1:
+            q = int((folder / "cpu.cfs_quota_us").read_text())
+            p = int((folder / "cpu.cfs_period_us").read_text())
+        else:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota == "max":
+                return None
+            q, p = int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
+
+
+def _own_cgroups(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """This process's cgroup paths from ``/proc/self/cgroup`` text: (v2 unified path, v1 ``cpu`` path)."""
+    v2 = v1 = None
+    for line in proc_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "cpu" in parts[1].split(","):
+            v1 = parts[2]
+    return v2, v1
+
+
+def _cgroup_cpus(root: Path | None = None, proc_cgroup: str | None = None) -> int | None:
     """The CPU quota of this process's cgroup in whole cores (rounded up), None when unlimited or unknown.
 
     A container started with ``--cpus=4`` on a 64-core host sees 64 cores in its affinity mask but gets 4
     cores' time: cgroup v2 ``cpu.max`` ("400000 100000"), v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+    The process's own cgroup (``/proc/self/cgroup``; the root inside a container's cgroup namespace) and every
+    ancestor up to ``root`` are read, and the smallest quota wins, as the kernel enforces it.
     """
     root = CGROUP_ROOT if root is None else root
-    try:
-        if (root / "cpu.max").is_file():
-            quota, period = (root / "cpu.max").read_text().split()[:2]
-            if quota == "max":
-                return None
-            q, p = int(quota), int(period)
-        elif (root / "cpu" / "cpu.cfs_quota_us").is_file():
-            q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-            p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        else:
-            return None
-    except (OSError, ValueError):
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    v2, v1 = _own_cgroups(proc_cgroup)
+    if (root / "cpu.max").is_file() or v2 is not None and not (root / "cpu").is_dir():
+        base, rel, is_v1 = root, v2 or "/", False
+    elif (root / "cpu").is_dir():
+        base, rel, is_v1 = root / "cpu", v1 or "/", True
+    else:
         return None
-    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
+    folder = base.joinpath(*[p for p in rel.split("/") if p and p != ".."])
+    quotas = []
+    while True:
+        quotas.append(_quota_at(folder, is_v1))
+        if folder == base or base not in folder.parents:
+            break
+        folder = folder.parent
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
 
 
 def _cores() -> int:
