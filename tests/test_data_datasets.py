@@ -366,3 +366,56 @@ def test_folder_to_memory_warns_on_the_first_rank_only(tmp_path: Path, monkeypat
         log.removeHandler(handler)
     assert images.shape == (3, 20, 20, 3)
     assert any("resized 1 of 3 images" in r.getMessage() for r in records) == warned
+
+
+def test_class_folders_say_what_a_folder_without_classes_holds(tmp_path: Path) -> None:
+    """A folder of images without class sub-folders (one class's folder given by mistake) is refused naming the
+    folder, the layout it needs and what it holds, before any image is decoded."""
+    from beit.data.datasets import class_folders
+
+    flat = tmp_path / "cat"
+    for i in range(3):
+        _save(_rgb(8, i), flat / f"{i}.png")
+    (flat / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*cat' has 3 images but no class sub-folders: the ImageFolder layout "
+                                         r"<dir>/<class>/<image> .*found 3 images directly in it \(0.png, 1.png, "
+                                         r"2.png\) \(and 1 other files\)\. If it holds the images of one class"):
+        class_folders(flat)
+    with pytest.raises(ValueError, match="has 3 images but no class sub-folders.*ImageFolderDataset"):
+        LabeledImageFolder(flat)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders and no images.*found nothing: it is empty"):
+        class_folders(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"found 1 files that are not images \(a.txt\)"):
+        class_folders(tmp_path / "text")
+    assert class_folders(tmp_path) == ["cat", "empty", "text"]
+
+
+def test_in_memory_drops_are_named_and_counted_once_in_the_first_epoch(tmp_path: Path, monkeypatch,
+                                                                         beit_warnings) -> None:
+    """Files an in-memory folder leaves out at load are the dataset's skips (the engine's ``skipped_count``):
+    in the first epoch trained (where a run starts or resumes), on the first rank only; the warning says they are
+    left out, not replaced."""
+    from beit.data.datasets import decode_image_folder
+
+    _make_labeled(tmp_path, {"x": 3, "y": 2})
+    (tmp_path / "y" / "bad.jpg").write_bytes(b"garbage")
+    images, labels, names, dropped = decode_image_folder(tmp_path, num_threads=2, progress=False)
+    assert images.shape[0] == 5 and dropped == [str(tmp_path / "y" / "bad.jpg")]
+    shown = [r.getMessage() for r in beit_warnings if "bad.jpg" in r.getMessage()]
+    assert shown and all("left out of the images decoded into memory" in m for m in shown), shown
+    assert not any("replacement" in r.getMessage() for r in beit_warnings)
+
+    fresh = TensorImageDataset(images, labels, dropped=dropped)
+    assert fresh.num_skipped == 1 and fresh.bad_paths == dropped
+    assert [fresh.skipped_count(e) for e in (0, 1)] == [1, 0] and fresh.skipped_count() == 1
+    resumed = TensorImageDataset(images, labels, dropped=dropped)
+    resumed.set_epoch(3)  # the trainer sets the epoch it starts at before its loader
+    resumed.set_epoch(4)
+    assert [resumed.skipped_count(e) for e in (0, 3, 4)] == [0, 1, 0]
+    assert TensorImageDataset(images, labels).skipped_count() == 0
+    monkeypatch.setenv("RANK", "1")  # every rank decodes the whole folder: the engine sums ranks, rank 0 counts
+    other_rank = TensorImageDataset(images, labels, dropped=dropped)
+    assert other_rank.num_skipped == 1 and other_rank.skipped_count(0) == 0

@@ -273,3 +273,71 @@ def test_preset_configs_load():
         load_config(FinetuneConfig, CONFIGS / "finetune_base.yaml", ["data.train_dir=t"])
 
 
+
+
+def _cifar_preset_args(out: Path, *extra: str) -> list[str]:
+    return ["finetune", "-c", "finetune_cifar10_small", *TINY_OVERRIDES, f"train.output_dir={out}",
+            "train.num_workers=0", "train.batch_size=16", "train.warmup_epochs=0", *extra]
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_folder_without_class_subfolders_is_refused_before_any_work(squares, tmp_path, capsys, in_memory):
+    """One class's folder as data.train_dir (or data.val_dir) trained a 0-class model, then failed with "too many
+    values to unpack"; now one line names the key, the folder, the layout it needs and what it holds."""
+    flat = squares / "train" / "c0"
+    for val in ("data.val_dir=''", f"data.val_dir={squares / 'val'}"):
+        out = tmp_path / f"run_{len(val)}"
+        rc = cli_main(_cifar_preset_args(out, f"data.in_memory={in_memory}", f"data.train_dir={flat}", val))
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert (f"beit finetune: error: config key 'data.train_dir': '{flat}' has 32 images but no class "
+                f"sub-folders: the ImageFolder layout <dir>/<class>/<image> is needed") in err, err
+        assert "found 32 images directly in it (0.png, 1.png, 10.png and 29 more)" in err, err
+        assert not (out / "metrics.jsonl").exists()
+    rc = cli_main(_cifar_preset_args(tmp_path / "val", f"data.in_memory={in_memory}",
+                                     f"data.train_dir={squares / 'train'}", f"data.val_dir={squares / 'val' / 'c1'}"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "config key 'data.val_dir': " in err and "has 8 images but no class sub-folders" in err, err
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])  # gpu: the batched device path (on CPU tensors without CUDA)
+def test_in_memory_unreadable_files_are_counted_in_metrics(squares, tmp_path, beit_warnings, device):
+    """With data.in_memory=true unreadable files are left out at load: metrics.jsonl counts them as the file
+    datasets count theirs (skipped_files_total in train records, one "split": "data" record per epoch, the drops in
+    the first), and the warning says they are left out, not replaced."""
+    data = tmp_path / "data"
+    shutil.copytree(squares / "train", data)
+    for c in ("c1", "c2", "c3"):
+        (data / c / "zz_broken.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    res = finetune(load_config(FinetuneConfig, CONFIGS / "finetune_cifar10_small.yaml", [
+        *TINY_OVERRIDES, f"data.train_dir={data}", "data.val_dir=''", f"data.device={device}",
+        f"train.output_dir={out}", "train.num_workers=0", "train.batch_size=16", "train.epochs=2",
+        "train.warmup_epochs=0", "train.log_every=2"]))
+    assert res["step"] == 16 and res["skipped_files"] == 3
+    rows = read_metrics(out / "metrics.jsonl", split="data")
+    assert [(r["epoch"], r["skipped_files"], r["skipped_files_total"]) for r in rows] == [(0, 3, 3), (1, 0, 3)]
+    assert all(r["skipped_files_total"] == 3 for r in read_metrics(out / "metrics.jsonl"))
+    named = [r.getMessage() for r in beit_warnings if "zz_broken.png" in r.getMessage()]
+    assert len(named) == 3 and all("left out of the images decoded into memory" in m for m in named), named
+    assert not any("replacement sample" in r.getMessage() for r in beit_warnings)
+
+
+def test_predict_a_single_image_file(trained, squares, tmp_path, capsys):
+    """`beit predict CKPT IMAGE` takes one image file, as `segment predict` and `layout predict` do."""
+    image = squares / "val" / "c2" / "3.png"
+    assert cli_main(["predict", trained["model_dir"], str(image), "--out", str(tmp_path / "one.csv"),
+                     "--topk", "2", "--num-workers", "0"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "one.csv")))
+    assert len(rows) == 1 and rows[0]["path"] == "3.png" and rows[0]["label_1"] in {"c0", "c1", "c2", "c3"}
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert json.loads(printed[-1])["num_images"] == 1
+    res = predict_folder(trained["model_dir"], image, tmp_path / "api.csv", topk=1, num_workers=0)
+    assert res["num_images"] == 1 and res["num_skipped"] == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert cli_main(["predict", trained["model_dir"], str(broken), "--out", str(tmp_path / "b.csv"),
+                     "--num-workers", "0"]) == 1
+    assert f"'{broken}' could not be read as an image: unreadable: UnidentifiedImageError" in capsys.readouterr().err
+    assert cli_main(["predict", trained["model_dir"], str(tmp_path / "missing.png"), "--num-workers", "0"]) == 1
+    assert "no such image file or folder" in capsys.readouterr().err

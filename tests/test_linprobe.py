@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -168,3 +169,63 @@ def test_knn_matches_the_definition_and_separates_what_is_separable():
         knn_top1(train_f, train_y, val_f[:, :1], val_y, num_classes=C)
     with pytest.raises(ConfigError, match="knn"):
         load_config(LinprobeConfig, None, ["model=x", "knn=-1"])
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for extract_features: the test is about what happens before it."""
+
+
+def test_batch_size_is_checked_before_features_are_extracted(setup, tmp_path, monkeypatch):
+    """64 images and batch 1024 give no training step: said before the encoder runs, in the trainer's words."""
+    lp = importlib.import_module("beit.tasks.classify.linprobe")  # the package exports a function of that name
+
+    def no_extraction(*args, **kwargs):
+        raise _Stop("features extracted before the batch size was checked")
+
+    monkeypatch.setattr(lp, "extract_features", no_extraction)
+    with pytest.raises(ConfigError, match=r"config key 'train.batch_size': 64 samples over 1 ranks give no full "
+                                          r"step of batch_size 1024 x accum_steps 1"):
+        linprobe(lp_cfg(setup, tmp_path, "train.batch_size=1024"))
+    with pytest.raises(ConfigError, match="batch_size 32 x accum_steps 4"):
+        linprobe(lp_cfg(setup, tmp_path / "b", "train.batch_size=32", "train.accum_steps=4"))
+
+
+def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypatch):
+    """A checkpoint trained at 32 px probed at the config's img_size (e.g. linprobe_base's 224): one log line says
+    which size is used and why; extract_num_workers above the usable cores is capped, with a log line."""
+    import logging
+
+    lp = importlib.import_module("beit.tasks.classify.linprobe")  # the package exports a function of that name
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    log = logging.getLogger("beit.tasks.classify.linprobe")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    used: dict = {}
+
+    def stop_at_extraction(model, dataset, blocks, **kw):
+        used.update(kw, img_size=model.cfg.img_hw)
+        raise _Stop
+
+    monkeypatch.setattr(lp, "extract_features", stop_at_extraction)
+    monkeypatch.setattr(lp, "usable_cores", lambda: 2, raising=False)
+    try:
+        with pytest.raises(_Stop):
+            linprobe(lp_cfg(setup, tmp_path / "a", "img_size=48", "extract_num_workers=10"))
+        said = [r.getMessage() for r in records]
+        assert [m for m in said if "img_size" in m] == [
+            "img_size 48 (from the config) differs from the 32 px the checkpoint was trained at: images are resized "
+            "to 48 and its position tables resampled; set img_size=32 to probe at its own size"], said
+        assert "extract_num_workers=10 is more than the 2 CPU cores this process may use: 2 workers" in said
+        assert used["num_workers"] == 2 and used["img_size"] == (48, 48)
+        records.clear()
+        with pytest.raises(_Stop):  # the checkpoint's own size, workers within the cores: nothing to say
+            linprobe(lp_cfg(setup, tmp_path / "b", "extract_num_workers=1"))
+        assert not [r for r in records if "img_size" in r.getMessage() or "extract_num_workers" in r.getMessage()]
+        assert used["num_workers"] == 1 and used["img_size"] == (32, 32)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)

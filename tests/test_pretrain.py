@@ -246,3 +246,21 @@ def test_two_process_gloo_pretraining(tiny_setup, tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(_losses(out)) == 4 and (out / "last.pt").exists()
     assert "2 rank(s) on cpu" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_in_memory_pretraining_counts_the_files_it_left_out(tiny_setup, tmp_path, device) -> None:
+    """``data.in_memory``: the unreadable file is left out at load and counted as a skip of the first epoch,
+    on the CPU dataset and on the device path's indices (which the engine reads the same way)."""
+    from beit.tasks.pretrain.data import build_dataset, build_device_data
+
+    cfg = _cfg(tiny_setup, tmp_path)
+    cfg.data.in_memory = True
+    cfg.data.device = device
+    if device == "cpu":
+        ds = build_dataset(cfg, 4)
+    else:
+        ds = build_device_data(cfg, 4, "cpu")[0]
+    ds.set_epoch(0)
+    assert len(ds) == 24 and ds.num_skipped == 1 and ds.bad_paths[0].endswith("broken.jpg")
+    assert ds.skipped_count(0) == 1 and ds.skipped_count(1) == 0 and ds.skipped_count() == 1

@@ -3,7 +3,8 @@
 * ``ImageFolderDataset``: every image under a root at any depth (pre-training needs no labels).
 * ``LabeledImageFolder``: ``root/<class>/.../<image>``, like torchvision's ImageFolder.
 * ``WebDatasetShards``: webdataset tar shards, split per rank and per DataLoader worker.
-* ``TensorImageDataset`` + ``load_image_folder_to_memory``: small images kept decoded in RAM.
+* ``TensorImageDataset`` + ``decode_image_folder`` (or ``load_image_folder_to_memory``): small images kept
+  decoded in RAM; unreadable files are left out at load and counted as skips of the first epoch.
 
 Images are always handed to transforms as 8-bit RGB PIL images: CMYK, grayscale, palette, alpha and
 16-bit images are converted (alpha is composited on white). A file that cannot be decoded (truncated,
@@ -51,6 +52,11 @@ __all__ = [
     "RepeatedDataset",
     "TensorImageDataset",
     "WebDatasetShards",
+    "class_folders",
+    "DecodedFolder",
+    "LoadDrops",
+    "ReportsLoadDrops",
+    "decode_image_folder",
     "decode_image",
     "decode_image_matching",
     "image_size",
@@ -434,17 +440,21 @@ class _RobustImageFiles(Dataset):
         this process and its DataLoader workers; those of ``epoch`` only when given."""
         return self._skips.total(epoch)
 
-    def _mark_bad(self, index: int, err: BaseException, stage: str = "decode") -> None:
+    def _mark_bad(self, index: int, err: BaseException, stage: str = "decode",
+                  outcome: str = "a replacement sample is used") -> None:
+        """Remember sample ``index`` as bad (for every worker) and warn once naming it and what happens
+        instead (``outcome``: replaced by the next sample, or, for a folder decoded into memory, left out)."""
         self._bad_mask[index] = True
         if index not in self._bad:
             self._bad[index] = f"{type(err).__name__}: {err}"
             what = "unreadable image" if stage == "decode" else "image the transform cannot handle"
             logger.warning(
-                "skipping %s %s (%s: %s); a replacement sample is used",
+                "skipping %s %s (%s: %s); %s",
                 what,
                 self.samples[index][0],
                 type(err).__name__,
                 err,
+                outcome,
             )
 
     def _first_failures(self) -> list[str]:
@@ -591,6 +601,39 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
+def _shown(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The class sub-folders of ``root`` (:func:`find_classes`), which must be in the ImageFolder layout
+    ``root/<class>/<image>``: one sub-folder per class.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
+        ValueError: ``root`` has no class sub-folders. The message names it and says what it holds instead:
+            images directly in it (a single class's folder, or unlabelled images), other files, or nothing.
+    """
+    names = find_classes(root)
+    if names:
+        return names
+    images: list[str] = []
+    others: list[str] = []
+    for entry in sorted(os.scandir(_check_root(root)), key=lambda e: e.name):
+        if _is_hidden(entry.name):
+            continue
+        (images if entry.name.lower().endswith(IMG_EXTENSIONS) else others).append(entry.name)
+    layout = "the ImageFolder layout <dir>/<class>/<image> is needed, one sub-folder per class"
+    if images:
+        more = f" (and {len(others)} other files)" if others else ""
+        raise ValueError(f"{str(root)!r} has {len(images)} images but no class sub-folders: {layout}; found "
+                         f"{len(images)} images directly in it ({_shown(images)}){more}. If it holds the images of "
+                         "one class, give its parent folder")
+    found = f"{len(others)} files that are not images ({_shown(others)})" if others else "nothing: it is empty"
+    raise ValueError(f"{str(root)!r} has no class sub-folders and no images: {layout}; found {found}")
+
+
 class LabeledImageFolder(_RobustImageFiles):
     """``root/<class>/**/<image>`` with integer labels; yields ``(transform(img), label)``.
 
@@ -601,6 +644,11 @@ class LabeledImageFolder(_RobustImageFiles):
             the sorted sub-folder names (torchvision's convention).
         extensions: file name endings to accept (case-insensitive).
         seed: base seed of the augmentation streams.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
+        ValueError: ``root`` has no class sub-folders (:func:`class_folders`: the message says what it holds),
+            ``class_names`` has duplicates or does not match the sub-folders, or a class folder has no images.
     """
 
     def __init__(
@@ -613,12 +661,10 @@ class LabeledImageFolder(_RobustImageFiles):
         seed: int = 0,
     ) -> None:
         self.root = str(root)
-        folders = find_classes(root)
-        if not folders:
-            raise ValueError(
-                f"no class sub-folders in {self.root!r}: LabeledImageFolder expects root/<class>/<image> "
-                "(use ImageFolderDataset for images without labels)"
-            )
+        try:
+            folders = class_folders(root)
+        except ValueError as e:
+            raise ValueError(f"{e} (ImageFolderDataset reads images without labels)") from None
         if class_names is None:
             class_names = folders
         else:
@@ -892,7 +938,61 @@ def _buffer_shuffle(src: Iterable[Any], bufsize: int, rng: random.Random) -> Ite
 
 
 # --------------------------------------------------------------------------------------- in memory
-class TensorImageDataset(Dataset):
+class LoadDrops:
+    """The files a folder decoded into memory left out (unreadable), reported as the dataset's skipped samples.
+
+    Every file is decoded once, at load, so its drops are counted once per run (a resumed run decodes the
+    folder again): as skips of the first epoch the dataset is set to (``set_epoch``; the epoch a run starts
+    or resumes at, epoch 0 before any call), like the replaced samples of the folder datasets, which the
+    engine reads through ``skipped_count(epoch)``. Under torchrun every rank decodes the whole folder and the
+    engine sums the ranks' counts: only the first rank (``RANK`` 0) counts them.
+
+    Args:
+        paths: the files left out.
+        counted: whether this process counts them; None = it is the first rank.
+    """
+
+    def __init__(self, paths: Sequence[str] = (), *, counted: bool | None = None) -> None:
+        self.paths = [str(p) for p in paths]
+        self.counted = os.environ.get("RANK", "0") == "0" if counted is None else bool(counted)
+        self.first_epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Note the epoch the dataset is used at; the first one set is the epoch the drops are counted in."""
+        if self.first_epoch is None:
+            self.first_epoch = int(epoch)
+
+    def count(self, epoch: int | None = None) -> int:
+        """Drops counted by this process: all of them (``epoch`` None or the first epoch), else 0."""
+        n = len(self.paths) if self.counted else 0
+        if epoch is None:
+            return n
+        return n if int(epoch) == (self.first_epoch if self.first_epoch is not None else 0) else 0
+
+
+class ReportsLoadDrops:
+    """For datasets over a folder decoded into memory: the files left out at load (``self.drops``, a
+    :class:`LoadDrops`) reported as the engine reads a dataset's skipped samples."""
+
+    drops: LoadDrops
+
+    @property
+    def num_skipped(self) -> int:
+        """How many files were left out when the images were decoded."""
+        return len(self.drops.paths)
+
+    @property
+    def bad_paths(self) -> list[str]:
+        """The files left out when the images were decoded."""
+        return list(self.drops.paths)
+
+    def skipped_count(self, epoch: int | None = None) -> int:
+        """Samples skipped, as the engine reads it: the files dropped at load, in the first epoch trained
+        (:class:`LoadDrops`; the first rank only); nothing is skipped afterwards (every image is decoded)."""
+        return self.drops.count(epoch)
+
+
+class TensorImageDataset(ReportsLoadDrops, Dataset):
     """Small decoded images kept in memory (CIFAR-sized): uint8 ``[N, H, W, 3]`` or ``[N, 3, H, W]``.
 
     With a ``transform`` each sample is handed to it as an RGB PIL image (so torchvision / timm
@@ -901,6 +1001,15 @@ class TensorImageDataset(Dataset):
     the GPU fast path (``beit.data.gpu_augment.PretrainViews``); add a ``mask_generator`` to get
     ``{"image": [H, W, 3] uint8, "mask": bool [h, w]}`` instead, the mask drawn per sample in the
     workers (it is the slow part of that path). Labels, when given, come back as ``(sample, label)``.
+
+    ``dropped`` names the files left out when the images were decoded (:func:`decode_image_folder`); they are
+    ``num_skipped`` / ``bad_paths`` here and the engine counts them (``skipped_count``) in the first epoch
+    trained, once per run (:class:`LoadDrops`), as it counts the replaced samples of the folder datasets.
+
+    Raises:
+        TypeError: ``images`` is not uint8.
+        ValueError: ``images`` is not ``[N, H, W, 3|1]`` / ``[N, 3|1, H, W]`` / ``[N, H, W]``, ``labels`` is
+            not ``[N]``, or both ``transform`` and ``mask_generator`` are given.
     """
 
     def __init__(
@@ -911,6 +1020,7 @@ class TensorImageDataset(Dataset):
         *,
         mask_generator: Callable[[], torch.Tensor] | None = None,
         seed: int = 0,
+        dropped: Sequence[str] = (),
     ) -> None:
         if transform is not None and mask_generator is not None:
             raise ValueError(
@@ -939,10 +1049,12 @@ class TensorImageDataset(Dataset):
         self.mask_generator = mask_generator
         self.seed = int(seed)
         self.epoch = 0
+        self.drops = LoadDrops(dropped)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``."""
         self.epoch = int(epoch)
+        self.drops.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -971,7 +1083,17 @@ def _resize_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.
     return ImageOps.fit(img, wh, method=Image.BICUBIC)
 
 
-def load_image_folder_to_memory(
+class DecodedFolder(NamedTuple):
+    """A folder decoded into memory (:func:`decode_image_folder`): uint8 ``images`` ``[N, H, W, 3]``, int64
+    ``labels`` ``[N]`` (None when unlabeled), the ``class_names``, and the files ``dropped`` (unreadable)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str]
+    dropped: list[str]
+
+
+def decode_image_folder(
     root: str | os.PathLike,
     size: int | None = None,
     *,
@@ -979,7 +1101,7 @@ def load_image_folder_to_memory(
     labeled: bool | None = None,
     num_threads: int = 8,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+) -> DecodedFolder:
     """Decode a whole folder into a uint8 ``[N, H, W, 3]`` tensor (thread pool, tqdm progress bar).
 
     Worth it for small images (CIFAR: 50k JPEGs, 150 MB decoded): decoding once instead of every
@@ -987,10 +1109,13 @@ def load_image_folder_to_memory(
     sub-folders. ``size`` resizes the short side (bicubic) and center-crops to ``size x size``.
     Without it the images keep their size when they all share one; images of another size than the
     most common one are resized (bicubic) and center-cropped to it, with one warning that counts
-    and names them. Unreadable images are skipped with a warning.
+    and names them. Unreadable images are left out (``dropped``), each named in a warning; hand them to
+    :class:`TensorImageDataset` (``dropped=``) so that the engine counts them as skipped files.
 
-    Returns:
-        images ``[N, H, W, 3]`` uint8, labels ``[N]`` int64 (None when unlabeled), class names.
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
+        ValueError: no images under ``root``, none of them could be decoded, or (labeled) the class
+            sub-folders are missing or do not match ``class_names`` (as :class:`LabeledImageFolder`).
     """
     if labeled is None:
         labeled = class_names is not None or bool(find_classes(root))
@@ -1010,7 +1135,7 @@ def load_image_folder_to_memory(
         try:
             img = decode_image(path)
         except Exception as err:  # noqa: BLE001
-            ds._mark_bad(i, err)
+            ds._mark_bad(i, err, outcome="it is left out of the images decoded into memory")
             return None
         if size is not None:
             img = _resize_center_crop(img, size)
@@ -1024,8 +1149,10 @@ def load_image_folder_to_memory(
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
-    if ds.num_skipped and first_rank:
-        logger.warning("skipped %d unreadable images under %s", ds.num_skipped, root)
+    dropped = [ds.samples[i][0] for i, a in enumerate(arrays) if a is None]
+    if dropped and first_rank:
+        logger.warning("left out %d unreadable images under %s (of %d); they count as skipped files of the first "
+                       "epoch", len(dropped), root, len(ds))
     shapes = Counter(arrays[i].shape for i in keep)
     if len(shapes) > 1:  # the most common size; on a tie the larger one
         shape = max(shapes, key=lambda sh: (shapes[sh], sh[0] * sh[1], sh))
@@ -1039,6 +1166,26 @@ def load_image_folder_to_memory(
                            "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
+    return DecodedFolder(images, labels, names, dropped)
+
+
+def load_image_folder_to_memory(
+    root: str | os.PathLike,
+    size: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    labeled: bool | None = None,
+    num_threads: int = 8,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """:func:`decode_image_folder` without the names of the files left out (unreadable ones are skipped with a
+    warning); raises as it does.
+
+    Returns:
+        images ``[N, H, W, 3]`` uint8, labels ``[N]`` int64 (None when unlabeled), class names.
+    """
+    images, labels, names, _ = decode_image_folder(root, size, class_names=class_names, labeled=labeled,
+                                                   num_threads=num_threads, progress=progress)
     return images, labels, names
 
 

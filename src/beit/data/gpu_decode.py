@@ -49,7 +49,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .datasets import (
     ImageFolderDataset,
     LabeledImageFolder,
+    LoadDrops,
     NoReadableImagesError,
+    ReportsLoadDrops,
     SkipCounter,
     WebDatasetShards,
     _unpack_index,
@@ -531,22 +533,26 @@ class IndexBatch:
         return self
 
 
-class InMemoryIndices(torch.utils.data.Dataset):
+class InMemoryIndices(ReportsLoadDrops, torch.utils.data.Dataset):
     """The loader's side of the in-memory path: only indices (and masks drawn in the workers).
 
     The images themselves live on the device (``uint8 [N, 3, H, W]``) in the pipeline, which gathers a
-    batch with one index lookup.
+    batch with one index lookup. ``dropped``: the files left out when the folder was decoded
+    (:func:`beit.data.datasets.decode_image_folder`), counted as skipped samples of the first epoch.
     """
 
-    def __init__(self, n: int, *, mask_generator: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
+    def __init__(self, n: int, *, mask_generator: Callable[..., torch.Tensor] | None = None, seed: int = 0,
+                 dropped: Sequence[str] = ()) -> None:
         self.n = int(n)
         self.mask_generator = mask_generator
         self.seed = int(seed)
         self.epoch = 0
+        self.drops = LoadDrops(dropped)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch``."""
         self.epoch = int(epoch)
+        self.drops.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.n

@@ -114,11 +114,18 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """``beit predict CKPT IMAGES_DIR``: top-k labels and probabilities per image, as a CSV."""
+    """``beit predict CKPT IMAGES_DIR|IMAGE``: top-k labels and probabilities per image (of a folder, at any
+    depth, or one image file), as a CSV.
+
+    Raises:
+        ValueError: not exactly one folder or image file after the checkpoint, or ``--topk`` < 1 (and as
+            :func:`beit.tasks.classify.evaluate.predict_folder`).
+    """
     from .evaluate import predict_folder
 
     if len(args.inputs) != 1:
-        raise ValueError(f"beit predict needs one folder of images after the checkpoint, got {args.inputs}")
+        raise ValueError(f"beit predict needs one folder of images, or one image file, after the checkpoint, "
+                         f"got {args.inputs}")
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     r = predict_folder(args.ckpt, args.inputs[0], args.out or "predictions.csv", topk=args.topk,

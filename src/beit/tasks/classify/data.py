@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from ...data.datasets import LabeledImageFolder, TensorImageDataset, load_image_folder_to_memory
+from ...data.datasets import LabeledImageFolder, TensorImageDataset, class_folders, decode_image_folder
 from ...data.gpu_augment import FinetuneAugment
 from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
 from ...data.transforms import (
@@ -29,7 +29,7 @@ from ..device_data import unused_jpeg_decode, wants_device_path
 from .config import DataConfig, FinetuneConfig
 
 __all__ = ["build_datasets", "build_device_train", "build_preprocess", "build_train_transform", "build_val",
-           "check_num_classes", "readable_subset"]
+           "check_image_folders", "check_num_classes", "readable_subset"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,45 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     return _gray_first(tf, data.grayscale)
 
 
+def check_image_folders(data: DataConfig) -> None:
+    """Check, before any image is read, that ``data.train_dir`` (and ``data.val_dir`` when set) are in the
+    ImageFolder layout ``<dir>/<class>/<image>``: a folder of images without class sub-folders would otherwise
+    make a classifier of 0 classes (in memory) or fail late.
+
+    Raises:
+        ConfigError: ``data.train_dir`` is empty, or a folder has no class sub-folders (naming the key and the
+            folder, and what it holds instead: e.g. "has 8 images but no class sub-folders").
+        FileNotFoundError / NotADirectoryError: a folder does not exist / is a file.
+    """
+    if not data.train_dir:
+        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    for key, root in (("data.train_dir", data.train_dir), ("data.val_dir", data.val_dir)):
+        if root:
+            try:
+                class_folders(root)
+            except ValueError as e:
+                raise ConfigError(key, str(e)) from None
+
+
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,
                    class_names: list[str] | None = None) -> tuple[Dataset, Dataset | None, list[str]]:
     """Train / val datasets from folders (or decoded into memory) and the class names in label order.
 
     The val folders must hold exactly the training classes; with ``verify_val`` unreadable val images are
-    left out (counted and logged) instead of being replaced by a neighbour.
+    left out (counted and logged) instead of being replaced by a neighbour. In memory, unreadable images are
+    left out at load and counted as skipped files of the first epoch (``TensorImageDataset(dropped=...)``).
+
+    Raises:
+        ConfigError: as :func:`check_image_folders` (checked before any image is read).
+        ValueError: no readable image, class folders that do not match ``class_names``, or a val set that
+            does not fit the training classes.
     """
-    if not data.train_dir:
-        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    check_image_folders(data)
     names = list(class_names) if class_names else None
     if data.in_memory:
-        images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size, class_names=names)
-        train: Dataset = TensorImageDataset(images, labels, train_transform, seed=seed)
+        images, labels, names, dropped = decode_image_folder(data.train_dir, size=data.memory_size,
+                                                             class_names=names, labeled=True)
+        train: Dataset = TensorImageDataset(images, labels, train_transform, seed=seed, dropped=dropped)
     else:
         folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
         train, names = folder, list(folder.classes)
@@ -110,8 +136,9 @@ def build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int
     if data.val_dir:
         try:
             if data.in_memory:
-                images, labels, _ = load_image_folder_to_memory(data.val_dir, size=data.memory_size, class_names=names)
-                val = TensorImageDataset(images, labels, eval_transform, seed=seed)
+                images, labels, _, dropped = decode_image_folder(data.val_dir, size=data.memory_size,
+                                                                 class_names=names)
+                val = TensorImageDataset(images, labels, eval_transform, seed=seed, dropped=dropped)
             else:
                 vf = LabeledImageFolder(data.val_dir, eval_transform, class_names=names, seed=seed)
                 val = readable_subset(vf, num_threads=8)[0] if data.verify_val else vf
@@ -144,7 +171,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     on ``device`` with the paper's recipe applied per sample (``beit.data.gpu_augment.FinetuneAugment``).
 
     Raises:
-        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks.
+        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks;
+            or the folders are not in the class layout (:func:`check_image_folders`).
     """
     data = cfg.data
     if not wants_device_path(data.device, device):
@@ -157,8 +185,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         logger.info("data.device=auto: CPU data path, because of %s", blocker)
         unused_jpeg_decode(data.jpeg_decode, f"the CPU data path is used ({blocker})")
         return None
-    if not data.train_dir:
-        raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
+    check_image_folders(data)
     try:
         augment = FinetuneAugment(cfg.img_size, scale=tuple(data.scale), hflip=data.hflip,
                                   auto_augment=data.auto_augment or None, re_prob=data.reprob,
@@ -168,9 +195,9 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         raise ConfigError("data.auto_augment", str(e)) from None
     if data.in_memory:
         unused_jpeg_decode(data.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
-        images, labels, names = load_image_folder_to_memory(data.train_dir, size=data.memory_size,
-                                                            class_names=class_names or None)
-        return (InMemoryIndices(len(images), seed=cfg.train.seed), InMemoryIndices.collate,
+        images, labels, names, dropped = decode_image_folder(data.train_dir, size=data.memory_size,
+                                                             class_names=class_names or None, labeled=True)
+        return (InMemoryIndices(len(images), seed=cfg.train.seed, dropped=dropped), InMemoryIndices.collate,
                 FinetunePipeline(augment, device, images, labels), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
                                        seed=cfg.train.seed, jpeg_decode=data.jpeg_decode)

@@ -299,25 +299,38 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
 def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike, out_csv: str | os.PathLike,
                    *, topk: int = 5, batch_size: int = 64, num_workers: int = 4, ema: bool = False,
                    device: str | torch.device | None = None) -> dict[str, Any]:
-    """Top-k labels for every image under ``images_dir`` (any depth) into a CSV.
+    """Top-k labels for every image under ``images_dir`` (any depth), or for the one image file it names, into
+    a CSV.
 
-    Columns: ``path`` (relative to ``images_dir``), then ``label_1, prob_1, ... label_k, prob_k``, one
-    row per readable image in path order. Each file is decoded once; the row of each result is the
-    index carried with its image through the DataLoader, so rows stay aligned with the files whatever
-    fails in any worker. Files that cannot be listed (dangling links, link loops), decoded or
+    Columns: ``path`` (relative to ``images_dir``; for a single file, its name), then ``label_1, prob_1, ...
+    label_k, prob_k``, one row per readable image in path order. Each file is decoded once; the row of each
+    result is the index carried with its image through the DataLoader, so rows stay aligned with the files
+    whatever fails in any worker. Files that cannot be listed (dangling links, link loops), decoded or
     transformed are left out of the CSV, named in the returned ``skipped`` (each with its reason in a
     warning) and counted in ``num_skipped``.
+
+    Raises:
+        FileNotFoundError: ``images_dir`` does not exist.
+        ValueError: no images under ``images_dir``, or none of them (or the single file) could be read;
+            ``checkpoint`` is not a classifier (as :func:`load_classifier`).
     """
+    source = Path(images_dir).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"no such image file or folder: {str(images_dir)!r}")
     model, names, pre = load_classifier(checkpoint, ema=ema)
-    scan = scan_images(images_dir)
-    exts = tuple(IMG_EXTENSIONS)
-    skipped: dict[str, str] = {p: why for p, why in scan.skipped if p.lower().endswith(exts)}
-    for p, why in scan.skipped:
-        if p not in skipped:
-            logger.warning("not listed: %s (%s)", p, why)
-    paths = scan.paths
-    if not paths:
-        raise ValueError(f"no images found under {str(images_dir)!r}")
+    skipped: dict[str, str] = {}
+    if source.is_dir():
+        scan = scan_images(source)
+        exts = tuple(IMG_EXTENSIONS)
+        skipped = {p: why for p, why in scan.skipped if p.lower().endswith(exts)}
+        for p, why in scan.skipped:
+            if p not in skipped:
+                logger.warning("not listed: %s (%s)", p, why)
+        paths, root = scan.paths, source
+        if not paths:
+            raise ValueError(f"no images found under {str(images_dir)!r}")
+    else:  # one image file: its row is named by its file name
+        paths, root = [str(source)], source.parent
     dev = _pick_device(device)
     model.to(dev).eval()
     k = min(topk, len(names))
@@ -325,7 +338,6 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                         collate_fn=collate_files, pin_memory=dev.type == "cuda")
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(images_dir).expanduser()
     rows = 0
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -349,6 +361,8 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                 w.writerow(row)
                 rows += 1
     if not rows:
+        if source.is_file():
+            raise ValueError(f"{str(images_dir)!r} could not be read as an image: {skipped.get(paths[0], '')}")
         raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be read")
     bad = sorted(skipped)
     if bad:

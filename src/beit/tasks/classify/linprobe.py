@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ...engine import ConfigError, Trainer
+from ...engine import ConfigError, TrainConfig, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
-from ...interop.backbone import build_backbone
+from ...engine.threads import _cores as usable_cores  # the engine's count: affinity mask and cgroup quota
+from ...interop.backbone import build_backbone, is_preset, source_config
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
 from .knn import knn_top1
@@ -45,6 +46,49 @@ def build_encoder(cfg: LinprobeConfig) -> nn.Module:
     """The frozen encoder (no head) in eval mode: a checkpoint or a preset (random), via ``beit.build_backbone``."""
     over = {"img_size": cfg.img_size, "head": "none", "drop_path_rate": 0.0, **cfg.model_overrides}
     return build_backbone(cfg.model, **over).eval().requires_grad_(False)
+
+
+def _log_image_size(cfg: LinprobeConfig) -> int | None:
+    """Say (one log line) when ``cfg.img_size`` differs from the image size the checkpoint was trained at: the
+    features are extracted at ``cfg.img_size`` (the config's, e.g. ``linprobe_base``'s 224), with the position
+    tables resampled. Returns the checkpoint's size (None for a preset, whose size is the config's).
+
+    Raises:
+        FileNotFoundError / CheckpointError: ``cfg.model`` cannot be read (as ``beit.load_model``).
+    """
+    if is_preset(cfg.model):
+        return None
+    h, w = source_config(cfg.model).img_hw
+    size = f"{h}" if h == w else f"{h}x{w}"
+    if (h, w) != (cfg.img_size, cfg.img_size):
+        logger.info("img_size %d (from the config) differs from the %s px the checkpoint was trained at: images are "
+                    "resized to %d and its position tables resampled; set img_size=%s to probe at its own size",
+                    cfg.img_size, size, cfg.img_size, size)
+    return h
+
+
+def _extract_workers(requested: int) -> int:
+    """``extract_num_workers``, capped at the CPU cores this process may use (one log line when capped):
+    more loader processes than cores only compete for them."""
+    cores = usable_cores()
+    if requested > cores:
+        logger.info("extract_num_workers=%d is more than the %d CPU cores this process may use: %d workers",
+                    requested, cores, cores)
+        return cores
+    return requested
+
+
+def _check_full_step(num_samples: int, train: TrainConfig) -> None:
+    """The engine's step check (``Trainer``: a training set too small for one full step), made before the
+    features are extracted: linprobe trains one feature per image, in one process.
+
+    Raises:
+        ConfigError: ``train.batch_size``: "N samples over 1 ranks give no full step of batch_size B x
+            accum_steps A" (the trainer's message).
+    """
+    if num_samples // (train.batch_size * train.accum_steps) == 0:
+        raise ConfigError("train.batch_size", f"{num_samples} samples over 1 ranks give no full step of batch_size "
+                                              f"{train.batch_size} x accum_steps {train.accum_steps}")
 
 
 def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -150,12 +194,20 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     ``knn_best_block``, ``knn_best_top1``).
 
     Writes ``linprobe.json`` into ``train.output_dir``. The best block is chosen on the val set (as the
-    paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process.
+    paper and unilm report it), so ``best_top1`` is slightly optimistic. Runs in one process. Before any
+    feature is extracted: the folders are checked and listed, the training set's size checked against
+    ``train.batch_size``, and a checkpoint trained at another size than ``img_size`` named in the log.
+
+    Raises:
+        ConfigError: a bad config key; no val set; folders not in the class layout; a training set smaller
+            than one step of ``train.batch_size`` (the trainer's message, before extraction).
+        ValueError: launched on several processes; ``num_classes`` does not match the data; no readable image.
     """
     begin_run(cfg, "the checkpoint to probe")
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
+    _log_image_size(cfg)
     tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation
     if train_dataset is None:
         train_dataset, val_dataset, names = build_datasets(cfg.data, tf, tf, seed=cfg.train.seed,
@@ -168,10 +220,11 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         raise ConfigError("data.val_dir", "linear probing needs a val set to pick and report the best block")
     num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
     cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
+    _check_full_step(len(train_dataset), cfg.train)  # one feature per image: known before extracting them
 
     encoder = build_encoder(cfg)
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
-    kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=cfg.extract_num_workers)
+    kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=_extract_workers(cfg.extract_num_workers))
     train_f, train_y = extract_features(encoder, train_dataset, blocks, **kw)
     val_f, val_y = extract_features(encoder, val_dataset, blocks, **kw)
     if int(train_y.max()) >= num_classes or int(train_y.min()) < 0:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, load_image_folder_to_memory
+from ...data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, decode_image_folder
 from ...data.gpu_augment import PretrainViews
 from ...data.gpu_decode import EncodedImageFiles, EncodedWebDataset, InMemoryIndices, PretrainPipeline, collate_encoded
 from ...data.masking import BlockwiseMaskGenerator
@@ -34,11 +34,11 @@ def build_transform(cfg: PretrainConfig, tokenizer_downsample: int) -> PretrainT
     )
 
 
-def _memory_images(cfg: PretrainConfig) -> torch.Tensor:
+def _memory_images(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
     """``data.in_memory``: every image of ``data.path`` decoded once, uint8 ``[N, H, W, 3]``, the first
-    ``data.max_images`` (0 = all)."""
-    images, _, _ = load_image_folder_to_memory(cfg.data.path)
-    return images[: cfg.data.max_images] if cfg.data.max_images else images
+    ``data.max_images`` (0 = all); and the unreadable files left out (counted as skipped files)."""
+    images, _, _, dropped = decode_image_folder(cfg.data.path, labeled=False)  # every image at any depth
+    return (images[: cfg.data.max_images] if cfg.data.max_images else images), dropped
 
 
 def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
@@ -49,8 +49,8 @@ def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils
     if urls:
         return WebDatasetShards(urls, transform=transform, seed=seed, num_samples=d.num_samples)
     if d.in_memory:
-        images = _memory_images(cfg)
-        return TensorImageDataset(images, transform=transform, seed=seed)
+        images, dropped = _memory_images(cfg)
+        return TensorImageDataset(images, transform=transform, seed=seed, dropped=dropped)
     ds = ImageFolderDataset(d.path, transform=transform, seed=seed)
     if d.max_images and d.max_images < len(ds):
         ds = torch.utils.data.Subset(ds, range(d.max_images))
@@ -84,8 +84,8 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         return shards, collate_encoded, PretrainPipeline(views, device, skips=shards.skip_counter)
     if d.in_memory:
         unused_jpeg_decode(d.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
-        images = _memory_images(cfg)
-        return (InMemoryIndices(len(images), mask_generator=masks, seed=seed), InMemoryIndices.collate,
+        images, dropped = _memory_images(cfg)
+        return (InMemoryIndices(len(images), mask_generator=masks, seed=seed, dropped=dropped), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode)
     if d.max_images:
