@@ -268,3 +268,85 @@ def test_train_eval_predict_end_to_end(pages, tmp_path, capsys):
 
     assert main(["layout", "eval", "--ckpt", str(tmp_path / "nope.pt")]) == 1  # user error: one line
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_a_json_size_unlike_the_files_names_the_page_and_keeps_its_boxes(tmp_path, beit_warnings):
+    """Boxes are taken in the file's pixels before they are clipped: a wrong JSON width loses no box of the real
+    page, a JSON size of a resized file rescales them, and the warning names the page and both sizes."""
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(96, 128))
+    data = json.loads(ann.read_text())
+    nxt = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"].append({"id": nxt, "image_id": 1, "category_id": 2, "bbox": [60, 20, 30, 10], "iscrowd": 0,
+                                "segmentation": [[60, 20, 90, 20, 90, 30, 60, 30]], "area": 300})
+    ann.write_text(json.dumps(data))
+    good = CocoLayoutDataset(ann, tmp_path / "images", with_masks=True)
+    data["images"][0]["width"] = 48  # wrong: page 1's boxes are in its file's pixels, some right of x=48
+    data["images"][1].update(width=192, height=256)  # page 2's file was halved after annotating
+    for a in data["annotations"]:
+        if a["image_id"] == 2:
+            a["bbox"], a["area"] = [2 * v for v in a["bbox"]], 4 * a["area"]
+            a["segmentation"] = [[2 * v for v in p] for p in a["segmentation"]]
+    ann.write_text(json.dumps(data))
+    ds = CocoLayoutDataset(ann, tmp_path / "images", with_masks=True)
+    assert ds.report["size_mismatch"] == 2 and ds.report["boxes"] == good.report["boxes"]
+    assert "degenerate_boxes" not in ds.report
+    for i in range(2):
+        (img, t), (img0, t0) = ds[i], good[i]
+        assert img.shape == img0.shape
+        torch.testing.assert_close(t["boxes"], t0["boxes"])
+        assert torch.equal(t["masks"], t0["masks"])
+    gt, gt0 = ds.coco_gt(), good.coco_gt()
+    for a, a0 in zip(gt.dataset["annotations"], gt0.dataset["annotations"]):
+        assert a["bbox"] == pytest.approx(a0["bbox"]) and a["area"] == pytest.approx(a0["area"])
+    warned = " ".join(r.getMessage() for r in beit_warnings)
+    assert ("size_mismatch: image 1 'page_000.png': the JSON says 48x128 but the file is 96x128; its boxes reach "
+            "x=90") in warned and "file's pixels" in warned
+    assert any("image 2 'page_001.png': the JSON says 192x256 but the file is 96x128; its boxes are rescaled to the "
+               "file's size" in p for p in ds.problems)
+
+
+def test_a_missing_annotation_file_or_image_folder_names_its_key(pages, tmp_path):
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig, build_datasets
+
+    def build(*overrides):
+        return build_datasets(load_config(LayoutConfig, None, list(overrides)))
+
+    with pytest.raises(FileNotFoundError, match=r"^data.train_ann=.*nope.json: no such file"):
+        build(f"data.train_ann={tmp_path / 'nope.json'}")
+    with pytest.raises(FileNotFoundError, match=r"^data.val_ann=.*val.json: no such file"):
+        build(f"data.train_ann={pages}", f"data.val_ann={tmp_path / 'val.json'}")
+    with pytest.raises(FileNotFoundError, match=r"^data.train_images=.*pics: no such folder"):
+        build(f"data.train_ann={pages}", f"data.train_images={tmp_path / 'pics'}")
+
+
+def test_a_checkpoint_of_another_task_is_one_line_naming_both(tmp_path, capsys):
+    """`layout eval` of a segmentation run's best.pt said "Key 'embed_dim' not in 'DetectorConfig'"."""
+    from beit.cli import main
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.config import to_dict
+    from beit.tasks.segmentation import SegmentConfig
+
+    path = tmp_path / "seg" / "best.pt"
+    save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(SegmentConfig())}, path)
+    assert main(["layout", "eval", "--ckpt", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == (f"beit layout eval: error: {path} is a segmentation checkpoint, not a "
+                                               "layout detection one")
+
+
+def test_a_backbone_shape_equal_to_the_checkpoints_is_accepted_as_in_segmentation(tmp_path):
+    """With model.init a shape override equal to the checkpoint's is fine, a different one names both values."""
+    import beit
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig
+
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", head="mim", **TINY), tmp_path / "pt")
+    small = ["model.fpn_channels=32", "model.box_head_dim=64", "model.mask_head=false"]
+
+    def detector(*overrides):
+        cfg = load_config(LayoutConfig, None, [f"model.init={tmp_path / 'pt'}", *small, *overrides])
+        return build_detector(cfg.model, ["text"], model_overrides=cfg.model_overrides)
+
+    assert detector("model_overrides.embed_dim=32", "model_overrides.depth=2").body.embed_dim == 32
+    with pytest.raises(ValueError, match=r"model_overrides.embed_dim=48 but .*pt has embed_dim=32"):
+        detector("model_overrides.embed_dim=48")

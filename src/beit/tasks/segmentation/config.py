@@ -24,7 +24,7 @@ class SegModelConfig:
 
     init: str = ""  # any file/dir/Hub id beit.load_model reads; "" = from scratch
     arch: str = "beit_base_patch16_224"  # preset used from scratch
-    embed_dim: int | None = None  # from-scratch overrides of the preset (None = preset value)
+    embed_dim: int | None = None  # the preset's shape (None = its value); with init: must equal the checkpoint's
     depth: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
@@ -49,19 +49,17 @@ class SegModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.out_indices is not None and len(self.out_indices) != 4:
             raise ConfigError("out_indices", f"needs 4 block indices, got {list(self.out_indices)}")
-        # the architecture of a checkpoint (init) or of a stored run (backbone) comes from it: a shape the user
-        # gave would be dropped silently, so it is an error
+        # the architecture of a stored run (backbone) comes from it: a shape the user gave that disagrees would be
+        # dropped silently, so it is an error; one that agrees is fine. model.init's shape is only known once the
+        # file is read: build_backbone checks it the same way.
         for name in ("embed_dim", "depth", "num_heads", "patch_size"):
             value = getattr(self, name)
-            if value is None:
+            if value is None or not self.backbone or self.backbone.get(name, value) == value:
                 continue
-            source = f"model.init={self.init!r}" if self.init else ""
-            if not source and self.backbone and self.backbone.get(name, value) != value:
-                source = f"the checkpoint's stored backbone ({name}={self.backbone[name]})"
-            if source:
-                tail = " (or model.init to train from scratch)" if self.init else ""
-                raise ConfigError(name, f"{name}={value} cannot apply with {source}: the architecture comes from its "
-                                        f"weights. Remove model.{name}{tail}")
+            have = self.backbone[name]
+            raise ConfigError(name, f"{name}={value} but the checkpoint's stored backbone has {name}={have}: a "
+                                    f"checkpoint's architecture comes from its tensors. Remove model.{name} or set it "
+                                    f"to {have}")
 
 
 @dataclass

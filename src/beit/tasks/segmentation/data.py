@@ -379,8 +379,14 @@ class SegmentationDataset(Dataset):
         return self._skips.total(epoch)
 
     def _bad(self, path: str, reason: str) -> None:
+        """A bad pair: raise (``on_bad_sample="error"``), or remember it and warn once.
+
+        Raises:
+            BadSampleError: with ``on_bad_sample="error"``: ``reason`` (which names the file) and the config key
+                that skips such pairs instead.
+        """
         if self.on_bad_sample == "error":
-            raise BadSampleError(reason)
+            raise BadSampleError(f"{reason} (set data.on_bad_sample=skip to leave bad samples out and count them)")
         if (path, reason) not in self.bad_samples:
             self.bad_samples.append((path, reason))
             logger.warning("skipping bad sample: %s", reason)

@@ -16,6 +16,7 @@ returns the auxiliary logits (training). Inputs of any size work: they are padde
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.engine.checkpoint import config_from_checkpoint as _config_from_checkpoint
 from beit.engine.checkpoint import load_model_state
+from beit.engine.config import ConfigError
 from beit.interop.backbone import build_backbone as _build_backbone
 from beit.interop.backbone import check_overrides_fit
 from beit.models import Beit, BeitConfig
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
+from ..backbone_config import task_config_from_checkpoint
 from .config import SHAPE_KEYS, SegmentConfig
 from .data import class_names
 
@@ -250,22 +252,64 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
 
 
 # --------------------------------------------------------------------------------------- from the config
+_NOT_DIVISIBLE = re.compile(r"img_size (\d+) is not divisible by patch_size (\d+)")
+
+
+def _crop_error(e: ValueError, crop: int) -> ConfigError | None:
+    """The backbone refused ``img_size`` = ``data.crop_size``: the same error naming the user's key, else None."""
+    m = _NOT_DIVISIBLE.search(str(e))
+    if m is None:
+        return None
+    p = int(m.group(2))
+    near = sorted({max(p, crop // p * p), -(-crop // p) * p})
+    return ConfigError("data.crop_size", f"{crop} is not divisible by the backbone's patch size {p}: use a multiple "
+                                         f"of {p} (e.g. {' or '.join(map(str, near))})")
+
+
 def build_backbone(cfg: SegmentConfig) -> Beit:
     """The BEiT backbone at the crop size through ``beit.build_backbone``: from ``model.init`` (rel-pos tables
     made per-layer and resampled to the crop's grid), from the config stored by training
-    (``model.backbone``), or from the preset ``model.arch``; ``model_overrides`` apply to all three."""
+    (``model.backbone``), or from the preset ``model.arch``; ``model_overrides`` apply to all three.
+
+    A shape key (``model.embed_dim`` / ``depth`` / ``num_heads`` / ``patch_size``, or the same in
+    ``model_overrides``) may be given with a checkpoint only when it equals the checkpoint's value.
+
+    Raises:
+        ConfigError: ``data.crop_size`` not a multiple of the patch size, or a ``model.<shape key>`` that
+            disagrees with ``model.init``'s (naming both values).
+        ValueError: a ``model_overrides`` shape key that disagrees with the checkpoint's (naming both values).
+        FileNotFoundError / CheckpointError: ``model.init`` cannot be read.
+    """
     m, crop = cfg.model, cfg.data.crop_size
     user = dict(cfg.model_overrides)
-    user.update({k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None})
+    shape = {k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None}
     fixed = {"head": "none", "drop_path_rate": m.drop_path_rate}  # SegmentConfig.validate refuses them in user
-    if m.init:
-        return _build_backbone(m.init, rel_pos="per_layer", **{**user, **fixed, "img_size": crop})
-    if m.backbone:
-        stored = BeitConfig.from_dict(dict(m.backbone))
-        check_overrides_fit("the checkpoint's stored backbone", stored, user)
-        return _build_backbone(stored, **{**user, **fixed})
-    return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user, **fixed,
-                                      "img_size": crop})
+    try:
+        if m.init:
+            # model.<shape key> is compared below, to name the key the user set (model_overrides' are checked
+            # by build_backbone); SegmentConfig.validate made the two agree where both are set
+            body = _build_backbone(m.init, rel_pos="per_layer", **{**user, **fixed, "img_size": crop})
+            for k, v in shape.items():
+                have = getattr(body.cfg, k)
+                if have != v:
+                    raise ConfigError(f"model.{k}", f"{k}={v} but model.init={m.init!r} has {k}={have}: a checkpoint's "
+                                                    f"architecture comes from its tensors. Remove model.{k}, set it "
+                                                    f"to {have}, or clear model.init to train from scratch")
+            return body
+        user.update(shape)
+        if m.backbone:
+            stored = BeitConfig.from_dict(dict(m.backbone))
+            check_overrides_fit("the checkpoint's stored backbone", stored, user)
+            return _build_backbone(stored, **{**user, **fixed})
+        return _build_backbone(m.arch, **{"use_rel_pos_bias": True, "use_shared_rel_pos_bias": False, **user,
+                                          **fixed, "img_size": crop})
+    except ConfigError:
+        raise
+    except ValueError as e:
+        err = _crop_error(e, crop)
+        if err is None:
+            raise
+        raise err from None
 
 
 def build_model(cfg: SegmentConfig, num_classes: int | None = None) -> BeitSegmenter:
@@ -284,8 +328,15 @@ def build_model(cfg: SegmentConfig, num_classes: int | None = None) -> BeitSegme
 def config_from_checkpoint(path: str | Path, config_file: str | None = None,
                            overrides: list[str] | None = None) -> tuple[SegmentConfig, dict[str, Any]]:
     """The run config stored in a training checkpoint (+ a YAML file + ``key=value`` overrides), and the state
-    (``beit.engine.checkpoint.config_from_checkpoint`` with the segmentation schema)."""
-    return _config_from_checkpoint(SegmentConfig, path, config_file, overrides)
+    (``beit.engine.checkpoint.config_from_checkpoint`` with the segmentation schema).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not a beit training checkpoint, or one of another task
+            (``"<path> is a classification checkpoint, not a segmentation one"``).
+        ConfigError: the stored config does not fit :class:`SegmentConfig`, or an override is wrong.
+    """
+    return task_config_from_checkpoint(SegmentConfig, "segmentation", path, config_file, overrides)
 
 
 def load_segmenter(path: str | Path, config_file: str | None = None, overrides: list[str] | None = None,
