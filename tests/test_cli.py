@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -416,18 +417,15 @@ def test_output_dir_that_cannot_be_written_fails_before_the_dataset(setup, tmp_p
 
 
 def test_users_shape_is_never_dropped_for_a_checkpoints(tmp_path):
+    """A shape key beside model.init is checked against the checkpoint when it is read (equal: accepted,
+    different: refused naming both); against a stored run's backbone here."""
     from beit.tasks.segmentation import SegmentConfig
 
-    with pytest.raises(ConfigError) as info:
-        load_config(SegmentConfig, None, ["model.init=pt.pth", "model.depth=6"])
-    assert str(info.value) == ("config key 'model.depth': depth=6 cannot apply with model.init='pt.pth': the "
-                               "architecture comes from its weights. Remove model.depth (or model.init to train "
-                               "from scratch)")
+    assert load_config(SegmentConfig, None, ["model.init=pt.pth", "model.depth=6"]).model.depth == 6
     assert load_config(SegmentConfig, None, ["model.depth=6"]).model.depth == 6  # from scratch: the user's value
-    # eval of a stored run: the stored shape agrees with itself; a different one would be dropped, so it is refused
     assert load_config(SegmentConfig, None, ["model.depth=6", "model.backbone={depth: 6}"]).model.depth == 6
-    with pytest.raises(ConfigError, match=r"^config key 'model.depth': depth=4 cannot apply with the checkpoint's "
-                                          r"stored backbone \(depth=6\)"):
+    with pytest.raises(ConfigError, match=r"^config key 'model.depth': depth=4 but the checkpoint's stored backbone "
+                                          r"has depth=6: "):
         load_config(SegmentConfig, None, ["model.depth=4", "model.backbone={depth: 6}"])
 
 
@@ -597,3 +595,80 @@ def test_an_error_raised_in_a_dataloader_worker_is_shown_by_its_own_line():
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert str(info.value).startswith("Caught NoReadableImagesError in DataLoader worker process 0")
     assert _error_line(info.value) == "none of the 2 images could be read: a.png (broken)"
+
+
+# ---------------------------------------------------------------- a training run stopped by SIGINT / SIGTERM
+def test_an_interrupted_run_ends_in_one_line_with_step_checkpoint_and_resume_command(setup, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from beit.engine.trainer import TrainingInterrupted
+
+    ckpt = tmp_path / "run" / "step_0000265.pt"
+    raised: list[BaseException] = []
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", lambda cfg: (_ for _ in ()).throw(raised[0]))
+    args = _pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "old.pt"))
+    resume = "beit pretrain train " + " ".join(a for a in args[1:] if a not in ("--resume", str(tmp_path / "old.pt")))
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        raised[:] = [TrainingInterrupted(signum, 265, ckpt)]
+        assert main(args) == code
+        name = signal.Signals(signum).name
+        assert _err(capsys) == (f"beit pretrain train: interrupted by {name} after step 265; checkpoint of that step: "
+                                f"{ckpt}; resume with: {resume} --resume auto")
+    raised[:] = [TrainingInterrupted(signal.SIGINT, 3, None, at_once=True)]
+    assert main(args) == 130
+    assert _err(capsys) == ("beit pretrain train: stopped at once by a second SIGINT after step 3, not saved; no "
+                            "checkpoint written yet")
+
+
+def test_resuming_another_tasks_checkpoint_is_one_line_before_any_config_diff(setup, tmp_path, capsys):
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+
+    other = tmp_path / "finetune_last.pt"
+    config = {"model": {"name": "beit_base_patch16_224", "num_classes": 10}, "data": {"path": "x", "mixup": 0.8},
+              "train": {"lr": 4e-3, "layer_decay": 0.65}}
+    save_checkpoint({"format": FORMAT, "version": 1, "task": "classification", "config": config, "step": 10,
+                     "epoch": 1, "batch_in_epoch": 0, "model": {}, "optimizer": {}}, other)
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(other))) == 1
+    assert _err(capsys) == (f"beit pretrain train: error: {other} is a classification checkpoint, not a pre-training "
+                            "one: --resume (train.resume) continues a run of the same task")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_and_exits_143(setup, tmp_path):
+    """As `timeout -s TERM` or scancel do: the training process and its DataLoader workers all get SIGTERM. The
+    run finishes its step, writes its checkpoint, releases the folder, prints one line naming both and the
+    resume command, exits 143, and leaves no process behind."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from beit.engine import load_checkpoint
+    from beit.engine.logging import read_metrics
+
+    out = tmp_path / "run"
+    args = _pretrain_args(setup, "--out", str(out), "train.max_steps=100000", "train.num_workers=2",
+                          "train.ckpt_every=100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "beit", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["step"] >= 3 for r in read_metrics(out / "metrics.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 143, err[-3000:]
+    m = re.fullmatch(r"beit pretrain train: interrupted by SIGTERM after step (\d+); checkpoint of that step: "
+                     r"(\S+); resume with: beit pretrain train .* --resume auto", last)
+    assert m, err[-3000:]
+    step, ckpt = int(m.group(1)), m.group(2)
+    assert ckpt == str(out / f"step_{step:07d}.pt") and load_checkpoint(out / "last.pt")["step"] == step
+    assert not (out / ".lock").exists()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # no DataLoader worker left in the group
+        os.killpg(proc.pid, 0)

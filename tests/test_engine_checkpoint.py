@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 
 import numpy as np
@@ -85,3 +86,45 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(()).item())
     C.set_rng_state(C.load_checkpoint(tmp_path / "r.pt")["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_resume_candidates_last_first_then_steps_newest_first_each_once(tmp_path):
+    assert C.resume_candidates(tmp_path) == []
+    mgr = C.CheckpointManager(tmp_path, keep_last=3)
+    for step in (2, 4, 6):
+        mgr.save(payload(step), step, is_best=step == 4)
+    assert C.resume_candidates(tmp_path) == [tmp_path / "last.pt", tmp_path / "step_0000004.pt",
+                                             tmp_path / "step_0000002.pt"]  # last.pt = step_6, best.pt = step_4
+    (tmp_path / "last.pt").unlink()
+    assert C.resume_candidates(tmp_path) == []  # no last.pt: auto does not guess (rundir refuses, naming them)
+    assert [C.step_of(p) for p in ("step_0000042.pt", "x/step_0000007", "last.pt")] == [42, 7, None]
+
+
+def test_set_aside_after_moves_later_steps_and_their_links(tmp_path):
+    mgr = C.CheckpointManager(tmp_path, keep_last=10)
+    for step in (3, 6, 9, 10):
+        mgr.save(payload(step), step, is_best=step == 9)
+    (tmp_path / "abandoned").mkdir()
+    (tmp_path / "abandoned" / "step_0000010.pt").write_text("an earlier abandoned branch: kept")
+    assert mgr.set_aside_after(10) == []
+    moved = mgr.set_aside_after(6, tmp_path / "step_0000006.pt")
+    assert [p.name for p in moved] == ["best.pt", "step_0000009.pt", "step_0000010~2.pt"]
+    assert [p.name for p in mgr.step_files()] == ["step_0000003.pt", "step_0000006.pt"]
+    assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 6  # an auto resume before the next save: this branch
+    assert (tmp_path / "last.pt").samefile(tmp_path / "step_0000006.pt") and not (tmp_path / "best.pt").exists()
+    assert C.load_checkpoint(tmp_path / "abandoned" / "best.pt")["step"] == 9
+    assert C.load_checkpoint(tmp_path / "abandoned" / "step_0000010~2.pt")["step"] == 10
+    assert (tmp_path / "abandoned" / "step_0000010.pt").read_text() == "an earlier abandoned branch: kept"
+    assert mgr.path_of(8) == tmp_path / "step_0000008.pt" and mgr.path_of(8, sharded=True) == tmp_path / "step_0000008"
+
+
+def test_set_aside_after_with_sharded_folders_repoints_the_symlinks(tmp_path):
+    for step in (4, 8):
+        (tmp_path / f"step_{step:07d}").mkdir()
+        C.save_checkpoint(payload(step), tmp_path / f"step_{step:07d}" / C.META)
+    os.symlink("step_0000008", tmp_path / "last")
+    os.symlink("step_0000008", tmp_path / "best")
+    moved = C.CheckpointManager(tmp_path).set_aside_after(4, tmp_path / "step_0000004")
+    assert [p.name for p in moved] == ["best", "step_0000008"]
+    assert os.readlink(tmp_path / "last") == "step_0000004" and not (tmp_path / "best").exists()
+    assert C.load_checkpoint(tmp_path / "abandoned" / "best", full=False)["step"] == 8  # follows its folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,69 @@ def test_rank_and_world_come_from_one_place(monkeypatch: pytest.MonkeyPatch) -> 
     train = dataclasses.replace(TrainConfig(output_dir="x"), lr=1e-3, min_lr=1e-6, batch_size=8, accum_steps=2)
     scaled = scaled_train_config(train, ref_batch=256)  # 8 x 2 x 4 ranks = 64 -> x 1/4
     assert scaled.lr == pytest.approx(2.5e-4) and scaled.min_lr == pytest.approx(2.5e-7)
+
+
+def _signal_on_one_rank(out: Path) -> None:
+    """Under torchrun (2 gloo ranks): the full run, then a run where only rank 1 gets SIGTERM, in the first
+    micro-batch of step 1 of 4, then its resume; each rank writes what it saw to ``out/signal_rank<r>.pt``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _engine_fixtures import NoisyDataset, TinyNet, step_fn
+    from beit.engine import TrainConfig, Trainer
+    from beit.engine import distributed as D
+    from beit.engine.trainer import TrainingInterrupted
+
+    def make(sub: str, step=step_fn, **kw) -> Trainer:
+        torch.manual_seed(0)
+        cfg = TrainConfig(output_dir=str(out / sub), epochs=2, batch_size=4, num_workers=0, lr=1e-2, min_lr=1e-4,
+                          warmup_steps=1, clip_grad=1.0, log_every=1, ckpt_every=100, accum_steps=2, **kw)
+        return Trainer(TinyNet(), NoisyDataset(40), step, cfg)
+
+    def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in D.unwrap_model(trainer.model).state_dict().items()}
+
+    full = make("full")
+    full.fit()
+    calls = []
+
+    def sigterm_on_rank1(model, batch):
+        calls.append(1)
+        if D.rank() == 1 and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(model, batch)
+
+    try:
+        make("part", sigterm_on_rank1).fit()
+        result = "finished"
+    except TrainingInterrupted as e:
+        result = f"{e.signal_name} step {e.step} exit {e.exit_code} {e.checkpoint}"
+    D.barrier()
+    lock_left = (out / "part" / ".lock").exists()
+    resumed = make("part", resume="auto")
+    resumed.fit()
+    torch.save({"result": result, "lock_left": lock_left, "full": params(full), "resumed": params(resumed)},
+               out / f"signal_rank{D.rank()}.pt")
+    D.cleanup()
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Only rank 1 is signalled: the ranks agree in the step's sync, both finish step 1 and write its checkpoint
+    together (none waits in a collective), the lock is released, and the resume under 2 ranks repeats the
+    uninterrupted run exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, "signal", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"signal_rank{r}.pt", weights_only=True) for r in (0, 1))
+    expected = f"SIGTERM step 1 exit 143 {tmp_path / 'part' / 'step_0000001.pt'}"
+    assert r0["result"] == r1["result"] == expected
+    assert not r0["lock_left"]
+    for name, p in r0["full"].items():
+        assert torch.equal(p, r0["resumed"][name]) and torch.equal(p, r1["resumed"][name]), name
+    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    part = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "part" / "metrics.jsonl")]
+    assert full == part and len(full) == 4
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["signal"]:  # the torchrun script of the test above
+    _signal_on_one_rank(Path(sys.argv[2]))

@@ -70,18 +70,19 @@ def test_overflow_between_saves_is_named_at_its_own_step(tmp_path):
 
 
 def test_finite_run_keeps_exactly_one_check_per_step(tmp_path, monkeypatch):
-    """The weights check rides in the step's existing sync: one ``all_finite`` (one host sync) per step."""
+    """The weights check (and the stop-signal agreement) ride in the step's existing sync: one
+    ``all_finite_and_flag`` (one host sync) per step."""
     from beit.engine import distributed as D
 
     calls = {"n": 0}
-    real = D.all_finite
+    real = D.all_finite_and_flag
 
-    def counting_all_finite(values):
+    def counting_all_finite(values, flag=0):
         calls["n"] += 1
-        return real(values)
+        return real(values, flag)
 
     trainer = trainer_of(cfg_of(tmp_path, ckpt_every=100, max_steps=5))
-    monkeypatch.setattr(D, "all_finite", counting_all_finite)
+    monkeypatch.setattr(D, "all_finite_and_flag", counting_all_finite)
     trainer.fit()
     monkeypatch.undo()
     assert trainer.step == 5 and calls["n"] == 5

@@ -58,7 +58,7 @@ def test_weights_probe_flags_non_finite_weights_of_any_dtype():
 
 def test_intra_op_threads_shrink_beside_loader_workers_on_cuda_only(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(threads, "_cores", lambda: 16)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
     set_to: list[int] = []
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
@@ -92,7 +92,7 @@ def test_cores_count_the_cgroup_cpu_quota(tmp_path, monkeypatch):
     assert threads._cgroup_cpus(tmp_path / "none") is None  # no cgroup files: the affinity mask alone
     monkeypatch.setattr(threads, "CGROUP_ROOT", v2)
     (v2 / "cpu.max").write_text("100000 100000\n")
-    assert threads._cores() == 1  # the quota caps the affinity mask
+    assert threads.usable_cores() == 1  # the quota caps the affinity mask
 
 
 def test_cgroup_quota_of_a_nested_cgroup_is_the_smallest_up_to_the_root(tmp_path):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
+
 import pytest
 import torch
 
 from _engine_fixtures import NoisyDataset, TinyNet, step_fn
-from beit.engine import TrainConfig, Trainer, TrainingDivergedError, load_checkpoint
+from beit.engine import TrainConfig, Trainer, TrainingDivergedError, load_checkpoint, save_checkpoint
 from beit.engine.logging import read_metrics
+from beit.engine.rundir import TaskMismatchError
+from beit.engine.trainer import TASK_NAMES, TrainingInterrupted
 
 
 def make_cfg(out, **kw) -> TrainConfig:
@@ -17,7 +23,7 @@ def make_cfg(out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def make_trainer(cfg: TrainConfig, **kw) -> Trainer:
+def make_trainer(cfg: TrainConfig, step=step_fn, **kw) -> Trainer:
     torch.manual_seed(0)  # same init for every run (a resumed run overwrites it anyway)
 
     def noisy_eval(model):  # draws random numbers: must not shift the training RNG
@@ -28,7 +34,7 @@ def make_trainer(cfg: TrainConfig, **kw) -> Trainer:
         torch.randn(100)
 
     kw.setdefault("eval_fn", noisy_eval)
-    return Trainer(TinyNet(), NoisyDataset(40), step_fn, cfg, visualize_fn=noisy_visualize, **kw)
+    return Trainer(TinyNet(), NoisyDataset(40), step, cfg, visualize_fn=noisy_visualize, **kw)
 
 
 def train_rows(out):
@@ -184,3 +190,224 @@ def test_a_streaming_run_that_raises_leaves_no_loader_workers_behind(tmp_path):
     torch.manual_seed(0)
     Trainer(TinyNet(), _Stream(), step_fn, make_cfg(tmp_path / "ok", num_workers=2, epochs=2)).fit()
     assert mp.active_children() == []
+
+
+# --- stopping on SIGINT / SIGTERM -----------------------------------------------------------------------------
+
+def _send(sig: int, pids: list[int] | None = None) -> None:
+    """Signal this process (and ``pids``). A Python function: its next call lets Python run the handler."""
+    for pid in pids or [os.getpid()]:
+        os.kill(pid, sig)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sigterm_saves_the_finished_step_frees_the_folder_and_resumes_exactly(tmp_path, num_workers):
+    """SIGTERM during step 6 (of 15; no periodic checkpoint there): the step is finished, step_0000006.pt
+    written like a periodic one, the lock released, the handler in place before restored, and TrainingInterrupted
+    carries 143. The signal comes twice (as timeout(1) sends it) and also reaches the loader workers (as timeout
+    and scancel signal the whole process group): neither stops the clean stop. Resuming repeats the
+    uninterrupted run's losses, evals and weights exactly."""
+    kw = dict(num_workers=num_workers, accum_steps=2, ckpt_every=4, eval_every=1, image_every=3)
+    full = make_trainer(make_cfg(tmp_path / "full", **kw))
+    full.fit()
+    assert full.step == 15
+
+    calls, holder = {"n": 0}, []
+
+    def step_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 6 - 1:  # the first micro-batch of step 6
+            loader = holder[0]._loader
+            workers = [w.pid for w in loader._iterator._workers] if num_workers else []
+            _send(signal.SIGTERM, [*workers, os.getpid()])
+            _send(signal.SIGTERM)
+        return step_fn(model, batch)
+
+    part = tmp_path / "part"
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(make_cfg(part, **kw), step=step_then_sigterm)
+    holder.append(trainer)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    e = info.value
+    assert (e.signum, e.exit_code, e.step, e.saved) == (signal.SIGTERM, 143, 6, True)
+    assert e.checkpoint == part / "step_0000006.pt"
+    assert str(e) == (f"interrupted by SIGTERM after step 6; checkpoint of that step: {part / 'step_0000006.pt'}; "
+                      "resume with train.resume=auto (--resume auto)")
+    assert isinstance(e, KeyboardInterrupt)
+    assert load_checkpoint(part / "last.pt")["step"] == 6 and load_checkpoint(e.checkpoint)["batch_in_epoch"] == 2
+    assert not (part / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert mp.active_children() == []
+    assert str(e) in (part / "log.txt").read_text()
+    assert [r[0] for r in train_rows(part)] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl complete up to the stop
+
+    resumed = make_trainer(make_cfg(part, resume="auto", **kw))
+    resumed.fit()
+    assert train_rows(tmp_path / "full") == train_rows(part)
+    assert read_metrics(tmp_path / "full" / "metrics.jsonl", "eval") == read_metrics(part / "metrics.jsonl", "eval")
+    for (k, p), (_, q) in zip(full.raw_model.state_dict().items(), resumed.raw_model.state_dict().items()):
+        assert torch.equal(p, q), k
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
+    """Ctrl-C asks for a stop after the step; Ctrl-C again (a second or more later) stops at once: nothing
+    written for the steps since the last checkpoint, the folder released, exit code 130, the handler restored."""
+    monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
+    calls = {"n": 0}
+
+    def step_with_two_ctrl_c(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            _send(signal.SIGINT)
+            _send(signal.SIGINT)
+        return step_fn(model, batch)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        make_trainer(make_cfg(tmp_path, ckpt_every=3), step=step_with_two_ctrl_c).fit()
+    e = info.value
+    assert (e.exit_code, e.step, e.saved, e.checkpoint_step) == (130, 4, False, 3)  # step 5 never finished
+    assert str(e) == (f"stopped at once by a second SIGINT after step 4, not saved; the last checkpoint is "
+                      f"{tmp_path / 'step_0000003.pt'} (step 3); resume with train.resume=auto (--resume auto)")
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003.pt"]
+    assert not (tmp_path / ".lock").exists() and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
+    calls = {"n": 0}
+
+    def step_with_two_ctrl_c(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            _send(signal.SIGINT)
+            _send(signal.SIGINT)
+        return step_fn(model, batch)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        make_trainer(make_cfg(tmp_path, ckpt_every=100), step=step_with_two_ctrl_c).fit()
+    assert str(info.value) == "stopped at once by a second SIGINT after step 2, not saved; no checkpoint written yet"
+    assert not list(tmp_path.glob("*.pt")) and not (tmp_path / ".lock").exists()
+
+
+def test_an_evaluation_cut_short_by_the_signal_still_saves_the_step(tmp_path, beit_warnings):
+    """The signal reached the evaluation's own DataLoader workers too (a process-group signal), which makes the
+    evaluation fail: in a single process that is a warning, and the step's checkpoint is still written."""
+    def eval_fn(model):
+        _send(signal.SIGTERM)
+        _send(signal.SIGTERM)
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+
+    with pytest.raises(TrainingInterrupted) as info:
+        make_trainer(make_cfg(tmp_path, ckpt_every=100), eval_fn=eval_fn, metric_to_track="score").fit()
+    assert (info.value.step, info.value.exit_code, info.value.saved) == (10, 143, True)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 10
+    assert any("the evaluation of step 10 was cut short while stopping on SIGTERM (RuntimeError: DataLoader "
+               "worker" in r.getMessage() for r in beit_warnings)
+
+
+# --- resume=auto past a damaged last.pt, and a resume from an older checkpoint ---------------------------------
+
+def test_auto_resume_skips_a_damaged_last_pt_for_the_newest_readable_checkpoint(tmp_path, beit_warnings):
+    kw = dict(max_steps=9, ckpt_every=3, warmup_steps=0, schedule="constant")
+    make_trainer(make_cfg(tmp_path / "full", **kw)).fit()
+    part = tmp_path / "part"
+    make_trainer(make_cfg(part, **kw)).fit(stop_after_step=8)  # step_3, step_6, step_8 = last.pt
+    # last.pt alone damaged (a copy on a filesystem without hard links, or rewritten): step_8 is intact
+    (part / "last.pt").unlink()
+    (part / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    trainer = make_trainer(make_cfg(part, resume="auto", **kw))
+    trainer.fit(stop_after_step=8)
+    assert trainer.step == 8
+    shown = [r.getMessage() for r in beit_warnings if "resume=auto" in r.getMessage()]
+    assert len(shown) == 1 and f"{part / 'last.pt'}: not a readable checkpoint, damaged or truncated?" in shown[0]
+    assert shown[0].endswith(f"Resuming from the newest readable checkpoint instead: {part / 'step_0000008.pt'} "
+                             "(step 8)")
+    # last.pt (a hard link to step_8, as the engine makes it) damaged in place: step_8 too; step_6 is the newest
+    # readable one. The explicit name of a damaged checkpoint is still an error naming it.
+    (part / "last.pt").unlink()
+    os.link(part / "step_0000008.pt", part / "last.pt")
+    with open(part / "last.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"step_0000008\.pt: not a readable checkpoint"):
+        make_trainer(make_cfg(part, resume=str(part / "step_0000008.pt"), **kw)).fit()
+    beit_warnings.clear()
+    make_trainer(make_cfg(part, resume="auto", **kw)).fit()
+    assert any(f"instead: {part / 'step_0000006.pt'} (step 6)" in r.getMessage() for r in beit_warnings)
+    assert train_rows(tmp_path / "full") == train_rows(part)
+    assert (part / "abandoned" / "step_0000008.pt").is_file()  # the damaged later one, set aside, not deleted
+    assert sorted(p.name for p in part.glob("step_*")) == ["step_0000003.pt", "step_0000006.pt", "step_0000009.pt"]
+
+
+def test_a_damaged_last_pt_skipped_by_auto_is_set_aside_and_last_pt_readable_again(tmp_path):
+    """Resumed at its end (nothing left to train, so no save follows): last.pt must still be readable after,
+    for what reads a finished run (a task's final export reads last.pt)."""
+    kw = dict(max_steps=4, ckpt_every=2, warmup_steps=0)
+    make_trainer(make_cfg(tmp_path, **kw)).fit()
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    make_trainer(make_cfg(tmp_path, resume="auto", **kw)).fit()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert (tmp_path / "last.pt").samefile(tmp_path / "step_0000004.pt")
+    assert (tmp_path / "abandoned" / "last.pt").read_bytes() == b"PK\x03\x04 truncated"
+
+
+def test_auto_resume_with_nothing_readable_names_last_pt_and_the_others(tmp_path):
+    make_trainer(make_cfg(tmp_path, max_steps=4, ckpt_every=2, warmup_steps=0)).fit()
+    for p in tmp_path.glob("step_*.pt"):
+        p.write_bytes(b"\x80\x02garbage")  # last.pt is step_4's hard link
+    with pytest.raises(ValueError, match=r"last\.pt: not a readable checkpoint, damaged or truncated\? .*; no other "
+                                         r"checkpoint of .* is readable either \(step_0000002\.pt\)"):
+        make_trainer(make_cfg(tmp_path, max_steps=4, ckpt_every=2, warmup_steps=0, resume="auto")).fit()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, beit_warnings):
+    """A run that reached step 10 (checkpoints 6, 9, 10 kept), resumed from step_6 to step 8: 9 and 10 belong
+    to the abandoned branch; they move to abandoned/ (one line), do not count toward keep_last, last.pt is the
+    new branch's."""
+    kw = dict(ckpt_every=3, keep_last=3, warmup_steps=0, schedule="constant", eval_every=0)
+    make_trainer(make_cfg(tmp_path, max_steps=10, **kw)).fit()
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000006.pt", "step_0000009.pt",
+                                                               "step_0000010.pt"]
+    make_trainer(make_cfg(tmp_path, max_steps=8, resume=str(tmp_path / "step_0000006.pt"), **kw)).fit()
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000006.pt", "step_0000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "abandoned").iterdir()) == ["step_0000009.pt", "step_0000010.pt"]
+    assert load_checkpoint(tmp_path / "abandoned" / "step_0000010.pt")["step"] == 10
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 8
+    lines = [r.getMessage() for r in beit_warnings if "abandoned" in r.getMessage()]
+    assert len(lines) == 1 and "resumed at step 6" in lines[0] and "step_0000009.pt, step_0000010.pt" in lines[0]
+
+
+# --- the task a checkpoint belongs to ------------------------------------------------------------------------------
+
+def test_resume_refuses_another_tasks_checkpoint_before_the_config_diff(tmp_path):
+    kw = dict(max_steps=2, warmup_steps=0)
+    make_trainer(make_cfg(tmp_path, **kw), task="classification").fit()
+    assert load_checkpoint(tmp_path / "last.pt")["task"] == "classification"
+    other = make_trainer(make_cfg(tmp_path, resume="auto", **{**kw, "max_steps": 4, "lr": 0.5}), task="pre-training")
+    with pytest.raises(TaskMismatchError) as info:
+        other.fit()
+    assert str(info.value) == (f"{tmp_path / 'last.pt'} is a classification checkpoint, not a pre-training one: "
+                               "--resume (train.resume) continues a run of the same task")
+    # a checkpoint from before the field resumes as before
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["task"]
+    save_checkpoint(state, tmp_path / "last.pt")
+    resumed = make_trainer(make_cfg(tmp_path, resume="auto", **{**kw, "max_steps": 4}), task="pre-training")
+    resumed.fit()
+    assert resumed.step == 4 and load_checkpoint(tmp_path / "last.pt")["task"] == "pre-training"
+
+
+def test_every_task_config_has_its_task_name():
+    from beit.engine.trainer import task_of
+    from beit.tasks.classify.config import FinetuneConfig, LinprobeConfig
+    from beit.tasks.layout.config import LayoutConfig
+    from beit.tasks.pretrain.config import PretrainConfig
+    from beit.tasks.segmentation.config import SegmentConfig
+    from beit.tasks.tokenizer.config import TokenizerTrainConfig
+
+    classes = [PretrainConfig, FinetuneConfig, LinprobeConfig, SegmentConfig, LayoutConfig, TokenizerTrainConfig]
+    assert sorted(c.__name__ for c in classes) == sorted(TASK_NAMES)
+    assert task_of(make_cfg("x")) is None and task_of({"train": {}}) is None

@@ -17,8 +17,13 @@ Shapes (:class:`Command.kind`):
 - ``tool``: its own arguments.
 
 Every command takes ``--debug`` (or ``BEIT_DEBUG=1``). Anticipated errors (bad config, missing or damaged
-file, unwritable folder, refused pickle, divergence, Ctrl-C) end in one line ``beit CMD: error: ...`` and a
+file, unwritable folder, refused pickle, divergence) end in one line ``beit CMD: error: ...`` and a
 non-zero exit; with ``--debug`` the traceback is shown. Heavy imports stay inside each command's ``run``.
+A training run stopped by SIGINT (Ctrl-C) or SIGTERM saves the checkpoint of its last step and ends in one line
+``beit CMD: interrupted by SIGTERM after step N; checkpoint of that step: PATH; resume with: beit ... --resume
+auto`` and the exit code ``128 + signal`` (130, 143); a second Ctrl-C during training stops at once (``...
+stopped at once by a second SIGINT after step N, not saved; the last checkpoint is ...``), Ctrl-C outside
+training ends in ``beit CMD: interrupted`` (130).
 """
 
 from __future__ import annotations
@@ -404,6 +409,37 @@ def _error_line(e: BaseException) -> str | None:
     return None
 
 
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted training run: ``argv`` with its resume option (``--resume
+    X``, ``--resume=X``, ``train.resume=X``) replaced by ``--resume auto``; under torchrun, says so."""
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume=") or re.match(r"^-{0,2}train\.resume=", a):
+            continue
+        kept.append(a)
+    line = "beit " + shlex.join([*kept, "--resume", "auto"])
+    return f"torchrun ... -m {line}" if _distributed() else line
+
+
+def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str]) -> str:
+    """The last line of an interrupted command: the trainer's account (step, checkpoint) and the command that
+    resumes it, or ``interrupted`` for a Ctrl-C outside training."""
+    summary = getattr(e, "summary", None)
+    if not summary:
+        return f"{label}: interrupted"
+    resume = f"; resume with: {_resume_command(argv)}" if getattr(e, "checkpoint", None) is not None else ""
+    return f"{label}: {summary}{resume}"
+
+
 def _distributed() -> bool:
     """True inside a torchrun process group of more than one rank."""
     try:
@@ -412,6 +448,12 @@ def _distributed() -> bool:
         return D.is_dist() and D.world_size() > 1
     except Exception:  # noqa: BLE001 - no torch / a broken group: act as one process
         return False
+
+
+def _rank() -> int:
+    from .engine import distributed as D
+
+    return D.rank()
 
 
 def _exit_now_if_distributed(code: int) -> None:
@@ -436,7 +478,8 @@ def _close_distributed() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``beit ARGV``; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    """Run ``beit ARGV``; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted by SIGINT, 143 by
+    SIGTERM: ``128 + signal``, see :class:`beit.engine.trainer.TrainingInterrupted`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("BEIT_DEBUG", "").lower() in ("1", "true", "yes")
     argv = _expand(argv)
@@ -456,12 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args._cmd.run(args) or 0)
         _close_distributed()
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{label}: interrupted", file=sys.stderr)
-        _exit_now_if_distributed(130)
-        return 130
+        code = int(getattr(e, "exit_code", 130))
+        if not _distributed() or _rank() == 0:  # every rank stopped at the same step: one line
+            print(_interrupted_line(e, label, argv), file=sys.stderr)
+        _exit_now_if_distributed(code)
+        return code
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 0

@@ -4,7 +4,8 @@ A checkpoint is one ``torch.save`` dict that loads with ``torch.load(weights_onl
 
     {"format": "beit-train-ckpt", "version": 1, "model": state_dict, "optimizer": state_dict,
      "step": int, "epoch": int, "batch_in_epoch": int, "best": {"metric", "value", "step"} | None,
-     "rng": [state of rank 0, state of rank 1, ...], "ema": state_dict | None, "config": dict}
+     "rng": [state of rank 0, state of rank 1, ...], "ema": state_dict | None, "config": dict,
+     "task": str | None}
 
 Under FSDP2 a checkpoint is a folder instead (no full gather at every save): ``step_XXXXXXX/`` holds each
 rank's shards of the model and optimizer written by ``torch.distributed.checkpoint`` (DCP) plus ``meta.pt``
@@ -13,7 +14,9 @@ such folders. ``load_checkpoint(folder)`` returns the same full dict as for a fi
 group), and a sharded resume reshards onto any number of ranks.
 
 ``step``/``epoch``/``batch_in_epoch`` say where training continues: the next optimizer step, and the
-epoch and the loader batch it starts at. ``model`` is the plain module's state dict (no ``module.`` /
+epoch and the loader batch it starts at. ``task`` names the task that wrote it (``"pre-training"``,
+``"classification"``, ...; absent in checkpoints written before it existed, ``None`` for a bare ``TrainConfig``
+run): a resume refuses another task's checkpoint by name. ``model`` is the plain module's state dict (no ``module.`` /
 ``_orig_mod.`` prefixes), so ``torch.load(path)["model"]`` loads into ``beit.create_model(...)`` directly.
 """
 
@@ -36,8 +39,8 @@ from . import distributed as D
 from .config import stored_config
 
 __all__ = [
-    "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict", "config_from_checkpoint",
-    "find_resume_path",
+    "ABANDONED", "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict",
+    "config_from_checkpoint", "find_resume_path", "resume_candidates", "step_of",
     "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "load_sharded_state",
     "model_state_dict", "optimizer_state_dict", "read_torch_file", "save_checkpoint", "save_sharded_checkpoint",
     "set_rng_state",
@@ -48,6 +51,8 @@ VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 _STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 META = "meta.pt"  # inside a sharded checkpoint folder
+#: sub-folder of ``output_dir`` where a resume from an older checkpoint moves the later step checkpoints
+ABANDONED = "abandoned"
 
 
 class CheckpointMismatchError(ValueError):
@@ -188,6 +193,63 @@ def find_resume_path(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def step_of(path: str | Path) -> int | None:
+    """The step in a step checkpoint's name (``step_0000042.pt`` or the folder ``step_0000042``), else None."""
+    m = _STEP_RE.match(Path(path).name) or _STEP_DIR_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded folder (or a link to one) holding ``meta.pt``."""
+    return path.is_file() or (path / META).is_file()
+
+
+def _identity(path: Path) -> tuple[Any, ...]:
+    """The same value for two names of one checkpoint: a hard link (``last.pt`` and its step file) or a symlink
+    (``last`` and its folder)."""
+    try:
+        st = path.stat()  # follows symlinks
+    except OSError:
+        return ("missing", str(path))
+    return (st.st_dev, st.st_ino)
+
+
+def resume_candidates(output_dir: str | Path) -> list[Path]:
+    """What ``resume="auto"`` may continue from, in the order to try them: :func:`find_resume_path`'s pick
+    (``last.pt`` / ``last``), then the step checkpoints of the folder (files and sharded folders), the newest
+    step first, then the other of ``last.pt`` / ``last`` and ``best.pt`` / ``best``; each checkpoint once
+    (``last.pt`` and ``best.pt`` are hard links to step files). Empty when there is no ``last.pt`` / ``last``
+    (auto then starts afresh, see ``beit.engine.rundir.prepare_output_dir``)."""
+    out = Path(output_dir)
+    first = find_resume_path("auto", out)
+    if first is None:
+        return []
+    manager = CheckpointManager(out)
+    steps = sorted([*manager.step_files(), *manager.step_dirs()], key=lambda p: step_of(p) or 0, reverse=True)
+    rest = [p for p in (out / "last.pt", out / "last", out / "best.pt", out / "best") if _is_checkpoint(p)]
+    seen: set[tuple[Any, ...]] = set()
+    found = []
+    for p in [first, *steps, *rest]:
+        key = _identity(p)
+        if key not in seen:
+            seen.add(key)
+            found.append(p)
+    return found
+
+
+def _free_name(folder: Path, name: str, taken: set[str]) -> Path:
+    """``folder/name``, or ``folder/<stem>~N<suffix>`` when that exists or is in ``taken`` (never replaces a
+    file); the name returned is added to ``taken``."""
+    path = folder / name
+    stem, suffix = (name[:-3], ".pt") if name.endswith(".pt") else (name, "")
+    n = 1
+    while path.exists() or path.is_symlink() or path.name in taken:
+        n += 1
+        path = folder / f"{stem}~{n}{suffix}"
+    taken.add(path.name)
+    return path
+
+
 class CheckpointManager:
     """Saves ``step_XXXXXXX.pt``, links ``last.pt`` (and ``best.pt``) to it, keeps the last N step files."""
 
@@ -227,6 +289,84 @@ class CheckpointManager:
             self.prune()
         D.barrier()
         return self.dir / "last"
+
+    def path_of(self, step: int, *, sharded: bool = False) -> Path:
+        """Where :meth:`save` (or :meth:`save_sharded`) writes the checkpoint of ``step``: ``step_XXXXXXX.pt``
+        (``last.pt`` when ``keep_last`` is 0), or the folder ``step_XXXXXXX``."""
+        if sharded:
+            return self.dir / f"step_{step:07d}"
+        return self.dir / (f"step_{step:07d}.pt" if self.keep_last > 0 else "last.pt")
+
+    def set_aside_after(self, step: int, resumed: str | Path | None = None) -> list[Path]:
+        """Move the step checkpoints of steps after ``step`` (files and sharded folders) into ``abandoned/``.
+
+        A run resumed from an older checkpoint than the folder's newest leaves those behind as a branch it
+        abandoned: they would count toward ``keep_last`` and could be resumed by mistake. Nothing is deleted:
+        each moves under its own name (``name~2`` when taken). ``best.pt`` / ``best`` when they are one of them
+        move along; ``last.pt`` / ``last`` when they are one of them are pointed at ``resumed`` (a checkpoint
+        of this folder), so that an auto resume before the next save continues this run, not the abandoned one
+        (else they are removed: a link, the checkpoint itself is kept). Call on the main rank only, before the
+        next save. Returns the checkpoints moved, at their new paths.
+
+        Raises:
+            OSError: a file could not be moved (e.g. no permission), naming it.
+        """
+        later = [p for p in [*self.step_files(), *self.step_dirs()] if (step_of(p) or 0) > step]
+        if not later:
+            return []
+        dest = self.dir / ABANDONED
+        dest.mkdir(exist_ok=True)
+        taken: set[str] = set()  # names first: a symlink that follows its folder must point at the new name
+        new_names = {_identity(p): _free_name(dest, p.name, taken) for p in later}
+        resumed = Path(resumed) if resumed is not None else None
+        here = resumed is not None and _is_checkpoint(resumed) and resumed.resolve().parent == self.dir.resolve()
+        moved: list[Path] = []
+        for name in ("best.pt", "best", "last.pt", "last"):
+            link = self.dir / name
+            target = new_names.get(_identity(link)) if _is_checkpoint(link) else None
+            if target is None:
+                continue
+            if name.startswith("best"):
+                new = _free_name(dest, name, taken)
+                if link.is_symlink():
+                    os.symlink(target.name, new)
+                    link.unlink()
+                else:
+                    os.replace(link, new)
+                moved.append(new)
+            elif here and name == "last.pt" and resumed.is_file():
+                _link_atomic(resumed, link)
+            elif here and name == "last" and resumed.is_dir():
+                _symlink_atomic(resumed.resolve().name, link)
+            else:
+                link.unlink()
+        for p in later:
+            new = new_names[_identity(p)]
+            os.replace(p, new)
+            moved.append(new)
+        _fsync_dir(self.dir)
+        return sorted(moved, key=lambda p: p.name)
+
+    def set_aside_damaged_last(self, resumed: str | Path) -> Path | None:
+        """``last.pt`` could not be read and the run resumed from ``resumed`` instead (``resume="auto"``): move
+        ``last.pt`` into ``abandoned/`` (never deleted) and make it a link to ``resumed``, so that the folder's
+        ``last.pt`` is readable again before the next save (readers of a finished run take it). Call on the
+        main rank only. Returns the damaged file's new path (None: no ``last.pt`` file, or it is ``resumed``).
+
+        Raises:
+            OSError: a file could not be moved or linked, naming it.
+        """
+        last, resumed = self.dir / "last.pt", Path(resumed)
+        if not last.is_file() or last.is_symlink() or _identity(last) == _identity(resumed):
+            return None
+        dest = self.dir / ABANDONED
+        dest.mkdir(exist_ok=True)
+        new = _free_name(dest, "last.pt", set())
+        os.replace(last, new)
+        if resumed.is_file() and resumed.resolve().parent == self.dir.resolve():
+            _link_atomic(resumed, last)
+        _fsync_dir(self.dir)
+        return new
 
     def step_files(self) -> list[Path]:
         files = [p for p in self.dir.glob("step_*.pt") if _STEP_RE.match(p.name)]

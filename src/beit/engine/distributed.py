@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import Sampler
 
 __all__ = [
-    "EpochIndexed", "ResumableDistributedSampler", "all_finite", "all_gather_object", "all_reduce_mean", "barrier",
-    "broadcast_object", "cleanup", "compile_blocks", "device", "grad_sync", "init_distributed", "is_dist",
-    "resolve_device",
+    "EpochIndexed", "ResumableDistributedSampler", "all_finite", "all_finite_and_flag", "all_gather_object",
+    "all_reduce_mean", "barrier", "broadcast_object", "cleanup", "compile_blocks", "device", "grad_sync",
+    "init_distributed", "is_dist", "max_over_ranks", "resolve_device",
     "is_main", "local_rank", "rank", "repeated_blocks", "unwrap_model", "world_size", "wrap_model",
 ]
 
@@ -230,12 +230,34 @@ def wrap_model(model: nn.Module, cfg: Any, *, bf16: bool = False) -> nn.Module:
 def all_finite(values: torch.Tensor) -> bool:
     """``True`` when every element is finite on every rank (one host sync; one tiny all-reduce when
     distributed), so that all ranks take the same decision on a NaN and none is left waiting."""
+    return all_finite_and_flag(values)[0]
+
+
+def all_finite_and_flag(values: torch.Tensor, flag: int = 0) -> tuple[bool, int]:
+    """``(every element finite on every rank, the largest flag of any rank)`` in one host sync and, when
+    distributed, one tiny all-reduce: :func:`all_finite` plus a small non-negative integer every rank must agree
+    on at the same step (the trainer's pending stop signal, ``beit.engine.trainer``), at no extra collective."""
     bad = (~torch.isfinite(values)).any().to(torch.int32).reshape(1)
-    if is_dist():
-        if dist.get_backend() != "nccl":
-            bad = bad.cpu()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    if not is_dist():
+        return not bool(bad.item()), int(flag)
+    # the flag joins on the device with a fill (no host-to-device copy of a Python number)
+    packed = torch.cat([bad, torch.full((1,), int(flag), dtype=torch.int32, device=bad.device)])
+    if dist.get_backend() != "nccl":
+        packed = packed.cpu()
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    any_bad, top = packed.tolist()
+    return not any_bad, int(top)
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of any rank (an all-reduce: every rank must call it; it is a barrier too);
+    ``value`` itself in a single process."""
+    if not is_dist():
+        return int(value)
+    dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.full((1,), int(value), dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -19,8 +19,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .rundir import atomic_write
 
-__all__ = ["MetricLogger", "console_through_tqdm", "get_logger", "plot_curves", "quiet_console", "read_metrics",
-           "setup_logging"]
+__all__ = ["MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves", "quiet_console",
+           "read_metrics", "setup_logging"]
 
 _LOGGER_NAME = "beit"
 
@@ -79,6 +79,17 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
             fh.setFormatter(_formatter())
             logger.addHandler(fh)
     return logger
+
+
+def log_to_file(logger: logging.Logger, level: int, message: str) -> None:
+    """``message`` into the run's ``log.txt`` only (not the console): for a line that the caller also shows in
+    its own words (``beit``'s last line of an interrupted run), so the record is complete without a repeat."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, "(engine)", 0, message, None, None)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler) and record.levelno >= h.level:
+            h.handle(record)
 
 
 @contextmanager

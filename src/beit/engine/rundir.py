@@ -38,15 +38,16 @@ from typing import Any
 
 __all__ = [
     "LOCK_NAME", "RESUME_SAFE_KEYS", "RUN_DIRS", "RUN_FILES", "ConfigChangedError", "RunDirError", "RunExistsError",
-    "RunLock", "RunLockedError", "atomic_write", "check_resume_config", "clear_previous_run", "diff_configs",
-    "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
+    "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write", "check_resume_config", "check_resume_task",
+    "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
 ]
 
 LOCK_NAME = ".lock"
 #: files the engine writes into ``output_dir`` (deleted by an overwrite; ``log.txt`` is appended to, kept)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.yaml")
-#: folders the engine writes into ``output_dir`` (deleted by an overwrite)
-RUN_DIRS = ("tb", "images")
+#: folders the engine writes into ``output_dir`` (deleted by an overwrite); ``abandoned`` holds the step checkpoints
+#: a resume from an older checkpoint set aside (``CheckpointManager.set_aside_after``)
+RUN_DIRS = ("tb", "images", "abandoned")
 # step checkpoints: step_0000042.pt files, or folders (sharded checkpoints), and last/best folders
 _CKPT_RE = re.compile(r"^(step_\d+(\.pt)?|last|best|last\.pt|best\.pt)$")
 
@@ -76,6 +77,10 @@ class RunExistsError(RunDirError):
 
 class ConfigChangedError(RunDirError):
     """Resume with a config that differs from the checkpoint's in keys that define the run."""
+
+
+class TaskMismatchError(RunDirError):
+    """Resume from a checkpoint another task wrote (a fine-tuning checkpoint given to pre-training, ...)."""
 
 
 def _log() -> logging.Logger:
@@ -378,6 +383,19 @@ def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
         return int(train["batch_size"]) * int(train.get("accum_steps", 1)) * int(world_size)
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def check_resume_task(stored: str | None, current: str | None, *, source: str | Path) -> None:
+    """Refuse a checkpoint of another task, in one line, before any config comparison (whose every key would
+    differ). ``stored`` is the checkpoint's ``task`` (None: a checkpoint from before the field, or of a bare
+    ``TrainConfig`` run: not checked), ``current`` the run's.
+
+    Raises:
+        TaskMismatchError: ``"<source> is a <stored> checkpoint, not a <current> one: ..."``.
+    """
+    if stored and current and stored != current:
+        raise TaskMismatchError(f"{source} is a {stored} checkpoint, not a {current} one: --resume (train.resume) "
+                                "continues a run of the same task")
 
 
 def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, source: str | Path,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cap_intra_op_threads"]
+__all__ = ["cap_intra_op_threads", "usable_cores"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -86,7 +86,7 @@ def _cgroup_cpus(root: Path | None = None, proc_cgroup: str | None = None) -> in
     return min(found) if found else None
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """Cores this process may use: its affinity mask, capped by its cgroup's CPU quota."""
     try:
         n = len(os.sched_getaffinity(0))
@@ -112,7 +112,7 @@ def cap_intra_op_threads(device: torch.device | str, num_workers: int) -> int | 
     """
     if torch.device(device).type != "cuda" or num_workers <= 0 or os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
-    n = max(1, _cores() - num_workers - 1)  # one core for this process's own thread and the pin thread
+    n = max(1, usable_cores() - num_workers - 1)  # one core for this process's own thread and the pin thread
     if n >= torch.get_num_threads():
         return None
     torch.set_num_threads(n)

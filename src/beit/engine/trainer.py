@@ -12,6 +12,12 @@ A task supplies a model, a dataset and a ``step_fn``; the trainer does everythin
 Resume is exact: model, optimizer, step, epoch, the batch offset inside the epoch, the best metric and
 every rank's RNG state are restored, and datasets draw their randomness from (seed, epoch, index)
 (see ``docs/CONTRACTS.md``), so on CPU a resumed run repeats the uninterrupted run's losses bit for bit.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM (``kill``, SLURM / Kubernetes preemption, torchrun passing either on)
+during ``fit()`` finishes the optimizer step in progress on every rank, writes a checkpoint of it (resumable
+like any other: ``resume="auto"``), releases the folder and raises :class:`TrainingInterrupted`; a second
+Ctrl-C stops at once, without saving. ``resume="auto"`` skips a damaged ``last.pt`` for the newest readable
+checkpoint of the folder, and a resume from an older checkpoint moves the later ones into ``abandoned/``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
+import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +52,7 @@ from .checkpoint import (
     VERSION,
     CheckpointManager,
     CheckpointMismatchError,
+    _identity,
     find_resume_path,
     get_rng_state,
     load_checkpoint,
@@ -49,20 +61,74 @@ from .checkpoint import (
     load_sharded_state,
     model_state_dict,
     optimizer_state_dict,
+    resume_candidates,
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, save_config, to_dict, validate_config
 from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
-from .logging import MetricLogger, console_through_tqdm, plot_curves, setup_logging
+from .logging import MetricLogger, console_through_tqdm, log_to_file, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
 from .prefetch import DevicePrefetcher
-from .rundir import RunLock, atomic_write, check_resume_config, prepare_output_dir
+from .rundir import RunLock, atomic_write, check_resume_config, check_resume_task, prepare_output_dir
 from .threads import cap_intra_op_threads
 
-__all__ = ["ModelEMA", "StepFn", "Trainer", "TrainingDivergedError", "preserved_rng", "seed_everything"]
+__all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "StepFn", "Trainer", "TrainingDivergedError",
+           "TrainingInterrupted", "preserved_rng", "seed_everything", "task_of"]
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+
+#: the signals that ``fit()`` turns into a clean stop (see :class:`TrainingInterrupted`)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+#: the ``task`` a checkpoint records, by the class of the run config that wrote it (``Trainer(run_config=...)``);
+#: another dataclass records its class name, a bare ``TrainConfig`` (or no dataclass) nothing
+TASK_NAMES = {"PretrainConfig": "pre-training", "FinetuneConfig": "classification",
+              "LinprobeConfig": "linear probing", "SegmentConfig": "segmentation",
+              "LayoutConfig": "layout detection", "TokenizerTrainConfig": "dVAE tokenizer"}
+
+
+def task_of(run_config: Any) -> str | None:
+    """The task name a checkpoint of a run with this config records (:data:`TASK_NAMES`), or None."""
+    if not dataclasses.is_dataclass(run_config) or isinstance(run_config, TrainConfig):
+        return None
+    name = type(run_config).__name__
+    return TASK_NAMES.get(name, name)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit()`` was stopped by SIGINT or SIGTERM after ``step`` optimizer steps.
+
+    On the first signal every rank finishes the step in progress (they agree on which step in the step's
+    sync), the checkpoint of that step is written as a periodic one would be (``checkpoint``; ``saved`` True),
+    the output folder's lock is released and this is raised. A second SIGINT (Ctrl-C again, a second or more
+    later) raises it at once without saving (``saved`` False unless the step was just saved; ``checkpoint`` is
+    then the last one written, ``checkpoint_step`` its step, or None). ``resume="auto"`` continues from it.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it too; ``exit_code`` is the shell's
+    ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), which ``beit`` exits with. ``summary`` is the message
+    without the resume hint.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, checkpoint_step: int | None = None, *,
+                 at_once: bool = False):
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        self.checkpoint_step = step if checkpoint_step is None and checkpoint is not None else checkpoint_step
+        self.saved = checkpoint is not None and self.checkpoint_step == step
+        self.exit_code = 128 + self.signum
+        self.signal_name = signal.Signals(self.signum).name
+        if not at_once:
+            head = f"interrupted by {self.signal_name} after step {step}"
+        else:
+            head = f"stopped at once by a second {self.signal_name} after step {step}"
+        if self.saved:
+            self.summary = f"{head}; checkpoint of that step: {checkpoint}"
+        elif checkpoint is not None:
+            self.summary = f"{head}, not saved; the last checkpoint is {checkpoint} (step {self.checkpoint_step})"
+        else:
+            self.summary = f"{head}, not saved; no checkpoint written yet"
+        hint = "; resume with train.resume=auto (--resume auto)" if checkpoint is not None else ""
+        super().__init__(self.summary + hint)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -183,12 +249,23 @@ class ModelEMA:
         self.module.load_state_dict(state_dict)
 
 
+def _ignore_stop_signal(signum: int, frame: Any) -> None:
+    """A DataLoader worker's handler of SIGINT / SIGTERM: nothing (see :func:`_worker_init`)."""
+
+
 def _worker_init(worker_id: int) -> None:
     # torch seeds each worker with base_seed + worker_id (base_seed comes from the loader's own generator);
     # give python and numpy the same, so nothing depends on the parent's RNG.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches the terminal's whole process group, and timeout(1), scancel, ... signal every process of the
+    # job: a worker killed by it makes torch raise "DataLoader worker ... killed" in the training process at any
+    # point, mid optimizer step included. The training process decides how to stop (Trainer.fit) and ends its
+    # workers itself; a worker whose training process is gone exits on its own (torch's watchdog). A Python
+    # handler (not SIG_IGN): programs the worker runs get the default handlers back.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _ignore_stop_signal)
 
 
 def _eager() -> contextlib.AbstractContextManager:
@@ -224,7 +301,13 @@ class Trainer:
             which replaces the parameters). Groups may carry ``lr_scale``. Default: :func:`param_groups`
             with the config's weight decay and layer decay.
         run_config: the task's whole config (stored in checkpoints and ``config.yaml``); default ``cfg``.
+        task: the task name checkpoints record (``"pre-training"``, ...): a resume refuses a checkpoint that
+            records another. Default: :func:`task_of` ``(run_config)``.
     """
+
+    #: a second SIGINT this many seconds or more after the first stops at once (sooner: the same Ctrl-C, sent
+    #: twice by a launcher, e.g. timeout(1) signals its child and then the child's process group)
+    ABORT_AFTER_S = 1.0
 
     def __init__(self, model: nn.Module, train_dataset: Dataset, step_fn: StepFn, cfg: TrainConfig, *,
                  collate_fn: Callable | None = None, device_transform: Callable[[Any], Any] | None = None,
@@ -232,7 +315,7 @@ class Trainer:
                  visualize_fn: Callable[[nn.Module, int, Path], None] | None = None,
                  metric_to_track: str | None = None, mode: str = "max",
                  param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None,
-                 run_config: Any = None):
+                 run_config: Any = None, task: str | None = None):
         validate_config(cfg)
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -242,6 +325,7 @@ class Trainer:
         self.device_transform = device_transform
         self.metric_to_track, self.mode = metric_to_track, mode
         self.run_config = run_config if run_config is not None else cfg
+        self.task = task if task is not None else task_of(self.run_config)
         self.device = D.device()
         self.main = D.is_main()
         self.out = Path(cfg.output_dir)
@@ -317,6 +401,14 @@ class Trainer:
         self._new_best = False
         self.bar: tqdm | None = None
         self._restored_window: dict | None = None
+        # stopping on a signal: the one received (0: none) and when; the checkpoint (step, path) that holds the
+        # current state, for the message
+        self._signal, self._signal_time = 0, 0.0
+        self._checkpoint: tuple[int, Path] | None = None
+        # the checkpoint this fit() resumes from, picked by rank 0 (and on rank 0 its state, already read)
+        self._resume_path: Path | None = None
+        self._resume_state: dict[str, Any] | None = None
+        self._damaged_last: tuple[Any, ...] | None = None  # identity of the last.pt that auto had to skip
         self._reset_window()
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -328,46 +420,172 @@ class Trainer:
         The output folder is locked for the duration (one run per folder) and a fresh run into a folder
         holding an earlier run is refused unless ``resume`` or ``overwrite`` (see ``beit.engine.rundir``).
 
+        SIGINT / SIGTERM stop the run cleanly (see :class:`TrainingInterrupted`); the signal handlers in place
+        before are restored when ``fit()`` returns or raises.
+
         Raises:
-            RunLockedError / RunExistsError / ConfigChangedError (``RunDirError``, a ``ValueError``): the
-                folder is in use, holds an earlier run, or the resumed checkpoint's config differs.
+            RunLockedError / RunExistsError / ConfigChangedError / TaskMismatchError (``RunDirError``, a
+                ``ValueError``): the folder is in use, holds an earlier run, or the resumed checkpoint's config
+                differs or is another task's.
+            ValueError: the checkpoint to resume is damaged (named); with ``resume="auto"`` only when no
+                checkpoint of the folder is readable.
             TrainingDivergedError: a non-finite loss, gradient norm or weights (the last good checkpoint kept).
+            TrainingInterrupted: SIGINT or SIGTERM (a ``KeyboardInterrupt``; the checkpoint written is named).
             OSError: a checkpoint could not be written (e.g. a full disk), naming the file.
         """
-        lock = self._open_output_dir()
+        with self._stop_on_signals():
+            lock = self._open_output_dir()
+            try:
+                return self._fit(stop_after_step)
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    # --- stopping on a signal --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While the block runs, :data:`STOP_SIGNALS` ask for a clean stop (:meth:`_on_signal`) instead of
+        killing the process; the previous handlers are restored after. Only in the main thread (Python runs
+        handlers there), and never over a signal that is ignored (``SIG_IGN``: SIGINT of a background job) or
+        handled outside Python."""
+        self._signal, self._signal_time = 0, 0.0
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                handler = signal.getsignal(sig)
+                if handler is None or handler == signal.SIG_IGN:
+                    continue
+                previous[sig] = handler
+                signal.signal(sig, self._on_signal)
         try:
-            return self._fit(stop_after_step)
+            yield
         finally:
-            if lock is not None:
-                lock.release()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first signal asks for a stop after the step in progress (the ranks agree on the step in its
+        sync, see :meth:`_train_steps`); a second SIGINT (``ABORT_AFTER_S`` or more later) raises
+        :class:`TrainingInterrupted` here and now, unsaved. A repeated SIGTERM changes nothing (timeout(1) and
+        torchrun may send more than one; whoever wants it over sooner sends SIGKILL)."""
+        if self._signal:
+            if signum == signal.SIGINT and time.monotonic() - self._signal_time >= self.ABORT_AFTER_S:
+                raise self._interrupted(signum, at_once=True)
+            return
+        self._signal, self._signal_time = signum, time.monotonic()
+        if self.main:  # os.write: safe whatever the interrupted code was writing
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                        "(Ctrl-C again: stop at once, without saving)\n".encode())
+
+    def _interrupted(self, signum: int, *, at_once: bool = False) -> TrainingInterrupted:
+        """The exception for a stop at the current step, naming the checkpoint that holds it (or the last one)."""
+        step, path = self._checkpoint if self._checkpoint is not None else (None, None)
+        return TrainingInterrupted(signum, self.step, path, step, at_once=at_once)
+
+    def _stop(self, signum: int) -> None:
+        """The stop that every rank agreed on, after a finished step: its checkpoint (unless the step's own
+        bookkeeping just wrote it; a collective), a line in ``log.txt``, then :class:`TrainingInterrupted`."""
+        if self._checkpoint is None or self._checkpoint[0] != self.step:
+            self._check_weights_before_save()
+            self.save()
+        error = self._interrupted(signum)
+        log_to_file(self.log, logging.WARNING, str(error))  # the console gets it from the caller (beit's last line)
+        raise error
+
+    def _unless_stopping(self, job: Callable[[], Any], what: str) -> None:
+        """Run ``job`` (evaluation, pictures). While a stop is pending in a single process, an error of it is a
+        warning, so that the step's checkpoint is still written: the signal may have reached the job's own
+        DataLoader workers too (timeout(1), scancel and Ctrl-C in a terminal signal the whole process group).
+        Otherwise (and under several ranks, where the job may be a collective) its errors propagate."""
+        try:
+            job()
+        except Exception as e:
+            if not self._signal or D.is_dist():
+                raise
+            self.raw_model.train()
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.log.warning(f"{what} of step {self.step} was cut short while stopping on "
+                             f"{signal.Signals(self._signal).name} ({type(e).__name__}: {first}): not recorded")
 
     def _open_output_dir(self) -> RunLock | None:
-        """Rank 0 takes the folder's lock and decides fresh / overwrite / resume; every rank gets the outcome
-        (so on a refusal all ranks raise the same error and none waits in a collective)."""
-        lock, error = None, None
+        """Rank 0 takes the folder's lock, picks the checkpoint to resume (:meth:`_pick_resume`) and decides
+        fresh / overwrite / resume; every rank gets the outcome (so on a refusal all ranks raise the same error
+        and none waits in a collective) and the checkpoint's path (``self._resume_path``)."""
+        lock, error, resume_path = None, None, None
+        self._resume_path, self._resume_state = None, None
         if self.main:
             try:
                 lock = RunLock(self.out).acquire()
+                resume_path, self._resume_state = self._pick_resume()
                 if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
-                    resume_path = find_resume_path(self.cfg.resume, self.out)
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
                                        overwrite=getattr(self.cfg, "overwrite", False))
             except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
                     lock.release()
+                self._resume_state = None
                 error = e
-        outcome = D.broadcast_object(None if error is None else (type(error).__name__, str(error)))
+            except BaseException:  # Ctrl-C twice while reading the checkpoint: the folder is not left locked
+                if lock is not None:
+                    lock.release()
+                raise
+        outcome = D.broadcast_object(("ok", None if resume_path is None else str(resume_path)) if error is None
+                                     else (type(error).__name__, str(error)))
         if error is not None:
             raise error
-        if outcome is not None:  # rank 0 refused: the same error here
+        if outcome[0] != "ok":  # rank 0 refused: the same error here
             raise _error_named(*outcome)
+        self._resume_path = None if outcome[1] is None else Path(outcome[1])
         self._fit_started = True
         return lock
 
+    def _pick_resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint this fit() resumes from (None: none) and, for ``resume="auto"``, its state (read here
+        to know it is readable). Auto takes ``last.pt`` (``last``), or when that cannot be read the newest
+        readable checkpoint of the folder (:func:`~beit.engine.checkpoint.resume_candidates`), with a warning
+        naming both. A path given explicitly is read later (:meth:`load`), its errors naming it.
+
+        Raises:
+            FileNotFoundError: an explicit path that does not exist.
+            ValueError / OSError: auto, and no checkpoint of the folder is readable (the first error, naming
+                ``last.pt``, plus the others tried).
+        """
+        self._damaged_last = None
+        path = find_resume_path(self.cfg.resume, self.out)
+        if path is None or self.cfg.resume != "auto":
+            return path, None
+        failed: list[tuple[Path, Exception]] = []
+        for candidate in resume_candidates(self.out) or [path]:
+            sharded = candidate.is_dir() and D.is_fsdp(self.raw_model)
+            try:
+                state = load_checkpoint(candidate, full=not sharded)
+            except (ValueError, OSError) as e:  # damaged, truncated, not a checkpoint, unreadable
+                failed.append((candidate, e))
+                continue
+            if failed:
+                shown = "; ".join(str(e).splitlines()[0] if str(candidate) in str(e) else f"{candidate}: {e}"
+                                  for candidate, e in failed)
+                if failed[0][0].name == "last.pt":
+                    self._damaged_last = _identity(failed[0][0])
+                self.log.warning(f"resume=auto: {shown}. Resuming from the newest readable checkpoint instead: "
+                                 f"{candidate} (step {state.get('step')})")
+            return candidate, state
+        first, error = failed[0]
+        if len(failed) > 1:
+            others = ", ".join(p.name for p, _ in failed[1:])
+            raise type(error)(f"{str(error).splitlines()[0]}; no other checkpoint of {self.out} is readable either "
+                              f"({others})") from error
+        raise error
+
     def _fit(self, stop_after_step: int | None) -> dict[str, float]:
-        resume_path = find_resume_path(self.cfg.resume, self.out)
+        resume_path, state = self._resume_path, self._resume_state
+        self._resume_state = None
         if resume_path is not None:
-            self.load(resume_path)
+            self.load(resume_path, state=state)
+            del state
+            if self.main:
+                self._set_aside_later_checkpoints(resume_path)
         elif self.cfg.resume == "auto" and self.step == 0:
             self.log.info(f"resume=auto: no checkpoint in {self.out} yet, starting from step 0")
         self._weights_check = None
@@ -411,8 +629,31 @@ class Trainer:
                     job()
                 except Exception as e:  # noqa: BLE001 - reported, never masks the training error
                     self.log.warning(f"could not {what} ({self.out}): {e}")
-        D.barrier()
+        # a signal after the last step's sync (or during the clean-up): the ranks agree here (also the barrier)
+        stop = D.max_over_ranks(self._signal)
+        if stop:
+            error = self._interrupted(stop)
+            log_to_file(self.log, logging.WARNING, str(error))
+            raise error
         return self._final_metrics()
+
+    def _set_aside_later_checkpoints(self, resume_path: Path) -> None:
+        """After a resume from step S (rank 0): the folder's step checkpoints of steps after S belong to a
+        branch this run abandons; they move into ``abandoned/`` (one line), so that they neither count toward
+        ``keep_last`` nor get resumed by mistake (``CheckpointManager.set_aside_after``). A damaged ``last.pt``
+        that ``resume="auto"`` skipped moves there too, ``last.pt`` then naming the resumed checkpoint.
+
+        Raises:
+            OSError: a checkpoint could not be moved, naming it.
+        """
+        moved = self.ckpt.set_aside_after(self.step, resume_path)
+        if self._damaged_last is not None and _identity(self.out / "last.pt") == self._damaged_last:
+            moved += [p for p in [self.ckpt.set_aside_damaged_last(resume_path)] if p is not None]
+        self._damaged_last = None
+        if moved:
+            self.log.warning(f"resumed at step {self.step} from {resume_path}: moved {len(moved)} checkpoint(s) "
+                             f"of later steps (an abandoned branch) or damaged into {self.out / 'abandoned'}/ "
+                             f"({', '.join(p.name for p in moved)}), not deleted")
 
     def train_one_epoch(self, end_step: int) -> None:
         """Optimizer steps from the current position to the end of the epoch (or ``end_step``)."""
@@ -462,9 +703,10 @@ class Trainer:
             metrics = {k: v / cfg.accum_steps for k, v in metric_sums.items()}
 
             grad_norm = self._clip_grad(params)
-            # one sync a step, all ranks agree: this step's loss and grad norm, and the weights left by the
-            # previous update
-            if not D.all_finite(step_checks(loss, grad_norm, self._weights_check)):
+            # one sync a step, all ranks agree: this step's loss and grad norm, the weights left by the previous
+            # update, and whether any rank got a stop signal (then every rank stops after this step)
+            finite, stop = D.all_finite_and_flag(step_checks(loss, grad_norm, self._weights_check), self._signal)
+            if not finite:
                 self._diverged(loss, grad_norm, metrics)
             opt.step()
             self._weights_check = self._probe_weights(params)
@@ -476,6 +718,10 @@ class Trainer:
             self.batch_in_epoch += cfg.accum_steps
             self._accumulate(loss, grad_norm, metrics, lr)
             self._after_step(end_step)
+            if not D.is_dist():  # one process: also a signal that came after the sync
+                stop = stop or self._signal
+            if stop:
+                self._stop(stop)
 
     def _after_step(self, end_step: int) -> None:
         """Logging, eval, images and checkpoints, in an order that keeps ``best.pt`` consistent."""
@@ -493,9 +739,9 @@ class Trainer:
         paused = time.perf_counter()  # time spent below is not training time: keep it out of img/s
         if self.eval_fn is not None and (finished or (epoch_done and cfg.eval_every > 0
                                                       and self.epoch % cfg.eval_every == 0)):
-            self.evaluate()
+            self._unless_stopping(self.evaluate, "the evaluation")
         if self.visualize_fn is not None and cfg.image_every > 0 and self.step % cfg.image_every == 0:
-            self._visualize()
+            self._unless_stopping(self._visualize, "the pictures")
         if self.step % cfg.ckpt_every == 0 or epoch_done or finished or self.step == end_step:
             self._check_weights_before_save()
             self.save()
@@ -781,13 +1027,14 @@ class Trainer:
             "best": self.best, "world_size": D.world_size(), "batch_size": self.cfg.batch_size,
             "rng": [r["rng"] for r in per_rank], "log_window": [r["log_window"] for r in per_rank],
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "config": to_dict(self.run_config),
+            "config": to_dict(self.run_config), "task": self.task,
         }
 
     def save(self) -> None:
         """A checkpoint (collective). Single process / DDP: one full ``step_XXXXXXX.pt`` written by rank 0.
         FSDP2: a sharded ``step_XXXXXXX/`` folder that every rank writes its shards into (no full gather)."""
-        if D.is_fsdp(self.raw_model):
+        sharded = D.is_fsdp(self.raw_model)
+        if sharded:
             self.ckpt.save_sharded(self.model, self.optimizer, self._meta_state(), self.step,
                                    is_best=self._new_best)
         else:
@@ -795,6 +1042,7 @@ class Trainer:
             if self.main:
                 self.ckpt.save(state, self.step, is_best=self._new_best)
         self._new_best = False
+        self._checkpoint = (self.step, self.ckpt.path_of(self.step, sharded=sharded))
 
     def export_model(self) -> nn.Module | None:
         """The trained model as a plain, unsharded module on rank 0 (``None`` on other ranks), for the final
@@ -812,11 +1060,21 @@ class Trainer:
         model.load_state_dict(state)
         return model.to(self.device).train(self.raw_model.training)
 
-    def load(self, path: str | Path) -> None:
-        """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win."""
+    def load(self, path: str | Path, *, state: dict[str, Any] | None = None) -> None:
+        """Restore everything ``state_dict`` saved; the current config's lr scales / weight decays win.
+        ``state``: the checkpoint already read from ``path`` (else it is read here).
+
+        Raises:
+            FileNotFoundError / ValueError: ``path`` is missing, damaged or not a training checkpoint.
+            TaskMismatchError: the checkpoint records another task (``task``), before any config comparison.
+            ConfigChangedError: its config differs in keys that define the run.
+            CheckpointMismatchError / ValueError: its model or optimizer does not fit this one.
+        """
         path = Path(path)
         sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
-        state = load_checkpoint(path, full=not sharded)
+        if state is None:
+            state = load_checkpoint(path, full=not sharded)
+        check_resume_task(state.get("task"), self.task, source=path)
         check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
                             allow=getattr(self.cfg, "allow_config_change", False),
                             stored_world_size=state.get("world_size"), world_size=D.world_size())
@@ -869,5 +1127,6 @@ class Trainer:
             self.log.warning(f"{path} was saved by {len(rng)} rank(s), this run has {D.world_size()}: "
                              "RNG streams are re-seeded, so the run is not an exact continuation")
             seed_everything(self.cfg.seed + D.rank() + 1000003 * self.step)
+        self._checkpoint = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step} "
                       f"(epoch {self.epoch}, batch {self.batch_in_epoch})")

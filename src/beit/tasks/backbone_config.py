@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.config import ConfigError
+from ..engine.trainer import TASK_NAMES
 from ..interop.backbone import check_override_keys
 
 __all__ = ["TASK_KINDS", "check_checkpoint_task", "check_model_overrides", "checkpoint_task",
            "task_config_from_checkpoint"]
 
 # what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
-TASK_KINDS = ("classification", "linear probing", "pre-training", "segmentation", "layout detection", "dVAE tokenizer")
+TASK_KINDS = tuple(TASK_NAMES.values())
 
 
 def check_model_overrides(overrides: Mapping[str, Any], reserved: Mapping[str, str] | None = None,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ...engine import ConfigError, TrainConfig, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
-from ...engine.threads import _cores as usable_cores  # the engine's count: affinity mask and cgroup quota
+from ...engine.threads import usable_cores  # the engine's count: affinity mask and cgroup quota
 from ...interop.backbone import build_backbone, is_preset, source_config
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
