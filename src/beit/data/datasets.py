@@ -1169,23 +1169,15 @@ def decode_image_folder(
     return DecodedFolder(images, labels, names, dropped)
 
 
-def load_image_folder_to_memory(
-    root: str | os.PathLike,
-    size: int | None = None,
-    *,
-    class_names: Sequence[str] | None = None,
-    labeled: bool | None = None,
-    num_threads: int = 8,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-    """:func:`decode_image_folder` without the names of the files left out (unreadable ones are skipped with a
-    warning); raises as it does.
+def load_image_folder_to_memory(root: str | os.PathLike, size: int | None = None, **kwargs: Any
+                                ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """:func:`decode_image_folder` (same arguments) without the names of the files left out (unreadable ones are
+    skipped with a warning); raises as it does.
 
     Returns:
         images ``[N, H, W, 3]`` uint8, labels ``[N]`` int64 (None when unlabeled), class names.
     """
-    images, labels, names, _ = decode_image_folder(root, size, class_names=class_names, labeled=labeled,
-                                                   num_threads=num_threads, progress=progress)
+    images, labels, names, _ = decode_image_folder(root, size, **kwargs)
     return images, labels, names
 
 
