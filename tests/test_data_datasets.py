@@ -337,6 +337,29 @@ def test_repeated_dataset_passes_are_epochs_of_the_wrapped_dataset() -> None:
         RepeatedDataset([1, 2], 2)
 
 
+def test_repeated_dataset_counts_the_skips_of_all_its_passes_in_its_epoch() -> None:
+    """The engine asks for the skips of its epoch e: with data.repeat=2 those are the wrapped dataset's epochs
+    2e and 2e + 1 (it asked the wrapped dataset for its epoch e: other passes' counts, or none)."""
+    from torch.utils.data import Dataset
+
+    from beit.data import RepeatedDataset
+
+    class Skips(Dataset):
+        counts = {0: 1, 1: 2, 2: 4, 3: 8}
+
+        def set_epoch(self, epoch: int) -> None: ...
+
+        def __len__(self) -> int:
+            return 3
+
+        def skipped_count(self, epoch: int | None = None) -> int:
+            return sum(self.counts.values()) if epoch is None else self.counts.get(epoch, 0)
+
+    rep = RepeatedDataset(Skips(), 2)
+    assert (rep.skipped_count(0), rep.skipped_count(1), rep.skipped_count()) == (3, 12, 15)
+    assert RepeatedDataset(Skips(), 1).skipped_count(1) == 2
+
+
 def test_spread_indices_cover_the_whole_set() -> None:
     from beit.data.datasets import spread_indices
 

@@ -250,6 +250,24 @@ def test_sigterm_saves_the_finished_step_frees_the_folder_and_resumes_exactly(tm
         assert torch.equal(p, q), k
 
 
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, beit_warnings):
+    """SIGTERM during the run's last step: nothing is left to resume, so fit() finishes normally (the final
+    checkpoint written, final metrics returned) instead of raising with a resume hint that has nothing to do."""
+    calls = {"n": 0}
+
+    def step_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 30:  # 40 samples / batch 4 = 10 steps an epoch, 3 epochs: the last step
+            _send(signal.SIGTERM)
+        return step_fn(model, batch)
+
+    trainer = make_trainer(make_cfg(tmp_path), step=step_then_sigterm)
+    trainer.fit()
+    assert trainer.step == 30 and load_checkpoint(tmp_path / "last.pt")["step"] == 30
+    assert not (tmp_path / ".lock").exists()
+    assert any("SIGTERM came with the run's last step (30)" in r.getMessage() for r in beit_warnings)
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
     """Ctrl-C asks for a stop after the step; Ctrl-C again (a second or more later) stops at once: nothing
     written for the steps since the last checkpoint, the folder released, exit code 130, the handler restored."""

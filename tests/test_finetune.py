@@ -298,6 +298,25 @@ def test_folder_without_class_subfolders_is_refused_before_any_work(squares, tmp
                                      f"data.train_dir={squares / 'train'}", f"data.val_dir={squares / 'val' / 'c1'}"))
     err = capsys.readouterr().err
     assert rc == 1 and "config key 'data.val_dir': " in err and "has 8 images but no class sub-folders" in err, err
+    # one class sub-folder (loose images beside it): refused, a 1-class classifier learns nothing
+    mixed = tmp_path / "mixed"
+    shutil.copytree(squares / "train" / "c0", mixed / "one")
+    shutil.copy(squares / "train" / "c1" / "0.png", mixed / "loose.png")
+    rc = cli_main(_cifar_preset_args(tmp_path / "one", f"data.in_memory={in_memory}", f"data.train_dir={mixed}",
+                                     "data.val_dir=''"))
+    err = capsys.readouterr().err
+    assert rc == 1 and f"config key 'data.train_dir': '{mixed}' has one class sub-folder ('one')" in err, err
+
+
+def test_loose_images_beside_class_folders_are_named_as_unused(squares, tmp_path, beit_warnings):
+    from beit.tasks.classify.data import check_image_folders
+
+    data = tmp_path / "data"
+    shutil.copytree(squares / "train", data)
+    shutil.copy(squares / "train" / "c1" / "0.png", data / "loose.png")
+    check_image_folders(FinetuneConfig().data.__class__(train_dir=str(data)))
+    assert any("1 images directly in it (e.g. loose.png) belong to no class sub-folder and are not used"
+               in r.getMessage() for r in beit_warnings)
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])  # gpu: the batched device path (on CPU tensors without CUDA)
@@ -336,8 +355,12 @@ def test_predict_a_single_image_file(trained, squares, tmp_path, capsys):
     assert res["num_images"] == 1 and res["num_skipped"] == 0
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    assert cli_main(["predict", trained["model_dir"], str(broken), "--out", str(tmp_path / "b.csv"),
+    before = (tmp_path / "one.csv").read_text()
+    assert cli_main(["predict", trained["model_dir"], str(broken), "--out", str(tmp_path / "one.csv"),
                      "--num-workers", "0"]) == 1
-    assert f"'{broken}' could not be read as an image: unreadable: UnidentifiedImageError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"'{broken}' could not be read as an image: unreadable: UnidentifiedImageError" in err
+    assert err.count("UnidentifiedImageError") == 1  # said once, in the error line
+    assert (tmp_path / "one.csv").read_text() == before and not list(tmp_path.glob(".*.tmp"))  # CSV kept
     assert cli_main(["predict", trained["model_dir"], str(tmp_path / "missing.png"), "--num-workers", "0"]) == 1
     assert "no such image file or folder" in capsys.readouterr().err

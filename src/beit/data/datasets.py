@@ -1215,6 +1215,16 @@ class RepeatedDataset(Dataset):
         self.dataset.set_epoch(self.epoch * self.times + int(index) // n)  # type: ignore[attr-defined]
         return self.dataset[int(index) % n]
 
+    def skipped_count(self, epoch: int | None = None) -> int:
+        """Samples the wrapped dataset replaced in this dataset's ``epoch`` (its epochs ``epoch * times`` to
+        ``epoch * times + times - 1``; all when None), as the engine reads it; 0 when it counts none."""
+        count = getattr(self.dataset, "skipped_count", None)
+        if count is None:
+            return 0
+        if epoch is None:
+            return int(count())
+        return sum(int(count(int(epoch) * self.times + p)) for p in range(self.times))
+
 
 def spread_indices(length: int, n: int) -> list[int]:
     """``min(n, length)`` indices spread evenly over ``range(length)``, first and last included: the samples a

@@ -631,10 +631,13 @@ class Trainer:
                     self.log.warning(f"could not {what} ({self.out}): {e}")
         # a signal after the last step's sync (or during the clean-up): the ranks agree here (also the barrier)
         stop = D.max_over_ranks(self._signal)
-        if stop:
+        if stop and self.step < self.total_steps:
             error = self._interrupted(stop)
             log_to_file(self.log, logging.WARNING, str(error))
             raise error
+        if stop:
+            self.log.warning(f"{signal.Signals(stop).name} came with the run's last step ({self.step}): the run "
+                             "is complete and finishes normally")
         return self._final_metrics()
 
     def _set_aside_later_checkpoints(self, resume_path: Path) -> None:
@@ -720,7 +723,7 @@ class Trainer:
             self._after_step(end_step)
             if not D.is_dist():  # one process: also a signal that came after the sync
                 stop = stop or self._signal
-            if stop:
+            if stop and self.step < self.total_steps:  # on the run's last step: it finishes (saved, exported)
                 self._stop(stop)
 
     def _after_step(self, end_step: int) -> None:

@@ -6,6 +6,7 @@ memory), the training augmentation (the paper's recipe, or the document recipe),
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,13 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from ...data.datasets import LabeledImageFolder, TensorImageDataset, class_folders, decode_image_folder
+from ...data.datasets import (
+    IMG_EXTENSIONS,
+    LabeledImageFolder,
+    TensorImageDataset,
+    class_folders,
+    decode_image_folder,
+)
 from ...data.gpu_augment import FinetuneAugment
 from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
 from ...data.transforms import (
@@ -98,11 +105,19 @@ def check_image_folders(data: DataConfig) -> None:
     if not data.train_dir:
         raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
     for key, root in (("data.train_dir", data.train_dir), ("data.val_dir", data.val_dir)):
-        if root:
-            try:
-                class_folders(root)
-            except ValueError as e:
-                raise ConfigError(key, str(e)) from None
+        if not root:
+            continue
+        try:
+            names = class_folders(root)
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+        if key == "data.train_dir" and len(names) < 2:
+            raise ConfigError(key, f"{str(root)!r} has one class sub-folder ({names[0]!r}): a classifier needs at "
+                                   "least 2 classes, one sub-folder each (<dir>/<class>/<image>)")
+        loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+        if loose:
+            logger.warning("%s=%s: %d images directly in it (e.g. %s) belong to no class sub-folder and are not "
+                           "used", key, root, len(loose), sorted(loose)[0])
 
 
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,

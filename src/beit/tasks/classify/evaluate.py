@@ -11,6 +11,7 @@ preprocessing (:class:`beit.models.Preprocess`, the ``"preprocess"`` entry of it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -339,7 +340,10 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with open(out_csv, "w", newline="") as f:
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp")  # an existing CSV is replaced only by a complete one
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: tmp.unlink(missing_ok=True))
+        f = stack.enter_context(open(tmp, "w", newline=""))
         w = csv.writer(f)
         header = ["path"]
         for j in range(1, k + 1):
@@ -347,7 +351,8 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
         w.writerow(header)
         for batch in loader:
             for i, err in batch["failed"]:
-                logger.warning("skipping %s (%s)", paths[i], err)
+                if not source.is_file():  # a single file's failure is the error raised below
+                    logger.warning("skipping %s (%s)", paths[i], err)
                 skipped[paths[i]] = err
             if batch["image"] is None:
                 continue
@@ -360,6 +365,9 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
                     row += [names[c], f"{p:.6f}"]
                 w.writerow(row)
                 rows += 1
+        f.close()
+        if rows:
+            os.replace(tmp, out_csv)
     if not rows:
         if source.is_file():
             raise ValueError(f"{str(images_dir)!r} could not be read as an image: {skipped.get(paths[0], '')}")
