@@ -73,7 +73,7 @@ from .prefetch import DevicePrefetcher
 from .rundir import RunLock, atomic_write, check_resume_config, check_resume_task, prepare_output_dir
 from .threads import cap_intra_op_threads
 
-__all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "StepFn", "Trainer", "TrainingDivergedError",
+__all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
            "TrainingInterrupted", "preserved_rng", "seed_everything", "task_of"]
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
@@ -94,6 +94,21 @@ def task_of(run_config: Any) -> str | None:
         return None
     name = type(run_config).__name__
     return TASK_NAMES.get(name, name)
+
+
+def full_steps(num_samples: int, per_rank: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch: ``per_rank`` samples (this rank's share of ``num_samples``) in full batches of
+    ``cfg.batch_size`` x ``cfg.accum_steps``. Callers that know the dataset's size before building it (linprobe,
+    before extracting features) check it here too, with the same message.
+
+    Raises:
+        ConfigError: ``train.batch_size``: not one full step ("N samples over R ranks give no full step ...").
+    """
+    steps = per_rank // cfg.batch_size // cfg.accum_steps
+    if steps == 0:
+        raise ConfigError("train.batch_size", f"{num_samples} samples over {world_size} ranks give no full step of "
+                                              f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}")
+    return steps
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -347,11 +362,7 @@ class Trainer:
         self.sampler = None if self.streaming else ResumableDistributedSampler(
             len(train_dataset), cfg.batch_size, seed=cfg.seed)
         per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
-        self.steps_per_epoch = per_rank // cfg.batch_size // cfg.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError("train.batch_size", f"{len(train_dataset)} samples over {D.world_size()} ranks give "
-                                            f"no full step of batch_size {cfg.batch_size} x accum_steps "
-                                            f"{cfg.accum_steps}")
+        self.steps_per_epoch = full_steps(len(train_dataset), per_rank, cfg, D.world_size())
         if self.sampler is not None:  # one pass through every epoch, each cut to its full steps (distributed.py)
             self.sampler.epoch_batches = self.steps_per_epoch * cfg.accum_steps
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch

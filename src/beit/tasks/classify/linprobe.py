@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ...engine import ConfigError, TrainConfig, Trainer
+from ...engine import ConfigError, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
 from ...engine.threads import usable_cores  # the engine's count: affinity mask and cgroup quota
+from ...engine.trainer import full_steps
 from ...interop.backbone import build_backbone, is_preset, source_config
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
@@ -76,19 +77,6 @@ def _extract_workers(requested: int) -> int:
                     requested, cores, cores)
         return cores
     return requested
-
-
-def _check_full_step(num_samples: int, train: TrainConfig) -> None:
-    """The engine's step check (``Trainer``: a training set too small for one full step), made before the
-    features are extracted: linprobe trains one feature per image, in one process.
-
-    Raises:
-        ConfigError: ``train.batch_size``: "N samples over 1 ranks give no full step of batch_size B x
-            accum_steps A" (the trainer's message).
-    """
-    if num_samples // (train.batch_size * train.accum_steps) == 0:
-        raise ConfigError("train.batch_size", f"{num_samples} samples over 1 ranks give no full step of batch_size "
-                                              f"{train.batch_size} x accum_steps {train.accum_steps}")
 
 
 def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -220,7 +208,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         raise ConfigError("data.val_dir", "linear probing needs a val set to pick and report the best block")
     num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
     cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
-    _check_full_step(len(train_dataset), cfg.train)  # one feature per image: known before extracting them
+    full_steps(len(train_dataset), len(train_dataset), cfg.train)  # one feature per image: checked before extracting
 
     encoder = build_encoder(cfg)
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
