@@ -511,7 +511,10 @@ def main() -> None:
                 traceback.print_exc(limit=4)
                 res[name + "_error"] = f"{type(e).__name__}: {e}"
             print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(
-                {k: v for k, v in res.items() if k.startswith(name[:5])}, default=float), flush=True)
+                {k: v for k, v in res.items() if k.startswith(name[:5]) or k.startswith("transform")},
+                default=float), flush=True)
+            if a.json:  # the rows so far, in case a time limit cuts the run
+                Path(a.json).write_text(json.dumps(res, indent=2, default=float))
     print("\nsummary (img/s):")
     for k, v in res.items():
         if isinstance(v, dict) and "img_per_s" in v:

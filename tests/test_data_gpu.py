@@ -178,6 +178,27 @@ def test_cuda_compiled_finetune_recipe_equals_eager(size):
                                                                          float(diff.mean()))
 
 
+@pytest.mark.parametrize("out", [1, 7, 112, 224])
+def test_resize_weights_equal_interpolate_antialias_at_every_scale(out):
+    """The banded resampling matrices (weights of each row's taps only, scattered into the zero matrix) give
+    F.interpolate(bicubic, antialias=True) of every span: one pixel, upscales, ~1:1, and downscales up to 300x
+    within one batch (the band's width follows the largest factor), spans touching either end."""
+    from beit.data.gpu_augment import _aa_weights
+
+    padded = 300
+    start = torch.tensor([0, 0, 299, 10, 150, 0, 3, 290])
+    length = torch.tensor([300, 1, 1, 2, 150, 233, 297, 10])
+    w = _aa_weights(start, length, padded, out, torch.device("cpu"))
+    assert w.shape == (len(start), out, padded)
+    signal = torch.rand(len(start), padded, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for k in range(len(start)):
+        s, n = int(start[k]), int(length[k])
+        ref = torch.nn.functional.interpolate(signal[k, s:s + n].view(1, 1, 1, n), size=(1, out), mode="bicubic",
+                                              antialias=True, align_corners=False).view(out)
+        torch.testing.assert_close(w[k].double() @ signal[k], ref, atol=1e-5, rtol=1e-5, msg=f"span {s}+{n}")
+        assert not w[k, :, :s].any() and not w[k, :, s + n:].any(), f"weight outside span {s}+{n}"
+
+
 def test_resized_crops_of_a_batch_tensor_and_bad_boxes():
     """A [B, 3, H, W] batch (the in-memory path) gives the same per-crop result, upscales included (pixels
     outside the box never leak in); boxes outside their image and empty batches are named errors."""

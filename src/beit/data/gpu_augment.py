@@ -267,7 +267,17 @@ def _aa_weights(start: torch.Tensor, length: torch.Tensor, padded: int, out: int
     ``start..start+length`` that ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` (and
     PIL's ``Image.resize(BICUBIC)``) give output pixel ``i`` when resizing that span to ``out`` pixels:
     the bicubic kernel (a = -0.5) stretched by the downscale factor, normalised per row; zero elsewhere.
-    (ATen ``UpSample.h``: ``_compute_indices_min_size_weights_aa``.)"""
+    (ATen ``UpSample.h``: ``_compute_indices_min_size_weights_aa``.)
+
+    The weights are computed (float64) for each row's taps only, at most ``ceil(2 * support) + 1`` of them
+    (``support`` = 2 x the batch's largest downscale factor), then scattered into the zero matrix: computing
+    them over all ``padded`` columns took ~30 elementwise passes over ``[n, out, padded]`` float64 tensors, the
+    larger part of the pre-training views' GPU time (RESULTS.md §9, sixth session).
+
+    ``start``, ``length``: int64 ``[n]`` on CPU (the crop boxes' offsets and extents in this axis)."""
+    n = len(start)
+    support_max = 2.0 * max(float(length.max()) / out, 1.0) if n else 2.0
+    taps = max(1, min(math.ceil(2 * support_max) + 1, padded))
     span = to_device_async(torch.stack([start, length]).to(torch.float64), device)  # one copy, not two
     start, length = span[0].view(-1, 1, 1), span[1].view(-1, 1, 1)
     scale = length / out
@@ -277,13 +287,17 @@ def _aa_weights(start: torch.Tensor, length: torch.Tensor, padded: int, out: int
     center = scale * (i + 0.5)
     xmin = torch.floor(center - support + 0.5).clamp(min=0)
     xmax = torch.minimum(torch.floor(center + support + 0.5), length)
-    j = torch.arange(padded, device=device, dtype=torch.float64).view(1, 1, -1) - start  # crop coordinates
+    j = xmin + torch.arange(taps, device=device, dtype=torch.float64).view(1, 1, -1)  # crop coordinates
     t = ((j - center + 0.5) * invscale).abs()
     a = -0.5
     w = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
                     torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
-    w = torch.where((j >= xmin) & (j < xmax), w, torch.zeros_like(w))
-    return (w / w.sum(-1, keepdim=True)).float()
+    w = torch.where(j < xmax, w, torch.zeros_like(w))  # taps past the span's end (or the row's support)
+    w = w / w.sum(-1, keepdim=True)
+    # a valid tap's column start + j < start + length <= padded; the clamp only moves zero-weight taps
+    cols = (j + start).clamp(max=padded - 1).long()
+    dense = torch.zeros(n, out, padded, device=device, dtype=torch.float32)
+    return dense.scatter_add_(2, cols.expand(n, out, taps), w.float().expand(n, out, taps))
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
