@@ -5,9 +5,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import pytest
 import torch
+from torch import nn
 
 from _engine_fixtures import NoisyDataset, TinyNet, step_fn
 from beit.engine import TrainConfig, Trainer, TrainingDivergedError, load_checkpoint, save_checkpoint
@@ -323,6 +325,31 @@ def test_an_evaluation_cut_short_by_the_signal_still_saves_the_step(tmp_path, be
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 10
     assert any("the evaluation of step 10 was cut short while stopping on SIGTERM (RuntimeError: DataLoader "
                "worker" in r.getMessage() for r in beit_warnings)
+
+
+class _SignalsItsWorker(torch.utils.data.Dataset):
+    """(image, label) items; a DataLoader worker that reads item 0 gets SIGTERM, as every process of a job does
+    from scancel, timeout(1) or Ctrl-C in a terminal."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        if i == 0 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # a killed worker dies here
+        return torch.zeros(3, 4, 4), i % 2
+
+
+def test_the_tasks_evaluation_loaders_survive_a_stop_signal():
+    """An evaluation that fit() runs (the tasks' eval_fn) keeps its workers through a process-group stop signal,
+    so the stopping run still evaluates its last step (the workers were killed: "DataLoader worker is killed by
+    signal: Terminated")."""
+    from beit.tasks.classify.evaluate import make_eval_fn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    result = make_eval_fn(_SignalsItsWorker(), 2, batch_size=4, num_workers=1, topk=(1,))(model)
+    assert result["top1"] == 50.0
 
 
 # --- resume=auto past a damaged last.pt, and a resume from an older checkpoint ---------------------------------

@@ -74,7 +74,7 @@ from .rundir import RunLock, atomic_write, check_resume_config, check_resume_tas
 from .threads import cap_intra_op_threads
 
 __all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
-           "TrainingInterrupted", "preserved_rng", "seed_everything", "task_of"]
+           "TrainingInterrupted", "preserved_rng", "seed_everything", "task_of", "worker_init"]
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -265,10 +265,14 @@ class ModelEMA:
 
 
 def _ignore_stop_signal(signum: int, frame: Any) -> None:
-    """A DataLoader worker's handler of SIGINT / SIGTERM: nothing (see :func:`_worker_init`)."""
+    """A DataLoader worker's handler of SIGINT / SIGTERM: nothing (see :func:`worker_init`)."""
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader that runs inside :meth:`Trainer.fit` (the training loader, and the
+    tasks' evaluation loaders called from it): seeds ``random`` and numpy from the worker's torch seed, and
+    makes the worker ignore SIGINT / SIGTERM, so a stop signal sent to the whole job stops the run cleanly
+    (the training process decides) instead of killing the workers under it mid-step or mid-evaluation."""
     # torch seeds each worker with base_seed + worker_id (base_seed comes from the loader's own generator);
     # give python and numpy the same, so nothing depends on the parent's RNG.
     seed = torch.initial_seed() % 2**32
@@ -853,7 +857,7 @@ class Trainer:
         if self.streaming:
             return DataLoader(self.dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
                               collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda", drop_last=True,
-                              worker_init_fn=_worker_init, generator=g)
+                              worker_init_fn=worker_init, generator=g)
         self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         if self._loader is None:
             # One loader for the whole run, its workers persistent across epochs (no process start-up and
@@ -868,7 +872,7 @@ class Trainer:
                                       batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
                                       collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
                                       drop_last=True, persistent_workers=workers > 0,
-                                      worker_init_fn=_worker_init, generator=g)
+                                      worker_init_fn=worker_init, generator=g)
         return self._loader
 
     # --- metrics ---------------------------------------------------------------------------------------

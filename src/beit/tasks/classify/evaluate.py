@@ -30,6 +30,7 @@ from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, col
 from ...engine import distributed as D
 from ...engine.checkpoint import read_torch_file
 from ...engine.precision import autocast_for
+from ...engine.trainer import worker_init
 from ...interop import load_model
 from ...models.config import Preprocess
 from .data import build_preprocess, readable_subset
@@ -140,7 +141,7 @@ def make_eval_fn(dataset: Dataset, num_classes: int, batch_size: int, num_worker
         rank, world = _rank_world()
         shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
         loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=_device_of(model).type == "cuda")
+                            pin_memory=_device_of(model).type == "cuda", worker_init_fn=worker_init)
         meter = evaluate_model(model, loader, num_classes, topk)
         meter.all_reduce()
         return meter.summary()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ...engine.trainer import worker_init
 from .data import CocoLayoutDataset, collate
 
 __all__ = ["PUBLAYNET_REFERENCE", "evaluate_coco", "evaluate_model", "format_table", "predictions_to_coco",
@@ -66,7 +67,8 @@ def run_inference(model: nn.Module, dataset: CocoLayoutDataset, batch_size: int 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        worker_init_fn=worker_init)
     results: list[dict[str, Any]] = []
     try:
         for images, targets in loader:

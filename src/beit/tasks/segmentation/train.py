@@ -29,6 +29,7 @@ from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import validate_config
 from beit.engine.precision import autocast_for
+from beit.engine.trainer import worker_init
 
 from .config import SegmentConfig
 from .data import SegmentationDataset, build_datasets, collate_eval
@@ -77,7 +78,7 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
         device = next(model.parameters()).device
         cm = ConfusionMatrix(num_classes, ignore, device)
         loader = DataLoader(_eval_subset(val_ds, t.max_images), batch_size=1, num_workers=num_workers,
-                            collate_fn=collate_eval)
+                            collate_fn=collate_eval, worker_init_fn=worker_init)
         for batch in loader:
             for img, mask in zip(batch["image"], batch["mask"]):
                 probs = inference(model, img[None].to(device, non_blocking=True), num_classes, mode=t.mode,

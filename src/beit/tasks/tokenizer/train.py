@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...data.datasets import spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
+from ...engine.trainer import worker_init
 from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
 from .config import TokenizerTrainConfig
@@ -43,7 +44,8 @@ def evaluate_tokenizer(
     """
     device = next(model.parameters()).device
     can_decode = getattr(model, "decoder", None) is not None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=worker_init)
     hist = torch.zeros(model.vocab_size, dtype=torch.long)
     sq_err, psnr_sum, n = 0.0, 0.0, 0
     for images in loader:
