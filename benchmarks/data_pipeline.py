@@ -3,8 +3,10 @@ step on GPU-resident batches, side by side in one command.
 
 Rows (img/s; ratios against the resident step of the same model):
   loader_cpu        PIL decode + two views + mask in DataLoader workers (the CPU path)
-  loader_dev        JPEGs decoded in the workers (libjpeg-turbo, data.jpeg_decode=workers), one pinned copy of
-                    the batch's pixels, per-sample views on the device
+  loader_dev        JPEGs decoded in the workers (libjpeg-turbo, data.jpeg_decode=workers), each cut to its crop
+                    box there (as beit pretrain / finetune do; --no-worker-crop: whole photos), one pinned copy
+                    of the batch's pixels, per-sample views on the device
+  loader_dev_whole  the same with whole photos travelling (the crop made on the device): the crop's gain
   *_nvjpeg          the same row with bytes from the workers and nvJPEG batch decode on the device
                     (data.jpeg_decode=device); --jpeg-decode picks which of the two run
   transform_pt/_ft  the device transforms alone on one fixed loader batch (pre-training views / the
@@ -221,6 +223,11 @@ def _compile(model: torch.nn.Module, device: torch.device, enabled: bool, scope:
 
 
 # ------------------------------------------------------------------------------------------ rows
+def _crop(views: Any, jpeg_decode: str, a: argparse.Namespace) -> Any:
+    """The workers' crop as beit's tasks set it (``views.worker_crop()``), unless --no-worker-crop."""
+    return views.worker_crop() if a.worker_crop else None
+
+
 def _suffix(jpeg_decode: str) -> str:
     return "" if jpeg_decode == "workers" else "_nvjpeg"
 
@@ -235,8 +242,16 @@ def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: 
     classes = _classes(folder, folder.parent / "classes", 10)
     for where in a.jpeg_decode:
         sfx = _suffix(where)
-        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where)
-        pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+        views = PretrainViews.from_transform(t)
+        if where == "workers" and a.worker_crop:  # the row without the workers' crop, for comparison
+            whole = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0)
+            it0 = _endless(whole, a.batch, a.workers, collate_encoded, device)
+            res["loader_dev_whole"] = _timed(lambda it=it0: next(it), PretrainPipeline(views, device), a.batch,
+                                             a.steps, a.warmup, device)
+            it0.close()
+        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where,
+                                            crop=_crop(views, where, a))
+        pipe = PretrainPipeline(views, device)
         it2 = _endless(enc, a.batch, a.workers, collate_encoded, device)
         res["loader_dev" + sfx] = _timed(lambda it=it2: next(it), pipe, a.batch, a.steps, a.warmup, device)
         res["loader_dev" + sfx]["decoder"] = pipe.decoder.summary() | {"skipped_names": pipe.decoder.skipped_names[:5]}
@@ -244,8 +259,10 @@ def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: 
         raw = next(it2)
         it2.close()
         res["transform_pt" + sfx] = _timed(lambda r=raw: r, pipe, a.batch, a.steps, 2, device)
-        enc_ft = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where)
-        ft = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+        aug = FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+        enc_ft = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where,
+                                               crop=_crop(aug, where, a))
+        ft = FinetunePipeline(aug, device)
         raw_ft = collate_encoded([enc_ft[i] for i in range(a.batch)])
         raw_ft = raw_ft.pin_memory() if device.type == "cuda" else raw_ft  # as the loader hands it over
         res["transform_ft" + sfx] = _timed(lambda r=raw_ft: r, ft, a.batch, a.steps, 2, device)
@@ -324,8 +341,10 @@ def pretrain_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
     resident = None
     for where in a.jpeg_decode:
         sfx = _suffix(where)
-        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where)
-        pipe = PretrainPipeline(PretrainViews.from_transform(t), device)
+        views = PretrainViews.from_transform(t)
+        enc = EncodedImageFiles.from_folder(folder, mask_generator=t.mask_generator, seed=0, jpeg_decode=where,
+                                            crop=_crop(views, where, a))
+        pipe = PretrainPipeline(views, device)
         it = _endless(enc, a.batch, a.workers, collate_encoded, device)
         steps_per_epoch = len(enc) // a.batch
         fed = _fed(it, pipe, device, step)
@@ -366,8 +385,9 @@ def finetune_rows(folder: Path, a: argparse.Namespace, device: torch.device, res
     step = _train_step(model, _finetune_step_fn(nc), device)
     for where in a.jpeg_decode:
         sfx = _suffix(where)
-        enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where)
-        pipe = FinetunePipeline(FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25), device)
+        aug = FinetuneAugment(a.size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+        enc = EncodedImageFiles.from_folder(classes, labeled=True, seed=0, jpeg_decode=where, crop=_crop(aug, where, a))
+        pipe = FinetunePipeline(aug, device)
         it = _endless(enc, a.batch, a.workers, collate_encoded, device)
         fed = _fed(it, pipe, device, step)
         res["finetune_dev" + sfx] = _timed(*fed, a.batch, a.steps, a.warmup, device)
@@ -456,6 +476,8 @@ def main() -> None:
                     help="which JPEG decoders the loader/pretrain/finetune rows run: workers and/or device (nvJPEG)")
     ap.add_argument("--no-pretrain-cpu", dest="pretrain_cpu", action="store_false",
                     help="skip the pretrain_cpu row (the CPU path feeding the pre-training step)")
+    ap.add_argument("--no-worker-crop", dest="worker_crop", action="store_false",
+                    help="workers ship whole photos (the crop made on the device), as before the workers' crop")
     ap.add_argument("--no-engine-threads", dest="engine_threads", action="store_false",
                     help="keep PyTorch's intra-op thread pool at every core (the engine shrinks it beside its workers)")
     ap.add_argument("--json", default="")
@@ -484,7 +506,7 @@ def main() -> None:
                            "torch": torch.__version__, "cpus": os.cpu_count(), "workers": a.workers,
                            "host_threads": host_threads, "batch": a.batch, "tiny": a.tiny,
                            "compile": a.compile, "compile_scope": a.compile_scope,
-                           "boolean_mask": a.boolean_mask,
+                           "boolean_mask": a.boolean_mask, "worker_crop": a.worker_crop,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(res), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ against the CPU path (PIL, torchvision, timm) it replaces."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -384,6 +385,36 @@ def test_small_images_of_different_sizes_crop_each_within_its_own_padding():
     out = aug(imgs, idx, 0)
     for k in range(3):
         torch.testing.assert_close(out[k:k + 1], aug([imgs[k]], idx[k:k + 1], 0))
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_crops_cut_in_the_workers_give_the_views_of_the_whole_images(odd_files, task):
+    """Workers that cut each image to its crop box before it travels (``worker_crop``) give the views the whole
+    images give (EXIF-rotated, PNG, CMYK, grayscale and replaced files included; two epochs), with fewer pixels
+    in the batch; from DataLoader workers the batch's buffer is in shared memory already."""
+    if task == "pretrain":
+        aug: Any = PretrainViews((16, 16), (8, 8), seed=3)
+    else:
+        aug = FinetuneAugment(48, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, seed=3)
+
+    def views(crop: bool, epoch: int, workers: int = 0) -> tuple[Any, Any]:
+        ds = EncodedImageFiles.from_folder(odd_files, seed=3, crop=aug.worker_crop() if crop else None)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), num_workers=workers, collate_fn=collate_encoded)
+        batch = next(iter(loader))
+        imgs, batch = BatchDecoder("cpu")(batch)
+        out = aug(imgs, batch.index, batch.epoch, cropped=batch.cropped)
+        return (out if isinstance(out, dict) else {"image": out}), batch
+
+    for epoch in (0, 1):
+        whole, wb = views(False, epoch)
+        cut, cb = views(True, epoch)
+        assert wb.cropped is None and bool(cb.cropped.all()) and cb.pixels.numel() < wb.pixels.numel()
+        for k in whole:
+            torch.testing.assert_close(cut[k], whole[k], atol=1e-4, rtol=1e-4, msg=f"{k}, epoch {epoch}")
+    cut, cb = views(True, 0, workers=2)
+    assert cb.pixels.is_shared()
+    torch.testing.assert_close(cut["image"], views(False, 0)[0]["image"], atol=1e-4, rtol=1e-4)
 
 
 def test_pretrain_pipeline_from_files_gives_the_batch_the_step_expects(odd_files):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FinetuneAugment",
     "PretrainViews",
+    "WorkerCrop",
     "crop_boxes",
     "per_sample_uniforms",
     "resized_crops",
@@ -147,6 +149,38 @@ def crop_boxes(
     top = torch.where(has, top, torch.div(H - fh, 2, rounding_mode="floor"))
     left = torch.where(has, left, torch.div(W - fw, 2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class WorkerCrop:
+    """One sample's random-resized-crop box, drawn from the same numbers as the views' ``params`` (the first 22
+    uniforms of ``(seed, epoch, index, stream)``), for the loader's workers: a worker that decodes the image
+    cuts the box out before the pixels travel, so the batch carries the crop (~half the photo on average with
+    the recipe's scale (0.08, 1)) instead of the photo, and the views take it whole (``cropped``).
+
+    A small picklable object (no tensors) for ``DataLoader`` workers; made by ``PretrainViews.worker_crop()``
+    and ``FinetuneAugment.worker_crop()``.
+    """
+
+    seed: int
+    stream: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+
+    def __call__(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` of sample ``index`` in epoch ``epoch`` for an image of ``height`` x ``width``."""
+        u = per_sample_uniforms(self.seed, epoch, torch.tensor([index]), 22, stream=self.stream)
+        box = crop_boxes(torch.tensor([height]), torch.tensor([width]), u, self.scale, self.ratio)[0]
+        return int(box[0]), int(box[1]), int(box[2]), int(box[3])
+
+
+def _whole_if_cropped(box: torch.Tensor, cropped: torch.Tensor | None, heights: torch.Tensor,
+                      widths: torch.Tensor) -> torch.Tensor:
+    """``box`` [B, 4], with the whole image ``(0, 0, h, w)`` for the samples whose image is already their crop."""
+    if cropped is None or not bool(cropped.any()):
+        return box
+    whole = torch.stack([torch.zeros_like(heights), torch.zeros_like(widths), heights, widths], 1).to(box.dtype)
+    return torch.where(cropped.view(-1, 1), whole, box)
 
 
 def _sizes(images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
@@ -454,6 +488,10 @@ class PretrainViews:
         return cls(t.input_size, t.tokenizer_size, scale=t.scale, ratio=t.ratio, color_jitter=t.color_jitter,
                    hflip=t.hflip, mean=t.mean, std=t.std, seed=seed)
 
+    def worker_crop(self) -> WorkerCrop:
+        """The crop box of ``params``, for the loader's workers (``EncodedImageFiles(crop=...)``)."""
+        return WorkerCrop(self.seed, self.STREAM, self.scale, self.ratio)
+
     def params(self, index: torch.Tensor, epoch: int, heights: torch.Tensor, widths: torch.Tensor
                ) -> dict[str, torch.Tensor]:
         """CPU parameters of each sample: ``box`` [B, 4] (top, left, h, w), ``flip`` bool [B],
@@ -474,6 +512,7 @@ class PretrainViews:
         index: torch.Tensor,
         epoch: int,
         masks: torch.Tensor | None = None,
+        cropped: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Views of a batch.
 
@@ -481,6 +520,8 @@ class PretrainViews:
             images: uint8 ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` on the device.
             index: int64 ``[B]`` dataset indices (CPU); epoch: the epoch.
             masks: bool ``[B, h, w]`` blockwise masks (drawn in the workers), passed through.
+            cropped: bool ``[B]`` (CPU): the image is already the sample's crop box (cut by ``worker_crop()``
+                in a worker), taken whole; the other parameters are the sample's own as always.
 
         Returns:
             ``{"image": float [B, 3, H, W] normalised, "tok_image": float [B, 3, h, w] in [0, 1]}``
@@ -488,7 +529,8 @@ class PretrainViews:
         """
         device, hs, ws = _sizes(images)
         p = self.params(index, epoch, hs, ws)
-        patch, tok = resized_crops(images, p["box"], [self.input_size, self.tokenizer_size])
+        box = _whole_if_cropped(p["box"], cropped, hs, ws)
+        patch, tok = resized_crops(images, box, [self.input_size, self.tokenizer_size])
         # the per-sample numbers in one copy: flip, 3 jitter factors, the jitter order (as floats, exact)
         per = to_device_async(torch.cat([p["flip"].view(-1, 1).float(), p["jitter"].float(), p["order"].float()], 1),
                               device)
@@ -793,6 +835,11 @@ class FinetuneAugment:
         self._constants = _DeviceConstants()
 
     # --- parameters (CPU) -----------------------------------------------------------------------------
+    def worker_crop(self) -> WorkerCrop | None:
+        """The random-resized-crop box of ``params``, for the loader's workers (``EncodedImageFiles(crop=...)``);
+        None for small images (their padded random crop needs the padding: the device cuts it)."""
+        return None if self.small else WorkerCrop(self.seed, self.STREAM, self.scale, self.ratio)
+
     def _crop(self, u: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         if self.small:  # RandomCrop(size, padding=size // 8) on the padded image
             s, p2 = self.input_size, 2 * self.pad
@@ -871,10 +918,11 @@ class FinetuneAugment:
         return torch.cat(cols, 1)
 
     # --- device work ----------------------------------------------------------------------------------
-    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], index: torch.Tensor, epoch: int
-                 ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], index: torch.Tensor, epoch: int,
+                 cropped: torch.Tensor | None = None) -> torch.Tensor:
         """Augmented, normalised float ``[B, 3, S, S]`` from uint8 ``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]``
-        on the device; ``index`` int64 [B] (CPU) and ``epoch`` select the random parameters."""
+        on the device; ``index`` int64 [B] (CPU) and ``epoch`` select the random parameters; ``cropped`` bool
+        [B] (CPU): the image is already the sample's crop box (``worker_crop()``), taken whole."""
         S = self.input_size
         if self.small:  # images smaller than the crop are scaled up first, as the CPU path
             images = _at_least(images if torch.is_tensor(images) else list(images), S)
@@ -882,9 +930,11 @@ class FinetuneAugment:
         B = len(hs)
         p = self.params(index, epoch, hs, ws)
         if self.small:
+            if cropped is not None and bool(cropped.any()):
+                raise ValueError("FinetuneAugment: small images cannot come pre-cropped (worker_crop() is None)")
             x = _padded_crops(images, p["box"], S, self.pad)
         else:
-            x = resized_crops(images, p["box"], [(S, S)])[0]
+            x = resized_crops(images, _whole_if_cropped(p["box"], cropped, hs, ws), [(S, S)])[0]
         noise = None
         if self.re_prob > 0 and bool(p["erase"].any()):
             g = torch.Generator(device=device)

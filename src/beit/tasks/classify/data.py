@@ -215,7 +215,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         return (InMemoryIndices(len(images), seed=cfg.train.seed, dropped=dropped), InMemoryIndices.collate,
                 FinetunePipeline(augment, device, images, labels), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
-                                       seed=cfg.train.seed, jpeg_decode=data.jpeg_decode)
+                                       seed=cfg.train.seed, jpeg_decode=data.jpeg_decode,
+                                       crop=augment.worker_crop())  # workers ship each image's crop
     return (ds, collate_encoded, FinetunePipeline(augment, device, skips=ds.skip_counter, spare_source=ds.spare_image),
             list(ds.classes))  # type: ignore[attr-defined]
 

@@ -87,7 +87,8 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         images, dropped = _memory_images(cfg)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed, dropped=dropped), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
-    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode)
+    ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode,
+                                       crop=views.worker_crop())  # workers ship each image's crop, not the photo
     if d.max_images:
         ds.samples = ds.samples[: d.max_images]
     return ds, collate_encoded, PretrainPipeline(views, device, skips=ds.skip_counter, spare_source=ds.spare_image)
