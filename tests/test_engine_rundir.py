@@ -159,6 +159,26 @@ def test_check_resume_config_nested_sections(tmp_path):
 
 # --- 15: files a crash left incomplete never block a resume -------------------------------------------------
 
+def test_one_task_check_for_resumes_and_commands():
+    """``check_checkpoint_task`` is the one check of "a checkpoint of another task" (the trainer's resume and the
+    commands that read a task's checkpoint call it): one line naming both tasks and what to do; an unknown task
+    on either side is not checked. The task packages keep no copy of it."""
+    import beit.tasks.backbone_config as B
+
+    R.check_checkpoint_task("segmentation", "segmentation", source="ck.pt")
+    R.check_checkpoint_task(None, "segmentation", source="ck.pt")  # a checkpoint from before the field
+    R.check_checkpoint_task("segmentation", None, source="ck.pt")  # a bare TrainConfig run
+    with pytest.raises(R.TaskMismatchError) as err:
+        R.check_checkpoint_task("classification", "pre-training", source="ck.pt")
+    assert str(err.value) == ("ck.pt is a classification checkpoint, not a pre-training one: --resume (train.resume) "
+                              "continues a run of the same task")
+    with pytest.raises(R.TaskMismatchError) as err:
+        R.check_checkpoint_task("classification", "segmentation", source="ck.pt", fix="beit evaluate takes it")
+    assert str(err.value) == "ck.pt is a classification checkpoint, not a segmentation one: beit evaluate takes it"
+    assert not hasattr(R, "check_resume_task")
+    assert getattr(B, "check_checkpoint_task", R.check_checkpoint_task) is R.check_checkpoint_task
+
+
 def test_resume_after_crash_left_damaged_files(tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     trainer_of(cfg_of(full, max_steps=9)).fit()

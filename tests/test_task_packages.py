@@ -151,10 +151,12 @@ def _task_configs() -> dict[str, object]:
 
 def test_checkpoint_task_reads_every_tasks_stored_config(tmp_path: Path) -> None:
     """One reading of "which task wrote this checkpoint" for every task: from the run config it stores (as the
-    trainer stores it, ``to_dict``); a checkpoint of another task is one line naming both tasks."""
+    trainer stores it, ``to_dict``); a checkpoint of another task is one line naming both tasks, the same
+    TaskMismatchError a resume of another task's checkpoint raises (one check, ``check_checkpoint_task``)."""
     from beit.engine.checkpoint import FORMAT, save_checkpoint
     from beit.engine.config import to_dict
-    from beit.tasks.backbone_config import TASK_KINDS, checkpoint_task, task_config_from_checkpoint
+    from beit.engine.rundir import TaskMismatchError
+    from beit.tasks.backbone_config import TASK_KINDS, checkpoint_task, stored_task, task_config_from_checkpoint
     from beit.tasks.segmentation import SegmentConfig
 
     configs = _task_configs()
@@ -164,13 +166,16 @@ def test_checkpoint_task_reads_every_tasks_stored_config(tmp_path: Path) -> None
     assert checkpoint_task({}) is None and checkpoint_task(None) is None and checkpoint_task({"x": 1}) is None
     path = tmp_path / "last.pt"
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(configs["pre-training"])}, path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(TaskMismatchError) as err:
         task_config_from_checkpoint(SegmentConfig, "segmentation", path)
     assert str(err.value) == f"{path} is a pre-training checkpoint, not a segmentation one"
     # the task a checkpoint records wins over its config's shape; a name this reading does not know is ignored
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": {}, "task": "classification"}, path)
-    with pytest.raises(ValueError, match="is a classification checkpoint, not a segmentation one$"):
+    with pytest.raises(TaskMismatchError, match="is a classification checkpoint, not a segmentation one$"):
         task_config_from_checkpoint(SegmentConfig, "segmentation", path)
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "task": "segmentation (v9)",
                      "config": to_dict(SegmentConfig())}, path)
+    assert stored_task({"task": "segmentation (v9)", "config": to_dict(SegmentConfig())}) == "segmentation"
+    assert stored_task({"task": "layout detection", "config": to_dict(SegmentConfig())}) == "layout detection"
+    assert stored_task({"task": "?"}) is None and stored_task({}) is None
     assert task_config_from_checkpoint(SegmentConfig, "segmentation", path)[0].test.stride == 341

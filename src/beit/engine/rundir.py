@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "LOCK_NAME", "RESUME_SAFE_KEYS", "RUN_DIRS", "RUN_FILES", "ConfigChangedError", "RunDirError", "RunExistsError",
-    "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write", "check_resume_config", "check_resume_task",
-    "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
+    "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError", "RunDirError",
+    "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write", "check_checkpoint_task",
+    "check_resume_config", "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files",
+    "remove_stale_tmp",
 ]
 
 LOCK_NAME = ".lock"
@@ -80,7 +81,8 @@ class ConfigChangedError(RunDirError):
 
 
 class TaskMismatchError(RunDirError):
-    """Resume from a checkpoint another task wrote (a fine-tuning checkpoint given to pre-training, ...)."""
+    """A checkpoint another task wrote, given to a run or command of this one (a fine-tuning checkpoint resumed
+    by pre-training, a classification checkpoint given to ``beit segment eval``, ...): :func:`check_checkpoint_task`."""
 
 
 def _log() -> logging.Logger:
@@ -385,17 +387,26 @@ def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
         return None
 
 
-def check_resume_task(stored: str | None, current: str | None, *, source: str | Path) -> None:
-    """Refuse a checkpoint of another task, in one line, before any config comparison (whose every key would
-    differ). ``stored`` is the checkpoint's ``task`` (None: a checkpoint from before the field, or of a bare
-    ``TrainConfig`` run: not checked), ``current`` the run's.
+#: the end of the line that refuses a resume of another task's checkpoint (:func:`check_checkpoint_task`)
+RESUME_SAME_TASK = "--resume (train.resume) continues a run of the same task"
+
+
+def check_checkpoint_task(stored: str | None, current: str | None, *, source: str | Path,
+                          fix: str = RESUME_SAME_TASK) -> None:
+    """Refuse the checkpoint ``source`` of another task, in one line, before anything else is read from it (a
+    resume's config comparison, whose every key would differ; a command's model). The one task check: the
+    trainer's resume and the commands that read a task's checkpoint (``beit.tasks.backbone_config``) call it.
+
+    ``stored`` is the checkpoint's task (None: unknown, e.g. a checkpoint from before the trainer recorded
+    ``task``, or of a bare ``TrainConfig`` run: not checked), ``current`` the task of the run or command (None: not
+    checked). ``fix`` ends the line, after a colon: what takes such a checkpoint (empty: nothing added).
 
     Raises:
-        TaskMismatchError: ``"<source> is a <stored> checkpoint, not a <current> one: ..."``.
+        TaskMismatchError: ``"<source> is a <stored> checkpoint, not a <current> one: <fix>"``.
     """
     if stored and current and stored != current:
-        raise TaskMismatchError(f"{source} is a {stored} checkpoint, not a {current} one: --resume (train.resume) "
-                                "continues a run of the same task")
+        raise TaskMismatchError(f"{source} is a {stored} checkpoint, not a {current} one"
+                                + (f": {fix}" if fix else ""))
 
 
 def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, source: str | Path,

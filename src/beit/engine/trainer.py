@@ -70,7 +70,7 @@ from .logging import MetricLogger, console_through_tqdm, log_to_file, plot_curve
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
 from .prefetch import DevicePrefetcher
-from .rundir import RunLock, atomic_write, check_resume_config, check_resume_task, prepare_output_dir
+from .rundir import RunLock, atomic_write, check_checkpoint_task, check_resume_config, prepare_output_dir
 from .threads import cap_intra_op_threads
 
 __all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
@@ -1092,7 +1092,7 @@ class Trainer:
         sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
         if state is None:
             state = load_checkpoint(path, full=not sharded)
-        check_resume_task(state.get("task"), self.task, source=path)
+        check_checkpoint_task(state.get("task"), self.task, source=path)
         check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
                             allow=getattr(self.cfg, "allow_config_change", False),
                             stored_world_size=state.get("world_size"), world_size=D.world_size())

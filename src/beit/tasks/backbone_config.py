@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.config import ConfigError
+from ..engine.rundir import check_checkpoint_task
 from ..engine.trainer import TASK_NAMES
 from ..interop.backbone import check_override_keys
 
-__all__ = ["TASK_KINDS", "check_checkpoint_task", "check_model_overrides", "checkpoint_task",
-           "task_config_from_checkpoint"]
+__all__ = ["TASK_KINDS", "check_model_overrides", "checkpoint_task", "stored_task", "task_config_from_checkpoint"]
 
 # what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
 TASK_KINDS = tuple(TASK_NAMES.values())
@@ -64,19 +64,13 @@ def checkpoint_task(config: Any) -> str | None:
     return None
 
 
-def check_checkpoint_task(path: str | Path, state: Mapping[str, Any], task: str) -> None:
-    """Refuse the checkpoint ``path`` (``state``: its dict) when it belongs to another task than ``task`` (one of
-    :data:`TASK_KINDS`, e.g. ``"segmentation"``): the task it records (``state["task"]``) when that is one of
-    :data:`TASK_KINDS`, else the one its stored config shows (:func:`checkpoint_task`); neither: not checked.
-
-    Raises:
-        ValueError: ``"<path> is a classification checkpoint, not a segmentation one"``.
-    """
+def stored_task(state: Mapping[str, Any]) -> str | None:
+    """The task (one of :data:`TASK_KINDS`) of the training checkpoint whose dict is ``state``: the one it records
+    (``state["task"]``) when that is one of :data:`TASK_KINDS`, else the one its stored config shows
+    (:func:`checkpoint_task`); None when neither tells. What ``beit.engine.rundir.check_checkpoint_task`` is given
+    as the checkpoint's task by the commands that read one."""
     found = state.get("task")
-    if found not in TASK_KINDS:
-        found = checkpoint_task(state.get("config"))
-    if found is not None and found != task:
-        raise ValueError(f"{path} is a {found} checkpoint, not a {task} one")
+    return found if found in TASK_KINDS else checkpoint_task(state.get("config"))
 
 
 def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config_file: str | Path | None = None,
@@ -85,16 +79,17 @@ def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config
     overrides on top, read into ``schema``, validated) and the checkpoint's full state dict.
 
     As ``beit.engine.checkpoint.config_from_checkpoint``, after checking that the checkpoint is one of
-    ``task``'s (:func:`check_checkpoint_task`).
+    ``task``'s (``beit.engine.rundir.check_checkpoint_task`` of its :func:`stored_task`).
 
     Raises:
         FileNotFoundError: no such file or folder.
-        ValueError: not a beit training checkpoint, or one of another task (naming both tasks).
+        ValueError: not a beit training checkpoint.
+        TaskMismatchError (a ValueError): a checkpoint of another task (naming both tasks).
         ConfigError: the stored config does not fit ``schema``, or an override is wrong (naming the key).
     """
     from ..engine.checkpoint import load_checkpoint
     from ..engine.config import stored_config
 
     state = load_checkpoint(path)
-    check_checkpoint_task(path, state, task)
+    check_checkpoint_task(stored_task(state), task, source=path, fix="")
     return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state
