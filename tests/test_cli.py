@@ -492,6 +492,70 @@ def test_random_bytes_checkpoint_never_suggests_running_its_code(tmp_path, capsy
         assert "weights_only" not in err and "arbitrary code" not in err
 
 
+def _other_task_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
+    """A training checkpoint of every task but classification (its config as the trainer stores it; the weights do
+    not matter: the task is refused first), one from before checkpoints recorded their task, beit pretrain's final
+    model folder and a dVAE file of beit tokenizer train: name -> (path, task)."""
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.config import to_dict
+    from beit.interop import save_model
+    from beit.models.registry import create_model
+    from beit.tasks import classify, layout, pretrain, segmentation, tokenizer
+
+    configs = {"linear probing": classify.LinprobeConfig(model="runs/pt/final"),
+               "pre-training": pretrain.PretrainConfig(), "segmentation": segmentation.SegmentConfig(),
+               "layout detection": layout.LayoutConfig(),
+               "dVAE tokenizer": tokenizer.TokenizerTrainConfig(data_dir="imgs")}
+    found: dict[str, tuple[Path, str]] = {}
+    for task, cfg in configs.items():
+        path = root / task.replace(" ", "_") / "last.pt"
+        path.parent.mkdir(parents=True)
+        save_checkpoint({"format": FORMAT, "version": 1, "task": task, "config": to_dict(cfg), "step": 3,
+                         "model": {}}, path)
+        found[task] = (path, task)
+    old = root / "old_segment.pt"  # no "task": the task is read from the config's shape
+    save_checkpoint({"format": FORMAT, "version": 1, "config": to_dict(configs["segmentation"]), "model": {}}, old)
+    found["old segmentation"] = (old, "segmentation")
+    torch.manual_seed(0)
+    mim = create_model("beit_base_patch16_224", head="mim", vocab_size=16, embed_dim=32, depth=1, num_heads=2,
+                       img_size=32, patch_size=8)
+    found["pre-training model"] = (save_model(mim, root / "final"), "pre-training")
+    dvae = root / "dvae.safetensors"
+    DiscreteVAE(vocab_size=16, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).save(dvae)
+    found["dVAE"] = (dvae, "dVAE tokenizer")
+    return found
+
+
+def test_evaluate_and_predict_name_the_task_and_command_of_another_tasks_checkpoint(tmp_path, capsys):
+    """``beit evaluate`` / ``beit predict`` given a checkpoint of another task: one line naming the checkpoint, the task
+    that saved it and the commands that take it (not "not a classifier", not "not a BEiT checkpoint")."""
+    from beit.tasks.backbone_config import TASK_COMMANDS
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for name, (ckpt, task) in _other_task_checkpoints(tmp_path / "ckpts").items():
+        for argv in (["evaluate", str(ckpt), "--data", str(tmp_path / "images")],
+                     ["predict", str(ckpt), str(tmp_path / "images")]):
+            assert main(argv) == 1, name
+            assert _err(capsys) == (f"beit {argv[0]}: error: {ckpt} is a {task} checkpoint, not a classification one: "
+                                    f"{TASK_COMMANDS[task]}"), name
+
+
+def test_every_task_names_the_commands_that_take_its_checkpoints():
+    """``TASK_COMMANDS`` (the end of the line that refuses a checkpoint of another task) has every task, and each
+    ``beit ...`` in it is a command of the table."""
+    import re
+
+    from beit.tasks.backbone_config import TASK_COMMANDS, TASK_KINDS
+
+    assert sorted(TASK_COMMANDS) == sorted(TASK_KINDS)
+    for task, line in TASK_COMMANDS.items():
+        named = re.findall(r"\bbeit ([a-z]+)(?: ([a-z]+))?", line)
+        assert named, task
+        for first, second in named:
+            assert f"{first} {second}" in COMMANDS or first in COMMANDS, (task, first, second)
+        assert "\n" not in line
+
+
 def test_visualize_refuses_a_run_that_is_not_pre_training(tmp_path, capsys):
     run = tmp_path / "finetune"
     (run / "model").mkdir(parents=True)

@@ -331,7 +331,7 @@ def test_a_checkpoint_of_another_task_is_one_line_naming_both(tmp_path, capsys):
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(SegmentConfig())}, path)
     assert main(["layout", "eval", "--ckpt", str(path)]) == 1
     assert capsys.readouterr().err.strip() == (f"beit layout eval: error: {path} is a segmentation checkpoint, not a "
-                                               "layout detection one")
+                                               "layout detection one: beit segment eval and beit segment predict take it")
 
 
 def test_a_backbone_shape_equal_to_the_checkpoints_is_accepted_as_in_segmentation(tmp_path):

@@ -164,12 +164,14 @@ def test_a_checkpoint_of_another_task_is_one_line_naming_both(tmp_path: Path, ca
     ft = paths["classification"]
     assert main(["segment", "eval", "--ckpt", str(ft)]) == 1
     assert capsys.readouterr().err.strip() == (f"beit segment eval: error: {ft} is a classification checkpoint, "
-                                               "not a segmentation one")
+                                               "not a segmentation one: beit evaluate and beit predict take it")
     (tmp_path / "a.png").write_bytes(b"")
     assert main(["segment", "predict", str(paths["pre-training"]), str(tmp_path / "a.png")]) == 1
     assert capsys.readouterr().err.strip().endswith(f"{paths['pre-training']} is a pre-training checkpoint, not a "
-                                                    "segmentation one")
-    with pytest.raises(ValueError, match=r"^.*last.pt is a layout detection checkpoint, not a segmentation one$"):
+                                                    "segmentation one: beit finetune takes it as model=..., beit "
+                                                    "visualize shows its predictions")
+    with pytest.raises(ValueError, match=r"^.*last.pt is a layout detection checkpoint, not a segmentation one: beit "
+                                         r"layout eval and beit layout predict take it$"):
         load_segmenter(paths["layout detection"])
 
 

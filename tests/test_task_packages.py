@@ -168,10 +168,12 @@ def test_checkpoint_task_reads_every_tasks_stored_config(tmp_path: Path) -> None
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": to_dict(configs["pre-training"])}, path)
     with pytest.raises(TaskMismatchError) as err:
         task_config_from_checkpoint(SegmentConfig, "segmentation", path)
-    assert str(err.value) == f"{path} is a pre-training checkpoint, not a segmentation one"
+    assert str(err.value) == (f"{path} is a pre-training checkpoint, not a segmentation one: beit finetune takes it as "
+                              "model=..., beit visualize shows its predictions")
     # the task a checkpoint records wins over its config's shape; a name this reading does not know is ignored
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "config": {}, "task": "classification"}, path)
-    with pytest.raises(TaskMismatchError, match="is a classification checkpoint, not a segmentation one$"):
+    with pytest.raises(TaskMismatchError, match="is a classification checkpoint, not a segmentation one: beit "
+                                                "evaluate and beit predict take it$"):
         task_config_from_checkpoint(SegmentConfig, "segmentation", path)
     save_checkpoint({"format": FORMAT, "version": 1, "model": {}, "task": "segmentation (v9)",
                      "config": to_dict(SegmentConfig())}, path)

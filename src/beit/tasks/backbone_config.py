@@ -8,8 +8,9 @@ The backbone's source is the task's model key (``model`` for ``finetune`` / ``li
 
 A training checkpoint (``last.pt`` / ``best.pt``) stores its run's whole config, and newer ones the name of their
 task (``"task"``); :func:`checkpoint_task` reads the task from the config's shape, for checkpoints without the
-name, so that ``beit segment eval`` given a fine-tuning checkpoint says so in one line
-(:func:`task_config_from_checkpoint`) instead of failing to merge one schema into another.
+name, so that ``beit segment eval`` given a fine-tuning checkpoint says so in one line, naming the commands that
+take it (:data:`TASK_COMMANDS`; :func:`task_config_from_checkpoint`, and ``beit evaluate`` / ``beit predict``)
+instead of failing to merge one schema into another.
 """
 
 from __future__ import annotations
@@ -23,10 +24,22 @@ from ..engine.rundir import check_checkpoint_task
 from ..engine.trainer import TASK_NAMES
 from ..interop.backbone import check_override_keys
 
-__all__ = ["TASK_KINDS", "check_model_overrides", "checkpoint_task", "stored_task", "task_config_from_checkpoint"]
+__all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "checkpoint_task", "stored_task",
+           "task_config_from_checkpoint"]
 
 # what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
 TASK_KINDS = tuple(TASK_NAMES.values())
+
+#: what takes a checkpoint of each task: the end of the line that refuses it anywhere else ("<ckpt> is a
+#: segmentation checkpoint, not a classification one: beit segment eval and beit segment predict take it")
+TASK_COMMANDS = {
+    "pre-training": "beit finetune takes it as model=..., beit visualize shows its predictions",
+    "classification": "beit evaluate and beit predict take it",
+    "linear probing": "it holds the probe's linear heads, no model of their own; beit linprobe --resume continues it",
+    "segmentation": "beit segment eval and beit segment predict take it",
+    "layout detection": "beit layout eval and beit layout predict take it",
+    "dVAE tokenizer": "beit tokenizer eval and beit tokenizer encode take the dvae.safetensors its training wrote",
+}
 
 
 def check_model_overrides(overrides: Mapping[str, Any], reserved: Mapping[str, str] | None = None,
@@ -84,12 +97,14 @@ def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config
     Raises:
         FileNotFoundError: no such file or folder.
         ValueError: not a beit training checkpoint.
-        TaskMismatchError (a ValueError): a checkpoint of another task (naming both tasks).
+        TaskMismatchError (a ValueError): a checkpoint of another task (naming both tasks and, from
+            :data:`TASK_COMMANDS`, the commands that take it).
         ConfigError: the stored config does not fit ``schema``, or an override is wrong (naming the key).
     """
     from ..engine.checkpoint import load_checkpoint
     from ..engine.config import stored_config
 
     state = load_checkpoint(path)
-    check_checkpoint_task(stored_task(state), task, source=path, fix="")
+    found = stored_task(state)
+    check_checkpoint_task(found, task, source=path, fix=TASK_COMMANDS.get(found or "", ""))
     return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state

@@ -30,9 +30,11 @@ from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, col
 from ...engine import distributed as D
 from ...engine.checkpoint import read_torch_file
 from ...engine.precision import autocast_for
+from ...engine.rundir import check_checkpoint_task
 from ...engine.trainer import worker_init
 from ...interop import load_model
 from ...models.config import Preprocess
+from ..backbone_config import TASK_COMMANDS, stored_task
 from .data import build_preprocess, readable_subset
 
 __all__ = [
@@ -222,13 +224,25 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     checkpoint (``last.pt`` / ``best.pt``; ``ema=True`` takes its EMA weights; class names and
     preprocessing come from the run config inside it), or anything ``beit.load_model`` reads.
     Models without stored class names get ``class_0 ...``.
+
+    Raises:
+        TaskMismatchError (a ValueError): a checkpoint of another task: a training checkpoint of another task (the
+            task it records, else the one its stored config shows), a pre-training (MIM) model, a dVAE written by
+            ``beit tokenizer train``; one line naming the checkpoint, its task and the commands that take it
+            (``"<source> is a segmentation checkpoint, not a classification one: beit segment eval and ..."``).
+        ValueError: not a classifier (a backbone without a head), no EMA weights, a class-name count that does
+            not fit the head, or a file that is no readable checkpoint.
     """
     path = Path(source)
     run_cfg: dict[str, Any] = {}
     src: Any = source
+    if path.is_file() and path.suffix == ".safetensors" and _is_dvae_file(path):
+        check_checkpoint_task("dVAE tokenizer", "classification", source=path, fix=TASK_COMMANDS["dVAE tokenizer"])
     if path.is_file() and path.suffix in (".pt", ".pth"):
         state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
+            found = stored_task(state)
+            check_checkpoint_task(found, "classification", source=path, fix=TASK_COMMANDS.get(found or "", ""))
             run_cfg = state.get("config") or {}
             if ema and state.get("ema") is None:
                 raise ValueError(f"{path}: has no EMA weights (trained with train.ema=0)")
@@ -239,6 +253,8 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
         raise ValueError(f"{source}: ema=True needs an engine training checkpoint (last.pt / best.pt); the EMA "
                          "weights of a finished run are their own folder, model_ema/ (give it without ema)")
     model = load_model(src, **overrides)
+    if getattr(model.cfg, "head", "cls") == "mim":  # beit pretrain's final/ model, or such a file
+        check_checkpoint_task("pre-training", "classification", source=source, fix=TASK_COMMANDS["pre-training"])
     if getattr(model.cfg, "head", "cls") != "cls" or model.cfg.num_classes <= 0:
         raise ValueError(f"{source}: not a classifier (head={model.cfg.head!r}, num_classes={model.cfg.num_classes});"
                          " fine-tune it first (beit finetune)")
@@ -257,6 +273,19 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     if "img_size" in overrides:
         pre.img_size = int(overrides["img_size"])
     return model, names, pre
+
+
+def _is_dvae_file(path: Path) -> bool:
+    """Whether ``path`` is a dVAE written by ``beit tokenizer train`` (its safetensors metadata says so)."""
+    from safetensors import safe_open
+
+    from ...tokenizers.dvae import FORMAT as DVAE_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == DVAE_FORMAT
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: load_model names the problem
+        return False
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -314,7 +343,7 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     Raises:
         FileNotFoundError: ``images_dir`` does not exist.
         ValueError: no images under ``images_dir``, or none of them (or the single file) could be read;
-            ``checkpoint`` is not a classifier (as :func:`load_classifier`).
+            ``checkpoint`` is not a classifier, or a checkpoint of another task (as :func:`load_classifier`).
     """
     source = Path(images_dir).expanduser()
     if not source.exists():

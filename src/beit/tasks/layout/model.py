@@ -220,8 +220,9 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
 
     Raises:
         FileNotFoundError: no such checkpoint.
-        ValueError: not a beit training checkpoint, or one of another task
-            (``"<ckpt> is a segmentation checkpoint, not a layout detection one"``).
+        ValueError: not a beit training checkpoint, or one of another task (a TaskMismatchError: ``"<ckpt> is a
+            segmentation checkpoint, not a layout detection one: beit segment eval and beit segment predict take
+            it"``).
         ConfigError: the stored config does not fit :class:`LayoutConfig`, or an override is wrong.
     """
     cfg, state = task_config_from_checkpoint(LayoutConfig, "layout detection", ckpt, None, overrides)

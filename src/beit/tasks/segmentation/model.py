@@ -332,8 +332,8 @@ def config_from_checkpoint(path: str | Path, config_file: str | None = None,
 
     Raises:
         FileNotFoundError: no such checkpoint.
-        ValueError: not a beit training checkpoint, or one of another task
-            (``"<path> is a classification checkpoint, not a segmentation one"``).
+        ValueError: not a beit training checkpoint, or one of another task (a TaskMismatchError: ``"<path> is a
+            classification checkpoint, not a segmentation one: beit evaluate and beit predict take it"``).
         ConfigError: the stored config does not fit :class:`SegmentConfig`, or an override is wrong.
     """
     return task_config_from_checkpoint(SegmentConfig, "segmentation", path, config_file, overrides)
