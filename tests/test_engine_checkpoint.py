@@ -95,8 +95,15 @@ def test_resume_candidates_last_first_then_steps_newest_first_each_once(tmp_path
         mgr.save(payload(step), step, is_best=step == 4)
     assert C.resume_candidates(tmp_path) == [tmp_path / "last.pt", tmp_path / "step_0000004.pt",
                                              tmp_path / "step_0000002.pt"]  # last.pt = step_6, best.pt = step_4
-    (tmp_path / "last.pt").unlink()
-    assert C.resume_candidates(tmp_path) == []  # no last.pt: auto does not guess (rundir refuses, naming them)
+    (tmp_path / "last.pt").unlink()  # deleted, or never linked: the newest step first, each once
+    assert C.resume_candidates(tmp_path) == [tmp_path / "step_0000006.pt", tmp_path / "step_0000004.pt",
+                                             tmp_path / "step_0000002.pt"]
+    for p in tmp_path.glob("step_*.pt"):
+        p.unlink()
+    assert C.resume_candidates(tmp_path) == [tmp_path / "best.pt"]  # best.pt was step_4
+    (tmp_path / "best.pt").unlink()
+    (tmp_path / "step_0000008").mkdir()  # a sharded checkpoint whose writing never finished (no meta.pt)
+    assert C.resume_candidates(tmp_path) == [] and C.resume_candidates(tmp_path / "nowhere") == []
     assert [C.step_of(p) for p in ("step_0000042.pt", "x/step_0000007", "last.pt")] == [42, 7, None]
 
 

@@ -362,9 +362,11 @@ def test_resume_auto_decisions(tmp_path):
     assert R.prepare_output_dir(tmp_path, resume_path=None, resume="auto") == "fresh"
     with pytest.raises(R.RunExistsError, match=r"\(metrics\.jsonl\)"):
         R.prepare_output_dir(tmp_path, resume_path=None, resume="")
-    # checkpoints without last.pt: auto cannot pick one and must not delete them
+    # checkpoint names auto found nothing to resume in (the trainer resumes a step checkpoint without last.pt,
+    # see test_engine_trainer; an unfinished sharded folder is none): never deleted
     C.save_checkpoint({"format": C.FORMAT}, tmp_path / "step_0000004.pt")
-    with pytest.raises(R.RunExistsError, match=r"no last\.pt to resume: resume a checkpoint explicitly"):
+    with pytest.raises(R.RunExistsError, match=r"none of them is a checkpoint --resume auto can continue .*: resume a "
+                                               r"checkpoint explicitly"):
         R.prepare_output_dir(tmp_path, resume_path=None, resume="auto")
     assert R.prepare_output_dir(tmp_path, resume_path=tmp_path / "step_0000004.pt",
                                 resume=str(tmp_path / "step_0000004.pt")) == "resume"

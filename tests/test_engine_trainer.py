@@ -398,6 +398,40 @@ def test_a_damaged_last_pt_skipped_by_auto_is_set_aside_and_last_pt_readable_aga
     assert (tmp_path / "abandoned" / "last.pt").read_bytes() == b"PK\x03\x04 truncated"
 
 
+def test_auto_resume_without_last_pt_continues_from_the_newest_readable_step_checkpoint(tmp_path, beit_warnings):
+    """last.pt deleted (or never linked: a run killed between its first step checkpoint and the link): auto resumed
+    nothing and refused the folder ("no last.pt to resume"). It continues from the newest readable step checkpoint,
+    with a warning naming both, exactly as the uninterrupted run, and last.pt names that checkpoint again."""
+    kw = dict(max_steps=9, ckpt_every=3, warmup_steps=0, schedule="constant")
+    make_trainer(make_cfg(tmp_path / "full", **kw)).fit()
+    part = tmp_path / "part"
+    make_trainer(make_cfg(part, **kw)).fit(stop_after_step=8)  # step_3, step_6, step_8 = last.pt
+    (part / "last.pt").unlink()
+    trainer = make_trainer(make_cfg(part, resume="auto", **kw))
+    trainer.fit(stop_after_step=8)  # nothing to train: last.pt must name step_8 all the same
+    assert trainer.step == 8 and (part / "last.pt").samefile(part / "step_0000008.pt")
+    shown = [r.getMessage() for r in beit_warnings if "resume=auto" in r.getMessage()]
+    assert shown == [f"resume=auto: {part / 'last.pt'} is missing. Resuming from the newest readable checkpoint "
+                     f"instead: {part / 'step_0000008.pt'} (step 8)"]
+    # and the newest step checkpoint damaged too: the next one, both named; the damaged one set aside
+    (part / "last.pt").unlink()
+    with open(part / "step_0000008.pt", "r+b") as f:
+        f.truncate(100)
+    beit_warnings.clear()
+    make_trainer(make_cfg(part, resume="auto", **kw)).fit()
+    shown = [r.getMessage() for r in beit_warnings if "resume=auto" in r.getMessage()]
+    assert len(shown) == 1 and shown[0].startswith(f"resume=auto: {part / 'last.pt'} is missing; "
+                                                   f"{part / 'step_0000008.pt'}: not a readable checkpoint")
+    assert shown[0].endswith(f"instead: {part / 'step_0000006.pt'} (step 6)")
+    assert train_rows(tmp_path / "full") == train_rows(part)
+    assert (part / "abandoned" / "step_0000008.pt").is_file()
+    assert load_checkpoint(part / "last.pt")["step"] == 9
+    # a folder without any checkpoint still starts from step 0
+    fresh = make_trainer(make_cfg(tmp_path / "fresh", resume="auto", **kw))
+    fresh.fit(stop_after_step=2)
+    assert [r[0] for r in train_rows(tmp_path / "fresh")] == [1, 2]
+
+
 def test_auto_resume_with_nothing_readable_names_last_pt_and_the_others(tmp_path):
     make_trainer(make_cfg(tmp_path, max_steps=4, ckpt_every=2, warmup_steps=0)).fit()
     for p in tmp_path.glob("step_*.pt"):

@@ -200,7 +200,8 @@ def _add_shape(p: argparse.ArgumentParser, cmd: Command) -> None:
         p.add_argument("-c", "--config", default=None, metavar="PRESET_OR_PATH",
                        help="a preset name (see `beit configs`) or a YAML file")
         p.add_argument("--resume", default=None, metavar="CKPT|auto",
-                       help="checkpoint to resume from, or 'auto' (output_dir/last.pt) = train.resume")
+                       help="checkpoint to resume from, or 'auto' (output_dir/last.pt, else its newest step_*.pt) = "
+                            "train.resume")
         p.add_argument("--out", default=None, metavar="DIR", help="output folder = train.output_dir")
         p.add_argument("--overwrite", action="store_true",
                        help="start afresh in a folder that holds a finished run = train.overwrite=true")

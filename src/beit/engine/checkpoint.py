@@ -218,18 +218,20 @@ def resume_candidates(output_dir: str | Path) -> list[Path]:
     """What ``resume="auto"`` may continue from, in the order to try them: :func:`find_resume_path`'s pick
     (``last.pt`` / ``last``), then the step checkpoints of the folder (files and sharded folders), the newest
     step first, then the other of ``last.pt`` / ``last`` and ``best.pt`` / ``best``; each checkpoint once
-    (``last.pt`` and ``best.pt`` are hard links to step files). Empty when there is no ``last.pt`` / ``last``
-    (auto then starts afresh, see ``beit.engine.rundir.prepare_output_dir``)."""
+    (``last.pt`` and ``best.pt`` are hard links to step files). Without ``last.pt`` / ``last`` (deleted, or the
+    run was killed between writing a step checkpoint and linking it) the list starts at the newest step. Empty
+    when the folder holds no checkpoint (auto then starts afresh, see ``beit.engine.rundir.prepare_output_dir``)."""
     out = Path(output_dir)
-    first = find_resume_path("auto", out)
-    if first is None:
+    if not out.is_dir():
         return []
+    first = find_resume_path("auto", out)
     manager = CheckpointManager(out)
-    steps = sorted([*manager.step_files(), *manager.step_dirs()], key=lambda p: step_of(p) or 0, reverse=True)
+    steps = sorted([p for p in [*manager.step_files(), *manager.step_dirs()] if _is_checkpoint(p)],
+                   key=lambda p: step_of(p) or 0, reverse=True)  # a sharded folder without meta.pt is unfinished
     rest = [p for p in (out / "last.pt", out / "last", out / "best.pt", out / "best") if _is_checkpoint(p)]
     seen: set[tuple[Any, ...]] = set()
     found = []
-    for p in [first, *steps, *rest]:
+    for p in [*([first] if first is not None else []), *steps, *rest]:
         key = _identity(p)
         if key not in seen:
             seen.add(key)
@@ -367,6 +369,27 @@ class CheckpointManager:
             _link_atomic(resumed, last)
         _fsync_dir(self.dir)
         return new
+
+    def link_last(self, resumed: str | Path) -> Path | None:
+        """Make ``last.pt`` a link to ``resumed`` (a checkpoint file of this folder), or ``last`` to a sharded
+        folder, as :meth:`save` does: after ``resume="auto"`` found it missing and resumed from ``resumed``, so
+        that the folder's ``last.pt`` is readable again before the next save (readers of a finished run take it).
+        Call on the main rank only. Returns the link (None: ``resumed`` is not a checkpoint of this folder).
+
+        Raises:
+            OSError: the link could not be made, naming it.
+        """
+        resumed = Path(resumed)
+        if not _is_checkpoint(resumed) or resumed.resolve().parent != self.dir.resolve():
+            return None
+        if resumed.is_dir():
+            link = self.dir / "last"
+            _symlink_atomic(resumed.resolve().name, link)
+        else:
+            link = self.dir / "last.pt"
+            _link_atomic(resumed, link)
+        _fsync_dir(self.dir)
+        return link
 
     def step_files(self) -> list[Path]:
         files = [p for p in self.dir.glob("step_*.pt") if _STEP_RE.match(p.name)]

@@ -81,7 +81,7 @@ class TrainConfig:
     keep_last: int = 3  # step_XXXXXXX.pt files kept; last.pt/best.pt are always kept
     eval_every: int = 1  # epochs; 0 = only at the end
     image_every: int = 0  # steps between visualize_fn calls; 0 = off
-    resume: str = ""  # "" | path/to/ckpt.pt | "auto" (output_dir/last.pt if present)
+    resume: str = ""  # "" | path/to/ckpt.pt | "auto" (output_dir/last.pt, else its newest step_*.pt, if any)
     overwrite: bool = False  # a fresh run may replace an earlier run in output_dir (else it is refused)
     allow_config_change: bool = False  # resume even if keys that define the run changed (else refused)
 

@@ -330,7 +330,8 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     if not overwrite:
         start = (f"resuming from {resume_path} (another folder) would mix two runs" if resume_path is not None
                  else "a fresh run would delete its metrics and replace its checkpoints")
-        hint = ("no last.pt to resume: resume a checkpoint explicitly (--resume PATH / train.resume=PATH)"
+        hint = ("none of them is a checkpoint --resume auto can continue (an unfinished sharded folder, a dangling "
+                "link): resume a checkpoint explicitly (--resume PATH / train.resume=PATH)"
                 if resume == "auto" else "to continue it pass --resume auto (train.resume=auto)")
         raise RunExistsError(f"output_dir {out} holds an earlier run ({names}): {start}. {hint}, or pass "
                              "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")

@@ -424,6 +424,7 @@ class Trainer:
         self._resume_path: Path | None = None
         self._resume_state: dict[str, Any] | None = None
         self._damaged_last: tuple[Any, ...] | None = None  # identity of the last.pt that auto had to skip
+        self._missing_last: Path | None = None  # the last.pt (last) that auto found missing
         self._reset_window()
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -557,35 +558,41 @@ class Trainer:
 
     def _pick_resume(self) -> tuple[Path | None, dict[str, Any] | None]:
         """The checkpoint this fit() resumes from (None: none) and, for ``resume="auto"``, its state (read here
-        to know it is readable). Auto takes ``last.pt`` (``last``), or when that cannot be read the newest
-        readable checkpoint of the folder (:func:`~beit.engine.checkpoint.resume_candidates`), with a warning
-        naming both. A path given explicitly is read later (:meth:`load`), its errors naming it.
+        to know it is readable). Auto takes ``last.pt`` (``last``), or when that is missing or cannot be read the
+        newest readable checkpoint of the folder (:func:`~beit.engine.checkpoint.resume_candidates`), with a
+        warning naming both; a folder without checkpoints starts from step 0. A path given explicitly is read
+        later (:meth:`load`), its errors naming it.
 
         Raises:
             FileNotFoundError: an explicit path that does not exist.
             ValueError / OSError: auto, and no checkpoint of the folder is readable (the first error, naming
-                ``last.pt``, plus the others tried).
+                ``last.pt`` or, without one, the newest step checkpoint, plus the others tried).
         """
-        self._damaged_last = None
+        self._damaged_last, self._missing_last = None, None
         path = find_resume_path(self.cfg.resume, self.out)
-        if path is None or self.cfg.resume != "auto":
+        if self.cfg.resume != "auto":
             return path, None
         failed: list[tuple[Path, Exception]] = []
-        for candidate in resume_candidates(self.out) or [path]:
+        for candidate in resume_candidates(self.out):
             sharded = candidate.is_dir() and D.is_fsdp(self.raw_model)
             try:
                 state = load_checkpoint(candidate, full=not sharded)
             except (ValueError, OSError) as e:  # damaged, truncated, not a checkpoint, unreadable
                 failed.append((candidate, e))
                 continue
-            if failed:
-                shown = "; ".join(str(e).splitlines()[0] if str(candidate) in str(e) else f"{candidate}: {e}"
-                                  for candidate, e in failed)
-                if failed[0][0].name == "last.pt":
+            if path is None:  # last.pt deleted, or never linked (killed between its first step checkpoint and it)
+                self._missing_last = self.out / ("last" if candidate.is_dir() else "last.pt")
+            if failed or path is None:
+                shown = "; ".join([*([f"{self._missing_last} is missing"] if path is None else []),
+                                   *(str(e).splitlines()[0] if str(candidate) in str(e) else f"{candidate}: {e}"
+                                     for candidate, e in failed)])
+                if failed and failed[0][0].name == "last.pt":
                     self._damaged_last = _identity(failed[0][0])
                 self.log.warning(f"resume=auto: {shown}. Resuming from the newest readable checkpoint instead: "
                                  f"{candidate} (step {state.get('step')})")
             return candidate, state
+        if not failed:  # no checkpoint in the folder: a fresh start
+            return None, None
         first, error = failed[0]
         if len(failed) > 1:
             others = ", ".join(p.name for p, _ in failed[1:])
@@ -659,7 +666,8 @@ class Trainer:
         """After a resume from step S (rank 0): the folder's step checkpoints of steps after S belong to a
         branch this run abandons; they move into ``abandoned/`` (one line), so that they neither count toward
         ``keep_last`` nor get resumed by mistake (``CheckpointManager.set_aside_after``). A damaged ``last.pt``
-        that ``resume="auto"`` skipped moves there too, ``last.pt`` then naming the resumed checkpoint.
+        that ``resume="auto"`` skipped moves there too, ``last.pt`` then naming the resumed checkpoint; a missing
+        one is made to name it again.
 
         Raises:
             OSError: a checkpoint could not be moved, naming it.
@@ -667,7 +675,9 @@ class Trainer:
         moved = self.ckpt.set_aside_after(self.step, resume_path)
         if self._damaged_last is not None and _identity(self.out / "last.pt") == self._damaged_last:
             moved += [p for p in [self.ckpt.set_aside_damaged_last(resume_path)] if p is not None]
-        self._damaged_last = None
+        if self._missing_last is not None and not self._missing_last.exists():
+            self.ckpt.link_last(resume_path)  # readable again before the next save (readers of a finished run)
+        self._damaged_last, self._missing_last = None, None
         if moved:
             self.log.warning(f"resumed at step {self.step} from {resume_path}: moved {len(moved)} checkpoint(s) "
                              f"of later steps (an abandoned branch) or damaged into {self.out / 'abandoned'}/ "
