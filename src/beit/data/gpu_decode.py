@@ -6,8 +6,9 @@ orientation) and draw the blockwise mask from a generator seeded by ``(seed, epo
 
 - ``"workers"`` (default): the worker decodes the JPEG too, with libjpeg-turbo (``torchvision.io.decode_jpeg``
   on CPU, ~0.7 ms for a 500x375 photo on one core: ``benchmarks/cpu_costs.py``), applies the EXIF
-  orientation, and the batch's pixels travel as ONE uint8 buffer, pinned by the loader and copied to the GPU
-  in one asynchronous copy. The GPU only augments. This is the default because nvJPEG's decode is not free
+  orientation, cuts the image to the crop box the views will use (``crop``: the same (seed, epoch, index)
+  numbers; about half a photo's pixels with the recipe's scale range), and the batch's pixels travel as ONE
+  uint8 buffer (made in shared memory), pinned by the loader and copied to the GPU in one asynchronous copy. The GPU only augments. This is the default because nvJPEG's decode is not free
   for the GPU: its kernels (and its host stage, on the training process's thread) take time from the training
   step they run beside, while 14 worker cores decode several times faster than a BEiT-B step consumes
   (``benchmarks/data_pipeline.py``, rows ``*_dev`` vs ``*_nvjpeg``; RESULTS.md §9).
