@@ -4,14 +4,14 @@ The loader's workers read each file, parse its header with PIL (format, mode, si
 orientation) and draw the blockwise mask from a generator seeded by ``(seed, epoch, index)``. Then, by
 ``jpeg_decode``:
 
-- ``"workers"`` (default): the worker decodes the JPEG too, with libjpeg-turbo (``torchvision.io.decode_jpeg``
-  on CPU, ~0.7 ms for a 500x375 photo on one core: ``benchmarks/cpu_costs.py``), applies the EXIF
-  orientation, cuts the image to the crop box the views will use (``crop``: the same (seed, epoch, index)
-  numbers; about half a photo's pixels with the recipe's scale range), and the batch's pixels travel as ONE
-  uint8 buffer (made in shared memory), pinned by the loader and copied to the GPU in one asynchronous copy. The GPU only augments. This is the default because nvJPEG's decode is not free
-  for the GPU: its kernels (and its host stage, on the training process's thread) take time from the training
-  step they run beside, while 14 worker cores decode several times faster than a BEiT-B step consumes
-  (``benchmarks/data_pipeline.py``, rows ``*_dev`` vs ``*_nvjpeg``; RESULTS.md §9).
+- ``"workers"`` (default): the worker decodes the JPEG too, with libjpeg-turbo (``torchvision.io.decode_jpeg`` on
+  CPU, ~0.7 ms for a 500x375 photo on one core: ``benchmarks/cpu_costs.py``), applies the EXIF orientation, cuts the
+  image to the crop box the views will use (``crop``: the same (seed, epoch, index) numbers; about half a photo's
+  pixels with the recipe's scale range), and the batch's pixels travel as ONE uint8 buffer (made in shared memory),
+  pinned by the loader and copied to the GPU in one asynchronous copy. The GPU only augments. This is the default
+  because nvJPEG's decode is not free for the GPU: its kernels (and its host stage, on the training process's
+  thread) take time from the training step they run beside, while 14 worker cores decode several times faster than a
+  BEiT-B step consumes (``benchmarks/data_pipeline.py``, rows ``*_dev`` vs ``*_nvjpeg``; RESULTS.md §9).
 - ``"device"``: files the GPU decoder takes (baseline 8-bit 3-channel JPEG) travel as raw bytes and
   ``BatchDecoder`` decodes a batch's bytes in one ``decode_jpeg(list, device=...)`` call (the same code on
   CPU, for tests and laptops): for machines with few CPU cores per GPU.
