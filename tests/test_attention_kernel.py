@@ -119,3 +119,40 @@ def test_fused_bias_impl_falls_back_to_sdpa_off_gpu():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_a_launch_that_does_not_fit_shared_memory_takes_a_smaller_config(monkeypatch):
+    """On an H100, fp32 inputs at head dim 128 asked the d(bias) kernel's tuned config for 256 KiB of shared memory
+    (the GPU has 227 KiB) and the backward failed with OutOfResources. Now the launch retries with fewer stages,
+    then smaller tiles, and remembers what fitted."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(attention_triton, "_FITTED", {})
+    calls = []
+
+    class Kernel:  # as a Triton kernel: kernel[grid](*args, BM=.., BN=.., num_warps=.., num_stages=..)
+        def __getitem__(self, grid):
+            def run(*args, BM, BN, num_warps, num_stages, **consts):
+                calls.append((grid, BM, BN, num_stages))
+                if BM * BN * num_stages > 64 * 64:  # "the GPU's shared memory"
+                    raise OutOfResources(BM * BN * num_stages * 64, 232448, "shared memory")
+            return run
+
+    like = torch.empty(1, dtype=torch.float32)
+    attention_triton._launch("dbias", Kernel(), lambda bm, bn: (bm, bn), like, 128, "arg", D=128)
+    bm, bn, _, stages = attention_triton.CONFIGS["dbias"]
+    assert calls[0] == ((bm, bn), bm, bn, stages) and calls[-1][1] * calls[-1][2] * calls[-1][3] <= 64 * 64
+    fitted = attention_triton._FITTED[("dbias", 128, torch.float32, like.device)]
+    calls.clear()
+    attention_triton._launch("dbias", Kernel(), lambda bm, bn: (bm, bn), like, 128, "arg", D=128)
+    assert calls == [((fitted[0], fitted[1]), fitted[0], fitted[1], fitted[3])]  # remembered: one launch
+
+    class NeverFits(Kernel):
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                raise OutOfResources(1 << 20, 232448, "shared memory")
+            return run
+
+    with pytest.raises(OutOfResources):  # nothing fits: the error, not a silent skip
+        attention_triton._launch("fwd", NeverFits(), lambda bm, bn: (bm, bn), like, 128, "arg", D=128)

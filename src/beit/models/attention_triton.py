@@ -25,11 +25,14 @@ not a power of two in [16, 128]).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs have no Triton
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -236,6 +239,36 @@ def _cfg(kernel: str, d: int) -> tuple[int, int, int, int]:
     return bm, bn, warps, stages
 
 
+def _candidates(kernel: str, d: int) -> list[tuple[int, int, int, int]]:
+    """Launch configs to try in order: the tuned one, fewer pipeline stages, then smaller tiles (each needs less
+    shared memory: fp32 inputs at head dim 128 need ~4x what the bf16 tuning at 64 did)."""
+    bm, bn, warps, stages = _cfg(kernel, d)
+    out = [(bm, bn, warps, s) for s in range(stages, 0, -1)] + [(min(bm, 32), min(bn, 32), warps, 1), (16, 16, 4, 1)]
+    return list(dict.fromkeys(out))
+
+
+#: (kernel, head dim, dtype, device) -> the first launch config of ``_candidates`` that fitted the GPU
+_FITTED: dict[tuple[str, int, torch.dtype, torch.device], tuple[int, int, int, int]] = {}
+
+
+def _launch(name: str, kernel: Any, grid: Any, like: torch.Tensor, d: int, *args: Any, **consts: Any) -> None:
+    """``kernel[grid(BM, BN)](*args, **consts)`` with the first config of :func:`_candidates` whose shared memory
+    fits this GPU (Triton raises ``OutOfResources`` before launching, so a retry is safe), remembered per
+    kernel, head dim, dtype and device. The tuned configs fit an H100/H200 in bf16; other dtypes, head dims and
+    GPUs with less shared memory take a smaller one instead of failing."""
+    key = (name, d, like.dtype, like.device)
+    tries = [_FITTED[key]] if key in _FITTED else _candidates(name, d)
+    for i, (bm, bn, warps, stages) in enumerate(tries):
+        try:
+            kernel[grid(bm, bn)](*args, **consts, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+        except OutOfResources:
+            if i == len(tries) - 1:
+                raise
+            continue
+        _FITTED[key] = (bm, bn, warps, stages)
+        return
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products, no TF32
 
@@ -256,10 +289,9 @@ def _fwd(qkv: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     q, k, v = qkv.unbind(2)  # [B, L, H, d] views: read in place through their strides
     out = torch.empty((B, L, H, d), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
-    BM, BN, warps, stages = _cfg("fwd", d)
-    _fwd_kernel[(triton.cdiv(L, BM), B * H)](
-        q, k, v, bias, out, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out),
-        H, L, d ** -0.5, D=d, BM=BM, BN=BN, PREC=_prec(qkv.dtype), num_warps=warps, num_stages=stages)
+    _launch("fwd", _fwd_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * H), qkv, d,
+            q, k, v, bias, out, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, L, d ** -0.5,
+            D=d, PREC=_prec(qkv.dtype))
     return out, lse
 
 
@@ -284,18 +316,12 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     dbias = torch.empty((chunks, H, L, L), device=qkv.device, dtype=torch.float32)
     common = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     prec = _prec(qkv.dtype)
-    BM, BN, warps, stages = _cfg("dq", d)
-    _bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out),
-                                                *_bhl(dq), H, L, d ** -0.5,
-                                                D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
-    BM, BN, warps, stages = _cfg("dkdv", d)
-    _bwd_dkdv_kernel[(triton.cdiv(L, BN), B * H)](q, k, v, bias, do, lse, delta, dk, dv, *common, *_bhl(dk),
-                                                  H, L, d ** -0.5,
-                                                  D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
-    BM, BN, warps, stages = _cfg("dbias", d)
-    _bwd_dbias_kernel[(triton.cdiv(L, BM), triton.cdiv(L, BN), H * chunks)](
-        q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5, per_chunk,
-        D=d, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * H), qkv, d,
+            q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out), *_bhl(dq), H, L, d ** -0.5, D=d, PREC=prec)
+    _launch("dkdv", _bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(L, bn), B * H), qkv, d,
+            q, k, v, bias, do, lse, delta, dk, dv, *common, *_bhl(dk), H, L, d ** -0.5, D=d, PREC=prec)
+    _launch("dbias", _bwd_dbias_kernel, lambda bm, bn: (triton.cdiv(L, bm), triton.cdiv(L, bn), H * chunks), qkv, d,
+            q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5, per_chunk, D=d, PREC=prec)
     return dqkv, (dbias[0] if chunks == 1 else dbias.sum(0)).to(bias.dtype)
 
 
