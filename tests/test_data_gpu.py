@@ -422,6 +422,24 @@ def test_crops_cut_in_the_workers_give_the_views_of_the_whole_images(odd_files, 
     torch.testing.assert_close(cut["image"], views(False, 0)[0]["image"], atol=1e-4, rtol=1e-4)
 
 
+def test_small_recipe_cuts_windows_without_padding_the_batch_to_its_largest_sides():
+    """A tall and a wide strip in one batch (scaled up to 32 px on their short side: 32 x 10,667 and 10,667 x 32)
+    are cut window by window: padding every image to the batch's largest height and width first took ~0.7 GB here
+    (and a CUDA out-of-memory at batch 256); each sample's crop is what augmenting it alone gives."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in [(3, 1000), (1000, 3), (40, 36)]]
+    aug = FinetuneAugment(32, auto_augment=None, re_prob=0.0, seed=2)
+    idx = torch.arange(3)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = aug(imgs, idx, 0)
+    biggest = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert biggest < 50 * 2**20, f"{biggest / 2**20:.0f} MiB in one op"
+    for k in range(3):
+        torch.testing.assert_close(out[k:k + 1], aug([imgs[k]], idx[k:k + 1], 0))
+
+
 def test_pretrain_pipeline_from_files_gives_the_batch_the_step_expects(odd_files):
     masks = BlockwiseMaskGenerator((4, 4), 6, 2)
     ds = EncodedImageFiles.from_folder(odd_files, mask_generator=masks, seed=3)

@@ -734,8 +734,18 @@ def _finetune_finish_eager(x: torch.Tensor, per: torch.Tensor, fill: torch.Tenso
 def _padded_crops(imgs: torch.Tensor | list[torch.Tensor], boxes: torch.Tensor, size: int, pad: int
                   ) -> torch.Tensor:
     """``RandomCrop(size, padding=pad)`` per sample: uint8 ``[B, 3, size, size]`` windows ``boxes`` (CPU
-    ``[B, 4]``: top, left in padded coordinates) of the zero-padded images (a list of different sizes is
-    zero-padded to the largest first, each box staying inside its own image and padding)."""
+    ``[B, 4]``: top, left in padded coordinates) of the zero-padded images. A list of images of different sizes
+    is cut window by window (a copy each): padding them all to the batch's largest height and largest width
+    first took gigabytes for a tall and a wide strip in one batch."""
+    if not torch.is_tensor(imgs):
+        out = torch.zeros(len(imgs), 3, size, size, dtype=torch.uint8, device=imgs[0].device)
+        for k, im in enumerate(imgs):
+            top, left = int(boxes[k, 0]) - pad, int(boxes[k, 1]) - pad  # the window in the image's coordinates
+            y0, x0 = max(top, 0), max(left, 0)
+            y1, x1 = min(top + size, im.shape[-2]), min(left + size, im.shape[-1])
+            if y1 > y0 and x1 > x0:
+                out[k, :, y0 - top : y1 - top, x0 - left : x1 - left] = im[:, y0:y1, x0:x1]
+        return out
     x = _padded(imgs, list(range(len(boxes))), torch.uint8)
     x = F.pad(x, (pad,) * 4) if pad else x
     B, device = x.shape[0], x.device
