@@ -432,6 +432,31 @@ def test_auto_resume_without_last_pt_continues_from_the_newest_readable_step_che
     assert [r[0] for r in train_rows(tmp_path / "fresh")] == [1, 2]
 
 
+def test_auto_resume_passes_over_another_tasks_step_checkpoint(tmp_path, beit_warnings):
+    """A newer step file of another task copied into the folder (last.pt missing): auto warned "Resuming from" it,
+    then refused it. It is passed over like an unreadable one, named, and this task's newest checkpoint resumed;
+    when last.pt itself is another task's, the error names it and nothing is set aside as damaged."""
+    kw = dict(max_steps=9, ckpt_every=3, warmup_steps=0, schedule="constant")
+    make_trainer(make_cfg(tmp_path, **kw), task="pre-training").fit(stop_after_step=6)  # step_3, step_6 = last.pt
+    (tmp_path / "last.pt").unlink()
+    other = load_checkpoint(tmp_path / "step_0000006.pt")
+    save_checkpoint({**other, "task": "classification", "step": 10}, tmp_path / "step_0000010.pt")
+    trainer = make_trainer(make_cfg(tmp_path, resume="auto", **kw), task="pre-training")
+    trainer.fit(stop_after_step=7)
+    shown = [r.getMessage() for r in beit_warnings if "resume=auto" in r.getMessage()]
+    assert len(shown) == 1 and f"{tmp_path / 'step_0000010.pt'} is a classification checkpoint, not a pre-training " \
+        "one" in shown[0] and shown[0].endswith(f"instead: {tmp_path / 'step_0000006.pt'} (step 6)")
+    assert trainer.step == 7
+    save_checkpoint({**other, "task": "classification"}, tmp_path / "elsewhere.pt")
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "elsewhere.pt").rename(tmp_path / "last.pt")
+    for p in tmp_path.glob("step_*.pt"):
+        p.unlink()
+    with pytest.raises(TaskMismatchError, match=r"last\.pt is a classification checkpoint, not a pre-training one"):
+        make_trainer(make_cfg(tmp_path, resume="auto", **kw), task="pre-training").fit()
+    assert (tmp_path / "last.pt").is_file() and not (tmp_path / "abandoned" / "last.pt").exists()
+
+
 def test_auto_resume_with_nothing_readable_names_last_pt_and_the_others(tmp_path):
     make_trainer(make_cfg(tmp_path, max_steps=4, ckpt_every=2, warmup_steps=0)).fit()
     for p in tmp_path.glob("step_*.pt"):

@@ -70,7 +70,14 @@ from .logging import MetricLogger, console_through_tqdm, log_to_file, plot_curve
 from .optim import build_optimizer, lr_at, summarize_param_groups
 from .precision import autocast_for, use_bf16
 from .prefetch import DevicePrefetcher
-from .rundir import RunLock, atomic_write, check_checkpoint_task, check_resume_config, prepare_output_dir
+from .rundir import (
+    RunLock,
+    TaskMismatchError,
+    atomic_write,
+    check_checkpoint_task,
+    check_resume_config,
+    prepare_output_dir,
+)
 from .threads import cap_intra_op_threads
 
 __all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
@@ -577,7 +584,9 @@ class Trainer:
             sharded = candidate.is_dir() and D.is_fsdp(self.raw_model)
             try:
                 state = load_checkpoint(candidate, full=not sharded)
-            except (ValueError, OSError) as e:  # damaged, truncated, not a checkpoint, unreadable
+                # another task's checkpoint (copied in by mistake) is passed over like an unreadable one
+                check_checkpoint_task(state.get("task"), self.task, source=candidate)
+            except (ValueError, OSError) as e:  # damaged, truncated, not a checkpoint, unreadable, another task's
                 failed.append((candidate, e))
                 continue
             if path is None:  # last.pt deleted, or never linked (killed between its first step checkpoint and it)
@@ -586,7 +595,7 @@ class Trainer:
                 shown = "; ".join([*([f"{self._missing_last} is missing"] if path is None else []),
                                    *(str(e).splitlines()[0] if str(candidate) in str(e) else f"{candidate}: {e}"
                                      for candidate, e in failed)])
-                if failed and failed[0][0].name == "last.pt":
+                if failed and failed[0][0].name == "last.pt" and not isinstance(failed[0][1], TaskMismatchError):
                     self._damaged_last = _identity(failed[0][0])
                 self.log.warning(f"resume=auto: {shown}. Resuming from the newest readable checkpoint instead: "
                                  f"{candidate} (step {state.get('step')})")
