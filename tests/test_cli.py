@@ -261,6 +261,12 @@ def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, 
 
     monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", fake)
     args = _pretrain_args(setup, "--out", str(tmp_path / "run"))
+    # a Ctrl-C outside the training loop (setting up, or writing the report after the last step): what continues
+    errors["interrupt"] = (KeyboardInterrupt(), (
+        "beit pretrain train: interrupted outside the training loop (while setting up, or after training while "
+        f"writing its results); if checkpoints were written, beit pretrain train {' '.join(args[1:])} --resume auto "
+        "continues the "
+        "run, or only writes what is missing when training had finished"))
     for exc, line in errors.values():
         current[:] = [exc]
         assert main(args) == (130 if isinstance(exc, KeyboardInterrupt) else 1)

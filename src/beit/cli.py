@@ -431,11 +431,16 @@ def _resume_command(argv: Sequence[str]) -> str:
     return f"torchrun ... -m {line}" if _distributed() else line
 
 
-def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str]) -> str:
+def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], trains: bool = False) -> str:
     """The last line of an interrupted command: the trainer's account (step, checkpoint) and the command that
-    resumes it, or ``interrupted`` for a Ctrl-C outside training."""
+    resumes it, or ``interrupted`` for a Ctrl-C outside training (for a training command, ``trains``: with the
+    command that continues it, or writes what a finished run had left to write, e.g. its evaluation report)."""
     summary = getattr(e, "summary", None)
     if not summary:
+        if trains:
+            return (f"{label}: interrupted outside the training loop (while setting up, or after training while "
+                    f"writing its results); if checkpoints were written, {_resume_command(argv)} continues the run, "
+                    "or only writes what is missing when training had finished")
         return f"{label}: interrupted"
     resume = f"; resume with: {_resume_command(argv)}" if getattr(e, "checkpoint", None) is not None else ""
     return f"{label}: {summary}{resume}"
@@ -505,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         code = int(getattr(e, "exit_code", 130))
         if not _distributed() or _rank() == 0:  # every rank stopped at the same step: one line
-            print(_interrupted_line(e, label, argv), file=sys.stderr)
+            print(_interrupted_line(e, label, argv, trains=hasattr(args, "resume")), file=sys.stderr)
         _exit_now_if_distributed(code)
         return code
     except BrokenPipeError:  # output piped into `head` and the like: not an error
