@@ -327,6 +327,20 @@ def test_an_evaluation_cut_short_by_the_signal_still_saves_the_step(tmp_path, be
                "worker" in r.getMessage() for r in beit_warnings)
 
 
+def test_a_forked_worker_that_gets_the_signal_before_its_init_does_nothing(tmp_path, capfd):
+    """A DataLoader worker forked while fit() runs inherits the trainer's handler until its worker_init replaces
+    it; a process-group signal in that moment made the worker print the stop message a second time. In any other
+    process than the one fit() runs in, the handler does nothing."""
+    trainer = make_trainer(make_cfg(tmp_path))
+    with trainer._stop_on_signals():
+        trainer._signal_pid = os.getpid() + 1  # as seen from a forked child
+        trainer._on_signal(signal.SIGTERM, None)
+        assert trainer._signal == 0 and "stopping after this step" not in capfd.readouterr().err
+        trainer._signal_pid = os.getpid()
+        trainer._on_signal(signal.SIGTERM, None)
+        assert trainer._signal == signal.SIGTERM and "stopping after this step" in capfd.readouterr().err
+
+
 class _SignalsItsWorker(torch.utils.data.Dataset):
     """(image, label) items; a DataLoader worker that reads item 0 gets SIGTERM, as every process of a job does
     from scancel, timeout(1) or Ctrl-C in a terminal."""

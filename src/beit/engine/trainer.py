@@ -425,7 +425,7 @@ class Trainer:
         self._restored_window: dict | None = None
         # stopping on a signal: the one received (0: none) and when; the checkpoint (step, path) that holds the
         # current state, for the message
-        self._signal, self._signal_time = 0, 0.0
+        self._signal, self._signal_time, self._signal_pid = 0, 0.0, os.getpid()
         self._checkpoint: tuple[int, Path] | None = None
         # the checkpoint this fit() resumes from, picked by rank 0 (and on rank 0 its state, already read)
         self._resume_path: Path | None = None
@@ -473,6 +473,7 @@ class Trainer:
         handlers there), and never over a signal that is ignored (``SIG_IGN``: SIGINT of a background job) or
         handled outside Python."""
         self._signal, self._signal_time = 0, 0.0
+        self._signal_pid = os.getpid()
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -491,7 +492,10 @@ class Trainer:
         """The first signal asks for a stop after the step in progress (the ranks agree on the step in its
         sync, see :meth:`_train_steps`); a second SIGINT (``ABORT_AFTER_S`` or more later) raises
         :class:`TrainingInterrupted` here and now, unsaved. A repeated SIGTERM changes nothing (timeout(1) and
-        torchrun may send more than one; whoever wants it over sooner sends SIGKILL)."""
+        torchrun may send more than one; whoever wants it over sooner sends SIGKILL). In a forked DataLoader
+        worker that the signal reaches before its ``worker_init`` replaced this handler: nothing."""
+        if os.getpid() != self._signal_pid:
+            return
         if self._signal:
             if signum == signal.SIGINT and time.monotonic() - self._signal_time >= self.ABORT_AFTER_S:
                 raise self._interrupted(signum, at_once=True)
