@@ -356,6 +356,20 @@ def test_fresh_run_into_finished_folder_refused_unless_overwrite(tmp_path):
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_a_folder_holding_only_set_aside_checkpoints(tmp_path, caplog):
+    """abandoned/ alone (an earlier run's set-aside checkpoints, nothing resumable): a fresh run keeps it with a
+    warning, --overwrite deletes it (it was kept silently in both cases)."""
+    aside = tmp_path / "abandoned"
+    aside.mkdir()
+    C.save_checkpoint({"format": C.FORMAT}, aside / "step_0000008.pt")
+    with caplog.at_level("WARNING", logger="beit"):
+        assert R.prepare_output_dir(tmp_path, resume_path=None) == "fresh"
+    assert (aside / "step_0000008.pt").is_file()
+    assert any(f"{aside} holds checkpoints an earlier run set aside; kept" in r.getMessage() for r in caplog.records)
+    assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True) == "overwrite"
+    assert not aside.exists()
+
+
 def test_resume_auto_decisions(tmp_path):
     # crashed before its first checkpoint: nothing to resume, auto starts over
     (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')

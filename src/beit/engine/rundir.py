@@ -325,6 +325,14 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     if resume_path is None and resume == "auto":
         found = [p for p in found if _is_checkpoint(p)]
     if not found:
+        aside = out / "abandoned"  # checkpoints an earlier run set aside; nothing there is resumed
+        if aside.is_dir() and any(aside.iterdir()):
+            if overwrite:
+                shutil.rmtree(aside)
+                _log().warning(f"overwrite: deleted {aside} (checkpoints an earlier run had set aside)")
+                return "overwrite"
+            _log().warning(f"{aside} holds checkpoints an earlier run set aside; kept beside this new run "
+                           "(--overwrite deletes them)")
         return "fresh"
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
     if not overwrite:
