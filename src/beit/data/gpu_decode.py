@@ -440,9 +440,9 @@ class BatchDecoder:
     Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``num_workers`` JPEGs
     decoded by the loader's workers (``jpeg_decode="workers"``), ``fallback`` (reason -> count) files the GPU
     decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
-    files that no decoder could read (their slots hold a copy of another image of the batch, or, when no file
-    of the batch decodes, of an image kept from an earlier batch, else of ``spare_source()``; the sample keeps
-    its own label, one noisy label per such file and epoch).
+    files that no decoder could read (their slots hold a copy of another sample of the batch, its image with its
+    index, mask and label; or, when no file of the batch decodes, an image kept from an earlier batch, else
+    ``spare_source()``, and then each sample keeps its own label: one noisy label per such file and epoch).
     """
 
     def __init__(self, device: torch.device | str, skips: SkipCounter | None = None,
