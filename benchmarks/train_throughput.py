@@ -224,6 +224,19 @@ SYSTEMS: dict[str, tuple[str, Callable]] = {
 }
 
 
+def _profile(key: str, step: Callable[[], None], path: str, steps: int = 3) -> None:
+    """Append the ops of ``steps`` steps, by device time (top 30), to ``path``: where a row's step time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"\n===== {key}: {steps} steps, ops by self CUDA time\n{table}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
@@ -231,6 +244,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--only", default="", help="comma-separated keys of SYSTEMS")
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", default="", help="also write torch.profiler tables (3 steps of each row) to FILE")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -257,6 +271,8 @@ def main() -> None:
                                 setup_s=time.perf_counter() - t_build, batch=batch)
             print(f"{key:20s} {ips:8.0f} img/s  {sec * 1e3:7.1f} ms/step  {mem:6.1f} GiB  MFU {mfu:5.1%}  | {desc}",
                   flush=True)
+            if args.profile:
+                _profile(key, step, args.profile)
         except Exception as e:  # one broken peer must not hide the other rows
             results[key] = dict(desc=desc, error=f"{type(e).__name__}: {e}")
             print(f"{key:20s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
