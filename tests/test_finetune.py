@@ -202,6 +202,13 @@ def test_clear_errors(trained, squares, tmp_path, capsys):
         (other / c / "x.png").write_bytes((squares / "val" / "c0" / "0.png").read_bytes())
     with pytest.raises(ValueError, match="do not match the model's 4 classes"):
         evaluate_checkpoint(trained["model_dir"], other, tmp_path / "e", num_workers=0)
+    # a flat folder of images (no class sub-folders): said so, not "folders the model does not know: []"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.png").write_bytes((squares / "val" / "c0" / "0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"flat: no class sub-folders; beit evaluate reads .*<class>/<image> with "
+                                         r"the model's 4 classes .*; for unlabeled images use beit predict"):
+        evaluate_checkpoint(trained["model_dir"], flat, tmp_path / "e", num_workers=0)
     # an empty class folder
     (other / "empty").mkdir()
     with pytest.raises(ValueError, match="without images.*empty"):

@@ -130,7 +130,5 @@ def predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     r = predict_folder(args.ckpt, args.inputs[0], args.out or "predictions.csv", topk=args.topk,
                        batch_size=args.batch_size, num_workers=args.num_workers, ema=args.ema, device=args.device)
-    print(json.dumps({k: v for k, v in r.items() if k != "skipped"}))
-    if r["skipped"]:
-        print(f"{len(r['skipped'])} unreadable images left out: {', '.join(r['skipped'][:5])}")
+    print(json.dumps({k: v for k, v in r.items() if k != "skipped"}))  # the files left out: logged, by name
     return 0

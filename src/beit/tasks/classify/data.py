@@ -70,7 +70,8 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
     if bad:
-        logger.warning("left out %d unreadable images: %s", len(bad), sorted(bad)[:10])
+        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s",
+                       sorted(bad)[:10])
     return Subset(ds, keep), keep, sorted(bad)
 
 

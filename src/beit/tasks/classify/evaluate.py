@@ -303,6 +303,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     overrides = {"img_size": img_size} if img_size else {}
     model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
     folders = find_classes(data_dir)
+    if not folders:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(f"{data_dir}: no class sub-folders; beit evaluate reads {data_dir}/<class>/<image> with "
+                         f"the model's {len(names)} classes ({shown}); for unlabeled images use beit predict")
     named = not all(n == f"class_{i}" for i, n in enumerate(names))
     if named and set(folders) != set(names):
         missing, extra = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
@@ -404,5 +408,5 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
         raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be read")
     bad = sorted(skipped)
     if bad:
-        logger.warning("left out %d unreadable images: %s", len(bad), bad[:10])
+        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s", bad[:10])
     return {"csv": str(out_csv), "num_images": rows, "num_skipped": len(bad), "skipped": bad, "topk": k}
