@@ -442,3 +442,18 @@ def test_in_memory_drops_are_named_and_counted_once_in_the_first_epoch(tmp_path:
     monkeypatch.setenv("RANK", "1")  # every rank decodes the whole folder: the engine sums ranks, rank 0 counts
     other_rank = TensorImageDataset(images, labels, dropped=dropped)
     assert other_rank.num_skipped == 1 and other_rank.skipped_count(0) == 0
+
+
+def test_quiet_console_hides_the_decoding_progress_bars(tmp_path: Path, capsys) -> None:
+    """beit demo runs its later seeds quietly: their in-memory decoding printed a progress bar each all the same."""
+    from beit.data.datasets import decode_image_folder
+    from beit.engine.logging import quiet_console
+
+    _make_labeled(tmp_path, {"x": 2, "y": 2})
+    decode_image_folder(tmp_path, num_threads=1)
+    assert "decoding" in capsys.readouterr().err
+    with quiet_console():
+        decode_image_folder(tmp_path, num_threads=1)
+    assert "decoding" not in capsys.readouterr().err
+    decode_image_folder(tmp_path, num_threads=1)  # shown again after the block
+    assert "decoding" in capsys.readouterr().err

@@ -69,6 +69,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: progress bars of this module's long passes over a folder (verify, decode into memory); False hides them
+#: (``beit.engine.logging.quiet_console`` does, for drivers that run many trainings in a row)
+SHOW_PROGRESS = True
+
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
 )  # fmt: skip
@@ -512,7 +516,7 @@ class _RobustImageFiles(Dataset):
 
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             results: Iterable = pool.map(check, range(len(self.samples)))
-            if progress:
+            if progress and SHOW_PROGRESS:
                 results = tqdm(results, total=len(self.samples), desc="verify images")
             for i, err in results:
                 if err is not None:
@@ -1143,7 +1147,7 @@ def decode_image_folder(
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results: Iterable = pool.map(load, range(len(ds)))
-        if progress:
+        if progress and SHOW_PROGRESS:
             results = tqdm(results, total=len(ds), desc=f"decoding {os.path.basename(str(root))}")
         arrays = list(results)
     keep = [i for i, a in enumerate(arrays) if a is not None]

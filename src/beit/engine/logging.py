@@ -94,15 +94,20 @@ def log_to_file(logger: logging.Logger, level: int, message: str) -> None:
 
 @contextmanager
 def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
-    """Inside the block the console shows only records at ``level`` or above; each run's ``log.txt`` still gets
-    everything. For drivers that run many trainings in a row (``beit demo``'s seeds)."""
+    """Inside the block the console shows only records at ``level`` or above, and no progress bars of the data
+    loading (``beit.data.datasets.SHOW_PROGRESS``); each run's ``log.txt`` still gets everything. For drivers that
+    run many trainings in a row (``beit demo``'s seeds)."""
+    from ..data import datasets
+
     handlers = _console_handlers(get_logger())
     before = [h.level for h in handlers]
+    progress, datasets.SHOW_PROGRESS = datasets.SHOW_PROGRESS, False
     for h in handlers:
         h.setLevel(level)
     try:
         yield
     finally:
+        datasets.SHOW_PROGRESS = progress
         for h, lvl in zip(handlers, before):
             h.setLevel(lvl)
 
