@@ -702,6 +702,27 @@ def test_resuming_another_tasks_checkpoint_is_one_line_before_any_config_diff(se
                             "one: --resume (train.resume) continues a run of the same task")
 
 
+def test_tokenizer_eval_of_a_training_checkpoint_is_one_line(setup, tmp_path, capsys):
+    """beit tokenizer eval / encode given a .pt training checkpoint (the tokenizer's own, or another task's) said
+    "not a safetensors file (header too large)"; now one line naming it and what to pass instead."""
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+
+    base = {"format": FORMAT, "version": 1, "step": 3, "epoch": 0, "batch_in_epoch": 0, "model": {},
+            "optimizer": {}}
+    own, other = tmp_path / "tok" / "last.pt", tmp_path / "pre" / "last.pt"
+    save_checkpoint({**base, "task": "dVAE tokenizer"}, own)
+    save_checkpoint({**base, "task": "pre-training"}, other)
+    data = str(setup / "images")
+    assert main(["tokenizer", "eval", "dvae", str(own), "--data", data]) == 1
+    assert _err(capsys) == (f"beit tokenizer eval: error: {own} is the tokenizer's training checkpoint: pass the "
+                            f"weights its training wrote beside it, {own.parent / 'dvae.safetensors'}")
+    assert main(["tokenizer", "encode", "dvae", str(other), "--data", data, "--out", str(tmp_path / "ids")]) == 1
+    assert _err(capsys) == (f"beit tokenizer encode: error: {other} is a pre-training checkpoint, not a dVAE "
+                            "tokenizer one: beit finetune takes it as model=..., beit visualize shows its predictions")
+    assert main(["tokenizer", "eval", "dvae", str(setup / "tok.safetensors"), "--data", data, "--img-size", "32",
+                 "--out", str(tmp_path / "grid.png")]) == 0  # its weights: evaluated
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_saves_and_exits_143(setup, tmp_path):
     """As `timeout -s TERM` or scancel do: the training process and its DataLoader workers all get SIGTERM. The

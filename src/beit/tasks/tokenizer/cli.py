@@ -72,6 +72,34 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_training_checkpoint(path: str) -> None:
+    """A beit training checkpoint (a torch zip file) given where the tokenizer's weights belong: one line naming
+    its task and what to pass instead (it failed as "not a safetensors file (header too large)").
+
+    Raises:
+        TaskMismatchError (a ValueError): another task's checkpoint, or the tokenizer's own training checkpoint.
+    """
+    from pathlib import Path
+
+    from ...engine.checkpoint import load_checkpoint
+    from ...engine.rundir import TaskMismatchError, check_checkpoint_task
+    from ..backbone_config import TASK_COMMANDS, stored_task
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if f.read(2) != b"PK":  # safetensors, or the official pickles: the loader's own checks
+                return
+        state = load_checkpoint(p)
+    except (OSError, ValueError):
+        return  # not a readable training checkpoint: the loader says what it is not
+    found = stored_task(state)
+    if found == "dVAE tokenizer":
+        raise TaskMismatchError(f"{p} is the tokenizer's training checkpoint: pass the weights its training wrote "
+                                f"beside it, {p.parent / 'dvae.safetensors'}")
+    check_checkpoint_task(found, "dVAE tokenizer", source=p, fix=TASK_COMMANDS.get(found or "", ""))
+
+
 def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     import torch
     from torchvision import transforms as T
@@ -80,6 +108,7 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     from ...tokenizers import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    _refuse_training_checkpoint(args.path)
     tok = load_tokenizer(args.kind, args.path, decoder=getattr(args, "decoder", None),
                          precision=args.precision)
     tok = tok.to(device).eval()
