@@ -329,7 +329,9 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         return out
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch``."""
+        """Select the augmentation stream of ``epoch`` (call before creating the DataLoader iterator: persistent
+        workers keep the copy they were started with; or index with ``(epoch, index)`` pairs, as the engine
+        does through ``EpochIndexed``)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
