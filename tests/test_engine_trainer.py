@@ -341,6 +341,24 @@ def test_a_forked_worker_that_gets_the_signal_before_its_init_does_nothing(tmp_p
         assert trainer._signal == signal.SIGTERM and "stopping after this step" in capfd.readouterr().err
 
 
+def test_an_evaluation_that_fails_writes_the_steps_checkpoint_first(tmp_path, beit_warnings):
+    """A bad validation file found by the final evaluation ended the run before the final checkpoint: the steps
+    since the last one were lost. The finished step is saved, the error still ends the run, and auto resumes
+    from that step."""
+    calls = {"n": 0}
+
+    def eval_fn(model):
+        calls["n"] += 1
+        raise ValueError("val/0016.png: label values [200] are outside the 11 classes")
+
+    kw = dict(max_steps=10, ckpt_every=100, warmup_steps=0)
+    with pytest.raises(ValueError, match="outside the 11 classes"):
+        make_trainer(make_cfg(tmp_path, **kw), eval_fn=eval_fn, metric_to_track="score").fit()
+    assert calls["n"] == 1 and load_checkpoint(tmp_path / "last.pt")["step"] == 10
+    assert any("the evaluation of step 10 failed (ValueError: val/0016.png" in r.getMessage()
+               and "the checkpoint of that step was written first" in r.getMessage() for r in beit_warnings)
+
+
 class _SignalsItsWorker(torch.utils.data.Dataset):
     """(image, label) items; a DataLoader worker that reads item 0 gets SIGTERM, as every process of a job does
     from scancel, timeout(1) or Ctrl-C in a terminal."""

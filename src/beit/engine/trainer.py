@@ -524,16 +524,39 @@ class Trainer:
         """Run ``job`` (evaluation, pictures). While a stop is pending in a single process, an error of it is a
         warning, so that the step's checkpoint is still written: the signal may have reached the job's own
         DataLoader workers too (timeout(1), scancel and Ctrl-C in a terminal signal the whole process group).
-        Otherwise (and under several ranks, where the job may be a collective) its errors propagate."""
+        Otherwise (and under several ranks, where the job may be a collective) its errors propagate; in a single
+        process the finished step's checkpoint is written first (a bad validation file found by the final
+        evaluation lost the steps since the last checkpoint)."""
         try:
             job()
         except Exception as e:
-            if not self._signal or D.is_dist():
+            if D.is_dist():
+                raise
+            if not self._signal:
+                self._save_before_raising(e, what)
                 raise
             self.raw_model.train()
             first = (str(e).strip().splitlines() or [""])[0][:200]
             self.log.warning(f"{what} of step {self.step} was cut short while stopping on "
                              f"{signal.Signals(self._signal).name} ({type(e).__name__}: {first}): not recorded")
+
+    def _save_before_raising(self, error: Exception, what: str) -> None:
+        """Write the finished step's checkpoint (unless written) before ``error`` of ``what`` ends the run, and
+        say so; a failure to save is logged and the original error still raised."""
+        self.raw_model.train()
+        if self._checkpoint is not None and self._checkpoint[0] == self.step:
+            return
+        try:
+            self._check_weights_before_save()
+            self.save()
+        except Exception as save_error:  # noqa: BLE001 - the job's error is the one to report
+            self.log.warning(f"{what} of step {self.step} failed and its checkpoint could not be written either "
+                             f"({type(save_error).__name__}: {save_error})")
+            return
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        self.log.warning(f"{what} of step {self.step} failed ({type(error).__name__}: {first}); the checkpoint of "
+                         f"that step was written first, {self._checkpoint[1] if self._checkpoint else self.out}: "
+                         "fix the cause and resume it (--resume auto / train.resume=auto)")
 
     def _open_output_dir(self) -> RunLock | None:
         """Rank 0 takes the folder's lock, picks the checkpoint to resume (:meth:`_pick_resume`) and decides
