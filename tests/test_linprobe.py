@@ -190,6 +190,36 @@ def test_batch_size_is_checked_before_features_are_extracted(setup, tmp_path, mo
         linprobe(lp_cfg(setup, tmp_path / "b", "train.batch_size=32", "train.accum_steps=4"))
 
 
+def test_output_folder_and_resume_are_checked_before_features_are_extracted(setup, tmp_path, monkeypatch):
+    """A folder holding an earlier run, a --resume that does not exist, another task's checkpoint: refused after
+    the whole extraction (most of a linear probe's time on real data); now before it, in the trainer's words."""
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.rundir import RunExistsError, TaskMismatchError
+
+    lp = importlib.import_module("beit.tasks.classify.linprobe")
+
+    def no_extraction(*args, **kwargs):
+        raise _Stop("features extracted before the output folder was checked")
+
+    monkeypatch.setattr(lp, "extract_features", no_extraction)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    with pytest.raises(RunExistsError, match="holds an earlier run"):
+        linprobe(lp_cfg(setup, used))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        linprobe(lp_cfg(setup, tmp_path / "a", f"train.resume={tmp_path / 'missing.pt'}"))
+    seg = tmp_path / "seg.pt"
+    save_checkpoint({"format": FORMAT, "version": 1, "task": "segmentation", "config": {}, "step": 3, "epoch": 0,
+                     "batch_in_epoch": 0, "model": {}, "optimizer": {}}, seg)
+    with pytest.raises(TaskMismatchError, match="is a segmentation checkpoint, not a linear probing one"):
+        linprobe(lp_cfg(setup, tmp_path / "b", f"train.resume={seg}"))
+    with pytest.raises(_Stop):  # --overwrite, and auto in an empty folder: on to the extraction
+        linprobe(lp_cfg(setup, used, "train.overwrite=true"))
+    with pytest.raises(_Stop):
+        linprobe(lp_cfg(setup, tmp_path / "c", "train.resume=auto"))
+
+
 def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypatch):
     """A checkpoint trained at 32 px probed at the config's img_size (e.g. linprobe_base's 224): one log line says
     which size is used and why; extract_num_workers above the usable cores is capped, with a log line."""

@@ -81,7 +81,8 @@ from .rundir import (
 from .threads import cap_intra_op_threads
 
 __all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
-           "TrainingInterrupted", "preserved_rng", "seed_everything", "task_of", "worker_init"]
+           "TrainingInterrupted", "check_run_can_start", "preserved_rng", "seed_everything", "task_of",
+           "worker_init"]
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -292,6 +293,42 @@ def worker_init(worker_id: int) -> None:
     # handler (not SIG_IGN): programs the worker runs get the default handlers back.
     for sig in STOP_SIGNALS:
         signal.signal(sig, _ignore_stop_signal)
+
+
+def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_config: Any, cfg: Any) -> None:
+    """The checkpoint ``state`` (read from ``path``) is of ``task`` and its config fits ``run_config``."""
+    check_checkpoint_task(state.get("task"), task, source=path)
+    check_resume_config(state.get("config"), to_dict(run_config), source=path,
+                        allow=getattr(cfg, "allow_config_change", False),
+                        stored_world_size=state.get("world_size"), world_size=D.world_size())
+
+
+def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None) -> None:
+    """The refusals :meth:`Trainer.fit` makes when it opens ``cfg.output_dir``, made early and changing nothing,
+    for tasks that do long work before ``fit()`` (``beit linprobe`` extracts every image's features first): an
+    explicit ``resume`` that does not exist, cannot be read, is another task's or was trained with another config;
+    ``resume=auto``'s ``last.pt`` of another task or config; a folder holding an earlier run without ``resume`` or
+    ``overwrite``. (What ``fit()`` decides from more than that, e.g. auto's fallback past a damaged ``last.pt``,
+    it still decides there.)
+
+    Raises:
+        FileNotFoundError, ValueError, TaskMismatchError, ConfigChangedError, RunExistsError: as ``fit()`` would.
+    """
+    out = Path(cfg.output_dir)
+    path = find_resume_path(cfg.resume, out)
+    if cfg.resume == "auto" and path is None:
+        return  # fit() resumes the newest readable step checkpoint, or starts from step 0
+    if not cfg.overwrite:
+        prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=False)  # refuses, or says how
+    if path is None:
+        return
+    try:
+        state = load_checkpoint(path, full=not path.is_dir())
+    except (ValueError, OSError):
+        if cfg.resume == "auto":
+            return  # fit() falls back to the newest readable checkpoint
+        raise
+    _check_resumable(state, path, task if task is not None else task_of(run_config), run_config or cfg, cfg)
 
 
 def _eager() -> contextlib.AbstractContextManager:
@@ -1138,10 +1175,7 @@ class Trainer:
         sharded = path.is_dir() and D.is_fsdp(self.raw_model)  # else a folder is read in full on each rank
         if state is None:
             state = load_checkpoint(path, full=not sharded)
-        check_checkpoint_task(state.get("task"), self.task, source=path)
-        check_resume_config(state.get("config"), to_dict(self.run_config), source=path,
-                            allow=getattr(self.cfg, "allow_config_change", False),
-                            stored_world_size=state.get("world_size"), world_size=D.world_size())
+        _check_resumable(state, path, self.task, self.run_config, self.cfg)
         keep = [(g["lr_scale"], g["weight_decay"]) for g in self.optimizer.param_groups]
         if not sharded:
             load_model_state(self.model, state["model"], source=str(path))

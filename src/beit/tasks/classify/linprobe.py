@@ -31,7 +31,7 @@ from ...engine import ConfigError, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
 from ...engine.threads import usable_cores  # the engine's count: affinity mask and cgroup quota
-from ...engine.trainer import full_steps
+from ...engine.trainer import check_run_can_start, full_steps
 from ...interop.backbone import build_backbone, is_preset, source_config
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
@@ -209,6 +209,8 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
     cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
     full_steps(len(train_dataset), len(train_dataset), cfg.train)  # one feature per image: checked before extracting
+    # the output folder and --resume, as fit() will judge them, before the long extraction
+    check_run_can_start(scaled_train_config(cfg.train, cfg.ref_batch), cfg)
 
     encoder = build_encoder(cfg)
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
