@@ -176,6 +176,20 @@ def test_bad_annotations_raise_when_asked(tmp_path):
         CocoLayoutDataset(tmp_path / "nope.json", tmp_path / "images")
 
 
+def test_an_annotation_file_without_a_usable_box_is_refused(tmp_path):
+    """'annotations': [] (or every box left out) trained on nothing and scored an all-'-' table with exit 0."""
+    ann, _ = _bad_file(tmp_path)
+    data = json.loads(ann.read_text())
+    data["annotations"] = []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(LayoutDataError, match=r"no usable box on its 3 pages \(its 'annotations' list is empty\)"):
+        CocoLayoutDataset(ann, tmp_path / "images", train=True)
+    data["annotations"] = [{"id": 1, "image_id": data["images"][0]["id"], "category_id": 999, "bbox": [1, 1, 5, 5]}]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(LayoutDataError, match=r"all 1 annotations left out: .*unknown_category"):
+        CocoLayoutDataset(ann, tmp_path / "images")
+
+
 def test_page_broken_after_build_is_replaced_in_training_and_named_in_eval(tmp_path):
     ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
     train = CocoLayoutDataset(ann, tmp_path / "images", train=True, min_sizes=(64,), max_size=128)

@@ -176,6 +176,11 @@ class CocoLayoutDataset(Dataset):
         self.report["empty_pages"] = sum(1 for v in self.anns.values() if not any(not a["iscrowd"] for a in v))
         if not self.images:
             raise LayoutDataError(f"{self.ann_file}: no usable image ({self.summary()})")
+        if not any(not a["iscrowd"] for v in self.anns.values() for a in v):  # trained (and scored) on nothing
+            given = len(data["annotations"])
+            raise LayoutDataError(f"{self.ann_file}: no usable box on its {len(self.images)} pages ("
+                                  + (f"all {given} annotations left out: {self.summary()}" if given else
+                                     "its 'annotations' list is empty") + "): nothing to train on or score")
         self._bad_pages: dict[int, str] = {}  # page index -> why it failed to decode at load time, per process
         self._bad_mask = torch.zeros(len(self.images), dtype=torch.bool).share_memory_()  # seen by every worker
         skipped = {k: v for k, v in self.report.items() if k not in ("images", "boxes", "empty_pages")}
