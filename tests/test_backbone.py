@@ -180,6 +180,19 @@ def test_layout_model_overrides_and_old_spelling() -> None:
                                "set one of them")
     with pytest.raises(ConfigError, match=r"^config key 'model_overrides.dpeth': not a BeitConfig field"):
         load_config(LayoutConfig, None, ["model_overrides.dpeth=3"])
+    # a value of the wrong type: one line naming the key and the type (was a traceback, or taken as-is)
+    from beit.tasks.segmentation import SegmentConfig
+
+    for schema in (LayoutConfig, SegmentConfig):
+        with pytest.raises(ConfigError) as info:
+            load_config(schema, None, ["model_overrides.depth=abc"])
+        assert str(info.value) == "config key 'model_overrides.depth': must be int, got 'abc'"
+        with pytest.raises(ConfigError, match=r"'model_overrides.qkv_bias': must be bool, got 'maybe'"):
+            load_config(schema, None, ["model_overrides.qkv_bias=maybe"])
+    with pytest.raises(ConfigError, match=r"'model.backbone_overrides.mlp_ratio': must be float, got 'abc'"):
+        load_config(LayoutConfig, None, ["model.backbone_overrides={mlp_ratio: abc}"])
+    with pytest.raises(ValueError, match=r"^model_overrides\.drop_rate: must be float, got 'x'$"):
+        beit.build_backbone("beit_tiny_patch16_224", drop_rate="x")
 
 
 def test_pretrain_builds_through_build_backbone(tmp_path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..models.beit import Beit
@@ -40,10 +40,34 @@ def check_override_keys(overrides: Mapping[str, Any], key: str = "model_override
 
     Raises ValueError.
     """
-    known = {f.name for f in dataclasses.fields(BeitConfig)}
-    for k in overrides:
-        if k not in known:
-            raise ValueError(f"{key}.{k}: not a BeitConfig field; valid: {sorted(known)}")
+    fields = {f.name: f for f in dataclasses.fields(BeitConfig)}
+    for k, v in overrides.items():
+        if k not in fields:
+            raise ValueError(f"{key}.{k}: not a BeitConfig field; valid: {sorted(fields)}")
+        kind = str(fields[k].type)
+        if not _fits(v, kind):
+            raise ValueError(f"{key}.{k}: must be {kind.replace(' | ', ' or ')}, got {v!r}")
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """``value`` (from YAML or the command line) is of the ``BeitConfig`` field type ``annotation`` (its string:
+    ``"int"``, ``"float | None"``, ``"int | tuple[int, int]"``, ...); ints pass as floats, bools only as bools."""
+    kinds = {t.strip().split("[")[0] for t in annotation.split("|")}
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in kinds
+    if isinstance(value, str):
+        return "str" in kinds
+    if isinstance(value, Mapping):
+        return "dict" in kinds
+    if isinstance(value, Sequence):  # a list from YAML (OmegaConf's ListConfig is one too)
+        return "tuple" in kinds and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    return True  # another object set from Python: BeitConfig's own checks judge it
 
 
 def check_overrides_fit(source: Any, src: BeitConfig, overrides: Mapping[str, Any],

@@ -53,6 +53,7 @@ class DetectorConfig:
             raise ConfigError("out_indices", f"must name 4 blocks, got {list(self.out_indices)}")
         if not 0.0 <= self.score_thresh < 1.0:
             raise ConfigError("score_thresh", f"must be in [0, 1), got {self.score_thresh}")
+        check_model_overrides(self.backbone_overrides, key="backbone_overrides")  # fields and their types
         for k, instead in (("drop_path_rate", "model.drop_path_rate"), ("head", "nothing: the detector has none")):
             if k in self.backbone_overrides:  # build_detector sets these itself: the user's value would be dropped
                 raise ConfigError(f"backbone_overrides.{k}", f"set by the layout config itself; use {instead}")
