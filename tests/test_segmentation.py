@@ -110,6 +110,21 @@ def _tiny_pretrained(path: Path) -> Path:
 SEG_BASE = ["data.root=x", "data.num_classes=3", "data.format=folder", "model.channels=8", "model.aux_channels=8"]
 
 
+def test_a_sliding_stride_larger_than_the_window_is_refused_and_0_is_two_thirds() -> None:
+    """test.stride above the window left pixels between windows without a prediction (NaN, then class 0) and
+    gave a wrong mIoU with exit 0; the default (0) follows the window."""
+    from beit.engine import ConfigError
+    from beit.tasks.segmentation import SegmentConfig
+
+    with pytest.raises(ConfigError, match=r"'test.stride': 200 is larger than the sliding window \(64: "):
+        load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=64", "test.stride=200"])
+    cfg = load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=512"])
+    assert cfg.test.window(cfg.data.crop_size) == (512, 341)
+    cfg = load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=64", "test.crop=48", "test.stride=48"])
+    assert cfg.test.window(cfg.data.crop_size) == (48, 48)
+    load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=64", "test.stride=200", "test.mode=whole"])
+
+
 def test_a_shape_equal_to_the_checkpoints_is_accepted_a_different_one_names_both(tmp_path: Path) -> None:
     """As README says (and layout does): with model.init, a shape key that equals the checkpoint's is fine; one
     that disagrees is one error naming the key, its value and the checkpoint's."""

@@ -171,8 +171,9 @@ def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentCo
         item = val_ds[i]
         if item is None:  # skipped bad sample
             continue
+        crop, stride = t.window(cfg.data.crop_size)
         probs = inference(model, item["image"][None].to(device), val_ds.num_classes, mode=t.mode,
-                          crop=t.crop or cfg.data.crop_size, stride=t.stride, out_size=tuple(item["mask"].shape))
+                          crop=crop, stride=stride, out_size=tuple(item["mask"].shape))
         pred = probs.argmax(1)[0].cpu()
         img = decode_image_matching(item["path"], (item["mask"].shape[-1], item["mask"].shape[-2]))
         paths.append(save_overlay(Path(out_dir) / f"{prefix}_{i:03d}.png", img, pred, palette, gt=item["mask"],
@@ -207,8 +208,9 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
             continue
         x = tf.image(img)[None].to(device)
         with autocast_for(device, cfg.train.precision):
-            probs = inference(model, x, model.num_classes, mode=t.mode, crop=t.crop or cfg.data.crop_size,
-                              stride=t.stride, flip=t.flip, scales=t.scales, out_size=(img.height, img.width))
+            crop, stride = t.window(cfg.data.crop_size)
+            probs = inference(model, x, model.num_classes, mode=t.mode, crop=crop, stride=stride, flip=t.flip,
+                              scales=t.scales, out_size=(img.height, img.width))
         pred = probs.argmax(1)[0].cpu().numpy()
         written.append(save_overlay(out / f"{stem}_overlay.png", img, pred, palette, alpha))
         Image.fromarray(pred.astype("uint8" if model.num_classes <= 256 else "int32")).save(out / f"{stem}_labels.png")

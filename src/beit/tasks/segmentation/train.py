@@ -71,7 +71,7 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
     The full result (per-class IoU / Acc) of the last call is kept in ``eval_fn.last`` for tables.
     """
     t, num_classes, ignore = cfg.test, val_ds.num_classes, val_ds.ignore_index
-    crop = t.crop or cfg.data.crop_size
+    crop, stride = t.window(cfg.data.crop_size)
 
     @torch.no_grad()
     def eval_fn(model: nn.Module) -> dict[str, float]:
@@ -82,7 +82,7 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
         for batch in loader:
             for img, mask in zip(batch["image"], batch["mask"]):
                 probs = inference(model, img[None].to(device, non_blocking=True), num_classes, mode=t.mode,
-                                  crop=crop, stride=t.stride, flip=t.flip, scales=t.scales, out_size=tuple(mask.shape))
+                                  crop=crop, stride=stride, flip=t.flip, scales=t.scales, out_size=tuple(mask.shape))
                 cm.update(probs.argmax(1)[0], mask.to(device))
         cm.all_reduce()
         res = cm.compute()
