@@ -135,3 +135,21 @@ def test_set_aside_after_with_sharded_folders_repoints_the_symlinks(tmp_path):
     assert [p.name for p in moved] == ["best", "step_0000008"]
     assert os.readlink(tmp_path / "last") == "step_0000004" and not (tmp_path / "best").exists()
     assert C.load_checkpoint(tmp_path / "abandoned" / "best", full=False)["step"] == 8  # follows its folder
+
+
+def test_a_folder_given_as_a_checkpoint_says_what_it_is(tmp_path):
+    """A run folder (or an exported model folder) passed where a checkpoint goes said "checkpoint not found:
+    <folder>/meta.pt", a file of the sharded format most users never see."""
+    run = tmp_path / "run"
+    C.CheckpointManager(run, keep_last=2).save(payload(3), 3, is_best=True)
+    with pytest.raises(FileNotFoundError, match=rf"^{run} is a run folder, not a checkpoint: pass {run / 'last.pt'} "
+                                                rf"or {run / 'best.pt'}$"):
+        C.load_checkpoint(run)
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is an exported model folder .* model=... / model.init=..."):
+        C.load_checkpoint(model)
+    with pytest.raises(FileNotFoundError, match="is a folder without a checkpoint"):
+        C.load_checkpoint(tmp_path)  # holds the two folders above, no checkpoint of its own

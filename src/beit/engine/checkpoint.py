@@ -154,6 +154,18 @@ def config_from_checkpoint(schema: Any, path: str | Path, config_file: str | Pat
     return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state
 
 
+def _not_a_checkpoint_folder(path: Path) -> str:
+    """What a folder given as a training checkpoint is instead, and what to pass (it said "checkpoint not found:
+    <folder>/meta.pt", the sharded format's file)."""
+    found = [n for n in ("last.pt", "best.pt", "last") if (path / n).exists()]
+    if found:
+        return f"{path} is a run folder, not a checkpoint: pass {' or '.join(str(path / n) for n in found)}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return (f"{path} is an exported model folder (config.json + safetensors), not a training checkpoint: "
+                "commands that start from a model take it as model=... / model.init=...")
+    return f"{path} is a folder without a checkpoint (no {META} of a sharded checkpoint, no last.pt)"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
                     full: bool = True) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` and check the format marker.
@@ -165,6 +177,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """
     path = Path(path)
     if path.is_dir():
+        if not (path / META).is_file():
+            raise FileNotFoundError(_not_a_checkpoint_folder(path))
         meta = load_checkpoint(path / META, map_location)
         if full:
             meta["model"], meta["optimizer"] = _read_full_sharded(path)
