@@ -229,6 +229,8 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
     model = build_detector(cfg.model, model_overrides=cfg.model_overrides)
-    weights = state.get("ema") if use_ema and state.get("ema") else state["model"]
+    if use_ema and not state.get("ema"):  # was: the raw weights, silently
+        raise ValueError(f"{ckpt}: --ema, but it has no EMA weights (trained with train.ema=0)")
+    weights = state["ema"] if use_ema else state["model"]
     load_model_state(model, weights, source=str(ckpt))
     return model.eval(), cfg

@@ -349,7 +349,9 @@ def load_segmenter(path: str | Path, config_file: str | None = None, overrides: 
     num_classes = len(class_names(cfg.data))
     model = build_model(cfg, num_classes)
     cfg.model.init = init
-    sd = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    if use_ema and state.get("ema") is None:  # was: the raw weights, silently
+        raise ValueError(f"{path}: --ema, but it has no EMA weights (trained with train.ema=0)")
+    sd = state["ema"] if use_ema else state["model"]
 
     load_model_state(model, sd, source=str(path))
     return model.eval(), cfg
