@@ -72,6 +72,18 @@ def test_pretrain_runs_learns_and_writes_pictures(tiny_setup, tmp_path) -> None:
     from PIL import Image
 
     assert Image.open(png).size[0] > 4 * 32  # input | mask | true tokens decoded | predictions decoded
+    # a checkpoint copied alone (no config.yaml beside it): its own stored config; --out a folder: the panel inside
+    import shutil
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "last.pt", alone / "last.pt")
+    assert main(["visualize", str(alone / "last.pt"), "--out", str(tmp_path / "pics") + "/", "--num", "2"]) == 0
+    assert (tmp_path / "pics" / "mim_panel.png").is_file()
+    with pytest.raises(ValueError, match=r"--out panel: give a \.png"):  # before any image is decoded
+        main(["visualize", str(alone / "last.pt"), "--out", "panel", "--debug"])
+    with pytest.raises(ValueError, match="--num must be in 1..64"):
+        main(["visualize", str(alone / "last.pt"), "--num", "1000", "--debug"])
 
 
 def test_resume_is_exact(tiny_setup, tmp_path) -> None:

@@ -7,6 +7,7 @@ Arguments arrive normalised by :mod:`beit.cli` (``args.config`` a file or None, 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -31,8 +32,11 @@ def visualize(args: argparse.Namespace) -> int:
     """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
     import torch
 
-    from ...engine.config import load_config
+    from ...engine.checkpoint import load_checkpoint
+    from ...engine.config import load_config, stored_config
+    from ...engine.rundir import check_checkpoint_task
     from ...interop import load_model
+    from ..backbone_config import TASK_COMMANDS, stored_task
     from .config import PretrainConfig
     from .data import build_dataset
     from .model import build_tokenizer
@@ -40,12 +44,21 @@ def visualize(args: argparse.Namespace) -> int:
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: beit visualize takes one checkpoint")
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if not 1 <= args.num <= 64:
+        raise ValueError(f"--num must be in 1..64 (one row of the panel each), got {args.num}")
+    out_path = Path(args.out or "mim_panel.png")
+    if out_path.is_dir() or str(args.out or "").endswith(("/", os.sep)):
+        out_path = out_path / "mim_panel.png"  # a folder: the panel goes inside it
+    if out_path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise ValueError(f"--out {args.out}: give a .png (or .jpg, .pdf, .svg) file, or a folder")
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    weights = ckpt if ckpt.is_dir() else _model_state(ckpt)  # the input first: a damaged file is named as such
+    state = None if ckpt.is_dir() else load_checkpoint(ckpt)  # the input first: a damaged file is named as such
+    if state is not None:
+        found = stored_task(state)
+        check_checkpoint_task(found, "pre-training", source=ckpt, fix=TASK_COMMANDS.get(found or "", ""))
+    weights = ckpt if state is None else state["model"]
     cfg_path = args.config or next((p for p in (ckpt.parent / "config.yaml", ckpt / "config.yaml") if p.exists()),
                                    None)
     if cfg_path is not None and not args.config:
@@ -55,7 +68,10 @@ def visualize(args: argparse.Namespace) -> int:
         if not isinstance(stored, dict) or "tokenizer" not in stored:
             raise ValueError(f"{ckpt}: not a pre-training run ({cfg_path} has no tokenizer section): beit visualize "
                              "draws the masked-token predictions of a `beit pretrain` checkpoint")
-    cfg = load_config(PretrainConfig, cfg_path, args.overrides)
+    if cfg_path is None and state is not None and state.get("config"):  # a checkpoint copied alone: its own config
+        cfg = stored_config(PretrainConfig, state["config"], None, args.overrides, source=str(ckpt))
+    else:
+        cfg = load_config(PretrainConfig, cfg_path, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer, device)
     model = load_model(weights).to(device)
@@ -64,16 +80,11 @@ def visualize(args: argparse.Namespace) -> int:
                          "visualize draws the masked-token predictions of a `beit pretrain` checkpoint")
     dataset = build_dataset(cfg, tokenizer.downsample)
     batch = fixed_batch(dataset, args.num, device)
-    out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), args.out or "mim_panel.png")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out = mim_panel(model, tokenizer, batch, tuple(cfg.data.mean), tuple(cfg.data.std), out_path)
     print(f"wrote {out}")
     return 0
 
-
-def _model_state(path):  # noqa: ANN001, ANN202
-    from ...engine.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    return state["model"] if "model" in state else state
 
 
 def demo_args(p: argparse.ArgumentParser) -> None:
