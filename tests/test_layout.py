@@ -366,3 +366,13 @@ def test_a_backbone_shape_equal_to_the_checkpoints_is_accepted_as_in_segmentatio
     assert detector("model_overrides.embed_dim=32", "model_overrides.depth=2").body.embed_dim == 32
     with pytest.raises(ValueError, match=r"model_overrides.embed_dim=48 but .*pt has embed_dim=32"):
         detector("model_overrides.embed_dim=48")
+
+
+def test_predict_finds_pages_in_sub_folders(tmp_path):
+    """`layout predict DIR` skipped DIR/sub/*.jpg without a word (segment predict reads sub-folders)."""
+    from beit.tasks.layout.predict import find_pages
+
+    (tmp_path / "sub").mkdir()
+    for p in (tmp_path / "a.png", tmp_path / "sub" / "b.jpg", tmp_path / "notes.txt"):
+        p.write_bytes(b"x")
+    assert find_pages([tmp_path]) == [tmp_path / "a.png", tmp_path / "sub" / "b.jpg"]

@@ -28,11 +28,12 @@ _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
 
 
 def find_pages(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders expand to their images (sorted, so ids are stable)."""
+    """Files as given; folders expand to their images at any depth, as ``beit segment predict`` reads a folder
+    (sorted, so ids are stable)."""
     pages: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            pages += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            pages += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file():
             pages.append(p)
         else:
