@@ -104,6 +104,9 @@ def test_linprobe_cli_and_config(setup, tmp_path, capsys):
     assert (cfg.layers, cfg.pool, cfg.train.weight_decay, cfg.ref_batch) == ("all", "cat", 1e-4, 256)
     with pytest.raises(ConfigError, match="layers"):
         load_config(LinprobeConfig, None, ["model=x", "layers=0"])
+    with pytest.raises(ConfigError) as info:  # was OmegaConf's "Structured config ... missing mandatory value"
+        load_config(LinprobeConfig, None, ["data.train_dir=a"])
+    assert str(info.value) == "config key 'model': required, not set: add model=... on the command line or in the -c file"
     rc = cli_main(["linprobe", f"model={setup['ckpt']}", "img_size=32", "layers=1,3",
                    f"data.train_dir={setup['data'] / 'train'}", f"data.val_dir={setup['data'] / 'val'}",
                    f"train.output_dir={tmp_path}", "train.epochs=2", "train.batch_size=16", "extract_batch_size=32",

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .precision import PRECISIONS
 
@@ -284,7 +284,10 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
             raise ConfigError(_key_of(e, key), _msg_of(e)) from None
     try:
         obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:  # missing values (???), bad interpolations
+    except MissingMandatoryValue as e:  # a key without a default that nothing set
+        key = _key_of(e, "")
+        raise ConfigError(key, f"required, not set: add {key}=... on the command line or in the -c file") from None
+    except OmegaConfBaseException as e:  # bad interpolations
         raise ConfigError(_key_of(e, ""), _msg_of(e)) from None
     validate_config(obj)
     return obj
