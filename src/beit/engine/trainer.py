@@ -114,8 +114,10 @@ def full_steps(num_samples: int, per_rank: int, cfg: TrainConfig, world_size: in
     """
     steps = per_rank // cfg.batch_size // cfg.accum_steps
     if steps == 0:
+        fits = max(1, per_rank // cfg.accum_steps)
         raise ConfigError("train.batch_size", f"{num_samples} samples over {world_size} ranks give no full step of "
-                                              f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}")
+                                              f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}: use "
+                                              f"train.batch_size={fits} or less (or more data)")
     return steps
 
 
