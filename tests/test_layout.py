@@ -284,6 +284,8 @@ def test_train_eval_predict_end_to_end(pages, tmp_path, capsys):
     assert "nope.pt" in capsys.readouterr().err
     assert main(["layout", "eval", "--ckpt", str(out / "last.pt"), "--ema"]) == 1  # no EMA weights: said
     assert "--ema, but it has no EMA weights" in capsys.readouterr().err
+    assert main(["layout", "predict", "--ckpt", str(out / "last.pt"), str(tmp_path), "--score-thresh", "5"]) == 1
+    assert "--score-thresh is a detection score, in [0, 1]; got 5.0" in capsys.readouterr().err
 
 
 def test_a_json_size_unlike_the_files_names_the_page_and_keeps_its_boxes(tmp_path, beit_warnings):

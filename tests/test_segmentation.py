@@ -455,6 +455,8 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
     assert rcfg.model.backbone["patch_size"] == 8 and model.num_classes == 3
     with pytest.raises(ValueError, match=r"last\.pt: --ema, but it has no EMA weights"):  # was: the raw weights
         load_segmenter(out / "last.pt", use_ema=True)
+    assert main(["segment", "predict", "--ckpt", str(out / "last.pt"), str(tmp_path), "--alpha", "5"]) == 1
+    assert "--alpha is the colours' weight in the overlay, in [0, 1]; got 5.0" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["segment", "eval", "--ckpt", str(out / "last.pt"), "--output", str(tmp_path / "ev"),
                  "test.mode=whole"]) == 0

@@ -69,6 +69,8 @@ def predict(args: argparse.Namespace) -> int:
 
     if not args.inputs:
         raise ValueError("layout predict needs page images or folders")
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise ValueError(f"--score-thresh is a detection score, in [0, 1]; got {args.score_thresh}")
     pages = find_pages(args.inputs)
     model, cfg = _load(args)
     out = predict_pages(model, pages, args.out or "predictions", class_names=cfg.model.class_names,

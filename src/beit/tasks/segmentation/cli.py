@@ -63,6 +63,8 @@ def predict(args: argparse.Namespace) -> int:
     inputs = list(args.input) + list(args.inputs)
     if not inputs:
         raise ValueError("beit segment predict needs image files or folders (after the checkpoint, or --input)")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha is the colours' weight in the overlay, in [0, 1]; got {args.alpha}")
     files: list[str] = []
     for item in inputs:
         path = Path(item)
