@@ -204,6 +204,9 @@ def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     err = _err(capsys)
     assert err.startswith(f"beit pretrain train: error: {bad}, line 3 column 1: not valid YAML (")
     assert "\n" not in err
+    bad.write_text("train:\n\tlr: 0.1\n")  # a tab: PyYAML's words alone do not say so
+    assert main(["pretrain", "-c", str(bad)]) == 1
+    assert _err(capsys).endswith("that line holds a tab: YAML indents with spaces)")
 
 
 def test_malicious_pickle_on_the_dalle_path_is_one_line(tmp_path, capsys):

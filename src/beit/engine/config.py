@@ -272,6 +272,9 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
             mark = getattr(e, "problem_mark", None)
             line = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or _msg_of(e)
+            if mark is not None and "\t" in (path.read_text(errors="replace").splitlines()[mark.line:mark.line + 1]
+                                             or [""])[0]:
+                problem += "; that line holds a tab: YAML indents with spaces"
             raise ConfigError("", f"{path}{line}: not valid YAML ({problem})") from None
     for item in overrides or []:
         item = item[2:] if item.startswith("--") else item
