@@ -4,6 +4,10 @@
                      libjpeg-turbo (torchvision.io.decode_jpeg on CPU) and by PIL
   mask_us            one blockwise mask (8x8 grid, CIFAR pre-training) drawn from a generator seeded by
                      (seed, epoch, index), as the device path does, and inside ``seeded(...)``, as before
+  copy_ms            a decoded photo copied into the batch buffer as libjpeg-turbo wrote it (H x W x 3, what the
+                     workers do since the sixth session) and made C x H x W contiguous first (as before)
+  weights_ms         the resize's filter matrices of a batch of 128 crops of 500x375 photos to 224 px
+                     (``gpu_augment._aa_weights``, both axes), on CPU
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_costs.py [--photos .carry/data/CamVid/train]
 """
@@ -20,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from beit.data.gpu_augment import _aa_weights
 from beit.data.seeding import generator_for, seeded
 from beit.data.transforms import default_mask_generator
 
@@ -61,9 +66,22 @@ def main() -> None:
             return masks()
 
     sd = _per_item(old, idx, 1)
+    decoded = [decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
+    buf = torch.empty(375 * 500 * 3, dtype=torch.uint8)
+    hwc = _per_item(lambda im: buf.view(375, 500, 3).copy_(im.permute(1, 2, 0)), decoded)
+    chw = _per_item(lambda im: buf.view(375, 500, 3).copy_(im.contiguous().permute(1, 2, 0)), decoded)
+    g = torch.Generator().manual_seed(0)
+    top, h = torch.randint(0, 100, (128,), generator=g), torch.randint(60, 275, (128,), generator=g)
+    left, w = torch.randint(0, 100, (128,), generator=g), torch.randint(60, 400, (128,), generator=g)
+    cpu = torch.device("cpu")
+    weights = _per_item(lambda _: (_aa_weights(top, h, 375, 224, cpu), _aa_weights(left, w, 500, 224, cpu)),
+                        [0] * 3, 2)
     print(f"decode_ms  libjpeg-turbo {tv * 1e3:.2f}  PIL {pil * 1e3:.2f}  ({len(datas)} JPEGs 500x375, "
           f"{'photos' if files else 'synthetic'})")
     print(f"mask_us    seeded generator {gen * 1e6:.0f}  inside seeded() {sd * 1e6:.0f}")
+    print(f"copy_ms    into the batch buffer as decoded {hwc * 1e3:.2f}  made C x H x W contiguous first "
+          f"{chw * 1e3:.2f}")
+    print(f"weights_ms resize matrices of 128 crops to 224 px {weights * 1e3:.1f}")
 
 
 if __name__ == "__main__":
