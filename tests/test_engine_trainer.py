@@ -202,6 +202,20 @@ def _send(sig: int, pids: list[int] | None = None) -> None:
         os.kill(pid, sig)
 
 
+def _signals_at(call: int, *signals: int):
+    """``step_fn`` that sends ``signals`` to this process, in order, at its ``call``-th call (1-based)."""
+    calls = {"n": 0}
+
+    def step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            for sig in signals:
+                _send(sig)
+        return step_fn(model, batch)
+
+    return step
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_sigterm_saves_the_finished_step_frees_the_folder_and_resumes_exactly(tmp_path, num_workers):
     """SIGTERM during step 6 (of 15; no periodic checkpoint there): the step is finished, step_0000006.pt
@@ -255,15 +269,8 @@ def test_sigterm_saves_the_finished_step_frees_the_folder_and_resumes_exactly(tm
 def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, beit_warnings):
     """SIGTERM during the run's last step: nothing is left to resume, so fit() finishes normally (the final
     checkpoint written, final metrics returned) instead of raising with a resume hint that has nothing to do."""
-    calls = {"n": 0}
-
-    def step_then_sigterm(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 30:  # 40 samples / batch 4 = 10 steps an epoch, 3 epochs: the last step
-            _send(signal.SIGTERM)
-        return step_fn(model, batch)
-
-    trainer = make_trainer(make_cfg(tmp_path), step=step_then_sigterm)
+    # 40 samples / batch 4 = 10 steps an epoch, 3 epochs: call 30 is the last step
+    trainer = make_trainer(make_cfg(tmp_path), step=_signals_at(30, signal.SIGTERM))
     trainer.fit()
     assert trainer.step == 30 and load_checkpoint(tmp_path / "last.pt")["step"] == 30
     assert not (tmp_path / ".lock").exists()
@@ -274,18 +281,9 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
     """Ctrl-C asks for a stop after the step; Ctrl-C again (a second or more later) stops at once: nothing
     written for the steps since the last checkpoint, the folder released, exit code 130, the handler restored."""
     monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
-    calls = {"n": 0}
-
-    def step_with_two_ctrl_c(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            _send(signal.SIGINT)
-            _send(signal.SIGINT)
-        return step_fn(model, batch)
-
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as info:
-        make_trainer(make_cfg(tmp_path, ckpt_every=3), step=step_with_two_ctrl_c).fit()
+        make_trainer(make_cfg(tmp_path, ckpt_every=3), step=_signals_at(5, signal.SIGINT, signal.SIGINT)).fit()
     e = info.value
     assert (e.exit_code, e.step, e.saved, e.checkpoint_step) == (130, 4, False, 3)  # step 5 never finished
     assert str(e) == (f"stopped at once by a second SIGINT after step 4, not saved; the last checkpoint is "
@@ -296,17 +294,8 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
 
 def test_a_second_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
-    calls = {"n": 0}
-
-    def step_with_two_ctrl_c(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            _send(signal.SIGINT)
-            _send(signal.SIGINT)
-        return step_fn(model, batch)
-
     with pytest.raises(TrainingInterrupted) as info:
-        make_trainer(make_cfg(tmp_path, ckpt_every=100), step=step_with_two_ctrl_c).fit()
+        make_trainer(make_cfg(tmp_path, ckpt_every=100), step=_signals_at(3, signal.SIGINT, signal.SIGINT)).fit()
     assert str(info.value) == "stopped at once by a second SIGINT after step 2, not saved; no checkpoint written yet"
     assert not list(tmp_path.glob("*.pt")) and not (tmp_path / ".lock").exists()
 
