@@ -24,8 +24,8 @@ from ..engine.rundir import check_checkpoint_task
 from ..engine.trainer import TASK_NAMES
 from ..interop.backbone import check_override_keys
 
-__all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "checkpoint_task", "stored_task",
-           "task_config_from_checkpoint"]
+__all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "check_task_of", "checkpoint_task",
+           "stored_task", "task_config_from_checkpoint"]
 
 # what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
 TASK_KINDS = tuple(TASK_NAMES.values())
@@ -86,6 +86,17 @@ def stored_task(state: Mapping[str, Any]) -> str | None:
     return found if found in TASK_KINDS else checkpoint_task(state.get("config"))
 
 
+def check_task_of(state: Mapping[str, Any], task: str, path: str | Path) -> None:
+    """Refuse the training checkpoint ``path`` (``state``: its dict) when its :func:`stored_task` is another than
+    ``task``, in one line ending with the commands that take it (:data:`TASK_COMMANDS`).
+
+    Raises:
+        TaskMismatchError (a ValueError): ``"<path> is a <its task> checkpoint, not a <task> one: <commands>"``.
+    """
+    found = stored_task(state)
+    check_checkpoint_task(found, task, source=path, fix=TASK_COMMANDS.get(found or "", ""))
+
+
 def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config_file: str | Path | None = None,
                                 overrides: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
     """The run config stored in the training checkpoint ``path`` of ``task`` (a YAML file and ``key=value``
@@ -105,6 +116,5 @@ def task_config_from_checkpoint(schema: Any, task: str, path: str | Path, config
     from ..engine.config import stored_config
 
     state = load_checkpoint(path)
-    found = stored_task(state)
-    check_checkpoint_task(found, task, source=path, fix=TASK_COMMANDS.get(found or "", ""))
+    check_task_of(state, task, path)
     return stored_config(schema, state.get("config") or {}, config_file, overrides, source=str(path)), state

@@ -34,7 +34,7 @@ from ...engine.rundir import check_checkpoint_task
 from ...engine.trainer import worker_init
 from ...interop import load_model
 from ...models.config import Preprocess
-from ..backbone_config import TASK_COMMANDS, stored_task
+from ..backbone_config import TASK_COMMANDS, check_task_of
 from .data import build_preprocess, readable_subset
 
 __all__ = [
@@ -241,8 +241,7 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     if path.is_file() and path.suffix in (".pt", ".pth"):
         state = read_torch_file(path)
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
-            found = stored_task(state)
-            check_checkpoint_task(found, "classification", source=path, fix=TASK_COMMANDS.get(found or "", ""))
+            check_task_of(state, "classification", path)
             run_cfg = state.get("config") or {}
             if ema and state.get("ema") is None:
                 raise ValueError(f"{path}: has no EMA weights (trained with train.ema=0)")

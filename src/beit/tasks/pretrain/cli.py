@@ -34,9 +34,8 @@ def visualize(args: argparse.Namespace) -> int:
 
     from ...engine.checkpoint import load_checkpoint
     from ...engine.config import load_config, stored_config
-    from ...engine.rundir import check_checkpoint_task
     from ...interop import load_model
-    from ..backbone_config import TASK_COMMANDS, stored_task
+    from ..backbone_config import check_task_of
     from .config import PretrainConfig
     from .data import build_dataset
     from .model import build_tokenizer
@@ -56,8 +55,7 @@ def visualize(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     state = None if ckpt.is_dir() else load_checkpoint(ckpt)  # the input first: a damaged file is named as such
     if state is not None:
-        found = stored_task(state)
-        check_checkpoint_task(found, "pre-training", source=ckpt, fix=TASK_COMMANDS.get(found or "", ""))
+        check_task_of(state, "pre-training", ckpt)
     weights = ckpt if state is None else state["model"]
     cfg_path = args.config or next((p for p in (ckpt.parent / "config.yaml", ckpt / "config.yaml") if p.exists()),
                                    None)

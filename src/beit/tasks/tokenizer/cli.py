@@ -82,8 +82,8 @@ def _refuse_training_checkpoint(path: str) -> None:
     from pathlib import Path
 
     from ...engine.checkpoint import load_checkpoint
-    from ...engine.rundir import TaskMismatchError, check_checkpoint_task
-    from ..backbone_config import TASK_COMMANDS, stored_task
+    from ...engine.rundir import TaskMismatchError
+    from ..backbone_config import check_task_of, stored_task
 
     p = Path(path)
     try:
@@ -97,7 +97,7 @@ def _refuse_training_checkpoint(path: str) -> None:
     if found == "dVAE tokenizer":
         raise TaskMismatchError(f"{p} is the tokenizer's training checkpoint: pass the weights its training wrote "
                                 f"beside it, {p.parent / 'dvae.safetensors'}")
-    check_checkpoint_task(found, "dVAE tokenizer", source=p, fix=TASK_COMMANDS.get(found or "", ""))
+    check_task_of(state, "dVAE tokenizer", p)
 
 
 def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
