@@ -379,9 +379,10 @@ class CheckpointManager:
         dest.mkdir(exist_ok=True)
         new = _free_name(dest, "last.pt", set())
         os.replace(last, new)
-        if resumed.is_file() and resumed.resolve().parent == self.dir.resolve():
-            _link_atomic(resumed, last)
-        _fsync_dir(self.dir)
+        if resumed.is_file():
+            self.link_last(resumed)  # a file of another folder: not linked
+        else:
+            _fsync_dir(self.dir)
         return new
 
     def link_last(self, resumed: str | Path) -> Path | None:
