@@ -69,10 +69,14 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
     keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
-    if bad:
-        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s",
-                       sorted(bad)[:10])
+    warn_left_out(sorted(bad))
     return Subset(ds, keep), keep, sorted(bad)
+
+
+def warn_left_out(bad: list[str]) -> None:
+    """One warning naming the unreadable images left out (the first 10), if any."""
+    if bad:
+        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s", bad[:10])
 
 
 def build_train_transform(data: DataConfig, img_size: int) -> Any:

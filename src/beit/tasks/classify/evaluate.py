@@ -35,7 +35,7 @@ from ...engine.trainer import worker_init
 from ...interop import load_model
 from ...models.config import Preprocess
 from ..backbone_config import TASK_COMMANDS, check_task_of
-from .data import build_preprocess, readable_subset
+from .data import build_preprocess, readable_subset, warn_left_out
 
 __all__ = [
     "ClassificationMeter",
@@ -406,6 +406,5 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
             raise ValueError(f"{str(images_dir)!r} could not be read as an image: {skipped.get(paths[0], '')}")
         raise ValueError(f"none of the {len(paths)} images under {str(images_dir)!r} could be read")
     bad = sorted(skipped)
-    if bad:
-        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s", bad[:10])
+    warn_left_out(bad)
     return {"csv": str(out_csv), "num_images": rows, "num_skipped": len(bad), "skipped": bad, "topk": k}
