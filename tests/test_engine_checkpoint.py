@@ -153,3 +153,12 @@ def test_a_folder_given_as_a_checkpoint_says_what_it_is(tmp_path):
         C.load_checkpoint(model)
     with pytest.raises(FileNotFoundError, match="is a folder without a checkpoint"):
         C.load_checkpoint(tmp_path)  # holds the two folders above, no checkpoint of its own
+
+
+def test_model_weights_gives_the_ema_copy_only_when_one_was_trained():
+    raw, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert C.model_weights({"model": raw, "ema": ema}, "run/last.pt") is raw
+    assert C.model_weights({"model": raw, "ema": ema}, "run/last.pt", ema=True) is ema
+    for state in ({"model": raw}, {"model": raw, "ema": None}):
+        with pytest.raises(ValueError, match=r"run/last\.pt: --ema, but it has no EMA weights"):
+            C.model_weights(state, "run/last.pt", ema=True)

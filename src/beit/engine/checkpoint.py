@@ -192,6 +192,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return state
 
 
+def model_weights(state: dict[str, Any], path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights to evaluate from a training checkpoint's state: its EMA copy (``ema=True``, ``--ema``) or the
+    trained model.
+
+    Raises ValueError naming ``path`` when ``ema`` is asked of a run trained without EMA (``train.ema=0``):
+    giving the raw weights instead would report the wrong model's numbers under the EMA's name.
+    """
+    if not ema:
+        return state["model"]
+    if not state.get("ema"):
+        raise ValueError(f"{path}: --ema, but it has no EMA weights (trained with train.ema=0)")
+    return state["ema"]
+
+
 def find_resume_path(resume: str, output_dir: str | Path) -> Path | None:
     """``""`` -> None; ``"auto"`` -> the newer of ``output_dir/last.pt`` and ``output_dir/last`` (a sharded
     FSDP2 folder) if any exists; else the given path (a file or a sharded folder; must exist)."""

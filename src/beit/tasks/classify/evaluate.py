@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, collate_files, find_classes, scan_images
 from ...engine import distributed as D
-from ...engine.checkpoint import read_torch_file
+from ...engine.checkpoint import model_weights, read_torch_file
 from ...engine.precision import autocast_for
 from ...engine.rundir import check_checkpoint_task
 from ...engine.trainer import worker_init
@@ -243,9 +243,7 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
         if isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT:
             check_task_of(state, "classification", path)
             run_cfg = state.get("config") or {}
-            if ema and state.get("ema") is None:
-                raise ValueError(f"{path}: has no EMA weights (trained with train.ema=0)")
-            src = state["ema"] if ema else state["model"]
+            src = model_weights(state, path, ema)
         elif ema:
             raise ValueError(f"{path}: ema=True needs an engine training checkpoint (last.pt / best.pt)")
     elif ema:  # a model folder holds one set of weights: the EMA ones are their own folder (model_ema/)

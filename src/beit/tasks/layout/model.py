@@ -28,7 +28,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_branch
 
-from ...engine.checkpoint import load_model_state
+from ...engine.checkpoint import load_model_state, model_weights
 from ...interop.backbone import build_backbone, check_overrides_fit
 from ...models import Beit, BeitConfig
 from ..backbone_config import task_config_from_checkpoint
@@ -229,8 +229,5 @@ def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema:
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
     model = build_detector(cfg.model, model_overrides=cfg.model_overrides)
-    if use_ema and not state.get("ema"):  # was: the raw weights, silently
-        raise ValueError(f"{ckpt}: --ema, but it has no EMA weights (trained with train.ema=0)")
-    weights = state["ema"] if use_ema else state["model"]
-    load_model_state(model, weights, source=str(ckpt))
+    load_model_state(model, model_weights(state, ckpt, use_ema), source=str(ckpt))
     return model.eval(), cfg

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.engine.checkpoint import load_model_state
+from beit.engine.checkpoint import load_model_state, model_weights
 from beit.engine.config import ConfigError
 from beit.interop.backbone import build_backbone as _build_backbone
 from beit.interop.backbone import check_overrides_fit
@@ -349,10 +349,6 @@ def load_segmenter(path: str | Path, config_file: str | None = None, overrides: 
     num_classes = len(class_names(cfg.data))
     model = build_model(cfg, num_classes)
     cfg.model.init = init
-    if use_ema and state.get("ema") is None:  # was: the raw weights, silently
-        raise ValueError(f"{path}: --ema, but it has no EMA weights (trained with train.ema=0)")
-    sd = state["ema"] if use_ema else state["model"]
-
-    load_model_state(model, sd, source=str(path))
+    load_model_state(model, model_weights(state, path, use_ema), source=str(path))
     return model.eval(), cfg
 
