@@ -207,10 +207,18 @@ class MetricLogger:
             self.tb = None
 
 
+def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]]) -> list[str]:
+    """The metrics worth a panel, loss first: a counter that stayed 0 in every split (``skipped_files``) gets
+    none (the JSONL still has it)."""
+    names = {k for (k, _), (_, ys) in series.items() if any(ys)}
+    return sorted(names, key=lambda k: (k != "loss", k))
+
+
 def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
-    """One panel per metric (loss first) vs step; eval points as markers. Uses the Agg canvas directly,
-    so it works headless and leaves the user's matplotlib backend alone. Written atomically: on an error
-    (e.g. ``OSError`` of a full disk, raised) the previous ``png_path`` is kept and no temporary file remains.
+    """One panel per metric (loss first; none for a metric that stayed 0) vs step; eval points as markers.
+    Uses the Agg canvas directly, so it works headless and leaves the user's matplotlib backend alone. Written
+    atomically: on an error (e.g. ``OSError`` of a full disk, raised) the previous ``png_path`` is kept and no
+    temporary file remains.
     Returns ``png_path``, or None when there is nothing to plot."""
     rows = read_metrics(jsonl_path, split=None)
     if not rows:
@@ -226,7 +234,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
             xs, ys = series.setdefault((k, r.get("split", "train")), ([], []))
             xs.append(r["step"])
             ys.append(v)
-    names = sorted({k for k, _ in series}, key=lambda k: (k != "loss", k))
+    names = _panel_names(series)
     if not names:
         return None
     cols = min(3, len(names))
@@ -245,6 +253,8 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
         values = [y for (k, _), (_, ys) in series.items() if k == name for y in ys]
         if name in ("loss", "lr") and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")  # lr warmup / long runs span decades
+        elif name.endswith("_gb") and min(values) >= 0:
+            ax.set_ylim(0, max(values) * 1.15 or 1)  # memory: a flat line at its level, not magnified noise
         splits = {s for k, s in series if k == name}
         if len(splits) > 1:
             ax.legend()
