@@ -10,6 +10,7 @@
 # 5.4M parameters, 384 / 6 = 21M), PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs
 # with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
+# Each stage writes at most 6 files to <out_dir> (the GPU machine returns 8): PNGs and metrics go in one .tgz.
 set -euo pipefail
 stage=$1; data=$2; out=$3; prev=${4:-}
 run=runs/cifar10
@@ -27,7 +28,7 @@ if [ "$stage" = A ]; then
   t python3 -m beit tokenizer train -c tokenizer_cifar10 data_dir="$data/train" \
       train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) \
       train.num_workers=14 train.resume=auto
-  cp $run/tokenizer/dvae.safetensors $run/tokenizer/recon_grid.png "$out/"
+  cp $run/tokenizer/dvae.safetensors "$out/"
   t python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
       tokenizer.path=$run/tokenizer/dvae.safetensors train.output_dir=$run/pretrain train.epochs=$PRE_EPOCHS \
       train.warmup_epochs=$(( PRE_EPOCHS / 10 )) train.num_workers=14 train.image_every=100000 train.resume=auto \
@@ -36,9 +37,10 @@ if [ "$stage" = A ]; then
   if [ "$(stat -c %s "$out/encoder/model.safetensors")" -gt 15000000 ]; then
     split -b 15000000 "$out/encoder/model.safetensors" "$out/encoder/model.safetensors.part-" && rm "$out/encoder/model.safetensors"
   fi
-  cp $run/pretrain/mim_panel.png "$out/mim_panel.png"; cp $run/pretrain/curves.png "$out/pretrain_curves.png"
+  # one archive for the rest: the GPU machine returns at most 8 files (dvae + config + 3 parts + this)
   tar czf "$out/stageA_metrics.tgz" $run/tokenizer/tokenizer_metrics.json $run/tokenizer/metrics.jsonl \
-      $run/pretrain/metrics.jsonl $run/pretrain/config.yaml
+      $run/tokenizer/recon_grid.png $run/pretrain/metrics.jsonl $run/pretrain/config.yaml \
+      $run/pretrain/mim_panel.png $run/pretrain/curves.png
 elif [ "$stage" = B ]; then
   if [ ! -f "$prev/encoder/model.safetensors" ] && compgen -G "$prev/encoder/model.safetensors.part-*" > /dev/null; then
     mkdir -p $run/encoder && cp "$prev/encoder/"*.json $run/encoder/ && cat "$prev/encoder/model.safetensors.part-"* > $run/encoder/model.safetensors
@@ -53,7 +55,6 @@ elif [ "$stage" = B ]; then
       -c finetune_cifar10_small model=beit_tiny_patch16_224 $ENC \
       train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} \
       train.epochs=$SCRATCH_EPOCHS train.warmup_epochs=$(( SCRATCH_EPOCHS / 10 )) "${FT_X[@]}" || true
-  for arm in pretrained scratch; do cp $run/ft_$arm/curves.png "$out/ft_${arm}_curves.png" || true; done
   t python3 -m beit linprobe -c linprobe_base model="$prev/encoder" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_pretrained \
       train.epochs=20 train.num_workers=14 || true
@@ -62,5 +63,5 @@ elif [ "$stage" = B ]; then
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_scratch \
       train.epochs=20 train.num_workers=14 || true
   tar czf "$out/stageB_results.tgz" $(ls -d $run/ft_*/eval $run/ft_*/metrics.jsonl $run/ft_*/config.yaml \
-      $run/lp_*/linprobe.json $run/lp_*/config.yaml 2>/dev/null)
+      $run/ft_*/curves.png $run/lp_*/linprobe.json $run/lp_*/config.yaml 2>/dev/null)
 fi
