@@ -378,3 +378,46 @@ def test_predict_finds_pages_in_sub_folders(tmp_path):
     for p in (tmp_path / "a.png", tmp_path / "sub" / "b.jpg", tmp_path / "notes.txt"):
         p.write_bytes(b"x")
     assert find_pages([tmp_path]) == [tmp_path / "a.png", tmp_path / "sub" / "b.jpg"]
+
+
+def test_duplicated_image_ids_are_an_error_naming_the_file_and_the_ids(tmp_path):
+    """Two 'images' entries with one id were taken silently: the second page replaced the first and both pages'
+    boxes were drawn on it."""
+    ann = write_synthetic_pages(tmp_path, num_pages=8, size=(32, 48))
+    data = json.loads(ann.read_text())
+    data["images"][1]["id"] = 1
+    ann.write_text(json.dumps(data))
+    with pytest.raises(LayoutDataError, match=r"annotations.json: 1 image id given to more than one 'images' entry: "
+                                              r"1; image ids must be unique"):
+        CocoLayoutDataset(ann, tmp_path / "images")
+    data["images"] += [dict(im, file_name=f"copy_{im['id']}.png") for im in data["images"][2:]]  # 6 more twice
+    ann.write_text(json.dumps(data))
+    for build in (lambda: CocoLayoutDataset(ann, tmp_path / "images", image_ids=[1]),
+                  lambda: split_image_ids(ann, 2)):
+        with pytest.raises(LayoutDataError, match=rf"^{tmp_path / 'annotations.json'}: 7 image ids given to more than "
+                                                  r"one 'images' entry: 1, 3, 4, 5, 6 and 2 more; image ids must be "
+                                                  r"unique$"):
+            build()
+
+
+def test_annotations_of_unknown_image_ids_are_left_out_with_one_warning(tmp_path, beit_warnings):
+    """With a split (data.holdout), annotations pointing at no image of the file were dropped without a word."""
+    ann = write_synthetic_pages(tmp_path, num_pages=3, size=(64, 80))
+    data = json.loads(ann.read_text())
+    nxt = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"] += [{"id": nxt + k, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0}
+                            for k, i in enumerate([99, 98, 99, "1", 97, 96, 95, 94])]  # "1" is not image 1
+    ann.write_text(json.dumps(data))
+    for ids in ([1, 2], None):
+        beit_warnings.clear()
+        ds = CocoLayoutDataset(ann, tmp_path / "images", image_ids=ids)
+        assert ds.report["unknown_image"] == 8 and ds.report["boxes"] == sum(
+            1 for a in data["annotations"] if a["image_id"] in (ids or [1, 2, 3]))
+        assert len(beit_warnings) == 1
+        msg = beit_warnings[0].getMessage()
+        assert msg.startswith(f"{ann}: ") and "unknown_image 8" in msg
+        assert ("left out 8 annotations whose image_id is not in 'images': image ids 99, 98, '1', 97, 96 and 2 "
+                f"more (annotation ids {nxt}, {nxt + 1}, {nxt + 2} and 5 more)") in msg
+    with pytest.raises(LayoutDataError, match=rf"annotation {nxt} points at image id 99, which is not in 'images'"):
+        CocoLayoutDataset(ann, tmp_path / "images", image_ids=[1, 2], on_bad="error")
+

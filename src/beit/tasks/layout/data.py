@@ -6,7 +6,9 @@ half-way through an epoch: an annotation pointing at a missing image, an unknown
 box is skipped and counted (``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the
 annotation (``on_bad="error"``); boxes sticking out of the page are clipped, boxes that are empty after
 clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all, and the
-warning logged at build time gives the first case of each kind.
+warning logged at build time gives the first case of each kind (annotations whose ``image_id`` is in no
+``images`` entry of the file, in neither split, are one case: their count and the first ids). An image id given
+to two ``images`` entries is always an error.
 
 A page whose JSON ``width`` / ``height`` differ from its image file (``size_mismatch``) is taken in the file's
 pixels: its boxes are rescaled from the JSON's size to the file's (the images were resized after annotating),
@@ -60,7 +62,19 @@ class LayoutDataError(ValueError):
     """The annotation file or an image is unusable; the message names the file and the annotation."""
 
 
+def _few(items: Sequence[Any], n: int = 5) -> str:
+    """The first ``n`` of ``items`` (their repr: an id ``'7'`` is not ``7``), then how many more."""
+    return ", ".join(map(repr, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """A COCO file: ``images``, ``annotations`` and a non-empty ``categories`` list, image ids unique.
+
+    Raises:
+        FileNotFoundError: no such file.
+        LayoutDataError: not JSON, not a COCO file, no categories, or an image id given to two ``images`` entries
+            (naming the file and the first duplicated ids, then how many more).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
@@ -72,12 +86,23 @@ def _read_json(path: Path) -> dict[str, Any]:
             raise LayoutDataError(f"{path}: not a COCO file: no '{key}' list")
     if not data["categories"]:
         raise LayoutDataError(f"{path}: no categories")
+    seen = Counter(im.get("id") for im in data["images"] if isinstance(im, dict) and im.get("id") is not None)
+    dup = [i for i, n in seen.items() if n > 1]
+    if dup:  # two pages under one id: their boxes would be merged onto one of them
+        raise LayoutDataError(f"{path}: {len(dup)} image id{'s' if len(dup) > 1 else ''} given to more than one "
+                              f"'images' entry: {_few(dup)}; image ids must be unique")
     return data
 
 
 def split_image_ids(ann_file: str | Path, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """A deterministic train/val split of one COCO file: images sorted by file name, shuffled with a
-    fixed legacy NumPy stream (stable across versions), the last ``num_val`` held out."""
+    fixed legacy NumPy stream (stable across versions), the last ``num_val`` held out.
+
+    Raises:
+        FileNotFoundError: no such file.
+        LayoutDataError: not a COCO file, or one with duplicated image ids.
+        ValueError: ``num_val`` leaves no image on one side.
+    """
     data = _read_json(Path(ann_file))
     ids = [im["id"] for im in sorted(data["images"], key=lambda im: (str(im.get("file_name")), im["id"]))]
     if not 0 < num_val < len(ids):
@@ -109,6 +134,11 @@ class CocoLayoutDataset(Dataset):
         image_ids: a subset of the file's images (e.g. from :func:`split_image_ids`).
         on_bad: ``"skip"`` (count in ``report``, log once) or ``"error"`` (raise at the first problem).
         check_images: open every image header at build time (finds missing / unreadable files and wrong sizes).
+
+    Raises:
+        FileNotFoundError: no annotation file or image folder.
+        LayoutDataError: not a COCO file, duplicated image ids, ``image_ids`` not in the file, no usable page or
+            box, or (with ``on_bad="error"``) the first bad image entry or annotation.
     """
 
     def __init__(self, ann_file: str | Path, image_root: str | Path, *, train: bool = False,
@@ -155,13 +185,16 @@ class CocoLayoutDataset(Dataset):
         self._resolve_sizes(images, data["annotations"])
 
         self.anns: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+        orphans: list[tuple[Any, Any]] = []  # (annotation id, image id) of annotations of no image of the file
         for ann in data["annotations"]:
             img_id = ann.get("image_id")
-            if wanted is not None and img_id not in wanted:
+            if img_id not in all_ids:  # in no split: counted by every dataset of the file, not silently dropped
+                if self.on_bad == "error":
+                    self._bad("unknown_image", f"annotation {ann.get('id')} points at image id {img_id!r}, which "
+                                               "is not in 'images'")
+                orphans.append((ann.get("id"), img_id))
                 continue
-            if img_id not in all_ids:
-                self._bad("unknown_image", f"annotation {ann.get('id')} points at image id {img_id}, which is not "
-                                           "in 'images'")
+            if wanted is not None and img_id not in wanted:
                 continue
             if img_id not in images:
                 self.report["anns_of_skipped_images"] += 1
@@ -169,6 +202,11 @@ class CocoLayoutDataset(Dataset):
             clean = self._check_ann(ann, images[img_id], cat_to_label)
             if clean is not None:
                 self.anns[img_id].append(clean)
+        if orphans:  # one line for all of them, in the build-time warning
+            n, ids = len(orphans), list(dict.fromkeys(i for _, i in orphans))
+            self._note("unknown_image", f"left out {n} annotation{'s' if n > 1 else ''} whose image_id is not in "
+                                        f"'images': image id{'s' if len(ids) > 1 else ''} {_few(ids)} (annotation "
+                                        f"{'ids' if n > 1 else 'id'} {_few([a for a, _ in orphans], 3)})", count=n)
 
         self.images = [images[i] for i in sorted(images)]
         self.report["images"] = len(self.images)
@@ -200,10 +238,10 @@ class CocoLayoutDataset(Dataset):
             raise LayoutDataError(f"{self.ann_file}: {message}")
         self._note(kind, message)
 
-    def _note(self, kind: str, message: str) -> None:
-        """Count a skipped or repaired ``kind`` and remember its message (the first 50 in ``problems``, the
+    def _note(self, kind: str, message: str, count: int = 1) -> None:
+        """Count ``count`` skipped or repaired ``kind`` and remember its message (the first 50 in ``problems``, the
         first of each kind for the build-time warning)."""
-        self.report[kind] += 1
+        self.report[kind] += count
         self._first.setdefault(kind, message)
         if len(self.problems) < 50:
             self.problems.append(f"{self.ann_file}: {message}")
