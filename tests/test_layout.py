@@ -421,3 +421,39 @@ def test_annotations_of_unknown_image_ids_are_left_out_with_one_warning(tmp_path
     with pytest.raises(LayoutDataError, match=rf"annotation {nxt} points at image id 99, which is not in 'images'"):
         CocoLayoutDataset(ann, tmp_path / "images", image_ids=[1, 2], on_bad="error")
 
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(pages, tmp_path_factory):
+    """A layout training checkpoint of an untrained tiny detector (no training: eval / predict read it back)."""
+    from beit.engine.checkpoint import FORMAT, save_checkpoint
+    from beit.engine.config import load_config, to_dict
+    from beit.tasks.layout import LayoutConfig
+
+    cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={pages}", f"data.val_ann={pages}"])
+    model = build_detector(cfg.model, ["text", "figure"], model_overrides=cfg.model_overrides)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    save_checkpoint({"format": FORMAT, "version": 1, "model": model.state_dict(), "config": to_dict(cfg)}, path)
+    return path
+
+
+def test_layout_eval_and_predict_take_a_config_file_over_the_checkpoints(tiny_ckpt, pages, tmp_path, capsys):
+    """`beit layout eval/predict -c FILE` was refused (unlike `segment eval/predict`): the file is merged over the
+    checkpoint's stored config, then key=value overrides."""
+    from beit.cli import main
+
+    other = write_synthetic_pages(tmp_path / "other", num_pages=3, size=(96, 128))
+    yaml = tmp_path / "eval.yaml"
+    yaml.write_text(f"data:\n  val_ann: {other}\n  val_images: {other.parent / 'images'}\nmodel:\n"
+                    "  category_ids: [5, 9]\neval_workers: 0\n")
+    assert main(["layout", "eval", str(tiny_ckpt), "-c", str(yaml), "model.category_ids=[1,2]"]) == 0
+    assert f"on {other} (3 pages" in capsys.readouterr().out  # the file's val_ann, not the checkpoint's
+    assert main(["layout", "eval", str(tiny_ckpt), "--config", str(yaml), f"data.val_ann={pages}",
+                 f"data.val_images={pages.parent / 'images'}", "model.category_ids=[1,2]"]) == 0
+    assert f"on {pages} (2 pages" in capsys.readouterr().out  # overrides go over the file
+    pred = tmp_path / "pred"
+    assert main(["layout", "predict", str(tiny_ckpt), str(pages.parent / "images"), "-c", str(yaml),
+                 "--out", str(pred)]) == 0
+    cats = json.loads((pred / "pages.json").read_text())["categories"]
+    assert [(c["id"], c["name"]) for c in cats] == [(5, "text"), (9, "figure")]
+    assert main(["layout", "eval", str(tiny_ckpt), "-c", str(tmp_path / "nope.yaml")]) == 1
+    assert "nope.yaml" in capsys.readouterr().err

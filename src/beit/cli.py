@@ -138,9 +138,9 @@ TASKS: dict[str, dict[str, Command]] = {
         "train": Command("train a document layout detector (PubLayNet, DocLayNet, DocBank)", "train",
                          cli_layout.train),
         "eval": Command("COCO AP of a checkpoint on data.val_ann (or the data.holdout split)", "checkpoint",
-                        cli_layout.evaluate, cli_layout.eval_args, config=False, out_help="folder for metrics.json"),
+                        cli_layout.evaluate, cli_layout.eval_args, out_help="folder for metrics.json"),
         "predict": Command("draw predicted boxes on pages and write COCO results JSON", "checkpoint",
-                           cli_layout.predict, cli_layout.predict_args, config=False,
+                           cli_layout.predict, cli_layout.predict_args,
                            out_help="folder for PNGs + results.json (default predictions)"),
     },
     "tokenizer": {

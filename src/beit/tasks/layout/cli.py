@@ -2,7 +2,7 @@
 :mod:`beit.cli`).
 
     beit layout train -c layout_publaynet_base model.init=beit_base_pt22k.pth
-    beit layout eval runs/layout_publaynet/best.pt [data.val_ann=... data.val_images=...]
+    beit layout eval runs/layout_publaynet/best.pt [-c val.yaml] [data.val_ann=... data.val_images=...]
     beit layout predict runs/layout_publaynet/best.pt pages/ --out predictions/
 """
 
@@ -38,7 +38,7 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from .model import load_detector
 
-    model, cfg = load_detector(args.ckpt, list(args.overrides), use_ema=args.ema)
+    model, cfg = load_detector(args.ckpt, list(args.overrides), use_ema=args.ema, config_file=args.config)
     return model.to(_device()), cfg
 
 

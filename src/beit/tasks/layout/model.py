@@ -211,21 +211,23 @@ def build_detector(cfg: DetectorConfig, class_names: list[str] | None = None,
     return LayoutDetector(backbone, len(cfg.class_names), cfg.class_names, cfg)
 
 
-def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema: bool = False
-                  ) -> tuple[LayoutDetector, LayoutConfig]:
+def load_detector(ckpt: str | Path, overrides: list[str] | None = None, use_ema: bool = False,
+                  config_file: str | Path | None = None) -> tuple[LayoutDetector, LayoutConfig]:
     """The detector of a training checkpoint (``last.pt`` / ``best.pt``) and its config, in eval mode.
 
     The architecture comes from the config stored in the checkpoint, so the initial BEiT file and the
-    annotation file are not needed.
+    annotation file are not needed. ``config_file`` (a YAML file, ``beit layout eval -c``) is merged over the
+    stored config, then ``overrides`` (``key=value``).
 
     Raises:
         FileNotFoundError: no such checkpoint.
         ValueError: not a beit training checkpoint, or one of another task (a TaskMismatchError: ``"<ckpt> is a
             segmentation checkpoint, not a layout detection one: beit segment eval and beit segment predict take
             it"``).
-        ConfigError: the stored config does not fit :class:`LayoutConfig`, or an override is wrong.
+        ConfigError: the stored config does not fit :class:`LayoutConfig`, or ``config_file`` / an override is
+            wrong.
     """
-    cfg, state = task_config_from_checkpoint(LayoutConfig, "layout detection", ckpt, None, overrides)
+    cfg, state = task_config_from_checkpoint(LayoutConfig, "layout detection", ckpt, config_file, overrides)
     if not cfg.model.backbone or not cfg.model.class_names:
         raise ValueError(f"{ckpt}: the stored config has no resolved backbone / classes: not a layout checkpoint?")
     model = build_detector(cfg.model, model_overrides=cfg.model_overrides)
