@@ -273,6 +273,36 @@ def test_folder_and_list_layouts_with_class_file(tmp_path: Path) -> None:
     assert len(fld["train"]) == 2 and fld["train"][1][1].shape == (16, 16)
 
 
+def test_a_classes_file_too_short_for_the_masks_names_the_file_its_count_and_the_fix(tmp_path: Path) -> None:
+    """A label value beyond the names of data.classes_file was reported through the mask's values only
+    ("outside the 3 classes"), without saying that the classes file is what to fix."""
+    mask = np.array([[0, 1, 2, 3, 4, 255]] * 8, np.uint8).repeat(4, axis=1)
+    _save_pair(tmp_path / "d" / "img" / "0.jpg", tmp_path / "d" / "ann" / "0.png", mask)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\nc\n")
+    base = ["data.format=folder", f"data.root={tmp_path / 'd'}", "data.img_dir=img", "data.ann_dir=ann",
+            "data.reduce_zero_label=false", f"data.classes_file={classes}", "data.crop_size=16", "data.img_scale=[16,8]"]
+    expected = (rf"ann/0\.png: label values \[3, 4\] are outside the 3 classes of data\.classes_file "
+                rf"'{tmp_path}/classes\.txt' \(3 names\) and are not the ignore index 255 .*: extend that list to "
+                r"name every label value .* or set data\.ignore_index to the value that marks unlabelled pixels")
+    train = build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"]
+    with pytest.raises(BadSampleError, match=expected):
+        train[0]
+    with pytest.raises(BadSampleError, match=expected):  # the check of every pair before training says the same
+        build_datasets(load_config(SegmentConfig, None, [*base, "data.verify=true"]), ("train",))
+    classes.write_text("a\nb\nc\nd\n")  # one value left: the ignore index it would take is named
+    with pytest.raises(BadSampleError, match=r"label values \[4\] are outside the 4 classes of data\.classes_file "
+                                             r".*\(4 names\).* or set data\.ignore_index=4 if 4 marks unlabelled"):
+        build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"][0]
+    classes.write_text("a\nb\nc\nd\ne\n")  # the fix the message asks for
+    assert build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"][0][1].shape == (16, 16)
+    # with reduce_zero_label the values are shown as stored and the ignore index as compared (after k -> k - 1)
+    names = ["data.classes=[a,b,c]", "data.reduce_zero_label=true"]
+    with pytest.raises(BadSampleError, match=r"label values \[4\] are outside the 3 classes of data\.classes "
+                                             r"\(3 names\).* or set data\.ignore_index=3 if 4 marks"):
+        build_datasets(load_config(SegmentConfig, None, [*base[:4], *names, *base[6:]]), ("train",))["train"][0]
+
+
 def test_bad_samples_raise_or_skip(tmp_path: Path) -> None:
     root = make_ade(tmp_path / "ade", n=2)
     # a mask of the wrong size, a label beyond 150, an image without a mask

@@ -342,6 +342,8 @@ class SegmentationDataset(Dataset):
         num_classes: labels must be in ``[0, num_classes)`` or equal ``ignore_index`` (after reduction).
         transform: a :class:`SegTrainTransform` / :class:`SegEvalTransform` (``(PIL, labels) -> tensors``).
         reduce_zero_label: ADE20K's convention: 0 ("other") -> ignore, k -> k - 1 (255 stays ignored).
+        classes_source: where the class list came from, for the error on a label value outside the classes
+            (e.g. ``data.classes_file '/d/classes.txt' (11 names)``); "" = not said.
         on_bad_sample: ``"error"`` raises :class:`BadSampleError` naming the file; ``"skip"`` drops the
             sample (the next good one is returned) and counts it in ``num_skipped`` / ``bad_samples``.
         problems: listing problems (unpaired files) found by :func:`folder_pairs` / :func:`list_pairs`;
@@ -350,7 +352,8 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs: Sequence[Pair], num_classes: int, *, transform: Any, train: bool = True,
                  ignore_index: int = 255, reduce_zero_label: bool = False, on_bad_sample: str = "error",
-                 class_names: Sequence[str] | None = None, seed: int = 0, problems: Sequence[str] = ()) -> None:
+                 class_names: Sequence[str] | None = None, seed: int = 0, problems: Sequence[str] = (),
+                 classes_source: str = "") -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         self.pairs = [(str(a), str(b)) for a, b in pairs]
@@ -358,6 +361,7 @@ class SegmentationDataset(Dataset):
         self.transform, self.train = transform, train
         self.reduce_zero_label, self.on_bad_sample = reduce_zero_label, on_bad_sample
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        self.classes_source = classes_source
         self.seed, self.epoch = seed, 0
         self.bad_samples: list[tuple[str, str]] = []  # (path, reason)
         self._skips = SkipCounter()  # replaced samples, summed over DataLoader workers
@@ -432,13 +436,31 @@ class SegmentationDataset(Dataset):
         if raw.shape != (img.height, img.width):
             raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {img_path} "
                                  f"is {img.width}x{img.height}")
+        return img, self.check_labels(raw, mask_path)
+
+    def check_labels(self, raw: np.ndarray, mask_path: str) -> np.ndarray:
+        """The label map ``raw`` of ``mask_path`` in training label space, checked against the classes.
+
+        Raises:
+            BadSampleError: a label value (after ``reduce_zero_label``) outside ``[0, num_classes)`` that is not
+                the ignore index; the message names the mask file, the values as stored in it, where the class
+                list came from (the classes file and its count of names) and what to change.
+        """
         mask = self.convert_labels(raw)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
-        if bad.any():
-            vals = np.unique(raw[bad])[:5].tolist()
-            raise BadSampleError(f"{mask_path}: label values {vals} are outside the {self.num_classes} classes "
-                                 f"(ignore index {self.ignore_index}, reduce_zero_label={self.reduce_zero_label})")
-        return img, mask
+        if not bad.any():
+            return mask
+        vals = np.unique(raw[bad])
+        shown = vals[:5].tolist() + (["..."] if len(vals) > 5 else [])
+        source = self.classes_source or f"the class list ({self.num_classes} names)"
+        if len(vals) == 1:  # the ignore index is compared after reduce_zero_label
+            ignore = f"set data.ignore_index={int(np.unique(mask[bad])[0])} if {int(vals[0])} marks unlabelled pixels"
+        else:
+            ignore = "set data.ignore_index to the value that marks unlabelled pixels, if one of them does"
+        raise BadSampleError(
+            f"{mask_path}: label values {shown} are outside the {self.num_classes} classes of {source} and are not "
+            f"the ignore index {self.ignore_index} (reduce_zero_label={self.reduce_zero_label}): extend that list to "
+            f"name every label value of the masks (in label order), use the list made for these masks, or {ignore}")
 
     def convert_labels(self, raw: np.ndarray) -> np.ndarray:
         if not self.reduce_zero_label:
@@ -464,11 +486,7 @@ class SegmentationDataset(Dataset):
                 if raw.shape != (size[1], size[0]):
                     raise BadSampleError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
                                          f"{img_path} is {size[0]}x{size[1]}")
-                mask = self.convert_labels(raw)
-                bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
-                if bad.any():
-                    raise BadSampleError(f"{mask_path}: label values {np.unique(raw[bad])[:5].tolist()} are outside "
-                                         f"the {self.num_classes} classes (ignore index {self.ignore_index})")
+                self.check_labels(raw, mask_path)
                 good.append(self.pairs[i])
             except Exception as e:  # noqa: BLE001 - a broken file of any kind is a bad pair
                 n_bad += 1
@@ -548,6 +566,18 @@ def class_names(dcfg: SegDataConfig) -> list[str]:
     return load_class_names(None, dcfg.num_classes)
 
 
+def _classes_source(dcfg: SegDataConfig, n: int) -> str:
+    """Where :func:`class_names` took the ``n`` class names from, for messages: the config key, and the classes
+    file's path and its count of names (``data.classes_file '/d/classes.txt' (11 names)``)."""
+    if dcfg.classes_file:
+        return f"data.classes_file {str(dcfg.classes_file)!r} ({n} names)"
+    if dcfg.classes:
+        return f"data.classes ({n} names)"
+    if dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
+        return f"ADE20K's class list ({n} names; data.format=ade20k, give data.classes_file for another list)"
+    return f"data.num_classes={n} (no class names given)"
+
+
 def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list[str]]:
     if not dcfg.root:
         raise ConfigError("data.root", "set the dataset root (data.root=/path/to/data)")
@@ -576,7 +606,8 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
             tf = SegEvalTransform(d.test_scale, d.mean, d.std)
         ds = SegmentationDataset(pairs, len(names), transform=tf, train=split == "train", ignore_index=d.ignore_index,
                                  reduce_zero_label=d.reduce_zero_label, on_bad_sample=d.on_bad_sample,
-                                 class_names=names, seed=cfg.train.seed, problems=problems)
+                                 class_names=names, seed=cfg.train.seed, problems=problems,
+                                 classes_source=_classes_source(d, len(names)))
         if d.verify:
             ds.verify()
         if ds.num_skipped:
