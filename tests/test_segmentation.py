@@ -440,6 +440,44 @@ def test_slide_equals_whole_when_window_covers_image(tmp_path: Path) -> None:
     assert Image.open(out).size == (60, 24)
 
 
+def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_inputs_of_one_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Outputs are <stem>_overlay.png / <stem>_labels.png for every extension; a stem that repeated kept its
+    extension (a.jpg_overlay.png beside c_overlay.png, x__a.png_overlay.png across folders); two inputs of one
+    output name are refused before anything is written."""
+    from beit.cli import main
+    from beit.tasks.segmentation import predict, prediction_stems
+
+    imgs = tmp_path / "imgs"
+    for name in ("a.jpg", "b.png", "c.jpeg", "x/d.png", "y/d.jpg"):
+        (imgs / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((24, 32, 3), 100, np.uint8)).save(imgs / name)
+    files = [str(imgs / n) for n in ("a.jpg", "b.png", "c.jpeg", "x/d.png", "y/d.jpg")]
+    assert prediction_stems(files) == ["a", "b", "c", "x__d", "y__d"]
+    torch.manual_seed(0)
+    cfg = load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=32", "data.test_scale=null", "test.mode=whole"])
+    written = predict(tiny_segmenter(num_classes=3, img_size=32), cfg, files, tmp_path / "out")
+    assert [p.name for p in written] == [f"{s}_overlay.png" for s in ("a", "b", "c", "x__d", "y__d")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["index.json"] + [f"{s}_{kind}.png" for s in ("a", "b", "c", "x__d", "y__d") for kind in ("overlay", "labels")])
+    index = json.loads((tmp_path / "out" / "index.json").read_text())["files"]
+    assert [Path(e["labels"]).name for e in index] == [f"{s}_labels.png" for s in ("a", "b", "c", "x__d", "y__d")]
+
+    # a.jpg and a.png in one folder (or one file twice): refused, naming both, nothing written
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(imgs / "a.png")
+    with pytest.raises(ValueError, match=r"'[^']*imgs/a\.jpg' and '[^']*imgs/a\.png' would share a_overlay\.png and "
+                                         r"a_labels\.png\..* rename one"):
+        predict(tiny_segmenter(num_classes=3, img_size=32), cfg, [*files, str(imgs / "a.png")], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(ValueError, match=r"b\.png' is given 2 times"):
+        prediction_stems([imgs / "b.png", imgs / "b.png"])
+    capsys.readouterr()  # the CLI refuses a folder holding both before it reads the checkpoint
+    assert main(["segment", "predict", "--ckpt", str(tmp_path / "missing.pt"), str(imgs),
+                 "--output", str(tmp_path / "out3")]) == 1
+    err = capsys.readouterr().err
+    assert "would share a_overlay.png and a_labels.png" in err and "missing.pt" not in err
+
+
 # ------------------------------------------------------------------------------------------------ training
 def make_toy(root: Path, n: int = 8, size: int = 32) -> Path:
     """Class given by colour: red left (0), blue right (1), a green square (2); learnable in a few steps."""
