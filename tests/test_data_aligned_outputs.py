@@ -130,11 +130,11 @@ def test_segment_predict_skips_unreadable_and_keeps_repeated_stems_apart(tmp_pat
     (tmp_path / "a" / "bad.png").write_bytes(b"junk")
     inputs = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "bad.png"), str(tmp_path / "b" / "x.png")]
     written = predict(model, cfg, inputs, tmp_path / "out")
-    assert [p.name for p in written] == ["a__x.png_overlay.png", "b__x.png_overlay.png"]
+    assert [p.name for p in written] == ["a__x_overlay.png", "b__x_overlay.png"]
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert [e["input"] for e in index["files"]] == inputs and index["num_skipped"] == 1
     assert index["files"][1]["error"].startswith("unreadable: UnidentifiedImageError")
-    assert index["files"][2]["labels"] == str(tmp_path / "out" / "b__x.png_labels.png")
+    assert index["files"][2]["labels"] == str(tmp_path / "out" / "b__x_labels.png")
 
 
 def test_layout_predict_skips_unreadable_pages_keeping_ids(tmp_path: Path) -> None:

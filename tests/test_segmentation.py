@@ -446,14 +446,15 @@ def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_in
     extension (a.jpg_overlay.png beside c_overlay.png, x__a.png_overlay.png across folders); two inputs of one
     output name are refused before anything is written."""
     from beit.cli import main
-    from beit.tasks.segmentation import predict, prediction_stems
+    from beit.data.datasets import output_stems
+    from beit.tasks.segmentation import predict
 
     imgs = tmp_path / "imgs"
     for name in ("a.jpg", "b.png", "c.jpeg", "x/d.png", "y/d.jpg"):
         (imgs / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((24, 32, 3), 100, np.uint8)).save(imgs / name)
     files = [str(imgs / n) for n in ("a.jpg", "b.png", "c.jpeg", "x/d.png", "y/d.jpg")]
-    assert prediction_stems(files) == ["a", "b", "c", "x__d", "y__d"]
+    assert output_stems(files) == ["a", "b", "c", "x__d", "y__d"]
     torch.manual_seed(0)
     cfg = load_config(SegmentConfig, None, [*SEG_BASE, "data.crop_size=32", "data.test_scale=null", "test.mode=whole"])
     written = predict(tiny_segmenter(num_classes=3, img_size=32), cfg, files, tmp_path / "out")
@@ -470,7 +471,7 @@ def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_in
         predict(tiny_segmenter(num_classes=3, img_size=32), cfg, [*files, str(imgs / "a.png")], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
     with pytest.raises(ValueError, match=r"b\.png' is given 2 times"):
-        prediction_stems([imgs / "b.png", imgs / "b.png"])
+        output_stems([imgs / "b.png", imgs / "b.png"])
     capsys.readouterr()  # the CLI refuses a folder holding both before it reads the checkpoint
     assert main(["segment", "predict", "--ckpt", str(tmp_path / "missing.pt"), str(imgs),
                  "--output", str(tmp_path / "out3")]) == 1

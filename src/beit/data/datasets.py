@@ -766,21 +766,39 @@ def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """One distinct output name (no suffix) per input file, for commands writing a file per input:
-    the file's stem, or, where stems repeat (``a/x.png`` and ``b/x.jpg``), its path relative to the
-    inputs' common folder with ``/`` as ``__`` and the suffix kept (``a__x.png``), so no result
-    overwrites another."""
-    full = [os.path.abspath(str(p)) for p in paths]
+def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",)) -> list[str]:
+    """One distinct output name (no suffix) per input file, for commands writing a file per input (segment and
+    layout predict write ``<name><suffix>`` for each of ``suffixes``): the file's name without its extension
+    (``a.jpg``, ``b.png``, ``c.jpeg`` -> ``a``, ``b``, ``c``); where a stem repeats in other folders, the folder
+    relative to the inputs' common folder (``/`` as ``__``) and the stem (``x/a.jpg``, ``y/a.png`` -> ``x__a``,
+    ``y__a``). The input's extension is never part of the name.
+
+    Raises:
+        ValueError: two inputs would get the same name (``a.jpg`` and ``a.png`` in one folder, or a file given
+            twice), naming them, rather than one result silently overwriting the other.
+    """
+    full = [os.path.abspath(os.fspath(p)) for p in paths]
     stems = [Path(p).stem for p in full]
     counts = Counter(stems)
-    if all(counts[s] == 1 for s in stems):
-        return stems
     base = os.path.commonpath([os.path.dirname(p) for p in full]) if full else ""
-    out = []
+    names = []
     for p, stem in zip(full, stems):
-        out.append(stem if counts[stem] == 1 else os.path.relpath(p, base).replace(os.sep, "__"))
-    return out
+        rel = os.path.relpath(os.path.dirname(p), base) if counts[stem] > 1 else os.curdir
+        names.append(stem if rel == os.curdir else f"{rel.replace(os.sep, '__')}__{stem}")
+    by_name: dict[str, list[str]] = {}
+    for p, name in zip(full, names):
+        by_name.setdefault(name, []).append(p)
+    clashes = [(name, ps) for name, ps in by_name.items() if len(ps) > 1]
+    if clashes:
+        shown = "; ".join(f"{ps[0]!r} is given {len(ps)} times" if len(set(ps)) == 1 else
+                          f"{' and '.join(repr(p) for p in ps)} would share "
+                          f"{' and '.join(name + s for s in suffixes)}" for name, ps in clashes[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {shown}{more}. The outputs "
+                         "are named by the file name without its extension, so one result would overwrite another: "
+                         "give each file once; of two files of one name, rename one (or move it to another folder) "
+                         "or predict it in a separate run with another output folder")
+    return names
 
 
 # --------------------------------------------------------------------------------------- shards

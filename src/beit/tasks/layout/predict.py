@@ -67,7 +67,12 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     Pages are decoded upright (EXIF orientation). A page that cannot be read is skipped with a warning and
     listed in ``pages.json`` ``skipped`` (``id``, ``file_name``, ``error``); the other pages keep their ids,
     so results stay aligned with the files. Stems that repeat across folders are written as
-    ``<dir>__<file>.png`` so that no drawing overwrites another."""
+    ``<dir>__<stem>.png`` so that no drawing overwrites another.
+
+    Raises:
+        ValueError: two pages of one name (``a.jpg`` and ``a.png`` in one folder, or a file given twice), before
+            anything is written (:func:`beit.data.datasets.output_stems`)."""
+    stems = output_stems(pages)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -77,7 +82,7 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     model.eval()
     results, images, pngs, drawn, skipped = [], [], [], [], []
     try:
-        for img_id, page, stem in zip(ids, map(Path, pages), output_stems(pages)):
+        for img_id, page, stem in zip(ids, map(Path, pages), stems):
             try:
                 rgb = decode_image(page)
             except Exception as err:  # noqa: BLE001 - any decoder error means unreadable

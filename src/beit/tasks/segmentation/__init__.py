@@ -29,7 +29,7 @@ _WHERE = {
     "evaluate": "train", "make_eval_fn": "train", "make_step_fn": "train", "train": "train",
     "ConfusionMatrix": "metrics", "format_table": "metrics", "metrics_from_confusion": "metrics",
     "colorize": "infer", "inference": "infer", "make_palette": "infer", "overlay": "infer", "predict": "infer",
-    "prediction_stems": "infer", "save_overlay": "infer", "slide_logits": "infer", "whole_logits": "infer",
+    "save_overlay": "infer", "slide_logits": "infer", "whole_logits": "infer",
     "write_overlays": "infer",
 }
 

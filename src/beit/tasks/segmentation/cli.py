@@ -58,9 +58,8 @@ def predict(args: argparse.Namespace) -> int:
     """``beit segment predict CKPT IMAGES...``: ``<stem>_overlay.png`` (coloured overlay) and ``<stem>_labels.png``
     (label map) per image in ``--out``, ``<stem>`` the file name without its extension (``<dir>__<stem>`` where it
     repeats in other folders); two inputs of one name (``a.jpg`` and ``a.png`` in one folder) are refused."""
-    from ...data.datasets import IMG_EXTENSIONS, list_images
+    from ...data.datasets import IMG_EXTENSIONS, list_images, output_stems
     from .infer import predict as run_predict
-    from .infer import prediction_stems
     from .model import load_segmenter
 
     inputs = list(args.input) + list(args.inputs)
@@ -79,7 +78,7 @@ def predict(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"not an image or a folder: {item}")
     if not files:
         raise FileNotFoundError(f"no images in {inputs}")
-    prediction_stems(files)  # two inputs of one output name: refused before the checkpoint is loaded
+    output_stems(files, ("_overlay.png", "_labels.png"))  # two inputs of one name: refused before loading
     model, cfg = load_segmenter(args.ckpt, args.config, args.overrides, use_ema=args.ema)
     written = run_predict(model, cfg, files, args.out or "segment_predictions", alpha=args.alpha)
     print(f"wrote {len(written)} overlays (+ label maps) to {Path(written[0]).parent}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from beit.data.datasets import decode_image, decode_image_matching
+from beit.data.datasets import decode_image, decode_image_matching, output_stems
 from beit.engine import distributed as D
 from beit.engine.precision import autocast_for
 
@@ -30,7 +29,7 @@ from .config import SegmentConfig
 from .data import SegEvalTransform, SegmentationDataset
 from .model import BeitSegmenter
 
-__all__ = ["colorize", "inference", "make_palette", "overlay", "predict", "prediction_stems", "save_overlay",
+__all__ = ["colorize", "inference", "make_palette", "overlay", "predict", "save_overlay",
            "slide_logits", "whole_logits", "write_overlays"]
 
 logger = logging.getLogger(__name__)
@@ -183,56 +182,21 @@ def write_overlays(model: nn.Module, val_ds: SegmentationDataset, cfg: SegmentCo
     return paths
 
 
-def prediction_stems(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """The output name (no suffix) of each input of :func:`predict`, which writes ``<stem>_overlay.png`` and
-    ``<stem>_labels.png``: the file's name without its extension (``a.jpg``, ``b.png``, ``c.jpeg`` -> ``a``,
-    ``b``, ``c``); where a stem repeats in other folders, the folder relative to the inputs' common folder
-    (``/`` as ``__``) and the stem (``x/a.jpg``, ``y/a.png`` -> ``x__a``, ``y__a``). The input's extension
-    is never part of the name.
-
-    Raises:
-        ValueError: two inputs would get the same name (``a.jpg`` and ``a.png`` in one folder, or a file given
-            twice), naming them, rather than one result silently overwriting the other.
-    """
-    full = [os.path.abspath(os.fspath(p)) for p in inputs]
-    stems = [Path(p).stem for p in full]
-    counts = Counter(stems)
-    base = os.path.commonpath([os.path.dirname(p) for p in full]) if full else ""
-    names = []
-    for p, stem in zip(full, stems):
-        rel = os.path.relpath(os.path.dirname(p), base) if counts[stem] > 1 else os.curdir
-        names.append(stem if rel == os.curdir else f"{rel.replace(os.sep, '__')}__{stem}")
-    by_name: dict[str, list[str]] = {}
-    for p, name in zip(full, names):
-        by_name.setdefault(name, []).append(p)
-    clashes = [(name, ps) for name, ps in by_name.items() if len(ps) > 1]
-    if clashes:
-        shown = "; ".join(f"{ps[0]!r} is given {len(ps)} times" if len(set(ps)) == 1 else
-                          f"{' and '.join(repr(p) for p in ps)} would share {name}_overlay.png and "
-                          f"{name}_labels.png" for name, ps in clashes[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {shown}{more}. The outputs "
-                         "are named by the file name without its extension, so one result would overwrite another: "
-                         "give each file once; of two files of one name, rename one (or move it to another folder) "
-                         "or predict it in a separate run with another output folder")
-    return names
-
-
 @torch.no_grad()
 def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], out_dir: str | Path,
             alpha: float = 0.5) -> list[Path]:
     """For each image: ``<stem>_overlay.png`` (colours over the image) and ``<stem>_labels.png`` (class ids).
 
     ``<stem>`` is the file name without its extension, whatever the extension; a stem that repeats in other
-    folders becomes ``<dir>__<stem>`` (:func:`prediction_stems`). A file that cannot be read is skipped with
-    a warning; ``index.json`` in ``out_dir`` has one entry per input, in input order: its outputs, or its
-    ``error``, and ``num_skipped``. Returns the overlays written.
+    folders becomes ``<dir>__<stem>`` (:func:`beit.data.datasets.output_stems`). A file that cannot be read is
+    skipped with a warning; ``index.json`` in ``out_dir`` has one entry per input, in input order: its outputs, or
+    its ``error``, and ``num_skipped``. Returns the overlays written.
 
     Raises:
         ValueError: two inputs would get the same output name (``a.jpg`` and ``a.png`` in one folder, or a
             file given twice; checked before anything is written), or none of the images could be read.
     """
-    stems = prediction_stems(inputs)
+    stems = output_stems(inputs, ("_overlay.png", "_labels.png"))
     device = D.device()
     model.to(device).eval()
     tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
