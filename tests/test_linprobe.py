@@ -262,3 +262,64 @@ def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypa
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
+
+
+def test_checkpoint_loading_is_reported_once_naming_what_is_not_loaded(setup, tmp_path, capsys):
+    """The loading report of the probed checkpoint was said twice (the image-size check read the file, then the
+    encoder was built from a second read), and said "loaded 51 of the model's 51 tensors" without naming the
+    MIM head it did not load. Now: once, each tensor not loaded named, with whether that is expected."""
+    from safetensors.torch import load_file
+
+    sd = load_file(setup["ckpt"] / "model.safetensors")
+    assert {"mask_token", "lm_head.weight", "lm_head.bias"} <= set(sd)  # a pre-training checkpoint
+    wrapped = tmp_path / "detector.pth"  # the encoder inside a larger model's file, with that model's other parts
+    torch.save({"state_dict": {**{"backbone." + k: v for k, v in sd.items()},
+                               "decoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)}}, wrapped)
+    rc = cli_main(["linprobe", f"model={wrapped}", "img_size=32", "layers=3", f"data.train_dir={setup['data'] / 'train'}",
+                   f"data.val_dir={setup['data'] / 'val'}", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1",
+                   "train.batch_size=16", "extract_batch_size=32", "extract_num_workers=0"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    said = [line for line in (cap.out + cap.err).splitlines() if str(wrapped) in line]
+    assert len(said) == 4, said
+    assert said[0].endswith(f"{wrapped}: BEiT encoder found under 'backbone.'")
+    assert said[1].endswith("left out 2 tensors that are not part of the BEiT encoder: decoder.weight, decoder.bias")
+    assert said[2].endswith(f"loaded {len(sd) - 3} of the model's {len(sd) - 3} tensors; 3 of the checkpoint's "
+                            "tensors not loaded (named below)")
+    assert said[3].endswith("3 tensors not loaded, as expected (the MIM pre-training head: a model with head='none' "
+                            "has none): lm_head.bias, lm_head.weight, mask_token")
+
+
+def test_tensors_not_loaded_are_named_a_few_then_counted(setup, tmp_path):
+    """Every tensor the encoder did not take is named: the first few, then "+N more"."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from beit.tasks.classify import build_encoder
+
+    sd = dict(load_file(setup["ckpt"] / "model.safetensors"))
+    sd.update({f"adapter.{i}.weight": torch.zeros(2) for i in range(9)})  # another code base's additions
+    path = tmp_path / "adapters.pth"
+    torch.save(sd, path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    log = logging.getLogger("beit.interop.load")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        build_encoder(lp_cfg(setup, tmp_path / "run", f"model={path}"))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    said = [r.getMessage() for r in records]
+    assert f"{path}: loaded {len(sd) - 12} of the model's {len(sd) - 12} tensors; 12 of the checkpoint's tensors " \
+           "not loaded (named below)" in said, said
+    assert f"{path}: 3 tensors not loaded, as expected (the MIM pre-training head: a model with head='none' has none): " \
+           "lm_head.bias, lm_head.weight, mask_token" in said, said
+    unexpected = [r for r in records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in unexpected] == [
+        f"{path}: dropped 9 tensors that have no place in the model: adapter.0.weight, adapter.1.weight, "
+        "adapter.2.weight, adapter.3.weight, adapter.4.weight, adapter.5.weight +3 more (not expected)"]

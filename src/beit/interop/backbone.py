@@ -23,7 +23,7 @@ from ..models.config import PRESETS, BeitConfig, preset_config
 from .load import CheckpointError, _read, build_from, source_config_of
 
 __all__ = ["SHAPE_FIELDS", "build_backbone", "check_overrides_fit", "check_override_keys", "is_preset",
-           "source_config"]
+           "load_backbone", "source_config"]
 
 # the fields a checkpoint's tensors fix; an override of one of them cannot apply to its weights
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_head_dim", "mlp_ratio", "in_chans", "qkv_bias")
@@ -117,13 +117,25 @@ def build_backbone(source: str | os.PathLike | Mapping | BeitConfig, *, rel_pos:
             from the checkpoint's value (``"<key>.embed_dim=64 but <source> has embed_dim=32: ..."``).
         CheckpointError / FileNotFoundError: the checkpoint cannot be read (as ``beit.load_model``).
     """
+    return load_backbone(source, rel_pos=rel_pos, strict=strict, key=key, **overrides)[0]
+
+
+def load_backbone(source: str | os.PathLike | Mapping | BeitConfig, *, rel_pos: str = "keep", strict: bool = False,
+                  key: str = "model_overrides", **overrides: Any) -> tuple[Beit, BeitConfig | None]:
+    """:func:`build_backbone` plus the checkpoint's own architecture (:func:`source_config`; None for a preset or
+    a ``BeitConfig``), from one read of the checkpoint: its loading report (what was found, loaded, left out) is
+    logged once, where ``source_config`` then ``build_backbone`` read the file, and said it, twice.
+
+    Raises:
+        ValueError / CheckpointError / FileNotFoundError: as :func:`build_backbone`.
+    """
     if rel_pos not in REL_POS_MODES:
         raise ValueError(f"rel_pos must be one of {REL_POS_MODES}, got {rel_pos!r}")
     check_override_keys(overrides, key)
     if isinstance(source, BeitConfig):
-        return Beit(source.replace(**overrides)).train()
+        return Beit(source.replace(**overrides)).train(), None
     if is_preset(source):
-        return Beit(preset_config(str(source), **overrides)).train()
+        return Beit(preset_config(str(source), **overrides)).train(), None
     if isinstance(source, str) and not source:
         raise ValueError(f"no backbone source: give a preset name ({', '.join(sorted(PRESETS))}) or a checkpoint")
     sd, hints, name, _ = _read(source)
@@ -134,7 +146,7 @@ def build_backbone(source: str | os.PathLike | Mapping | BeitConfig, *, rel_pos:
         over.setdefault("use_rel_pos_bias", True)
         over.setdefault("use_shared_rel_pos_bias", False)
     try:
-        return build_from(sd, name, src, strict, over).train()
+        return build_from(sd, name, src, strict, over).train(), src
     except CheckpointError:
         raise
     except ValueError as e:

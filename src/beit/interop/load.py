@@ -214,8 +214,8 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
         left_out += [k[len("__unmapped__."):] for k in unmapped]
         sd = {k: v for k, v in sd.items() if not k.startswith("__unmapped__.")}
     if left_out:
-        log.info("%s: left out %d tensors that are not part of the BEiT encoder, e.g. %s",
-                 name, len(left_out), ", ".join(left_out[:5]))
+        log.info("%s: left out %d tensors that are not part of the BEiT encoder: %s", name, len(left_out),
+                 _short(left_out))
     return formats.drop_derived(sd), hints, name, left_out
 
 
@@ -231,6 +231,11 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
 
 
 # ---------------------------------------------------------------------------- adapting
+MIM_HEAD = ("mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias")
+CLS_HEAD = ("head.weight", "head.bias")
+POOL_NORM = ("fc_norm.weight", "fc_norm.bias")
+
+
 def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConfig) -> dict[str, torch.Tensor]:
     """Make a checkpoint fit a (possibly different) target config: rel-pos layout and size, pos-embed, heads."""
     sd = dict(sd)
@@ -245,24 +250,38 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConf
         grid = torch.nn.functional.interpolate(grid, size=dst.grid, mode="bicubic", align_corners=False)
         sd["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
     if dst.head != "mim":
-        for k in ("mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"):
+        for k in MIM_HEAD:
             sd.pop(k, None)
     if dst.head != "cls" or (src.head == "cls" and src.num_classes != dst.num_classes):
-        sd.pop("head.weight", None)  # a new head is initialised, as when fine-tuning on new labels
-        sd.pop("head.bias", None)
+        for k in CLS_HEAD:  # a new head is initialised, as when fine-tuning on new labels
+            sd.pop(k, None)
     if dst.use_mean_pooling and dst.head == "cls" and "fc_norm.weight" not in sd and "norm.weight" in sd:
         sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # official FT
     return sd
 
 
 def _short(names: list[str], n: int = 6) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    """The first ``n`` names, then ``+N more``."""
+    return ", ".join(names[:n]) + (f" +{len(names) - n} more" if len(names) > n else "")
 
 
-def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: set[str], strict: bool) -> None:
+def _by_reason(why: Mapping[str, str], names: list[str]) -> dict[str, list[str]]:
+    """``names`` grouped by their reason in ``why`` (in order of first appearance)."""
+    groups: dict[str, list[str]] = {}
+    for k in names:
+        groups.setdefault(why[k], []).append(k)
+    return groups
+
+
+def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: Mapping[str, str], strict: bool,
+                dropped: Mapping[str, str] | None = None) -> None:
     """Copy what fits; report (or, ``strict``, refuse) tensors without a place and tensors not in the file.
 
-    A tensor of the wrong shape is always an error: it means the architecture was read wrongly.
+    ``allow_missing``: model tensors the file is expected to lack (a new head, ...) -> why, said at INFO;
+    ``dropped``: checkpoint tensors left out on purpose before (the MIM head of a probe, ...) -> why, said at INFO.
+    Every tensor not loaded is named (a few, then ``+N more``), once. A tensor of the wrong shape is always an
+    error (CheckpointError): it means the architecture was read wrongly; so are, ``strict``, a tensor without a
+    place and a lacking tensor that is not in ``allow_missing``.
     """
     own = model.state_dict()
     for k, v in sd.items():
@@ -271,8 +290,10 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
                 f"{name}: tensor {k!r} has shape {tuple(v.shape)} but the requested model needs "
                 f"{tuple(own[k].shape)} (check the overrides you passed, e.g. embed_dim/depth/num_heads/img_size)"
             )
+    dropped = dropped or {}
     unused = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd and k not in allow_missing]
+    new = [k for k in own if k not in sd and k in allow_missing]
     if strict and unused:
         raise CheckpointError(f"{name}: tensor {unused[0]!r} {tuple(sd[unused[0]].shape)} has no place in the "
                               f"requested model ({len(unused)} such tensors; strict=False drops them)")
@@ -280,12 +301,34 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
         raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors the model needs: {_short(missing)} "
                               "(strict=False leaves them at their initial values)")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    log.info("%s: loaded %d of the model's %d tensors", name, sum(k in own for k in sd), len(own))
+    not_loaded = len(dropped) + len(unused)
+    log.info("%s: loaded %d of the model's %d tensors%s", name, sum(k in own for k in sd), len(own),
+             f"; {not_loaded} of the checkpoint's tensors not loaded (named below)" if not_loaded else "")
+    for why, names in _by_reason(dropped, list(dropped)).items():
+        log.info("%s: %d tensors not loaded, as expected (%s): %s", name, len(names), why, _short(names))
+    for why, names in _by_reason(allow_missing, new).items():
+        log.info("%s: %d tensors left at their initial values, as expected (%s): %s", name, len(names), why,
+                 _short(names))
     if unused:
-        log.warning("%s: dropped %d tensors that have no place in the model: %s", name, len(unused), _short(unused))
+        log.warning("%s: dropped %d tensors that have no place in the model: %s (not expected)", name, len(unused),
+                    _short(unused))
     if missing:
-        log.warning("%s: the checkpoint lacks %d tensors; left at their initial values: %s",
+        log.warning("%s: the checkpoint lacks %d tensors; left at their initial values: %s (not expected)",
                     name, len(missing), _short(missing))
+
+
+def _dropped_on_purpose(sd: Mapping[str, torch.Tensor], adapted: Mapping[str, torch.Tensor], src: BeitConfig,
+                        dst: BeitConfig) -> dict[str, str]:
+    """The head tensors of ``sd`` that :func:`adapt_state_dict` left out of ``adapted`` for ``dst`` -> why."""
+    why = {}
+    if dst.head != "mim":
+        why.update(dict.fromkeys(MIM_HEAD, f"the MIM pre-training head: a model with head={dst.head!r} has none"))
+    if dst.head != "cls":
+        why.update(dict.fromkeys(CLS_HEAD, f"the classification head: a model with head={dst.head!r} has none"))
+    elif src.head == "cls" and src.num_classes != dst.num_classes:
+        why.update(dict.fromkeys(CLS_HEAD, f"the checkpoint's {src.num_classes}-class head: a new "
+                                           f"{dst.num_classes}-class head replaces it"))
+    return {k: why[k] for k in sd if k in why and k not in adapted}
 
 
 def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **overrides: Any) -> nn.Module:
@@ -299,7 +342,9 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
     Checkpoints as users bring them load: the encoder is found inside larger models' files
     (``backbone.``, ``encoder.``, ``model.``, ``module.``, ``state_dict``, ...) and the rest is left out;
     a partial state dict loads what it has and leaves the rest at initialisation. Both are logged
-    (logger ``beit.interop.load``: INFO what was taken and left out, WARNING what was dropped or lacking).
+    (logger ``beit.interop.load``: INFO what was taken, and what was not as expected, e.g. the MIM head of a
+    pre-training checkpoint loaded with ``head="none"``; WARNING what was dropped or lacking unexpectedly),
+    each tensor not loaded named (the first few, then ``+N more``).
     ``strict=True`` turns a lacking tensor, or one with no place in the model, into a CheckpointError.
     The family loads too: transformers ``Beit*`` and ``Data2VecVision*``, DiT (``microsoft/dit-*``), BEiT v2
     (its pre-training-only ``cls_pt_layers`` are dropped with a note). Raises CheckpointError (one line
@@ -343,18 +388,18 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         adapted = adapt_state_dict(sd, src, dst)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    allow_missing = set()
-    if dst.head == "cls" and (src.head != "cls" or src.num_classes != dst.num_classes):
-        allow_missing |= {"head.weight", "head.bias"}
-    if dst.head == "mim" and src.head != "mim":
-        allow_missing |= {"mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias"}
-    if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
-        allow_missing |= {"fc_norm.weight", "fc_norm.bias"}
+    allow_missing: dict[str, str] = {}  # model tensors the file is expected to lack -> why
     if dst.use_mean_pooling and dst.head != "mim" and "fc_norm.weight" not in adapted:
-        allow_missing |= {"fc_norm.weight", "fc_norm.bias"}  # the file has no pooling norm: a fresh one
+        allow_missing.update(dict.fromkeys(POOL_NORM, "the checkpoint has no pooling norm: a new fc_norm"))
+    if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
+        allow_missing.update(dict.fromkeys(POOL_NORM, "the pooling norm of a new classification head"))
+    if dst.head == "cls" and (src.head != "cls" or src.num_classes != dst.num_classes):
+        allow_missing.update(dict.fromkeys(CLS_HEAD, f"a new {dst.num_classes}-class head"))
+    if dst.head == "mim" and src.head != "mim":
+        allow_missing.update(dict.fromkeys(MIM_HEAD, "a new MIM head"))
     if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
-        allow_missing.add("pos_embed")
-    _fill_model(model, adapted, name, allow_missing, strict)
+        allow_missing["pos_embed"] = "the checkpoint has no absolute position embedding: a new one"
+    _fill_model(model, adapted, name, allow_missing, strict, _dropped_on_purpose(sd, adapted, src, dst))
     return model.eval()
 
 

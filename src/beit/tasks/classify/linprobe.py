@@ -32,7 +32,8 @@ from ...engine import distributed as D
 from ...engine.precision import autocast_for
 from ...engine.threads import usable_cores  # the engine's count: affinity mask and cgroup quota
 from ...engine.trainer import check_run_can_start, full_steps
-from ...interop.backbone import build_backbone, is_preset, source_config
+from ...interop.backbone import load_backbone
+from ...models.config import BeitConfig
 from .config import LinprobeConfig, parse_blocks
 from .data import build_datasets, build_preprocess, check_num_classes
 from .knn import knn_top1
@@ -44,22 +45,31 @@ logger = logging.getLogger(__name__)
 
 
 def build_encoder(cfg: LinprobeConfig) -> nn.Module:
-    """The frozen encoder (no head) in eval mode: a checkpoint or a preset (random), via ``beit.build_backbone``."""
-    over = {"img_size": cfg.img_size, "head": "none", "drop_path_rate": 0.0, **cfg.model_overrides}
-    return build_backbone(cfg.model, **over).eval().requires_grad_(False)
-
-
-def _log_image_size(cfg: LinprobeConfig) -> int | None:
-    """Say (one log line) when ``cfg.img_size`` differs from the image size the checkpoint was trained at: the
-    features are extracted at ``cfg.img_size`` (the config's, e.g. ``linprobe_base``'s 224), with the position
-    tables resampled. Returns the checkpoint's size (None for a preset, whose size is the config's).
+    """The frozen encoder (no head) in eval mode: a checkpoint or a preset (random), via ``beit.build_backbone``.
 
     Raises:
         FileNotFoundError / CheckpointError: ``cfg.model`` cannot be read (as ``beit.load_model``).
+        ValueError: a bad ``model_overrides`` key (as ``beit.build_backbone``).
     """
-    if is_preset(cfg.model):
+    return _load_encoder(cfg)[0]
+
+
+def _load_encoder(cfg: LinprobeConfig) -> tuple[nn.Module, BeitConfig | None]:
+    """:func:`build_encoder` and the checkpoint's own architecture (None for a preset), from one read of the
+    checkpoint: its loading report is logged once. Raises as :func:`build_encoder`."""
+    over = {"img_size": cfg.img_size, "head": "none", "drop_path_rate": 0.0, **cfg.model_overrides}
+    encoder, src = load_backbone(cfg.model, **over)
+    return encoder.eval().requires_grad_(False), src
+
+
+def _log_image_size(cfg: LinprobeConfig, src: BeitConfig | None) -> int | None:
+    """Say (one log line) when ``cfg.img_size`` differs from the image size the checkpoint (of architecture
+    ``src``) was trained at: the features are extracted at ``cfg.img_size`` (the config's, e.g.
+    ``linprobe_base``'s 224), with the position tables resampled. Returns the checkpoint's size (None for a
+    preset, ``src=None``, whose size is the config's)."""
+    if src is None:
         return None
-    h, w = source_config(cfg.model).img_hw
+    h, w = src.img_hw
     size = f"{h}" if h == w else f"{h}x{w}"
     if (h, w) != (cfg.img_size, cfg.img_size):
         logger.info("img_size %d (from the config) differs from the %s px the checkpoint was trained at: images are "
@@ -195,7 +205,8 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
-    _log_image_size(cfg)
+    encoder, src = _load_encoder(cfg)  # read once, at the start: a bad checkpoint fails before any folder is listed
+    _log_image_size(cfg, src)
     tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation
     if train_dataset is None:
         train_dataset, val_dataset, names = build_datasets(cfg.data, tf, tf, seed=cfg.train.seed,
@@ -212,7 +223,6 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     # the output folder and --resume, as fit() will judge them, before the long extraction
     check_run_can_start(scaled_train_config(cfg.train, cfg.ref_batch), cfg)
 
-    encoder = build_encoder(cfg)
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
     kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=_extract_workers(cfg.extract_num_workers))
     train_f, train_y = extract_features(encoder, train_dataset, blocks, **kw)
