@@ -16,7 +16,8 @@ from .._lazy import lazy_names
 _WHERE = {
     "TokenizerTrainConfig": "config",
     "build_datasets": "data",
-    "evaluate_tokenizer": "train", "main": "train", "train_tokenizer": "train", "write_recon_grid": "train",
+    "evaluate_tokenizer": "train", "main": "train", "round_trip_metrics": "train", "train_tokenizer": "train",
+    "write_recon_grid": "train",
 }
 
 __all__ = sorted(_WHERE)

@@ -42,7 +42,8 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     _kind_path(p)
     p.add_argument("--decoder", default=None, help="dalle: decoder.pkl (needed unless inside the safetensors)")
     p.add_argument("--img-size", type=int, default=112, help="center crop size (default 112, BEiT's)")
-    p.add_argument("--max-images", type=int, default=2048)
+    p.add_argument("--max-images", type=int, default=2048,
+                   help="evaluate the first N files (unreadable ones are skipped and named, never replaced)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="tokenizer_recon.png", help="reconstruction grid PNG")
 
@@ -118,18 +119,65 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """``beit tokenizer eval KIND PATH --data DIR``: held-out MSE / PSNR, codebook usage, a recon grid PNG."""
-    from torch.utils.data import Subset
+    """``beit tokenizer eval KIND PATH --data DIR``: held-out MSE / PSNR, codebook usage, a recon grid PNG.
 
-    from .train import evaluate_tokenizer, write_recon_grid
+    The first ``--max-images`` files are each read once; a file that cannot be read (or transformed) is skipped:
+    left out of the metrics and the grid (never replaced by a neighbour, which would count that one twice),
+    counted once in ``num_skipped`` and named (with its reason) in one warning. ``num_images`` is the number of
+    images the metrics are over.
+
+    Raises:
+        ValueError: none of the files could be read.
+    """
+    import logging
+
+    import torch
+
+    from ...data.datasets import FileImages, collate_files, spread_indices
+    from .train import round_trip_metrics, write_recon_grid
 
     tok, ds, _ = _tokenizer_and_images(args)
-    ds = Subset(ds, range(min(len(ds), args.max_images)))
-    metrics: dict = evaluate_tokenizer(tok, ds, args.batch_size)
+    files = FileImages(ds.paths[:max(args.max_images, 0)], ds.transform)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=0, collate_fn=collate_files)
+    done: list[int] = []
+    failed: dict[int, str] = {}
+
+    def readable_batches():  # noqa: ANN202 - the images of each batch that were read; the others noted once
+        for batch in loader:
+            failed.update(batch["failed"])
+            if batch["image"] is not None:
+                done.extend(batch["index"].tolist())
+                yield batch["image"]
+
+    metrics: dict = round_trip_metrics(tok, readable_batches())
+    skipped = _unreadable_entries(ds) + [(files.paths[i], failed[i]) for i in sorted(failed)]
+    if skipped:
+        logging.getLogger(__name__).warning(
+            "skipped %d unreadable file%s (left out of the metrics, not replaced): %s", len(skipped),
+            "" if len(skipped) == 1 else "s", _names(skipped, with_reason=True))
+    if not done:
+        raise ValueError(f"none of the {len(files)} images under {args.data} could be read")
+    metrics = {"num_images": len(done), "num_skipped": len(skipped), **metrics}
+    if skipped:
+        metrics["skipped"] = _names(skipped)
     if getattr(tok, "decoder", None) is not None:
-        metrics["recon_grid"] = write_recon_grid(tok, ds, args.out)
+        grid = [files[done[j]]["image"] for j in spread_indices(len(done), 8)]
+        metrics["recon_grid"] = write_recon_grid(tok, grid, args.out, n=len(grid))
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _unreadable_entries(ds) -> list[tuple[str, str]]:  # noqa: ANN001
+    """The image files the folder scan could not read (a dangling link, no permission): skipped as well."""
+    from ...data.datasets import IMG_EXTENSIONS
+
+    return [(p, why) for p, why in getattr(ds, "unreadable_entries", []) if p.lower().endswith(IMG_EXTENSIONS)]
+
+
+def _names(skipped: list[tuple[str, str]], n: int = 5, with_reason: bool = False) -> str:
+    """The first ``n`` paths (and their reasons), then ``+N more``."""
+    shown = [f"{p} ({why})" if with_reason else p for p, why in skipped[:n]]
+    return ", ".join(shown) + (f" +{len(skipped) - n} more" if len(skipped) > n else "")
 
 
 def encode(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_h
 from .config import TokenizerTrainConfig
 from .data import build_datasets
 
-__all__ = ["evaluate_tokenizer", "main", "train_tokenizer", "write_recon_grid"]
+__all__ = ["evaluate_tokenizer", "main", "round_trip_metrics", "train_tokenizer", "write_recon_grid"]
 
 
 @torch.no_grad()
@@ -42,13 +42,21 @@ def evaluate_tokenizer(
 
     A tokenizer without a decoder (DALL-E loaded from ``encoder.pkl`` alone) gets codebook usage only.
     """
-    device = next(model.parameters()).device
-    can_decode = getattr(model, "decoder", None) is not None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         worker_init_fn=worker_init)
+    return round_trip_metrics(model, loader)
+
+
+@torch.no_grad()
+def round_trip_metrics(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """:func:`evaluate_tokenizer`'s metrics over the image batches ``batches`` (``[B, 3, H, W]`` in [0, 1]), each
+    image weighted once: for callers that choose the images themselves (``beit tokenizer eval`` leaves the
+    unreadable files out instead of letting the dataset substitute a neighbour)."""
+    device = next(model.parameters()).device
+    can_decode = getattr(model, "decoder", None) is not None
     hist = torch.zeros(model.vocab_size, dtype=torch.long)
     sq_err, psnr_sum, n = 0.0, 0.0, 0
-    for images in loader:
+    for images in batches:
         images = images.to(device).float()
         ids = model.encode(images)
         b = images.shape[0]
