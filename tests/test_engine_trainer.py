@@ -202,6 +202,15 @@ def _send(sig: int, pids: list[int] | None = None) -> None:
         os.kill(pid, sig)
 
 
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler while the test runs: a runner started in the background (``pytest &`` in a
+    script) inherits SIGINT ignored, and the trainer rightly leaves an ignored SIGINT alone."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _signals_at(call: int, *signals: int):
     """``step_fn`` that sends ``signals`` to this process, in order, at its ``call``-th call (1-based)."""
     calls = {"n": 0}
@@ -277,7 +286,7 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, beit_warnin
     assert any("SIGTERM came with the run's last step (30)" in r.getMessage() for r in beit_warnings)
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, sigint_handled):
     """Ctrl-C asks for a stop after the step; Ctrl-C again (a second or more later) stops at once: nothing
     written for the steps since the last checkpoint, the folder released, exit code 130, the handler restored."""
     monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
@@ -292,7 +301,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
     assert not (tmp_path / ".lock").exists() and signal.getsignal(signal.SIGINT) is before
 
 
-def test_a_second_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, sigint_handled):
     monkeypatch.setattr(Trainer, "ABORT_AFTER_S", 0.0)
     with pytest.raises(TrainingInterrupted) as info:
         make_trainer(make_cfg(tmp_path, ckpt_every=100), step=_signals_at(3, signal.SIGINT, signal.SIGINT)).fit()
