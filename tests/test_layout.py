@@ -457,3 +457,25 @@ def test_layout_eval_and_predict_take_a_config_file_over_the_checkpoints(tiny_ck
     assert [(c["id"], c["name"]) for c in cats] == [(5, "text"), (9, "figure")]
     assert main(["layout", "eval", str(tiny_ckpt), "-c", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_layout_predict_never_draws_over_the_pages(tmp_path, capsys):
+    """`--out` the pages' own folder: page.png's drawing would be page.png itself. Refused before the checkpoint
+    is read (a missing one here), the pages untouched; the names the helper gives stay the same elsewhere."""
+    import shutil
+
+    from beit.cli import main
+    from beit.data.datasets import output_stems
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=2, size=(96, 128)).parent / "images"
+    pages = tmp_path / "pages"
+    shutil.copytree(src, pages)
+    before = {p.name: p.read_bytes() for p in pages.iterdir()}
+    assert main(["layout", "predict", str(tmp_path / "missing.pt"), str(pages), "--out", str(pages)]) == 1
+    err = capsys.readouterr().err
+    assert "would be written over input images" in err and "missing.pt" not in err
+    assert {p.name: p.read_bytes() for p in pages.iterdir()} == before
+    files = sorted(pages.iterdir())
+    assert output_stems(files, out_dir=tmp_path / "elsewhere") == [p.stem for p in files]
+    with pytest.raises(ValueError, match=r"_overlay\.png"):  # segment predict's suffixes, an input of that name
+        output_stems([pages / "a.png", pages / "a_overlay.png"], ("_overlay.png", "_labels.png"), out_dir=pages)

@@ -766,7 +766,8 @@ def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",)) -> list[str]:
+def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",),
+                 out_dir: str | os.PathLike | None = None) -> list[str]:
     """One distinct output name (no suffix) per input file, for commands writing a file per input (segment and
     layout predict write ``<name><suffix>`` for each of ``suffixes``): the file's name without its extension
     (``a.jpg``, ``b.png``, ``c.jpeg`` -> ``a``, ``b``, ``c``); where a stem repeats in other folders, the folder
@@ -775,7 +776,9 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
 
     Raises:
         ValueError: two inputs would get the same name (``a.jpg`` and ``a.png`` in one folder, or a file given
-            twice), naming them, rather than one result silently overwriting the other.
+            twice), naming them, rather than one result silently overwriting the other; or (``out_dir`` given)
+            an output would be written over one of the inputs (``--out`` is the pages' own folder and an output
+            name is an input's name), naming both.
     """
     full = [os.path.abspath(os.fspath(p)) for p in paths]
     stems = [Path(p).stem for p in full]
@@ -798,6 +801,15 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
                          "are named by the file name without its extension, so one result would overwrite another: "
                          "give each file once; of two files of one name, rename one (or move it to another folder) "
                          "or predict it in a separate run with another output folder")
+    if out_dir is not None:
+        inputs = {os.path.realpath(p) for p in full}
+        over = [(os.path.join(os.fspath(out_dir), n + s), p) for n, p in zip(names, full) for s in suffixes
+                if os.path.realpath(os.path.join(os.fspath(out_dir), n + s)) in inputs]
+        if over:
+            shown = "; ".join(f"{o!r} (for {p!r})" for o, p in over[:3]) + (
+                f" (and {len(over) - 3} more)" if len(over) > 3 else "")
+            raise ValueError(f"{len(over)} output file(s) would be written over input images: {shown}. Give --out "
+                             "a folder of its own (not the images' folder)")
     return names
 
 

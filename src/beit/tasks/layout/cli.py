@@ -65,6 +65,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """``beit layout predict CKPT PAGES...``: boxes drawn on the pages + COCO results JSON in ``--out``."""
+    from ...data.datasets import output_stems
     from .predict import find_pages, predict_pages
 
     if not args.inputs:
@@ -72,7 +73,8 @@ def predict(args: argparse.Namespace) -> int:
     if not 0.0 <= args.score_thresh <= 1.0:
         raise ValueError(f"--score-thresh is a detection score, in [0, 1]; got {args.score_thresh}")
     pages = find_pages(args.inputs)
-    model, cfg = _load(args)
+    output_stems(pages, out_dir=args.out or "predictions")  # two pages of one name, or pages overwritten: refused
+    model, cfg = _load(args)  # before the checkpoint is loaded
     out = predict_pages(model, pages, args.out or "predictions", class_names=cfg.model.class_names,
                         category_ids=cfg.model.category_ids, score_thresh=args.score_thresh)
     for png, n in zip(out["pngs"], out["drawn"]):

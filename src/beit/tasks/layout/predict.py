@@ -71,8 +71,9 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
 
     Raises:
         ValueError: two pages of one name (``a.jpg`` and ``a.png`` in one folder, or a file given twice), before
-            anything is written (:func:`beit.data.datasets.output_stems`)."""
-    stems = output_stems(pages)
+            anything is written, or a drawing that would overwrite one of the pages (``out_dir`` is their folder)
+            (:func:`beit.data.datasets.output_stems`)."""
+    stems = output_stems(pages, out_dir=out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -78,7 +78,7 @@ def predict(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"not an image or a folder: {item}")
     if not files:
         raise FileNotFoundError(f"no images in {inputs}")
-    output_stems(files, ("_overlay.png", "_labels.png"))  # two inputs of one name: refused before loading
+    output_stems(files, ("_overlay.png", "_labels.png"), out_dir=args.out or "segment_predictions")  # before loading
     model, cfg = load_segmenter(args.ckpt, args.config, args.overrides, use_ema=args.ema)
     written = run_predict(model, cfg, files, args.out or "segment_predictions", alpha=args.alpha)
     print(f"wrote {len(written)} overlays (+ label maps) to {Path(written[0]).parent}")
