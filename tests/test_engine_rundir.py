@@ -498,10 +498,12 @@ def test_a_checkpoint_from_before_compile_scope_resumes_with_any_scope():
         assert check_resume_config(stored, now, source="ck") == ["train.compile_scope"]
 
 
-def test_curves_leave_out_counters_that_stayed_zero():
+def test_curves_leave_out_skip_counters_that_stayed_zero_and_nothing_else():
     from beit.engine.logging import _panel_names
 
     series = {("loss", "train"): ([1, 2], [2.0, 1.0]), ("skipped_files", "train"): ([1, 2], [0, 0]),
-              ("skipped_files", "val"): ([2], [0]), ("top1", "val"): ([2], [0.0]), ("top1", "train"): ([2], [3.0]),
-              ("lr", "train"): ([1, 2], [0.0, 1e-3])}
-    assert _panel_names(series) == ["loss", "lr", "top1"]  # skipped_files: 0 everywhere; top1: not 0 somewhere
+              ("skipped_files", "val"): ([2], [0]), ("skipped_files_total", "train"): ([2], [0]),
+              ("top1", "val"): ([2], [0.0]), ("lr", "train"): ([1, 2], [0.0, 0.0])}
+    assert _panel_names(series) == ["loss", "lr", "top1"]  # a top-1 / lr stuck at 0 is drawn
+    series[("skipped_files", "val")] = ([2], [3])
+    assert _panel_names(series) == ["loss", "lr", "skipped_files", "top1"]

@@ -208,14 +208,15 @@ class MetricLogger:
 
 
 def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]]) -> list[str]:
-    """The metrics worth a panel, loss first: a counter that stayed 0 in every split (``skipped_files``) gets
-    none (the JSONL still has it)."""
-    names = {k for (k, _), (_, ys) in series.items() if any(ys)}
+    """The metrics worth a panel, loss first: a skip counter (``skipped_files``, ``skipped_files_total``) that
+    stayed 0 in every split gets none (the JSONL still has it); any other metric does, 0 or not (a top-1 or an
+    lr stuck at 0 is news)."""
+    names = {k for (k, _), (_, ys) in series.items() if any(ys) or not k.startswith("skipped")}
     return sorted(names, key=lambda k: (k != "loss", k))
 
 
 def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
-    """One panel per metric (loss first; none for a metric that stayed 0) vs step; eval points as markers.
+    """One panel per metric (loss first; none for a skip counter that stayed 0) vs step; eval points as markers.
     Uses the Agg canvas directly, so it works headless and leaves the user's matplotlib backend alone. Written
     atomically: on an error (e.g. ``OSError`` of a full disk, raised) the previous ``png_path`` is kept and no
     temporary file remains.
