@@ -479,3 +479,14 @@ def test_layout_predict_never_draws_over_the_pages(tmp_path, capsys):
     assert output_stems(files, out_dir=tmp_path / "elsewhere") == [p.stem for p in files]
     with pytest.raises(ValueError, match=r"_overlay\.png"):  # segment predict's suffixes, an input of that name
         output_stems([pages / "a.png", pages / "a_overlay.png"], ("_overlay.png", "_labels.png"), out_dir=pages)
+
+
+@pytest.mark.parametrize("images", [[{"id": "p1", "file_name": "a.png"}], [{"id": 1}, {"id": None}],
+                                    [{"id": [1]}], [1, 2], [{"id": True}]])
+def test_image_ids_that_are_not_integers_are_one_line_naming_the_file(tmp_path, images):
+    from beit.tasks.layout.data import LayoutDataError, split_image_ids
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]}))
+    with pytest.raises(LayoutDataError, match=r"ann\.json: 'images' entry \d has no integer id"):
+        split_image_ids(ann, 1)

@@ -72,8 +72,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        LayoutDataError: not JSON, not a COCO file, no categories, or an image id given to two ``images`` entries
-            (naming the file and the first duplicated ids, then how many more).
+        LayoutDataError: not JSON, not a COCO file, no categories, an ``images`` entry without an integer id
+            (naming the file, the entry and its id), or an image id given to two ``images`` entries (naming the
+            file and the first duplicated ids, then how many more).
     """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -82,11 +83,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LayoutDataError(f"{path}: not a JSON file ({e})") from None
     for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise LayoutDataError(f"{path}: not a COCO file: no '{key}' list")
     if not data["categories"]:
         raise LayoutDataError(f"{path}: no categories")
-    seen = Counter(im.get("id") for im in data["images"] if isinstance(im, dict) and im.get("id") is not None)
+    odd = [(i, im) for i, im in enumerate(data["images"]) if not isinstance(im, dict)
+           or not isinstance(im.get("id"), int) or isinstance(im.get("id"), bool)]
+    if odd:  # COCO image ids are integers (pycocotools and the detector's targets need them)
+        i, im = odd[0]
+        what = f"its id is {im.get('id')!r}" if isinstance(im, dict) else f"it is {im!r}, not an object"
+        raise LayoutDataError(f"{path}: 'images' entry {i} has no integer id ({what}; {len(odd)} such "
+                              f"entr{'ies' if len(odd) > 1 else 'y'}): COCO image ids are integers, e.g. \"id\": 1")
+    seen = Counter(im["id"] for im in data["images"])
     dup = [i for i, n in seen.items() if n > 1]
     if dup:  # two pages under one id: their boxes would be merged onto one of them
         raise LayoutDataError(f"{path}: {len(dup)} image id{'s' if len(dup) > 1 else ''} given to more than one "
