@@ -77,3 +77,7 @@ def test_bad_yaml_key_and_missing_file(tmp_path):
         load_config(PretrainCfg, yaml)
     with pytest.raises(ConfigError, match="not found"):
         load_config(PretrainCfg, tmp_path / "nope.yaml")
+    ckpt = tmp_path / "last.pt"  # -c and the checkpoint mixed up: was a bare 'utf-8' codec error
+    ckpt.write_bytes(b"PK\x03\x04" + bytes(range(128, 256)) * 4)
+    with pytest.raises(ConfigError, match=r"last\.pt: not a YAML config \(binary data"):
+        load_config(PretrainCfg, ckpt)

@@ -276,6 +276,10 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
                                              or [""])[0]:
                 problem += "; that line holds a tab: YAML indents with spaces"
             raise ConfigError("", f"{path}{line}: not valid YAML ({problem})") from None
+        except UnicodeDecodeError:  # e.g. a checkpoint given as -c
+            raise ConfigError("", f"{path}: not a YAML config (binary data, not text): -c takes a .yaml file or a "
+                                  "preset name; a checkpoint or model goes where the command takes it "
+                                  "(`beit <task> <command> --help`)") from None
     for item in overrides or []:
         item = item[2:] if item.startswith("--") else item
         key, sep, _ = item.partition("=")
