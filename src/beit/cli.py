@@ -64,6 +64,7 @@ class Command:
     config: bool = True
     overrides: bool = True
     out_help: str = "output folder"
+    inputs: bool = True  # a "checkpoint" command that takes files after the checkpoint (predict), or not (eval)
 
 
 def _configs_run(args: argparse.Namespace) -> int:
@@ -111,7 +112,7 @@ TASKS: dict[str, dict[str, Command]] = {
                          cli_pretrain.train),
         "visualize": Command("PNG panel: input, mask, and the model's predicted tokens decoded to pixels",
                              "checkpoint", cli_pretrain.visualize, cli_pretrain.visualize_args,
-                             out_help="the PNG to write (default mim_panel.png)"),
+                             out_help="the PNG to write (default mim_panel.png)", inputs=False),
     },
     "classify": {
         "train": Command("fine-tune a (pre-trained) BEiT classifier on class folders, the paper's recipe", "train",
@@ -119,7 +120,7 @@ TASKS: dict[str, dict[str, Command]] = {
         "linprobe": Command("linear probing of a frozen encoder, one head per block (layers=all sweeps them)",
                             "train", cli_classify.linprobe),
         "eval": Command("top-1/top-5, per-class accuracy and a confusion-matrix PNG of a classifier", "checkpoint",
-                        cli_classify.evaluate, cli_classify.evaluate_args, config=False, overrides=False,
+                        cli_classify.evaluate, cli_classify.evaluate_args, config=False, overrides=False, inputs=False,
                         out_help="report folder (default: eval-[<ckpt file>-]<data folder>/ beside the checkpoint or "
                                  "inside a model folder; never overwrites another report)"),
         "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
@@ -129,7 +130,7 @@ TASKS: dict[str, dict[str, Command]] = {
     "segment": {
         "train": Command("fine-tune BEiT + UperNet with the shared trainer", "train", cli_segment.train),
         "eval": Command("mIoU / aAcc on the val split, per-class table", "checkpoint", cli_segment.evaluate,
-                        cli_segment.eval_args, out_help="folder for overlays and metrics.json"),
+                        cli_segment.eval_args, out_help="folder for overlays and metrics.json", inputs=False),
         "predict": Command("coloured overlays and label maps for images", "checkpoint", cli_segment.predict,
                            cli_segment.predict_args, out_help="folder for the PNGs (default "
                                                                    "segment_predictions)"),
@@ -138,7 +139,7 @@ TASKS: dict[str, dict[str, Command]] = {
         "train": Command("train a document layout detector (PubLayNet, DocLayNet, DocBank)", "train",
                          cli_layout.train),
         "eval": Command("COCO AP of a checkpoint on data.val_ann (or the data.holdout split)", "checkpoint",
-                        cli_layout.evaluate, cli_layout.eval_args, out_help="folder for metrics.json"),
+                        cli_layout.evaluate, cli_layout.eval_args, out_help="folder for metrics.json", inputs=False),
         "predict": Command("draw predicted boxes on pages and write COCO results JSON", "checkpoint",
                            cli_layout.predict, cli_layout.predict_args,
                            out_help="folder for PNGs + results.json (default predictions)"),
@@ -214,8 +215,10 @@ def _add_shape(p: argparse.ArgumentParser, cmd: Command) -> None:
         if cmd.config:
             p.add_argument("-c", "--config", default=None, metavar="PRESET_OR_PATH",
                            help="a preset name or a YAML file, merged over the config stored in the checkpoint")
-        p.add_argument("rest", nargs="*", metavar="CKPT|INPUT|key=value",
-                       help="the checkpoint (unless --ckpt), inputs" + (", dotted overrides" if cmd.overrides else ""))
+        shape = ["CKPT"] + ["INPUT"] * cmd.inputs + ["key=value"] * cmd.overrides
+        p.add_argument("rest", nargs="*", metavar="|".join(shape),
+                       help="the checkpoint (unless --ckpt)" + (", inputs" if cmd.inputs else "")
+                       + (", dotted overrides" if cmd.overrides else ""))
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or BEIT_DEBUG=1)")
     if cmd.add_args:
         cmd.add_args(p)

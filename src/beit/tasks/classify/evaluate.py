@@ -245,9 +245,9 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
             run_cfg = state.get("config") or {}
             src = model_weights(state, path, ema)
         elif ema:
-            raise ValueError(f"{path}: ema=True needs an engine training checkpoint (last.pt / best.pt)")
+            raise ValueError(f"{path}: --ema (ema=True) needs an engine training checkpoint (last.pt / best.pt)")
     elif ema:  # a model folder holds one set of weights: the EMA ones are their own folder (model_ema/)
-        raise ValueError(f"{source}: ema=True needs an engine training checkpoint (last.pt / best.pt); the EMA "
+        raise ValueError(f"{source}: --ema (ema=True) needs an engine training checkpoint (last.pt / best.pt); the EMA "
                          "weights of a finished run are their own folder, model_ema/ (give it without ema)")
     model = load_model(src, **overrides)
     if getattr(model.cfg, "head", "cls") == "mim":  # beit pretrain's final/ model, or such a file
