@@ -212,8 +212,14 @@ def test_clear_errors(tmp_path) -> None:
     model = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=3)
     path = tmp_path / "m.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"m\.pth: tensor .cls_token. has shape \(1, 1, 32\).*needs \(1, 1, 64\)"):
+    with pytest.raises(CheckpointError, match=r"m\.pth: tensor .cls_token. has shape \(1, 1, 32\).*needs \(1, 1, 64\) "
+                                              r"\(check the overrides that change .*: embed_dim=64\)"):
         beit.load_model(path, embed_dim=64, num_heads=2)
+    sd = model.state_dict()  # no override: the file disagrees with itself (fc1 edited), which the message says
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 7)
+    torch.save(sd, tmp_path / "edited.pth")
+    with pytest.raises(CheckpointError, match=r"edited\.pth: .*no override changes the checkpoint's architecture"):
+        beit.load_model(tmp_path / "edited.pth", num_classes=5)
     truncated = tmp_path / "cut.pth"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cut.pth"):

@@ -274,7 +274,7 @@ def _by_reason(why: Mapping[str, str], names: list[str]) -> dict[str, list[str]]
 
 
 def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: Mapping[str, str], strict: bool,
-                dropped: Mapping[str, str] | None = None) -> None:
+                dropped: Mapping[str, str] | None = None, shape_hint: str = "") -> None:
     """Copy what fits; report (or, ``strict``, refuse) tensors without a place and tensors not in the file.
 
     ``allow_missing``: model tensors the file is expected to lack (a new head, ...) -> why, said at INFO;
@@ -288,7 +288,7 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(
                 f"{name}: tensor {k!r} has shape {tuple(v.shape)} but the requested model needs "
-                f"{tuple(own[k].shape)} (check the overrides you passed, e.g. embed_dim/depth/num_heads/img_size)"
+                f"{tuple(own[k].shape)} ({shape_hint or 'check the overrides you passed'})"
             )
     dropped = dropped or {}
     unused = [k for k in sd if k not in own]
@@ -399,8 +399,17 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         allow_missing.update(dict.fromkeys(MIM_HEAD, "a new MIM head"))
     if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
         allow_missing["pos_embed"] = "the checkpoint has no absolute position embedding: a new one"
-    _fill_model(model, adapted, name, allow_missing, strict, _dropped_on_purpose(sd, adapted, src, dst))
+    changed = {k: v for k, v in overrides.items() if getattr(src, k, v) != v and k not in _NOT_SHAPES}
+    hint = (f"check the overrides that change the checkpoint's architecture: "
+            f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}" if changed else
+            "no override changes the checkpoint's architecture: its tensors disagree with the one read from "
+            "them (a damaged or hand-edited file, or one of another model)")
+    _fill_model(model, adapted, name, allow_missing, strict, _dropped_on_purpose(sd, adapted, src, dst), hint)
     return model.eval()
+
+
+# overrides that never change a tensor's shape (the heads are adapted or left out above)
+_NOT_SHAPES = {"head", "num_classes", "drop_path_rate", "drop_rate", "attn_drop_rate", "img_size"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
