@@ -86,3 +86,116 @@ def test_eval_skips_unreadable_files_once_and_scores_the_readable_ones(tmp_path,
     for k, v in expected.items():
         assert report[k] == pytest.approx(v, rel=1e-5), k
     assert Path(report["recon_grid"]).is_file()
+
+
+def _tiny_dvae_and_images(tmp_path: Path, n: int = 3) -> tuple[Path, Path]:
+    """A small dVAE saved as ``tok.safetensors`` and a folder of ``n`` random PNGs."""
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    torch.manual_seed(0)
+    tok = tmp_path / "tok.safetensors"
+    DiscreteVAE(vocab_size=32, hidden=8, downsample=4, num_res_blocks=0, codebook_dim=8).eval().save(tok)
+    return tok, data
+
+
+def _report(out: str) -> dict:
+    return json.JSONDecoder().raw_decode(out[out.index("{\n"):])[0]
+
+
+def test_eval_out_may_be_a_folder_and_a_bad_extension_is_refused_before_the_work(tmp_path, capsys,
+                                                                                  monkeypatch) -> None:
+    """`--out results/` or `--out recon` ran the whole evaluation, then failed with PIL's `unknown file extension:`
+    (no path, no metrics). A folder (existing, ending in /, or without a suffix) now gets tokenizer_recon.png
+    inside it; another extension is refused before the tokenizer is even loaded, naming the value and the
+    accepted ones."""
+    from beit.tasks.tokenizer import cli as tok_cli
+
+    tok, data = _tiny_dvae_and_images(tmp_path)
+    base = ["tokenizer", "eval", "dvae", str(tok), "--data", str(data), "--img-size", "32"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out, grid in ((existing, existing / "tokenizer_recon.png"),
+                      (f"{tmp_path / 'results'}/", tmp_path / "results" / "tokenizer_recon.png"),
+                      (tmp_path / "recon", tmp_path / "recon" / "tokenizer_recon.png"),
+                      (tmp_path / "g.jpg", tmp_path / "g.jpg")):
+        assert main([*base, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert _report(capsys.readouterr().out)["recon_grid"] == str(grid) and grid.is_file()
+
+    def no_work(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the tokenizer was loaded before --out was checked")
+
+    monkeypatch.setattr(tok_cli, "_tokenizer_and_images", no_work)
+    bad = tmp_path / "grid.pdf"
+    assert main([*base, "--out", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {bad}: unsupported extension '.pdf'" in err and ".png or .jpg" in err, err
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("x")
+    assert main([*base, "--out", str(in_the_way / "g.png")]) == 1
+    assert f"{in_the_way} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_eval_names_a_dangling_link_once_and_counts_only_the_files_evaluated(tmp_path, capsys,
+                                                                             beit_warnings) -> None:
+    """A dangling link was named twice (the folder scan's warning, then eval's "skipped N unreadable files") and
+    counted in num_skipped even with --max-images 2, when it is not among the first 2 files. Now the scan's
+    warning names it, the JSON lists it under unreadable_entries, and num_skipped counts only evaluated files."""
+    tok, data = _tiny_dvae_and_images(tmp_path, n=3)
+    (data / "0_dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (data / "9_broken.png").write_bytes(b"not an image")  # the last file: evaluated only without --max-images
+    base = ["tokenizer", "eval", "dvae", str(tok), "--data", str(data), "--img-size", "32",
+            "--out", str(tmp_path / "g.png")]
+    assert main([*base, "--max-images", "2"]) == 0
+    report = _report(capsys.readouterr().out)
+    assert report["num_images"] == 2 and report["num_skipped"] == 0 and "skipped" not in report, report
+    assert str(data / "0_dangling.png") in report["unreadable_entries"]
+    said = [r.getMessage() for r in beit_warnings]
+    assert sum(m.count("0_dangling.png") for m in said) == 1 and len(said) == 1, said  # the scan's warning
+    beit_warnings.clear()
+
+    assert main(base) == 0
+    report = _report(capsys.readouterr().out)
+    assert report["num_images"] == 3 and report["num_skipped"] == 1, report
+    assert report["skipped"] == str(data / "9_broken.png")
+    said = [r.getMessage() for r in beit_warnings]
+    assert sum(m.count("0_dangling.png") for m in said) == 1, said
+    assert len(said) == 2 and said[1].startswith(f"skipped 1 unreadable file (left out of the metrics, not "
+                                                 f"replaced): {data / '9_broken.png'} ("), said
+
+
+def test_eval_refuses_max_images_below_one(tmp_path, capsys) -> None:
+    """`--max-images 0` said "none of the 0 images under X could be read"; now refused up front, naming the option."""
+    tok, data = _tiny_dvae_and_images(tmp_path, n=1)
+    for n in ("0", "-3"):
+        assert main(["tokenizer", "eval", "dvae", str(tok), "--data", str(data), "--max-images", n]) == 1
+        assert f"error: --max-images must be >= 1 (the number of files to evaluate), got {n}" in \
+            capsys.readouterr().err
+
+
+def test_a_folder_given_as_the_tokenizer_names_the_files_inside_it(tmp_path, capsys) -> None:
+    """`beit tokenizer eval dvae runs/tok` (the training run's folder) said `dVAE file not found: runs/tok`; now it
+    says it is a folder and names the file inside it to pass (the same through load_tokenizer, as beit pretrain)."""
+    from beit.tokenizers import load_tokenizer
+
+    tok, data = _tiny_dvae_and_images(tmp_path, n=1)
+    run = tmp_path / "runs" / "tok"
+    run.mkdir(parents=True)
+    (run / "dvae.safetensors").write_bytes(tok.read_bytes())
+    (run / "other.safetensors").write_bytes(tok.read_bytes())
+    (run / "last.pt").write_bytes(b"PK")
+    assert main(["tokenizer", "eval", "dvae", str(run), "--data", str(data), "--out", str(tmp_path / "g.png")]) == 1
+    assert capsys.readouterr().err.strip() == (f"beit tokenizer eval: error: dvae tokenizer path {run} is a folder, "
+                                               f"not a file: give the file inside it, {run / 'dvae.safetensors'}")
+    (run / "dvae.safetensors").unlink()
+    with pytest.raises(ValueError, match=f"give the file inside it, {run / 'other.safetensors'}$"):
+        load_tokenizer("dvae", run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is a folder, not a file, and it holds no .safetensors file: give a "
+                                         "safetensors file written by"):
+        load_tokenizer("dvae", empty)
+    with pytest.raises(ValueError, match=r"dalle tokenizer path .* holds no \.pkl or \.safetensors file"):
+        load_tokenizer("dalle", empty)

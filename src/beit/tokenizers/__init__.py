@@ -36,7 +36,9 @@ class TokenizerKind:
 
     ``load(path, *, decoder, device, precision, **options)`` returns the tokenizer (eval mode);
     ``decoder`` is ``None`` unless the kind keeps its decoder in a second file; ``precision`` is
-    ``None`` or one of ``precisions``. ``files`` says in one line which files ``path`` may be.
+    ``None`` or one of ``precisions``. ``files`` says in one line which files ``path`` may be;
+    ``suffixes`` the endings such files have and ``usual_name`` the name they usually have (both name the
+    fitting files of a folder given as ``path``).
     """
 
     name: str
@@ -44,6 +46,8 @@ class TokenizerKind:
     files: str
     precisions: tuple[str, ...] = ("fp32",)
     has_decoder_file: bool = False
+    suffixes: tuple[str, ...] = ()
+    usual_name: str = ""
 
 
 TOKENIZERS: dict[str, TokenizerKind] = {}
@@ -74,8 +78,10 @@ def _load_dvae(path: PathLike, *, decoder: PathLike | None, device: str | torch.
 
 
 register_tokenizer(TokenizerKind("dalle", _load_dalle, "the official encoder.pkl or our safetensors copy",
-                                 precisions=("fp32", "tf32", "bf16", "fp16"), has_decoder_file=True))
-register_tokenizer(TokenizerKind("dvae", _load_dvae, "a safetensors file written by `beit tokenizer train`"))
+                                 precisions=("fp32", "tf32", "bf16", "fp16"), has_decoder_file=True,
+                                 suffixes=(".pkl", ".safetensors"), usual_name="encoder.pkl"))
+register_tokenizer(TokenizerKind("dvae", _load_dvae, "a safetensors file written by `beit tokenizer train`",
+                                 suffixes=(".safetensors",), usual_name="dvae.safetensors"))
 
 TOKENIZER_KINDS = tuple(TOKENIZERS)  # the names at import time; TOKENIZERS is the live registry
 
@@ -101,7 +107,8 @@ def load_tokenizer(
 
     Raises:
         ValueError: unknown kind, no file, the encoder given twice, a decoder or precision the kind
-            does not take.
+            does not take; ``path`` is a folder (naming the files inside it that would fit, e.g. the
+            ``dvae.safetensors`` a ``beit tokenizer train`` run folder holds).
     """
     entry = TOKENIZERS.get(kind)
     if entry is None:
@@ -111,11 +118,33 @@ def load_tokenizer(
     path = encoder if encoder is not None else path
     if path is None:
         raise ValueError(f"load_tokenizer({kind!r}) needs the tokenizer file: {entry.files}")
+    if os.path.isdir(path):
+        raise ValueError(_folder_message(entry, path))
     if decoder is not None and not entry.has_decoder_file:
         raise ValueError(f"load_tokenizer({kind!r}) takes no decoder file (got decoder={os.fspath(decoder)!r})")
     if precision is not None and precision not in entry.precisions:
         raise ValueError(f"load_tokenizer({kind!r}): precision must be one of {entry.precisions}, got {precision!r}")
     return entry.load(path, decoder=decoder, device=device, precision=precision, **options)
+
+
+def _folder_message(entry: TokenizerKind, folder: PathLike) -> str:
+    """What to say when a folder is given as the tokenizer file: the files inside it that would fit (its
+    ``usual_name`` file alone when it has one; else those with one of the kind's ``suffixes``)."""
+    folder = os.fspath(folder)
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith(".")
+                       and n.lower().endswith(entry.suffixes) and os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        names = []
+    head = f"{entry.name} tokenizer path {folder} is a folder, not a file"
+    if entry.usual_name in names:
+        names = [entry.usual_name]
+    if not names:
+        return f"{head}, and it holds no {' or '.join(entry.suffixes) or 'tokenizer'} file: give {entry.files}"
+    shown = ", ".join(os.path.join(folder, n) for n in names[:5])
+    if len(names) == 1:
+        return f"{head}: give the file inside it, {shown}"
+    return f"{head}: give one of the files inside it, {shown}" + (f" +{len(names) - 5} more" if len(names) > 5 else "")
 
 
 __all__ = [

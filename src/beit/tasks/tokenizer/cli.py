@@ -31,6 +31,36 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+RECON_GRID_NAME = "tokenizer_recon.png"
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def recon_grid_path(out: str) -> Path:
+    """The file ``beit tokenizer eval --out OUT`` writes its reconstruction grid to, decided before any work.
+
+    ``OUT`` is a folder (it is one, ends in ``/``, or has no suffix: ``results/``, ``recon``) -> the grid is
+    ``OUT/tokenizer_recon.png`` (the folder is made when the grid is written); else a file ending in .png,
+    .jpg or .jpeg.
+
+    Raises:
+        ValueError: any other suffix (``grid.pdf``, ``grid.txt``), naming ``OUT`` and the accepted ones; a folder
+            path whose place is taken by a file.
+    """
+    import os
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)) or (not path.suffix and not path.is_file()):
+        path = path / RECON_GRID_NAME
+    elif path.suffix.lower() not in GRID_SUFFIXES:
+        what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
+        raise ValueError(f"--out {out}: {what}; give a {' or '.join(GRID_SUFFIXES)} file, or a folder "
+                         f"(the grid is then {RECON_GRID_NAME} inside it)")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"--out {out}: {blocker} is a file, not a folder")
+    return path
+
+
 def _kind_path(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", help="a kind registered in beit.tokenizers.TOKENIZERS: dalle | dvae")
     p.add_argument("path", help="dalle: encoder.pkl or our safetensors; dvae: safetensors")
@@ -43,9 +73,11 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default=None, help="dalle: decoder.pkl (needed unless inside the safetensors)")
     p.add_argument("--img-size", type=int, default=112, help="center crop size (default 112, BEiT's)")
     p.add_argument("--max-images", type=int, default=2048,
-                   help="evaluate the first N files (unreadable ones are skipped and named, never replaced)")
+                   help="evaluate the first N files, N >= 1 (unreadable ones are skipped and named, never replaced)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="tokenizer_recon.png", help="reconstruction grid PNG")
+    p.add_argument("--out", default=RECON_GRID_NAME,
+                   help=f"reconstruction grid: a .png or .jpg file, or a folder to write {RECON_GRID_NAME} in "
+                        "(an existing one, or a path ending in / or without a suffix)")
 
 
 def encode_args(p: argparse.ArgumentParser) -> None:
@@ -121,13 +153,18 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
 def evaluate(args: argparse.Namespace) -> int:
     """``beit tokenizer eval KIND PATH --data DIR``: held-out MSE / PSNR, codebook usage, a recon grid PNG.
 
-    The first ``--max-images`` files are each read once; a file that cannot be read (or transformed) is skipped:
-    left out of the metrics and the grid (never replaced by a neighbour, which would count that one twice),
-    counted once in ``num_skipped`` and named (with its reason) in one warning. ``num_images`` is the number of
-    images the metrics are over.
+    The first ``--max-images`` files of the folder scan are each read once; a file among them that cannot be
+    read (or transformed) is skipped: left out of the metrics and the grid (never replaced by a neighbour, which
+    would count that one twice), counted once in ``num_skipped``, named (with its reason) in one warning and
+    listed in ``skipped``. ``num_images`` is the number of images the metrics are over. Entries the folder scan
+    itself could not read (a dangling link, a folder without permission) are not files of the set: the scan's
+    own warning names them, and the JSON lists them under ``unreadable_entries``, outside ``num_skipped``.
+
+    ``--out`` (see :func:`recon_grid_path`) and ``--max-images`` are checked before the tokenizer is loaded.
 
     Raises:
-        ValueError: none of the files could be read.
+        ValueError: ``--max-images`` < 1; an ``--out`` that is neither a .png / .jpg file nor a folder; a folder
+            given as the tokenizer file (naming the files inside it that fit); none of the files could be read.
     """
     import logging
 
@@ -136,8 +173,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from ...data.datasets import FileImages, collate_files, spread_indices
     from .train import round_trip_metrics, write_recon_grid
 
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1 (the number of files to evaluate), got {args.max_images}")
+    out = recon_grid_path(args.out)
     tok, ds, _ = _tokenizer_and_images(args)
-    files = FileImages(ds.paths[:max(args.max_images, 0)], ds.transform)
+    files = FileImages(ds.paths[:args.max_images], ds.transform)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=0, collate_fn=collate_files)
     done: list[int] = []
     failed: dict[int, str] = {}
@@ -150,7 +190,7 @@ def evaluate(args: argparse.Namespace) -> int:
                 yield batch["image"]
 
     metrics: dict = round_trip_metrics(tok, readable_batches())
-    skipped = _unreadable_entries(ds) + [(files.paths[i], failed[i]) for i in sorted(failed)]
+    skipped = [(files.paths[i], failed[i]) for i in sorted(failed)]
     if skipped:
         logging.getLogger(__name__).warning(
             "skipped %d unreadable file%s (left out of the metrics, not replaced): %s", len(skipped),
@@ -160,18 +200,14 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = {"num_images": len(done), "num_skipped": len(skipped), **metrics}
     if skipped:
         metrics["skipped"] = _names(skipped)
+    unlisted = getattr(ds, "unreadable_entries", [])
+    if unlisted:  # named by the folder scan's warning already: listed here, not warned about again
+        metrics["unreadable_entries"] = _names(unlisted)
     if getattr(tok, "decoder", None) is not None:
         grid = [files[done[j]]["image"] for j in spread_indices(len(done), 8)]
-        metrics["recon_grid"] = write_recon_grid(tok, grid, args.out, n=len(grid))
+        metrics["recon_grid"] = write_recon_grid(tok, grid, out, n=len(grid))
     print(json.dumps(metrics, indent=2))
     return 0
-
-
-def _unreadable_entries(ds) -> list[tuple[str, str]]:  # noqa: ANN001
-    """The image files the folder scan could not read (a dangling link, no permission): skipped as well."""
-    from ...data.datasets import IMG_EXTENSIONS
-
-    return [(p, why) for p, why in getattr(ds, "unreadable_entries", []) if p.lower().endswith(IMG_EXTENSIONS)]
 
 
 def _names(skipped: list[tuple[str, str]], n: int = 5, with_reason: bool = False) -> str:
