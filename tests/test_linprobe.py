@@ -323,3 +323,54 @@ def test_tensors_not_loaded_are_named_a_few_then_counted(setup, tmp_path):
     assert [r.getMessage() for r in unexpected] == [
         f"{path}: dropped 9 tensors that have no place in the model: adapter.0.weight, adapter.1.weight, "
         "adapter.2.weight, adapter.3.weight, adapter.4.weight, adapter.5.weight +3 more (not expected)"]
+
+
+@pytest.fixture
+def beit_info() -> list:
+    """Every record of the ``beit`` logger at INFO and above (the level restored after)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    log = logging.getLogger("beit")
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(old_level)
+
+
+def test_lr_scaling_and_resume_changes_are_said_once(setup, tmp_path, monkeypatch, beit_info):
+    """`lr 0.001 x 16/256 = 6.25e-05` was logged twice per run (the lr was scaled for the early output-folder check
+    and again for the trainer), and `resume: settings changed since the checkpoint (allowed): ...` twice with
+    --resume auto (the early check, then the trainer's resume). Now once each; and when the early check refuses the
+    resume (the trainer never runs), the allowed changes are still said, once, before the error."""
+    from beit.engine.rundir import ConfigChangedError
+
+    def lines(start: str) -> list[str]:
+        return [r.getMessage() for r in beit_info if r.getMessage().startswith(start)]
+
+    out = tmp_path / "run"
+    linprobe(lp_cfg(setup, out, "train.epochs=1", "knn=0"))
+    assert lines("lr 0.001 x 16/256 = 6.25e-05") == ["lr 0.001 x 16/256 = 6.25e-05 (total batch 16)"]
+    beit_info.clear()
+
+    linprobe(lp_cfg(setup, out, "train.epochs=2", "knn=0", "train.resume=auto"))
+    assert len(lines("lr 0.001 x 16/256")) == 1
+    assert lines("resume: settings changed") == [
+        "resume: settings changed since the checkpoint (allowed): train.epochs: 1 -> 2"], lines("resume")
+    beit_info.clear()
+
+    lp = importlib.import_module("beit.tasks.classify.linprobe")
+
+    def no_extraction(*args, **kwargs):
+        raise _Stop("features extracted before the resume was checked")
+
+    monkeypatch.setattr(lp, "extract_features", no_extraction)
+    with pytest.raises(ConfigChangedError, match="train.weight_decay"):  # refused by the early check alone
+        linprobe(lp_cfg(setup, out, "train.epochs=3", "knn=0", "train.resume=auto", "train.weight_decay=0.5"))
+    assert lines("resume: settings changed") == [
+        "resume: settings changed since the checkpoint (allowed): train.epochs: 2 -> 3"], lines("resume")
+    assert len(lines("lr 0.001 x 16/256")) == 1

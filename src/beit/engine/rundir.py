@@ -420,7 +420,7 @@ def check_checkpoint_task(stored: str | None, current: str | None, *, source: st
 
 def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], *, source: str | Path,
                         allow: bool = False, stored_world_size: int | None = None,
-                        world_size: int = 1) -> list[str]:
+                        world_size: int = 1, report: bool = True) -> list[str]:
     """Compare a checkpoint's ``config`` with the current run's; return the dotted keys that differ.
 
     Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line). Any other
@@ -431,10 +431,19 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     On another number of ranks (``stored_world_size`` != ``world_size``) the per-rank ``batch_size`` and
     ``accum_steps`` may change when the global batch (their product with the number of ranks) stays the same:
     the run then sees the same samples in the same steps.
+
+    ``report=False`` is for a check made ahead of the real resume (:func:`beit.engine.trainer.check_run_can_start`),
+    which says the same lines again: nothing is logged when the resume is accepted, and when it is refused (the
+    real resume then never comes) the lines are logged as usual before the error, so each is said exactly once.
+
+    Raises:
+        ConfigChangedError: a key that defines the run differs, without ``allow``.
     """
     log = _log()
+    said: list[tuple[int, str]] = []  # (level, line): logged at the end, or kept back when not reporting
     if not isinstance(stored, dict):
-        log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
+        if report:
+            log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
         return []
     diffs = diff_configs(stored, current)
     per_rank = ("batch_size", "accum_steps")
@@ -442,24 +451,29 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
             and _global_batch(stored, stored_world_size) == _global_batch(current, world_size) is not None):
         regrouped = [d for d in diffs if d[0].rsplit(".", 1)[-1] in per_rank]
         if regrouped:
-            log.info(f"resume on {world_size} rank(s) from {stored_world_size}: same global batch "
-                     f"{_global_batch(current, world_size)}, "
-                     + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped))
+            said.append((logging.INFO, f"resume on {world_size} rank(s) from {stored_world_size}: same global batch "
+                                       f"{_global_batch(current, world_size)}, "
+                                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped)))
         diffs = [d for d in diffs if d not in regrouped]
     harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS]
     changed = [d for d in diffs if d not in harmless]
     shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]
     if shown:
-        log.info("resume: settings changed since the checkpoint (allowed): "
-                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shown))
+        said.append((logging.INFO, "resume: settings changed since the checkpoint (allowed): "
+                                   + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shown)))
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+    if changed and not allow:
+        for level, line in said:  # refused: no later resume will say them
+            log.log(level, line)
+        raise ConfigChangedError(
+            f"{source}: the config differs from the checkpoint's in {len(changed)} key(s) that define the "
+            f"run: {listed}. Resume with the checkpoint's settings (its config.yaml), or set "
+            "train.allow_config_change=true to continue with the new ones anyway")
     if changed:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
-        if not allow:
-            raise ConfigChangedError(
-                f"{source}: the config differs from the checkpoint's in {len(changed)} key(s) that define the "
-                f"run: {listed}. Resume with the checkpoint's settings (its config.yaml), or set "
-                "train.allow_config_change=true to continue with the new ones anyway")
-        log.warning(f"resume with a changed config (allow_config_change): {listed}")
+        said.append((logging.WARNING, f"resume with a changed config (allow_config_change): {listed}"))
+    if report:
+        for level, line in said:
+            log.log(level, line)
     return [d[0] for d in diffs]
 
 

@@ -297,12 +297,14 @@ def worker_init(worker_id: int) -> None:
         signal.signal(sig, _ignore_stop_signal)
 
 
-def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_config: Any, cfg: Any) -> None:
-    """The checkpoint ``state`` (read from ``path``) is of ``task`` and its config fits ``run_config``."""
+def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_config: Any, cfg: Any, *,
+                     report: bool = True) -> None:
+    """The checkpoint ``state`` (read from ``path``) is of ``task`` and its config fits ``run_config``.
+    ``report=False``: the lines of an accepted resume are left to the real resume (see :func:`check_resume_config`)."""
     check_checkpoint_task(state.get("task"), task, source=path)
     check_resume_config(state.get("config"), to_dict(run_config), source=path,
                         allow=getattr(cfg, "allow_config_change", False),
-                        stored_world_size=state.get("world_size"), world_size=D.world_size())
+                        stored_world_size=state.get("world_size"), world_size=D.world_size(), report=report)
 
 
 def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None) -> None:
@@ -312,6 +314,10 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     ``resume=auto``'s ``last.pt`` of another task or config; a folder holding an earlier run without ``resume`` or
     ``overwrite``. (What ``fit()`` decides from more than that, e.g. auto's fallback past a damaged ``last.pt``,
     it still decides there.)
+
+    An accepted resume is said once, by ``fit()`` when it resumes (the changed settings, a config allowed to
+    change): this check logs nothing then. When it refuses, ``fit()`` never runs, so it says what ``fit()``
+    would have said before raising.
 
     Raises:
         FileNotFoundError, ValueError, TaskMismatchError, ConfigChangedError, RunExistsError: as ``fit()`` would.
@@ -330,7 +336,8 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
         if cfg.resume == "auto":
             return  # fit() falls back to the newest readable checkpoint
         raise
-    _check_resumable(state, path, task if task is not None else task_of(run_config), run_config or cfg, cfg)
+    _check_resumable(state, path, task if task is not None else task_of(run_config), run_config or cfg, cfg,
+                     report=False)
 
 
 def _eager() -> contextlib.AbstractContextManager:

@@ -220,8 +220,9 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
     cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
     full_steps(len(train_dataset), len(train_dataset), cfg.train)  # one feature per image: checked before extracting
+    train_cfg = scaled_train_config(cfg.train, cfg.ref_batch)  # once: it says its "lr x batch/ref" line
     # the output folder and --resume, as fit() will judge them, before the long extraction
-    check_run_can_start(scaled_train_config(cfg.train, cfg.ref_batch), cfg)
+    check_run_can_start(train_cfg, cfg)
 
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
     kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=_extract_workers(cfg.extract_num_workers))
@@ -264,7 +265,6 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         out["best_block"] = float(blocks[int(acc.argmax())])
         return out
 
-    train_cfg = scaled_train_config(cfg.train, cfg.ref_batch)
     trainer = Trainer(heads, _Features(train_f, train_y), step_fn, train_cfg, eval_fn=eval_fn,
                       metric_to_track="top1", run_config=cfg)
     fit = trainer.fit()
