@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -368,6 +369,41 @@ def test_a_folder_holding_only_set_aside_checkpoints(tmp_path, caplog):
     assert any(f"{aside} holds checkpoints an earlier run set aside; kept" in r.getMessage() for r in caplog.records)
     assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True) == "overwrite"
     assert not aside.exists()
+
+
+def test_the_early_check_changes_nothing_and_says_nothing(tmp_path):
+    """check_run_can_start (beit linprobe's check before its feature extraction) went through prepare_output_dir
+    in full, without the run's lock: it deleted the folder's *.tmp files (possibly another process's checkpoint
+    being written) and warned about abandoned/ once, then the run warned again. Now it decides and refuses the
+    same, but removes nothing and logs nothing; the run itself says it once."""
+    from beit.engine.trainer import check_run_can_start
+
+    aside = tmp_path / "abandoned"
+    aside.mkdir()
+    C.save_checkpoint({"format": C.FORMAT}, aside / "step_0000008.pt")
+    (tmp_path / "last.pt.tmp").write_bytes(b"being written")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logging.getLogger("beit").addHandler(handler)
+    try:
+        check_run_can_start(cfg_of(tmp_path))
+        assert R.prepare_output_dir(tmp_path, resume_path=None, check_only=True) == "fresh"
+        assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, check_only=True) == "overwrite"
+        assert R.prepare_output_dir(tmp_path, resume_path=None) == "fresh"  # the run: says it (and cleans up)
+    finally:
+        logging.getLogger("beit").removeHandler(handler)
+    assert [r.getMessage() for r in records] == [f"{aside} holds checkpoints an earlier run set aside; kept beside "
+                                                 "this new run (--overwrite deletes them)"]
+    assert not (tmp_path / "last.pt.tmp").exists()
+    (tmp_path / "last.pt.tmp").write_bytes(b"being written")
+    check_run_can_start(cfg_of(tmp_path))
+    assert (tmp_path / "last.pt.tmp").is_file() and (aside / "step_0000008.pt").is_file()
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    with pytest.raises(R.RunExistsError, match="holds an earlier run"):
+        check_run_can_start(cfg_of(tmp_path))
+    assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, check_only=True) == "overwrite"
+    assert (tmp_path / "metrics.jsonl").is_file()
 
 
 def test_resume_auto_decisions(tmp_path):

@@ -306,7 +306,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resume: str = "",
-                       overwrite: bool = False) -> str:
+                       overwrite: bool = False, check_only: bool = False) -> str:
     """Decide how a run starts in ``output_dir`` and get the folder ready; returns ``"resume"``, ``"fresh"`` or
     ``"overwrite"``. Call on rank 0 while holding the :class:`RunLock`.
 
@@ -316,9 +316,18 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     and ``--overwrite``, unless ``overwrite`` (then the earlier run's files are deleted, see
     :func:`clear_previous_run`). With ``resume="auto"`` and no checkpoint, metrics of a run that crashed
     before its first checkpoint are replaced (nothing resumable is lost). Stray ``*.tmp`` files are removed.
+
+    ``check_only`` (a check ahead of the run, without the lock, e.g.
+    :func:`beit.engine.trainer.check_run_can_start`): the same decision and refusals, but nothing is removed
+    (another process may be writing its ``*.tmp`` files there) and nothing logged (the run says it when it starts).
+
+    Raises:
+        RunExistsError: the folder holds an earlier run and neither this folder's checkpoint is resumed nor
+            ``overwrite`` is given.
     """
     out = Path(output_dir)
-    remove_stale_tmp(out)
+    if not check_only:
+        remove_stale_tmp(out)
     if resume_path is not None and _inside(resume_path, out):
         return "resume"
     found = previous_run_files(out)
@@ -327,6 +336,8 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     if not found:
         aside = out / "abandoned"  # checkpoints an earlier run set aside; nothing there is resumed
         if aside.is_dir() and any(aside.iterdir()):
+            if check_only:
+                return "overwrite" if overwrite else "fresh"
             if overwrite:
                 shutil.rmtree(aside)
                 _log().warning(f"overwrite: deleted {aside} (checkpoints an earlier run had set aside)")
@@ -343,6 +354,8 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
                 if resume == "auto" else "to continue it pass --resume auto (train.resume=auto)")
         raise RunExistsError(f"output_dir {out} holds an earlier run ({names}): {start}. {hint}, or pass "
                              "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")
+    if check_only:
+        return "overwrite"
     removed = clear_previous_run(out)
     _log().warning(f"overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in removed)})")
     return "overwrite"

@@ -308,7 +308,8 @@ def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_co
 
 
 def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None) -> None:
-    """The refusals :meth:`Trainer.fit` makes when it opens ``cfg.output_dir``, made early and changing nothing,
+    """The refusals :meth:`Trainer.fit` makes when it opens ``cfg.output_dir``, made early and changing nothing
+    (no ``*.tmp`` file removed: the run's lock is not held; see ``prepare_output_dir(check_only=True)``),
     for tasks that do long work before ``fit()`` (``beit linprobe`` extracts every image's features first): an
     explicit ``resume`` that does not exist, cannot be read, is another task's or was trained with another config;
     ``resume=auto``'s ``last.pt`` of another task or config; a folder holding an earlier run without ``resume`` or
@@ -327,7 +328,7 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     if cfg.resume == "auto" and path is None:
         return  # fit() resumes the newest readable step checkpoint, or starts from step 0
     if not cfg.overwrite:
-        prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=False)  # refuses, or says how
+        prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=False, check_only=True)  # or refuses
     if path is None:
         return
     try:
