@@ -273,6 +273,80 @@ def test_folder_and_list_layouts_with_class_file(tmp_path: Path) -> None:
     assert len(fld["train"]) == 2 and fld["train"][1][1].shape == (16, 16)
 
 
+def _classes(*overrides: str, preset: str | None = None) -> list[str]:
+    """The class names :func:`class_names` gives for a folder-format config with ``overrides``."""
+    from beit.tasks.segmentation import class_names
+
+    path = CONFIGS / f"{preset}.yaml" if preset else None
+    return class_names(load_config(SegmentConfig, path, ["data.root=x", "data.format=folder", *overrides]).data)
+
+
+def test_a_class_list_file_that_is_a_folder_binary_empty_or_has_a_blank_line_says_so_naming_key_and_file(
+        tmp_path: Path) -> None:
+    """A folder was "class list file not found" (it exists); a PNG a bare utf-8 decode error; an empty file
+    "num_classes must be >= 2, got 0" from the model; a blank line in the middle was dropped, shifting every later
+    name to the wrong label."""
+    from beit.engine import ConfigError
+
+    key = r"^config key 'data\.classes_file': class list file "
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match=key + rf"'{tmp_path}/folder' is a folder, not a file: give a text file "
+                                              r"with one class name a line \(line k names class k - 1\)$"):
+        _classes(f"data.classes_file={tmp_path / 'folder'}")
+    png = tmp_path / "cls.png"
+    Image.new("RGB", (4, 4)).save(png)
+    with pytest.raises(ConfigError, match=key + rf"'{png}' is not a text file \(byte 0 is not UTF-8 text\): give a "
+                                              r"text file with one class name a line"):
+        _classes(f"data.classes_file={png}")
+    empty = tmp_path / "empty.txt"
+    for text in ("", "\n \n\n"):
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match=key + rf"'{empty}' is empty \(it names no class\): give a text file"):
+            _classes(f"data.classes_file={empty}")
+    gap = tmp_path / "gap.txt"
+    gap.write_text("sky\nroad\n\ncar\n")
+    with pytest.raises(ConfigError, match=key + rf"'{gap}': line 3 is blank but names follow it: every line names "
+                                              r"one class \(line k is class k - 1\), so a blank line would shift the "
+                                              r"later names to the wrong labels; remove it, or write the name"):
+        _classes(f"data.classes_file={gap}")
+    gap.write_text("\nsky\nroad\n  \ncar\n")
+    with pytest.raises(ConfigError, match=r"lines 1, 4 are blank but names follow them"):
+        _classes(f"data.classes_file={gap}")
+    gap.write_text("\ufeff sky \r\nroad\r\ncar\n\n  \n")  # BOM, CRLF, spaces around names, blank lines at the end
+    assert _classes(f"data.classes_file={gap}") == ["sky", "road", "car"]
+    with pytest.raises(ConfigError, match=key + rf"'{tmp_path}/missing\.txt' not found: give the path of the list "
+                                              r"\(a text file, one class name a line\), or the names themselves: "
+                                              r"data\.classes=\[a,b,\.\.\.\]$"):
+        _classes(f"data.classes_file={tmp_path / 'missing.txt'}")
+    gap.write_text("sky\n")
+    with pytest.raises(ConfigError, match=rf"^config key 'data\.classes_file': data\.classes_file '{gap}' \(1 name\): "
+                                          "segmentation needs at least 2 classes$"):
+        _classes(f"data.classes_file={gap}")
+    with pytest.raises(ConfigError, match=r"^config key 'data\.num_classes': 4, but data\.classes \(3 names\) gives 3: "
+                                          r"set data\.num_classes=3 \(or 0: the number of names\), or give 4 names$"):
+        _classes("data.classes=[a,b,c]", "data.num_classes=4")
+
+
+def test_classes_and_classes_file_both_set_say_which_to_clear_and_null_clears_either(tmp_path: Path) -> None:
+    """`-c segment_camvid data.classes_file=x.txt` (the preset sets data.classes) said "give classes or
+    classes_file, not both"; data.classes=null was refused as "not Optional"."""
+    from beit.engine import ConfigError
+
+    names = tmp_path / "x.txt"
+    names.write_text("a\nb\nc\n")
+    with pytest.raises(ConfigError, match=rf"^config key 'data\.classes': data\.classes \(11 names: Sky, Building, "
+                                          rf"Pole, \.\.\.; a preset or -c file may set it\) and data\.classes_file "
+                                          rf"'{names}' are both set: give one\. To use the file, clear the list: "
+                                          r"data\.classes=\[\]; to use the list, clear the file: "
+                                          r"data\.classes_file=null$"):
+        _classes(f"data.classes_file={names}", preset="segment_camvid")
+    for clear in ("data.classes=[]", "data.classes=null"):
+        assert _classes(clear, f"data.classes_file={names}", preset="segment_camvid") == ["a", "b", "c"]
+    assert _classes("data.classes=[p,q]", "data.classes_file=null") == ["p", "q"]
+    cfg = load_config(SegmentConfig, None, ["data.classes=null", "data.classes_file=null"])
+    assert cfg.data.classes == [] and cfg.data.classes_file == ""  # stored as the empty values, not None
+
+
 def test_a_classes_file_too_short_for_the_masks_names_the_file_its_count_and_the_fix(tmp_path: Path) -> None:
     """A label value beyond the names of data.classes_file was reported through the mask's values only
     ("outside the 3 classes"), without saying that the classes file is what to fix."""

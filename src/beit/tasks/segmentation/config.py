@@ -76,8 +76,9 @@ class SegDataConfig:
     seg_suffix: str = ".png"
     train_list: str = "train.txt"  # list format: "<image> <mask>" lines, relative to root
     val_list: str = "val.txt"
-    classes: list[str] = field(default_factory=list)  # names; or classes_file; ade20k: its 150 names
-    classes_file: str = ""
+    # names; or classes_file; ade20k: its 150 names. null = [] (and classes_file null = "")
+    classes: list[str] | None = field(default_factory=list)
+    classes_file: str | None = ""  # a text file, one class name a line (line k: class k - 1)
     num_classes: int = 0  # 0 = len(classes)
     ignore_index: int = 255
     reduce_zero_label: bool = True  # ADE20K: label 0 ("other") is ignored, k -> k - 1
@@ -95,6 +96,10 @@ class SegDataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD_255))
 
     def validate(self) -> None:
+        if self.classes is None:  # data.classes=null: no list (as [])
+            self.classes = []
+        if self.classes_file is None:
+            self.classes_file = ""
         choices = {"format": ("ade20k", "folder", "list"), "on_bad_sample": ("error", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

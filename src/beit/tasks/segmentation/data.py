@@ -150,21 +150,56 @@ def list_pairs(list_file: str | os.PathLike, root: str | os.PathLike | None = No
 
 
 def load_class_names(classes: str | os.PathLike | Sequence[str] | None, num_classes: int = 0) -> list[str]:
-    """Class names from a list or a text file (one per line); ``class_<i>`` names when none are given."""
+    """Class names from a list or a text file (UTF-8, one name a line: line k names class k - 1); ``class_<i>``
+    names when none are given. Blank lines at the end of the file and spaces around a name are ignored.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the path is a folder, or not a text file (not UTF-8: an image, say); the file names no class;
+            a blank line comes before the last name (it would shift every later name to the wrong label; the
+            message gives its line number); the names are not ``num_classes``; nothing given and no
+            ``num_classes``. Each message names the file.
+    """
     if classes is None or (isinstance(classes, (list, tuple)) and not classes) or classes == "":
         if num_classes <= 0:
             raise ValueError("give the class names (a list or a file) or num_classes")
         return [f"class_{i}" for i in range(num_classes)]
     if isinstance(classes, (str, os.PathLike)):
-        path = Path(classes)
-        if not path.is_file():
-            raise FileNotFoundError(f"class list file not found: {str(path)!r}")
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        names = _read_class_file(Path(classes))
+        source = f"class list file {str(classes)!r}"
     else:
-        names = [str(c) for c in classes]
+        names, source = [str(c) for c in classes], "the class list"
     if num_classes and len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names but num_classes={num_classes}")
+        raise ValueError(f"{source} has {len(names)} class names but num_classes={num_classes}")
     return names
+
+
+def _read_class_file(path: Path) -> list[str]:
+    """The names in a class list file, one a line (see :func:`load_class_names`, which raises what it raises)."""
+    what = f"class list file {str(path)!r}"
+    fix = "give a text file with one class name a line (line k names class k - 1)"
+    if path.is_dir():
+        raise ValueError(f"{what} is a folder, not a file: {fix}")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not a text file (byte {e.start} is not UTF-8 text): {fix}") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    while lines and not lines[-1]:  # blank lines at the end: nothing follows them to shift
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{what} is empty (it names no class): {fix}")
+    blank = [n for n, ln in enumerate(lines, 1) if not ln]
+    if blank:
+        at = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        lines_are = f"line {at} is blank but names follow it" if len(blank) == 1 else \
+            f"lines {at} are blank but names follow them"
+        raise ValueError(f"{what}: {lines_are}: every line names one class (line k is class k - 1), so a blank "
+                         "line would shift the later names to the wrong labels; remove it, or write the name of the "
+                         "class it stands for")
+    return lines
 
 
 # --------------------------------------------------------------------------------------- decoding
@@ -554,25 +589,57 @@ def collate_eval(batch: list[dict | None]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- from the config
 def class_names(dcfg: SegDataConfig) -> list[str]:
-    """The class list: ``classes`` / ``classes_file`` / ADE20K's 150 names / ``class_<i>``."""
-    if dcfg.classes or dcfg.classes_file:
-        if dcfg.classes and dcfg.classes_file:
-            raise ConfigError("data.classes", "give classes or classes_file, not both")
-        return load_class_names(list(dcfg.classes) or dcfg.classes_file, dcfg.num_classes)
-    if dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
+    """The class list: ``classes`` / ``classes_file`` / ADE20K's 150 names / ``class_<i>``.
+
+    Raises:
+        ConfigError: naming the key to change: both ``data.classes`` and ``data.classes_file`` set (saying how to
+            clear either); ``data.classes_file`` missing, a folder, not a text file, empty, or with a blank line
+            before its last name (:func:`load_class_names`); names that are not ``data.num_classes``; fewer than 2
+            classes; neither names nor ``data.num_classes``.
+    """
+    classes, classes_file = list(dcfg.classes or []), dcfg.classes_file or ""
+    if classes and classes_file:
+        shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+        raise ConfigError("data.classes", f"data.classes ({len(classes)} names: {shown}; a preset or -c file may set "
+                                          f"it) and data.classes_file {classes_file!r} are both set: give one. To use "
+                                          "the file, clear the list: data.classes=[]; to use the list, clear the "
+                                          "file: data.classes_file=null")
+    if classes_file:
+        try:
+            names = load_class_names(classes_file)
+        except FileNotFoundError as e:
+            raise ConfigError("data.classes_file", f"{e}: give the path of the list (a text file, one class name a "
+                                                   "line), or the names themselves: data.classes=[a,b,...]") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError("data.classes_file", str(e)) from None
+    elif classes:
+        names = classes
+    elif dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
         return list(ADE20K_CLASSES)
-    if dcfg.num_classes <= 0:
-        raise ConfigError("data.num_classes", "set num_classes or give the class names (data.classes)")
-    return load_class_names(None, dcfg.num_classes)
+    elif dcfg.num_classes <= 0:
+        raise ConfigError("data.num_classes", "no class names given: set data.num_classes=N, or give the names: "
+                                              "data.classes=[a,b,...] or data.classes_file=FILE (one name a line)")
+    else:
+        names = [f"class_{i}" for i in range(dcfg.num_classes)]
+    source = _classes_source(dcfg, len(names))
+    if dcfg.num_classes and len(names) != dcfg.num_classes:
+        raise ConfigError("data.num_classes", f"{dcfg.num_classes}, but {source} gives {len(names)}: set "
+                                              f"data.num_classes={len(names)} (or 0: the number of names), or give "
+                                              f"{dcfg.num_classes} names")
+    if len(names) < 2:
+        key = "data.classes_file" if classes_file else "data.classes" if classes else "data.num_classes"
+        raise ConfigError(key, f"{source}: segmentation needs at least 2 classes")
+    return names
 
 
 def _classes_source(dcfg: SegDataConfig, n: int) -> str:
     """Where :func:`class_names` took the ``n`` class names from, for messages: the config key, and the classes
     file's path and its count of names (``data.classes_file '/d/classes.txt' (11 names)``)."""
+    names = f"{n} name" + ("" if n == 1 else "s")
     if dcfg.classes_file:
-        return f"data.classes_file {str(dcfg.classes_file)!r} ({n} names)"
+        return f"data.classes_file {str(dcfg.classes_file)!r} ({names})"
     if dcfg.classes:
-        return f"data.classes ({n} names)"
+        return f"data.classes ({names})"
     if dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
         return f"ADE20K's class list ({n} names; data.format=ade20k, give data.classes_file for another list)"
     return f"data.num_classes={n} (no class names given)"
