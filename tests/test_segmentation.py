@@ -613,6 +613,83 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
     assert main(["segment", "eval", "--ckpt", str(tmp_path / "missing.pt")]) == 1
 
 
+def _train_tiny(data: Path, out: Path, *overrides: str) -> Path:
+    """One step of a tiny segmenter on :func:`make_toy`'s data (the camvid preset, its class list replaced)."""
+    from beit.cli import main
+
+    assert main(["segment", "train", "--config", str(CONFIGS / "segment_camvid.yaml"),
+        f"data.root={data}", "data.ignore_index=3", "data.crop_size=32", "data.img_scale=[32,32]",
+        "data.ratio_range=[0.9,1.1]", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
+        "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
+        "model.num_heads=2", "model.channels=16", "model.aux_channels=8", "model.drop_path_rate=0.0",
+        "train.batch_size=2", "train.max_steps=1", "train.warmup_steps=0", "train.num_workers=0",
+        "train.eval_every=0", f"train.output_dir={out}", *overrides]) == 0
+    return out / "last.pt"
+
+
+def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run trained with data.classes_file stored only the path: once the file moved, `segment predict` / `segment
+    eval` failed with "class list file not found". A list of another length at eval failed with "shape mismatch
+    for 'decode_head.conv_seg.weight'". Older checkpoints (path only) still load while the file is there, and
+    name the stored path and data.classes_file=NEW when it is not."""
+    from beit.cli import main
+    from beit.engine.checkpoint import load_checkpoint, save_checkpoint
+    from beit.engine.config import ConfigError
+
+    (tmp_path / "data").mkdir()
+    data = make_toy(tmp_path / "data")
+    cls3 = tmp_path / "d" / "cls3.txt"
+    cls3.parent.mkdir()
+    cls3.write_text("red\nblue\ngreen\n")
+    ckpt = _train_tiny(data, tmp_path / "run", "data.classes=[]", f"data.classes_file={cls3}")
+    capsys.readouterr()
+    stored = load_checkpoint(ckpt)["config"]
+    assert stored["model"]["classes"] == ["red", "blue", "green"] and stored["data"]["classes_file"] == str(cls3)
+    assert "- green" in (tmp_path / "run" / "config.yaml").read_text()
+    # the resumed run fills in the same names: its config matches the checkpoint's
+    _train_tiny(data, tmp_path / "run", "data.classes=[]", f"data.classes_file={cls3}", "train.resume=auto",
+                "train.max_steps=2")
+    assert load_checkpoint(ckpt)["step"] == 2
+    moved = cls3.rename(tmp_path / "d" / "moved.txt")
+
+    model, cfg = load_segmenter(ckpt)  # the file is gone: the names come from the checkpoint
+    assert model.num_classes == 3 and cfg.data.classes == ["red", "blue", "green"] and cfg.data.classes_file == ""
+    assert main(["segment", "predict", str(ckpt), str(data / "0.png"), "--out", str(tmp_path / "pred")]) == 0
+    assert main(["segment", "eval", str(ckpt)]) == 0
+    assert "| green" in capsys.readouterr().out
+
+    long = tmp_path / "long.txt"
+    long.write_text("a\nb\nc\nd\ne\n")
+    assert main(["segment", "eval", str(ckpt), "data.classes=[]", f"data.classes_file={long}"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"beit segment eval: error: config key 'data.classes_file': {ckpt} was trained for 3 classes (its classes: "
+        f"red, blue, green), but the config now gives 5 (data.classes_file '{long}' (5 names)): give 3 class names; "
+        "or drop the data.classes_file override to use the names the checkpoint stores; 5 classes need a model "
+        "trained for them (beit segment train)")
+    _, cfg = load_segmenter(ckpt, overrides=["data.classes=[r,b,g]", "data.classes_file=null"])  # renamed: fine
+    assert cfg.data.classes == ["r", "b", "g"]
+
+    # a checkpoint from before the names were stored: its data.classes_file is read; gone, the error says whence
+    state = load_checkpoint(ckpt)
+    del state["config"]["model"]["classes"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(state, old)
+    with pytest.raises(ConfigError) as err:
+        load_segmenter(old)
+    assert str(err.value) == (
+        f"config key 'data.classes_file': class list file '{cls3}' not found: the path is the one {old}'s stored "
+        "config names (the run predates checkpoints that keep their class names); point it at the list's new place: "
+        "data.classes_file=NEW (or give the names: \"data.classes=[a,b,...]\" data.classes_file=null)")
+    model, cfg = load_segmenter(old, overrides=[f"data.classes_file={moved}"])
+    assert model.num_classes == 3 and cfg.data.classes_file == str(moved)
+    moved.rename(cls3)  # back where the run had it: the old checkpoint loads as before
+    assert load_segmenter(old)[0].num_classes == 3
+    with pytest.raises(ConfigError, match=rf"^config key 'data\.classes_file': {old} was trained for 3 classes \(its "
+                                          rf"heads' size; it stores no class names\), but the config now gives 5 "):
+        load_segmenter(old, overrides=[f"data.classes_file={long}"])
+
+
 def test_training_repeats_exactly_whatever_the_global_rng(tmp_path: Path) -> None:
     """The heads' random init comes from train.seed: two runs of one config after different global draws
     write the same weights."""

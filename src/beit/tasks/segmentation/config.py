@@ -38,6 +38,9 @@ class SegModelConfig:
     # Filled in by training: the backbone's BeitConfig, so eval / predict rebuild the network from the
     # checkpoint alone (without the pre-trained file).
     backbone: dict[str, Any] | None = None
+    # Filled in by training: the names of the classes the heads were trained for, resolved from data.classes /
+    # data.classes_file / ADE20K's list, so eval / predict need no class list file. Not an input: set data.classes.
+    classes: list[str] | None = None
 
     def validate(self) -> None:
         for name in ("channels", "aux_channels"):

@@ -34,7 +34,7 @@ from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_br
 
 from ..backbone_config import task_config_from_checkpoint
 from .config import SHAPE_KEYS, SegmentConfig
-from .data import class_names
+from .data import _classes_source, class_names
 
 __all__ = [
     "BeitSegmenter",
@@ -341,14 +341,73 @@ def config_from_checkpoint(path: str | Path, config_file: str | None = None,
 
 def load_segmenter(path: str | Path, config_file: str | None = None, overrides: list[str] | None = None,
                    use_ema: bool = False) -> tuple[BeitSegmenter, SegmentConfig]:
-    """A trained segmenter (eval mode) and its config from a training checkpoint (``last.pt`` / ``best.pt``)."""
+    """A trained segmenter (eval mode) and its config from a training checkpoint (``last.pt`` / ``best.pt``).
+
+    The class names are those the checkpoint stores (``model.classes``, filled in by training): no class list
+    file is read, and the returned config's ``data.classes`` holds them (``data.classes_file`` cleared). A
+    ``data.classes`` / ``data.classes_file`` / ``data.num_classes`` / ``data.format`` that the config file or
+    overrides change, or a checkpoint from before the names were stored, gives the names from the data config
+    (:func:`~beit.tasks.segmentation.data.class_names`) instead; there must be as many as the heads were trained for.
+
+    Raises:
+        FileNotFoundError, ValueError, TaskMismatchError, ConfigError: as :func:`config_from_checkpoint`.
+        ValueError: the config has no ``model.backbone`` (not written by ``beit segment train``); ``--ema``
+            (``use_ema``) of a run without EMA.
+        ConfigError: the class list cannot be read (for an older checkpoint, saying that the path is its stored
+            ``data.classes_file`` and how to point it elsewhere), or gives another number of classes than the
+            checkpoint was trained for (naming both, where each comes from, and the fix).
+    """
     cfg, state = config_from_checkpoint(path, config_file, overrides)
     if not cfg.model.backbone:
         raise ValueError(f"{path}: the config has no model.backbone; was it written by `beit segment train`?")
+    weights = model_weights(state, path, use_ema)
+    names = _checkpoint_class_names(cfg, state.get("config") or {}, weights, path)
     init, cfg.model.init = cfg.model.init, ""  # rebuild from the stored architecture, not the pre-trained file
-    num_classes = len(class_names(cfg.data))
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg, len(names))
     cfg.model.init = init
-    load_model_state(model, model_weights(state, path, use_ema), source=str(path))
+    load_model_state(model, weights, source=str(path))
     return model.eval(), cfg
 
+
+def _shown(names: Sequence[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _norm(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _checkpoint_class_names(cfg: SegmentConfig, saved: dict[str, Any], weights: dict[str, Any],
+                            path: str | Path) -> list[str]:
+    """The class names for the segmenter of checkpoint ``path`` (``saved``: its stored config, ``weights``: its
+    tensors) under ``cfg`` (that config with the user's file and overrides): see :func:`load_segmenter`."""
+    d, trained = cfg.data, list(cfg.model.classes or [])
+    stored = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    keys = {"classes": [], "classes_file": "", "num_classes": 0}  # the data keys that give the names: defaults
+    if not d.classes and not d.classes_file:
+        keys["format"] = "ade20k"  # ADE20K's names when no list is given
+    changed = [f"data.{k}" for k, default in keys.items()
+               if _norm(getattr(d, k)) != _norm(default if stored.get(k) is None else stored[k])]
+    if trained and not changed:
+        d.classes, d.classes_file = list(trained), ""  # what evaluate's datasets then read: no file needed
+        return trained
+    if d.classes_file and "data.classes_file" not in changed and not Path(d.classes_file).exists():
+        kept = ", ".join(f"data.{k}" for k in keys)
+        why = (f"checkpoint's own class names are used only while {kept} stay as it stores them, and "
+               f"{', '.join(changed)} changed" if trained else "run predates checkpoints that keep their class names")
+        raise ConfigError("data.classes_file", f"class list file {d.classes_file!r} not found: the path is the one "
+                                               f"{path}'s stored config names (the {why}); point it at the list's "
+                                               "new place: data.classes_file=NEW (or give the names: "
+                                               "\"data.classes=[a,b,...]\" data.classes_file=null)")
+    names = class_names(d)
+    head = weights.get("decode_head.conv_seg.weight")
+    n_trained = len(trained) or (int(head.shape[0]) if isinstance(head, torch.Tensor) else 0)
+    if n_trained and len(names) != n_trained:
+        key = next((f"data.{k}" for k in ("classes_file", "classes", "num_classes") if getattr(d, k)), "data.format")
+        was = f"its classes: {_shown(trained)}" if trained else "its heads' size; it stores no class names"
+        own = (f"; or drop the {' / '.join(changed)} override to use the names the checkpoint stores" if trained
+               else "")
+        raise ConfigError(key, f"{path} was trained for {n_trained} classes ({was}), but the config now gives "
+                               f"{len(names)} ({_classes_source(d, len(names))}): give {n_trained} class names{own}; "
+                               f"{len(names)} classes need a model trained for them (beit segment train)")
+    return names

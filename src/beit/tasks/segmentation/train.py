@@ -94,11 +94,17 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
 
 
 def train(cfg: SegmentConfig) -> dict[str, Any]:
-    """Fine-tune BEiT + UperNet with the shared trainer; returns its final metrics (+ ``"table"``)."""
+    """Fine-tune BEiT + UperNet with the shared trainer; returns its final metrics (+ ``"table"``).
+
+    Fills in ``cfg.model.classes`` (the class names, so the checkpoints hold them) and ``cfg.model.backbone``.
+    """
     validate_config(cfg)
     D.init_distributed()
     sets = build_datasets(cfg)
     val = sets["val"]
+    # the checkpoints keep the names themselves (data.classes_file stays, for reference): eval and predict then
+    # need no class list file, which may have moved since
+    cfg.model.classes = list(val.class_names)
     seed_everything(cfg.train.seed)  # the heads' random init is part of the run: runs repeat exactly
     model = build_model(cfg, val.num_classes)
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
