@@ -156,6 +156,9 @@ def test_check_resume_config_nested_sections(tmp_path):
     assert R.check_resume_config(stored, to_dict(other), source="ck.pt", allow=True) == [
         "data.path", "model.depth", "train.batch_size"]
     assert R.check_resume_config(None, stored, source="old.pt") == []  # no stored config: warned, accepted
+    older = to_dict(TaskCfg())  # a checkpoint written before model.dim existed: the key is new, not a change
+    del older["model"]["dim"]
+    assert R.check_resume_config(older, to_dict(TaskCfg()), source="ck.pt") == ["model.dim"]
 
 
 # --- 15: files a crash left incomplete never block a resume -------------------------------------------------

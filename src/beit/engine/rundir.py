@@ -436,7 +436,8 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
                         world_size: int = 1, report: bool = True) -> list[str]:
     """Compare a checkpoint's ``config`` with the current run's; return the dotted keys that differ.
 
-    Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line). Any other
+    Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line), and so may keys
+    the stored config lacks (added to beit after the checkpoint was written; listed too). Any other
     difference raises :class:`ConfigChangedError` naming ``source`` and every such key with both values,
     unless ``allow`` (``train.allow_config_change``), which logs them as a warning instead. A checkpoint
     without a stored config (``stored`` None) is accepted with a warning.
@@ -468,12 +469,18 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
                                        f"{_global_batch(current, world_size)}, "
                                        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped)))
         diffs = [d for d in diffs if d not in regrouped]
-    harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS]
-    changed = [d for d in diffs if d not in harmless]
+    # a key the checkpoint's config lacks came with a newer beit (e.g. model.classes, filled in by training): the
+    # run was made without it, so it is taken as it is now, said, and not held against the resume
+    added = [d for d in diffs if d[1] == "<absent>"]
+    harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS and d not in added]
+    changed = [d for d in diffs if d not in harmless and d not in added]
     shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]
     if shown:
         said.append((logging.INFO, "resume: settings changed since the checkpoint (allowed): "
                                    + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shown)))
+    if added:
+        said.append((logging.INFO, "resume: settings the checkpoint's config does not have (newer than it), taken "
+                                   "as now: " + ", ".join(f"{k}={b!r}" for k, _, b in added)))
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
     if changed and not allow:
         for level, line in said:  # refused: no later resume will say them
