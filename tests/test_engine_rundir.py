@@ -156,9 +156,17 @@ def test_check_resume_config_nested_sections(tmp_path):
     assert R.check_resume_config(stored, to_dict(other), source="ck.pt", allow=True) == [
         "data.path", "model.depth", "train.batch_size"]
     assert R.check_resume_config(None, stored, source="old.pt") == []  # no stored config: warned, accepted
-    older = to_dict(TaskCfg())  # a checkpoint written before model.dim existed: the key is new, not a change
-    del older["model"]["dim"]
-    assert R.check_resume_config(older, to_dict(TaskCfg()), source="ck.pt") == ["model.dim"]
+    older = {**to_dict(TaskCfg()), "model": {"depth": 3}}  # written before model.classes existed (NEWER_KEYS)
+    now = {**to_dict(TaskCfg()), "model": {"depth": 3, "classes": ["a", "b"]}}
+    assert R.check_resume_config(older, now, source="ck.pt") == ["model.classes"]
+    del now["model"]["classes"]
+    now["model"]["dim"] = 8  # a key the stored config lacks that is not a newer beit's: a change
+    with pytest.raises(R.ConfigChangedError, match=r"model\.dim: '<absent>' -> 8"):
+        R.check_resume_config(older, now, source="ck.pt")
+    empty, entry = {**older, "extra": {}}, {**older, "extra": {"eps": 0.5}}  # a free-form dict: one line, its entry
+    with pytest.raises(R.ConfigChangedError, match=r"in 1 key\(s\) that define the run: extra\.eps: '<absent>' -> "
+                                                   r"0\.5\. "):
+        R.check_resume_config(empty, entry, source="ck.pt")
 
 
 # --- 15: files a crash left incomplete never block a resume -------------------------------------------------

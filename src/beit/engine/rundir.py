@@ -366,6 +366,11 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
 _MISSING = object()
 
 
+# config keys added after checkpoints without them were written (dotted, whole): a stored config that lacks one
+# resumes, taking the current value (segmentation's model.classes, filled in by training since 2026-12-06)
+NEWER_KEYS = frozenset({"model.classes"})
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -395,6 +400,9 @@ def diff_configs(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if (va == {} and vb is _MISSING and any(k.startswith(key + ".") for k in b)) or (
+                vb == {} and va is _MISSING and any(k.startswith(key + ".") for k in a)):
+            continue  # an empty dict on one side, its entries on the other: the entries' lines say it
         if va is _MISSING or vb is _MISSING or _norm(va) != _norm(vb):
             out.append((key, "<absent>" if va is _MISSING else va, "<absent>" if vb is _MISSING else vb))
     return out
@@ -436,8 +444,9 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
                         world_size: int = 1, report: bool = True) -> list[str]:
     """Compare a checkpoint's ``config`` with the current run's; return the dotted keys that differ.
 
-    Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line), and so may keys
-    the stored config lacks (added to beit after the checkpoint was written; listed too). Any other
+    Keys whose last component is in :data:`RESUME_SAFE_KEYS` may differ (listed in an info line), and a key of
+    :data:`NEWER_KEYS` may be missing from the stored config (added to beit after the checkpoint was written;
+    listed too). Any other
     difference raises :class:`ConfigChangedError` naming ``source`` and every such key with both values,
     unless ``allow`` (``train.allow_config_change``), which logs them as a warning instead. A checkpoint
     without a stored config (``stored`` None) is accepted with a warning.
@@ -469,9 +478,10 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
                                        f"{_global_batch(current, world_size)}, "
                                        + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped)))
         diffs = [d for d in diffs if d not in regrouped]
-    # a key the checkpoint's config lacks came with a newer beit (e.g. model.classes, filled in by training): the
-    # run was made without it, so it is taken as it is now, said, and not held against the resume
-    added = [d for d in diffs if d[1] == "<absent>"]
+    # a key the checkpoint's config lacks that came with a newer beit (NEWER_KEYS): the run was made without it, so
+    # it is taken as it is now, said, and not held against the resume (a user's new entry of a free-form dict,
+    # e.g. model_overrides, is a change like any other)
+    added = [d for d in diffs if d[1] == "<absent>" and d[0] in NEWER_KEYS]
     harmless = [d for d in diffs if d[0].rsplit(".", 1)[-1] in RESUME_SAFE_KEYS and d not in added]
     changed = [d for d in diffs if d not in harmless and d not in added]
     shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]
