@@ -136,6 +136,12 @@ def test_eval_out_may_be_a_folder_and_a_bad_extension_is_refused_before_the_work
     in_the_way.write_text("x")
     assert main([*base, "--out", str(in_the_way / "g.png")]) == 1
     assert f"{in_the_way} is a file, not a folder" in capsys.readouterr().err
+    first = sorted(data.iterdir())[0]  # the grid over an input image, or among them: refused, the data untouched
+    before = first.read_bytes()
+    for inside in (first, data, data / "sub" / "g.png"):
+        assert main([*base, "--out", str(inside)]) == 1
+        assert f"would be written inside --data {data}" in capsys.readouterr().err
+    assert first.read_bytes() == before and not (data / "tokenizer_recon.png").exists()
 
 
 def test_eval_names_a_dangling_link_once_and_counts_only_the_files_evaluated(tmp_path, capsys,

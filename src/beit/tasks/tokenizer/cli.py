@@ -35,7 +35,7 @@ RECON_GRID_NAME = "tokenizer_recon.png"
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def recon_grid_path(out: str) -> Path:
+def recon_grid_path(out: str, data: str | None = None) -> Path:
     """The file ``beit tokenizer eval --out OUT`` writes its reconstruction grid to, decided before any work.
 
     ``OUT`` is a folder (it is one, ends in ``/``, or has no suffix: ``results/``, ``recon``) -> the grid is
@@ -44,7 +44,8 @@ def recon_grid_path(out: str) -> Path:
 
     Raises:
         ValueError: any other suffix (``grid.pdf``, ``grid.txt``), naming ``OUT`` and the accepted ones; a folder
-            path whose place is taken by a file.
+            path whose place is taken by a file; a grid inside the ``data`` folder (it would replace one of the
+            images, or be scored with them the next time).
     """
     import os
 
@@ -54,10 +55,14 @@ def recon_grid_path(out: str) -> Path:
     elif path.suffix.lower() not in GRID_SUFFIXES:
         what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
         raise ValueError(f"--out {out}: {what}; give a {' or '.join(GRID_SUFFIXES)} file, or a folder "
-                         f"(the grid is then {RECON_GRID_NAME} inside it)")
+                         f"(the grid is then {RECON_GRID_NAME} inside it; a new folder with a dot in its name: "
+                         f"end it with /)")
     blocker = next((p for p in path.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ValueError(f"--out {out}: {blocker} is a file, not a folder")
+    if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
+        raise ValueError(f"--out {out}: the grid ({path}) would be written inside --data {data}, among the images "
+                         "it evaluates (replacing one, or scored with them next time): give --out a place outside it")
     return path
 
 
@@ -175,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1 (the number of files to evaluate), got {args.max_images}")
-    out = recon_grid_path(args.out)
+    out = recon_grid_path(args.out, args.data)
     tok, ds, _ = _tokenizer_and_images(args)
     files = FileImages(ds.paths[:args.max_images], ds.transform)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=0, collate_fn=collate_files)
