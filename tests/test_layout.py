@@ -490,3 +490,29 @@ def test_image_ids_that_are_not_integers_are_one_line_naming_the_file(tmp_path, 
     ann.write_text(json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "text"}]}))
     with pytest.raises(LayoutDataError, match=r"ann\.json: 'images' entry \d has no integer id"):
         split_image_ids(ann, 1)
+
+
+def test_layout_predict_replaces_only_its_own_outputs_and_skips_its_output_folder(tiny_ckpt, tmp_path, capsys):
+    """A drawing may replace an earlier run's (pages.json there), never a file that is not one (page_000.png
+    beside the page_000.jpg predicted); an --out below the pages' folder is not read back as pages next time."""
+    import shutil
+
+    from beit.cli import main
+    from beit.data.datasets import output_stems
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=2, size=(96, 128)).parent / "images"
+    pages = tmp_path / "pages"
+    shutil.copytree(src, pages)
+    first = sorted(pages.glob("*.png"))[0]
+    from PIL import Image
+
+    Image.open(first).convert("RGB").save(first.with_suffix(".jpg"))
+    before = first.read_bytes()
+    assert main(["layout", "predict", str(tiny_ckpt), str(first.with_suffix(".jpg")), "--out", str(pages)]) == 1
+    assert "no pages.json of an earlier run" in capsys.readouterr().err and first.read_bytes() == before
+    first.with_suffix(".jpg").unlink()
+    for _ in range(2):  # the second run must not take the first run's drawings in pages/preds for pages
+        assert main(["layout", "predict", str(tiny_ckpt), str(pages), "--out", str(pages / "preds"),
+                     "--score-thresh", "0"]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in (pages / "preds").glob("*.png")) == sorted(p.name for p in src.glob("*.png"))
+    assert output_stems([pages / first.name], out_dir=pages / "preds", manifest="pages.json") == [first.stem]

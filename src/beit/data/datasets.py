@@ -767,7 +767,7 @@ def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",),
-                 out_dir: str | os.PathLike | None = None) -> list[str]:
+                 out_dir: str | os.PathLike | None = None, manifest: str | None = None) -> list[str]:
     """One distinct output name (no suffix) per input file, for commands writing a file per input (segment and
     layout predict write ``<name><suffix>`` for each of ``suffixes``): the file's name without its extension
     (``a.jpg``, ``b.png``, ``c.jpeg`` -> ``a``, ``b``, ``c``); where a stem repeats in other folders, the folder
@@ -778,7 +778,9 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
         ValueError: two inputs would get the same name (``a.jpg`` and ``a.png`` in one folder, or a file given
             twice), naming them, rather than one result silently overwriting the other; or (``out_dir`` given)
             an output would be written over one of the inputs (``--out`` is the pages' own folder and an output
-            name is an input's name), naming both.
+            name is an input's name), naming both; or (``out_dir`` and ``manifest`` given) an output would replace
+            a file already there while ``out_dir`` holds no ``manifest`` (the file an earlier run of the command
+            writes, e.g. ``index.json``): the files are someone else's (ground-truth masks beside the images).
     """
     full = [os.path.abspath(os.fspath(p)) for p in paths]
     stems = [Path(p).stem for p in full]
@@ -810,6 +812,14 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
                 f" (and {len(over) - 3} more)" if len(over) > 3 else "")
             raise ValueError(f"{len(over)} output file(s) would be written over input images: {shown}. Give --out "
                              "a folder of its own (not the images' folder)")
+        if manifest is not None and not os.path.exists(os.path.join(os.fspath(out_dir), manifest)):
+            there = [os.path.join(os.fspath(out_dir), n + s) for n in names for s in suffixes]
+            there = [t for t in there if os.path.lexists(t)]
+            if there:
+                raise ValueError(f"--out {os.fspath(out_dir)} already holds {len(there)} file(s) of the names this "
+                                 f"command writes ({', '.join(map(repr, there[:3]))}"
+                                 f"{' and more' if len(there) > 3 else ''}) and no {manifest} of an earlier run: "
+                                 "they are not its outputs, so they are not replaced; give --out a folder of its own")
     return names
 
 

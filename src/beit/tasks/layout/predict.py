@@ -27,13 +27,17 @@ _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
             "#469990", "#800000", "#808000", "#000075", "#a9a9a9"]
 
 
-def find_pages(paths: Sequence[str | Path]) -> list[Path]:
+def find_pages(paths: Sequence[str | Path], skip: str | Path | None = None) -> list[Path]:
     """Files as given; folders expand to their images at any depth, as ``beit segment predict`` reads a folder
-    (sorted, so ids are stable)."""
+    (sorted, so ids are stable), leaving out those under ``skip`` (the output folder, when it is below one of
+    them: an earlier run's drawings are not pages)."""
     pages: list[Path] = []
+    skip = Path(skip).resolve() if skip is not None else None
     for p in map(Path, paths):
         if p.is_dir():
-            pages += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            below = skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve())
+            pages += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()
+                            and not (below and q.resolve().is_relative_to(skip)))
         elif p.is_file():
             pages.append(p)
         else:
@@ -73,7 +77,7 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
         ValueError: two pages of one name (``a.jpg`` and ``a.png`` in one folder, or a file given twice), before
             anything is written, or a drawing that would overwrite one of the pages (``out_dir`` is their folder)
             (:func:`beit.data.datasets.output_stems`)."""
-    stems = output_stems(pages, out_dir=out_dir)
+    stems = output_stems(pages, out_dir=out_dir, manifest="pages.json")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -70,15 +70,18 @@ def predict(args: argparse.Namespace) -> int:
     files: list[str] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files += list_images(path)
+        if path.is_dir():  # not the images of an output folder below it (an earlier run's overlays)
+            out = Path(args.out or "segment_predictions").resolve()
+            below = out != path.resolve() and out.is_relative_to(path.resolve())
+            files += [f for f in list_images(path) if not (below and Path(f).resolve().is_relative_to(out))]
         elif path.is_file() and path.suffix.lower() in IMG_EXTENSIONS:
             files.append(str(path))
         else:
             raise FileNotFoundError(f"not an image or a folder: {item}")
     if not files:
         raise FileNotFoundError(f"no images in {inputs}")
-    output_stems(files, ("_overlay.png", "_labels.png"), out_dir=args.out or "segment_predictions")  # before loading
+    output_stems(files, ("_overlay.png", "_labels.png"), out_dir=args.out or "segment_predictions",
+                 manifest="index.json")  # refusals before the checkpoint is loaded
     model, cfg = load_segmenter(args.ckpt, args.config, args.overrides, use_ema=args.ema)
     written = run_predict(model, cfg, files, args.out or "segment_predictions", alpha=args.alpha)
     print(f"wrote {len(written)} overlays (+ label maps) to {Path(written[0]).parent}")

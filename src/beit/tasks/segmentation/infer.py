@@ -196,7 +196,7 @@ def predict(model: BeitSegmenter, cfg: SegmentConfig, inputs: list[str | Path], 
         ValueError: two inputs would get the same output name (``a.jpg`` and ``a.png`` in one folder, or a
             file given twice; checked before anything is written), or none of the images could be read.
     """
-    stems = output_stems(inputs, ("_overlay.png", "_labels.png"), out_dir=out_dir)
+    stems = output_stems(inputs, ("_overlay.png", "_labels.png"), out_dir=out_dir, manifest="index.json")
     device = D.device()
     model.to(device).eval()
     tf = SegEvalTransform(cfg.data.test_scale, cfg.data.mean, cfg.data.std)
