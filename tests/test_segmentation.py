@@ -651,6 +651,10 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
     _train_tiny(data, tmp_path / "run", "data.classes=[]", f"data.classes_file={cls3}", "train.resume=auto",
                 "train.max_steps=2")
     assert load_checkpoint(ckpt)["step"] == 2
+    from beit.cli import main as beit_main
+    assert beit_main(["segment", "train", "--config", str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}",
+                      "model.classes=[q,r]", f"train.output_dir={tmp_path / 'named'}"]) == 1  # was: replaced silently
+    assert "config key 'model.classes': filled in by training" in capsys.readouterr().err
     moved = cls3.rename(tmp_path / "d" / "moved.txt")
 
     model, cfg = load_segmenter(ckpt)  # the file is gone: the names come from the checkpoint
@@ -664,11 +668,17 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
     assert main(["segment", "eval", str(ckpt), "data.classes=[]", f"data.classes_file={long}"]) == 1
     assert capsys.readouterr().err.strip() == (
         f"beit segment eval: error: config key 'data.classes_file': {ckpt} was trained for 3 classes (its classes: "
-        f"red, blue, green), but the config now gives 5 (data.classes_file '{long}' (5 names)): give 3 class names; "
-        "or drop the data.classes_file override to use the names the checkpoint stores; 5 classes need a model "
+        f"red, blue, green), but the config (-c file or overrides) now gives 5 (data.classes_file '{long}' (5 names)): "
+        "give 3 class names; or leave the class list out to use the names the checkpoint stores; 5 classes need a model "
         "trained for them (beit segment train)")
     _, cfg = load_segmenter(ckpt, overrides=["data.classes=[r,b,g]", "data.classes_file=null"])  # renamed: fine
     assert cfg.data.classes == ["r", "b", "g"]
+    _, cfg = load_segmenter(ckpt, overrides=["data.classes_file=null"])  # no list of its own: the stored names
+    assert cfg.data.classes == ["red", "blue", "green"] and cfg.model.classes == ["red", "blue", "green"]
+    assert load_segmenter(ckpt, overrides=["model.classes=[x,y,z]"])[1].data.classes == ["x", "y", "z"]
+    with pytest.raises(ConfigError, match=r"^config key 'model\.classes': .* trained for 3 classes .* now gives 2 "
+                                          r"\(model\.classes \(2 names\)\)"):  # was a shape mismatch of conv_seg
+        load_segmenter(ckpt, overrides=["model.classes=[x,y]"])
 
     # a checkpoint from before the names were stored: its data.classes_file is read; gone, the error says whence
     state = load_checkpoint(ckpt)
@@ -682,11 +692,12 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
         "config names (the run predates checkpoints that keep their class names); point it at the list's new place: "
         "data.classes_file=NEW (or give the names: \"data.classes=[a,b,...]\" data.classes_file=null)")
     model, cfg = load_segmenter(old, overrides=[f"data.classes_file={moved}"])
-    assert model.num_classes == 3 and cfg.data.classes_file == str(moved)
+    assert model.num_classes == 3 and cfg.data.classes == ["red", "blue", "green"] and cfg.data.classes_file == ""
     moved.rename(cls3)  # back where the run had it: the old checkpoint loads as before
     assert load_segmenter(old)[0].num_classes == 3
     with pytest.raises(ConfigError, match=rf"^config key 'data\.classes_file': {old} was trained for 3 classes \(its "
-                                          rf"heads' size; it stores no class names\), but the config now gives 5 "):
+                                          rf"heads' size; it stores no class names\), but the config \(-c file or "
+                                          rf"overrides\) now gives 5 "):
         load_segmenter(old, overrides=[f"data.classes_file={long}"])
 
 

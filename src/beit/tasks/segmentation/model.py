@@ -380,34 +380,45 @@ def _norm(value: Any) -> Any:
 def _checkpoint_class_names(cfg: SegmentConfig, saved: dict[str, Any], weights: dict[str, Any],
                             path: str | Path) -> list[str]:
     """The class names for the segmenter of checkpoint ``path`` (``saved``: its stored config, ``weights``: its
-    tensors) under ``cfg`` (that config with the user's file and overrides): see :func:`load_segmenter`."""
-    d, trained = cfg.data, list(cfg.model.classes or [])
+    tensors) under ``cfg`` (that config with the user's file and overrides): see :func:`load_segmenter`.
+
+    In order: ``model.classes`` given anew (renaming the classes); the names the checkpoint stores, unless the
+    data config now gives a list of its own (``data.classes`` / ``data.classes_file`` / ``data.num_classes``
+    changed from the stored ones); else the data config's list. Any of them must have as many names as the heads
+    have classes."""
+    d = cfg.data
+    stored_model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    trained = [str(n) for n in stored_model.get("classes") or []]
     stored = saved.get("data") if isinstance(saved.get("data"), dict) else {}
     keys = {"classes": [], "classes_file": "", "num_classes": 0}  # the data keys that give the names: defaults
-    if not d.classes and not d.classes_file:
-        keys["format"] = "ade20k"  # ADE20K's names when no list is given
     changed = [f"data.{k}" for k, default in keys.items()
                if _norm(getattr(d, k)) != _norm(default if stored.get(k) is None else stored[k])]
-    if trained and not changed:
-        d.classes, d.classes_file = list(trained), ""  # what evaluate's datasets then read: no file needed
-        return trained
-    if d.classes_file and "data.classes_file" not in changed and not Path(d.classes_file).exists():
-        kept = ", ".join(f"data.{k}" for k in keys)
-        why = (f"checkpoint's own class names are used only while {kept} stay as it stores them, and "
-               f"{', '.join(changed)} changed" if trained else "run predates checkpoints that keep their class names")
-        raise ConfigError("data.classes_file", f"class list file {d.classes_file!r} not found: the path is the one "
-                                               f"{path}'s stored config names (the {why}); point it at the list's "
-                                               "new place: data.classes_file=NEW (or give the names: "
-                                               "\"data.classes=[a,b,...]\" data.classes_file=null)")
-    names = class_names(d)
     head = weights.get("decode_head.conv_seg.weight")
     n_trained = len(trained) or (int(head.shape[0]) if isinstance(head, torch.Tensor) else 0)
-    if n_trained and len(names) != n_trained:
+    own_list = bool(d.classes or d.classes_file or d.num_classes not in (0, n_trained))
+    given = [str(n) for n in cfg.model.classes or []]
+    if given and given != trained:
+        names, key, source = given, "model.classes", f"model.classes ({len(given)} names)"
+    elif trained and not (changed and own_list):
+        names, key, source = trained, "", ""
+    else:
+        if d.classes_file and "data.classes_file" not in changed and not Path(d.classes_file).exists():
+            why = ("its own class names are used only while the config gives no list of its own, and "
+                   f"{', '.join(changed)} changed" if trained
+                   else "the run predates checkpoints that keep their class names")
+            raise ConfigError("data.classes_file", f"class list file {d.classes_file!r} not found: the path is the "
+                                                   f"one {path}'s stored config names ({why}); point it at the "
+                                                   "list's new place: data.classes_file=NEW (or give the names: "
+                                                   "\"data.classes=[a,b,...]\" data.classes_file=null)")
+        names = class_names(d)
         key = next((f"data.{k}" for k in ("classes_file", "classes", "num_classes") if getattr(d, k)), "data.format")
+        source = _classes_source(d, len(names))
+    if n_trained and len(names) != n_trained:
         was = f"its classes: {_shown(trained)}" if trained else "its heads' size; it stores no class names"
-        own = (f"; or drop the {' / '.join(changed)} override to use the names the checkpoint stores" if trained
-               else "")
-        raise ConfigError(key, f"{path} was trained for {n_trained} classes ({was}), but the config now gives "
-                               f"{len(names)} ({_classes_source(d, len(names))}): give {n_trained} class names{own}; "
+        fix = "; or leave the class list out to use the names the checkpoint stores" if trained else ""
+        raise ConfigError(key, f"{path} was trained for {n_trained} classes ({was}), but the config (-c file or "
+                               f"overrides) now gives {len(names)} ({source}): give {n_trained} class names{fix}; "
                                f"{len(names)} classes need a model trained for them (beit segment train)")
+    cfg.model.classes = list(names)
+    d.classes, d.classes_file = list(names), ""  # what evaluate's datasets then read: no file needed
     return names

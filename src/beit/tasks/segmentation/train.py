@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
-from beit.engine.config import validate_config
+from beit.engine.config import ConfigError, validate_config
 from beit.engine.precision import autocast_for
 from beit.engine.trainer import worker_init
 
@@ -104,6 +104,11 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     val = sets["val"]
     # the checkpoints keep the names themselves (data.classes_file stays, for reference): eval and predict then
     # need no class list file, which may have moved since
+    if cfg.model.classes and list(cfg.model.classes) != list(val.class_names):  # was: replaced without a word
+        raise ConfigError("model.classes", f"filled in by training from the data's class list "
+                                           f"({len(val.class_names)} names: {', '.join(val.class_names[:4])}"
+                                           f"{', ...' if len(val.class_names) > 4 else ''}), not an input: set "
+                                           "data.classes=[...] or data.classes_file=FILE instead")
     cfg.model.classes = list(val.class_names)
     seed_everything(cfg.train.seed)  # the heads' random init is part of the run: runs repeat exactly
     model = build_model(cfg, val.num_classes)
