@@ -77,6 +77,13 @@ def test_bad_yaml_key_and_missing_file(tmp_path):
         load_config(PretrainCfg, yaml)
     with pytest.raises(ConfigError, match="not found"):
         load_config(PretrainCfg, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"'train\.betas': '\{a: 1\}': another kind of value"):  # was a TypeError
+        load_config(PretrainCfg, None, ["train.betas={a: 1}"])
+    with pytest.raises(ConfigError, match=r"'train\.betas': a list is expected here, e\.g\. train\.betas=\[a,b\]"):
+        load_config(PretrainCfg, None, ["train.betas=0.9"])
+    (tmp_path / "map.yaml").write_text("train:\n  betas: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"map\.yaml: a key holds another kind of value"):
+        load_config(PretrainCfg, tmp_path / "map.yaml")
     ckpt = tmp_path / "last.pt"  # -c and the checkpoint mixed up: was a bare 'utf-8' codec error
     ckpt.write_bytes(b"PK\x03\x04" + bytes(range(128, 256)) * 4)
     with pytest.raises(ConfigError, match=r"last\.pt: not a YAML config \(binary data"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -243,6 +244,14 @@ def _msg_of(e: Exception) -> str:
     return str(e).splitlines()[0]
 
 
+def _plain(msg: str, key: str = "") -> str:
+    """OmegaConf's node jargon in user terms ("AnyNode is not a ListConfig ..." -> a list is expected)."""
+    if re.search(r"is not a (TupleConfig, )?ListConfig", msg):
+        key = key or "key"
+        return f"a list is expected here, e.g. {key}=[a,b] (quote it for the shell: \"{key}=[a,b]\")"
+    return msg
+
+
 def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Merge ``schema`` defaults <- YAML file <- ``key=value`` overrides; return a validated dataclass.
 
@@ -267,7 +276,10 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
                                       f"{type(file_cfg).__name__.replace('Config', '').lower() or 'list'}")
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
-            raise ConfigError(_key_of(e, ""), f"{_msg_of(e)} (in {path})") from None
+            raise ConfigError(_key_of(e, ""), f"{_plain(_msg_of(e), _key_of(e, ''))} (in {path})") from None
+        except TypeError:  # a mapping where the schema has a list (or the other way round)
+            raise ConfigError("", f"{path}: a key holds another kind of value than it takes (a mapping where a list "
+                                  "or a single value is expected, or the other way round)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -288,7 +300,11 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise ConfigError(_key_of(e, key), _msg_of(e)) from None
+            raise ConfigError(_key_of(e, key), _plain(_msg_of(e), _key_of(e, key))) from None
+        except TypeError:  # OmegaConf: "Cannot merge incompatible container types" (a mapping for a list, ...)
+            raise ConfigError(key, f"{item.partition('=')[2]!r}: another kind of value than this key takes "
+                                   "(a mapping where a list or a single value is expected, or the other way round)"
+                              ) from None
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:  # a key without a default that nothing set
