@@ -554,3 +554,15 @@ def test_curves_leave_out_skip_counters_that_stayed_zero_and_nothing_else():
     assert _panel_names(series) == ["loss", "lr", "top1"]  # a top-1 / lr stuck at 0 is drawn
     series[("skipped_files", "val")] = ([2], [3])
     assert _panel_names(series) == ["loss", "lr", "skipped_files", "top1"]
+
+
+def test_resume_info_lines_cut_long_values(caplog):
+    import logging
+
+    names = [f"class_{i}" for i in range(150)]
+    stored = {"model": {"depth": 3}, "train": {"epochs": 1}}
+    with caplog.at_level(logging.INFO):
+        R.check_resume_config(stored, {"model": {"depth": 3, "classes": names}, "train": {"epochs": 2}},
+                              source="ck.pt")
+    line = next(r.getMessage() for r in caplog.records if "model.classes=" in r.getMessage())
+    assert len(line) < 200 and line.endswith("...]") and "'class_0'" in line

@@ -745,3 +745,11 @@ def test_benchmark_smoke_on_cpu(tmp_path: Path) -> None:
     assert set(res["runs"]) == {"pretrained", "scratch"} and res["steps"] == 2
     for r in res["runs"].values():
         assert 0 <= r["mIoU"] <= 100 and (tmp_path / "out" / r["overlay"]).is_file()
+
+
+def test_a_class_file_line_is_one_name_whatever_unicode_it_holds(tmp_path: Path) -> None:
+    from beit.tasks.segmentation.data import load_class_names
+
+    f = tmp_path / "c.txt"
+    f.write_text("sky\u2028line\r\nroad\n\n", encoding="utf-8")  # U+2028 inside a name: was two classes
+    assert load_class_names(f) == ["sky\u2028line", "road"]

@@ -142,6 +142,10 @@ def test_eval_out_may_be_a_folder_and_a_bad_extension_is_refused_before_the_work
         assert main([*base, "--out", str(inside)]) == 1
         assert f"would be written inside --data {data}" in capsys.readouterr().err
     assert first.read_bytes() == before and not (data / "tokenizer_recon.png").exists()
+    dangling = tmp_path / "dang"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert main([*base, "--out", str(dangling)]) == 1  # was: the whole evaluation, then "File exists"
+    assert "which does not exist" in capsys.readouterr().err
 
 
 def test_eval_names_a_dangling_link_once_and_counts_only_the_files_evaluated(tmp_path, capsys,

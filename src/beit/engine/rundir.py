@@ -371,6 +371,12 @@ _MISSING = object()
 NEWER_KEYS = frozenset({"model.classes"})
 
 
+def _brief(value: Any, width: int = 80) -> str:
+    """``repr(value)``, cut to ``width`` characters (a list of 150 class names is one line, not 1,700 characters)."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width - 5]} ...{text[-1] if text[-1] in ']})' else ''}"
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -476,7 +482,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
         if regrouped:
             said.append((logging.INFO, f"resume on {world_size} rank(s) from {stored_world_size}: same global batch "
                                        f"{_global_batch(current, world_size)}, "
-                                       + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in regrouped)))
+                                       + ", ".join(f"{k}: {_brief(a)} -> {_brief(b)}" for k, a, b in regrouped)))
         diffs = [d for d in diffs if d not in regrouped]
     # a key the checkpoint's config lacks that came with a newer beit (NEWER_KEYS): the run was made without it, so
     # it is taken as it is now, said, and not held against the resume (a user's new entry of a free-form dict,
@@ -487,10 +493,10 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     shown = [d for d in harmless if d[0].rsplit(".", 1)[-1] not in ("resume", "output_dir")]
     if shown:
         said.append((logging.INFO, "resume: settings changed since the checkpoint (allowed): "
-                                   + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shown)))
+                                   + ", ".join(f"{k}: {_brief(a)} -> {_brief(b)}" for k, a, b in shown)))
     if added:
         said.append((logging.INFO, "resume: settings the checkpoint's config does not have (newer than it), taken "
-                                   "as now: " + ", ".join(f"{k}={b!r}" for k, _, b in added)))
+                                   "as now: " + ", ".join(f"{k}={_brief(b)}" for k, _, b in added)))
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
     if changed and not allow:
         for level, line in said:  # refused: no later resume will say them

@@ -186,7 +186,8 @@ def _read_class_file(path: Path) -> list[str]:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} is not a text file (byte {e.start} is not UTF-8 text): {fix}") from None
-    lines = [ln.strip() for ln in text.splitlines()]
+    # lines end at \n (\r\n too) only: str.splitlines would also cut a name at U+2028, \x1c, ... into two classes
+    lines = [ln.strip() for ln in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     while lines and not lines[-1]:  # blank lines at the end: nothing follows them to shift
         lines.pop()
     if not lines:

@@ -50,6 +50,8 @@ def recon_grid_path(out: str, data: str | None = None) -> Path:
     import os
 
     path = Path(out)
+    if os.path.islink(out) and not path.exists():  # it failed after the whole evaluation with "File exists"
+        raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
     if path.is_dir() or out.endswith(("/", os.sep)) or (not path.suffix and not path.is_file()):
         path = path / RECON_GRID_NAME
     elif path.suffix.lower() not in GRID_SUFFIXES:
@@ -211,7 +213,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if getattr(tok, "decoder", None) is not None:
         grid = [files[done[j]]["image"] for j in spread_indices(len(done), 8)]
         metrics["recon_grid"] = write_recon_grid(tok, grid, out, n=len(grid))
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2, ensure_ascii=False))  # paths as they are, not \u00fc
     return 0
 
 
