@@ -88,3 +88,6 @@ def test_bad_yaml_key_and_missing_file(tmp_path):
     ckpt.write_bytes(b"PK\x03\x04" + bytes(range(128, 256)) * 4)
     with pytest.raises(ConfigError, match=r"last\.pt: not a YAML config \(binary data"):
         load_config(PretrainCfg, ckpt)
+    (tmp_path / "u16.yaml").write_text("train:\n  epochs: 5\n", encoding="utf-16")  # Windows editors' "Unicode"
+    with pytest.raises(ConfigError, match=r"u16\.yaml: a UTF-16 text file; save it as UTF-8"):
+        load_config(PretrainCfg, tmp_path / "u16.yaml")

@@ -289,6 +289,9 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
                 problem += "; that line holds a tab: YAML indents with spaces"
             raise ConfigError("", f"{path}{line}: not valid YAML ({problem})") from None
         except UnicodeDecodeError:  # e.g. a checkpoint given as -c
+            if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise ConfigError("", f"{path}: a UTF-16 text file; save it as UTF-8 (YAML configs are read as "
+                                      "UTF-8)") from None
             raise ConfigError("", f"{path}: not a YAML config (binary data, not text): -c takes a .yaml file or a "
                                   "preset name; a checkpoint or model goes where the command takes it "
                                   "(`beit <task> <command> --help`)") from None
