@@ -20,13 +20,11 @@ from typing import Any
 
 from ..models.beit import Beit
 from ..models.config import PRESETS, BeitConfig, preset_config
-from .load import CheckpointError, _read, build_from, source_config_of
+from .load import SHAPE_FIELDS, CheckpointError, _read, build_from, source_config_of
 
 __all__ = ["SHAPE_FIELDS", "build_backbone", "check_overrides_fit", "check_override_keys", "is_preset",
            "load_backbone", "source_config"]
 
-# the fields a checkpoint's tensors fix; an override of one of them cannot apply to its weights
-SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_head_dim", "mlp_ratio", "in_chans", "qkv_bias")
 REL_POS_MODES = ("keep", "per_layer")
 
 

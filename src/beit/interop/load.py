@@ -231,6 +231,10 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
 
 
 # ---------------------------------------------------------------------------- adapting
+# the fields a checkpoint's tensors fix; an override of one of them cannot apply to its weights (the others are
+# adapted: img_size resamples the position tables, heads are replaced or left out)
+SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_head_dim", "mlp_ratio", "in_chans", "qkv_bias")
+
 MIM_HEAD = ("mask_token", "lm_head.weight", "lm_head.bias", "head_norm.weight", "head_norm.bias")
 CLS_HEAD = ("head.weight", "head.bias")
 POOL_NORM = ("fc_norm.weight", "fc_norm.bias")
@@ -399,7 +403,7 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         allow_missing.update(dict.fromkeys(MIM_HEAD, "a new MIM head"))
     if dst.use_abs_pos_emb and not src.use_abs_pos_emb:
         allow_missing["pos_embed"] = "the checkpoint has no absolute position embedding: a new one"
-    changed = {k: v for k, v in overrides.items() if getattr(src, k, v) != v and k not in _NOT_SHAPES}
+    changed = {k: v for k, v in overrides.items() if k in SHAPE_FIELDS and getattr(src, k, v) != v}
     hint = (f"check the overrides that change the checkpoint's architecture: "
             f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}" if changed else
             "no override changes the checkpoint's architecture: its tensors disagree with the one read from "
@@ -407,9 +411,6 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
     _fill_model(model, adapted, name, allow_missing, strict, _dropped_on_purpose(sd, adapted, src, dst), hint)
     return model.eval()
 
-
-# overrides that never change a tensor's shape (the heads are adapted or left out above)
-_NOT_SHAPES = {"head", "num_classes", "drop_path_rate", "drop_rate", "attn_drop_rate", "img_size"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
