@@ -6,7 +6,9 @@
 #   bash benchmarks/cifar10_repro.sh B <cifar_dir> <out_dir> <stageA_dir>
 # <cifar_dir> holds the extracted train/ and test/ class folders (see ../shared/data/README.md).
 # Knobs (env): PRE_EPOCHS, FT_EPOCHS, SCRATCH_EPOCHS (default FT_EPOCHS; give it the pre-training's time too for
-# the equal-GPU-time arm), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
+# the equal-GPU-time arm), ARMS (both | pretrained | scratch), PROBES (1; 0 skips stage B's linear probes),
+# SCRATCH_TIMEOUT (seconds; the scratch run is stopped with SIGTERM, saves, and train.resume=auto continues it on
+# the next call), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
 # 5.4M parameters, 384 / 6 = 21M), PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs
 # with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
@@ -55,10 +57,10 @@ elif [ "$stage" = B ]; then
       -c finetune_cifar10_small model=beit_tiny_patch16_224 $ENC \
       train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} \
       train.epochs=$SCRATCH_EPOCHS train.warmup_epochs=$(( SCRATCH_EPOCHS / 10 )) "${FT_X[@]}" || true
-  t python3 -m beit linprobe -c linprobe_base model="$prev/encoder" img_size=32 layers=all \
+  [ "${PROBES:-1}" = 0 ] || [ "${ARMS:-both}" = scratch ] || t python3 -m beit linprobe -c linprobe_base model="$prev/encoder" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_pretrained \
       train.epochs=20 train.num_workers=14 || true
-  t python3 -m beit linprobe -c linprobe_base model=beit_tiny_patch16_224 \
+  [ "${PROBES:-1}" = 0 ] || t python3 -m beit linprobe -c linprobe_base model=beit_tiny_patch16_224 \
       "model_overrides={patch_size: 4, embed_dim: $WIDTH, depth: 12, num_heads: $HEADS}" img_size=32 layers=all \
       data.train_dir=$data/train data.val_dir=$data/test data.in_memory=true train.output_dir=$run/lp_scratch \
       train.epochs=20 train.num_workers=14 || true
