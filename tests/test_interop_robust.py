@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -173,3 +174,73 @@ def test_unknown_head_count_is_a_warning(caplog) -> None:
         assert beit.load_model(m.state_dict()).cfg.num_heads == 2  # 128 / 64
     assert "does not tell the number of attention heads" in caplog.text
     assert beit.load_model(m.state_dict(), num_heads=4).cfg.num_heads == 4
+
+
+_PRETRAIN = dict(head="mim", vocab_size=16, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                 use_mean_pooling=False)
+_CLASSIFIER = dict(head="cls", num_classes=5)
+
+
+def _not_loaded_as_expected(records: list[logging.LogRecord], name: str) -> dict[str, str]:
+    """The loading report's "N tensors not loaded, as expected (why): a, b" lines -> {tensor: why}."""
+    said: dict[str, str] = {}
+    for r in records:
+        m = re.fullmatch(rf"{re.escape(name)}: (\d+) tensors not loaded, as expected \((.*)\): (.*)", r.getMessage())
+        if m:
+            names = m.group(3).split(", ")
+            assert len(names) == int(m.group(1)), r.getMessage()  # fewer than 7: all named
+            said.update(dict.fromkeys(names, m.group(2)))
+    return said
+
+
+@pytest.mark.parametrize("src_kw,over", [
+    (_PRETRAIN, dict(head="none")),
+    (_PRETRAIN, dict(head="cls", num_classes=3, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
+                     use_mean_pooling=True)),
+    (_CLASSIFIER, dict(num_classes=3)),
+    (dict(_CLASSIFIER, use_mean_pooling=False), dict(head="mim", vocab_size=16)),
+    (_CLASSIFIER, dict(head="none", img_size=48)),
+    (_CLASSIFIER, dict()),
+])
+def test_what_is_reported_dropped_on_purpose_is_what_the_adaptation_dropped(tmp_path, caplog, src_kw, over) -> None:
+    """The report of the tensors not loaded, as expected, is the adaptation's own account (it used to repeat the
+    adaptation's rules in a second function that could drift apart): every tensor the adaptation left out is named
+    with its reason, and nothing else is."""
+    from beit.interop.load import _adapt_and_explain
+    from beit.models import Beit, BeitConfig
+
+    src = BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **src_kw)
+    sd = Beit(src).state_dict()
+    adapted, dropped = _adapt_and_explain(sd, src, src.replace(**over))
+    gone = set(sd) - set(adapted)
+    assert set(dropped) <= gone and all(dropped.values())
+    # what is gone without a reason was moved, not dropped: the shared table into every block, norm into fc_norm
+    assert gone - set(dropped) <= {"rel_pos_bias.relative_position_bias_table", "norm.weight", "norm.bias"}
+    assert list(dropped) == [k for k in sd if k in dropped]  # the checkpoint's order
+
+    path = beit.save_model(Beit(src), tmp_path / "ckpt") / "model.safetensors"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        beit.load_model(path.parent, strict=False, **over)
+    assert _not_loaded_as_expected(caplog.records, str(path)) == dropped
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_the_report_takes_the_reasons_from_the_adaptation(tmp_path, caplog, monkeypatch) -> None:
+    """Changing the adaptation's account changes the report: it is not derived a second time."""
+    import beit.interop.load as load
+    from beit.models import Beit, BeitConfig
+
+    real = load._adapt_and_explain
+
+    def adapt(sd, src, dst):
+        adapted, dropped = real(sd, src, dst)
+        return adapted, {k: f"said by the adaptation: {why}" for k, why in dropped.items()}
+
+    monkeypatch.setattr(load, "_adapt_and_explain", adapt)
+    src = BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **_PRETRAIN)
+    path = beit.save_model(Beit(src), tmp_path / "ckpt") / "model.safetensors"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        beit.load_model(path.parent, head="none")
+    assert _not_loaded_as_expected(caplog.records, str(path)) == dict.fromkeys(
+        ["lm_head.bias", "lm_head.weight", "mask_token"],
+        "said by the adaptation: the MIM pre-training head: a model with head='none' has none")

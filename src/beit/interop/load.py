@@ -241,8 +241,34 @@ POOL_NORM = ("fc_norm.weight", "fc_norm.bias")
 
 
 def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConfig) -> dict[str, torch.Tensor]:
-    """Make a checkpoint fit a (possibly different) target config: rel-pos layout and size, pos-embed, heads."""
+    """Make a checkpoint fit a (possibly different) target config: rel-pos layout and size, pos-embed, heads.
+
+    ``sd``: a state dict in our layout of a model of ``src``; returns a new dict for a model of ``dst`` (``sd`` is
+    not changed). Raises ValueError (from :func:`resize_table`) when a relative position table cannot be resampled.
+    The tensors it leaves out, and why: :func:`_adapt_and_explain`.
+    """
+    return _adapt_and_explain(sd, src, dst)[0]
+
+
+def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig,
+                       dst: BeitConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`adapt_state_dict`, plus the tensors of ``sd`` it left out on purpose -> why (in ``sd``'s order).
+
+    The one place of the adaptation rules: the loading report names what was not loaded, as expected, from what
+    this function dropped, never from a second copy of its rules. Tensors moved or copied (a shared rel-pos table
+    into every block, the official fine-tuning ``norm`` into ``fc_norm``) are loaded, so not listed.
+    Raises ValueError (from :func:`resize_table`) when a relative position table cannot be resampled.
+    """
     sd = dict(sd)
+    order = list(sd)
+    dropped: dict[str, str] = {}
+
+    def drop(keys: tuple[str, ...], why: str) -> None:
+        for k in keys:
+            if k in sd:
+                del sd[k]
+                dropped[k] = why
+
     if dst.use_rel_pos_bias and not dst.use_shared_rel_pos_bias and src.use_shared_rel_pos_bias:
         sd = formats.shared_to_per_layer(sd, src.depth)
     for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
@@ -254,14 +280,14 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConf
         grid = torch.nn.functional.interpolate(grid, size=dst.grid, mode="bicubic", align_corners=False)
         sd["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
     if dst.head != "mim":
-        for k in MIM_HEAD:
-            sd.pop(k, None)
-    if dst.head != "cls" or (src.head == "cls" and src.num_classes != dst.num_classes):
-        for k in CLS_HEAD:  # a new head is initialised, as when fine-tuning on new labels
-            sd.pop(k, None)
+        drop(MIM_HEAD, f"the MIM pre-training head: a model with head={dst.head!r} has none")
+    if dst.head != "cls":
+        drop(CLS_HEAD, f"the classification head: a model with head={dst.head!r} has none")
+    elif src.head == "cls" and src.num_classes != dst.num_classes:  # a new head, as when fine-tuning on new labels
+        drop(CLS_HEAD, f"the checkpoint's {src.num_classes}-class head: a new {dst.num_classes}-class head replaces it")
     if dst.use_mean_pooling and dst.head == "cls" and "fc_norm.weight" not in sd and "norm.weight" in sd:
         sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # official FT
-    return sd
+    return sd, {k: dropped[k] for k in order if k in dropped}
 
 
 def _short(names: list[str], n: int = 6) -> str:
@@ -321,20 +347,6 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
                     name, len(missing), _short(missing))
 
 
-def _dropped_on_purpose(sd: Mapping[str, torch.Tensor], adapted: Mapping[str, torch.Tensor], src: BeitConfig,
-                        dst: BeitConfig) -> dict[str, str]:
-    """The head tensors of ``sd`` that :func:`adapt_state_dict` left out of ``adapted`` for ``dst`` -> why."""
-    why = {}
-    if dst.head != "mim":
-        why.update(dict.fromkeys(MIM_HEAD, f"the MIM pre-training head: a model with head={dst.head!r} has none"))
-    if dst.head != "cls":
-        why.update(dict.fromkeys(CLS_HEAD, f"the classification head: a model with head={dst.head!r} has none"))
-    elif src.head == "cls" and src.num_classes != dst.num_classes:
-        why.update(dict.fromkeys(CLS_HEAD, f"the checkpoint's {src.num_classes}-class head: a new "
-                                           f"{dst.num_classes}-class head replaces it"))
-    return {k: why[k] for k in sd if k in why and k not in adapted}
-
-
 def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **overrides: Any) -> nn.Module:
     """Load any BEiT checkpoint (official, timm, Hugging Face, ours; file, directory, Hub id, URL or dict).
 
@@ -389,7 +401,7 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         raise CheckpointError(f"{name}: {e}") from None
     model = Beit(dst)
     try:
-        adapted = adapt_state_dict(sd, src, dst)
+        adapted, dropped = _adapt_and_explain(sd, src, dst)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
     allow_missing: dict[str, str] = {}  # model tensors the file is expected to lack -> why
@@ -408,7 +420,7 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
             f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}" if changed else
             "no override changes the checkpoint's architecture: its tensors disagree with the one read from "
             "them (a damaged or hand-edited file, or one of another model)")
-    _fill_model(model, adapted, name, allow_missing, strict, _dropped_on_purpose(sd, adapted, src, dst), hint)
+    _fill_model(model, adapted, name, allow_missing, strict, dropped, hint)
     return model.eval()
 
 
