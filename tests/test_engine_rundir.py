@@ -169,6 +169,32 @@ def test_check_resume_config_nested_sections(tmp_path):
         R.check_resume_config(empty, entry, source="ck.pt")
 
 
+def test_another_number_of_classes_is_refused_even_with_allow_config_change():
+    """A class list of another length (an edited data.classes_file) cannot be resumed: the heads have the
+    checkpoint's size. It was refused as a config change that allow_config_change accepted, and then failed in the
+    weights' load; now one line naming both lists and what to do, whatever allow says. Renaming is a change."""
+    stored = {"model": {"classes": ["a", "b", "c"]}, "data": {"classes": [], "classes_file": "/d/cls.txt"},
+              "train": {"lr": 0.1}}
+    now = {"model": {"classes": ["a", "c", "d", "e"]}, "data": {"classes": [], "classes_file": "/d/cls.txt"},
+           "train": {"lr": 0.2}}
+    for allow in (False, True):
+        with pytest.raises(R.ConfigChangedError) as info:
+            R.check_resume_config(stored, now, source="ck.pt", allow=allow)
+        assert str(info.value).startswith(
+            "ck.pt was trained for 3 classes (a, b, c), but data.classes_file '/d/cls.txt' now gives 4 (a, c, d, e; "
+            "added: d, e; removed: b): a resumed run keeps the classes ")
+        assert str(info.value).endswith("or over this one with --overwrite (the config also differs in train.lr)")
+    listed = {"model": {"classes": ["a", "b"]}, "data": {"classes": ["a", "b"], "classes_file": ""},
+              "train": {"lr": 0.1}}  # the file replaced by a list: named as the source, not as another change
+    with pytest.raises(R.ConfigChangedError, match=r"^ck\.pt was trained for 3 classes \(a, b, c\), but data\.classes "
+                                                   r"now gives 2 \(a, b; removed: c\): .*with --overwrite$"):
+        R.check_resume_config(stored, listed, source="ck.pt", allow=True)
+    renamed = {**stored, "model": {"classes": ["a", "b", "x"]}}
+    with pytest.raises(R.ConfigChangedError, match=r"in 1 key\(s\) .*model\.classes: \['a', 'b', 'c'\] -> "):
+        R.check_resume_config(stored, renamed, source="ck.pt")
+    assert R.check_resume_config(stored, renamed, source="ck.pt", allow=True) == ["model.classes"]
+
+
 # --- 15: files a crash left incomplete never block a resume -------------------------------------------------
 
 def test_one_task_check_for_resumes_and_commands():

@@ -701,6 +701,66 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
         load_segmenter(old, overrides=[f"data.classes_file={long}"])
 
 
+def test_a_resume_after_the_class_list_file_changed_is_refused_up_front_naming_both_lists(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class list file edited between a run and its resume (--resume auto): the resume listed the data, built
+    the model, then failed in the checkpoint load with "shape mismatch for 'decode_head.conv_seg.weight'" (with
+    train.allow_config_change; without it, a generic config change that allow_config_change would "fix"). Now one
+    line before the datasets are listed: the checkpoint's classes, the file's now, and the two ways on."""
+    import importlib
+
+    from beit.engine.checkpoint import load_checkpoint
+
+    seg_train = importlib.import_module("beit.tasks.segmentation.train")  # the module (the package's train: a function)
+
+    (tmp_path / "data").mkdir()
+    data = make_toy(tmp_path / "data")
+    cls = tmp_path / "classes.txt"
+    cls.write_text("red\nblue\ngreen\n")
+    run = tmp_path / "run"
+    ckpt = _train_tiny(data, run, "data.classes=[]", f"data.classes_file={cls}")
+    capsys.readouterr()
+
+    def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the datasets were built before the resume was refused")
+
+    resume = (str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}", "data.ignore_index=3", "data.crop_size=32",
+              "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
+              "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
+              "model.drop_path_rate=0.0", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
+              "data.ratio_range=[0.9,1.1]", "train.batch_size=2", "train.warmup_steps=0", "train.num_workers=0",
+              "train.eval_every=0", f"train.output_dir={run}", "data.classes=[]", f"data.classes_file={cls}",
+              "train.max_steps=2", "--resume", "auto")
+    from beit.cli import main
+
+    tail = ("a resumed run keeps the classes its heads were trained for, even with train.allow_config_change. Restore "
+            "the class list the run was trained with (its config.yaml lists them under model.classes), or train the new "
+            "list as a new run, without --resume: in another output_dir (train.output_dir=DIR), or over this one with "
+            "--overwrite")
+    with monkeypatch.context() as m:
+        m.setattr(seg_train, "build_datasets", fail)
+        cls.write_text("red\nblue\ngreen\nyellow\n")  # a class added
+        for extra in ((), ("train.allow_config_change=true",)):
+            assert main(["segment", "train", "--config", *resume, *extra]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1] == (
+                f"beit segment train: error: {ckpt} was trained for 3 classes (red, blue, green), but data.classes_file "
+                f"'{cls}' now gives 4 (red, blue, green, yellow; added: yellow): {tail}")
+            assert "shape mismatch" not in "\n".join(err)
+        cls.write_text("red\ngreen\n")  # one removed, another key changed too
+        assert main(["segment", "train", "--config", *resume, "train.seed=5"]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"beit segment train: error: {ckpt} was trained for 3 classes (red, blue, green), but data.classes_file "
+            f"'{cls}' now gives 2 (red, green; removed: blue): {tail} (the config also differs in train.seed)")
+    assert load_checkpoint(ckpt)["step"] == 1  # nothing was touched
+    cls.write_text("red\nblue\ngreen\n")  # restored: the run continues
+    assert main(["segment", "train", "--config", *resume]) == 0
+    assert load_checkpoint(ckpt)["step"] == 2
+    cls.write_text("red\nblue\ngreen\nyellow\n")  # the new list as a new run
+    assert load_checkpoint(_train_tiny(data, tmp_path / "run4", "data.classes=[]", f"data.classes_file={cls}"))[
+        "config"]["model"]["classes"] == ["red", "blue", "green", "yellow"]
+
+
 def test_training_repeats_exactly_whatever_the_global_rng(tmp_path: Path) -> None:
     """The heads' random init comes from train.seed: two runs of one config after different global draws
     write the same weights."""

@@ -14,7 +14,8 @@
   with the current one; keys that change what is trained (model, data, masking, batch size, seed, optimizer,
   schedule, ...) must be equal, else :class:`ConfigChangedError` names each differing key;
   ``train.allow_config_change=true`` accepts them with a warning. Bookkeeping, duration and runtime keys
-  (:data:`RESUME_SAFE_KEYS`) may change freely.
+  (:data:`RESUME_SAFE_KEYS`) may change freely. Another number of classes (:data:`CLASSES_KEY`, e.g. an edited
+  ``data.classes_file``) is refused even with ``allow_config_change``: the heads cannot take the checkpoint's weights.
 - **Atomic small files** (:func:`atomic_write`): plots and ``config.yaml`` are written to a temporary file and
   renamed, so a crash or a full disk never leaves a truncated one.
 
@@ -37,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError", "RunDirError",
-    "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write", "check_checkpoint_task",
-    "check_resume_config", "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files",
-    "remove_stale_tmp",
+    "CLASSES_KEY", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError",
+    "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write",
+    "check_checkpoint_task", "check_resume_config", "clear_previous_run", "diff_configs", "prepare_output_dir",
+    "previous_run_files", "remove_stale_tmp",
 ]
 
 LOCK_NAME = ".lock"
@@ -370,6 +371,13 @@ _MISSING = object()
 # resumes, taking the current value (segmentation's model.classes, filled in by training since 2026-12-06)
 NEWER_KEYS = frozenset({"model.classes"})
 
+#: the config key of the class names a run's heads are trained for (segmentation's model.classes, filled in by
+#: training from data.classes / data.classes_file): another number of them cannot be resumed at all, with
+#: ``train.allow_config_change`` or not (the heads' weights have the checkpoint's size), see :func:`_classes_changed`
+CLASSES_KEY = "model.classes"
+#: the data keys that give that list, in the order :func:`_classes_changed` names the one in use
+_CLASS_SOURCES = ("data.classes_file", "data.classes", "data.num_classes")
+
 
 def _brief(value: Any, width: int = 80) -> str:
     """``repr(value)``, cut to ``width`` characters (a list of 150 class names is one line, not 1,700 characters)."""
@@ -427,6 +435,34 @@ def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
 RESUME_SAME_TASK = "--resume (train.resume) continues a run of the same task"
 
 
+def _names(names: list[Any], n: int = 4) -> str:
+    return ", ".join(str(x) for x in names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _classes_changed(stored: dict[str, Any], current: dict[str, Any], source: str | Path,
+                     others: list[str]) -> str | None:
+    """The refusal of a resume whose class list (:data:`CLASSES_KEY`) has another number of names than the
+    checkpoint's (the user edited ``data.classes_file`` or ``data.classes`` between the runs), or None: the
+    checkpoint's count and names, the current ones and where they come from, what was added / removed, and the
+    two ways on. ``others``: the other keys that changed, besides the class list's (named at the end)."""
+    a, b = _flatten(stored), _flatten(current)
+    was, now = a.get(CLASSES_KEY), b.get(CLASSES_KEY)
+    if not (isinstance(was, (list, tuple)) and was and isinstance(now, (list, tuple)) and now
+            and len(was) != len(now)):
+        return None
+    key = next((k for k in _CLASS_SOURCES if b.get(k)), "")
+    where = (f"{key} {b[key]!r}" if key == "data.classes_file" else key) if key else "the data config"
+    added = [x for x in now if x not in was]
+    removed = [x for x in was if x not in now]
+    delta = "; ".join(f"{what}: {_names(xs)}" for what, xs in (("added", added), ("removed", removed)) if xs)
+    also = f" (the config also differs in {', '.join(others)})" if others else ""
+    return (f"{source} was trained for {len(was)} classes ({_names(list(was))}), but {where} now gives {len(now)} "
+            f"({_names(list(now))}{'; ' + delta if delta else ''}): a resumed run keeps the classes its heads were "
+            "trained for, even with train.allow_config_change. Restore the class list the run was trained with "
+            f"(its config.yaml lists them under {CLASSES_KEY}), or train the new list as a new run, without --resume: "
+            f"in another output_dir (train.output_dir=DIR), or over this one with --overwrite{also}")
+
+
 def check_checkpoint_task(stored: str | None, current: str | None, *, source: str | Path,
                           fix: str = RESUME_SAME_TASK) -> None:
     """Refuse the checkpoint ``source`` of another task, in one line, before anything else is read from it (a
@@ -455,7 +491,9 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     listed too). Any other
     difference raises :class:`ConfigChangedError` naming ``source`` and every such key with both values,
     unless ``allow`` (``train.allow_config_change``), which logs them as a warning instead. A checkpoint
-    without a stored config (``stored`` None) is accepted with a warning.
+    without a stored config (``stored`` None) is accepted with a warning. A class list (:data:`CLASSES_KEY`)
+    of another length than the stored one is refused even with ``allow``, in one line of its own naming both
+    lists and what to do (:func:`_classes_changed`); a list of the same length renamed is a change like any other.
 
     On another number of ranks (``stored_world_size`` != ``world_size``) the per-rank ``batch_size`` and
     ``accum_steps`` may change when the global batch (their product with the number of ranks) stays the same:
@@ -466,7 +504,8 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     real resume then never comes) the lines are logged as usual before the error, so each is said exactly once.
 
     Raises:
-        ConfigChangedError: a key that defines the run differs, without ``allow``.
+        ConfigChangedError: a key that defines the run differs, without ``allow``; the number of classes
+            differs, with or without it.
     """
     log = _log()
     said: list[tuple[int, str]] = []  # (level, line): logged at the end, or kept back when not reporting
@@ -497,6 +536,10 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     if added:
         said.append((logging.INFO, "resume: settings the checkpoint's config does not have (newer than it), taken "
                                    "as now: " + ", ".join(f"{k}={_brief(b)}" for k, _, b in added)))
+    classes = _classes_changed(stored, current, source,
+                               [d[0] for d in changed if d[0] not in (CLASSES_KEY, *_CLASS_SOURCES)])
+    if classes is not None:  # no allow_config_change makes these weights fit: said first, whatever else changed
+        raise ConfigChangedError(classes)
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
     if changed and not allow:
         for level, line in said:  # refused: no later resume will say them

@@ -320,9 +320,25 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     change): this check logs nothing then. When it refuses, ``fit()`` never runs, so it says what ``fit()``
     would have said before raising.
 
+    Rank 0 checks (as ``fit()`` decides there) and every rank raises its refusal (so none waits in a collective).
+
     Raises:
         FileNotFoundError, ValueError, TaskMismatchError, ConfigChangedError, RunExistsError: as ``fit()`` would.
     """
+    error = None
+    if D.is_main():
+        try:
+            _check_run_can_start(cfg, run_config, task)
+        except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
+            error = e
+    outcome = D.broadcast_object(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    if outcome is not None:  # rank 0 refused: the same error here
+        raise _error_named(*outcome)
+
+
+def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None) -> None:
     out = Path(cfg.output_dir)
     path = find_resume_path(cfg.resume, out)
     if cfg.resume == "auto" and path is None:

@@ -29,10 +29,10 @@ from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import ConfigError, validate_config
 from beit.engine.precision import autocast_for
-from beit.engine.trainer import worker_init
+from beit.engine.trainer import check_run_can_start, worker_init
 
 from .config import SegmentConfig
-from .data import SegmentationDataset, build_datasets, collate_eval
+from .data import SegmentationDataset, build_datasets, class_names, collate_eval
 from .infer import inference, write_overlays
 from .metrics import ConfusionMatrix, format_table
 from .model import build_model, segmentation_loss
@@ -100,18 +100,22 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     D.init_distributed()
-    sets = build_datasets(cfg)
-    val = sets["val"]
+    names = class_names(cfg.data)
     # the checkpoints keep the names themselves (data.classes_file stays, for reference): eval and predict then
     # need no class list file, which may have moved since
-    if cfg.model.classes and list(cfg.model.classes) != list(val.class_names):  # was: replaced without a word
+    if cfg.model.classes and list(cfg.model.classes) != names:  # was: replaced without a word
         raise ConfigError("model.classes", f"filled in by training from the data's class list "
-                                           f"({len(val.class_names)} names: {', '.join(val.class_names[:4])}"
-                                           f"{', ...' if len(val.class_names) > 4 else ''}), not an input: set "
+                                           f"({len(names)} names: {', '.join(names[:4])}"
+                                           f"{', ...' if len(names) > 4 else ''}), not an input: set "
                                            "data.classes=[...] or data.classes_file=FILE instead")
-    cfg.model.classes = list(val.class_names)
+    cfg.model.classes = names
     seed_everything(cfg.train.seed)  # the heads' random init is part of the run: runs repeat exactly
-    model = build_model(cfg, val.num_classes)
+    model = build_model(cfg, len(names))  # fills in model.backbone, which the checkpoint's config has too
+    # the output folder and --resume as fit() will judge them (a class list edited since the checkpoint: another
+    # number of classes; another config), before the datasets are listed (and checked: data.verify)
+    check_run_can_start(cfg.train, cfg)
+    sets = build_datasets(cfg)
+    val = sets["val"]
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     eval_fn = make_eval_fn(val, cfg, cfg.train.num_workers)
