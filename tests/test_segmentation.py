@@ -551,6 +551,16 @@ def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_in
                  "--output", str(tmp_path / "out3")]) == 1
     err = capsys.readouterr().err
     assert "would share a_overlay.png and a_labels.png" in err and "missing.pt" not in err
+    # an --out that cannot be written: refused before the checkpoint is read (was: after loading it, at the mkdir)
+    if Path("/proc").is_dir():
+        assert main(["segment", "predict", "--ckpt", str(tmp_path / "missing.pt"), str(imgs / "b.png"),
+                     "--output", "/proc/preds"]) == 1
+        assert capsys.readouterr().err.strip() == (
+            "beit segment predict: error: --out /proc/preds: cannot write in /proc, where /proc/preds would be made "
+            "(it takes no new files: No such file or directory): give a folder you can write to")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder"):
+        output_stems(files, out_dir=tmp_path / "afile")
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,83 @@ def test_eval_out_may_be_a_folder_and_a_bad_extension_is_refused_before_the_work
     dangling.symlink_to(tmp_path / "nowhere")
     assert main([*base, "--out", str(dangling)]) == 1  # was: the whole evaluation, then "File exists"
     assert "which does not exist" in capsys.readouterr().err
+
+
+def _writable_as_me(folder: Path) -> bool:
+    """Whether this process can still create a file in ``folder`` (root can in a chmod 0o500 folder)."""
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_work_naming_it_and_why(tmp_path, capsys,
+                                                                                     monkeypatch) -> None:
+    """`beit tokenizer eval ... --out /proc/x.png` (or into a read-only folder) ran the whole evaluation, then failed
+    in the grid's save (`encode --out` likewise, after encoding the whole folder). Now one line before the tokenizer
+    is loaded: the --out given, the folder that cannot be written in, and the system's reason."""
+    from beit.tasks.tokenizer import cli as tok_cli
+
+    tok, data = _tiny_dvae_and_images(tmp_path)
+
+    def no_work(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the tokenizer was loaded before --out was checked")
+
+    monkeypatch.setattr(tok_cli, "_tokenizer_and_images", no_work)
+    base = ["dvae", str(tok), "--data", str(data), "--img-size", "32"]
+    if Path("/proc").is_dir():  # refused even as root: /proc takes no new files
+        for cmd, out, made in (("eval", "/proc/x.png", ""), ("eval", "/proc/sub/", ", where /proc/sub would be made"),
+                               ("encode", "/proc/ids.safetensors", "")):
+            assert main(["tokenizer", cmd, *base, "--out", out]) == 1
+            assert capsys.readouterr().err.strip() == (
+                f"beit tokenizer {cmd}: error: --out {out}: cannot write in /proc{made} (it takes no new files: No "
+                "such file or directory): give a folder you can write to")
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("x")
+    for cmd in ("eval", "encode"):  # a file where the folder should be: refused up front by encode too
+        assert main(["tokenizer", cmd, *base, "--out", str(in_the_way / "sub" / "g.png")]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"beit tokenizer {cmd}: error: --out {in_the_way / 'sub' / 'g.png'}: {in_the_way} is a file, not a folder")
+    assert not list(tmp_path.glob(".beit-write-check-*"))
+
+
+def test_an_out_in_a_read_only_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch) -> None:
+    """The same in a chmod 0o500 folder (or a folder below it that would be made), and over a read-only grid file;
+    the probe file leaves nothing behind. Skipped as root, who may write there."""
+    from beit.tasks.tokenizer import cli as tok_cli
+
+    tok, data = _tiny_dvae_and_images(tmp_path)
+
+    def no_work(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the tokenizer was loaded before --out was checked")
+
+    monkeypatch.setattr(tok_cli, "_tokenizer_and_images", no_work)
+    base = ["dvae", str(tok), "--data", str(data), "--img-size", "32"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "old.png").write_bytes(b"x")
+    locked.chmod(0o500)
+    try:
+        if _writable_as_me(locked):
+            pytest.skip("running as root: a chmod 0o500 folder stays writable")
+        for out, made in ((locked / "g.png", ""), (locked / "new" / "g.png", f", where {locked / 'new'} would be made")):
+            assert main(["tokenizer", "eval", *base, "--out", str(out)]) == 1
+            assert capsys.readouterr().err.strip() == (
+                f"beit tokenizer eval: error: --out {out}: cannot write in {locked}{made} (Permission denied): give "
+                "a folder you can write to")
+        assert [p.name for p in locked.iterdir()] == ["old.png"]  # the probe left nothing behind
+    finally:
+        locked.chmod(0o700)
+    ro = tmp_path / "ro.png"
+    ro.write_bytes(b"x")
+    ro.chmod(0o400)
+    assert not os.access(ro, os.W_OK)
+    assert main(["tokenizer", "eval", *base, "--out", str(ro)]) == 1
+    assert capsys.readouterr().err.strip() == (f"beit tokenizer eval: error: --out {ro}: {ro} is read-only (the grid "
+                                               "would replace it): make it writable or give another --out")
+    assert not list(tmp_path.glob(".beit-write-check-*"))
 
 
 def test_eval_names_a_dangling_link_once_and_counts_only_the_files_evaluated(tmp_path, capsys,

@@ -21,10 +21,12 @@ Augmentation runs inside ``seeded(seed, epoch, index)`` so that each sample is a
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import random
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +64,7 @@ __all__ = [
     "image_size",
     "list_images",
     "load_image_folder_to_memory",
+    "check_writable_folder",
     "output_stems",
     "scan_images",
     "to_rgb",
@@ -766,6 +769,35 @@ def collate_files(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_writable_folder(folder: str | os.PathLike, label: str) -> None:
+    """Refuse, before the work whose results go there, a ``folder`` that outputs cannot be written into (a read-only
+    folder, ``/proc``, another user's): a file is created in it and removed; where it does not exist yet (the
+    command makes it), in its nearest existing parent. ``label`` starts the message (``"--out /proc/x.png"``).
+
+    Raises:
+        ValueError: ``"<label>: cannot write in <folder> (<reason>): give a folder you can write to"`` (naming the
+            missing folder that would be made there too); ``"<label>: <path> is a file, not a folder"`` where a
+            file stands in the folder's path.
+    """
+    target = Path(os.path.abspath(os.fspath(folder)))
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ValueError(f"{label}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".beit-write-check-", dir=existing)
+    except OSError as e:  # os.access would not do: root "may" write in /proc, and no file is made there
+        reason = e.strerror or type(e).__name__
+        if e.errno == errno.ENOENT:  # /proc, /sys: a folder that exists but takes no new files
+            reason = f"it takes no new files: {reason}"
+        made = "" if existing == target else f", where {target} would be made"
+        raise ValueError(f"{label}: cannot write in {existing}{made} ({reason}): give a folder you can write "
+                         "to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (".png",),
                  out_dir: str | os.PathLike | None = None, manifest: str | None = None) -> list[str]:
     """One distinct output name (no suffix) per input file, for commands writing a file per input (segment and
@@ -780,7 +812,8 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
             an output would be written over one of the inputs (``--out`` is the pages' own folder and an output
             name is an input's name), naming both; or (``out_dir`` and ``manifest`` given) an output would replace
             a file already there while ``out_dir`` holds no ``manifest`` (the file an earlier run of the command
-            writes, e.g. ``index.json``): the files are someone else's (ground-truth masks beside the images).
+            writes, e.g. ``index.json``): the files are someone else's (ground-truth masks beside the images); or
+            (``out_dir`` given) no file can be written there (:func:`check_writable_folder`), before the work.
     """
     full = [os.path.abspath(os.fspath(p)) for p in paths]
     stems = [Path(p).stem for p in full]
@@ -804,6 +837,7 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
                          "give each file once; of two files of one name, rename one (or move it to another folder) "
                          "or predict it in a separate run with another output folder")
     if out_dir is not None:
+        check_writable_folder(out_dir, f"--out {os.fspath(out_dir)}")
         inputs = {os.path.realpath(p) for p in full}
         over = [(os.path.join(os.fspath(out_dir), n + s), p) for n, p in zip(names, full) for s in suffixes
                 if os.path.realpath(os.path.join(os.fspath(out_dir), n + s)) in inputs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -44,10 +45,11 @@ def recon_grid_path(out: str, data: str | None = None) -> Path:
 
     Raises:
         ValueError: any other suffix (``grid.pdf``, ``grid.txt``), naming ``OUT`` and the accepted ones; a folder
-            path whose place is taken by a file; a grid inside the ``data`` folder (it would replace one of the
-            images, or be scored with them the next time).
+            path whose place is taken by a file; a folder that cannot be written in (``/proc``, a read-only one;
+            :func:`beit.data.datasets.check_writable_folder`), or a read-only grid file; a grid inside the ``data``
+            folder (it would replace one of the images, or be scored with them the next time).
     """
-    import os
+    from ...data.datasets import check_writable_folder
 
     path = Path(out)
     if os.path.islink(out) and not path.exists():  # it failed after the whole evaluation with "File exists"
@@ -59,9 +61,10 @@ def recon_grid_path(out: str, data: str | None = None) -> Path:
         raise ValueError(f"--out {out}: {what}; give a {' or '.join(GRID_SUFFIXES)} file, or a folder "
                          f"(the grid is then {RECON_GRID_NAME} inside it; a new folder with a dot in its name: "
                          f"end it with /)")
-    blocker = next((p for p in path.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"--out {out}: {blocker} is a file, not a folder")
+    check_writable_folder(path.parent, f"--out {out}")  # a file in the way, /proc, a read-only folder
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ValueError(f"--out {out}: {path} is read-only (the grid would replace it): make it writable or give "
+                         "another --out")
     if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
         raise ValueError(f"--out {out}: the grid ({path}) would be written inside --data {data}, among the images "
                          "it evaluates (replacing one, or scored with them next time): give --out a place outside it")
@@ -170,8 +173,9 @@ def evaluate(args: argparse.Namespace) -> int:
     ``--out`` (see :func:`recon_grid_path`) and ``--max-images`` are checked before the tokenizer is loaded.
 
     Raises:
-        ValueError: ``--max-images`` < 1; an ``--out`` that is neither a .png / .jpg file nor a folder; a folder
-            given as the tokenizer file (naming the files inside it that fit); none of the files could be read.
+        ValueError: ``--max-images`` < 1; an ``--out`` that is neither a .png / .jpg file nor a folder, or that
+            cannot be written (:func:`recon_grid_path`); a folder given as the tokenizer file (naming the files
+            inside it that fit); none of the files could be read.
     """
     import logging
 
@@ -224,7 +228,11 @@ def _names(skipped: list[tuple[str, str]], n: int = 5, with_reason: bool = False
 
 
 def encode(args: argparse.Namespace) -> int:
-    """``beit tokenizer encode KIND PATH --data DIR --out ids.safetensors``."""
+    """``beit tokenizer encode KIND PATH --data DIR --out ids.safetensors``; an ``--out`` whose folder cannot be
+    written in is refused before the tokenizer is loaded (it failed after encoding the whole folder)."""
+    from ...data.datasets import check_writable_folder
+
+    check_writable_folder(Path(os.path.abspath(args.out)).parent, f"--out {args.out}")
     tok, ds, device = _tokenizer_and_images(args)
     return _encode_folder(tok, ds, args, device)
 
