@@ -6,6 +6,10 @@
                      (seed, epoch, index), as the device path does, and inside ``seeded(...)``, as before
   copy_ms            a decoded photo copied into the batch buffer as libjpeg-turbo wrote it (H x W x 3, what the
                      workers do since the sixth session) and made C x H x W contiguous first (as before)
+  box_us             one image's random-resized-crop box in a worker (``WorkerCrop``: its uniforms and box)
+  worker_ms          one pre-training sample as a loader worker makes it on the device path (read, probe,
+                     libjpeg-turbo decode, crop box, cut, 14x14 mask: ``EncodedImageFiles[i]``) and the
+                     batch's collation into one buffer, per image (batch 128)
   weights_ms         the resize's filter matrices of a batch of 128 crops of 500x375 photos to 224 px
                      (``gpu_augment._aa_weights``, both axes), on CPU
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +29,10 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from beit.data.gpu_augment import _aa_weights
+from beit.data.gpu_augment import PretrainViews, _aa_weights
+from beit.data.gpu_decode import EncodedImageFiles, collate_encoded
 from beit.data.seeding import generator_for, seeded
-from beit.data.transforms import default_mask_generator
+from beit.data.transforms import PretrainTransform, default_mask_generator
 
 
 def _per_item(fn, items, repeat: int = 3) -> float:
@@ -82,6 +88,18 @@ def main() -> None:
     print(f"copy_ms    into the batch buffer as decoded {hwc * 1e3:.2f}  made C x H x W contiguous first "
           f"{chw * 1e3:.2f}")
     print(f"weights_ms resize matrices of 128 crops to 224 px {weights * 1e3:.1f}")
+    t = PretrainTransform(224, 16, 8, color_jitter=0.4)
+    crop = PretrainViews.from_transform(t).worker_crop()
+    box = _per_item(lambda i: crop(i, 0, 375, 500), idx, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, d in enumerate(datas * (128 // len(datas) + 1)):
+            Path(tmp, f"{i:04d}.jpg").write_bytes(d)
+        ds = EncodedImageFiles.from_folder(tmp, mask_generator=t.mask_generator, seed=0, jpeg_decode="workers",
+                                           crop=crop)
+        n = min(len(ds), 128)
+        batch = _per_item(lambda _: collate_encoded([ds[i] for i in range(n)]), [0] * 3, 1) / n
+    print(f"box_us     a worker's crop box {box * 1e6:.0f}")
+    print(f"worker_ms  a pre-training sample made in a worker and collated (batch {n}) {batch * 1e3:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from beit.data.gpu_augment import (
     PretrainViews,
     _apply_op,
     _mix,
+    crop_box,
     crop_boxes,
     per_sample_uniforms,
     resized_crops,
+    sample_uniforms,
 )
 from beit.data.gpu_decode import (
     BatchDecoder,
@@ -100,6 +102,28 @@ def test_crop_fallback_is_torchvision_centre_crop():
     img = Image.new("RGB", (1000, 10))
     torch.manual_seed(0)
     assert box[0].tolist() == list(T.RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3]))
+
+
+@pytest.mark.parametrize("scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (3 / 4, 4 / 3)),
+                                          ((0.5, 1.0), (0.5, 2.0))])
+def test_one_samples_plain_python_box_is_the_batched_box(scale, ratio):
+    """The workers' per-image box (``WorkerCrop``: ``sample_uniforms`` + ``crop_box``, plain Python) equals the
+    batched tensor code's (what the views draw on the device) bit for bit: photos, tiny images, strips that
+    take torchvision's fallback."""
+    n = 3000
+    for H, W in ((375, 500), (32, 32), (10, 1000), (1000, 10), (1, 1), (3, 4000)):
+        u = per_sample_uniforms(5, 3, torch.arange(n), 22, stream=7)
+        boxes = crop_boxes(torch.full((n,), H), torch.full((n,), W), u, scale, ratio).tolist()
+        for i in range(0, n, 3):
+            row = sample_uniforms(5, 3, i, 22, stream=7)
+            assert row == u[i].tolist()
+            assert list(crop_box(H, W, row, scale, ratio)) == boxes[i], (H, W, i)
+    views = PretrainViews((224, 224), (112, 112), seed=4, scale=scale, ratio=ratio)
+    p = views.params(torch.arange(50), 2, torch.full((50,), 375), torch.full((50,), 500))["box"].tolist()
+    crop = views.worker_crop()
+    assert [list(crop(i, 2, 375, 500)) for i in range(50)] == p
+    with pytest.raises(ValueError, match="needs 22 uniforms"):
+        crop_box(375, 500, row[:21])
 
 
 @pytest.mark.parametrize("mixed", [False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -50,8 +51,9 @@ def test_each_block_respects_min_size_and_aspect() -> None:
     gen = BlockwiseMaskGenerator((14, 14), num_masking_patches=75, min_num_patches=16)
     rng = random.Random(1)
     for _ in range(100):
-        m = torch.zeros(14, 14, dtype=torch.bool)
-        added = gen._add_block(m, 75, rng)  # one block on an empty grid
+        rows = [0] * 14
+        added = gen._add_block(rows, 75, rng)  # one block on an empty grid
+        m = torch.tensor([[(r >> j) & 1 for j in range(14)] for r in rows], dtype=torch.bool)
         rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
         h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
         assert added == int(m.sum()) == h * w  # a single rectangle
@@ -88,3 +90,45 @@ def test_small_grid_never_empty() -> None:
     for _ in range(200):
         n = int(gen(g).sum())
         assert 4 <= n <= 26
+
+
+def _reference_mask(gen: BlockwiseMaskGenerator, generator: torch.Generator) -> torch.Tensor:
+    """The algorithm on a boolean array, block by block, as the official ``MaskingGenerator`` writes it (and as
+    this package did before the per-row bitmasks): the bitmask version must draw the same masks."""
+    rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))
+    mask = torch.zeros(gen.height, gen.width, dtype=torch.bool)
+    count = 0
+    while count < gen.num_masking_patches:
+        max_mask = min(gen.num_masking_patches - count, gen.max_num_patches)
+        delta = 0
+        for _ in range(gen.max_attempts):
+            target_area = rng.uniform(gen.min_num_patches, max_mask)
+            aspect = math.exp(rng.uniform(*gen.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if 0 < h < gen.height and 0 < w < gen.width:
+                top, left = rng.randint(0, gen.height - h), rng.randint(0, gen.width - w)
+                block = mask[top : top + h, left : left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= max_mask:
+                    block.fill_(True)
+                    delta = new
+                    break
+        if delta == 0:
+            break
+        count += delta
+    if count == 0:  # the package's own guard against an empty mask (not in the official code)
+        mask.view(-1)[torch.randperm(gen.num_patches, generator=generator)[: gen.min_num_patches]] = True
+    return mask
+
+
+@pytest.mark.parametrize("grid, budget, smallest", [((14, 14), 75, 16), ((8, 8), 26, 4), ((24, 24), 230, 16),
+                                                    ((32, 32), 410, 16), ((4, 7), 9, 2), ((2, 2), 2, 1),
+                                                    ((3, 70), 60, 8)])
+def test_bitmask_rows_draw_the_array_algorithms_masks(grid: tuple[int, int], budget: int, smallest: int) -> None:
+    gen = BlockwiseMaskGenerator(grid, num_masking_patches=budget, min_num_patches=smallest)
+    for seed in range(300):
+        got = gen(torch.Generator().manual_seed(seed))
+        want = _reference_mask(gen, torch.Generator().manual_seed(seed))
+        assert got.shape == grid and got.dtype == torch.bool
+        assert torch.equal(got, want), (grid, seed)
