@@ -7,8 +7,8 @@
 # <cifar_dir> holds the extracted train/ and test/ class folders (see ../shared/data/README.md).
 # Knobs (env): PRE_EPOCHS, FT_EPOCHS, SCRATCH_EPOCHS (default FT_EPOCHS; give it the pre-training's time too for
 # the equal-GPU-time arm), ARMS (both | pretrained | scratch), PROBES (1; 0 skips stage B's linear probes),
-# SCRATCH_TIMEOUT (seconds; the scratch run is stopped with SIGTERM, saves, and train.resume=auto continues it on
-# the next call), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
+# PRE_TIMEOUT / FT_TIMEOUT / SCRATCH_TIMEOUT (seconds; that run is stopped with SIGTERM, saves, and
+# train.resume=auto continues it when the stage is run again: a stage split over several GPU calls), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
 # 5.4M parameters, 384 / 6 = 21M), PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs
 # with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
@@ -17,7 +17,10 @@ set -euo pipefail
 stage=$1; data=$2; out=$3; prev=${4:-}
 run=runs/cifar10
 mkdir -p "$out" "$run"
-t() { local s=$SECONDS; "$@"; echo "[time] $(( SECONDS - s ))s: $*"; }
+t() { local s=$SECONDS rc=0; "$@" || rc=$?; echo "[time] $(( SECONDS - s ))s (exit $rc): $*"; return $rc; }
+# a command under `timeout LIMIT` when LIMIT is set: SIGTERM makes beit save a checkpoint and exit 143, and
+# train.resume=auto continues it when the stage is run again (same machine)
+limited() { local lim=$1; shift; if [ -n "$lim" ]; then timeout "$lim" "$@"; else "$@"; fi; }
 PRE_EPOCHS=${PRE_EPOCHS:-40}
 FT_EPOCHS=${FT_EPOCHS:-30}
 TOK_STEPS=${TOK_STEPS:-3000}
@@ -31,10 +34,11 @@ if [ "$stage" = A ]; then
       train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) \
       train.num_workers=14 train.resume=auto
   cp $run/tokenizer/dvae.safetensors "$out/"
-  t python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
+  rc=0; t limited "${PRE_TIMEOUT:-}" python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
       tokenizer.path=$run/tokenizer/dvae.safetensors train.output_dir=$run/pretrain train.epochs=$PRE_EPOCHS \
       train.warmup_epochs=$(( PRE_EPOCHS / 10 )) train.num_workers=14 train.image_every=100000 train.resume=auto \
-      model.embed_dim=$WIDTH model.num_heads=$HEADS "${PRE_X[@]}"
+      model.embed_dim=$WIDTH model.num_heads=$HEADS "${PRE_X[@]}" || rc=$?
+  if [ $rc -ne 0 ]; then echo "stage A: pre-training stopped (exit $rc); run stage A again to continue it"; exit $rc; fi
   python3 -m beit convert $run/pretrain/final "$out/encoder" --dtype bf16
   if [ "$(stat -c %s "$out/encoder/model.safetensors")" -gt 15000000 ]; then
     split -b 15000000 "$out/encoder/model.safetensors" "$out/encoder/model.safetensors.part-" && rm "$out/encoder/model.safetensors"
@@ -49,11 +53,11 @@ elif [ "$stage" = B ]; then
     prev=$run
   fi
   common="data.train_dir=$data/train data.val_dir=$data/test train.num_workers=14 train.compile=true train.resume=auto"
-  [ "${ARMS:-both}" = scratch ] || t python3 -m beit finetune -c finetune_cifar10_small \
+  [ "${ARMS:-both}" = scratch ] || t limited "${FT_TIMEOUT:-}" python3 -m beit finetune -c finetune_cifar10_small \
       model="$prev/encoder" model_overrides={} train.output_dir=$run/ft_pretrained $common train.lr=2e-3 \
-      train.layer_decay=0.75 train.epochs=$FT_EPOCHS train.warmup_epochs=$(( FT_EPOCHS / 10 )) "${FT_X[@]}"
+      train.layer_decay=0.75 train.epochs=$FT_EPOCHS train.warmup_epochs=$(( FT_EPOCHS / 10 )) "${FT_X[@]}" || true
   # SCRATCH_LD=1.0: no layer decay for a randomly initialised encoder (a fairer scratch baseline)
-  [ "${ARMS:-both}" = pretrained ] || t timeout ${SCRATCH_TIMEOUT:-100000} python3 -m beit finetune \
+  [ "${ARMS:-both}" = pretrained ] || t limited "${SCRATCH_TIMEOUT:-}" python3 -m beit finetune \
       -c finetune_cifar10_small model=beit_tiny_patch16_224 $ENC \
       train.output_dir=$run/ft_scratch $common train.lr=2e-3 train.layer_decay=${SCRATCH_LD:-0.75} \
       train.epochs=$SCRATCH_EPOCHS train.warmup_epochs=$(( SCRATCH_EPOCHS / 10 )) "${FT_X[@]}" || true

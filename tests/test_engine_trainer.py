@@ -325,6 +325,61 @@ def test_an_evaluation_cut_short_by_the_signal_still_saves_the_step(tmp_path, be
                "worker" in r.getMessage() for r in beit_warnings)
 
 
+def _fails_after_signal_at(call: int):
+    """``step_fn`` that, at its ``call``-th call, gets SIGTERM and then fails as a step does whose compile workers
+    the process-group signal killed (inductor raises from the dead pool)."""
+    calls = {"n": 0}
+
+    def step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            _send(signal.SIGTERM)
+            _send(signal.SIGTERM)
+            raise RuntimeError("InductorError: SubprocException: the compile worker pool was terminated\nmore")
+        return step_fn(model, batch)
+
+    return step
+
+
+def test_a_step_that_fails_because_of_the_stop_signal_stops_cleanly_and_saves_the_last_step(tmp_path,
+                                                                                            beit_warnings):
+    """SIGTERM to the process group while a step compiles kills inductor's workers and the step raises: that is
+    the stop's doing, so no traceback of the compile error but the clean stop (exit 143), the last finished
+    step saved (the failed step never reached the optimizer), and a warning naming the error; resuming continues
+    exactly as the uninterrupted run."""
+    full = make_trainer(make_cfg(tmp_path / "full", ckpt_every=100))
+    full.fit()
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted) as info:
+        make_trainer(make_cfg(part, ckpt_every=100), step=_fails_after_signal_at(7)).fit()
+    e = info.value
+    assert (e.exit_code, e.step, e.saved, e.checkpoint) == (143, 6, True, part / "step_0000006.pt")
+    assert isinstance(e.__cause__, RuntimeError) and "compile worker pool" in str(e.__cause__)
+    assert any("step 7 failed while stopping on SIGTERM (RuntimeError: InductorError: SubprocException: the "
+               "compile worker pool was terminated): stopping after step 6" in r.getMessage() for r in beit_warnings)
+    assert not (part / ".lock").exists()
+    resumed = make_trainer(make_cfg(part, resume="auto", ckpt_every=100))
+    resumed.fit()
+    assert train_rows(tmp_path / "full") == train_rows(part)
+    for (k, p), (_, q) in zip(full.raw_model.state_dict().items(), resumed.raw_model.state_dict().items()):
+        assert torch.equal(p, q), k
+
+
+def test_a_first_step_that_fails_because_of_the_stop_signal_says_nothing_was_saved(tmp_path):
+    with pytest.raises(TrainingInterrupted) as info:
+        make_trainer(make_cfg(tmp_path, ckpt_every=100), step=_fails_after_signal_at(1)).fit()
+    assert str(info.value) == "interrupted by SIGTERM after step 0, not saved; no checkpoint written yet"
+    assert info.value.exit_code == 143 and not list(tmp_path.glob("*.pt")) and not (tmp_path / ".lock").exists()
+
+
+def test_a_step_that_fails_without_a_signal_still_raises_its_error(tmp_path):
+    def failing(model, batch):
+        raise RuntimeError("a real fault")
+
+    with pytest.raises(RuntimeError, match="a real fault"):
+        make_trainer(make_cfg(tmp_path), step=failing).fit()
+
+
 def test_a_forked_worker_that_gets_the_signal_before_its_init_does_nothing(tmp_path, capfd):
     """A DataLoader worker forked while fit() runs inherits the trainer's handler until its worker_init replaces
     it; a process-group signal in that moment made the worker print the stop message a second time. In any other

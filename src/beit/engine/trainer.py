@@ -583,6 +583,26 @@ class Trainer:
         log_to_file(self.log, logging.WARNING, str(error))  # the console gets it from the caller (beit's last line)
         raise error
 
+    def _stop_if_signalled(self, error: Exception) -> None:
+        """A step that raised while a stop signal was pending, in a single process: the signal reached the step's
+        helper processes too (inductor's compile workers in the first steps, which timeout(1), scancel and Ctrl-C
+        in a terminal signal with the whole process group), so the error is the stop's doing, not a fault to
+        report with a traceback. The failed step never reached the optimizer: the weights are those of the last
+        finished step, which is saved (unless it is step 0 or already saved) before :class:`TrainingInterrupted`
+        is raised, as a stop between steps would. Returns (the caller re-raises ``error``) when no signal came,
+        or under several ranks (the other ranks may wait in the step's collectives)."""
+        if not self._signal or D.is_dist():
+            return
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        self.log.warning(f"step {self.step + 1} failed while stopping on {signal.Signals(self._signal).name} "
+                         f"({type(error).__name__}: {first}): stopping after step {self.step}")
+        try:
+            if self.step == 0:
+                raise self._interrupted(self._signal)
+            self._stop(self._signal)
+        except TrainingInterrupted as stop:
+            raise stop from error
+
     def _unless_stopping(self, job: Callable[[], Any], what: str) -> None:
         """Run ``job`` (evaluation, pictures). While a stop is pending in a single process, an error of it is a
         warning, so that the step's checkpoint is still written: the signal may have reached the job's own
@@ -810,11 +830,15 @@ class Trainer:
 
             loss_sum, metric_sums = 0.0, {}
             for micro in range(cfg.accum_steps):
-                batch = next(batches)
-                with D.grad_sync(model, enabled=micro == cfg.accum_steps - 1):
-                    with self._autocast():
-                        loss, metrics = self.step_fn(model, batch)
-                    (loss / cfg.accum_steps).backward()
+                try:
+                    batch = next(batches)
+                    with D.grad_sync(model, enabled=micro == cfg.accum_steps - 1):
+                        with self._autocast():
+                            loss, metrics = self.step_fn(model, batch)
+                        (loss / cfg.accum_steps).backward()
+                except Exception as e:
+                    self._stop_if_signalled(e)  # the stop's own doing (its helper processes killed): a clean stop
+                    raise
                 # the GPU has this backward queued: prepare the next batch beside it (engine/prefetch.py),
                 # also the next epoch's first one (not a stream's: its next pass starts at the next epoch)
                 steps_left = end_step - self.step
