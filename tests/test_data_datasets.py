@@ -457,3 +457,23 @@ def test_quiet_console_hides_the_decoding_progress_bars(tmp_path: Path, capsys) 
     assert "decoding" not in capsys.readouterr().err
     decode_image_folder(tmp_path, num_threads=1)  # shown again after the block
     assert "decoding" in capsys.readouterr().err
+
+
+def test_check_writable_folder_refuses_before_the_work(tmp_path) -> None:
+    """An output folder is checked before the work that fills it: a dangling link in its path (mkdir fails there
+    with "File exists" after the work), a file in the way; a writable new or existing folder passes and the probe
+    file leaves nothing behind."""
+    from beit.data.datasets import check_writable_folder
+
+    check_writable_folder(tmp_path, "--out X")
+    check_writable_folder(tmp_path / "new" / "deeper", "--out X")
+    assert list(tmp_path.iterdir()) == []
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for folder in (link, link / "sub"):
+        with pytest.raises(ValueError, match=f"^--out X: {link} is a link to {tmp_path / 'nowhere'}, which does not "
+                                             "exist$"):
+            check_writable_folder(folder, "--out X")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=f"^--out X: {tmp_path / 'f'} is a file, not a folder$"):
+        check_writable_folder(tmp_path / "f" / "sub", "--out X")

@@ -182,10 +182,17 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_work_naming_it_and_
                 "such file or directory): give a folder you can write to")
     in_the_way = tmp_path / "afile"
     in_the_way.write_text("x")
-    for cmd in ("eval", "encode"):  # a file where the folder should be: refused up front by encode too
-        assert main(["tokenizer", cmd, *base, "--out", str(in_the_way / "sub" / "g.png")]) == 1
+    for cmd, name in (("eval", "g.png"), ("encode", "ids.safetensors")):  # a file in the way: encode refuses too
+        assert main(["tokenizer", cmd, *base, "--out", str(in_the_way / "sub" / name)]) == 1
         assert capsys.readouterr().err.strip() == (
-            f"beit tokenizer {cmd}: error: --out {in_the_way / 'sub' / 'g.png'}: {in_the_way} is a file, not a folder")
+            f"beit tokenizer {cmd}: error: --out {in_the_way / 'sub' / name}: {in_the_way} is a file, not a folder")
+    nowhere = tmp_path / "gone"
+    nowhere.symlink_to(tmp_path / "no" / "such" / "dir")  # a dangling link as the folder: mkdir fails after the work
+    for cmd, name in (("eval", "g.png"), ("encode", "ids.safetensors")):
+        assert main(["tokenizer", cmd, *base, "--out", str(nowhere / name)]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"beit tokenizer {cmd}: error: --out {nowhere / name}: {nowhere} is a link to "
+            f"{tmp_path / 'no' / 'such' / 'dir'}, which does not exist")
     assert not list(tmp_path.glob(".beit-write-check-*"))
 
 
@@ -287,3 +294,33 @@ def test_a_folder_given_as_the_tokenizer_names_the_files_inside_it(tmp_path, cap
         load_tokenizer("dvae", empty)
     with pytest.raises(ValueError, match=r"dalle tokenizer path .* holds no \.pkl or \.safetensors file"):
         load_tokenizer("dalle", empty)
+
+
+def test_encode_out_names_a_safetensors_file_or_a_folder(tmp_path, capsys, monkeypatch) -> None:
+    """`encode --out x.json` wrote the ids, then the paths file over them (`x.json` both times): the ids were lost
+    without a word. Now --out is a .safetensors file or a folder (existing, ending in /, or without a suffix:
+    token_ids.safetensors inside), decided before the tokenizer is loaded."""
+    from beit.tasks.tokenizer import cli as tok_cli
+
+    assert tok_cli.encode_out_path(str(tmp_path)) == tmp_path / "token_ids.safetensors"
+    assert tok_cli.encode_out_path(str(tmp_path / "new") + "/") == tmp_path / "new" / "token_ids.safetensors"
+    assert tok_cli.encode_out_path(str(tmp_path / "ids")) == tmp_path / "ids" / "token_ids.safetensors"
+    assert tok_cli.encode_out_path(str(tmp_path / "a.safetensors")) == tmp_path / "a.safetensors"
+    tok, data = _tiny_dvae_and_images(tmp_path)
+    base = ["tokenizer", "encode", "dvae", str(tok), "--data", str(data), "--img-size", "32", "--num-workers", "0"]
+    calls = []
+    real = tok_cli._tokenizer_and_images
+    monkeypatch.setattr(tok_cli, "_tokenizer_and_images", lambda args: calls.append(args) or real(args))
+    for bad in ("x.json", "ids.pt"):
+        assert main([*base, "--out", str(tmp_path / bad)]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"beit tokenizer encode: error: --out {tmp_path / bad}: unsupported extension {Path(bad).suffix!r}; give "
+            "a .safetensors file for the ids (their paths go in the .json beside it), or a folder (the ids are then "
+            "token_ids.safetensors inside it)")
+    assert not calls  # refused before the tokenizer was loaded
+    out = tmp_path / "cache"
+    out.mkdir()
+    assert main([*base, "--out", str(out)]) == 0  # an existing folder (it failed after the work: IsADirectoryError)
+    ids = load_file(str(out / "token_ids.safetensors"))["ids"]
+    paths = json.loads((out / "token_ids.json").read_text())["paths"]
+    assert ids.shape[0] == len(paths) > 0

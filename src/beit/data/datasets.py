@@ -777,9 +777,12 @@ def check_writable_folder(folder: str | os.PathLike, label: str) -> None:
     Raises:
         ValueError: ``"<label>: cannot write in <folder> (<reason>): give a folder you can write to"`` (naming the
             missing folder that would be made there too); ``"<label>: <path> is a file, not a folder"`` where a
-            file stands in the folder's path.
+            file stands in the folder's path; a link in the path that points nowhere (naming both).
     """
     target = Path(os.path.abspath(os.fspath(folder)))
+    dangling = next((p for p in (target, *target.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir would fail there after the work ("File exists")
+        raise ValueError(f"{label}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
     existing = next((p for p in (target, *target.parents) if p.exists()), None)
     if existing is None:
         return

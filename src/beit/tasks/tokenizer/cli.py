@@ -95,7 +95,8 @@ def encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=112, help="resize + center crop size (default 112, BEiT's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--out", default="token_ids.safetensors", help="ids [N, h, w] (+ the paths in OUT.json)")
+    p.add_argument("--out", default="token_ids.safetensors",
+                   help="ids [N, h, w]: a .safetensors file (+ the paths in the .json beside it), or a folder")
 
 
 def convert_args(p: argparse.ArgumentParser) -> None:
@@ -227,12 +228,36 @@ def _names(skipped: list[tuple[str, str]], n: int = 5, with_reason: bool = False
     return ", ".join(shown) + (f" +{len(skipped) - n} more" if len(skipped) > n else "")
 
 
-def encode(args: argparse.Namespace) -> int:
-    """``beit tokenizer encode KIND PATH --data DIR --out ids.safetensors``; an ``--out`` whose folder cannot be
-    written in is refused before the tokenizer is loaded (it failed after encoding the whole folder)."""
+IDS_NAME = "token_ids.safetensors"
+
+
+def encode_out_path(out: str) -> Path:
+    """The file ``beit tokenizer encode --out OUT`` writes the ids to (the paths go in the ``.json`` beside it),
+    decided before any work: ``OUT`` ending in ``.safetensors``, or a folder (it is one, ends in ``/``, or has no
+    suffix) -> ``OUT/token_ids.safetensors``.
+
+    Raises:
+        ValueError: any other suffix (``ids.json`` would be overwritten by the paths file, ``ids.pt``), naming
+            ``OUT``; a folder that cannot be written in, a dangling link or a file in the way
+            (:func:`beit.data.datasets.check_writable_folder`).
+    """
     from ...data.datasets import check_writable_folder
 
-    check_writable_folder(Path(os.path.abspath(args.out)).parent, f"--out {args.out}")
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)) or out in ("", ".") or (not path.suffix and not path.is_file()):
+        path = path / IDS_NAME
+    elif path.suffix.lower() != ".safetensors":
+        what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
+        raise ValueError(f"--out {out}: {what}; give a .safetensors file for the ids (their paths go in the .json "
+                         f"beside it), or a folder (the ids are then {IDS_NAME} inside it)")
+    check_writable_folder(path.parent, f"--out {out}")
+    return path
+
+
+def encode(args: argparse.Namespace) -> int:
+    """``beit tokenizer encode KIND PATH --data DIR --out ids.safetensors``; ``--out`` is checked (see
+    :func:`encode_out_path`) before the tokenizer is loaded (it failed after encoding the whole folder)."""
+    args.out = str(encode_out_path(args.out))
     tok, ds, device = _tokenizer_and_images(args)
     return _encode_folder(tok, ds, args, device)
 
