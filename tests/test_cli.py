@@ -92,7 +92,7 @@ def test_config_resolves_by_name_from_any_folder(setup, tmp_path, monkeypatch, c
 def test_unknown_preset_lists_the_presets(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "-c", "pretrain_huge"]) == 1
-    assert _err(capsys) == ("beit pretrain train: error: unknown preset 'pretrain_huge'; presets: "
+    assert _err(capsys) == ("beit pretrain: error: unknown preset 'pretrain_huge'; presets: "
                             + ", ".join(p for p in PRESETS if p.startswith("pretrain_"))
                             + " (or give the path of a YAML file)")  # the presets this command takes
     assert main(["finetune", "-c", "nope/x.yaml"]) == 1
@@ -176,9 +176,9 @@ def test_train_flags_become_overrides_in_any_order(setup, tmp_path, captured):
 
 def test_a_flag_and_its_key_together_are_refused(setup, tmp_path, captured, capsys):
     assert main(_pretrain_args(setup, "--out", "a", "train.output_dir=b")) == 1
-    assert _err(capsys) == "beit pretrain train: error: --out and train.output_dir=... both given: keep one"
+    assert _err(capsys) == "beit pretrain: error: --out and train.output_dir=... both given: keep one"
     assert main(_pretrain_args(setup, "stray")) == 1
-    assert _err(capsys) == ("beit pretrain train: error: unexpected argument(s) ['stray']: overrides are key=value, "
+    assert _err(capsys) == ("beit pretrain: error: unexpected argument(s) ['stray']: overrides are key=value, "
                             "options go as --name")
     assert not captured
 
@@ -202,7 +202,7 @@ def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     bad.write_text("train:\n  lr: [1e-3, 2\n")
     assert main(["pretrain", "-c", str(bad)]) == 1
     err = _err(capsys)
-    assert err.startswith(f"beit pretrain train: error: {bad}, line 3 column 1: not valid YAML (")
+    assert err.startswith(f"beit pretrain: error: {bad}, line 3 column 1: not valid YAML (")
     assert "\n" not in err
     bad.write_text("train:\n\tlr: 0.1\n")  # a tab: PyYAML's words alone do not say so
     assert main(["pretrain", "-c", str(bad)]) == 1
@@ -240,7 +240,7 @@ def test_damaged_checkpoint_on_resume_is_one_line(setup, tmp_path, capsys):
     bad = tmp_path / "step.pt"
     bad.write_bytes(b"\x80\x02garbage")
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(bad))) == 1
-    assert f"beit pretrain train: error: {bad}: not a readable checkpoint, damaged or truncated?" in _err(capsys)
+    assert f"beit pretrain: error: {bad}: not a readable checkpoint, damaged or truncated?" in _err(capsys)
 
 
 def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, capsys):
@@ -248,14 +248,14 @@ def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, 
 
     errors = {
         "diverged": (TrainingDivergedError(7, {"loss": float("nan")}, Path("run/last.pt")),
-                     "beit pretrain train: error: training diverged at step 7: loss=nan. last good checkpoint: "
+                     "beit pretrain: error: training diverged at step 7: loss=nan. last good checkpoint: "
                      "run/last.pt. Lower the lr, raise warmup, set clip_grad, or check the batch (e.g. a mask with "
                      "no masked patch)."),
         "denied": (PermissionError(13, "Permission denied", "/data/run/metrics.jsonl"),
-                   "beit pretrain train: error: Permission denied: /data/run/metrics.jsonl (PermissionError)"),
+                   "beit pretrain: error: Permission denied: /data/run/metrics.jsonl (PermissionError)"),
         "full": (OSError(28, "No space left on device", "/data/run/step_0000010.pt.tmp"),
-                 "beit pretrain train: error: No space left on device: /data/run/step_0000010.pt.tmp (OSError)"),
-        "interrupt": (KeyboardInterrupt(), "beit pretrain train: interrupted"),
+                 "beit pretrain: error: No space left on device: /data/run/step_0000010.pt.tmp (OSError)"),
+        "interrupt": (KeyboardInterrupt(), "beit pretrain: interrupted"),
     }
     current: list[BaseException] = []
 
@@ -266,8 +266,8 @@ def test_divergence_permission_interrupt_and_bugs(setup, tmp_path, monkeypatch, 
     args = _pretrain_args(setup, "--out", str(tmp_path / "run"))
     # a Ctrl-C outside the training loop (setting up, or writing the report after the last step): what continues
     errors["interrupt"] = (KeyboardInterrupt(), (
-        "beit pretrain train: interrupted outside the training loop (while setting up, or after training while "
-        f"writing its results); if checkpoints were written, beit pretrain train {' '.join(args[1:])} --resume auto "
+        "beit pretrain: interrupted outside the training loop (while setting up, or after training while "
+        f"writing its results); if checkpoints were written, beit pretrain {' '.join(args[1:])} --resume auto "
         "continues the "
         "run, or only writes what is missing when training had finished"))
     for exc, line in errors.values():
@@ -353,7 +353,7 @@ def test_under_real_torchrun_a_successful_command_leaves_the_process_group():
 ])
 def test_bad_numbers_fail_before_any_work(override, message, setup, tmp_path, captured, capsys):
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), override)) == 1
-    assert _err(capsys) == f"beit pretrain train: error: {message}"
+    assert _err(capsys) == f"beit pretrain: error: {message}"
     assert not captured and not (tmp_path / "run").exists()
 
 
@@ -415,7 +415,7 @@ def test_output_dir_that_cannot_be_written_fails_before_the_dataset(setup, tmp_p
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert main(_pretrain_args(setup, "--out", str(blocker / "run"))) == 1
-    assert _err(capsys) == (f"beit pretrain train: error: config key 'train.output_dir': cannot write to "
+    assert _err(capsys) == (f"beit pretrain: error: config key 'train.output_dir': cannot write to "
                             f"{blocker / 'run'}: {blocker} is a file, not a folder")
     assert not captured
     with pytest.raises(ConfigError, match=f"cannot write to {blocker}: {blocker} is a file, not a folder"):
@@ -586,7 +586,7 @@ def test_errors_found_by_the_trainer_name_their_train_key(setup, tmp_path, capsy
     """Checks that need the data (warmup longer than training, a batch larger than the data) name the key as a
     user writes it, ``train.<key>``, like every other config error."""
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "a"), "train.warmup_epochs=0.9")) == 1  # 2 steps
-    assert _err(capsys) == ("beit pretrain train: error: config key 'train.warmup_epochs': warmup (2 steps) must be "
+    assert _err(capsys) == ("beit pretrain: error: config key 'train.warmup_epochs': warmup (2 steps) must be "
                             "shorter than training (2 steps)")
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "b"), "train.batch_size=64")) == 1
     err = _err(capsys)
@@ -681,16 +681,16 @@ def test_an_interrupted_run_ends_in_one_line_with_step_checkpoint_and_resume_com
     raised: list[BaseException] = []
     monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", lambda cfg: (_ for _ in ()).throw(raised[0]))
     args = _pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "old.pt"))
-    resume = "beit pretrain train " + " ".join(a for a in args[1:] if a not in ("--resume", str(tmp_path / "old.pt")))
+    resume = "beit pretrain " + " ".join(a for a in args[1:] if a not in ("--resume", str(tmp_path / "old.pt")))
     for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         raised[:] = [TrainingInterrupted(signum, 265, ckpt)]
         assert main(args) == code
         name = signal.Signals(signum).name
-        assert _err(capsys) == (f"beit pretrain train: interrupted by {name} after step 265; checkpoint of that step: "
+        assert _err(capsys) == (f"beit pretrain: interrupted by {name} after step 265; checkpoint of that step: "
                                 f"{ckpt}; resume with: {resume} --resume auto")
     raised[:] = [TrainingInterrupted(signal.SIGINT, 3, None, at_once=True)]
     assert main(args) == 130
-    assert _err(capsys) == ("beit pretrain train: stopped at once by a second SIGINT after step 3, not saved; no "
+    assert _err(capsys) == ("beit pretrain: stopped at once by a second SIGINT after step 3, not saved; no "
                             "checkpoint written yet")
 
 
@@ -703,7 +703,7 @@ def test_resuming_another_tasks_checkpoint_is_one_line_before_any_config_diff(se
     save_checkpoint({"format": FORMAT, "version": 1, "task": "classification", "config": config, "step": 10,
                      "epoch": 1, "batch_in_epoch": 0, "model": {}, "optimizer": {}}, other)
     assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"), "--resume", str(other))) == 1
-    assert _err(capsys) == (f"beit pretrain train: error: {other} is a classification checkpoint, not a pre-training "
+    assert _err(capsys) == (f"beit pretrain: error: {other} is a classification checkpoint, not a pre-training "
                             "one: --resume (train.resume) continues a run of the same task")
 
 
@@ -759,8 +759,8 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_143(setup, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 143, err[-3000:]
-    m = re.fullmatch(r"beit pretrain train: interrupted by SIGTERM after step (\d+); checkpoint of that step: "
-                     r"(\S+); resume with: beit pretrain train .* --resume auto", last)
+    m = re.fullmatch(r"beit pretrain: interrupted by SIGTERM after step (\d+); checkpoint of that step: "
+                     r"(\S+); resume with: beit pretrain .* --resume auto", last)
     assert m, err[-3000:]
     step, ckpt = int(m.group(1)), m.group(2)
     assert ckpt == str(out / f"step_{step:07d}.pt") and load_checkpoint(out / "last.pt")["step"] == step

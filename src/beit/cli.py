@@ -491,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM: ``128 + signal``, see :class:`beit.engine.trainer.TrainingInterrupted`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("BEIT_DEBUG", "").lower() in ("1", "true", "yes")
+    typed = argv
     argv = _expand(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -503,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
         args.rest = list(args.rest) + extra
     label = f"beit {args._name if args.command in COMMANDS else args.command + ' ' + args._name}"
+    # messages name the command as typed: `beit pretrain -c x` runs `beit pretrain train` (DEFAULT_ACTION)
+    shown = label.rsplit(" ", 1)[0] if len(argv) != len(typed) else label
     try:
         _normalize(args, label[5:])
         code = int(args._cmd.run(args) or 0)
@@ -513,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         code = int(getattr(e, "exit_code", 130))
         if not _distributed() or _rank() == 0:  # every rank stopped at the same step: one line
-            print(_interrupted_line(e, label, argv, trains=hasattr(args, "resume")), file=sys.stderr)
+            print(_interrupted_line(e, shown, typed, trains=hasattr(args, "resume")), file=sys.stderr)
         _exit_now_if_distributed(code)
         return code
     except BrokenPipeError:  # output piped into `head` and the like: not an error
@@ -528,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 _exit_now_if_distributed(1)
             raise
-        print(f"{label}: error: {line}{_fits_another_command(e, args, label[5:])}", file=sys.stderr)
+        print(f"{shown}: error: {line}{_fits_another_command(e, args, label[5:])}", file=sys.stderr)
         _exit_now_if_distributed(1)
         return 1
 
