@@ -6,15 +6,20 @@
 #   bash benchmarks/cifar10_repro.sh B <cifar_dir> <out_dir> <stageA_dir>
 # <cifar_dir> holds the extracted train/ and test/ class folders (see ../shared/data/README.md).
 # Knobs (env): PRE_EPOCHS, FT_EPOCHS, SCRATCH_EPOCHS (default FT_EPOCHS; give it the pre-training's time too for
-# the equal-GPU-time arm), ARMS (both | pretrained | scratch), PROBES (1; 0 skips stage B's linear probes),
+# the equal-GPU-time arm), ARMS (both | pretrained | scratch: the arms fine-tuned; scratch also skips the
+# pre-trained encoder's linear probe), PROBES (1; 0 skips stage B's linear probes),
 # PRE_TIMEOUT / FT_TIMEOUT / SCRATCH_TIMEOUT (seconds; that run is stopped with SIGTERM, saves, and
-# train.resume=auto continues it when the stage is run again: a stage split over several GPU calls), TOK_STEPS, WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 =
-# 5.4M parameters, 384 / 6 = 21M), PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs
-# with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
+# train.resume=auto continues it when the stage is run again: a stage split over several GPU calls), TOK_STEPS,
+# WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 = 5.4M parameters, 384 / 6 = 21M),
+# PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
 # Each stage writes at most 6 files to <out_dir> (the GPU machine returns 8): PNGs and metrics go in one .tgz.
 set -euo pipefail
+usage="usage: cifar10_repro.sh A <cifar_dir> <out_dir> | B <cifar_dir> <out_dir> <stageA_dir>"
+[ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
 stage=$1; data=$2; out=$3; prev=${4:-}
+case "$stage" in A) ;; B) [ -n "$prev" ] || { echo "$usage" >&2; exit 2; } ;; *) echo "$usage" >&2; exit 2 ;; esac
+case "${ARMS:-both}" in both|pretrained|scratch) ;; *) echo "ARMS=${ARMS}: both, pretrained or scratch" >&2; exit 2 ;; esac
 run=runs/cifar10
 mkdir -p "$out" "$run"
 t() { local s=$SECONDS rc=0; "$@" || rc=$?; echo "[time] $(( SECONDS - s ))s (exit $rc): $*"; return $rc; }

@@ -77,6 +77,8 @@ def test_reproducible_with_seed() -> None:
         (dict(input_size=(14, 14), num_masking_patches=10, min_num_patches=16), "larger than the budget"),
         (dict(input_size=(14, 14), num_masking_patches=0), "at least one patch"),
         (dict(input_size=(4, 4), num_masking_patches=4, min_num_patches=2, max_num_patches=1), "max_num_patches"),
+        (dict(input_size=(14, 14), num_masking_patches=75, min_aspect=0), "min_aspect must be > 0"),
+        (dict(input_size=(14, 14), num_masking_patches=75, min_aspect=0.5, max_aspect=0.2), "aspect range"),
     ],
 )
 def test_impossible_settings(kwargs: dict, message: str) -> None:

@@ -39,10 +39,12 @@ class BlockwiseMaskGenerator:
         self.max_num_patches = (
             self.num_masking_patches if max_num_patches is None else int(max_num_patches)
         )
+        if not min_aspect > 0:  # before 1 / min_aspect and the logs below
+            raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
         max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
+        self._validate(min_aspect, max_aspect)
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
         self.max_attempts = max_attempts
-        self._validate(min_aspect, max_aspect)
 
     def _validate(self, min_aspect: float, max_aspect: float) -> None:
         if self.height <= 0 or self.width <= 0:
