@@ -771,6 +771,48 @@ def test_a_resume_after_the_class_list_file_changed_is_refused_up_front_naming_b
         "config"]["model"]["classes"] == ["red", "blue", "green", "yellow"]
 
 
+def test_a_resume_of_a_checkpoint_without_stored_class_names_checks_the_decode_head(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint written before the class names were stored (no model.classes in its config) and a class list
+    of another length now: the engine has no names to compare, so the decode head's size is compared instead and
+    the resume refused in one line before any work (it failed in the load with a shape mismatch)."""
+    import torch
+
+    from beit.cli import main
+    from beit.engine.checkpoint import load_checkpoint
+
+    (tmp_path / "data").mkdir()
+    data = make_toy(tmp_path / "data")
+    cls = tmp_path / "classes.txt"
+    cls.write_text("red\nblue\ngreen\n")
+    run = tmp_path / "run"
+    ckpt = _train_tiny(data, run, "data.classes=[]", f"data.classes_file={cls}")
+    state = load_checkpoint(ckpt)
+    del state["config"]["model"]["classes"]  # as written before 2026-12-06
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    cls.write_text("red\nblue\ngreen\nyellow\n")
+    resume = (str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}", "data.ignore_index=3", "data.crop_size=32",
+              "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
+              "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
+              "model.drop_path_rate=0.0", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
+              "data.ratio_range=[0.9,1.1]", "train.batch_size=2", "train.warmup_steps=0", "train.num_workers=0",
+              "train.eval_every=0", f"train.output_dir={run}", "data.classes=[]", f"data.classes_file={cls}",
+              "train.max_steps=2", "--resume", "auto")
+    assert main(["segment", "train", "--config", *resume]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"beit segment train: error: {ckpt} was trained for 3 classes (the size of its decode head; it predates stored "
+        f"class names), but data.classes_file '{cls}' now gives 4: a resumed run keeps the classes its heads were "
+        "trained for, even with train.allow_config_change. Restore the class list the run was trained with, or train "
+        "the new list as a new run, without --resume: in another output_dir (train.output_dir=DIR), or over this one "
+        "with --overwrite")
+    assert "shape mismatch" not in "\n".join(err) and load_checkpoint(ckpt)["step"] == 1
+    cls.write_text("red\nblue\ngreen\n")  # the same count: the old checkpoint resumes
+    assert main(["segment", "train", "--config", *resume]) == 0
+    assert load_checkpoint(ckpt)["step"] == 2
+
+
 def test_training_repeats_exactly_whatever_the_global_rng(tmp_path: Path) -> None:
     """The heads' random init comes from train.seed: two runs of one config after different global draws
     write the same weights."""

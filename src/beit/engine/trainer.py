@@ -307,7 +307,8 @@ def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_co
                         stored_world_size=state.get("world_size"), world_size=D.world_size(), report=report)
 
 
-def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None) -> None:
+def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None,
+                        check_state: Callable[[dict[str, Any], Path], None] | None = None) -> None:
     """The refusals :meth:`Trainer.fit` makes when it opens ``cfg.output_dir``, made early and changing nothing
     (no ``*.tmp`` file removed: the run's lock is not held; see ``prepare_output_dir(check_only=True)``),
     for tasks that do long work before ``fit()`` (``beit linprobe`` extracts every image's features first): an
@@ -321,6 +322,8 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     would have said before raising.
 
     Rank 0 checks (as ``fit()`` decides there) and every rank raises its refusal (so none waits in a collective).
+    ``check_state(state, path)``: the task's own check of the checkpoint to resume, once the engine's passed
+    (segmentation: the decode head's number of classes); it raises to refuse.
 
     Raises:
         FileNotFoundError, ValueError, TaskMismatchError, ConfigChangedError, RunExistsError: as ``fit()`` would.
@@ -328,7 +331,7 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     error = None
     if D.is_main():
         try:
-            _check_run_can_start(cfg, run_config, task)
+            _check_run_can_start(cfg, run_config, task, check_state)
         except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
             error = e
     outcome = D.broadcast_object(None if error is None else (type(error).__name__, str(error)))
@@ -338,7 +341,8 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
         raise _error_named(*outcome)
 
 
-def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None) -> None:
+def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None,
+                         check_state: Callable[[dict[str, Any], Path], None] | None = None) -> None:
     out = Path(cfg.output_dir)
     path = find_resume_path(cfg.resume, out)
     if cfg.resume == "auto" and path is None:
@@ -355,6 +359,8 @@ def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None) ->
         raise
     _check_resumable(state, path, task if task is not None else task_of(run_config), run_config or cfg, cfg,
                      report=False)
+    if check_state is not None:
+        check_state(state, path)
 
 
 def _eager() -> contextlib.AbstractContextManager:

@@ -29,6 +29,7 @@ from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import ConfigError, validate_config
 from beit.engine.precision import autocast_for
+from beit.engine.rundir import ConfigChangedError
 from beit.engine.trainer import check_run_can_start, worker_init
 
 from .config import SegmentConfig
@@ -93,6 +94,29 @@ def make_eval_fn(val_ds: SegmentationDataset, cfg: SegmentConfig, num_workers: i
     return eval_fn
 
 
+def _decode_head_fits(names: list[str], cfg: SegmentConfig) -> Callable[[dict[str, Any], Path], None]:
+    """The resume check of a checkpoint written before the class names were stored in it (``model.classes``,
+    which the engine compares): its decode head's number of classes against the class list now.
+
+    Raises (from the returned check):
+        ConfigChangedError: another number of classes, naming both counts and the list's source.
+    """
+
+    def check(state: dict[str, Any], path: Path) -> None:
+        weight = (state.get("model") or {}).get("decode_head.conv_seg.weight")
+        if weight is None or int(weight.shape[0]) == len(names):
+            return
+        where = f"data.classes_file {cfg.data.classes_file!r}" if cfg.data.classes_file else "data.classes"
+        raise ConfigChangedError(
+            f"{path} was trained for {int(weight.shape[0])} classes (the size of its decode head; it predates "
+            f"stored class names), but {where} now gives {len(names)}: a resumed run keeps the classes its heads "
+            "were trained for, even with train.allow_config_change. Restore the class list the run was trained "
+            "with, or train the new list as a new run, without --resume: in another output_dir "
+            "(train.output_dir=DIR), or over this one with --overwrite")
+
+    return check
+
+
 def train(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune BEiT + UperNet with the shared trainer; returns its final metrics (+ ``"table"``).
 
@@ -113,7 +137,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     model = build_model(cfg, len(names))  # fills in model.backbone, which the checkpoint's config has too
     # the output folder and --resume as fit() will judge them (a class list edited since the checkpoint: another
     # number of classes; another config), before the datasets are listed (and checked: data.verify)
-    check_run_can_start(cfg.train, cfg)
+    check_run_can_start(cfg.train, cfg, check_state=_decode_head_fits(names, cfg))
     sets = build_datasets(cfg)
     val = sets["val"]
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
