@@ -256,7 +256,8 @@ def test_read_metrics_skips_damaged_lines(tmp_path):
 
 HOLD = """
 import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("rundir", {path!r})  # the module alone: no torch import
+# the module alone (no torch import), in its package so that its `from .._text import ...` finds beit._text
+spec = importlib.util.spec_from_file_location("beit.engine.rundir", {path!r})
 rundir = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rundir)
 rundir.RunLock(sys.argv[1]).acquire()
@@ -382,8 +383,8 @@ def test_fresh_run_into_finished_folder_refused_unless_overwrite(tmp_path):
     with pytest.raises(R.RunExistsError) as info:
         trainer_of(cfg_of(tmp_path, max_steps=4)).fit()
     assert str(info.value) == (
-        f"output_dir {tmp_path} holds an earlier run (last.pt, metrics.jsonl, step_0000003.pt, step_0000006.pt, "
-        "...): a fresh run would delete its metrics and replace its checkpoints. to continue it pass --resume "
+        f"output_dir {tmp_path} holds an earlier run (last.pt, metrics.jsonl, step_0000003.pt, step_0000006.pt "
+        "and 1 more): a fresh run would delete its metrics and replace its checkpoints. to continue it pass --resume "
         "auto (train.resume=auto), or pass --overwrite (train.overwrite=true) to replace it, or choose another "
         "output_dir")
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "log.txt"}

@@ -291,7 +291,7 @@ def test_checkpoint_loading_is_reported_once_naming_what_is_not_loaded(setup, tm
 
 
 def test_tensors_not_loaded_are_named_a_few_then_counted(setup, tmp_path):
-    """Every tensor the encoder did not take is named: the first few, then "+N more"."""
+    """Every tensor the encoder did not take is named: the first few, then "and N more"."""
     import logging
 
     from safetensors.torch import load_file
@@ -322,7 +322,7 @@ def test_tensors_not_loaded_are_named_a_few_then_counted(setup, tmp_path):
     unexpected = [r for r in records if r.levelno == logging.WARNING]
     assert [r.getMessage() for r in unexpected] == [
         f"{path}: dropped 9 tensors that have no place in the model: adapter.0.weight, adapter.1.weight, "
-        "adapter.2.weight, adapter.3.weight, adapter.4.weight, adapter.5.weight +3 more (not expected)"]
+        "adapter.2.weight, adapter.3.weight, adapter.4.weight, adapter.5.weight and 3 more (not expected)"]
 
 
 @pytest.fixture

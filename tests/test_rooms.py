@@ -55,6 +55,9 @@ def test_the_order_says_what_the_architecture_promises() -> None:
     assert not may_import("engine", "tasks") and not may_import("engine", "cli")
     assert [r for r in ROOM_LEVELS if r != "cli" and may_import(r, "cli")] == ["__main__"]
     assert may_import("tasks", "engine") and may_import("interop", "models") and not may_import("models", "data")
+    # the bottom room: every room may use its text helpers, and it uses none of theirs
+    assert all(may_import(room, "_text") for room in ROOM_LEVELS)
+    assert not any(may_import("_text", room) for room in ROOM_LEVELS if room != "_text")
 
 
 def test_a_forbidden_lazy_import_is_caught() -> None:

@@ -335,7 +335,7 @@ def test_classes_and_classes_file_both_set_say_which_to_clear_and_null_clears_ei
     names = tmp_path / "x.txt"
     names.write_text("a\nb\nc\n")
     with pytest.raises(ConfigError, match=rf"^config key 'data\.classes': data\.classes \(11 names: Sky, Building, "
-                                          rf"Pole, \.\.\.; a preset or -c file may set it\) and data\.classes_file "
+                                          rf"Pole and 8 more; a preset or -c file may set it\) and data\.classes_file "
                                           rf"'{names}' are both set: give one\. To use the file, clear the list: "
                                           r"data\.classes=\[\]; to use the list, clear the file: "
                                           r"data\.classes_file=null$"):

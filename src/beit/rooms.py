@@ -8,6 +8,8 @@ functions count too). ``tests/test_rooms.py`` enforces this with the AST of ever
 ====  =============================================  ==============================================
 lvl   rooms                                          what they are
 ====  =============================================  ==============================================
+-1    ``_text``                                      plain-text helpers for messages (``first_few``);
+                                                     imports nothing of beit, every room may use it
 0     models, tokenizers, data, configs, rooms       the ViT, visual tokenizers, datasets/transforms/
                                                      masking, YAML presets; none knows another
 1     interop                                        checkpoint formats, ``build_backbone``
@@ -22,6 +24,7 @@ lvl   rooms                                          what they are
 from __future__ import annotations
 
 ROOM_LEVELS: dict[str, int] = {
+    "_text": -1,
     "models": 0,
     "tokenizers": 0,
     "data": 0,

@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from .._text import first_few
 from .seeding import derive_seed, seeded, stable_index
 
 __all__ = [
@@ -343,9 +344,8 @@ def list_images(
 
 def _warn_skipped_entries(root: str | os.PathLike, skipped: Sequence[tuple[str, str]]) -> None:
     if skipped:
-        shown = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        logger.warning("skipped %d unreadable entries under %s: %s%s", len(skipped), root, shown, more)
+        logger.warning("skipped %d unreadable entries under %s: %s", len(skipped), root,
+                       first_few([f"{p} ({why})" for p, why in skipped], 10, sep="; "))
 
 
 def _unpack_index(index: int | tuple[int, int], default_epoch: int, length: int) -> tuple[int, int]:
@@ -608,10 +608,6 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def _shown(names: Sequence[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
 def class_folders(root: str | os.PathLike) -> list[str]:
     """The class sub-folders of ``root`` (:func:`find_classes`), which must be in the ImageFolder layout
     ``root/<class>/<image>``: one sub-folder per class.
@@ -635,9 +631,9 @@ def class_folders(root: str | os.PathLike) -> list[str]:
     if images:
         more = f" (and {len(others)} other files)" if others else ""
         raise ValueError(f"{str(root)!r} has {len(images)} images but no class sub-folders: {layout}; found "
-                         f"{len(images)} images directly in it ({_shown(images)}){more}. If it holds the images of "
-                         "one class, give its parent folder")
-    found = f"{len(others)} files that are not images ({_shown(others)})" if others else "nothing: it is empty"
+                         f"{len(images)} images directly in it ({first_few(images, 3)}){more}. If it holds the "
+                         "images of one class, give its parent folder")
+    found = f"{len(others)} files that are not images ({first_few(others, 3)})" if others else "nothing: it is empty"
     raise ValueError(f"{str(root)!r} has no class sub-folders and no images: {layout}; found {found}")
 
 
@@ -831,11 +827,10 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
         by_name.setdefault(name, []).append(p)
     clashes = [(name, ps) for name, ps in by_name.items() if len(ps) > 1]
     if clashes:
-        shown = "; ".join(f"{ps[0]!r} is given {len(ps)} times" if len(set(ps)) == 1 else
-                          f"{' and '.join(repr(p) for p in ps)} would share "
-                          f"{' and '.join(name + s for s in suffixes)}" for name, ps in clashes[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {shown}{more}. The outputs "
+        shown = first_few([f"{ps[0]!r} is given {len(ps)} times" if len(set(ps)) == 1 else
+                           f"{' and '.join(repr(p) for p in ps)} would share "
+                           f"{' and '.join(name + s for s in suffixes)}" for name, ps in clashes], 5, sep="; ")
+        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {shown}. The outputs "
                          "are named by the file name without its extension, so one result would overwrite another: "
                          "give each file once; of two files of one name, rename one (or move it to another folder) "
                          "or predict it in a separate run with another output folder")
@@ -845,8 +840,7 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
         over = [(os.path.join(os.fspath(out_dir), n + s), p) for n, p in zip(names, full) for s in suffixes
                 if os.path.realpath(os.path.join(os.fspath(out_dir), n + s)) in inputs]
         if over:
-            shown = "; ".join(f"{o!r} (for {p!r})" for o, p in over[:3]) + (
-                f" (and {len(over) - 3} more)" if len(over) > 3 else "")
+            shown = first_few([f"{o!r} (for {p!r})" for o, p in over], 3, sep="; ")
             raise ValueError(f"{len(over)} output file(s) would be written over input images: {shown}. Give --out "
                              "a folder of its own (not the images' folder)")
         if manifest is not None and not os.path.exists(os.path.join(os.fspath(out_dir), manifest)):
@@ -854,9 +848,9 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
             there = [t for t in there if os.path.lexists(t)]
             if there:
                 raise ValueError(f"--out {os.fspath(out_dir)} already holds {len(there)} file(s) of the names this "
-                                 f"command writes ({', '.join(map(repr, there[:3]))}"
-                                 f"{' and more' if len(there) > 3 else ''}) and no {manifest} of an earlier run: "
-                                 "they are not its outputs, so they are not replaced; give --out a folder of its own")
+                                 f"command writes ({first_few([repr(t) for t in there], 3)}) and no {manifest} "
+                                 "of an earlier run: they are not its outputs, so they are not replaced; give --out "
+                                 "a folder of its own")
     return names
 
 
@@ -1241,7 +1235,7 @@ def decode_image_folder(
         for i in odd:
             img = Image.fromarray(arrays[i], mode="RGB")
             arrays[i] = np.asarray(_resize_center_crop(img, (shape[1], shape[0])), dtype=np.uint8)
-        shown = ", ".join(ds.samples[i][0] for i in odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        shown = first_few([ds.samples[i][0] for i in odd], 5)
         if first_rank:
             logger.warning("resized %d of %d images under %s to the common size %dx%d (short side, then center "
                            "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)

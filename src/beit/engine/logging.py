@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .._text import first_few
 from .rundir import atomic_write
 
 __all__ = ["MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves", "quiet_console",
@@ -147,7 +148,7 @@ def read_metrics(path: str | Path, split: str | None = "train") -> list[dict[str
         else:
             bad.append(i)
     if bad:
-        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        lines = first_few(bad, 5)
         get_logger().warning(f"{path}: skipped {len(bad)} incomplete or damaged line(s) (line {lines}), "
                              "e.g. cut short by a crash")
     return [r for r in rows if split is None or r.get("split") == split]

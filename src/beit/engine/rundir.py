@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._text import first_few
+
 __all__ = [
     "CLASSES_KEY", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError",
     "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write",
@@ -346,7 +348,7 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
             _log().warning(f"{aside} holds checkpoints an earlier run set aside; kept beside this new run "
                            "(--overwrite deletes them)")
         return "fresh"
-    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    names = first_few([p.name for p in found], 4)
     if not overwrite:
         start = (f"resuming from {resume_path} (another folder) would mix two runs" if resume_path is not None
                  else "a fresh run would delete its metrics and replace its checkpoints")
@@ -435,10 +437,6 @@ def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
 RESUME_SAME_TASK = "--resume (train.resume) continues a run of the same task"
 
 
-def _names(names: list[Any], n: int = 4) -> str:
-    return ", ".join(str(x) for x in names[:n]) + (", ..." if len(names) > n else "")
-
-
 def _classes_changed(stored: dict[str, Any], current: dict[str, Any], source: str | Path,
                      others: list[str]) -> str | None:
     """The refusal of a resume whose class list (:data:`CLASSES_KEY`) has another number of names than the
@@ -454,10 +452,11 @@ def _classes_changed(stored: dict[str, Any], current: dict[str, Any], source: st
     where = (f"{key} {b[key]!r}" if key == "data.classes_file" else key) if key else "the data config"
     added = [x for x in now if x not in was]
     removed = [x for x in was if x not in now]
-    delta = "; ".join(f"{what}: {_names(xs)}" for what, xs in (("added", added), ("removed", removed)) if xs)
+    delta = "; ".join(f"{what}: {first_few(xs, 4)}" for what, xs in (("added", added), ("removed", removed)) if xs)
     also = f" (the config also differs in {', '.join(others)})" if others else ""
-    return (f"{source} was trained for {len(was)} classes ({_names(list(was))}), but {where} now gives {len(now)} "
-            f"({_names(list(now))}{'; ' + delta if delta else ''}): a resumed run keeps the classes its heads were "
+    was_shown, now_shown = first_few(list(was), 4), first_few(list(now), 4)
+    return (f"{source} was trained for {len(was)} classes ({was_shown}), but {where} now gives {len(now)} "
+            f"({now_shown}{'; ' + delta if delta else ''}): a resumed run keeps the classes its heads were "
             "trained for, even with train.allow_config_change. Restore the class list the run was trained with "
             f"(its config.yaml lists them under {CLASSES_KEY}), or train the new list as a new run, without --resume: "
             f"in another output_dir (train.output_dir=DIR), or over this one with --overwrite{also}")

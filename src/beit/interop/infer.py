@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._text import first_few
 from ..models.config import BeitConfig
 from ..models.relpos import table_size
 
@@ -58,7 +59,8 @@ def source_grid(table_rows: int | None, num_pos: int | None, hint: tuple[int, in
     if hint is not None:
         ratio = math.log(hint[0] / hint[1])
         return min(cand, key=lambda g: abs(math.log(g[0] / g[1]) - ratio))
-    raise ValueError(f"{what}: the patch grid is not square and ambiguous ({cand[:4]}...); pass img_size=(H, W)")
+    raise ValueError(f"{what}: the patch grid is not square and ambiguous (grids {first_few(cand, 4)}); "
+                     "pass img_size=(H, W)")
 
 
 def _first(sd: Mapping[str, torch.Tensor], pattern: str) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._text import first_few
 from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
@@ -207,15 +208,14 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
         if any(re.match(r"blocks\.\d+\.attn\.", k) for k in sd):
             raise CheckpointError(f"{name}: lacks 'patch_embed.proj.weight', which tells the width, input channels "
                                   "and patch size; a BEiT encoder cannot be built without it")
-        sample = ", ".join(list(sd)[:5]) or "no tensors"
-        raise CheckpointError(f"{name}: not a BEiT checkpoint (first keys: {sample})")
+        raise CheckpointError(f"{name}: not a BEiT checkpoint (keys: {first_few(list(sd), 5) or 'no tensors'})")
     unmapped = [k for k in sd if k.startswith("__unmapped__.")]
     if unmapped:
         left_out += [k[len("__unmapped__."):] for k in unmapped]
         sd = {k: v for k, v in sd.items() if not k.startswith("__unmapped__.")}
     if left_out:
         log.info("%s: left out %d tensors that are not part of the BEiT encoder: %s", name, len(left_out),
-                 _short(left_out))
+                 first_few(left_out, 6))
     return formats.drop_derived(sd), hints, name, left_out
 
 
@@ -290,11 +290,6 @@ def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig,
     return sd, {k: dropped[k] for k in order if k in dropped}
 
 
-def _short(names: list[str], n: int = 6) -> str:
-    """The first ``n`` names, then ``+N more``."""
-    return ", ".join(names[:n]) + (f" +{len(names) - n} more" if len(names) > n else "")
-
-
 def _by_reason(why: Mapping[str, str], names: list[str]) -> dict[str, list[str]]:
     """``names`` grouped by their reason in ``why`` (in order of first appearance)."""
     groups: dict[str, list[str]] = {}
@@ -328,23 +323,23 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
         raise CheckpointError(f"{name}: tensor {unused[0]!r} {tuple(sd[unused[0]].shape)} has no place in the "
                               f"requested model ({len(unused)} such tensors; strict=False drops them)")
     if strict and missing:
-        raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors the model needs: {_short(missing)} "
-                              "(strict=False leaves them at their initial values)")
+        raise CheckpointError(f"{name}: checkpoint lacks {len(missing)} tensors the model needs: "
+                              f"{first_few(missing, 6)} (strict=False leaves them at their initial values)")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     not_loaded = len(dropped) + len(unused)
     log.info("%s: loaded %d of the model's %d tensors%s", name, sum(k in own for k in sd), len(own),
              f"; {not_loaded} of the checkpoint's tensors not loaded (named below)" if not_loaded else "")
     for why, names in _by_reason(dropped, list(dropped)).items():
-        log.info("%s: %d tensors not loaded, as expected (%s): %s", name, len(names), why, _short(names))
+        log.info("%s: %d tensors not loaded, as expected (%s): %s", name, len(names), why, first_few(names, 6))
     for why, names in _by_reason(allow_missing, new).items():
         log.info("%s: %d tensors left at their initial values, as expected (%s): %s", name, len(names), why,
-                 _short(names))
+                 first_few(names, 6))
     if unused:
         log.warning("%s: dropped %d tensors that have no place in the model: %s (not expected)", name, len(unused),
-                    _short(unused))
+                    first_few(unused, 6))
     if missing:
         log.warning("%s: the checkpoint lacks %d tensors; left at their initial values: %s (not expected)",
-                    name, len(missing), _short(missing))
+                    name, len(missing), first_few(missing, 6))
 
 
 def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **overrides: Any) -> nn.Module:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._text import first_few
 from .base import Tokenizer, TokenizerCheckpointError, map_pixels, unmap_pixels
 from .dalle import DalleDecoder, DalleDecoderConfig, DalleEncoder, DalleEncoderConfig, DalleTokenizer
 from .dvae import DiscreteVAE, DVAEConfig, gumbel_temperature
@@ -141,10 +142,10 @@ def _folder_message(entry: TokenizerKind, folder: PathLike) -> str:
         names = [entry.usual_name]
     if not names:
         return f"{head}, and it holds no {' or '.join(entry.suffixes) or 'tokenizer'} file: give {entry.files}"
-    shown = ", ".join(os.path.join(folder, n) for n in names[:5])
+    shown = first_few([os.path.join(folder, n) for n in names], 5)
     if len(names) == 1:
         return f"{head}: give the file inside it, {shown}"
-    return f"{head}: give one of the files inside it, {shown}" + (f" +{len(names) - 5} more" if len(names) > 5 else "")
+    return f"{head}: give one of the files inside it, {shown}"
 
 
 __all__ = [

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from .._text import first_few
 from .base import (
     LOGIT_LAPLACE_EPS,
     Tokenizer,
@@ -439,11 +440,11 @@ def _build(role: str, tensors: dict[str, torch.Tensor], source: str, config: Any
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            parts.append(f"missing {first_few(missing, 5)}")
         if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            parts.append(f"unexpected {first_few(unexpected, 5)}")
         if wrong:
-            parts.append(f"wrong shapes (file vs expected) {wrong[:5]}")
+            parts.append(f"wrong shapes (file vs expected) {first_few(wrong, 5)}")
         raise TokenizerCheckpointError(
             f"{source}: weights do not fit a DALL-E {role} with {config}: " + "; ".join(parts)
         )

@@ -17,6 +17,7 @@ def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     """``beit finetune``: :func:`beit.tasks.classify.train.finetune` with the paper's recipe."""
+    from ..._text import first_few
     from ...engine.config import load_run_config
     from .config import FinetuneConfig
     from .train import finetune
@@ -25,7 +26,7 @@ def finetune(args: argparse.Namespace) -> int:
     result = finetune(cfg)
     names = result.get("class_names", [])
     _print_result(result, skip=("class_names",))
-    print(f"classes ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    print(f"classes ({len(names)}): {first_few(names, 20)}")
     return 0
 
 

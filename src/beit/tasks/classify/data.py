@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
+from ..._text import first_few
 from ...data.datasets import (
     IMG_EXTENSIONS,
     LabeledImageFolder,
@@ -76,7 +77,8 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
 def warn_left_out(bad: list[str]) -> None:
     """One warning naming the unreadable images left out (the first 10), if any."""
     if bad:
-        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s", bad[:10])
+        logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s",
+                       first_few(bad, 10))
 
 
 def build_train_transform(data: DataConfig, img_size: int) -> Any:
@@ -229,8 +231,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
 def check_num_classes(requested: int, names: list[str], where: str) -> int:
     """The class count, or a clear error when the config asks for another one than the data holds."""
     if requested and requested != len(names):
-        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ValueError(f"num_classes={requested} but {where} has {len(names)} classes ({shown}); "
+        raise ValueError(f"num_classes={requested} but {where} has {len(names)} classes ({first_few(names, 8)}); "
                          "set num_classes=0 to take them from the data")
     return len(names)
 

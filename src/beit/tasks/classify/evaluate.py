@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..._text import first_few
 from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, collate_files, find_classes, scan_images
 from ...engine import distributed as D
 from ...engine.checkpoint import model_weights, read_torch_file
@@ -301,14 +302,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
     folders = find_classes(data_dir)
     if not folders:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise ValueError(f"{data_dir}: no class sub-folders; beit evaluate reads {data_dir}/<class>/<image> with "
-                         f"the model's {len(names)} classes ({shown}); for unlabeled images use beit predict")
+                         f"the model's {len(names)} classes ({first_few(names, 5)}); for unlabeled images use "
+                         "beit predict")
     named = not all(n == f"class_{i}" for i, n in enumerate(names))
     if named and set(folders) != set(names):
         missing, extra = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
-        raise ValueError(f"{data_dir}: class folders do not match the model's {len(names)} classes "
-                         f"(no folder for {missing[:10]}; folders the model does not know: {extra[:10]})")
+        differ = "; ".join(([f"no folder for {first_few(missing, 10)}"] if missing else [])
+                           + ([f"folders the model does not know: {first_few(extra, 10)}"] if extra else []))
+        raise ValueError(f"{data_dir}: class folders do not match the model's {len(names)} classes ({differ})")
     if not named:
         if len(folders) != len(names):
             raise ValueError(f"{data_dir}: {len(folders)} class folders but the model has {len(names)} classes")

@@ -10,6 +10,7 @@ from typing import Any
 from timm.layers import trunc_normal_
 from torch import nn
 
+from ..._text import first_few
 from ...interop.backbone import (  # noqa: F401 - source_config / check_overrides_fit / SHAPE_FIELDS: old home
     SHAPE_FIELDS,
     build_backbone,
@@ -45,7 +46,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: list[str] | 
     old_names = list((model.cfg.extra or {}).get("class_names") or [])
     if (not is_preset(cfg.model) and class_names and len(old_names) == num_classes
             and old_names != list(class_names)):
-        logger.info("checkpoint classes %s... differ from the data's: new head", old_names[:3])
+        logger.info("checkpoint classes %s differ from the data's: new head", first_few(old_names, 3))
         _reset_head(model)
     return model.train()
 

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..._text import first_few
 from ...data.datasets import (
     NoReadableImagesError,
     RepeatedDataset,
@@ -60,11 +61,6 @@ log = logging.getLogger("beit")
 
 class LayoutDataError(ValueError):
     """The annotation file or an image is unusable; the message names the file and the annotation."""
-
-
-def _few(items: Sequence[Any], n: int = 5) -> str:
-    """The first ``n`` of ``items`` (their repr: an id ``'7'`` is not ``7``), then how many more."""
-    return ", ".join(map(repr, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -97,8 +93,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     seen = Counter(im["id"] for im in data["images"])
     dup = [i for i, n in seen.items() if n > 1]
     if dup:  # two pages under one id: their boxes would be merged onto one of them
+        # the ids by their repr, here and below: an id '7' is not 7
         raise LayoutDataError(f"{path}: {len(dup)} image id{'s' if len(dup) > 1 else ''} given to more than one "
-                              f"'images' entry: {_few(dup)}; image ids must be unique")
+                              f"'images' entry: {first_few([repr(i) for i in dup], 5)}; image ids must be unique")
     return data
 
 
@@ -180,7 +177,8 @@ class CocoLayoutDataset(Dataset):
         if wanted is not None:
             unknown = wanted - {im.get("id") for im in data["images"]}
             if unknown:
-                raise LayoutDataError(f"{self.ann_file}: image ids {sorted(unknown)[:5]} are not in the file")
+                raise LayoutDataError(f"{self.ann_file}: image ids {first_few([repr(i) for i in sorted(unknown)], 5)} "
+                                      "are not in the file")
         images: dict[int, dict[str, Any]] = {}
         all_ids = set()
         for im in data["images"]:
@@ -212,9 +210,10 @@ class CocoLayoutDataset(Dataset):
                 self.anns[img_id].append(clean)
         if orphans:  # one line for all of them, in the build-time warning
             n, ids = len(orphans), list(dict.fromkeys(i for _, i in orphans))
+            shown, annotations = first_few([repr(i) for i in ids], 5), first_few([repr(a) for a, _ in orphans], 3)
             self._note("unknown_image", f"left out {n} annotation{'s' if n > 1 else ''} whose image_id is not in "
-                                        f"'images': image id{'s' if len(ids) > 1 else ''} {_few(ids)} (annotation "
-                                        f"{'ids' if n > 1 else 'id'} {_few([a for a, _ in orphans], 3)})", count=n)
+                                        f"'images': image id{'s' if len(ids) > 1 else ''} {shown} (annotation "
+                                        f"{'ids' if n > 1 else 'id'} {annotations})", count=n)
 
         self.images = [images[i] for i in sorted(images)]
         self.report["images"] = len(self.images)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from beit._text import first_few
 from beit.data.datasets import (
     NoReadableImagesError,
     RepeatedDataset,
@@ -194,7 +195,7 @@ def _read_class_file(path: Path) -> list[str]:
         raise ValueError(f"{what} is empty (it names no class): {fix}")
     blank = [n for n, ln in enumerate(lines, 1) if not ln]
     if blank:
-        at = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        at = first_few(blank, 5)
         lines_are = f"line {at} is blank but names follow it" if len(blank) == 1 else \
             f"lines {at} are blank but names follow them"
         raise ValueError(f"{what}: {lines_are}: every line names one class (line k is class k - 1), so a blank "
@@ -487,7 +488,7 @@ class SegmentationDataset(Dataset):
         if not bad.any():
             return mask
         vals = np.unique(raw[bad])
-        shown = vals[:5].tolist() + (["..."] if len(vals) > 5 else [])
+        shown = f"[{first_few(vals.tolist(), 5)}]"
         source = self.classes_source or f"the class list ({self.num_classes} names)"
         if len(vals) == 1:  # the ignore index is compared after reduce_zero_label
             ignore = f"set data.ignore_index={int(np.unique(mask[bad])[0])} if {int(vals[0])} marks unlabelled pixels"
@@ -600,7 +601,7 @@ def class_names(dcfg: SegDataConfig) -> list[str]:
     """
     classes, classes_file = list(dcfg.classes or []), dcfg.classes_file or ""
     if classes and classes_file:
-        shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+        shown = first_few(classes, 3)
         raise ConfigError("data.classes", f"data.classes ({len(classes)} names: {shown}; a preset or -c file may set "
                                           f"it) and data.classes_file {classes_file!r} are both set: give one. To use "
                                           "the file, clear the list: data.classes=[]; to use the list, clear the "

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from beit._text import first_few
 from beit.engine.checkpoint import load_model_state, model_weights
 from beit.engine.config import ConfigError
 from beit.interop.backbone import build_backbone as _build_backbone
@@ -369,10 +370,6 @@ def load_segmenter(path: str | Path, config_file: str | None = None, overrides: 
     return model.eval(), cfg
 
 
-def _shown(names: Sequence[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
 def _norm(value: Any) -> Any:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else value
 
@@ -414,7 +411,7 @@ def _checkpoint_class_names(cfg: SegmentConfig, saved: dict[str, Any], weights: 
         key = next((f"data.{k}" for k in ("classes_file", "classes", "num_classes") if getattr(d, k)), "data.format")
         source = _classes_source(d, len(names))
     if n_trained and len(names) != n_trained:
-        was = f"its classes: {_shown(trained)}" if trained else "its heads' size; it stores no class names"
+        was = f"its classes: {first_few(trained, 4)}" if trained else "its heads' size; it stores no class names"
         fix = "; or leave the class list out to use the names the checkpoint stores" if trained else ""
         raise ConfigError(key, f"{path} was trained for {n_trained} classes ({was}), but the config (-c file or "
                                f"overrides) now gives {len(names)} ({source}): give {n_trained} class names{fix}; "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from beit._text import first_few
 from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import ConfigError, validate_config
@@ -129,8 +130,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     # need no class list file, which may have moved since
     if cfg.model.classes and list(cfg.model.classes) != names:  # was: replaced without a word
         raise ConfigError("model.classes", f"filled in by training from the data's class list "
-                                           f"({len(names)} names: {', '.join(names[:4])}"
-                                           f"{', ...' if len(names) > 4 else ''}), not an input: set "
+                                           f"({len(names)} names: {first_few(names, 4)}), not an input: set "
                                            "data.classes=[...] or data.classes_file=FILE instead")
     cfg.model.classes = names
     seed_everything(cfg.train.seed)  # the heads' random init is part of the run: runs repeat exactly

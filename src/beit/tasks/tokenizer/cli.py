@@ -182,6 +182,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..._text import first_few
     from ...data.datasets import FileImages, collate_files, spread_indices
     from .train import round_trip_metrics, write_recon_grid
 
@@ -206,26 +207,20 @@ def evaluate(args: argparse.Namespace) -> int:
     if skipped:
         logging.getLogger(__name__).warning(
             "skipped %d unreadable file%s (left out of the metrics, not replaced): %s", len(skipped),
-            "" if len(skipped) == 1 else "s", _names(skipped, with_reason=True))
+            "" if len(skipped) == 1 else "s", first_few([f"{p} ({why})" for p, why in skipped], 5))
     if not done:
         raise ValueError(f"none of the {len(files)} images under {args.data} could be read")
     metrics = {"num_images": len(done), "num_skipped": len(skipped), **metrics}
     if skipped:
-        metrics["skipped"] = _names(skipped)
+        metrics["skipped"] = first_few([p for p, _ in skipped], 5)
     unlisted = getattr(ds, "unreadable_entries", [])
     if unlisted:  # named by the folder scan's warning already: listed here, not warned about again
-        metrics["unreadable_entries"] = _names(unlisted)
+        metrics["unreadable_entries"] = first_few([p for p, _ in unlisted], 5)
     if getattr(tok, "decoder", None) is not None:
         grid = [files[done[j]]["image"] for j in spread_indices(len(done), 8)]
         metrics["recon_grid"] = write_recon_grid(tok, grid, out, n=len(grid))
     print(json.dumps(metrics, indent=2, ensure_ascii=False))  # paths as they are, not \u00fc
     return 0
-
-
-def _names(skipped: list[tuple[str, str]], n: int = 5, with_reason: bool = False) -> str:
-    """The first ``n`` paths (and their reasons), then ``+N more``."""
-    shown = [f"{p} ({why})" if with_reason else p for p, why in skipped[:n]]
-    return ", ".join(shown) + (f" +{len(skipped) - n} more" if len(skipped) > n else "")
 
 
 IDS_NAME = "token_ids.safetensors"
@@ -274,6 +269,7 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     from safetensors.torch import save
     from tqdm import tqdm
 
+    from ..._text import first_few
     from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files
 
     files = FileImages(ds.paths, ds.transform)
@@ -301,5 +297,5 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
                                                     "skipped": listing}, indent=1))
     print(f"{len(done)} images -> {out} ids {tuple(ids.shape)} (vocab {tok.vocab_size}); "
           f"paths in {out.with_suffix('.json')}; {len(listing)} unreadable skipped"
-          + (f": {', '.join(x['path'] for x in listing[:5])}" if listing else ""))
+          + (f": {first_few([x['path'] for x in listing], 5)}" if listing else ""))
     return 0

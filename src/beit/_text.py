@@ -1,0 +1,24 @@
+"""Plain-text helpers for messages, shared by every room (the bottom room: it imports nothing of ``beit``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["first_few"]
+
+
+def first_few(items: Sequence[object], n: int, *, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` (each as ``str``), then how many more: ``"a, b, c and 7 more"``.
+
+    The one wording of every message that names a few of many things (files, classes, tensors, ids). All of
+    ``items`` are shown when there are at most ``n``; an empty ``items`` gives ``""``. ``sep`` joins the shown
+    items (``"; "`` where an item holds commas itself). Pass ``[repr(x) for x in items]`` where the quotes
+    matter (an id ``'7'`` is not ``7``).
+
+    Raises:
+        ValueError: ``n`` is below 1 (``" and 7 more"`` names nothing).
+    """
+    if n < 1:
+        raise ValueError(f"first_few shows at least one item, not n={n}")
+    shown = sep.join(str(x) for x in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")

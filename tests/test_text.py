@@ -1,0 +1,43 @@
+"""``beit._text.first_few``: the one wording of "the first few names, then how many more"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from beit._text import first_few
+
+
+def test_the_first_n_then_how_many_more() -> None:
+    names = [f"n{i}" for i in range(10)]
+    assert first_few(names, 3) == "n0, n1, n2 and 7 more"
+    assert first_few(names, 1) == "n0 and 9 more"
+    assert first_few(names[:4], 3) == "n0, n1, n2 and 1 more"  # n + 1: the one left is counted, not shown
+    assert first_few(names[:3], 3) == "n0, n1, n2"  # exactly n: all shown, no count
+    assert first_few(names[:2], 3) == "n0, n1"
+    assert first_few(names, 10) == first_few(names, 50) == ", ".join(names)
+
+
+def test_an_empty_list_is_the_empty_string() -> None:
+    assert first_few([], 5) == ""
+    assert (first_few([], 5) or "none") == "none"  # callers say what none is
+
+
+def test_items_that_are_not_strings_are_shown_by_str() -> None:
+    assert first_few([3, 7, 11, 12], 2) == "3, 7 and 2 more"
+    assert first_few([(14, 16), (16, 14)], 4) == "(14, 16), (16, 14)"
+    assert first_few([Path("a/b.png"), None, 1.5], 3) == "a/b.png, None, 1.5"
+    assert first_few([repr("7"), repr(7)], 5) == "'7', 7"  # repr where the quotes matter
+    assert first_few(("x", "y", "z"), 2) == "x, y and 1 more"  # any sequence
+
+
+def test_another_separator_for_items_that_hold_commas() -> None:
+    items = ["a.png (cannot read, truncated)", "b.png (empty)", "c.png (empty)"]
+    assert first_few(items, 2, sep="; ") == "a.png (cannot read, truncated); b.png (empty) and 1 more"
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_n_below_one_is_refused(n: int) -> None:
+    with pytest.raises(ValueError, match=f"first_few shows at least one item, not n={n}"):
+        first_few(["a"], n)
