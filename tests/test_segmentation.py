@@ -711,6 +711,28 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
         load_segmenter(old, overrides=[f"data.classes_file={long}"])
 
 
+def _tiny_run_with_class_file(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A tiny segmentation run of one step whose classes (red, blue, green) come from a class file:
+    ``(data, class file, run folder, checkpoint)``."""
+    (tmp_path / "data").mkdir()
+    data = make_toy(tmp_path / "data")
+    cls = tmp_path / "classes.txt"
+    cls.write_text("red\nblue\ngreen\n")
+    run = tmp_path / "run"
+    return data, cls, run, _train_tiny(data, run, "data.classes=[]", f"data.classes_file={cls}")
+
+
+def _tiny_resume_args(data: Path, run: Path, cls: Path) -> tuple[str, ...]:
+    """`beit segment train --config` arguments resuming the tiny run in ``run`` (classes from ``cls``) to step 2."""
+    return (str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}", "data.ignore_index=3", "data.crop_size=32",
+            "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
+            "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
+            "model.drop_path_rate=0.0", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
+            "data.ratio_range=[0.9,1.1]", "train.batch_size=2", "train.warmup_steps=0", "train.num_workers=0",
+            "train.eval_every=0", f"train.output_dir={run}", "data.classes=[]", f"data.classes_file={cls}",
+            "train.max_steps=2", "--resume", "auto")
+
+
 def test_a_resume_after_the_class_list_file_changed_is_refused_up_front_naming_both_lists(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """The class list file edited between a run and its resume (--resume auto): the resume listed the data, built
@@ -723,24 +745,13 @@ def test_a_resume_after_the_class_list_file_changed_is_refused_up_front_naming_b
 
     seg_train = importlib.import_module("beit.tasks.segmentation.train")  # the module (the package's train: a function)
 
-    (tmp_path / "data").mkdir()
-    data = make_toy(tmp_path / "data")
-    cls = tmp_path / "classes.txt"
-    cls.write_text("red\nblue\ngreen\n")
-    run = tmp_path / "run"
-    ckpt = _train_tiny(data, run, "data.classes=[]", f"data.classes_file={cls}")
+    data, cls, run, ckpt = _tiny_run_with_class_file(tmp_path)
     capsys.readouterr()
 
     def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the datasets were built before the resume was refused")
 
-    resume = (str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}", "data.ignore_index=3", "data.crop_size=32",
-              "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
-              "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
-              "model.drop_path_rate=0.0", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
-              "data.ratio_range=[0.9,1.1]", "train.batch_size=2", "train.warmup_steps=0", "train.num_workers=0",
-              "train.eval_every=0", f"train.output_dir={run}", "data.classes=[]", f"data.classes_file={cls}",
-              "train.max_steps=2", "--resume", "auto")
+    resume = _tiny_resume_args(data, run, cls)
     from beit.cli import main
 
     tail = ("a resumed run keeps the classes its heads were trained for, even with train.allow_config_change. Restore "
@@ -781,24 +792,13 @@ def test_a_resume_of_a_checkpoint_without_stored_class_names_checks_the_decode_h
     from beit.cli import main
     from beit.engine.checkpoint import load_checkpoint
 
-    (tmp_path / "data").mkdir()
-    data = make_toy(tmp_path / "data")
-    cls = tmp_path / "classes.txt"
-    cls.write_text("red\nblue\ngreen\n")
-    run = tmp_path / "run"
-    ckpt = _train_tiny(data, run, "data.classes=[]", f"data.classes_file={cls}")
+    data, cls, run, ckpt = _tiny_run_with_class_file(tmp_path)
     state = load_checkpoint(ckpt)
     del state["config"]["model"]["classes"]  # as written before 2026-12-06
     torch.save(state, ckpt)
     capsys.readouterr()
     cls.write_text("red\nblue\ngreen\nyellow\n")
-    resume = (str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}", "data.ignore_index=3", "data.crop_size=32",
-              "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
-              "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
-              "model.drop_path_rate=0.0", "test.crop=32", "test.stride=16", "test.mode=whole", "test.overlays=0",
-              "data.ratio_range=[0.9,1.1]", "train.batch_size=2", "train.warmup_steps=0", "train.num_workers=0",
-              "train.eval_every=0", f"train.output_dir={run}", "data.classes=[]", f"data.classes_file={cls}",
-              "train.max_steps=2", "--resume", "auto")
+    resume = _tiny_resume_args(data, run, cls)
     assert main(["segment", "train", "--config", *resume]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
