@@ -561,6 +561,15 @@ def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_in
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=rf"^--out {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder"):
         output_stems(files, out_dir=tmp_path / "afile")
+    # a folder where an output file goes (an earlier run's folder, index.json there): it stopped at that image,
+    # after writing the outputs before it; refused before anything, naming it
+    blocked = tmp_path / "blocked"
+    (blocked / "b_overlay.png").mkdir(parents=True)
+    (blocked / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"^--out {blocked}: 1 folder\(s\) stand where this command writes files "
+                                         rf"\('{blocked / 'b_overlay.png'}'\): move them away"):
+        output_stems(files, ("_overlay.png", "_labels.png"), out_dir=blocked, manifest="index.json")
+    assert sorted(p.name for p in blocked.iterdir()) == ["b_overlay.png", "index.json"]
 
 
 # ------------------------------------------------------------------------------------------------ training

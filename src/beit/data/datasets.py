@@ -843,6 +843,12 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
             shown = first_few([f"{o!r} (for {p!r})" for o, p in over], 3, sep="; ")
             raise ValueError(f"{len(over)} output file(s) would be written over input images: {shown}. Give --out "
                              "a folder of its own (not the images' folder)")
+        folders = [t for t in (os.path.join(os.fspath(out_dir), n + s) for n in names for s in suffixes)
+                   if os.path.isdir(t)]
+        if folders:  # no run replaces a folder with its file: it failed there, after the outputs before it
+            raise ValueError(f"--out {os.fspath(out_dir)}: {len(folders)} folder(s) stand where this command writes "
+                             f"files ({first_few([repr(t) for t in folders], 3)}): move them away or give --out a "
+                             "folder of its own")
         if manifest is not None and not os.path.exists(os.path.join(os.fspath(out_dir), manifest)):
             there = [os.path.join(os.fspath(out_dir), n + s) for n in names for s in suffixes]
             there = [t for t in there if os.path.lexists(t)]
