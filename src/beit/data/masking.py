@@ -125,4 +125,3 @@ class BlockwiseMaskGenerator:
             idx = torch.randperm(self.num_patches, generator=generator)[: self.min_num_patches]
             flat[idx] = True
         return mask
-
