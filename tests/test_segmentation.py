@@ -817,6 +817,10 @@ def test_a_resume_of_a_checkpoint_without_stored_class_names_checks_the_decode_h
         "the new list as a new run, without --resume: in another output_dir (train.output_dir=DIR), or over this one "
         "with --overwrite")
     assert "shape mismatch" not in "\n".join(err) and load_checkpoint(ckpt)["step"] == 1
+    # the count given by data.num_classes (no names): the message names that key
+    assert main(["segment", "train", "--config", *resume, "data.classes_file=null", "data.num_classes=4",
+                 "train.allow_config_change=true"]) == 1
+    assert "but data.num_classes now gives 4: " in capsys.readouterr().err
     cls.write_text("red\nblue\ngreen\n")  # the same count: the old checkpoint resumes
     assert main(["segment", "train", "--config", *resume]) == 0
     assert load_checkpoint(ckpt)["step"] == 2

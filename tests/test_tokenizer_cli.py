@@ -316,7 +316,16 @@ def test_encode_out_names_a_safetensors_file_or_a_folder(tmp_path, capsys, monke
         assert capsys.readouterr().err.strip() == (
             f"beit tokenizer encode: error: --out {tmp_path / bad}: unsupported extension {Path(bad).suffix!r}; give "
             "a .safetensors file for the ids (their paths go in the .json beside it), or a folder (the ids are then "
-            "token_ids.safetensors inside it)")
+            "token_ids.safetensors inside it; a new folder with a dot in its name: end it with /)")
+    link = tmp_path / "gone.safetensors"
+    link.symlink_to(tmp_path / "no" / "such.safetensors")  # a dangling link as the ids file
+    assert main([*base, "--out", str(link)]) == 1
+    assert capsys.readouterr().err.strip() == (f"beit tokenizer encode: error: --out {link}: a link to "
+                                               f"{tmp_path / 'no' / 'such.safetensors'}, which does not exist")
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "ids.json").mkdir()  # the paths file's place taken by a folder: the ids would lose it
+    assert main([*base, "--out", str(tmp_path / "pair" / "ids.safetensors")]) == 1
+    assert "pair/ids.json is a folder" in capsys.readouterr().err
     assert not calls  # refused before the tokenizer was loaded
     out = tmp_path / "cache"
     out.mkdir()

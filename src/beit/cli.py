@@ -311,7 +311,7 @@ def _check_preset_fits(config: str | None, name: str) -> None:
     stem = Path(config).stem
     if not stem.startswith(prefix):
         fits = ", ".join(p for p in list_presets() if p.startswith(prefix))
-        raise ValueError(f"-c {stem} is a preset of another command; beit {name} takes: {fits}")
+        raise ValueError(f"-c {stem} is a preset of another command; beit {_typed_name(full)} takes: {fits}")
 
 
 def _train_schema(full: str) -> type:
@@ -353,9 +353,15 @@ def _fits_another_command(e: BaseException, args: argparse.Namespace, name: str)
 
     if fits(full):  # the file fits this command: the error is elsewhere (an override, a value)
         return ""
-    short = {" ".join(v): k for k, v in SHORT.items()} | {"pretrain train": "pretrain"}
-    other = [short.get(c, c) for c in PRESET_PREFIX if c != full and fits(c)]
-    return f"; {path} is a config of `beit {other[0]}`, not of `beit {short.get(full, full)}`" if other else ""
+    other = [_typed_name(c) for c in PRESET_PREFIX if c != full and fits(c)]
+    return f"; {path} is a config of `beit {other[0]}`, not of `beit {_typed_name(full)}`" if other else ""
+
+
+def _typed_name(full: str) -> str:
+    """The name a user types for a command's full name: ``classify train`` -> ``finetune``, ``pretrain train`` ->
+    ``pretrain`` (its default action), else the full name."""
+    short = {" ".join(v): k for k, v in SHORT.items()} | {f"{t} {a}": t for t, a in DEFAULT_ACTION.items()}
+    return short.get(full, full)
 
 
 # ------------------------------------------------------------------------------------ error boundary

@@ -589,25 +589,32 @@ class Trainer:
         log_to_file(self.log, logging.WARNING, str(error))  # the console gets it from the caller (beit's last line)
         raise error
 
+    #: words in an error (or its causes) that a stop signal reaching the step's helper processes produces: inductor's
+    #: compile workers killed mid-compile, a DataLoader worker killed
+    STOP_DAMAGE = ("InductorError", "SubprocException", "BrokenProcessPool", "killed by signal",
+                   "terminated abruptly")
+
     def _stop_if_signalled(self, error: Exception) -> None:
-        """A step that raised while a stop signal was pending, in a single process: the signal reached the step's
-        helper processes too (inductor's compile workers in the first steps, which timeout(1), scancel and Ctrl-C
-        in a terminal signal with the whole process group), so the error is the stop's doing, not a fault to
-        report with a traceback. The failed step never reached the optimizer: the weights are those of the last
-        finished step, which is saved (unless it is step 0 or already saved) before :class:`TrainingInterrupted`
-        is raised, as a stop between steps would. Returns (the caller re-raises ``error``) when no signal came,
-        or under several ranks (the other ranks may wait in the step's collectives)."""
+        """A step that raised while a stop signal was pending, in a single process, with an error of the kind the
+        signal itself causes (:data:`STOP_DAMAGE`: timeout(1), scancel and Ctrl-C in a terminal signal the whole
+        process group, so inductor's compile workers or the loader's workers die mid-step): the stop the user
+        asked for, not a fault to report with a traceback. Raises :class:`TrainingInterrupted` (chained from
+        ``error``) naming the last checkpoint written: the failed step is not saved, since it already drew random
+        numbers and set its learning rate (a resume from it would not repeat the run). Returns, and the caller
+        re-raises ``error``, for any other error (a real fault stays one, Ctrl-C or not), without a signal, or
+        under several ranks (the other ranks may wait in the step's collectives)."""
         if not self._signal or D.is_dist():
+            return
+        chain, e = [], error
+        while e is not None and len(chain) < 8:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        if not any(w in f"{type(x).__name__}: {x}" for x in chain for w in self.STOP_DAMAGE):
             return
         first = (str(error).strip().splitlines() or [""])[0][:200]
         self.log.warning(f"step {self.step + 1} failed while stopping on {signal.Signals(self._signal).name} "
-                         f"({type(error).__name__}: {first}): stopping after step {self.step}")
-        try:
-            if self.step == 0:
-                raise self._interrupted(self._signal)
-            self._stop(self._signal)
-        except TrainingInterrupted as stop:
-            raise stop from error
+                         f"({type(error).__name__}: {first}): stopped after step {self.step}, that step not saved")
+        raise self._interrupted(self._signal) from error
 
     def _unless_stopping(self, job: Callable[[], Any], what: str) -> None:
         """Run ``job`` (evaluation, pictures). While a stop is pending in a single process, an error of it is a

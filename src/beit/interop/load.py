@@ -304,7 +304,7 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
 
     ``allow_missing``: model tensors the file is expected to lack (a new head, ...) -> why, said at INFO;
     ``dropped``: checkpoint tensors left out on purpose before (the MIM head of a probe, ...) -> why, said at INFO.
-    Every tensor not loaded is named (a few, then ``+N more``), once. A tensor of the wrong shape is always an
+    Every tensor not loaded is named (a few, then ``and N more``), once. A tensor of the wrong shape is always an
     error (CheckpointError): it means the architecture was read wrongly; so are, ``strict``, a tensor without a
     place and a lacking tensor that is not in ``allow_missing``.
     """
@@ -355,7 +355,7 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
     a partial state dict loads what it has and leaves the rest at initialisation. Both are logged
     (logger ``beit.interop.load``: INFO what was taken, and what was not as expected, e.g. the MIM head of a
     pre-training checkpoint loaded with ``head="none"``; WARNING what was dropped or lacking unexpectedly),
-    each tensor not loaded named (the first few, then ``+N more``).
+    each tensor not loaded named (the first few, then ``and N more``).
     ``strict=True`` turns a lacking tensor, or one with no place in the model, into a CheckpointError.
     The family loads too: transformers ``Beit*`` and ``Data2VecVision*``, DiT (``microsoft/dit-*``), BEiT v2
     (its pre-training-only ``cls_pt_layers`` are dropped with a note). Raises CheckpointError (one line

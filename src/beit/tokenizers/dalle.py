@@ -444,7 +444,7 @@ def _build(role: str, tensors: dict[str, torch.Tensor], source: str, config: Any
         if unexpected:
             parts.append(f"unexpected {first_few(unexpected, 5)}")
         if wrong:
-            parts.append(f"wrong shapes (file vs expected) {first_few(wrong, 5)}")
+            parts.append(f"wrong shapes (file vs expected) {first_few(wrong, 5, sep='; ')}")
         raise TokenizerCheckpointError(
             f"{source}: weights do not fit a DALL-E {role} with {config}: " + "; ".join(parts)
         )

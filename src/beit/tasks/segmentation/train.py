@@ -107,7 +107,8 @@ def _decode_head_fits(names: list[str], cfg: SegmentConfig) -> Callable[[dict[st
         weight = (state.get("model") or {}).get("decode_head.conv_seg.weight")
         if weight is None or int(weight.shape[0]) == len(names):
             return
-        where = f"data.classes_file {cfg.data.classes_file!r}" if cfg.data.classes_file else "data.classes"
+        where = (f"data.classes_file {cfg.data.classes_file!r}" if cfg.data.classes_file else
+                 "data.classes" if cfg.data.classes else "data.num_classes")
         raise ConfigChangedError(
             f"{path} was trained for {int(weight.shape[0])} classes (the size of its decode head; it predates "
             f"stored class names), but {where} now gives {len(names)}: a resumed run keeps the classes its heads "

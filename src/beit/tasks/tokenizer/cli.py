@@ -239,13 +239,20 @@ def encode_out_path(out: str) -> Path:
     from ...data.datasets import check_writable_folder
 
     path = Path(out)
+    if os.path.islink(out) and not path.exists():  # it failed after the whole encoding
+        raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
     if path.is_dir() or out.endswith(("/", os.sep)) or out in ("", ".") or (not path.suffix and not path.is_file()):
         path = path / IDS_NAME
     elif path.suffix.lower() != ".safetensors":
         what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
         raise ValueError(f"--out {out}: {what}; give a .safetensors file for the ids (their paths go in the .json "
-                         f"beside it), or a folder (the ids are then {IDS_NAME} inside it)")
+                         f"beside it), or a folder (the ids are then {IDS_NAME} inside it; a new folder with a dot in "
+                         "its name: end it with /)")
     check_writable_folder(path.parent, f"--out {out}")
+    for target in (path, path.with_suffix(".json")):  # both are written after the work: the pair stays together
+        if target.is_dir():
+            raise ValueError(f"--out {out}: {target} is a folder (the ids and their paths are written to "
+                             f"{path.name} and {path.with_suffix('.json').name}): give another --out")
     return path
 
 
