@@ -1,6 +1,6 @@
 """Run by tests/test_engine_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-usage: _engine_dist_script.py OUT_DIR ddp|fsdp|nan
+usage: _engine_dist_script.py OUT_DIR ddp|fsdp|nan|refuse
 Trains uninterrupted, then stopped + resumed, and saves per rank: final params, sampler shards.
 """
 
@@ -62,10 +62,36 @@ def nan_on_one_rank(out: Path) -> None:
     D.cleanup()
 
 
+def refusals_reach_every_rank(out: Path) -> None:
+    """check_run_can_start decides on rank 0; its refusals (an earlier run without --resume; a task's own check of
+    the checkpoint, which runs on rank 0 only) must be raised on every rank, as the same error."""
+    from beit.engine.rundir import ConfigChangedError
+    from beit.engine.trainer import check_run_can_start
+
+    make(out / "r", "ddp").fit(stop_after_step=2)
+    lines = []
+    for name, kw in (("exists", {}), ("state", {"resume": "auto"})):
+        cfg = make(out / "r", "ddp", **kw).cfg
+
+        def check_state(state, path):  # noqa: ANN001, ANN202
+            raise ConfigChangedError(f"{path.name}: refused by the task at step {state['step']}")
+
+        try:
+            check_run_can_start(cfg, check_state=check_state if name == "state" else None)
+            lines.append(f"{name}: passed")
+        except Exception as e:  # noqa: BLE001 - the type and message are what the test compares
+            lines.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    (out / f"refuse_rank{D.rank()}.txt").write_text("\n".join(lines))
+    D.cleanup()
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "nan":
         nan_on_one_rank(out)
+        return
+    if mode == "refuse":
+        refusals_reach_every_rank(out)
         return
     full = make(out / "full", mode)
     full.fit()

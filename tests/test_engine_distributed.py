@@ -93,6 +93,20 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert [(tmp_path / f"nan_rank{r}.txt").read_text() for r in (0, 1)] == ["diverged at step 2"] * 2
 
 
+def test_an_early_refusal_reaches_every_rank_as_the_same_error(tmp_path):
+    """check_run_can_start (segmentation and linprobe call it before their long work) decides on rank 0 and
+    broadcasts: rank 1 raises the same error, instead of going on into a collective rank 0 never joins."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(SCRIPT), str(tmp_path), "refuse"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = ((tmp_path / f"refuse_rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert r0 == r1, (r0, r1)
+    assert r0[0].startswith("exists: RunExistsError: ")
+    assert r0[1] == "state: ConfigChangedError: last.pt: refused by the task at step 2"
+
+
 def test_rank_and_world_come_from_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
     """No process group: torchrun's environment, else one process; tasks read them through engine.distributed."""
     import dataclasses
