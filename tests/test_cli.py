@@ -768,3 +768,13 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_143(setup, tmp_path)
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no DataLoader worker left in the group
         os.killpg(proc.pid, 0)
+
+
+def test_an_unknown_option_names_the_command(capsys):
+    """argparse said `beit: error: unrecognized arguments`, naming no command; now the command as typed and where
+    its options are listed (exit 2, a usage error)."""
+    assert main(["pretrain", "-c", "pretrain_cifar10_small", "--bogus"]) == 2
+    assert _err(capsys) == "beit pretrain: error: unrecognized arguments: --bogus (see beit pretrain --help)"
+    assert main(["tokenizer", "eval", "dvae", "x.safetensors", "--data", "d", "--num-workers", "0"]) == 2
+    assert _err(capsys) == ("beit tokenizer eval: error: unrecognized arguments: --num-workers (see beit tokenizer "
+                            "eval --help)")

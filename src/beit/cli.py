@@ -504,14 +504,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_cmd", None):
         parser.print_help()
         return 2
-    if extra:  # options and arguments after the key=value overrides: argparse leaves them over
-        unknown = [a for a in extra if a.startswith("-") and not _OVERRIDE.match(a)]
-        if unknown or not hasattr(args, "rest"):
-            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-        args.rest = list(args.rest) + extra
     label = f"beit {args._name if args.command in COMMANDS else args.command + ' ' + args._name}"
     # messages name the command as typed: `beit pretrain -c x` runs `beit pretrain train` (DEFAULT_ACTION)
     shown = label.rsplit(" ", 1)[0] if len(argv) != len(typed) else label
+    if extra:  # options and arguments after the key=value overrides: argparse leaves them over
+        unknown = [a for a in extra if a.startswith("-") and not _OVERRIDE.match(a)]
+        if unknown or not hasattr(args, "rest"):
+            print(f"{shown}: error: unrecognized arguments: {' '.join(unknown or extra)} (see {shown} --help)",
+                  file=sys.stderr)
+            return 2
+        args.rest = list(args.rest) + extra
     try:
         _normalize(args, label[5:])
         code = int(args._cmd.run(args) or 0)
