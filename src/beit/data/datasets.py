@@ -66,6 +66,7 @@ __all__ = [
     "list_images",
     "load_image_folder_to_memory",
     "check_writable_folder",
+    "not_below",
     "output_stems",
     "scan_images",
     "to_rgb",
@@ -835,29 +836,39 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
                          "give each file once; of two files of one name, rename one (or move it to another folder) "
                          "or predict it in a separate run with another output folder")
     if out_dir is not None:
-        check_writable_folder(out_dir, f"--out {os.fspath(out_dir)}")
+        out = os.fspath(out_dir)
+        check_writable_folder(out, f"--out {out}")
+        outputs = [(os.path.join(out, n + s), p) for n, p in zip(names, full) for s in suffixes]  # (file, its input)
         inputs = {os.path.realpath(p) for p in full}
-        over = [(os.path.join(os.fspath(out_dir), n + s), p) for n, p in zip(names, full) for s in suffixes
-                if os.path.realpath(os.path.join(os.fspath(out_dir), n + s)) in inputs]
+        over = [(o, p) for o, p in outputs if os.path.realpath(o) in inputs]
         if over:
             shown = first_few([f"{o!r} (for {p!r})" for o, p in over], 3, sep="; ")
             raise ValueError(f"{len(over)} output file(s) would be written over input images: {shown}. Give --out "
                              "a folder of its own (not the images' folder)")
-        folders = [t for t in (os.path.join(os.fspath(out_dir), n + s) for n in names for s in suffixes)
-                   if os.path.isdir(t)]
+        folders = [o for o, _ in outputs if os.path.isdir(o)]
         if folders:  # no run replaces a folder with its file: it failed there, after the outputs before it
-            raise ValueError(f"--out {os.fspath(out_dir)}: {len(folders)} folder(s) stand where this command writes "
+            raise ValueError(f"--out {out}: {len(folders)} folder(s) stand where this command writes "
                              f"files ({first_few([repr(t) for t in folders], 3)}): move them away or give --out a "
                              "folder of its own")
-        if manifest is not None and not os.path.exists(os.path.join(os.fspath(out_dir), manifest)):
-            there = [os.path.join(os.fspath(out_dir), n + s) for n in names for s in suffixes]
-            there = [t for t in there if os.path.lexists(t)]
-            if there:
-                raise ValueError(f"--out {os.fspath(out_dir)} already holds {len(there)} file(s) of the names this "
-                                 f"command writes ({first_few([repr(t) for t in there], 3)}) and no {manifest} "
-                                 "of an earlier run: they are not its outputs, so they are not replaced; give --out "
-                                 "a folder of its own")
+        there = ([o for o, _ in outputs if os.path.lexists(o)]
+                 if manifest is not None and not os.path.exists(os.path.join(out, manifest)) else [])
+        if there:
+            raise ValueError(f"--out {out} already holds {len(there)} file(s) of the names this "
+                             f"command writes ({first_few([repr(t) for t in there], 3)}) and no {manifest} "
+                             "of an earlier run: they are not its outputs, so they are not replaced; give --out "
+                             "a folder of its own")
     return names
+
+
+def not_below(files: Iterable[str | os.PathLike], folder: str | os.PathLike,
+              out_dir: str | os.PathLike) -> list[str | os.PathLike]:
+    """``files`` (found under ``folder``) without those inside ``out_dir`` when that output folder lies below
+    ``folder``: an earlier run's outputs written there are not inputs (segment and layout predict read a folder
+    of images and write into one, possibly inside it)."""
+    root, out = Path(folder).resolve(), Path(out_dir).resolve()
+    if out == root or not out.is_relative_to(root):
+        return list(files)
+    return [f for f in files if not Path(f).resolve().is_relative_to(out)]
 
 
 # --------------------------------------------------------------------------------------- shards

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes
 
-from beit.data.datasets import decode_image, output_stems
+from beit.data.datasets import decode_image, not_below, output_stems
 
 from .evaluate import predictions_to_coco
 
@@ -32,12 +32,10 @@ def find_pages(paths: Sequence[str | Path], skip: str | Path | None = None) -> l
     (sorted, so ids are stable), leaving out those under ``skip`` (the output folder, when it is below one of
     them: an earlier run's drawings are not pages)."""
     pages: list[Path] = []
-    skip = Path(skip).resolve() if skip is not None else None
     for p in map(Path, paths):
         if p.is_dir():
-            below = skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve())
-            pages += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()
-                            and not (below and q.resolve().is_relative_to(skip)))
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            pages += found if skip is None else not_below(found, p, skip)
         elif p.is_file():
             pages.append(p)
         else:

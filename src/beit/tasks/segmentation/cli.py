@@ -58,7 +58,7 @@ def predict(args: argparse.Namespace) -> int:
     """``beit segment predict CKPT IMAGES...``: ``<stem>_overlay.png`` (coloured overlay) and ``<stem>_labels.png``
     (label map) per image in ``--out``, ``<stem>`` the file name without its extension (``<dir>__<stem>`` where it
     repeats in other folders); two inputs of one name (``a.jpg`` and ``a.png`` in one folder) are refused."""
-    from ...data.datasets import IMG_EXTENSIONS, list_images, output_stems
+    from ...data.datasets import IMG_EXTENSIONS, list_images, not_below, output_stems
     from .infer import predict as run_predict
     from .model import load_segmenter
 
@@ -71,9 +71,7 @@ def predict(args: argparse.Namespace) -> int:
     for item in inputs:
         path = Path(item)
         if path.is_dir():  # not the images of an output folder below it (an earlier run's overlays)
-            out = Path(args.out or "segment_predictions").resolve()
-            below = out != path.resolve() and out.is_relative_to(path.resolve())
-            files += [f for f in list_images(path) if not (below and Path(f).resolve().is_relative_to(out))]
+            files += not_below(list_images(path), path, args.out or "segment_predictions")
         elif path.is_file() and path.suffix.lower() in IMG_EXTENSIONS:
             files.append(str(path))
         else:
