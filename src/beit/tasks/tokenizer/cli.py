@@ -36,6 +36,30 @@ RECON_GRID_NAME = "tokenizer_recon.png"
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+def _out_file(out: str, name: str, suffixes: tuple[str, ...], file_kind: str, what: str) -> Path:
+    """The file a command's ``--out OUT`` names, decided before any work: ``OUT`` itself when it ends in one of
+    ``suffixes``; ``OUT/name`` when ``OUT`` is a folder (it is one, ends in ``/``, or has no suffix). ``file_kind``
+    and ``what`` say in the refusal what the file holds (``"a .png or .jpg file"``, ``"the grid is"``).
+
+    Raises:
+        ValueError: ``OUT`` is a link that points nowhere, or has another suffix; its folder cannot be written in
+            (:func:`beit.data.datasets.check_writable_folder`: a file in the way, a dangling link, ``/proc``).
+    """
+    from ...data.datasets import check_writable_folder
+
+    path = Path(out)
+    if os.path.islink(out) and not path.exists():  # it failed after the whole work with "File exists"
+        raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
+    if path.is_dir() or out.endswith(("/", os.sep)) or (not path.suffix and not path.is_file()):
+        path = path / name
+    elif path.suffix.lower() not in suffixes:
+        problem = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
+        raise ValueError(f"--out {out}: {problem}; give {file_kind}, or a folder ({what} then {name} inside it; "
+                         "a new folder with a dot in its name: end it with /)")
+    check_writable_folder(path.parent, f"--out {out}")
+    return path
+
+
 def recon_grid_path(out: str, data: str | None = None) -> Path:
     """The file ``beit tokenizer eval --out OUT`` writes its reconstruction grid to, decided before any work.
 
@@ -49,19 +73,7 @@ def recon_grid_path(out: str, data: str | None = None) -> Path:
             :func:`beit.data.datasets.check_writable_folder`), or a read-only grid file; a grid inside the ``data``
             folder (it would replace one of the images, or be scored with them the next time).
     """
-    from ...data.datasets import check_writable_folder
-
-    path = Path(out)
-    if os.path.islink(out) and not path.exists():  # it failed after the whole evaluation with "File exists"
-        raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
-    if path.is_dir() or out.endswith(("/", os.sep)) or (not path.suffix and not path.is_file()):
-        path = path / RECON_GRID_NAME
-    elif path.suffix.lower() not in GRID_SUFFIXES:
-        what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
-        raise ValueError(f"--out {out}: {what}; give a {' or '.join(GRID_SUFFIXES)} file, or a folder "
-                         f"(the grid is then {RECON_GRID_NAME} inside it; a new folder with a dot in its name: "
-                         f"end it with /)")
-    check_writable_folder(path.parent, f"--out {out}")  # a file in the way, /proc, a read-only folder
+    path = _out_file(out, RECON_GRID_NAME, GRID_SUFFIXES, f"a {' or '.join(GRID_SUFFIXES)} file", "the grid is")
     if path.is_file() and not os.access(path, os.W_OK):
         raise ValueError(f"--out {out}: {path} is read-only (the grid would replace it): make it writable or give "
                          "another --out")
@@ -236,19 +248,8 @@ def encode_out_path(out: str) -> Path:
             ``OUT``; a folder that cannot be written in, a dangling link or a file in the way
             (:func:`beit.data.datasets.check_writable_folder`).
     """
-    from ...data.datasets import check_writable_folder
-
-    path = Path(out)
-    if os.path.islink(out) and not path.exists():  # it failed after the whole encoding
-        raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
-    if path.is_dir() or out.endswith(("/", os.sep)) or out in ("", ".") or (not path.suffix and not path.is_file()):
-        path = path / IDS_NAME
-    elif path.suffix.lower() != ".safetensors":
-        what = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
-        raise ValueError(f"--out {out}: {what}; give a .safetensors file for the ids (their paths go in the .json "
-                         f"beside it), or a folder (the ids are then {IDS_NAME} inside it; a new folder with a dot in "
-                         "its name: end it with /)")
-    check_writable_folder(path.parent, f"--out {out}")
+    path = _out_file(out, IDS_NAME, (".safetensors",),
+                     "a .safetensors file for the ids (their paths go in the .json beside it)", "the ids are")
     for target in (path, path.with_suffix(".json")):  # both are written after the work: the pair stays together
         if target.is_dir():
             raise ValueError(f"--out {out}: {target} is a folder (the ids and their paths are written to "
