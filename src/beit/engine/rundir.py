@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ from .._text import first_few
 __all__ = [
     "CLASSES_KEY", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError",
     "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write",
-    "check_checkpoint_task", "check_resume_config", "clear_previous_run", "diff_configs", "prepare_output_dir",
-    "previous_run_files", "remove_stale_tmp",
+    "check_checkpoint_task", "check_resume_config", "class_count_refusal", "clear_previous_run", "diff_configs",
+    "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
 ]
 
 LOCK_NAME = ".lock"
@@ -440,26 +440,43 @@ RESUME_SAME_TASK = "--resume (train.resume) continues a run of the same task"
 def _classes_changed(stored: dict[str, Any], current: dict[str, Any], source: str | Path,
                      others: list[str]) -> str | None:
     """The refusal of a resume whose class list (:data:`CLASSES_KEY`) has another number of names than the
-    checkpoint's (the user edited ``data.classes_file`` or ``data.classes`` between the runs), or None: the
-    checkpoint's count and names, the current ones and where they come from, what was added / removed, and the
-    two ways on. ``others``: the other keys that changed, besides the class list's (named at the end)."""
-    a, b = _flatten(stored), _flatten(current)
-    was, now = a.get(CLASSES_KEY), b.get(CLASSES_KEY)
+    checkpoint's (the user edited ``data.classes_file`` or ``data.classes`` between the runs), or None: see
+    :func:`class_count_refusal`. ``others``: the other keys that changed, besides the class list's."""
+    was = _flatten(stored).get(CLASSES_KEY)
+    now = _flatten(current).get(CLASSES_KEY)
     if not (isinstance(was, (list, tuple)) and was and isinstance(now, (list, tuple)) and now
             and len(was) != len(now)):
         return None
+    return class_count_refusal(source, current, list(was), others=others)
+
+
+def class_count_refusal(source: str | Path, current: dict[str, Any], trained: list[Any] | int, *,
+                        counted_by: str = "", others: Sequence[str] = ()) -> str:
+    """The one-line refusal of a resume whose class list now (``current``'s :data:`CLASSES_KEY`) has another length
+    than the checkpoint ``source`` was trained for: ``trained`` is the checkpoint's class names, or, for a
+    checkpoint that predates stored names, their number as ``counted_by`` says it was read (a task's check, e.g.
+    segmentation's "the size of its decode head"). It names both, where the list comes from now
+    (:data:`_CLASS_SOURCES`), what was added / removed (names only), the two ways on, and ``others`` (other keys
+    that changed). No ``train.allow_config_change`` makes the heads' weights fit."""
+    b = _flatten(current)
+    now = list(b.get(CLASSES_KEY) or [])
     key = next((k for k in _CLASS_SOURCES if b.get(k)), "")
     where = (f"{key} {b[key]!r}" if key == "data.classes_file" else key) if key else "the data config"
-    added = [x for x in now if x not in was]
-    removed = [x for x in was if x not in now]
-    delta = "; ".join(f"{what}: {first_few(xs, 4)}" for what, xs in (("added", added), ("removed", removed)) if xs)
+    if isinstance(trained, int):
+        was, now_shown, listed = f"{trained} classes ({counted_by})", "", ""
+    else:
+        added = [x for x in now if x not in trained]
+        removed = [x for x in trained if x not in now]
+        delta = "; ".join(f"{what}: {first_few(xs, 4)}" for what, xs in (("added", added), ("removed", removed))
+                          if xs)
+        was = f"{len(trained)} classes ({first_few(trained, 4)})"
+        now_shown = f" ({first_few(now, 4)}{'; ' + delta if delta else ''})"
+        listed = f" (its config.yaml lists them under {CLASSES_KEY})"
     also = f" (the config also differs in {', '.join(others)})" if others else ""
-    was_shown, now_shown = first_few(list(was), 4), first_few(list(now), 4)
-    return (f"{source} was trained for {len(was)} classes ({was_shown}), but {where} now gives {len(now)} "
-            f"({now_shown}{'; ' + delta if delta else ''}): a resumed run keeps the classes its heads were "
-            "trained for, even with train.allow_config_change. Restore the class list the run was trained with "
-            f"(its config.yaml lists them under {CLASSES_KEY}), or train the new list as a new run, without --resume: "
-            f"in another output_dir (train.output_dir=DIR), or over this one with --overwrite{also}")
+    return (f"{source} was trained for {was}, but {where} now gives {len(now)}{now_shown}: a resumed run keeps the "
+            "classes its heads were trained for, even with train.allow_config_change. Restore the class list the run "
+            f"was trained with{listed}, or train the new list as a new run, without --resume: in another output_dir "
+            f"(train.output_dir=DIR), or over this one with --overwrite{also}")
 
 
 def check_checkpoint_task(stored: str | None, current: str | None, *, source: str | Path,

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from beit._text import first_few
 from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
-from beit.engine.config import ConfigError, validate_config
+from beit.engine.config import ConfigError, to_dict, validate_config
 from beit.engine.precision import autocast_for
-from beit.engine.rundir import ConfigChangedError
+from beit.engine.rundir import ConfigChangedError, class_count_refusal
 from beit.engine.trainer import check_run_can_start, worker_init
 
 from .config import SegmentConfig
@@ -107,14 +107,9 @@ def _decode_head_fits(names: list[str], cfg: SegmentConfig) -> Callable[[dict[st
         weight = (state.get("model") or {}).get("decode_head.conv_seg.weight")
         if weight is None or int(weight.shape[0]) == len(names):
             return
-        where = (f"data.classes_file {cfg.data.classes_file!r}" if cfg.data.classes_file else
-                 "data.classes" if cfg.data.classes else "data.num_classes")
-        raise ConfigChangedError(
-            f"{path} was trained for {int(weight.shape[0])} classes (the size of its decode head; it predates "
-            f"stored class names), but {where} now gives {len(names)}: a resumed run keeps the classes its heads "
-            "were trained for, even with train.allow_config_change. Restore the class list the run was trained "
-            "with, or train the new list as a new run, without --resume: in another output_dir "
-            "(train.output_dir=DIR), or over this one with --overwrite")
+        raise ConfigChangedError(class_count_refusal(
+            path, to_dict(cfg), int(weight.shape[0]),
+            counted_by="the size of its decode head; it predates stored class names"))
 
     return check
 
