@@ -206,15 +206,7 @@ def evaluate(args: argparse.Namespace) -> int:
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=0, collate_fn=collate_files)
     done: list[int] = []
     failed: dict[int, str] = {}
-
-    def readable_batches():  # noqa: ANN202 - the images of each batch that were read; the others noted once
-        for batch in loader:
-            failed.update(batch["failed"])
-            if batch["image"] is not None:
-                done.extend(batch["index"].tolist())
-                yield batch["image"]
-
-    metrics: dict = round_trip_metrics(tok, readable_batches())
+    metrics: dict = round_trip_metrics(tok, _readable_batches(loader, done, failed))
     skipped = [(files.paths[i], failed[i]) for i in sorted(failed)]
     if skipped:
         logging.getLogger(__name__).warning(
@@ -233,6 +225,17 @@ def evaluate(args: argparse.Namespace) -> int:
         metrics["recon_grid"] = write_recon_grid(tok, grid, out, n=len(grid))
     print(json.dumps(metrics, indent=2, ensure_ascii=False))  # paths as they are, not \u00fc
     return 0
+
+
+def _readable_batches(loader, done: list[int], failed: dict[int, str]):  # noqa: ANN001, ANN202
+    """The images of each batch of ``loader`` (over :class:`beit.data.datasets.FileImages`, ``collate_files``) that
+    were read, as ``[B, 3, H, W]`` tensors; their file indices are appended to ``done``, the others go into
+    ``failed`` (index -> reason) and are never replaced by a neighbour."""
+    for batch in loader:
+        failed.update(batch["failed"])
+        if batch["image"] is not None:
+            done.extend(batch["index"].tolist())
+            yield batch["image"]
 
 
 IDS_NAME = "token_ids.safetensors"
@@ -283,13 +286,12 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
     files = FileImages(ds.paths, ds.transform)
     loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=collate_files)
-    chunks, done, skipped = [], [], {}
-    for batch in tqdm(loader, desc="encoding", unit="batch"):
-        skipped.update({files.paths[i]: err for i, err in batch["failed"]})
-        if batch["image"] is None:
-            continue
-        chunks.append(tok.encode(batch["image"].to(device)).cpu())
-        done += [files.paths[i] for i in batch["index"].tolist()]
+    indices: list[int] = []
+    failed: dict[int, str] = {}
+    chunks = [tok.encode(images.to(device)).cpu()
+              for images in tqdm(_readable_batches(loader, indices, failed), desc="encoding", unit="batch")]
+    done = [files.paths[i] for i in indices]
+    skipped = {files.paths[i]: err for i, err in failed.items()}
     if not chunks:
         raise ValueError(f"none of the {len(files)} images under {args.data} could be read")
     ids = torch.cat(chunks)
