@@ -181,11 +181,11 @@ _PRETRAIN = dict(head="mim", vocab_size=16, use_rel_pos_bias=False, use_shared_r
 _CLASSIFIER = dict(head="cls", num_classes=5)
 
 
-def _not_loaded_as_expected(records: list[logging.LogRecord], name: str) -> dict[str, str]:
-    """The loading report's "N tensors not loaded, as expected (why): a, b" lines -> {tensor: why}."""
+def _said(records: list[logging.LogRecord], name: str, what: str) -> dict[str, str]:
+    """The loading report's "N tensors <what> (why): a, b" lines -> {tensor: why}."""
     said: dict[str, str] = {}
     for r in records:
-        m = re.fullmatch(rf"{re.escape(name)}: (\d+) tensors not loaded, as expected \((.*)\): (.*)", r.getMessage())
+        m = re.fullmatch(rf"{re.escape(name)}: (\d+) tensors {re.escape(what)} \((.*)\): (.*)", r.getMessage())
         if m:
             names = m.group(3).split(", ")
             assert len(names) == int(m.group(1)), r.getMessage()  # fewer than 7: all named
@@ -193,8 +193,14 @@ def _not_loaded_as_expected(records: list[logging.LogRecord], name: str) -> dict
     return said
 
 
+def _not_loaded_as_expected(records: list[logging.LogRecord], name: str) -> dict[str, str]:
+    """The loading report's "N tensors not loaded, as expected (why): a, b" lines -> {tensor: why}."""
+    return _said(records, name, "not loaded, as expected")
+
+
 @pytest.mark.parametrize("src_kw,over", [
     (_PRETRAIN, dict(head="none")),
+    (_PRETRAIN, dict(head="none", use_mean_pooling=True)),
     (_PRETRAIN, dict(head="cls", num_classes=3, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
                      use_mean_pooling=True)),
     (_CLASSIFIER, dict(num_classes=3)),
@@ -211,11 +217,12 @@ def test_what_is_reported_dropped_on_purpose_is_what_the_adaptation_dropped(tmp_
 
     src = BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **src_kw)
     sd = Beit(src).state_dict()
-    adapted, dropped = _adapt_and_explain(sd, src, src.replace(**over))
+    adapted, dropped, moved = _adapt_and_explain(sd, src, src.replace(**over))
     gone = set(sd) - set(adapted)
     assert set(dropped) <= gone and all(dropped.values())
-    # what is gone without a reason was moved, not dropped: the shared table into every block, norm into fc_norm
-    assert gone - set(dropped) <= {"rel_pos_bias.relative_position_bias_table", "norm.weight", "norm.bias"}
+    # what is gone without a reason was moved, not dropped: the shared table into every block, said in `moved`
+    assert gone - set(dropped) <= {"rel_pos_bias.relative_position_bias_table"}
+    assert set(moved) == set(adapted) - set(sd) and all(moved.values())
     assert list(dropped) == [k for k in sd if k in dropped]  # the checkpoint's order
 
     path = beit.save_model(Beit(src), tmp_path / "ckpt") / "model.safetensors"
@@ -233,8 +240,8 @@ def test_the_report_takes_the_reasons_from_the_adaptation(tmp_path, caplog, monk
     real = load._adapt_and_explain
 
     def adapt(sd, src, dst):
-        adapted, dropped = real(sd, src, dst)
-        return adapted, {k: f"said by the adaptation: {why}" for k, why in dropped.items()}
+        adapted, dropped, moved = real(sd, src, dst)
+        return adapted, {k: f"said by the adaptation: {why}" for k, why in dropped.items()}, moved
 
     monkeypatch.setattr(load, "_adapt_and_explain", adapt)
     src = BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **_PRETRAIN)
@@ -244,3 +251,46 @@ def test_the_report_takes_the_reasons_from_the_adaptation(tmp_path, caplog, monk
     assert _not_loaded_as_expected(caplog.records, str(path)) == dict.fromkeys(
         ["lm_head.bias", "lm_head.weight", "mask_token"],
         "said by the adaptation: the MIM pre-training head: a model with head='none' has none")
+
+
+
+def test_a_pretraining_checkpoint_into_a_mean_pooling_classifier_says_what_was_moved_and_what_starts_fresh(
+        tmp_path, caplog) -> None:
+    """A MIM checkpoint has a final ``norm`` and no ``fc_norm``: the official fine-tuning (unilm
+    run_class_finetuning.py) and timm copy nothing into ``fc_norm``, so ours starts fresh too (it used to take the
+    MIM norm, silently), and the report says so, and names the tensors loaded from another key (the shared table)."""
+    from beit.models import Beit, BeitConfig
+
+    src = BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **_PRETRAIN)
+    mim = Beit(src)
+    with torch.no_grad():  # a trained-looking final norm, so that copying it would show
+        mim.norm.weight.uniform_(2.0, 3.0)
+        mim.norm.bias.uniform_(-1.0, -0.5)
+    path = beit.save_model(mim, tmp_path / "ckpt") / "model.safetensors"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = beit.load_model(path.parent, strict=True, head="cls", num_classes=3, use_rel_pos_bias=True,
+                                use_shared_rel_pos_bias=False, use_mean_pooling=True)
+    torch.testing.assert_close(model.fc_norm.weight.detach(), torch.ones(32))  # LayerNorm's own init
+    torch.testing.assert_close(model.fc_norm.bias.detach(), torch.zeros(32))
+    name = str(path)
+    fresh = _said(caplog.records, name, "left at their initial values, as expected")
+    assert {k: fresh[k] for k in ("fc_norm.weight", "fc_norm.bias")} == dict.fromkeys(
+        ["fc_norm.weight", "fc_norm.bias"], beit.interop.load.FRESH_FC_NORM)
+    assert "run_class_finetuning.py" in fresh["fc_norm.weight"]
+    dropped = _said(caplog.records, name, "not loaded, as expected")
+    assert "fc_norm starts fresh" in dropped["norm.weight"] and dropped["norm.bias"] == dropped["norm.weight"]
+    moved = _said(caplog.records, name, "loaded from another key")
+    assert set(moved) == {"blocks.0.attn.relative_position_bias_table", "blocks.1.attn.relative_position_bias_table"}
+    assert "rel_pos_bias.relative_position_bias_table" in moved["blocks.0.attn.relative_position_bias_table"]
+    for blk in model.blocks:
+        torch.testing.assert_close(blk.attn.relative_position_bias_table, mim.rel_pos_bias.relative_position_bias_table)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+    caplog.clear()  # a classifier with its own fc_norm keeps it, and nothing is said to have moved
+    clf = Beit(BeitConfig(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, **_CLASSIFIER))
+    with torch.no_grad():
+        clf.fc_norm.weight.fill_(2.5)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        again = beit.load_model(clf.state_dict())
+    torch.testing.assert_close(again.fc_norm.weight.detach(), torch.full((32,), 2.5))
+    assert "loaded from another key" not in caplog.text and "fc_norm" not in caplog.text

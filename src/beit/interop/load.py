@@ -245,23 +245,36 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], src: BeitConfig, dst: BeitConf
 
     ``sd``: a state dict in our layout of a model of ``src``; returns a new dict for a model of ``dst`` (``sd`` is
     not changed). Raises ValueError (from :func:`resize_table`) when a relative position table cannot be resampled.
-    The tensors it leaves out, and why: :func:`_adapt_and_explain`.
+    The tensors it leaves out or loads from another key, and why: :func:`_adapt_and_explain`.
     """
     return _adapt_and_explain(sd, src, dst)[0]
 
 
-def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig,
-                       dst: BeitConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """:func:`adapt_state_dict`, plus the tensors of ``sd`` it left out on purpose -> why (in ``sd``'s order).
+# why a mean-pooling model's fc_norm starts fresh when the checkpoint has a final norm but no fc_norm
+FRESH_FC_NORM = ("a fresh fc_norm: the checkpoint has none, and its final norm (trained on unpooled tokens) is not "
+                 "copied into it, as in unilm's run_class_finetuning.py and timm")
 
-    The one place of the adaptation rules: the loading report names what was not loaded, as expected, from what
-    this function dropped, never from a second copy of its rules. Tensors moved or copied (a shared rel-pos table
-    into every block, the official fine-tuning ``norm`` into ``fc_norm``) are loaded, so not listed.
+
+def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig, dst: BeitConfig
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """:func:`adapt_state_dict`, plus what the loading report says of it: (adapted, dropped, moved).
+
+    ``dropped``: the tensors of ``sd`` it left out on purpose -> why (in ``sd``'s order); ``moved``: the tensors of
+    the result loaded from another key of ``sd`` -> from which and why (a shared rel-pos table copied into every
+    block). The one place of the adaptation rules: the loading report names what was not loaded, as expected, and
+    what was loaded from another key, from this function's account, never from a second copy of its rules.
+
+    A checkpoint with a final ``norm`` but no ``fc_norm`` (a MIM pre-training model, a cls-token classifier) loaded
+    into a mean-pooling model (whose ``norm`` is an Identity) keeps no final norm: its ``norm`` is dropped and the
+    model's ``fc_norm`` starts fresh (LayerNorm 1, 0). This is what the official fine-tuning does (microsoft/unilm
+    ``beit/run_class_finetuning.py`` loads the checkpoint as it is: ``fc_norm`` is not initialised from it and
+    ``norm`` is not used), and timm's ``checkpoint_filter_fn`` (``timm/models/beit.py``) maps neither.
     Raises ValueError (from :func:`resize_table`) when a relative position table cannot be resampled.
     """
     sd = dict(sd)
     order = list(sd)
     dropped: dict[str, str] = {}
+    moved: dict[str, str] = {}
 
     def drop(keys: tuple[str, ...], why: str) -> None:
         for k in keys:
@@ -269,8 +282,13 @@ def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig,
                 del sd[k]
                 dropped[k] = why
 
-    if dst.use_rel_pos_bias and not dst.use_shared_rel_pos_bias and src.use_shared_rel_pos_bias:
-        sd = formats.shared_to_per_layer(sd, src.depth)
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if dst.use_rel_pos_bias and not dst.use_shared_rel_pos_bias and src.use_shared_rel_pos_bias and shared in sd:
+        per_layer = formats.shared_to_per_layer(sd, src.depth)
+        moved.update(dict.fromkeys(
+            [k for k in per_layer if k not in sd],
+            f"copies of the shared pre-training table {shared}, one per block, as in unilm's run_class_finetuning.py"))
+        sd = per_layer
     for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
         if src.grid != dst.grid:
             sd[k] = resize_table(sd[k], src.grid, dst.grid)
@@ -285,9 +303,16 @@ def _adapt_and_explain(sd: Mapping[str, torch.Tensor], src: BeitConfig,
         drop(CLS_HEAD, f"the classification head: a model with head={dst.head!r} has none")
     elif src.head == "cls" and src.num_classes != dst.num_classes:  # a new head, as when fine-tuning on new labels
         drop(CLS_HEAD, f"the checkpoint's {src.num_classes}-class head: a new {dst.num_classes}-class head replaces it")
-    if dst.use_mean_pooling and dst.head == "cls" and "fc_norm.weight" not in sd and "norm.weight" in sd:
-        sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # official FT
-    return sd, {k: dropped[k] for k in order if k in dropped}
+    if _fresh_fc_norm(sd, dst):
+        drop(("norm.weight", "norm.bias"), "the final norm: a mean-pooling model has none (its fc_norm starts "
+                                           "fresh, as in unilm's run_class_finetuning.py and timm)")
+    return sd, {k: dropped[k] for k in order if k in dropped}, moved
+
+
+def _fresh_fc_norm(sd: Mapping[str, torch.Tensor], dst: BeitConfig) -> bool:
+    """Whether a model of ``dst`` pools with an ``fc_norm`` that ``sd`` lacks while ``sd`` has a final ``norm``."""
+    return (dst.use_mean_pooling and dst.head != "mim" and "fc_norm.weight" not in sd
+            and ("norm.weight" in sd or "norm.bias" in sd))
 
 
 def _by_reason(why: Mapping[str, str], names: list[str]) -> dict[str, list[str]]:
@@ -299,11 +324,14 @@ def _by_reason(why: Mapping[str, str], names: list[str]) -> dict[str, list[str]]
 
 
 def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missing: Mapping[str, str], strict: bool,
-                dropped: Mapping[str, str] | None = None, shape_hint: str = "") -> None:
+                dropped: Mapping[str, str] | None = None, shape_hint: str = "",
+                moved: Mapping[str, str] | None = None) -> None:
     """Copy what fits; report (or, ``strict``, refuse) tensors without a place and tensors not in the file.
 
     ``allow_missing``: model tensors the file is expected to lack (a new head, ...) -> why, said at INFO;
-    ``dropped``: checkpoint tensors left out on purpose before (the MIM head of a probe, ...) -> why, said at INFO.
+    ``dropped``: checkpoint tensors left out on purpose before (the MIM head of a probe, ...) -> why, said at INFO;
+    ``moved``: tensors of ``sd`` taken from another key of the file (a shared table copied into every block)
+    -> from which and why, said at INFO.
     Every tensor not loaded is named (a few, then ``and N more``), once. A tensor of the wrong shape is always an
     error (CheckpointError): it means the architecture was read wrongly; so are, ``strict``, a tensor without a
     place and a lacking tensor that is not in ``allow_missing``.
@@ -329,6 +357,8 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
     not_loaded = len(dropped) + len(unused)
     log.info("%s: loaded %d of the model's %d tensors%s", name, sum(k in own for k in sd), len(own),
              f"; {not_loaded} of the checkpoint's tensors not loaded (named below)" if not_loaded else "")
+    for why, names in _by_reason(moved or {}, [k for k in moved or {} if k in own]).items():
+        log.info("%s: %d tensors loaded from another key (%s): %s", name, len(names), why, first_few(names, 6))
     for why, names in _by_reason(dropped, list(dropped)).items():
         log.info("%s: %d tensors not loaded, as expected (%s): %s", name, len(names), why, first_few(names, 6))
     for why, names in _by_reason(allow_missing, new).items():
@@ -353,9 +383,11 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
     Checkpoints as users bring them load: the encoder is found inside larger models' files
     (``backbone.``, ``encoder.``, ``model.``, ``module.``, ``state_dict``, ...) and the rest is left out;
     a partial state dict loads what it has and leaves the rest at initialisation. Both are logged
-    (logger ``beit.interop.load``: INFO what was taken, and what was not as expected, e.g. the MIM head of a
-    pre-training checkpoint loaded with ``head="none"``; WARNING what was dropped or lacking unexpectedly),
-    each tensor not loaded named (the first few, then ``and N more``).
+    (logger ``beit.interop.load``: INFO what was taken, what was loaded from another key (a shared table copied
+    into every block), and what was not as expected, e.g. the MIM head of a pre-training checkpoint loaded with
+    ``head="none"``, or its final norm loaded into a mean-pooling classifier, whose ``fc_norm`` starts fresh as in
+    the official fine-tuning; WARNING what was dropped or lacking unexpectedly), each tensor not loaded named
+    (the first few, then ``and N more``).
     ``strict=True`` turns a lacking tensor, or one with no place in the model, into a CheckpointError.
     The family loads too: transformers ``Beit*`` and ``Data2VecVision*``, DiT (``microsoft/dit-*``), BEiT v2
     (its pre-training-only ``cls_pt_layers`` are dropped with a note). Raises CheckpointError (one line
@@ -396,14 +428,13 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         raise CheckpointError(f"{name}: {e}") from None
     model = Beit(dst)
     try:
-        adapted, dropped = _adapt_and_explain(sd, src, dst)
+        adapted, dropped, moved = _adapt_and_explain(sd, src, dst)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
     allow_missing: dict[str, str] = {}  # model tensors the file is expected to lack -> why
     if dst.use_mean_pooling and dst.head != "mim" and "fc_norm.weight" not in adapted:
-        allow_missing.update(dict.fromkeys(POOL_NORM, "the checkpoint has no pooling norm: a new fc_norm"))
-    if dst.use_mean_pooling and dst.head == "cls" and src.head != "cls":
-        allow_missing.update(dict.fromkeys(POOL_NORM, "the pooling norm of a new classification head"))
+        allow_missing.update(dict.fromkeys(POOL_NORM, FRESH_FC_NORM if _fresh_fc_norm(sd, dst) else
+                                           "the checkpoint has no pooling norm: a new fc_norm"))
     if dst.head == "cls" and (src.head != "cls" or src.num_classes != dst.num_classes):
         allow_missing.update(dict.fromkeys(CLS_HEAD, f"a new {dst.num_classes}-class head"))
     if dst.head == "mim" and src.head != "mim":
@@ -415,7 +446,7 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
             f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}" if changed else
             "no override changes the checkpoint's architecture: its tensors disagree with the one read from "
             "them (a damaged or hand-edited file, or one of another model)")
-    _fill_model(model, adapted, name, allow_missing, strict, dropped, hint)
+    _fill_model(model, adapted, name, allow_missing, strict, dropped, hint, moved)
     return model.eval()
 
 

@@ -5,7 +5,8 @@ batch 1024, cosine with 20 warmup epochs over 100, layer-wise lr decay 0.65 (0.7
 wd 0.05, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, mixup 0.8 / cutmix 1.0 with label
 smoothing 0.1 folded into the soft targets, mean pooling + ``fc_norm``. A pre-training checkpoint is
 turned into the fine-tuning model by ``beit.load_model``: shared relative-position table -> one copy per
-block, tables resampled when the resolution changes, a fresh head (``init_scale`` 0.001).
+block, tables resampled when the resolution changes, a fresh ``fc_norm`` (the checkpoint's final norm is not
+copied into it, as in the official code), a fresh head (``init_scale`` 0.001).
 
 Everything that trains goes through ``beit.engine.Trainer`` (optimizer, layer decay from
 ``model.layer_id``, schedule, EMA, checkpoints, exact resume); the config is ``config.py``, the model
