@@ -778,3 +778,49 @@ def test_an_unknown_option_names_the_command(capsys):
     assert main(["tokenizer", "eval", "dvae", "x.safetensors", "--data", "d", "--num-workers", "0"]) == 2
     assert _err(capsys) == ("beit tokenizer eval: error: unrecognized arguments: --num-workers (see beit tokenizer "
                             "eval --help)")
+
+
+# every command with an --out option, with the arguments it needs to parse (they are never read: the empty --out
+# is refused first)
+_OUT_ARGV = {
+    "pretrain train": [], "classify train": [], "classify linprobe": [], "segment train": [], "layout train": [],
+    "tokenizer train": [],
+    "pretrain visualize": ["ck.pt"], "classify eval": ["ck.pt", "--data", "d"], "classify predict": ["ck.pt", "d"],
+    "segment eval": ["ck.pt"], "segment predict": ["ck.pt", "d"], "layout eval": ["ck.pt"],
+    "layout predict": ["ck.pt", "d"],
+    "tokenizer eval": ["dvae", "tok.safetensors", "--data", "d"],
+    "tokenizer encode": ["dvae", "tok.safetensors", "--data", "d"],
+    "demo": [],
+}
+
+
+def _commands_with_out() -> set[str]:
+    """The commands whose parser has an --out option (a positional ``out``, as tokenizer convert's, is not one)."""
+    def walk(p, prefix: str) -> set[str]:
+        found: set[str] = set()
+        for a in p._actions:
+            if a.dest == "out" and a.option_strings:
+                found.add(prefix)
+            for name, sub in (getattr(a, "choices", None) or {}).items() if a.nargs == "A..." else ():
+                found |= walk(sub, f"{prefix} {name}".strip())
+        return found
+
+    return walk(build_parser(), "")
+
+
+@pytest.mark.parametrize("full", sorted(_OUT_ARGV))
+def test_an_empty_out_is_one_usage_error_for_every_command(full, tmp_path, monkeypatch, capsys):
+    """``--out ''`` meant the default folder to eval / predict / visualize, the current folder or a config error
+    elsewhere, and exit 1 to the demo: now every command refuses it the same way, naming the option (exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    typed = next((s for s, ta in SHORT.items() if " ".join(ta) == full), full)
+    for spelling in (["--out", ""], ["--out="]):
+        assert main([*typed.split(), *_OUT_ARGV[full], *spelling]) == 2
+        assert _err(capsys) == (f"beit {typed}: error: --out is empty: give the path to write to, or omit --out for "
+                                f"its default (see beit {typed} --help)")
+    assert not list(tmp_path.iterdir())  # nothing written, no work started
+
+
+def test_every_command_with_an_out_option_is_checked_for_an_empty_one():
+    on_short = {" ".join(SHORT[c]) if c in SHORT else c for c in _commands_with_out()}
+    assert on_short == set(_OUT_ARGV)  # tokenizer convert's positional out is not an option

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from beit.cli import main
+from beit.tasks.demo import run_demo
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
@@ -55,8 +58,10 @@ def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys) -> None:
 
 
 def test_demo_refuses_an_empty_out_and_folders_it_did_not_write(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", "", "--quick"]) == 1
+    assert main(["demo", "--out", "", "--quick"]) == 2  # a usage error, as for every command (test_cli)
     assert "--out is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out is empty"):  # the Python entrance refuses it too
+        run_demo("")
     out = tmp_path / "mine"
     (out / "data" / "train" / "digit_0").mkdir(parents=True)
     (out / "data" / "train" / "digit_0" / "notes.txt").write_text("a user's file")

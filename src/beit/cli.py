@@ -16,9 +16,10 @@ Shapes (:class:`Command.kind`):
   inputs as the following arguments, ``--out``; ``-c`` and ``key=value`` where the command has a config.
 - ``tool``: its own arguments.
 
-Every command takes ``--debug`` (or ``BEIT_DEBUG=1``). Anticipated errors (bad config, missing or damaged
-file, unwritable folder, refused pickle, divergence) end in one line ``beit CMD: error: ...`` and a
-non-zero exit; with ``--debug`` the traceback is shown. Heavy imports stay inside each command's ``run``.
+Every command takes ``--debug`` (or ``BEIT_DEBUG=1``). Usage errors (an unknown option, an empty ``--out``) end
+in one line ``beit CMD: error: ...`` and exit 2. Anticipated errors (bad config, missing or damaged file,
+unwritable folder, refused pickle, divergence) end in one line ``beit CMD: error: ...`` and a non-zero exit; with
+``--debug`` the traceback is shown. Heavy imports stay inside each command's ``run``.
 A training run stopped by SIGINT (Ctrl-C) or SIGTERM saves the checkpoint of its last step and ends in one line
 ``beit CMD: interrupted by SIGTERM after step N; checkpoint of that step: PATH; resume with: beit ... --resume
 auto`` and the exit code ``128 + signal`` (130, 143); a second Ctrl-C during training stops at once (``...
@@ -227,7 +228,18 @@ def _add_shape(p: argparse.ArgumentParser, cmd: Command) -> None:
 def _sub(sub: argparse._SubParsersAction, name: str, cmd: Command) -> None:
     p = sub.add_parser(name, help=cmd.help, description=cmd.help)
     _add_shape(p, cmd)
-    p.set_defaults(_cmd=cmd, _name=name)
+    out = [a for a in p._actions if a.dest == "out" and a.option_strings]  # the shape's --out or the command's own
+    p.set_defaults(_cmd=cmd, _name=name, _out_flag=out[0].option_strings[0] if out else None)
+
+
+def _empty_output(args: argparse.Namespace) -> str | None:
+    """The one check of an empty output path, for every command: ``"--out is empty: ..."`` when the command's
+    ``--out`` option was given as ``''`` (it used to mean the default folder to some commands, the current folder
+    to others, a config error to the training commands), else None. A usage error: :func:`main` exits 2."""
+    flag = getattr(args, "_out_flag", None)
+    if flag is None or getattr(args, "out", None) != "":
+        return None
+    return f"{flag} is empty: give the path to write to, or omit {flag} for its default"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         args.rest = list(args.rest) + extra
+    empty = _empty_output(args)
+    if empty:
+        print(f"{shown}: error: {empty} (see {shown} --help)", file=sys.stderr)
+        return 2
     try:
         _normalize(args, label[5:])
         code = int(args._cmd.run(args) or 0)

@@ -117,7 +117,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
         ValueError: ``out`` is empty, or its ``data/`` / ``finetune_*/`` hold files the demo did not write.
     """
     if not str(out).strip():
-        raise ValueError("--out is empty: give the folder the demo writes to (default runs/demo)")
+        raise ValueError("out is empty: give the folder the demo writes to")
     out = Path(out)
     c = cfg or DemoConfig()
     if quick:
