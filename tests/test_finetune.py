@@ -218,6 +218,9 @@ def test_clear_errors(trained, squares, tmp_path, capsys):
         tiny_cfg(tmp_path, squares, "mixup_mode=weird")
     with pytest.raises(ConfigError, match="model_overrides.dpeth"):
         tiny_cfg(tmp_path, squares, "model_overrides.dpeth=3")
+    with pytest.raises(ConfigError, match=r"^config key 'class_names': has names given more than once: 'c1' \(2 times\), "
+                                          r"'c0' \(3 times\)$"):
+        tiny_cfg(tmp_path, squares, "class_names=[c1,c0,c1,c0,c2,c0]")
     assert cli_main(["finetune", *TINY_OVERRIDES, "train.batch_size=15"]) == 1
     assert "even batch" in capsys.readouterr().err
 

@@ -388,15 +388,15 @@ def test_duplicated_image_ids_are_an_error_naming_the_file_and_the_ids(tmp_path)
     data["images"][1]["id"] = 1
     ann.write_text(json.dumps(data))
     with pytest.raises(LayoutDataError, match=r"annotations.json: 1 image id given to more than one 'images' entry: "
-                                              r"1; image ids must be unique"):
+                                              r"1 \(2 times\); image ids must be unique"):
         CocoLayoutDataset(ann, tmp_path / "images")
     data["images"] += [dict(im, file_name=f"copy_{im['id']}.png") for im in data["images"][2:]]  # 6 more twice
     ann.write_text(json.dumps(data))
     for build in (lambda: CocoLayoutDataset(ann, tmp_path / "images", image_ids=[1]),
                   lambda: split_image_ids(ann, 2)):
         with pytest.raises(LayoutDataError, match=rf"^{tmp_path / 'annotations.json'}: 7 image ids given to more than "
-                                                  r"one 'images' entry: 1, 3, 4, 5, 6 and 2 more; image ids must be "
-                                                  r"unique$"):
+                                                  r"one 'images' entry: 1 \(2 times\), 3 \(2 times\), 4 \(2 times\), "
+                                                  r"5 \(2 times\), 6 \(2 times\) and 2 more; image ids must be unique$"):
             build()
 
 

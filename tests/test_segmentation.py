@@ -544,8 +544,13 @@ def test_predict_names_outputs_by_stem_whatever_the_extension_and_refuses_two_in
                                          r"a_labels\.png\..* rename one"):
         predict(tiny_segmenter(num_classes=3, img_size=32), cfg, [*files, str(imgs / "a.png")], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
-    with pytest.raises(ValueError, match=r"b\.png' is given 2 times"):
+    with pytest.raises(ValueError, match=r"1 output name\(s\) taken by more than one input: files given more than "
+                                         r"once: '[^']*imgs/b\.png' \(2 times\)\. The outputs"):
         output_stems([imgs / "b.png", imgs / "b.png"])
+    with pytest.raises(ValueError, match=r"2 output name\(s\) taken by more than one input: files given more than "
+                                         r"once: '[^']*imgs/b\.png' \(3 times\), '[^']*imgs/a\.jpg' \(2 times\); "
+                                         r"'[^']*imgs/a\.jpg' and '[^']*imgs/a\.png' would share a\.png\. The outputs"):
+        output_stems([imgs / "b.png", imgs / "a.jpg", imgs / "b.png", imgs / "a.jpg", imgs / "a.png", imgs / "b.png"])
     capsys.readouterr()  # the CLI refuses a folder holding both before it reads the checkpoint
     assert main(["segment", "predict", "--ckpt", str(tmp_path / "missing.pt"), str(imgs),
                  "--output", str(tmp_path / "out3")]) == 1

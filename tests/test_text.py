@@ -1,4 +1,5 @@
-"""``beit._text.first_few``: the one wording of "the first few names, then how many more"."""
+"""``beit._text``: the one wording of "the first few names, then how many more" (``first_few``) and of "given more
+than once" (``repeated``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from beit._text import first_few
+from beit._text import first_few, repeated
 
 
 def test_the_first_n_then_how_many_more() -> None:
@@ -41,3 +42,14 @@ def test_another_separator_for_items_that_hold_commas() -> None:
 def test_n_below_one_is_refused(n: int) -> None:
     with pytest.raises(ValueError, match=f"first_few shows at least one item, not n={n}"):
         first_few(["a"], n)
+
+
+def test_repeated_items_with_their_counts_in_order_of_first_appearance() -> None:
+    """Duplicates read "'a' (2 times), 'b' (3 times) and 2 more" (was "'a' is given 2 times and 2 more")."""
+    items = ["b", "a", "b", "c", "a", "b", "d", "e", "d", "e"]
+    assert repeated(items, 5) == "'b' (3 times), 'a' (2 times), 'd' (2 times), 'e' (2 times)"
+    assert repeated(items, 2) == "'b' (3 times), 'a' (2 times) and 2 more"
+    assert repeated(["x", "y"], 3) == "" and repeated([], 3) == ""  # nothing repeats: callers do not say it
+    assert repeated(["7", 7, "7"], 3) == "'7' (2 times)"  # by repr: an id '7' is not 7
+    with pytest.raises(ValueError, match="first_few shows at least one item, not n=0"):
+        repeated(["a", "a"], 0)

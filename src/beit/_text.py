@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["first_few"]
+__all__ = ["first_few", "repeated"]
 
 
 def first_few(items: Sequence[object], n: int, *, sep: str = ", ") -> str:
@@ -22,3 +23,19 @@ def first_few(items: Sequence[object], n: int, *, sep: str = ", ") -> str:
         raise ValueError(f"first_few shows at least one item, not n={n}")
     shown = sep.join(str(x) for x in items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def repeated(items: Sequence[object], n: int) -> str:
+    """The items given more than once in ``items``, each with its count, in order of first appearance: the first
+    ``n``, then how many more (:func:`first_few`): ``"'a' (2 times), 'b' (3 times) and 2 more"``; ``""`` when
+    none repeats.
+
+    The one wording of every message that lists duplicates; callers say what was repeated
+    (``f"... given more than once: {repeated(names, 5)}"``). Items are shown by ``repr`` (a file name, an id
+    ``'7'`` that is not ``7``).
+
+    Raises:
+        ValueError: ``n`` is below 1 (from :func:`first_few`).
+    """
+    counts = Counter(items)
+    return first_few([f"{x!r} ({c} times)" for x, c in counts.items() if c > 1], n)

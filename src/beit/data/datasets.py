@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from .._text import first_few
+from .._text import first_few, repeated
 from .seeding import derive_seed, seeded, stable_index
 
 __all__ = [
@@ -652,7 +652,8 @@ class LabeledImageFolder(_RobustImageFiles):
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
         ValueError: ``root`` has no class sub-folders (:func:`class_folders`: the message says what it holds),
-            ``class_names`` has duplicates or does not match the sub-folders, or a class folder has no images.
+            ``class_names`` gives a name more than once or does not match the sub-folders, or a class folder has no
+            images.
     """
 
     def __init__(
@@ -673,9 +674,8 @@ class LabeledImageFolder(_RobustImageFiles):
             class_names = folders
         else:
             class_names = [str(c) for c in class_names]
-            dupes = sorted({c for c in class_names if class_names.count(c) > 1})
-            if dupes:
-                raise ValueError(f"class_names has duplicates: {dupes}")
+            if len(set(class_names)) < len(class_names):
+                raise ValueError(f"class_names has names given more than once: {repeated(class_names, 5)}")
             missing = sorted(set(class_names) - set(folders))
             extra = sorted(set(folders) - set(class_names))
             if missing or extra:
@@ -828,10 +828,12 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
         by_name.setdefault(name, []).append(p)
     clashes = [(name, ps) for name, ps in by_name.items() if len(ps) > 1]
     if clashes:
-        shown = first_few([f"{ps[0]!r} is given {len(ps)} times" if len(set(ps)) == 1 else
-                           f"{' and '.join(repr(p) for p in ps)} would share "
-                           f"{' and '.join(name + s for s in suffixes)}" for name, ps in clashes], 5, sep="; ")
-        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {shown}. The outputs "
+        shared = [(name, distinct) for name, ps in clashes if len(distinct := list(dict.fromkeys(ps))) > 1]
+        said = [f"files given more than once: {repeated(full, 5)}"] if len(set(full)) < len(full) else []
+        if shared:
+            said.append(first_few([f"{' and '.join(repr(p) for p in ps)} would share "
+                                   f"{' and '.join(name + s for s in suffixes)}" for name, ps in shared], 5, sep="; "))
+        raise ValueError(f"{len(clashes)} output name(s) taken by more than one input: {'; '.join(said)}. The outputs "
                          "are named by the file name without its extension, so one result would overwrite another: "
                          "give each file once; of two files of one name, rename one (or move it to another folder) "
                          "or predict it in a separate run with another output folder")

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..._text import repeated
 from ...data.gpu_decode import JPEG_DECODERS
 from ...data.transforms import SMALL_IMAGE_SIZE
 from ...engine.config import ConfigError, TrainConfig
@@ -137,7 +138,7 @@ class FinetuneConfig:
         if self.ref_batch < 0:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.class_names and len(set(self.class_names)) != len(self.class_names):
-            raise ConfigError("class_names", "has duplicates")
+            raise ConfigError("class_names", f"has names given more than once: {repeated(self.class_names, 5)}")
 
 
 

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..._text import first_few
+from ..._text import first_few, repeated
 from ...data.datasets import (
     NoReadableImagesError,
     RepeatedDataset,
@@ -70,7 +70,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         FileNotFoundError: no such file.
         LayoutDataError: not JSON, not a COCO file, no categories, an ``images`` entry without an integer id
             (naming the file, the entry and its id), or an image id given to two ``images`` entries (naming the
-            file and the first duplicated ids, then how many more).
+            file and the first duplicated ids with their counts, then how many more).
     """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -93,9 +93,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     seen = Counter(im["id"] for im in data["images"])
     dup = [i for i, n in seen.items() if n > 1]
     if dup:  # two pages under one id: their boxes would be merged onto one of them
-        # the ids by their repr, here and below: an id '7' is not 7
+        # the ids by their repr (repeated shows them so), here and below: an id '7' is not 7
         raise LayoutDataError(f"{path}: {len(dup)} image id{'s' if len(dup) > 1 else ''} given to more than one "
-                              f"'images' entry: {first_few([repr(i) for i in dup], 5)}; image ids must be unique")
+                              f"'images' entry: {repeated([im['id'] for im in data['images']], 5)}; image ids must "
+                              "be unique")
     return data
 
 
