@@ -195,6 +195,33 @@ def test_another_number_of_classes_is_refused_even_with_allow_config_change():
     assert R.check_resume_config(stored, renamed, source="ck.pt", allow=True) == ["model.classes"]
 
 
+def test_the_resume_check_flattens_each_config_once(monkeypatch):
+    """check_resume_config flattens the two configs once and hands the flat form on: the class-count check and its
+    refusal no longer flatten them again (same lines as before: the test above)."""
+    real, calls = R._flatten, []
+
+    def counting(node, prefix=""):
+        if not prefix:  # a whole config, not the recursion into its sections
+            calls.append(node)
+        return real(node, prefix)
+
+    monkeypatch.setattr(R, "_flatten", counting)
+    stored = {"model": {"classes": ["a", "b", "c"]}, "data": {"classes": ["a", "b", "c"]}, "train": {"lr": 0.1}}
+    lr = {**stored, "train": {"lr": 0.2}}
+    assert R.check_resume_config(stored, lr, source="ck.pt", allow=True) == ["train.lr"]
+    assert calls == [stored, lr]
+    calls.clear()
+    fewer = {**stored, "model": {"classes": ["a", "b"]}, "data": {"classes": ["a", "b"]}}
+    with pytest.raises(R.ConfigChangedError, match=r"^ck\.pt was trained for 3 classes \(a, b, c\), but data\.classes "
+                                                   r"now gives 2 \(a, b; removed: c\)"):
+        R.check_resume_config(stored, fewer, source="ck.pt", allow=True)
+    assert calls == [stored, fewer]
+    calls.clear()  # the task's own refusal (segmentation's older checkpoints) takes the nested config: one flatten
+    assert R.class_count_refusal("ck.pt", stored, 2, counted_by="its head").startswith(
+        "ck.pt was trained for 2 classes (its head), but data.classes now gives 3")
+    assert calls == [stored]
+
+
 # --- 15: files a crash left incomplete never block a resume -------------------------------------------------
 
 def test_one_task_check_for_resumes_and_commands():

@@ -388,6 +388,7 @@ def _brief(value: Any, width: int = 80) -> str:
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict -> ``{dotted key: leaf}`` (an empty dict is a leaf)."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
@@ -412,7 +413,11 @@ def _norm(v: Any) -> Any:
 def diff_configs(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, stored value, current value)`` for every leaf that differs (a missing side is
     ``"<absent>"``), sorted by key."""
-    a, b = _flatten(stored), _flatten(current)
+    return _diff_flat(_flatten(stored), _flatten(current))
+
+
+def _diff_flat(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """:func:`diff_configs` of two configs already flattened (:func:`_flatten`)."""
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
@@ -437,17 +442,18 @@ def _global_batch(config: dict[str, Any], world_size: int) -> int | None:
 RESUME_SAME_TASK = "--resume (train.resume) continues a run of the same task"
 
 
-def _classes_changed(stored: dict[str, Any], current: dict[str, Any], source: str | Path,
+def _classes_changed(flat_stored: dict[str, Any], flat_current: dict[str, Any], source: str | Path,
                      others: list[str]) -> str | None:
     """The refusal of a resume whose class list (:data:`CLASSES_KEY`) has another number of names than the
     checkpoint's (the user edited ``data.classes_file`` or ``data.classes`` between the runs), or None: see
-    :func:`class_count_refusal`. ``others``: the other keys that changed, besides the class list's."""
-    was = _flatten(stored).get(CLASSES_KEY)
-    now = _flatten(current).get(CLASSES_KEY)
+    :func:`class_count_refusal`. The two configs come flattened (:func:`_flatten`), as the caller compared them;
+    ``others``: the other keys that changed, besides the class list's."""
+    was = flat_stored.get(CLASSES_KEY)
+    now = flat_current.get(CLASSES_KEY)
     if not (isinstance(was, (list, tuple)) and was and isinstance(now, (list, tuple)) and now
             and len(was) != len(now)):
         return None
-    return class_count_refusal(source, current, list(was), others=others)
+    return _class_count_refusal(source, flat_current, list(was), others=others)
 
 
 def class_count_refusal(source: str | Path, current: dict[str, Any], trained: list[Any] | int, *,
@@ -458,7 +464,12 @@ def class_count_refusal(source: str | Path, current: dict[str, Any], trained: li
     segmentation's "the size of its decode head"). It names both, where the list comes from now
     (:data:`_CLASS_SOURCES`), what was added / removed (names only), the two ways on, and ``others`` (other keys
     that changed). No ``train.allow_config_change`` makes the heads' weights fit."""
-    b = _flatten(current)
+    return _class_count_refusal(source, _flatten(current), trained, counted_by=counted_by, others=others)
+
+
+def _class_count_refusal(source: str | Path, b: dict[str, Any], trained: list[Any] | int, *, counted_by: str = "",
+                         others: Sequence[str] = ()) -> str:
+    """:func:`class_count_refusal` of a current config already flattened (``b``, :func:`_flatten`)."""
     now = list(b.get(CLASSES_KEY) or [])
     key = next((k for k in _CLASS_SOURCES if b.get(k)), "")
     where = (f"{key} {b[key]!r}" if key == "data.classes_file" else key) if key else "the data config"
@@ -529,7 +540,8 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
         if report:
             log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
         return []
-    diffs = diff_configs(stored, current)
+    flat_stored, flat_current = _flatten(stored), _flatten(current)  # once, for every comparison below
+    diffs = _diff_flat(flat_stored, flat_current)
     per_rank = ("batch_size", "accum_steps")
     if (stored_world_size and stored_world_size != world_size
             and _global_batch(stored, stored_world_size) == _global_batch(current, world_size) is not None):
@@ -552,7 +564,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     if added:
         said.append((logging.INFO, "resume: settings the checkpoint's config does not have (newer than it), taken "
                                    "as now: " + ", ".join(f"{k}={_brief(b)}" for k, _, b in added)))
-    classes = _classes_changed(stored, current, source,
+    classes = _classes_changed(flat_stored, flat_current, source,
                                [d[0] for d in changed if d[0] not in (CLASSES_KEY, *_CLASS_SOURCES)])
     if classes is not None:  # no allow_config_change makes these weights fit: said first, whatever else changed
         raise ConfigChangedError(classes)
