@@ -319,12 +319,34 @@ def test_a_class_list_file_that_is_a_folder_binary_empty_or_has_a_blank_line_say
                                               r"data\.classes=\[a,b,\.\.\.\]$"):
         _classes(f"data.classes_file={tmp_path / 'missing.txt'}")
     gap.write_text("sky\n")
-    with pytest.raises(ConfigError, match=rf"^config key 'data\.classes_file': data\.classes_file '{gap}' \(1 name\): "
+    with pytest.raises(ConfigError, match=rf"^config key 'data\.classes_file': data\.classes_file '{gap}' gives 1: "
                                           "segmentation needs at least 2 classes$"):
         _classes(f"data.classes_file={gap}")
-    with pytest.raises(ConfigError, match=r"^config key 'data\.num_classes': 4, but data\.classes \(3 names\) gives 3: "
+    with pytest.raises(ConfigError, match=r"^config key 'data\.num_classes': 4, but data\.classes gives 3: "
                                           r"set data\.num_classes=3 \(or 0: the number of names\), or give 4 names$"):
         _classes("data.classes=[a,b,c]", "data.num_classes=4")
+
+
+def test_where_the_class_list_comes_from_is_said_in_the_engines_one_wording(tmp_path: Path) -> None:
+    """Segmentation named the list's source in a wording of its own (``data.classes (3 names)``,
+    ``data.num_classes=3 (no class names given)``), the engine's resume refusal in another (``data.classes``): now
+    both say it as beit.engine.rundir.class_list_source does; only ADE20K's built-in list is segmentation's."""
+    from beit.engine.config import to_dict
+    from beit.engine.rundir import class_count_refusal
+    from beit.tasks.segmentation import class_names
+    from beit.tasks.segmentation.data import _classes_source
+
+    cls = tmp_path / "c.txt"
+    cls.write_text("a\nb\nc\n")
+    for given, where in ((f"data.classes_file={cls}", f"data.classes_file '{cls}'"), ("data.classes=[a,b,c]",
+                         "data.classes"), ("data.num_classes=3", "data.num_classes")):
+        cfg = load_config(SegmentConfig, None, ["data.root=x", "data.format=folder", given])
+        assert _classes_source(cfg.data) == where
+        cfg.model.classes = class_names(cfg.data)
+        assert class_count_refusal("ck.pt", to_dict(cfg), 2, counted_by="its head").startswith(
+            f"ck.pt was trained for 2 classes (its head), but {where} now gives 3: ")
+    ade = load_config(SegmentConfig, None, ["data.root=x", "data.format=ade20k"])
+    assert _classes_source(ade.data) == "ADE20K's class list (data.format=ade20k; give data.classes_file for another list)"
 
 
 def test_classes_and_classes_file_both_set_say_which_to_clear_and_null_clears_either(tmp_path: Path) -> None:
@@ -357,7 +379,7 @@ def test_a_classes_file_too_short_for_the_masks_names_the_file_its_count_and_the
     base = ["data.format=folder", f"data.root={tmp_path / 'd'}", "data.img_dir=img", "data.ann_dir=ann",
             "data.reduce_zero_label=false", f"data.classes_file={classes}", "data.crop_size=16", "data.img_scale=[16,8]"]
     expected = (rf"ann/0\.png: label values \[3, 4\] are outside the 3 classes of data\.classes_file "
-                rf"'{tmp_path}/classes\.txt' \(3 names\) and are not the ignore index 255 .*: extend that list to "
+                rf"'{tmp_path}/classes\.txt' and are not the ignore index 255 .*: extend that list to "
                 r"name every label value .* or set data\.ignore_index to the value that marks unlabelled pixels")
     train = build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"]
     with pytest.raises(BadSampleError, match=expected):
@@ -366,14 +388,15 @@ def test_a_classes_file_too_short_for_the_masks_names_the_file_its_count_and_the
         build_datasets(load_config(SegmentConfig, None, [*base, "data.verify=true"]), ("train",))
     classes.write_text("a\nb\nc\nd\n")  # one value left: the ignore index it would take is named
     with pytest.raises(BadSampleError, match=r"label values \[4\] are outside the 4 classes of data\.classes_file "
-                                             r".*\(4 names\).* or set data\.ignore_index=4 if 4 marks unlabelled"):
+                                             r"'[^']*classes\.txt' .* or set data\.ignore_index=4 if 4 marks "
+                                             r"unlabelled"):
         build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"][0]
     classes.write_text("a\nb\nc\nd\ne\n")  # the fix the message asks for
     assert build_datasets(load_config(SegmentConfig, None, base), ("train",))["train"][0][1].shape == (16, 16)
     # with reduce_zero_label the values are shown as stored and the ignore index as compared (after k -> k - 1)
     names = ["data.classes=[a,b,c]", "data.reduce_zero_label=true"]
-    with pytest.raises(BadSampleError, match=r"label values \[4\] are outside the 3 classes of data\.classes "
-                                             r"\(3 names\).* or set data\.ignore_index=3 if 4 marks"):
+    with pytest.raises(BadSampleError, match=r"label values \[4\] are outside the 3 classes of data\.classes and "
+                                             r"are not .* or set data\.ignore_index=3 if 4 marks"):
         build_datasets(load_config(SegmentConfig, None, [*base[:4], *names, *base[6:]]), ("train",))["train"][0]
 
 
@@ -692,8 +715,8 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
     assert main(["segment", "eval", str(ckpt), "data.classes=[]", f"data.classes_file={long}"]) == 1
     assert capsys.readouterr().err.strip() == (
         f"beit segment eval: error: config key 'data.classes_file': {ckpt} was trained for 3 classes (its classes: "
-        f"red, blue, green), but the config (-c file or overrides) now gives 5 (data.classes_file '{long}' (5 names)): "
-        "give 3 class names; or leave the class list out to use the names the checkpoint stores; 5 classes need a model "
+        f"red, blue, green), but the config (-c file or overrides) now gives 5 (data.classes_file '{long}'): give 3 "
+        "class names; or leave the class list out to use the names the checkpoint stores; 5 classes need a model "
         "trained for them (beit segment train)")
     _, cfg = load_segmenter(ckpt, overrides=["data.classes=[r,b,g]", "data.classes_file=null"])  # renamed: fine
     assert cfg.data.classes == ["r", "b", "g"]
@@ -701,7 +724,7 @@ def test_a_run_keeps_its_class_names_so_eval_and_predict_need_no_class_list_file
     assert cfg.data.classes == ["red", "blue", "green"] and cfg.model.classes == ["red", "blue", "green"]
     assert load_segmenter(ckpt, overrides=["model.classes=[x,y,z]"])[1].data.classes == ["x", "y", "z"]
     with pytest.raises(ConfigError, match=r"^config key 'model\.classes': .* trained for 3 classes .* now gives 2 "
-                                          r"\(model\.classes \(2 names\)\)"):  # was a shape mismatch of conv_seg
+                                          r"\(model\.classes\)"):  # was a shape mismatch of conv_seg
         load_segmenter(ckpt, overrides=["model.classes=[x,y]"])
 
     # a checkpoint from before the names were stored: its data.classes_file is read; gone, the error says whence

@@ -33,17 +33,18 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._text import first_few
 
 __all__ = [
-    "CLASSES_KEY", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES", "ConfigChangedError",
-    "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError", "atomic_write",
-    "check_checkpoint_task", "check_resume_config", "class_count_refusal", "clear_previous_run", "diff_configs",
-    "prepare_output_dir", "previous_run_files", "remove_stale_tmp",
+    "CLASSES_KEY", "CLASS_SOURCES", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES",
+    "ConfigChangedError", "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError",
+    "atomic_write", "check_checkpoint_task", "check_resume_config", "class_count_refusal", "class_list_key",
+    "class_list_source", "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files",
+    "remove_stale_tmp",
 ]
 
 LOCK_NAME = ".lock"
@@ -377,8 +378,26 @@ NEWER_KEYS = frozenset({"model.classes"})
 #: training from data.classes / data.classes_file): another number of them cannot be resumed at all, with
 #: ``train.allow_config_change`` or not (the heads' weights have the checkpoint's size), see :func:`_classes_changed`
 CLASSES_KEY = "model.classes"
-#: the data keys that give that list, in the order :func:`_classes_changed` names the one in use
-_CLASS_SOURCES = ("data.classes_file", "data.classes", "data.num_classes")
+#: the data keys that give that list, in the order they are looked at: the first one set is where the list comes
+#: from (:func:`class_list_source`)
+CLASS_SOURCES = ("data.classes_file", "data.classes", "data.num_classes")
+
+
+def class_list_key(flat: Mapping[str, Any]) -> str:
+    """The key of :data:`CLASS_SOURCES` a class list comes from in the flattened config ``flat`` (dotted keys, as
+    :func:`_flatten` gives): the first one set; ``""`` when none is."""
+    return next((k for k in CLASS_SOURCES if flat.get(k)), "")
+
+
+def class_list_source(flat: Mapping[str, Any], default: str = "the data config") -> str:
+    """Where a class list comes from, for messages: the one wording of every task's and the engine's, e.g.
+    ``data.classes_file '/d/classes.txt'`` (the file's path with its key), ``data.classes``, ``data.num_classes``
+    (:func:`class_list_key` of the flattened config ``flat``); ``default`` when no key is set (a task may name its
+    own default list, e.g. segmentation's ADE20K classes). Messages say the count themselves (``... now gives 4``)."""
+    key = class_list_key(flat)
+    if not key:
+        return default
+    return f"{key} {str(flat[key])!r}" if key == "data.classes_file" else key
 
 
 def _brief(value: Any, width: int = 80) -> str:
@@ -462,7 +481,7 @@ def class_count_refusal(source: str | Path, current: dict[str, Any], trained: li
     than the checkpoint ``source`` was trained for: ``trained`` is the checkpoint's class names, or, for a
     checkpoint that predates stored names, their number as ``counted_by`` says it was read (a task's check, e.g.
     segmentation's "the size of its decode head"). It names both, where the list comes from now
-    (:data:`_CLASS_SOURCES`), what was added / removed (names only), the two ways on, and ``others`` (other keys
+    (:func:`class_list_source`), what was added / removed (names only), the two ways on, and ``others`` (other keys
     that changed). No ``train.allow_config_change`` makes the heads' weights fit."""
     return _class_count_refusal(source, _flatten(current), trained, counted_by=counted_by, others=others)
 
@@ -471,8 +490,7 @@ def _class_count_refusal(source: str | Path, b: dict[str, Any], trained: list[An
                          others: Sequence[str] = ()) -> str:
     """:func:`class_count_refusal` of a current config already flattened (``b``, :func:`_flatten`)."""
     now = list(b.get(CLASSES_KEY) or [])
-    key = next((k for k in _CLASS_SOURCES if b.get(k)), "")
-    where = (f"{key} {b[key]!r}" if key == "data.classes_file" else key) if key else "the data config"
+    where = class_list_source(b)
     if isinstance(trained, int):
         was, now_shown, listed = f"{trained} classes ({counted_by})", "", ""
     else:
@@ -565,7 +583,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
         said.append((logging.INFO, "resume: settings the checkpoint's config does not have (newer than it), taken "
                                    "as now: " + ", ".join(f"{k}={_brief(b)}" for k, _, b in added)))
     classes = _classes_changed(flat_stored, flat_current, source,
-                               [d[0] for d in changed if d[0] not in (CLASSES_KEY, *_CLASS_SOURCES)])
+                               [d[0] for d in changed if d[0] not in (CLASSES_KEY, *CLASS_SOURCES)])
     if classes is not None:  # no allow_config_change makes these weights fit: said first, whatever else changed
         raise ConfigChangedError(classes)
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)

@@ -44,6 +44,7 @@ from beit.data.datasets import (
 )
 from beit.data.seeding import seeded
 from beit.engine.config import ConfigError
+from beit.engine.rundir import CLASS_SOURCES, class_list_key, class_list_source
 
 from .config import SegDataConfig, SegmentConfig
 
@@ -380,7 +381,8 @@ class SegmentationDataset(Dataset):
         transform: a :class:`SegTrainTransform` / :class:`SegEvalTransform` (``(PIL, labels) -> tensors``).
         reduce_zero_label: ADE20K's convention: 0 ("other") -> ignore, k -> k - 1 (255 stays ignored).
         classes_source: where the class list came from, for the error on a label value outside the classes
-            (e.g. ``data.classes_file '/d/classes.txt' (11 names)``); "" = not said.
+            (:func:`beit.engine.rundir.class_list_source`, e.g. ``data.classes_file '/d/classes.txt'``); "" = not
+            said.
         on_bad_sample: ``"error"`` raises :class:`BadSampleError` naming the file; ``"skip"`` drops the
             sample (the next good one is returned) and counts it in ``num_skipped`` / ``bad_samples``.
         problems: listing problems (unpaired files) found by :func:`folder_pairs` / :func:`list_pairs`;
@@ -481,7 +483,7 @@ class SegmentationDataset(Dataset):
         Raises:
             BadSampleError: a label value (after ``reduce_zero_label``) outside ``[0, num_classes)`` that is not
                 the ignore index; the message names the mask file, the values as stored in it, where the class
-                list came from (the classes file and its count of names) and what to change.
+                list came from (e.g. the classes file) with its count and what to change.
         """
         mask = self.convert_labels(raw)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
@@ -489,7 +491,7 @@ class SegmentationDataset(Dataset):
             return mask
         vals = np.unique(raw[bad])
         shown = f"[{first_few(vals.tolist(), 5)}]"
-        source = self.classes_source or f"the class list ({self.num_classes} names)"
+        source = self.classes_source or "the class list"
         if len(vals) == 1:  # the ignore index is compared after reduce_zero_label
             ignore = f"set data.ignore_index={int(np.unique(mask[bad])[0])} if {int(vals[0])} marks unlabelled pixels"
         else:
@@ -623,28 +625,30 @@ def class_names(dcfg: SegDataConfig) -> list[str]:
                                               "data.classes=[a,b,...] or data.classes_file=FILE (one name a line)")
     else:
         names = [f"class_{i}" for i in range(dcfg.num_classes)]
-    source = _classes_source(dcfg, len(names))
+    source = _classes_source(dcfg)
     if dcfg.num_classes and len(names) != dcfg.num_classes:
         raise ConfigError("data.num_classes", f"{dcfg.num_classes}, but {source} gives {len(names)}: set "
                                               f"data.num_classes={len(names)} (or 0: the number of names), or give "
                                               f"{dcfg.num_classes} names")
     if len(names) < 2:
-        key = "data.classes_file" if classes_file else "data.classes" if classes else "data.num_classes"
-        raise ConfigError(key, f"{source}: segmentation needs at least 2 classes")
+        raise ConfigError(class_list_key(_class_keys(dcfg)),
+                          f"{source} gives {len(names)}: segmentation needs at least 2 classes")
     return names
 
 
-def _classes_source(dcfg: SegDataConfig, n: int) -> str:
-    """Where :func:`class_names` took the ``n`` class names from, for messages: the config key, and the classes
-    file's path and its count of names (``data.classes_file '/d/classes.txt' (11 names)``)."""
-    names = f"{n} name" + ("" if n == 1 else "s")
-    if dcfg.classes_file:
-        return f"data.classes_file {str(dcfg.classes_file)!r} ({names})"
-    if dcfg.classes:
-        return f"data.classes ({names})"
-    if dcfg.format == "ade20k" and dcfg.num_classes in (0, len(ADE20K_CLASSES)):
-        return f"ADE20K's class list ({n} names; data.format=ade20k, give data.classes_file for another list)"
-    return f"data.num_classes={n} (no class names given)"
+def _class_keys(dcfg: SegDataConfig) -> dict[str, Any]:
+    """The data keys that give the class list (:data:`beit.engine.rundir.CLASS_SOURCES`), dotted, with their values."""
+    return {k: getattr(dcfg, k.split(".", 1)[1]) for k in CLASS_SOURCES}
+
+
+def _classes_source(dcfg: SegDataConfig) -> str:
+    """Where :func:`class_names` takes the class names from, for messages: the engine's one wording
+    (:func:`beit.engine.rundir.class_list_source`: ``data.classes_file '/d/classes.txt'``, ``data.classes``,
+    ``data.num_classes``), or ADE20K's built-in list. Messages say the count themselves."""
+    if (not dcfg.classes_file and not dcfg.classes and dcfg.format == "ade20k"
+            and dcfg.num_classes in (0, len(ADE20K_CLASSES))):
+        return "ADE20K's class list (data.format=ade20k; give data.classes_file for another list)"
+    return class_list_source(_class_keys(dcfg))
 
 
 def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -676,7 +680,7 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
         ds = SegmentationDataset(pairs, len(names), transform=tf, train=split == "train", ignore_index=d.ignore_index,
                                  reduce_zero_label=d.reduce_zero_label, on_bad_sample=d.on_bad_sample,
                                  class_names=names, seed=cfg.train.seed, problems=problems,
-                                 classes_source=_classes_source(d, len(names)))
+                                 classes_source=_classes_source(d))
         if d.verify:
             ds.verify()
         if ds.num_skipped:

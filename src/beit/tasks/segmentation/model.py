@@ -28,6 +28,7 @@ from torch import nn
 from beit._text import first_few
 from beit.engine.checkpoint import load_model_state, model_weights
 from beit.engine.config import ConfigError
+from beit.engine.rundir import class_list_key
 from beit.interop.backbone import build_backbone as _build_backbone
 from beit.interop.backbone import check_overrides_fit
 from beit.models import Beit, BeitConfig
@@ -35,7 +36,7 @@ from beit.models.pyramid import PYRAMID_STRIDES, default_out_indices, pyramid_br
 
 from ..backbone_config import task_config_from_checkpoint
 from .config import SHAPE_KEYS, SegmentConfig
-from .data import _classes_source, class_names
+from .data import _class_keys, _classes_source, class_names
 
 __all__ = [
     "BeitSegmenter",
@@ -395,7 +396,7 @@ def _checkpoint_class_names(cfg: SegmentConfig, saved: dict[str, Any], weights: 
     own_list = bool(d.classes or d.classes_file or d.num_classes not in (0, n_trained))
     given = [str(n) for n in cfg.model.classes or []]
     if given and given != trained:
-        names, key, source = given, "model.classes", f"model.classes ({len(given)} names)"
+        names, key, source = given, "model.classes", "model.classes"
     elif trained and not (changed and own_list):
         names, key, source = trained, "", ""
     else:
@@ -408,8 +409,8 @@ def _checkpoint_class_names(cfg: SegmentConfig, saved: dict[str, Any], weights: 
                                                    "list's new place: data.classes_file=NEW (or give the names: "
                                                    "\"data.classes=[a,b,...]\" data.classes_file=null)")
         names = class_names(d)
-        key = next((f"data.{k}" for k in ("classes_file", "classes", "num_classes") if getattr(d, k)), "data.format")
-        source = _classes_source(d, len(names))
+        key = class_list_key(_class_keys(d)) or "data.format"
+        source = _classes_source(d)
     if n_trained and len(names) != n_trained:
         was = f"its classes: {first_few(trained, 4)}" if trained else "its heads' size; it stores no class names"
         fix = "; or leave the class list out to use the names the checkpoint stores" if trained else ""
