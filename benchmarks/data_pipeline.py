@@ -273,7 +273,9 @@ def loader_rows(folder: Path, a: argparse.Namespace, device: torch.device, res: 
 
 def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.device, res: dict) -> None:
     """How often the tokenizer's ids on device-made tokenizer views equal those on the CPU path's views
-    (PIL Lanczos resize of the same crop and flip, no colour jitter), over ``a.batch`` images."""
+    (PIL Lanczos resize of the same crop and flip, no colour jitter), over ``a.batch`` images. The tokenizer:
+    ``--tokenizer`` (the official DALL-E encoder.pkl), else a DALL-E-format encoder with random weights (fp16 on
+    CUDA, fp32 on CPU; ``--tiny``: the tiny test VAE), seeded, so a CPU run measures the same thing as a GPU one."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
@@ -282,8 +284,14 @@ def token_agreement_row(folder: Path, a: argparse.Namespace, device: torch.devic
 
         tok = load_tokenizer("dalle", encoder=a.tokenizer, precision="fp16" if device.type == "cuda" else "fp32")
         tok = tok.to(device).eval()
-    else:
+    elif a.tiny:
         tok = _tokenizer(a, device, a.tok_down, compile=False)
+    else:
+        from beit.tokenizers import DalleEncoder, DalleTokenizer
+
+        torch.manual_seed(0)
+        tok = DalleTokenizer(DalleEncoder(), precision="fp16" if device.type == "cuda" else "fp32",
+                             channels_last=device.type == "cuda").to(device).eval().requires_grad_(False)
     views = PretrainViews((a.size, a.size), (a.size // a.patch * tok.downsample,) * 2, color_jitter=(0, 0, 0))
     enc = EncodedImageFiles.from_folder(folder, seed=0)
     batch = collate_encoded([enc[i] for i in range(min(a.batch, len(enc)))])
