@@ -7,15 +7,24 @@ gradient comes back as a ``[B, H, L, L]`` tensor that autograd then sums over th
 
 - forward: FlashAttention-2's online softmax (Dao, 2023) with the bias tile added inside the kernel; it
   saves only the output and the per-row log-sum-exp;
-- backward: dK/dV and dQ kernels as in FlashAttention-2, plus a third kernel that owns one ``[BM, BN]`` tile
-  of ``d(bias)`` for one head and loops over the batch, so the reduction over images happens in registers
-  (no ``[B, H, L, L]`` tensor, no atomics, deterministic);
+- backward, three choices (:data:`BWD`, or the environment variable ``BEIT_ATTN_BWD``):
+
+  - ``split`` (the default): dK/dV and dQ kernels as in FlashAttention-2, plus a third kernel that owns one
+    ``[BM, BN]`` tile of ``d(bias)`` for one head and loops over the batch, so the reduction over images
+    happens in registers (no ``[B, H, L, L]`` tensor, no atomics, deterministic); 9 tile products a tile;
+  - ``onepass``: one kernel over (key block, head, batch chunk) that loops over its chunk's images and, per
+    image, over the query blocks: dK/dV accumulated in registers, dQ added atomically into an fp32 buffer
+    (the order of the adds varies: dQ's last bits may differ from run to run), and ``dS`` added into the
+    program's own columns of ``d(bias)`` (plain stores: the batch sum needs no atomics and stays
+    deterministic); 5 tile products a tile, as FlashAttention-2's backward;
+  - ``twopass``: the dQ kernel of ``split``, then the one-pass kernel without dQ (7 products, no atomics);
 - any sequence length (197 = 14x14+1, 577, 1025, ...): out-of-range rows and columns are masked, nothing is
   padded; fp32 accumulation, q/k/v in fp16, bf16 or fp32;
 - no copies around the kernels: q, k, v are read in place from the qkv projection's ``[B, L, 3, H, d]``
   output, the result is written as ``[B, L, H, d]`` (the output projection's input once flattened), their
   gradient comes back as one ``[B, L, 3, H, d]`` tensor, and ``rowsum(dO * O)`` is computed by the dQ kernel
-  (it was four eager fp32 ops inside the op, which ``torch.compile`` cannot fuse).
+  (``onepass``: by a small kernel before it; it was four eager fp32 ops inside the op, which
+  ``torch.compile`` cannot fuse).
 
 The kernels are wrapped as the custom ops ``beit::fused_bias_attention_fwd`` / ``_bwd`` (opaque nodes for
 ``torch.compile``) with the autograd formula registered. :func:`supported_packed` / :func:`supported` say which
@@ -25,6 +34,7 @@ not a power of two in [16, 128]).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -225,11 +235,93 @@ if HAS_TRITON:
         tl.store(DBias + (chunk * H + h) * L * L + offs_m[:, None] * L + offs_n[None, :], acc, mask=ok)
 
 
+    @triton.jit
+    def _bwd_pre_kernel(DO, Out, Delta, DQAcc, sdob, sdoh, sdol, sob, soh, sol, sab, sah, sal,
+                        H, L, D: tl.constexpr, BM: tl.constexpr):
+        # the one-pass backward's preamble: delta = rowsum(dO * O) per row, and the rows of the fp32 dQ
+        # accumulator zeroed (the one-pass kernel adds into them)
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        m_ok = offs_m < L
+        do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
+        o = _tile(Out, sob, soh, sol, b, h, offs_m, m_ok, offs_d)
+        tl.store(Delta + bh * L + offs_m, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=m_ok)
+        tl.store(DQAcc + b * sab + h * sah + offs_m[:, None] * sal + offs_d[None, :], tl.zeros([BM, D], tl.float32),
+                 mask=m_ok[:, None])
+
+    @triton.jit
+    def _bwd_onepass_kernel(Q, K, V, Bias, DO, Lse, Delta, DQAcc, DK, DV, DBias,
+                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdob, sdoh, sdol, sgb, sgh, sgl,
+                            sab, sah, sal,
+                            B, H, L, scale, per_chunk,
+                            D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                            ATOMIC_DQ: tl.constexpr):
+        # one program owns key block pid_n of head h for the images of one batch chunk: per image it sweeps
+        # the query blocks, keeps dK/dV in registers, adds dQ atomically (ATOMIC_DQ) and adds dS into its own
+        # columns of the chunk's d(bias) partial sum (no other program touches them: plain loads and stores)
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        chunk = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, D)
+        n_ok = offs_n < L
+        dbias_cols = DBias + (chunk * H + h) * L * L + offs_n[None, :]
+        first = chunk * per_chunk
+        for b in range(first, tl.minimum(first + per_chunk, B)):
+            # the previous image's d(bias) stores, made by other threads of this program, are read below
+            tl.debug_barrier()
+            bh = b * H + h
+            k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
+            v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
+            dk = tl.zeros([BN, D], tl.float32)
+            dv = tl.zeros([BN, D], tl.float32)
+            for start_m in range(0, L, BM):
+                offs_m = start_m + tl.arange(0, BM)
+                m_ok = offs_m < L
+                ok = m_ok[:, None] & n_ok[None, :]
+                q = _tile(Q, sqb, sqh, sql, b, h, offs_m, m_ok, offs_d)
+                do = _tile(DO, sdob, sdoh, sdol, b, h, offs_m, m_ok, offs_d)
+                lse = tl.load(Lse + bh * L + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(Delta + bh * L + offs_m, mask=m_ok, other=0.0)
+                p, ds = _grad_tile(q, k, v, do, lse, delta, _bias_tile(Bias, h, L, offs_m, offs_n, ok), ok, scale,
+                                   PREC)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                if ATOMIC_DQ:
+                    tl.atomic_add(DQAcc + b * sab + h * sah + offs_m[:, None] * sal + offs_d[None, :],
+                                  tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale, mask=m_ok[:, None],
+                                  sem="relaxed")
+                dbias = dbias_cols + offs_m[:, None] * L
+                # the chunk's first image starts the sum (nothing is read: the buffer is never zeroed)
+                tl.store(dbias, ds + tl.load(dbias, mask=ok & (b > first), other=0.0), mask=ok)
+            base = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
+            tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+            tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
 # (BM, BN, num_warps, num_stages) per kernel; ``benchmarks/attention_kernel.py --tune`` measures the choices
 CONFIGS: dict[str, tuple[int, int, int, int]] = {  # best of a grid on one H200, B 128 x 12 heads x 197 x 64, bf16
     "fwd": (64, 32, 4, 3), "dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 3), "dbias": (64, 64, 4, 3),
+    # not tuned yet: the dK/dV kernel's config for the kernels that do its work and more
+    "onepass": (64, 32, 4, 2), "twopass": (64, 32, 4, 2),
 }
 DBIAS_CHUNKS = 4  # the batch is split over this many programs per d(bias) tile (partial sums added after)
+
+#: The backward kernels: ``split`` (dQ, dK/dV and d(bias) kernels), ``twopass`` (the dQ kernel, then one kernel
+#: for dK/dV and d(bias)) or ``onepass`` (one kernel for all four, dQ added atomically). Read when the backward
+#: runs; the environment variable ``BEIT_ATTN_BWD`` sets it at import. ``split`` stays the default until a GPU
+#: measures the others faster (``benchmarks/attention_kernel.py --bwd split,twopass,onepass``).
+BACKWARDS = ("split", "twopass", "onepass")
+BWD = os.environ.get("BEIT_ATTN_BWD", "split")
+#: Batch chunks of the one- and two-pass kernels: programs run over (key block, head, chunk), each chunk's images
+#: one after another, and the chunks' d(bias) partial sums are added after. None: enough chunks for about
+#: ``ONEPASS_WAVES`` programs per multiprocessor.
+ONEPASS_CHUNKS: int | None = None
+ONEPASS_WAVES = 4
 
 
 def _cfg(kernel: str, d: int) -> tuple[int, int, int, int]:
@@ -304,12 +396,17 @@ def _(qkv, bias):  # noqa: ANN001, ANN202
 @torch.library.custom_op("beit::fused_bias_attention_bwd", mutates_args=())
 def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor]:
+    if BWD not in BACKWARDS:
+        raise ValueError(f"attention_triton.BWD (environment variable BEIT_ATTN_BWD) is {BWD!r}; "
+                         f"one of {', '.join(BACKWARDS)}")
     B, L, _, H, d = qkv.shape
     do = _inner(do)
     q, k, v = qkv.unbind(2)
     dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
     dq, dk, dv = dqkv.unbind(2)
-    delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
+    delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)  # written by the dQ / pre kernel
+    if BWD != "split":
+        return dqkv, _bwd_fused(BWD == "onepass", do, q, k, v, bias, out, lse, delta, dq, dk, dv).to(bias.dtype)
     chunks = min(DBIAS_CHUNKS, B)
     per_chunk = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_chunk)
@@ -323,6 +420,64 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     _launch("dbias", _bwd_dbias_kernel, lambda bm, bn: (triton.cdiv(L, bm), triton.cdiv(L, bn), H * chunks), qkv, d,
             q, k, v, bias, do, lse, delta, dbias, *common, B, H, L, d ** -0.5, per_chunk, D=d, PREC=prec)
     return dqkv, (dbias[0] if chunks == 1 else dbias.sum(0)).to(bias.dtype)
+
+
+def _onepass_chunks(B: int, H: int, L: int, d: int, device: torch.device) -> int:
+    """:data:`ONEPASS_CHUNKS`, or as many batch chunks as give about :data:`ONEPASS_WAVES` programs a
+    multiprocessor with the configured key block (at most one chunk an image)."""
+    if ONEPASS_CHUNKS is not None:
+        return max(1, min(ONEPASS_CHUNKS, B))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    programs = H * triton.cdiv(L, _cfg("onepass", d)[1])
+    return max(1, min(B, round(ONEPASS_WAVES * sms / programs)))
+
+
+def _bwd_fused(onepass: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               out: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+               dv: torch.Tensor) -> torch.Tensor:
+    """The backward with dK, dV and d(bias) from one pass over the score tiles (FlashAttention-2's Algorithm 2,
+    Dao 2023, with the bias; the loop order of the backward in Triton's fused-attention tutorial), and dQ from
+    the same pass (``onepass``) or from the dQ kernel run before it (``twopass``).
+
+    q, k, v, do, out, dq, dk, dv are ``[B, L, H, d]`` views (any strides with a unit stride in ``d``), lse and
+    delta ``[B, H, L]`` fp32, bias ``[H, L, L]`` contiguous. Writes dq, dk, dv in place and returns d(bias),
+    ``[H, L, L]`` fp32, summed over the batch.
+
+    - delta = rowsum(dO * O) comes first, from its own small kernel (``onepass``, which also zeroes an fp32
+      ``[B, L, H, d]`` dQ accumulator) or from the dQ kernel (``twopass``);
+    - the main kernel runs over (key block, head, batch chunk). For each image of its chunk it loads the key and
+      value block, sweeps the query blocks, recomputes P from lse and dS = P * (dO V^T - delta) per tile, and
+      accumulates dV += P^T dO and dK += dS^T Q in registers, written once per image; ``onepass`` adds
+      dS K / sqrt(d) into the dQ accumulator with relaxed fp32 atomics (each element gets one add per key block:
+      the order varies, so dQ may differ from run to run in its last bits), copied into dq at the end;
+    - d(bias)[h, :, key block] for a chunk is owned by one program: the chunk's first image stores dS, the
+      others add to it (plain loads and stores, no atomics). The chunks' partial sums, ``[chunks, H, L, L]``
+      fp32, are added after (one torch op; none with one chunk), so d(bias) is deterministic.
+    """
+    B, L, H, d = q.shape
+    dev = q.device
+    chunks = _onepass_chunks(B, H, L, d, dev)
+    per_chunk = triton.cdiv(B, chunks)
+    chunks = triton.cdiv(B, per_chunk)  # no empty chunk: each one's partial sum is stored by its first image
+    dbias = torch.empty((chunks, H, L, L), device=dev, dtype=torch.float32)
+    common = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
+    prec = _prec(q.dtype)
+    scale = d ** -0.5
+    if onepass:
+        dq_acc = torch.empty((B, L, H, d), device=dev, dtype=torch.float32)
+        _bwd_pre_kernel[(triton.cdiv(L, 64), B * H)](do, out, delta, dq_acc, *_bhl(do), *_bhl(out), *_bhl(dq_acc),
+                                                     H, L, D=d, BM=64, num_warps=4)
+    else:
+        dq_acc = dq  # not written by the main kernel (ATOMIC_DQ off): the dQ kernel fills it and delta
+        _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * H), q, d,
+                q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out), *_bhl(dq), H, L, scale, D=d, PREC=prec)
+    name = "onepass" if onepass else "twopass"
+    _launch(name, _bwd_onepass_kernel, lambda bm, bn: (triton.cdiv(L, bn), H, chunks), q, d,
+            q, k, v, bias, do, lse, delta, dq_acc, dk, dv, dbias, *common, *_bhl(dk), *_bhl(dq_acc),
+            B, H, L, scale, per_chunk, D=d, PREC=prec, ATOMIC_DQ=onepass)
+    if onepass:
+        dq.copy_(dq_acc)
+    return dbias[0] if chunks == 1 else dbias.sum(0)
 
 
 @_bwd.register_fake
