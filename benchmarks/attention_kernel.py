@@ -153,7 +153,7 @@ def backward_only(bwds: list[str], chunk_opts: list[int | None], B: int = 128, H
             T.BWD, T.ONEPASS_CHUNKS = bwd, chunks
             name = bwd if bwd == "split" else f"{bwd} chunks={'auto' if chunks is None else chunks}"
             if bwd != "split":
-                name += f" ({T._onepass_chunks(B, H, L, d, qkv.device)})"
+                name += f" ({T._onepass_chunks(B, H, L, d, qkv.device, bwd)})"
             try:
                 ms = _bench(T._bwd, (do, qkv, bias, out, lse), steps=50)
                 res[name] = {"ms": ms}

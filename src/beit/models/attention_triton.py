@@ -422,13 +422,14 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     return dqkv, (dbias[0] if chunks == 1 else dbias.sum(0)).to(bias.dtype)
 
 
-def _onepass_chunks(B: int, H: int, L: int, d: int, device: torch.device) -> int:
+def _onepass_chunks(B: int, H: int, L: int, d: int, device: torch.device, kernel: str = "onepass") -> int:
     """:data:`ONEPASS_CHUNKS`, or as many batch chunks as give about :data:`ONEPASS_WAVES` programs a
-    multiprocessor with the configured key block (at most one chunk an image)."""
+    multiprocessor with ``kernel``'s configured key block (``onepass`` or ``twopass``; at most one chunk an
+    image)."""
     if ONEPASS_CHUNKS is not None:
         return max(1, min(ONEPASS_CHUNKS, B))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    programs = H * triton.cdiv(L, _cfg("onepass", d)[1])
+    programs = H * triton.cdiv(L, _cfg(kernel, d)[1])
     return max(1, min(B, round(ONEPASS_WAVES * sms / programs)))
 
 
@@ -451,12 +452,14 @@ def _bwd_fused(onepass: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
       dS K / sqrt(d) into the dQ accumulator with relaxed fp32 atomics (each element gets one add per key block:
       the order varies, so dQ may differ from run to run in its last bits), copied into dq at the end;
     - d(bias)[h, :, key block] for a chunk is owned by one program: the chunk's first image stores dS, the
-      others add to it (plain loads and stores, no atomics). The chunks' partial sums, ``[chunks, H, L, L]``
-      fp32, are added after (one torch op; none with one chunk), so d(bias) is deterministic.
+      others add to it (plain loads and stores, no atomics; a barrier at each image makes the previous image's
+      stores visible to all the program's threads). The chunks' partial sums, ``[chunks, H, L, L]`` fp32, are
+      added after (one torch op; none with one chunk), so d(bias) is deterministic.
     """
     B, L, H, d = q.shape
     dev = q.device
-    chunks = _onepass_chunks(B, H, L, d, dev)
+    name = "onepass" if onepass else "twopass"
+    chunks = _onepass_chunks(B, H, L, d, dev, name)
     per_chunk = triton.cdiv(B, chunks)
     chunks = triton.cdiv(B, per_chunk)  # no empty chunk: each one's partial sum is stored by its first image
     dbias = torch.empty((chunks, H, L, L), device=dev, dtype=torch.float32)
@@ -471,7 +474,6 @@ def _bwd_fused(onepass: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         dq_acc = dq  # not written by the main kernel (ATOMIC_DQ off): the dQ kernel fills it and delta
         _launch("dq", _bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * H), q, d,
                 q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out), *_bhl(dq), H, L, scale, D=d, PREC=prec)
-    name = "onepass" if onepass else "twopass"
     _launch(name, _bwd_onepass_kernel, lambda bm, bn: (triton.cdiv(L, bn), H, chunks), q, d,
             q, k, v, bias, do, lse, delta, dq_acc, dk, dv, dbias, *common, *_bhl(dk), *_bhl(dq_acc),
             B, H, L, scale, per_chunk, D=d, PREC=prec, ATOMIC_DQ=onepass)
