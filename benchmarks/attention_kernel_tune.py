@@ -7,7 +7,8 @@ Prints, for BEiT-B's pre-training shape (B 128, 12 heads, 197 tokens, d 64, bf16
 and of the one- and two-pass backward kernels (``onepass``: dK/dV, dQ by atomics and d(bias); ``twopass``: the
 same without dQ) for each (BM, BN, warps, stages), best first; for the d(bias) kernel and the one- and two-pass
 kernels also each batch split (``chunks``; the latter two at their automatic split first, then the best four
-configs at each split of ``--chunks``). The chosen values go into ``beit.models.attention_triton.CONFIGS``
+configs at each split of ``--chunks``; they also try one query block over the whole sequence, which keeps the
+d(bias) sum in registers). The chosen values go into ``beit.models.attention_triton.CONFIGS``
 (and ``DBIAS_CHUNKS`` / ``ONEPASS_CHUNKS``).
 """
 
@@ -67,7 +68,7 @@ def main() -> None:
         # onepass / twopass: the main kernel alone (the dQ accumulator is not re-zeroed: timing only)
         return lambda: T._bwd_onepass_kernel[(triton.cdiv(L, bn), H, n)](
             q, k, v, bias, do, lse, delta, dq_acc, dk, dv, db, *common, *T._bhl(dk), *T._bhl(dq_acc),
-            B, H, L, scale, per, ATOMIC_DQ=kernel == "onepass", **kw)
+            B, H, L, scale, per, ATOMIC_DQ=kernel == "onepass", DBIAS_REGS=bm >= L, **kw)
 
     def time_one(kernel: str, bm: int, bn: int, warps: int, stages: int, chunks: int) -> dict:
         try:
@@ -86,7 +87,9 @@ def main() -> None:
     results: dict[str, list] = {}
     for kernel in args.kernels.split(","):
         rows = []
-        for (bm, bn), warps, stages in itertools.product(tiles, (4, 8), (1, 2, 3)):
+        # one- and two-pass: also one query block over the whole sequence (d(bias) summed in registers)
+        wide = [(triton.next_power_of_2(L), bn) for bn in (16, 32, 64)] if kernel in ("onepass", "twopass") else []
+        for (bm, bn), warps, stages in itertools.product(tiles + wide, (4, 8), (1, 2, 3)):
             if kernel == "dbias":
                 rows += [time_one(kernel, bm, bn, warps, stages, c) for c in (4, 8, 16, 32)]
             elif kernel in ("onepass", "twopass"):  # the split T.ONEPASS_CHUNKS=None picks for this key block

@@ -259,10 +259,11 @@ if HAS_TRITON:
                             sab, sah, sal,
                             B, H, L, scale, per_chunk,
                             D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                            ATOMIC_DQ: tl.constexpr):
+                            ATOMIC_DQ: tl.constexpr, DBIAS_REGS: tl.constexpr):
         # one program owns key block pid_n of head h for the images of one batch chunk: per image it sweeps
         # the query blocks, keeps dK/dV in registers, adds dQ atomically (ATOMIC_DQ) and adds dS into its own
-        # columns of the chunk's d(bias) partial sum (no other program touches them: plain loads and stores)
+        # columns of the chunk's d(bias) partial sum (no other program touches them: plain loads and stores;
+        # DBIAS_REGS, where one query block covers the sequence: summed in registers, stored once at the end)
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         chunk = tl.program_id(2)
@@ -271,9 +272,11 @@ if HAS_TRITON:
         n_ok = offs_n < L
         dbias_cols = DBias + (chunk * H + h) * L * L + offs_n[None, :]
         first = chunk * per_chunk
+        dbias_acc = tl.zeros([BM, BN], tl.float32)  # DBIAS_REGS only
         for b in range(first, tl.minimum(first + per_chunk, B)):
-            # the previous image's d(bias) stores, made by other threads of this program, are read below
-            tl.debug_barrier()
+            if not DBIAS_REGS:
+                # the previous image's d(bias) stores, made by other threads of this program, are read below
+                tl.debug_barrier()
             bh = b * H + h
             k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
             v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
@@ -295,12 +298,18 @@ if HAS_TRITON:
                     tl.atomic_add(DQAcc + b * sab + h * sah + offs_m[:, None] * sal + offs_d[None, :],
                                   tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale, mask=m_ok[:, None],
                                   sem="relaxed")
-                dbias = dbias_cols + offs_m[:, None] * L
-                # the chunk's first image starts the sum (nothing is read: the buffer is never zeroed)
-                tl.store(dbias, ds + tl.load(dbias, mask=ok & (b > first), other=0.0), mask=ok)
+                if DBIAS_REGS:
+                    dbias_acc += ds
+                else:
+                    dbias = dbias_cols + offs_m[:, None] * L
+                    # the chunk's first image starts the sum (nothing is read: the buffer is never zeroed)
+                    tl.store(dbias, ds + tl.load(dbias, mask=ok & (b > first), other=0.0), mask=ok)
             base = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
             tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
             tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+        if DBIAS_REGS:
+            rows = tl.arange(0, BM)
+            tl.store(dbias_cols + rows[:, None] * L, dbias_acc, mask=(rows < L)[:, None] & n_ok[None, :])
 
 
 # (BM, BN, num_warps, num_stages) per kernel; ``benchmarks/attention_kernel.py --tune`` measures the choices
@@ -343,16 +352,18 @@ def _candidates(kernel: str, d: int) -> list[tuple[int, int, int, int]]:
 _FITTED: dict[tuple[str, int, torch.dtype, torch.device], tuple[int, int, int, int]] = {}
 
 
-def _launch(name: str, kernel: Any, grid: Any, like: torch.Tensor, d: int, *args: Any, **consts: Any) -> None:
-    """``kernel[grid(BM, BN)](*args, **consts)`` with the first config of :func:`_candidates` whose shared memory
-    fits this GPU (Triton raises ``OutOfResources`` before launching, so a retry is safe), remembered per
-    kernel, head dim, dtype and device. The tuned configs fit an H100/H200 in bf16; other dtypes, head dims and
-    GPUs with less shared memory take a smaller one instead of failing."""
+def _launch(name: str, kernel: Any, grid: Any, like: torch.Tensor, d: int, *args: Any,
+            tile_consts: Any = None, **consts: Any) -> None:
+    """``kernel[grid(BM, BN)](*args, **consts, **tile_consts(BM, BN))`` with the first config of
+    :func:`_candidates` whose shared memory fits this GPU (Triton raises ``OutOfResources`` before launching, so
+    a retry is safe), remembered per kernel, head dim, dtype and device. The tuned configs fit an H100/H200 in
+    bf16; other dtypes, head dims and GPUs with less shared memory take a smaller one instead of failing."""
     key = (name, d, like.dtype, like.device)
     tries = [_FITTED[key]] if key in _FITTED else _candidates(name, d)
     for i, (bm, bn, warps, stages) in enumerate(tries):
         try:
-            kernel[grid(bm, bn)](*args, **consts, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+            more = tile_consts(bm, bn) if tile_consts is not None else {}
+            kernel[grid(bm, bn)](*args, **consts, **more, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
         except OutOfResources:
             if i == len(tries) - 1:
                 raise
@@ -453,8 +464,10 @@ def _bwd_fused(onepass: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
       the order varies, so dQ may differ from run to run in its last bits), copied into dq at the end;
     - d(bias)[h, :, key block] for a chunk is owned by one program: the chunk's first image stores dS, the
       others add to it (plain loads and stores, no atomics; a barrier at each image makes the previous image's
-      stores visible to all the program's threads). The chunks' partial sums, ``[chunks, H, L, L]`` fp32, are
-      added after (one torch op; none with one chunk), so d(bias) is deterministic.
+      stores visible to all the program's threads). Where one query block covers the sequence (``BM >= L``,
+      e.g. a 256-row block for BEiT's 197 tokens) the sum stays in registers and is stored once. The chunks'
+      partial sums, ``[chunks, H, L, L]`` fp32, are added after (one torch op; none with one chunk), so d(bias)
+      is deterministic.
     """
     B, L, H, d = q.shape
     dev = q.device
@@ -476,7 +489,8 @@ def _bwd_fused(onepass: bool, do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 q, k, v, bias, do, out, lse, delta, dq, *common, *_bhl(out), *_bhl(dq), H, L, scale, D=d, PREC=prec)
     _launch(name, _bwd_onepass_kernel, lambda bm, bn: (triton.cdiv(L, bn), H, chunks), q, d,
             q, k, v, bias, do, lse, delta, dq_acc, dk, dv, dbias, *common, *_bhl(dk), *_bhl(dq_acc),
-            B, H, L, scale, per_chunk, D=d, PREC=prec, ATOMIC_DQ=onepass)
+            B, H, L, scale, per_chunk, D=d, PREC=prec, ATOMIC_DQ=onepass,
+            tile_consts=lambda bm, bn: {"DBIAS_REGS": bm >= L})
     if onepass:
         dq.copy_(dq_acc)
     return dbias[0] if chunks == 1 else dbias.sum(0)
