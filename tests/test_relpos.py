@@ -124,3 +124,42 @@ def test_compiled_blocks_take_new_grids_without_a_graph_per_size():
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= 3 * len(model.blocks)  # 17 before: a recompile per size
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("window", [(1, 1), (1, 5), (4, 1), (3, 2), (7, 9), (12, 5)])
+def test_bias_without_an_index_equals_the_official_gather(window) -> None:
+    """The run-time bias (no [L, L] index) has the official index's values bit for bit, and the same gradient."""
+    from beit.models.relpos import _bias_of_table, _gather
+
+    table = _table(window, heads=3).requires_grad_()
+    want = _gather(table, relative_position_index(window), window)
+    got = _bias_of_table(table, window)
+    assert torch.equal(got, want)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    (g_want,) = torch.autograd.grad((want * weights).sum(), table)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), table)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_runtime_grids_make_no_index_and_reuse_the_resampling_matrices(monkeypatch) -> None:
+    """A layout step at a new page size used to build the [L, L] int64 index on the host (a 100 MB clone per
+    block for a 3,550-token page, 0.2 s for a grid not cached) and copy it and the resampling matrices to the
+    device in every block: now neither is made per call."""
+    from beit.models import relpos
+
+    def no_index(window):  # noqa: ANN001, ANN202
+        raise AssertionError(f"an index was built for the run-time grid {window}")
+
+    torch.manual_seed(0)
+    model = beit.create_model("beit_tiny_patch16_224", head="none", img_size=32, patch_size=8, embed_dim=32,
+                              depth=3, num_heads=2, use_rel_pos_bias=True)
+    x = torch.randn(1, 3, 40, 56)  # grid (5, 7), not the native (4, 4)
+    ref = model.forward_intermediates(x, (2,))[0]
+    monkeypatch.setattr(relpos, "relative_position_index", no_index)
+    relpos._axis_matrix_on.cache_clear()
+    out = model.forward_intermediates(x, (2,))[0]
+    out.sum().backward()
+    assert torch.equal(out, ref)
+    assert model.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+    info = relpos._axis_matrix_on.cache_info()
+    assert info.misses == 2 and info.hits == 2 * len(model.blocks) - 2  # one matrix per axis, made once

@@ -116,6 +116,13 @@ def _axis_matrix(src: int, dst: int) -> torch.Tensor:
     return m
 
 
+@functools.lru_cache(maxsize=128)
+def _axis_matrix_on(src: int, dst: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_axis_matrix` on ``device`` in ``dtype``, made once: at run time every block resamples its table
+    each step, and a fresh host-to-device copy of a pageable CPU tensor there may wait for the GPU to catch up."""
+    return _axis_matrix(src, dst).to(device=device, dtype=dtype)
+
+
 def resize_table(table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]) -> torch.Tensor:
     """Resample a relative-position table [(2Wh-1)(2Ww-1)+3, heads] from ``old_window`` to ``new_window``.
 
@@ -143,8 +150,8 @@ def resize_table(table: torch.Tensor, old_window: tuple[int, int], new_window: t
     if table.is_meta:
         return table.new_empty(table_size(new_window), num_heads)
     work = torch.promote_types(table.dtype, torch.float32)
-    my = _axis_matrix(oh, nh).to(device=table.device, dtype=work)
-    mx = _axis_matrix(ow, nw).to(device=table.device, dtype=work)
+    my = _axis_matrix_on(oh, nh, table.device, work)
+    mx = _axis_matrix_on(ow, nw, table.device, work)
     grid = table[:-3].to(work).T.reshape(num_heads, oh, ow)
     grid = my @ grid @ mx.T  # [heads, nh, nw]
     grid = grid.reshape(num_heads, nh * nw).T.to(table.dtype)
@@ -156,17 +163,41 @@ def _gather(table: torch.Tensor, index: torch.Tensor, window: tuple[int, int]) -
     return table[index.view(-1)].view(length, length, -1).permute(2, 0, 1).contiguous()
 
 
+def _bias_of_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Bias [num_heads, L, L] of a table made for ``window``, without an index tensor: the same values as
+    ``_gather(table, relative_position_index(window), window)``, bit for bit.
+
+    The patch-to-patch bias is ``grid[qy - ky + Wh - 1, qx - kx + Ww - 1]`` of the (2Wh-1, 2Ww-1) offset grid:
+    the flipped grid's (Wh, Ww) windows (two ``unfold`` views), read in reverse window order. That replaces
+    the [L, L] int64 index (100 MB for a 3,550-token page), which had to be built on the host (a 100 MB clone
+    of the cached one, or 0.2 s to build a new one) and copied to the device by every block at every step, and
+    the sort that its gather's backward does over L * L entries; ``unfold``'s backward is a plain reduction.
+    The cls entries are those of the official index: cls -> token (row 0) ``table[-3]``, token -> cls
+    (column 0) ``table[-2]``, cls -> cls ``table[-1]``. (Built with ``cat``: slice assignments into one
+    buffer would each clone the whole gradient in the backward.)
+    """
+    wh, ww = window
+    heads, n = table.shape[1], wh * ww
+    grid = table[:-3].T.reshape(heads, 2 * wh - 1, 2 * ww - 1)
+    # windows[h, ry, rx, ky, kx] = flipped[h, ry + ky, rx + kx] = grid[h, qy - ky + Wh - 1, ...] for ry = Wh-1-qy
+    windows = grid.flip(1, 2).unfold(1, wh, 1).unfold(2, ww, 1)
+    patch = windows.flip(1, 2).reshape(heads, n, n)
+    top = torch.cat([table[-1, :, None], table[-3, :, None].expand(heads, n)], dim=1)
+    rows = torch.cat([table[-2, :, None, None].expand(heads, n, 1), patch], dim=2)
+    return torch.cat([top[:, None], rows], dim=1)
+
+
 @torch.compiler.disable
 def _resized_bias(table: torch.Tensor, native: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     """The bias for another grid than the table's, computed eagerly even inside compiled blocks.
 
     Dense tasks change the grid at run time (sliding windows, multi-scale pages): tracing this per-grid
-    Python (cached resampling matrices and index tables) into every block's graph made each new size a
-    slow recompile. Here it is one graph break; the graphs around it stay shape-generic. Autograd is
-    unaffected (the table still gets its gradient)."""
+    Python (cached resampling matrices) into every block's graph made each new size a slow recompile. Here
+    it is one graph break; the graphs around it stay shape-generic. Autograd is unaffected (the table still
+    gets its gradient). Nothing here is made on the host: the resampling matrices are cached on the table's
+    device and the bias is read out of the table without an index (:func:`_bias_of_table`)."""
     window = (int(window[0]), int(window[1]))
-    table = resize_table(table, native, window)
-    return _gather(table, relative_position_index(window).to(table.device), window)
+    return _bias_of_table(resize_table(table, native, window), window)
 
 
 def gather_bias(
