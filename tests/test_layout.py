@@ -253,6 +253,32 @@ def test_coco_eval_perfect_is_one_and_empty_is_zero(pages):
     assert "overall" in table and "text" in table and "0.934" in table
 
 
+def test_docbank_preset_anchors_fit_text_lines_and_its_pages_train(pages, tmp_path):
+    """DocBank's regions are mostly wide, thin and small: the preset's anchors give a text line an RPN positive
+    (IoU >= 0.5) where DiT's (32-512 px, ratios 0.5 / 1 / 2) leave it below the 0.3 of a negative; a step of
+    the preset's detector (5 anchors a location, Faster R-CNN) trains."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import box_iou
+
+    from beit.configs import preset_path
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig, train
+
+    cfg = load_config(LayoutConfig, preset_path("layout_docbank"),
+                      [*TINY_OVERRIDES, f"data.train_ann={pages}", "data.holdout=0", "train.eval_every=0",
+                       f"train.output_dir={tmp_path / 'run'}"])
+    assert not cfg.model.mask_head
+    model = build_detector(cfg.model, ["text", "figure"])
+    cells = torch.cat(model.detector.rpn.anchor_generator.cell_anchors)  # every size and ratio, centred on 0
+    lines = torch.tensor([[-200.0, -6, 200, 6], [-150, -10, 150, 10], [-60, -5, 60, 5]])  # 400x12, 300x20, 120x10
+    assert (box_iou(lines, cells).max(1).values >= 0.5).all()
+    dit = AnchorGenerator(tuple((s,) for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
+    assert (box_iou(lines, torch.cat(dit.cell_anchors)).max(1).values < 0.3).all()
+    assert model.detector.rpn.head.cls_logits.out_channels == 5
+    result = train(cfg)
+    assert result["step"] == 2 and math.isfinite(result["train/loss"]) and "train/mask" not in result
+
+
 def test_train_eval_predict_end_to_end(pages, tmp_path, capsys):
     from beit.cli import main
     from beit.engine.config import load_config
