@@ -7,12 +7,21 @@ not comparable: they are on the 11k-page val set after 60k steps). Each dataset 
 same architecture, recipe and number of steps: from ``--init`` (layer decay on) and from random weights
 (layer decay off: it only makes sense for pre-trained layers). Writes ``results.json``, the per-category AP
 tables (``*_ap.txt``) and one page per run with its predicted boxes next to the ground truth (``*_page_*.png``)
-into ``--out``.
+into ``--out``. ``--profile FILE`` first profiles a few training steps (torch.profiler: the step's wall and
+device time, the forward's parts, the top ops) and appends the tables to FILE.
 
-    # GPU (one H100, ~6-7 min with the defaults): --minutes is the training time of EACH DocBank run,
+The recipe is each dataset's preset (``layout_docbank``: pages at short sides 512-640, anchors for wide thin
+text regions, Faster R-CNN; ``layout_publaynet_base``: DiT's) with 8 pages a step at DiT's lr 4e-4 (DiT:
+16 pages) for both. The budget is time, and on 80 training pages the detector needs many passes: 3.5 minutes of
+an H100 a DocBank run is ~150-250 passes if a step of 8 pages takes 0.1-0.15 s. (The first H100 run took 0.6 s
+a step of 4 pages: every block rebuilt its relative-position index on the host; ``beit.models.relpos`` now reads
+the bias for a new page size out of the table on the device, so a step is bound by the detector's own work.)
+
+    # GPU (one H100, ~8.5 min with the defaults): --minutes is the training time of EACH DocBank run,
     # --publaynet-minutes of each PubLayNet run; steps are calibrated once per dataset
     python benchmarks/layout_docbank.py --data data/layout --init pretrained.pth --out $OUT
-    python benchmarks/layout_docbank.py --data data/layout --init pretrained.pth --out $OUT --only docbank --minutes 3
+    python benchmarks/layout_docbank.py --data data/layout --init pretrained.pth --out $OUT --only docbank \
+        --profile $OUT/profile.txt
     # CPU smoke test (tiny model written on the fly, 2 steps, small pages)
     python benchmarks/layout_docbank.py --smoke --data /work/shared/data --out /tmp/layout_smoke
 
@@ -57,15 +66,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for results.json, the AP tables and the page PNGs")
     p.add_argument("--only", default="docbank,publaynet", help="comma list: docbank, publaynet")
     p.add_argument("--runs", default="pretrained,scratch", help="comma list: pretrained, scratch")
-    p.add_argument("--minutes", type=float, default=1.25, help="training time of each DocBank run (steps calibrated)")
+    p.add_argument("--minutes", type=float, default=3.5, help="training time of each DocBank run (steps calibrated)")
     p.add_argument("--publaynet-minutes", type=float, default=0.5, help="training time of each PubLayNet run")
     p.add_argument("--steps", type=int, default=0, help="fixed optimizer steps per run (skips calibration)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8, help="pages a step (DiT: 16)")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak lr, cosine to 0 (DiT's)")
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer decay of the pre-trained run")
     p.add_argument("--scratch-layer-decay", type=float, default=1.0, help="layer decay of the from-scratch run")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--keep-runs", action="store_true", help="keep checkpoints/logs under --out/runs (large)")
+    p.add_argument("--profile", default="", metavar="FILE",
+                   help="first profile a few training steps of the first dataset (random weights, the runs' model "
+                        "and pages) with torch.profiler and append the tables to FILE; --runs '' = profile only")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled (after as many warm-up steps)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny model, 2 steps, small pages")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides for every run")
     return p.parse_args(argv)
@@ -116,7 +129,9 @@ def base_overrides(args: argparse.Namespace, ann: Path, holdout: int, out_dir: P
 
 
 def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
-    """Steps that fit in ``seconds``: 30 steps of the same model through the engine, last window's img/s."""
+    """Steps that fit in ``seconds``: 60 steps of the same model through the engine, the img/s of the last 20
+    (steps of ~0.1 s: a window of 10 steps was at the mercy of one slow batch, and the first H100 run's
+    calibration read 5.6 img/s where its runs went at 6.5: each arm used 153 s of its 198)."""
     import copy
 
     from beit.tasks.layout import train
@@ -124,11 +139,118 @@ def calibrate_steps(cfg: Any, seconds: float) -> tuple[int, float]:
     c = copy.deepcopy(cfg)
     c.model.init = ""  # random weights: same speed, no need to load the file twice
     c.data.holdout, c.data.repeat = 0, 100  # no evaluation; one epoch covers the calibration
-    c.train.max_steps, c.train.warmup_steps, c.train.log_every = 30, 5, 10
+    c.train.max_steps, c.train.warmup_steps, c.train.log_every = 60, 5, 20
     c.train.output_dir = str(Path(cfg.train.output_dir) / "_calibrate")
     res = train(c)
     ips = float(res["train/img_per_s"])
     return max(10, int(0.9 * seconds * ips / c.train.batch_size)), ips
+
+
+PROFILED_PARTS = {  # forward parts annotated in the profile (module path in LayoutDetector -> row name)
+    "detector.transform": "fwd: transform (normalise, pad)", "detector.backbone": "fwd: backbone (ViT+pyramid+FPN)",
+    "detector.backbone.fpn": "fwd: FPN", "detector.rpn": "fwd: RPN (anchors, losses)",
+    "detector.roi_heads": "fwd: RoI heads (sampling, box head, losses)",
+}
+
+
+def profile_steps(cfg: Any, steps: int, out_file: Path) -> str:
+    """torch.profiler over ``steps`` training steps of the engine (after ``steps`` warm-up steps), random weights.
+
+    The engine's own loop runs (loader workers, bf16, layer-decay AdamW, clipping, its one sync a step); a
+    profiler step boundary is put at the start of each ``step_fn`` call, so a profiled step is everything from one
+    forward to the next: the forward parts (annotated ``fwd: ...`` rows, by module), the backward, the optimizer,
+    the wait for the next batch. Appends to ``out_file`` and returns: the wall time a step (median of the profiled
+    steps), the device-busy time a step (sum of kernel times: wall >> busy means the host is the bottleneck),
+    the annotated parts (host time, and on CUDA the time of their kernels), the ops by device time (CUDA) or by
+    self CPU time, and the host syncs counted.
+    """
+    import copy
+    import statistics
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from beit.data.datasets import RepeatedDataset
+    from beit.engine import Trainer
+    from beit.engine.trainer import seed_everything
+    from beit.tasks.layout import build_datasets, build_detector, collate
+    from beit.tasks.layout import step_fn as layout_step
+
+    c = copy.deepcopy(cfg)
+    c.model.init, c.data.holdout, c.data.repeat = "", 0, 100
+    c.train.max_steps, c.train.warmup_steps, c.train.log_every = 2 * steps + 2, 1, 10**6
+    c.train.eval_every, c.train.image_every = 0, 0
+    c.train.output_dir = str(Path(cfg.train.output_dir) / "_profile")
+    train_ds, _ = build_datasets(c, with_val=False)
+    seed_everything(c.train.seed)
+    model = build_detector(c.model, train_ds.class_names, train_ds.cat_ids, c.model_overrides)
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=acts, schedule=schedule(skip_first=steps, wait=0, warmup=1, active=steps, repeat=1))
+    ranges: dict[int, Any] = {}
+
+    def enter(name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            ranges[id(module)] = record_function(name).__enter__()
+        return hook
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        ranges.pop(id(module)).__exit__(None, None, None)
+
+    modules = dict(model.named_modules())
+    handles = [h for path, name in PROFILED_PARTS.items() if path in modules for h in
+               (modules[path].register_forward_pre_hook(enter(name)), modules[path].register_forward_hook(leave))]
+    starts: list[float] = []
+
+    def step(m: Any, batch: Any) -> Any:
+        starts.append(time.perf_counter())  # training step i runs in the profiler's step i + 1
+        prof.step()
+        return layout_step(m, batch)
+
+    data = RepeatedDataset(train_ds, c.data.repeat)
+    trainer = Trainer(model, data, step, c.train, collate_fn=collate, run_config=c)
+    with prof:
+        trainer.fit()
+    for h in handles:
+        h.remove()
+    walls = [starts[i + 1] - starts[i] for i in range(steps, 2 * steps)]  # the profiled steps, forward to forward
+    ka = prof.key_averages()
+    kernels = [e for e in ka if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    lines = [f"==== layout training step profile: {c.train.batch_size} pages a step, short sides "
+             f"{list(c.data.min_sizes)} (max {c.data.max_size}), {model.body.num_layers} blocks x "
+             f"{model.body.embed_dim}, "
+             f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {c.train.num_workers} loader workers",
+             f"wall {1e3 * statistics.median(walls):.1f} ms a step (median of {len(walls)}; "
+             f"{c.train.batch_size / statistics.median(walls):.1f} img/s)"
+             + (f", device busy {busy:.1f} ms a step, peak memory "
+                f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "")]
+    if steps > 3:  # the profiler's own cost: the warm-up steps after the first two ran without it
+        quiet = statistics.median(starts[i + 1] - starts[i] for i in range(2, steps))
+        lines.append(f"unprofiled warm-up steps 3-{steps}: {1e3 * quiet:.1f} ms a step (median)")
+    # the host-side range of each part (its GPU-side twin, a gpu_user_annotation, spans idle gaps too): its host
+    # time, and the time of the kernels its ops launched
+    parts = {e.key: e for e in ka if e.key in PROFILED_PARTS.values() and e.device_type == DeviceType.CPU}
+    for name in PROFILED_PARTS.values():
+        if name in parts:
+            e = parts[name]
+            dev = f", its kernels {e.device_time_total / 1e3 / steps:.1f} ms" if cuda else ""
+            lines.append(f"  {name:<44} host {e.cpu_time_total / 1e3 / steps:8.1f} ms a step{dev}")
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    lines.append(f"ops by {sort} over {steps} steps:")
+    lines.append(ka.table(sort_by=sort, row_limit=30))
+    if cuda:
+        lines.append("ops by self_cpu_time_total:")
+        lines.append(ka.table(sort_by="self_cpu_time_total", row_limit=20))
+        lines.append("host syncs over the profiled steps: " + ", ".join(
+            f"{e.key} x{e.count}" for e in ka if "ynchronize" in e.key or
+            e.key in ("cudaMemcpy", "cudaStreamWaitEvent", "aten::item", "aten::_local_scalar_dense", "aten::nonzero")))
+    text = "\n".join(lines)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with out_file.open("a") as f:
+        f.write(text + "\n")
+    return text
 
 
 def _nan_to_none(v: Any) -> Any:
@@ -216,9 +338,11 @@ def main(argv: list[str] | None = None) -> int:
 
         body = beit.load_model(init, head="none", use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
         arch = body.cfg.to_dict()
-        tokens = (800 // body.patch_size) * (1143 // body.patch_size)  # a DocBank page at the largest train scale
+        short = max(load_config(LayoutConfig, DATASETS["docbank"][0], []).data.min_sizes)
+        long = round(short * 1000 / 700)  # a 700 x 1000 DocBank page at the largest training scale
+        tokens = (short // body.patch_size) * (long // body.patch_size)
         print(f"backbone from {init}: depth {body.num_layers}, width {body.embed_dim}, patch {body.patch_size}, "
-              f"{tokens} tokens per 800x1143 page", flush=True)
+              f"{tokens} tokens per {short}x{long} page", flush=True)
         if tokens > 4096 and not args.smoke:
             print(f"warning: {tokens} tokens per page is slow for global attention; lower data.min_sizes / "
                   "data.max_size and model.min_size_test (KEY=VALUE overrides)", flush=True)
@@ -233,9 +357,17 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_size": 2 if args.smoke else args.batch_size, "lr": args.lr})
     results.setdefault("datasets", {})
     t_start = time.perf_counter()
-    for dataset in datasets:
+    for k, dataset in enumerate(datasets):
         config, folder, tar_name, holdout, note = DATASETS[dataset]
         ann = find_subset(Path(args.data), folder, tar_name, work / "data")
+        if args.profile and k == 0:
+            c = load_config(LayoutConfig, config, base_overrides(args, ann, holdout, work / "profile" / dataset))
+            c.model.backbone = dict(arch) if arch else {}
+            t0 = time.perf_counter()
+            print(profile_steps(c, args.profile_steps, Path(args.profile)), flush=True)
+            results["profile"] = {"file": str(args.profile), "wall_s": round(time.perf_counter() - t0, 1)}
+        if not wanted:
+            continue
         minutes = args.minutes if dataset == "docbank" else args.publaynet_minutes
         print(f"##### {dataset}: {note}", flush=True)
         steps, ips = args.steps, None
