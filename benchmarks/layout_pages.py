@@ -12,8 +12,9 @@ Stages (``--stages``, in this order; each reads what the earlier ones wrote into
   pretrain   ``beit pretrain -c pretrain_base`` with that tokenizer on the crops, the ``--arch`` backbone, pixels
              normalised as the detector's (0.5 / 0.5, DiT's), ``--pretrain-steps`` steps
   detect     ``benchmarks/layout_docbank.py --init work/pretrain/final`` (DocBank; the pre-trained and the
-             from-scratch arm, steps calibrated to ``--detect-minutes`` each): COCO box AP per category, a page
-             of predicted boxes next to the ground truth
+             from-scratch arm, steps calibrated to ``--detect-minutes`` each, its recipe: see that file):
+             COCO box AP per category, a page of predicted boxes next to the ground truth; with
+             ``--detect-profile`` a profile of a few steps first (``detect/profile.txt``)
 
 Everything goes through the package's own commands. ``--out`` gets ``layout_pages.json`` (stage timings, the
 tokenizer's held-out PSNR / codebook use, the pre-training's last metrics) and the detector's tables and PNGs
@@ -21,7 +22,7 @@ tokenizer's held-out PSNR / codebook use, the pre-training's last metrics) and t
 must survive between them (the same warm machine, or ``--work`` carried).
 
     python3 benchmarks/layout_pages.py --data DATA --work /tmp/lp --out $OUT --stages pages,tokenizer,pretrain
-    python3 benchmarks/layout_pages.py --data DATA --work /tmp/lp --out $OUT --stages detect
+    python3 benchmarks/layout_pages.py --data DATA --work /tmp/lp --out $OUT --stages detect --detect-profile
     python3 benchmarks/layout_pages.py --data ../shared/data --work /tmp/lp --out /tmp/lp_out --smoke   # CPU, tiny
 
 ``DATA`` holds ``docbank_subset/`` and ``publaynet_subset/`` as in ``../shared/data`` (see layout_docbank.py).
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -58,8 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tok-steps", type=int, default=2000)
     p.add_argument("--pretrain-steps", type=int, default=3000)
     p.add_argument("--pretrain-batch", type=int, default=128)
-    p.add_argument("--detect-minutes", type=float, default=4.0, help="training time of EACH detector arm")
+    p.add_argument("--detect-minutes", type=float, default=3.5, help="training time of EACH detector arm")
+    p.add_argument("--detect-profile", action="store_true", help="profile a few detector steps first")
+    p.add_argument("--detect-args", default="", help="more layout_docbank.py arguments, e.g. '--lr 3e-4 KEY=VALUE'")
     p.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--detect-workers", type=int, default=0,
+                   help="loader workers of the detector (0: --workers, at most 8: 80 pages of ~15 ms each to decode "
+                        "and resize; the cores left run the training process's host work)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny tokenizer and model, a few steps")
     a = p.parse_args(argv)
@@ -188,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{init} not found: run the pretrain stage first (same --work)")
         cmd = [sys.executable, str(HERE / "layout_docbank.py"), "--data", str(data), "--init", str(init),
                "--out", str(out / "detect"), "--only", "docbank", "--minutes", str(a.detect_minutes),
-               "--workers", str(a.workers)]
-        secs = _run(cmd + (["--smoke"] if a.smoke else []), out / "detect.log")
+               "--workers", str(a.detect_workers or min(a.workers, 8))]
+        if a.detect_profile:
+            cmd += ["--profile", str(out / "detect" / "profile.txt")] + (["--profile-steps", "2"] if a.smoke else [])
+        secs = _run(cmd + (["--smoke"] if a.smoke else []) + shlex.split(a.detect_args), out / "detect.log")
         res = json.loads((out / "detect" / "results.json").read_text())
         runs = res.get("datasets", {}).get("docbank", {}).get("runs", {})
         report["detect"] = {"wall_s": secs, **{n: {k: r.get(k) for k in ("bbox_AP", "bbox_AP50", "steps", "error")}
