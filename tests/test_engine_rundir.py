@@ -431,7 +431,8 @@ def test_a_folder_holding_only_set_aside_checkpoints(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="beit"):
         assert R.prepare_output_dir(tmp_path, resume_path=None) == "fresh"
     assert (aside / "step_0000008.pt").is_file()
-    assert any(f"{aside} holds checkpoints an earlier run set aside; kept" in r.getMessage() for r in caplog.records)
+    assert any(f"{tmp_path} holds what an earlier run left (abandoned): kept" in r.getMessage()
+               for r in caplog.records)
     assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True) == "overwrite"
     assert not aside.exists()
 
@@ -458,7 +459,7 @@ def test_the_early_check_changes_nothing_and_says_nothing(tmp_path):
         assert R.prepare_output_dir(tmp_path, resume_path=None) == "fresh"  # the run: says it (and cleans up)
     finally:
         logging.getLogger("beit").removeHandler(handler)
-    assert [r.getMessage() for r in records] == [f"{aside} holds checkpoints an earlier run set aside; kept beside "
+    assert [r.getMessage() for r in records] == [f"{tmp_path} holds what an earlier run left (abandoned): kept beside "
                                                  "this new run (--overwrite deletes them)"]
     assert not (tmp_path / "last.pt.tmp").exists()
     (tmp_path / "last.pt.tmp").write_bytes(b"being written")
@@ -469,6 +470,66 @@ def test_the_early_check_changes_nothing_and_says_nothing(tmp_path):
         check_run_can_start(cfg_of(tmp_path))
     assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, check_only=True) == "overwrite"
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+_TASK_TRAIN_MODULES = {  # every task's module that declares what it writes into output_dir (OUTPUTS)
+    "pre-training": "beit.tasks.pretrain.train", "classification": "beit.tasks.classify.train",
+    "linear probing": "beit.tasks.classify.linprobe", "segmentation": "beit.tasks.segmentation.train",
+    "layout detection": "beit.tasks.layout.train", "dVAE tokenizer": "beit.tasks.tokenizer.train",
+}
+
+
+@pytest.mark.parametrize("task", sorted(_TASK_TRAIN_MODULES))
+def test_overwrite_deletes_every_task_output(task, tmp_path):
+    """--overwrite deleted only the engine's files: an earlier run's final/model.safetensors (pre-training),
+    model/ and eval/ (fine-tuning), linprobe.json, ap_table.txt, dvae.safetensors ... stayed beside the new run
+    (a stale model to ship). Each task declares its outputs once (OUTPUTS) and gives them to its Trainer."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(_TASK_TRAIN_MODULES[task])
+    outputs = module.OUTPUTS
+    assert "outputs=OUTPUTS" in inspect.getsource(module)  # given to the Trainer that runs the task
+    C.save_checkpoint({"format": C.FORMAT}, tmp_path / "last.pt")
+    for name in outputs:
+        if "." in name:
+            (tmp_path / name).write_text("stale")
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_text("stale")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "log.txt").write_text("earlier run\n")
+    assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, outputs=outputs) == "overwrite"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "notes.txt"]
+    # only the outputs left (checkpoints deleted by hand): --overwrite still deletes them, a fresh run warns
+    for name in outputs:
+        (tmp_path / name).write_text("stale")
+    assert R.prepare_output_dir(tmp_path, resume_path=None, outputs=outputs) == "fresh"
+    assert all((tmp_path / n).exists() for n in outputs)
+    assert R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, outputs=outputs) == (
+        "overwrite" if outputs else "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "notes.txt"]
+
+
+def test_trainer_overwrite_deletes_its_task_outputs_and_marks_the_log(tmp_path):
+    """The Trainer passes its outputs to the overwrite; log.txt keeps the earlier run's lines (appended to, as
+    documented) but the new run's part starts after a separator line."""
+    from beit.engine.logging import RUN_SEPARATOR
+
+    trainer_of(cfg_of(tmp_path, max_steps=3), outputs=("final", "panel.png")).fit()
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("the earlier run's model")
+    (tmp_path / "panel.png").write_text("stale")
+    logging.getLogger("beit").handlers[:] = [h for h in logging.getLogger("beit").handlers
+                                             if not isinstance(h, logging.FileHandler)]  # as a new process
+    trainer_of(cfg_of(tmp_path, max_steps=3, overwrite=True), outputs=("final", "panel.png")).fit()
+    assert not (tmp_path / "final").exists() and not (tmp_path / "panel.png").exists()
+    log = (tmp_path / "log.txt").read_text()
+    head = RUN_SEPARATOR.split("(")[0]
+    assert log.count(head) == 1
+    assert "overwrite: deleted the earlier run" in log.split(head)[1]
+    with pytest.raises(ValueError, match="names of files or folders directly in output_dir"):
+        R.prepare_output_dir(tmp_path, resume_path=None, overwrite=True, outputs=("../elsewhere",))
 
 
 def test_resume_auto_decisions(tmp_path):

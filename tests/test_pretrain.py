@@ -103,6 +103,26 @@ def test_resume_is_exact(tiny_setup, tmp_path) -> None:
     assert _losses(part) == _losses(full)  # bit-exact, not allclose
 
 
+def test_overwrite_leaves_no_stale_final_model(tiny_setup, tmp_path, monkeypatch) -> None:
+    """--overwrite kept the earlier run's final/model.safetensors and mim_panel.png beside a new run that failed
+    before writing its own: a stale model to ship. Now they go with the earlier run's checkpoints."""
+    out = tmp_path / "run"
+    pretrain(_cfg(tiny_setup, out, max_steps=3))
+    assert (out / "final" / "model.safetensors").is_file() and (out / "mim_panel.png").is_file()
+    import beit.tasks.pretrain.train as T
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T, "save_model", fail)  # the new run fails after training, before its final model
+    with pytest.raises(OSError, match="disk full"):
+        pretrain(_cfg(tiny_setup, out, max_steps=4, overwrite="true"))
+    assert not (out / "final").exists() and not (out / "mim_panel.png").exists()
+    from beit.engine import load_checkpoint
+
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+
+
 def test_bad_configs_fail_fast(tiny_setup, tmp_path) -> None:
     with pytest.raises(ConfigError, match="data.num_mask_patches.*larger than the 8x8"):
         load_config(

@@ -6,9 +6,11 @@ and is the source of truth: ``plot_curves`` and the tests read it back. Only the
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +22,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .._text import first_few
 from .rundir import atomic_write
 
-__all__ = ["MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves", "quiet_console",
-           "read_metrics", "setup_logging"]
+__all__ = ["RUN_SEPARATOR", "MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves",
+           "quiet_console", "read_metrics", "setup_logging"]
 
 _LOGGER_NAME = "beit"
 
@@ -59,6 +61,23 @@ def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
     return [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
 
 
+#: the line that starts each run's part of a ``log.txt`` that earlier runs wrote to (the file is appended to:
+#: ``--overwrite`` and ``--resume`` keep it, see ``beit.engine.rundir``)
+RUN_SEPARATOR = "---------- a new run starts here (pid {pid}, {time}); the lines above are earlier runs' ----------"
+
+
+def _mark_new_run(path: Path) -> None:
+    """Append :data:`RUN_SEPARATOR` to ``path`` when it holds earlier runs' lines (a missing or empty file: nothing)."""
+    try:
+        if path.stat().st_size == 0:
+            return
+    except OSError:
+        return
+    when = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    with open(path, "a") as f:
+        f.write(RUN_SEPARATOR.format(pid=os.getpid(), time=when) + "\n")
+
+
 def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
     """Console (INFO) and ``output_dir/log.txt`` handlers on the main rank; other ranks only warn.
 
@@ -76,6 +95,7 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
                 h.close()
         if not any(isinstance(h, _RunFileHandler) for h in logger.handlers):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _mark_new_run(Path(path))
             fh = _RunFileHandler(path)
             fh.setFormatter(_formatter())
             logger.addHandler(fh)

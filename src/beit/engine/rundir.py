@@ -8,8 +8,11 @@
   run do not keep its folder locked.
 - **Fresh, overwrite or resume** (:func:`prepare_output_dir`): a fresh run into a folder that holds an
   earlier run's checkpoints or metrics is refused unless ``train.resume`` (``--resume``) continues it or
-  ``train.overwrite=true`` (``--overwrite``) replaces it; overwriting deletes only what the engine wrote
-  (:data:`RUN_FILES`, :data:`RUN_DIRS`, ``step_*`` checkpoints), other files in the folder are kept.
+  ``train.overwrite=true`` (``--overwrite``) replaces it; overwriting deletes only what the engine and the task
+  wrote (:data:`RUN_FILES`, :data:`RUN_DIRS`, ``step_*`` checkpoints, and the task's own outputs, e.g.
+  pre-training's ``final/``: each task declares them once, its ``OUTPUTS``, passed as ``Trainer(outputs=...)``),
+  other files in the folder are kept. ``log.txt`` is appended to, each run's lines after a separator line
+  (:func:`beit.engine.logging.setup_logging`).
 - **Resume with a changed config** (:func:`check_resume_config`): the checkpoint's ``config`` is compared
   with the current one; keys that change what is trained (model, data, masking, batch size, seed, optimizer,
   schedule, ...) must be equal, else :class:`ConfigChangedError` names each differing key;
@@ -44,7 +47,7 @@ __all__ = [
     "ConfigChangedError", "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError",
     "atomic_write", "check_checkpoint_task", "check_resume_config", "class_count_refusal", "class_list_key",
     "class_list_source", "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files",
-    "remove_stale_tmp",
+    "remove_stale_tmp", "task_outputs_present",
 ]
 
 LOCK_NAME = ".lock"
@@ -286,14 +289,48 @@ def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def clear_previous_run(output_dir: str | Path) -> list[Path]:
+def _check_outputs(outputs: Sequence[str]) -> None:
+    """A task's ``outputs`` are plain names inside the output folder (no path, no ``..``, not the lock or log).
+
+    Raises:
+        ValueError: a name with a path separator, ``.``/``..``, an empty one, or ``.lock`` / ``log.txt``.
+    """
+    bad = [n for n in outputs if not n or n in (".", "..", LOCK_NAME, "log.txt") or "/" in n or os.sep in n]
+    if bad:
+        raise ValueError(f"a task's outputs must be names of files or folders directly in output_dir, got "
+                         f"{first_few(bad, 4)}")
+
+
+def task_outputs_present(output_dir: str | Path, outputs: Sequence[str] = ()) -> list[Path]:
+    """The task outputs (``outputs``: names, as a task's ``OUTPUTS`` declares them) that exist in ``output_dir``,
+    sorted by name.
+
+    Raises:
+        ValueError: ``outputs`` holds a name that is not a plain name in the folder (:func:`_check_outputs`).
+    """
+    _check_outputs(outputs)
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return sorted((out / n for n in set(outputs) if (out / n).exists() or (out / n).is_symlink()),
+                  key=lambda p: p.name)
+
+
+def clear_previous_run(output_dir: str | Path, outputs: Sequence[str] = ()) -> list[Path]:
     """Delete what the engine wrote in ``output_dir`` (checkpoints, metrics, curves, config.yaml, tb/, images/,
-    temporary files); other files are left alone. Returns what was deleted."""
+    abandoned/, temporary files) and the task's ``outputs`` (names of files or folders in it, e.g. pre-training's
+    ``final``, ``mim_panel.png``); other files are left alone, ``log.txt`` too. Returns what was deleted.
+
+    Raises:
+        ValueError: ``outputs`` holds a name that is not a plain name in the folder (:func:`_check_outputs`).
+    """
+    _check_outputs(outputs)
     out = Path(output_dir)
     if not out.is_dir():
         return []
     doomed = [p for p in out.iterdir()
-              if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")]
+              if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")
+              or p.name in outputs]
     for p in doomed:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -310,7 +347,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resume: str = "",
-                       overwrite: bool = False, check_only: bool = False) -> str:
+                       overwrite: bool = False, check_only: bool = False, outputs: Sequence[str] = ()) -> str:
     """Decide how a run starts in ``output_dir`` and get the folder ready; returns ``"resume"``, ``"fresh"`` or
     ``"overwrite"``. Call on rank 0 while holding the :class:`RunLock`.
 
@@ -318,8 +355,11 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     this folder continues its run. A fresh start (or a resume from another folder's checkpoint) into a folder
     that holds an earlier run (:func:`previous_run_files`) raises :class:`RunExistsError` naming ``--resume``
     and ``--overwrite``, unless ``overwrite`` (then the earlier run's files are deleted, see
-    :func:`clear_previous_run`). With ``resume="auto"`` and no checkpoint, metrics of a run that crashed
-    before its first checkpoint are replaced (nothing resumable is lost). Stray ``*.tmp`` files are removed.
+    :func:`clear_previous_run`, with the task's ``outputs``: names of the files and folders the task writes
+    there besides the engine's, e.g. pre-training's ``final``; an overwrite deletes them even when no checkpoint
+    is left, and a fresh run without ``overwrite`` keeps them with a warning). With ``resume="auto"`` and no
+    checkpoint, metrics of a run that crashed before its first checkpoint are replaced (nothing resumable is
+    lost). Stray ``*.tmp`` files are removed.
 
     ``check_only`` (a check ahead of the run, without the lock, e.g.
     :func:`beit.engine.trainer.check_run_can_start`): the same decision and refusals, but nothing is removed
@@ -328,7 +368,9 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     Raises:
         RunExistsError: the folder holds an earlier run and neither this folder's checkpoint is resumed nor
             ``overwrite`` is given.
+        ValueError: ``outputs`` holds a name that is not a plain name in the folder.
     """
+    _check_outputs(outputs)
     out = Path(output_dir)
     if not check_only:
         remove_stale_tmp(out)
@@ -339,14 +381,19 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
         found = [p for p in found if _is_checkpoint(p)]
     if not found:
         aside = out / "abandoned"  # checkpoints an earlier run set aside; nothing there is resumed
+        stale = task_outputs_present(out, outputs)  # e.g. final/ of a run whose checkpoints were deleted
         if aside.is_dir() and any(aside.iterdir()):
+            stale = sorted([*stale, aside], key=lambda p: p.name)
+        if stale:
             if check_only:
                 return "overwrite" if overwrite else "fresh"
+            names = ", ".join(p.name for p in stale)
             if overwrite:
-                shutil.rmtree(aside)
-                _log().warning(f"overwrite: deleted {aside} (checkpoints an earlier run had set aside)")
+                removed = clear_previous_run(out, outputs)
+                _log().warning(f"overwrite: deleted what an earlier run left in {out} "
+                               f"({', '.join(p.name for p in removed)})")
                 return "overwrite"
-            _log().warning(f"{aside} holds checkpoints an earlier run set aside; kept beside this new run "
+            _log().warning(f"{out} holds what an earlier run left ({names}): kept beside this new run "
                            "(--overwrite deletes them)")
         return "fresh"
     names = first_few([p.name for p in found], 4)
@@ -360,7 +407,7 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
                              "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")
     if check_only:
         return "overwrite"
-    removed = clear_previous_run(out)
+    removed = clear_previous_run(out, outputs)
     _log().warning(f"overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in removed)})")
     return "overwrite"
 

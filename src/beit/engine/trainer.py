@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +398,9 @@ class Trainer:
         run_config: the task's whole config (stored in checkpoints and ``config.yaml``); default ``cfg``.
         task: the task name checkpoints record (``"pre-training"``, ...): a resume refuses a checkpoint that
             records another. Default: :func:`task_of` ``(run_config)``.
+        outputs: the names of the files and folders the task writes into ``output_dir`` besides the engine's
+            (its ``OUTPUTS``, e.g. pre-training's ``("final", "mim_panel.png")``): ``--overwrite`` deletes them
+            with the earlier run's checkpoints (:func:`~beit.engine.rundir.prepare_output_dir`).
     """
 
     #: a second SIGINT this many seconds or more after the first stops at once (sooner: the same Ctrl-C, sent
@@ -410,7 +413,7 @@ class Trainer:
                  visualize_fn: Callable[[nn.Module, int, Path], None] | None = None,
                  metric_to_track: str | None = None, mode: str = "max",
                  param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None,
-                 run_config: Any = None, task: str | None = None):
+                 run_config: Any = None, task: str | None = None, outputs: Sequence[str] = ()):
         validate_config(cfg)
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -421,6 +424,7 @@ class Trainer:
         self.metric_to_track, self.mode = metric_to_track, mode
         self.run_config = run_config if run_config is not None else cfg
         self.task = task if task is not None else task_of(self.run_config)
+        self.outputs = tuple(outputs)
         self.device = D.device()
         self.main = D.is_main()
         self.out = Path(cfg.output_dir)
@@ -666,7 +670,7 @@ class Trainer:
                 resume_path, self._resume_state = self._pick_resume()
                 if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
-                                       overwrite=getattr(self.cfg, "overwrite", False))
+                                       overwrite=getattr(self.cfg, "overwrite", False), outputs=self.outputs)
             except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
                     lock.release()

@@ -39,7 +39,12 @@ from .data import build_datasets, build_preprocess, check_num_classes
 from .knn import knn_top1
 from .train import begin_run, scaled_train_config
 
-__all__ = ["LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
+__all__ = ["OUTPUTS", "LinprobeConfig", "ProbeHeads", "build_encoder", "extract_features", "linprobe", "parse_blocks"]
+
+#: what a linear probe writes into ``train.output_dir`` besides the engine's files (``--overwrite`` deletes it with
+#: the earlier run, see ``beit.engine.rundir``)
+RESULT_FILE = "linprobe.json"
+OUTPUTS = (RESULT_FILE,)
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +271,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         return out
 
     trainer = Trainer(heads, _Features(train_f, train_y), step_fn, train_cfg, eval_fn=eval_fn,
-                      metric_to_track="top1", run_config=cfg)
+                      metric_to_track="top1", run_config=cfg, outputs=OUTPUTS)
     fit = trainer.fit()
     acc = _per_block_top1(trainer.raw_model, val_f, val_y)
     per_block = {int(b): float(a) for b, a in zip(blocks, acc)}
@@ -286,7 +291,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
                       knn_temperature=cfg.knn_temperature)
     out = Path(trainer.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "linprobe.json").write_text(json.dumps(result, indent=2))
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2))
     logger.info("linear probe: best block %d/%d top-1 %.2f%% (%s)", best, encoder.num_layers, per_block[best],
                 ", ".join(f"{b}: {a:.1f}" for b, a in per_block.items()))
     return result

@@ -49,7 +49,13 @@ from .data import (
 from .evaluate import evaluate_model, make_eval_fn, write_report
 from .model import build_model
 
-__all__ = ["begin_run", "finetune", "make_step_fn", "scaled_train_config"]
+__all__ = ["OUTPUTS", "begin_run", "finetune", "make_step_fn", "scaled_train_config"]
+
+#: what a fine-tuning writes into ``train.output_dir`` besides the engine's files, by the checkpoint's weights it
+#: exports (``model``, ``ema``): the model's folder and its eval report's (``--overwrite`` deletes them with the
+#: earlier run, see ``beit.engine.rundir``)
+FINAL_DIRS = {"model": ("model", "eval"), "ema": ("model_ema", "eval_ema")}
+OUTPUTS = tuple(name for pair in FINAL_DIRS.values() for name in pair)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +125,7 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
     result: dict[str, Any] = {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = arch.replace(extra={**arch.extra, "class_names": names}).with_preprocess(cfg.data.preprocess(cfg.img_size))
-    for key, sub in (("model", "model"), ("ema", "model_ema")):
+    for key, (sub, tag) in FINAL_DIRS.items():
         sd = state.get(key)
         if sd is None:
             continue
@@ -132,7 +138,6 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
         loader = torch.utils.data.DataLoader(val, batch_size=eval_bs, num_workers=cfg.train.num_workers)
         with torch.no_grad(), autocast_for(device, "auto"):
             meter = evaluate_model(model, loader, len(names))
-        tag = "eval" if key == "model" else "eval_ema"
         rep = write_report(meter, names, out / tag, extra={"checkpoint": str(out / sub)})
         prefix = "" if key == "model" else "ema_"
         result.update({f"{prefix}top1": rep["top1"], f"{prefix}top5": rep["top5"],
@@ -181,7 +186,7 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     trainer = Trainer(model, train_dataset, step_fn, train_cfg, eval_fn=eval_fn,
                       collate_fn=collate if device_data is not None else None,
                       device_transform=pipeline if device_data is not None else None,
-                      metric_to_track="top1" if eval_fn is not None else None, run_config=cfg)
+                      metric_to_track="top1" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS)
     result: dict[str, Any] = dict(trainer.fit(stop_after_step))
     result["class_names"] = names
     result["output_dir"] = str(trainer.out)

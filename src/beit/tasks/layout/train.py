@@ -25,7 +25,12 @@ from .evaluate import evaluate_model, format_table
 from .model import build_detector
 from .predict import draw_detections
 
-__all__ = ["make_eval_fn", "make_visualize_fn", "step_fn", "train"]
+__all__ = ["OUTPUTS", "make_eval_fn", "make_visualize_fn", "step_fn", "train"]
+
+#: what a layout training writes into ``train.output_dir`` besides the engine's files: the last evaluation's AP
+#: table (``--overwrite`` deletes it with the earlier run, see ``beit.engine.rundir``)
+AP_TABLE = "ap_table.txt"
+OUTPUTS = (AP_TABLE,)
 
 
 def step_fn(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -79,7 +84,7 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
         train_ds.images[0]["id"]]), train_ds.class_names, cfg.vis_score_thresh)
     data = RepeatedDataset(train_ds, cfg.data.repeat) if cfg.data.repeat > 1 else train_ds
     trainer = Trainer(model, data, step_fn, cfg.train, collate_fn=collate, eval_fn=eval_fn, visualize_fn=vis,
-                      metric_to_track="bbox/AP" if eval_fn is not None else None, run_config=cfg)
+                      metric_to_track="bbox/AP" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS)
     trainer.log.info(f"layout data: train {train_ds.summary()}"
                      + (f" | val {val_ds.summary()}" if val_ds is not None else " | no validation set"))
     result = dict(trainer.fit())
@@ -90,6 +95,6 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
                              title=f"COCO AP at step {trainer.step} ({len(val_ds)} pages)")
         trainer.log.info("\n" + table)
         if trainer.main:
-            (Path(cfg.train.output_dir) / "ap_table.txt").write_text(table + "\n")
+            (Path(cfg.train.output_dir) / AP_TABLE).write_text(table + "\n")
         result["table"] = table
     return result

@@ -26,7 +26,12 @@ from .data import build_dataset, build_device_data
 from .model import build_model, build_tokenizer
 from .panel import fixed_batch, mim_panel
 
-__all__ = ["make_step_fn", "pretrain"]
+__all__ = ["OUTPUTS", "make_step_fn", "pretrain"]
+
+#: what a pre-training writes into ``train.output_dir`` besides the engine's files: the final model's folder and the
+#: MIM panel of its weights (``--overwrite`` deletes them with the earlier run, see ``beit.engine.rundir``)
+FINAL_DIR, PANEL_FILE = "final", "mim_panel.png"
+OUTPUTS = (FINAL_DIR, PANEL_FILE)
 
 
 def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
@@ -89,16 +94,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     step_fn = make_step_fn(tokenizer, mask_budget=cfg.data.num_mask_patches)  # the generator's: no mask exceeds it
     trainer = Trainer(model, dataset, step_fn, cfg.train, collate_fn=collate,
-                      device_transform=pipeline, visualize_fn=visualize, run_config=cfg)
+                      device_transform=pipeline, visualize_fn=visualize, run_config=cfg, outputs=OUTPUTS)
     metrics = trainer.fit()
     out = Path(cfg.train.output_dir)
     result: dict[str, Any] = dict(metrics)
     final_model = trainer.export_model()  # collective: under FSDP2 gathers the full weights to rank 0
     if D.is_main():
-        final = save_model(final_model, out / "final")
+        final = save_model(final_model, out / FINAL_DIR)
         with torch.compiler.set_stance("force_eager"):  # compiled blocks: no recompile for the panel's shapes
             panel = mim_panel(final_model, tokenizer, fixed_batch(dataset, cfg.vis_samples, device, device_data),
-                              tuple(d.mean), tuple(d.std), out / "mim_panel.png")
+                              tuple(d.mean), tuple(d.std), out / PANEL_FILE)
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
     if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
         result["data_decode"] = device_data[2].decoder.summary()

@@ -39,7 +39,11 @@ from .infer import inference, write_overlays
 from .metrics import ConfusionMatrix, format_table
 from .model import build_model, segmentation_loss
 
-__all__ = ["evaluate", "make_eval_fn", "make_step_fn", "train"]
+__all__ = ["OUTPUTS", "evaluate", "make_eval_fn", "make_step_fn", "train"]
+
+#: what a segmentation training writes into ``train.output_dir`` besides the engine's files: nothing (its overlays
+#: go to the engine's ``images/``; ``beit segment eval`` / ``predict`` write where ``--out`` says)
+OUTPUTS: tuple[str, ...] = ()
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +149,8 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
             write_overlays(m, val, cfg, out_dir, 1, prefix=f"step_{step:07d}")
 
     trainer = Trainer(model, sets["train"], make_step_fn(cfg.data.ignore_index, cfg.model.aux_weight), cfg.train,
-                      eval_fn=eval_fn, visualize_fn=visualize, metric_to_track="mIoU", mode="max", run_config=cfg)
+                      eval_fn=eval_fn, visualize_fn=visualize, metric_to_track="mIoU", mode="max", run_config=cfg,
+                      outputs=OUTPUTS)
     result = trainer.fit()
     if eval_fn.last is not None:
         result["table"] = format_table(eval_fn.last, val.class_names)

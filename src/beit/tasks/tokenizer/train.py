@@ -31,7 +31,12 @@ from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_h
 from .config import TokenizerTrainConfig
 from .data import build_datasets
 
-__all__ = ["evaluate_tokenizer", "main", "round_trip_metrics", "train_tokenizer", "write_recon_grid"]
+__all__ = ["OUTPUTS", "evaluate_tokenizer", "main", "round_trip_metrics", "train_tokenizer", "write_recon_grid"]
+
+#: what a tokenizer training writes into ``train.output_dir`` besides the engine's files (``--overwrite`` deletes
+#: them with the earlier run, see ``beit.engine.rundir``)
+WEIGHTS_FILE, GRID_FILE, METRICS_FILE = "dvae.safetensors", "recon_grid.png", "tokenizer_metrics.json"
+OUTPUTS = (WEIGHTS_FILE, GRID_FILE, METRICS_FILE)
 
 
 @torch.no_grad()
@@ -119,6 +124,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
         metric_to_track="psnr",
         mode="max",
         run_config=cfg,
+        outputs=OUTPUTS,
     )
     results = trainer.fit()
     final = trainer.raw_model.eval()
@@ -131,11 +137,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     final = trainer.export_model()  # collective: under FSDP2 the full weights, gathered to rank 0
     if is_main():
         final.eval()
-        final.save(out / "dvae.safetensors")
-        report["tokenizer_path"] = str(out / "dvae.safetensors")
+        final.save(out / WEIGHTS_FILE)
+        report["tokenizer_path"] = str(out / WEIGHTS_FILE)
         with torch.compiler.set_stance("force_eager"):
-            report["recon_grid"] = write_recon_grid(final, eval_ds, out / "recon_grid.png", cfg.grid_images)
-        (out / "tokenizer_metrics.json").write_text(json.dumps(report, indent=2, default=str))
+            report["recon_grid"] = write_recon_grid(final, eval_ds, out / GRID_FILE, cfg.grid_images)
+        (out / METRICS_FILE).write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
