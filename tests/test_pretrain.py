@@ -143,9 +143,10 @@ def test_bad_configs_fail_fast(tiny_setup, tmp_path) -> None:
 def test_tokenizer_config_is_checked_against_the_registry(tiny_setup) -> None:
     """tokenizer.kind / precision / decoder are judged by the kind's registry entry, before any work."""
     base = [f"data.path={tiny_setup}", f"tokenizer.path={tiny_setup / 'tok.safetensors'}"]
-    with pytest.raises(ConfigError, match="tokenizer.kind': must be one of 'dalle', 'dvae', got 'vqgan'"):
+    with pytest.raises(ConfigError, match="tokenizer.kind': must be one of 'auto', 'dalle', 'dvae', got 'vqgan'"):
         load_config(PretrainConfig, None, base + ["tokenizer.kind=vqgan"])
-    with pytest.raises(ConfigError, match="tokenizer.precision': a dvae tokenizer runs in fp32, got 'bf16'"):
+    with pytest.raises(ConfigError, match=r"tokenizer.precision': a dvae tokenizer runs in fp32 \(or auto: its own\), "
+                                          "got 'bf16'"):
         load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae", "tokenizer.precision=bf16"])
     with pytest.raises(ConfigError, match="tokenizer.decoder': a dvae tokenizer keeps its decoder in tokenizer.path"):
         load_config(PretrainConfig, None, base + ["tokenizer.kind=dvae", f"tokenizer.decoder={tiny_setup / 'tok.safetensors'}"])
@@ -154,6 +155,34 @@ def test_tokenizer_config_is_checked_against_the_registry(tiny_setup) -> None:
 
     tok = build_tokenizer(cfg.tokenizer)
     assert isinstance(tok, DiscreteVAE) and not tok.training and tok.vocab_size == 16
+
+
+def test_readme_own_dvae_command_shape(tiny_setup) -> None:
+    """README: `beit pretrain -c pretrain_base data.path=... tokenizer.path=runs/tok/dvae.safetensors` failed
+    (the preset's kind dalle: "not a DALL-E tokenizer"; then its fp16: "a dvae tokenizer runs in fp32"). The kind
+    is read from the file and the precision follows it; an explicit kind or precision stays strict, saying what
+    to set."""
+    from beit.configs import preset_path
+    from beit.tasks.pretrain import build_tokenizer
+
+    base = [f"data.path={tiny_setup / 'images'}", f"tokenizer.path={tiny_setup / 'tok.safetensors'}"]
+    cfg = load_config(PretrainConfig, preset_path("pretrain_base"), base)
+    assert (cfg.tokenizer.kind, cfg.tokenizer.precision) == ("dvae", "auto")
+    assert isinstance(build_tokenizer(cfg.tokenizer), DiscreteVAE)
+    cfg = load_config(PretrainConfig, None, base)  # the dataclass's default kind too
+    assert cfg.tokenizer.kind == "dvae"
+    with pytest.raises(ConfigError, match=r"'tokenizer.kind': dalle, but .*tok.safetensors is a dvae tokenizer: "
+                                          r"set tokenizer.kind=dvae \(or auto\)"):
+        load_config(PretrainConfig, preset_path("pretrain_base"), [*base, "tokenizer.kind=dalle"])
+    with pytest.raises(ConfigError, match="'tokenizer.precision': a dvae tokenizer runs in fp32"):
+        load_config(PretrainConfig, preset_path("pretrain_base"), [*base, "tokenizer.precision=fp16"])
+    from beit.tokenizers import detect_tokenizer_kind, resolve_precision
+
+    assert detect_tokenizer_kind("x/encoder.pkl") == "dalle"
+    assert resolve_precision("dalle", "auto", "cuda") == "fp16" and resolve_precision("dalle", "auto") == "fp32"
+    assert resolve_precision("dvae", "auto", "cuda") == "fp32"
+    with pytest.raises(ConfigError, match="'tokenizer.path': .*is a folder, not a file"):
+        load_config(PretrainConfig, None, [f"data.path={tiny_setup / 'images'}", f"tokenizer.path={tiny_setup}"])
 
 
 def test_step_only_scores_masked_tokens() -> None:

@@ -7,6 +7,8 @@ and the ``beit tokenizer`` commands are a task (:mod:`beit.tasks.tokenizer`).
 - ``load_tokenizer("dalle", "encoder.pkl", decoder="decoder.pkl")``: OpenAI's frozen DALL-E
   dVAE (vocab 8192, 8x downsampling), read without importing ``dall_e`` or running pickled code.
 - ``load_tokenizer("dvae", "my_dvae.safetensors")``: a dVAE trained with ``beit tokenizer train``.
+- ``detect_tokenizer_kind(path)``: the kind of a tokenizer file, from its safetensors metadata (``format``) or its
+  ending (``.pkl``: DALL-E), for ``beit pretrain tokenizer.kind=auto``.
 
 A new tokenizer kind: a module here whose model implements :class:`Tokenizer` and a loader
 ``load(path, *, decoder, device, precision, **options) -> Tokenizer``, registered with
@@ -24,7 +26,9 @@ import torch
 
 from .._text import first_few
 from .base import Tokenizer, TokenizerCheckpointError, map_pixels, unmap_pixels
+from .dalle import FORMAT as _DALLE_FORMAT
 from .dalle import DalleDecoder, DalleDecoderConfig, DalleEncoder, DalleEncoderConfig, DalleTokenizer
+from .dvae import FORMAT as _DVAE_FORMAT
 from .dvae import DiscreteVAE, DVAEConfig, gumbel_temperature
 from .safe_pickle import UnsafeCheckpointError
 
@@ -39,7 +43,9 @@ class TokenizerKind:
     ``decoder`` is ``None`` unless the kind keeps its decoder in a second file; ``precision`` is
     ``None`` or one of ``precisions``. ``files`` says in one line which files ``path`` may be;
     ``suffixes`` the endings such files have and ``usual_name`` the name they usually have (both name the
-    fitting files of a folder given as ``path``).
+    fitting files of a folder given as ``path``). ``formats``: the ``format`` values of the safetensors
+    metadata of this kind's files (:func:`detect_tokenizer_kind`); ``auto_precision``: what precision ``auto``
+    means on CUDA (:func:`resolve_precision`; fp32 elsewhere).
     """
 
     name: str
@@ -49,6 +55,8 @@ class TokenizerKind:
     has_decoder_file: bool = False
     suffixes: tuple[str, ...] = ()
     usual_name: str = ""
+    formats: tuple[str, ...] = ()
+    auto_precision: str = "fp32"
 
 
 TOKENIZERS: dict[str, TokenizerKind] = {}
@@ -80,9 +88,61 @@ def _load_dvae(path: PathLike, *, decoder: PathLike | None, device: str | torch.
 
 register_tokenizer(TokenizerKind("dalle", _load_dalle, "the official encoder.pkl or our safetensors copy",
                                  precisions=("fp32", "tf32", "bf16", "fp16"), has_decoder_file=True,
-                                 suffixes=(".pkl", ".safetensors"), usual_name="encoder.pkl"))
+                                 suffixes=(".pkl", ".safetensors"), usual_name="encoder.pkl",
+                                 formats=(_DALLE_FORMAT,), auto_precision="fp16"))  # fp16: the official code's
 register_tokenizer(TokenizerKind("dvae", _load_dvae, "a safetensors file written by `beit tokenizer train`",
-                                 suffixes=(".safetensors",), usual_name="dvae.safetensors"))
+                                 suffixes=(".safetensors",), usual_name="dvae.safetensors", formats=(_DVAE_FORMAT,)))
+
+#: ``tokenizer.kind`` / ``tokenizer.precision`` value: read the kind from the file, take the kind's own precision
+AUTO = "auto"
+
+
+def detect_tokenizer_kind(path: PathLike) -> str:
+    """The registered kind of the tokenizer file ``path``: a safetensors file by the ``format`` of its metadata
+    (:attr:`TokenizerKind.formats`), another file by its ending when one kind alone takes it (``.pkl``: DALL-E).
+
+    Raises:
+        ValueError: ``path`` is a folder, missing or unreadable, a safetensors file whose metadata format no kind
+            has, or a file whose ending fits no kind or several; the message names the kinds.
+    """
+    path = os.fspath(path)
+    kinds = ", ".join(repr(k) for k in TOKENIZERS)
+    if os.path.isdir(path):
+        fitting = sorted({os.path.join(path, e.usual_name) for e in TOKENIZERS.values()
+                          if e.usual_name and os.path.isfile(os.path.join(path, e.usual_name))})
+        give = f": give the file inside it, {first_few(fitting, 4)}" if fitting else ": give the tokenizer file"
+        raise ValueError(f"tokenizer path {path} is a folder, not a file{give}")
+    if path.lower().endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path}: cannot read its safetensors metadata ({e})") from None
+        found = [e.name for e in TOKENIZERS.values() if fmt in e.formats]
+        if len(found) != 1:
+            raise ValueError(f"{path}: its metadata format={fmt!r} is not one of a tokenizer kind ({kinds})")
+        return found[0]
+    found = [e.name for e in TOKENIZERS.values() if path.lower().endswith(e.suffixes)]
+    if len(found) != 1:
+        raise ValueError(f"{path}: its kind cannot be told from the file name (one of {kinds})")
+    return found[0]
+
+
+def resolve_precision(kind: str, precision: str, device: str | torch.device = "cpu") -> str:
+    """``precision`` of a ``kind`` tokenizer, ``auto`` made concrete: the kind's :attr:`~TokenizerKind.auto_precision`
+    on CUDA (DALL-E: fp16, as the official code), fp32 elsewhere; any other value as given.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    entry = TOKENIZERS.get(kind)
+    if entry is None:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {tuple(TOKENIZERS)}")
+    if precision != AUTO:
+        return precision
+    return entry.auto_precision if torch.device(device).type == "cuda" else "fp32"
 
 TOKENIZER_KINDS = tuple(TOKENIZERS)  # the names at import time; TOKENIZERS is the live registry
 
@@ -149,6 +209,7 @@ def _folder_message(entry: TokenizerKind, folder: PathLike) -> str:
 
 
 __all__ = [
+    "AUTO",
     "TOKENIZERS",
     "TOKENIZER_KINDS",
     "DVAEConfig",
@@ -161,10 +222,12 @@ __all__ = [
     "Tokenizer",
     "TokenizerCheckpointError",
     "TokenizerKind",
+    "detect_tokenizer_kind",
     "UnsafeCheckpointError",
     "gumbel_temperature",
     "load_tokenizer",
     "map_pixels",
     "register_tokenizer",
+    "resolve_precision",
     "unmap_pixels",
 ]

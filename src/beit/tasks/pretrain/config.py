@@ -12,7 +12,7 @@ from typing import Any
 from ...data.gpu_decode import JPEG_DECODERS
 from ...data.masking import BlockwiseMaskGenerator
 from ...engine.config import ConfigError, TrainConfig
-from ...tokenizers import TOKENIZERS
+from ...tokenizers import AUTO, TOKENIZERS, detect_tokenizer_kind
 from ..backbone_config import check_model_overrides
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SHAPE_KEYS", "PretrainConfig", "PretrainDataConfig",
@@ -59,10 +59,14 @@ class PretrainDataConfig:
 
 @dataclass
 class PretrainTokenizerConfig:
-    kind: str = "dalle"  # dalle (OpenAI's dVAE, encoder.pkl) | dvae (trained with `beit tokenizer train`)
+    # auto (read from the file: its safetensors metadata, .pkl is DALL-E) | dalle (OpenAI's dVAE, encoder.pkl) |
+    # dvae (trained with `beit tokenizer train`); an explicit kind must be the file's
+    kind: str = AUTO
     path: str = ""  # dalle: encoder.pkl or our safetensors; dvae: safetensors
     decoder: str = ""  # dalle only: decoder.pkl, for the image panels
-    precision: str = "fp32"  # dalle: fp32 | tf32 | bf16 | fp16 (official: fp16; ids match fp32 at ~99.7%)
+    # dalle: fp32 | tf32 | bf16 | fp16 (official: fp16; ids match fp32 at ~99.7%); dvae: fp32;
+    # auto: the kind's own on CUDA (dalle fp16, dvae fp32), fp32 elsewhere
+    precision: str = "fp32"
 
 
 def _default_train() -> TrainConfig:
@@ -119,21 +123,46 @@ def validate(cfg: PretrainConfig) -> None:
     except ValueError as e:
         key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
         raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
-    kind = TOKENIZERS.get(t.kind)
-    if kind is None:
-        raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in TOKENIZERS)}, got {t.kind!r}")
-    if t.precision not in kind.precisions:
-        raise ConfigError("tokenizer.precision", f"a {t.kind} tokenizer runs in {' | '.join(kind.precisions)}, "
-                                                 f"got {t.precision!r}")
+    if t.kind != AUTO and t.kind not in TOKENIZERS:
+        raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in (AUTO, *TOKENIZERS))}, "
+                                            f"got {t.kind!r}")
+    _resolve_kind(t)
+    kind = TOKENIZERS[t.kind]
+    if t.precision != AUTO and t.precision not in kind.precisions:
+        raise ConfigError("tokenizer.precision", f"a {t.kind} tokenizer runs in {' | '.join(kind.precisions)} "
+                                                 f"(or {AUTO}: its own), got {t.precision!r}")
     if t.decoder and not kind.has_decoder_file:
         raise ConfigError("tokenizer.decoder", f"a {t.kind} tokenizer keeps its decoder in tokenizer.path; "
                                                f"leave tokenizer.decoder empty (got {t.decoder!r})")
+    for key, value in (("tokenizer.decoder", t.decoder),):
+        if value and not Path(value).exists():
+            raise ConfigError(key, f"file not found: {value}")
+
+
+def _resolve_kind(t: PretrainTokenizerConfig) -> None:
+    """``tokenizer.kind``: ``auto`` becomes the file's kind (:func:`beit.tokenizers.detect_tokenizer_kind`); an
+    explicit kind must be the file's, where the file tells.
+
+    Raises:
+        ConfigError: no ``tokenizer.path``, a missing one; with ``auto``, a file whose kind cannot be told; an
+            explicit kind that is not the file's (naming the value to set).
+    """
     if not t.path:
         raise ConfigError("tokenizer.path", "no tokenizer: give tokenizer.path (DALL-E encoder.pkl or a dVAE "
                                             "trained with `beit tokenizer train`)")
-    for key, value in (("tokenizer.path", t.path), ("tokenizer.decoder", t.decoder)):
-        if value and not Path(value).exists():
-            raise ConfigError(key, f"file not found: {value}")
+    if not Path(t.path).exists():
+        raise ConfigError("tokenizer.path", f"file not found: {t.path}")
+    try:
+        found = detect_tokenizer_kind(t.path)
+    except ValueError as e:
+        if t.kind == AUTO:
+            raise ConfigError("tokenizer.path", f"{e}; or set tokenizer.kind to the file's kind") from None
+        return  # an explicit kind: its loader judges the file (a folder: the files inside it that fit)
+    if t.kind == AUTO:
+        t.kind = found
+    elif found != t.kind:
+        raise ConfigError("tokenizer.kind", f"{t.kind}, but {t.path} is a {found} tokenizer: set "
+                                            f"tokenizer.kind={found} (or {AUTO})")
 
 
 def shard_urls(path: str) -> list[str]:

@@ -14,7 +14,7 @@ from ...engine.config import ConfigError
 from ...interop.backbone import build_backbone
 from ...models import BeitConfig
 from ...models.config import preset_config
-from ...tokenizers import load_tokenizer
+from ...tokenizers import AUTO, detect_tokenizer_kind, load_tokenizer, resolve_precision
 from .config import SHAPE_KEYS, PretrainConfig, PretrainTokenizerConfig
 
 __all__ = ["build_model", "build_tokenizer", "model_config", "model_overrides"]
@@ -58,7 +58,9 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
 def build_tokenizer(t: PretrainTokenizerConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The frozen tokenizer ``t`` names, through the one registry (:func:`beit.tokenizers.load_tokenizer`),
     on ``device`` in eval mode without gradients. Raises ``ValueError`` for a kind or option the
-    registry does not know."""
-    tok = load_tokenizer(t.kind, t.path, decoder=t.decoder or None, precision=t.precision, device=device)
+    registry does not know, a file whose kind ``auto`` cannot tell, or a file that is not of the kind."""
+    kind = detect_tokenizer_kind(t.path) if t.kind == AUTO else t.kind  # validate() has resolved it already
+    precision = resolve_precision(kind, t.precision, device)  # auto: the kind's own on CUDA, fp32 elsewhere
+    tok = load_tokenizer(kind, t.path, decoder=t.decoder or None, precision=precision, device=device)
     return tok.to(device).eval().requires_grad_(False)
 
