@@ -374,3 +374,15 @@ def test_predict_a_single_image_file(trained, squares, tmp_path, capsys):
     assert (tmp_path / "one.csv").read_text() == before and not list(tmp_path.glob(".*.tmp"))  # CSV kept
     assert cli_main(["predict", trained["model_dir"], str(tmp_path / "missing.png"), "--num-workers", "0"]) == 1
     assert "no such image file or folder" in capsys.readouterr().err
+
+
+def test_a_missing_or_file_train_dir_names_its_key() -> None:
+    """data.train_dir=/nonexistent (or a file) named the folder but not the key."""
+    from beit.engine.config import ConfigError as _ConfigError
+    from beit.tasks.classify.config import DataConfig as _DataConfig
+    from beit.tasks.classify.data import check_image_folders
+
+    for path, problem in (("/nonexistent/x", "image folder does not exist"), ("/etc/passwd", "got a file")):
+        with pytest.raises(_ConfigError) as info:
+            check_image_folders(_DataConfig(train_dir=path))
+        assert str(info.value).startswith("config key 'data.train_dir': ") and problem in str(info.value)

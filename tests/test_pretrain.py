@@ -140,6 +140,30 @@ def test_bad_configs_fail_fast(tiny_setup, tmp_path) -> None:
         load_config(PretrainConfig, None, ["data.nmask=3"])
 
 
+def test_masking_and_transform_keys_name_themselves(tiny_setup, tmp_path) -> None:
+    """Each bad masking / augmentation value named another key (data.num_mask_patches for the block sizes) or
+    none (torchvision's "If brightness is a single number, ..."); a budget of every patch was accepted."""
+    base = [f"data.path={tiny_setup / 'images'}", "model.img_size=32", "model.patch_size=4",
+            "data.num_mask_patches=26", "data.min_mask_patches_per_block=4",
+            f"tokenizer.path={tiny_setup / 'tok.safetensors'}"]
+    cases = {
+        "data.max_mask_patches_per_block=2": "'data.max_mask_patches_per_block': 2 is smaller than "
+                                             "data.min_mask_patches_per_block=4",
+        "data.min_mask_patches_per_block=0": "'data.min_mask_patches_per_block': must be >= 1, got 0",
+        "data.color_jitter=-1": "'data.color_jitter': must be >= 0 (0: off), got -1",
+        "data.hflip=2": "'data.hflip': must be in [0, 1] (a probability), got 2",
+        "data.std=[0,0,0]": "'data.std': every channel's std must be > 0",
+        "data.scale=[1.5,0.2]": "'data.scale': must be [min, max] with 0 < min <= max <= 1",
+        "data.num_mask_patches=64": "'data.num_mask_patches': 64 masks every patch (patch grid 8x8 = 64)",
+        f"data.path={tiny_setup / 'tok.safetensors'}": "'data.path': ",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(PretrainConfig, None, [*base, override])
+        assert f"config key {message}" in str(info.value), (override, str(info.value))
+    assert load_config(PretrainConfig, None, [*base, "data.num_mask_patches=63", "data.max_mask_patches_per_block=4"])
+
+
 def test_tokenizer_config_is_checked_against_the_registry(tiny_setup) -> None:
     """tokenizer.kind / precision / decoder are judged by the kind's registry entry, before any work."""
     base = [f"data.path={tiny_setup}", f"tokenizer.path={tiny_setup / 'tok.safetensors'}"]

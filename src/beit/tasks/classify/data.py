@@ -105,9 +105,8 @@ def check_image_folders(data: DataConfig) -> None:
     make a classifier of 0 classes (in memory) or fail late.
 
     Raises:
-        ConfigError: ``data.train_dir`` is empty, or a folder has no class sub-folders (naming the key and the
-            folder, and what it holds instead: e.g. "has 8 images but no class sub-folders").
-        FileNotFoundError / NotADirectoryError: a folder does not exist / is a file.
+        ConfigError: ``data.train_dir`` is empty, a folder does not exist or is a file, or has no class sub-folders
+            (naming the key and the folder, and what it holds instead: e.g. "has 8 images but no class sub-folders").
     """
     if not data.train_dir:
         raise ConfigError("data.train_dir", "is empty: point it to a folder of class sub-folders")
@@ -116,7 +115,7 @@ def check_image_folders(data: DataConfig) -> None:
             continue
         try:
             names = class_folders(root)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # each names the folder, not the key
             raise ConfigError(key, str(e)) from None
         if key == "data.train_dir" and len(names) < 2:
             raise ConfigError(key, f"{str(root)!r} has one class sub-folder ({names[0]!r}): a classifier needs at "

@@ -113,16 +113,14 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
     if not shard_urls(d.path) and not Path(d.path).exists():
         raise ConfigError("data.path", f"folder not found: {d.path}")
+    if not shard_urls(d.path) and not Path(d.path).is_dir():
+        raise ConfigError("data.path", f"{d.path} is a file, not a folder of images or webdataset shards (a .tar, a "
+                                       "folder of them, or a brace pattern)")
+    _check_transforms(d)
     if shard_urls(d.path) and d.num_samples <= 0:
         raise ConfigError("data.num_samples", f"{d.path} is webdataset shards: give the images per epoch "
                                               "(data.num_samples=N)")
-    grid = m.img_size // m.patch_size
-    try:
-        BlockwiseMaskGenerator((grid, grid), d.num_mask_patches, d.min_mask_patches_per_block,
-                               d.max_mask_patches_per_block)
-    except ValueError as e:
-        key = "data.min_mask_patches_per_block" if "budget" in str(e) else "data.num_mask_patches"
-        raise ConfigError(key, f"{e} (patch grid {grid}x{grid})") from None
+    _check_masking(d, m.img_size // m.patch_size)
     if t.kind != AUTO and t.kind not in TOKENIZERS:
         raise ConfigError("tokenizer.kind", f"must be one of {', '.join(repr(k) for k in (AUTO, *TOKENIZERS))}, "
                                             f"got {t.kind!r}")
@@ -163,6 +161,54 @@ def _resolve_kind(t: PretrainTokenizerConfig) -> None:
     elif found != t.kind:
         raise ConfigError("tokenizer.kind", f"{t.kind}, but {t.path} is a {found} tokenizer: set "
                                             f"tokenizer.kind={found} (or {AUTO})")
+
+
+def _check_masking(d: PretrainDataConfig, grid: int) -> None:
+    """The masking keys, each error naming its own key: a budget of at least one patch that leaves patches visible
+    (the paper masks ~40%, 75 of 196), blocks of at least one patch, at most the budget, and a maximum >= the minimum.
+
+    Raises:
+        ConfigError: ``data.num_mask_patches``, ``data.min_mask_patches_per_block`` or
+            ``data.max_mask_patches_per_block``, with the patch grid.
+    """
+    n, lo, hi = d.num_mask_patches, d.min_mask_patches_per_block, d.max_mask_patches_per_block
+    where = f"(patch grid {grid}x{grid} = {grid * grid})"
+    if n == grid * grid:  # more than the grid: the generator's error below
+        raise ConfigError("data.num_mask_patches", f"{n} masks every patch {where}: nothing is left visible to predict "
+                                                   "the masked tokens from (the paper masks ~40%, 75 of 196)")
+    if lo < 1:
+        raise ConfigError("data.min_mask_patches_per_block", f"must be >= 1, got {lo}")
+    if lo > n:
+        raise ConfigError("data.min_mask_patches_per_block", f"{lo} is larger than the budget data.num_mask_patches="
+                                                             f"{n}: no block could ever be placed")
+    if hi is not None and hi < lo:
+        raise ConfigError("data.max_mask_patches_per_block", f"{hi} is smaller than data.min_mask_patches_per_block="
+                                                             f"{lo} (null: the budget)")
+    try:
+        BlockwiseMaskGenerator((grid, grid), n, lo, hi)
+    except ValueError as e:
+        raise ConfigError("data.num_mask_patches", f"{e} {where}") from None
+
+
+def _check_transforms(d: PretrainDataConfig) -> None:
+    """The augmentation keys, each error naming its key (torchvision's own errors named none).
+
+    Raises:
+        ConfigError: ``data.scale`` not ``[min, max]`` with ``0 < min <= max <= 1``; ``data.color_jitter`` negative or
+            not finite; ``data.hflip`` outside [0, 1]; ``data.std`` with a channel <= 0 or not finite.
+    """
+    import math
+
+    lo, hi = d.scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError("data.scale", f"must be [min, max] with 0 < min <= max <= 1 (the crop's share of the image), "
+                                        f"got {list(d.scale)}")
+    if not (math.isfinite(d.color_jitter) and d.color_jitter >= 0):
+        raise ConfigError("data.color_jitter", f"must be >= 0 (0: off), got {d.color_jitter}")
+    if not 0.0 <= d.hflip <= 1.0:
+        raise ConfigError("data.hflip", f"must be in [0, 1] (a probability), got {d.hflip}")
+    if not all(math.isfinite(s) and s > 0 for s in d.std):
+        raise ConfigError("data.std", f"every channel's std must be > 0 (images are divided by it), got {list(d.std)}")
 
 
 def shard_urls(path: str) -> list[str]:
