@@ -47,6 +47,8 @@ __all__ = [
     "spread_indices",
     "FileImages",
     "NoReadableImagesError",
+    "report_unreadable_classes",
+    "unreadable_classes",
     "ScanResult",
     "SkipCounter",
     "collate_files",
@@ -223,6 +225,72 @@ def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Call
         except Exception as err:  # noqa: BLE001 - any reader error means "unreadable file"
             mark_bad(i, err)
     raise NoReadableImagesError(f"none of the {n} images could be {what}; first failures: {failures()}")
+
+
+def _class_folder(root: str | os.PathLike, name: str) -> str:
+    return os.path.join(str(root), name)
+
+
+def unreadable_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], *, num_threads: int = 8
+                       ) -> dict[str, list[tuple[str, str]]]:
+    """The classes of ``samples`` (``(path, label)``, labels indexing ``classes``) none of whose files decodes, each
+    with its files' ``(path, error)``; a class without any sample counts too (with no files).
+
+    The check is honest and cheap: each class's files are fully decoded (:func:`decode_image`, as training does; a
+    header read or ``Image.verify()`` passes a truncated JPEG) in order until one decodes, so a healthy set costs one
+    decode per class, not a pass over every file; only a class whose files all fail is decoded through. Classes are
+    checked in a thread pool.
+    """
+    by_class: dict[int, list[str]] = {i: [] for i in range(len(classes))}
+    for path, label in samples:
+        by_class.setdefault(int(label), []).append(path)
+
+    def check(label: int) -> list[tuple[str, str]] | None:
+        failures: list[tuple[str, str]] = []
+        for path in by_class[label]:
+            try:
+                decode_image(path)
+                return None
+            except Exception as err:  # noqa: BLE001 - any decoder error means "unreadable file"
+                failures.append((path, f"{type(err).__name__}: {err}"))
+        return failures
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = list(pool.map(check, range(len(classes))))
+    return {classes[i]: f for i, f in enumerate(results) if f is not None}
+
+
+def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, list[tuple[str, str]]], *,
+                              required: bool) -> None:
+    """Say which classes under ``root`` have no readable image (``unreadable``: :func:`unreadable_classes`' form):
+    for a training set (``required``) an error, for a validation set one warning (those classes are missing from
+    its metrics). Nothing happens when ``unreadable`` is empty.
+
+    Raises:
+        NoReadableImagesError: ``required`` and some class has no readable image; names each class, its folder,
+            how many files it holds and the first one's error.
+    """
+    if not unreadable:
+        return
+    shown = []
+    for name, failures in unreadable.items():
+        folder = _class_folder(root, name)
+        if failures:
+            path, err = failures[0]
+            shown.append(f"{name!r} ({folder}: {len(failures)} file{'' if len(failures) == 1 else 's'}, none "
+                         f"decodes; {os.path.basename(path)}: {err})")
+        else:
+            shown.append(f"{name!r} ({folder}: no images)")
+    listed = first_few(shown, 5, sep="; ")
+    if required:
+        raise NoReadableImagesError(
+            f"{len(unreadable)} training class{'' if len(unreadable) == 1 else 'es'} without a readable image: "
+            f"{listed}. A class with no image would train an output that never sees an example: replace the "
+            "broken files, or remove the class folder")
+    one = len(unreadable) == 1
+    logger.warning("%d validation class%s without a readable image: %s; %s missing from the validation metrics "
+                   "(best.pt is picked without %s; per-class accuracy null)", len(unreadable), "" if one else "es",
+                   listed, "it is" if one else "they are", "it" if one else "them")
 
 
 class ScanResult(NamedTuple):
@@ -504,11 +572,14 @@ class _RobustImageFiles(Dataset):
             self._skips.add(epoch=epoch)
         return out, self.samples[i][1]
 
-    def verify(self, num_threads: int = 8, progress: bool = False) -> list[str]:
+    def verify(self, num_threads: int = 8, progress: bool = False,
+               outcome: str = "a replacement sample is used") -> list[str]:
         """Decode every file once (thread pool) and remember the bad ones; return their paths.
 
         Run it in the main process before building the DataLoader: workers then inherit the list
-        and skip those files silently, and ``num_skipped`` / ``bad_paths`` are complete here.
+        and skip those files silently, and ``num_skipped`` / ``bad_paths`` are complete here. ``outcome`` ends
+        each bad file's warning: what happens to it (replaced by the next sample; a caller that leaves the bad
+        files out, as a verified val set does, says so).
         """
 
         def check(i: int) -> tuple[int, BaseException | None]:
@@ -524,7 +595,7 @@ class _RobustImageFiles(Dataset):
                 results = tqdm(results, total=len(self.samples), desc="verify images")
             for i, err in results:
                 if err is not None:
-                    self._mark_bad(i, err)
+                    self._mark_bad(i, err, outcome=outcome)
         return self.bad_paths
 
     def _transformed(self, img: Image.Image, epoch: int, index: int) -> Any:
@@ -1195,6 +1266,7 @@ def decode_image_folder(
     labeled: bool | None = None,
     num_threads: int = 8,
     progress: bool = True,
+    every_class: bool = True,
 ) -> DecodedFolder:
     """Decode a whole folder into a uint8 ``[N, H, W, 3]`` tensor (thread pool, tqdm progress bar).
 
@@ -1204,12 +1276,15 @@ def decode_image_folder(
     Without it the images keep their size when they all share one; images of another size than the
     most common one are resized (bicubic) and center-cropped to it, with one warning that counts
     and names them. Unreadable images are left out (``dropped``), each named in a warning; hand them to
-    :class:`TensorImageDataset` (``dropped=``) so that the engine counts them as skipped files.
+    :class:`TensorImageDataset` (``dropped=``) so that the engine counts them as skipped files. A class (labeled)
+    none of whose images decodes is an error with ``every_class`` (a training set, the default) and one warning
+    without it (a validation set: :func:`report_unreadable_classes`).
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
         ValueError: no images under ``root``, none of them could be decoded, or (labeled) the class
             sub-folders are missing or do not match ``class_names`` (as :class:`LabeledImageFolder`).
+        NoReadableImagesError (a ValueError): ``every_class`` and some class has no image that decodes, naming it.
     """
     if labeled is None:
         labeled = class_names is not None or bool(find_classes(root))
@@ -1244,6 +1319,12 @@ def decode_image_folder(
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
     dropped = [ds.samples[i][0] for i, a in enumerate(arrays) if a is None]
+    if labeled:
+        kept_labels = {ds.samples[i][1] for i in keep}
+        unreadable = {name: [(ds.samples[i][0], ds._bad.get(i, "")) for i, (_, label) in enumerate(ds.samples)
+                             if label == c] for c, name in enumerate(names) if c not in kept_labels}
+        if every_class or first_rank:  # one warning (rank 0's); every rank stops on the error
+            report_unreadable_classes(root, unreadable, required=every_class)
     if dropped and first_rank:
         logger.warning("left out %d unreadable images under %s (of %d); they count as skipped files of the first "
                        "epoch", len(dropped), root, len(ds))

@@ -97,7 +97,8 @@ def evaluate(args: argparse.Namespace) -> int:
     out = args.out or str(default_report_dir(ckpt, Path(args.data), args.ema))
     r = evaluate_checkpoint(ckpt, args.data, out, batch_size=args.batch_size, num_workers=args.num_workers,
                             ema=args.ema, device=args.device, img_size=args.img_size)
-    worst = sorted(r["per_class"].items(), key=lambda kv: kv[1]["acc"])[:5]
+    worst = sorted(((k, v) for k, v in r["per_class"].items() if v["acc"] is not None),  # None: no images
+                   key=lambda kv: kv[1]["acc"])[:5]
     print(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  on {r['num_images']} images"
           + (f" ({len(r['skipped'])} unreadable left out)" if r["skipped"] else ""))
     print("lowest classes: " + ", ".join(f"{k} {v['acc']:.1f}%" for k, v in worst))

@@ -22,6 +22,8 @@ from ...data.datasets import (
     TensorImageDataset,
     class_folders,
     decode_image_folder,
+    report_unreadable_classes,
+    unreadable_classes,
 )
 from ...data.gpu_augment import FinetuneAugment
 from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
@@ -37,7 +39,7 @@ from ..device_data import unused_jpeg_decode, wants_device_path
 from .config import DataConfig, FinetuneConfig
 
 __all__ = ["build_datasets", "build_device_train", "build_preprocess", "build_train_transform", "build_val",
-           "check_image_folders", "check_num_classes", "readable_subset"]
+           "check_image_folders", "check_num_classes", "check_train_classes", "readable_subset"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +67,35 @@ def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
 
 def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
     """Decode every file once and keep the readable ones, so that a broken file is reported and left
-    out instead of being replaced by its neighbour (which would count that neighbour twice)."""
-    bad = set(ds.verify(num_threads=num_threads))
+    out instead of being replaced by its neighbour (which would count that neighbour twice). A class (of a
+    :class:`LabeledImageFolder`) left without any image is named in one warning: it is missing from the metrics.
+
+    Raises:
+        ValueError: none of the images decodes.
+    """
+    bad = set(ds.verify(num_threads=num_threads, outcome="it is left out"))
     keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
     if not keep:
         raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
     warn_left_out(sorted(bad))
+    classes = list(getattr(ds, "classes", []))
+    if classes:
+        kept = {ds.samples[i][1] for i in keep}
+        report_unreadable_classes(ds.root, {name: [(p, ds._bad.get(i, "")) for i, (p, label) in enumerate(ds.samples)
+                                                   if label == c]
+                                            for c, name in enumerate(classes) if c not in kept}, required=False)
     return Subset(ds, keep), keep, sorted(bad)
+
+
+def check_train_classes(root: str, samples: list[tuple[str, int]], classes: list[str]) -> None:
+    """Refuse a training folder with a class none of whose files decodes, before training (the streaming paths:
+    in memory, :func:`beit.data.datasets.decode_image_folder` checks as it decodes). One decode per healthy
+    class (:func:`beit.data.datasets.unreadable_classes`), not a pass over the set.
+
+    Raises:
+        NoReadableImagesError (a ValueError): some class has no readable image, naming it and its folder.
+    """
+    report_unreadable_classes(root, unreadable_classes(samples, classes), required=True)
 
 
 def warn_left_out(bad: list[str]) -> None:
@@ -136,8 +160,9 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
 
     Raises:
         ConfigError: as :func:`check_image_folders` (checked before any image is read).
-        ValueError: no readable image, class folders that do not match ``class_names``, or a val set that
-            does not fit the training classes.
+        ValueError: no readable image, a training class none of whose images decodes (``NoReadableImagesError``,
+            naming the class and its folder; a val class without one is a warning), class folders that do not match
+            ``class_names``, or a val set that does not fit the training classes.
     """
     check_image_folders(data)
     names = list(class_names) if class_names else None
@@ -147,6 +172,7 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
         train: Dataset = TensorImageDataset(images, labels, train_transform, seed=seed, dropped=dropped)
     else:
         folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
+        check_train_classes(data.train_dir, folder.samples, folder.classes)
         train, names = folder, list(folder.classes)
     return train, build_val(data, eval_transform, names, seed), list(names)
 
@@ -158,11 +184,16 @@ def build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int
         try:
             if data.in_memory:
                 images, labels, _, dropped = decode_image_folder(data.val_dir, size=data.memory_size,
-                                                                 class_names=names)
+                                                                 class_names=names, every_class=False)
                 val = TensorImageDataset(images, labels, eval_transform, seed=seed, dropped=dropped)
             else:
                 vf = LabeledImageFolder(data.val_dir, eval_transform, class_names=names, seed=seed)
-                val = readable_subset(vf, num_threads=8)[0] if data.verify_val else vf
+                if data.verify_val:
+                    val = readable_subset(vf, num_threads=8)[0]
+                else:  # a cheap check only: one decode per healthy class
+                    report_unreadable_classes(data.val_dir, unreadable_classes(vf.samples, vf.classes),
+                                              required=False)
+                    val = vf
         except ValueError as e:
             raise ValueError(f"validation set {data.val_dir!r} does not fit the {len(names)} training classes: "
                              f"{e}") from None
@@ -223,6 +254,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
                                        seed=cfg.train.seed, jpeg_decode=data.jpeg_decode,
                                        crop=augment.worker_crop())  # workers ship each image's crop
+    check_train_classes(data.train_dir, ds.samples, ds.classes)  # type: ignore[attr-defined]
     return (ds, collate_encoded, FinetunePipeline(augment, device, skips=ds.skip_counter, spare_source=ds.spare_image),
             list(ds.classes))  # type: ignore[attr-defined]
 

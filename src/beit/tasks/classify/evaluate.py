@@ -103,13 +103,15 @@ class ClassificationMeter:
             out[f"top{k}"] = 100.0 * float(self.correct[self.topk.index(min(k, self.num_classes))]) / n
         return out
 
-    def per_class(self, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
-        """Per class: accuracy (recall, percent), precision (percent) and support."""
+    def per_class(self, class_names: Sequence[str]) -> dict[str, dict[str, float | None]]:
+        """Per class: accuracy (recall, percent), precision (percent) and support. An accuracy without images of the
+        class, or a precision without predictions of it, is None (no value; JSON ``null``, never ``NaN``, which
+        strict JSON readers refuse)."""
         cm = self.confusion.double()
         support, predicted, right = cm.sum(1), cm.sum(0), cm.diag()
         return {
-            name: {"acc": 100.0 * float(right[i] / support[i]) if support[i] else float("nan"),
-                   "precision": 100.0 * float(right[i] / predicted[i]) if predicted[i] else float("nan"),
+            name: {"acc": 100.0 * float(right[i] / support[i]) if support[i] else None,
+                   "precision": 100.0 * float(right[i] / predicted[i]) if predicted[i] else None,
                    "n": int(support[i])}
             for i, name in enumerate(class_names)
         }
@@ -201,12 +203,16 @@ def write_report(meter: ClassificationMeter, class_names: Sequence[str], out_dir
     result: dict[str, Any] = {**meter.summary(), "num_images": int(meter.count), **(extra or {})}
     result["per_class"] = per_class
     result["confusion"] = meter.confusion.tolist()
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    absent = [name for name, v in per_class.items() if v["acc"] is None]
+    if absent:
+        logger.warning("%d class%s without evaluated images (%s): per-class accuracy null in metrics.json, empty in "
+                       "per_class.csv", len(absent), "" if len(absent) == 1 else "es", first_few(absent, 8))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "accuracy", "precision", "n"])
         for name, v in per_class.items():
-            w.writerow([name, f"{v['acc']:.2f}", f"{v['precision']:.2f}", v["n"]])
+            w.writerow([name, *("" if v[k] is None else f"{v[k]:.2f}" for k in ("acc", "precision")), v["n"]])
     png = save_confusion_png(meter.confusion, class_names, out / "confusion.png",
                              title=f"top-1 {result['top1']:.2f}% on {int(meter.count)} images")
     result["confusion_png"] = str(png)
