@@ -349,3 +349,17 @@ def test_in_memory_pretraining_counts_the_files_it_left_out(tiny_setup, tmp_path
     ds.set_epoch(0)
     assert len(ds) == 24 and ds.num_skipped == 1 and ds.bad_paths[0].endswith("broken.jpg")
     assert ds.skipped_count(0) == 1 and ds.skipped_count(1) == 0 and ds.skipped_count() == 1
+
+
+def test_shards_of_garbage_are_a_data_error_naming_them(tiny_setup, tmp_path) -> None:
+    """A shard pattern whose every shard is garbage ends in the one-line data error naming the pattern."""
+    from beit.data.datasets import NoReadableImagesError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-0000.tar").write_bytes(np.random.default_rng(0).integers(0, 255, 5000, dtype=np.uint8).tobytes())
+    c = _cfg(tiny_setup, tmp_path / "run", max_steps=3)
+    c.data.path, c.data.num_samples = str(shards), 16
+    with pytest.raises(NoReadableImagesError, match=r"webdataset shards .*train-0000.tar \(1 shard\) yield no full "
+                                                    r"batch of 8: 1 shard read\(s\) failed"):
+        pretrain(c)

@@ -973,8 +973,10 @@ class WebDatasetShards(IterableDataset):
             import braceexpand
 
             self.urls = list(braceexpand.braceexpand(str(urls)))
+            self.pattern = str(urls)
         else:
             self.urls = [str(u) for u in urls]
+            self.pattern = first_few(self.urls, 3)
         if not self.urls:
             raise ValueError("WebDatasetShards needs at least one shard url")
         for u in self.urls:
@@ -991,6 +993,7 @@ class WebDatasetShards(IterableDataset):
         self.bad_keys: list[str] = []
         self.num_samples = num_samples
         self._skips = SkipCounter()
+        self._bad_shards = SkipCounter()  # shards whose reading failed, per epoch, over workers
 
     def skipped_count(self, epoch: int | None = None) -> int:
         """Samples skipped so far (unreadable, unlabelled or untransformable), summed over this
@@ -1023,6 +1026,29 @@ class WebDatasetShards(IterableDataset):
         self._skips.add(epoch=self.epoch)
         self.bad_keys.append(key)
         logger.warning("skipping webdataset sample %s: %s", key, why)
+
+    def _shard_failed(self, exn: Exception) -> bool:
+        """The webdataset handler of shard errors (a shard that cannot be opened, or a tar that is not one, or
+        breaks off): one warning through beit's logger naming the shard, counted as a skipped file (of this epoch)
+        and as a failed shard; reading goes on with the next shard (returns True)."""
+        args = list(getattr(exn, "args", ()))
+        url = next((a for a in reversed(args) if isinstance(a, str) and a in self.urls), "?")
+        reason = str(args[0]).split(" @ ")[0] if args else ""  # webdataset appends " @ <stream object>"
+        self.num_skipped += 1
+        self._skips.add(epoch=self.epoch)
+        self._bad_shards.add(epoch=self.epoch)
+        self.bad_keys.append(url)
+        logger.warning("skipping webdataset shard %s (%s: %s): it cannot be read from there on", url,
+                       type(exn).__name__, reason)
+        return True
+
+    def no_batch_message(self, batch_size: int) -> str:
+        """Why a pass over the shards gave no full batch of ``batch_size``, naming the shard pattern and how many
+        shard reads failed and samples were skipped (each named in a warning): the trainer's error."""
+        return (f"the webdataset shards {self.pattern} ({len(self.urls)} shard{'' if len(self.urls) == 1 else 's'}) "
+                f"yield no full batch of {batch_size}: {self._bad_shards.total()} shard read(s) failed and "
+                f"{self._skips.total() - self._bad_shards.total()} sample(s) were skipped (named in the warnings); "
+                "check that the files are webdataset tar shards of images, or lower train.batch_size")
 
     def _fields(self, sample: dict[str, Any]) -> tuple[str, bytes, int] | None:
         """A shard sample's name, image bytes and integer label (-1 without ``label_key``); ``None`` after
@@ -1068,7 +1094,7 @@ class WebDatasetShards(IterableDataset):
                 num_workers,
             )
         stream = wds.split_by_worker(wds.split_by_node([{"url": u} for u in shards]))
-        samples: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=wds.warn_and_continue)(stream)
+        samples: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=self._shard_failed)(stream)
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, self.epoch, 1 + rank * 4096 + worker))
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from ..data.datasets import NoReadableImagesError
 from . import distributed as D
 from . import optim as O
 from . import rundir
@@ -968,7 +969,12 @@ class Trainer:
         """Batches from the current position: of a map-style dataset, those of this epoch and then of the next
         ones, without end (the sampler's ``epoch_batches``); of a stream, this epoch's: read from the start of
         the epoch, the batches already trained on skipped (its order is a function of seed and epoch, so resume
-        stays exact, at the cost of decoding them again); a stream that runs dry starts another pass."""
+        stays exact, at the cost of decoding them again); a stream that runs dry starts another pass.
+
+        Raises:
+            NoReadableImagesError (a ValueError, one line in the CLI): a pass over the stream gives no full batch
+                (the dataset's ``no_batch_message`` says why where it has one: the shards it read).
+        """
         if not self.streaming:
             yield from self._make_loader()
             return
@@ -984,7 +990,11 @@ class Trainer:
                 yield batch
             passes += 1
             if not got or passes > 1000:
-                raise RuntimeError("the streaming dataset yields no full batch: check the shards and batch_size")
+                explain = getattr(self.dataset, "no_batch_message", None)  # WebDatasetShards names its shards
+                raise NoReadableImagesError(
+                    explain(self.cfg.batch_size) if callable(explain)
+                    else f"the streaming dataset yields no full batch of {self.cfg.batch_size}: check the shards "
+                         "and train.batch_size")
 
     def _stop_loader_workers(self) -> None:
         """Stop the persistent DataLoader workers when training ends, not at interpreter exit.
