@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import tempfile
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,9 @@ __all__ = [
     "spread_indices",
     "FileImages",
     "NoReadableImagesError",
+    "MemoryBudgetError",
+    "check_memory_budget",
+    "estimate_decoded_bytes",
     "report_unreadable_classes",
     "unreadable_classes",
     "ScanResult",
@@ -1274,6 +1278,84 @@ def _resize_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.
     return ImageOps.fit(img, wh, method=Image.BICUBIC)
 
 
+class MemoryBudgetError(ValueError):
+    """The images a folder would decode into memory do not fit in the memory there is (RAM, or the device's when
+    they go there): refused before decoding; the task names its config key (``data.in_memory``)."""
+
+
+#: the share of the available RAM (and of the free device memory, where the images are copied there) that images
+#: decoded into memory may take; above it decoding is refused rather than the process being killed by the OS
+MEMORY_SHARE = 0.5
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to new allocations (``MemAvailable`` of ``/proc/meminfo``, else free pages), or None
+    where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_device_memory(device: torch.device | str | None) -> int | None:
+    """Free bytes on a CUDA ``device`` (``torch.cuda.mem_get_info``), None for any other device or when unknown."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except RuntimeError:
+        return None
+
+
+def estimate_decoded_bytes(paths: Sequence[str], size: int | None = None, *, sample: int = 256) -> int:
+    """Bytes that ``paths`` take decoded as uint8 RGB: ``size x size`` each when ``size`` is given, else the mean pixel
+    count of up to ``sample`` files spread over the list, read from their headers (PIL opens lazily: no decode),
+    times the count; files whose header does not read are left out of the mean."""
+    n = len(paths)
+    if size is not None:
+        return n * int(size) * int(size) * 3
+    pixels = []
+    with warnings.catch_warnings():  # a large header is what this looks for, not a decompression bomb to flag
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i in spread_indices(n, sample):
+            try:
+                w, h = image_size(paths[i], exif=False)
+            except Exception:  # noqa: BLE001 - an unreadable file is left out when decoding too
+                continue
+            pixels.append(w * h)
+    return int(np.mean(pixels) * 3 * n) if pixels else 0
+
+
+def check_memory_budget(nbytes: int, n: int, root: str | os.PathLike, device: torch.device | str | None = None
+                        ) -> None:
+    """Refuse to decode ``n`` images of about ``nbytes`` (:func:`estimate_decoded_bytes`) under ``root`` into memory
+    when they would take more than :data:`MEMORY_SHARE` of the available RAM (times the ranks of this host under
+    torchrun: each decodes the whole folder), or of the free memory of a CUDA ``device`` they are copied to.
+
+    Raises:
+        MemoryBudgetError: they would not fit; one line with the estimate and the memory there is.
+    """
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    gib = 2.0 ** 30
+    ram = available_memory()
+    what = f"the {n} images under {str(root)!r} decode to about {nbytes / gib:.2f} GiB (estimated from the headers)"
+    if ram is not None and nbytes * ranks > MEMORY_SHARE * ram:
+        per = f" in each of the {ranks} ranks of this host" if ranks > 1 else ""
+        raise MemoryBudgetError(f"{what}{per}, more than {MEMORY_SHARE:.0%} of the {ram / gib:.2f} GiB of RAM "
+                                "available")
+    free = free_device_memory(device)
+    if free is not None and nbytes > MEMORY_SHARE * free:
+        raise MemoryBudgetError(f"{what}, more than {MEMORY_SHARE:.0%} of the {free / gib:.2f} GiB free on {device}, "
+                                "where they are copied")
+
+
 class DecodedFolder(NamedTuple):
     """A folder decoded into memory (:func:`decode_image_folder`): uint8 ``images`` ``[N, H, W, 3]``, int64
     ``labels`` ``[N]`` (None when unlabeled), the ``class_names``, and the files ``dropped`` (unreadable)."""
@@ -1293,6 +1375,8 @@ def decode_image_folder(
     num_threads: int = 8,
     progress: bool = True,
     every_class: bool = True,
+    max_images: int = 0,
+    device: torch.device | str | None = None,
 ) -> DecodedFolder:
     """Decode a whole folder into a uint8 ``[N, H, W, 3]`` tensor (thread pool, tqdm progress bar).
 
@@ -1306,11 +1390,17 @@ def decode_image_folder(
     none of whose images decodes is an error with ``every_class`` (a training set, the default) and one warning
     without it (a validation set: :func:`report_unreadable_classes`).
 
+    ``max_images`` (0 = all) keeps the first files (in the listing's order) before anything is decoded. Before
+    decoding, the decoded size is estimated from the image headers and checked against the memory there is
+    (:func:`check_memory_budget`; ``device``: the device the images will be copied to). The images are copied into
+    one preallocated array as they are taken from the decoded list, so the peak stays about one copy of the set.
+
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
         ValueError: no images under ``root``, none of them could be decoded, or (labeled) the class
             sub-folders are missing or do not match ``class_names`` (as :class:`LabeledImageFolder`).
         NoReadableImagesError (a ValueError): ``every_class`` and some class has no image that decodes, naming it.
+        MemoryBudgetError (a ValueError): the decoded images would not fit in memory (:func:`check_memory_budget`).
     """
     if labeled is None:
         labeled = class_names is not None or bool(find_classes(root))
@@ -1324,6 +1414,9 @@ def decode_image_folder(
     else:
         ds = ImageFolderDataset(root)
         names = []
+    if max_images and max_images < len(ds.samples):
+        ds.samples = ds.samples[:max_images]
+    check_memory_budget(estimate_decoded_bytes([p for p, _ in ds.samples], size), len(ds.samples), root, device)
 
     def load(i: int) -> np.ndarray | None:
         path = ds.samples[i][0]
@@ -1365,7 +1458,11 @@ def decode_image_folder(
         if first_rank:
             logger.warning("resized %d of %d images under %s to the common size %dx%d (short side, then center "
                            "crop): %s", len(odd), len(keep), root, shape[1], shape[0], shown)
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    out = np.empty((len(keep), *arrays[keep[0]].shape), dtype=np.uint8)
+    for j, i in enumerate(keep):  # one copy at a time, each decoded image let go once copied (np.stack holds both)
+        out[j] = arrays[i]
+        arrays[i] = None
+    images = torch.from_numpy(out)
     labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long) if labeled else None
     return DecodedFolder(images, labels, names, dropped)
 

@@ -19,6 +19,7 @@ from ..._text import first_few
 from ...data.datasets import (
     IMG_EXTENSIONS,
     LabeledImageFolder,
+    MemoryBudgetError,
     TensorImageDataset,
     class_folders,
     decode_image_folder,
@@ -85,6 +86,23 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
                                                    if label == c]
                                             for c, name in enumerate(classes) if c not in kept}, required=False)
     return Subset(ds, keep), keep, sorted(bad)
+
+
+def decode_in_memory(data: DataConfig, root: str, *, device: torch.device | str | None = None,
+                     **kwargs: Any) -> Any:
+    """``data.in_memory``: the folder ``root`` decoded (:func:`beit.data.datasets.decode_image_folder` with
+    ``data.memory_size`` and ``kwargs``; ``device``: where the images will be copied).
+
+    Raises:
+        ConfigError: ``data.in_memory`` where the decoded images would not fit in memory (estimated before decoding),
+            saying how to turn it off or make the images smaller.
+        ValueError: as ``decode_image_folder``.
+    """
+    try:
+        return decode_image_folder(root, size=data.memory_size, device=device, **kwargs)
+    except MemoryBudgetError as e:
+        raise ConfigError("data.in_memory", f"{e}: set data.in_memory=false to read them from disk, or "
+                                            "data.memory_size=S to decode them at S x S") from None
 
 
 def check_train_classes(root: str, samples: list[tuple[str, int]], classes: list[str]) -> None:
@@ -167,8 +185,7 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
     check_image_folders(data)
     names = list(class_names) if class_names else None
     if data.in_memory:
-        images, labels, names, dropped = decode_image_folder(data.train_dir, size=data.memory_size,
-                                                             class_names=names, labeled=True)
+        images, labels, names, dropped = decode_in_memory(data, data.train_dir, class_names=names, labeled=True)
         train: Dataset = TensorImageDataset(images, labels, train_transform, seed=seed, dropped=dropped)
     else:
         folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
@@ -183,8 +200,8 @@ def build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int
     if data.val_dir:
         try:
             if data.in_memory:
-                images, labels, _, dropped = decode_image_folder(data.val_dir, size=data.memory_size,
-                                                                 class_names=names, every_class=False)
+                images, labels, _, dropped = decode_in_memory(data, data.val_dir, class_names=names,
+                                                              every_class=False)
                 val = TensorImageDataset(images, labels, eval_transform, seed=seed, dropped=dropped)
             else:
                 vf = LabeledImageFolder(data.val_dir, eval_transform, class_names=names, seed=seed)
@@ -247,8 +264,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         raise ConfigError("data.auto_augment", str(e)) from None
     if data.in_memory:
         unused_jpeg_decode(data.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
-        images, labels, names, dropped = decode_image_folder(data.train_dir, size=data.memory_size,
-                                                             class_names=class_names or None, labeled=True)
+        images, labels, names, dropped = decode_in_memory(data, data.train_dir, device=device,
+                                                          class_names=class_names or None, labeled=True)
         return (InMemoryIndices(len(images), seed=cfg.train.seed, dropped=dropped), InMemoryIndices.collate,
                 FinetunePipeline(augment, device, images, labels), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,

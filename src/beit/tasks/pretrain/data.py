@@ -9,11 +9,18 @@ from typing import Any
 
 import torch
 
-from ...data.datasets import ImageFolderDataset, TensorImageDataset, WebDatasetShards, decode_image_folder
+from ...data.datasets import (
+    ImageFolderDataset,
+    MemoryBudgetError,
+    TensorImageDataset,
+    WebDatasetShards,
+    decode_image_folder,
+)
 from ...data.gpu_augment import PretrainViews
 from ...data.gpu_decode import EncodedImageFiles, EncodedWebDataset, InMemoryIndices, PretrainPipeline, collate_encoded
 from ...data.masking import BlockwiseMaskGenerator
 from ...data.transforms import PretrainTransform
+from ...engine.config import ConfigError
 from ..device_data import unused_jpeg_decode, wants_device_path
 from .config import PretrainConfig, shard_urls
 
@@ -34,11 +41,22 @@ def build_transform(cfg: PretrainConfig, tokenizer_downsample: int) -> PretrainT
     )
 
 
-def _memory_images(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """``data.in_memory``: every image of ``data.path`` decoded once, uint8 ``[N, H, W, 3]``, the first
-    ``data.max_images`` (0 = all); and the unreadable files left out (counted as skipped files)."""
-    images, _, _, dropped = decode_image_folder(cfg.data.path, labeled=False)  # every image at any depth
-    return (images[: cfg.data.max_images] if cfg.data.max_images else images), dropped
+def _memory_images(cfg: PretrainConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``data.in_memory``: the first ``data.max_images`` (0 = all) images of ``data.path`` decoded once (the others
+    are not read), uint8 ``[N, H, W, 3]``; and the unreadable files left out (counted as skipped files). ``device``:
+    where the images will be copied (the device path).
+
+    Raises:
+        ConfigError: ``data.in_memory`` where the decoded images would not fit in memory (RAM, or ``device``'s),
+            estimated from the headers before decoding; saying how to turn it off or cap it.
+    """
+    try:
+        images, _, _, dropped = decode_image_folder(cfg.data.path, labeled=False,  # every image at any depth
+                                                    max_images=cfg.data.max_images, device=device)
+    except MemoryBudgetError as e:
+        raise ConfigError("data.in_memory", f"{e}: set data.in_memory=false to read them from disk, or "
+                                            "data.max_images=N to keep the first N") from None
+    return images, dropped
 
 
 def build_dataset(cfg: PretrainConfig, tokenizer_downsample: int) -> torch.utils.data.Dataset:
@@ -84,7 +102,7 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         return shards, collate_encoded, PretrainPipeline(views, device, skips=shards.skip_counter)
     if d.in_memory:
         unused_jpeg_decode(d.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
-        images, dropped = _memory_images(cfg)
+        images, dropped = _memory_images(cfg, device)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed, dropped=dropped), InMemoryIndices.collate,
                 PretrainPipeline(views, device, images))
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode,
