@@ -272,3 +272,15 @@ def test_first_readable_skips_known_and_new_bad_samples_and_wraps_around():
     assert first_readable(4, 3, {3}.__contains__, read, mark, list)[0] == 0  # wraps around
     with pytest.raises(NoReadableImagesError, match=r"none of the 2 images could be read; first failures: \['a'\]"):
         first_readable(2, 0, lambda i: False, lambda i: 1 / 0, mark, lambda: ["a"])
+
+
+def test_undecodable_bytes_and_files_are_named_without_the_stream_object(tmp_path: Path) -> None:
+    from PIL import UnidentifiedImageError
+
+    from beit.data.datasets import decode_image
+
+    (tmp_path / "t.jpg").write_text("text")
+    for source in (b"garbage", tmp_path / "t.jpg"):
+        with pytest.raises(UnidentifiedImageError) as err:
+            decode_image(source)
+        assert "BytesIO" not in str(err.value) and "BufferedReader" not in str(err.value) and " 0x" not in str(err.value)

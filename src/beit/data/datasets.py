@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -67,6 +67,7 @@ __all__ = [
     "ReportsLoadDrops",
     "decode_image_folder",
     "decode_image",
+    "open_image",
     "decode_image_matching",
     "image_size",
     "list_images",
@@ -138,6 +139,21 @@ def apply_exif_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
+def open_image(fp: Any) -> Image.Image:
+    """``PIL.Image.open(fp)`` (a path, file or ``io.BytesIO``), whose "cannot identify" error says what is wrong
+    without the stream object's repr (``<_io.BytesIO object at 0x...>``): callers name the file themselves.
+
+    Raises:
+        PIL.UnidentifiedImageError: not an image Pillow reads (empty, damaged, or another kind of file).
+        OSError: the file cannot be read.
+    """
+    try:
+        return Image.open(fp)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("cannot identify the image format (an empty or damaged file, or not an "
+                                     "image)") from None
+
+
 def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Image.Image:
     """Open and fully decode an image (path or encoded bytes) as RGB; raise on any decode failure.
 
@@ -146,11 +162,11 @@ def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Ima
     tag is applied (:func:`apply_exif_orientation`), so camera photos come out upright.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(source)))
+        img = open_image(io.BytesIO(bytes(source)))
         img.load()
     else:
         with open(source, "rb") as f:
-            img = Image.open(f)
+            img = open_image(f)
             img.load()
     if exif:
         img = apply_exif_orientation(img)

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .datasets import (
@@ -57,6 +57,7 @@ from .datasets import (
     WebDatasetShards,
     _unpack_index,
     first_readable,
+    open_image,
     to_rgb,
 )
 from .gpu_augment import to_device_async
@@ -92,7 +93,7 @@ def probe(data: bytes) -> tuple[str | None, tuple[int, int], int]:
     else why not (``"png"``, ``"progressive"``, ``"mode CMYK"``, ...). The size is the stored one (before
     EXIF orientation). Raises whatever PIL raises on a file that is not an image.
     """
-    img = Image.open(io.BytesIO(data))
+    img = open_image(io.BytesIO(data))
     orientation = 1
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
@@ -134,7 +135,7 @@ def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
 def _pil_decode(data: bytes) -> torch.Tensor:
     """CPU decode (the CPU path's ``to_rgb``) with EXIF orientation -> uint8 ``[3, H, W]`` (a view of
     height x width x channel memory: no transposing copy)."""
-    img = Image.open(io.BytesIO(data))
+    img = open_image(io.BytesIO(data))
     img.load()
     try:
         img = ImageOps.exif_transpose(img)
