@@ -794,3 +794,16 @@ def test_small_recipe_without_padding_and_images_smaller_than_the_crop():
 
     assert [tuple(im.shape) for im in _at_least(tiny, 32)] == [(3, 32, 39), (3, 32, 143)]  # as EnsureMinSize
     assert _at_least(imgs, 32) is imgs
+
+
+def test_a_request_passing_over_two_bad_files_counts_both_once_an_epoch(odd_files):
+    """The epoch's count is of files, as the warnings name them: f_garbage's request passes over g_truncated too."""
+    ds = EncodedImageFiles.from_folder(odd_files)  # workers decode: both fail here
+    f = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("f_garbage.jpg")][0]
+    ds[(0, f)]
+    assert ds.skipped_count(0) == 2
+    ds[(0, f + 1)]  # g_truncated itself: already counted in epoch 0
+    assert ds.skipped_count(0) == 2
+    ds[(1, f + 1)]
+    assert ds.skipped_count(1) == 1 and ds.skipped_count() == 3
+

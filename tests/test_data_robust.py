@@ -274,6 +274,20 @@ def test_first_readable_skips_known_and_new_bad_samples_and_wraps_around():
         first_readable(2, 0, lambda i: False, lambda i: 1 / 0, mark, lambda: ["a"])
 
 
+def test_cpu_path_counts_each_skipped_file_once_an_epoch(tmp_path: Path) -> None:
+    """A request passing over two unreadable files counts both (the epoch line counts files, as it names them)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "a_bad.jpg").write_bytes(b"")
+    (root / "b_bad.jpg").write_text("text")
+    Image.new("RGB", (8, 8)).save(root / "c_good.png")
+    ds = ImageFolderDataset(root)
+    ds[(0, 0)]
+    assert ds.skipped_count(0) == 2 and ds.num_skipped == 2
+    ds[(0, 1)]
+    assert ds.skipped_count(0) == 2
+
+
 def test_undecodable_bytes_and_files_are_named_without_the_stream_object(tmp_path: Path) -> None:
     from PIL import UnidentifiedImageError
 

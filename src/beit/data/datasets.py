@@ -56,6 +56,7 @@ __all__ = [
     "ScanResult",
     "SkipCounter",
     "collate_files",
+    "count_skipped_files",
     "ImageFolderDataset",
     "LabeledImageFolder",
     "RepeatedDataset",
@@ -494,6 +495,22 @@ class SkipCounter:
         return int(self.counts[:, cell][self.tags[:, cell] == int(epoch)].sum())
 
 
+def count_skipped_files(seen: torch.Tensor, n: int, index: int, found: int, epoch: int, counter: SkipCounter
+                        ) -> None:
+    """Count in ``counter`` (of ``epoch``) the files a request of sample ``index`` passed over to reach the
+    replacement ``found`` (``index`` up to ``found``, wrapping at ``n`` samples: every one unreadable), each file
+    once per epoch:
+    ``seen`` (shared int64 ``[n]``, -1 at first) holds the last epoch each file was counted in. So an epoch's
+    count is the number of distinct files skipped in it, as the warnings name them (a request that passes over
+    two bad files counts two; a bad file met again by another request of the epoch is not counted again)."""
+    j = index
+    while j != found:
+        if int(seen[j]) != int(epoch):
+            seen[j] = int(epoch)
+            counter.add(epoch=epoch)
+        j = (j + 1) % n
+
+
 class _RobustImageFiles(Dataset):
     """Shared machinery: decode with replacement on failure, counters, seeding, set_epoch.
 
@@ -512,6 +529,7 @@ class _RobustImageFiles(Dataset):
         self._bad: dict[int, str] = {}  # index -> error message, per process
         self._bad_mask = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by every worker
         self._skips = SkipCounter()
+        self._skip_seen = torch.full((len(samples),), -1, dtype=torch.int64).share_memory_()  # count_skipped_files
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (call before creating the DataLoader iterator)."""
@@ -531,9 +549,9 @@ class _RobustImageFiles(Dataset):
         return [self.samples[i][0] for i in self._bad_mask.nonzero().flatten().tolist()]
 
     def skipped_count(self, epoch: int | None = None) -> int:
-        """Samples replaced so far because their file was unreadable or untransformable (one per
-        request of such a sample: a bad file counts once in every epoch that visits it), summed over
-        this process and its DataLoader workers; those of ``epoch`` only when given."""
+        """Files skipped so far because they were unreadable or untransformable (each once in every epoch
+        that meets it: :func:`count_skipped_files`), summed over this process and its DataLoader workers; those
+        of ``epoch`` only when given."""
         return self._skips.total(epoch)
 
     def _mark_bad(self, index: int, err: BaseException, stage: str = "decode",
@@ -589,7 +607,7 @@ class _RobustImageFiles(Dataset):
         i, out = first_readable(len(self.samples), index, lambda j: bool(self._bad_mask[j]), read, mark_bad,
                                 self._first_failures, what="decoded and transformed")
         if i != index:
-            self._skips.add(epoch=epoch)
+            count_skipped_files(self._skip_seen, len(self.samples), index, i, epoch, self._skips)
         return out, self.samples[i][1]
 
     def verify(self, num_threads: int = 8, progress: bool = False,

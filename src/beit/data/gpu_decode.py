@@ -56,6 +56,7 @@ from .datasets import (
     SkipCounter,
     WebDatasetShards,
     _unpack_index,
+    count_skipped_files,
     first_readable,
     open_image,
     to_rgb,
@@ -318,7 +319,8 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         # found unreadable in any process (shared with the DataLoader's workers, as the CPU datasets do): a bad
         # file is read, warned about and named once, not once per worker
         self._bad_mask = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
-        self.skip_counter = SkipCounter()  # replaced samples per epoch, over workers (and the batch decoder)
+        self.skip_counter = SkipCounter()  # skipped files per epoch, over workers (and the batch decoder)
+        self._skip_seen = torch.full((len(self.samples),), -1, dtype=torch.int64).share_memory_()
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, *, labeled: bool = False, class_names: Sequence[str] | None = None,
@@ -386,8 +388,8 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         i, sample = first_readable(len(self.samples), index, lambda j: bool(self._bad_mask[j]), self._read, mark_bad,
                                    lambda: self.bad_paths[:5])
         sample.index, sample.epoch, sample.skipped = index, epoch, skipped
-        if i != index:  # replaced: one skip per request, in every epoch (as the CPU path counts)
-            self.skip_counter.add(epoch=epoch)
+        if i != index:  # replaced: each file passed over counted once an epoch (as the CPU path counts)
+            count_skipped_files(self._skip_seen, len(self.samples), index, i, epoch, self.skip_counter)
         if self.crop is not None and sample.image is not None:  # the requested index's box, as the views draw it
             top, left, h, w = self.crop(index, epoch, int(sample.image.shape[-2]), int(sample.image.shape[-1]))
             sample.image, sample.cropped = sample.image[:, top : top + h, left : left + w], True
