@@ -3,6 +3,7 @@ against the CPU path (PIL, torchvision, timm) it replaces."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -341,8 +342,8 @@ def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, j
     # in the workers, f_garbage and g_truncated were replaced by the next readable file, h_gray: counted thrice
     gray = 1 if jpeg_decode == "device" else 3
     assert dec.summary()["fallback"] == {"png": 1, "mode CMYK": 1, "progressive": 1, "mode L": gray}
-    # a_good, e_exif6: decode_jpeg on this device, or in the workers
-    assert (dec.num_gpu, dec.num_workers) == ((2, 0) if jpeg_decode == "device" else (0, 2))
+    # a_good, e_exif6: decode_jpeg on this device (a CPU one: counted as main_cpu, not gpu), or in the workers
+    assert (dec.num_gpu, dec.num_main_cpu, dec.num_workers) == ((0, 2, 0) if jpeg_decode == "device" else (0, 0, 2))
     g = batch.names.index(str(odd_files / "g_truncated.jpg")) if jpeg_decode == "device" else None
     if g is not None:  # replaced in the batch by another image of it
         assert batch2.names[g] != batch.names[g]
@@ -760,7 +761,9 @@ def test_webdataset_shards_on_the_device_path(tmp_path):
         out = pipe(batch)
         summary = pipe.decoder.summary()
         assert out["image"].shape == (6, 3, 16, 16) and summary["skipped_names"] == [f"{shard}:bad"]
-        assert (summary["gpu"], summary["workers"]) == ((3, 0) if where == "device" else (0, 3))
+        # decode_jpeg on this (CPU) device: main_cpu, not gpu
+        assert (summary["gpu"], summary.get("main_cpu", 0), summary["workers"]) == (
+            (0, 3, 0) if where == "device" else (0, 0, 3))
         again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
         assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])
         outs[where] = out["image"]
@@ -807,3 +810,21 @@ def test_a_request_passing_over_two_bad_files_counts_both_once_an_epoch(odd_file
     ds[(1, f + 1)]
     assert ds.skipped_count(1) == 1 and ds.skipped_count() == 3
 
+
+def test_device_jpeg_decode_without_cuda_warns_once_and_is_not_counted_as_gpu(odd_files, caplog):
+    ds = EncodedImageFiles.from_folder(odd_files, jpeg_decode="device")
+    good = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("a_good.jpg")][0]
+    dec = BatchDecoder("cpu")
+    with caplog.at_level(logging.WARNING):
+        dec(collate_encoded([ds[good]]))
+        dec(collate_encoded([ds[good]]))
+    assert caplog.text.count("data.jpeg_decode=device without CUDA") == 1
+    summary = dec.summary()
+    assert summary["gpu"] == 0 and summary["main_cpu"] == 2
+
+
+def test_in_memory_pipeline_summary_names_the_files_left_out_at_load():
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    pipe = FinetunePipeline(None, "cpu", images, torch.tensor([0, 1]), dropped=["/d/a/x.jpg", "/d/b/y.jpg"])
+    assert pipe.decoder.summary()["skipped"] == 2
+    assert pipe.decoder.summary()["skipped_names"] == ["/d/a/x.jpg", "/d/b/y.jpg"]

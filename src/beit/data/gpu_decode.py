@@ -455,7 +455,9 @@ class BatchDecoder:
         self.device = torch.device(device)
         self.skips = skips  # the dataset's counter: files that fail here count as its skips too
         self.spare_source = spare_source  # a readable image (CPU uint8 [3, H, W]) before any batch decoded
-        self.num_gpu = 0
+        self.num_gpu = 0  # decoded by nvJPEG on a CUDA device
+        self.num_main_cpu = 0  # decoded by torchvision in the main process, on a device without CUDA
+        self._warned_cpu = False
         self.num_workers = 0
         self._spare: torch.Tensor | None = None  # a decoded image kept to fill a batch none of whose files decode
         self.fallback: Counter[str] = Counter()
@@ -499,6 +501,10 @@ class BatchDecoder:
         self._skipped.update(dict.fromkeys(batch.skipped))
         images: list[torch.Tensor | None] = [None] * B
         gpu_pos = [i for i in range(B) if batch.spans[i] is not None]
+        if gpu_pos and self.device.type != "cuda" and not self._warned_cpu:
+            self._warned_cpu = True
+            logger.warning("data.jpeg_decode=device without CUDA: the JPEGs are decoded on the %s, in the main "
+                           "process (data.jpeg_decode=workers decodes them in the loader workers)", self.device)
         if gpu_pos:
             decoded = self._decode_jpegs([batch.data(i) for i in gpu_pos])  # type: ignore[misc]
             for i, img in zip(gpu_pos, decoded):
@@ -512,7 +518,10 @@ class BatchDecoder:
                             self.skips.add(epoch=batch.epoch)
                         logger.warning("skipping unreadable image %s (%s: %s)", batch.names[i], type(err).__name__, err)
                     continue
-                self.num_gpu += 1
+                if self.device.type == "cuda":
+                    self.num_gpu += 1
+                else:
+                    self.num_main_cpu += 1
                 images[i] = apply_exif_orientation(img, batch.orientation[i])
         pixels = to_device_async(batch.pixels, self.device) if batch.pixels.numel() else None  # one copy
         for i in range(B):
@@ -548,8 +557,10 @@ class BatchDecoder:
         return images, batch  # type: ignore[return-value]
 
     def summary(self) -> dict[str, Any]:
-        """Counters as a dict: gpu, fallback per reason, skipped and their names."""
-        return {"gpu": self.num_gpu, "workers": self.num_workers, "fallback": dict(self.fallback),
+        """Counters as a dict: gpu (nvJPEG on CUDA), main_cpu (the same batched decode run on a device without
+        CUDA; only there), workers, fallback per reason, skipped and their names."""
+        out = {"gpu": self.num_gpu, **({"main_cpu": self.num_main_cpu} if self.num_main_cpu else {})}
+        return {**out, "workers": self.num_workers, "fallback": dict(self.fallback),
                 "skipped": self.num_skipped,
                 "skipped_names": list(self.skipped_names)}
 
@@ -642,14 +653,17 @@ class PretrainPipeline:
         images: for the in-memory path, all images (uint8 ``[N, H, W, 3]``), moved to ``device`` once.
         skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
         spare_source: e.g. the dataset's ``spare_image``, for a first batch none of whose files decode.
+        dropped: for the in-memory path, the files left out when the folder was decoded: the decoder's summary
+            names them as its skipped files (as the run's ``skipped_files`` counts them).
     """
 
     def __init__(self, views: Any, device: torch.device | str, images: torch.Tensor | None = None,
                  skips: SkipCounter | None = None,
-                 spare_source: Callable[[], torch.Tensor] | None = None) -> None:
+                 spare_source: Callable[[], torch.Tensor] | None = None, dropped: Sequence[str] = ()) -> None:
         self.views = views
         self.device = torch.device(device)
         self.decoder = BatchDecoder(self.device, skips, spare_source)
+        self.decoder._skipped.update(dict.fromkeys(dropped))
         self.images = _device_images(images, self.device) if images is not None else None
 
     @torch.no_grad()
@@ -673,14 +687,17 @@ class FinetunePipeline:
         images, labels: for the in-memory path, all images (uint8 ``[N, H, W, 3]``) and labels ``[N]``.
         skips: the dataset's ``skip_counter``, to count the files the GPU decoder fails on as its skips.
         spare_source: e.g. the dataset's ``spare_image``, for a first batch none of whose files decode.
+        dropped: for the in-memory path, the files left out when the folder was decoded: the decoder's summary
+            names them as its skipped files (as the run's ``skipped_files`` counts them).
     """
 
     def __init__(self, augment: Any, device: torch.device | str, images: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, skips: SkipCounter | None = None,
-                 spare_source: Callable[[], torch.Tensor] | None = None) -> None:
+                 spare_source: Callable[[], torch.Tensor] | None = None, dropped: Sequence[str] = ()) -> None:
         self.augment = augment
         self.device = torch.device(device)
         self.decoder = BatchDecoder(self.device, skips, spare_source)
+        self.decoder._skipped.update(dict.fromkeys(dropped))
         self.images = _device_images(images, self.device) if images is not None else None
         self.labels = labels.to(self.device) if labels is not None else None  # once, at set-up
 

@@ -267,7 +267,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         images, labels, names, dropped = decode_in_memory(data, data.train_dir, device=device,
                                                           class_names=class_names or None, labeled=True)
         return (InMemoryIndices(len(images), seed=cfg.train.seed, dropped=dropped), InMemoryIndices.collate,
-                FinetunePipeline(augment, device, images, labels), list(names))
+                FinetunePipeline(augment, device, images, labels, dropped=dropped), list(names))
     ds = EncodedImageFiles.from_folder(data.train_dir, labeled=True, class_names=class_names or None,
                                        seed=cfg.train.seed, jpeg_decode=data.jpeg_decode,
                                        crop=augment.worker_crop())  # workers ship each image's crop

@@ -104,7 +104,7 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
         unused_jpeg_decode(d.jpeg_decode, "data.in_memory decodes every image once, on the CPU, at start")
         images, dropped = _memory_images(cfg, device)
         return (InMemoryIndices(len(images), mask_generator=masks, seed=seed, dropped=dropped), InMemoryIndices.collate,
-                PretrainPipeline(views, device, images))
+                PretrainPipeline(views, device, images, dropped=dropped))
     ds = EncodedImageFiles.from_folder(d.path, mask_generator=masks, seed=seed, jpeg_decode=d.jpeg_decode,
                                        crop=views.worker_crop())  # workers ship each image's crop, not the photo
     if d.max_images:
