@@ -170,8 +170,10 @@ def compile_blocks(model: nn.Module, distributed: str = "ddp", scope: str = "blo
     wrappers dominate a small model's step: RESULTS.md section 9, ``benchmarks/step_overhead.py``), at a longer
     compile; for a single process or DDP (FSDP2 shards per block: the trainer refuses the pair).
     ``dynamic=None`` (PyTorch's default): a block recompiles once with dynamic shapes when the token count
-    changes instead of erroring. ``nn.Module.compile`` keeps parameter names, so checkpoints and layer ids
-    are unaffected.
+    changes instead of erroring. A BEiT on a run-time patch grid (dense tasks: multi-scale pages, sliding
+    windows) marks its token count dynamic itself (``Beit._blocks_input``), so its blocks trace one graph each
+    for every page size from the first step on. ``nn.Module.compile`` keeps parameter names, so checkpoints
+    and layer ids are unaffected.
 
     Returns ``"blocks"`` or ``"whole"`` (what was compiled). Raises ``ValueError`` for another ``scope``.
     """

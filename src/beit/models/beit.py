@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
+from torch._dynamo import maybe_mark_dynamic
 
 from .attention import PACKED_ATTENTION_IMPLS, get_attention
 from .config import BeitConfig
-from .relpos import RelativePositionBias, gather_bias, relative_position_index, table_size
+from .relpos import RelativePositionBias, _resized_bias, gather_bias, relative_position_index, table_size
 
 
 def check_mask(bool_masked_pos: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -115,17 +116,35 @@ class Attention(nn.Module):
         self.attn_fn = get_attention(cfg.attn_impl)
         self.packed_attn_fn = PACKED_ATTENTION_IMPLS.get(cfg.attn_impl)  # takes [B, L, 3, H, d], gives [B, L, C]
 
+    def own_bias(self, grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """This layer's relative-position bias [H, L, L], or None without a per-layer table.
+
+        ``grid`` None: the native grid's, gathered from the table (inside a compiled graph). Any grid given
+        (``Beit`` gives only run-time ones, see ``Beit._block_grid``): the table resampled to it eagerly
+        (``relpos._resized_bias``, a graph break), without comparing it with the native grid here, as such a
+        comparison in a compiled block would guard on the grid's two ints (a recompile as each first changes).
+        """
+        table = self.relative_position_bias_table
+        if table is None:
+            return None
+        if grid is None:
+            return gather_bias(table, self.relative_position_index, self.window, None)
+        return _resized_bias(table, self.window, grid)
+
     def forward(
-        self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, grid: tuple[int, int] | None = None
+        self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
+        own_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``own_bias``: this layer's :meth:`own_bias` for ``grid``, when the caller has it already (``Block``
+        does: it asks for it before any other work, see there); else it is gathered here."""
         B, L, _ = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, L, 3, self.num_heads, self.head_dim)
         attn_bias = shared_bias
-        if self.relative_position_bias_table is not None:
-            own = gather_bias(self.relative_position_bias_table, self.relative_position_index, self.window, grid)
+        own = own_bias if own_bias is not None else self.own_bias(grid)
+        if own is not None:
             own = own.unsqueeze(0)
             attn_bias = own if attn_bias is None else attn_bias + own
         drop = self.attn_drop if self.training else 0.0
@@ -169,7 +188,13 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        y = self.attn(self.norm1(x), shared_bias, grid)
+        # the layer's rel-pos bias first: on a run-time grid (dense tasks) it is resampled eagerly, a graph break
+        # in a compiled block. Breaking before any other work leaves one graph, after it, whose inputs are the
+        # block's (x and the biases, dynamic in the token count: Beit._blocks_input). Breaking inside the
+        # attention split the block in three graphs, the later two resumed with the token count as a Python int:
+        # static at the first page size, recompiled dynamic at the next, each block (own drop-path rate) again
+        own = self.attn.own_bias(grid)
+        y = self.attn(self.norm1(x), shared_bias, grid, own)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
         return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
@@ -273,14 +298,34 @@ class Beit(nn.Module):
         return self.pos_drop(x), grid
 
     def _shared_bias(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        return self.rel_pos_bias(grid).unsqueeze(0) if self.rel_pos_bias is not None else None
+        if self.rel_pos_bias is None:
+            return None
+        shared = self.rel_pos_bias(grid).unsqueeze(0)
+        if grid != self.window and not torch.compiler.is_compiling():
+            maybe_mark_dynamic(shared, [2, 3])  # a run-time grid: see _blocks_input
+        return shared
+
+    def _block_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The grid the blocks are given: None for the native one (their rel-pos bias gathered in their graphs),
+        else the run-time grid (dense tasks; resampled eagerly, see ``Attention.own_bias``)."""
+        return None if grid == self.window else grid
+
+    def _blocks_input(self, x: torch.Tensor, block_grid: tuple[int, int] | None) -> torch.Tensor:
+        """``x`` for the next block. On a run-time grid (dense tasks: multi-scale pages, sliding windows) the
+        token count changes from call to call, so it is marked dynamic here, as the biases of that grid are
+        (``relpos._resized_bias``, :meth:`_shared_bias`): compiled blocks then trace one graph for every size
+        from the first call on, instead of a graph for the first size and a dynamic one at the next (per block:
+        each has its own drop-path rate). The native grid (classification, pre-training) stays static."""
+        if block_grid is not None and not torch.compiler.is_compiling():
+            maybe_mark_dynamic(x, 1)
+        return x
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Token features [B, 1+N, D] after the final norm (Identity when mean pooling)."""
         x, grid = self.prepare_tokens(x, bool_masked_pos)
-        shared = self._shared_bias(grid)  # gathered once per forward, not once per block
+        shared, block_grid = self._shared_bias(grid), self._block_grid(grid)  # once a forward, not a block
         for blk in self.blocks:
-            x = blk(x, shared, grid)
+            x = blk(self._blocks_input(x, block_grid), shared, block_grid)
         return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...] | list[int]) -> list[torch.Tensor]:
@@ -290,10 +335,10 @@ class Beit(nn.Module):
             raise ValueError(f"block indices {list(indices)} out of range for depth {self.num_layers}")
         B = x.shape[0]
         x, grid = self.prepare_tokens(x)
-        shared = self._shared_bias(grid)
+        shared, block_grid = self._shared_bias(grid), self._block_grid(grid)
         outs: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            x = blk(x, shared, grid)
+            x = blk(self._blocks_input(x, block_grid), shared, block_grid)
             if i in wanted:
                 outs[i] = x[:, 1:].transpose(1, 2).reshape(B, -1, *grid)
         return [outs[i] for i in wanted]
@@ -301,10 +346,10 @@ class Beit(nn.Module):
     def get_intermediate_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Token features [B, 1+N, D] after every block (linear probing picks the best one)."""
         x, grid = self.prepare_tokens(x)
-        shared = self._shared_bias(grid)
+        shared, block_grid = self._shared_bias(grid), self._block_grid(grid)
         outs = []
         for blk in self.blocks:
-            x = blk(x, shared, grid)
+            x = blk(self._blocks_input(x, block_grid), shared, block_grid)
             outs.append(x)
         return outs
 

@@ -11,6 +11,7 @@ import functools
 
 import torch
 from torch import nn
+from torch._dynamo import maybe_mark_dynamic
 
 
 def table_size(window: tuple[int, int]) -> int:
@@ -189,15 +190,21 @@ def _bias_of_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor
 
 @torch.compiler.disable
 def _resized_bias(table: torch.Tensor, native: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
-    """The bias for another grid than the table's, computed eagerly even inside compiled blocks.
+    """The bias [H, L, L] for another grid than the table's, computed eagerly even inside compiled blocks.
 
     Dense tasks change the grid at run time (sliding windows, multi-scale pages): tracing this per-grid
     Python (cached resampling matrices) into every block's graph made each new size a slow recompile. Here
-    it is one graph break; the graphs around it stay shape-generic. Autograd is unaffected (the table still
-    gets its gradient). Nothing here is made on the host: the resampling matrices are cached on the table's
-    device and the bias is read out of the table without an index (:func:`_bias_of_table`)."""
+    it is one graph break (``beit.Block`` takes it before any other work), and the bias comes out marked dynamic
+    in L, so the graph that takes it is shape-generic from the first grid on. Autograd is unaffected (the table
+    still gets its gradient). Nothing here is made on the host: the resampling matrices are cached on the
+    table's device and the bias is read out of the table without an index (:func:`_bias_of_table`). The table's
+    own grid gives the same values as :func:`gather_bias` (``resize_table`` is then the identity)."""
     window = (int(window[0]), int(window[1]))
-    return _bias_of_table(resize_table(table, native, window), window)
+    bias = _bias_of_table(resize_table(table, native, window), window)
+    # the graph after this break takes the bias as an input: dynamic in L from the first grid on (as the tokens
+    # are, beit.Beit._blocks_input), not static at the first grid and recompiled dynamic at the next
+    maybe_mark_dynamic(bias, [1, 2])
+    return bias
 
 
 def gather_bias(
