@@ -542,3 +542,53 @@ def test_layout_predict_replaces_only_its_own_outputs_and_skips_its_output_folde
                      "--score-thresh", "0"]) == 0, capsys.readouterr().err
         assert sorted(p.name for p in (pages / "preds").glob("*.png")) == sorted(p.name for p in src.glob("*.png"))
     assert output_stems([pages / first.name], out_dir=pages / "preds", manifest="pages.json") == [first.stem]
+
+
+def test_compiled_blocks_trace_one_graph_a_block_for_any_number_of_page_sizes(monkeypatch):
+    """Multi-scale pages change the token count nearly every step. The engine's regional compile (what
+    ``train.compile=true`` does) must not compile per page size: each block's graph is dynamic in the token
+    count from the first page on (a graph a block: each has its own drop-path rate) and no later size adds one.
+    It was [6, 13, 14, 14, 14] here (2 x depth + 8 on BEiT-B's 12 blocks): each block split in three around the
+    eager rel-pos resampling, those graphs static at the first size and recompiled dynamic at the next, and an
+    empty one as each side of the grid turned dynamic in the rel-pos lookup."""
+    import torch._dynamo
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from beit.engine import distributed as D
+
+    inputs: list[bool] = []  # per graph: is any input symbolic (dynamic)?
+
+    def counting_aot_eager(gm, example_inputs):
+        inputs.append(_symbolic(gm))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)  # the autograd trace too
+
+    plain_compile = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: plain_compile(self, *a, backend=counting_aot_eager,
+                                                                               **k))
+    torch.manual_seed(0)
+    cfg = DetectorConfig(arch="beit_tiny_patch16_224", backbone_overrides={**TINY, "depth": 3}, fpn_channels=16,
+                         box_head_dim=16, mask_head=False, drop_path_rate=0.1)
+    model = build_detector(cfg, ["text", "figure"]).train()
+    depth = len(model.body.blocks)
+    sizes = [(128, 160), (160, 224), (192, 256), (224, 320), (256, 288)]  # 5 grids: (8, 10) ... (16, 18)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    with torch._dynamo.config.patch(recompile_limit=8):  # compile_blocks raises it: restored on exit
+        assert D.compile_blocks(model, "none") == "blocks"
+        for h, w in sizes:
+            target = {"boxes": torch.tensor([[4.0, 4, w / 2, 20], [8, 30, w - 8, 60]]), "labels": torch.tensor([1, 2])}
+            sum(model([torch.rand(3, h, w)], [target]).values()).backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [depth] * len(sizes), graphs  # one graph a block at the first page size, none later
+    assert inputs == [True] * depth  # all of them dynamic
+    assert model.body.blocks[1].attn.relative_position_bias_table.grad is not None
+
+
+def _symbolic(gm) -> bool:
+    """Whether a dynamo graph takes a symbolic size (a dynamic-shape graph: its inputs' example values)."""
+    values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    return any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape))
+               for v in values)
