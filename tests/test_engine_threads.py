@@ -137,3 +137,49 @@ def test_trainer_caps_threads_only_while_fit_runs(tmp_path, monkeypatch):
     t = Trainer(TinyNet(), NoisyDataset(16), probe, cfg)
     t.fit()
     assert set(seen) == {1} and t.host_threads == 1 and torch.get_num_threads() == before
+
+
+def test_loader_workers_capped_at_the_cpus_of_this_process(monkeypatch, caplog):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with caplog.at_level("INFO", logger="beit"):
+        assert threads.loader_workers(12) == 2
+        assert threads.loader_workers(2) == 2 and threads.loader_workers(0) == 0  # within the cores: as asked
+        assert threads.loader_workers(8, "eval_workers", say=False) == 2
+    assert [r.getMessage() for r in caplog.records] == ["train.num_workers=12 but this process may use 2 CPUs: 2 workers"]
+    caplog.clear()
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: the host's CPUs shared by its ranks
+    with caplog.at_level("INFO", logger="beit"):
+        assert threads.loader_workers(14) == 4 and threads.loader_workers(3) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.num_workers=14 but this process may use 4 CPUs (16 on this host over 4 local ranks): 4 workers"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more ranks than CPUs: still one worker each
+    assert threads.loader_workers(14) == 1
+
+
+def test_trainer_loader_uses_the_capped_worker_count_without_torchs_warning(tmp_path, monkeypatch, caplog):
+    import warnings
+
+    from _engine_fixtures import NoisyDataset, TinyNet, step_fn
+    from beit.engine import TrainConfig, Trainer
+    from beit.engine import trainer as T
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    made: list[int] = []
+    real = T.DataLoader
+
+    def loader(*a, **kw):
+        made.append(kw["num_workers"])
+        return real(*a, **{**kw, "num_workers": 0, "persistent_workers": False})  # no processes in the test
+
+    monkeypatch.setattr(T, "DataLoader", loader)
+    cfg = TrainConfig(output_dir=str(tmp_path), epochs=1, batch_size=8, num_workers=12, lr=1e-2, warmup_steps=1)
+    with caplog.at_level("INFO", logger="beit"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(TinyNet(), NoisyDataset(16), step_fn, cfg).fit()
+    assert made and set(made) == {1}
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("train.num_workers=12 but this process may use 1 CPUs: 1 workers") == 1, said
+    assert not [w for w in caught if "worker processes in total" in str(w.message)]

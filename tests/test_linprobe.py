@@ -228,12 +228,14 @@ def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypa
     which size is used and why; extract_num_workers above the usable cores is capped, with a log line."""
     import logging
 
+    from beit.engine import threads
+
     lp = importlib.import_module("beit.tasks.classify.linprobe")  # the package exports a function of that name
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    log = logging.getLogger("beit.tasks.classify.linprobe")
+    log = logging.getLogger("beit")  # the probe's lines and the engine's worker cap
     log.addHandler(handler)
     old_level = log.level
     log.setLevel(logging.INFO)
@@ -244,7 +246,8 @@ def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypa
         raise _Stop
 
     monkeypatch.setattr(lp, "extract_features", stop_at_extraction)
-    monkeypatch.setattr(lp, "usable_cores", lambda: 2, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     try:
         with pytest.raises(_Stop):
             linprobe(lp_cfg(setup, tmp_path / "a", "img_size=48", "extract_num_workers=10"))
@@ -252,7 +255,7 @@ def test_image_size_and_worker_count_are_said_at_start(setup, tmp_path, monkeypa
         assert [m for m in said if "img_size" in m] == [
             "img_size 48 (from the config) differs from the 32 px the checkpoint was trained at: images are resized "
             "to 48 and its position tables resampled; set img_size=32 to probe at its own size"], said
-        assert "extract_num_workers=10 is more than the 2 CPU cores this process may use: 2 workers" in said
+        assert "extract_num_workers=10 but this process may use 2 CPUs: 2 workers" in said
         assert used["num_workers"] == 2 and used["img_size"] == (48, 48)
         records.clear()
         with pytest.raises(_Stop):  # the checkpoint's own size, workers within the cores: nothing to say

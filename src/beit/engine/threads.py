@@ -13,13 +13,16 @@ when it starts several processes a host.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["cap_intra_op_threads", "usable_cores"]
+__all__ = ["cap_intra_op_threads", "loader_workers", "usable_cores"]
+
+logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -94,6 +97,39 @@ def usable_cores() -> int:
         n = os.cpu_count() or 1
     quota = _cgroup_cpus()
     return min(n, quota) if quota else n
+
+
+def loader_workers(requested: int, key: str = "train.num_workers", *, say: bool = True) -> int:
+    """DataLoader workers for ``requested`` (the value of config key ``key``), capped at the CPUs this process
+    may use: more loader processes than cores only compete for them (the presets ask for 8 to 14, sized for a
+    GPU host; a 2-core laptop gets 2, and never torch's "suggested max number of worker" warning).
+
+    The CPUs are :func:`usable_cores` (affinity mask, cgroup quota). Under torchrun every process of a host
+    usually sees the whole host, so they are shared evenly among its ``LOCAL_WORLD_SIZE`` ranks (at least one
+    each); a launcher that pins each rank to its own cores gets a lower cap than it could have. 0 (load in the
+    main process) stays 0.
+
+    Args:
+        requested: the configured worker count (>= 0).
+        key: the config key it came from, named in the log line.
+        say: log one line when capped (``key=12 but this process may use 2 CPUs: 2 workers``); callers that
+            reuse a count the trainer already reported pass False.
+
+    Returns:
+        the worker count to use.
+    """
+    cores = usable_cores()
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    per_rank = max(1, cores // local)
+    if requested <= per_rank:
+        return requested
+    if say:
+        shared = f" ({cores} on this host over {local} local ranks)" if local > 1 else ""
+        logger.info("%s=%d but this process may use %d CPUs%s: %d workers", key, requested, per_rank, shared, per_rank)
+    return per_rank
 
 
 def cap_intra_op_threads(device: torch.device | str, num_workers: int) -> int | None:

@@ -79,7 +79,7 @@ from .rundir import (
     check_resume_config,
     prepare_output_dir,
 )
-from .threads import cap_intra_op_threads
+from .threads import cap_intra_op_threads, loader_workers
 
 __all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
            "TrainingInterrupted", "check_run_can_start", "preserved_rng", "seed_everything", "task_of",
@@ -430,6 +430,8 @@ class Trainer:
         self.main = D.is_main()
         self.out = Path(cfg.output_dir)
         self.log = setup_logging(self.out, self.main)
+        #: the loader workers used: train.num_workers capped at the CPUs this process may use (one line if so)
+        self.num_workers = loader_workers(cfg.num_workers, say=self.main)
         fsdp = cfg.distributed == "fsdp" and D.world_size() > 1
         if fsdp and cfg.ema > 0:
             raise ConfigError("train.ema", "model EMA is not supported with distributed=fsdp yet")
@@ -750,7 +752,7 @@ class Trainer:
         self._weights_check = None
         self._prefetcher = None  # batches from the (possibly restored) position
         threads_before = torch.get_num_threads()
-        self.host_threads = cap_intra_op_threads(self.device, self.cfg.num_workers)
+        self.host_threads = cap_intra_op_threads(self.device, self.num_workers)
         continuing = resume_path is not None or self.step > 0  # resumed, or this trainer's second fit()
         self.metric_logger = MetricLogger(self.out, enabled=self.main,
                                           resume_step=self.step if continuing else None)
@@ -1015,7 +1017,7 @@ class Trainer:
             self.dataset.set_epoch(self.epoch)
         g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.epoch, D.rank()))
         if self.streaming:
-            return DataLoader(self.dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+            return DataLoader(self.dataset, batch_size=self.cfg.batch_size, num_workers=self.num_workers,
                               collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda", drop_last=True,
                               worker_init_fn=worker_init, generator=g)
         self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
@@ -1027,7 +1029,7 @@ class Trainer:
             # The workers' base seed comes from this generator, not from the global RNG, so creating the
             # loader (fresh or resumed) never shifts the training RNG stream.
             g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, D.rank()))
-            workers = self.cfg.num_workers
+            workers = self.num_workers
             self._loader = DataLoader(EpochIndexed(self.dataset),
                                       batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
                                       collate_fn=self.collate_fn, pin_memory=self.device.type == "cuda",
@@ -1179,7 +1181,7 @@ class Trainer:
             f"eps {cfg.eps:g} wd {cfg.weight_decay:g}, layer_decay {cfg.layer_decay:g}, "
             f"clip_grad {cfg.clip_grad}, {precision}, compile {cfg.compile_scope if cfg.compile else 'off'}, "
             f"ema {cfg.ema:g}"
-            + (f", {self.host_threads} intra-op thread(s) beside {cfg.num_workers} loader workers"
+            + (f", {self.host_threads} intra-op thread(s) beside {self.num_workers} loader workers"
                if self.host_threads else "")
             + f"\nmodel {self.num_params:,} params, {trainable:,} trainable\n"
             + summarize_param_groups(self.optimizer.param_groups))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ...engine import ConfigError, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
-from ...engine.threads import usable_cores  # the engine's count: affinity mask and cgroup quota
+from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, full_steps
 from ...interop.backbone import load_backbone
 from ...models.config import BeitConfig
@@ -81,17 +81,6 @@ def _log_image_size(cfg: LinprobeConfig, src: BeitConfig | None) -> int | None:
                     "resized to %d and its position tables resampled; set img_size=%s to probe at its own size",
                     cfg.img_size, size, cfg.img_size, size)
     return h
-
-
-def _extract_workers(requested: int) -> int:
-    """``extract_num_workers``, capped at the CPU cores this process may use (one log line when capped):
-    more loader processes than cores only compete for them."""
-    cores = usable_cores()
-    if requested > cores:
-        logger.info("extract_num_workers=%d is more than the %d CPU cores this process may use: %d workers",
-                    requested, cores, cores)
-        return cores
-    return requested
 
 
 def _pool(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -230,7 +219,8 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     check_run_can_start(train_cfg, cfg)
 
     blocks = parse_blocks(cfg.layers, encoder.num_layers)
-    kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=_extract_workers(cfg.extract_num_workers))
+    workers = loader_workers(cfg.extract_num_workers, "extract_num_workers")
+    kw = dict(pool=cfg.pool, batch_size=cfg.extract_batch_size, num_workers=workers)
     train_f, train_y = extract_features(encoder, train_dataset, blocks, **kw)
     val_f, val_y = extract_features(encoder, val_dataset, blocks, **kw)
     if int(train_y.max()) >= num_classes or int(train_y.min()) < 0:

@@ -35,6 +35,7 @@ from ...engine.checkpoint import find_resume_path
 from ...engine.config import validate_config
 from ...engine.logging import setup_logging
 from ...engine.precision import autocast_for
+from ...engine.threads import loader_workers
 from ...interop import save_model
 from ...models import Beit
 from .config import FinetuneConfig, LinprobeConfig
@@ -135,7 +136,8 @@ def _save_final(cfg: FinetuneConfig, arch: Any, out: Path, names: list[str], val
         if val is None:
             continue
         model.to(device).eval()
-        loader = torch.utils.data.DataLoader(val, batch_size=eval_bs, num_workers=cfg.train.num_workers)
+        loader = torch.utils.data.DataLoader(val, batch_size=eval_bs,
+                                             num_workers=loader_workers(cfg.train.num_workers, say=False))
         with torch.no_grad(), autocast_for(device, "auto"):
             meter = evaluate_model(model, loader, len(names))
         rep = write_report(meter, names, out / tag, extra={"checkpoint": str(out / sub)})
@@ -180,7 +182,7 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     arch = model.cfg
     train_cfg = scaled_train_config(cfg.train, cfg.ref_batch)
     eval_bs = cfg.data.eval_batch_size or train_cfg.batch_size
-    eval_fn = (make_eval_fn(val_dataset, num_classes, eval_bs, train_cfg.num_workers)
+    eval_fn = (make_eval_fn(val_dataset, num_classes, eval_bs, loader_workers(train_cfg.num_workers, say=False))
                if val_dataset is not None else None)
     step_fn = make_step_fn(cfg, num_classes)
     trainer = Trainer(model, train_dataset, step_fn, train_cfg, eval_fn=eval_fn,

@@ -44,6 +44,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
+    from ...engine.threads import loader_workers
     from .data import build_val_dataset
     from .evaluate import evaluate_model, format_table
 
@@ -53,7 +54,7 @@ def evaluate(args: argparse.Namespace) -> int:
     val_ds = build_val_dataset(cfg)
     if val_ds is None:
         raise ValueError("no evaluation set: set data.val_ann=... (and data.val_images=...) or data.holdout=N")
-    metrics = evaluate_model(model, val_ds, cfg.eval_batch_size, cfg.eval_workers)
+    metrics = evaluate_model(model, val_ds, cfg.eval_batch_size, loader_workers(cfg.eval_workers, "eval_workers"))
     print(format_table(metrics, val_ds.class_names, cfg.reference,
                        title=f"{args.ckpt} on {val_ds.ann_file} ({len(val_ds)} pages; {val_ds.summary()})"))
     if args.out:

@@ -18,6 +18,7 @@ from torch import nn
 from ...data.datasets import RepeatedDataset
 from ...engine import Trainer, is_main
 from ...engine.config import validate_config
+from ...engine.threads import loader_workers
 from ...engine.trainer import seed_everything
 from .config import LayoutConfig
 from .data import CocoLayoutDataset, build_datasets, collate
@@ -79,7 +80,8 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)  # the detector's random init is part of the run
     # fills cfg.model.backbone etc.
     model = build_detector(cfg.model, train_ds.class_names, train_ds.cat_ids, cfg.model_overrides)
-    eval_fn = make_eval_fn(val_ds, cfg.eval_batch_size, cfg.eval_workers) if val_ds is not None else None
+    eval_fn = (make_eval_fn(val_ds, cfg.eval_batch_size, loader_workers(cfg.eval_workers, "eval_workers"))
+               if val_ds is not None else None)
     vis = make_visualize_fn(val_ds or CocoLayoutDataset(train_ds.ann_file, train_ds.root, image_ids=[
         train_ds.images[0]["id"]]), train_ds.class_names, cfg.vis_score_thresh)
     data = RepeatedDataset(train_ds, cfg.data.repeat) if cfg.data.repeat > 1 else train_ds

@@ -31,6 +31,7 @@ from beit.engine import distributed as D
 from beit.engine.config import ConfigError, to_dict, validate_config
 from beit.engine.precision import autocast_for
 from beit.engine.rundir import ConfigChangedError, class_count_refusal
+from beit.engine.threads import loader_workers
 from beit.engine.trainer import check_run_can_start, worker_init
 
 from .config import SegmentConfig
@@ -142,7 +143,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     val = sets["val"]
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    eval_fn = make_eval_fn(val, cfg, cfg.train.num_workers)
+    eval_fn = make_eval_fn(val, cfg, loader_workers(cfg.train.num_workers, say=False))  # the trainer says a cap
 
     def visualize(m: nn.Module, step: int, out_dir: Path) -> None:
         if D.is_main():
@@ -165,7 +166,7 @@ def evaluate(model: nn.Module, cfg: SegmentConfig, out_dir: str | Path | None = 
     val = build_datasets(cfg, ("val",))["val"]
     device = D.device()
     model.to(device).eval()
-    eval_fn = make_eval_fn(val, cfg, cfg.train.num_workers)
+    eval_fn = make_eval_fn(val, cfg, loader_workers(cfg.train.num_workers))
     with autocast_for(device, cfg.train.precision):
         summary = eval_fn(model)
         if out_dir is not None and cfg.test.overlays > 0 and D.is_main():

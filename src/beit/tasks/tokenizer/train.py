@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...data.datasets import spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
+from ...engine.threads import loader_workers
 from ...engine.trainer import worker_init
 from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
@@ -101,7 +102,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     train_ds, eval_ds = build_datasets(cfg)
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone: runs repeat exactly
     model = DiscreteVAE(cfg.model)
-    bs, workers = cfg.train.batch_size, cfg.train.num_workers
+    bs, workers = cfg.train.batch_size, loader_workers(cfg.train.num_workers, say=False)  # the trainer says a cap
     trainer: Trainer | None = None
 
     def step_fn(m: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
