@@ -389,3 +389,31 @@ def test_a_missing_or_file_train_dir_names_its_key() -> None:
         with pytest.raises(_ConfigError) as info:
             check_image_folders(_DataConfig(train_dir=path))
         assert str(info.value).startswith("config key 'data.train_dir': ") and problem in str(info.value)
+
+
+def test_img_size_and_an_earlier_run_are_refused_before_the_data_is_read(squares, tmp_path, monkeypatch):
+    """The README's first-second promise: img_size against the preset's patch size and an output folder holding
+    an earlier run are refused before the train and val folders are listed or decoded."""
+    from beit.engine.rundir import RunExistsError
+    from beit.tasks.classify import train as ft
+
+    read: list[str] = []
+    monkeypatch.setattr(ft, "build_datasets", lambda *a, **k: read.append("cpu"))
+    monkeypatch.setattr(ft, "build_device_train", lambda *a, **k: read.append("device"))
+    with pytest.raises(ConfigError, match=r"^config key 'img_size': 30 is not divisible by the model's patch size 4: "
+                                          r"use a multiple of 4 \(e\.g\. 28 or 32\)$"):
+        finetune(tiny_cfg(tmp_path / "a", squares, "img_size=30"))
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run
+    with pytest.raises(RunExistsError, match="holds an earlier run"):
+        finetune(tiny_cfg(out, squares))
+    assert read == []
+
+
+def test_img_size_of_a_checkpoint_names_its_key(tmp_path):
+    """A checkpoint's patch size is known once it is read: the same error, naming img_size."""
+    ckpt = tiny_pretrain_checkpoint(tmp_path / "ckpt")
+    cfg = load_config(FinetuneConfig, None, [f"model={ckpt}", "img_size=30", f"train.output_dir={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match=r"^config key 'img_size': 30 is not divisible by the model's patch size"):
+        build_model(cfg, 3)

@@ -36,6 +36,7 @@ from ...engine.config import validate_config
 from ...engine.logging import setup_logging
 from ...engine.precision import autocast_for
 from ...engine.threads import loader_workers
+from ...engine.trainer import check_run_can_start
 from ...interop import save_model
 from ...models import Beit
 from .config import FinetuneConfig, LinprobeConfig
@@ -48,7 +49,7 @@ from .data import (
     check_num_classes,
 )
 from .evaluate import evaluate_model, make_eval_fn, write_report
-from .model import build_model
+from .model import build_model, check_img_size
 
 __all__ = ["OUTPUTS", "begin_run", "finetune", "make_step_fn", "scaled_train_config"]
 
@@ -159,6 +160,11 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     directory that ``beit evaluate`` / ``beit predict`` / ``beit.load_model`` read).
     """
     begin_run(cfg, "a preset name (from scratch) or a checkpoint to fine-tune")
+    # before the data is read: img_size against a preset's patch size, and an output folder holding an earlier
+    # run (a resume is judged by fit(), against the config the data completes: class_names, num_classes)
+    check_img_size(cfg)
+    if not cfg.train.resume:
+        check_run_can_start(cfg.train, cfg)
     preprocess = cfg.data.preprocess(cfg.img_size)
     device_data = None
     if train_dataset is None:
