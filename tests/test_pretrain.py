@@ -363,3 +363,27 @@ def test_shards_of_garbage_are_a_data_error_naming_them(tiny_setup, tmp_path) ->
     with pytest.raises(NoReadableImagesError, match=r"webdataset shards .*train-0000.tar \(1 shard\) yield no full "
                                                     r"batch of 8: 1 shard read\(s\) failed"):
         pretrain(c)
+
+
+def test_output_folder_and_data_device_are_refused_before_the_tokenizer_and_data(tiny_setup, tmp_path,
+                                                                              monkeypatch) -> None:
+    """The README's first-second promise: neither refusal waits for the tokenizer, the model or the images."""
+    from beit.engine.rundir import RunExistsError
+    from beit.tasks.pretrain import train as pretrain_train
+
+    built: list[str] = []
+    monkeypatch.setattr(pretrain_train, "build_tokenizer", lambda *a, **k: built.append("tokenizer"))
+    monkeypatch.setattr(pretrain_train, "build_dataset", lambda *a, **k: built.append("data"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run
+    with pytest.raises(RunExistsError, match="holds an earlier run"):
+        pretrain(_cfg(tiny_setup, out))
+    with pytest.raises(ConfigError, match=r"^config key 'data.device': must be auto \| cpu \| gpu, got 'tpu'$"):
+        pretrain(load_config(PretrainConfig, None, [*_overrides_of(tiny_setup, tmp_path / "b"), "data.device=tpu"]))
+    assert built == []
+
+
+def _overrides_of(root, out) -> list[str]:
+    return [f"data.path={root / 'images'}", "model.img_size=32", "model.patch_size=4", "data.num_mask_patches=26",
+            "tokenizer.kind=dvae", f"tokenizer.path={root / 'tok.safetensors'}", f"train.output_dir={out}"]

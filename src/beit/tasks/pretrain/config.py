@@ -107,6 +107,8 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
     if m.img_size % m.patch_size:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
+    if d.device not in ("auto", "cpu", "gpu"):  # before the tokenizer and model are built (as data.jpeg_decode)
+        raise ConfigError("data.device", f"must be auto | cpu | gpu, got {d.device!r}")
     if d.jpeg_decode not in JPEG_DECODERS:
         raise ConfigError("data.jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {d.jpeg_decode!r}")
     if not d.path:

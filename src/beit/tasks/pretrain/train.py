@@ -18,7 +18,7 @@ from torch import nn
 from ...data.transforms import collate_pretrain
 from ...engine import Trainer
 from ...engine import distributed as D
-from ...engine.trainer import seed_everything
+from ...engine.trainer import check_run_can_start, seed_everything
 from ...interop import save_model
 from ...models.beit import masked_positions
 from .config import PretrainConfig, validate
@@ -74,6 +74,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training; returns the final metrics and where things were written."""
     validate(cfg)
     D.init_distributed()
+    # the output folder and --resume as fit() will judge them, before the tokenizer, model and data are built
+    check_run_can_start(cfg.train, cfg)
     seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
     device = D.device()
     tokenizer = build_tokenizer(cfg.tokenizer, device)
