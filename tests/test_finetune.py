@@ -262,13 +262,14 @@ def test_rvlcdip_preset_runs_on_generated_pages(tmp_path):
     assert len(names) == 16 and pre.resize == "full" and pre.grayscale and pre.img_size == 64
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["num_images"] == 32 and len(report["per_class"]) == 16
-    # the preset asks for 16 classes: 15 folders is an error, not a silently smaller head
+    # the preset asks for 16 classes: 15 folders is an error, not a silently smaller head (in a fresh folder: the
+    # earlier run in out is refused first, before the data is read)
     (pages / "doc15" / "page0.png").unlink()
     (pages / "doc15" / "page1.png").unlink()
     (pages / "doc15").rmdir()
     with pytest.raises(ValueError, match="num_classes=16 but .* has 15 classes"):
         finetune(load_config(FinetuneConfig, CONFIGS / "finetune_rvlcdip_base.yaml", [
-            "model=beit_tiny_patch16_224", f"data.train_dir={pages}", f"train.output_dir={out}"]))
+            "model=beit_tiny_patch16_224", f"data.train_dir={pages}", f"train.output_dir={tmp_path / 'run2'}"]))
 
 
 def test_preset_configs_load():
