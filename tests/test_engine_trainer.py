@@ -617,3 +617,14 @@ def test_every_task_config_has_its_task_name():
     classes = [PretrainConfig, FinetuneConfig, LinprobeConfig, SegmentConfig, LayoutConfig, TokenizerTrainConfig]
     assert sorted(c.__name__ for c in classes) == sorted(TASK_NAMES)
     assert task_of(make_cfg("x")) is None and task_of({"train": {}}) is None
+
+
+def test_compile_without_cuda_says_what_it_costs_and_how_to_skip_it(tmp_path):
+    from beit.engine.trainer import COMPILE_ON_CPU
+
+    if torch.cuda.is_available():
+        pytest.skip("the line is for machines without CUDA")
+    make_trainer(make_cfg(tmp_path / "c", compile=True))  # compiling is lazy: nothing runs until a step
+    assert COMPILE_ON_CPU in (tmp_path / "c" / "log.txt").read_text()
+    make_trainer(make_cfg(tmp_path / "n"))
+    assert "train.compile=true without CUDA" not in (tmp_path / "n" / "log.txt").read_text()

@@ -371,6 +371,11 @@ def _eager() -> contextlib.AbstractContextManager:
     return torch.compiler.set_stance("force_eager")
 
 
+#: said once when train.compile is on without CUDA (a preset's compile on a laptop): what it costs, how to skip it
+COMPILE_ON_CPU = ("train.compile=true without CUDA: the first steps compile C++ kernels for the CPU (minutes on a "
+                  "laptop, for little gain in a smoke test); train.compile=false skips it")
+
+
 class Trainer:
     """Trains ``model`` on ``train_dataset`` with ``step_fn``; see the module docstring.
 
@@ -471,6 +476,8 @@ class Trainer:
         model.to(self.device)
         self.ema = ModelEMA(model, cfg.ema) if cfg.ema > 0 else None
         if cfg.compile:
+            if self.device.type != "cuda" and self.main:
+                self.log.info(COMPILE_ON_CPU)
             D.compile_blocks(model, cfg.distributed if D.world_size() > 1 else "none", scope=cfg.compile_scope)
         self.model = D.wrap_model(model, cfg, bf16=self.use_bf16)
         self.raw_model = D.unwrap_model(self.model)
