@@ -5,6 +5,7 @@ hold). Defaults are the paper's BEiT-B recipe; the presets are ``beit/configs/pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,10 +200,7 @@ def _check_transforms(d: PretrainDataConfig) -> None:
         ConfigError: ``data.scale`` not ``[min, max]`` with ``0 < min <= max <= 1``; ``data.color_jitter`` negative or
             not finite; ``data.hflip`` outside [0, 1]; ``data.std`` with a channel <= 0 or not finite.
     """
-    import math
-
-    lo, hi = d.scale
-    if not 0 < lo <= hi <= 1:
+    if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1] <= 1:
         raise ConfigError("data.scale", f"must be [min, max] with 0 < min <= max <= 1 (the crop's share of the image), "
                                         f"got {list(d.scale)}")
     if not (math.isfinite(d.color_jitter) and d.color_jitter >= 0):
