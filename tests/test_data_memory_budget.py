@@ -48,6 +48,11 @@ def test_too_large_for_ram_or_device_is_refused_before_decoding(tmp_path: Path, 
     monkeypatch.setattr(datasets, "available_memory", lambda: 100_000)
     with pytest.raises(MemoryBudgetError, match="in each of the 8 ranks of this host"):
         decode_image_folder(root, progress=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")  # not a number: one rank (was a ValueError ending the run)
+    monkeypatch.setattr(datasets, "available_memory", lambda: 10**12)
+    monkeypatch.setattr(datasets, "free_device_memory", lambda device: None)
+    monkeypatch.setattr(datasets, "decode_image", lambda *a, **k: np.zeros((30, 40, 3), np.uint8))
+    assert len(decode_image_folder(root, progress=False).images) == 6
 
 
 def test_in_memory_refusal_names_the_config_key(tmp_path: Path, monkeypatch) -> None:

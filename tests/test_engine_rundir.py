@@ -681,3 +681,48 @@ def test_resume_info_lines_cut_long_values(caplog):
                               source="ck.pt")
     line = next(r.getMessage() for r in caplog.records if "model.classes=" in r.getMessage())
     assert len(line) < 200 and line.endswith("...]") and "'class_0'" in line
+
+
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path):
+    # a training set kept in the output folder's images/ (an engine folder an overwrite clears)
+    out = tmp_path / "proj"
+    (out / "images" / "train" / "cat").mkdir(parents=True)
+    (out / "images" / "train" / "cat" / "a.jpg").write_bytes(b"x")
+    (out / "last.pt").write_bytes(b"x")
+    inputs = R.config_inputs({"data": {"train_dir": str(out / "images" / "train")},
+                              "train": {"output_dir": str(out)}, "model": "", "precision": "fp32"})
+    assert inputs == {"data.train_dir": str(out / "images" / "train")}  # output_dir and non-paths left out
+    for check_only in (True, False):
+        with pytest.raises(R.RunDirError, match=r"would delete .*images, which overlaps this run's input "
+                                                r"data\.train_dir=.*nothing was deleted"):
+            R.prepare_output_dir(out, resume_path=None, overwrite=True, check_only=check_only, inputs=inputs)
+    assert (out / "images" / "train" / "cat" / "a.jpg").exists() and (out / "last.pt").exists()
+    # the weights a run fine-tunes from, in the output folder's model/ (a task output), no checkpoint left
+    run = tmp_path / "r1"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(R.RunDirError, match=r"model=.*r1/model"):
+        R.prepare_output_dir(run, resume_path=None, overwrite=True, outputs=("model",),
+                             inputs=R.config_inputs({"model": str(run / "model")}))
+    assert (run / "model" / "model.safetensors").exists()
+    # the output folder is the data folder (class folders named like outputs)
+    data = tmp_path / "dd"
+    for c in ("model", "tb"):
+        (data / c).mkdir(parents=True)
+        (data / c / "x.jpg").write_bytes(b"x")
+    (data / "last.pt").write_bytes(b"x")
+    with pytest.raises(R.RunDirError, match="data.train_dir"):
+        R.prepare_output_dir(data, resume_path=None, overwrite=True, outputs=("model",),
+                             inputs=R.config_inputs({"data": {"train_dir": str(data)}}))
+    assert (data / "model" / "x.jpg").exists() and (data / "tb" / "x.jpg").exists()
+
+
+def test_overwrite_without_a_checkpoint_deletes_only_the_task_outputs(tmp_path):
+    out = tmp_path / "o"
+    (out / "final").mkdir(parents=True)
+    (out / "images").mkdir()
+    (out / "images" / "mine.png").write_bytes(b"x")
+    (out / "config.yaml").write_text("a: 1\n")
+    assert R.prepare_output_dir(out, resume_path=None, overwrite=True, outputs=("final",)) == "overwrite"
+    assert not (out / "final").exists()
+    assert (out / "images" / "mine.png").exists() and (out / "config.yaml").exists()

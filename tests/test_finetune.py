@@ -404,6 +404,9 @@ def test_img_size_and_an_earlier_run_are_refused_before_the_data_is_read(squares
     with pytest.raises(ConfigError, match=r"^config key 'img_size': 30 is not divisible by the model's patch size 4: "
                                           r"use a multiple of 4 \(e\.g\. 28 or 32\)$"):
         finetune(tiny_cfg(tmp_path / "a", squares, "img_size=30"))
+    for bad in ("0", "-4"):  # was a ZeroDivisionError traceback / passed to fail after decoding
+        with pytest.raises(ConfigError, match=r"^config key 'model_overrides.patch_size': must be a positive whole"):
+            finetune(tiny_cfg(tmp_path / "p", squares, f"model_overrides.patch_size={bad}"))
     out = tmp_path / "b"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run

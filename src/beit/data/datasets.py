@@ -1376,7 +1376,10 @@ def check_memory_budget(nbytes: int, n: int, root: str | os.PathLike, device: to
     Raises:
         MemoryBudgetError: they would not fit; one line with the estimate and the memory there is.
     """
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:  # not a number: as torch.distributed's launchers never set it (engine.threads reads it so)
+        ranks = 1
     gib = 2.0 ** 30
     ram = available_memory()
     what = f"the {n} images under {str(root)!r} decode to about {nbytes / gib:.2f} GiB (estimated from the headers)"

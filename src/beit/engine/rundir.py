@@ -45,9 +45,9 @@ from .._text import first_few
 __all__ = [
     "CLASSES_KEY", "CLASS_SOURCES", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES",
     "ConfigChangedError", "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError",
-    "atomic_write", "check_checkpoint_task", "check_resume_config", "class_count_refusal", "class_list_key",
-    "class_list_source", "clear_previous_run", "diff_configs", "prepare_output_dir", "previous_run_files",
-    "remove_stale_tmp", "task_outputs_present",
+    "atomic_write", "check_checkpoint_task", "check_overwrite_spares_inputs", "check_resume_config",
+    "class_count_refusal", "class_list_key", "class_list_source", "clear_previous_run", "config_inputs", "diff_configs",
+    "prepare_output_dir", "previous_run_files", "previous_run_paths", "remove_stale_tmp", "task_outputs_present",
 ]
 
 LOCK_NAME = ".lock"
@@ -324,19 +324,66 @@ def clear_previous_run(output_dir: str | Path, outputs: Sequence[str] = ()) -> l
     Raises:
         ValueError: ``outputs`` holds a name that is not a plain name in the folder (:func:`_check_outputs`).
     """
+    return _remove(previous_run_paths(output_dir, outputs))
+
+
+def previous_run_paths(output_dir: str | Path, outputs: Sequence[str] = ()) -> list[Path]:
+    """What :func:`clear_previous_run` would delete in ``output_dir``, sorted by name (nothing is removed).
+
+    Raises:
+        ValueError: ``outputs`` holds a name that is not a plain name in the folder (:func:`_check_outputs`).
+    """
     _check_outputs(outputs)
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    doomed = [p for p in out.iterdir()
-              if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")
-              or p.name in outputs]
+    return sorted((p for p in out.iterdir()
+                   if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")
+                   or p.name in outputs), key=lambda p: p.name)
+
+
+def _remove(doomed: Sequence[Path]) -> list[Path]:
+    """Delete ``doomed`` (a link itself, never what it points to); returns it."""
     for p in doomed:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
-    return sorted(doomed, key=lambda p: p.name)
+    return list(doomed)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b``, inside it, or holds it (links resolved)."""
+    try:
+        ra, rb = a.resolve(), b.resolve()
+    except OSError:
+        return False
+    return ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)
+
+
+def config_inputs(config: Mapping[str, Any]) -> dict[str, str]:
+    """The paths a run reads, from its (nested) config: every string value that names an existing file or folder
+    (data folders, the weights fine-tuned from, the tokenizer), dotted key -> path; ``output_dir`` (any key ending
+    so) is where the run writes, not an input."""
+    return {k: v for k, v in _flatten(dict(config)).items()
+            if k.rsplit(".", 1)[-1] != "output_dir" and isinstance(v, str) and v and os.path.exists(v)}
+
+
+def check_overwrite_spares_inputs(doomed: Sequence[Path], inputs: Mapping[str, str | Path]) -> None:
+    """Refuse an ``--overwrite`` that would delete a run's own input: a path to delete that is, holds or lies in
+    one of ``inputs`` (config key -> path: the data folders, the weights fine-tuned from, the tokenizer), e.g. a
+    training set kept in the output folder's ``images/``, or ``model=RUN/model`` overwritten by the run that
+    loads it.
+
+    Raises:
+        RunDirError: naming the path, the input and its key; nothing is deleted.
+    """
+    for p in doomed:
+        for key, src in inputs.items():
+            if _overlaps(p, Path(src)):
+                raise RunDirError(f"--overwrite would delete {p}, which overlaps this run's input {key}={src}: "
+                                  "nothing was deleted; choose another output_dir (train.output_dir / --out), or "
+                                  "move the input out of it")
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -347,7 +394,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resume: str = "",
-                       overwrite: bool = False, check_only: bool = False, outputs: Sequence[str] = ()) -> str:
+                       overwrite: bool = False, check_only: bool = False, outputs: Sequence[str] = (),
+                       inputs: Mapping[str, str | Path] | None = None) -> str:
     """Decide how a run starts in ``output_dir`` and get the folder ready; returns ``"resume"``, ``"fresh"`` or
     ``"overwrite"``. Call on rank 0 while holding the :class:`RunLock`.
 
@@ -357,7 +405,9 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     and ``--overwrite``, unless ``overwrite`` (then the earlier run's files are deleted, see
     :func:`clear_previous_run`, with the task's ``outputs``: names of the files and folders the task writes
     there besides the engine's, e.g. pre-training's ``final``; an overwrite deletes them even when no checkpoint
-    is left, and a fresh run without ``overwrite`` keeps them with a warning). With ``resume="auto"`` and no
+    is left (then only they and ``abandoned/`` go), and a fresh run without ``overwrite`` keeps them with a
+    warning). ``inputs`` (config key -> path): the run's inputs, which an overwrite never deletes
+    (:func:`check_overwrite_spares_inputs`). With ``resume="auto"`` and no
     checkpoint, metrics of a run that crashed before its first checkpoint are replaced (nothing resumable is
     lost). Stray ``*.tmp`` files are removed.
 
@@ -368,8 +418,10 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     Raises:
         RunExistsError: the folder holds an earlier run and neither this folder's checkpoint is resumed nor
             ``overwrite`` is given.
+        RunDirError: ``overwrite`` would delete one of ``inputs`` (or a folder holding one, or one inside one).
         ValueError: ``outputs`` holds a name that is not a plain name in the folder.
     """
+    inputs = inputs or {}
     _check_outputs(outputs)
     out = Path(output_dir)
     if not check_only:
@@ -385,11 +437,13 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
         if aside.is_dir() and any(aside.iterdir()):
             stale = sorted([*stale, aside], key=lambda p: p.name)
         if stale:
+            if overwrite:
+                check_overwrite_spares_inputs(stale, inputs)
             if check_only:
                 return "overwrite" if overwrite else "fresh"
             names = ", ".join(p.name for p in stale)
             if overwrite:
-                removed = clear_previous_run(out, outputs)
+                removed = _remove(stale)  # no checkpoint: only the task's outputs and abandoned/
                 _log().warning(f"overwrite: deleted what an earlier run left in {out} "
                                f"({', '.join(p.name for p in removed)})")
                 return "overwrite"
@@ -405,9 +459,11 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
                 if resume == "auto" else "to continue it pass --resume auto (train.resume=auto)")
         raise RunExistsError(f"output_dir {out} holds an earlier run ({names}): {start}. {hint}, or pass "
                              "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")
+    doomed = previous_run_paths(out, outputs)
+    check_overwrite_spares_inputs(doomed, inputs)
     if check_only:
         return "overwrite"
-    removed = clear_previous_run(out, outputs)
+    removed = _remove(doomed)
     _log().warning(f"overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in removed)})")
     return "overwrite"
 

@@ -77,6 +77,7 @@ from .rundir import (
     atomic_write,
     check_checkpoint_task,
     check_resume_config,
+    config_inputs,
     prepare_output_dir,
 )
 from .threads import cap_intra_op_threads, loader_workers
@@ -348,8 +349,8 @@ def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None,
     path = find_resume_path(cfg.resume, out)
     if cfg.resume == "auto" and path is None:
         return  # fit() resumes the newest readable step checkpoint, or starts from step 0
-    if not cfg.overwrite:
-        prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=False, check_only=True)  # or refuses
+    prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=cfg.overwrite, check_only=True,
+                       inputs=config_inputs(to_dict(run_config if run_config is not None else cfg)))  # or refuses
     if path is None:
         return
     try:
@@ -680,7 +681,8 @@ class Trainer:
                 resume_path, self._resume_state = self._pick_resume()
                 if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
-                                       overwrite=getattr(self.cfg, "overwrite", False), outputs=self.outputs)
+                                       overwrite=getattr(self.cfg, "overwrite", False), outputs=self.outputs,
+                                       inputs=config_inputs(to_dict(self.run_config)))
             except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
                     lock.release()

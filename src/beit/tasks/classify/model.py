@@ -50,6 +50,8 @@ def check_img_size(cfg: FinetuneConfig) -> None:
         ConfigError: ``config key 'img_size': 30 is not divisible by the model's patch size 4: ...``.
     """
     patch = cfg.model_overrides.get("patch_size")
+    if patch is not None and not (isinstance(patch, int) and not isinstance(patch, bool) and patch > 0):
+        raise ConfigError("model_overrides.patch_size", f"must be a positive whole number of pixels, got {patch!r}")
     if patch is None and is_preset(cfg.model):
         patch = preset_config(cfg.model).patch_size
     if isinstance(patch, int) and patch > 0 and cfg.img_size % patch:
