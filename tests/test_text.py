@@ -53,3 +53,13 @@ def test_repeated_items_with_their_counts_in_order_of_first_appearance() -> None
     assert repeated(["7", 7, "7"], 3) == "'7' (2 times)"  # by repr: an id '7' is not 7
     with pytest.raises(ValueError, match="first_few shows at least one item, not n=0"):
         repeated(["a", "a"], 0)
+
+
+def test_strict_json_writes_null_for_nan_and_infinities():
+    import json
+
+    from beit._text import strict_json
+
+    text = strict_json({"IoU": [1.0, float("nan")], "mIoU": float("inf"), "ok": (1, "a"), "n": {"x": -float("inf")}})
+    assert json.loads(text) == {"IoU": [1.0, None], "mIoU": None, "ok": [1, "a"], "n": {"x": None}}
+    assert "NaN" not in text and "Infinity" not in text

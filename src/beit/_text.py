@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["first_few", "repeated"]
+__all__ = ["first_few", "repeated", "strict_json"]
 
 
 def first_few(items: Sequence[object], n: int, *, sep: str = ", ") -> str:
@@ -39,3 +41,23 @@ def repeated(items: Sequence[object], n: int) -> str:
     """
     counts = Counter(items)
     return first_few([f"{x!r} ({c} times)" for x, c in counts.items() if c > 1], n)
+
+
+def strict_json(obj: object, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON: a float that is NaN or infinite (a metric of a class absent from both the labels and
+    the predictions, say) becomes ``null``, which every JSON reader takes (``NaN`` is not JSON); tuples become
+    lists. Used for the ``metrics.json`` files that tools read.
+
+    Raises:
+        TypeError: a value JSON cannot hold (from :func:`json.dumps`).
+    """
+    def clean(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

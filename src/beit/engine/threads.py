@@ -128,7 +128,9 @@ def loader_workers(requested: int, key: str = "train.num_workers", *, say: bool 
         return requested
     if say:
         shared = f" ({cores} on this host over {local} local ranks)" if local > 1 else ""
-        logger.info("%s=%d but this process may use %d CPUs%s: %d workers", key, requested, per_rank, shared, per_rank)
+        cpus, workers = ("CPU", "worker") if per_rank == 1 else ("CPUs", "workers")
+        logger.info("%s=%d but this process may use %d %s%s: %d %s", key, requested, per_rank, cpus, shared, per_rank,
+                    workers)
     return per_rank
 
 

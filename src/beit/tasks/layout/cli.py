@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from ..._text import strict_json
 
 
 def train(args: argparse.Namespace) -> int:
@@ -60,7 +61,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "metrics.json").write_text(strict_json(metrics))
     return 0
 
 

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..._text import strict_json
+
 
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
@@ -49,7 +51,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1))
+        (out / "metrics.json").write_text(strict_json({k: v for k, v in res.items() if k != "table"}))
         print(f"wrote {out / 'metrics.json'}")
     return 0
 
