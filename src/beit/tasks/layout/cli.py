@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..._text import strict_json
-
 
 def train(args: argparse.Namespace) -> int:
     """``beit layout train``: train a detector (logs the COCO AP table itself)."""
@@ -61,6 +59,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        from ..._text import strict_json
+
         (out / "metrics.json").write_text(strict_json(metrics))
     return 0
 

@@ -12,8 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..._text import strict_json
-
 
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
@@ -51,6 +49,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        from ..._text import strict_json
+
         (out / "metrics.json").write_text(strict_json({k: v for k, v in res.items() if k != "table"}))
         print(f"wrote {out / 'metrics.json'}")
     return 0
