@@ -49,6 +49,7 @@ __all__ = [
     "FileImages",
     "NoReadableImagesError",
     "MemoryBudgetError",
+    "local_world_size",
     "check_memory_budget",
     "estimate_decoded_bytes",
     "report_unreadable_classes",
@@ -248,10 +249,6 @@ def first_readable(n: int, index: int, is_bad: Callable[[int], bool], read: Call
     raise NoReadableImagesError(f"none of the {n} images could be {what}; first failures: {failures()}")
 
 
-def _class_folder(root: str | os.PathLike, name: str) -> str:
-    return os.path.join(str(root), name)
-
-
 def unreadable_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str], *, num_threads: int = 8
                        ) -> dict[str, list[tuple[str, str]]]:
     """The classes of ``samples`` (``(path, label)``, labels indexing ``classes``) none of whose files decodes, each
@@ -295,7 +292,7 @@ def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, lis
         return
     shown = []
     for name, failures in unreadable.items():
-        folder = _class_folder(root, name)
+        folder = os.path.join(str(root), name)
         if failures:
             path, err = failures[0]
             shown.append(f"{name!r} ({folder}: {len(failures)} file{'' if len(failures) == 1 else 's'}, none "
@@ -1367,6 +1364,15 @@ def estimate_decoded_bytes(paths: Sequence[str], size: int | None = None, *, sam
     return int(np.mean(pixels) * 3 * n) if pixels else 0
 
 
+def local_world_size() -> int:
+    """The processes of this host under torchrun (``LOCAL_WORLD_SIZE``), at least 1; 1 when it is unset or not a
+    number. The one reading of it (the in-memory check here, the engine's loader-worker cap)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def check_memory_budget(nbytes: int, n: int, root: str | os.PathLike, device: torch.device | str | None = None
                         ) -> None:
     """Refuse to decode ``n`` images of about ``nbytes`` (:func:`estimate_decoded_bytes`) under ``root`` into memory
@@ -1376,10 +1382,7 @@ def check_memory_budget(nbytes: int, n: int, root: str | os.PathLike, device: to
     Raises:
         MemoryBudgetError: they would not fit; one line with the estimate and the memory there is.
     """
-    try:
-        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:  # not a number: as torch.distributed's launchers never set it (engine.threads reads it so)
-        ranks = 1
+    ranks = local_world_size()
     gib = 2.0 ** 30
     ram = available_memory()
     what = f"the {n} images under {str(root)!r} decode to about {nbytes / gib:.2f} GiB (estimated from the headers)"

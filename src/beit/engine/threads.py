@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.datasets import local_world_size
+
 __all__ = ["cap_intra_op_threads", "loader_workers", "usable_cores"]
 
 logger = logging.getLogger(__name__)
@@ -119,10 +121,7 @@ def loader_workers(requested: int, key: str = "train.num_workers", *, say: bool 
         the worker count to use.
     """
     cores = usable_cores()
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
+    local = local_world_size()
     per_rank = max(1, cores // local)
     if requested <= per_rank:
         return requested
