@@ -51,6 +51,7 @@ __all__ = [
     "MemoryBudgetError",
     "local_world_size",
     "check_memory_budget",
+    "classes_left_empty",
     "estimate_decoded_bytes",
     "report_unreadable_classes",
     "unreadable_classes",
@@ -276,6 +277,16 @@ def unreadable_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results = list(pool.map(check, range(len(classes))))
     return {classes[i]: f for i, f in enumerate(results) if f is not None}
+
+
+def classes_left_empty(samples: Sequence[tuple[str, int]], keep: Iterable[int], classes: Sequence[str],
+                       errors: dict[int, str]) -> dict[str, list[tuple[str, str]]]:
+    """The classes none of whose samples is among ``keep`` (indices of ``samples``, ``(path, label)``, that were
+    read), each with its files' ``(path, error)`` (``errors``: index -> message, "" where none was recorded): the
+    form :func:`report_unreadable_classes` takes."""
+    kept = {samples[i][1] for i in keep}
+    return {name: [(path, errors.get(i, "")) for i, (path, label) in enumerate(samples) if label == c]
+            for c, name in enumerate(classes) if c not in kept}
 
 
 def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, list[tuple[str, str]]], *,
@@ -1479,9 +1490,7 @@ def decode_image_folder(
         raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
     dropped = [ds.samples[i][0] for i, a in enumerate(arrays) if a is None]
     if labeled:
-        kept_labels = {ds.samples[i][1] for i in keep}
-        unreadable = {name: [(ds.samples[i][0], ds._bad.get(i, "")) for i, (_, label) in enumerate(ds.samples)
-                             if label == c] for c, name in enumerate(names) if c not in kept_labels}
+        unreadable = classes_left_empty(ds.samples, keep, names, ds._bad)
         if every_class or first_rank:  # one warning (rank 0's); every rank stops on the error
             report_unreadable_classes(root, unreadable, required=every_class)
     if dropped and first_rank:

@@ -22,6 +22,7 @@ from ...data.datasets import (
     MemoryBudgetError,
     TensorImageDataset,
     class_folders,
+    classes_left_empty,
     decode_image_folder,
     report_unreadable_classes,
     unreadable_classes,
@@ -81,10 +82,7 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
     warn_left_out(sorted(bad))
     classes = list(getattr(ds, "classes", []))
     if classes:
-        kept = {ds.samples[i][1] for i in keep}
-        report_unreadable_classes(ds.root, {name: [(p, ds._bad.get(i, "")) for i, (p, label) in enumerate(ds.samples)
-                                                   if label == c]
-                                            for c, name in enumerate(classes) if c not in kept}, required=False)
+        report_unreadable_classes(ds.root, classes_left_empty(ds.samples, keep, classes, ds._bad), required=False)
     return Subset(ds, keep), keep, sorted(bad)
 
 
