@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer decay of the pre-trained run")
     p.add_argument("--scratch-layer-decay", type=float, default=1.0, help="layer decay of the from-scratch run")
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--evals", type=int, default=1,
+                   help="COCO evaluations over each run, evenly spaced (the AP curve: DATASET_ap_curve.png, "
+                        "ap_curve in results.json)")
     p.add_argument("--keep-runs", action="store_true", help="keep checkpoints/logs under --out/runs (large)")
     p.add_argument("--profile", default="", metavar="FILE",
                    help="first profile a few training steps of the first dataset (random weights, the runs' model "
@@ -257,6 +260,29 @@ def _nan_to_none(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
+def eval_schedule(steps: int, batch: int, n_train: int, evals: int) -> tuple[int, int]:
+    """``(data.repeat, train.eval_every)`` for ``evals`` evaluations spread over a run of ``steps`` steps: an engine
+    epoch of ``repeat`` passes over the ``n_train`` pages covers ~steps / evals steps and each epoch's end evaluates
+    (and saves); one evaluation means one epoch for the whole run and the engine's final evaluation only."""
+    evals = max(1, min(evals, steps))
+    repeat = max(1, math.ceil(steps * batch / n_train / evals))
+    return repeat, 1 if evals > 1 else 0
+
+
+def ap_curve(metrics_jsonl: Path) -> list[dict[str, Any]]:
+    """The run's evaluations from its ``metrics.jsonl``: step, box AP, AP50 and the training loss last logged
+    at or before that step (a held-out AP that stalls while this falls is the small training set showing)."""
+    from beit.engine.logging import read_metrics
+
+    train_rows = [r for r in read_metrics(metrics_jsonl, split="train") if "loss" in r]
+    curve = []
+    for r in read_metrics(metrics_jsonl, split="eval"):
+        before = [t["loss"] for t in train_rows if t["step"] <= r["step"]]
+        curve.append({"step": int(r["step"]), "bbox_AP": _nan_to_none(r.get("bbox/AP")),
+                      "bbox_AP50": _nan_to_none(r.get("bbox/AP50")), "train_loss": before[-1] if before else None})
+    return curve
+
+
 def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
     from beit.tasks.layout import build_val_dataset, draw_detections, load_detector, train
 
@@ -282,6 +308,7 @@ def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
     side.paste(right, (left.width + 8, 0))
     side.save(png)
     ev = {k[len("eval/"):]: _nan_to_none(v) for k, v in res.items() if k.startswith("eval/")}
+    curve = ap_curve(Path(cfg.train.output_dir) / "metrics.jsonl")
     return {
         "init": cfg.model.init or None, "layer_decay": cfg.train.layer_decay, "steps": int(res["step"]),
         "bbox_AP": ev.get("bbox/AP"), "bbox_AP50": ev.get("bbox/AP50"), "bbox_AP75": ev.get("bbox/AP75"),
@@ -289,8 +316,34 @@ def run_one(dataset: str, name: str, cfg: Any, out: Path) -> dict[str, Any]:
         "per_class_bbox_AP": {n: ev.get(f"bbox/AP/{n}") for n in val.class_names},
         "final_train_loss": res.get("train/loss"), "img_per_s": res.get("train/img_per_s"),
         "wall_s": round(wall, 1), "page_png": png.name, "val_pages": len(val), "data_report": res.get("data"),
-        "boxes_on_page": int((det["scores"] >= 0.5).sum()), "metrics": ev,
+        "boxes_on_page": int((det["scores"] >= 0.5).sum()), "metrics": ev, "ap_curve": curve,
     }
+
+
+def plot_ap_curves(dataset: str, runs: dict[str, Any], png: Path) -> Path | None:
+    """Box AP (and AP50) vs training step of each run, from the evaluations ``--evals`` spread over it."""
+    curves = {n: [p for p in r.get("ap_curve", []) if p["bbox_AP"] is not None] for n, r in runs.items()}
+    if sum(len(c) for c in curves.values()) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, pts in curves.items():
+        steps = [p["step"] for p in pts]
+        axes[0].plot(steps, [p["bbox_AP"] for p in pts], "o-", label=name)
+        axes[1].plot(steps, [p["bbox_AP50"] for p in pts], "o-", label=name)
+    for ax, title in zip(axes, ("box AP .50:.95", "box AP50")):
+        ax.set_xlabel("training step")
+        ax.set_title(f"{dataset}: {title} (held-out pages)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def comparison(dataset: str, runs: dict[str, Any], class_names: list[str]) -> str:
@@ -380,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"calibration: {ips:.1f} img/s -> {steps} steps of {args.batch_size} pages per run", flush=True)
         batch = 2 if args.smoke else args.batch_size
         n_train = 100 - holdout if dataset == "docbank" else 20 - holdout
-        repeat = max(1, math.ceil(steps * batch / n_train))  # one epoch ~ the whole run: no per-epoch checkpoints
+        repeat, eval_every = eval_schedule(steps, batch, n_train, args.evals)
         entry = results["datasets"].setdefault(dataset, {})
         entry.update({"note": note, "steps": steps, "calibrated_img_per_s": ips, "budget_minutes": minutes})
         entry.setdefault("runs", {})
@@ -389,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = runs_dir / dataset / name
             extra = [f"train.max_steps={steps}",
                      f"train.warmup_steps={max(1, min(steps // 10, 100)) if steps > 1 else 0}",
-                     f"data.repeat={repeat}"]
+                     f"data.repeat={repeat}", f"train.eval_every={eval_every}"]
             if name == "pretrained":
                 extra += [f"model.init={init}", f"train.layer_decay={args.layer_decay}"]
             elif name == "scratch":
@@ -420,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             table = comparison(dataset, done, class_names)
             (out / f"{dataset}_ap.txt").write_text(table + "\n")
             print(table, flush=True)
+            png = plot_ap_curves(dataset, done, out / f"{dataset}_ap_curve.png")
+            if png is not None:
+                entry["ap_curve_png"] = png.name
+                path.write_text(json.dumps(results, indent=1))
+                print(f"AP curves: {png}", flush=True)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     path.write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)

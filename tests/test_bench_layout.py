@@ -49,3 +49,28 @@ def test_profile_names_the_step_parts_and_appends_its_tables(bench, tmp_path):
         assert part in text
     assert "self_cpu_time_total" in text and "aten::" in text
     assert out.read_text() == "earlier\n" + text + "\n"  # appended
+
+
+def test_evals_spread_over_the_run(bench):
+    # 1060 steps of 8 pages over 80 pages, 5 evaluations: epochs of 22 passes (220 steps), each evaluated
+    assert bench.eval_schedule(1060, 8, 80, 5) == (22, 1)
+    assert bench.eval_schedule(1060, 8, 80, 1) == (106, 0)  # one epoch, the final evaluation only
+    assert bench.eval_schedule(3, 2, 80, 10) == (1, 1)  # never more evaluations than steps
+
+
+def test_ap_curve_reads_the_evaluations_and_the_loss_before_each(bench, tmp_path):
+    import json
+
+    rows = [{"split": "train", "step": 10, "loss": 2.0}, {"split": "train", "step": 20, "loss": 1.5},
+            {"split": "eval", "step": 20, "bbox/AP": 0.1, "bbox/AP50": 0.2},
+            {"split": "train", "step": 30, "loss": 1.0},
+            {"split": "eval", "step": 40, "bbox/AP": float("nan"), "bbox/AP50": 0.3}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = bench.ap_curve(path)
+    assert curve == [{"step": 20, "bbox_AP": 0.1, "bbox_AP50": 0.2, "train_loss": 1.5},
+                     {"step": 40, "bbox_AP": None, "bbox_AP50": 0.3, "train_loss": 1.0}]
+    runs = {"pretrained": {"ap_curve": curve}, "scratch": {"ap_curve": curve[:1]}}
+    png = bench.plot_ap_curves("docbank", runs, tmp_path / "curve.png")
+    assert png is not None and png.stat().st_size > 0
+    assert bench.plot_ap_curves("docbank", {"a": {"ap_curve": curve[:1]}}, tmp_path / "none.png") is None
