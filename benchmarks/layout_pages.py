@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-batch", type=int, default=128)
     p.add_argument("--detect-minutes", type=float, default=3.5, help="training time of EACH detector arm")
     p.add_argument("--detect-profile", action="store_true", help="profile a few detector steps first")
+    p.add_argument("--detect-evals", type=int, default=5, help="COCO evaluations over each detector arm (AP curve)")
     p.add_argument("--detect-args", default="", help="more layout_docbank.py arguments, e.g. '--lr 3e-4 KEY=VALUE'")
     p.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
     p.add_argument("--detect-workers", type=int, default=0,
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{init} not found: run the pretrain stage first (same --work)")
         cmd = [sys.executable, str(HERE / "layout_docbank.py"), "--data", str(data), "--init", str(init),
                "--out", str(out / "detect"), "--only", "docbank", "--minutes", str(a.detect_minutes),
-               "--workers", str(a.detect_workers or min(a.workers, 8))]
+               "--workers", str(a.detect_workers or min(a.workers, 8)), "--evals", str(a.detect_evals)]
         if a.detect_profile:
             cmd += ["--profile", str(out / "detect" / "profile.txt")] + (["--profile-steps", "2"] if a.smoke else [])
         secs = _run(cmd + (["--smoke"] if a.smoke else []) + shlex.split(a.detect_args), out / "detect.log")
