@@ -72,3 +72,24 @@ def test_max_images_is_applied_before_decoding(tmp_path: Path, caplog) -> None:
         out = decode_image_folder(root, labeled=False, max_images=3, progress=False)
     assert tuple(out.images.shape) == (3, 8, 8, 3) and out.dropped == [] and "broken" not in caplog.text
     assert [int(v) for v in out.images[:, 0, 0, 0]] == [0, 1, 2]
+
+
+def test_a_container_limit_counts_not_only_the_host(tmp_path: Path, monkeypatch) -> None:
+    v2_max, v2_cur = tmp_path / "memory.max", tmp_path / "memory.current"
+    v2_max.write_text("1000000\n")
+    v2_cur.write_text("400000\n")
+    assert datasets.cgroup_memory_left([(str(v2_max), str(v2_cur))]) == 600_000
+    v2_max.write_text("max\n")  # cgroup v2 without a limit
+    assert datasets.cgroup_memory_left([(str(v2_max), str(v2_cur))]) is None
+    v1_lim, v1_use = tmp_path / "limit_in_bytes", tmp_path / "usage_in_bytes"
+    v1_lim.write_text(f"{2**63 - 4096}\n")  # cgroup v1 without a limit
+    v1_use.write_text("5\n")
+    missing = (str(tmp_path / "nope"), str(tmp_path / "nope2"))
+    assert datasets.cgroup_memory_left([missing, (str(v1_lim), str(v1_use))]) is None
+    v1_lim.write_text("300\n")
+    assert datasets.cgroup_memory_left([missing, (str(v1_lim), str(v1_use))]) == 295
+    # the smaller of the host's available memory and the container's headroom decides
+    monkeypatch.setattr(datasets, "cgroup_memory_left", lambda: 12_345)
+    assert datasets.available_memory() == 12_345
+    monkeypatch.setattr(datasets, "cgroup_memory_left", lambda: None)
+    assert datasets.available_memory() > 12_345

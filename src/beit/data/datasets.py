@@ -1330,20 +1330,51 @@ class MemoryBudgetError(ValueError):
 MEMORY_SHARE = 0.5
 
 
+#: where a container's memory limit and use are read: cgroup v2, then v1 (limit, usage)
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def cgroup_memory_left(files: Sequence[tuple[str, str]] = CGROUP_MEMORY_FILES) -> int | None:
+    """Bytes this process's container may still allocate (its cgroup's memory limit minus its use), or None where
+    no limit is set ("max" in v2, a huge number in v1) or none can be read. A container (Docker, Kubernetes, SLURM)
+    is killed at its limit while ``/proc/meminfo`` shows the whole host's memory."""
+    for limit_file, usage_file in files:
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max":
+                return None
+            limit = int(limit_text)
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 2**60:  # v1's "no limit" (PAGE_COUNTER_MAX in bytes)
+            return None
+        return max(0, limit - usage)
+    return None
+
+
 def available_memory() -> int | None:
-    """Bytes of RAM available to new allocations (``MemAvailable`` of ``/proc/meminfo``, else free pages), or None
-    where neither can be read."""
+    """Bytes of RAM available to new allocations: ``MemAvailable`` of ``/proc/meminfo`` (else free pages), or what
+    the container's cgroup limit leaves (:func:`cgroup_memory_left`) where that is less; None where none can be
+    read."""
+    host = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    if host is None:
+        try:
+            host = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            host = None
+    box = cgroup_memory_left()
+    known = [m for m in (host, box) if m is not None]
+    return min(known) if known else None
 
 
 def free_device_memory(device: torch.device | str | None) -> int | None:
