@@ -726,3 +726,35 @@ def test_overwrite_without_a_checkpoint_deletes_only_the_task_outputs(tmp_path):
     assert R.prepare_output_dir(out, resume_path=None, overwrite=True, outputs=("final",)) == "overwrite"
     assert not (out / "final").exists()
     assert (out / "images" / "mine.png").exists() and (out / "config.yaml").exists()
+
+
+def test_overwrite_refuses_a_folder_another_task_wrote(tmp_path):
+    """``beit finetune --overwrite`` pointed at a folder ``beit pretrain`` wrote deleted the pre-training run
+    without a word. The task its checkpoints record is checked first: the early check and the run both refuse,
+    naming the folder and the task that wrote it, and nothing is deleted; the same task may still overwrite."""
+    from beit.engine.trainer import check_run_can_start
+
+    trainer_of(cfg_of(tmp_path, max_steps=3), task="pre-training", outputs=("final",)).fit()
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("the pre-trained model")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    expected = (f"output_dir {tmp_path} holds a pre-training run ({tmp_path / 'last.pt'} is a pre-training "
+                "checkpoint): --overwrite by this classification run would delete another task's run, so nothing "
+                "was deleted")
+    with pytest.raises(R.TaskMismatchError) as early:
+        check_run_can_start(cfg_of(tmp_path, max_steps=3, overwrite=True), task="classification")
+    assert str(early.value).startswith(expected)
+    with pytest.raises(R.TaskMismatchError) as info:
+        trainer_of(cfg_of(tmp_path, max_steps=3, overwrite=True), task="classification", outputs=("model",)).fit()
+    assert str(info.value).startswith(expected) and "choose another output_dir" in str(info.value).lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing deleted
+    assert load_checkpoint(tmp_path / "last.pt")["task"] == "pre-training"
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "the pre-trained model"
+    assert C.recorded_task(tmp_path) == ("pre-training", tmp_path / "last.pt")
+    # a damaged last.pt: the task is read from the next checkpoint that can be read
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "last.pt").write_bytes(b"cut")
+    assert C.recorded_task(tmp_path) == ("pre-training", tmp_path / "step_0000003.pt")
+    # the same task overwrites as before
+    trainer_of(cfg_of(tmp_path, max_steps=2, overwrite=True), task="pre-training", outputs=("final",)).fit()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2 and not (tmp_path / "final").exists()

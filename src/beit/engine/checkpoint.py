@@ -40,7 +40,7 @@ from .config import stored_config
 
 __all__ = [
     "ABANDONED", "FORMAT", "CheckpointManager", "CheckpointMismatchError", "check_state_dict",
-    "config_from_checkpoint", "find_resume_path", "resume_candidates", "step_of",
+    "config_from_checkpoint", "find_resume_path", "recorded_task", "resume_candidates", "step_of",
     "get_rng_state", "load_checkpoint", "load_model_state", "load_optimizer_state", "load_sharded_state",
     "model_state_dict", "optimizer_state_dict", "read_torch_file", "save_checkpoint", "save_sharded_checkpoint",
     "set_rng_state",
@@ -265,6 +265,23 @@ def resume_candidates(output_dir: str | Path) -> list[Path]:
             seen.add(key)
             found.append(p)
     return found
+
+
+def recorded_task(output_dir: str | Path) -> tuple[str | None, Path | None]:
+    """The task that wrote the run in ``output_dir``, as its checkpoints record it (``"pre-training"``, ...), and
+    the checkpoint it was read from: the first of :func:`resume_candidates` that can be read and records one (only
+    its metadata is read: a file is memory-mapped, a sharded folder's ``meta.pt``). ``(None, None)`` when no
+    checkpoint of the folder records a task (none, unreadable ones, or written before checkpoints recorded it)."""
+    for path in resume_candidates(output_dir):
+        try:
+            state = torch.load(path / META if path.is_dir() else path, map_location="cpu", weights_only=True,
+                               mmap=True)
+        except Exception:  # noqa: BLE001 - damaged, truncated, not a zip checkpoint: the next one may tell
+            continue
+        task = state.get("task") if isinstance(state, dict) and state.get("format") == FORMAT else None
+        if isinstance(task, str) and task:
+            return task, path
+    return None, None
 
 
 def _free_name(folder: Path, name: str, taken: set[str]) -> Path:

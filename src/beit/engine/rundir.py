@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ from .._text import first_few
 __all__ = [
     "CLASSES_KEY", "CLASS_SOURCES", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES",
     "ConfigChangedError", "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError",
-    "atomic_write", "check_checkpoint_task", "check_overwrite_spares_inputs", "check_resume_config",
+    "atomic_write", "check_checkpoint_task", "check_overwrite_same_task", "check_overwrite_spares_inputs",
+    "check_resume_config",
     "class_count_refusal", "class_list_key", "class_list_source", "clear_previous_run", "config_inputs", "diff_configs",
     "prepare_output_dir", "previous_run_files", "previous_run_paths", "remove_stale_tmp", "task_outputs_present",
 ]
@@ -393,9 +394,27 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def check_overwrite_same_task(output_dir: str | Path, task: str | None, stored: str | None,
+                              source: str | Path | None) -> None:
+    """Refuse an ``--overwrite`` of the run in ``output_dir`` that another task wrote: ``stored`` is the task its
+    checkpoint ``source`` records, ``task`` the task of the run that would replace it (None on either side: not
+    checked, as :func:`check_checkpoint_task`).
+
+    Raises:
+        TaskMismatchError: naming the folder, the task that wrote it, its checkpoint and this run's task; nothing
+            is deleted.
+    """
+    if stored and task and stored != task:
+        raise TaskMismatchError(
+            f"output_dir {output_dir} holds a {stored} run ({source} is a {stored} checkpoint): --overwrite by this "
+            f"{task} run would delete another task's run, so nothing was deleted. Choose another output_dir "
+            "(train.output_dir / --out), or delete that run's files yourself if it is no longer needed")
+
+
 def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resume: str = "",
                        overwrite: bool = False, check_only: bool = False, outputs: Sequence[str] = (),
-                       inputs: Mapping[str, str | Path] | None = None) -> str:
+                       inputs: Mapping[str, str | Path] | None = None, task: str | None = None,
+                       folder_task: Callable[[], tuple[str | None, Path | None]] | None = None) -> str:
     """Decide how a run starts in ``output_dir`` and get the folder ready; returns ``"resume"``, ``"fresh"`` or
     ``"overwrite"``. Call on rank 0 while holding the :class:`RunLock`.
 
@@ -407,7 +426,10 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
     there besides the engine's, e.g. pre-training's ``final``; an overwrite deletes them even when no checkpoint
     is left (then only they and ``abandoned/`` go), and a fresh run without ``overwrite`` keeps them with a
     warning). ``inputs`` (config key -> path): the run's inputs, which an overwrite never deletes
-    (:func:`check_overwrite_spares_inputs`). With ``resume="auto"`` and no
+    (:func:`check_overwrite_spares_inputs`). ``task``: this run's task; ``folder_task()``: the task that wrote the
+    folder's run and the checkpoint that says so (``beit.engine.checkpoint.recorded_task``), asked only when an
+    overwrite would delete checkpoints: another task's run is never overwritten (:func:`check_overwrite_same_task`).
+    With ``resume="auto"`` and no
     checkpoint, metrics of a run that crashed before its first checkpoint are replaced (nothing resumable is
     lost). Stray ``*.tmp`` files are removed.
 
@@ -419,6 +441,7 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
         RunExistsError: the folder holds an earlier run and neither this folder's checkpoint is resumed nor
             ``overwrite`` is given.
         RunDirError: ``overwrite`` would delete one of ``inputs`` (or a folder holding one, or one inside one).
+        TaskMismatchError: ``overwrite`` of a folder whose checkpoints another task wrote.
         ValueError: ``outputs`` holds a name that is not a plain name in the folder.
     """
     inputs = inputs or {}
@@ -459,6 +482,8 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
                 if resume == "auto" else "to continue it pass --resume auto (train.resume=auto)")
         raise RunExistsError(f"output_dir {out} holds an earlier run ({names}): {start}. {hint}, or pass "
                              "--overwrite (train.overwrite=true) to replace it, or choose another output_dir")
+    if task and folder_task is not None and any(_is_checkpoint(p) for p in found):
+        check_overwrite_same_task(out, task, *folder_task())
     doomed = previous_run_paths(out, outputs)
     check_overwrite_spares_inputs(doomed, inputs)
     if check_only:

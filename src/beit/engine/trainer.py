@@ -62,6 +62,7 @@ from .checkpoint import (
     load_sharded_state,
     model_state_dict,
     optimizer_state_dict,
+    recorded_task,
     resume_candidates,
     set_rng_state,
 )
@@ -349,8 +350,10 @@ def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None,
     path = find_resume_path(cfg.resume, out)
     if cfg.resume == "auto" and path is None:
         return  # fit() resumes the newest readable step checkpoint, or starts from step 0
+    task = task if task is not None else task_of(run_config)
     prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=cfg.overwrite, check_only=True,
-                       inputs=config_inputs(to_dict(run_config if run_config is not None else cfg)))  # or refuses
+                       inputs=config_inputs(to_dict(run_config if run_config is not None else cfg)),
+                       task=task, folder_task=lambda: recorded_task(out))  # or refuses
     if path is None:
         return
     try:
@@ -359,8 +362,7 @@ def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None,
         if cfg.resume == "auto":
             return  # fit() falls back to the newest readable checkpoint
         raise
-    _check_resumable(state, path, task if task is not None else task_of(run_config), run_config or cfg, cfg,
-                     report=False)
+    _check_resumable(state, path, task, run_config or cfg, cfg, report=False)
     if check_state is not None:
         check_state(state, path)
 
@@ -682,7 +684,8 @@ class Trainer:
                 if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
                                        overwrite=getattr(self.cfg, "overwrite", False), outputs=self.outputs,
-                                       inputs=config_inputs(to_dict(self.run_config)))
+                                       inputs=config_inputs(to_dict(self.run_config)), task=self.task,
+                                       folder_task=lambda: recorded_task(self.out))
             except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
                     lock.release()
