@@ -275,6 +275,50 @@ def test_webdataset_shards_round_trip(tmp_path: Path) -> None:
         WebDatasetShards([str(tmp_path / "shard-9999.tar")])
 
 
+@pytest.mark.parametrize("where", ["between samples", "inside a header", "inside a member"])
+def test_a_truncated_shard_is_named_and_counted_once(tmp_path: Path, where: str) -> None:
+    """A shard cut short (a copy that did not finish) ended its stream silently when the cut fell between members
+    or inside a header (tarfile reads that as the end of the archive), and a cut inside a member's data was counted
+    twice, once as shard '?'. Now every cut is one failed shard, named and counted like an unreadable one; the
+    samples before the cut and the other shards are still read."""
+    import tarfile
+
+    urls = _write_shards(tmp_path, n_shards=2, per_shard=3)
+    with tarfile.open(urls[0]) as tar:
+        members = tar.getmembers()
+    third = members[4]  # sample0002's first file: the cut leaves sample0000 and sample0001 whole
+    cut = {"between samples": third.offset, "inside a header": third.offset + 100,
+           "inside a member": members[3].offset_data + members[3].size // 2}[where]
+    data = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(data[:cut])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("beit.data.datasets")
+    log.addHandler(handler)
+    try:
+        ds = WebDatasetShards(urls, label_key="cls", shuffle_shards=False)
+        got = list(ds)
+    finally:
+        log.removeHandler(handler)
+    kept = 2 if where != "inside a member" else 1  # sample0001 loses its image when its member is cut
+    assert len(got) == kept + 3
+    assert ds.bad_keys[0] == urls[0] and ds._bad_shards.total() == 1
+    assert ds.skipped_count() == (1 if where != "inside a member" else 2)  # + sample0001 without its image
+    shard_lines = [r.getMessage() for r in records if "skipping webdataset shard" in r.getMessage()]
+    assert len(shard_lines) == 1 and shard_lines[0].startswith(f"skipping webdataset shard {urls[0]} (ReadError: ")
+    if where != "inside a member":
+        assert f"the data ends at byte {third.offset}" in shard_lines[0]
+        assert "before the tar's end-of-archive marker: cut short?" in shard_lines[0]
+    # a whole shard, or one that lost only the zero blocks after its end-of-archive marker, is no failure
+    Path(urls[0]).write_bytes(data)
+    assert len(list(WebDatasetShards(urls, label_key="cls", shuffle_shards=False))) == 6
+    last = members[-1]
+    Path(urls[0]).write_bytes(data[:last.offset_data + -(-last.size // 512) * 512 + 512])  # one zero block kept
+    whole = WebDatasetShards(urls, label_key="cls", shuffle_shards=False)
+    assert len(list(whole)) == 6 and whole.skipped_count() == 0
+
+
 def test_webdataset_augmentation_depends_on_key_not_order(tmp_path: Path) -> None:
     urls = _write_shards(tmp_path)
     tf = PretrainTransform(16, 4, 4)

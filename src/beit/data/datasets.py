@@ -21,11 +21,14 @@ Augmentation runs inside ``seeded(seed, epoch, index)`` so that each sample is a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import os
 import random
+import re
+import tarfile
 import tempfile
 import warnings
 from collections import Counter, deque
@@ -991,6 +994,33 @@ def not_below(files: Iterable[str | os.PathLike], folder: str | os.PathLike,
 
 
 # --------------------------------------------------------------------------------------- shards
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset's names of metadata members, left out as it does
+_END_ATTR = "_beit_end_of_headers"  # the header error that ended a tar's members (see _EndCheckedTarInfo)
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that notes on its ``TarFile`` why the members ended: ``tarfile`` stops silently at a zero block
+    (the end-of-archive marker, ``EOFHeaderError``) and also, past the first member, where the data ends
+    (``EmptyHeaderError``), breaks off inside a header (``TruncatedHeaderError``) or a header is garbage
+    (``InvalidHeaderError``): a shard cut short between members read as a shorter one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            setattr(tarfile_, _END_ATTR, e)
+            raise
+
+
+def _tar_end_reason(error: Exception | None, offset: int) -> str:
+    """Why ``tarfile`` stopped reading members at byte ``offset``, short of the end-of-archive marker, in words."""
+    if isinstance(error, tarfile.InvalidHeaderError):
+        return f"a damaged member header at byte {offset}, before the tar's end-of-archive marker"
+    inside = " inside a member's header" if isinstance(error, tarfile.TruncatedHeaderError) else ""
+    return f"the data ends at byte {offset}{inside}, before the tar's end-of-archive marker: cut short?"
+
+
 class WebDatasetShards(IterableDataset):
     """Samples from webdataset tar shards (``<key>.jpg|png|webp`` [+ ``<key>.cls``]) for large sets.
 
@@ -1073,12 +1103,14 @@ class WebDatasetShards(IterableDataset):
         self.bad_keys.append(key)
         logger.warning("skipping webdataset sample %s: %s", key, why)
 
-    def _shard_failed(self, exn: Exception) -> bool:
-        """The webdataset handler of shard errors (a shard that cannot be opened, or a tar that is not one, or
-        breaks off): one warning through beit's logger naming the shard, counted as a skipped file (of this epoch)
-        and as a failed shard; reading goes on with the next shard (returns True)."""
+    def _shard_failed(self, exn: Exception, url: str | None = None) -> bool:
+        """The handler of shard errors (a shard that cannot be opened, a tar that is not one, one that breaks off
+        or is cut short, :meth:`_shard_files`): one warning through beit's logger naming the shard (``url``, else
+        the one webdataset appends to the error's args), counted as a skipped file (of this epoch) and as a failed
+        shard; reading goes on with the next shard (returns True)."""
         args = list(getattr(exn, "args", ()))
-        url = next((a for a in reversed(args) if isinstance(a, str) and a in self.urls), "?")
+        if url is None:
+            url = next((a for a in reversed(args) if isinstance(a, str) and a in self.urls), "?")
         reason = str(args[0]).split(" @ ")[0] if args else ""  # webdataset appends " @ <stream object>"
         self.num_skipped += 1
         self._skips.add(epoch=self.epoch)
@@ -1087,6 +1119,35 @@ class WebDatasetShards(IterableDataset):
         logger.warning("skipping webdataset shard %s (%s: %s): it cannot be read from there on", url,
                        type(exn).__name__, reason)
         return True
+
+    def _shard_files(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The files of each opened shard (``{"url", "stream"}``, webdataset's ``url_opener``), as webdataset's
+        ``tar_file_expander`` gives them to ``group_by_keys``: ``{"fname", "data", "__url__"}``, then ``{}`` at the
+        end of each shard (a sample never joins files of two shards). Unlike it, a shard that breaks off is one
+        failure (:meth:`_shard_failed`, named once: webdataset's reader reported a cut inside a member twice, the
+        first time without the shard's name), and so is a tar cut short between members, which ``tarfile`` ends
+        silently: without its end-of-archive marker (:class:`_EndCheckedTarInfo`). The files read before the
+        failure are kept."""
+        for source in sources:
+            url, stream = source["url"], source["stream"]
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedTarInfo)
+                for member in tar:
+                    name = member.name
+                    if member.isreg() and name and not _WDS_META.match(name):
+                        yield {"fname": name, "data": tar.extractfile(member).read(), "__url__": url}
+                    tar.members = []  # a stream's members are not kept
+                end = getattr(tar, _END_ATTR, None)
+                if not isinstance(end, tarfile.EOFHeaderError):
+                    raise tarfile.ReadError(_tar_end_reason(end, tar.offset))
+            except Exception as exn:  # noqa: BLE001 - any failure of a shard: named, counted, the next shard read
+                self._shard_failed(exn, url)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+            yield {}
 
     def no_batch_message(self, batch_size: int) -> str:
         """Why a pass over the shards gave no full batch of ``batch_size``, naming the shard pattern and how many
@@ -1128,6 +1189,7 @@ class WebDatasetShards(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         import webdataset as wds
+        from webdataset.tariterators import group_by_keys, url_opener
         from webdataset.utils import pytorch_worker_info
 
         rank, world_size, worker, num_workers = pytorch_worker_info()
@@ -1140,7 +1202,8 @@ class WebDatasetShards(IterableDataset):
                 num_workers,
             )
         stream = wds.split_by_worker(wds.split_by_node([{"url": u} for u in shards]))
-        samples: Iterable[dict[str, Any]] = wds.tarfile_to_samples(handler=self._shard_failed)(stream)
+        files = self._shard_files(url_opener(stream, handler=self._shard_failed))
+        samples: Iterable[dict[str, Any]] = group_by_keys(files, handler=self._shard_failed)
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, self.epoch, 1 + rank * 4096 + worker))
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
