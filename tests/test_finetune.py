@@ -225,6 +225,34 @@ def test_clear_errors(trained, squares, tmp_path, capsys):
     assert "even batch" in capsys.readouterr().err
 
 
+def test_evaluate_a_folder_with_a_class_without_images(trained, squares, tmp_path, capsys, beit_warnings):
+    """``beit evaluate`` on a folder where one class has no image stopped with 'class folders without images ...:
+    remove them or pass class_names without them', and removing the folder gave 'no folder for c2': no way out on
+    the command line. A class folder without images is now evaluated as one whose images all fail to decode (and as
+    a training run's validation set): a warning naming it, per-class accuracy null; a missing folder's error says to
+    create it empty."""
+    val = tmp_path / "val"
+    shutil.copytree(squares / "val", val)
+    shutil.rmtree(val / "c2")
+    (val / "c2").mkdir()
+    out = tmp_path / "report"
+    assert cli_main(["evaluate", trained["model_dir"], "--data", str(val), "--out", str(out),
+                     "--num-workers", "0"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_images"] == 24 and report["per_class"]["c2"]["acc"] is None
+    assert report["per_class"]["c0"]["acc"] is not None
+    said = [r.getMessage() for r in beit_warnings]
+    assert any(m.startswith(f"1 class without a readable image: 'c2' ({val / 'c2'}: no images); it is missing from "
+                            "the metrics") and "best.pt" not in m for m in said), said
+    capsys.readouterr()
+    (val / "c2").rmdir()
+    assert cli_main(["evaluate", trained["model_dir"], "--data", str(val), "--out", str(out),
+                     "--num-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert (f"{val}: class folders do not match the model's 4 classes (no folder for c2). To evaluate without a class "
+            f"that has no images, give it an empty folder ({val}/c2/): its per-class accuracy is then null") in err
+
+
 def test_unreadable_images_are_skipped(squares, tmp_path):
     import shutil
 

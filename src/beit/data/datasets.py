@@ -293,10 +293,11 @@ def classes_left_empty(samples: Sequence[tuple[str, int]], keep: Iterable[int], 
 
 
 def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, list[tuple[str, str]]], *,
-                              required: bool) -> None:
+                              required: bool, training: bool = True) -> None:
     """Say which classes under ``root`` have no readable image (``unreadable``: :func:`unreadable_classes`' form):
     for a training set (``required``) an error, for a validation set one warning (those classes are missing from
-    its metrics). Nothing happens when ``unreadable`` is empty.
+    its metrics; ``training=False``: an evaluation's, which picks no best checkpoint). Nothing happens when
+    ``unreadable`` is empty.
 
     Raises:
         NoReadableImagesError: ``required`` and some class has no readable image; names each class, its folder,
@@ -320,6 +321,11 @@ def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, lis
             f"{listed}. A class with no image would train an output that never sees an example: replace the "
             "broken files, or remove the class folder")
     one = len(unreadable) == 1
+    if not training:
+        logger.warning("%d class%s without a readable image: %s; %s missing from the metrics (top-1 / top-5 are over "
+                       "the other classes' images; per-class accuracy null)", len(unreadable), "" if one else "es",
+                       listed, "it is" if one else "they are")
+        return
     logger.warning("%d validation class%s without a readable image: %s; %s missing from the validation metrics "
                    "(best.pt is picked without %s; per-class accuracy null)", len(unreadable), "" if one else "es",
                    listed, "it is" if one else "they are", "it" if one else "them")
@@ -768,12 +774,14 @@ class LabeledImageFolder(_RobustImageFiles):
             the sorted sub-folder names (torchvision's convention).
         extensions: file name endings to accept (case-insensitive).
         seed: base seed of the augmentation streams.
+        allow_empty: a class folder without images is kept as a class without samples (an evaluation set, whose
+            report gives such a class no accuracy), not refused.
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
         ValueError: ``root`` has no class sub-folders (:func:`class_folders`: the message says what it holds),
             ``class_names`` gives a name more than once or does not match the sub-folders, or a class folder has no
-            images.
+            images (unless ``allow_empty``).
     """
 
     def __init__(
@@ -784,6 +792,7 @@ class LabeledImageFolder(_RobustImageFiles):
         *,
         extensions: Sequence[str] = IMG_EXTENSIONS,
         seed: int = 0,
+        allow_empty: bool = False,
     ) -> None:
         self.root = str(root)
         try:
@@ -821,7 +830,7 @@ class LabeledImageFolder(_RobustImageFiles):
             if not by_class[c]:
                 empty.append(c)
             samples.extend((p, self.class_to_idx[c]) for p in by_class[c])
-        if empty:
+        if empty and not allow_empty:
             raise ValueError(
                 f"class folders without images under {self.root!r}: {empty} "
                 f"(extensions={tuple(extensions)}); remove them or pass class_names without them"

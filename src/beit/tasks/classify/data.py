@@ -67,10 +67,11 @@ def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     return _gray_first(tf, p.grayscale)
 
 
-def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list[str]]:
+def readable_subset(ds: Any, num_threads: int, training: bool = True) -> tuple[Dataset, list[int], list[str]]:
     """Decode every file once and keep the readable ones, so that a broken file is reported and left
     out instead of being replaced by its neighbour (which would count that neighbour twice). A class (of a
-    :class:`LabeledImageFolder`) left without any image is named in one warning: it is missing from the metrics.
+    :class:`LabeledImageFolder`) left without any image is named in one warning: it is missing from the metrics
+    (``training``: a training run's validation set, else an evaluation's; the warning's words).
 
     Raises:
         ValueError: none of the images decodes.
@@ -82,7 +83,8 @@ def readable_subset(ds: Any, num_threads: int) -> tuple[Dataset, list[int], list
     warn_left_out(sorted(bad))
     classes = list(getattr(ds, "classes", []))
     if classes:
-        report_unreadable_classes(ds.root, classes_left_empty(ds.samples, keep, classes, ds._bad), required=False)
+        report_unreadable_classes(ds.root, classes_left_empty(ds.samples, keep, classes, ds._bad), required=False,
+                                  training=training)
     return Subset(ds, keep), keep, sorted(bad)
 
 

@@ -302,7 +302,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     """Evaluate a saved classifier on ``data_dir/<class>/<image>``; write the report into ``out_dir``.
 
     The class folders must be exactly the model's classes (by name when the model stores them, else
-    by count): a mismatch is an error, not a silently shifted label map.
+    by count): a mismatch is an error, not a silently shifted label map. A class whose folder holds no image, or
+    none that decodes, is evaluated without: named in a warning, its per-class accuracy null (as a training run's
+    validation set); a missing folder is refused, the error saying to create it empty for that.
     """
     overrides = {"img_size": img_size} if img_size else {}
     model, names, pre = load_classifier(checkpoint, ema=ema, **overrides)
@@ -316,13 +318,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
         missing, extra = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
         differ = "; ".join(([f"no folder for {first_few(missing, 10)}"] if missing else [])
                            + ([f"folders the model does not know: {first_few(extra, 10)}"] if extra else []))
-        raise ValueError(f"{data_dir}: class folders do not match the model's {len(names)} classes ({differ})")
+        hint = (f". To evaluate without a class that has no images, give it an empty folder ({data_dir}/{missing[0]}/"
+                f"{' and the others' if len(missing) > 1 else ''}): its per-class accuracy is then null"
+                if missing else "")
+        raise ValueError(f"{data_dir}: class folders do not match the model's {len(names)} classes ({differ}){hint}")
     if not named:
         if len(folders) != len(names):
             raise ValueError(f"{data_dir}: {len(folders)} class folders but the model has {len(names)} classes")
         names = folders
-    ds = LabeledImageFolder(data_dir, build_preprocess(pre), class_names=names)
-    subset, _, bad = readable_subset(ds, num_threads=max(num_workers, 1))
+    # a class folder without images (or none that decodes) is evaluated without that class, as a training run's
+    # validation set is: named in a warning, its per-class accuracy null
+    ds = LabeledImageFolder(data_dir, build_preprocess(pre), class_names=names, allow_empty=True)
+    subset, _, bad = readable_subset(ds, num_threads=max(num_workers, 1), training=False)
     dev = _pick_device(device)
     model.to(dev).eval()
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
