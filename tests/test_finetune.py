@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,6 +254,37 @@ def test_evaluate_a_folder_with_a_class_without_images(trained, squares, tmp_pat
     err = capsys.readouterr().err
     assert (f"{val}: class folders do not match the model's 4 classes (no folder for c2). To evaluate without a class "
             f"that has no images, give it an empty folder ({val}/c2/): its per-class accuracy is then null") in err
+
+
+def test_max_image_pixels_sets_the_decompression_bomb_limit(squares, tmp_path, beit_warnings, monkeypatch):
+    """PIL refuses an image above twice its MAX_IMAGE_PIXELS (a decompression bomb) and warns above it: large scans
+    and pages were skipped with no setting to raise the limit. ``data.max_image_pixels`` (default PIL's) is applied
+    before any image is decoded; the error names it. Here a limit of 1,500 pixels refuses a 64 x 64 val image."""
+    from PIL import Image
+
+    from beit.data.datasets import MAX_IMAGE_PIXELS_ENV, PIL_MAX_IMAGE_PIXELS
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV, raising=False)
+    assert FinetuneConfig().data.max_image_pixels == PIL_MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)
+    data = tmp_path / "data"
+    shutil.copytree(squares, data)
+    big = data / "val" / "c1" / "zz_big.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(big)
+    res = finetune(tiny_cfg(tmp_path / "small", data, "train.max_steps=1", "data.max_image_pixels=1500"))
+    assert json.loads(Path(res["report"]).read_text())["num_images"] == 32  # the 4,096-pixel image left out
+    said = [r.getMessage() for r in beit_warnings if "zz_big.png" in r.getMessage()]
+    assert any("DecompressionBombError" in m and "raise the limit: data.max_image_pixels=N" in m for m in said), said
+    assert os.environ[MAX_IMAGE_PIXELS_ENV] == "1500"  # for DataLoader workers that do not fork
+    res = finetune(tiny_cfg(tmp_path / "none", data, "train.max_steps=1", "data.max_image_pixels=null"))
+    assert json.loads(Path(res["report"]).read_text())["num_images"] == 33 and Image.MAX_IMAGE_PIXELS is None
+    with pytest.raises(ConfigError, match=r"'data.max_image_pixels': must be > 0, got 0"):
+        tiny_cfg(tmp_path, data, "data.max_image_pixels=0")
+    # a spawned worker reads the limit on import
+    code = "import beit.data.datasets; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    env = {**os.environ, MAX_IMAGE_PIXELS_ENV: "1500", "PYTHONPATH": str(Path(beit.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1500"
 
 
 def test_unreadable_images_are_skipped(squares, tmp_path):

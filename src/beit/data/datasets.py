@@ -73,6 +73,8 @@ __all__ = [
     "ReportsLoadDrops",
     "decode_image_folder",
     "decode_image",
+    "PIL_MAX_IMAGE_PIXELS",
+    "set_max_image_pixels",
     "open_image",
     "decode_image_matching",
     "image_size",
@@ -145,12 +147,53 @@ def apply_exif_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
+#: PIL's decompression-bomb limit as it ships (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 pixels: about 9,459 px
+#: square): the default of the configs' ``data.max_image_pixels``
+PIL_MAX_IMAGE_PIXELS: int = 89_478_485
+#: carries the limit to DataLoader workers that start a fresh interpreter (spawn) rather than fork: read on import
+MAX_IMAGE_PIXELS_ENV = "BEIT_MAX_IMAGE_PIXELS"
+
+
+def set_max_image_pixels(pixels: int | None) -> None:
+    """Set PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) for every image this process and its
+    DataLoader workers decode: an image of more than ``pixels`` pixels is decoded with PIL's
+    ``DecompressionBombWarning``, one of more than twice as many is refused (``DecompressionBombError``, skipped
+    and named like an unreadable file); ``None``: no limit. The training commands call it with their config's
+    ``data.max_image_pixels`` (a tokenizer's ``max_image_pixels``) before any image is read. Forked workers inherit
+    it; for spawned ones another value than PIL's default travels in the environment (:data:`MAX_IMAGE_PIXELS_ENV`).
+
+    Raises:
+        ValueError: ``pixels`` is not a positive int or None.
+    """
+    if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0):
+        raise ValueError(f"max_image_pixels must be a positive number of pixels or None (no limit), got {pixels!r}")
+    Image.MAX_IMAGE_PIXELS = pixels
+    if pixels == PIL_MAX_IMAGE_PIXELS:
+        os.environ.pop(MAX_IMAGE_PIXELS_ENV, None)
+    else:
+        os.environ[MAX_IMAGE_PIXELS_ENV] = "none" if pixels is None else str(pixels)
+
+
+def _max_image_pixels_from_env() -> None:
+    """In a spawned DataLoader worker: the limit its parent set (:func:`set_max_image_pixels`)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip().lower()
+    if value == "none":
+        Image.MAX_IMAGE_PIXELS = None
+    elif value.isdigit() and int(value) > 0:
+        Image.MAX_IMAGE_PIXELS = int(value)
+
+
+_max_image_pixels_from_env()
+
+
 def open_image(fp: Any) -> Image.Image:
     """``PIL.Image.open(fp)`` (a path, file or ``io.BytesIO``), whose "cannot identify" error says what is wrong
-    without the stream object's repr (``<_io.BytesIO object at 0x...>``): callers name the file themselves.
+    without the stream object's repr (``<_io.BytesIO object at 0x...>``): callers name the file themselves, and
+    whose decompression-bomb error names the setting that raises the limit.
 
     Raises:
         PIL.UnidentifiedImageError: not an image Pillow reads (empty, damaged, or another kind of file).
+        PIL.Image.DecompressionBombError: more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
         OSError: the file cannot be read.
     """
     try:
@@ -158,6 +201,11 @@ def open_image(fp: Any) -> Image.Image:
     except UnidentifiedImageError:
         raise UnidentifiedImageError("cannot identify the image format (an empty or damaged file, or not an "
                                      "image)") from None
+    except Image.DecompressionBombError as e:
+        raise Image.DecompressionBombError(
+            f"{e} For large images you trust (scans, pages, maps) raise the limit: data.max_image_pixels=N (a "
+            f"tokenizer config's max_image_pixels; now {Image.MAX_IMAGE_PIXELS}: an image above twice it is refused, "
+            "above it warned about; null: no limit)") from None
 
 
 def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Image.Image:

@@ -132,7 +132,8 @@ class TrainConfig:
 SIGNED_INT_FIELDS = frozenset({"seed", "split_seed", "ignore_index"})
 # Integer fields that count or measure something: they must be > 0 (0 allowed only where the field's default
 # is 0, which then documents "0 = auto / off / all").
-_SIZE_SUFFIXES = ("size", "sizes", "dim", "depth", "heads", "channels", "hidden", "epochs", "steps_per_epoch")
+_SIZE_SUFFIXES = ("size", "sizes", "dim", "depth", "heads", "channels", "hidden", "epochs", "steps_per_epoch",
+                  "pixels")
 
 
 def _is_size_name(name: str) -> bool:

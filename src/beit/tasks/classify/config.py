@@ -13,6 +13,7 @@ from omegaconf import MISSING
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..._text import repeated
+from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...data.gpu_decode import JPEG_DECODERS
 from ...data.transforms import SMALL_IMAGE_SIZE
 from ...engine.config import ConfigError, TrainConfig
@@ -48,6 +49,8 @@ class DataConfig:
     # cpu (PIL in the workers) | gpu (per-sample augmentation of whole batches on the device)
     jpeg_decode: str = "workers"  # with the device path: workers (libjpeg-turbo in the loader's workers, one
     # pinned copy a batch) | device (nvJPEG on the GPU: for few CPU cores per GPU); beit.data.gpu_decode
+    max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
+    # images warn, above twice it they are skipped as unreadable; raise it for large scans / pages; null = no limit
 
     def validate(self) -> None:
         if self.resize not in ("crop", "full"):

@@ -29,6 +29,7 @@ from timm.data import Mixup
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...data.datasets import set_max_image_pixels
 from ...engine import ConfigError, TrainConfig, Trainer, load_checkpoint
 from ...engine import distributed as D
 from ...engine.checkpoint import find_resume_path
@@ -72,6 +73,7 @@ def begin_run(cfg: FinetuneConfig | LinprobeConfig, what_model: str) -> None:
     setup_logging(cfg.train.output_dir, D.is_main())
     if cfg.model in ("", MISSING):
         raise ConfigError("model", f"is not set: {what_model}")
+    set_max_image_pixels(cfg.data.max_image_pixels)
 
 
 def scaled_train_config(train: TrainConfig, ref_batch: int) -> TrainConfig:

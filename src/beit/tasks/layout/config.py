@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...engine.config import ConfigError, TrainConfig, stored_config
 from ..backbone_config import check_model_overrides
 
@@ -75,6 +76,8 @@ class LayoutDataConfig:
     on_bad: str = "skip"  # skip (count, warn) | error: bad annotations / missing images
     check_images: bool = True  # open every image header when the dataset is built
     repeat: int = 1  # passes over the training pages per engine epoch (small sets: fewer epoch-end saves)
+    max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
+    # pages warn, above twice it they are skipped as unreadable; raise it for large scans; null = no limit
 
     def validate(self) -> None:
         if self.on_bad not in ("skip", "error"):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...data.datasets import RepeatedDataset
+from ...data.datasets import RepeatedDataset, set_max_image_pixels
 from ...engine import Trainer, is_main
 from ...engine.config import validate_config
 from ...engine.threads import loader_workers
@@ -76,6 +76,7 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     ``output_dir/ap_table.txt``), ``data`` (what the datasets skipped or repaired) and ``checkpoint``.
     """
     validate_config(cfg)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     train_ds, val_ds = build_datasets(cfg)
     seed_everything(cfg.train.seed)  # the detector's random init is part of the run
     # fills cfg.model.backbone etc.

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...data.gpu_decode import JPEG_DECODERS
 from ...data.masking import BlockwiseMaskGenerator
 from ...engine.config import ConfigError, TrainConfig
@@ -56,6 +57,8 @@ class PretrainDataConfig:
     # (per-sample augmentation of whole batches on the device)
     jpeg_decode: str = "workers"  # with the device path: workers (libjpeg-turbo in the loader's workers, one
     # pinned copy a batch) | device (nvJPEG on the GPU: for few CPU cores per GPU); beit.data.gpu_decode
+    max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
+    # images warn, above twice it they are skipped as unreadable; raise it for large scans / pages; null = no limit
 
 
 @dataclass

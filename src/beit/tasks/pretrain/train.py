@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data.datasets import set_max_image_pixels
 from ...data.transforms import collate_pretrain
 from ...engine import Trainer
 from ...engine import distributed as D
@@ -73,6 +74,7 @@ def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training; returns the final metrics and where things were written."""
     validate(cfg)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
     # the output folder and --resume as fit() will judge them, before the tokenizer, model and data are built
     check_run_can_start(cfg.train, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...engine.config import ConfigError, TrainConfig
 from ..backbone_config import check_model_overrides
 
@@ -97,6 +98,8 @@ class SegDataConfig:
     test_scale: list[int] | None = field(default_factory=lambda: [2048, 512])  # None: original size
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_255))  # 0-255 scale
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD_255))
+    max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
+    # images warn, above twice it they are skipped as unreadable; raise it for large scans / pages; null = no limit
 
     def validate(self) -> None:
         if self.classes is None:  # data.classes=null: no list (as [])

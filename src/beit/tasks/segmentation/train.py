@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from beit._text import first_few
+from beit.data.datasets import set_max_image_pixels
 from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import ConfigError, to_dict, validate_config
@@ -125,6 +126,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     Fills in ``cfg.model.classes`` (the class names, so the checkpoints hold them) and ``cfg.model.backbone``.
     """
     validate_config(cfg)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
     names = class_names(cfg.data)
     # the checkpoints keep the names themselves (data.classes_file stays, for reference): eval and predict then

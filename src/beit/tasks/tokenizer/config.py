@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...engine.config import ConfigError, TrainConfig
 from ...tokenizers.dvae import DVAEConfig
 
@@ -35,6 +36,8 @@ class TokenizerTrainConfig:
     max_val_images: int = 2048  # cap on held-out images used per evaluation
     img_size: int = 128  # random crops for training, center crops for evaluation
     grid_images: int = 8  # columns of the reconstruction grid
+    max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
+    # images warn, above twice it they are skipped as unreadable; raise it for large scans / pages; null = no limit
     model: DVAEConfig = field(default_factory=lambda: DVAEConfig(temperature_anneal_steps=20000))
     train: TrainConfig = field(default_factory=_default_train)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...data.datasets import spread_indices
+from ...data.datasets import set_max_image_pixels, spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
 from ...engine.threads import loader_workers
 from ...engine.trainer import worker_init
@@ -99,6 +99,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     counter, so a resumed run anneals exactly like an uninterrupted one.
     """
     cfg.validate()
+    set_max_image_pixels(cfg.max_image_pixels)
     train_ds, eval_ds = build_datasets(cfg)
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone: runs repeat exactly
     model = DiscreteVAE(cfg.model)
