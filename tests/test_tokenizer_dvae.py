@@ -259,6 +259,34 @@ def test_train_tokenizer_smoke(tmp_path: Path, one_thread: None) -> None:
     assert vae.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
 
 
+def test_train_tokenizer_checks_its_output_folder_before_reading_the_data(tmp_path: Path, monkeypatch) -> None:
+    """``beit tokenizer train`` into a folder holding an earlier run (no --resume, no --overwrite) listed (and on a
+    large set, read through) its image folders first and only then refused in fit(); pretrain and finetune refuse
+    before the data. Now the same check comes first: the data is never touched."""
+    from beit.engine import TrainConfig
+    from beit.engine.rundir import RunExistsError
+    from beit.tasks.tokenizer import TokenizerTrainConfig
+    from beit.tasks.tokenizer import train as tok_train
+
+    (tmp_path / "images").mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')  # an earlier run's
+    read = []
+
+    def build_datasets(cfg: TokenizerTrainConfig) -> None:
+        read.append(cfg.data_dir)
+        raise AssertionError("the data was read before the output folder was checked")
+
+    monkeypatch.setattr(tok_train, "build_datasets", build_datasets)
+    cfg = TokenizerTrainConfig(data_dir=str(tmp_path / "images"), img_size=16,
+                               model=DVAEConfig(downsample=4, **TINY),
+                               train=TrainConfig(output_dir=str(out), max_steps=2, batch_size=2, num_workers=0))
+    with pytest.raises(RunExistsError, match=rf"output_dir {out} holds an earlier run \(metrics\.jsonl\)"):
+        tok_train.train_tokenizer(cfg)
+    assert not read and (out / "metrics.jsonl").is_file()
+
+
 def test_train_tokenizer_repeats_exactly_whatever_the_global_rng(tmp_path: Path, one_thread: None) -> None:
     """The initial weights come from train.seed, not from whatever the process drew before: two runs of one
     config give the same tokenizer (a demo's codebook usage once varied 27-46 of 128 between identical runs)."""

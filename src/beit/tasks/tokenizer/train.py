@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...data.datasets import set_max_image_pixels, spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
+from ...engine import distributed as D
 from ...engine.threads import loader_workers
-from ...engine.trainer import worker_init
+from ...engine.trainer import check_run_can_start, worker_init
 from ...tokenizers.dvae import DiscreteVAE
 from ...tokenizers.metrics import codebook_usage, psnr, save_recon_grid, token_histogram
 from .config import TokenizerTrainConfig
@@ -96,10 +97,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     """Train a :class:`DiscreteVAE` with :class:`beit.engine.Trainer`; return the held-out metrics.
 
     The Gumbel temperature follows the engine's optimizer step (restored on resume), not a private
-    counter, so a resumed run anneals exactly like an uninterrupted one.
+    counter, so a resumed run anneals exactly like an uninterrupted one. The output folder (an earlier run there
+    without ``--resume`` / ``--overwrite``, another task's run) and ``--resume`` are checked before the images
+    are listed (:func:`beit.engine.trainer.check_run_can_start`).
     """
     cfg.validate()
     set_max_image_pixels(cfg.max_image_pixels)
+    D.init_distributed()
+    # the output folder and --resume as fit() will judge them, before the image folders are listed
+    check_run_can_start(cfg.train, cfg)
     train_ds, eval_ds = build_datasets(cfg)
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone: runs repeat exactly
     model = DiscreteVAE(cfg.model)
