@@ -91,3 +91,15 @@ def test_bad_yaml_key_and_missing_file(tmp_path):
     (tmp_path / "u16.yaml").write_text("train:\n  epochs: 5\n", encoding="utf-16")  # Windows editors' "Unicode"
     with pytest.raises(ConfigError, match=r"u16\.yaml: a UTF-16 text file; save it as UTF-8"):
         load_config(PretrainCfg, tmp_path / "u16.yaml")
+
+
+def test_warmup_epochs_that_are_already_longer_than_max_steps_fail_at_load():
+    """An epoch is at least one step: warmup_epochs=20 (a preset's) with train.max_steps=10 cannot run, and was
+    refused only by the trainer, after the data was read. Now when the config is loaded; a warmup that only the
+    data's size makes too long is the engine's check_schedule (tested with the tasks)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainCfg, None, ["train.max_steps=10", "train.warmup_epochs=20"])
+    assert str(info.value) == ("config key 'train.warmup_epochs': warmup (20.0 epochs, at least 20 steps) must be "
+                               "shorter than max_steps (10): lower train.warmup_epochs, or set train.warmup_steps")
+    load_config(PretrainCfg, None, ["train.max_steps=10", "train.warmup_epochs=20", "train.warmup_steps=5"])
+    load_config(PretrainCfg, None, ["train.max_steps=30", "train.warmup_epochs=20"])  # may fit: the data says

@@ -287,6 +287,23 @@ def test_max_image_pixels_sets_the_decompression_bomb_limit(squares, tmp_path, b
     assert out.strip() == "1500"
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_before_the_val_set_is_read(squares, tmp_path, monkeypatch):
+    """train.warmup_epochs against train.max_steps needs the steps of an epoch, i.e. the training set's size: the
+    trainer refused only after the val set was decoded (data.verify_val, or data.in_memory: the whole set). Now
+    as soon as the training set is there (128 images, batch 16: 8 steps an epoch, 3 warmup epochs = 24 >= 20)."""
+    import beit.tasks.classify.data as classify_data
+
+    def no_val(*args, **kwargs):
+        raise AssertionError("the val set was read before the run's steps were checked")
+
+    monkeypatch.setattr(classify_data, "build_val", no_val)
+    for extra in ([], ["data.in_memory=true"]):
+        with pytest.raises(ConfigError, match=r"^config key 'train.warmup_epochs': warmup \(24 steps\) must be "
+                                              r"shorter than training \(20 steps\)$"):
+            finetune(tiny_cfg(tmp_path / "run", squares, "train.max_steps=20", "train.warmup_epochs=3", *extra))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_unreadable_images_are_skipped(squares, tmp_path):
     import shutil
 

@@ -349,6 +349,26 @@ def test_a_json_size_unlike_the_files_names_the_page_and_keeps_its_boxes(tmp_pat
                "file's size" in p for p in ds.problems)
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_before_the_val_pages_are_read(pages, tmp_path, monkeypatch):
+    """2 pages x data.repeat=4, batch 2: 4 steps an epoch, so warmup_epochs=2 is 8 steps, not shorter than
+    max_steps=6. The trainer said so after the val set was read (every page header with data.check_images) and the
+    detector built; now right after the training set."""
+    import beit.tasks.layout.data as layout_data
+    from beit.engine.config import ConfigError, load_config
+    from beit.tasks.layout import LayoutConfig, train
+
+    def no_val(cfg):
+        raise AssertionError("the val pages were read before the run's steps were checked")
+
+    monkeypatch.setattr(layout_data, "build_val_dataset", no_val)
+    cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={pages}", f"data.val_ann={pages}",
+                                           "data.repeat=4", "train.max_steps=6", "train.warmup_epochs=2",
+                                           f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^config key 'train.warmup_epochs': warmup \(8 steps\) must be shorter "
+                                          r"than training \(6 steps\)$"):
+        train(cfg)
+
+
 def test_a_missing_annotation_file_or_image_folder_names_its_key(pages, tmp_path):
     from beit.engine.config import load_config
     from beit.tasks.layout import LayoutConfig, build_datasets

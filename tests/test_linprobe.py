@@ -193,6 +193,20 @@ def test_batch_size_is_checked_before_features_are_extracted(setup, tmp_path, mo
         linprobe(lp_cfg(setup, tmp_path / "b", "train.batch_size=32", "train.accum_steps=4"))
 
 
+def test_warmup_is_checked_before_features_are_extracted(setup, tmp_path, monkeypatch):
+    """64 images, batch 16: 4 steps an epoch, so warmup_epochs=3 is 12 steps, not shorter than max_steps=10: the
+    trainer said so only after every image's features were extracted; now before the encoder runs."""
+    lp = importlib.import_module("beit.tasks.classify.linprobe")
+
+    def no_extraction(*args, **kwargs):
+        raise _Stop("features extracted before the warmup was checked")
+
+    monkeypatch.setattr(lp, "extract_features", no_extraction)
+    with pytest.raises(ConfigError, match=r"config key 'train.warmup_epochs': warmup \(12 steps\) must be shorter "
+                                          r"than training \(10 steps\)"):
+        linprobe(lp_cfg(setup, tmp_path, "train.max_steps=10", "train.warmup_epochs=3"))
+
+
 def test_output_folder_and_resume_are_checked_before_features_are_extracted(setup, tmp_path, monkeypatch):
     """A folder holding an earlier run, a --resume that does not exist, another task's checkpoint: refused after
     the whole extraction (most of a linear probe's time on real data); now before it, in the trainer's words."""

@@ -660,6 +660,30 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
     assert main(["segment", "eval", "--ckpt", str(tmp_path / "missing.pt")]) == 1
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_before_the_val_pairs_are_read(tmp_path: Path, monkeypatch) -> None:
+    """8 pairs, batch 2: 4 steps an epoch, so warmup_epochs=3 is 12 steps, not shorter than max_steps=10. The trainer
+    said so after both splits were listed (and, with data.verify, decoded); now right after the training split."""
+    from beit.engine.config import ConfigError
+
+    seg_train = importlib.import_module("beit.tasks.segmentation.train")  # the package exports a function of that name
+    real = seg_train.build_datasets
+
+    def train_split_only(cfg, splits=("train", "val")):
+        assert "val" not in splits, "the val pairs were read before the run's steps were checked"
+        return real(cfg, splits)
+
+    monkeypatch.setattr(seg_train, "build_datasets", train_split_only)
+    cfg = load_config(seg_train.SegmentConfig, CONFIGS / "segment_camvid.yaml", [
+        f"data.root={make_toy(tmp_path)}", "data.classes=[red,blue,green]", "data.ignore_index=3", "data.verify=true",
+        "data.repeat=1", "data.crop_size=32", "data.img_scale=[32,32]", "model.arch=beit_tiny_patch16_224", "model.patch_size=8",
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.channels=16", "model.aux_channels=8",
+        "train.batch_size=2", "train.max_steps=10", "train.warmup_steps=0", "train.warmup_epochs=3",
+        "train.num_workers=0", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^config key 'train.warmup_epochs': warmup \(12 steps\) must be shorter "
+                                          r"than training \(10 steps\)$"):
+        seg_train.train(cfg)
+
+
 def _train_tiny(data: Path, out: Path, *overrides: str) -> Path:
     """One step of a tiny segmenter on :func:`make_toy`'s data (the camvid preset, its class list replaced)."""
     from beit.cli import main

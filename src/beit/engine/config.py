@@ -109,6 +109,14 @@ class TrainConfig:
         if self.max_steps is None and self.warmup_steps == 0 and self.warmup_epochs >= self.epochs:
             raise ConfigError("warmup_epochs", f"warmup ({self.warmup_epochs}) must be shorter than "
                                                f"epochs ({self.epochs})")
+        # an epoch is at least one step: warmup_epochs alone may already be as long as max_steps (a preset's
+        # warmup_epochs=20 with train.max_steps=10); the exact check, which needs the data's size, is the engine's
+        # check_schedule
+        if self.max_steps is not None and self.warmup_steps == 0 and round(self.warmup_epochs) >= self.max_steps:
+            raise ConfigError("warmup_epochs", f"warmup ({self.warmup_epochs} epochs, at least "
+                                               f"{round(self.warmup_epochs)} steps) must be shorter than max_steps "
+                                               f"({self.max_steps}): lower train.warmup_epochs, or set "
+                                               "train.warmup_steps")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError("betas", f"must be two values in [0, 1), got {list(self.betas)}")
         if self.clip_grad is not None and self.clip_grad < 0:

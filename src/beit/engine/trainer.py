@@ -83,7 +83,8 @@ from .rundir import (
 )
 from .threads import cap_intra_op_threads, loader_workers
 
-__all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "full_steps", "StepFn", "Trainer", "TrainingDivergedError",
+__all__ = ["STOP_SIGNALS", "TASK_NAMES", "ModelEMA", "check_schedule", "full_steps", "StepFn", "Trainer",
+           "TrainingDivergedError",
            "TrainingInterrupted", "check_run_can_start", "preserved_rng", "seed_everything", "task_of",
            "worker_init"]
 
@@ -122,6 +123,31 @@ def full_steps(num_samples: int, per_rank: int, cfg: TrainConfig, world_size: in
                                               f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}: use "
                                               f"train.batch_size={fits} or less (or more data)")
     return steps
+
+
+def check_schedule(num_samples: int, cfg: TrainConfig, world_size: int | None = None, *,
+                   streaming: bool = False) -> tuple[int, int, int]:
+    """``(steps_per_epoch, total_steps, warmup_steps)`` of a run of ``cfg`` over a training set of ``num_samples``
+    on ``world_size`` ranks (default: this job's), as :class:`Trainer` computes them: a rank's share is its sampler's
+    (``ceil(num_samples / world_size)``; a ``streaming`` dataset's ``num_samples // world_size``) in full steps
+    (:func:`full_steps`). Tasks call it as soon as the training set's size is known, before long work that does not
+    change it (decoding a validation set, extracting features), so that a run whose warmup is not shorter than the
+    run (``train.warmup_epochs`` against ``train.max_steps``: only the data says how many steps an epoch is) is
+    refused before that work, not after it.
+
+    Raises:
+        ConfigError: ``train.batch_size`` (no full step, :func:`full_steps`); ``train.warmup_steps`` /
+            ``train.warmup_epochs``: the warmup is not shorter than the run.
+    """
+    world_size = D.world_size() if world_size is None else world_size
+    per_rank = num_samples // world_size if streaming else math.ceil(num_samples / world_size)  # the sampler's
+    steps_per_epoch = full_steps(num_samples, per_rank, cfg, world_size)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        key = "train.warmup_steps" if cfg.warmup_steps else "train.warmup_epochs"
+        raise ConfigError(key, f"warmup ({warmup} steps) must be shorter than training ({total} steps)")
+    return steps_per_epoch, total, warmup
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -456,16 +482,10 @@ class Trainer:
         self.streaming = isinstance(train_dataset, IterableDataset)
         self.sampler = None if self.streaming else ResumableDistributedSampler(
             len(train_dataset), cfg.batch_size, seed=cfg.seed)
-        per_rank = len(train_dataset) // D.world_size() if self.streaming else self.sampler.num_samples
-        self.steps_per_epoch = full_steps(len(train_dataset), per_rank, cfg, D.world_size())
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = check_schedule(
+            len(train_dataset), cfg, D.world_size(), streaming=self.streaming)
         if self.sampler is not None:  # one pass through every epoch, each cut to its full steps (distributed.py)
             self.sampler.epoch_batches = self.steps_per_epoch * cfg.accum_steps
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
-        if self.warmup_steps >= self.total_steps:
-            key = "train.warmup_steps" if cfg.warmup_steps else "train.warmup_epochs"
-            raise ConfigError(key, f"warmup ({self.warmup_steps} steps) must be shorter than training "
-                                   f"({self.total_steps} steps)")
 
         # Model: device -> EMA copy -> regional compile -> DDP/FSDP2 (torchtitan's order) -> optimizer.
         # Compile only the repeated blocks (D.repeated_blocks: the model protocol of docs/CONTRACTS.md), then

@@ -169,12 +169,17 @@ def check_image_folders(data: DataConfig) -> None:
 
 
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,
-                   class_names: list[str] | None = None) -> tuple[Dataset, Dataset | None, list[str]]:
+                   class_names: list[str] | None = None,
+                   check_train: Callable[[Dataset, list[str]], None] | None = None
+                   ) -> tuple[Dataset, Dataset | None, list[str]]:
     """Train / val datasets from folders (or decoded into memory) and the class names in label order.
 
     The val folders must hold exactly the training classes; with ``verify_val`` unreadable val images are
     left out (counted and logged) instead of being replaced by a neighbour. In memory, unreadable images are
     left out at load and counted as skipped files of the first epoch (``TensorImageDataset(dropped=...)``).
+    ``check_train(train, names)`` runs as soon as the training set is there, before the val set is read (the class
+    count, and the run's steps, which need its size: :func:`beit.engine.trainer.check_schedule`); it raises to
+    refuse.
 
     Raises:
         ConfigError: as :func:`check_image_folders` (checked before any image is read).
@@ -191,6 +196,8 @@ def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, 
         folder = LabeledImageFolder(data.train_dir, train_transform, class_names=names, seed=seed)
         check_train_classes(data.train_dir, folder.samples, folder.classes)
         train, names = folder, list(folder.classes)
+    if check_train is not None:
+        check_train(train, list(names))
     return train, build_val(data, eval_transform, names, seed), list(names)
 
 

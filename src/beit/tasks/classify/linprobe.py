@@ -31,7 +31,7 @@ from ...engine import ConfigError, Trainer
 from ...engine import distributed as D
 from ...engine.precision import autocast_for
 from ...engine.threads import loader_workers
-from ...engine.trainer import check_run_can_start, full_steps
+from ...engine.trainer import check_run_can_start, check_schedule
 from ...interop.backbone import load_backbone
 from ...models.config import BeitConfig
 from .config import LinprobeConfig, parse_blocks
@@ -213,7 +213,9 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         raise ConfigError("data.val_dir", "linear probing needs a val set to pick and report the best block")
     num_classes = check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
     cfg = dataclasses.replace(cfg, class_names=list(names), num_classes=num_classes)
-    full_steps(len(train_dataset), len(train_dataset), cfg.train)  # one feature per image: checked before extracting
+    # one feature per image: the run's steps (a batch larger than the set, a warmup as long as the run) are checked
+    # before extracting, in the one process linprobe runs in
+    check_schedule(len(train_dataset), cfg.train, 1)
     train_cfg = scaled_train_config(cfg.train, cfg.ref_batch)  # once: it says its "lr x batch/ref" line
     # the output folder and --resume, as fit() will judge them, before the long extraction
     check_run_can_start(train_cfg, cfg)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from timm.data import Mixup
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ...data.datasets import set_max_image_pixels
 from ...engine import ConfigError, TrainConfig, Trainer, load_checkpoint
@@ -37,7 +37,7 @@ from ...engine.config import validate_config
 from ...engine.logging import setup_logging
 from ...engine.precision import autocast_for
 from ...engine.threads import loader_workers
-from ...engine.trainer import check_run_can_start
+from ...engine.trainer import check_run_can_start, check_schedule
 from ...interop import save_model
 from ...models import Beit
 from .config import FinetuneConfig, LinprobeConfig
@@ -168,16 +168,23 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     if not cfg.train.resume:
         check_run_can_start(cfg.train, cfg)
     preprocess = cfg.data.preprocess(cfg.img_size)
+
+    def check_train(train: Dataset, names: list[str]) -> None:  # what the training set tells, before the val set
+        # is decoded (data.verify_val, data.in_memory): the class count, and the run's steps (warmup vs max_steps)
+        check_num_classes(cfg.num_classes, names, cfg.data.train_dir or "the training set")
+        check_schedule(len(train), cfg.train, streaming=isinstance(train, IterableDataset))
+
     device_data = None
     if train_dataset is None:
         device_data = build_device_train(cfg, D.device(), cfg.class_names or None)
     if device_data is not None:
         train_dataset, collate, pipeline, names = device_data
+        check_train(train_dataset, names)
         val_dataset = build_val(cfg.data, build_preprocess(preprocess), names, cfg.train.seed)
     elif train_dataset is None:
         train_dataset, val_dataset, names = build_datasets(
             cfg.data, build_train_transform(cfg.data, cfg.img_size), build_preprocess(preprocess),
-            seed=cfg.train.seed, class_names=cfg.class_names or None)
+            seed=cfg.train.seed, class_names=cfg.class_names or None, check_train=check_train)
     else:
         names = list(class_names or cfg.class_names)
         if not names:

@@ -30,7 +30,7 @@ import logging
 import math
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -624,8 +624,12 @@ def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
     return None
 
 
-def build_datasets(cfg: LayoutConfig, with_val: bool = True) -> tuple[CocoLayoutDataset, CocoLayoutDataset | None]:
+def build_datasets(cfg: LayoutConfig, with_val: bool = True,
+                   check_train: Callable[[CocoLayoutDataset], None] | None = None
+                   ) -> tuple[CocoLayoutDataset, CocoLayoutDataset | None]:
     """Training set (augmented, masks if the model has a mask head) and validation set (plain pages).
+    ``check_train(train)`` runs as soon as the training set is there, before the validation set is read (the run's
+    steps, which need its size: :func:`beit.engine.trainer.check_schedule`); it raises to refuse.
 
     Raises:
         ConfigError: no ``data.train_ann``, or validation categories that differ from training's.
@@ -644,6 +648,8 @@ def build_datasets(cfg: LayoutConfig, with_val: bool = True) -> tuple[CocoLayout
                                  max_size=d.max_size, flip_prob=d.flip_prob, crop_prob=d.crop_prob,
                                  crop_size=d.crop_size, seed=cfg.train.seed, on_bad=d.on_bad,
                                  check_images=d.check_images)
+    if check_train is not None:
+        check_train(train_ds)
     val_ds = build_val_dataset(cfg) if with_val else None
     if val_ds is not None and val_ds.cat_ids != train_ds.cat_ids:
         raise ConfigError("data.val_ann", f"categories {val_ds.cat_ids} differ from training's {train_ds.cat_ids}")

@@ -19,7 +19,7 @@ from ...data.datasets import RepeatedDataset, set_max_image_pixels
 from ...engine import Trainer, is_main
 from ...engine.config import validate_config
 from ...engine.threads import loader_workers
-from ...engine.trainer import seed_everything
+from ...engine.trainer import check_schedule, seed_everything
 from .config import LayoutConfig
 from .data import CocoLayoutDataset, build_datasets, collate
 from .evaluate import evaluate_model, format_table
@@ -77,7 +77,11 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
-    train_ds, val_ds = build_datasets(cfg)
+
+    def check_steps(train: CocoLayoutDataset) -> None:  # warmup vs the run's steps, before the val pages are read
+        check_schedule(len(train) * cfg.data.repeat, cfg.train)
+
+    train_ds, val_ds = build_datasets(cfg, check_train=check_steps)
     seed_everything(cfg.train.seed)  # the detector's random init is part of the run
     # fills cfg.model.backbone etc.
     model = build_detector(cfg.model, train_ds.class_names, train_ds.cat_ids, cfg.model_overrides)

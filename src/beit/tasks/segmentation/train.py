@@ -33,7 +33,7 @@ from beit.engine.config import ConfigError, to_dict, validate_config
 from beit.engine.precision import autocast_for
 from beit.engine.rundir import ConfigChangedError, class_count_refusal
 from beit.engine.threads import loader_workers
-from beit.engine.trainer import check_run_can_start, worker_init
+from beit.engine.trainer import check_run_can_start, check_schedule, worker_init
 
 from .config import SegmentConfig
 from .data import SegmentationDataset, build_datasets, class_names, collate_eval
@@ -141,8 +141,9 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     # the output folder and --resume as fit() will judge them (a class list edited since the checkpoint: another
     # number of classes; another config), before the datasets are listed (and checked: data.verify)
     check_run_can_start(cfg.train, cfg, check_state=_decode_head_fits(names, cfg))
-    sets = build_datasets(cfg)
-    val = sets["val"]
+    train_set = build_datasets(cfg, ("train",))["train"]
+    check_schedule(len(train_set), cfg.train)  # warmup vs the run's steps, before the val pairs are read (verify)
+    val = build_datasets(cfg, ("val",))["val"]
     if D.world_size() > 1 and torch.cuda.is_available():  # the paper's SyncBN: 2 images per GPU are too few
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     eval_fn = make_eval_fn(val, cfg, loader_workers(cfg.train.num_workers, say=False))  # the trainer says a cap
@@ -151,7 +152,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
         if D.is_main():
             write_overlays(m, val, cfg, out_dir, 1, prefix=f"step_{step:07d}")
 
-    trainer = Trainer(model, sets["train"], make_step_fn(cfg.data.ignore_index, cfg.model.aux_weight), cfg.train,
+    trainer = Trainer(model, train_set, make_step_fn(cfg.data.ignore_index, cfg.model.aux_weight), cfg.train,
                       eval_fn=eval_fn, visualize_fn=visualize, metric_to_track="mIoU", mode="max", run_config=cfg,
                       outputs=OUTPUTS)
     result = trainer.fit()
