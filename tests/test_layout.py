@@ -612,3 +612,86 @@ def _symbolic(gm) -> bool:
     values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
     return any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape))
                for v in values)
+
+
+class _Oracle(torch.nn.Module):
+    """A perfect detector of ``dataset``'s pages with its own classes (``class_names``: its label k is
+    class_names[k - 1]): it returns each page's ground truth, in the DataLoader's order."""
+
+    def __init__(self, dataset, class_names):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.class_names, self.has_masks = list(class_names), False
+        outs = []
+        for i in range(len(dataset)):
+            t = dataset[i][1]
+            names = [dataset.class_names[int(k) - 1] for k in t["labels"]]
+            keep = [j for j, n in enumerate(names) if n in self.class_names]  # what the model cannot know is missed
+            outs.append({"boxes": t["boxes"][keep], "scores": torch.ones(len(keep)),
+                         "labels": torch.tensor([self.class_names.index(names[j]) + 1 for j in keep], dtype=torch.int64)})
+        self._outs = outs
+
+    def forward(self, images):
+        return [self._outs.pop(0) for _ in images]
+
+
+def _recategorized(pages, tmp_path, categories, keep=None):
+    """``pages``' COCO file with new ``categories`` (name -> id) and only the annotations of the names in ``keep``."""
+    data = json.loads(pages.read_text())
+    old = {c["id"]: c["name"] for c in data["categories"]}
+    keep = set(categories) if keep is None else set(keep)
+    data["annotations"] = [dict(a, category_id=categories[old[a["category_id"]]]) for a in data["annotations"]
+                           if old[a["category_id"]] in keep]
+    data["categories"] = [{"id": i, "name": n} for n, i in categories.items()]
+    path = tmp_path / f"other_{len(list(tmp_path.glob('other_*.json')))}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_eval_maps_the_models_classes_to_the_files_categories_by_name(pages, tmp_path, beit_warnings):
+    """A val file with the training names under other ids scored a perfect detector 0.077 (labels went through the
+    file's own id order); one without a class of the model shifted the later ones or raised IndexError."""
+    from beit.tasks.layout import evaluate_model
+
+    images = pages.parent / "images"
+    swapped = CocoLayoutDataset(_recategorized(pages, tmp_path, {"figure": 3, "text": 7}), images)
+    m = evaluate_model(_Oracle(swapped, ["text", "figure"]), swapped)
+    assert m["bbox/AP"] == pytest.approx(1.0) and m["bbox/AP/text"] == pytest.approx(1.0)
+    assert not beit_warnings
+
+    only_figure = CocoLayoutDataset(_recategorized(pages, tmp_path, {"figure": 2}), images)
+    m = evaluate_model(_Oracle(only_figure, ["text", "figure"]), only_figure)  # the model's 'text' has no category
+    assert m["bbox/AP"] == pytest.approx(1.0) and m["bbox/AP/figure"] == pytest.approx(1.0)
+    assert len(beit_warnings) == 1
+    assert beit_warnings[0].getMessage() == (f"{only_figure.ann_file}: the model's class 'text' is not a category of "
+                                             "this file: its detections are left out of the scores")
+
+    beit_warnings.clear()  # a category the model does not know: not scored (it would count as AP 0)
+    more = CocoLayoutDataset(_recategorized(pages, tmp_path, {"text": 1, "figure": 2, "table": 4}, ["text", "figure"]),
+                             images)
+    m = evaluate_model(_Oracle(more, ["text", "figure"]), more)
+    assert m["bbox/AP"] == pytest.approx(1.0) and math.isnan(m["bbox/AP/table"])
+    assert len(beit_warnings) == 1
+    assert beit_warnings[0].getMessage() == (f"{more.ann_file}: category 'table' (id 4) of this file is not a class "
+                                             "of the model (text, figure): not scored")
+
+    data = json.loads(pages.read_text())
+    data["categories"] = [{"id": 1, "name": "caption"}, {"id": 2, "name": "footnote"}]
+    (tmp_path / "renamed.json").write_text(json.dumps(data))
+    other = CocoLayoutDataset(tmp_path / "renamed.json", images)
+    with pytest.raises(LayoutDataError, match=r"renamed.json: none of its categories \(caption, footnote\) is a class "
+                                              r"of the model \(text, figure\): nothing to score"):
+        evaluate_model(_Oracle(other, ["text", "figure"]), other)
+
+
+def test_layout_eval_of_a_file_with_fewer_classes_scores_the_shared_ones(tiny_ckpt, pages, tmp_path, capsys,
+                                                                        beit_warnings):
+    """PubLayNet's 5 classes against DocBank's 13 raised IndexError in predictions_to_coco."""
+    from beit.cli import main
+
+    only_figure = _recategorized(pages, tmp_path, {"figure": 1})
+    assert main(["layout", "eval", str(tiny_ckpt), f"data.val_ann={only_figure}",
+                 f"data.val_images={pages.parent / 'images'}", "model.score_thresh=0.0"]) == 0
+    assert "figure" in capsys.readouterr().out
+    assert any(r.getMessage() == f"{only_figure}: the model's class 'text' is not a category of this file: its "
+               "detections are left out of the scores" for r in beit_warnings)
