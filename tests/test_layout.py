@@ -695,3 +695,23 @@ def test_layout_eval_of_a_file_with_fewer_classes_scores_the_shared_ones(tiny_ck
     assert "figure" in capsys.readouterr().out
     assert any(r.getMessage() == f"{only_figure}: the model's class 'text' is not a category of this file: its "
                "detections are left out of the scores" for r in beit_warnings)
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ("model.min_size_test=0", "model.min_size_test", "must be > 0, got 0"),
+    ("model.max_size_test=0", "model.max_size_test", "must be > 0, got 0"),
+    ("model.aspect_ratios=[]", "model.aspect_ratios", "at least one anchor aspect ratio"),
+    ("model.aspect_ratios=[-1.0,1.0]", "model.aspect_ratios", r"must be > 0.*\[-1.0, 1.0\]"),
+    ("model.pixel_std=[0,0,0]", "model.pixel_std", r"must be > 0.*\[0.0, 0.0, 0.0\]"),
+    ("data.crop_size=[600,384]", "data.crop_size", r"\(min, max\).*\[600, 384\]"),
+    ("model.detections_per_img=0", "model.detections_per_img", "must be > 0, got 0"),
+    ("vis_score_thresh=2", "vis_score_thresh", r"must be in \[0, 1\] \(a detection score\), got 2"),
+])
+def test_layout_config_values_that_fail_later_are_refused_naming_the_key(override, key, says):
+    """Each was accepted: a traceback at the first step or the final evaluation, 'training diverged... lower the lr'
+    (a negative aspect ratio, a zero pixel_std), every AP 0 (no detection kept) or no box drawn."""
+    from beit.engine.config import ConfigError, load_config
+    from beit.tasks.layout import LayoutConfig
+
+    with pytest.raises(ConfigError, match=rf"^config key '{key}': .*{says}"):
+        load_config(LayoutConfig, None, [override])

@@ -54,6 +54,18 @@ class DetectorConfig:
             raise ConfigError("out_indices", f"must name 4 blocks, got {list(self.out_indices)}")
         if not 0.0 <= self.score_thresh < 1.0:
             raise ConfigError("score_thresh", f"must be in [0, 1), got {self.score_thresh}")
+        for name in ("min_size_test", "max_size_test", "detections_per_img"):  # 0: a crash in eval, or no detection
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if not self.aspect_ratios:
+            raise ConfigError("aspect_ratios", "needs at least one anchor aspect ratio (height / width), e.g. "
+                                               "[0.5, 1.0, 2.0]")
+        if min(self.aspect_ratios) <= 0:
+            raise ConfigError("aspect_ratios", f"anchor aspect ratios (height / width) must be > 0, got "
+                                               f"{[float(r) for r in self.aspect_ratios]}")
+        if min(self.pixel_std) <= 0:
+            raise ConfigError("pixel_std", f"every channel's std must be > 0 (pages are divided by it), got "
+                                           f"{[float(v) for v in self.pixel_std]}")
         check_model_overrides(self.backbone_overrides, key="backbone_overrides")  # fields and their types
         for k, instead in (("drop_path_rate", "model.drop_path_rate"), ("head", "nothing: the detector has none")):
             if k in self.backbone_overrides:  # build_detector sets these itself: the user's value would be dropped
@@ -90,6 +102,9 @@ class LayoutDataConfig:
             raise ConfigError("holdout", f"must be >= 0, got {self.holdout}")
         if self.repeat < 1:
             raise ConfigError("repeat", f"must be >= 1, got {self.repeat}")
+        if self.crop_size[0] > self.crop_size[1]:
+            raise ConfigError("crop_size", f"is the (min, max) side of the random crop, the smaller first; got "
+                                           f"{list(self.crop_size)}")
 
 
 def _default_train() -> TrainConfig:
@@ -114,6 +129,8 @@ class LayoutConfig:
     vis_score_thresh: float = 0.5  # boxes drawn on the pages written every train.image_every steps
 
     def validate(self) -> None:
+        if not 0.0 <= self.vis_score_thresh <= 1.0:
+            raise ConfigError("vis_score_thresh", f"must be in [0, 1] (a detection score), got {self.vis_score_thresh}")
         check_model_overrides(self.model_overrides, {"head": "nothing: the detector has none",
                                                      "drop_path_rate": "model.drop_path_rate"})
         for k, v in self.model_overrides.items():
