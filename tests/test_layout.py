@@ -715,3 +715,75 @@ def test_layout_config_values_that_fail_later_are_refused_naming_the_key(overrid
 
     with pytest.raises(ConfigError, match=rf"^config key '{key}': .*{says}"):
         load_config(LayoutConfig, None, [override])
+
+
+def test_an_interrupted_predict_writes_the_json_of_the_pages_done(tiny_ckpt, tmp_path, beit_warnings, monkeypatch):
+    """Ctrl-C, SIGTERM or an error (out of memory) part-way left the drawings but no results.json / pages.json."""
+    import beit.tasks.layout.predict as layout_predict
+    from beit.tasks.layout.model import load_detector
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=3, size=(96, 128)).parent / "images"
+    model, cfg = load_detector(tiny_ckpt, ["model.score_thresh=0.0"])
+    forward = model.forward
+    for stop in (KeyboardInterrupt(), RuntimeError("CUDA out of memory")):
+        calls: list[int] = []
+
+        def forward_until_stopped(images, targets=None, stop=stop, calls=calls):
+            calls.append(1)
+            if len(calls) == 3:
+                raise stop
+            return forward(images, targets)
+
+        monkeypatch.setattr(model, "forward", forward_until_stopped)
+        out = tmp_path / type(stop).__name__
+        beit_warnings.clear()
+        with pytest.raises(type(stop)):
+            layout_predict.predict_pages(model, sorted(src.glob("*.png")), out, class_names=cfg.model.class_names,
+                                         score_thresh=0.0)
+        manifest = json.loads((out / "pages.json").read_text())
+        assert manifest["partial"] is True and [im["id"] for im in manifest["images"]] == [1, 2]
+        assert manifest["note"] == f"stopped by {type(stop).__name__} after 2 of 3 pages: the others were not predicted"
+        results = json.loads((out / "results.json").read_text())
+        assert results and {r["image_id"] for r in results} == {1, 2}
+        assert [r.getMessage() for r in beit_warnings] == [
+            f"{out}: stopped by {type(stop).__name__} after 2 of 3 pages: {out / 'results.json'} and "
+            f"{out / 'pages.json'} hold those pages (\"partial\": true)"]
+    monkeypatch.setattr(model, "forward", forward)
+    done = layout_predict.predict_pages(model, sorted(src.glob("*.png")), tmp_path / "all",
+                                        class_names=cfg.model.class_names)
+    assert json.loads(open(done["pages"]).read())["partial"] is False
+
+
+def test_layout_predict_stopped_by_sigterm_writes_the_pages_done_and_exits_143(tiny_ckpt, tmp_path, capsys,
+                                                                               monkeypatch):
+    import os
+    import signal
+
+    import beit.tasks.layout.predict as layout_predict
+    from beit.cli import main
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=3, size=(96, 128)).parent / "images"
+    decode = layout_predict.decode_image
+    calls: list[int] = []
+
+    def decode_then_terminate(path):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in this thread, before the next page
+        return decode(path)
+
+    def not_predict(signum, frame):  # without predict's own handler the test process would end: a Ctrl-C instead
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layout_predict, "decode_image", decode_then_terminate)
+    before = signal.signal(signal.SIGTERM, not_predict)
+    try:
+        code = main(["layout", "predict", str(tiny_ckpt), str(src), "--out", str(tmp_path / "pred")])
+        assert signal.getsignal(signal.SIGTERM) is not_predict  # put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and capsys.readouterr().err.strip().endswith("beit layout predict: interrupted by SIGTERM")
+    manifest = json.loads((tmp_path / "pred" / "pages.json").read_text())
+    assert manifest["partial"] is True and len(manifest["images"]) == 1
+    assert manifest["note"] == "stopped by SIGTERM after 1 of 3 pages: the others were not predicted"
+    assert (tmp_path / "pred" / "results.json").is_file()

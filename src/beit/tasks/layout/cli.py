@@ -78,12 +78,43 @@ def predict(args: argparse.Namespace) -> int:
     # two pages of one name, a drawing over a page or over someone else's file: refused
     output_stems(pages, out_dir=args.out or "predictions", manifest="pages.json")
     model, cfg = _load(args)  # before the checkpoint is loaded
-    out = predict_pages(model, pages, args.out or "predictions", class_names=cfg.model.class_names,
-                        category_ids=cfg.model.category_ids, score_thresh=args.score_thresh)
+    with _SigtermInterrupts():  # the pages done so far are written (predict_pages), as on Ctrl-C
+        out = predict_pages(model, pages, args.out or "predictions", class_names=cfg.model.class_names,
+                            category_ids=cfg.model.category_ids, score_thresh=args.score_thresh)
     for png, n in zip(out["pngs"], out["drawn"]):
         print(f"{png}: {n} boxes >= {args.score_thresh}")
     print(f"detections: {out['results']} (COCO results; image ids and files in {out['pages']})")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during ``layout predict``: a ``KeyboardInterrupt`` (what was done is written), exit code 143."""
+
+    exit_code, signal_name = 143, "SIGTERM"
+    summary = "interrupted by SIGTERM"
+
+
+class _SigtermInterrupts:
+    """Inside ``with`` SIGTERM raises :class:`_Terminated` (the default would end the process at once, before the
+    pages done are written); the handler before it is put back after. Only the main thread can set handlers."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.set = threading.current_thread() is threading.main_thread()
+        if self.set:
+            self.before = signal.signal(signal.SIGTERM, self._stop)
+
+    @staticmethod
+    def _stop(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.set:  # None: a handler set outside Python, whose stand-in is the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.before is None else self.before)
 
 
 def _device():  # noqa: ANN202

@@ -57,6 +57,11 @@ def draw_detections(image: torch.Tensor, det: dict[str, torch.Tensor], class_nam
     return Image.fromarray(image.permute(1, 2, 0).numpy())
 
 
+def _why(stopped: BaseException) -> str:
+    """What stopped a run: the signal of an interrupt that names one (``signal_name``: SIGTERM), else the type."""
+    return getattr(stopped, "signal_name", None) or type(stopped).__name__
+
+
 @torch.no_grad()
 def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | Path, *,
                   class_names: Sequence[str], category_ids: Sequence[int] | None = None,
@@ -71,6 +76,10 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     so results stay aligned with the files. Stems that repeat across folders are written as
     ``<dir>__<stem>.png`` so that no drawing overwrites another.
 
+    Stopped part-way (Ctrl-C, SIGTERM where the caller turns it into a ``KeyboardInterrupt``, an error such as
+    out of memory), the JSON files are written for the pages done so far, ``pages.json`` says ``"partial": true``
+    with a ``note`` of how many pages were done, a warning says the same, and the exception goes on.
+
     Raises:
         ValueError: two pages of one name (``a.jpg`` and ``a.png`` in one folder, or a file given twice), before
             anything is written, or a drawing that would overwrite one of the pages (``out_dir`` is their folder)
@@ -83,7 +92,22 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     ids = list(image_ids) if image_ids is not None else list(range(1, len(pages) + 1))
     was_training = model.training
     model.eval()
-    results, images, pngs, drawn, skipped = [], [], [], [], []
+    results: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    pngs: list[str] = []
+    drawn: list[int] = []
+    cats = [{"id": int(c), "name": n} for c, n in zip(category_ids, class_names)]
+
+    def write(stopped: BaseException | None = None) -> None:
+        manifest: dict[str, Any] = {"images": images, "categories": cats, "skipped": skipped,
+                                    "num_skipped": len(skipped), "partial": stopped is not None}
+        if stopped is not None:
+            manifest["note"] = (f"stopped by {_why(stopped)} after {len(images) + len(skipped)} of {len(pages)} pages: "
+                                "the others were not predicted")
+        (out / "results.json").write_text(json.dumps(results))
+        (out / "pages.json").write_text(json.dumps(manifest, indent=1))
+
     try:
         for img_id, page, stem in zip(ids, map(Path, pages), stems):
             try:
@@ -95,18 +119,22 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
             image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
             det = model([image.to(device).float().div_(255)])[0]
             det = {k: v.float().cpu() if k in ("boxes", "scores", "masks") else v.cpu() for k, v in det.items()}
-            results += predictions_to_coco([det], [img_id], category_ids)
+            found = predictions_to_coco([det], [img_id], category_ids)
             png = out / f"{stem}.png"
             draw_detections(image, det, class_names, score_thresh).save(png)
             pngs.append(str(png))
             drawn.append(int((det["scores"] >= score_thresh).sum()))
+            results += found  # the page is done: its results and its entry together
             images.append({"id": img_id, "file_name": str(page), "width": image.shape[2], "height": image.shape[1]})
-    finally:
+    except BaseException as stopped:  # Ctrl-C, SIGTERM, out of memory...: what was done is kept
         model.train(was_training)
-    (out / "results.json").write_text(json.dumps(results))
-    cats = [{"id": int(c), "name": n} for c, n in zip(category_ids, class_names)]
-    (out / "pages.json").write_text(json.dumps({"images": images, "categories": cats, "skipped": skipped,
-                                                "num_skipped": len(skipped)}, indent=1))
+        write(stopped)
+        logger.warning("%s: stopped by %s after %d of %d pages: %s and %s hold those pages (\"partial\": true)",
+                       out, _why(stopped), len(images) + len(skipped), len(pages), out / "results.json",
+                       out / "pages.json")
+        raise
+    model.train(was_training)
+    write()
     if not images and skipped:
         raise ValueError(f"none of the {len(skipped)} pages could be read (see {out / 'pages.json'})")
     return {"results": str(out / "results.json"), "pages": str(out / "pages.json"), "pngs": pngs, "drawn": drawn,
