@@ -787,3 +787,29 @@ def test_layout_predict_stopped_by_sigterm_writes_the_pages_done_and_exits_143(t
     assert manifest["partial"] is True and len(manifest["images"]) == 1
     assert manifest["note"] == "stopped by SIGTERM after 1 of 3 pages: the others were not predicted"
     assert (tmp_path / "pred" / "results.json").is_file()
+
+
+def test_layout_predict_leaves_out_an_earlier_runs_output_folder_below_the_pages(tiny_ckpt, tmp_path, capsys):
+    """`predict CKPT pages --out pages/pred` then `predict CKPT pages --out pq` took pages/pred/*.png for pages: only
+    the current --out was left out. A folder holding pages.json and results.json is an earlier run's: left out, said
+    in one line; a folder with only one of the two (someone's own pages.json) is read as pages."""
+    import shutil
+
+    from beit.cli import main
+    from beit.tasks.layout.predict import find_pages
+
+    pages = tmp_path / "pages"
+    shutil.copytree(write_synthetic_pages(tmp_path / "p", num_pages=2, size=(96, 128)).parent / "images", pages)
+    assert main(["layout", "predict", str(tiny_ckpt), str(pages), "--out", str(pages / "pred")]) == 0
+    (pages / "mine").mkdir()
+    shutil.copy(pages / "page_000.png", pages / "mine" / "page_9.png")
+    (pages / "mine" / "pages.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["layout", "predict", str(tiny_ckpt), str(pages), "--out", str(tmp_path / "pq")]) == 0
+    said = capsys.readouterr().out
+    assert (f"{pages / 'pred'}: left out, it holds an earlier layout predict's outputs (pages.json, results.json)"
+            in said.splitlines())
+    listed = [im["file_name"] for im in json.loads((tmp_path / "pq" / "pages.json").read_text())["images"]]
+    assert listed == [str(pages / "mine" / "page_9.png"), str(pages / "page_000.png"), str(pages / "page_001.png")]
+    notes: list[str] = []
+    assert find_pages([pages / "pred"], note=notes.append) == sorted((pages / "pred").glob("*.png")) and not notes

@@ -74,7 +74,7 @@ def predict(args: argparse.Namespace) -> int:
         raise ValueError("layout predict needs page images or folders")
     if not 0.0 <= args.score_thresh <= 1.0:
         raise ValueError(f"--score-thresh is a detection score, in [0, 1]; got {args.score_thresh}")
-    pages = find_pages(args.inputs, skip=args.out or "predictions")
+    pages = find_pages(args.inputs, skip=args.out or "predictions", note=print)
     # two pages of one name, a drawing over a page or over someone else's file: refused
     output_stems(pages, out_dir=args.out or "predictions", manifest="pages.json")
     model, cfg = _load(args)  # before the checkpoint is loaded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,41 @@ from .evaluate import predictions_to_coco
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "draw_detections", "find_pages", "predict_pages"]
+__all__ = ["IMAGE_SUFFIXES", "RUN_FILES", "draw_detections", "find_pages", "predict_pages"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
             "#469990", "#800000", "#808000", "#000075", "#a9a9a9"]
 
 
-def find_pages(paths: Sequence[str | Path], skip: str | Path | None = None) -> list[Path]:
+#: what a run of :func:`predict_pages` writes besides its drawings: a folder holding both is an earlier run's output
+RUN_FILES = ("pages.json", "results.json")
+
+
+def find_pages(paths: Sequence[str | Path], skip: str | Path | None = None,
+               note: Callable[[str], None] | None = None) -> list[Path]:
     """Files as given; folders expand to their images at any depth, as ``beit segment predict`` reads a folder
     (sorted, so ids are stable), leaving out those under ``skip`` (the output folder, when it is below one of
-    them: an earlier run's drawings are not pages)."""
+    them: an earlier run's drawings are not pages) and those of any folder below them that holds an earlier run's
+    :data:`RUN_FILES` (another ``--out``), each such folder said in one line to ``note`` (default: logged at INFO).
+    """
     pages: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-            pages += found if skip is None else not_below(found, p, skip)
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            found = [q for q in files if q.suffix.lower() in IMAGE_SUFFIXES]
+            if skip is not None:
+                found = not_below(found, p, skip)
+            current = Path(skip).resolve() if skip is not None else None
+            runs = [q.parent for q in files if q.name == RUN_FILES[0] and q.parent != p
+                    and all((q.parent / name).is_file() for name in RUN_FILES) and q.parent.resolve() != current]
+            for run in runs:
+                kept = [q for q in found if not q.is_relative_to(run)]
+                if len(kept) < len(found):
+                    (note or logger.info)(f"{run}: left out, it holds an earlier layout predict's outputs "
+                                          f"({', '.join(RUN_FILES)})")
+                found = kept
+            pages += found
         elif p.is_file():
             pages.append(p)
         else:
