@@ -813,3 +813,19 @@ def test_layout_predict_leaves_out_an_earlier_runs_output_folder_below_the_pages
     assert listed == [str(pages / "mine" / "page_9.png"), str(pages / "page_000.png"), str(pages / "page_001.png")]
     notes: list[str] = []
     assert find_pages([pages / "pred"], note=notes.append) == sorted((pages / "pred").glob("*.png")) and not notes
+
+
+def test_layout_eval_refuses_an_out_that_is_a_file_before_evaluating(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """`layout eval CKPT --out afile` failed only after the whole evaluation."""
+    import beit.tasks.layout.evaluate as layout_evaluate
+    from beit.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before --out was checked")
+
+    monkeypatch.setattr(layout_evaluate, "evaluate_model", never)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["layout", "eval", str(tiny_ckpt), "--out", str(afile)]) == 1
+    assert capsys.readouterr().err.strip() == f"beit layout eval: error: --out {afile}: {afile} is a file, not a folder"
+    assert afile.read_text() == "mine"

@@ -43,12 +43,15 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
+    from ...data.datasets import check_writable_folder
     from ...engine.threads import loader_workers
     from .data import build_val_dataset
     from .evaluate import evaluate_model, format_table
 
     if args.inputs:
         raise ValueError(f"unexpected argument(s) {args.inputs}: overrides are key=value")
+    if args.out:  # a file there, or a folder not writable: said now, not after the evaluation
+        check_writable_folder(args.out, f"--out {args.out}")
     model, cfg = _load(args)
     val_ds = build_val_dataset(cfg)
     if val_ds is None:
