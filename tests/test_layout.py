@@ -829,3 +829,15 @@ def test_layout_eval_refuses_an_out_that_is_a_file_before_evaluating(tiny_ckpt, 
     assert main(["layout", "eval", str(tiny_ckpt), "--out", str(afile)]) == 1
     assert capsys.readouterr().err.strip() == f"beit layout eval: error: --out {afile}: {afile} is a file, not a folder"
     assert afile.read_text() == "mine"
+
+
+def test_layout_predict_says_when_it_wrote_no_detection(tiny_ckpt, tmp_path, capsys):
+    """results.json is [] then, which pycocotools' loadRes cannot read: said, not left to a crash later."""
+    from beit.cli import main
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=1, size=(96, 128)).parent / "images"
+    out = tmp_path / "pred"
+    assert main(["layout", "predict", str(tiny_ckpt), str(src), "--out", str(out), "model.score_thresh=0.99"]) == 0
+    assert json.loads((out / "results.json").read_text()) == []
+    assert (f"no detections: {out / 'results.json'} is an empty list (pycocotools' COCO.loadRes cannot load one; "
+            "a lower model.score_thresh keeps more)") in capsys.readouterr().out.splitlines()

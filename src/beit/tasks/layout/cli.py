@@ -87,6 +87,9 @@ def predict(args: argparse.Namespace) -> int:
     for png, n in zip(out["pngs"], out["drawn"]):
         print(f"{png}: {n} boxes >= {args.score_thresh}")
     print(f"detections: {out['results']} (COCO results; image ids and files in {out['pages']})")
+    if not out["num_detections"]:
+        print(f"no detections: {out['results']} is an empty list (pycocotools' COCO.loadRes cannot load one; a lower "
+              "model.score_thresh keeps more)")
     return 0
 
 

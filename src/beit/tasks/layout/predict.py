@@ -88,7 +88,8 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
                   device: torch.device | str | None = None) -> dict[str, Any]:
     """Detect on each page; write ``<stem>.png`` with the boxes over ``score_thresh``, ``results.json`` (every
     detection the model returns, COCO results format) and ``pages.json`` (the ids, files and categories the
-    results refer to). Returns the written paths and the number of detections drawn per page.
+    results refer to). Returns the written paths, the number of detections drawn per page and the number written
+    (``num_detections``; with none, ``results.json`` is ``[]``, which pycocotools' ``COCO.loadRes`` cannot load).
 
     Pages are decoded upright (EXIF orientation). A page that cannot be read is skipped with a warning and
     listed in ``pages.json`` ``skipped`` (``id``, ``file_name``, ``error``); the other pages keep their ids,
@@ -157,4 +158,4 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     if not images and skipped:
         raise ValueError(f"none of the {len(skipped)} pages could be read (see {out / 'pages.json'})")
     return {"results": str(out / "results.json"), "pages": str(out / "pages.json"), "pngs": pngs, "drawn": drawn,
-            "skipped": [s["file_name"] for s in skipped], "num_skipped": len(skipped)}
+            "skipped": [s["file_name"] for s in skipped], "num_skipped": len(skipped), "num_detections": len(results)}
