@@ -841,3 +841,35 @@ def test_layout_predict_says_when_it_wrote_no_detection(tiny_ckpt, tmp_path, cap
     assert json.loads((out / "results.json").read_text()) == []
     assert (f"no detections: {out / 'results.json'} is an empty list (pycocotools' COCO.loadRes cannot load one; "
             "a lower model.score_thresh keeps more)") in capsys.readouterr().out.splitlines()
+
+
+def test_predict_brings_a_large_page_down_before_the_detector_and_maps_boxes_back(tiny_ckpt, tmp_path):
+    """A 99 MP page peaked at ~4.9 GB: it became float at full size before the detector resized it. Now the uint8
+    page is brought to the test size first; boxes and masks come back in the page's pixels. A page 4x the small
+    one (each pixel 4x4) comes down to the small page exactly, so its boxes are 4x the small page's."""
+    import numpy as np
+    from PIL import Image
+
+    from beit.tasks.layout.model import load_detector
+    from beit.tasks.layout.predict import predict_pages
+
+    src = write_synthetic_pages(tmp_path / "p", num_pages=1, size=(96, 128)).parent / "images" / "page_000.png"
+    big = tmp_path / "big" / "page_000.png"
+    big.parent.mkdir()
+    Image.fromarray(np.asarray(Image.open(src).convert("RGB")).repeat(4, 0).repeat(4, 1)).save(big)  # 384 x 512
+    model, cfg = load_detector(tiny_ckpt, ["model.score_thresh=0.0"])  # min_size_test 96, max_size_test 160
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda m, args: seen.extend(tuple(im.shape) for im in args[0]))
+    runs = {}
+    for name, page in (("small", src), ("big", big)):
+        out = predict_pages(model, [page], tmp_path / f"out_{name}", class_names=cfg.model.class_names,
+                            score_thresh=0.0)
+        runs[name] = json.loads(open(out["results"]).read())
+    assert seen == [(3, 128, 96), (3, 128, 96)]  # the big page came down in uint8, not at 512 x 384 in float
+    small, large = runs["small"], runs["big"]
+    assert len(small) == len(large) > 0
+    for a, b in zip(small, large):
+        assert b["score"] == pytest.approx(a["score"], abs=1e-4) and b["category_id"] == a["category_id"]
+        assert b["bbox"] == pytest.approx([4 * v for v in a["bbox"]], abs=0.05)
+        assert b["segmentation"]["size"] == [512, 384] and a["segmentation"]["size"] == [128, 96]
+    assert Image.open(tmp_path / "out_big" / "page_000.png").size == (384, 512)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.utils import draw_bounding_boxes
 
 from beit.data.datasets import decode_image, not_below, output_stems
@@ -81,6 +83,31 @@ def _why(stopped: BaseException) -> str:
     return getattr(stopped, "signal_name", None) or type(stopped).__name__
 
 
+def _test_size(model: nn.Module) -> tuple[int, int] | None:
+    """(short side, longest side) a torchvision R-CNN resizes pages to at inference (``model.min_size_test`` /
+    ``max_size_test`` of a layout detector); None for a model that does not say."""
+    transform = getattr(getattr(model, "detector", model), "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform):
+        return None
+    return int(transform.min_size[-1]), int(transform.max_size)
+
+
+def _downsized(image: torch.Tensor, size: tuple[int, int] | None) -> tuple[torch.Tensor, float, float]:
+    """A uint8 ``[3, H, W]`` page larger than the detector's test ``size`` brought down to it (short side ``size[0]``,
+    long side at most ``size[1]``, bilinear as the detector resizes) before it becomes float; the detector's own
+    resize is then none. Returns the page and the factors (x, y) from its pixels to the original's: 1 where the
+    page is not larger (the detector resizes it)."""
+    if size is None:
+        return image, 1.0, 1.0
+    H, W = image.shape[1:]
+    scale = min(size[0] / min(H, W), size[1] / max(H, W))
+    if scale >= 1.0:
+        return image, 1.0, 1.0
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    small = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return small, W / w, H / h
+
+
 @torch.no_grad()
 def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | Path, *,
                   class_names: Sequence[str], category_ids: Sequence[int] | None = None,
@@ -91,7 +118,9 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     results refer to). Returns the written paths, the number of detections drawn per page and the number written
     (``num_detections``; with none, ``results.json`` is ``[]``, which pycocotools' ``COCO.loadRes`` cannot load).
 
-    Pages are decoded upright (EXIF orientation). A page that cannot be read is skipped with a warning and
+    Pages are decoded upright (EXIF orientation) and one larger than the detector's test size is brought down to it
+    while still uint8 (as float a 99 MP page alone is 1.2 GB); boxes and masks are in the page's own pixels either
+    way. A page that cannot be read is skipped with a warning and
     listed in ``pages.json`` ``skipped`` (``id``, ``file_name``, ``error``); the other pages keep their ids,
     so results stay aligned with the files. Stems that repeat across folders are written as
     ``<dir>__<stem>.png`` so that no drawing overwrites another.
@@ -110,6 +139,7 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     category_ids = list(category_ids) if category_ids else list(range(1, len(class_names) + 1))
     ids = list(image_ids) if image_ids is not None else list(range(1, len(pages) + 1))
+    test_size = _test_size(model)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -136,9 +166,17 @@ def predict_pages(model: nn.Module, pages: Sequence[str | Path], out_dir: str | 
                 logger.warning("skipping unreadable page %s (%s: %s)", page, type(err).__name__, err)
                 skipped.append({"id": img_id, "file_name": str(page), "error": f"{type(err).__name__}: {err}"})
                 continue
-            image = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-            det = model([image.to(device).float().div_(255)])[0]
+            image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+            del rgb
+            small, sx, sy = _downsized(image, test_size)  # in uint8: a 99 MP page is 1.2 GB as float
+            det = model([small.to(device).float().div_(255)])[0]
+            del small
             det = {k: v.float().cpu() if k in ("boxes", "scores", "masks") else v.cpu() for k, v in det.items()}
+            if (sx, sy) != (1.0, 1.0):  # back to the page's pixels
+                det["boxes"] = det["boxes"] * torch.tensor([sx, sy, sx, sy])
+                if "masks" in det:
+                    det["masks"] = F.interpolate(det["masks"], size=tuple(image.shape[1:]), mode="bilinear",
+                                                 align_corners=False)
             found = predictions_to_coco([det], [img_id], category_ids)
             png = out / f"{stem}.png"
             draw_detections(image, det, class_names, score_thresh).save(png)
