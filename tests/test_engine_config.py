@@ -103,3 +103,16 @@ def test_warmup_epochs_that_are_already_longer_than_max_steps_fail_at_load():
                                "shorter than max_steps (10): lower train.warmup_epochs, or set train.warmup_steps")
     load_config(PretrainCfg, None, ["train.max_steps=10", "train.warmup_epochs=20", "train.warmup_steps=5"])
     load_config(PretrainCfg, None, ["train.max_steps=30", "train.warmup_epochs=20"])  # may fit: the data says
+
+
+def test_an_empty_override_is_empty_text_for_a_text_key_and_named_elsewhere():
+    """`data.val_ann=` said "Incompatible value 'None' for field of type 'str'": YAML reads an empty value as null,
+    which a text key does not take. For a text key it is now the empty text, a key that takes null still gets null,
+    and any other key's message says the value is empty."""
+    cfg = load_config(PretrainCfg, None, ["model.name=", "train.max_steps=", "train.resume="])
+    assert cfg.model.name == "" and cfg.train.max_steps is None and cfg.train.resume == ""
+    with pytest.raises(ConfigError, match=r"^config key 'model\.depth': an empty value \(read as null\), which it does "
+                                          r"not take: give a value \(model\.depth=\.\.\.\)"):
+        load_config(PretrainCfg, None, ["model.depth="])
+    with pytest.raises(ConfigError, match=r"'train\.betas': an empty value"):
+        load_config(PretrainCfg, None, ["train.betas="])

@@ -261,12 +261,25 @@ def _plain(msg: str, key: str = "") -> str:
     return msg
 
 
+def _merge_override(cfg: DictConfig, item: str) -> DictConfig:
+    """``cfg`` with the ``key=value`` override ``item`` merged in. An empty value (``key=``) is null, as YAML reads
+    it, for a key that takes null; for a text key that does not (``data.val_ann=``), it is the empty text ``''``."""
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException:
+        key, _, value = item.partition("=")
+        if value.strip() or not isinstance(OmegaConf.select(cfg, key, default=None), str):
+            raise
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}=''"]))
+
+
 def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Merge ``schema`` defaults <- YAML file <- ``key=value`` overrides; return a validated dataclass.
 
     ``schema`` is a dataclass type or instance (an instance gives task-specific defaults). Overrides are
     dotted (``train.lr=3e-4``, ``train.betas=[0.9,0.98]``, ``train.max_steps=null``); a leading ``--``
-    is accepted. Raises :class:`ConfigError` naming the key on unknown keys, wrong types or bad values.
+    is accepted; an empty value (``data.val_ann=``) is null, or ``''`` for a text key that takes no null.
+    Raises :class:`ConfigError` naming the key on unknown keys, wrong types or bad values.
     """
     try:
         cfg = OmegaConf.structured(schema)
@@ -310,9 +323,12 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
         if not sep or not key:
             raise ConfigError(key, f"override '{item}' is not of the form key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = _merge_override(cfg, item)
         except OmegaConfBaseException as e:
-            raise ConfigError(_key_of(e, key), _plain(_msg_of(e), _key_of(e, key))) from None
+            msg = _plain(_msg_of(e), _key_of(e, key))
+            if not item.partition("=")[2].strip():  # `key=`: YAML reads nothing as null, which this key does not take
+                msg = f"an empty value (read as null), which it does not take: give a value ({key}=...) ({msg})"
+            raise ConfigError(_key_of(e, key), msg) from None
         except TypeError:  # OmegaConf: "Cannot merge incompatible container types" (a mapping for a list, ...)
             raise ConfigError(key, f"{item.partition('=')[2]!r}: another kind of value than this key takes "
                                    "(a mapping where a list or a single value is expected, or the other way round)"
