@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -688,6 +689,7 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path):
     out = tmp_path / "proj"
     (out / "images" / "train" / "cat").mkdir(parents=True)
     (out / "images" / "train" / "cat" / "a.jpg").write_bytes(b"x")
+    (out / "images" / R.IMAGES_MARK).write_text("")  # the engine made images/ (unmarked, it is never deleted)
     (out / "last.pt").write_bytes(b"x")
     inputs = R.config_inputs({"data": {"train_dir": str(out / "images" / "train")},
                               "train": {"output_dir": str(out)}, "model": "", "precision": "fp32"})
@@ -715,6 +717,51 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path):
         R.prepare_output_dir(data, resume_path=None, overwrite=True, outputs=("model",),
                              inputs=R.config_inputs({"data": {"train_dir": str(data)}}))
     assert (data / "model" / "x.jpg").exists() and (data / "tb" / "x.jpg").exists()
+
+
+def _pictures(model, step, out_dir):
+    (out_dir / f"picture_{step}.png").write_bytes(b"png")
+
+
+def test_overwrite_deletes_an_images_folder_only_when_the_engine_made_it(tmp_path, beit_warnings):
+    """``--overwrite`` deleted any ``images/`` of the output folder, also one no run made (a data set's page images
+    unpacked there): now only the one the engine made for ``train.image_every``'s pictures, which it marks."""
+    out = tmp_path / "run"
+    trainer_of(cfg_of(out, max_steps=3, image_every=2), visualize_fn=_pictures).fit()
+    assert (out / "images" / R.IMAGES_MARK).is_file() and (out / "images" / "picture_2.png").is_file()
+    trainer_of(cfg_of(out, max_steps=3, overwrite=True)).fit()  # no pictures this time
+    assert not (out / "images").exists()
+    # a folder of the user's: kept by an overwrite (said in a warning), pictures written beside its files, unmarked
+    shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "page.png").write_bytes(b"data")
+    trainer_of(cfg_of(out, max_steps=3, image_every=2), visualize_fn=_pictures).fit()
+    assert (out / "images" / "picture_2.png").is_file() and not (out / "images" / R.IMAGES_MARK).exists()
+    beit_warnings.clear()
+    trainer_of(cfg_of(out, max_steps=3, overwrite=True)).fit()
+    assert (out / "images" / "page.png").read_bytes() == b"data"
+    assert any(f"kept {out / 'images'}: it has no {R.IMAGES_MARK} file" in r.getMessage() for r in beit_warnings)
+    assert R.previous_run_paths(out) == [out / p for p in ("config.yaml", "curves.png", "last.pt", "metrics.jsonl",
+                                                          "step_0000003.pt", "tb")]
+
+
+def test_inputs_a_task_derives_from_its_config_are_never_overwritten(tmp_path):
+    """The paths a run reads that its config does not name (layout's page images in ``images/`` next to
+    ``data.train_ann`` when ``data.train_images`` is unset) are given as ``Trainer(inputs=...)`` /
+    ``check_run_can_start(inputs=...)``: an overwrite that would delete one is refused as for a config's paths."""
+    from beit.engine.trainer import check_run_can_start
+
+    out = tmp_path / "run"
+    trainer_of(cfg_of(out, max_steps=3, image_every=2), visualize_fn=_pictures).fit()  # images/ is the engine's
+    (out / "images" / "pages").mkdir()
+    (out / "images" / "pages" / "page.png").write_bytes(b"data")
+    inputs = {"data.train_images": str(out / "images" / "pages")}
+    with pytest.raises(R.RunDirError, match=r"would delete .*images, which overlaps this run's input "
+                                            r"data\.train_images=.*pages: nothing was deleted"):
+        check_run_can_start(cfg_of(out, max_steps=3, overwrite=True), inputs=inputs)
+    with pytest.raises(R.RunDirError, match=r"data\.train_images=.*pages: nothing was deleted"):
+        trainer_of(cfg_of(out, max_steps=3, overwrite=True), inputs=inputs).fit()
+    assert (out / "images" / "pages" / "page.png").is_file() and (out / "last.pt").is_file()
 
 
 def test_overwrite_without_a_checkpoint_deletes_only_the_task_outputs(tmp_path):

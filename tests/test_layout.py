@@ -873,3 +873,40 @@ def test_predict_brings_a_large_page_down_before_the_detector_and_maps_boxes_bac
         assert b["bbox"] == pytest.approx([4 * v for v in a["bbox"]], abs=0.05)
         assert b["segmentation"]["size"] == [512, 384] and a["segmentation"]["size"] == [128, 96]
     assert Image.open(tmp_path / "out_big" / "page_000.png").size == (384, 512)
+
+
+def test_overwrite_keeps_the_page_images_next_to_the_annotations(tmp_path, capsys):
+    """`beit layout train data.train_ann=owd/annotations.json --out owd`, then the same with --overwrite, deleted
+    owd/images: the data set's pages (data.train_images unset: the images/ next to data.train_ann). Those implied
+    folders, train's and val's, are the run's inputs: an overwrite never deletes them."""
+    from beit.cli import main
+    from beit.engine.config import load_config
+    from beit.engine.rundir import IMAGES_MARK
+    from beit.tasks.layout import LayoutConfig
+    from beit.tasks.layout.data import image_folders
+
+    owd = tmp_path / "owd"
+    ann = write_synthetic_pages(owd, num_pages=4, size=(96, 128))
+    pages = {p.name: p.read_bytes() for p in (owd / "images").iterdir()}
+    args = ["layout", "train", *TINY_OVERRIDES, "train.eval_every=0", f"data.train_ann={ann}", "data.holdout=2",
+            "--out", str(owd)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (owd / "images").iterdir()} == pages
+    assert main([*args, "train.max_steps=3", "--resume", "auto"]) == 0, capsys.readouterr().err  # not refused early
+    # an images/ that was the engine's (marked) holding the pages: refused, naming the key the folder stands for
+    (owd / "images" / IMAGES_MARK).write_text("")
+    assert main([*args, "--overwrite"]) == 1
+    assert (f"--overwrite would delete {owd / 'images'}, which overlaps this run's input "
+            f"data.train_images={owd / 'images'}: nothing was deleted") in capsys.readouterr().err
+    # the val pages next to data.val_ann, training on another file
+    other = write_synthetic_pages(tmp_path / "other", num_pages=2, size=(96, 128))
+    val = ["layout", "train", *TINY_OVERRIDES, f"data.train_ann={other}", f"data.val_ann={ann}", "--out", str(owd),
+           "--overwrite"]
+    assert main(val) == 1
+    assert f"this run's input data.val_images={owd / 'images'}: nothing was deleted" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (owd / "images").iterdir() if p.name != IMAGES_MARK} == pages
+    assert (owd / "last.pt").is_file()
+    cfg = load_config(LayoutConfig, None, [f"data.train_ann={other}", f"data.val_ann={ann}",
+                                           f"data.train_images={tmp_path}"])
+    assert image_folders(cfg) == {"data.train_images": str(tmp_path), "data.val_images": str(owd / "images")}

@@ -11,8 +11,10 @@
   ``train.overwrite=true`` (``--overwrite``) replaces it; overwriting deletes only what the engine and the task
   wrote (:data:`RUN_FILES`, :data:`RUN_DIRS`, ``step_*`` checkpoints, and the task's own outputs, e.g.
   pre-training's ``final/``: each task declares them once, its ``OUTPUTS``, passed as ``Trainer(outputs=...)``),
-  other files in the folder are kept. ``log.txt`` is appended to, each run's lines after a separator line
-  (:func:`beit.engine.logging.setup_logging`).
+  other files in the folder are kept; ``images/`` only when the engine made it (:data:`IMAGES_MARK`). An
+  overwrite never deletes the run's inputs: the paths its config names (:func:`config_inputs`) and those a task
+  derives from it (``Trainer(inputs=...)``, e.g. layout's ``images/`` next to ``data.train_ann``).
+  ``log.txt`` is appended to, each run's lines after a separator line (:func:`beit.engine.logging.setup_logging`).
 - **Resume with a changed config** (:func:`check_resume_config`): the checkpoint's ``config`` is compared
   with the current one; keys that change what is trained (model, data, masking, batch size, seed, optimizer,
   schedule, ...) must be equal, else :class:`ConfigChangedError` names each differing key;
@@ -43,11 +45,13 @@ from typing import Any
 from .._text import first_few
 
 __all__ = [
-    "CLASSES_KEY", "CLASS_SOURCES", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS", "RUN_FILES",
+    "CLASSES_KEY", "CLASS_SOURCES", "IMAGES_MARK", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS",
+    "RUN_FILES",
     "ConfigChangedError", "RunDirError", "RunExistsError", "RunLock", "RunLockedError", "TaskMismatchError",
     "atomic_write", "check_checkpoint_task", "check_overwrite_same_task", "check_overwrite_spares_inputs",
     "check_resume_config",
     "class_count_refusal", "class_list_key", "class_list_source", "clear_previous_run", "config_inputs", "diff_configs",
+    "mark_run_images",
     "prepare_output_dir", "previous_run_files", "previous_run_paths", "remove_stale_tmp", "task_outputs_present",
 ]
 
@@ -57,6 +61,10 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.yaml")
 #: folders the engine writes into ``output_dir`` (deleted by an overwrite); ``abandoned`` holds the step checkpoints
 #: a resume from an older checkpoint set aside (``CheckpointManager.set_aside_after``)
 RUN_DIRS = ("tb", "images", "abandoned")
+#: the file the engine leaves in ``output_dir/images`` when it makes that folder for a run's pictures
+#: (``train.image_every``): an overwrite deletes an ``images/`` only when it holds this mark, never a folder of
+#: that name the engine did not make (a data set's page images kept next to its annotations, say)
+IMAGES_MARK = ".beit_run_images"
 # step checkpoints: step_0000042.pt files, or folders (sharded checkpoints), and last/best folders
 _CKPT_RE = re.compile(r"^(step_\d+(\.pt)?|last|best|last\.pt|best\.pt)$")
 
@@ -339,8 +347,26 @@ def previous_run_paths(output_dir: str | Path, outputs: Sequence[str] = ()) -> l
     if not out.is_dir():
         return []
     return sorted((p for p in out.iterdir()
-                   if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name in RUN_DIRS or p.name.endswith(".tmp")
-                   or p.name in outputs), key=lambda p: p.name)
+                   if _CKPT_RE.match(p.name) or p.name in RUN_FILES or p.name.endswith(".tmp") or p.name in outputs
+                   or (p.name in RUN_DIRS and (p.name != "images" or _engine_images(p)))), key=lambda p: p.name)
+
+
+def _engine_images(folder: Path) -> bool:
+    """Whether ``folder`` (an ``output_dir/images``) is the engine's: it holds :data:`IMAGES_MARK`."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / IMAGES_MARK).is_file()
+
+
+def mark_run_images(folder: str | Path) -> Path:
+    """Make ``folder`` (a run's ``output_dir/images``) for the run's pictures and return it: a folder made here gets
+    :data:`IMAGES_MARK` (an overwrite deletes it with the run); one that was there without it is not the engine's
+    and stays unmarked (written into, never deleted by an overwrite)."""
+    folder = Path(folder)
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        (folder / IMAGES_MARK).write_text("pictures of a beit training run (train.image_every): --overwrite deletes "
+                                          "this folder with the run\n")
+    folder.mkdir(parents=True, exist_ok=True)  # e.g. a dangling link: the error names it
+    return folder
 
 
 def _remove(doomed: Sequence[Path]) -> list[Path]:
@@ -490,6 +516,11 @@ def prepare_output_dir(output_dir: str | Path, *, resume_path: Path | None, resu
         return "overwrite"
     removed = _remove(doomed)
     _log().warning(f"overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in removed)})")
+    images = out / "images"
+    if images.is_dir() and not _engine_images(images) and not any(_overlaps(images, Path(p)) for p in inputs.values()):
+        _log().warning(f"overwrite: kept {images}: it has no {IMAGES_MARK} file, so no beit run made it (a "
+                       "folder of yours, or pictures of a run older than the mark): delete it yourself if it holds "
+                       "only an earlier run's pictures")
     return "overwrite"
 
 

@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ from .rundir import (
     check_checkpoint_task,
     check_resume_config,
     config_inputs,
+    mark_run_images,
     prepare_output_dir,
 )
 from .threads import cap_intra_op_threads, loader_workers
@@ -336,8 +337,15 @@ def _check_resumable(state: dict[str, Any], path: Path, task: str | None, run_co
                         stored_world_size=state.get("world_size"), world_size=D.world_size(), report=report)
 
 
+def _run_inputs(run_config: Any, inputs: Mapping[str, str | Path] | None = None) -> dict[str, str | Path]:
+    """The paths a run reads, dotted key -> path: those its config names (:func:`~beit.engine.rundir.config_inputs`)
+    and ``inputs``, those a task derives from it (an ``--overwrite`` deletes none of them)."""
+    return {**config_inputs(to_dict(run_config)), **(inputs or {})}
+
+
 def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | None = None,
-                        check_state: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+                        check_state: Callable[[dict[str, Any], Path], None] | None = None,
+                        inputs: Mapping[str, str | Path] | None = None) -> None:
     """The refusals :meth:`Trainer.fit` makes when it opens ``cfg.output_dir``, made early and changing nothing
     (no ``*.tmp`` file removed: the run's lock is not held; see ``prepare_output_dir(check_only=True)``),
     for tasks that do long work before ``fit()`` (``beit linprobe`` extracts every image's features first): an
@@ -352,7 +360,8 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
 
     Rank 0 checks (as ``fit()`` decides there) and every rank raises its refusal (so none waits in a collective).
     ``check_state(state, path)``: the task's own check of the checkpoint to resume, once the engine's passed
-    (segmentation: the decode head's number of classes); it raises to refuse.
+    (segmentation: the decode head's number of classes); it raises to refuse. ``inputs``: as the trainer's
+    (:class:`Trainer`), the paths the run reads besides those its config names.
 
     Raises:
         FileNotFoundError, ValueError, TaskMismatchError, ConfigChangedError, RunExistsError: as ``fit()`` would.
@@ -360,7 +369,7 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
     error = None
     if D.is_main():
         try:
-            _check_run_can_start(cfg, run_config, task, check_state)
+            _check_run_can_start(cfg, run_config, task, check_state, inputs)
         except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
             error = e
     outcome = D.broadcast_object(None if error is None else (type(error).__name__, str(error)))
@@ -371,14 +380,15 @@ def check_run_can_start(cfg: TrainConfig, run_config: Any = None, task: str | No
 
 
 def _check_run_can_start(cfg: TrainConfig, run_config: Any, task: str | None,
-                         check_state: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+                         check_state: Callable[[dict[str, Any], Path], None] | None = None,
+                         inputs: Mapping[str, str | Path] | None = None) -> None:
     out = Path(cfg.output_dir)
     path = find_resume_path(cfg.resume, out)
     if cfg.resume == "auto" and path is None:
         return  # fit() resumes the newest readable step checkpoint, or starts from step 0
     task = task if task is not None else task_of(run_config)
     prepare_output_dir(out, resume_path=path, resume=cfg.resume, overwrite=cfg.overwrite, check_only=True,
-                       inputs=config_inputs(to_dict(run_config if run_config is not None else cfg)),
+                       inputs=_run_inputs(run_config if run_config is not None else cfg, inputs),
                        task=task, folder_task=lambda: recorded_task(out))  # or refuses
     if path is None:
         return
@@ -436,6 +446,10 @@ class Trainer:
         outputs: the names of the files and folders the task writes into ``output_dir`` besides the engine's
             (its ``OUTPUTS``, e.g. pre-training's ``("final", "mim_panel.png")``): ``--overwrite`` deletes them
             with the earlier run's checkpoints (:func:`~beit.engine.rundir.prepare_output_dir`).
+        inputs: the paths the run reads that its config does not name, dotted key -> path (a folder the task
+            derives from its config, e.g. layout's page images in ``images/`` next to ``data.train_ann`` when
+            ``data.train_images`` is unset); with the paths the config names (:func:`~beit.engine.rundir.config_inputs`)
+            they are what ``--overwrite`` never deletes.
     """
 
     #: a second SIGINT this many seconds or more after the first stops at once (sooner: the same Ctrl-C, sent
@@ -448,7 +462,8 @@ class Trainer:
                  visualize_fn: Callable[[nn.Module, int, Path], None] | None = None,
                  metric_to_track: str | None = None, mode: str = "max",
                  param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None,
-                 run_config: Any = None, task: str | None = None, outputs: Sequence[str] = ()):
+                 run_config: Any = None, task: str | None = None, outputs: Sequence[str] = (),
+                 inputs: Mapping[str, str | Path] | None = None):
         validate_config(cfg)
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -460,6 +475,7 @@ class Trainer:
         self.run_config = run_config if run_config is not None else cfg
         self.task = task if task is not None else task_of(self.run_config)
         self.outputs = tuple(outputs)
+        self.inputs = dict(inputs or {})
         self.device = D.device()
         self.main = D.is_main()
         self.out = Path(cfg.output_dir)
@@ -704,7 +720,7 @@ class Trainer:
                 if not getattr(self, "_fit_started", False):  # a second fit() of this trainer continues it
                     prepare_output_dir(self.out, resume_path=resume_path, resume=self.cfg.resume,
                                        overwrite=getattr(self.cfg, "overwrite", False), outputs=self.outputs,
-                                       inputs=config_inputs(to_dict(self.run_config)), task=self.task,
+                                       inputs=_run_inputs(self.run_config, self.inputs), task=self.task,
                                        folder_task=lambda: recorded_task(self.out))
             except Exception as e:  # noqa: BLE001 - every error reaches the other ranks, then is raised
                 if lock is not None:
@@ -1182,8 +1198,7 @@ class Trainer:
     def _visualize(self) -> None:
         if not (self.main or D.is_fsdp(self.raw_model)):
             return
-        out_dir = self.out / "images"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = mark_run_images(self.out / "images") if self.main else self.out / "images"
         with preserved_rng(), torch.no_grad(), self._autocast(), _eager():
             self.raw_model.eval()
             self.visualize_fn(self.raw_model, self.step, out_dir)

@@ -53,7 +53,7 @@ from ...engine.config import ConfigError
 from .config import CROP_RESIZE, DIT_MIN_SIZES, LayoutConfig
 
 __all__ = ["CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "build_datasets", "build_val_dataset", "collate",
-           "split_image_ids", "write_synthetic_pages"]
+           "image_folders", "split_image_ids", "write_synthetic_pages"]
 
 log = logging.getLogger("beit")
 
@@ -580,6 +580,20 @@ def write_synthetic_pages(out_dir: str | Path, num_pages: int = 2, size: tuple[i
 # ---------------------------------------------------------------------------------------- from the config
 def _images_of(ann: str, images: str) -> Path:
     return Path(images) if images else Path(ann).parent / "images"
+
+
+def image_folders(cfg: LayoutConfig) -> dict[str, str]:
+    """The page-image folders a run of ``cfg`` reads, config key -> folder: ``data.train_images`` and
+    ``data.val_images`` as set, or, unset, the ``images`` folder next to ``data.train_ann`` / ``data.val_ann`` they
+    stand for. The run's inputs its config does not name (``Trainer(inputs=...)``): an ``--overwrite`` never
+    deletes them, e.g. a data set unpacked into the output folder (``images/`` + ``annotations.json``)."""
+    d = cfg.data
+    folders = {}
+    for split in ("train", "val"):
+        ann, images = getattr(d, f"{split}_ann"), getattr(d, f"{split}_images")
+        if ann or images:
+            folders[f"data.{split}_images"] = str(_images_of(ann, images) if ann else images)
+    return folders
 
 
 def _check_paths(split: str, ann: str, images: str) -> None:

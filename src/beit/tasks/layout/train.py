@@ -18,10 +18,11 @@ from torch import nn
 from ...data.datasets import RepeatedDataset, set_max_image_pixels
 from ...engine import Trainer, is_main
 from ...engine.config import validate_config
+from ...engine.distributed import init_distributed
 from ...engine.threads import loader_workers
-from ...engine.trainer import check_schedule, seed_everything
+from ...engine.trainer import check_run_can_start, check_schedule, seed_everything
 from .config import LayoutConfig
-from .data import CocoLayoutDataset, build_datasets, collate
+from .data import CocoLayoutDataset, build_datasets, collate, image_folders
 from .evaluate import evaluate_model, format_table
 from .model import build_detector
 from .predict import draw_detections
@@ -77,6 +78,11 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
+    # the page folders the config implies (images/ next to data.train_ann) are inputs too: never overwritten
+    inputs = image_folders(cfg)
+    init_distributed()
+    if not cfg.train.resume:  # the output folder, before every page is read (a resume is judged by fit(), against
+        check_run_can_start(cfg.train, cfg, inputs=inputs)  # the config build_detector completes: model.backbone)
 
     def check_steps(train: CocoLayoutDataset) -> None:  # warmup vs the run's steps, before the val pages are read
         check_schedule(len(train) * cfg.data.repeat, cfg.train)
@@ -91,7 +97,8 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
         train_ds.images[0]["id"]]), train_ds.class_names, cfg.vis_score_thresh)
     data = RepeatedDataset(train_ds, cfg.data.repeat) if cfg.data.repeat > 1 else train_ds
     trainer = Trainer(model, data, step_fn, cfg.train, collate_fn=collate, eval_fn=eval_fn, visualize_fn=vis,
-                      metric_to_track="bbox/AP" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS)
+                      metric_to_track="bbox/AP" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS,
+                      inputs=inputs)
     trainer.log.info(f"layout data: train {train_ds.summary()}"
                      + (f" | val {val_ds.summary()}" if val_ds is not None else " | no validation set"))
     result = dict(trainer.fit())
