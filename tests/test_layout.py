@@ -910,3 +910,55 @@ def test_overwrite_keeps_the_page_images_next_to_the_annotations(tmp_path, capsy
     cfg = load_config(LayoutConfig, None, [f"data.train_ann={other}", f"data.val_ann={ann}",
                                            f"data.train_images={tmp_path}"])
     assert image_folders(cfg) == {"data.train_images": str(tmp_path), "data.val_images": str(owd / "images")}
+
+
+def _edited(tmp_path, edit):
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["annotations"].insert(1, None), r"'annotations' entry 1 is None, not an object \(1 such entry"),
+    (lambda d: d["categories"].append({"name": "table"}), r"'categories' entry 2 has no integer id \(its id is None"),
+    (lambda d: d["categories"].append("table"), r"'categories' entry 2 has no integer id \(it is 'table', not an "),
+    (lambda d: d["categories"].append({"id": 1, "name": "title"}), r"category id given to more than one 'categories' "
+                                                                     r"entry: 1 \(2 times\)"),
+])
+def test_a_malformed_coco_entry_is_an_error_naming_the_file_and_the_entry(tmp_path, edit, message):
+    """A null annotation crashed with AttributeError, a category without an id with KeyError, one that is not an
+    object with TypeError: each is now a LayoutDataError naming the file and the entry, whatever data.on_bad."""
+    ann = _edited(tmp_path, edit)
+    for on_bad in ("skip", "error"):
+        with pytest.raises(LayoutDataError, match=rf"^{ann}: {message}"):
+            CocoLayoutDataset(ann, tmp_path / "images", on_bad=on_bad)
+
+
+@pytest.mark.parametrize("edit,kind,message", [
+    (lambda d: d["images"][1].update(file_name=5), "bad_image_entry", r"image 2 has file_name 5, not a file name"),
+    (lambda d: d["images"][1].update(width="64"), "bad_image_entry", r"image 2 'page_001.png' has width '64', not a "
+                                                                     r"number of pixels"),
+    (lambda d: d["images"][1].update(height=[80]), "bad_image_entry", r"image 2 'page_001.png' has height \[80\]"),
+    (lambda d: d["annotations"][-1].update(area="big"), "bad_area", r"annotation \d+ \(image 'page_001.png'\) has area "
+                                                                    r"'big', not a number of pixels: its box's area "
+                                                                    r"is used"),
+    (lambda d: d["annotations"][-1].update(image_id=[2]), "unknown_image", r"annotation \d+ points at image id \[2\]"),
+    (lambda d: d["annotations"][-1].update(category_id={"id": 1}), "unknown_category", r"annotation \d+ \(image "
+                                                                                      r"'page_001.png'\) has category "
+                                                                                      r"id \{'id': 1\}"),
+])
+def test_a_malformed_coco_field_is_a_bad_entry_of_on_bad(tmp_path, edit, kind, message):
+    """``"file_name": 5``, ``"width": "773"`` crashed with a TypeError, ``"area": "big"`` with a ValueError naming
+    neither the file nor the annotation, an id given as a list with "unhashable type": now the entry is skipped and
+    counted (data.on_bad=skip; a bad area is replaced by the box's) or the error names the file and the entry."""
+    ann = _edited(tmp_path, edit)
+    ds = CocoLayoutDataset(ann, tmp_path / "images", with_masks=True)
+    assert ds.report[kind] == 1 and ds[len(ds) - 1][1]["boxes"].shape[1] == 4
+    if kind == "bad_area":
+        last = json.loads(ann.read_text())["annotations"][-1]
+        kept = next(a for a in ds.coco_gt().dataset["annotations"] if a["bbox"] == pytest.approx(last["bbox"]))
+        assert kept["area"] == last["bbox"][2] * last["bbox"][3]
+    with pytest.raises(LayoutDataError, match=rf"^{ann}: {message}"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")

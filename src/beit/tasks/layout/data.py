@@ -7,8 +7,11 @@ box is skipped and counted (``on_bad="skip"``) or raises :class:`LayoutDataError
 annotation (``on_bad="error"``); boxes sticking out of the page are clipped, boxes that are empty after
 clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all, and the
 warning logged at build time gives the first case of each kind (annotations whose ``image_id`` is in no
-``images`` entry of the file, in neither split, are one case: their count and the first ids). An image id given
-to two ``images`` entries is always an error.
+``images`` entry of the file, in neither split, are one case: their count and the first ids). An image entry
+whose ``file_name`` is not text or whose ``width`` / ``height`` is not a number is a bad page (skipped or raised
+as above); an ``area`` that is not a number is replaced by the box's (counted as ``bad_area``, raised with
+``on_bad="error"``). An image id given to two ``images`` entries is always an error, and so is an ``annotations``
+entry that is not an object, or a category that is not an object with an integer id of its own.
 
 A page whose JSON ``width`` / ``height`` differ from its image file (``size_mismatch``) is taken in the file's
 pixels: its boxes are rescaled from the JSON's size to the file's (the images were resized after annotating),
@@ -69,8 +72,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no such file.
         LayoutDataError: not JSON, not a COCO file, no categories, an ``images`` entry without an integer id
-            (naming the file, the entry and its id), or an image id given to two ``images`` entries (naming the
-            file and the first duplicated ids with their counts, then how many more).
+            (naming the file, the entry and its id), an ``annotations`` entry that is not an object, a
+            ``categories`` entry that is not an object with an integer id or an id given to two categories (naming
+            the file and the entry), or an image id given to two ``images`` entries (naming the file and the first
+            duplicated ids with their counts, then how many more).
     """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -83,8 +88,26 @@ def _read_json(path: Path) -> dict[str, Any]:
             raise LayoutDataError(f"{path}: not a COCO file: no '{key}' list")
     if not data["categories"]:
         raise LayoutDataError(f"{path}: no categories")
-    odd = [(i, im) for i, im in enumerate(data["images"]) if not isinstance(im, dict)
-           or not isinstance(im.get("id"), int) or isinstance(im.get("id"), bool)]
+    odd = [(i, c) for i, c in enumerate(data["categories"]) if not isinstance(c, dict) or not _is_int(c.get("id"))]
+    if odd:  # the labels are made from the category ids
+        i, c = odd[0]
+        what = f"its id is {c.get('id')!r}" if isinstance(c, dict) else f"it is {c!r:.60}, not an object"
+        raise LayoutDataError(f"{path}: 'categories' entry {i} has no integer id ({what}; {len(odd)} such "
+                              f"entr{'ies' if len(odd) > 1 else 'y'}): a COCO category is e.g. "
+                              '{"id": 1, "name": "text"}')
+    cat_ids = Counter(c["id"] for c in data["categories"])
+    dup = [i for i, n in cat_ids.items() if n > 1]
+    if dup:  # one id, two names: which label would its boxes get?
+        raise LayoutDataError(f"{path}: category id{'s' if len(dup) > 1 else ''} given to more than one 'categories' "
+                              f"entry: {repeated([c['id'] for c in data['categories']], 5)}; category ids must be "
+                              "unique")
+    odd = [i for i, a in enumerate(data["annotations"]) if not isinstance(a, dict)]
+    if odd:
+        i = odd[0]
+        raise LayoutDataError(f"{path}: 'annotations' entry {i} is {data['annotations'][i]!r:.60}, not an object "
+                              f"({len(odd)} such entr{'ies' if len(odd) > 1 else 'y'}, first at "
+                              f"{first_few([str(j) for j in odd], 5)})")
+    odd = [(i, im) for i, im in enumerate(data["images"]) if not isinstance(im, dict) or not _is_int(im.get("id"))]
     if odd:  # COCO image ids are integers (pycocotools and the detector's targets need them)
         i, im = odd[0]
         what = f"its id is {im.get('id')!r}" if isinstance(im, dict) else f"it is {im!r}, not an object"
@@ -98,6 +121,25 @@ def _read_json(path: Path) -> dict[str, Any]:
                               f"'images' entry: {repeated([im['id'] for im in data['images']], 5)}; image ids must "
                               "be unique")
     return data
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (a COCO id), not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _hashable(v: Any) -> bool:
+    """Whether ``v`` can be looked up in a dict (an id given as a list or an object cannot)."""
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def split_image_ids(ann_file: str | Path, num_val: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -195,7 +237,8 @@ class CocoLayoutDataset(Dataset):
         orphans: list[tuple[Any, Any]] = []  # (annotation id, image id) of annotations of no image of the file
         for ann in data["annotations"]:
             img_id = ann.get("image_id")
-            if img_id not in all_ids:  # in no split: counted by every dataset of the file, not silently dropped
+            # in no split: counted by every dataset of the file, not silently dropped
+            if not _hashable(img_id) or img_id not in all_ids:
                 if self.on_bad == "error":
                     self._bad("unknown_image", f"annotation {ann.get('id')} points at image id {img_id!r}, which "
                                                "is not in 'images'")
@@ -210,8 +253,8 @@ class CocoLayoutDataset(Dataset):
             if clean is not None:
                 self.anns[img_id].append(clean)
         if orphans:  # one line for all of them, in the build-time warning
-            n, ids = len(orphans), list(dict.fromkeys(i for _, i in orphans))
-            shown, annotations = first_few([repr(i) for i in ids], 5), first_few([repr(a) for a, _ in orphans], 3)
+            n, ids = len(orphans), list(dict.fromkeys(repr(i) for _, i in orphans))  # an id may be a list
+            shown, annotations = first_few(ids, 5), first_few([repr(a) for a, _ in orphans], 3)
             self._note("unknown_image", f"left out {n} annotation{'s' if n > 1 else ''} whose image_id is not in "
                                         f"'images': image id{'s' if len(ids) > 1 else ''} {shown} (annotation "
                                         f"{'ids' if n > 1 else 'id'} {annotations})", count=n)
@@ -259,8 +302,16 @@ class CocoLayoutDataset(Dataset):
         if "id" not in im or not name:
             self._bad("bad_image_entry", f"image entry {im!r:.80} has no id or file_name")
             return None
-        path = self.root / name
+        if not isinstance(name, str):
+            self._bad("bad_image_entry", f"image {im['id']} has file_name {name!r:.60}, not a file name (text)")
+            return None
         w, h = im.get("width"), im.get("height")
+        for key, v in (("width", w), ("height", h)):
+            if v is not None and not (_is_number(v) and v >= 0):  # 0 or none: taken from the file
+                self._bad("bad_image_entry", f"image {im['id']} '{name}' has {key} {v!r:.30}, not a number of "
+                                             "pixels")
+                return None
+        path = self.root / name
         if self.check_images:
             if not path.is_file():
                 self._bad("missing_image", f"image {im['id']} '{name}' not found under {self.root}")
@@ -295,7 +346,7 @@ class CocoLayoutDataset(Dataset):
             return
         reach = {i: [0.0, 0.0] for i in pages}  # right- and bottom-most box edge, as given
         for ann in anns:
-            r = reach.get(ann.get("image_id")) if isinstance(ann, dict) else None
+            r = reach.get(ann.get("image_id")) if isinstance(ann, dict) and _hashable(ann.get("image_id")) else None
             box = ann.get("bbox") if r is not None else None
             if r is not None and _well_formed(box):
                 r[0], r[1] = max(r[0], box[0] + box[2]), max(r[1], box[1] + box[3])
@@ -317,7 +368,7 @@ class CocoLayoutDataset(Dataset):
                    ) -> dict[str, Any] | None:
         where = f"annotation {ann.get('id')} (image '{img['file_name']}')"
         cid = ann.get("category_id")
-        if cid not in cat_to_label:
+        if not _hashable(cid) or cid not in cat_to_label:
             self._bad("unknown_category", f"{where} has category id {cid}, not in 'categories' {self.cat_ids}")
             return None
         box = ann.get("bbox")
@@ -344,7 +395,11 @@ class CocoLayoutDataset(Dataset):
         if (sx, sy) != (1.0, 1.0):  # polygons to the page's pixels; an RLE cannot be rescaled: the box stands in
             polys = [[v * (sy if k % 2 else sx) for k, v in enumerate(p)] for p in polys] if polys else None
             seg = polys
-        area = float(ann["area"]) * sx * sy if ann.get("area") else (cx1 - cx0) * (cy1 - cy0)
+        area = ann.get("area")
+        if area is not None and not (_is_number(area) and area >= 0):
+            self._bad("bad_area", f"{where} has area {area!r:.30}, not a number of pixels: its box's area is used")
+            area = None
+        area = float(area) * sx * sy if area else (cx1 - cx0) * (cy1 - cy0)
         return {"id": ann.get("id"), "bbox": [cx0, cy0, cx1 - cx0, cy1 - cy0], "category_id": cid,
                 "label": cat_to_label[cid], "iscrowd": int(bool(ann.get("iscrowd", 0))), "area": float(area),
                 "polygons": polys, "segmentation": seg}
