@@ -962,3 +962,22 @@ def test_a_malformed_coco_field_is_a_bad_entry_of_on_bad(tmp_path, edit, kind, m
         assert kept["area"] == last["bbox"][2] * last["bbox"][3]
     with pytest.raises(LayoutDataError, match=rf"^{ann}: {message}"):
         CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+
+
+def test_a_page_above_the_decompression_bomb_limit_is_skipped_naming_the_setting(tmp_path, beit_warnings,
+                                                                                 monkeypatch):
+    """A training page of more than twice PIL's limit (a 14000 x 14000 scan at the default) raised PIL's
+    DecompressionBombError out of the build-time check, which caught only OSError: now it is skipped and counted as
+    an unreadable page, with a warning naming data.max_image_pixels (or raised, with data.on_bad=error)."""
+    from PIL import Image
+
+    ann = write_synthetic_pages(tmp_path, num_pages=3, size=(64, 80))  # 5,120 pixels a page
+    Image.new("L", (200, 200), 255).save(tmp_path / "images" / "page_001.png")  # 40,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # as data.max_image_pixels=10000 sets it
+    ds = CocoLayoutDataset(ann, tmp_path / "images", train=True, min_sizes=(64,), max_size=128)
+    assert len(ds) == 2 and ds.report["unreadable_image"] == 1 and [im["id"] for im in ds.images] == [1, 3]
+    warned = " ".join(r.getMessage() for r in beit_warnings)
+    assert "unreadable_image: image 2 " in warned and "page_001.png' cannot be read" in warned
+    assert "data.max_image_pixels=N" in warned
+    with pytest.raises(LayoutDataError, match=r"image 2 .*page_001.png' cannot be read .*data\.max_image_pixels"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")

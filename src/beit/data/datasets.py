@@ -229,8 +229,14 @@ def decode_image(source: str | os.PathLike | bytes, *, exif: bool = True) -> Ima
 
 def image_size(source: str | os.PathLike, *, exif: bool = True) -> tuple[int, int]:
     """``(width, height)`` of an image file from its header (no full decode); with ``exif`` (default)
-    as :func:`decode_image` returns it, i.e. swapped when the EXIF orientation turns it by 90 degrees."""
-    with Image.open(source) as im:
+    as :func:`decode_image` returns it, i.e. swapped when the EXIF orientation turns it by 90 degrees.
+
+    Raises:
+        OSError: the file cannot be read, or is not an image Pillow reads (``PIL.UnidentifiedImageError``).
+        PIL.Image.DecompressionBombError: more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (the message names
+            ``data.max_image_pixels``, as :func:`open_image`'s).
+    """
+    with open_image(source) as im:
         w, h = im.size
         if exif:
             try:

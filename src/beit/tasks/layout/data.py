@@ -321,7 +321,7 @@ class CocoLayoutDataset(Dataset):
                 raw = image_size(path, exif=False)
                 if raw == (w, h) and (fw, fh) != (w, h):
                     fw, fh = raw
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:  # a page too large names data.max_image_pixels
                 self._bad("unreadable_image", f"image {im['id']} '{path}' cannot be read ({e})")
                 return None
             # a missing JSON size is the file's; boxes are kept in the file's pixels ("width" / "height"), see
