@@ -981,3 +981,21 @@ def test_a_page_above_the_decompression_bomb_limit_is_skipped_naming_the_setting
     assert "data.max_image_pixels=N" in warned
     with pytest.raises(LayoutDataError, match=r"image 2 .*page_001.png' cannot be read .*data\.max_image_pixels"):
         CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+
+
+def test_training_without_a_val_set_whose_first_page_has_no_box(tmp_path):
+    """With data.holdout=0 a training set whose lowest page id has no box (kept as a negative) failed with "no
+    usable box on its 1 pages": the picture page of train.image_every was built from that page, even with
+    image_every=0. Now only when pictures are drawn, from the first page with a box."""
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig, train
+
+    ann = _edited(tmp_path, lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 1]))
+    for every in (0, 1):
+        out = tmp_path / f"run{every}"
+        cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={ann}", "data.holdout=0",
+                                               f"train.image_every={every}", "train.max_steps=1",
+                                               f"train.output_dir={out}"])
+        result = train(cfg)
+        assert result["step"] == 1 and result["data"]["train"]["empty_pages"] == 1
+        assert sorted(p.name for p in (out / "images").glob("*.png")) == (["layout_0000001.png"] if every else [])

@@ -70,6 +70,14 @@ def make_visualize_fn(dataset: CocoLayoutDataset, class_names: list[str], score_
     return visualize
 
 
+def _preview_page(train_ds: CocoLayoutDataset) -> CocoLayoutDataset:
+    """The page drawn every ``train.image_every`` steps without a validation set: the first training page with a
+    box (a page without one, kept as a negative, is no dataset of its own), as it is (not augmented)."""
+    page = next(im["id"] for im in train_ds.images if any(not a["iscrowd"] for a in train_ds.anns[im["id"]]))
+    return CocoLayoutDataset(train_ds.ann_file, train_ds.root, image_ids=[page], on_bad=train_ds.on_bad,
+                             check_images=train_ds.check_images)
+
+
 def train(cfg: LayoutConfig) -> dict[str, Any]:
     """Build datasets and detector, train with the engine, print the final per-category AP table.
 
@@ -93,8 +101,8 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     model = build_detector(cfg.model, train_ds.class_names, train_ds.cat_ids, cfg.model_overrides)
     eval_fn = (make_eval_fn(val_ds, cfg.eval_batch_size, loader_workers(cfg.eval_workers, "eval_workers"))
                if val_ds is not None else None)
-    vis = make_visualize_fn(val_ds or CocoLayoutDataset(train_ds.ann_file, train_ds.root, image_ids=[
-        train_ds.images[0]["id"]]), train_ds.class_names, cfg.vis_score_thresh)
+    vis = (make_visualize_fn(val_ds or _preview_page(train_ds), train_ds.class_names, cfg.vis_score_thresh)
+           if cfg.train.image_every > 0 else None)
     data = RepeatedDataset(train_ds, cfg.data.repeat) if cfg.data.repeat > 1 else train_ds
     trainer = Trainer(model, data, step_fn, cfg.train, collate_fn=collate, eval_fn=eval_fn, visualize_fn=vis,
                       metric_to_track="bbox/AP" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS,
