@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -999,3 +1000,57 @@ def test_training_without_a_val_set_whose_first_page_has_no_box(tmp_path):
         result = train(cfg)
         assert result["step"] == 1 and result["data"]["train"]["empty_pages"] == 1
         assert sorted(p.name for p in (out / "images").glob("*.png")) == (["layout_0000001.png"] if every else [])
+
+
+def _rle_of(box, height, width):
+    from pycocotools import mask as mask_util
+
+    m = np.zeros((height, width), dtype=np.uint8, order="F")
+    x, y, w, h = box
+    m[y:y + h, x:x + w] = 1
+    rle = mask_util.encode(m)
+    return {"size": [height, width], "counts": rle["counts"].decode()}
+
+
+@pytest.mark.parametrize("bad,problem", [
+    (lambda rle: {"counts": rle["counts"]}, r"without a 'size' \(\[height, width\]\)"),
+    (lambda rle: dict(rle, size=[40, 32]), r"whose size \[40, 32\] is not its page's \[80, 64\]"),
+    (lambda rle: dict(rle, counts="?>"), r"whose counts cover 29 pixels, not the page's 5120"),
+    (lambda rle: dict(rle, counts="\x7f\x7f"), r"whose counts are not COCO's compressed RLE text"),
+    (lambda rle: dict(rle, counts=[100, 20, 4000]), r"whose counts cover 4120 pixels, not the page's 5120"),
+    (lambda rle: dict(rle, counts={"a": 1}), r"whose counts \{'a': 1\} are neither"),
+])
+def test_a_bad_rle_segmentation_is_a_bad_annotation_not_a_crash_of_the_evaluation(tmp_path, bad, problem):
+    """An RLE segmentation without 'size' (or with counts that do not cover the page) went through to pycocotools,
+    which raised KeyError 'size' at the evaluation, after the training. Now checked at build time as polygons are:
+    left out (the box stands in for the mask) or, with data.on_bad=error, an error naming the annotation."""
+    from beit.tasks.layout import evaluate_coco
+
+    good = {}
+
+    def with_rles(d):
+        for a in d["annotations"][:2]:  # page 1: 64 x 80
+            good[a["id"]] = a["segmentation"] = _rle_of(a["bbox"], 80, 64)
+        d["annotations"][1]["segmentation"] = bad(d["annotations"][1]["segmentation"])
+
+    ann = _edited(tmp_path, with_rles)
+    ds = CocoLayoutDataset(ann, tmp_path / "images", with_masks=True)
+    assert ds.report["bad_segmentation"] == 1
+    gt = ds.coco_gt()
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in gt.dataset["annotations"]]
+    assert evaluate_coco(gt, perfect, ("bbox", "segm"))["segm/AP"] == pytest.approx(1.0)
+    first = json.loads(ann.read_text())["annotations"][0]
+    assert next(a for a in gt.dataset["annotations"] if a["bbox"] == first["bbox"])["segmentation"] == good[first["id"]]
+    with pytest.raises(LayoutDataError, match=rf"^{ann}: annotation {first['id'] + 1} \(image 'page_000.png'\) has an "
+                                              rf"RLE segmentation {problem}.*: its box stands in"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+
+
+def test_a_polygon_of_other_things_than_numbers_is_a_bad_annotation(tmp_path):
+    ann = _edited(tmp_path, lambda d: d["annotations"][0].update(segmentation=[[1, 2, "x", 4, 5, 6]]))
+    ds = CocoLayoutDataset(ann, tmp_path / "images", with_masks=True)
+    assert ds.report["bad_segmentation"] == 1 and ds.report["mask_from_box"] == 1 and ds[0][1]["masks"].any()
+    with pytest.raises(LayoutDataError, match=r"annotation 1 \(image 'page_000.png'\) has a segmentation whose "
+                                              r"polygon 0 is \[1, 2, 'x', 4, 5, 6\], not a list of x, y numbers"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")

@@ -10,8 +10,11 @@ warning logged at build time gives the first case of each kind (annotations whos
 ``images`` entry of the file, in neither split, are one case: their count and the first ids). An image entry
 whose ``file_name`` is not text or whose ``width`` / ``height`` is not a number is a bad page (skipped or raised
 as above); an ``area`` that is not a number is replaced by the box's (counted as ``bad_area``, raised with
-``on_bad="error"``). An image id given to two ``images`` entries is always an error, and so is an ``annotations``
-entry that is not an object, or a category that is not an object with an integer id of its own.
+``on_bad="error"``). A ``segmentation`` is checked as the evaluator will read it: an RLE object needs ``size``
+[height, width] of its page and ``counts`` covering its pixels, a polygon needs x, y numbers; a bad one is left out
+(counted as ``bad_segmentation``: the box stands in for the mask) or raised with ``on_bad="error"``. An image id
+given to two ``images`` entries is always an error, and so is an ``annotations`` entry that is not an object, or
+a category that is not an object with an integer id of its own.
 
 A page whose JSON ``width`` / ``height`` differ from its image file (``size_mismatch``) is taken in the file's
 pixels: its boxes are rescaled from the JSON's size to the file's (the images were resized after annotating),
@@ -165,11 +168,68 @@ def _well_formed(box: Any) -> bool:
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box))
 
 
-def _valid_polygons(seg: Any) -> list[list[float]] | None:
-    if not isinstance(seg, list) or not seg:
-        return None
-    polys = [list(map(float, p)) for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-    return polys or None
+def _polygons(seg: list[Any]) -> tuple[list[list[float]] | None, str]:
+    """The usable polygons of a COCO polygon ``segmentation`` (lists of at least 3 x, y pairs; shorter ones, a point
+    or a line, are left out) or None, and what is wrong with it ("" when nothing is): a polygon that is not a list
+    of finite numbers."""
+    odd = [i for i, p in enumerate(seg) if not isinstance(p, list) or not all(_is_number(v) for v in p)]
+    polys = [[float(v) for v in p] for i, p in enumerate(seg) if i not in odd and len(p) >= 6 and len(p) % 2 == 0]
+    problem = (f"whose polygon {odd[0]} is {seg[odd[0]]!r:.40}, not a list of x, y numbers" if odd else "")
+    return polys or None, problem
+
+
+def _rle_counts(text: str) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE text (pycocotools' ``rleFrString``), or None if it is not one."""
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        x = k = 0
+        more = True
+        while more:
+            if p >= len(text):
+                return None
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            return None
+        counts.append(x)
+    return counts
+
+
+def _rle_problem(rle: dict[str, Any], height: int, width: int) -> str:
+    """What is wrong with an RLE ``segmentation`` of a ``height`` x ``width`` page ("" when nothing is): pycocotools
+    needs ``size`` [height, width] (the page's) and ``counts``, COCO's compressed text or a list of run lengths, that
+    cover the page's pixels exactly (fewer leave the rest of the mask undefined, more are refused mid-evaluation)."""
+    size = rle.get("size")
+    if size is None:
+        return "without a 'size' ([height, width])"
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+        return f"whose size {size!r:.40} is not [height, width]"
+    if size != [height, width]:
+        return f"whose size {size} is not its page's [{height}, {width}] ([height, width])"
+    counts = rle.get("counts")
+    if counts is None:
+        return "without 'counts'"
+    if isinstance(counts, str):
+        runs = _rle_counts(counts)
+        if runs is None:
+            return "whose counts are not COCO's compressed RLE text"
+    elif isinstance(counts, list) and all(_is_int(v) and v >= 0 for v in counts):
+        runs = counts
+    else:
+        return f"whose counts {counts!r:.40} are neither COCO's compressed RLE text nor a list of run lengths"
+    if sum(runs) != height * width:
+        return f"whose counts cover {sum(runs)} pixels, not the page's {height * width}"
+    return ""
 
 
 class CocoLayoutDataset(Dataset):
@@ -386,12 +446,24 @@ class CocoLayoutDataset(Dataset):
             self._note("degenerate_boxes", f"{where}: box {[round(v, 2) for v in box]} is empty on its {W}x{H} "
                                            "page (after clipping)")
             return None
-        seg = ann.get("segmentation")
-        polys = _valid_polygons(seg)
-        if polys is None and not isinstance(seg, dict):
-            if self.with_masks and not ann.get("iscrowd"):
-                self.report["mask_from_box"] += 1
+        seg, polys = ann.get("segmentation"), None
+        if isinstance(seg, dict):  # RLE, in the pixels of the page the box is given on
+            h, w = (H, W) if (sx, sy) == (1.0, 1.0) else (img["json_size"][1], img["json_size"][0])
+            problem = _rle_problem(seg, h, w)
+            if problem:
+                self._bad("bad_segmentation", f"{where} has an RLE segmentation {problem}: its box stands in")
+                seg = None
+        elif isinstance(seg, list):
+            polys, problem = _polygons(seg)
+            if problem:
+                self._bad("bad_segmentation", f"{where} has a segmentation {problem}: left out")
+            seg = polys
+        elif seg is not None:
+            self._bad("bad_segmentation", f"{where} has a segmentation {seg!r:.40}, neither polygons nor an RLE "
+                                          "object: its box stands in")
             seg = None
+        if seg is None and self.with_masks and not ann.get("iscrowd"):
+            self.report["mask_from_box"] += 1
         if (sx, sy) != (1.0, 1.0):  # polygons to the page's pixels; an RLE cannot be rescaled: the box stands in
             polys = [[v * (sy if k % 2 else sx) for k, v in enumerate(p)] for p in polys] if polys else None
             seg = polys
