@@ -1054,3 +1054,27 @@ def test_a_polygon_of_other_things_than_numbers_is_a_bad_annotation(tmp_path):
     with pytest.raises(LayoutDataError, match=r"annotation 1 \(image 'page_000.png'\) has a segmentation whose "
                                               r"polygon 0 is \[1, 2, 'x', 4, 5, 6\], not a list of x, y numbers"):
         CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+
+
+def test_a_val_file_that_is_the_training_file_with_a_holdout_is_refused(pages, tmp_path, monkeypatch):
+    """data.val_ann=data.train_ann with data.holdout=2 validated on the training pages, the holdout silently not
+    used (a data.val_ann is the validation set). Refused, naming both keys and what to do; without a holdout it is
+    still allowed (validation on the training pages, asked for), as is a holdout with another val file."""
+    from beit.engine.config import ConfigError, load_config
+    from beit.tasks.layout import LayoutConfig, build_datasets, build_val_dataset
+
+    def cfg(*overrides):
+        return load_config(LayoutConfig, None, [f"data.train_ann={pages}", *overrides])
+
+    monkeypatch.chdir(pages.parent)
+    for val in (pages, "annotations.json"):  # the same file, however it is spelled
+        for build in (build_datasets, build_val_dataset):
+            with pytest.raises(ConfigError, match=r"^config key 'data.val_ann': .*annotations.json is data.train_ann, "
+                                                  r"with data.holdout=1: .*Leave data.val_ann unset \(data.val_ann=''\) "
+                                                  r"to hold out 1 page of data.train_ann, or give another file$"):
+                build(cfg(f"data.val_ann={val}", "data.holdout=1"))
+    train_ds, val_ds = build_datasets(cfg(f"data.val_ann={pages}"))
+    assert len(train_ds) == len(val_ds) == 2
+    other = write_synthetic_pages(tmp_path, num_pages=3, size=(96, 128))
+    assert len(build_val_dataset(cfg(f"data.val_ann={other}", "data.holdout=1"))) == 3
+    assert len(build_val_dataset(cfg("data.holdout=1"))) == 1

@@ -741,16 +741,38 @@ def _check_paths(split: str, ann: str, images: str) -> None:
                                 f"for in 'images' next to data.{split}_ann; set data.{split}_images=FOLDER)")
 
 
-def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
-    """Validation pages as they are (the model resizes them): ``data.val_ann``, or the ``data.holdout`` pages
-    split off ``data.train_ann``; None when neither is set.
+def _check_split(cfg: LayoutConfig) -> None:
+    """``data.holdout`` pages are held out of ``data.train_ann`` only without a ``data.val_ann`` (which, set, is the
+    validation set, and the holdout is not used): the two files being one would validate on the training pages.
 
     Raises:
-        ConfigError: ``data.holdout`` without ``data.train_ann``.
+        ConfigError: ``data.val_ann`` is ``data.train_ann`` (the same file) and ``data.holdout`` is set.
+    """
+    d = cfg.data
+    if not (d.holdout and d.val_ann and d.train_ann):
+        return
+    if Path(d.val_ann).resolve() == Path(d.train_ann).resolve():
+        pages = f"{d.holdout} page{'s' if d.holdout > 1 else ''}"
+        raise ConfigError("data.val_ann", f"{d.val_ann} is data.train_ann, with data.holdout={d.holdout}: a "
+                                          "data.val_ann is the validation set and no page is held out, so the "
+                                          "validation pages would be the training pages. Leave data.val_ann unset "
+                                          f"(data.val_ann='') to hold out {pages} of data.train_ann, or give another "
+                                          "file")
+
+
+def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
+    """Validation pages as they are (the model resizes them): ``data.val_ann``, or the ``data.holdout`` pages
+    split off ``data.train_ann`` (when no ``data.val_ann`` is set; with one, ``data.holdout`` is not used); None
+    when neither is set.
+
+    Raises:
+        ConfigError: ``data.holdout`` without ``data.train_ann``, or with a ``data.val_ann`` that is
+            ``data.train_ann``.
         FileNotFoundError: the annotation file or its image folder is missing (naming the config key).
         LayoutDataError: the annotation file is unusable.
     """
     d = cfg.data
+    _check_split(cfg)
     if d.val_ann:
         _check_paths("val", d.val_ann, d.val_images)
         return CocoLayoutDataset(d.val_ann, _images_of(d.val_ann, d.val_images), on_bad=d.on_bad,
@@ -768,18 +790,23 @@ def build_val_dataset(cfg: LayoutConfig) -> CocoLayoutDataset | None:
 def build_datasets(cfg: LayoutConfig, with_val: bool = True,
                    check_train: Callable[[CocoLayoutDataset], None] | None = None
                    ) -> tuple[CocoLayoutDataset, CocoLayoutDataset | None]:
-    """Training set (augmented, masks if the model has a mask head) and validation set (plain pages).
-    ``check_train(train)`` runs as soon as the training set is there, before the validation set is read (the run's
-    steps, which need its size: :func:`beit.engine.trainer.check_schedule`); it raises to refuse.
+    """Training set (augmented, masks if the model has a mask head) and validation set (plain pages): all of
+    ``data.train_ann``, and ``data.val_ann``; or, without a ``data.val_ann``, ``data.train_ann`` less its
+    ``data.holdout`` pages, and those pages. ``check_train(train)`` runs as soon as the training set is there, before
+    the validation set is read (the run's steps, which need its size: :func:`beit.engine.trainer.check_schedule`); it
+    raises to refuse.
 
     Raises:
-        ConfigError: no ``data.train_ann``, or validation categories that differ from training's.
+        ConfigError: no ``data.train_ann``, a ``data.val_ann`` that is ``data.train_ann`` with ``data.holdout``
+            (the holdout would not be used: validation on the training pages), or validation categories that
+            differ from training's.
         FileNotFoundError: an annotation file or its image folder is missing (naming the config key).
         LayoutDataError: an annotation file is unusable.
     """
     d = cfg.data
     if not d.train_ann:
         raise ConfigError("data.train_ann", "required: the COCO annotation file to train on")
+    _check_split(cfg)
     _check_paths("train", d.train_ann, d.train_images)
     train_ids = None
     if d.holdout and not d.val_ann:
