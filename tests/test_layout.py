@@ -1078,3 +1078,40 @@ def test_a_val_file_that_is_the_training_file_with_a_holdout_is_refused(pages, t
     other = write_synthetic_pages(tmp_path, num_pages=3, size=(96, 128))
     assert len(build_val_dataset(cfg(f"data.val_ann={other}", "data.holdout=1"))) == 3
     assert len(build_val_dataset(cfg("data.holdout=1"))) == 1
+
+
+def test_on_bad_error_stops_on_a_box_of_negative_size_or_off_its_page(tmp_path):
+    """data.on_bad=error promises to stop on a malformed box, but a negative width or a box wholly off its page was
+    only dropped and counted as an empty box. Now both are bad boxes of data.on_bad (counted: bad_bbox, box_off_page;
+    or an error naming the annotation), while a box on its page left thinner than 1 px by clipping is dropped and
+    counted either way (degenerate_boxes)."""
+    extra = [{"image_id": 1, "category_id": 1, "bbox": [20, 20, -10, 5]},  # negative width
+             {"image_id": 1, "category_id": 1, "bbox": [70, 10, 10, 5]},  # right of the 64 x 80 page
+             {"image_id": 2, "category_id": 2, "bbox": [10, -30, 10, 20]},  # above it
+             {"image_id": 2, "category_id": 1, "bbox": [10, 10, 0, 5]}]  # no width: empty, dropped either way
+
+    def add(d):
+        nxt = max(a["id"] for a in d["annotations"]) + 1
+        d["annotations"] += [dict(a, id=nxt + i, iscrowd=0) for i, a in enumerate(extra)]
+
+    ann = _edited(tmp_path, add)
+    nxt = json.loads(ann.read_text())["annotations"][-4]["id"]
+    ds = CocoLayoutDataset(ann, tmp_path / "images")
+    r = ds.report
+    assert (r["bad_bbox"], r["box_off_page"], r["degenerate_boxes"], r.get("clipped_boxes", 0)) == (1, 2, 1, 0)
+    assert any(f"annotation {nxt + 1} (image 'page_000.png'): box [70, 10, 10, 5] lies wholly outside its 64x80 page"
+               in p for p in ds.problems)
+    with pytest.raises(LayoutDataError, match=rf"^{ann}: annotation {nxt} \(image 'page_000.png'\) has a bbox "
+                                              r"\[20, 20, -10, 5\] of negative width or height"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+    for drop in (0, 1):  # the first bad box left out of the file: the next one stops the build
+        data = json.loads(ann.read_text())
+        del data["annotations"][-4 + drop]
+        ann.write_text(json.dumps(data))
+        with pytest.raises(LayoutDataError, match=rf"^{ann}: annotation {nxt + 1 + drop} \(image 'page_00{drop}.png'\): "
+                                                  r"box .* lies wholly outside its 64x80 page"):
+            CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
+    data = json.loads(ann.read_text())
+    del data["annotations"][-2]
+    ann.write_text(json.dumps(data))
+    assert CocoLayoutDataset(ann, tmp_path / "images", on_bad="error").report["degenerate_boxes"] == 1

@@ -2,10 +2,12 @@
 
 One class reads any COCO file: categories are mapped to contiguous labels ``1..K`` in id order (0 is
 torchvision's background), grayscale pages become RGB. Bad input is found when the dataset is built, not
-half-way through an epoch: an annotation pointing at a missing image, an unknown category or a malformed
-box is skipped and counted (``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the
-annotation (``on_bad="error"``); boxes sticking out of the page are clipped, boxes that are empty after
-clipping are dropped, and pages without boxes are kept as negatives. ``dataset.report`` counts it all, and the
+half-way through an epoch: an annotation pointing at a missing image, an unknown category, a malformed
+box (not four numbers, or a negative width or height) or a box wholly off its page is skipped and counted
+(``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the annotation (``on_bad="error"``);
+boxes sticking out of the page are clipped, boxes on the page but thinner than ``min_box_size`` (1 px) after
+clipping are dropped and counted (``degenerate_boxes``) with either setting, and pages without boxes are kept as
+negatives. ``dataset.report`` counts it all, and the
 warning logged at build time gives the first case of each kind (annotations whose ``image_id`` is in no
 ``images`` entry of the file, in neither split, are one case: their count and the first ids). An image entry
 whose ``file_name`` is not text or whose ``width`` / ``height`` is not a number is a bad page (skipped or raised
@@ -240,7 +242,9 @@ class CocoLayoutDataset(Dataset):
         ann_file, image_root: the COCO JSON and the folder its ``file_name`` entries are relative to.
         train: augment (crop, multi-scale resize, flip); otherwise pages keep their size (the model resizes).
         image_ids: a subset of the file's images (e.g. from :func:`split_image_ids`).
-        on_bad: ``"skip"`` (count in ``report``, log once) or ``"error"`` (raise at the first problem).
+        on_bad: ``"skip"`` (count in ``report``, log once) or ``"error"`` (raise at the first problem: a missing or
+            unreadable page, a bad image entry or annotation, a malformed box or one wholly off its page; a box
+            left thinner than ``min_box_size`` by clipping is dropped either way).
         check_images: open every image header at build time (finds missing / unreadable files and wrong sizes).
 
     Raises:
@@ -435,10 +439,18 @@ class CocoLayoutDataset(Dataset):
         if not _well_formed(box):
             self._bad("bad_bbox", f"{where} has a malformed bbox {box!r:.60}")
             return None
+        if box[2] < 0 or box[3] < 0:
+            self._bad("bad_bbox", f"{where} has a bbox {box} of negative width or height (COCO boxes are "
+                                  "[x, y, width, height])")
+            return None
         # in the page's pixels (the file's, when it was read: see _resolve_sizes), then clipped to that page
         W, H = img["width"], img["height"]
         sx, sy = img.get("scale", (1.0, 1.0))
         x0, y0, x1, y1 = box[0] * sx, box[1] * sy, (box[0] + box[2]) * sx, (box[1] + box[3]) * sy
+        if box[2] > 0 and box[3] > 0 and (x0 >= W or y0 >= H or x1 <= 0 or y1 <= 0):
+            self._bad("box_off_page", f"{where}: box {[round(v, 2) for v in box]} lies wholly outside its {W}x{H} "
+                                      "page")
+            return None
         cx0, cy0, cx1, cy1 = min(max(x0, 0), W), min(max(y0, 0), H), min(max(x1, 0), W), min(max(y1, 0), H)
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
             self.report["clipped_boxes"] += 1
