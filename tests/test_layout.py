@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1115,3 +1116,17 @@ def test_on_bad_error_stops_on_a_box_of_negative_size_or_off_its_page(tmp_path):
     del data["annotations"][-2]
     ann.write_text(json.dumps(data))
     assert CocoLayoutDataset(ann, tmp_path / "images", on_bad="error").report["degenerate_boxes"] == 1
+
+
+@pytest.mark.parametrize("value", ["no", "0", None, 2, [1], 0.5])
+def test_an_iscrowd_other_than_0_or_1_is_a_bad_annotation(tmp_path, value):
+    """``"iscrowd": "no"`` made a crowd region (bool("no") is true): left out of training, a box the detector may
+    find or not at evaluation. Only 0 / 1 / false / true are read; anything else is a bad annotation of on_bad."""
+    ann = _edited(tmp_path, lambda d: [d["annotations"][0].update(iscrowd=value),
+                                       d["annotations"][1].update(iscrowd=True), d["annotations"][2].update(iscrowd=0)])
+    ds = CocoLayoutDataset(ann, tmp_path / "images")
+    kept = {a["id"]: a["iscrowd"] for v in ds.anns.values() for a in v}
+    assert ds.report["bad_iscrowd"] == 1 and 1 not in kept and (kept[2], kept[3]) == (1, 0)
+    with pytest.raises(LayoutDataError, match=rf"^{ann}: annotation 1 \(image 'page_000.png'\) has iscrowd "
+                                              rf"{re.escape(repr(value))}, not 0 or 1 \(false or true\)$"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")

@@ -1,22 +1,22 @@
 """COCO-format layout datasets (PubLayNet, DocLayNet, DocBank, ...) as torchvision detection samples.
 
-One class reads any COCO file: categories are mapped to contiguous labels ``1..K`` in id order (0 is
-torchvision's background), grayscale pages become RGB. Bad input is found when the dataset is built, not
-half-way through an epoch: an annotation pointing at a missing image, an unknown category, a malformed
-box (not four numbers, or a negative width or height) or a box wholly off its page is skipped and counted
-(``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the annotation (``on_bad="error"``);
-boxes sticking out of the page are clipped, boxes on the page but thinner than ``min_box_size`` (1 px) after
-clipping are dropped and counted (``degenerate_boxes``) with either setting, and pages without boxes are kept as
-negatives. ``dataset.report`` counts it all, and the
-warning logged at build time gives the first case of each kind (annotations whose ``image_id`` is in no
-``images`` entry of the file, in neither split, are one case: their count and the first ids). An image entry
-whose ``file_name`` is not text or whose ``width`` / ``height`` is not a number is a bad page (skipped or raised
-as above); an ``area`` that is not a number is replaced by the box's (counted as ``bad_area``, raised with
-``on_bad="error"``). A ``segmentation`` is checked as the evaluator will read it: an RLE object needs ``size``
-[height, width] of its page and ``counts`` covering its pixels, a polygon needs x, y numbers; a bad one is left out
-(counted as ``bad_segmentation``: the box stands in for the mask) or raised with ``on_bad="error"``. An image id
-given to two ``images`` entries is always an error, and so is an ``annotations`` entry that is not an object, or
-a category that is not an object with an integer id of its own.
+One class reads any COCO file: categories are mapped to contiguous labels ``1..K`` in id order (0 is torchvision's
+background), grayscale pages become RGB. Bad input is found when the dataset is built, not half-way through an
+epoch: an annotation pointing at a missing image, an unknown category, a malformed box (not four numbers, or a
+negative width or height), a box wholly off its page or an ``iscrowd`` other than 0 / 1 (false / true) is skipped
+and counted (``on_bad="skip"``) or raises :class:`LayoutDataError` naming the file and the annotation
+(``on_bad="error"``); boxes sticking out of the page are clipped, boxes on the page but thinner than
+``min_box_size`` (1 px) after clipping are dropped and counted (``degenerate_boxes``) with either setting, and
+pages without boxes are kept as negatives. ``dataset.report`` counts it all, and the warning logged at build time
+gives the first case of each kind (annotations whose ``image_id`` is in no ``images`` entry of the file, in
+neither split, are one case: their count and the first ids). An image entry whose ``file_name`` is not text or
+whose ``width`` / ``height`` is not a number is a bad page (skipped or raised as above); an ``area`` that is not a
+number is replaced by the box's (counted as ``bad_area``, raised with ``on_bad="error"``). A ``segmentation`` is
+checked as the evaluator will read it: an RLE object needs ``size`` [height, width] of its page and ``counts``
+covering its pixels, a polygon needs x, y numbers; a bad one is left out (counted as ``bad_segmentation``: the box
+stands in for the mask) or raised with ``on_bad="error"``. An image id given to two ``images`` entries is always
+an error, and so is an ``annotations`` entry that is not an object, or a category that is not an object with an
+integer id of its own.
 
 A page whose JSON ``width`` / ``height`` differ from its image file (``size_mismatch``) is taken in the file's
 pixels: its boxes are rescaled from the JSON's size to the file's (the images were resized after annotating),
@@ -435,6 +435,11 @@ class CocoLayoutDataset(Dataset):
         if not _hashable(cid) or cid not in cat_to_label:
             self._bad("unknown_category", f"{where} has category id {cid}, not in 'categories' {self.cat_ids}")
             return None
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or not isinstance(crowd, (int, float)):  # bool("no") is True: no guessing
+            self._bad("bad_iscrowd", f"{where} has iscrowd {crowd!r:.30}, not 0 or 1 (false or true)")
+            return None
+        crowd = int(crowd)
         box = ann.get("bbox")
         if not _well_formed(box):
             self._bad("bad_bbox", f"{where} has a malformed bbox {box!r:.60}")
@@ -474,7 +479,7 @@ class CocoLayoutDataset(Dataset):
             self._bad("bad_segmentation", f"{where} has a segmentation {seg!r:.40}, neither polygons nor an RLE "
                                           "object: its box stands in")
             seg = None
-        if seg is None and self.with_masks and not ann.get("iscrowd"):
+        if seg is None and self.with_masks and not crowd:
             self.report["mask_from_box"] += 1
         if (sx, sy) != (1.0, 1.0):  # polygons to the page's pixels; an RLE cannot be rescaled: the box stands in
             polys = [[v * (sy if k % 2 else sx) for k, v in enumerate(p)] for p in polys] if polys else None
@@ -485,7 +490,7 @@ class CocoLayoutDataset(Dataset):
             area = None
         area = float(area) * sx * sy if area else (cx1 - cx0) * (cy1 - cy0)
         return {"id": ann.get("id"), "bbox": [cx0, cy0, cx1 - cx0, cy1 - cy0], "category_id": cid,
-                "label": cat_to_label[cid], "iscrowd": int(bool(ann.get("iscrowd", 0))), "area": float(area),
+                "label": cat_to_label[cid], "iscrowd": crowd, "area": float(area),
                 "polygons": polys, "segmentation": seg}
 
     # --- Dataset --------------------------------------------------------------------------------------------
