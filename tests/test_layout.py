@@ -386,6 +386,24 @@ def test_a_missing_annotation_file_or_image_folder_names_its_key(pages, tmp_path
         build(f"data.train_ann={pages}", f"data.train_images={tmp_path / 'pics'}")
 
 
+def test_a_val_file_whose_category_names_differ_from_training_is_refused(tmp_path):
+    """Evaluation matches the model's classes to the val file's categories by name: a val file with the training
+    file's ids under other names is refused at build time, naming both lists (ids alone were compared)."""
+    import json
+
+    from beit.engine.config import ConfigError, load_config
+    from beit.tasks.layout import LayoutConfig, build_datasets, write_synthetic_pages
+
+    pages = write_synthetic_pages(tmp_path / "train")
+    val = write_synthetic_pages(tmp_path / "val", seed=1)
+    coco = json.loads(val.read_text())
+    for c in coco["categories"]:
+        c["name"] = c["name"] + "_renamed"
+    val.write_text(json.dumps(coco))
+    cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"data.train_ann={pages}", f"data.val_ann={val}"])
+    with pytest.raises(ConfigError, match=r"data.val_ann.*_renamed.*differ from training's.*names must match"):
+        build_datasets(cfg)
+
 def test_a_checkpoint_of_another_task_is_one_line_naming_both(tmp_path, capsys):
     """`layout eval` of a segmentation run's best.pt said "Key 'embed_dim' not in 'DetectorConfig'"."""
     from beit.cli import main
@@ -698,6 +716,16 @@ def test_layout_eval_of_a_file_with_fewer_classes_scores_the_shared_ones(tiny_ck
     assert any(r.getMessage() == f"{only_figure}: the model's class 'text' is not a category of this file: its "
                "detections are left out of the scores" for r in beit_warnings)
 
+
+def test_layout_eval_applies_the_runs_page_size_limit(tiny_ckpt, pages, monkeypatch):
+    """`layout eval` read pages under PIL's default decompression-bomb limit whatever data.max_image_pixels said."""
+    from PIL import Image
+
+    from beit.cli import main
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    assert main(["layout", "eval", str(tiny_ckpt), "data.max_image_pixels=123456789"]) == 0
+    assert Image.MAX_IMAGE_PIXELS == 123456789
 
 @pytest.mark.parametrize("override, key, says", [
     ("model.min_size_test=0", "model.min_size_test", "must be > 0, got 0"),

@@ -43,7 +43,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def evaluate(args: argparse.Namespace) -> int:
     """``beit layout eval CKPT``: COCO AP per category on data.val_ann or the holdout split."""
-    from ...data.datasets import check_writable_folder
+    from ...data.datasets import check_writable_folder, set_max_image_pixels
     from ...engine.threads import loader_workers
     from .data import build_val_dataset
     from .evaluate import evaluate_model, format_table
@@ -53,6 +53,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out:  # a file there, or a folder not writable: said now, not after the evaluation
         check_writable_folder(args.out, f"--out {args.out}")
     model, cfg = _load(args)
+    set_max_image_pixels(cfg.data.max_image_pixels)  # the run's own limit on page size
     val_ds = build_val_dataset(cfg)
     if val_ds is None:
         raise ValueError("no evaluation set: set data.val_ann=... (and data.val_images=...) or data.holdout=N")

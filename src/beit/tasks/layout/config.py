@@ -85,7 +85,9 @@ class LayoutDataConfig:
     flip_prob: float = 0.5
     crop_prob: float = 0.5  # DETR-style crop as in DiT; 0 = off
     crop_size: tuple[int, int] = (384, 600)
-    on_bad: str = "skip"  # skip (count, warn) | error: bad annotations / missing images
+    # skip (count, warn) | error: bad annotations (counted as bad_bbox, box_off_page, bad_iscrowd, bad_segmentation,
+    # bad_area, ...) and missing or unreadable images
+    on_bad: str = "skip"
     check_images: bool = True  # open every image header when the dataset is built
     repeat: int = 1  # passes over the training pages per engine epoch (small sets: fewer epoch-end saves)
     max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger

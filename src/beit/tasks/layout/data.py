@@ -836,6 +836,8 @@ def build_datasets(cfg: LayoutConfig, with_val: bool = True,
     if check_train is not None:
         check_train(train_ds)
     val_ds = build_val_dataset(cfg) if with_val else None
-    if val_ds is not None and val_ds.cat_ids != train_ds.cat_ids:
-        raise ConfigError("data.val_ann", f"categories {val_ds.cat_ids} differ from training's {train_ds.cat_ids}")
+    if val_ds is not None and (val_ds.cat_ids != train_ds.cat_ids or val_ds.class_names != train_ds.class_names):
+        val = [f"{i}: {n}" for i, n in zip(val_ds.cat_ids, val_ds.class_names)]
+        train = [f"{i}: {n}" for i, n in zip(train_ds.cat_ids, train_ds.class_names)]
+        raise ConfigError("data.val_ann", f"categories {val} differ from training's {train} (ids and names must match)")
     return train_ds, val_ds
