@@ -730,6 +730,7 @@ def test_layout_eval_applies_the_runs_page_size_limit(tiny_ckpt, pages, monkeypa
 @pytest.mark.parametrize("override, key, says", [
     ("model.min_size_test=0", "model.min_size_test", "must be > 0, got 0"),
     ("model.max_size_test=0", "model.max_size_test", "must be > 0, got 0"),
+    ("model.min_size_test=300 model.max_size_test=100", "model.min_size_test", r"must not exceed.*\(100\)"),
     ("model.aspect_ratios=[]", "model.aspect_ratios", "at least one anchor aspect ratio"),
     ("model.aspect_ratios=[-1.0,1.0]", "model.aspect_ratios", r"must be > 0.*\[-1.0, 1.0\]"),
     ("model.pixel_std=[0,0,0]", "model.pixel_std", r"must be > 0.*\[0.0, 0.0, 0.0\]"),
@@ -744,7 +745,7 @@ def test_layout_config_values_that_fail_later_are_refused_naming_the_key(overrid
     from beit.tasks.layout import LayoutConfig
 
     with pytest.raises(ConfigError, match=rf"^config key '{key}': .*{says}"):
-        load_config(LayoutConfig, None, [override])
+        load_config(LayoutConfig, None, override.split())
 
 
 def test_an_interrupted_predict_writes_the_json_of_the_pages_done(tiny_ckpt, tmp_path, beit_warnings, monkeypatch):
@@ -956,6 +957,7 @@ def _edited(tmp_path, edit):
     (lambda d: d["categories"].append("table"), r"'categories' entry 2 has no integer id \(it is 'table', not an "),
     (lambda d: d["categories"].append({"id": 1, "name": "title"}), r"category id given to more than one 'categories' "
                                                                      r"entry: 1 \(2 times\)"),
+    (lambda d: d["images"][0].update(id=2**70), r"'images' entry 0 .*1180591620717411303424"),  # beyond int64
 ])
 def test_a_malformed_coco_entry_is_an_error_naming_the_file_and_the_entry(tmp_path, edit, message):
     """A null annotation crashed with AttributeError, a category without an id with KeyError, one that is not an
@@ -978,6 +980,13 @@ def test_a_malformed_coco_entry_is_an_error_naming_the_file_and_the_entry(tmp_pa
     (lambda d: d["annotations"][-1].update(category_id={"id": 1}), "unknown_category", r"annotation \d+ \(image "
                                                                                       r"'page_001.png'\) has category "
                                                                                       r"id \{'id': 1\}"),
+
+    (lambda d: d["annotations"][-1]["bbox"].__setitem__(0, True), "bad_bbox", r"annotation \d+ \(image "
+                                                                             r"'page_001.png'\) has a malformed bbox "
+                                                                             r"\[True"),
+    # pycocotools' rasteriser ended the process (segfault) on such a polygon when the page was read
+    (lambda d: d["annotations"][-1].update(segmentation=[[0, 0, 1e30, 0, 1e30, 1e30]]), "bad_segmentation",
+     r"annotation \d+ \(image 'page_001.png'\) has a segmentation with a point far outside its 64x80 page"),
 ])
 def test_a_malformed_coco_field_is_a_bad_entry_of_on_bad(tmp_path, edit, kind, message):
     """``"file_name": 5``, ``"width": "773"`` crashed with a TypeError, ``"area": "big"`` with a ValueError naming

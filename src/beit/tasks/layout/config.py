@@ -57,6 +57,9 @@ class DetectorConfig:
         for name in ("min_size_test", "max_size_test", "detections_per_img"):  # 0: a crash in eval, or no detection
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.min_size_test > self.max_size_test:
+            raise ConfigError("min_size_test", f"the short side ({self.min_size_test}) must not exceed the long-side "
+                                               f"cap max_size_test ({self.max_size_test})")
         if not self.aspect_ratios:
             raise ConfigError("aspect_ratios", "needs at least one anchor aspect ratio (height / width), e.g. "
                                                "[0.5, 1.0, 2.0]")

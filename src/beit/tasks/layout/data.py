@@ -129,8 +129,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _is_int(v: Any) -> bool:
-    """An integer (a COCO id), not a bool."""
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer that fits int64 (a COCO id: the detector's targets and pycocotools hold them so), not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _is_number(v: Any) -> bool:
@@ -166,8 +166,7 @@ def split_image_ids(ann_file: str | Path, num_val: int, seed: int = 0) -> tuple[
 
 def _well_formed(box: Any) -> bool:
     """A COCO ``bbox``: four finite numbers."""
-    return (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box))
+    return isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
 
 
 def _polygons(seg: list[Any]) -> tuple[list[list[float]] | None, str]:
@@ -472,6 +471,11 @@ class CocoLayoutDataset(Dataset):
                 seg = None
         elif isinstance(seg, list):
             polys, problem = _polygons(seg)
+            pw, ph = (W, H) if (sx, sy) == (1.0, 1.0) else img["json_size"]
+            if not problem and polys and any(not (-pw <= v <= 2 * pw if k % 2 == 0 else -ph <= v <= 2 * ph)
+                                             for p in polys for k, v in enumerate(p)):
+                # far off the page (pycocotools' rasteriser crashes the process on coordinates like 1e30)
+                problem, polys = f"with a point far outside its {pw}x{ph} page", None
             if problem:
                 self._bad("bad_segmentation", f"{where} has a segmentation {problem}: left out")
             seg = polys
