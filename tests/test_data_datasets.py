@@ -276,7 +276,7 @@ def test_webdataset_shards_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["between samples", "inside a header", "inside a member"])
-def test_a_truncated_shard_is_named_and_counted_once(tmp_path: Path, where: str) -> None:
+def test_a_truncated_shard_is_named_and_counted_once(tmp_path: Path, where: str, beit_warnings) -> None:
     """A shard cut short (a copy that did not finish) ended its stream silently when the cut fell between members
     or inside a header (tarfile reads that as the end of the archive), and a cut inside a member's data was counted
     twice, once as shard '?'. Now every cut is one failed shard, named and counted like an unreadable one; the
@@ -291,21 +291,13 @@ def test_a_truncated_shard_is_named_and_counted_once(tmp_path: Path, where: str)
            "inside a member": members[3].offset_data + members[3].size // 2}[where]
     data = Path(urls[0]).read_bytes()
     Path(urls[0]).write_bytes(data[:cut])
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("beit.data.datasets")
-    log.addHandler(handler)
-    try:
-        ds = WebDatasetShards(urls, label_key="cls", shuffle_shards=False)
-        got = list(ds)
-    finally:
-        log.removeHandler(handler)
+    ds = WebDatasetShards(urls, label_key="cls", shuffle_shards=False)
+    got = list(ds)
     kept = 2 if where != "inside a member" else 1  # sample0001 loses its image when its member is cut
     assert len(got) == kept + 3
     assert ds.bad_keys[0] == urls[0] and ds._bad_shards.total() == 1
     assert ds.skipped_count() == (1 if where != "inside a member" else 2)  # + sample0001 without its image
-    shard_lines = [r.getMessage() for r in records if "skipping webdataset shard" in r.getMessage()]
+    shard_lines = [r.getMessage() for r in beit_warnings if "skipping webdataset shard" in r.getMessage()]
     assert len(shard_lines) == 1 and shard_lines[0].startswith(f"skipping webdataset shard {urls[0]} (ReadError: ")
     if where != "inside a member":
         assert f"the data ends at byte {third.offset}" in shard_lines[0]
@@ -415,24 +407,15 @@ def test_spread_indices_cover_the_whole_set() -> None:
 
 
 @pytest.mark.parametrize("rank, warned", [("0", True), ("1", False)])
-def test_folder_to_memory_warns_on_the_first_rank_only(tmp_path: Path, monkeypatch, rank: str, warned: bool) -> None:
+def test_folder_to_memory_warns_on_the_first_rank_only(tmp_path: Path, monkeypatch, rank: str, warned: bool,
+                                                       beit_warnings) -> None:
     """Under torchrun every rank decodes the same folder: the resize warning comes once (rank 0), the data alike."""
-    import logging
-
     _make_labeled(tmp_path, {"x": 2})
     _save(_rgb(40, 50).resize((40, 30)), tmp_path / "x" / "wide.png")
     monkeypatch.setenv("RANK", rank)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("beit.data.datasets")
-    log.addHandler(handler)
-    try:
-        images, _, _ = load_image_folder_to_memory(tmp_path, progress=False)
-    finally:
-        log.removeHandler(handler)
+    images, _, _ = load_image_folder_to_memory(tmp_path, progress=False)
     assert images.shape == (3, 20, 20, 3)
-    assert any("resized 1 of 3 images" in r.getMessage() for r in records) == warned
+    assert any("resized 1 of 3 images" in r.getMessage() for r in beit_warnings) == warned
 
 
 def test_class_folders_say_what_a_folder_without_classes_holds(tmp_path: Path) -> None:
