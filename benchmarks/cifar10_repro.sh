@@ -11,7 +11,7 @@
 # PRE_TIMEOUT / FT_TIMEOUT / SCRATCH_TIMEOUT (seconds; that run is stopped with SIGTERM, saves, and
 # train.resume=auto continues it when the stage is run again: a stage split over several GPU calls), TOK_STEPS,
 # WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 = 5.4M parameters, 384 / 6 = 21M),
-# PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides). Every training command runs with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
+# PRE_EXTRA / FT_EXTRA / TOK_EXTRA (more KEY=VALUE overrides), RUN (the run folder, runs/cifar10: one a concurrent arm). Every training command runs with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
 # Each stage writes at most 6 files to <out_dir> (the GPU machine returns 8): PNGs and metrics go in one .tgz.
 set -euo pipefail
@@ -20,7 +20,7 @@ usage="usage: cifar10_repro.sh A <cifar_dir> <out_dir> | B <cifar_dir> <out_dir>
 stage=$1; data=$2; out=$3; prev=${4:-}
 case "$stage" in A) ;; B) [ -n "$prev" ] || { echo "$usage" >&2; exit 2; } ;; *) echo "$usage" >&2; exit 2 ;; esac
 case "${ARMS:-both}" in both|pretrained|scratch) ;; *) echo "ARMS=${ARMS}: both, pretrained or scratch" >&2; exit 2 ;; esac
-run=runs/cifar10
+run=${RUN:-runs/cifar10}
 mkdir -p "$out" "$run"
 t() { local s=$SECONDS rc=0; "$@" || rc=$?; echo "[time] $(( SECONDS - s ))s (exit $rc): $*"; return $rc; }
 # a command under `timeout LIMIT` when LIMIT is set: SIGTERM makes beit save a checkpoint and exit 143, and
@@ -32,12 +32,12 @@ TOK_STEPS=${TOK_STEPS:-3000}
 SCRATCH_EPOCHS=${SCRATCH_EPOCHS:-$FT_EPOCHS}
 WIDTH=${WIDTH:-192}; HEADS=${HEADS:-3}
 ENC="model_overrides.embed_dim=$WIDTH model_overrides.depth=12 model_overrides.num_heads=$HEADS model_overrides.patch_size=4"
-read -r -a PRE_X <<< "${PRE_EXTRA:-}"; read -r -a FT_X <<< "${FT_EXTRA:-}"
+read -r -a PRE_X <<< "${PRE_EXTRA:-}"; read -r -a FT_X <<< "${FT_EXTRA:-}"; read -r -a TOK_X <<< "${TOK_EXTRA:-}"
 
 if [ "$stage" = A ]; then
   t python3 -m beit tokenizer train -c tokenizer_cifar10 data_dir="$data/train" \
       train.output_dir=$run/tokenizer train.max_steps=$TOK_STEPS train.warmup_steps=$(( TOK_STEPS / 20 + 1 )) \
-      train.num_workers=14 train.resume=auto
+      train.num_workers=14 train.resume=auto "${TOK_X[@]}"
   cp $run/tokenizer/dvae.safetensors "$out/"
   rc=0; t limited "${PRE_TIMEOUT:-}" python3 -m beit pretrain -c pretrain_cifar10_small data.path="$data/train" \
       tokenizer.path=$run/tokenizer/dvae.safetensors train.output_dir=$run/pretrain train.epochs=$PRE_EPOCHS \

@@ -608,10 +608,15 @@ def test_device_path_masks_equal_those_drawn_under_seeded():
         assert torch.equal(ds[(epoch, index)][2], want)
 
 
-def test_data_device_setting():
+def test_data_device_setting(beit_warnings):
     assert use_device_path("auto", "cpu") is False and use_device_path("auto", "cuda") is True
-    assert use_device_path("cpu", "cuda") is False and use_device_path("gpu", "cpu") is True
-    with pytest.raises(ValueError, match=r"^must be auto \| cpu \| gpu, got 'tpu'$"):
+    assert use_device_path("cpu", "cuda") is False and not beit_warnings
+    assert use_device_path("gpu", "cpu") is True  # asked for the GPU without one: said
+    assert [r.getMessage() for r in beit_warnings] == ["data.device=gpu without CUDA: the batched tensor path runs on cpu"]
+    # batched: the same path on whatever the training device is, CPU included, without the warning (beit demo)
+    assert use_device_path("batched", "cpu") is True and use_device_path("batched", "cuda") is True
+    assert len(beit_warnings) == 1
+    with pytest.raises(ValueError, match=r"^must be auto \| cpu \| gpu \| batched, got 'tpu'$"):
         use_device_path("tpu", "cpu")
 
 
@@ -623,11 +628,14 @@ def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
                                              "data.auto_augment=null", f"data.train_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.device.*gpu cannot run this recipe: data\.resize='full'"):
         build_device_train(cfg, "cpu")
+    cfg.data.device = "batched"  # asked for by name, like gpu: refused, not quietly the CPU path
+    with pytest.raises(ConfigError, match=r"data\.device.*batched cannot run this recipe: data\.resize='full'"):
+        build_device_train(cfg, "cpu")
     auto = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=auto",
                                               "data.resize=full", "data.auto_augment=null"])
     assert build_device_train(auto, "cuda") is None  # auto: quietly the CPU path
     bad = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=fast"])
-    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu \| batched, got 'fast'"):
         build_device_train(bad, "cpu")
 
 
@@ -640,7 +648,7 @@ def test_pretrain_device_setting_errors_name_the_key(tmp_path):
     def cfg(path, device):
         return PretrainConfig(data=PretrainDataConfig(path=str(path), num_samples=8, device=device))
 
-    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu \| batched, got 'fast'"):
         build_device_data(cfg(tmp_path, "fast"), 8, "cpu")
     assert build_device_data(cfg(tmp_path, "auto"), 8, "cpu") is None  # auto without CUDA: the PIL path
     from beit.engine import load_config

@@ -379,7 +379,7 @@ def test_output_folder_and_data_device_are_refused_before_the_tokenizer_and_data
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run
     with pytest.raises(RunExistsError, match="holds an earlier run"):
         pretrain(_cfg(tiny_setup, out))
-    with pytest.raises(ConfigError, match=r"^config key 'data.device': must be auto \| cpu \| gpu, got 'tpu'$"):
+    with pytest.raises(ConfigError, match=r"^config key 'data.device': must be auto \| cpu \| gpu \| batched, got 'tpu'$"):
         pretrain(load_config(PretrainConfig, None, [*_overrides_of(tiny_setup, tmp_path / "b"), "data.device=tpu"]))
     assert built == []
 

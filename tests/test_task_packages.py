@@ -119,7 +119,7 @@ def test_wants_device_path_names_the_key() -> None:
     assert wants_device_path("auto", "cpu") is False and wants_device_path("cpu", "cuda") is False
     with pytest.raises(ConfigError) as err:
         wants_device_path("tpu", "cpu")
-    assert str(err.value) == "config key 'data.device': must be auto | cpu | gpu, got 'tpu'"
+    assert str(err.value) == "config key 'data.device': must be auto | cpu | gpu | batched, got 'tpu'"
 
 
 @pytest.mark.parametrize(("run", "message"), [

@@ -1,6 +1,6 @@
 """``data.device`` of a task config, read once for every task that has a batched on-device data path.
 
-``beit.data.gpu_decode.use_device_path`` decides (``auto`` = the device path on CUDA, ``cpu``, ``gpu``);
+``beit.data.gpu_decode.use_device_path`` decides (``auto`` = the device path on CUDA, ``cpu``, ``gpu``, ``batched``);
 this turns its ``ValueError`` into the config error that names the key, ``data.device``.
 """
 
@@ -22,8 +22,8 @@ def wants_device_path(setting: str, device: torch.device | str, key: str = "data
     """Whether the data of a run on ``device`` goes through the batched device path (``setting``: ``data.device``).
 
     Raises:
-        ConfigError: ``setting`` is not auto | cpu | gpu
-            (``config key 'data.device': must be auto | cpu | gpu, got 'x'``).
+        ConfigError: ``setting`` is not auto | cpu | gpu | batched
+            (``config key 'data.device': must be auto | cpu | gpu | batched, got 'x'``).
     """
     try:
         return use_device_path(setting, device)

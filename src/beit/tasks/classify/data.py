@@ -247,7 +247,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     on ``device`` with the paper's recipe applied per sample (``beit.data.gpu_augment.FinetuneAugment``).
 
     Raises:
-        ConfigError: ``data.device`` is not auto | cpu | gpu, or ``gpu`` with a recipe the device path lacks;
+        ConfigError: ``data.device`` is not auto | cpu | gpu | batched, or ``gpu`` / ``batched`` with a recipe
+            the device path lacks;
             or the folders are not in the class layout (:func:`check_image_folders`).
     """
     data = cfg.data
@@ -256,8 +257,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
         return None
     blocker = _device_path_blocker(data)
     if blocker is not None:
-        if data.device == "gpu":
-            raise ConfigError("data.device", f"gpu cannot run this recipe: {blocker}; use auto or cpu")
+        if data.device in ("gpu", "batched"):
+            raise ConfigError("data.device", f"{data.device} cannot run this recipe: {blocker}; use auto or cpu")
         logger.info("data.device=auto: CPU data path, because of %s", blocker)
         unused_jpeg_decode(data.jpeg_decode, f"the CPU data path is used ({blocker})")
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...data.datasets import PIL_MAX_IMAGE_PIXELS
-from ...data.gpu_decode import JPEG_DECODERS
+from ...data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS
 from ...data.masking import BlockwiseMaskGenerator
 from ...engine.config import ConfigError, TrainConfig
 from ...tokenizers import AUTO, TOKENIZERS, detect_tokenizer_kind
@@ -54,7 +54,7 @@ class PretrainDataConfig:
     min_mask_patches_per_block: int = 16
     max_mask_patches_per_block: int | None = None
     device: str = "auto"  # where images are augmented: auto (gpu on CUDA) | cpu (PIL in the workers) | gpu
-    # (per-sample augmentation of whole batches on the device)
+    # (per-sample augmentation of whole batches on the device) | batched (that path on the training device, CPU too)
     jpeg_decode: str = "workers"  # with the device path: workers (libjpeg-turbo in the loader's workers, one
     # pinned copy a batch) | device (nvJPEG on the GPU: for few CPU cores per GPU); beit.data.gpu_decode
     max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
@@ -111,8 +111,8 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
     if m.img_size % m.patch_size:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
-    if d.device not in ("auto", "cpu", "gpu"):  # before the tokenizer and model are built (as data.jpeg_decode)
-        raise ConfigError("data.device", f"must be auto | cpu | gpu, got {d.device!r}")
+    if d.device not in DEVICE_SETTINGS:  # before the tokenizer and model are built (as data.jpeg_decode)
+        raise ConfigError("data.device", f"must be {' | '.join(DEVICE_SETTINGS)}, got {d.device!r}")
     if d.jpeg_decode not in JPEG_DECODERS:
         raise ConfigError("data.jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {d.jpeg_decode!r}")
     if not d.path:

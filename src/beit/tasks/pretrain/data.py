@@ -85,7 +85,7 @@ def build_device_data(cfg: PretrainConfig, tokenizer_downsample: int, device: to
     webdataset shards and ``data.in_memory``.
 
     Raises:
-        ConfigError: ``data.device`` is not auto | cpu | gpu.
+        ConfigError: ``data.device`` is not auto | cpu | gpu | batched.
     """
     d = cfg.data
     if not wants_device_path(d.device, device):
