@@ -28,6 +28,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
         cfg = (run / "config.yaml").read_text()
         assert "  device: batched\n" in cfg and "  in_memory: true\n" in cfg, run
         assert "without CUDA" not in (run / "log.txt").read_text()
+    assert "\nin_memory: true\n" in (out / "tokenizer" / "config.yaml").read_text()  # decoded once, same samples
     assert len(list((out / "data" / "test").rglob("*.png"))) == 359  # 20% of sklearn's 1797 digits
 
 

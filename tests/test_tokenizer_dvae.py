@@ -342,3 +342,62 @@ def test_usage_weight_adds_the_batch_mean_kl_and_spreads_the_codebook(one_thread
 
     base, spread = trained_perplexity(0.0), trained_perplexity(0.1)
     assert spread > 1.5 * base, (base, spread)
+
+
+def _rgb_pngs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+
+
+@pytest.mark.parametrize("size", [(16, 16), (21, 13), (40, 40)])  # the crop's size / a resize + crop / downscaled
+def test_in_memory_tokenizer_samples_equal_the_per_sample_path(tmp_path: Path, size: tuple[int, int]) -> None:
+    """``in_memory``: the crops and flips are drawn as T.RandomCrop / T.RandomHorizontalFlip draw them inside
+    seeded(seed, epoch, index), so every sample equals the folder dataset's, train and held-out (center crop)."""
+    from beit.engine import TrainConfig
+    from beit.tasks.tokenizer import TokenizerTrainConfig
+    from beit.tasks.tokenizer.data import CropFlipInMemory, build_datasets
+
+    _rgb_pngs(tmp_path / "train", 6, size)
+    _rgb_pngs(tmp_path / "val", 3, size, seed=1)
+    sets = {}
+    for in_memory in (False, True):
+        cfg = TokenizerTrainConfig(data_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), img_size=12,
+                                   in_memory=in_memory, model=DVAEConfig(downsample=4, **TINY),
+                                   train=TrainConfig(seed=5))
+        sets[in_memory] = build_datasets(cfg)
+    assert isinstance(sets[True][0], CropFlipInMemory) and not isinstance(sets[False][0], CropFlipInMemory)
+    for epoch in (0, 3):
+        for part in (0, 1):  # train, held-out
+            disk, memory = sets[False][part], sets[True][part]
+            disk = getattr(disk, "dataset", disk)  # the held-out Subset of range(n): its dataset takes (epoch, i)
+            assert len(disk) == len(memory)
+            for index in range(len(disk)):
+                a, b = disk[(epoch, index)], memory[(epoch, index)]
+                assert b.shape == (3, 12, 12) and b.dtype == torch.float32
+                torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"part {part} epoch {epoch} index {index}")
+    # the draws move with the epoch (the stream is (seed, epoch, index)): not one fixed crop
+    train = sets[True][0]
+    assert any(not torch.equal(train[(0, i)], train[(1, i)]) for i in range(len(train)))
+
+
+def test_in_memory_tokenizer_training_equals_reading_from_disk(tmp_path: Path, one_thread: None) -> None:
+    """A short run with ``in_memory`` trains the same tokenizer as the same run reading the folder every epoch."""
+    from beit.engine import TrainConfig
+    from beit.tasks.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from beit.tokenizers.dvae import DiscreteVAE
+
+    _rgb_pngs(tmp_path / "images" / "sub", 8, (20, 18))
+    weights = []
+    for in_memory in (False, True):
+        cfg = TokenizerTrainConfig(
+            data_dir=str(tmp_path / "images"), img_size=16, val_fraction=0.25, grid_images=2, in_memory=in_memory,
+            model=DVAEConfig(downsample=4, temperature_anneal_steps=2, **TINY),
+            train=TrainConfig(output_dir=str(tmp_path / f"run{in_memory}"), max_steps=3, batch_size=3,
+                              num_workers=0, warmup_steps=1, log_every=1, image_every=0, ckpt_every=100))
+        weights.append(DiscreteVAE.load(train_tokenizer(cfg)["tokenizer_path"]).state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=0, atol=0, msg=k)

@@ -133,7 +133,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
 
     tok_cfg = TokenizerTrainConfig(
-        data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8,
+        data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8, in_memory=True,
         # a pull of the batch's code use towards uniform keeps the codebook in use (without it: ~5 of 128 codes)
         model=DVAEConfig(vocab_size=c.vocab_size, hidden=48, downsample=c.patch_size, num_res_blocks=1,
                          codebook_dim=32, kl_weight=c.tok_kl_weight, usage_weight=c.tok_usage_weight,

@@ -35,6 +35,8 @@ class TokenizerTrainConfig:
     val_fraction: float = 0.02
     max_val_images: int = 2048  # cap on held-out images used per evaluation
     img_size: int = 128  # random crops for training, center crops for evaluation
+    in_memory: bool = False  # decode the images once into RAM (uint8; small images such as CIFAR or the demo's
+    # digits): the same crops and flips as reading them every epoch, without decoding them again (tokenizer/data.py)
     grid_images: int = 8  # columns of the reconstruction grid
     max_image_pixels: int | None = PIL_MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (its default): larger
     # images warn, above twice it they are skipped as unreadable; raise it for large scans / pages; null = no limit
