@@ -624,19 +624,23 @@ def test_finetune_device_path_refuses_recipes_it_lacks(tmp_path):
     from beit.engine import ConfigError, load_config
     from beit.tasks.classify import FinetuneConfig, build_device_train
 
-    cfg = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=gpu", "data.resize=full",
-                                             "data.auto_augment=null", f"data.train_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"data\.device.*gpu cannot run this recipe: data\.resize='full'"):
-        build_device_train(cfg, "cpu")
-    cfg.data.device = "batched"  # asked for by name, like gpu: refused, not quietly the CPU path
+    base = ["model=beit_tiny_patch16_224", "data.resize=full", "data.auto_augment=null", f"data.train_dir={tmp_path}"]
+    for device in ("gpu", "batched"):  # asked for by name: refused when the config is read, not quietly the CPU path
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.device': {device} cannot run this recipe: "
+                                              r"data\.resize='full' \(only 'crop'\); use auto or cpu$"):
+            load_config(FinetuneConfig, None, [*base, f"data.device={device}"])
+    cfg = load_config(FinetuneConfig, None, [*base, "data.device=auto"])
+    assert build_device_train(cfg, "cuda") is None  # auto: quietly the CPU path
+    cfg.data.device = "batched"  # a config changed after it was read: still refused when the data is built
     with pytest.raises(ConfigError, match=r"data\.device.*batched cannot run this recipe: data\.resize='full'"):
         build_device_train(cfg, "cpu")
-    auto = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=auto",
-                                              "data.resize=full", "data.auto_augment=null"])
-    assert build_device_train(auto, "cuda") is None  # auto: quietly the CPU path
-    bad = load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", "data.device=fast"])
+    for bad in ("fast", "Batched", "batched "):
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.device': must be auto \| cpu \| gpu \| batched, "
+                                              rf"got '{bad}'$"):
+            load_config(FinetuneConfig, None, ["model=beit_tiny_patch16_224", f"data.device='{bad}'"])
+    cfg.data.device = "fast"
     with pytest.raises(ConfigError, match=r"data\.device.*must be auto \| cpu \| gpu \| batched, got 'fast'"):
-        build_device_train(bad, "cpu")
+        build_device_train(cfg, "cpu")
 
 
 def test_pretrain_device_setting_errors_name_the_key(tmp_path):

@@ -494,6 +494,22 @@ def test_img_size_and_an_earlier_run_are_refused_before_the_data_is_read(squares
     assert read == []
 
 
+def test_data_device_is_refused_before_the_run_folder_and_the_data(squares, tmp_path, monkeypatch):
+    """A data.device typo, or gpu / batched with a recipe the device path lacks, is a config error when the config
+    is read, as pre-training's: it was raised when the training data was built, after the run folder was made."""
+    from beit.tasks.classify import train as ft
+
+    read: list[str] = []
+    monkeypatch.setattr(ft, "build_datasets", lambda *a, **k: read.append("cpu"))
+    monkeypatch.setattr(ft, "build_device_train", lambda *a, **k: read.append("device"))
+    for i, extra in enumerate([("data.device=Batched",), ("data.device=batched", "data.grayscale=true")]):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(ConfigError, match=r"^config key 'data\.device': "):
+            finetune(tiny_cfg(out, squares, *extra))
+        assert not out.exists()
+    assert read == []
+
+
 def test_img_size_of_a_checkpoint_names_its_key(tmp_path):
     """A checkpoint's patch size is known once it is read: the same error, naming img_size."""
     ckpt = tiny_pretrain_checkpoint(tmp_path / "ckpt")

@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..._text import repeated
 from ...data.datasets import PIL_MAX_IMAGE_PIXELS
-from ...data.gpu_decode import JPEG_DECODERS
+from ...data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS
 from ...data.transforms import SMALL_IMAGE_SIZE
 from ...engine.config import ConfigError, TrainConfig
 from ...models.config import Preprocess
@@ -70,6 +70,23 @@ class DataConfig:
             raise ConfigError("eval_batch_size", f"must be >= 0, got {self.eval_batch_size}")
         if self.jpeg_decode not in JPEG_DECODERS:
             raise ConfigError("jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
+        # here, not when the training data is built: before the run folder is made (as pre-training's data.device)
+        if self.device not in DEVICE_SETTINGS:
+            raise ConfigError("device", f"must be {' | '.join(DEVICE_SETTINGS)}, got {self.device!r}")
+
+    def device_path_blocker(self) -> str | None:
+        """Why this training recipe cannot run on the batched device path (None = it can)."""
+        if self.resize != "crop":
+            return f"data.resize={self.resize!r} (only 'crop')"
+        if self.grayscale:
+            return "data.grayscale=true"
+        if self.interpolation != "bicubic":
+            return f"data.interpolation={self.interpolation!r} (only 'bicubic')"
+        if self.auto_augment and not str(self.auto_augment).startswith("rand"):
+            return f"data.auto_augment={self.auto_augment!r} (only RandAugment 'rand-...')"
+        if not self.auto_augment and self.color_jitter:
+            return "data.color_jitter without auto_augment (no colour jitter on the device path)"
+        return None
 
     def preprocess(self, img_size: int) -> Preprocess:
         """The eval preprocessing, as stored in the fine-tuned model."""
@@ -143,6 +160,9 @@ class FinetuneConfig:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.class_names and len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names", f"has names given more than once: {repeated(self.class_names, 5)}")
+        blocker = self.data.device_path_blocker()
+        if blocker is not None and self.data.device in ("gpu", "batched"):  # asked for by name: refused at load
+            raise ConfigError("data.device", f"{self.data.device} cannot run this recipe: {blocker}; use auto or cpu")
 
 
 

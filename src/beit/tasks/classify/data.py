@@ -224,21 +224,6 @@ def build_val(data: DataConfig, eval_transform: Any, names: list[str], seed: int
     return val
 
 
-def _device_path_blocker(data: DataConfig) -> str | None:
-    """Why the training recipe of ``data`` cannot run on the batched device path (None = it can)."""
-    if data.resize != "crop":
-        return f"data.resize={data.resize!r} (only 'crop')"
-    if data.grayscale:
-        return "data.grayscale=true"
-    if data.interpolation != "bicubic":
-        return f"data.interpolation={data.interpolation!r} (only 'bicubic')"
-    if data.auto_augment and not str(data.auto_augment).startswith("rand"):
-        return f"data.auto_augment={data.auto_augment!r} (only RandAugment 'rand-...')"
-    if not data.auto_augment and data.color_jitter:
-        return "data.color_jitter without auto_augment (no colour jitter on the device path)"
-    return None
-
-
 def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_names: list[str] | None = None
                        ) -> tuple[Dataset, Any, Any, list[str]] | None:
     """The batched on-device training data (``data.device``), or None for the CPU path.
@@ -255,7 +240,7 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     if not wants_device_path(data.device, device):
         unused_jpeg_decode(data.jpeg_decode, f"data.device={data.device} reads the images on the CPU path")
         return None
-    blocker = _device_path_blocker(data)
+    blocker = data.device_path_blocker()
     if blocker is not None:
         if data.device in ("gpu", "batched"):
             raise ConfigError("data.device", f"{data.device} cannot run this recipe: {blocker}; use auto or cpu")
