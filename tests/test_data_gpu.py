@@ -612,7 +612,9 @@ def test_data_device_setting(beit_warnings):
     assert use_device_path("auto", "cpu") is False and use_device_path("auto", "cuda") is True
     assert use_device_path("cpu", "cuda") is False and not beit_warnings
     assert use_device_path("gpu", "cpu") is True  # asked for the GPU without one: said
-    assert [r.getMessage() for r in beit_warnings] == ["data.device=gpu without CUDA: the batched tensor path runs on cpu"]
+    assert [r.getMessage() for r in beit_warnings] == [  # and names the value that asks for it without a warning
+        "data.device=gpu without CUDA: the batched tensor path runs on cpu (data.device=batched asks for that "
+        "without this warning)"]
     # batched: the same path on whatever the training device is, CPU included, without the warning (beit demo)
     assert use_device_path("batched", "cpu") is True and use_device_path("batched", "cuda") is True
     assert len(beit_warnings) == 1

@@ -634,7 +634,8 @@ def use_device_path(setting: str, device: torch.device | str) -> bool:
         raise ValueError(f"must be {' | '.join(DEVICE_SETTINGS)}, got {setting!r}")
     device = torch.device(device)
     if setting == "gpu" and device.type != "cuda":
-        logger.warning("data.device=gpu without CUDA: the batched tensor path runs on %s", device)
+        logger.warning("data.device=gpu without CUDA: the batched tensor path runs on %s (data.device=batched "
+                       "asks for that without this warning)", device)
     return setting in ("gpu", "batched") or (setting == "auto" and device.type == "cuda")
 
 
