@@ -692,6 +692,7 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     res = finetune(cfg)
     assert res["step"] == 2 and 0 <= res["top1"] <= 100
     assert res["data_decode"]["fallback"] == {"png": 16} and res["data_decode"]["skipped"] == 0  # 2 steps x 8 PNGs
+    assert "data: {'gpu': 0, " in (tmp_path / "ft" / "log.txt").read_text()  # what the decoder did, in a line
     # pre-training from a folder with a broken file, views made by the batched path
     from beit.tasks.pretrain import PretrainConfig, pretrain
     from beit.tokenizers import DiscreteVAE
@@ -719,6 +720,22 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
     # JPEGs: decoded in the loader's workers by default (data.jpeg_decode=workers), nothing by the GPU decoder
     assert out["data_decode"]["workers"] >= 12 and out["data_decode"]["gpu"] == 0
     assert not out["data_decode"]["fallback"]
+
+
+def test_in_memory_device_path_logs_no_line_of_zeros(tmp_path):
+    """With data.in_memory (beit demo) the batched decoder does nothing after the start: its summary, all zeros
+    ({'gpu': 0, 'workers': 0, 'fallback': {}, ...}), stays in the result and out of the log and console."""
+    from _finetune_data import TINY_OVERRIDES, colored_squares
+    from beit.engine import load_config
+    from beit.tasks.classify import FinetuneConfig, finetune
+
+    data = colored_squares(tmp_path / "sq", {"train": 8})
+    res = finetune(load_config(FinetuneConfig, None, [
+        *TINY_OVERRIDES, f"train.output_dir={tmp_path / 'ft'}", "train.num_workers=0", "train.batch_size=8",
+        "train.max_steps=1", "train.warmup_epochs=0", f"data.train_dir={data / 'train'}", "data.in_memory=true",
+        "data.device=batched"]))
+    assert res["data_decode"] == {"gpu": 0, "workers": 0, "fallback": {}, "skipped": 0, "skipped_names": []}
+    assert "data: {" not in (tmp_path / "ft" / "log.txt").read_text()
 
 
 def test_device_path_resume_is_exact(tmp_path):

@@ -558,6 +558,12 @@ class BatchDecoder:
             )
         return images, batch  # type: ignore[return-value]
 
+    @property
+    def idle(self) -> bool:
+        """Nothing decoded, fell back or skipped here: the in-memory path (every image decoded once at start, its
+        unreadable files already named then), whose all-zero :meth:`summary` is not worth a log line."""
+        return not (self.num_gpu or self.num_main_cpu or self.num_workers or self.fallback or self._skipped)
+
     def summary(self) -> dict[str, Any]:
         """Counters as a dict: gpu (nvJPEG on CUDA), main_cpu (the same batched decode run on a device without
         CUDA; only there), workers, fallback per reason, skipped and their names."""

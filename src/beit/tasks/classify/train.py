@@ -209,7 +209,8 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     result["output_dir"] = str(trainer.out)
     if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
         result["data_decode"] = pipeline.decoder.summary()
-        logger.info("data: %s", result["data_decode"])
+        if not pipeline.decoder.idle:  # in memory (beit demo): nothing to say, not a line of zeros
+            logger.info("data: %s", result["data_decode"])
     if trainer.step >= trainer.total_steps and D.is_main():
         result.update(_save_final(cfg, arch, trainer.out, names, val_dataset, eval_bs))
     return result

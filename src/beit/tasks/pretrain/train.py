@@ -111,5 +111,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
     if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
         result["data_decode"] = device_data[2].decoder.summary()
-        trainer.log.info(f"data: {result['data_decode']}")
+        if not device_data[2].decoder.idle:  # in memory (beit demo): nothing to say, not a line of zeros
+            trainer.log.info(f"data: {result['data_decode']}")
     return result
