@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,26 @@ def test_clear_errors(trained, squares, tmp_path, capsys):
         tiny_cfg(tmp_path, squares, "class_names=[c1,c0,c1,c0,c2,c0]")
     assert cli_main(["finetune", *TINY_OVERRIDES, "train.batch_size=15"]) == 1
     assert "even batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", "batched"])
+def test_a_malformed_auto_augment_is_a_config_error(squares, tmp_path, capsys, device):
+    """timm's RandAugment / AutoAugment parsers assert: a malformed data.auto_augment ended `beit finetune` in an
+    AssertionError traceback when the training transform was built (after the run folder was made), on either
+    data path. Now it is the one-line config error naming the key, at load; timm's own strings still load."""
+    for good in ("rand-m9-mstd0.5-inc1", "rand-m7-n3", "original", "v0r", "augmix-m5"):
+        assert tiny_cfg(tmp_path, squares, f"data.auto_augment={good}").data.auto_augment == good
+    out = tmp_path / "run"
+    bad_specs = [("rand-mstd0.5-x9", r" \(Unknown RandAugment config section\)"), ("randfoo", "")]
+    if device == "cpu":  # batched: a policy that is not RandAugment is refused first, by data.device (own test)
+        bad_specs.append(("orignal", r" \(Unknown AA policy orignal\)"))
+    for bad, detail in bad_specs:
+        assert cli_main(["finetune", *TINY_OVERRIDES, f"data.train_dir={squares / 'train'}", f"data.device={device}",
+                         f"train.output_dir={out}", f"data.auto_augment={bad}"]) == 1
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"beit finetune: error: config key 'data\.auto_augment': '{bad}' is not an augmentation "
+                            rf"timm can build{detail}: RandAugment 'rand-m9-mstd0\.5-inc1', .*\n", err), err
+    assert not out.exists()
 
 
 def test_evaluate_a_folder_with_a_class_without_images(trained, squares, tmp_path, capsys, beit_warnings):

@@ -37,6 +37,7 @@ __all__ = [
     "SmallImageRandomCrop",
     "build_eval_transform",
     "build_finetune_transform",
+    "check_auto_augment",
     "build_full_image_transform",
     "build_linear_probe_transform",
     "collate_pretrain",
@@ -374,6 +375,29 @@ class SmallImageRandomCrop(T.RandomCrop):
 def _small_image_crop(input_size: int, interpolation: str, padding: int | None = None) -> SmallImageRandomCrop:
     return SmallImageRandomCrop(input_size, padding=small_image_padding(input_size, padding),
                                 interpolation=interpolation)
+
+
+def check_auto_augment(spec: str) -> None:
+    """Whether timm parses the augmentation string ``spec`` as ``create_transform`` would (RandAugment ``rand-...``,
+    AugMix ``augmix-...``, else an AutoAugment policy): its parsers end a bad one in a bare ``AssertionError``
+    (``rand-mstd0.5-x9``: "Unknown RandAugment config section"; ``randfoo``: no message).
+
+    Raises:
+        ValueError: ``spec`` is not one timm can build, naming it and the kinds it can be.
+    """
+    hparams: dict[str, Any] = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    try:
+        if spec.startswith("rand"):
+            aa.rand_augment_transform(spec, hparams)
+        elif spec.startswith("augmix"):
+            aa.augment_and_mix_transform(spec, {**hparams, "translate_pct": 0.3})
+        else:
+            aa.auto_augment_transform(spec, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        detail = f" ({e})" if str(e) else ""
+        raise ValueError(f"{spec!r} is not an augmentation timm can build{detail}: RandAugment 'rand-m9-mstd0.5-inc1', "
+                         "AugMix 'augmix-m5', an AutoAugment policy 'original' | 'originalr' | 'v0' | 'v0r' | '3a', "
+                         "or null for none") from None
 
 
 def build_finetune_transform(

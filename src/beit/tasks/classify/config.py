@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..._text import repeated
 from ...data.datasets import PIL_MAX_IMAGE_PIXELS
 from ...data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS
-from ...data.transforms import SMALL_IMAGE_SIZE
+from ...data.transforms import SMALL_IMAGE_SIZE, check_auto_augment
 from ...engine.config import ConfigError, TrainConfig
 from ...models.config import Preprocess
 from ..backbone_config import check_model_overrides
@@ -58,6 +58,11 @@ class DataConfig:
             raise ConfigError("resize", f"must be 'crop' or 'full', got '{self.resize}'")
         if self.resize == "full" and self.auto_augment:
             raise ConfigError("auto_augment", "resize=full (documents) takes no RandAugment; set it to null")
+        if self.auto_augment:  # timm's parsers assert: a traceback after the run folder was made, on either path
+            try:
+                check_auto_augment(str(self.auto_augment))
+            except ValueError as e:
+                raise ConfigError("auto_augment", str(e)) from None
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError("reprob", f"must be in [0, 1], got {self.reprob}")
         if self.crop_padding is not None and self.crop_padding < 0:
