@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ...data import ImageFolderDataset
-from ...data.datasets import LoadDrops, MemoryBudgetError, ReportsLoadDrops, _unpack_index, decode_image_folder
+from ...data.datasets import MemoryBudgetError, TensorImageDataset, _unpack_index, decode_image_folder
 from ...data.seeding import generator_for
 from ...engine.config import ConfigError
 from .config import TokenizerTrainConfig
@@ -40,7 +40,7 @@ class _Subset(Dataset):
         return self.dataset[self.indices[i]]
 
 
-class CropFlipInMemory(ReportsLoadDrops, Dataset):
+class CropFlipInMemory(TensorImageDataset):
     """Images decoded once into memory, served as the per-sample path serves them: ``T.Resize(size)`` (done once,
     at construction, on each PIL image), then ``T.RandomCrop(size)`` and ``T.RandomHorizontalFlip()`` (``train``)
     or ``T.CenterCrop(size)``, then ``T.ToTensor()``: float ``[3, size, size]`` in [0, 1].
@@ -50,31 +50,27 @@ class CropFlipInMemory(ReportsLoadDrops, Dataset):
     :class:`beit.data.ImageFolderDataset` with those transforms gives for the same image, without its per-sample
     decoding, PIL work and seeding of three generators (~0.7 ms a sample on the 2-core machine of RESULTS.md 5).
 
+    The images, their epoch and the files left out at decoding are :class:`beit.data.datasets.TensorImageDataset`'s.
+
     Args:
         images: uint8 ``[N, H, W, 3]`` (:func:`beit.data.datasets.decode_image_folder`).
         size: the crop side in pixels.
         train: random crop + flip; else center crop.
         seed: base seed of the augmentation streams.
         dropped: the files left out when the images were decoded (counted as skipped samples of the first epoch).
+
+    Raises:
+        TypeError / ValueError: as ``TensorImageDataset`` (``images`` not uint8 ``[N, H, W, 3]``).
     """
 
     def __init__(self, images: torch.Tensor, size: int, *, train: bool, seed: int = 0,
                  dropped: Sequence[str] = ()) -> None:
-        self.size, self.train, self.seed, self.epoch = int(size), bool(train), int(seed), 0
-        self.drops = LoadDrops(dropped)
-        if min(images.shape[1:3]) != self.size:  # T.Resize(size): the shorter side to size, as PIL resizes it
+        super().__init__(images, seed=seed, dropped=dropped)
+        self.size, self.train = int(size), bool(train)
+        if min(self.images.shape[1:3]) != self.size:  # T.Resize(size): the shorter side to size, as PIL resizes it
             resize = T.Resize(self.size)
-            images = torch.stack([torch.from_numpy(np.array(resize(Image.fromarray(x.numpy(), mode="RGB"))))
-                                  for x in images])
-        self.images = images
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of ``epoch``."""
-        self.epoch = int(epoch)
-        self.drops.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.images)
+            self.images = torch.stack([torch.from_numpy(np.array(resize(Image.fromarray(x.numpy(), mode="RGB"))))
+                                       for x in self.images])
 
     def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
         epoch, index = _unpack_index(index, self.epoch, len(self))
