@@ -93,6 +93,18 @@ class DataConfig:
             return "data.color_jitter without auto_augment (no colour jitter on the device path)"
         return None
 
+    def check_device_path(self) -> str | None:
+        """:meth:`device_path_blocker`, refused when the device path was asked for by name (``gpu`` / ``batched``):
+        ``auto`` falls back to the CPU path instead.
+
+        Raises:
+            ConfigError: ``data.device`` is ``gpu`` or ``batched`` and the recipe has a blocker.
+        """
+        blocker = self.device_path_blocker()
+        if blocker is not None and self.device in ("gpu", "batched"):
+            raise ConfigError("data.device", f"{self.device} cannot run this recipe: {blocker}; use auto or cpu")
+        return blocker
+
     def preprocess(self, img_size: int) -> Preprocess:
         """The eval preprocessing, as stored in the fine-tuned model."""
         return Preprocess(img_size=img_size, resize=self.resize, crop_pct=self.crop_pct,
@@ -165,9 +177,7 @@ class FinetuneConfig:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.class_names and len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names", f"has names given more than once: {repeated(self.class_names, 5)}")
-        blocker = self.data.device_path_blocker()
-        if blocker is not None and self.data.device in ("gpu", "batched"):  # asked for by name: refused at load
-            raise ConfigError("data.device", f"{self.data.device} cannot run this recipe: {blocker}; use auto or cpu")
+        self.data.check_device_path()  # gpu / batched asked for by name with a recipe it lacks: refused at load
 
 
 

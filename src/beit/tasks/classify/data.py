@@ -240,10 +240,8 @@ def build_device_train(cfg: FinetuneConfig, device: torch.device | str, class_na
     if not wants_device_path(data.device, device):
         unused_jpeg_decode(data.jpeg_decode, f"data.device={data.device} reads the images on the CPU path")
         return None
-    blocker = data.device_path_blocker()
+    blocker = data.check_device_path()  # again: a config changed after it was loaded
     if blocker is not None:
-        if data.device in ("gpu", "batched"):
-            raise ConfigError("data.device", f"{data.device} cannot run this recipe: {blocker}; use auto or cpu")
         logger.info("data.device=auto: CPU data path, because of %s", blocker)
         unused_jpeg_decode(data.jpeg_decode, f"the CPU data path is used ({blocker})")
         return None
