@@ -842,6 +842,21 @@ def test_a_request_passing_over_two_bad_files_counts_both_once_an_epoch(odd_file
     assert ds.skipped_count(1) == 1 and ds.skipped_count() == 3
 
 
+def test_device_decode_counts_a_truncated_jpeg_once_an_epoch(odd_files):
+    """jpeg_decode=device: g_truncated passes the workers' header check and fails in the batch decoder twice an
+    epoch, as itself and as f_garbage's replacement (the next file): one skipped file of the epoch, not two."""
+    ds = EncodedImageFiles.from_folder(odd_files, jpeg_decode="device")
+    f = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("f_garbage.jpg")][0]
+    dec = BatchDecoder("cpu", skips=ds.skip_counter)
+    for epoch in (0, 1):
+        first = collate_encoded([ds[(epoch, i)] for i in range(f + 1)])  # f_garbage's request: g_truncated's bytes
+        assert first.names[f] == str(odd_files / "g_truncated.jpg")
+        dec(first)
+        dec(collate_encoded([ds[(epoch, i)] for i in range(f + 1, len(ds))]))  # g_truncated's own request
+    assert ds.skipped_count(0) == ds.skipped_count(1) == 2 and ds.skipped_count() == 4  # f_garbage, g_truncated
+    assert dec.skipped_names == [str(odd_files / "f_garbage.jpg"), str(odd_files / "g_truncated.jpg")]
+
+
 def test_device_jpeg_decode_without_cuda_warns_once_and_is_not_counted_as_gpu(odd_files, caplog):
     ds = EncodedImageFiles.from_folder(odd_files, jpeg_decode="device")
     good = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("a_good.jpg")][0]

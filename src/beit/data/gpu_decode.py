@@ -449,7 +449,8 @@ class BatchDecoder:
     decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
     files that no decoder could read (their slots hold a copy of another sample of the batch, its image with its
     index, mask and label; or, when no file of the batch decodes, an image kept from an earlier batch, else
-    ``spare_source()``, and then each sample keeps its own label: one noisy label per such file and epoch).
+    ``spare_source()``, and then each sample keeps its own label: one noisy label per such file and epoch). Such a
+    file counts in ``skips`` once an epoch, however many of the epoch's batches carry it.
     """
 
     def __init__(self, device: torch.device | str, skips: SkipCounter | None = None,
@@ -464,6 +465,9 @@ class BatchDecoder:
         self._spare: torch.Tensor | None = None  # a decoded image kept to fill a batch none of whose files decode
         self.fallback: Counter[str] = Counter()
         self._skipped: dict[str, None] = {}  # insertion-ordered set
+        # file -> the last epoch its failure here was counted in ``skips`` (as ``count_skipped_files``' ``seen``): a
+        # file met twice in an epoch (as itself and as the replacement of an unreadable one) counts once
+        self._counted_in: dict[str, int] = {}
 
     @property
     def skipped_names(self) -> list[str]:
@@ -516,7 +520,8 @@ class BatchDecoder:
                         self.fallback["gpu decoder failed"] += 1
                     except Exception as err:  # noqa: BLE001
                         self._skipped[batch.names[i]] = None
-                        if self.skips is not None:
+                        if self.skips is not None and self._counted_in.get(batch.names[i]) != batch.epoch:
+                            self._counted_in[batch.names[i]] = batch.epoch
                             self.skips.add(epoch=batch.epoch)
                         logger.warning("skipping unreadable image %s (%s: %s)", batch.names[i], type(err).__name__, err)
                     continue
