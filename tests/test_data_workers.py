@@ -64,6 +64,30 @@ def test_webdataset_workers_read_every_shard_once(tmp_path: Path) -> None:
     assert labels == list(range(12))
 
 
+@pytest.mark.slow
+def test_webdataset_persistent_workers_count_each_epochs_skips_in_that_epoch(tmp_path: Path) -> None:
+    """Persistent workers keep the dataset copy they were started with: set_epoch() in the main process must still
+    reach them, or the second epoch's skip is counted (and its shards ordered, its samples augmented) as the first's."""
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(2):
+        url = str(tmp_path / f"s{s}.tar")
+        with wds.TarWriter(url) as sink:
+            if s == 0:
+                sink.write({"__key__": "bad", "jpg": b"\xff\xd8\xff\xe0 truncated", "cls": b"0"})
+            for k in range(3):
+                img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                sink.write({"__key__": f"s{s}k{k}", "png": _png(img), "cls": str(k).encode()})
+        urls.append(url)
+    ds = WebDatasetShards(urls, transform=lambda im: torch.from_numpy(np.asarray(im).copy()), label_key="cls")
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        assert len(list(loader)) == 6
+        assert ds.skipped_count(epoch) == 1
+    assert [ds.skipped_count(0), ds.skipped_count(1), ds.skipped_count()] == [1, 1, 2]
+
+
 def _png(img: Image.Image) -> bytes:
     import io
 

@@ -1128,6 +1128,9 @@ class WebDatasetShards(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.epoch = 0
+        # set_epoch's value, shared with the DataLoader's workers: a persistent worker keeps the dataset copy it was
+        # started with, so each pass (__iter__) takes its epoch from here
+        self._shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.num_skipped = 0  # in this process (see skipped_count() for the sum over workers)
         self.bad_keys: list[str] = []
         self.num_samples = num_samples
@@ -1151,8 +1154,10 @@ class WebDatasetShards(IterableDataset):
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the shard order and augmentation stream of ``epoch``."""
+        """Select the shard order, augmentation stream and skip count of ``epoch`` (call before creating the
+        DataLoader iterator; persistent workers see it too)."""
         self.epoch = int(epoch)
+        self._shared_epoch[0] = self.epoch
 
     def _shards_for_epoch(self) -> list[str]:
         urls = list(self.urls)
@@ -1256,6 +1261,7 @@ class WebDatasetShards(IterableDataset):
         from webdataset.utils import pytorch_worker_info
 
         rank, world_size, worker, num_workers = pytorch_worker_info()
+        self.epoch = int(self._shared_epoch[0])  # in a persistent worker, its copy's epoch is that of an earlier pass
         shards = self._shards_for_epoch()
         if len(shards) < world_size * num_workers and worker == 0:
             logger.warning(
