@@ -342,8 +342,10 @@ def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, j
     # in the workers, f_garbage and g_truncated were replaced by the next readable file, h_gray: counted thrice
     gray = 1 if jpeg_decode == "device" else 3
     assert dec.summary()["fallback"] == {"png": 1, "mode CMYK": 1, "progressive": 1, "mode L": gray}
-    # a_good, e_exif6: decode_jpeg on this device (a CPU one: counted as main_cpu, not gpu), or in the workers
-    assert (dec.num_gpu, dec.num_main_cpu, dec.num_workers) == ((0, 2, 0) if jpeg_decode == "device" else (0, 0, 2))
+    # a_good, e_exif6: decode_jpeg on this device (a CPU one: counted as main_cpu, not gpu), or by the loader (read
+    # here, not in DataLoader workers: in_process)
+    assert (dec.num_gpu, dec.num_main_cpu, dec.num_workers, dec.num_in_process) == (
+        (0, 2, 0, 0) if jpeg_decode == "device" else (0, 0, 0, 2))
     g = batch.names.index(str(odd_files / "g_truncated.jpg")) if jpeg_decode == "device" else None
     if g is not None:  # replaced in the batch by another image of it
         assert batch2.names[g] != batch.names[g]
@@ -717,8 +719,9 @@ def test_device_path_trains_finetune_and_pretrain_end_to_end(tmp_path):
 
     rows = read_metrics(tmp_path / "pt" / "metrics.jsonl", split="data")  # per-epoch skip records, as the CPU path
     assert rows and rows[-1]["skipped_files_total"] == sum(r["skipped_files"] for r in rows) >= 1
-    # JPEGs: decoded in the loader's workers by default (data.jpeg_decode=workers), nothing by the GPU decoder
-    assert out["data_decode"]["workers"] >= 12 and out["data_decode"]["gpu"] == 0
+    # JPEGs: decoded by the loader by default (data.jpeg_decode=workers), here in this process (num_workers=0),
+    # nothing by the GPU decoder
+    assert out["data_decode"]["in_process"] >= 12 and out["data_decode"]["workers"] == out["data_decode"]["gpu"] == 0
     assert not out["data_decode"]["fallback"]
 
 
@@ -792,9 +795,9 @@ def test_webdataset_shards_on_the_device_path(tmp_path):
         out = pipe(batch)
         summary = pipe.decoder.summary()
         assert out["image"].shape == (6, 3, 16, 16) and summary["skipped_names"] == [f"{shard}:bad"]
-        # decode_jpeg on this (CPU) device: main_cpu, not gpu
-        assert (summary["gpu"], summary.get("main_cpu", 0), summary["workers"]) == (
-            (0, 3, 0) if where == "device" else (0, 0, 3))
+        # decode_jpeg on this (CPU) device: main_cpu, not gpu; the loader's decodes ran here (no workers): in_process
+        assert (summary["gpu"], summary.get("main_cpu", 0), summary["workers"], summary.get("in_process", 0)) == (
+            (0, 3, 0, 0) if where == "device" else (0, 0, 0, 3))
         again = collate_encoded(list(ds))  # per-sample randomness from (seed, epoch, __key__): the same again
         assert torch.equal(again.masks, batch.masks) and torch.equal(pipe(again)["image"], out["image"])
         outs[where] = out["image"]
@@ -855,6 +858,20 @@ def test_device_decode_counts_a_truncated_jpeg_once_an_epoch(odd_files):
         dec(collate_encoded([ds[(epoch, i)] for i in range(f + 1, len(ds))]))  # g_truncated's own request
     assert ds.skipped_count(0) == ds.skipped_count(1) == 2 and ds.skipped_count() == 4  # f_garbage, g_truncated
     assert dec.skipped_names == [str(odd_files / "f_garbage.jpg"), str(odd_files / "g_truncated.jpg")]
+
+
+def test_decoder_summary_says_whether_loader_workers_decoded_the_jpegs(odd_files):
+    """jpeg_decode=workers: with num_workers=0 the loader decodes the JPEGs (a_good, e_exif6) in this process, and the
+    summary says so (``workers`` 0, ``in_process`` 2), not that workers decoded them."""
+    ds = EncodedImageFiles.from_folder(odd_files)
+    for num_workers, want in ((0, (0, 2)), (2, (2, 0))):
+        dec = BatchDecoder("cpu")
+        for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=num_workers,
+                                                 collate_fn=collate_encoded):
+            dec(batch)
+        summary = dec.summary()
+        assert (summary["workers"], summary.get("in_process", 0)) == want, num_workers
+        assert summary["gpu"] == 0 and "main_cpu" not in summary
 
 
 def test_device_jpeg_decode_without_cuda_warns_once_and_is_not_counted_as_gpu(odd_files, caplog):

@@ -215,6 +215,7 @@ class EncodedBatch:
     labels: torch.Tensor | None
     skipped: list[str]
     cropped: torch.Tensor | None = None  # bool [B]: the sample's image is already its crop box (None: none is)
+    in_worker: bool = False  # made in a DataLoader worker process (False: in this process, e.g. num_workers=0)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -238,7 +239,11 @@ class EncodedBatch:
 
 def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]) -> EncodedBatch:
     """Stack ``EncodedSample``s (or ``(sample, label)`` pairs) into an ``EncodedBatch`` (masks and labels
-    stacked, the rest as lists)."""
+    stacked, the rest as lists; ``in_worker`` when this runs in a DataLoader worker, where its samples were read).
+
+    Raises:
+        ValueError: no samples.
+    """
     if not samples:
         raise ValueError("collate_encoded got an empty batch")
     samples = [s[0] if isinstance(s, tuple) else s for s in samples]  # (sample, label) from labeled streams
@@ -272,6 +277,7 @@ def collate_encoded(samples: Sequence[EncodedSample | tuple[EncodedSample, int]]
         names=[s.name for s in samples], blob=blob, spans=spans, pixels=pixels, shapes=shapes,
         orientation=[s.orientation for s in samples], reasons=[s.reason for s in samples], masks=masks,
         labels=labels, skipped=[n for s in samples for n in s.skipped], cropped=cropped,
+        in_worker=torch.utils.data.get_worker_info() is not None,
     )
 
 
@@ -445,7 +451,8 @@ class BatchDecoder:
     """Decode an ``EncodedBatch`` on ``device``: one batched nvJPEG call, per-file fallbacks, counters.
 
     Counters (cumulative): ``num_gpu`` decoded by ``decode_jpeg`` on the device, ``num_workers`` JPEGs
-    decoded by the loader's workers (``jpeg_decode="workers"``), ``fallback`` (reason -> count) files the GPU
+    decoded by the loader's worker processes (``jpeg_decode="workers"``), ``num_in_process`` those the loader
+    decoded in this process instead (DataLoader ``num_workers=0``), ``fallback`` (reason -> count) files the GPU
     decoder does not take, decoded on CPU (in the workers, or here after a device failure), ``skipped_names``
     files that no decoder could read (their slots hold a copy of another sample of the batch, its image with its
     index, mask and label; or, when no file of the batch decodes, an image kept from an earlier batch, else
@@ -461,7 +468,8 @@ class BatchDecoder:
         self.num_gpu = 0  # decoded by nvJPEG on a CUDA device
         self.num_main_cpu = 0  # decoded by torchvision in the main process, on a device without CUDA
         self._warned_cpu = False
-        self.num_workers = 0
+        self.num_workers = 0  # JPEGs decoded by the loader in its worker processes
+        self.num_in_process = 0  # ... by the loader in this process (DataLoader num_workers=0)
         self._spare: torch.Tensor | None = None  # a decoded image kept to fill a batch none of whose files decode
         self.fallback: Counter[str] = Counter()
         self._skipped: dict[str, None] = {}  # insertion-ordered set
@@ -503,7 +511,11 @@ class BatchDecoder:
         ``index``/``masks``/``labels`` rows of skipped files are replaced by those of the copied image."""
         B = len(batch)
         self.fallback.update(r for r in batch.reasons if r is not None)
-        self.num_workers += sum(1 for i in range(B) if batch.reasons[i] is None and batch.shapes[i] is not None)
+        loader_decoded = sum(1 for i in range(B) if batch.reasons[i] is None and batch.shapes[i] is not None)
+        if batch.in_worker:
+            self.num_workers += loader_decoded
+        else:
+            self.num_in_process += loader_decoded
         self._skipped.update(dict.fromkeys(batch.skipped))
         images: list[torch.Tensor | None] = [None] * B
         gpu_pos = [i for i in range(B) if batch.spans[i] is not None]
@@ -559,7 +571,7 @@ class BatchDecoder:
                 reasons=batch.reasons,
                 masks=batch.masks[src] if batch.masks is not None else None,
                 labels=batch.labels[src] if batch.labels is not None else None, skipped=batch.skipped,
-                cropped=batch.cropped[src] if batch.cropped is not None else None,
+                cropped=batch.cropped[src] if batch.cropped is not None else None, in_worker=batch.in_worker,
             )
         return images, batch  # type: ignore[return-value]
 
@@ -567,13 +579,16 @@ class BatchDecoder:
     def idle(self) -> bool:
         """Nothing decoded, fell back or skipped here: the in-memory path (every image decoded once at start, its
         unreadable files already named then), whose all-zero :meth:`summary` is not worth a log line."""
-        return not (self.num_gpu or self.num_main_cpu or self.num_workers or self.fallback or self._skipped)
+        return not (self.num_gpu or self.num_main_cpu or self.num_workers or self.num_in_process or self.fallback
+                    or self._skipped)
 
     def summary(self) -> dict[str, Any]:
         """Counters as a dict: gpu (nvJPEG on CUDA), main_cpu (the same batched decode run on a device without
-        CUDA; only there), workers, fallback per reason, skipped and their names."""
-        out = {"gpu": self.num_gpu, **({"main_cpu": self.num_main_cpu} if self.num_main_cpu else {})}
-        return {**out, "workers": self.num_workers, "fallback": dict(self.fallback),
+        CUDA; only there), workers (JPEGs the loader's worker processes decoded), in_process (those the loader
+        decoded in this process, with no workers; only then), fallback per reason, skipped and their names."""
+        out = {"gpu": self.num_gpu, **({"main_cpu": self.num_main_cpu} if self.num_main_cpu else {}),
+               "workers": self.num_workers, **({"in_process": self.num_in_process} if self.num_in_process else {})}
+        return {**out, "fallback": dict(self.fallback),
                 "skipped": self.num_skipped,
                 "skipped_names": list(self.skipped_names)}
 
