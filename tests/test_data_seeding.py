@@ -86,3 +86,48 @@ def test_timm_randaugment_pipeline_is_pure() -> None:
             outs.setdefault(epoch, []).append(tf(img))
     assert torch.equal(outs[0][0], outs[0][1])
     assert not torch.equal(outs[0][0], outs[1][0])
+
+
+def test_eval_transforms_are_marked_deterministic_and_datasets_skip_seeding_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval transforms draw nothing, so the datasets call them without seeded() (its RNG save/restore costs as
+    much as a small image's transform); the same tensors come out. A training transform, or an unmarked Compose
+    built from a marked one's steps, is still seeded."""
+    from torchvision import transforms as T
+
+    import beit.data.datasets as datasets_mod
+    import beit.data.seeding as seeding_mod
+    from beit.data.datasets import TensorImageDataset
+    from beit.data.seeding import deterministic, is_deterministic
+    from beit.data.transforms import build_eval_transform, build_full_image_transform
+    from beit.models.config import Preprocess
+    from beit.tasks.classify.data import build_preprocess
+
+    ev = build_eval_transform(16)
+    assert is_deterministic(ev)
+    assert is_deterministic(build_full_image_transform(False, 16))
+    assert is_deterministic(build_full_image_transform(True, 16))  # no flip, no erasing: nothing random
+    assert not is_deterministic(build_full_image_transform(True, 16, hflip=0.5))
+    assert not is_deterministic(build_finetune_transform(True, 16, auto_augment=None, re_prob=0.0))
+    assert is_deterministic(build_preprocess(Preprocess(img_size=16, grayscale=True)))  # behind the gray step
+    assert not is_deterministic(T.Compose(list(ev.transforms)))  # a new Compose is unmarked until marked
+    assert deterministic(T.Compose([])) is not None
+
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    seeded_ds = TensorImageDataset(images, [0, 1, 2, 3], T.Compose(list(ev.transforms)))  # unmarked: seeded
+    expected = [seeded_ds[i][0] for i in range(4)]
+
+    calls = []
+    real = seeding_mod.seeded
+
+    def counting(*args: int):  # noqa: ANN202
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(seeding_mod, "seeded", counting)
+    monkeypatch.setattr(datasets_mod, "seeded", counting)
+    marked = TensorImageDataset(images, [0, 1, 2, 3], ev)
+    for i in range(4):
+        assert torch.equal(marked[i][0], expected[i])
+    assert calls == []
+    TensorImageDataset(images, [0, 1, 2, 3], build_finetune_transform(True, 16, auto_augment=None, re_prob=0.0))[0]
+    assert len(calls) == 1

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .._text import first_few, repeated
-from .seeding import derive_seed, seeded, stable_index
+from .seeding import derive_seed, seeded, seeded_for, stable_index
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -710,7 +710,7 @@ class _RobustImageFiles(Dataset):
     def _transformed(self, img: Image.Image, epoch: int, index: int) -> Any:
         if self.transform is None:
             return img
-        with seeded(self.seed, epoch, index):
+        with seeded_for(self.transform, self.seed, epoch, index):
             return self.transform(img)
 
 
@@ -1433,7 +1433,7 @@ class TensorImageDataset(ReportsLoadDrops, Dataset):
         x: Any = self.images[index]
         if self.transform is not None:
             img = Image.fromarray(x.numpy(), mode="RGB")
-            with seeded(self.seed, epoch, index):
+            with seeded_for(self.transform, self.seed, epoch, index):
                 x = self.transform(img)
         elif self.mask_generator is not None:
             with seeded(self.seed, epoch, index):

@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .masking import BlockwiseMaskGenerator
+from .seeding import deterministic
 
 __all__ = [
     "EnsureMinSize",
@@ -268,14 +269,14 @@ def build_eval_transform(
         raise ValueError(f"input_size must be a positive int, got {input_size!r}")
     mean, std = _check_mean_std(mean, std)
     size = int(input_size / _resolve_crop_pct(input_size, crop_pct))
-    return T.Compose(
+    return deterministic(T.Compose(  # no random draw: datasets skip the per-sample seeding
         [
             T.Resize(size, interpolation=interpolation_mode(interpolation)),
             T.CenterCrop(input_size),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]
-    )
+    ))
 
 
 def build_full_image_transform(
@@ -307,7 +308,8 @@ def build_full_image_transform(
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if is_train and re_prob > 0:
         steps.append(RandomErasing(re_prob, mode="pixel", device="cpu"))
-    return T.Compose(steps)
+    random_steps = is_train and (hflip > 0 or re_prob > 0)
+    return T.Compose(steps) if random_steps else deterministic(T.Compose(steps))
 
 
 def _posterize_zero_safe(img: Any, bits_to_keep: int, **_: Any) -> Any:

@@ -29,6 +29,7 @@ from ...data.datasets import (
 )
 from ...data.gpu_augment import FinetuneAugment
 from ...data.gpu_decode import EncodedImageFiles, FinetunePipeline, InMemoryIndices, collate_encoded
+from ...data.seeding import deterministic, is_deterministic
 from ...data.transforms import (
     SMALL_IMAGE_SIZE,
     build_eval_transform,
@@ -48,10 +49,10 @@ logger = logging.getLogger(__name__)
 
 def _gray_first(tf: T.Compose, grayscale: bool) -> T.Compose:
     """``tf``, behind a gray -> 3-channel step when ``grayscale`` (scans: keeps colour out of the decision)."""
-    steps = list(tf.transforms)
-    if grayscale:
-        steps.insert(0, T.Grayscale(num_output_channels=3))
-    return T.Compose(steps)
+    if not grayscale:
+        return tf
+    gray = T.Compose([T.Grayscale(num_output_channels=3), *tf.transforms])
+    return deterministic(gray) if is_deterministic(tf) else gray
 
 
 def build_preprocess(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
