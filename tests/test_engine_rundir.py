@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -805,3 +806,29 @@ def test_overwrite_refuses_a_folder_another_task_wrote(tmp_path):
     # the same task overwrites as before
     trainer_of(cfg_of(tmp_path, max_steps=2, overwrite=True), task="pre-training", outputs=("final",)).fit()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2 and not (tmp_path / "final").exists()
+
+
+def test_curves_keep_long_tick_labels_inside_the_figure_and_their_panel(tmp_path, monkeypatch):
+    """Fixed margins must still fit a wide y tick label (an lr tail like 0.000150, a negative -0.00010): none cut
+    at the figure's left edge (where ``0.000150`` would read ``.000150``, ``-0.00010`` lose its sign) or running
+    into the panel on its left."""
+    from matplotlib.figure import Figure
+
+    rows = [{"split": "train", "step": s, "loss": -1e-4 - 2e-5 * math.sin(s), "acc": 0.1, "grad_norm": -0.374975 * s,
+             "lr": 1.2e-4 + 3e-5 * math.cos(s / 40), "top1": -123456.0 + s, "zz": 1.25e-4 + 1e-6 * s}
+            for s in range(0, 60, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: (figs.append(self), save(self, *a, **kw))[1])
+    plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    fig = figs[0]
+    renderer = fig.canvas.get_renderer()
+    axes = sorted(fig.axes, key=lambda ax: (round(ax.get_position().y0, 3), ax.get_position().x0))
+    for ax in axes:
+        labels = ax.yaxis.get_tightbbox(renderer)
+        assert labels.x0 >= 0, (ax.get_title(), [t.get_text() for t in ax.get_yticklabels()])
+        left = [b for b in axes if abs(b.get_position().y0 - ax.get_position().y0) < 1e-3
+                and b.get_position().x1 < ax.get_position().x0]
+        for b in left:
+            assert labels.x0 > b.get_window_extent(renderer).x1, (ax.get_title(), b.get_title())

@@ -236,6 +236,25 @@ def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]])
     return sorted(names, key=lambda k: (k != "loss", k))
 
 
+def _fit_y_tick_labels(fig: Any, axes: list[Any], cols: int) -> None:
+    """Widen ``plot_curves``' fixed left margin and gaps between panels where a y tick label needs more (an lr tail
+    such as ``0.000150``, a negative ``-0.00010``): measured on the y axes only, so still far cheaper than
+    tight_layout. Without it such a label is cut at the figure's edge (``.000150``, the sign lost) or runs into
+    the panel on its left."""
+    renderer = fig.canvas.get_renderer()
+    need = [0.0] * cols  # inches each column's widest y tick label reaches left of its panel
+    for i, ax in enumerate(axes):
+        labels = ax.yaxis.get_tightbbox(renderer)
+        if labels is not None:
+            need[i % cols] = max(need[i % cols], (ax.get_window_extent(renderer).x0 - labels.x0) / fig.dpi)
+    w = fig.get_figwidth()
+    left = max(0.75, need[0] + 0.1)
+    gap = max([0.95] + [n + 0.3 for n in need[1:]])
+    if left > 0.75 or gap > 0.95:
+        width = (w - left - 0.2 - (cols - 1) * gap) / cols  # of each panel
+        fig.subplots_adjust(left=left / w, wspace=gap / width)
+
+
 def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
     """One panel per metric (loss first; none for a skip counter that stayed 0) vs step; eval points as markers.
     Uses the Agg canvas directly, so it works headless and leaves the user's matplotlib backend alone. Written
@@ -268,8 +287,10 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
     fig.subplots_adjust(left=0.75 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.35 / h,
                         wspace=0.95 / ((w - 0.95) / cols - 0.95), hspace=0.95 / ((h - 0.9) / nrows - 0.95))
     FigureCanvasAgg(fig)
+    axes = []
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, cols, i + 1)
+        axes.append(ax)
         for (k, split), (xs, ys) in series.items():
             if k == name:
                 style = {"marker": "o"} if split != "train" else {}
@@ -287,6 +308,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
             ax.legend()
         elif splits != {"train"}:
             ax.set_title(f"{name} ({splits.pop()})")
+    _fit_y_tick_labels(fig, axes, cols)
     png_path = Path(png_path)
     with atomic_write(png_path) as tmp:  # never a truncated or 0-byte png (crash, full disk)
         fig.savefig(tmp, dpi=100, format="png")
