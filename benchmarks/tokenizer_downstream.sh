@@ -26,6 +26,6 @@ sleep 5  # the second arm's compile a little behind the first's
 rc=0; wait %1 || rc=$?; wait %2 || rc=$?
 for a in old new; do
   echo "== $a: $(grep -E '^heldout_(psnr|perplexity):' "$out/log_$a" | tr '\n' ' ')"
-  grep -E "eval step [0-9]+ ep [0-9]+:" "$out/log_$a" | tail -1
+  grep -E "eval step [0-9]+ ep [0-9]+:" "$out/log_$a" | tail -1 || true  # none: that arm stopped before (see rc)
 done
 exit $rc
