@@ -7,6 +7,8 @@
 # tokenizers keep their preset seed). Knobs (env): PRE_EPOCHS (20), FT_EPOCHS (15), LIMIT (seconds for both arms; unset:
 # none), TOK_STEPS, PRE_EXTRA / FT_EXTRA (more KEY=VALUE overrides of both arms, after the seed). Each arm's log is
 # <out_dir>/log_old, log_new; the tokenizers' held-out figures and each arm's last fine-tuning eval are printed at the end.
+# The runs live in runs/tok_s<seed>_{old,new} under the current folder and resume (train.resume=auto): the same command
+# again continues a cut run; delete those folders to start over.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: tokenizer_downstream.sh <cifar_dir> <out_dir> [seed]" >&2; exit 2; }
 data=$1; out=$2; seed=${3:-0}
