@@ -719,7 +719,8 @@ class ImageFolderDataset(_RobustImageFiles):
 
     Args:
         root: folder to scan.
-        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)``.
+        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)`` (unless marked
+            ``beit.data.seeding.deterministic``: an eval transform draws nothing).
         recursive: scan sub-folders too.
         extensions: file name endings to accept (case-insensitive).
         seed: base seed of the augmentation streams.
@@ -823,7 +824,8 @@ class LabeledImageFolder(_RobustImageFiles):
 
     Args:
         root: folder with one sub-folder per class.
-        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)``.
+        transform: applied to the RGB PIL image inside ``seeded(seed, epoch, index)`` (unless marked
+            ``beit.data.seeding.deterministic``: an eval transform draws nothing).
         class_names: the classes in label order; must name exactly the sub-folders. Defaults to
             the sorted sub-folder names (torchvision's convention).
         extensions: file name endings to accept (case-insensitive).
@@ -1365,7 +1367,8 @@ class TensorImageDataset(ReportsLoadDrops, Dataset):
     """Small decoded images kept in memory (CIFAR-sized): uint8 ``[N, H, W, 3]`` or ``[N, 3, H, W]``.
 
     With a ``transform`` each sample is handed to it as an RGB PIL image (so torchvision / timm
-    transforms work unchanged) inside ``seeded(seed, epoch, index)``. Without one, the raw
+    transforms work unchanged) inside ``seeded(seed, epoch, index)`` (not one marked
+    ``beit.data.seeding.deterministic``: it draws nothing). Without one, the raw
     ``[H, W, 3]`` uint8 tensor is returned, so that a DataLoader yields ``[B, H, W, 3]`` batches for
     the GPU fast path (``beit.data.gpu_augment.PretrainViews``); add a ``mask_generator`` to get
     ``{"image": [H, W, 3] uint8, "mask": bool [h, w]}`` instead, the mask drawn per sample in the
