@@ -832,3 +832,32 @@ def test_curves_keep_long_tick_labels_inside_the_figure_and_their_panel(tmp_path
                 and b.get_position().x1 < ax.get_position().x0]
         for b in left:
             assert labels.x0 > b.get_window_extent(renderer).x1, (ax.get_title(), b.get_title())
+
+
+def test_curves_step_labels_stay_apart_on_long_runs(tmp_path, monkeypatch):
+    """A long run's step axis (400,000 and 2.5M steps) gets a few short labels (80k, 1.2M), none overlapping the
+    next; a short run's stay plain numbers."""
+    from matplotlib.figure import Figure
+
+    from beit.engine.logging import _step_tick
+
+    assert [_step_tick(x) for x in (0, 150, 9000, 80000, 1.2e6, -20000)] == ["0", "150", "9000", "80k", "1.2M", "-20k"]
+    figs = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: (figs.append(self), save(self, *a, **kw))[1])
+    for last in (400_000, 2_500_000, 60):
+        rows = [{"split": "train", "step": s, "loss": 1.0 / (1 + s), "lr": 1e-3, "acc": 0.5}
+                for s in range(0, last + 1, max(1, last // 50))]
+        path = tmp_path / f"m{last}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(path, tmp_path / f"c{last}.png")
+        renderer = figs[-1].canvas.get_renderer()
+        for ax in figs[-1].axes:
+            lo, hi = ax.get_xlim()
+            texts = [t for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]  # drawn
+            boxes = sorted((t.get_window_extent(renderer) for t in texts), key=lambda b: b.x0)
+            assert len(boxes) >= 3, [t.get_text() for t in texts]
+            for a, b in zip(boxes, boxes[1:]):
+                assert a.x1 < b.x0, (last, [t.get_text() for t in texts])
+            if last == 60:
+                assert all(t.get_text().isdigit() for t in texts), [t.get_text() for t in texts]

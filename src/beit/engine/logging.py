@@ -236,6 +236,13 @@ def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]])
     return sorted(names, key=lambda k: (k != "loss", k))
 
 
+def _step_tick(x: float, _pos: int | None = None) -> str:
+    """A step axis' tick label: ``800``, ``80k``, ``1.2M`` (short enough for ~6 ticks a 5-inch panel)."""
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:g}M"
+    return f"{x / 1e3:g}k" if abs(x) >= 1e4 else f"{x:g}"
+
+
 def _fit_y_tick_labels(fig: Any, axes: list[Any], cols: int) -> None:
     """Widen ``plot_curves``' fixed left margin and gaps between panels where a y tick label needs more (an lr tail
     such as ``0.000150``, a negative ``-0.00010``): measured on the y axes only, so still far cheaper than
@@ -266,6 +273,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     series: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
     for r in rows:
@@ -297,6 +305,9 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
                 ax.plot(xs, ys, label=split, **style)
         ax.set_title(name)
         ax.set_xlabel("step")
+        # at most ~6 step ticks, 80k / 1.2M past 10,000: long runs' step labels would otherwise run together
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(_step_tick))
         ax.grid(alpha=0.3)
         values = [y for (k, _), (_, ys) in series.items() if k == name for y in ys]
         if name in ("loss", "lr") and min(values) > 0 and max(values) / min(values) > 20:
