@@ -306,7 +306,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
         ax.set_title(name)
         ax.set_xlabel("step")
         # at most ~6 step ticks, 80k / 1.2M past 10,000: long runs' step labels would otherwise run together
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10], integer=True))
         ax.xaxis.set_major_formatter(FuncFormatter(_step_tick))
         ax.grid(alpha=0.3)
         values = [y for (k, _), (_, ys) in series.items() if k == name for y in ys]
