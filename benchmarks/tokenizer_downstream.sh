@@ -14,17 +14,18 @@ set -euo pipefail
 data=$1; out=$2; seed=${3:-0}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-arm() {  # name usage_weight
-  RUN=runs/tok_s${seed}_$1 TOK_EXTRA="model.usage_weight=$2" PRE_EPOCHS=${PRE_EPOCHS:-20} FT_EPOCHS=${FT_EPOCHS:-15} \
-    ARMS=pretrained PROBES=0 PRE_EXTRA="train.seed=$seed ${PRE_EXTRA:-}" \
-    FT_EXTRA="train.seed=$seed ${FT_EXTRA:-}" \
-    bash -c "bash '$here/cifar10_repro.sh' A '$data' '$out/A_$1' && bash '$here/cifar10_repro.sh' B '$data' '$out/B_$1' '$out/A_$1'"
+arm() {  # name usage_weight; the paths come in the environment (here, data, out, seed), never inside code text
+  export RUN=runs/tok_s${seed}_$1 TOK_EXTRA="model.usage_weight=$2" PRE_EPOCHS=${PRE_EPOCHS:-20} \
+    FT_EPOCHS=${FT_EPOCHS:-15} ARMS=pretrained PROBES=0 PRE_EXTRA="train.seed=$seed ${PRE_EXTRA:-}" \
+    FT_EXTRA="train.seed=$seed ${FT_EXTRA:-}"
+  bash "$here/cifar10_repro.sh" A "$data" "$out/A_$1" && bash "$here/cifar10_repro.sh" B "$data" "$out/B_$1" "$out/A_$1"
 }
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(timeout "$LIMIT")
-( "${limit[@]}" bash -c "$(declare -f arm); here='$here' data='$data' out='$out' seed=$seed; arm old 0" > "$out/log_old" 2>&1 ) &
+export here data out seed
+( "${limit[@]}" bash -c "$(declare -f arm); arm old 0" > "$out/log_old" 2>&1 ) &
 sleep 5  # the second arm's compile a little behind the first's
-( "${limit[@]}" bash -c "$(declare -f arm); here='$here' data='$data' out='$out' seed=$seed; arm new 0.003" > "$out/log_new" 2>&1 ) &
+( "${limit[@]}" bash -c "$(declare -f arm); arm new 0.003" > "$out/log_new" 2>&1 ) &
 rc=0; wait %1 || rc=$?; wait %2 || rc=$?
 for a in old new; do
   echo "== $a: $(grep -E '^heldout_(psnr|perplexity):' "$out/log_$a" | tr '\n' ' ')"
