@@ -10,12 +10,25 @@ import logging
 
 import torch
 
-from ..data.gpu_decode import use_device_path
+from ..data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS, use_device_path
 from ..engine.config import ConfigError
 
-__all__ = ["unused_jpeg_decode", "wants_device_path"]
+__all__ = ["check_data_device", "unused_jpeg_decode", "wants_device_path"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_data_device(device: str, jpeg_decode: str, prefix: str = "data.") -> None:
+    """``data.device`` and ``data.jpeg_decode`` of a task config, checked where the config is read: before the run
+    folder, the tokenizer or the model exist (``prefix``: how the task's errors name the ``data`` section).
+
+    Raises:
+        ConfigError: ``device`` is not auto | cpu | gpu | batched, or ``jpeg_decode`` not workers | device.
+    """
+    if device not in DEVICE_SETTINGS:
+        raise ConfigError(f"{prefix}device", f"must be {' | '.join(DEVICE_SETTINGS)}, got {device!r}")
+    if jpeg_decode not in JPEG_DECODERS:
+        raise ConfigError(f"{prefix}jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {jpeg_decode!r}")
 
 
 def wants_device_path(setting: str, device: torch.device | str, key: str = "data.device") -> bool:

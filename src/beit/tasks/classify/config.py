@@ -14,11 +14,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..._text import repeated
 from ...data.datasets import PIL_MAX_IMAGE_PIXELS
-from ...data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS
 from ...data.transforms import SMALL_IMAGE_SIZE, check_auto_augment
 from ...engine.config import ConfigError, TrainConfig
 from ...models.config import Preprocess
 from ..backbone_config import check_model_overrides
+from ..device_data import check_data_device
 
 __all__ = ["DataConfig", "FinetuneConfig", "LinprobeConfig", "parse_blocks"]
 
@@ -73,11 +73,8 @@ class DataConfig:
             raise ConfigError("crop_pct", f"must be in (0, 1] or null, got {self.crop_pct}")
         if self.eval_batch_size < 0:
             raise ConfigError("eval_batch_size", f"must be >= 0, got {self.eval_batch_size}")
-        if self.jpeg_decode not in JPEG_DECODERS:
-            raise ConfigError("jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
-        # here, not when the training data is built: before the run folder is made (as pre-training's data.device)
-        if self.device not in DEVICE_SETTINGS:
-            raise ConfigError("device", f"must be {' | '.join(DEVICE_SETTINGS)}, got {self.device!r}")
+        # here, not when the training data is built: before the run folder is made (as pre-training's)
+        check_data_device(self.device, self.jpeg_decode, prefix="")
 
     def device_path_blocker(self) -> str | None:
         """Why this training recipe cannot run on the batched device path (None = it can)."""

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ...data.datasets import PIL_MAX_IMAGE_PIXELS
-from ...data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS
 from ...data.masking import BlockwiseMaskGenerator
 from ...engine.config import ConfigError, TrainConfig
 from ...tokenizers import AUTO, TOKENIZERS, detect_tokenizer_kind
 from ..backbone_config import check_model_overrides
+from ..device_data import check_data_device
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SHAPE_KEYS", "PretrainConfig", "PretrainDataConfig",
            "PretrainModelConfig", "PretrainTokenizerConfig", "shard_urls", "validate"]
@@ -111,10 +111,7 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"model_overrides.{k}", f"{theirs} but model.{k}={mine}: set one of them")
     if m.img_size % m.patch_size:
         raise ConfigError("model.img_size", f"{m.img_size} is not divisible by patch_size {m.patch_size}")
-    if d.device not in DEVICE_SETTINGS:  # before the tokenizer and model are built (as data.jpeg_decode)
-        raise ConfigError("data.device", f"must be {' | '.join(DEVICE_SETTINGS)}, got {d.device!r}")
-    if d.jpeg_decode not in JPEG_DECODERS:
-        raise ConfigError("data.jpeg_decode", f"must be {' | '.join(JPEG_DECODERS)}, got {d.jpeg_decode!r}")
+    check_data_device(d.device, d.jpeg_decode)  # before the tokenizer and model are built
     if not d.path:
         raise ConfigError("data.path", "no data: give a folder of images (data.path=DIR)")
     if not shard_urls(d.path) and not Path(d.path).exists():
