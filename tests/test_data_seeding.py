@@ -109,6 +109,9 @@ def test_eval_transforms_are_marked_deterministic_and_datasets_skip_seeding_them
     assert not is_deterministic(build_full_image_transform(True, 16, hflip=0.5))
     assert not is_deterministic(build_finetune_transform(True, 16, auto_augment=None, re_prob=0.0))
     assert is_deterministic(build_preprocess(Preprocess(img_size=16, grayscale=True)))  # behind the gray step
+    from beit.tasks.tokenizer.data import eval_transform
+
+    assert is_deterministic(eval_transform(16))  # the tokenizer's held-out images (training and `tokenizer eval`)
     assert not is_deterministic(T.Compose(list(ev.transforms)))  # a new Compose is unmarked until marked
     assert deterministic(T.Compose([])) is not None
 

@@ -158,10 +158,10 @@ def _refuse_training_checkpoint(path: str) -> None:
 
 def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     import torch
-    from torchvision import transforms as T
 
     from ...data import ImageFolderDataset
     from ...tokenizers import load_tokenizer
+    from .data import eval_transform
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _refuse_training_checkpoint(args.path)
@@ -169,7 +169,7 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
                          precision=args.precision)
     tok = tok.to(device).eval()
     s = args.img_size
-    ds = ImageFolderDataset(args.data, T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()]))
+    ds = ImageFolderDataset(args.data, eval_transform(s))
     return tok, ds, device
 
 

@@ -16,11 +16,17 @@ from torchvision import transforms as T
 
 from ...data import ImageFolderDataset
 from ...data.datasets import MemoryBudgetError, TensorImageDataset, _unpack_index, decode_image_folder
-from ...data.seeding import generator_for
+from ...data.seeding import deterministic, generator_for
 from ...engine.config import ConfigError
 from .config import TokenizerTrainConfig
 
-__all__ = ["CropFlipInMemory", "build_datasets"]
+__all__ = ["CropFlipInMemory", "build_datasets", "eval_transform"]
+
+
+def eval_transform(size: int) -> T.Compose:
+    """The held-out images' transform, in training and in ``beit tokenizer eval``: shorter side to ``size``, center
+    crop, float ``[3, size, size]`` in [0, 1]. It draws nothing: marked so the datasets do not seed it."""
+    return deterministic(T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()]))
 
 
 class _Subset(Dataset):
@@ -114,7 +120,7 @@ def build_datasets(cfg: TokenizerTrainConfig) -> tuple[Dataset, Dataset]:
     """
     s = cfg.img_size
     train_tf = T.Compose([T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
-    eval_tf = T.Compose([T.Resize(s), T.CenterCrop(s), T.ToTensor()])
+    eval_tf = eval_transform(s)
     seed = cfg.train.seed
     if cfg.in_memory:
         train_ds: Dataset = _decode(cfg.data_dir, cfg, train=True)
