@@ -243,23 +243,33 @@ def _step_tick(x: float, _pos: int | None = None) -> str:
     return f"{x / 1e3:g}k" if abs(x) >= 1e4 else f"{x:g}"
 
 
-def _fit_y_tick_labels(fig: Any, axes: list[Any], cols: int) -> None:
+#: ``plot_curves``' grid in inches: the figure's left and right margins, the gap between two panels of a row
+_LEFT, _RIGHT, _GAP = 0.75, 0.2, 0.95
+
+
+def _set_columns(fig: Any, cols: int, left: float = _LEFT, gap: float = _GAP) -> None:
+    """The left margin and the gap between ``cols`` panels of a row, in inches (matplotlib takes them as fractions
+    of the figure's width and of a panel's)."""
+    w = fig.get_figwidth()
+    width = (w - left - _RIGHT - (cols - 1) * gap) / cols  # of each panel
+    fig.subplots_adjust(left=left / w, right=1 - _RIGHT / w, wspace=gap / width)
+
+
+def _fit_y_tick_labels(fig: Any, cols: int) -> None:
     """Widen ``plot_curves``' fixed left margin and gaps between panels where a y tick label needs more (an lr tail
     such as ``0.000150``, a negative ``-0.00010``): measured on the y axes only, so still far cheaper than
     tight_layout. Without it such a label is cut at the figure's edge (``.000150``, the sign lost) or runs into
     the panel on its left."""
     renderer = fig.canvas.get_renderer()
     need = [0.0] * cols  # inches each column's widest y tick label reaches left of its panel
-    for i, ax in enumerate(axes):
+    for i, ax in enumerate(fig.axes):  # in the order they were added: row by row
         labels = ax.yaxis.get_tightbbox(renderer)
         if labels is not None:
             need[i % cols] = max(need[i % cols], (ax.get_window_extent(renderer).x0 - labels.x0) / fig.dpi)
-    w = fig.get_figwidth()
-    left = max(0.75, need[0] + 0.1)
-    gap = max([0.95] + [n + 0.3 for n in need[1:]])
-    if left > 0.75 or gap > 0.95:
-        width = (w - left - 0.2 - (cols - 1) * gap) / cols  # of each panel
-        fig.subplots_adjust(left=left / w, wspace=gap / width)
+    left = max(_LEFT, need[0] + 0.1)
+    gap = max([_GAP] + [n + 0.3 for n in need[1:]])
+    if left > _LEFT or gap > _GAP:
+        _set_columns(fig, cols, left, gap)
 
 
 def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
@@ -292,13 +302,11 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
     fig = Figure(figsize=(w, h))
     # a regular grid: margins fixed in inches (room for tick labels, a title above and "step" below each panel)
     # instead of tight_layout, which measures every text and took half of the plot's ~1 s (RESULTS.md section 5)
-    fig.subplots_adjust(left=0.75 / w, right=1 - 0.2 / w, bottom=0.55 / h, top=1 - 0.35 / h,
-                        wspace=0.95 / ((w - 0.95) / cols - 0.95), hspace=0.95 / ((h - 0.9) / nrows - 0.95))
+    fig.subplots_adjust(bottom=0.55 / h, top=1 - 0.35 / h, hspace=0.95 / ((h - 0.9) / nrows - 0.95))
+    _set_columns(fig, cols)
     FigureCanvasAgg(fig)
-    axes = []
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, cols, i + 1)
-        axes.append(ax)
         for (k, split), (xs, ys) in series.items():
             if k == name:
                 style = {"marker": "o"} if split != "train" else {}
@@ -319,7 +327,7 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
             ax.legend()
         elif splits != {"train"}:
             ax.set_title(f"{name} ({splits.pop()})")
-    _fit_y_tick_labels(fig, axes, cols)
+    _fit_y_tick_labels(fig, cols)
     png_path = Path(png_path)
     with atomic_write(png_path) as tmp:  # never a truncated or 0-byte png (crash, full disk)
         fig.savefig(tmp, dpi=100, format="png")
