@@ -35,6 +35,7 @@ from beit.data.gpu_decode import (
     use_device_path,
 )
 from beit.data.masking import BlockwiseMaskGenerator
+from beit.tasks.device_data import decode_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -346,6 +347,9 @@ def test_decoder_falls_back_per_file_and_skips_broken_files_by_name(odd_files, j
     # here, not in DataLoader workers: in_process)
     assert (dec.num_gpu, dec.num_main_cpu, dec.num_workers, dec.num_in_process) == (
         (0, 2, 0, 0) if jpeg_decode == "device" else (0, 0, 0, 2))
+    said: list[str] = []  # the tasks' one log line of it: said for this decoder, not for an idle one
+    assert decode_summary(dec, said.append) == dec.summary() and said == [f"data: {dec.summary()}"]
+    assert decode_summary(BatchDecoder("cpu"), said.append)["skipped"] == 0 and len(said) == 1
     g = batch.names.index(str(odd_files / "g_truncated.jpg")) if jpeg_decode == "device" else None
     if g is not None:  # replaced in the batch by another image of it
         assert batch2.names[g] != batch.names[g]

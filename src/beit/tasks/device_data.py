@@ -7,13 +7,15 @@ this turns its ``ValueError`` into the config error that names the key, ``data.d
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS, use_device_path
+from ..data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS, BatchDecoder, use_device_path
 from ..engine.config import ConfigError
 
-__all__ = ["check_data_device", "unused_jpeg_decode", "wants_device_path"]
+__all__ = ["check_data_device", "decode_summary", "unused_jpeg_decode", "wants_device_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +51,13 @@ def unused_jpeg_decode(jpeg_decode: str, why: str) -> None:
     path (``why``: the CPU data path, or images held in memory); the default ``workers`` says nothing."""
     if jpeg_decode == "device":
         logger.warning("data.jpeg_decode=device has no effect here: %s", why)
+
+
+def decode_summary(decoder: BatchDecoder, log: Callable[[str], Any]) -> dict[str, Any]:
+    """What a run's batched decoder did (``BatchDecoder.summary``: GPU decodes, CPU fallbacks, skipped files), for
+    the task's result, and said once through ``log`` unless the decoder was idle (images held in memory, as in
+    ``beit demo``: nothing to say, not a line of zeros)."""
+    summary = decoder.summary()
+    if not decoder.idle:
+        log(f"data: {summary}")
+    return summary

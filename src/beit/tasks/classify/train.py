@@ -40,6 +40,7 @@ from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, check_schedule
 from ...interop import save_model
 from ...models import Beit
+from ..device_data import decode_summary
 from .config import FinetuneConfig, LinprobeConfig
 from .data import (
     build_datasets,
@@ -207,10 +208,8 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
     result: dict[str, Any] = dict(trainer.fit(stop_after_step))
     result["class_names"] = names
     result["output_dir"] = str(trainer.out)
-    if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
-        result["data_decode"] = pipeline.decoder.summary()
-        if not pipeline.decoder.idle:  # in memory (beit demo): nothing to say, not a line of zeros
-            logger.info("data: %s", result["data_decode"])
+    if device_data is not None:
+        result["data_decode"] = decode_summary(pipeline.decoder, logger.info)
     if trainer.step >= trainer.total_steps and D.is_main():
         result.update(_save_final(cfg, arch, trainer.out, names, val_dataset, eval_bs))
     return result

@@ -22,6 +22,7 @@ from ...engine import distributed as D
 from ...engine.trainer import check_run_can_start, seed_everything
 from ...interop import save_model
 from ...models.beit import masked_positions
+from ..device_data import decode_summary
 from .config import PretrainConfig, validate
 from .data import build_dataset, build_device_data
 from .model import build_model, build_tokenizer
@@ -109,8 +110,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             panel = mim_panel(final_model, tokenizer, fixed_batch(dataset, cfg.vis_samples, device, device_data),
                               tuple(d.mean), tuple(d.std), out / PANEL_FILE)
         result.update(model_dir=str(final), panel=str(panel), curves=str(out / "curves.png"))
-    if device_data is not None:  # what the batched decoder did: GPU decodes, CPU fallbacks, skipped files
-        result["data_decode"] = device_data[2].decoder.summary()
-        if not device_data[2].decoder.idle:  # in memory (beit demo): nothing to say, not a line of zeros
-            trainer.log.info(f"data: {result['data_decode']}")
+    if device_data is not None:
+        result["data_decode"] = decode_summary(device_data[2].decoder, trainer.log.info)
     return result
