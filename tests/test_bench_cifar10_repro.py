@@ -1,0 +1,63 @@
+"""benchmarks/cifar10_repro.sh: its two stages with a stand-in ``python3`` (the commands it would run, recorded)."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# stand-in for `python3 -m beit ...`: records its arguments (one a line, a command a block) and writes the files the
+# script copies, converts and archives afterwards
+FAKE_PYTHON = """#!/usr/bin/env bash
+{ echo "== $3"; printf '%s\\n' "$@"; } >> "$FAKE_LOG"
+d=
+for a in "$@"; do case "$a" in train.output_dir=*) d=${a#train.output_dir=} ;; esac; done
+case "$3" in
+  tokenizer) mkdir -p "$d"; touch "$d/dvae.safetensors" "$d/tokenizer_metrics.json" "$d/metrics.jsonl" "$d/recon_grid.png" ;;
+  pretrain) mkdir -p "$d/final"; touch "$d/metrics.jsonl" "$d/config.yaml" "$d/mim_panel.png" "$d/curves.png" ;;
+  convert) mkdir -p "$5"; head -c 100 /dev/zero > "$5/model.safetensors"; touch "$5/config.json" ;;
+  finetune) mkdir -p "$d/eval"; touch "$d/metrics.jsonl" "$d/config.yaml" "$d/curves.png" ;;
+  linprobe) mkdir -p "$d"; touch "$d/linprobe.json" "$d/config.yaml" ;;
+esac
+"""
+
+
+def _commands(log: Path) -> list[list[str]]:
+    blocks = log.read_text().split("== ")[1:]
+    return [b.splitlines() for b in blocks]
+
+
+def test_both_stages_pass_paths_with_spaces_whole_and_archive_their_results(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    data, out_a, out_b, run = (tmp_path / n for n in ("data 'dir", "stage A", "stage B", "run dir"))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"), "RUN": str(run),
+           "WIDTH": "384", "HEADS": "6", "PRE_EXTRA": "train.batch_size=512", "FT_EPOCHS": "10"}
+    script = str(REPO / "benchmarks" / "cifar10_repro.sh")
+    a = subprocess.run(["bash", script, "A", str(data), str(out_a)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert a.returncode == 0, a.stderr
+    assert (out_a / "dvae.safetensors").is_file() and (out_a / "encoder" / "model.safetensors").is_file()
+    with tarfile.open(out_a / "stageA_metrics.tgz") as t:
+        assert sum(n.endswith("mim_panel.png") for n in t.getnames()) == 1
+    b = subprocess.run(["bash", script, "B", str(data), str(out_b), str(out_a)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert b.returncode == 0, b.stderr
+    cmds = {c[0] if c[0] != "finetune" else c[0] + ("_scratch" if any("ft_scratch" in w for w in c) else ""): c
+            for c in _commands(tmp_path / "log")}
+    assert sorted(cmds) == ["convert", "finetune", "finetune_scratch", "linprobe", "pretrain", "tokenizer"]
+    assert f"data.path={data}/train" in cmds["pretrain"] and "train.batch_size=512" in cmds["pretrain"]
+    assert f"tokenizer.path={run}/tokenizer/dvae.safetensors" in cmds["pretrain"]
+    assert "model.embed_dim=384" in cmds["pretrain"] and "train.epochs=40" in cmds["pretrain"]
+    ft, scratch = cmds["finetune"], cmds["finetune_scratch"]
+    assert f"model={out_a}/encoder" in ft and f"data.val_dir={data}/test" in ft and "train.epochs=10" in ft
+    assert f"train.output_dir={run}/ft_scratch" in scratch and "model_overrides.embed_dim=384" in scratch
+    assert "model_overrides.num_heads=6" in scratch and "train.warmup_epochs=1" in scratch
+    with tarfile.open(out_b / "stageB_results.tgz") as t:
+        names = t.getnames()
+    assert any(n.endswith("ft_scratch/curves.png") for n in names) and any(n.endswith("linprobe.json") for n in names)
