@@ -14,7 +14,11 @@
 3. The backward op alone (``beit::fused_bias_attention_bwd``, all its kernels and the small ops around them: the
    per-layer backward of a training step's profile) for each backward, and for the two- and one-pass ones at
    each batch split of ``--chunks`` (``attention_triton.ONEPASS_CHUNKS``; "auto" is its default).
-The full training steps with each kernel are rows of ``train_throughput.py`` (``ours_mim_fused_c`` ...).
+4. With NVIDIA's ``cudnn`` package installed (``pip install nvidia-cudnn-frontend``): ``attn_impl=cudnn_bias``
+   (``attention_cudnn``, cuDNN's fused kernels with the bias and its batch-summed gradient) through the same
+   numerics check (bf16 and fp16: cuDNN takes no fp32), in the speed table, and its backward op alone.
+The full training steps with each kernel are rows of ``train_throughput.py`` (``ours_mim_fused_c``,
+``ours_mim_cudnnbias_c`` ...).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from beit.models import attention_cudnn as CU
 from beit.models import attention_triton as T
 from beit.models.attention import eager_attention, sdpa_attention
 from beit.models.attention_triton import fused_bias_attention, fused_bias_attention_packed
@@ -85,6 +90,40 @@ def check(dtype: torch.dtype, bwd: str) -> list[dict]:
     return rows
 
 
+def check_cudnn(dtype: torch.dtype) -> list[dict]:
+    """``cudnn_bias_attention_packed`` against fp64 eager, with the tolerance and SDPA rule of :func:`check`."""
+    rows = []
+    for B, H, L, d in SHAPES:
+        torch.manual_seed(0)
+        qkv = torch.randn(B, L, 3, H, d, device="cuda").to(dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        bias = torch.randn(1, H, L, L, device="cuda")
+        g = torch.randn(B, H, L, d, device="cuda").to(dtype)
+        ref = _grads(lambda *a: eager_attention(*a), *(t.double() for t in (q, k, v, bias)), g.double())
+        row = {"shape": [B, H, L, d], "dtype": str(dtype).split(".")[-1], "bwd": "cudnn"}
+        try:
+            ours = _grads(lambda q, k, v, b: CU.cudnn_bias_attention_packed(
+                torch.stack((q, k, v), 2).transpose(1, 3), b).transpose(1, 2), q, k, v, bias, g)
+        except Exception as e:  # noqa: BLE001 - a refused shape is a result, not the end of the run
+            row.update(error=f"{type(e).__name__}: {str(e)[:300]}", **{"pass": False})
+            rows.append(row)
+            print(f"cudnn    {row['dtype']:8s} {str((B, H, L, d)):20s} FAILED {row['error']}", flush=True)
+            continue
+        sdpa = _grads(lambda q, k, v, b: sdpa_attention(q, k, v, b.to(q.dtype)), q, k, v, bias, g)
+        ok = True
+        for n, r, a, sd in zip(["out", "dq", "dk", "dv", "dbias"], ref, ours, sdpa):
+            scale = r.abs().max().item()
+            row[n] = {"ours": (a.double() - r).abs().max().item() / scale,
+                      "sdpa": (sd.double() - r).abs().max().item() / scale}
+            ok &= row[n]["ours"] <= TOL[dtype] and row[n]["ours"] <= max(2 * row[n]["sdpa"], TOL[dtype] / 10)
+        row["pass"] = bool(ok)
+        rows.append(row)
+        print(f"cudnn    {row['dtype']:8s} {str((B, H, L, d)):20s} " + "  ".join(
+            f"{n} {row[n]['ours']:.1e} (sdpa {row[n]['sdpa']:.1e})" for n in ["out", "dq", "dk", "dv", "dbias"])
+            + f"  {'PASS' if ok else 'FAIL'}", flush=True)
+    return rows
+
+
 def _bench(fn, args, steps: int = 30) -> float:
     for _ in range(5):
         fn(*args)
@@ -112,6 +151,8 @@ def speed(bwds: list[str], B: int = 128, H: int = 12, L: int = 197, d: int = 64)
             out = fused_bias_attention(q, k, v, bias)
         elif kind == "fused_packed":  # what the model calls: no stack/transpose copies around the kernels
             out = fused_bias_attention_packed(qkv, bias).transpose(1, 2)
+        elif kind == "cudnn_packed":  # attn_impl=cudnn_bias, as the model calls it
+            out = CU.cudnn_bias_attention_packed(qkv, bias).transpose(1, 2)
         elif kind == "flex":
             b3 = bias[0].to(torch.bfloat16)
 
@@ -125,7 +166,7 @@ def speed(bwds: list[str], B: int = 128, H: int = 12, L: int = 197, d: int = 64)
 
     res = {}
     rows = [("sdpa_bias", bwds[0]), ("fused", bwds[0]), *(("fused_packed", b) for b in bwds), ("flex", bwds[0]),
-            ("sdpa_nobias", bwds[0])]
+            *((("cudnn_packed", bwds[0]),) if CU.HAS_CUDNN_FRONTEND else ()), ("sdpa_nobias", bwds[0])]
     for kind, bwd in rows:
         T.BWD = bwd
         name = f"{kind}[{bwd}]" if kind.startswith("fused") else kind
@@ -162,6 +203,15 @@ def backward_only(bwds: list[str], chunk_opts: list[int | None], B: int = 128, H
                 res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 print(f"attention bwd only {name:28s} FAILED {res[name]['error']}", flush=True)
     T.ONEPASS_CHUNKS = None
+    if CU.HAS_CUDNN_FRONTEND:
+        try:
+            out_c, stats = CU._fwd(qkv, bias)
+            ms = _bench(CU._bwd, (torch.randn_like(out_c), qkv, bias, out_c, stats), steps=50)
+            res["cudnn"] = {"ms": ms}
+            print(f"attention bwd only {'cudnn':28s} {ms:7.3f} ms  ({ms / B * 1e3:.2f} us an image)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["cudnn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"attention bwd only {'cudnn':28s} FAILED {res['cudnn']['error']}", flush=True)
     return res
 
 
@@ -181,11 +231,15 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = [] if args.skip_check else [r for bwd in bwds for dt in (torch.bfloat16, torch.float32)
                                        for r in check(dt, bwd)]
+    if not CU.HAS_CUDNN_FRONTEND:
+        print("cudnn_bias: the cudnn package (nvidia-cudnn-frontend) is not installed: not checked or timed")
+    elif not args.skip_check:
+        rows += [r for dt in (torch.bfloat16, torch.float16) for r in check_cudnn(dt)]
     res = {"numerics": rows, "speed": speed(bwds), "backward_only": backward_only(bwds, chunk_opts),
            "all_pass": bool(rows) and all(r["pass"] for r in rows)}
     if rows:
         print(f"numerics: {'ALL PASS' if res['all_pass'] else 'SOME FAIL'}")
-        for bwd in bwds:
+        for bwd in sorted({r["bwd"] for r in rows}, key=[*bwds, "cudnn"].index):
             print(f"numerics {bwd}: " + ("pass" if all(r["pass"] for r in rows if r["bwd"] == bwd) else "FAIL"))
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,9 @@ fused kernels as a float mask; ``eager`` is the literal formula, kept as the ref
 paths are tested against. ``fused_bias`` is our Triton kernel (``attention_triton``): the bias added
 inside a flash-style kernel and its gradient summed over the batch in-kernel; it runs where it supports
 the inputs (CUDA, no dropout, head dim 16-128) and falls back to ``sdpa`` elsewhere, so it is safe to choose
-on any machine. Faster kernels register themselves in ``ATTENTION_IMPLS``.
+on any machine. ``cudnn_bias`` (``attention_cudnn``) runs cuDNN's fused attention kernels with the bias and its
+batch-summed gradient, through NVIDIA's ``cudnn`` package where it is installed (fp16 / bf16 on CUDA), and falls
+back to ``fused_bias`` elsewhere. Faster kernels register themselves in ``ATTENTION_IMPLS``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention_triton
+from . import attention_cudnn, attention_triton
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -83,8 +85,29 @@ def fused_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dr
     return sdpa_attention(q, k, v, bias, dropout_p).transpose(1, 2).flatten(2)
 
 
+def cudnn_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """cuDNN's fused attention with the bias on the ``[B, L, 3, H, d]`` projection output, returning ``[B, L, H * d]``,
+    where :func:`beit.models.attention_cudnn.supported_packed` says it runs; else :func:`fused_bias_attention_packed`
+    (the Triton kernel, then SDPA)."""
+    if attention_cudnn.supported_packed(qkv, bias, dropout_p):
+        return attention_cudnn.cudnn_bias_attention_packed(qkv, bias).flatten(2)
+    return fused_bias_attention_packed(qkv, bias, dropout_p)
+
+
+def cudnn_bias_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """:func:`cudnn_bias_attention_packed` for ``[B, H, L, d]`` q, k, v (stacked into its layout: one copy)."""
+    B, H, L, d = q.shape
+    out = cudnn_bias_attention_packed(torch.stack((q, k, v), dim=2).transpose(1, 3), bias, dropout_p)
+    return out.view(B, L, H, d).transpose(1, 2)
+
+
+ATTENTION_IMPLS["cudnn_bias"] = cudnn_bias_attention
+
 # implementations that also take the packed form (used by the model when its ``attn_impl`` is one of them)
-PACKED_ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"fused_bias": fused_bias_attention_packed}
+PACKED_ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"fused_bias": fused_bias_attention_packed,
+                                                                   "cudnn_bias": cudnn_bias_attention_packed}
 
 
 def get_attention(name: str) -> AttentionFn:

@@ -1,0 +1,255 @@
+"""BEiT's biased attention on cuDNN's fused attention kernels, the bias gradient summed over the batch by cuDNN.
+
+    out = softmax(q @ k^T / sqrt(d) + bias) @ v,   bias: [H, L, L], the same for every image of the batch
+
+cuDNN's scaled-dot-product-attention graph (FlashAttention-2's algorithm; on Hopper its wgmma / TMA kernels, the
+ones SDPA runs for attention without a bias) takes an additive bias, and its backward returns ``dBias`` for a bias
+broadcast over the batch, ``[1, H, L, L]``: the sum over images happens inside cuDNN (atomically, so its last bits
+may vary from run to run), with no ``[B, H, L, L]`` tensor. PyTorch's own cuDNN attention takes a bias but returns
+no gradient for it, so SDPA never picks it for a learned bias; this module reaches the same kernels through NVIDIA's
+``cudnn`` Python package (``pip install nvidia-cudnn-frontend``, the extra ``beit[cudnn]``), which builds the graphs.
+
+- Layouts as the Triton kernel's (``attention_triton``): q, k, v are read in place from the qkv projection's
+  ``[B, L, 3, H, d]`` output (cuDNN's "bs3hd" layout), the output is written ``[B, L, H, d]``, and the gradients
+  come back as one ``[B, L, 3, H, d]`` tensor.
+- One forward and one backward graph per (shape, strides, dtype, device), built on first use (a few hundred ms)
+  and kept; fp16 / bf16 inputs (the bias is cast to their dtype, as the ``sdpa`` path does), fp32 softmax
+  statistics and accumulation; ``d(bias)`` is asked of cuDNN in fp32, else in the inputs' dtype where the
+  installed cuDNN takes only that.
+- Wrapped as the custom ops ``beit::cudnn_bias_attention_fwd`` / ``_bwd`` (opaque nodes for ``torch.compile``)
+  with the autograd formula registered. :func:`supported_packed` says which inputs go here;
+  ``beit.models.attention`` sends the rest to the Triton kernel, then SDPA.
+
+Source: NVIDIA cuDNN frontend, "Attention" operation docs (``sdpa`` / ``sdpa_backward`` with ``bias`` and
+``dBias``); the numbers against the other paths are in ``benchmarks/RESULTS.md`` section 6.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["HAS_CUDNN_FRONTEND", "cudnn_bias_attention_packed", "supported_packed"]
+
+#: whether NVIDIA's ``cudnn`` Python package (nvidia-cudnn-frontend) is installed (imported on first use)
+HAS_CUDNN_FRONTEND = importlib.util.find_spec("cudnn") is not None
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_LOCK = threading.Lock()
+_PLANS: dict[tuple, _Plan | Exception] = {}  # graph key -> built plan, or why cuDNN refused it
+_HANDLES: dict[int, Any] = {}  # CUDA device index -> cudnn handle
+
+
+def _cudnn() -> Any:
+    import cudnn  # noqa: PLC0415 - optional dependency, imported where first needed
+
+    return cudnn
+
+
+def supported_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> bool:
+    """True when :func:`cudnn_bias_attention_packed` takes these inputs (else use another path).
+
+    Needs the ``cudnn`` package, CUDA tensors, ``qkv`` ``[B, L, 3, H, d]`` in fp16 / bf16 with ``d`` a multiple of
+    8 up to 128 and a unit stride in ``d``, no dropout, and a bias broadcast over the batch: ``[H, L, L]`` or
+    ``[1, H, L, L]``. What cuDNN itself refuses (a GPU older than Ampere, a shape its kernels do not take) is
+    found when the graph is built: an error naming the shape (checks here stay traceable by ``torch.compile``).
+    """
+    if not (HAS_CUDNN_FRONTEND and qkv.is_cuda and dropout_p == 0.0 and bias is not None):
+        return False
+    if qkv.dim() != 5 or qkv.shape[2] != 3 or qkv.dtype not in _DTYPES or qkv.stride(-1) != 1:
+        return False
+    _, L, _, H, d = qkv.shape
+    return d % 8 == 0 and 8 <= d <= 128 and tuple(bias.shape) in ((H, L, L), (1, H, L, L))
+
+
+@dataclass
+class _Plan:
+    graph: Any
+    ports: tuple  # the graph's tensors, in the order :meth:`run` binds its arguments
+    workspace: int  # bytes
+    dbias_dtype: torch.dtype | None = None  # the backward's d(bias) dtype
+
+    def run(self, device: torch.device, *tensors: torch.Tensor) -> None:
+        handle = _handle(device)
+        _cudnn().set_stream(handle=handle, stream=_stream(device))
+        ws = torch.empty(self.workspace, device=device, dtype=torch.uint8)
+        self.graph.execute(dict(zip(self.ports, tensors)), ws, handle=handle)
+
+
+def _handle(device: torch.device) -> Any:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _HANDLES:
+        with torch.cuda.device(index):
+            _HANDLES[index] = _cudnn().create_handle()
+    return _HANDLES[index]
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as ``[B, H, L, d]`` views of ``[B, L, 3, H, d]`` (cuDNN's dims; the strides say the layout)."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # type: ignore[return-value]
+
+
+def _key(kind: str, *tensors: torch.Tensor) -> tuple:
+    return (kind, *((tuple(t.shape), t.stride(), t.dtype) for t in tensors), tensors[0].device)
+
+
+def _cudnn_dtype(dtype: torch.dtype) -> Any:
+    t = _cudnn().data_type
+    return {torch.float16: t.HALF, torch.bfloat16: t.BFLOAT16, torch.float32: t.FLOAT}[dtype]
+
+
+def _new_graph(dtype: torch.dtype, device: torch.device) -> Any:
+    cudnn = _cudnn()
+    return cudnn.pygraph(io_data_type=_cudnn_dtype(dtype), intermediate_data_type=cudnn.data_type.FLOAT,
+                         compute_data_type=cudnn.data_type.FLOAT, handle=_handle(device))
+
+
+def _finish(graph: Any) -> int:
+    """Validate, choose and build the plan; its workspace size in bytes. Raises what cuDNN raises."""
+    cudnn = _cudnn()
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return int(graph.get_workspace_size())
+
+
+def _output(port: Any, like: torch.Tensor, fp32: bool = False) -> None:
+    port.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
+    if fp32:
+        port.set_data_type(_cudnn().data_type.FLOAT)
+
+
+def _build_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+               stats: torch.Tensor) -> _Plan:
+    g = _new_graph(q.dtype, q.device)
+    ports = [g.tensor_like(t) for t in (q, k, v, bias)]
+    o, st = g.sdpa(name="sdpa", q=ports[0], k=ports[1], v=ports[2], bias=ports[3], generate_stats=True,
+                   attn_scale=q.shape[-1] ** -0.5)
+    _output(o, out)
+    _output(st, stats, fp32=True)
+    return _Plan(g, (*ports, o, st), _finish(g))
+
+
+def _build_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+               stats: torch.Tensor, bias: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> _Plan:
+    errors = []
+    for dbias_dtype in dict.fromkeys((torch.float32, q.dtype)):  # the batch sum in fp32 where this cuDNN takes it
+        g = _new_graph(q.dtype, q.device)
+        ports = [g.tensor_like(t) for t in (q, k, v, o, do, stats, bias)]
+        dbias = g.tensor(name="dBias", dim=list(bias.shape), stride=list(bias.stride()),
+                         data_type=_cudnn_dtype(dbias_dtype))
+        gq, gk, gv = g.sdpa_backward(name="sdpa_backward", q=ports[0], k=ports[1], v=ports[2], o=ports[3],
+                                     dO=ports[4], stats=ports[5], bias=ports[6], dBias=dbias,
+                                     attn_scale=q.shape[-1] ** -0.5, use_deterministic_algorithm=False)
+        for port, like in ((gq, dq), (gk, dk), (gv, dv)):
+            _output(port, like)
+        try:
+            return _Plan(g, (*ports, gq, gk, gv, dbias), _finish(g), dbias_dtype)
+        except Exception as e:  # noqa: BLE001 - cuDNN's own error types differ between its versions
+            errors.append(f"d(bias) in {dbias_dtype}: {type(e).__name__}: {e}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _plan(key: tuple, build: Any, *tensors: torch.Tensor) -> _Plan:
+    """The plan cached under ``key``, built by ``build(*tensors)`` on first use.
+
+    Raises:
+        RuntimeError: cuDNN refuses the graph (the shape and its reason; the refusal is cached too).
+    """
+    with _LOCK:
+        if key not in _PLANS:
+            try:
+                _PLANS[key] = build(*tensors)
+            except Exception as e:  # noqa: BLE001 - kept and re-raised with the shape below
+                _PLANS[key] = e
+        plan = _PLANS[key]
+    if isinstance(plan, Exception):
+        B, H, L, d = tensors[0].shape
+        raise RuntimeError(f"cuDNN attention with a bias does not take B={B} H={H} L={L} d={d} "
+                           f"{tensors[0].dtype} on {tensors[0].device} ({plan}); use model.attn_impl=fused_bias "
+                           "(the Triton kernel) or sdpa") from plan
+    return plan
+
+
+@torch.library.custom_op("beit::cudnn_bias_attention_fwd", mutates_args=())
+def _fwd(qkv: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, _, H, d = qkv.shape
+    q, k, v = _views(qkv)
+    bias4 = bias.reshape(1, H, L, L).to(qkv.dtype).contiguous()
+    out = torch.empty((B, L, H, d), device=qkv.device, dtype=qkv.dtype)
+    stats = torch.empty((B, H, L, 1), device=qkv.device, dtype=torch.float32)
+    o = out.transpose(1, 2)
+    _plan(_key("fwd", q, k, v, bias4), _build_fwd, q, k, v, bias4, o, stats).run(qkv.device, q, k, v, bias4, o, stats)
+    return out, stats
+
+
+@_fwd.register_fake
+def _(qkv, bias):  # noqa: ANN001, ANN202
+    B, L, _, H, d = qkv.shape
+    return qkv.new_empty((B, L, H, d)), qkv.new_empty((B, H, L, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("beit::cudnn_bias_attention_bwd", mutates_args=())
+def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, stats: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, _, H, d = qkv.shape
+    q, k, v = _views(qkv)
+    bias4 = bias.reshape(1, H, L, L).to(qkv.dtype).contiguous()
+    dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
+    dq, dk, dv = _views(dqkv)
+    o, g = out.transpose(1, 2), do.contiguous().transpose(1, 2)
+    plan = _plan(_key("bwd", q, k, v, o, g, bias4), _build_bwd, q, k, v, o, g, stats, bias4, dq, dk, dv)
+    dbias = torch.empty((1, H, L, L), device=qkv.device, dtype=plan.dbias_dtype)
+    plan.run(qkv.device, q, k, v, o, g, stats, bias4, dq, dk, dv, dbias)
+    return dqkv, dbias.reshape(bias.shape).to(bias.dtype)
+
+
+@_bwd.register_fake
+def _(do, qkv, bias, out, stats):  # noqa: ANN001, ANN202
+    return qkv.new_empty(qkv.shape), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    qkv, bias = inputs
+    out, stats = output
+    ctx.save_for_backward(qkv, bias, out, stats)
+
+
+def _backward(ctx, do, dstats):  # noqa: ANN001, ANN202
+    qkv, bias, out, stats = ctx.saved_tensors
+    return _bwd(do, qkv, bias, out, stats)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cudnn_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` on cuDNN's fused kernels, from the qkv projection's own layout.
+
+    Args:
+        qkv: ``[B, L, 3, H, d]`` CUDA tensor (q, k, v along dim 2; fp16 or bf16; unit stride in ``d``), e.g.
+            ``linear(x).reshape(B, L, 3, H, d)``. Its gradient comes back in the same layout.
+        bias: ``[H, L, L]`` or ``[1, H, L, L]``, shared by the batch (cast to qkv's dtype, as SDPA's mask is). Its
+            gradient is summed over the batch by cuDNN.
+
+    Returns:
+        ``[B, L, H, d]`` in qkv's dtype, contiguous: ``.flatten(2)`` is the output projection's input.
+
+    Raises:
+        ValueError: for inputs :func:`supported_packed` refuses (check it first to fall back).
+        RuntimeError: cuDNN refuses the graph of this shape (named, with cuDNN's reason).
+    """
+    if not supported_packed(qkv, bias):
+        raise ValueError(f"cudnn_bias_attention does not take qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
+                         f"with bias {None if bias is None else tuple(bias.shape)}")
+    return _fwd(qkv, bias)[0]

@@ -1,0 +1,220 @@
+"""attn_impl="cudnn_bias" (models/attention_cudnn.py) without a GPU.
+
+cuDNN itself runs only on CUDA (benchmarks/attention_kernel.py checks it there against the fp64 eager reference).
+Here a stand-in ``cudnn`` module computes what cuDNN's ``sdpa`` / ``sdpa_backward`` graphs define, reading each
+operand through the dims and strides the graph declared for it, so the tests check our side: the layouts we
+declare for q, k, v inside the qkv projection's output, the output, the statistics and the gradients; the
+autograd and fake registrations; the fallback for d(bias) in the inputs' dtype; the error for a refused shape;
+and the CPU fallback of the model.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from beit.models import attention_cudnn as C
+from beit.models.attention import ATTENTION_IMPLS, PACKED_ATTENTION_IMPLS, eager_attention, sdpa_attention
+
+
+class _Port:
+    def __init__(self, g: _Graph, dim: list[int], stride: list[int], dtype: str | None, name: str = "") -> None:
+        self.g, self.dim, self.stride, self.dtype, self.name, self.output = g, list(dim), list(stride), dtype, name, False
+
+    def set_output(self, v: bool) -> _Port:
+        self.output = v
+        return self
+
+    def set_dim(self, dim: list[int]) -> _Port:
+        self.dim = list(dim)
+        return self
+
+    def set_stride(self, stride: list[int]) -> _Port:
+        self.stride = list(stride)
+        return self
+
+    def set_data_type(self, dtype: str) -> _Port:
+        self.dtype = dtype
+        return self
+
+
+class _Graph:
+    """What the module calls of ``cudnn.pygraph``; ``execute`` computes the node in fp64 with torch."""
+
+    refuse_fp32_dbias = False
+    built: list[_Graph] = []
+
+    def __init__(self, io_data_type: str, intermediate_data_type: str, compute_data_type: str, handle: object) -> None:
+        assert intermediate_data_type == compute_data_type == "FLOAT" and handle == "handle"
+        self.io, self.node, self.args = io_data_type, None, {}
+
+    def tensor_like(self, t: torch.Tensor) -> _Port:
+        return _Port(self, list(t.shape), list(t.stride()), str(t.dtype))
+
+    def tensor(self, name: str, dim: list[int], stride: list[int], data_type: str) -> _Port:
+        return _Port(self, dim, stride, data_type, name)
+
+    def sdpa(self, name: str, q, k, v, bias, generate_stats: bool, attn_scale: float):  # noqa: ANN001
+        self.node, self.args = "fwd", dict(q=q, k=k, v=v, bias=bias, scale=attn_scale)
+        self.out = (_Port(self, [], [], None), _Port(self, [], [], None))
+        assert generate_stats
+        return self.out
+
+    def sdpa_backward(self, name: str, q, k, v, o, dO, stats, bias, dBias, attn_scale: float,  # noqa: ANN001, N803
+                      use_deterministic_algorithm: bool):
+        self.node = "bwd"
+        self.args = dict(q=q, k=k, v=v, o=o, dO=dO, stats=stats, bias=bias, dBias=dBias, scale=attn_scale)
+        self.out = tuple(_Port(self, [], [], None) for _ in range(3))
+        return self.out
+
+    def validate(self) -> None:
+        for p in self.out:
+            assert p.output and p.dim, "every output declared, with its dims and strides"
+
+    def build_operation_graph(self) -> None: ...
+
+    def create_execution_plans(self, modes: list) -> None:
+        assert modes == ["A", "FALLBACK"]
+
+    def check_support(self) -> None:
+        if self.node == "bwd" and self.refuse_fp32_dbias and self.args["dBias"].dtype == "FLOAT":
+            raise RuntimeError("dBias must match the io data type")
+
+    def build_plans(self) -> None:
+        _Graph.built.append(self)
+
+    def get_workspace_size(self) -> int:
+        return 16
+
+    def execute(self, pack: dict, workspace: torch.Tensor, handle: object) -> None:
+        assert handle == "handle" and workspace.numel() == 16
+
+        def read(port: _Port) -> torch.Tensor:  # the bound tensor must be what the port declared
+            t = pack[port]
+            assert list(t.shape) == port.dim and list(t.stride()) == port.stride, (port.dim, port.stride)
+            return t.double()
+
+        a = self.args
+        q, k, v, bias = read(a["q"]), read(a["k"]), read(a["v"]), read(a["bias"])
+        assert list(bias.shape)[0] == 1  # one bias for the batch
+        s = q @ k.transpose(-2, -1) * a["scale"] + bias
+        if self.node == "fwd":
+            o, stats = self.out
+            read(o), read(stats)
+            pack[o].copy_(s.softmax(-1) @ v)
+            pack[stats].copy_(s.logsumexp(-1, keepdim=True))
+            return
+        p = (s - read(a["stats"])).exp()  # the forward's statistics, as cuDNN recomputes P
+        do = read(a["dO"])
+        dv = p.transpose(-2, -1) @ do
+        dp = do @ v.transpose(-2, -1)
+        ds = p * (dp - (do * read(a["o"])).sum(-1, keepdim=True))
+        dq, dk = ds @ k * a["scale"], ds.transpose(-2, -1) @ q * a["scale"]
+        for port, val in zip(self.out, (dq, dk, dv)):
+            read(port)
+            pack[port].copy_(val)
+        read(a["dBias"])
+        pack[a["dBias"]].copy_(ds.sum(0, keepdim=True))
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    fake = types.ModuleType("cudnn")
+    fake.data_type = types.SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT")
+    fake.heur_mode = types.SimpleNamespace(A="A", FALLBACK="FALLBACK")
+    fake.pygraph = _Graph
+    fake.streams = []
+    fake.set_stream = lambda handle, stream: fake.streams.append((handle, stream))
+    monkeypatch.setattr(C, "_cudnn", lambda: fake)
+    monkeypatch.setattr(C, "_handle", lambda device: "handle")
+    monkeypatch.setattr(C, "_stream", lambda device: 7)
+    monkeypatch.setattr(C, "_PLANS", {})
+    monkeypatch.setattr(_Graph, "built", [])
+    monkeypatch.setattr(_Graph, "refuse_fp32_dbias", False)
+    return fake
+
+
+def _case(B=2, L=7, H=3, d=8, dtype=torch.float32, seed=0):  # noqa: ANN001, ANN202
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, 3, H, d, generator=g).to(dtype)
+    bias = torch.randn(H, L, L, generator=g)
+    return qkv, bias
+
+
+def _eager(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return eager_attention(q, k, v, bias.unsqueeze(0)).transpose(1, 2)  # [B, L, H, d]
+
+
+def test_forward_and_all_gradients_match_the_eager_formula(fake_cudnn):
+    qkv, bias = _case()
+    a = (qkv.clone().requires_grad_(), bias.clone().requires_grad_())
+    r = (qkv.double().requires_grad_(), bias.double().requires_grad_())
+    out, stats = C._fwd(*a)
+    ref = _eager(*r)
+    assert out.shape == (2, 7, 3, 8) and out.is_contiguous() and stats.shape == (2, 3, 7, 1)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, a, g)
+    want = torch.autograd.grad(ref, r, g.double())
+    assert got[0].shape == qkv.shape and got[1].shape == bias.shape and got[1].dtype == bias.dtype
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5)
+    assert fake_cudnn.streams == [("handle", 7)] * 2  # each run on the caller's stream
+    fwd, bwd = _Graph.built
+    # q, k, v are read in place from the [B, L, 3, H, d] projection: [B, H, L, d] dims, the projection's strides
+    assert fwd.args["q"].dim == [2, 3, 7, 8] and fwd.args["q"].stride == [7 * 3 * 3 * 8, 8, 3 * 3 * 8, 1]
+    assert fwd.args["bias"].dim == [1, 3, 7, 7] and fwd.args["scale"] == 8 ** -0.5
+    assert bwd.args["dBias"].dtype == "FLOAT"  # the batch sum asked for in fp32 first
+
+
+def test_plans_are_built_once_per_shape_and_dbias_falls_back_to_the_inputs_dtype(fake_cudnn):
+    _Graph.refuse_fp32_dbias = True
+    qkv, bias = _case(dtype=torch.bfloat16)
+    x = qkv.clone().requires_grad_()
+    for _ in range(2):
+        C._fwd(x, bias.requires_grad_())[0].sum().backward()
+    kinds = [(g.node, g.args.get("dBias") and g.args["dBias"].dtype) for g in _Graph.built]
+    assert kinds == [("fwd", None), ("bwd", "BFLOAT16")]  # the fp32 d(bias) graph refused, not rebuilt
+    C._fwd(_case(L=5)[0], _case(L=5)[1])  # another shape: another plan
+    assert len(_Graph.built) == 3
+
+
+def test_a_refused_shape_names_itself_and_the_fallbacks(fake_cudnn, monkeypatch):
+    monkeypatch.setattr(_Graph, "build_plans", lambda self: (_ for _ in ()).throw(RuntimeError("no engine")))
+    qkv, bias = _case()
+    for _ in range(2):  # the refusal is cached, and said again
+        with pytest.raises(RuntimeError, match=r"B=2 H=3 L=7 d=8 .*no engine.*attn_impl=fused_bias"):
+            C._fwd(qkv, bias)
+
+
+def test_the_ops_registrations_pass_opcheck(fake_cudnn):
+    qkv, bias = _case(B=1, L=5, H=2)
+    torch.library.opcheck(C._fwd, (qkv.requires_grad_(), bias.requires_grad_()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, stats = C._fwd(qkv.detach(), bias.detach())
+    torch.library.opcheck(C._bwd, (torch.randn_like(out), qkv.detach(), bias.detach(), out, stats),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_supported_packed_refuses_cpu_dropout_fp32_and_odd_shapes():
+    qkv, bias = _case(dtype=torch.bfloat16)
+    assert not C.supported_packed(qkv, bias)  # CPU
+    if not torch.cuda.is_available():
+        return
+    q = qkv.cuda()
+    assert not C.supported_packed(q, bias.cuda(), dropout_p=0.1)
+    assert not C.supported_packed(q.float(), bias.cuda())
+    assert not C.supported_packed(q, bias[:, :3].cuda())
+    assert not C.supported_packed(q, None)
+
+
+def test_cudnn_bias_on_cpu_falls_back_to_the_same_numbers_as_sdpa():
+    qkv, bias = _case()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    ref = sdpa_attention(q, k, v, bias)
+    torch.testing.assert_close(ATTENTION_IMPLS["cudnn_bias"](q, k, v, bias), ref)
+    packed = PACKED_ATTENTION_IMPLS["cudnn_bias"](qkv, bias)
+    torch.testing.assert_close(packed, ref.transpose(1, 2).flatten(2))
