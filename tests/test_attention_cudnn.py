@@ -218,3 +218,17 @@ def test_cudnn_bias_on_cpu_falls_back_to_the_same_numbers_as_sdpa():
     torch.testing.assert_close(ATTENTION_IMPLS["cudnn_bias"](q, k, v, bias), ref)
     packed = PACKED_ATTENTION_IMPLS["cudnn_bias"](qkv, bias)
     torch.testing.assert_close(packed, ref.transpose(1, 2).flatten(2))
+
+
+def test_a_cached_refusal_does_not_keep_the_calls_tensors_alive(fake_cudnn, monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(_Graph, "build_plans", lambda self: (_ for _ in ()).throw(RuntimeError("no engine")))
+    qkv, bias = _case()
+    alive = weakref.ref(qkv)
+    with pytest.raises(RuntimeError, match="no engine"):
+        C._fwd(qkv, bias)
+    del qkv
+    gc.collect()
+    assert alive() is None  # the refusal stays cached, the activations of the refused call do not

@@ -171,7 +171,9 @@ def _plan(key: tuple, build: Any, *tensors: torch.Tensor) -> _Plan:
             try:
                 _PLANS[key] = build(*tensors)
             except Exception as e:  # noqa: BLE001 - kept and re-raised with the shape below
-                _PLANS[key] = e
+                # kept without its traceback: its frames hold the call's tensors (q, k, v, ...), which the cache
+                # would otherwise keep alive for the life of the process
+                _PLANS[key] = RuntimeError(f"{type(e).__name__}: {e}")
         plan = _PLANS[key]
     if isinstance(plan, Exception):
         B, H, L, d = tensors[0].shape
