@@ -232,3 +232,24 @@ def test_a_cached_refusal_does_not_keep_the_calls_tensors_alive(fake_cudnn, monk
     del qkv
     gc.collect()
     assert alive() is None  # the refusal stays cached, the activations of the refused call do not
+
+
+def test_each_refusal_is_checked_and_named_on_any_machine(monkeypatch):
+    monkeypatch.setattr(C, "HAS_CUDNN_FRONTEND", True)  # the reasons below are the module's, not the package's
+    qkv, bias = _case(dtype=torch.bfloat16)
+    cases = [
+        ((qkv, bias, 0.1), "dropout 0.1"),
+        ((qkv, None, 0.0), "no bias"),
+        ((qkv.float(), bias, 0.0), "float32"),
+        ((_case(d=12, dtype=torch.bfloat16)[0], bias, 0.0), "head dim 12"),
+        ((_case(d=136, dtype=torch.bfloat16)[0], bias, 0.0), "head dim 136"),
+        ((qkv, bias[:, :3], 0.0), "bias (3, 3, 7)"),
+        ((qkv, bias.expand(2, 3, 7, 7), 0.0), "bias (2, 3, 7, 7)"),
+        ((qkv, bias, 0.0), "cpu tensors"),  # everything else would be taken: only the device is left
+    ]
+    for args, why in cases:
+        assert not C.supported_packed(*args) and why in C.refusal(*args), (why, C.refusal(*args))
+    with pytest.raises(ValueError, match="head dim 12"):
+        C.cudnn_bias_attention_packed(_case(d=12, dtype=torch.bfloat16)[0], bias)
+    monkeypatch.setattr(C, "HAS_CUDNN_FRONTEND", False)
+    assert "nvidia-cudnn-frontend" in C.refusal(qkv, bias)

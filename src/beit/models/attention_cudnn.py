@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAS_CUDNN_FRONTEND", "cudnn_bias_attention_packed", "supported_packed"]
+__all__ = ["HAS_CUDNN_FRONTEND", "cudnn_bias_attention_packed", "refusal", "supported_packed"]
 
 #: whether NVIDIA's ``cudnn`` Python package (nvidia-cudnn-frontend) is installed (imported on first use)
 HAS_CUDNN_FRONTEND = importlib.util.find_spec("cudnn") is not None
@@ -50,20 +50,40 @@ def _cudnn() -> Any:
     return cudnn
 
 
-def supported_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> bool:
-    """True when :func:`cudnn_bias_attention_packed` takes these inputs (else use another path).
+def refusal(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> str | None:
+    """Why :func:`cudnn_bias_attention_packed` does not take these inputs, or None when it does.
 
-    Needs the ``cudnn`` package, CUDA tensors, ``qkv`` ``[B, L, 3, H, d]`` in fp16 / bf16 with ``d`` a multiple of
-    8 up to 128 and a unit stride in ``d``, no dropout, and a bias broadcast over the batch: ``[H, L, L]`` or
-    ``[1, H, L, L]``. What cuDNN itself refuses (a GPU older than Ampere, a shape its kernels do not take) is
-    found when the graph is built: an error naming the shape (checks here stay traceable by ``torch.compile``).
+    Needs the ``cudnn`` package, ``qkv`` ``[B, L, 3, H, d]`` in fp16 / bf16 with ``d`` a multiple of 8 up to 128
+    and a unit stride in ``d``, no dropout, a bias broadcast over the batch (``[H, L, L]`` or ``[1, H, L, L]``) and
+    CUDA tensors (checked last, so that the other reasons can be checked on any machine). What cuDNN itself refuses
+    (a GPU older than Ampere, a shape its kernels do not take) is found when the graph is built: an error naming the
+    shape (checks here stay traceable by ``torch.compile``).
     """
-    if not (HAS_CUDNN_FRONTEND and qkv.is_cuda and dropout_p == 0.0 and bias is not None):
-        return False
-    if qkv.dim() != 5 or qkv.shape[2] != 3 or qkv.dtype not in _DTYPES or qkv.stride(-1) != 1:
-        return False
+    if not HAS_CUDNN_FRONTEND:
+        return "the cudnn package (pip install nvidia-cudnn-frontend) is not installed"
+    if dropout_p != 0.0:
+        return f"attention dropout {dropout_p} (cuDNN's bias-gradient graph is built without dropout)"
+    if bias is None:
+        return "no bias (use sdpa)"
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        return "qkv is not [B, L, 3, H, d]"
+    if qkv.dtype not in _DTYPES:
+        return f"{qkv.dtype} (cuDNN takes float16 or bfloat16)"
+    if qkv.stride(-1) != 1:
+        return "qkv has no unit stride in d"
     _, L, _, H, d = qkv.shape
-    return d % 8 == 0 and 8 <= d <= 128 and tuple(bias.shape) in ((H, L, L), (1, H, L, L))
+    if not (d % 8 == 0 and 8 <= d <= 128):
+        return f"head dim {d} (a multiple of 8 up to 128)"
+    if tuple(bias.shape) not in ((H, L, L), (1, H, L, L)):
+        return f"bias {tuple(bias.shape)} (one for the batch: [H, L, L] or [1, H, L, L] = {(1, H, L, L)})"
+    if not qkv.is_cuda:
+        return f"{qkv.device} tensors (CUDA only)"
+    return None
+
+
+def supported_packed(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0) -> bool:
+    """True when :func:`cudnn_bias_attention_packed` takes these inputs (else use another path); see :func:`refusal`."""
+    return refusal(qkv, bias, dropout_p) is None
 
 
 @dataclass
@@ -251,7 +271,7 @@ def cudnn_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.
         ValueError: for inputs :func:`supported_packed` refuses (check it first to fall back).
         RuntimeError: cuDNN refuses the graph of this shape (named, with cuDNN's reason).
     """
-    if not supported_packed(qkv, bias):
+    if (why := refusal(qkv, bias)) is not None:
         raise ValueError(f"cudnn_bias_attention does not take qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
-                         f"with bias {None if bias is None else tuple(bias.shape)}")
+                         f"with bias {None if bias is None else tuple(bias.shape)}: {why}")
     return _fwd(qkv, bias)[0]
