@@ -253,3 +253,36 @@ def test_each_refusal_is_checked_and_named_on_any_machine(monkeypatch):
         C.cudnn_bias_attention_packed(_case(d=12, dtype=torch.bfloat16)[0], bias)
     monkeypatch.setattr(C, "HAS_CUDNN_FRONTEND", False)
     assert "nvidia-cudnn-frontend" in C.refusal(qkv, bias)
+
+
+def test_concurrent_calls_each_launch_on_their_own_stream(fake_cudnn, monkeypatch):
+    import threading
+
+    qkv, bias = _case()
+    C._fwd(qkv, bias)  # the plan, built once
+    handle_stream: dict[str, int] = {}
+    meet = threading.Barrier(2, timeout=0.5)
+
+    def set_stream(handle, stream):  # noqa: ANN001, ANN202 - waits for the other thread to set its stream too
+        handle_stream["now"] = stream
+        try:
+            meet.wait()
+        except threading.BrokenBarrierError:
+            pass
+
+    seen = []
+    run = _Graph.execute
+
+    def execute(self, pack, workspace, handle):  # noqa: ANN001, ANN202
+        seen.append(handle_stream["now"] == threading.get_ident())  # launched on the stream this call set
+        run(self, pack, workspace, handle)
+
+    fake_cudnn.set_stream = set_stream
+    monkeypatch.setattr(C, "_stream", lambda device: threading.get_ident())  # each thread its own stream
+    monkeypatch.setattr(_Graph, "execute", execute)
+    threads = [threading.Thread(target=C._fwd, args=(qkv, bias)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True, True]

@@ -40,6 +40,10 @@ HAS_CUDNN_FRONTEND = importlib.util.find_spec("cudnn") is not None
 
 _DTYPES = (torch.float16, torch.bfloat16)
 _LOCK = threading.Lock()
+# a device's one cudnn handle carries the stream it runs on: setting that stream and launching on it are one step,
+# so that a call from another thread (another stream) cannot set its stream between the two
+_RUN_LOCK = threading.Lock()
+_HANDLE_LOCK = threading.Lock()
 _PLANS: dict[tuple, _Plan | Exception] = {}  # graph key -> built plan, or why cuDNN refused it
 _HANDLES: dict[int, Any] = {}  # CUDA device index -> cudnn handle
 
@@ -95,16 +99,18 @@ class _Plan:
 
     def run(self, device: torch.device, *tensors: torch.Tensor) -> None:
         handle = _handle(device)
-        _cudnn().set_stream(handle=handle, stream=_stream(device))
         ws = torch.empty(self.workspace, device=device, dtype=torch.uint8)
-        self.graph.execute(dict(zip(self.ports, tensors)), ws, handle=handle)
+        with _RUN_LOCK:
+            _cudnn().set_stream(handle=handle, stream=_stream(device))
+            self.graph.execute(dict(zip(self.ports, tensors)), ws, handle=handle)
 
 
 def _handle(device: torch.device) -> Any:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _HANDLES:
-        with torch.cuda.device(index):
-            _HANDLES[index] = _cudnn().create_handle()
+        with _HANDLE_LOCK, torch.cuda.device(index):
+            if index not in _HANDLES:  # one handle a device, also when two threads get here first together
+                _HANDLES[index] = _cudnn().create_handle()
     return _HANDLES[index]
 
 
