@@ -10,7 +10,9 @@ and the CPU fallback of the model.
 
 from __future__ import annotations
 
+import contextlib
 import types
+import warnings
 
 import pytest
 import torch
@@ -65,7 +67,8 @@ class _Graph:
     def sdpa_backward(self, name: str, q, k, v, o, dO, stats, bias, dBias, attn_scale: float,  # noqa: ANN001, N803
                       use_deterministic_algorithm: bool):
         self.node = "bwd"
-        self.args = dict(q=q, k=k, v=v, o=o, dO=dO, stats=stats, bias=bias, dBias=dBias, scale=attn_scale)
+        self.args = dict(q=q, k=k, v=v, o=o, dO=dO, stats=stats, bias=bias, dBias=dBias, scale=attn_scale,
+                         det=use_deterministic_algorithm)
         self.out = tuple(_Port(self, [], [], None) for _ in range(3))
         return self.out
 
@@ -81,6 +84,8 @@ class _Graph:
     def check_support(self) -> None:
         if self.node == "bwd" and self.refuse_fp32_dbias and self.args["dBias"].dtype == "FLOAT":
             raise RuntimeError("dBias must match the io data type")
+        if self.node == "bwd" and self.args["det"] and self.args["q"].dim[0] > 1:  # as cuDNN: atomics over B
+            raise RuntimeError("deterministic dBias requires a per-batch bias when B > 1")
 
     def build_plans(self) -> None:
         _Graph.built.append(self)
@@ -182,12 +187,77 @@ def test_plans_are_built_once_per_shape_and_dbias_falls_back_to_the_inputs_dtype
     assert len(_Graph.built) == 3
 
 
-def test_a_refused_shape_names_itself_and_the_fallbacks(fake_cudnn, monkeypatch):
+def _fake_triton(monkeypatch) -> list[str]:  # noqa: ANN001
+    """A stand-in for the Triton kernel's ops (``attention_triton._fwd`` / ``_bwd``) that, like them, returns the
+    log-sum-exp of the scaled scores plus the bias and recomputes P from it in the backward."""
+    calls: list[str] = []
+
+    def scores(qkv: torch.Tensor, bias3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert bias3.dtype == torch.float32 and bias3.dim() == 3  # [H, L, L] fp32, as the kernel takes it
+        q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias3.double()
+
+    def fwd(qkv: torch.Tensor, bias3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append("fwd")
+        _, _, v, s = scores(qkv, bias3)
+        return (s.softmax(-1) @ v).transpose(1, 2).to(qkv.dtype).contiguous(), s.logsumexp(-1).float()
+
+    def bwd(do, qkv, bias3, out, lse):  # noqa: ANN001, ANN202
+        calls.append("bwd")
+        q, k, v, s = scores(qkv, bias3)
+        assert lse.shape == s.shape[:3]
+        do, o = do.double().transpose(1, 2), out.double().transpose(1, 2)
+        p = (s - lse.double()[..., None]).exp()
+        ds = p * (do @ v.transpose(-2, -1) - (do * o).sum(-1, keepdim=True))
+        dq, dk, dv = ds @ k * q.shape[-1] ** -0.5, ds.transpose(-2, -1) @ q * q.shape[-1] ** -0.5, p.transpose(-2, -1) @ do
+        return torch.stack((dq, dk, dv), 2).permute(0, 3, 2, 1, 4).to(qkv.dtype), ds.sum(0).float()
+
+    monkeypatch.setattr(C, "_triton", types.SimpleNamespace(supported_packed=lambda qkv, b: True, _fwd=fwd, _bwd=bwd))
+    return calls
+
+
+def _check_grads(qkv: torch.Tensor, bias: torch.Tensor) -> None:
+    a = (qkv.clone().requires_grad_(), bias.clone().requires_grad_())
+    r = (qkv.double().requires_grad_(), bias.double().requires_grad_())
+    out, ref = C._fwd(*a)[0], _eager(*r)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad(out, a, g), torch.autograd.grad(ref, r, g.double())):
+        torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refused_shape_is_warned_once_and_runs_the_triton_kernel(fake_cudnn, monkeypatch):
     monkeypatch.setattr(_Graph, "build_plans", lambda self: (_ for _ in ()).throw(RuntimeError("no engine")))
+    calls = _fake_triton(monkeypatch)
     qkv, bias = _case()
+    with pytest.warns(RuntimeWarning, match=r"B=2 H=3 L=7 d=8 .*no engine.*runs the Triton kernel") as said:
+        _check_grads(qkv, bias)
+    assert len(said) == 2 and calls == ["fwd", "bwd"]  # one warning for each refused graph
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        _check_grads(qkv, bias)  # cached: no new warning, no rebuild
+    assert not again and calls == ["fwd", "bwd"] * 2 and len(_Graph.built) == 0
+
+
+def test_a_shape_neither_kernel_takes_names_both_and_sdpa(fake_cudnn, monkeypatch):
+    monkeypatch.setattr(_Graph, "build_plans", lambda self: (_ for _ in ()).throw(RuntimeError("no engine")))
+    qkv, bias = _case()  # on CPU the Triton kernel does not run either
     for _ in range(2):  # the refusal is cached, and said again
-        with pytest.raises(RuntimeError, match=r"B=2 H=3 L=7 d=8 .*no engine.*attn_impl=fused_bias"):
-            C._fwd(qkv, bias)
+        with pytest.warns(RuntimeWarning) if _ == 0 else contextlib.nullcontext():
+            with pytest.raises(RuntimeError, match=r"B=2 H=3 L=7 d=8 .*no engine.*nor does the Triton.*attn_impl=sdpa"):
+                C._fwd(qkv, bias)
+
+
+def test_deterministic_mode_takes_the_triton_backward_after_cudnns_forward(fake_cudnn, monkeypatch):
+    calls = _fake_triton(monkeypatch)
+    qkv, bias = _case()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.warns(RuntimeWarning, match="deterministic dBias"):
+            _check_grads(qkv, bias)  # cuDNN's statistics feed the Triton backward: the same convention
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert calls == ["bwd"] and [g.node for g in _Graph.built] == ["fwd"]
 
 
 def test_the_ops_registrations_pass_opcheck(fake_cudnn):
@@ -227,7 +297,7 @@ def test_a_cached_refusal_does_not_keep_the_calls_tensors_alive(fake_cudnn, monk
     monkeypatch.setattr(_Graph, "build_plans", lambda self: (_ for _ in ()).throw(RuntimeError("no engine")))
     qkv, bias = _case()
     alive = weakref.ref(qkv)
-    with pytest.raises(RuntimeError, match="no engine"):
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no engine"):
         C._fwd(qkv, bias)
     del qkv
     gc.collect()

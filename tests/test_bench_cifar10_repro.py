@@ -48,9 +48,13 @@ def test_both_stages_pass_paths_with_spaces_whole_and_archive_their_results(tmp_
     b = subprocess.run(["bash", script, "B", str(data), str(out_b), str(out_a)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
     assert b.returncode == 0, b.stderr
-    cmds = {c[0] if c[0] != "finetune" else c[0] + ("_scratch" if any("ft_scratch" in w for w in c) else ""): c
+    # each command named by what it runs, and the scratch arm's runs (random init) apart from the pre-trained ones
+    cmds = {c[0] + ("_scratch" if any(w.endswith(("/ft_scratch", "/lp_scratch")) for w in c) else ""): c
             for c in _commands(tmp_path / "log")}
-    assert sorted(cmds) == ["convert", "finetune", "finetune_scratch", "linprobe", "pretrain", "tokenizer"]
+    assert sorted(cmds) == ["convert", "finetune", "finetune_scratch", "linprobe", "linprobe_scratch", "pretrain",
+                            "tokenizer"]
+    assert f"model={out_a}/encoder" in cmds["linprobe"] and f"data.train_dir={data}/train" in cmds["linprobe"]
+    assert "model_overrides={patch_size: 4, embed_dim: 384, depth: 12, num_heads: 6}" in cmds["linprobe_scratch"]
     assert f"data.path={data}/train" in cmds["pretrain"] and "train.batch_size=512" in cmds["pretrain"]
     assert f"tokenizer.path={run}/tokenizer/dvae.safetensors" in cmds["pretrain"]
     assert "model.embed_dim=384" in cmds["pretrain"] and "train.epochs=40" in cmds["pretrain"]

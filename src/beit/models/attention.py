@@ -6,8 +6,9 @@ paths are tested against. ``fused_bias`` is our Triton kernel (``attention_trito
 inside a flash-style kernel and its gradient summed over the batch in-kernel; it runs where it supports
 the inputs (CUDA, no dropout, head dim 16-128) and falls back to ``sdpa`` elsewhere, so it is safe to choose
 on any machine. ``cudnn_bias`` (``attention_cudnn``) runs cuDNN's fused attention kernels with the bias and its
-batch-summed gradient, through NVIDIA's ``cudnn`` package where it is installed (fp16 / bf16 on CUDA), and falls
-back to ``fused_bias`` elsewhere. Faster kernels register themselves in ``ATTENTION_IMPLS``.
+batch-summed gradient, through NVIDIA's ``cudnn`` package where it is installed (fp16 / bf16 on CUDA); elsewhere,
+and for a shape cuDNN refuses (with a warning), it runs ``fused_bias``. Faster kernels register themselves in
+``ATTENTION_IMPLS``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def fused_bias_attention(
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
-    # cuDNN's fused attention takes an additive bias and returns its gradient on Hopper
+    # PyTorch's cuDNN attention takes an additive bias but returns no gradient for it, so SDPA falls back to the
+    # next backend for a learned bias (``cudnn_bias`` below gets the gradient from cuDNN through its own package)
     "cudnn": _pinned_sdpa("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "efficient": _pinned_sdpa("EFFICIENT_ATTENTION", "MATH"),
     "fused_bias": fused_bias_attention,

@@ -18,20 +18,28 @@ no gradient for it, so SDPA never picks it for a learned bias; this module reach
   installed cuDNN takes only that.
 - Wrapped as the custom ops ``beit::cudnn_bias_attention_fwd`` / ``_bwd`` (opaque nodes for ``torch.compile``)
   with the autograd formula registered. :func:`supported_packed` says which inputs go here;
-  ``beit.models.attention`` sends the rest to the Triton kernel, then SDPA.
+  ``beit.models.attention`` sends the rest to the Triton kernel, then SDPA. A graph cuDNN refuses (a GPU older than
+  Ampere, a shape its kernels do not take, the deterministic backward with a bias shared by the batch) is warned
+  about once and runs the Triton kernel instead (its log-sum-exp is cuDNN's statistics: natural log of the scaled
+  scores plus the bias, so either backward follows either forward); a shape neither takes is an error naming both.
 
 Source: NVIDIA cuDNN frontend, "Attention" operation docs (``sdpa`` / ``sdpa_backward`` with ``bias`` and
-``dBias``); the numbers against the other paths are in ``benchmarks/RESULTS.md`` section 6.
+``dBias``). ``benchmarks/attention_kernel.py`` checks it on a GPU; RESULTS.md section 6 says what is measured.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import attention_triton as _triton
 
 __all__ = ["HAS_CUDNN_FRONTEND", "cudnn_bias_attention_packed", "refusal", "supported_packed"]
 
@@ -60,8 +68,8 @@ def refusal(qkv: torch.Tensor, bias: torch.Tensor | None, dropout_p: float = 0.0
     Needs the ``cudnn`` package, ``qkv`` ``[B, L, 3, H, d]`` in fp16 / bf16 with ``d`` a multiple of 8 up to 128
     and a unit stride in ``d``, no dropout, a bias broadcast over the batch (``[H, L, L]`` or ``[1, H, L, L]``) and
     CUDA tensors (checked last, so that the other reasons can be checked on any machine). What cuDNN itself refuses
-    (a GPU older than Ampere, a shape its kernels do not take) is found when the graph is built: an error naming the
-    shape (checks here stay traceable by ``torch.compile``).
+    (a GPU older than Ampere, a shape its kernels do not take) is found when the graph is built, and runs the Triton
+    kernel instead (checks here stay traceable by ``torch.compile``).
     """
     if not HAS_CUDNN_FRONTEND:
         return "the cudnn package (pip install nvidia-cudnn-frontend) is not installed"
@@ -167,7 +175,8 @@ def _build_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
 
 
 def _build_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
-               stats: torch.Tensor, bias: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> _Plan:
+               stats: torch.Tensor, bias: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+               deterministic: bool = False) -> _Plan:
     errors = []
     for dbias_dtype in dict.fromkeys((torch.float32, q.dtype)):  # the batch sum in fp32 where this cuDNN takes it
         g = _new_graph(q.dtype, q.device)
@@ -176,7 +185,7 @@ def _build_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
                          data_type=_cudnn_dtype(dbias_dtype))
         gq, gk, gv = g.sdpa_backward(name="sdpa_backward", q=ports[0], k=ports[1], v=ports[2], o=ports[3],
                                      dO=ports[4], stats=ports[5], bias=ports[6], dBias=dbias,
-                                     attn_scale=q.shape[-1] ** -0.5, use_deterministic_algorithm=False)
+                                     attn_scale=q.shape[-1] ** -0.5, use_deterministic_algorithm=deterministic)
         for port, like in ((gq, dq), (gk, dk), (gv, dv)):
             _output(port, like)
         try:
@@ -186,27 +195,43 @@ def _build_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tenso
     raise RuntimeError("; ".join(errors))
 
 
-def _plan(key: tuple, build: Any, *tensors: torch.Tensor) -> _Plan:
-    """The plan cached under ``key``, built by ``build(*tensors)`` on first use.
-
-    Raises:
-        RuntimeError: cuDNN refuses the graph (the shape and its reason; the refusal is cached too).
-    """
+def _plan(key: tuple, build: Any, *tensors: torch.Tensor) -> _Plan | None:
+    """The plan cached under ``key``, built by ``build(*tensors)`` on first use; None where cuDNN refuses the graph
+    (said once, in a warning naming the shape and cuDNN's reason; the refusal is cached too)."""
     with _LOCK:
         if key not in _PLANS:
             try:
                 _PLANS[key] = build(*tensors)
-            except Exception as e:  # noqa: BLE001 - kept and re-raised with the shape below
-                # kept without its traceback: its frames hold the call's tensors (q, k, v, ...), which the cache
-                # would otherwise keep alive for the life of the process
-                _PLANS[key] = RuntimeError(f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - cuDNN's error types differ between its versions
+                B, H, L, d = tensors[0].shape
+                # kept as text, without the traceback: its frames hold the call's tensors (q, k, v, ...), which the
+                # cache would otherwise keep alive for the life of the process
+                _PLANS[key] = RuntimeError(f"cuDNN attention with a bias does not take B={B} H={H} L={L} d={d} "
+                                           f"{tensors[0].dtype} on {tensors[0].device} ({type(e).__name__}: {e})")
+                warnings.warn(f"{_PLANS[key]}: this shape runs the Triton kernel (attn_impl=fused_bias) instead",
+                              RuntimeWarning, stacklevel=2)
         plan = _PLANS[key]
-    if isinstance(plan, Exception):
-        B, H, L, d = tensors[0].shape
-        raise RuntimeError(f"cuDNN attention with a bias does not take B={B} H={H} L={L} d={d} "
-                           f"{tensors[0].dtype} on {tensors[0].device} ({plan}); use model.attn_impl=fused_bias "
-                           "(the Triton kernel) or sdpa") from plan
-    return plan
+    return None if isinstance(plan, Exception) else plan
+
+
+def _fallback_bias(qkv: torch.Tensor, bias4: torch.Tensor, key: tuple) -> torch.Tensor:
+    """The bias for the Triton kernel where cuDNN refused the graph under ``key``: ``[H, L, L]`` fp32 holding the
+    values cuDNN adds (rounded to qkv's dtype), so that either kernel's backward matches either's forward.
+
+    Raises:
+        RuntimeError: the Triton kernel does not take these inputs either (cuDNN's reason and that, named).
+    """
+    H, L = bias4.shape[1], bias4.shape[2]
+    bias3 = bias4.reshape(H, L, L).float()
+    if not _triton.supported_packed(qkv, bias3):
+        raise RuntimeError(f"{_PLANS[key]}; nor does the Triton kernel (it needs Triton on CUDA and a head dim of "
+                           "16, 32, 64 or 128): use model.attn_impl=sdpa")
+    return bias3
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """The op's own CUDA device made current (a custom op runs on whatever device is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("beit::cudnn_bias_attention_fwd", mutates_args=())
@@ -214,10 +239,16 @@ def _fwd(qkv: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     B, L, _, H, d = qkv.shape
     q, k, v = _views(qkv)
     bias4 = bias.reshape(1, H, L, L).to(qkv.dtype).contiguous()
-    out = torch.empty((B, L, H, d), device=qkv.device, dtype=qkv.dtype)
-    stats = torch.empty((B, H, L, 1), device=qkv.device, dtype=torch.float32)
-    o = out.transpose(1, 2)
-    _plan(_key("fwd", q, k, v, bias4), _build_fwd, q, k, v, bias4, o, stats).run(qkv.device, q, k, v, bias4, o, stats)
+    with _on(qkv.device):
+        key = _key("fwd", q, k, v, bias4)
+        out = torch.empty((B, L, H, d), device=qkv.device, dtype=qkv.dtype)
+        stats = torch.empty((B, H, L, 1), device=qkv.device, dtype=torch.float32)
+        o = out.transpose(1, 2)
+        plan = _plan(key, _build_fwd, q, k, v, bias4, o, stats)
+        if plan is None:  # the Triton kernel: its log-sum-exp is cuDNN's statistics (natural log, scaled scores + bias)
+            out, lse = _triton._fwd(qkv, _fallback_bias(qkv, bias4, key))
+            return out, lse.reshape(B, H, L, 1).clone()
+        plan.run(qkv.device, q, k, v, bias4, o, stats)
     return out, stats
 
 
@@ -233,12 +264,20 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     B, L, _, H, d = qkv.shape
     q, k, v = _views(qkv)
     bias4 = bias.reshape(1, H, L, L).to(qkv.dtype).contiguous()
-    dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
-    dq, dk, dv = _views(dqkv)
-    o, g = out.transpose(1, 2), do.contiguous().transpose(1, 2)
-    plan = _plan(_key("bwd", q, k, v, o, g, bias4), _build_bwd, q, k, v, o, g, stats, bias4, dq, dk, dv)
-    dbias = torch.empty((1, H, L, L), device=qkv.device, dtype=plan.dbias_dtype)
-    plan.run(qkv.device, q, k, v, o, g, stats, bias4, dq, dk, dv, dbias)
+    # torch.use_deterministic_algorithms(True): cuDNN's deterministic backward, which refuses a bias shared by the
+    # batch (its sum over images is atomic), so such runs take the Triton kernel's deterministic one
+    det = torch.are_deterministic_algorithms_enabled()
+    with _on(qkv.device):
+        dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
+        dq, dk, dv = _views(dqkv)
+        o, g = out.transpose(1, 2), do.contiguous().transpose(1, 2)
+        key = (*_key("bwd", q, k, v, o, g, bias4), det)
+        plan = _plan(key, functools.partial(_build_bwd, deterministic=det), q, k, v, o, g, stats, bias4, dq, dk, dv)
+        if plan is None:
+            dqkv, dbias = _triton._bwd(do, qkv, _fallback_bias(qkv, bias4, key), out, stats.reshape(B, H, L))
+        else:
+            dbias = torch.empty((1, H, L, L), device=qkv.device, dtype=plan.dbias_dtype)
+            plan.run(qkv.device, q, k, v, o, g, stats, bias4, dq, dk, dv, dbias)
     return dqkv, dbias.reshape(bias.shape).to(bias.dtype)
 
 
@@ -275,7 +314,8 @@ def cudnn_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.
 
     Raises:
         ValueError: for inputs :func:`supported_packed` refuses (check it first to fall back).
-        RuntimeError: cuDNN refuses the graph of this shape (named, with cuDNN's reason).
+        RuntimeError: neither cuDNN nor the Triton kernel takes this shape (named, with cuDNN's reason); a shape
+            only cuDNN refuses runs the Triton kernel, with a warning.
     """
     if (why := refusal(qkv, bias)) is not None:
         raise ValueError(f"cudnn_bias_attention does not take qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} "
