@@ -46,6 +46,7 @@ class _Graph:
     """What the module calls of ``cudnn.pygraph``; ``execute`` computes the node in fp64 with torch."""
 
     refuse_fp32_dbias = False
+    refuse_unaligned_bias = False  # bias / d(bias) rows must start at 16-byte multiples (2-byte elements)
     built: list[_Graph] = []
 
     def __init__(self, io_data_type: str, intermediate_data_type: str, compute_data_type: str, handle: object) -> None:
@@ -84,6 +85,9 @@ class _Graph:
     def check_support(self) -> None:
         if self.node == "bwd" and self.refuse_fp32_dbias and self.args["dBias"].dtype == "FLOAT":
             raise RuntimeError("dBias must match the io data type")
+        rows = [self.args[n].stride[2] for n in ("bias", "dBias") if n in self.args]
+        if self.refuse_unaligned_bias and any(r * 2 % 16 for r in rows):
+            raise RuntimeError("bias rows must be 16-byte aligned")
         if self.node == "bwd" and self.args["det"] and self.args["q"].dim[0] > 1:  # as cuDNN: atomics over B
             raise RuntimeError("deterministic dBias requires a per-batch bias when B > 1")
 
@@ -138,6 +142,7 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(C, "_PLANS", {})
     monkeypatch.setattr(_Graph, "built", [])
     monkeypatch.setattr(_Graph, "refuse_fp32_dbias", False)
+    monkeypatch.setattr(_Graph, "refuse_unaligned_bias", False)
     return fake
 
 
@@ -258,6 +263,14 @@ def test_deterministic_mode_takes_the_triton_backward_after_cudnns_forward(fake_
     finally:
         torch.use_deterministic_algorithms(False)
     assert calls == ["bwd"] and [g.node for g in _Graph.built] == ["fwd"]
+
+
+def test_a_cudnn_wanting_aligned_bias_rows_gets_them_padded(fake_cudnn):
+    _Graph.refuse_unaligned_bias = True
+    qkv, bias = _case(L=7)  # 7 two-byte values a row: not 16-byte aligned
+    _check_grads(qkv, bias)  # the bias read, and d(bias) written, through padded rows
+    fwd, bwd = _Graph.built
+    assert fwd.args["bias"].stride == [3 * 7 * 8, 7 * 8, 8, 1] and bwd.args["dBias"].stride == [3 * 7 * 8, 7 * 8, 8, 1]
 
 
 def test_the_ops_registrations_pass_opcheck(fake_cudnn):

@@ -104,6 +104,7 @@ class _Plan:
     ports: tuple  # the graph's tensors, in the order :meth:`run` binds its arguments
     workspace: int  # bytes
     dbias_dtype: torch.dtype | None = None  # the backward's d(bias) dtype
+    bias_padded: bool = False  # bias (and d(bias)) rows padded to 16 bytes (see :func:`_bias_buffer`)
 
     def run(self, device: torch.device, *tensors: torch.Tensor) -> None:
         handle = _handle(device)
@@ -163,35 +164,64 @@ def _output(port: Any, like: torch.Tensor, fp32: bool = False) -> None:
         port.set_data_type(_cudnn().data_type.FLOAT)
 
 
+def _bias_stride(H: int, L: int, padded: bool) -> list[int]:
+    row = -(-L // 8) * 8 if padded else L
+    return [H * L * row, L * row, row, 1]
+
+
+def _bias_buffer(H: int, L: int, dtype: torch.dtype, device: torch.device, padded: bool) -> torch.Tensor:
+    """An uninitialised ``[1, H, L, L]`` tensor with :func:`_bias_stride`'s strides: contiguous, or (``padded``) each
+    row starting 16 bytes after a multiple of 16 (BEiT's lengths are odd: 197 bf16 values are 394 bytes), for a cuDNN
+    that wants aligned rows."""
+    row = _bias_stride(H, L, padded)[2]
+    return torch.empty((1, H, L, row), dtype=dtype, device=device)[..., :L]
+
+
+def _bias_port(g: Any, H: int, L: int, dtype: torch.dtype, padded: bool, name: str) -> Any:
+    return g.tensor(name=name, dim=[1, H, L, L], stride=_bias_stride(H, L, padded), data_type=_cudnn_dtype(dtype))
+
+
 def _build_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
                stats: torch.Tensor) -> _Plan:
-    g = _new_graph(q.dtype, q.device)
-    ports = [g.tensor_like(t) for t in (q, k, v, bias)]
-    o, st = g.sdpa(name="sdpa", q=ports[0], k=ports[1], v=ports[2], bias=ports[3], generate_stats=True,
-                   attn_scale=q.shape[-1] ** -0.5)
-    _output(o, out)
-    _output(st, stats, fp32=True)
-    return _Plan(g, (*ports, o, st), _finish(g))
+    """The forward graph; bias rows contiguous, else padded (the first layout cuDNN takes)."""
+    B, H, L, d = q.shape
+    errors = []
+    for padded in (False, True):
+        g = _new_graph(q.dtype, q.device)
+        ports = [*(g.tensor_like(t) for t in (q, k, v)), _bias_port(g, H, L, q.dtype, padded, "bias")]
+        o, st = g.sdpa(name="sdpa", q=ports[0], k=ports[1], v=ports[2], bias=ports[3], generate_stats=True,
+                       attn_scale=d ** -0.5)
+        _output(o, out)
+        _output(st, stats, fp32=True)
+        try:
+            return _Plan(g, (*ports, o, st), _finish(g), bias_padded=padded)
+        except Exception as e:  # noqa: BLE001 - cuDNN's own error types differ between its versions
+            errors.append(f"{'padded' if padded else 'contiguous'} bias rows: {type(e).__name__}: {e}")
+    raise RuntimeError("; ".join(errors))
 
 
 def _build_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
                stats: torch.Tensor, bias: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                deterministic: bool = False) -> _Plan:
+    """The backward graph; the first of: bias rows contiguous, else padded, each with d(bias) in fp32 (the batch sum
+    in fp32), else in the inputs' dtype, that cuDNN takes."""
+    B, H, L, d = q.shape
     errors = []
-    for dbias_dtype in dict.fromkeys((torch.float32, q.dtype)):  # the batch sum in fp32 where this cuDNN takes it
-        g = _new_graph(q.dtype, q.device)
-        ports = [g.tensor_like(t) for t in (q, k, v, o, do, stats, bias)]
-        dbias = g.tensor(name="dBias", dim=list(bias.shape), stride=list(bias.stride()),
-                         data_type=_cudnn_dtype(dbias_dtype))
-        gq, gk, gv = g.sdpa_backward(name="sdpa_backward", q=ports[0], k=ports[1], v=ports[2], o=ports[3],
-                                     dO=ports[4], stats=ports[5], bias=ports[6], dBias=dbias,
-                                     attn_scale=q.shape[-1] ** -0.5, use_deterministic_algorithm=deterministic)
-        for port, like in ((gq, dq), (gk, dk), (gv, dv)):
-            _output(port, like)
-        try:
-            return _Plan(g, (*ports, gq, gk, gv, dbias), _finish(g), dbias_dtype)
-        except Exception as e:  # noqa: BLE001 - cuDNN's own error types differ between its versions
-            errors.append(f"d(bias) in {dbias_dtype}: {type(e).__name__}: {e}")
+    for padded in (False, True):
+        for dbias_dtype in dict.fromkeys((torch.float32, q.dtype)):
+            g = _new_graph(q.dtype, q.device)
+            ports = [*(g.tensor_like(t) for t in (q, k, v, o, do, stats)), _bias_port(g, H, L, q.dtype, padded, "bias")]
+            dbias = _bias_port(g, H, L, dbias_dtype, padded, "dBias")
+            gq, gk, gv = g.sdpa_backward(name="sdpa_backward", q=ports[0], k=ports[1], v=ports[2], o=ports[3],
+                                         dO=ports[4], stats=ports[5], bias=ports[6], dBias=dbias,
+                                         attn_scale=d ** -0.5, use_deterministic_algorithm=deterministic)
+            for port, like in ((gq, dq), (gk, dk), (gv, dv)):
+                _output(port, like)
+            try:
+                return _Plan(g, (*ports, gq, gk, gv, dbias), _finish(g), dbias_dtype, padded)
+            except Exception as e:  # noqa: BLE001 - cuDNN's own error types differ between its versions
+                errors.append(f"{'padded' if padded else 'contiguous'} bias rows, d(bias) in {dbias_dtype}: "
+                              f"{type(e).__name__}: {e}")
     raise RuntimeError("; ".join(errors))
 
 
@@ -248,6 +278,8 @@ def _fwd(qkv: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         if plan is None:  # the Triton kernel: its log-sum-exp is cuDNN's statistics (natural log, scaled scores + bias)
             out, lse = _triton._fwd(qkv, _fallback_bias(qkv, bias4, key))
             return out, lse.reshape(B, H, L, 1).clone()
+        if plan.bias_padded:
+            bias4 = _bias_buffer(H, L, qkv.dtype, qkv.device, True).copy_(bias4)
         plan.run(qkv.device, q, k, v, bias4, o, stats)
     return out, stats
 
@@ -276,7 +308,9 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
         if plan is None:
             dqkv, dbias = _triton._bwd(do, qkv, _fallback_bias(qkv, bias4, key), out, stats.reshape(B, H, L))
         else:
-            dbias = torch.empty((1, H, L, L), device=qkv.device, dtype=plan.dbias_dtype)
+            if plan.bias_padded:
+                bias4 = _bias_buffer(H, L, qkv.dtype, qkv.device, True).copy_(bias4)
+            dbias = _bias_buffer(H, L, plan.dbias_dtype, qkv.device, plan.bias_padded)
             plan.run(qkv.device, q, k, v, o, g, stats, bias4, dq, dk, dv, dbias)
     return dqkv, dbias.reshape(bias.shape).to(bias.dtype)
 
