@@ -271,6 +271,14 @@ def test_a_cudnn_wanting_aligned_bias_rows_gets_them_padded(fake_cudnn):
     _check_grads(qkv, bias)  # the bias read, and d(bias) written, through padded rows
     fwd, bwd = _Graph.built
     assert fwd.args["bias"].stride == [3 * 7 * 8, 7 * 8, 8, 1] and bwd.args["dBias"].stride == [3 * 7 * 8, 7 * 8, 8, 1]
+    # d(bias) comes back contiguous (as the fake kernel says; torch.compile checks the strides), not as a view of
+    # the padded rows, also where it is already in the bias's dtype (fp32 d(bias), fp32 bias: no copy by .to)
+    qkv, bias = _case(B=1, L=5, H=2)
+    out, stats = C._fwd(qkv, bias)
+    dbias = C._bwd(torch.randn_like(out), qkv, bias, out, stats)[1]
+    assert _Graph.built[-1].args["dBias"].stride == [2 * 5 * 8, 5 * 8, 8, 1] and dbias.is_contiguous()
+    torch.library.opcheck(C._bwd, (torch.randn_like(out), qkv, bias, out, stats),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_the_ops_registrations_pass_opcheck(fake_cudnn):
@@ -279,6 +287,10 @@ def test_the_ops_registrations_pass_opcheck(fake_cudnn):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     out, stats = C._fwd(qkv.detach(), bias.detach())
     torch.library.opcheck(C._bwd, (torch.randn_like(out), qkv.detach(), bias.detach(), out, stats),
+                          test_utils=("test_schema", "test_faketensor"))
+    # a bias with other strides (dense, not contiguous): its gradient is contiguous, in the fake kernel too
+    permuted = bias.detach().permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    torch.library.opcheck(C._bwd, (torch.randn_like(out), qkv.detach(), permuted, out, stats),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -312,12 +312,14 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
                 bias4 = _bias_buffer(H, L, qkv.dtype, qkv.device, True).copy_(bias4)
             dbias = _bias_buffer(H, L, plan.dbias_dtype, qkv.device, plan.bias_padded)
             plan.run(qkv.device, q, k, v, o, g, stats, bias4, dq, dk, dv, dbias)
-    return dqkv, dbias.reshape(bias.shape).to(bias.dtype)
+    # contiguous, as the fake says: with padded rows d(bias) is a strided view of a wider buffer (and a view
+    # still where it is already in bias's dtype), which torch.compile's stride checks would reject
+    return dqkv, dbias.reshape(bias.shape).to(bias.dtype).contiguous()
 
 
 @_bwd.register_fake
 def _(do, qkv, bias, out, stats):  # noqa: ANN001, ANN202
-    return qkv.new_empty(qkv.shape), torch.empty_like(bias)
+    return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape)  # contiguous whatever bias's strides
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
