@@ -381,3 +381,45 @@ def test_concurrent_calls_each_launch_on_their_own_stream(fake_cudnn, monkeypatc
     for t in threads:
         t.join()
     assert seen == [True, True]
+
+
+_MIXED = '''
+import sys, types, warnings, torch
+sys.path.insert(0, sys.argv[1])
+import test_attention_cudnn as TC
+from beit.models import attention_cudnn as C, attention_triton as T
+fake = types.ModuleType("cudnn")
+fake.data_type = types.SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT")
+fake.heur_mode = types.SimpleNamespace(A="A", FALLBACK="FALLBACK")
+fake.pygraph, fake.set_stream = TC._Graph, lambda handle, stream: None
+C._cudnn, C._handle, C._stream = (lambda: fake), (lambda d: "handle"), (lambda d: 7)
+T.supported = T.supported_packed = lambda *a, **k: True  # CPU tensors, run by Triton's interpreter
+warnings.simplefilter("ignore", RuntimeWarning)
+torch.manual_seed(0)
+qkv, bias = torch.randn(3, 37, 3, 2, 16), 2 * torch.randn(2, 37, 37)
+s = (lambda q, k: q @ k.transpose(-2, -1) * 16 ** -0.5)(*qkv.double().permute(2, 0, 3, 1, 4).unbind(0)[:2])
+assert (T._fwd(qkv, bias)[1].double() - (s + bias.double()).logsumexp(-1)).abs().max() < 1e-5  # cuDNN's Stats
+refuse = {"fwd": lambda self: self.node == "fwd", "bwd": lambda self: self.node == "bwd"}
+check = TC._Graph.check_support
+for name, refused in refuse.items():  # each mix: Triton forward + cuDNN backward, cuDNN forward + Triton backward
+    TC._Graph.check_support = lambda self: (_ for _ in ()).throw(RuntimeError("no")) if refused(self) else check(self)
+    C._PLANS.clear()
+    TC._check_grads(qkv, bias)
+print("OK")
+'''
+
+
+def test_the_real_triton_kernel_and_cudnn_follow_each_others_forward():
+    """The real Triton ops (in Triton's interpreter) against the cuDNN stand-in: its log-sum-exp is cuDNN's
+    statistics, so either backward takes the other's forward (the stand-in ``_fake_triton`` above only assumes it)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, TRITON_INTERPRET="1", BEIT_ATTN_BWD="split")
+    proc = subprocess.run([sys.executable, "-c", _MIXED, here], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
