@@ -91,9 +91,10 @@ def check(dtype: torch.dtype, bwd: str) -> list[dict]:
     return rows
 
 
-def _refusals() -> list[str]:
-    """The graphs cuDNN refused so far (``attention_cudnn`` ran the Triton kernel for them)."""
-    return [str(p) for p in CU._PLANS.values() if isinstance(p, Exception)]
+def _refusals(kind: str | None = None) -> list[str]:
+    """The graphs (``kind``: fwd, bwd, or both) cuDNN refused so far (``attention_cudnn`` ran the Triton kernel
+    for them)."""
+    return [str(p) for k, p in CU._PLANS.items() if isinstance(p, Exception) and kind in (None, k[0])]
 
 
 def check_cudnn(dtype: torch.dtype) -> list[dict]:
@@ -109,12 +110,11 @@ def check_cudnn(dtype: torch.dtype) -> list[dict]:
         row = {"shape": [B, H, L, d], "dtype": str(dtype).split(".")[-1], "bwd": "cudnn"}
         CU._PLANS.clear()  # this shape's refusals on their own
         try:
-            with warnings.catch_warnings(record=True) as said:  # a graph cuDNN refuses runs the Triton kernel
-                warnings.simplefilter("always")
+            with warnings.catch_warnings():  # a graph cuDNN refuses runs the Triton kernel: said below, once
+                warnings.simplefilter("ignore", RuntimeWarning)
                 ours = _grads(lambda q, k, v, b: CU.cudnn_bias_attention_packed(
                     torch.stack((q, k, v), 2).transpose(1, 3), b).transpose(1, 2), q, k, v, bias, g)
-            refused = _refusals()
-            if refused or any(issubclass(w.category, RuntimeWarning) for w in said):
+            if refused := _refusals():
                 raise RuntimeError("cuDNN refused, the Triton kernel ran: " + " | ".join(refused)[:600])
         except Exception as e:  # noqa: BLE001 - a refused shape is a result, not the end of the run
             row.update(error=f"{type(e).__name__}: {str(e)[:600]}", **{"pass": False})
@@ -223,7 +223,7 @@ def backward_only(bwds: list[str], chunk_opts: list[int | None], B: int = 128, H
         try:
             out_c, stats = CU._fwd(qkv, bias)
             ms = _bench(CU._bwd, (torch.randn_like(out_c), qkv, bias, out_c, stats), steps=50)
-            res["cudnn"] = {"ms": ms, **({"fell_back": _refusals()} if _refusals() else {})}
+            res["cudnn"] = {"ms": ms, **({"fell_back": _refusals("bwd")} if _refusals("bwd") else {})}
             print(f"attention bwd only {'cudnn':28s} {ms:7.3f} ms  ({ms / B * 1e3:.2f} us an image)", flush=True)
         except Exception as e:  # noqa: BLE001
             res["cudnn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -237,7 +237,9 @@ def test_a_refused_shape_is_warned_once_and_runs_the_triton_kernel(fake_cudnn, m
     qkv, bias = _case()
     with pytest.warns(RuntimeWarning, match=r"B=2 H=3 L=7 d=8 .*no engine.*runs the Triton kernel") as said:
         _check_grads(qkv, bias)
-    assert len(said) == 2 and calls == ["fwd", "bwd"]  # one warning for each refused graph
+    assert calls == ["fwd", "bwd"]  # one warning for each refused graph, naming it
+    assert ["forward graph" in str(w.message) for w in said] == [True, False]
+    assert ["backward graph" in str(w.message) for w in said] == [False, True]
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
         _check_grads(qkv, bias)  # cached: no new warning, no rebuild

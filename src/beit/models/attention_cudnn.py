@@ -171,8 +171,8 @@ def _bias_stride(H: int, L: int, padded: bool) -> list[int]:
 
 def _bias_buffer(H: int, L: int, dtype: torch.dtype, device: torch.device, padded: bool) -> torch.Tensor:
     """An uninitialised ``[1, H, L, L]`` tensor with :func:`_bias_stride`'s strides: contiguous, or (``padded``) each
-    row starting 16 bytes after a multiple of 16 (BEiT's lengths are odd: 197 bf16 values are 394 bytes), for a cuDNN
-    that wants aligned rows."""
+    row starting at a multiple of 16 bytes (BEiT's lengths are odd: 197 bf16 values are 394 bytes), for a cuDNN that
+    wants aligned rows."""
     row = _bias_stride(H, L, padded)[2]
     return torch.empty((1, H, L, row), dtype=dtype, device=device)[..., :L]
 
@@ -236,9 +236,11 @@ def _plan(key: tuple, build: Any, *tensors: torch.Tensor) -> _Plan | None:
                 B, H, L, d = tensors[0].shape
                 # kept as text, without the traceback: its frames hold the call's tensors (q, k, v, ...), which the
                 # cache would otherwise keep alive for the life of the process
-                _PLANS[key] = RuntimeError(f"cuDNN attention with a bias does not take B={B} H={H} L={L} d={d} "
-                                           f"{tensors[0].dtype} on {tensors[0].device} ({type(e).__name__}: {e})")
-                warnings.warn(f"{_PLANS[key]}: this shape runs the Triton kernel (attn_impl=fused_bias) instead",
+                which = "forward" if key[0] == "fwd" else "backward"
+                _PLANS[key] = RuntimeError(f"cuDNN refused the {which} graph of attention with a bias for B={B} H={H} "
+                                           f"L={L} d={d} {tensors[0].dtype} on {tensors[0].device} "
+                                           f"({type(e).__name__}: {e})")
+                warnings.warn(f"{_PLANS[key]}: that {which} runs the Triton kernel (attn_impl=fused_bias) instead",
                               RuntimeWarning, stacklevel=2)
         plan = _PLANS[key]
     return None if isinstance(plan, Exception) else plan
@@ -297,7 +299,8 @@ def _bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor, out: torch.Ten
     q, k, v = _views(qkv)
     bias4 = bias.reshape(1, H, L, L).to(qkv.dtype).contiguous()
     # torch.use_deterministic_algorithms(True): cuDNN's deterministic backward, which refuses a bias shared by the
-    # batch (its sum over images is atomic), so such runs take the Triton kernel's deterministic one
+    # batch (its sum over images is atomic), so such runs take the Triton kernel's backward: deterministic with its
+    # default (BEIT_ATTN_BWD=split or twopass; onepass adds dQ atomically)
     det = torch.are_deterministic_algorithms_enabled()
     with _on(qkv.device):
         dqkv = torch.empty((B, L, 3, H, d), device=qkv.device, dtype=qkv.dtype)  # the qkv projection's layout
