@@ -325,18 +325,7 @@ def _(do, qkv, bias, out, stats):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape), bias.new_empty(bias.shape)  # contiguous whatever bias's strides
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    qkv, bias = inputs
-    out, stats = output
-    ctx.save_for_backward(qkv, bias, out, stats)
-
-
-def _backward(ctx, do, dstats):  # noqa: ANN001, ANN202
-    qkv, bias, out, stats = ctx.saved_tensors
-    return _bwd(do, qkv, bias, out, stats)
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_triton.register_autograd_pair(_fwd, _bwd)
 
 
 def cudnn_bias_attention_packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -501,18 +501,21 @@ def _(do, qkv, bias, out, lse):  # noqa: ANN001, ANN202
     return qkv.new_empty(qkv.shape), torch.empty_like(bias)
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    qkv, bias = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, bias, out, lse)
+def register_autograd_pair(fwd: Any, bwd: Any) -> None:
+    """The autograd formula of a pair of attention custom ops: ``fwd(qkv, bias) -> (out, stats)`` and
+    ``bwd(do, qkv, bias, out, stats) -> (dqkv, dbias)`` (``stats``: the forward's softmax statistics, not
+    differentiated). Saves qkv, bias and the forward's two outputs. Used by this kernel and ``attention_cudnn``."""
+
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx, do, dstats):  # noqa: ANN001, ANN202
+        return bwd(do, *ctx.saved_tensors)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, do, dlse):  # noqa: ANN001, ANN202
-    qkv, bias, out, lse = ctx.saved_tensors
-    return _bwd(do, qkv, bias, out, lse)
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd_pair(_fwd, _bwd)
 
 
 def _packed(qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
