@@ -2,20 +2,20 @@
 
     out = softmax(q @ k^T / sqrt(d) + bias) @ v,   bias: [H, L, L], the same for every image of the batch
 
-cuDNN's scaled-dot-product-attention graph (FlashAttention-2's algorithm; on Hopper its wgmma / TMA kernels, the
-ones SDPA runs for attention without a bias) takes an additive bias, and its backward returns ``dBias`` for a bias
-broadcast over the batch, ``[1, H, L, L]``: the sum over images happens inside cuDNN (atomically, so its last bits
-may vary from run to run), with no ``[B, H, L, L]`` tensor. PyTorch's own cuDNN attention takes a bias but returns
-no gradient for it, so SDPA never picks it for a learned bias; this module reaches the same kernels through NVIDIA's
-``cudnn`` Python package (``pip install nvidia-cudnn-frontend``, the extra ``beit[cudnn]``), which builds the graphs.
+cuDNN's scaled-dot-product-attention graph (FlashAttention-2's algorithm; the library whose kernels SDPA ran for
+BEiT's attention without a bias on an H100, RESULTS.md section 6) takes an additive bias, and its backward returns
+``dBias`` for a bias broadcast over the batch, ``[1, H, L, L]``: the sum over images happens inside cuDNN
+(atomically, so its last bits may vary from run to run), with no ``[B, H, L, L]`` tensor. PyTorch's own cuDNN
+attention takes a bias but returns no gradient for it, so SDPA never picks it for a learned bias; this module
+reaches cuDNN through NVIDIA's ``cudnn`` Python package (``pip install nvidia-cudnn-frontend``, the extra
+``beit[cudnn]``), which builds the graphs.
 
 - Layouts as the Triton kernel's (``attention_triton``): q, k, v are read in place from the qkv projection's
   ``[B, L, 3, H, d]`` output (cuDNN's "bs3hd" layout), the output is written ``[B, L, H, d]``, and the gradients
   come back as one ``[B, L, 3, H, d]`` tensor.
-- One forward and one backward graph per (shape, strides, dtype, device), built on first use (a few hundred ms)
-  and kept; fp16 / bf16 inputs (the bias is cast to their dtype, as the ``sdpa`` path does), fp32 softmax
-  statistics and accumulation; ``d(bias)`` is asked of cuDNN in fp32, else in the inputs' dtype where the
-  installed cuDNN takes only that.
+- One forward and one backward graph per (shape, strides, dtype, device), built on first use and kept; fp16 / bf16
+  inputs (the bias is cast to their dtype, as the ``sdpa`` path does), fp32 softmax statistics and accumulation;
+  ``d(bias)`` is asked of cuDNN in fp32, else in the inputs' dtype where the installed cuDNN takes only that.
 - Wrapped as the custom ops ``beit::cudnn_bias_attention_fwd`` / ``_bwd`` (opaque nodes for ``torch.compile``)
   with the autograd formula registered. :func:`supported_packed` says which inputs go here;
   ``beit.models.attention`` sends the rest to the Triton kernel, then SDPA. A graph cuDNN refuses (a GPU older than
