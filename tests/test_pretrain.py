@@ -86,6 +86,17 @@ def test_pretrain_runs_learns_and_writes_pictures(tiny_setup, tmp_path) -> None:
         main(["visualize", str(alone / "last.pt"), "--num", "1000", "--debug"])
 
 
+def test_model_init_says_in_the_run_log_what_it_loaded(tiny_setup, tmp_path) -> None:
+    first = tmp_path / "first"
+    pretrain(_cfg(tiny_setup, first, max_steps=3))
+    second = tmp_path / "second"
+    cfg = _cfg(tiny_setup, second, max_steps=3)
+    cfg.model.init = str(first / "final")
+    pretrain(cfg)
+    log = (second / "log.txt").read_text()
+    assert f"{first / 'final' / 'model.safetensors'}: loaded " in log and " tensors" in log, log[:2000]
+
+
 def test_resume_is_exact(tiny_setup, tmp_path) -> None:
     full = tmp_path / "full"
     pretrain(_cfg(tiny_setup, full, max_steps=8))

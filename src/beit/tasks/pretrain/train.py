@@ -19,6 +19,7 @@ from ...data.datasets import set_max_image_pixels
 from ...data.transforms import collate_pretrain
 from ...engine import Trainer
 from ...engine import distributed as D
+from ...engine.logging import setup_logging
 from ...engine.trainer import check_run_can_start, seed_everything
 from ...interop import save_model
 from ...models.beit import masked_positions
@@ -79,6 +80,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     D.init_distributed()
     # the output folder and --resume as fit() will judge them, before the tokenizer, model and data are built
     check_run_can_start(cfg.train, cfg)
+    # the run's log from here: what the tokenizer and model.init loaded is said in it (the engine set it up later)
+    setup_logging(cfg.train.output_dir, D.is_main())
     seed_everything(cfg.train.seed)  # the model's initial weights are a function of the seed alone
     device = D.device()
     tokenizer = build_tokenizer(cfg.tokenizer, device)
