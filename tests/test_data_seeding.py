@@ -68,6 +68,29 @@ def test_nested_and_generator_for() -> None:
     assert gen_draw.shape == (2,)
 
 
+def test_in_a_worker_the_outer_block_only_seeds_and_nested_blocks_still_restore(monkeypatch) -> None:
+    import beit.data.seeding as S
+
+    with seeded(0, 0, 0):
+        main_draws = [_draw(), _draw()]
+        with seeded(0, 0, 1):
+            _draw()
+        main_after_inner = _draw()  # the inner block restored the outer stream
+    monkeypatch.setattr(S, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    torch.manual_seed(5)
+    with seeded(0, 0, 0):
+        assert [_draw(), _draw()] == main_draws  # the same draws: the sample does not depend on where it is made
+        with seeded(0, 0, 1):
+            _draw()
+        assert _draw() == main_after_inner  # a nested block restores, in a worker too
+        inside = torch.random.get_rng_state()
+    assert torch.equal(torch.random.get_rng_state(), inside)  # the outer one did not restore (nothing to keep)
+    with pytest.raises(RuntimeError):  # the nesting count survives an exception
+        with seeded(0, 0, 2):
+            raise RuntimeError("boom")
+    assert S._open.depth == 0
+
+
 def test_invalid_and_stable_index() -> None:
     with pytest.raises(ValueError, match="epoch"):
         derive_seed(0, -1, 0)
