@@ -85,7 +85,7 @@ def seeded(seed: int, epoch: int, index: int) -> Iterator[torch.Generator]:
     Yields a fresh generator seeded from the same triple for code that prefers an explicit one.
     CUDA generators are not touched: data augmentation runs on CPU in DataLoader workers.
 
-    In a DataLoader worker, an outermost block skips the save and restore (0.23 -> 0.05 ms a block on the
+    In a DataLoader worker, an outermost block skips the save and restore (0.27 -> 0.06 ms a block on the
     2-core machine, ``benchmarks/seeding_cost.py``): every sample seeds all three streams first, and the
     worker draws nothing from them between samples that the restore would keep apart. Nested blocks, and
     every block in the main process (``num_workers=0``, where the training loop's streams continue after),
