@@ -56,38 +56,56 @@ def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
     return (a.double() - b.double()).abs().max().item() <= 8 * torch.finfo(a.dtype).eps * b.double().abs().max().item()
 
 
+NAMES = ["out", "dq", "dk", "dv", "dbias"]  # what _grads returns, in its order
+
+
+def _case(B: int, H: int, L: int, d: int, dtype: torch.dtype) -> tuple:
+    """Seeded inputs of one shape in the model's layout (q, k, v permuted views of one ``[B, L, 3, H, d]``), and
+    the fp64 eager reference's output and gradients."""
+    torch.manual_seed(0)
+    qkv = torch.randn(B, L, 3, H, d, device="cuda").to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    bias = torch.randn(1, H, L, L, device="cuda")
+    g = torch.randn(B, H, L, d, device="cuda").to(dtype)
+    ref = _grads(lambda *a: eager_attention(*a), *(t.double() for t in (q, k, v, bias)), g.double())
+    return q, k, v, bias, g, ref
+
+
+def _errors(row: dict, ref: list, ours: list, sdpa: list, dtype: torch.dtype) -> bool:
+    """Each result's max error relative to the reference's largest value, ours and SDPA's, into ``row``; whether
+    ours is within the tolerance and no worse than 2x SDPA's."""
+    ok = True
+    for n, r, a, sd in zip(NAMES, ref, ours, sdpa):
+        scale = r.abs().max().item()
+        row[n] = {"ours": (a.double() - r).abs().max().item() / scale,
+                  "sdpa": (sd.double() - r).abs().max().item() / scale}
+        ok &= row[n]["ours"] <= TOL[dtype] and row[n]["ours"] <= max(2 * row[n]["sdpa"], TOL[dtype] / 10)
+    return ok
+
+
+def _say(label: str, row: dict) -> None:
+    print(f"{label:8s} {row['dtype']:8s} {str(tuple(row['shape'])):20s} " + "  ".join(
+        f"{n} {row[n]['ours']:.1e} (sdpa {row[n]['sdpa']:.1e})" for n in NAMES)
+        + f"  {'PASS' if row['pass'] else 'FAIL'}", flush=True)
+
+
 def check(dtype: torch.dtype, bwd: str) -> list[dict]:
     T.BWD = bwd
     rows = []
     for B, H, L, d in SHAPES:
-        torch.manual_seed(0)
-        qkv = torch.randn(B, L, 3, H, d, device="cuda").to(dtype)  # the model's layout: permuted views
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = torch.randn(1, H, L, L, device="cuda")
-        g = torch.randn(B, H, L, d, device="cuda").to(dtype)
-        ref = _grads(lambda *a: eager_attention(*a), *(t.double() for t in (q, k, v, bias)), g.double())
+        q, k, v, bias, g, ref = _case(B, H, L, d, dtype)
         ours = _grads(lambda q, k, v, b: fused_bias_attention(q, k, v, b), q, k, v, bias, g)
         sdpa = _grads(lambda q, k, v, b: sdpa_attention(q, k, v, b.to(q.dtype)), q, k, v, bias, g)
-        names = ["out", "dq", "dk", "dv", "dbias"]
         row = {"shape": [B, H, L, d], "dtype": str(dtype).split(".")[-1], "bwd": bwd}
-        ok = True
-        for n, r, a, s in zip(names, ref, ours, sdpa):
-            scale = r.abs().max().item()
-            e_ours = (a.double() - r).abs().max().item() / scale
-            e_sdpa = (s.double() - r).abs().max().item() / scale
-            row[n] = {"ours": e_ours, "sdpa": e_sdpa}
-            ok &= e_ours <= TOL[dtype] and e_ours <= max(2 * e_sdpa, TOL[dtype] / 10)
+        ok = _errors(row, ref, ours, sdpa, dtype)
         # the packed form the model calls reads/writes the projection's layout: the same numbers as above
         packed = _grads(lambda q, k, v, b: fused_bias_attention_packed(
             torch.stack((q, k, v), 2).transpose(1, 3), b).transpose(1, 2), q, k, v, bias, g)
         row["packed_equals_unpacked"] = all(_same(a, p, exact=not (bwd == "onepass" and n == "dq"))
-                                            for n, a, p in zip(names, ours, packed))
-        ok &= row["packed_equals_unpacked"]
-        row["pass"] = bool(ok)
+                                            for n, a, p in zip(NAMES, ours, packed))
+        row["pass"] = bool(ok and row["packed_equals_unpacked"])
         rows.append(row)
-        print(f"{bwd:8s} {row['dtype']:8s} {str((B, H, L, d)):20s} " + "  ".join(
-            f"{n} {row[n]['ours']:.1e} (sdpa {row[n]['sdpa']:.1e})" for n in names) + f"  {'PASS' if ok else 'FAIL'}",
-            flush=True)
+        _say(bwd, row)
     return rows
 
 
@@ -101,12 +119,7 @@ def check_cudnn(dtype: torch.dtype) -> list[dict]:
     """``cudnn_bias_attention_packed`` against fp64 eager, with the tolerance and SDPA rule of :func:`check`."""
     rows = []
     for B, H, L, d in SHAPES:
-        torch.manual_seed(0)
-        qkv = torch.randn(B, L, 3, H, d, device="cuda").to(dtype)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = torch.randn(1, H, L, L, device="cuda")
-        g = torch.randn(B, H, L, d, device="cuda").to(dtype)
-        ref = _grads(lambda *a: eager_attention(*a), *(t.double() for t in (q, k, v, bias)), g.double())
+        q, k, v, bias, g, ref = _case(B, H, L, d, dtype)
         row = {"shape": [B, H, L, d], "dtype": str(dtype).split(".")[-1], "bwd": "cudnn"}
         CU._PLANS.clear()  # this shape's refusals on their own
         try:
@@ -122,17 +135,9 @@ def check_cudnn(dtype: torch.dtype) -> list[dict]:
             print(f"cudnn    {row['dtype']:8s} {str((B, H, L, d)):20s} FAILED {row['error']}", flush=True)
             continue
         sdpa = _grads(lambda q, k, v, b: sdpa_attention(q, k, v, b.to(q.dtype)), q, k, v, bias, g)
-        ok = True
-        for n, r, a, sd in zip(["out", "dq", "dk", "dv", "dbias"], ref, ours, sdpa):
-            scale = r.abs().max().item()
-            row[n] = {"ours": (a.double() - r).abs().max().item() / scale,
-                      "sdpa": (sd.double() - r).abs().max().item() / scale}
-            ok &= row[n]["ours"] <= TOL[dtype] and row[n]["ours"] <= max(2 * row[n]["sdpa"], TOL[dtype] / 10)
-        row["pass"] = bool(ok)
+        row["pass"] = _errors(row, ref, ours, sdpa, dtype)
         rows.append(row)
-        print(f"cudnn    {row['dtype']:8s} {str((B, H, L, d)):20s} " + "  ".join(
-            f"{n} {row[n]['ours']:.1e} (sdpa {row[n]['sdpa']:.1e})" for n in ["out", "dq", "dk", "dv", "dbias"])
-            + f"  {'PASS' if ok else 'FAIL'}", flush=True)
+        _say("cudnn", row)
     return rows
 
 
