@@ -14,6 +14,7 @@
 #   PACK=$OUT/gpu_smoke.tgz bash benchmarks/gpu_smoke.sh .carry/data /tmp/smoke   # + logs/JSON/PNGs in one tgz
 #   BEIT_SMOKE_CPU=1 bash benchmarks/gpu_smoke.sh .carry/data /tmp/smoke_cpu      # tiny models, CPU, ~9 min
 #   STAGES="layout_docbank layout_eval layout_predict layout_publaynet" bash ...   # a subset (e.g. a second call)
+#   ATTN=cudnn_bias bash ...     # every BEiT stage with that attention path (model_overrides.attn_impl)
 #
 # Needs: python3 with torch, torchvision, timm, omegaconf, pycocotools (layout), tensorboard, matplotlib;
 # beit is run from this checkout (PYTHONPATH=src), not installed. Knobs: the variables below (env wins).
@@ -78,6 +79,8 @@ else
   SEG_MS=${SEG_MS:-"[0.75,1.0,1.25]"}
 fi
 C=("train.compile=$COMPILE")
+# ATTN=cudnn_bias (or fused_bias, eager, ...): every stage with a BEiT encoder runs that attention path
+M=(); [ -n "${ATTN:-}" ] && M=("model_overrides.attn_impl=$ATTN")
 [ -n "${COMPILE_SCOPE:-}" ] && C+=("train.compile_scope=$COMPILE_SCOPE")   # blocks | model; unset: the preset's
 W="train.num_workers=$WORKERS"
 warm() { echo "train.warmup_steps=$(( $1 / 8 + 1 ))"; }   # the presets' warmup is longer than the cut run
@@ -183,26 +186,26 @@ stage pretrain "tokenizer" "$PRE/final/model.safetensors $PRE/final/config.json 
   "jsonl $PRE/metrics.jsonl loss mim_acc" -- \
   "${BEIT[@]}" pretrain -c "$CFG_PRETRAIN" "data.path=$CIFAR/train" "tokenizer.path=$TOK/dvae.safetensors" \
   "train.output_dir=$PRE" "train.max_steps=$PRE_STEPS" "$(warm "$PRE_STEPS")" train.log_every=5 \
-  "$(images "$PRE_STEPS")" "$W" "${C[@]}" "${TINY_PRE[@]}"
+  "$(images "$PRE_STEPS")" "$W" "${C[@]}" "${M[@]}" "${TINY_PRE[@]}"
 
 # the same run from the JPEG folder instead of memory: the device path with JPEGs decoded in the loader's workers
 stage pretrain_files "tokenizer" "$RUNS/pretrain_files/final/model.safetensors $RUNS/pretrain_files/metrics.jsonl" \
   "jsonl $RUNS/pretrain_files/metrics.jsonl loss mim_acc" -- \
   "${BEIT[@]}" pretrain -c "$CFG_PRETRAIN" "data.path=$CIFAR/train" data.in_memory=false \
   "tokenizer.path=$TOK/dvae.safetensors" "train.output_dir=$RUNS/pretrain_files" "train.max_steps=$PRE_STEPS" \
-  "$(warm "$PRE_STEPS")" train.log_every=5 "$W" "${C[@]}" "${TINY_PRE[@]}"
+  "$(warm "$PRE_STEPS")" train.log_every=5 "$W" "${C[@]}" "${M[@]}" "${TINY_PRE[@]}"
 
 stage finetune "pretrain" "$FT/model/model.safetensors $FT/model/config.json $FT/metrics.jsonl $FT/eval/metrics.json $FT/best.pt" \
   "jsonl $FT/metrics.jsonl top1 loss" -- \
   "${BEIT[@]}" finetune -c "$CFG_FINETUNE" "model=$PRE/final" "data.train_dir=$CIFAR/train" \
   "data.val_dir=$CIFAR/test" "train.output_dir=$FT" "train.max_steps=$FT_STEPS" "$(warm "$FT_STEPS")" \
-  train.log_every=5 "$W" "${C[@]}" "${TINY_FT[@]}"
+  train.log_every=5 "$W" "${C[@]}" "${M[@]}" "${TINY_FT[@]}"
 
 stage finetune_files "pretrain" "$RUNS/finetune_files/model/model.safetensors $RUNS/finetune_files/metrics.jsonl" \
   "jsonl $RUNS/finetune_files/metrics.jsonl top1 loss" -- \
   "${BEIT[@]}" finetune -c "$CFG_FINETUNE" "model=$PRE/final" "data.train_dir=$CIFAR/train" data.in_memory=false \
   "data.val_dir=$CIFAR/test" "train.output_dir=$RUNS/finetune_files" "train.max_steps=$FT_STEPS" \
-  "$(warm "$FT_STEPS")" train.log_every=5 "$W" "${C[@]}" "${TINY_FT[@]}"
+  "$(warm "$FT_STEPS")" train.log_every=5 "$W" "${C[@]}" "${M[@]}" "${TINY_FT[@]}"
 
 stage evaluate "finetune" "$RUNS/evaluate/metrics.json $RUNS/evaluate/per_class.csv" "json $RUNS/evaluate/metrics.json top1 top5" -- \
   "${BEIT[@]}" evaluate "$FT/model" --data "$CIFAR/test" --out "$RUNS/evaluate" --num-workers "$WORKERS"
@@ -213,14 +216,14 @@ stage predict "finetune" "$RUNS/predictions.csv" "lines $RUNS/predictions.csv" -
 stage linprobe "pretrain" "$LP/linprobe.json" "json $LP/linprobe.json best_block best_top1" -- \
   "${BEIT[@]}" linprobe -c "$CFG_LINPROBE" "model=$PRE/final" img_size=32 layers=all \
   "data.train_dir=$CIFAR/train" "data.val_dir=$CIFAR/test" "train.output_dir=$LP" "train.epochs=$LP_EPOCHS" \
-  "extract_num_workers=$WORKERS" train.log_every=5 "${C[@]}" "${TINY_LP[@]}"
+  "extract_num_workers=$WORKERS" train.log_every=5 "${C[@]}" "${M[@]}" "${TINY_LP[@]}"
 
 stage visualize "pretrain" "$RUNS/mim_panel.png" "file $RUNS/mim_panel.png" -- \
   "${BEIT[@]}" visualize "$PRE/last.pt" --out "$RUNS/mim_panel.png"
 
 stage segment "" "$SEG/last.pt $SEG/metrics.jsonl $SEG/curves.png" "jsonl $SEG/metrics.jsonl mIoU aAcc" -- \
   "${BEIT[@]}" segment train "$SEG_CONFIG_FLAG" "$CFG_SEGMENT" "data.root=$DATA/CamVid" "train.output_dir=$SEG" \
-  "train.max_steps=$SEG_STEPS" "$(warm "$SEG_STEPS")" train.log_every=5 "$W" "${C[@]}" "${TINY_SEG[@]}"
+  "train.max_steps=$SEG_STEPS" "$(warm "$SEG_STEPS")" train.log_every=5 "$W" "${C[@]}" "${M[@]}" "${TINY_SEG[@]}"
 
 stage segment_eval "segment" "$RUNS/segment_eval/metrics.json" "json $RUNS/segment_eval/metrics.json mIoU aAcc" -- \
   "${BEIT[@]}" segment eval --ckpt "$SEG/last.pt" --output "$RUNS/segment_eval" test.mode=slide
@@ -234,7 +237,7 @@ SEG_IMAGES=$(ls "$DATA"/CamVid/val/*.jpg | head -4)
 stage segment_predict "segment" "$RUNS/segment_predict/*.png" "" -- \
   "${BEIT[@]}" segment predict --ckpt "$SEG/last.pt" --input $SEG_IMAGES --output "$RUNS/segment_predict"
 
-LAYOUT_COMMON=("train.max_steps=$LAYOUT_STEPS" "$(warm "$LAYOUT_STEPS")" train.log_every=5 train.eval_every=1 "$W" "${C[@]}")
+LAYOUT_COMMON=("train.max_steps=$LAYOUT_STEPS" "$(warm "$LAYOUT_STEPS")" train.log_every=5 train.eval_every=1 "$W" "${C[@]}" "${M[@]}")
 stage layout_docbank "" "$LAYD/last.pt $LAYD/metrics.jsonl $LAYD/ap_table.txt" "jsonl $LAYD/metrics.jsonl bbox/AP bbox/AP50" -- \
   "${BEIT[@]}" layout train "$LAYOUT_CONFIG_FLAG" "$CFG_LAYOUT_DOCBANK" "data.train_ann=$DATA/docbank/annotations.json" \
   "train.output_dir=$LAYD" data.repeat=3 "${LAYOUT_COMMON[@]}" "${TINY_LAYOUT[@]}"
