@@ -192,6 +192,20 @@ def test_plans_are_built_once_per_shape_and_dbias_falls_back_to_the_inputs_dtype
     assert len(_Graph.built) == 3
 
 
+def test_the_cached_graphs_are_dropped_at_exit():
+    """The plans go at exit, before the interpreter's teardown (where the frontend's bindings report live graphs
+    as leaks): a cached object's finaliser runs while ``sys.is_finalizing()`` is still False."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom beit.models import attention_cudnn as C\n"
+            "class Plan:\n    def __del__(self):\n"
+            "        print('during teardown' if sys.is_finalizing() else 'before teardown', flush=True)\n"
+            "C._PLANS[('fwd',)] = Plan()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "before teardown"
+
 def _fake_triton(monkeypatch) -> list[str]:  # noqa: ANN001
     """A stand-in for the Triton kernel's ops (``attention_triton._fwd`` / ``_bwd``) that, like them, returns the
     log-sum-exp of the scaled scores plus the bias and recomputes P from it in the backward."""

@@ -29,6 +29,7 @@ Source: NVIDIA cuDNN frontend, "Attention" operation docs (``sdpa`` / ``sdpa_bac
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib.util
@@ -54,6 +55,15 @@ _RUN_LOCK = threading.Lock()
 _HANDLE_LOCK = threading.Lock()
 _PLANS: dict[tuple, _Plan | Exception] = {}  # graph key -> built plan, or why cuDNN refused it
 _HANDLES: dict[int, Any] = {}  # CUDA device index -> cudnn handle
+
+
+@atexit.register
+def _drop_plans() -> None:
+    """Free the cached graphs before the interpreter's teardown, where the frontend's bindings (nanobind) report
+    each graph still alive as a leak: ~60 lines of "nanobind: leaked ..." at the end of every process that ran
+    this op (seen on an H100, 2026-12-06, benchmarks/RESULTS.md section 6)."""
+    with _LOCK:
+        _PLANS.clear()
 
 
 def _cudnn() -> Any:
