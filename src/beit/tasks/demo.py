@@ -62,8 +62,8 @@ class DemoConfig:
     data_device: str = "batched"
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
     # the from-scratch arm fine-tunes in a second process beside the pre-trained arm, the CPU threads split between
-    # them (where torch has 2 or more): a model this small uses 2 threads poorly, so the two arms together take
-    # ~0.6x the time of one after the other (RESULTS.md section 5); False: one after the other, in this process
+    # them (where torch has 2 or more): a model this small uses 2 threads poorly (two 1-thread processes: 1.6x the
+    # steps of one 2-thread process on 2 cores; RESULTS.md section 5); False: one after the other, in this process
     parallel_arms: bool = True
 
     def encoder(self) -> dict[str, int]:
@@ -116,23 +116,12 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def _set_threads(n: int) -> None:
-    torch.set_num_threads(n)
-
-
-def _finetune_quietly(cfg: FinetuneConfig) -> float:
-    """One fine-tuning run with the console quiet (its ``log.txt`` gets everything): the held-out top-1 (%)."""
+def _finetune_quietly(cfg: FinetuneConfig, threads: int) -> float:
+    """One fine-tuning run on ``threads`` CPU threads with the console quiet (its ``log.txt`` gets everything): the
+    held-out top-1 (%). Runs in the second process of ``parallel_arms``."""
+    torch.set_num_threads(threads)
     with quiet_console():
         return float(finetune(cfg).get("top1", float("nan")))
-
-
-def _second_process(threads: int) -> ProcessPoolExecutor:
-    """One worker process (spawned: a fork of a process that has run torch's OpenMP threads can hang) that runs
-    with ``threads`` CPU threads; started now, so that its imports overlap the tokenizer's training."""
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
-                               initargs=(threads,))
-    pool.submit(int)  # starts the process
-    return pool
 
 
 def _stop(pool: ProcessPoolExecutor, failed: bool) -> None:
@@ -144,9 +133,11 @@ def _stop(pool: ProcessPoolExecutor, failed: bool) -> None:
 
 
 def _finetune_arms(c: DemoConfig, sources: dict[str, tuple[str, dict]], data: DataConfig, ft_train: TrainConfig,
-                   out: Path, t0: float, pool: ProcessPoolExecutor | None, threads: int) -> dict[str, list[float]]:
-    """Each arm fine-tuned once per seed: {arm: [top-1 %, one per seed]}. With ``pool`` (see ``parallel_arms``)
-    the scratch arm runs there while this process runs the pre-trained arm on the other threads."""
+                   out: Path, t0: float) -> dict[str, list[float]]:
+    """Each arm fine-tuned once per seed: {arm: [top-1 %, one per seed]}. With ``c.parallel_arms`` and 2 or more
+    torch threads, the scratch arm runs in a second process (spawned: a fork of a process that has run torch's
+    OpenMP threads can hang; started only now, so that its imports take the core this process leaves free rather
+    than slow the tokenizer) on half the threads, while this process runs the pre-trained arm on the rest."""
 
     def config(arm: str, seed: int) -> FinetuneConfig:
         source, overrides = sources[arm]
@@ -156,12 +147,16 @@ def _finetune_arms(c: DemoConfig, sources: dict[str, tuple[str, dict]], data: Da
                                             seed=seed))
 
     top1: dict[str, list[float]] = {arm: [] for arm in sources}
+    threads = torch.get_num_threads()
+    pool = None
     beside: list[Future] = []
-    if pool is not None:
-        beside = [pool.submit(_finetune_quietly, config("scratch", seed)) for seed in c.seeds]
+    if c.parallel_arms and threads >= 2:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        beside = [pool.submit(_finetune_quietly, config("scratch", seed), threads // 2) for seed in c.seeds]
         print(f"      the from-scratch arm fine-tunes beside it, in a second process, quietly: its logs are in "
               f"{out}/finetune_scratch/seed*/log.txt", flush=True)
         torch.set_num_threads(threads - threads // 2)
+    failed = True
     try:
         for i, seed in enumerate(c.seeds):
             if i == 1:
@@ -175,8 +170,11 @@ def _finetune_arms(c: DemoConfig, sources: dict[str, tuple[str, dict]], data: Da
                     top1[arm].append(float(finetune(config(arm, seed)).get("top1", float("nan"))))
             print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
                   f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
+        failed = False
     finally:
         torch.set_num_threads(threads)
+        if pool is not None:
+            _stop(pool, failed)
     return top1
 
 
@@ -203,54 +201,45 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     train_dir, test_dir = write_digits(out / "data", c.img_size)
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
 
-    threads = torch.get_num_threads()
-    pool = _second_process(threads // 2) if c.parallel_arms and threads >= 2 else None
-    try:
-        tok_cfg = TokenizerTrainConfig(
-            data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8, in_memory=True,
-            # a pull of the batch's code use towards uniform keeps the codebook in use (without it: ~5 of 128 codes)
-            model=DVAEConfig(vocab_size=c.vocab_size, hidden=48, downsample=c.patch_size, num_res_blocks=1,
-                             codebook_dim=32, kl_weight=c.tok_kl_weight, usage_weight=c.tok_usage_weight,
-                             temperature_anneal_steps=c.tok_steps),
-            train=TrainConfig(output_dir=str(out / "tokenizer"), max_steps=c.tok_steps, batch_size=64, lr=3e-3,
-                              min_lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=10**9, seed=0, **common),
-        )
-        tok = train_tokenizer(tok_cfg)
-        psnr, ppl = tok.get("heldout_psnr", float("nan")), tok.get("heldout_perplexity", float("nan"))
-        print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
-              f"{ppl:.1f} of {c.vocab_size}", flush=True)
+    tok_cfg = TokenizerTrainConfig(
+        data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8, in_memory=True,
+        # a pull of the batch's code use towards uniform keeps the codebook in use (without it: ~5 of 128 codes)
+        model=DVAEConfig(vocab_size=c.vocab_size, hidden=48, downsample=c.patch_size, num_res_blocks=1,
+                         codebook_dim=32, kl_weight=c.tok_kl_weight, usage_weight=c.tok_usage_weight,
+                         temperature_anneal_steps=c.tok_steps),
+        train=TrainConfig(output_dir=str(out / "tokenizer"), max_steps=c.tok_steps, batch_size=64, lr=3e-3,
+                          min_lr=1e-4, warmup_steps=10, weight_decay=0.0, eval_every=10**9, seed=0, **common),
+    )
+    tok = train_tokenizer(tok_cfg)
+    psnr, ppl = tok.get("heldout_psnr", float("nan")), tok.get("heldout_perplexity", float("nan"))
+    print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
+          f"{ppl:.1f} of {c.vocab_size}", flush=True)
 
-        pre_cfg = PretrainConfig(
-            model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=c.img_size, patch_size=c.patch_size,
-                                      drop_path_rate=0.0, **c.encoder()),
-            data=PretrainDataConfig(path=str(train_dir), in_memory=True, device=c.data_device, scale=(0.5, 1.0),
-                                    color_jitter=0.0, hflip=0.0,
-                                    num_mask_patches=c.num_mask_patches,
-                                    min_mask_patches_per_block=c.min_mask_patches_per_block),
-            tokenizer=PretrainTokenizerConfig(kind="dvae", path=tok["tokenizer_path"]),
-            train=TrainConfig(output_dir=str(out / "pretrain"), max_steps=c.pre_steps, batch_size=c.batch_size,
-                              lr=c.pre_lr, min_lr=1e-5, warmup_steps=max(1, c.pre_steps // 10), weight_decay=0.05,
-                              betas=(0.9, 0.98), clip_grad=3.0, image_every=10**9, seed=0, **common),
-            vis_samples=6,
-        )
-        pre = pretrain(pre_cfg)
-        mim_acc = pre.get("train/mim_acc", float("nan"))
-        print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
+    pre_cfg = PretrainConfig(
+        model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=c.img_size, patch_size=c.patch_size,
+                                  drop_path_rate=0.0, **c.encoder()),
+        data=PretrainDataConfig(path=str(train_dir), in_memory=True, device=c.data_device, scale=(0.5, 1.0),
+                                color_jitter=0.0, hflip=0.0,
+                                num_mask_patches=c.num_mask_patches,
+                                min_mask_patches_per_block=c.min_mask_patches_per_block),
+        tokenizer=PretrainTokenizerConfig(kind="dvae", path=tok["tokenizer_path"]),
+        train=TrainConfig(output_dir=str(out / "pretrain"), max_steps=c.pre_steps, batch_size=c.batch_size,
+                          lr=c.pre_lr, min_lr=1e-5, warmup_steps=max(1, c.pre_steps // 10), weight_decay=0.05,
+                          betas=(0.9, 0.98), clip_grad=3.0, image_every=10**9, seed=0, **common),
+        vis_samples=6,
+    )
+    pre = pretrain(pre_cfg)
+    mim_acc = pre.get("train/mim_acc", float("nan"))
+    print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
 
-        ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
-                               warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
-                               eval_every=2, **{**common, "log_every": 10 if quick else 25})
-        data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
-                          reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding, device=c.data_device)
-        sources = {"pretrained": (pre["model_dir"], {}),
-                   "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
-        top1 = _finetune_arms(c, sources, data, ft_train, out, t0, pool, threads)
-    except BaseException:
-        if pool is not None:
-            _stop(pool, failed=True)
-        raise
-    if pool is not None:
-        _stop(pool, failed=False)
+    ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
+                           warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
+                           eval_every=2, **{**common, "log_every": 10 if quick else 25})
+    data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
+                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding, device=c.data_device)
+    sources = {"pretrained": (pre["model_dir"], {}),
+               "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
+    top1 = _finetune_arms(c, sources, data, ft_train, out, t0)
     stats = {arm: _mean_spread(v) for arm, v in top1.items()}
     n_test = sum(1 for _ in test_dir.rglob("*.png"))
     pm, ps = stats["pretrained"]
