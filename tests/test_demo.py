@@ -54,7 +54,7 @@ def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys) -> None:
     from beit.tasks.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
-    summary = run_demo(out, cfg=DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1), parallel_arms=False))
+    summary = run_demo(out, cfg=DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1)))
     printed = capsys.readouterr().out
     assert [len(a["runs"]) for a in summary["top1"].values()] == [2, 2]
     assert "seed 0: pre-trained" in printed and "seed 1: pre-trained" in printed
@@ -88,26 +88,3 @@ def test_a_second_demo_replaces_the_first(tmp_path) -> None:
     (out / "finetune_scratch" / "seed7" / "log.txt").write_text("old")
     _clear_previous_demo(out)
     assert not (out / "data").exists() and not (out / "finetune_scratch").exists()
-
-
-def test_scratch_arm_in_a_second_process_gives_the_same_numbers(tmp_path, capsys, monkeypatch) -> None:
-    """parallel_arms: the scratch arm fine-tunes in a spawned process beside the pre-trained arm (the threads split
-    between them, this process's restored after); its runs are the ones the sequential demo makes, to the digit."""
-    import torch
-
-    from beit.tasks.demo import DemoConfig
-
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on the 2-core machine, whatever this one has
-    threads = []
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)
-    cfg = DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1))
-    par = run_demo(tmp_path / "par", cfg=cfg)
-    printed = capsys.readouterr().out
-    assert "fine-tunes beside it, in a second process" in printed
-    assert printed.count("step 12/12") == 3  # tokenizer, pre-training, the pre-trained arm's seed 0: not scratch's
-    assert threads == [1, 2]  # this process: 1 thread for its arm, then back to 2 (the worker sets its own)
-    for seed in (0, 1):
-        assert "step 12/12" in (tmp_path / "par" / "finetune_scratch" / f"seed{seed}" / "log.txt").read_text()
-    seq = run_demo(tmp_path / "seq", cfg=DemoConfig(**{**cfg.__dict__, "parallel_arms": False}))
-    for arm in ("pretrained", "scratch"):  # one thread or two: the same runs (a digit of 359 is 0.28 points)
-        assert par["top1"][arm]["runs"] == pytest.approx(seq["top1"][arm]["runs"], abs=0.6)

@@ -8,16 +8,13 @@ modeling, then fine-tune it and a from-scratch twin with the same recipe and ste
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ..data.demo import load_digits_images, train_test_split
@@ -61,10 +58,6 @@ class DemoConfig:
     # process, ~1.6x faster demo on 2 cores than "cpu", the per-sample PIL path; RESULTS.md section 5)
     data_device: str = "batched"
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
-    # the from-scratch arm fine-tunes in a second process beside the pre-trained arm, the CPU threads split between
-    # them (where torch has 2 or more): a model this small uses 2 threads poorly (two 1-thread processes: 1.6x the
-    # steps of one 2-thread process on 2 cores; RESULTS.md section 5); False: one after the other, in this process
-    parallel_arms: bool = True
 
     def encoder(self) -> dict[str, int]:
         return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
@@ -114,68 +107,6 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
     return m, sd
-
-
-def _finetune_quietly(cfg: FinetuneConfig, threads: int) -> float:
-    """One fine-tuning run on ``threads`` CPU threads with the console quiet (its ``log.txt`` gets everything): the
-    held-out top-1 (%). Runs in the second process of ``parallel_arms``."""
-    torch.set_num_threads(threads)
-    with quiet_console():
-        return float(finetune(cfg).get("top1", float("nan")))
-
-
-def _stop(pool: ProcessPoolExecutor, failed: bool) -> None:
-    """Shut the second process down; after a failure here without waiting for a run whose result nobody reads."""
-    if failed:  # the executor has no public way to stop a running call before Python 3.14's terminate_workers
-        for p in list((getattr(pool, "_processes", None) or {}).values()):
-            p.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _finetune_arms(c: DemoConfig, sources: dict[str, tuple[str, dict]], data: DataConfig, ft_train: TrainConfig,
-                   out: Path, t0: float) -> dict[str, list[float]]:
-    """Each arm fine-tuned once per seed: {arm: [top-1 %, one per seed]}. With ``c.parallel_arms`` and 2 or more
-    torch threads, the scratch arm runs in a second process (spawned: a fork of a process that has run torch's
-    OpenMP threads can hang; started only now, so that its imports take the core this process leaves free rather
-    than slow the tokenizer) on half the threads, while this process runs the pre-trained arm on the rest."""
-
-    def config(arm: str, seed: int) -> FinetuneConfig:
-        source, overrides = sources[arm]
-        return FinetuneConfig(model=source, model_overrides=overrides, img_size=c.img_size, drop_path=0.0,
-                              mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
-                              train=replace(ft_train, output_dir=str(out / f"finetune_{arm}" / f"seed{seed}"),
-                                            seed=seed))
-
-    top1: dict[str, list[float]] = {arm: [] for arm in sources}
-    threads = torch.get_num_threads()
-    pool = None
-    beside: list[Future] = []
-    if c.parallel_arms and threads >= 2:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        beside = [pool.submit(_finetune_quietly, config("scratch", seed), threads // 2) for seed in c.seeds]
-        print(f"      the from-scratch arm fine-tunes beside it, in a second process, quietly: its logs are in "
-              f"{out}/finetune_scratch/seed*/log.txt", flush=True)
-        torch.set_num_threads(threads - threads // 2)
-    failed = True
-    try:
-        for i, seed in enumerate(c.seeds):
-            if i == 1:
-                print(f"      the other seeds run quietly: their logs are in {out}/finetune_*/seed*/log.txt",
-                      flush=True)
-            for arm in sources:
-                if pool is not None and arm == "scratch":
-                    top1[arm].append(beside[i].result())
-                    continue
-                with quiet_console() if i > 0 else nullcontext():
-                    top1[arm].append(float(finetune(config(arm, seed)).get("top1", float("nan"))))
-            print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
-                  f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
-        failed = False
-    finally:
-        torch.set_num_threads(threads)
-        if pool is not None:
-            _stop(pool, failed)
-    return top1
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig | None = None) -> dict[str, Any]:
@@ -239,7 +170,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
                       reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding, device=c.data_device)
     sources = {"pretrained": (pre["model_dir"], {}),
                "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
-    top1 = _finetune_arms(c, sources, data, ft_train, out, t0)
+    top1: dict[str, list[float]] = {arm: [] for arm in sources}
+    for i, seed in enumerate(c.seeds):
+        if i == 1:
+            print(f"      the other seeds run quietly: their logs are in {out}/finetune_*/seed*/log.txt", flush=True)
+        for arm, (source, overrides) in sources.items():
+            run_dir = out / f"finetune_{arm}" / f"seed{seed}"
+            ft = FinetuneConfig(model=source, model_overrides=overrides, img_size=c.img_size, drop_path=0.0,
+                                mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
+                                train=replace(ft_train, output_dir=str(run_dir), seed=seed))
+            with quiet_console() if i > 0 else nullcontext():
+                top1[arm].append(float(finetune(ft).get("top1", float("nan"))))
+        print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
+              f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
     stats = {arm: _mean_spread(v) for arm, v in top1.items()}
     n_test = sum(1 for _ in test_dir.rglob("*.png"))
     pm, ps = stats["pretrained"]
