@@ -206,6 +206,21 @@ def test_the_cached_graphs_are_dropped_at_exit():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "before teardown"
 
+
+def test_the_exit_hook_does_not_hang_on_a_lock_held_elsewhere():
+    """A daemon thread that holds the plans' lock and never lets go (a plan being built at exit, or the lock as a
+    fork copied it) costs the exit a moment, not a hang."""
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom beit.models import attention_cudnn as C\n"
+            "C._EXIT_LOCK_WAIT_S = 0.1\nheld = threading.Event()\n"
+            "def hold():\n    with C._LOCK:\n        held.set()\n        threading.Event().wait()\n"
+            "threading.Thread(target=hold, daemon=True).start()\nheld.wait()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def _fake_triton(monkeypatch) -> list[str]:  # noqa: ANN001
     """A stand-in for the Triton kernel's ops (``attention_triton._fwd`` / ``_bwd``) that, like them, returns the
     log-sum-exp of the scaled scores plus the bias and recomputes P from it in the backward."""

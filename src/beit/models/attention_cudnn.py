@@ -55,15 +55,22 @@ _RUN_LOCK = threading.Lock()
 _HANDLE_LOCK = threading.Lock()
 _PLANS: dict[tuple, _Plan | Exception] = {}  # graph key -> built plan, or why cuDNN refused it
 _HANDLES: dict[int, Any] = {}  # CUDA device index -> cudnn handle
+_EXIT_LOCK_WAIT_S = 2.0  # how long the exit hook waits for a plan being built elsewhere
 
 
 @atexit.register
 def _drop_plans() -> None:
     """Free the cached graphs before the interpreter's teardown, where the frontend's bindings (nanobind) report
     each graph still alive as a leak: ~60 lines of "nanobind: leaked ..." at the end of every process that ran
-    this op (seen on an H100, 2026-12-06, benchmarks/RESULTS.md section 6)."""
-    with _LOCK:
+    this op (seen on an H100, 2026-12-06, benchmarks/RESULTS.md section 6). Waits a moment at most for
+    ``_LOCK``: a daemon thread still building a plan, or a forked child whose fork copied the lock held by a
+    thread it does not have, would otherwise hang the exit (then the graphs are left to the teardown)."""
+    if not _LOCK.acquire(timeout=_EXIT_LOCK_WAIT_S):
+        return
+    try:
         _PLANS.clear()
+    finally:
+        _LOCK.release()
 
 
 def _cudnn() -> Any:
