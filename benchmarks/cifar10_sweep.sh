@@ -54,4 +54,4 @@ epochs = evals[-1].get("epoch", "-") if evals else "-"
 print(f"{name}\t{epochs}\t{last}\t{best}\t{statistics.median(ips):.0f}" if ips else f"{name}\t{epochs}\t{last}\t{best}\t-")
 PY
 done
-{ command -v column >/dev/null && column -t -s $'\t' "$out/sweep.tsv"; } || cat "$out/sweep.tsv"  # no column(1) on the GPU machine
+if command -v column >/dev/null; then column -t -s $'\t' "$out/sweep.tsv"; else cat "$out/sweep.tsv"; fi  # no column(1) on the GPU machine

@@ -14,7 +14,8 @@
 #   PACK=$OUT/gpu_smoke.tgz bash benchmarks/gpu_smoke.sh .carry/data /tmp/smoke   # + logs/JSON/PNGs in one tgz
 #   BEIT_SMOKE_CPU=1 bash benchmarks/gpu_smoke.sh .carry/data /tmp/smoke_cpu      # tiny models, CPU, ~9 min
 #   STAGES="layout_docbank layout_eval layout_predict layout_publaynet" bash ...   # a subset (e.g. a second call)
-#   ATTN=cudnn_bias bash ...     # every BEiT stage with that attention path (model_overrides.attn_impl)
+#   ATTN=cudnn_bias bash ...     # every BEiT training stage on that attention path (model_overrides.attn_impl);
+#                                # the eval / predict / visualize stages run what the checkpoint's config saved
 #
 # Needs: python3 with torch, torchvision, timm, omegaconf, pycocotools (layout), tensorboard, matplotlib;
 # beit is run from this checkout (PYTHONPATH=src), not installed. Knobs: the variables below (env wins).
@@ -79,7 +80,8 @@ else
   SEG_MS=${SEG_MS:-"[0.75,1.0,1.25]"}
 fi
 C=("train.compile=$COMPILE")
-# ATTN=cudnn_bias (or fused_bias, eager, ...): every stage with a BEiT encoder runs that attention path
+# ATTN=cudnn_bias (or fused_bias, eager, ...): every training stage with a BEiT encoder runs that attention path
+# (checked before the first stage); the stages that load a checkpoint run the attn_impl its config saved
 M=(); [ -n "${ATTN:-}" ] && M=("model_overrides.attn_impl=$ATTN")
 [ -n "${COMPILE_SCOPE:-}" ] && C+=("train.compile_scope=$COMPILE_SCOPE")   # blocks | model; unset: the preset's
 W="train.num_workers=$WORKERS"
@@ -107,6 +109,14 @@ PY
 if [ "$CPU" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_smoke: no CUDA device (set BEIT_SMOKE_CPU=1 for the tiny CPU run)" >&2; exit 1
 fi
+# a bad ATTN fails here, once, not in every BEiT stage after the tokenizer has run
+if [ -n "${ATTN:-}" ] && ! "$PY" - "$ATTN" <<'PY'
+import sys
+from beit.models.attention import ATTENTION_IMPLS
+sys.exit(0 if sys.argv[1] in ATTENTION_IMPLS else f"gpu_smoke: ATTN={sys.argv[1]!r} is not an attention implementation; "
+         f"choose from {sorted(ATTENTION_IMPLS)}")
+PY
+then exit 2; fi
 
 # ---------------------------------------------------------------------------------------------- stages
 NAMES=(); RCS=(); SECS=(); METRICS=()
@@ -260,7 +270,7 @@ stage layout_publaynet "" "$LAYP/last.pt $LAYP/metrics.jsonl $LAYP/ap_table.txt"
 failed=0
 for rc in "${RCS[@]}"; do [ "$rc" = 0 ] || failed=$(( failed + 1 )); done
 {
-  echo "gpu_smoke $(date -u +%Y-%m-%dT%H:%M:%SZ) $(head -2 "$OUT/env.log" | tr '\n' ' ') compile=$COMPILE cpu_mode=$CPU"
+  echo "gpu_smoke $(date -u +%Y-%m-%dT%H:%M:%SZ) $(head -2 "$OUT/env.log" | tr '\n' ' ') compile=$COMPILE cpu_mode=$CPU attn=${ATTN:-preset}"
   printf '%-18s %-8s %7s  %s\n' stage exit seconds "key metric"
   for i in "${!NAMES[@]}"; do
     printf '%-18s %-8s %7s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${METRICS[$i]}"
