@@ -61,7 +61,7 @@ _EXIT_LOCK_WAIT_S = 2.0  # how long the exit hook waits for a plan being built e
 @atexit.register
 def _drop_plans() -> None:
     """Free the cached graphs before the interpreter's teardown, where the frontend's bindings (nanobind) report
-    each graph still alive as a leak: ~60 lines of "nanobind: leaked ..." at the end of every process that ran
+    each graph still alive as a leak: ~50 lines of "nanobind: leaked ..." at the end of every process that ran
     this op (seen on an H100, 2026-12-06, benchmarks/RESULTS.md section 6). Waits a moment at most for
     ``_LOCK``: a daemon thread still building a plan, or a forked child whose fork copied the lock held by a
     thread it does not have, would otherwise hang the exit (then the graphs are left to the teardown)."""
