@@ -192,42 +192,39 @@ def test_plans_are_built_once_per_shape_and_dbias_falls_back_to_the_inputs_dtype
     assert len(_Graph.built) == 3
 
 
-def _src_env() -> dict[str, str]:
-    """The environment for a child Python that imports the ``beit`` this test imported."""
+def _child(code: str) -> str:
+    """Run ``code`` in a child Python that imports the ``beit`` this test imported; its stdout (exit status 0
+    asserted)."""
     import os
+    import subprocess
+    import sys
 
     import beit
 
-    return {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(beit.__file__))}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(beit.__file__))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_the_cached_graphs_are_dropped_at_exit():
     """The plans go at exit, before the interpreter's teardown (where the frontend's bindings report live graphs
     as leaks): a cached object's finaliser runs while ``sys.is_finalizing()`` is still False."""
-    import subprocess
-    import sys
-
     code = ("import sys\nfrom beit.models import attention_cudnn as C\n"
             "class Plan:\n    def __del__(self):\n"
             "        print('during teardown' if sys.is_finalizing() else 'before teardown', flush=True)\n"
             "C._PLANS[('fwd',)] = Plan()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_src_env())
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "before teardown"
+    assert _child(code).strip() == "before teardown"
 
 
 def test_the_exit_hook_does_not_hang_on_a_lock_held_elsewhere():
     """A daemon thread that holds the plans' lock and never lets go (a plan being built at exit, or the lock as a
-    fork copied it) costs the exit a moment, not a hang."""
-    import subprocess
-    import sys
-
+    fork copied it) costs the exit a moment, not a hang (a hang: the child's 120 s timeout fails the test)."""
     code = ("import threading\nfrom beit.models import attention_cudnn as C\n"
             "C._EXIT_LOCK_WAIT_S = 0.1\nheld = threading.Event()\n"
             "def hold():\n    with C._LOCK:\n        held.set()\n        threading.Event().wait()\n"
             "threading.Thread(target=hold, daemon=True).start()\nheld.wait()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_src_env())
-    assert out.returncode == 0, out.stderr
+    _child(code)
 
 
 def _fake_triton(monkeypatch) -> list[str]:  # noqa: ANN001
