@@ -436,6 +436,23 @@ def test_a_backbone_shape_equal_to_the_checkpoints_is_accepted_as_in_segmentatio
         detector("model_overrides.embed_dim=48")
 
 
+
+def test_model_init_says_in_the_run_log_what_it_loaded(pages, tmp_path):
+    """The checkpoint's loading report is written before the engine opens the run: it went nowhere (not even the
+    console: the logger had no handler yet); now it is in the run's log.txt, as in pretrain and finetune."""
+    import beit
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig, train
+
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", head="mim", **TINY), tmp_path / "pt")
+    out = tmp_path / "run"
+    cfg = load_config(LayoutConfig, None, [*TINY_OVERRIDES, f"model.init={tmp_path / 'pt'}",
+                                           f"data.train_ann={pages}", "data.holdout=0", "train.eval_every=0",
+                                           f"train.output_dir={out}"])
+    train(cfg)
+    log = (out / "log.txt").read_text()
+    assert f"{tmp_path / 'pt' / 'model.safetensors'}: loaded " in log and " tensors" in log, log[:2000]
+
 def test_predict_finds_pages_in_sub_folders(tmp_path):
     """`layout predict DIR` skipped DIR/sub/*.jpg without a word (segment predict reads sub-folders)."""
     from beit.tasks.layout.predict import find_pages

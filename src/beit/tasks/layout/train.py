@@ -19,6 +19,7 @@ from ...data.datasets import RepeatedDataset, set_max_image_pixels
 from ...engine import Trainer, is_main
 from ...engine.config import validate_config
 from ...engine.distributed import init_distributed
+from ...engine.logging import setup_logging
 from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, check_schedule, seed_everything
 from .config import LayoutConfig
@@ -89,6 +90,8 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     # the page folders the config implies (images/ next to data.train_ann) are inputs too: never overwritten
     inputs = image_folders(cfg)
     init_distributed()
+    # the run's log from here (as finetune's): what model.init loaded is said in it (the engine sets it up later)
+    setup_logging(cfg.train.output_dir, is_main())
     if not cfg.train.resume:  # the output folder, before every page is read (a resume is judged by fit(), against
         check_run_can_start(cfg.train, cfg, inputs=inputs)  # the config build_detector completes: model.backbone)
 

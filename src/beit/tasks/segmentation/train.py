@@ -30,6 +30,7 @@ from beit.data.datasets import set_max_image_pixels
 from beit.engine import Trainer, seed_everything
 from beit.engine import distributed as D
 from beit.engine.config import ConfigError, to_dict, validate_config
+from beit.engine.logging import setup_logging
 from beit.engine.precision import autocast_for
 from beit.engine.rundir import ConfigChangedError, class_count_refusal
 from beit.engine.threads import loader_workers
@@ -128,6 +129,8 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     validate_config(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
+    # the run's log from here (as finetune's): what model.init loaded is said in it (the engine sets it up later)
+    setup_logging(cfg.train.output_dir, D.is_main())
     names = class_names(cfg.data)
     # the checkpoints keep the names themselves (data.classes_file stays, for reference): eval and predict then
     # need no class list file, which may have moved since
