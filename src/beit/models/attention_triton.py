@@ -278,6 +278,9 @@ if HAS_TRITON:
                 # the previous image's d(bias) stores, made by other threads of this program, are read below
                 tl.debug_barrier()
             bh = b * H + h
+            # images after the chunk's first add to the d(bias) sum already stored; a block, not a scalar: Triton
+            # 3.9's interpreter turns "block & scalar comparison" into an integer mask, which tl.load refuses
+            summing = (offs_n * 0 + b) > first
             k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
             v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
             dk = tl.zeros([BN, D], tl.float32)
@@ -303,7 +306,7 @@ if HAS_TRITON:
                 else:
                     dbias = dbias_cols + offs_m[:, None] * L
                     # the chunk's first image starts the sum (nothing is read: the buffer is never zeroed)
-                    tl.store(dbias, ds + tl.load(dbias, mask=ok & (b > first), other=0.0), mask=ok)
+                    tl.store(dbias, ds + tl.load(dbias, mask=ok & summing[None, :], other=0.0), mask=ok)
             base = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
             tl.store(DK + base, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
             tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
