@@ -278,8 +278,9 @@ if HAS_TRITON:
                 # the previous image's d(bias) stores, made by other threads of this program, are read below
                 tl.debug_barrier()
             bh = b * H + h
-            # images after the chunk's first add to the d(bias) sum already stored; a block, not a scalar: Triton
-            # 3.9's interpreter turns "block & scalar comparison" into an integer mask, which tl.load refuses
+            # images after the chunk's first add to the d(bias) sum already stored; a block, not a scalar: in
+            # Triton's interpreter "block & scalar comparison" is an int32 mask, which 3.8's tl.load took and 3.9's
+            # refuses (compiled for sm_90 by Triton 3.8 and 3.9, both forms give the same PTX)
             summing = (offs_n * 0 + b) > first
             k = _tile(K, skb, skh, skl, b, h, offs_n, n_ok, offs_d)
             v = _tile(V, svb, svh, svl, b, h, offs_n, n_ok, offs_d)
