@@ -436,7 +436,6 @@ def test_a_backbone_shape_equal_to_the_checkpoints_is_accepted_as_in_segmentatio
         detector("model_overrides.embed_dim=48")
 
 
-
 def test_model_init_says_in_the_run_log_what_it_loaded(pages, tmp_path):
     """The checkpoint's loading report is written before the engine opens the run: it went nowhere (not even the
     console: the logger had no handler yet); now it is in the run's log.txt, as in pretrain and finetune."""
@@ -452,6 +451,7 @@ def test_model_init_says_in_the_run_log_what_it_loaded(pages, tmp_path):
     train(cfg)
     log = (out / "log.txt").read_text()
     assert f"{tmp_path / 'pt' / 'model.safetensors'}: loaded " in log and " tensors" in log, log[:2000]
+
 
 def test_predict_finds_pages_in_sub_folders(tmp_path):
     """`layout predict DIR` skipped DIR/sub/*.jpg without a word (segment predict reads sub-folders)."""

@@ -660,7 +660,6 @@ def test_training_loss_decreases_then_eval_and_predict(tmp_path: Path, capsys: p
     assert main(["segment", "eval", "--ckpt", str(tmp_path / "missing.pt")]) == 1
 
 
-
 def test_model_init_says_in_the_run_log_what_it_loaded(tmp_path: Path) -> None:
     """The checkpoint's loading report is written before the engine opens the run: it went nowhere (not even the
     console: the logger had no handler yet); now it is in the run's log.txt, as in pretrain and finetune."""
@@ -676,6 +675,7 @@ def test_model_init_says_in_the_run_log_what_it_loaded(tmp_path: Path) -> None:
         "train.warmup_steps=1", "train.num_workers=0", f"train.output_dir={out}"]) == 0
     log = (out / "log.txt").read_text()
     assert f"{pt / 'model.safetensors'}: loaded " in log and " tensors" in log, log[:2000]
+
 
 def test_a_warmup_as_long_as_the_run_is_refused_before_the_val_pairs_are_read(tmp_path: Path, monkeypatch) -> None:
     """8 pairs, batch 2: 4 steps an epoch, so warmup_epochs=3 is 12 steps, not shorter than max_steps=10. The trainer
