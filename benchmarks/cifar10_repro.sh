@@ -11,6 +11,7 @@
 # PRE_TIMEOUT / FT_TIMEOUT / SCRATCH_TIMEOUT (seconds; that run is stopped with SIGTERM, saves, and
 # train.resume=auto continues it when the stage is run again: a stage split over several GPU calls), TOK_STEPS,
 # WIDTH / HEADS (encoder width and heads, 12 blocks, 4-px patches: 192 / 3 = 5.4M parameters, 384 / 6 = 21M),
+# LD (the pre-trained arm's layer decay: 0.75, what the rows before 2026-12-07 ran; 0.85 gave 93.16%, RESULTS 2),
 # PRE_EXTRA / FT_EXTRA / TOK_EXTRA (more KEY=VALUE overrides), RUN (the run folder, runs/cifar10: one a concurrent arm). Every training command runs with train.resume=auto: re-running a stage cut by the 10-minute limit (same machine) continues it. An encoder
 # over 15 MB comes back as encoder/model.safetensors.part-* (the 16-MB file limit) and is joined in stage B.
 # Each stage writes at most 6 files to <out_dir> (the GPU machine returns 8): PNGs and metrics go in one .tgz.
@@ -60,7 +61,7 @@ elif [ "$stage" = B ]; then
   common=(data.train_dir="$data/train" data.val_dir="$data/test" train.num_workers=14 train.compile=true train.resume=auto)
   [ "${ARMS:-both}" = scratch ] || t limited "${FT_TIMEOUT:-}" python3 -m beit finetune -c finetune_cifar10_small \
       model="$prev/encoder" model_overrides={} train.output_dir="$run"/ft_pretrained "${common[@]}" train.lr=2e-3 \
-      train.layer_decay=0.75 train.epochs="$FT_EPOCHS" train.warmup_epochs=$(( FT_EPOCHS / 10 )) "${FT_X[@]}" || true
+      train.layer_decay="${LD:-0.75}" train.epochs="$FT_EPOCHS" train.warmup_epochs=$(( FT_EPOCHS / 10 )) "${FT_X[@]}" || true
   # SCRATCH_LD=1.0: no layer decay for a randomly initialised encoder (a fairer scratch baseline)
   [ "${ARMS:-both}" = pretrained ] || t limited "${SCRATCH_TIMEOUT:-}" python3 -m beit finetune \
       -c finetune_cifar10_small model=beit_tiny_patch16_224 "${ENC[@]}" \
