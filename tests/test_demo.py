@@ -46,22 +46,57 @@ def test_demo_defaults_are_the_recorded_recipe() -> None:
     c = DemoConfig()
     assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.tok_steps, c.pre_steps, c.ft_steps, c.seeds) == (
         16, 4, 96, 4, 300, 600, 150, (0, 1, 2))
-    assert (c.pre_lr, c.ft_lr, c.layer_decay, c.data_device) == (3e-3, 3e-3, 0.85, "batched")
+    assert (c.pre_lr, c.ft_lr, c.layer_decay, c.data_device, c.lanes) == (3e-3, 3e-3, 0.85, "batched", 2)
 
 
-def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys) -> None:
-    """Two seeds: the first seed's runs log to the console, the second's only to their log.txt."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys, lanes) -> None:
+    """Two seeds: the first seed's runs log to the console, the second's only to their log.txt. With a second
+    lane (process) the from-scratch arm and the last pre-trained seed run there, quietly, with the same results."""
+    import torch
+
     from beit.tasks.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
-    summary = run_demo(out, cfg=DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1)))
+    threads = torch.get_num_threads()
+    summary = run_demo(out, cfg=DemoConfig(tok_steps=12, pre_steps=12, ft_steps=12, seeds=(0, 1), lanes=lanes))
     printed = capsys.readouterr().out
     assert [len(a["runs"]) for a in summary["top1"].values()] == [2, 2]
     assert "seed 0: pre-trained" in printed and "seed 1: pre-trained" in printed
     assert "the other seeds run quietly" in printed
-    assert printed.count("step 12/12") == 2 + 2  # tokenizer + pre-training + seed 0's two arms; not seed 1's
+    # tokenizer + pre-training + seed 0's pre-trained arm, + its scratch arm in one lane; never seed 1's
+    assert printed.count("step 12/12") == (4 if lanes == 1 else 3)
+    assert ("a second process fine-tunes the from-scratch arm" in printed) == (lanes == 2)
     for arm in ("pretrained", "scratch"):
-        assert "step 12/12" in (out / f"finetune_{arm}" / "seed1" / "log.txt").read_text()
+        for seed in (0, 1):
+            assert "step 12/12" in (out / f"finetune_{arm}" / f"seed{seed}" / "log.txt").read_text()
+    assert torch.get_num_threads() == threads  # the demo's one-thread lanes do not outlive it
+
+
+def test_a_run_whose_second_process_died_is_done_again_here(monkeypatch, capsys) -> None:
+    """The second lane's process killed (e.g. for memory): its run is repeated in this process, not lost; and
+    where no second process can be started at all, every run goes in this one."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    import beit.tasks.demo as demo
+
+    done_here = []
+    monkeypatch.setattr(demo, "_finetune_top1", lambda cfg, quiet=False: done_here.append((cfg, quiet)) or 87.5)
+    job: Future = Future()
+    job.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+    assert demo._result(job, "the run's config", quiet=True) == 87.5 and done_here == [("the run's config", True)]
+    assert "the second process stopped: a child process terminated abruptly" in capsys.readouterr().out
+    ok: Future = Future()
+    ok.set_result(91.0)
+    assert demo._result(ok, "another", quiet=False) == 91.0 and len(done_here) == 1
+
+    def no_semaphores(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(demo, "ProcessPoolExecutor", no_semaphores)
+    assert demo._second_lane(2) is None and demo._second_lane(1) is None
+    assert "no second process could be started" in capsys.readouterr().out
 
 
 def test_demo_refuses_an_empty_out_and_folders_it_did_not_write(tmp_path, capsys) -> None:

@@ -8,18 +8,23 @@ modeling, then fine-tune it and a from-scratch twin with the same recipe and ste
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from ..data.demo import load_digits_images, train_test_split
 from ..engine.config import TrainConfig
 from ..engine.logging import quiet_console
+from ..engine.threads import usable_cores
 from ..tokenizers.dvae import DVAEConfig
 from .classify import DataConfig, FinetuneConfig, finetune
 from .pretrain import PretrainConfig, PretrainDataConfig, PretrainModelConfig, PretrainTokenizerConfig, pretrain
@@ -58,6 +63,11 @@ class DemoConfig:
     # process, ~1.6x faster demo on 2 cores than "cpu", the per-sample PIL path; RESULTS.md section 5)
     data_device: str = "batched"
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
+    # processes at work at once, one intra-op thread each: with 2, a second process fine-tunes the from-scratch arm
+    # while this one trains the tokenizer and pre-trains, then takes the last pre-trained seed (this model is too
+    # small for a second thread to help: ~1.6x the throughput of one process with two; RESULTS.md section 5).
+    # 1: every run in this process, one after another, on torch's default thread pool.
+    lanes: int = 2
 
     def encoder(self) -> dict[str, int]:
         return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
@@ -102,6 +112,44 @@ def _clear_previous_demo(out: Path) -> None:
             shutil.rmtree(runs)
 
 
+def _finetune_top1(cfg: FinetuneConfig, threads: int | None = None, quiet: bool = False) -> float:
+    """One fine-tuning run's held-out top-1 (%): the job of a lane (module level, so that a worker process can run it).
+
+    ``threads``: this process's intra-op thread pool for the run (None: left as it is); ``quiet``: log to the run's
+    ``log.txt`` only, not the console.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with quiet_console() if quiet else nullcontext():
+        return float(finetune(cfg).get("top1", float("nan")))
+
+
+def _second_lane(lanes: int) -> ProcessPoolExecutor | None:
+    """A worker process for the runs that can go beside this one's (``lanes`` > 1), or None (one lane).
+
+    Started with ``spawn`` (a fresh interpreter, the same on every platform, nothing inherited from a process that
+    has already run torch). Where no process can be started (e.g. a sandbox without semaphores), one lane it is.
+    """
+    if lanes <= 1:
+        return None
+    try:
+        return ProcessPoolExecutor(max_workers=lanes - 1, mp_context=multiprocessing.get_context("spawn"))
+    except (OSError, NotImplementedError, ImportError) as e:
+        print(f"      (no second process could be started: {e}; every run goes in this one)", flush=True)
+        return None
+
+
+def _result(job: Future | None, cfg: FinetuneConfig, quiet: bool) -> float:
+    """The second lane's top-1 for ``cfg``, or the run done in this process when it had no job there or that
+    process died (e.g. killed for memory: the run is done again here, not lost)."""
+    if job is not None:
+        try:
+            return job.result()
+        except BrokenProcessPool as e:
+            print(f"      (the second process stopped: {e}; its run is done again in this one)", flush=True)
+    return _finetune_top1(cfg, quiet=quiet)
+
+
 def _mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     m = sum(values) / len(values)
@@ -124,13 +172,49 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     out = Path(out)
     c = cfg or DemoConfig()
     if quick:
-        c = replace(c, tok_steps=12, pre_steps=12, ft_steps=12, seeds=c.seeds[:1])
+        c = replace(c, tok_steps=12, pre_steps=12, ft_steps=12, seeds=c.seeds[:1], lanes=1)  # no process to start
     t0 = time.perf_counter()
     # overwrite: running the demo again replaces its previous run (training commands refuse that by default)
     common = dict(num_workers=0, log_every=10 if quick else 50, overwrite=True)
     _clear_previous_demo(out)
     train_dir, test_dir = write_digits(out / "data", c.img_size)
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
+    pool = _second_lane(c.lanes)
+    threads_before = torch.get_num_threads()
+    try:
+        return _run_stages(c, out, train_dir, test_dir, common, pool, t0, quick)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads_before)
+
+
+def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, common: dict[str, Any],
+                pool: ProcessPoolExecutor | None, t0: float, quick: bool) -> dict[str, Any]:
+    """``run_demo`` from the tokenizer on; ``pool``: the second lane (None: every run here, in order)."""
+    threads = None
+    if pool is not None:  # one thread a lane: the lanes share the cores instead of the thread pools fighting
+        threads = max(1, usable_cores() // c.lanes)
+        torch.set_num_threads(threads)
+    ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
+                           warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
+                           eval_every=2, **{**common, "log_every": 10 if quick else 25})
+    data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
+                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding, device=c.data_device)
+    scratch_source = ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))
+
+    def ft_cfg(arm: str, source: tuple[str, dict[str, Any]], seed: int) -> FinetuneConfig:
+        return FinetuneConfig(model=source[0], model_overrides=source[1], img_size=c.img_size, drop_path=0.0,
+                              mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
+                              train=replace(ft_train, output_dir=str(out / f"finetune_{arm}" / f"seed{seed}"),
+                                            seed=seed))
+
+    scratch_jobs: dict[int, Future] = {}
+    if pool is not None:  # the from-scratch arm needs neither the tokenizer nor the pre-training: it starts now
+        scratch_jobs = {seed: pool.submit(_finetune_top1, ft_cfg("scratch", scratch_source, seed), threads, True)
+                        for seed in c.seeds}
+        print(f"      a second process fine-tunes the from-scratch arm meanwhile (quietly: its logs are in "
+              f"{out}/finetune_scratch/seed*/log.txt)", flush=True)
 
     tok_cfg = TokenizerTrainConfig(
         data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8, in_memory=True,
@@ -163,24 +247,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     mim_acc = pre.get("train/mim_acc", float("nan"))
     print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
 
-    ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
-                           warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
-                           eval_every=2, **{**common, "log_every": 10 if quick else 25})
-    data = DataConfig(train_dir=str(train_dir), val_dir=str(test_dir), in_memory=True, auto_augment=None,
-                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=c.crop_padding, device=c.data_device)
-    sources = {"pretrained": (pre["model_dir"], {}),
-               "scratch": ("beit_tiny_patch16_224", dict(patch_size=c.patch_size, **c.encoder()))}
-    top1: dict[str, list[float]] = {arm: [] for arm in sources}
+    pretrained_source = (pre["model_dir"], {})
+    # the second lane, done with the from-scratch arm by now or soon, takes the last pre-trained seed
+    pretrained_jobs: dict[int, Future] = {}
+    if pool is not None and len(c.seeds) > 1:
+        last = c.seeds[-1]
+        pretrained_jobs[last] = pool.submit(_finetune_top1, ft_cfg("pretrained", pretrained_source, last), threads,
+                                            True)
+    top1: dict[str, list[float]] = {"pretrained": [], "scratch": []}
     for i, seed in enumerate(c.seeds):
         if i == 1:
             print(f"      the other seeds run quietly: their logs are in {out}/finetune_*/seed*/log.txt", flush=True)
-        for arm, (source, overrides) in sources.items():
-            run_dir = out / f"finetune_{arm}" / f"seed{seed}"
-            ft = FinetuneConfig(model=source, model_overrides=overrides, img_size=c.img_size, drop_path=0.0,
-                                mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
-                                train=replace(ft_train, output_dir=str(run_dir), seed=seed))
-            with quiet_console() if i > 0 else nullcontext():
-                top1[arm].append(float(finetune(ft).get("top1", float("nan"))))
+        for arm, source, jobs in (("pretrained", pretrained_source, pretrained_jobs),
+                                  ("scratch", scratch_source, scratch_jobs)):
+            top1[arm].append(_result(jobs.get(seed), ft_cfg(arm, source, seed), quiet=i > 0))
         print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
               f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
     stats = {arm: _mean_spread(v) for arm, v in top1.items()}
