@@ -63,9 +63,9 @@ class DemoConfig:
     # process, ~1.6x faster demo on 2 cores than "cpu", the per-sample PIL path; RESULTS.md section 5)
     data_device: str = "batched"
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
-    # processes at work at once, one intra-op thread each: with 2, a second process fine-tunes the from-scratch arm
-    # while this one trains the tokenizer and pre-trains, then takes the last pre-trained seed (this model is too
-    # small for a second thread to help: ~1.6x the throughput of one process with two; RESULTS.md section 5).
+    # processes at work at once after the tokenizer, one intra-op thread each: with 2, a second process fine-tunes
+    # the from-scratch arm while this one pre-trains, then takes the last pre-trained seed (a second thread barely
+    # helps these tiny models: two one-thread processes do ~1.6x the work of one with two; RESULTS.md section 5).
     # 1: every run in this process, one after another, on torch's default thread pool.
     lanes: int = 2
 
@@ -192,10 +192,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
 def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, common: dict[str, Any],
                 pool: ProcessPoolExecutor | None, t0: float, quick: bool) -> dict[str, Any]:
     """``run_demo`` from the tokenizer on; ``pool``: the second lane (None: every run here, in order)."""
-    threads = None
-    if pool is not None:  # one thread a lane: the lanes share the cores instead of the thread pools fighting
-        threads = max(1, usable_cores() // c.lanes)
-        torch.set_num_threads(threads)
     ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
                            warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
                            eval_every=2, **{**common, "log_every": 10 if quick else 25})
@@ -208,13 +204,6 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
                               mixup=0.0, cutmix=0.0, smoothing=0.1, data=data,
                               train=replace(ft_train, output_dir=str(out / f"finetune_{arm}" / f"seed{seed}"),
                                             seed=seed))
-
-    scratch_jobs: dict[int, Future] = {}
-    if pool is not None:  # the from-scratch arm needs neither the tokenizer nor the pre-training: it starts now
-        scratch_jobs = {seed: pool.submit(_finetune_top1, ft_cfg("scratch", scratch_source, seed), threads, True)
-                        for seed in c.seeds}
-        print(f"      a second process fine-tunes the from-scratch arm meanwhile (quietly: its logs are in "
-              f"{out}/finetune_scratch/seed*/log.txt)", flush=True)
 
     tok_cfg = TokenizerTrainConfig(
         data_dir=str(train_dir), val_dir=str(test_dir), img_size=c.img_size, grid_images=8, in_memory=True,
@@ -229,6 +218,18 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
     psnr, ppl = tok.get("heldout_psnr", float("nan")), tok.get("heldout_perplexity", float("nan"))
     print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
           f"{ppl:.1f} of {c.vocab_size}", flush=True)
+
+    # The tokenizer had every core (its convolutions use them). From here the lanes get one thread each: the
+    # from-scratch arm needs no pre-training, so the second lane fine-tunes it while this one pre-trains.
+    threads = None
+    scratch_jobs: dict[int, Future] = {}
+    if pool is not None:
+        threads = max(1, usable_cores() // c.lanes)
+        torch.set_num_threads(threads)
+        scratch_jobs = {seed: pool.submit(_finetune_top1, ft_cfg("scratch", scratch_source, seed), threads, True)
+                        for seed in c.seeds}
+        print(f"      a second process fine-tunes the from-scratch arm meanwhile (quietly: its logs are in "
+              f"{out}/finetune_scratch/seed*/log.txt)", flush=True)
 
     pre_cfg = PretrainConfig(
         model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=c.img_size, patch_size=c.patch_size,
