@@ -65,7 +65,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
     # processes at work at once after the tokenizer, one intra-op thread each: with 2, a second process fine-tunes
     # the from-scratch arm while this one pre-trains, then takes the last pre-trained seed (a second thread barely
-    # helps these tiny models: two one-thread processes do ~1.6x the work of one with two; RESULTS.md section 5).
+    # helps these tiny models: two one-thread processes do ~1.45x the work of one with two; RESULTS.md section 5).
     # 1: every run in this process, one after another, on torch's default thread pool.
     lanes: int = 2
 
