@@ -824,3 +824,17 @@ def test_an_empty_out_is_one_usage_error_for_every_command(full, tmp_path, monke
 def test_every_command_with_an_out_option_is_checked_for_an_empty_one():
     on_short = {" ".join(SHORT[c]) if c in SHORT else c for c in _commands_with_out()}
     assert on_short == set(_OUT_ARGV)  # tokenizer convert's positional out is not an option
+
+
+def test_a_command_without_resume_is_not_told_to_resume(tmp_path) -> None:
+    """Ctrl-C during the demo's pre-training ends in the trainer's account of the stop, without "resume with:
+    beit demo ... --resume auto": ``beit demo`` has no --resume (that command would fail on it); run again, it
+    starts over."""
+    from beit.engine.trainer import TrainingInterrupted
+
+    ckpt = tmp_path / "pretrain" / "step_0000048.pt"
+    line = cli._interrupted_line(TrainingInterrupted(2, 48, ckpt), "beit demo", ["demo", "--out", str(tmp_path)])
+    assert line == f"beit demo: interrupted by SIGINT after step 48; checkpoint of that step: {ckpt}"
+    trained = cli._interrupted_line(TrainingInterrupted(2, 48, ckpt), "beit pretrain", ["pretrain", "-c", "x"],
+                                    trains=True)
+    assert trained.endswith("; resume with: beit pretrain -c x --resume auto")

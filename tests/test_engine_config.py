@@ -116,3 +116,21 @@ def test_an_empty_override_is_empty_text_for_a_text_key_and_named_elsewhere():
         load_config(PretrainCfg, None, ["model.depth="])
     with pytest.raises(ConfigError, match=r"'train\.betas': an empty value"):
         load_config(PretrainCfg, None, ["train.betas="])
+
+
+def test_errors_with_their_own_init_survive_pickle() -> None:
+    """An error raised in another process (a ProcessPoolExecutor worker: ``beit demo``'s second lane) comes back
+    as the same error: pickle rebuilt these with their message alone and failed, which broke that pool instead and
+    hid the error."""
+    import pickle
+    from pathlib import Path
+
+    from beit.engine.trainer import TrainingDivergedError, TrainingInterrupted
+
+    for error in (ConfigError("train.lr", "must be > 0, got -1"), ConfigError("", "a message"),
+                  TrainingInterrupted(15, 40, Path("run/step_0000040.pt")),
+                  TrainingInterrupted(2, 41, Path("run/step_0000040.pt"), 40, at_once=True),
+                  TrainingDivergedError(7, {"loss": float("inf")}, None, reason="its update")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and again.args == error.args and str(again) == str(error)
+        assert vars(again) == vars(error)

@@ -455,7 +455,8 @@ def _resume_command(argv: Sequence[str]) -> str:
 def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], trains: bool = False) -> str:
     """The last line of an interrupted command: the trainer's account (step, checkpoint) and the command that
     resumes it, or ``interrupted`` for a Ctrl-C outside training (for a training command, ``trains``: with the
-    command that continues it, or writes what a finished run had left to write, e.g. its evaluation report)."""
+    command that continues it, or writes what a finished run had left to write, e.g. its evaluation report). A
+    command without ``--resume`` (not ``trains``) is not told to resume."""
     summary = getattr(e, "summary", None)
     if not summary:
         if trains:
@@ -463,7 +464,8 @@ def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], tra
                     f"writing its results); if checkpoints were written, {_resume_command(argv)} continues the run, "
                     "or only writes what is missing when training had finished")
         return f"{label}: interrupted"
-    resume = f"; resume with: {_resume_command(argv)}" if getattr(e, "checkpoint", None) is not None else ""
+    # only a command with --resume is told to resume (``beit demo``, say, has none: run again, it starts over)
+    resume = f"; resume with: {_resume_command(argv)}" if trains and getattr(e, "checkpoint", None) is not None else ""
     return f"{label}: {summary}{resume}"
 
 
