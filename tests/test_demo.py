@@ -73,30 +73,167 @@ def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys, lanes) -> None
     assert torch.get_num_threads() == threads  # the demo's one-thread lanes do not outlive it
 
 
+class _BrokenPool:
+    """A ProcessPoolExecutor whose process has died: submit refuses, shutdown is recorded."""
+
+    def __init__(self) -> None:
+        self.shut = False
+
+    def submit(self, *args, **kwargs):
+        from concurrent.futures.process import BrokenProcessPool
+
+        raise BrokenProcessPool("A child process terminated abruptly, the process pool is not usable anymore")
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        self.shut = True
+
+
 def test_a_run_whose_second_process_died_is_done_again_here(monkeypatch, capsys) -> None:
-    """The second lane's process killed (e.g. for memory): its run is repeated in this process, not lost; and
-    where no second process can be started at all, every run goes in this one."""
+    """The second lane's process killed (e.g. for memory): its runs are repeated in this process, not lost, said
+    once, on this process's whole thread pool again; a job asked of it after its death (the last pre-trained seed,
+    after pre-training) goes here too instead of failing the demo; and where no second process can be started at
+    all, every run goes in this one."""
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
+
+    import torch
 
     import beit.tasks.demo as demo
 
     done_here = []
     monkeypatch.setattr(demo, "_finetune_top1", lambda cfg, quiet=False: done_here.append((cfg, quiet)) or 87.5)
-    job: Future = Future()
-    job.set_exception(BrokenProcessPool("a child process terminated abruptly"))
-    assert demo._result(job, "the run's config", quiet=True) == 87.5 and done_here == [("the run's config", True)]
-    assert "the second process stopped: a child process terminated abruptly" in capsys.readouterr().out
-    ok: Future = Future()
-    ok.set_result(91.0)
-    assert demo._result(ok, "another", quiet=False) == 91.0 and len(done_here) == 1
+    threads = torch.get_num_threads()
+    lane = demo._SecondLane(1)
+    assert lane.pool is None and not lane.split_cores() and lane.submit("a config") is None
+    lane.pool, lane.threads = _BrokenPool(), 1
+    pool = lane.pool
+    torch.set_num_threads(1)  # the lanes' share
+    try:
+        ok: Future = Future()
+        ok.set_result(91.0)
+        assert lane.result(ok, "its config", quiet=False) == 91.0 and done_here == []
+        dead: Future = Future()
+        dead.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        dead_too: Future = Future()
+        dead_too.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+        assert lane.result(dead, "the run's config", quiet=True) == 87.5
+        assert lane.result(dead_too, "another", quiet=False) == 87.5
+        assert done_here == [("the run's config", True), ("another", False)]
+        assert lane.submit("the last pre-trained seed") is None  # not submitted: this process's run
+        assert capsys.readouterr().out.count("the second process stopped") == 1
+        assert pool.shut and lane.pool is None and torch.get_num_threads() == threads
+        lane.pool = _BrokenPool()  # a job refused at once: the same
+        assert lane.submit("a config") is None and "the second process stopped" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
 
     def no_semaphores(*args, **kwargs):
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(demo, "ProcessPoolExecutor", no_semaphores)
-    assert demo._second_lane(2) is None and demo._second_lane(1) is None
+    assert demo._SecondLane(2).pool is None and demo._SecondLane(1).pool is None
     assert "no second process could be started" in capsys.readouterr().out
+
+
+def test_the_second_lane_is_stopped_at_once_on_a_failure_and_ignores_ctrl_c() -> None:
+    """An error, Ctrl-C or SIGTERM in the demo's process ends its worker at once: a started job (the run in progress
+    and the one queued behind it) cannot be cancelled, and waiting for them would keep a stopped demo alive for
+    minutes. Ctrl-C itself is the demo process's to handle: the worker ignores it."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from beit.tasks.demo import _SecondLane
+
+    threads = torch.get_num_threads()
+    lane = _SecondLane(2)
+    assert lane.pool is not None
+    try:
+        pid = lane._submit_job(os.getpid).result(timeout=120)
+        os.kill(pid, signal.SIGINT)
+        assert lane._submit_job(abs, -3).result(timeout=60) == 3  # alive: it ignored the Ctrl-C
+        lane.split_cores()
+        jobs = [lane._submit_job(time.sleep, 60) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while sum(j.running() for j in jobs) < 2 and time.monotonic() < deadline:  # in the worker's queue:
+            time.sleep(0.1)  # started (the one in progress, the one behind it): no cancelling them
+        assert sum(j.running() for j in jobs) == 2
+        t = time.monotonic()
+    finally:
+        lane.close(failed=True)
+    assert time.monotonic() - t < 20 and all(j.done() for j in jobs)
+    assert torch.get_num_threads() == threads
+
+
+_UNGUARDED_SCRIPT = """
+import os, signal, sys, time
+print("script ran", flush=True)  # no `if __name__ == "__main__":`, as in a quick script or a notebook export
+from beit.tasks.demo import _SecondLane
+lane = _SecondLane(2)
+print("worker", lane._submit_job(os.getpid).result(timeout=120), flush=True)
+lane._submit_job(time.sleep, 120)
+os.kill(os.getpid(), signal.SIGKILL)  # the demo's process killed (OOM killer, kill -9) while its worker works
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")  # a zombie is gone
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_worker_neither_reruns_an_unguarded_script_nor_outlives_the_demo(tmp_path) -> None:
+    """``spawn`` runs the caller's main script again in a worker: a script calling ``run_demo`` without a
+    ``__main__`` guard ran the whole demo again there, into the same folder. And a worker whose demo process was
+    killed ran the queued runs, then waited forever: an orphan."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "out.txt"
+    with log.open("w") as f:  # a file, not a pipe: an orphan holding the pipe would hang this test, not fail it
+        subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT, timeout=300, env=env,
+                       cwd=tmp_path)
+    printed = log.read_text()
+    assert printed.count("script ran") == 1, printed
+    worker = int(printed.split("worker ")[1].split()[0])
+    deadline = time.monotonic() + 30
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = not _gone(worker)
+    if alive:
+        os.kill(worker, 9)
+    assert not alive, "the worker outlived the demo's process"
+
+
+def test_a_config_error_in_the_second_lane_is_raised_as_such(tmp_path) -> None:
+    """With a real worker: its run's ConfigError reaches the caller, not a rerun here after a broken pool."""
+    from beit.engine.config import ConfigError, TrainConfig
+    from beit.tasks.classify import DataConfig, FinetuneConfig
+    from beit.tasks.demo import _finetune_top1, _SecondLane
+
+    cfg = FinetuneConfig(model="beit_tiny_patch16_224", data=DataConfig(train_dir=str(tmp_path), val_dir=str(tmp_path)),
+                         train=TrainConfig(output_dir=str(tmp_path / "run"), batch_size=0, num_workers=0))
+    lane = _SecondLane(2)
+    try:
+        job = lane.submit(cfg)
+        assert job is not None
+        with pytest.raises(ConfigError, match="train.batch_size"):
+            lane.result(job, cfg, quiet=True)
+        assert lane.pool is not None  # not taken for a dead worker
+        with pytest.raises(ConfigError, match="train.batch_size"):  # the same error as here
+            _finetune_top1(cfg, quiet=True)
+    finally:
+        lane.close(failed=False)
 
 
 def test_demo_refuses_an_empty_out_and_folders_it_did_not_write(tmp_path, capsys) -> None:

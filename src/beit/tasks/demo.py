@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
+import types
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,10 +69,11 @@ class DemoConfig:
     # process, ~1.6x faster demo on 2 cores than "cpu", the per-sample PIL path; RESULTS.md section 5)
     data_device: str = "batched"
     seeds: tuple[int, ...] = (0, 1, 2)  # fine-tuning seeds of each arm (the tokenizer and pre-training run once)
-    # processes at work at once after the tokenizer, one intra-op thread each: with 2, a second process fine-tunes
-    # the from-scratch arm while this one pre-trains, then takes the last pre-trained seed (a second thread barely
-    # helps these tiny models: two one-thread processes do ~1.45x the work of one with two; RESULTS.md section 5).
-    # 1: every run in this process, one after another, on torch's default thread pool.
+    # processes at work at once after the tokenizer, the cores split evenly between them (one intra-op thread each
+    # on 2 cores): with 2, a second process fine-tunes the from-scratch arm while this one pre-trains, then takes
+    # the last pre-trained seed (a second thread barely helps these tiny models: two one-thread processes do ~1.45x
+    # the work of one with two; RESULTS.md section 5). 1: every run in this process, one after another, on
+    # torch's default thread pool.
     lanes: int = 2
 
     def encoder(self) -> dict[str, int]:
@@ -124,30 +131,124 @@ def _finetune_top1(cfg: FinetuneConfig, threads: int | None = None, quiet: bool 
         return float(finetune(cfg).get("top1", float("nan")))
 
 
-def _second_lane(lanes: int) -> ProcessPoolExecutor | None:
-    """A worker process for the runs that can go beside this one's (``lanes`` > 1), or None (one lane).
+def _lane_init() -> None:
+    """The start of a lane's worker process. Ctrl-C is left to the demo's process, which stops the worker itself
+    (:meth:`_SecondLane.close`; the trainer installs no handler over an ignored SIGINT), and the worker exits as soon
+    as that process is gone (SIGKILL, the OOM killer: no orphan running the queued runs, then waiting forever).
+    Outside a worker (no parent process): nothing."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's console lock would be a multiprocessing one, a named semaphore that a worker killed by close() leaves
+    # behind ("resource_tracker: There appear to be 1 leaked semaphore objects" after Ctrl-C); a thread lock is
+    # enough in a process that starts none
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+    def exit_with_parent() -> None:
+        parent.join()  # returns when the parent process has ended
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="beit-demo-parent-watch", daemon=True).start()
+
+
+@contextmanager
+def _caller_script_not_rerun() -> Iterator[None]:
+    """While a worker process is started (``spawn``): ``sys.modules["__main__"]`` is an empty module. ``spawn``
+    runs the caller's main script again in the worker (as ``__mp_main__``), and a script that calls
+    :func:`run_demo` without ``if __name__ == "__main__":`` would run the whole demo again there, into the same
+    folder, before the worker failed. The worker's jobs need nothing from that script, only this module."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
+class _SecondLane:
+    """Worker processes (``lanes - 1``) for the fine-tuning runs that can go beside this process's own work.
 
     Started with ``spawn`` (a fresh interpreter, the same on every platform, nothing inherited from a process that
-    has already run torch). Where no process can be started (e.g. a sandbox without semaphores), one lane it is.
+    has already run torch). Where no process can be started (e.g. a sandbox without semaphores) every run goes in
+    this one; so does a run whose worker died (e.g. killed for memory: it is done again here, not lost), and every
+    later run, on this process's whole thread pool again. ``lanes`` <= 1: no worker.
     """
-    if lanes <= 1:
-        return None
-    try:
-        return ProcessPoolExecutor(max_workers=lanes - 1, mp_context=multiprocessing.get_context("spawn"))
-    except (OSError, NotImplementedError, ImportError) as e:
-        print(f"      (no second process could be started: {e}; every run goes in this one)", flush=True)
-        return None
 
+    def __init__(self, lanes: int) -> None:
+        self.lanes = max(1, lanes)
+        self.threads_before = torch.get_num_threads()
+        self.threads: int | None = None  # each lane's intra-op threads once split (None: this process's pool)
+        self.pool: ProcessPoolExecutor | None = None
+        if self.lanes > 1:
+            try:
+                self.pool = ProcessPoolExecutor(max_workers=self.lanes - 1, initializer=_lane_init,
+                                                mp_context=multiprocessing.get_context("spawn"))
+            except (OSError, NotImplementedError, ImportError) as e:
+                print(f"      (no second process could be started: {e}; every run goes in this one)", flush=True)
 
-def _result(job: Future | None, cfg: FinetuneConfig, quiet: bool) -> float:
-    """The second lane's top-1 for ``cfg``, or the run done in this process when it had no job there or that
-    process died (e.g. killed for memory: the run is done again here, not lost)."""
-    if job is not None:
+    def split_cores(self) -> bool:
+        """Give this process its share of the cores (the workers get theirs per job); False: no worker."""
+        if self.pool is None:
+            return False
+        self.threads = max(1, usable_cores() // self.lanes)
+        torch.set_num_threads(self.threads)
+        return True
+
+    def submit(self, cfg: FinetuneConfig) -> Future | None:
+        """``cfg``'s run as a worker's job (quiet: logged to its ``log.txt`` only), or None: no worker (any more),
+        the run is for this process."""
+        return self._submit_job(_finetune_top1, cfg, self.threads, True)
+
+    def _submit_job(self, fn: Any, *args: Any) -> Future | None:
+        """``fn(*args)`` as a worker's job (``fn`` and ``args`` picklable), or None where there is no worker."""
+        if self.pool is None:
+            return None
         try:
-            return job.result()
-        except BrokenProcessPool as e:
-            print(f"      (the second process stopped: {e}; its run is done again in this one)", flush=True)
-    return _finetune_top1(cfg, quiet=quiet)
+            with _caller_script_not_rerun():  # the first job starts the worker
+                return self.pool.submit(fn, *args)
+        except (BrokenProcessPool, OSError) as e:  # it died while this process worked (e.g. killed for memory)
+            self._lost(e)
+            return None
+
+    def result(self, job: Future | None, cfg: FinetuneConfig, quiet: bool) -> float:
+        """The worker's top-1 for ``cfg``, or the run done in this process when it had no job there or that
+        worker died. An error raised in the run itself is raised here."""
+        if job is not None:
+            try:
+                return job.result()
+            except BrokenProcessPool as e:
+                self._lost(e)
+        return _finetune_top1(cfg, quiet=quiet)
+
+    def _lost(self, e: Exception) -> None:
+        """The worker died (or could not be started): said once; this process takes every run from here, on its
+        whole thread pool."""
+        if self.pool is None:
+            return
+        print(f"      (the second process stopped: {e}; its runs are done in this one)", flush=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None
+        torch.set_num_threads(self.threads_before)
+
+    def close(self, failed: bool) -> None:
+        """End the workers and give this process its thread pool back. ``failed`` (an error, Ctrl-C, SIGTERM):
+        the workers are killed at once, not waited for (their current run and the one queued would finish first:
+        a started job cannot be cancelled); their run folders are the demo's own, replaced by the next demo."""
+        pool, self.pool = self.pool, None
+        try:
+            if pool is not None:
+                if failed:
+                    for p in list((getattr(pool, "_processes", None) or {}).values()):
+                        p.kill()
+                pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            torch.set_num_threads(self.threads_before)
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -164,6 +265,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     (%) of every run, their mean and spread are printed and written to ``OUT/demo_summary.json``. A run replaces
     the previous demo in ``out`` (its ``data/``, ``tokenizer/``, ``pretrain/``, ``finetune_*/``).
 
+    With ``cfg.lanes`` 2 (the default; not ``quick``) a second process (``spawn``) fine-tunes beside this one; it
+    does not run the caller's script again (no ``if __name__ == "__main__":`` needed), ends with this process, and
+    is killed at once when the demo stops on an error, Ctrl-C or SIGTERM. An error of one of its runs is raised
+    here as it was raised there.
+
     Raises:
         ValueError: ``out`` is empty, or its ``data/`` / ``finetune_*/`` hold files the demo did not write.
     """
@@ -179,19 +285,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     _clear_previous_demo(out)
     train_dir, test_dir = write_digits(out / "data", c.img_size)
     print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
-    pool = _second_lane(c.lanes)
-    threads_before = torch.get_num_threads()
+    lane = _SecondLane(c.lanes)
+    failed = True
     try:
-        return _run_stages(c, out, train_dir, test_dir, common, pool, t0, quick)
+        summary = _run_stages(c, out, train_dir, test_dir, common, lane, t0, quick)
+        failed = False
+        return summary
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads_before)
+        lane.close(failed)
 
 
 def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, common: dict[str, Any],
-                pool: ProcessPoolExecutor | None, t0: float, quick: bool) -> dict[str, Any]:
-    """``run_demo`` from the tokenizer on; ``pool``: the second lane (None: every run here, in order)."""
+                lane: _SecondLane, t0: float, quick: bool) -> dict[str, Any]:
+    """``run_demo`` from the tokenizer on; ``lane``: the second lane (without a worker: every run here, in order)."""
     ft_train = TrainConfig(output_dir="", max_steps=c.ft_steps, batch_size=c.batch_size, lr=c.ft_lr, min_lr=1e-5,
                            warmup_steps=max(1, c.ft_steps // 10), weight_decay=0.05, layer_decay=c.layer_decay,
                            eval_every=2, **{**common, "log_every": 10 if quick else 25})
@@ -219,15 +325,12 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
     print(f"[2/4] ({time.perf_counter() - t0:.0f}s) tokenizer: held-out PSNR {psnr:.1f} dB, codebook perplexity "
           f"{ppl:.1f} of {c.vocab_size}", flush=True)
 
-    # The tokenizer had every core (its convolutions use them). From here the lanes get one thread each: the
-    # from-scratch arm needs no pre-training, so the second lane fine-tunes it while this one pre-trains.
-    threads = None
-    scratch_jobs: dict[int, Future] = {}
-    if pool is not None:
-        threads = max(1, usable_cores() // c.lanes)
-        torch.set_num_threads(threads)
-        scratch_jobs = {seed: pool.submit(_finetune_top1, ft_cfg("scratch", scratch_source, seed), threads, True)
-                        for seed in c.seeds}
+    # The tokenizer had every core (its convolutions use them). From here each lane has its share (one thread on
+    # 2 cores): the from-scratch arm needs no pre-training, so the second lane fine-tunes it while this one
+    # pre-trains.
+    scratch_jobs: dict[int, Future | None] = {}
+    if lane.split_cores():
+        scratch_jobs = {seed: lane.submit(ft_cfg("scratch", scratch_source, seed)) for seed in c.seeds}
         print(f"      a second process fine-tunes the from-scratch arm meanwhile (quietly: its logs are in "
               f"{out}/finetune_scratch/seed*/log.txt)", flush=True)
 
@@ -250,18 +353,16 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
 
     pretrained_source = (pre["model_dir"], {})
     # the second lane, done with the from-scratch arm by now or soon, takes the last pre-trained seed
-    pretrained_jobs: dict[int, Future] = {}
-    if pool is not None and len(c.seeds) > 1:
-        last = c.seeds[-1]
-        pretrained_jobs[last] = pool.submit(_finetune_top1, ft_cfg("pretrained", pretrained_source, last), threads,
-                                            True)
+    pretrained_jobs: dict[int, Future | None] = {}
+    if len(c.seeds) > 1:
+        pretrained_jobs[c.seeds[-1]] = lane.submit(ft_cfg("pretrained", pretrained_source, c.seeds[-1]))
     top1: dict[str, list[float]] = {"pretrained": [], "scratch": []}
     for i, seed in enumerate(c.seeds):
         if i == 1:
             print(f"      the other seeds run quietly: their logs are in {out}/finetune_*/seed*/log.txt", flush=True)
         for arm, source, jobs in (("pretrained", pretrained_source, pretrained_jobs),
                                   ("scratch", scratch_source, scratch_jobs)):
-            top1[arm].append(_result(jobs.get(seed), ft_cfg(arm, source, seed), quiet=i > 0))
+            top1[arm].append(lane.result(jobs.get(seed), ft_cfg(arm, source, seed), quiet=i > 0))
         print(f"      ({time.perf_counter() - t0:.0f}s) seed {seed}: pre-trained {top1['pretrained'][-1]:.1f}% vs "
               f"from scratch {top1['scratch'][-1]:.1f}%", flush=True)
     stats = {arm: _mean_spread(v) for arm, v in top1.items()}
