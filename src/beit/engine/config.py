@@ -37,25 +37,30 @@ T = TypeVar("T")
 
 
 def rebuilt_error(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    """An error as it was pickled (see :meth:`ConfigError.__reduce__`): its ``args`` and attributes, without
-    calling its ``__init__``."""
+    """An error as it was pickled (see :class:`PicklableError`): its ``args`` and attributes, without calling its
+    ``__init__``."""
     error = cls.__new__(cls, *args)
     error.args = args
     error.__dict__.update(state)
     return error
 
 
-class ConfigError(ValueError):
+class PicklableError:
+    """Base (first, before the exception class) of an error whose ``__init__`` takes more than its message: pickle
+    would call that ``__init__`` with ``args`` (the one message) and fail, so an error raised in another process
+    (e.g. a ProcessPoolExecutor worker) would not come back and that pool would be broken instead. Pickled with
+    its ``args`` and attributes, it is rebuilt as it was (:func:`rebuilt_error`)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return rebuilt_error, (type(self), self.args, self.__dict__)  # type: ignore[attr-defined]
+
+
+class ConfigError(PicklableError, ValueError):
     """A config key is unknown, has the wrong type, or holds a bad value. ``key`` is the dotted path."""
 
     def __init__(self, key: str, message: str):
         self.key, self.message = key, message
         super().__init__(f"config key '{key}': {message}" if key else message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # pickle would call __init__ with ``args`` (the one message): a ConfigError raised in another process
-        # (e.g. a ProcessPoolExecutor worker) would not come back, and that pool would be broken instead
-        return rebuilt_error, (type(self), self.args, self.__dict__)
 
 
 @dataclass

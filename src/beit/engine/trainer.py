@@ -66,7 +66,7 @@ from .checkpoint import (
     resume_candidates,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig, rebuilt_error, save_config, to_dict, validate_config
+from .config import ConfigError, PicklableError, TrainConfig, save_config, to_dict, validate_config
 from .distributed import EpochIndexed, ResumableDistributedSampler, _mix_seed
 from .logging import MetricLogger, console_through_tqdm, log_to_file, plot_curves, setup_logging
 from .optim import build_optimizer, lr_at, summarize_param_groups
@@ -151,7 +151,7 @@ def check_schedule(num_samples: int, cfg: TrainConfig, world_size: int | None = 
     return steps_per_epoch, total, warmup
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(PicklableError, KeyboardInterrupt):
     """``fit()`` was stopped by SIGINT or SIGTERM after ``step`` optimizer steps.
 
     On the first signal every rank finishes the step in progress (they agree on which step in the step's
@@ -185,12 +185,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         hint = "; resume with train.resume=auto (--resume auto)" if checkpoint is not None else ""
         super().__init__(self.summary + hint)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # as it was, also in another process (pickle would call __init__ with the message alone and fail)
-        return rebuilt_error, (type(self), self.args, self.__dict__)
 
-
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(PicklableError, RuntimeError):
     """Training diverged at optimizer step ``step`` (1-based): its loss or gradient norm was NaN/inf (then
     that step's optimizer update was not made), or its optimizer update made the weights non-finite
     (``reason`` says so). Either way no checkpoint of that step or later was written: ``last_checkpoint``
@@ -204,9 +200,6 @@ class TrainingDivergedError(RuntimeError):
         what = f"{reason} ({shown})" if reason else shown
         super().__init__(f"training diverged at step {step}: {what}. {where}. Lower the lr, raise warmup, "
                          "set clip_grad, or check the batch (e.g. a mask with no masked patch).")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return rebuilt_error, (type(self), self.args, self.__dict__)
 
 
 def _error_named(name: str, message: str) -> Exception:
