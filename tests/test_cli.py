@@ -811,13 +811,15 @@ def _commands_with_out() -> set[str]:
 @pytest.mark.parametrize("full", sorted(_OUT_ARGV))
 def test_an_empty_out_is_one_usage_error_for_every_command(full, tmp_path, monkeypatch, capsys):
     """``--out ''`` meant the default folder to eval / predict / visualize, the current folder or a config error
-    elsewhere, and exit 1 to the demo: now every command refuses it the same way, naming the option (exit 2)."""
+    elsewhere, and exit 1 to the demo: now every command refuses it the same way, naming the option (exit 2); and one of
+    blanks only the same way (``--out "  "``: exit 1 from the demo before)."""
     monkeypatch.chdir(tmp_path)
     typed = next((s for s, ta in SHORT.items() if " ".join(ta) == full), full)
-    for spelling in (["--out", ""], ["--out="]):
+    for spelling in (["--out", ""], ["--out="], ["--out", "  "]):
         assert main([*typed.split(), *_OUT_ARGV[full], *spelling]) == 2
-        assert _err(capsys) == (f"beit {typed}: error: --out is empty: give the path to write to, or omit --out for "
-                                f"its default (see beit {typed} --help)")
+        blanks = " (blanks only)" if spelling[-1] == "  " else ""
+        assert _err(capsys) == (f"beit {typed}: error: --out is empty{blanks}: give the path to write to, or omit "
+                                f"--out for its default (see beit {typed} --help)")
     assert not list(tmp_path.iterdir())  # nothing written, no work started
 
 

@@ -249,6 +249,24 @@ def test_demo_refuses_an_empty_out_and_folders_it_did_not_write(tmp_path, capsys
     assert (out / "data" / "train" / "digit_0" / "notes.txt").exists()  # left alone
 
 
+def test_a_demo_into_the_folder_of_a_running_one_is_refused(tmp_path, capsys) -> None:
+    """Two demos into one --out: the second deleted and rewrote the digits the first was training on. Now the
+    second is refused (exit 1, naming the holder) before it touches anything; a finished demo's lock is gone."""
+    from beit.engine.rundir import RunLock
+
+    out = tmp_path / "demo"
+    png = out / "data" / "train" / "digit_0" / "0000.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"the running demo's")
+    with RunLock(out):  # the running demo (a live flock: this process holds it as another would)
+        assert main(["demo", "--out", str(out), "--quick"]) == 1
+        err = capsys.readouterr().err
+        assert f"output_dir {out} is in use by another run (pid" in err and "choose another" in err
+        assert png.read_bytes() == b"the running demo's"  # untouched
+    assert main(["demo", "--out", str(out), "--quick"]) == 0  # free again: it replaces that run
+    assert not (out / ".lock").exists() and not png.read_bytes().startswith(b"the running")
+
+
 def test_a_second_demo_replaces_the_first(tmp_path) -> None:
     """Stale seeds and stray images of an earlier demo are removed, not reported or trained on."""
     from beit.tasks.demo import _clear_previous_demo

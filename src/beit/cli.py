@@ -234,12 +234,15 @@ def _sub(sub: argparse._SubParsersAction, name: str, cmd: Command) -> None:
 
 def _empty_output(args: argparse.Namespace) -> str | None:
     """The one check of an empty output path, for every command: ``"--out is empty: ..."`` when the command's
-    ``--out`` option was given as ``''`` (it used to mean the default folder to some commands, the current folder
-    to others, a config error to the training commands), else None. A usage error: :func:`main` exits 2."""
+    ``--out`` option was given as ``''`` or blanks only (``''`` used to mean the default folder to some commands,
+    the current folder to others, a config error to the training commands), else None. A usage error:
+    :func:`main` exits 2."""
     flag = getattr(args, "_out_flag", None)
-    if flag is None or getattr(args, "out", None) != "":
+    out = getattr(args, "out", None)
+    if flag is None or not isinstance(out, str) or out.strip():
         return None
-    return f"{flag} is empty: give the path to write to, or omit {flag} for its default"
+    blanks = " (blanks only)" if out else ""
+    return f"{flag} is empty{blanks}: give the path to write to, or omit {flag} for its default"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from PIL import Image
 from ..data.demo import load_digits_images, train_test_split
 from ..engine.config import TrainConfig
 from ..engine.logging import quiet_console
+from ..engine.rundir import RunLock
 from ..engine.threads import usable_cores
 from ..tokenizers.dvae import DVAEConfig
 from .classify import DataConfig, FinetuneConfig, finetune
@@ -272,6 +273,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
 
     Raises:
         ValueError: ``out`` is empty, or its ``data/`` / ``finetune_*/`` hold files the demo did not write.
+        RunLockedError: another demo (a live process) is writing to ``out`` (``out/.lock`` names it).
     """
     if not str(out).strip():
         raise ValueError("out is empty: give the folder the demo writes to")
@@ -282,17 +284,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cfg: DemoConfig
     t0 = time.perf_counter()
     # overwrite: running the demo again replaces its previous run (training commands refuse that by default)
     common = dict(num_workers=0, log_every=10 if quick else 50, overwrite=True)
-    _clear_previous_demo(out)
-    train_dir, test_dir = write_digits(out / "data", c.img_size)
-    print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
-    lane = _SecondLane(c.lanes)
-    failed = True
-    try:
-        summary = _run_stages(c, out, train_dir, test_dir, common, lane, t0, quick)
-        failed = False
-        return summary
-    finally:
-        lane.close(failed)
+    # one demo per folder: a second one would delete and rewrite the digits the first is training on
+    with RunLock(out):
+        _clear_previous_demo(out)
+        train_dir, test_dir = write_digits(out / "data", c.img_size)
+        print(f"[1/4] wrote the digits as images: {train_dir} (train), {test_dir} (test)", flush=True)
+        lane = _SecondLane(c.lanes)
+        failed = True
+        try:
+            summary = _run_stages(c, out, train_dir, test_dir, common, lane, t0, quick)
+            failed = False
+            return summary
+        finally:
+            lane.close(failed)
 
 
 def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, common: dict[str, Any],
