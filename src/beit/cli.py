@@ -92,6 +92,12 @@ def _convert_run(args: argparse.Namespace) -> int:
     from .interop import export_hf, export_timm, load_model, save_model
 
     model = load_model(args.src)
+    src = Path(args.src)
+    if getattr(model.cfg, "head", None) == "cls" and src.is_file() and src.suffix in (".pt", ".pth"):
+        # a fine-tuning run's last.pt / best.pt: keep its class names and eval preprocessing, as its model/ does
+        from .tasks.classify.evaluate import with_run_metadata
+
+        model = with_run_metadata(model, torch.load(src, map_location="cpu", weights_only=True, mmap=True))
     if args.to == "beit":
         out = save_model(model, args.dst, dtype=args.dtype)
     elif args.to == "hf":

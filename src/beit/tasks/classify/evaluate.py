@@ -35,7 +35,7 @@ from ...engine.rundir import check_checkpoint_task
 from ...engine.trainer import worker_init
 from ...interop import load_model
 from ...models.config import Preprocess
-from ..backbone_config import TASK_COMMANDS, check_task_of
+from ..backbone_config import TASK_COMMANDS, check_task_of, stored_task
 from .data import build_preprocess, readable_subset, warn_left_out
 
 __all__ = [
@@ -271,12 +271,38 @@ def load_classifier(source: str | os.PathLike, *, ema: bool = False, **overrides
     if "preprocess" in extra:  # config.json's "preprocess" entry (beit.save_model), kept in cfg.extra
         pre = model.cfg.eval_preprocess()
     elif run_cfg:
-        pre = Preprocess.from_dict({**(run_cfg.get("data") or {}), "img_size": run_cfg.get("img_size", 224)})
+        pre = run_preprocess(run_cfg)
     else:  # a foreign classifier: its own resolution, ImageNet-style crop
         pre = Preprocess(img_size=model.cfg.img_hw[0])
     if "img_size" in overrides:
         pre.img_size = int(overrides["img_size"])
     return model, names, pre
+
+
+def run_preprocess(run_cfg: dict[str, Any]) -> Preprocess:
+    """The eval preprocessing a fine-tuning run config implies (what its ``model/`` folder stores)."""
+    return Preprocess.from_dict({**(run_cfg.get("data") or {}), "img_size": run_cfg.get("img_size", 224)})
+
+
+def with_run_metadata(model: nn.Module, state: Any) -> nn.Module:
+    """``model`` (read from the training checkpoint whose dict is ``state``) with what ``beit finetune``'s
+    ``model/`` folder stores beside the weights: the class names and eval preprocessing of a fine-tuning run,
+    where the model does not carry them yet. Without them an exported classifier would be read with
+    ``class_0 ...`` or another folder order and an ImageNet crop (``beit convert runs/ft/last.pt``)."""
+    if not (isinstance(state, dict) and state.get("format") == TRAIN_CKPT_FORMAT):
+        return model
+    run_cfg = state.get("config") or {}
+    if stored_task(state) != "classification" or getattr(model.cfg, "head", None) != "cls":
+        return model
+    extra = dict(model.cfg.extra or {})
+    names = list(run_cfg.get("class_names") or [])
+    if "class_names" not in extra and len(names) == model.cfg.num_classes:
+        extra["class_names"] = names
+    cfg = model.cfg.replace(extra=extra)
+    if "preprocess" not in extra:
+        cfg = cfg.with_preprocess(run_preprocess(run_cfg))
+    model.cfg = cfg
+    return model
 
 
 def _is_dvae_file(path: Path) -> bool:

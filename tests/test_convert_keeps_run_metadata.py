@@ -1,0 +1,51 @@
+"""``beit convert`` of a fine-tuning run's training checkpoint keeps what the run's ``model/`` folder stores beside
+the weights: its class names (in the run's label order) and its eval preprocessing. Without them the converted
+classifier was read with the class folders' sorted order (a run with ``class_names=[dog, cat]`` scored 0% on the
+data it had learnt) and an ImageNet crop, and ``--to hf`` wrote ``LABEL_0 ...``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import beit
+from beit.cli import main
+from beit.tasks.classify.evaluate import TRAIN_CKPT_FORMAT, load_classifier
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+def _finetune_checkpoint(path, names):
+    model = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=len(names))
+    state = {"format": TRAIN_CKPT_FORMAT, "task": "classification", "step": 3, "model": model.state_dict(),
+             "config": {"class_names": names, "img_size": 32,
+                        "data": {"grayscale": True, "resize": "full", "mean": [0.5] * 3, "std": [0.25] * 3}}}
+    torch.save(state, path)
+    return model
+
+
+def test_convert_of_a_finetune_checkpoint_keeps_class_names_and_preprocessing(tmp_path) -> None:
+    names = ["dog", "cat", "bird"]  # not sorted: the run's label order, not the folders'
+    _finetune_checkpoint(tmp_path / "last.pt", names)
+    assert main(["convert", str(tmp_path / "last.pt"), str(tmp_path / "ours")]) == 0
+    _, got, pre = load_classifier(tmp_path / "ours")
+    _, want, want_pre = load_classifier(tmp_path / "last.pt")
+    assert got == want == names
+    assert pre == want_pre and pre.grayscale and pre.resize == "full" and tuple(pre.mean) == (0.5,) * 3
+    assert main(["convert", str(tmp_path / "last.pt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    id2label = json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"]
+    assert [id2label[str(i)] for i in range(3)] == names
+
+
+def test_convert_of_other_checkpoints_adds_nothing(tmp_path) -> None:
+    mim = beit.create_model("beit_tiny_patch16_224", **TINY, head="mim")
+    torch.save({"format": TRAIN_CKPT_FORMAT, "task": "pre-training", "model": mim.state_dict(),
+                "config": {"model": {"name": "beit_tiny_patch16_224"}}}, tmp_path / "pt.pt")
+    assert main(["convert", str(tmp_path / "pt.pt"), str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "preprocess" not in meta and meta["config"]["extra"] == {}
+    plain = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=2)
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")  # a bare state dict: nothing to take names from
+    assert main(["convert", str(tmp_path / "plain.pth"), str(tmp_path / "out2")]) == 0
+    assert "class_names" not in json.loads((tmp_path / "out2" / "config.json").read_text())["config"]["extra"]
