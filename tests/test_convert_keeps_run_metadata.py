@@ -49,3 +49,18 @@ def test_convert_of_other_checkpoints_adds_nothing(tmp_path) -> None:
     torch.save(plain.state_dict(), tmp_path / "plain.pth")  # a bare state dict: nothing to take names from
     assert main(["convert", str(tmp_path / "plain.pth"), str(tmp_path / "out2")]) == 0
     assert "class_names" not in json.loads((tmp_path / "out2" / "config.json").read_text())["config"]["extra"]
+
+
+def test_evaluate_of_a_classifier_without_class_names_says_which_order_it_assumes(tmp_path, beit_warnings) -> None:
+    from PIL import Image
+
+    from beit.tasks.classify.evaluate import evaluate_checkpoint
+
+    plain = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=2)
+    beit.save_model(plain, tmp_path / "plain")
+    for c in ("dog", "cat"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "val" / c / "a.png")
+    evaluate_checkpoint(tmp_path / "plain", tmp_path / "val", tmp_path / "rep", num_workers=0)
+    said = [r.getMessage() for r in beit_warnings if "stores no class names" in r.getMessage()]
+    assert len(said) == 1 and "sorted order (cat, dog)" in said[0]

@@ -352,6 +352,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
         if len(folders) != len(names):
             raise ValueError(f"{data_dir}: {len(folders)} class folders but the model has {len(names)} classes")
         names = folders
+        logger.warning("%s stores no class names: its outputs 0..%d are taken as the class folders in sorted order "
+                       "(%s); the scores are wrong if it was trained with another order", checkpoint,
+                       len(names) - 1, first_few(names, 5))
     # a class folder without images (or none that decodes) is evaluated without that class, as a training run's
     # validation set is: named in a warning, its per-class accuracy null
     ds = LabeledImageFolder(data_dir, build_preprocess(pre), class_names=names, allow_empty=True)
