@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import beit
@@ -64,3 +65,22 @@ def test_evaluate_of_a_classifier_without_class_names_says_which_order_it_assume
     evaluate_checkpoint(tmp_path / "plain", tmp_path / "val", tmp_path / "rep", num_workers=0)
     said = [r.getMessage() for r in beit_warnings if "stores no class names" in r.getMessage()]
     assert len(said) == 1 and "sorted order (cat, dog)" in said[0]
+
+
+def test_predict_out_never_replaces_an_image_and_takes_a_folder(tmp_path) -> None:
+    from PIL import Image
+
+    from beit.tasks.classify.evaluate import predict_folder
+
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=2), tmp_path / "m")
+    (tmp_path / "imgs").mkdir()
+    img = tmp_path / "imgs" / "a.png"
+    Image.new("RGB", (32, 32), (0, 90, 200)).save(img)
+    before = img.read_bytes()
+    for out in (img, tmp_path / "other.JPG"):  # an input, or any image name: refused before any work
+        with pytest.raises(ValueError, match="names an image file; beit predict writes a CSV"):
+            predict_folder(tmp_path / "m", img, out, num_workers=0)
+    assert img.read_bytes() == before and not (tmp_path / "other.JPG").exists()
+    r = predict_folder(tmp_path / "m", tmp_path / "imgs", tmp_path / "imgs", num_workers=0)  # --out an existing folder
+    assert r["csv"] == str(tmp_path / "imgs" / "predictions.csv") and r["num_images"] == 1
+    assert (tmp_path / "imgs" / "predictions.csv").read_text().startswith("path,label_1")

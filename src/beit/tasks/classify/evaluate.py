@@ -387,12 +387,20 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
 
     Raises:
         FileNotFoundError: ``images_dir`` does not exist.
-        ValueError: no images under ``images_dir``, or none of them (or the single file) could be read;
+        ValueError: ``out_csv`` has an image file's extension (it would replace an image; ``out_csv`` an existing
+            folder writes ``predictions.csv`` inside it); no images under ``images_dir``, or none of them (or the
+            single file) could be read;
             ``checkpoint`` is not a classifier, or a checkpoint of another task (as :func:`load_classifier`).
     """
     source = Path(images_dir).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"no such image file or folder: {str(images_dir)!r}")
+    out_csv = Path(out_csv)
+    if out_csv.is_dir():  # --out results/: the CSV goes inside (as beit visualize's PNG does)
+        out_csv = out_csv / "predictions.csv"
+    if out_csv.suffix.lower() in IMG_EXTENSIONS:  # checked before any work: the CSV would replace that image
+        raise ValueError(f"--out {str(out_csv)!r} names an image file; beit predict writes a CSV: give a .csv path "
+                         "(default predictions.csv) or a folder")
     model, names, pre = load_classifier(checkpoint, ema=ema)
     skipped: dict[str, str] = {}
     if source.is_dir():
@@ -412,7 +420,6 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     k = min(topk, len(names))
     loader = DataLoader(FileImages(paths, build_preprocess(pre)), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_files, pin_memory=dev.type == "cuda")
-    out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     tmp = out_csv.with_name(f".{out_csv.name}.tmp")  # an existing CSV is replaced only by a complete one
