@@ -15,6 +15,7 @@ instead of failing to merge one schema into another.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from typing import Any
 from ..engine.config import ConfigError
 from ..engine.rundir import check_checkpoint_task
 from ..engine.trainer import TASK_NAMES
-from ..interop.backbone import check_override_keys
+from ..interop.backbone import check_override_keys, is_preset
+from ..models.config import PRESETS
 
-__all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "check_task_of", "checkpoint_task",
-           "stored_task", "task_config_from_checkpoint"]
+__all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "check_model_source", "check_task_of",
+           "checkpoint_task", "stored_task", "task_config_from_checkpoint"]
 
 # what checkpoint_task answers: the names the trainer records in a checkpoint's "task"
 TASK_KINDS = tuple(TASK_NAMES.values())
@@ -54,6 +56,19 @@ def check_model_overrides(overrides: Mapping[str, Any], reserved: Mapping[str, s
     for k, instead in (reserved or {}).items():
         if k in overrides:
             raise ConfigError(f"{key}.{k}", f"set by the task's config itself; use {instead}")
+
+
+def check_model_source(source: Any, key: str = "model") -> None:
+    """A backbone source that is no preset, no existing file or folder, no URL and no Hugging Face Hub id
+    (``owner/name``) is a ConfigError naming ``key`` and the presets, before any data is read (a misspelt preset
+    or path failed as ``checkpoint not found: ...`` once the training set had been listed and decoded)."""
+    if not isinstance(source, str) or not source or is_preset(source) or Path(source).exists():
+        return
+    if re.match(r"^(https?|file)://", source) or re.match(r"^[\w.-]+/[\w.-]+$", source):
+        return  # fetched (or refused) by beit.load_model
+    raise ConfigError(key, f"no preset and no checkpoint file or folder named {source!r}: presets are "
+                           f"{', '.join(sorted(PRESETS))} (from scratch); else a checkpoint file or folder, a Hugging "
+                           "Face Hub id (owner/name) or a URL")
 
 
 def checkpoint_task(config: Any) -> str | None:

@@ -40,6 +40,7 @@ from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, check_schedule
 from ...interop import save_model
 from ...models import Beit
+from ..backbone_config import check_model_source
 from ..device_data import decode_summary
 from .config import FinetuneConfig, LinprobeConfig
 from .data import (
@@ -74,6 +75,7 @@ def begin_run(cfg: FinetuneConfig | LinprobeConfig, what_model: str) -> None:
     setup_logging(cfg.train.output_dir, D.is_main())
     if cfg.model in ("", MISSING):
         raise ConfigError("model", f"is not set: {what_model}")
+    check_model_source(cfg.model, "model")
     set_max_image_pixels(cfg.data.max_image_pixels)
 
 
