@@ -38,3 +38,14 @@ def test_what_is_left_to_the_loader(tmp_path) -> None:
         check_model_source(ok)
     with pytest.raises(ConfigError, match="config key 'model.init': no preset"):
         check_model_source("beit_base", "model.init")
+
+
+def test_linprobe_without_a_val_set_fails_before_the_encoder_is_read(tmp_path, capsys) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    damaged = tmp_path / "big.safetensors"
+    damaged.write_bytes(b"\0" * 64)  # read first, this would be the error (a BEiT-L takes seconds to read)
+    argv = ["linprobe", "-c", "linprobe_base", f"model={damaged}", f"data.train_dir={tmp_path / 'train'}",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
+    assert _err(capsys) == ("beit linprobe: error: config key 'data.val_dir': linear probing needs a val set to pick "
+                            "and report the best block")

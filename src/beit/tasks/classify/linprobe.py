@@ -196,6 +196,8 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
         ValueError: launched on several processes; ``num_classes`` does not match the data; no readable image.
     """
     begin_run(cfg, "the checkpoint to probe")
+    if train_dataset is None and val_dataset is None and not cfg.data.val_dir:  # before the encoder is read
+        raise ConfigError("data.val_dir", "linear probing needs a val set to pick and report the best block")
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
