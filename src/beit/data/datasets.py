@@ -889,7 +889,8 @@ class LabeledImageFolder(_RobustImageFiles):
         if empty and not allow_empty:
             raise ValueError(
                 f"class folders without images under {self.root!r}: {empty} "
-                f"(extensions={tuple(extensions)}); remove them or pass class_names without them"
+                f"(extensions={tuple(extensions)}); put images in them or remove them (class_names must list every "
+                "class folder: leaving one out of it is refused too)"
             )
         super().__init__(samples, transform, seed)
 
