@@ -98,7 +98,11 @@ def _resolve_remote(source: str) -> Path:
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     except Exception as e:
-        raise CheckpointError(f"{source!r}: not a local file and could not be fetched from the Hub ({e})") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # huggingface_hub's messages run over lines
+        owner = source.split("/")[0]
+        local = f" ({owner}/ is a folder here: a misspelt path?)" if Path(owner).is_dir() else ""
+        raise CheckpointError(f"{source!r}: no such local file or folder{local}, and it could not be fetched as a "
+                              f"Hugging Face Hub id ({why})") from None
 
 
 def _valid_hints(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
