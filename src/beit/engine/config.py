@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -364,13 +365,43 @@ def load_config(schema: type[T] | T, path: str | Path | None = None, overrides: 
 
 
 
-def load_run_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """:func:`load_config` for a training run, then :func:`check_output_dir` on its ``train.output_dir``: every
+def load_run_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                    image_folders: Sequence[str] = ()) -> T:
+    """:func:`load_config` for a training run, then :func:`check_output_outside` of its ``image_folders`` (dotted
+    keys of the folders it reads images from) and :func:`check_output_dir` on its ``train.output_dir``: every
     check a training command makes before any work (raises :class:`ConfigError`, or ``OSError`` naming the
     folder that cannot be written)."""
     cfg = load_config(schema, path, overrides)
+    check_output_outside(cfg, image_folders)
     check_output_dir(cfg.train.output_dir)
     return cfg
+
+
+def check_output_outside(cfg: Any, image_folders: Sequence[str]) -> None:
+    """``train.output_dir`` is none of the folders the run reads images from (``image_folders``: dotted keys of
+    ``cfg``), nor inside one, before the folder is created: the run's folders (``model/``, ``tb/``, ``eval/``) would
+    become classes of a class-folder set and its pictures (``curves.png``) images of a searched one, which the next
+    run reads (a fine-tuning into its own ``data.train_dir`` left a set that no later run accepts).
+
+    Raises:
+        ConfigError: key ``train.output_dir``, naming the folder's key and value.
+    """
+    out = Path(os.fsdecode(cfg.train.output_dir)).expanduser()
+    for key in image_folders:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, str) or not value or not Path(value).expanduser().is_dir():
+            continue
+        try:
+            ro, rv = out.resolve(), Path(value).expanduser().resolve()
+        except OSError:
+            continue
+        if ro == rv or ro.is_relative_to(rv):
+            where = "is" if ro == rv else "is inside"
+            raise ConfigError("train.output_dir", f"{cfg.train.output_dir} {where} the image folder {key}={value}: the "
+                                                  "run's checkpoints, folders and pictures would be read as data by "
+                                                  "the next run; choose an output_dir outside it")
 
 def stored_config(schema: type[T] | T, saved: Any, path: str | Path | None = None,
                   overrides: list[str] | None = None, source: str = "the checkpoint") -> T:

@@ -22,7 +22,7 @@ def finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig
     from .train import finetune
 
-    cfg = load_run_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_run_config(FinetuneConfig, args.config, args.overrides, ("data.train_dir", "data.val_dir"))
     result = finetune(cfg)
     names = result.get("class_names", [])
     _print_result(result, skip=("class_names",))
@@ -37,7 +37,7 @@ def linprobe(args: argparse.Namespace) -> int:
     from .config import LinprobeConfig
     from .linprobe import linprobe
 
-    cfg = load_run_config(LinprobeConfig, args.config, args.overrides)
+    cfg = load_run_config(LinprobeConfig, args.config, args.overrides, ("data.train_dir", "data.val_dir"))
     result = linprobe(cfg)
     knn = result.get("knn_top1", {})
     for b, acc in result["top1"].items():

@@ -17,7 +17,7 @@ def train(args: argparse.Namespace) -> int:
     from .config import PretrainConfig
     from .train import pretrain
 
-    cfg = load_run_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_run_config(PretrainConfig, args.config, args.overrides, ("data.path",))
     result = pretrain(cfg)
     for k, v in result.items():
         print(f"{k}: {v}")

@@ -25,7 +25,7 @@ def train(args: argparse.Namespace) -> int:
     from .config import TokenizerTrainConfig
     from .train import train_tokenizer
 
-    cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides)
+    cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides, ("data_dir", "val_dir"))
     report = train_tokenizer(cfg)
     for k, v in report.items():
         print(f"{k}: {v}")
