@@ -172,7 +172,7 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
     if isinstance(source, Mapping):
         raw, name = dict(source), "<state dict>"
     else:
-        path = Path(source)
+        path = Path(source).expanduser()
         text = str(source)
         if not path.exists():
             if not (re.match(r"^(https?|file)://", text) or re.match(r"^[\w.-]+/[\w.-]+$", text)):

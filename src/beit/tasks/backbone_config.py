@@ -62,7 +62,7 @@ def check_model_source(source: Any, key: str = "model") -> None:
     """A backbone source that is no preset, no existing file or folder, no URL and no Hugging Face Hub id
     (``owner/name``) is a ConfigError naming ``key`` and the presets, before any data is read (a misspelt preset
     or path failed as ``checkpoint not found: ...`` once the training set had been listed and decoded)."""
-    if not isinstance(source, str) or not source or is_preset(source) or Path(source).exists():
+    if not isinstance(source, str) or not source or is_preset(source) or Path(source).expanduser().exists():
         return
     if re.match(r"^(https?|file)://", source) or re.match(r"^[\w.-]+/[\w.-]+$", source):
         return  # fetched (or refused) by beit.load_model
