@@ -947,3 +947,30 @@ def test_a_class_file_line_is_one_name_whatever_unicode_it_holds(tmp_path: Path)
     f = tmp_path / "c.txt"
     f.write_text("sky\u2028line\r\nroad\n\n", encoding="utf-8")  # U+2028 inside a name: was two classes
     assert load_class_names(f) == ["sky\u2028line", "road"]
+
+
+def test_one_image_a_step_where_a_batchnorm_map_is_1x1_is_refused_before_the_run_folder(tmp_path: Path) -> None:
+    """train.batch_size=1 failed at the first step with torch's "Expected more than 1 value per channel when
+    training" (the pyramid pooling's 1x1 level, or the stride-32 level of a crop under 64), after the run folder
+    was made; now a config error naming the key, the 1x1 map and the fixes, and nothing written."""
+    from beit.cli import main
+    from beit.engine.config import ConfigError
+    check_batchnorm_batch = importlib.import_module("beit.tasks.segmentation.train").check_batchnorm_batch
+    base = [*SEG_BASE, "data.crop_size=64", "train.batch_size=1"]
+    with pytest.raises(ConfigError, match=r"^config key 'train.batch_size': 1 image a step in one process cannot "
+                                          r"train the segmenter: the pyramid pooling's 1x1 level \(1 in "
+                                          r"model.pool_scales\) .* or leave 1 out of model.pool_scales$"):
+        check_batchnorm_batch(load_config(SegmentConfig, None, base))
+    with pytest.raises(ConfigError, match=r"the stride-32 level of a data.crop_size=32 crop \(1x1\) .* or "
+                                          r"data.crop_size=64 or more$"):
+        check_batchnorm_batch(load_config(SegmentConfig, None, [*base, "data.crop_size=32", "model.pool_scales=[2]"]))
+    check_batchnorm_batch(load_config(SegmentConfig, None, [*base, "model.pool_scales=[2,3]"]))  # every map > 1x1
+    check_batchnorm_batch(load_config(SegmentConfig, None, [*base, "train.batch_size=2"]))
+
+    data, out = make_toy(tmp_path), tmp_path / "run"
+    assert main(["segment", "train", "--config", str(CONFIGS / "segment_camvid.yaml"), f"data.root={data}",
+                 "data.classes=[red,blue,green]", "data.ignore_index=3", "data.crop_size=32", "test.crop=32",
+                 "test.stride=16", "model.arch=beit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32",
+                 "model.depth=2", "model.num_heads=2", "model.channels=8", "model.aux_channels=8",
+                 "train.batch_size=1", "train.max_steps=2", "train.num_workers=0", f"train.output_dir={out}"]) == 1
+    assert not out.exists()

@@ -42,7 +42,7 @@ from .infer import inference, write_overlays
 from .metrics import ConfusionMatrix, format_table
 from .model import build_model, segmentation_loss
 
-__all__ = ["OUTPUTS", "evaluate", "make_eval_fn", "make_step_fn", "train"]
+__all__ = ["OUTPUTS", "check_batchnorm_batch", "evaluate", "make_eval_fn", "make_step_fn", "train"]
 
 #: what a segmentation training writes into ``train.output_dir`` besides the engine's files: nothing (its overlays
 #: go to the engine's ``images/``; ``beit segment eval`` / ``predict`` write where ``--out`` says)
@@ -121,12 +121,39 @@ def _decode_head_fits(names: list[str], cfg: SegmentConfig) -> Callable[[dict[st
     return check
 
 
+def check_batchnorm_batch(cfg: SegmentConfig) -> None:
+    """The decoder's BatchNorms see one value per channel and image where a map is 1x1: the pyramid pooling's 1x1
+    level (``1`` in ``model.pool_scales``, the recipe's) and, for a ``data.crop_size`` under 64, the stride-32 level.
+    A step of one image per BatchNorm there (``train.batch_size=1`` in one process, or on each CPU rank, where there
+    is no SyncBN) failed at the first step with torch's "Expected more than 1 value per channel when training",
+    after the run folder was made. Checked before anything is written.
+
+    Raises:
+        ConfigError: ``train.batch_size``, naming the 1x1 map and the fixes.
+    """
+    synced = D.world_size() > 1 and torch.cuda.is_available()  # train() converts to SyncBatchNorm then
+    if cfg.train.batch_size * (D.world_size() if synced else 1) >= 2:
+        return
+    if 1 in cfg.model.pool_scales:
+        why, fix = "the pyramid pooling's 1x1 level (1 in model.pool_scales)", "leave 1 out of model.pool_scales"
+    elif cfg.data.crop_size < 64:
+        why = f"the stride-32 level of a data.crop_size={cfg.data.crop_size} crop (1x1)"
+        fix = "data.crop_size=64 or more"
+    else:
+        return
+    where = "on each process (no SyncBN without CUDA)" if D.world_size() > 1 else "in one process"
+    raise ConfigError("train.batch_size", f"{cfg.train.batch_size} image a step {where} cannot train the segmenter: "
+                                          f"{why} is normalised by BatchNorm over one value per channel; use "
+                                          f"train.batch_size=2 or more, or {fix}")
+
+
 def train(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune BEiT + UperNet with the shared trainer; returns its final metrics (+ ``"table"``).
 
     Fills in ``cfg.model.classes`` (the class names, so the checkpoints hold them) and ``cfg.model.backbone``.
     """
     validate_config(cfg)
+    check_batchnorm_batch(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
     # the run's log from here (as finetune's): what model.init loaded is said in it (the engine sets it up later)
