@@ -974,3 +974,16 @@ def test_one_image_a_step_where_a_batchnorm_map_is_1x1_is_refused_before_the_run
                  "model.depth=2", "model.num_heads=2", "model.channels=8", "model.aux_channels=8",
                  "train.batch_size=1", "train.max_steps=2", "train.num_workers=0", f"train.output_dir={out}"]) == 1
     assert not out.exists()
+
+
+def test_a_pool_scale_below_1_and_a_flip_probability_outside_0_1_name_their_keys() -> None:
+    """model.pool_scales=[0] failed at the first training step inside a conv ("Calculated padded input size per
+    channel: (0 x 0)"); data.flip_prob=2 was taken as "always". Both are config errors now."""
+    from beit.engine import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config key 'model.pool_scales': the pyramid pooling's output sizes "
+                                          r"must be >= 1 .*got \[1, 0\]$"):
+        load_config(SegmentConfig, None, [*SEG_BASE, "model.pool_scales=[1,0]"])
+    with pytest.raises(ConfigError, match=r"^config key 'data.flip_prob': is a probability, in \[0, 1\]; got 2.0$"):
+        load_config(SegmentConfig, None, [*SEG_BASE, "data.flip_prob=2"])
+    assert load_config(SegmentConfig, None, [*SEG_BASE, "model.pool_scales=[]", "data.flip_prob=1"]).model.pool_scales == []

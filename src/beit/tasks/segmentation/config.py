@@ -53,6 +53,9 @@ class SegModelConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.out_indices is not None and len(self.out_indices) != 4:
             raise ConfigError("out_indices", f"needs 4 block indices, got {list(self.out_indices)}")
+        if any(scale < 1 for scale in self.pool_scales):  # 0 failed at the first step inside a conv
+            raise ConfigError("pool_scales", f"the pyramid pooling's output sizes must be >= 1 (the recipe's: "
+                                             f"[1, 2, 3, 6]; [] for none), got {list(self.pool_scales)}")
         # the architecture of a stored run (backbone) comes from it: a shape the user gave that disagrees would be
         # dropped silently, so it is an error; one that agrees is fine. model.init's shape is only known once the
         # file is read: build_backbone checks it the same way.
@@ -120,6 +123,8 @@ class SegDataConfig:
             raise ConfigError("cat_max_ratio", f"must be in (0, 1], got {self.cat_max_ratio}")
         if self.repeat < 1:
             raise ConfigError("repeat", f"must be >= 1, got {self.repeat}")
+        if not 0 <= self.flip_prob <= 1:  # a probability: 2 was taken (always flip)
+            raise ConfigError("flip_prob", f"is a probability, in [0, 1]; got {self.flip_prob}")
         if self.num_classes < 0:
             raise ConfigError("num_classes", f"must be >= 0, got {self.num_classes}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
