@@ -13,14 +13,16 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.train.pretrain`)."""
+    from ...engine import distributed as D
     from ...engine.config import load_run_config
     from .config import PretrainConfig
     from .train import pretrain
 
     cfg = load_run_config(PretrainConfig, args.config, args.overrides, ("data.path",))
     result = pretrain(cfg)
-    for k, v in result.items():
-        print(f"{k}: {v}")
+    if D.is_main():  # under torchrun: one summary (each rank's, with its own img/s, was printed)
+        for k, v in result.items():
+            print(f"{k}: {v}")
     return 0
 
 

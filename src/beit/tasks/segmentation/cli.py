@@ -15,14 +15,16 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit segment train``: fine-tune BEiT + UperNet with the shared trainer."""
+    from ...engine import distributed as D
     from ...engine.config import load_run_config
     from .config import SegmentConfig
     from .train import train as run_train
 
     cfg = load_run_config(SegmentConfig, args.config, args.overrides)
     result = run_train(cfg)
-    shown = {k: v for k, v in result.items() if k not in ("table", "per_class")}
-    print(json.dumps(shown, indent=1, default=str))
+    if D.is_main():  # under torchrun: one summary (each rank's, with its own img/s, was printed)
+        shown = {k: v for k, v in result.items() if k not in ("table", "per_class")}
+        print(json.dumps(shown, indent=1, default=str))
     return 0
 
 
