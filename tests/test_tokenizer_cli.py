@@ -270,6 +270,33 @@ def test_eval_refuses_max_images_below_one(tmp_path, capsys) -> None:
             capsys.readouterr().err
 
 
+def test_eval_and_encode_name_a_bad_img_size_batch_size_or_worker_count(tmp_path, capsys, monkeypatch) -> None:
+    """`--img-size 0` said "none of the 1 images under X could be read" (the images were fine); `--img-size 30` for a
+    tokenizer of 4x downsampling, `--batch-size 0` and `--num-workers -1` were torch's messages naming no option; and
+    encode's default 4 workers on a 2-core machine printed torch's "suggested max number of worker" warning twice."""
+    import warnings
+
+    import beit.engine.threads as threads
+
+    tok, data = _tiny_dvae_and_images(tmp_path, n=1)
+    cases = [(["--img-size", "0"], "--img-size must be >= 1, got 0"),
+             (["--img-size", "30"], "--img-size 30 is not divisible by the tokenizer's downsampling (4): use 28 or 32"),
+             (["--img-size", "2"], "--img-size 2 is not divisible by the tokenizer's downsampling (4): use 4"),
+             (["--batch-size", "0"], "--batch-size must be >= 1, got 0")]
+    for command in ("eval", "encode"):
+        for extra, message in cases + ([(["--num-workers", "-1"], "--num-workers must be >= 0, got -1")]
+                                       if command == "encode" else []):
+            out = ["--out", str(tmp_path / "o" / "x.png" if command == "eval" else tmp_path / "o" / "ids.safetensors")]
+            assert main(["tokenizer", command, "dvae", str(tok), "--data", str(data), *extra, *out]) == 1, extra
+            assert capsys.readouterr().err.strip().endswith(f"error: {message}"), extra
+    monkeypatch.setattr(threads, "usable_cores", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's worker warning would fail the command
+        assert main(["tokenizer", "encode", "dvae", str(tok), "--data", str(data), "--img-size", "32",
+                     "--out", str(tmp_path / "ids.safetensors")]) == 0
+    assert load_file(tmp_path / "ids.safetensors")["ids"].shape == (1, 8, 8)
+
+
 def test_a_folder_given_as_the_tokenizer_names_the_files_inside_it(tmp_path, capsys) -> None:
     """`beit tokenizer eval dvae runs/tok` (the training run's folder) said `dVAE file not found: runs/tok`; now it
     says it is a folder and names the file inside it to pass (the same through load_tokenizer, as beit pretrain)."""

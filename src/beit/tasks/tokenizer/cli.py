@@ -166,11 +166,21 @@ def _tokenizer_and_images(args: argparse.Namespace):  # noqa: ANN202
     from .data import eval_transform
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # before the tokenizer is read: --img-size 0 ended as "none of the 8 images could be read", --batch-size 0 and
+    # --num-workers -1 as torch's DataLoader messages naming no option
+    for flag, value, low in (("--img-size", args.img_size, 1), ("--batch-size", args.batch_size, 1),
+                             ("--num-workers", getattr(args, "num_workers", 0), 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     _refuse_training_checkpoint(args.path)
     tok = load_tokenizer(args.kind, args.path, decoder=getattr(args, "decoder", None),
                          precision=args.precision)
     tok = tok.to(device).eval()
     s = args.img_size
+    if s % tok.downsample:  # one token per downsample x downsample pixels
+        ok = [n for n in (s // tok.downsample * tok.downsample, (s // tok.downsample + 1) * tok.downsample) if n]
+        raise ValueError(f"--img-size {s} is not divisible by the tokenizer's downsampling ({tok.downsample}): use "
+                         f"{' or '.join(map(str, ok))}")
     ds = ImageFolderDataset(args.data, eval_transform(s))
     return tok, ds, device
 
@@ -284,10 +294,11 @@ def _encode_folder(tok, ds, args: argparse.Namespace, device: str) -> int:  # no
 
     from ..._text import first_few
     from ...data.datasets import IMG_EXTENSIONS, FileImages, collate_files
+    from ...engine.threads import loader_workers
 
     files = FileImages(ds.paths, ds.transform)
-    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=collate_files)
+    loader = torch.utils.data.DataLoader(files, batch_size=args.batch_size, collate_fn=collate_files,
+                                         num_workers=loader_workers(args.num_workers, "--num-workers"))
     indices: list[int] = []
     failed: dict[int, str] = {}
     chunks = [tok.encode(images.to(device)).cpu()
