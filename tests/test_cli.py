@@ -311,6 +311,7 @@ def test_under_torchrun_a_failing_rank_exits_at_once(setup, tmp_path, monkeypatc
     (["pretrain"], "beit.tasks.pretrain.train", "pretrain"),
     (["segment", "train"], "beit.tasks.segmentation.train", "train"),
     (["tokenizer", "train"], "beit.tasks.tokenizer.train", "train_tokenizer"),
+    (["finetune"], "beit.tasks.classify.train", "finetune"),
 ])
 def test_under_torchrun_only_rank_0_prints_the_training_summary(command, module, func, monkeypatch, capsys):
     """Each rank printed the run's final summary, the two interleaved and with their own img/s (52 vs 138 on two

@@ -18,15 +18,17 @@ def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
 def finetune(args: argparse.Namespace) -> int:
     """``beit finetune``: :func:`beit.tasks.classify.train.finetune` with the paper's recipe."""
     from ..._text import first_few
+    from ...engine import distributed as D
     from ...engine.config import load_run_config
     from .config import FinetuneConfig
     from .train import finetune
 
     cfg = load_run_config(FinetuneConfig, args.config, args.overrides, ("data.train_dir", "data.val_dir"))
     result = finetune(cfg)
-    names = result.get("class_names", [])
-    _print_result(result, skip=("class_names",))
-    print(f"classes ({len(names)}): {first_few(names, 20)}")
+    if D.is_main():  # under torchrun: one summary (each rank's, with its own img/s, was printed)
+        names = result.get("class_names", [])
+        _print_result(result, skip=("class_names",))
+        print(f"classes ({len(names)}): {first_few(names, 20)}")
     return 0
 
 

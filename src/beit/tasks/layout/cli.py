@@ -14,13 +14,14 @@ from pathlib import Path
 
 def train(args: argparse.Namespace) -> int:
     """``beit layout train``: train a detector (logs the COCO AP table itself)."""
+    from ...engine import distributed as D
     from ...engine.config import load_run_config
     from .config import LayoutConfig
     from .train import train as run_train
 
     cfg = load_run_config(LayoutConfig, args.config, args.overrides)
     result = run_train(cfg)
-    if "table" not in result:
+    if "table" not in result and D.is_main():  # under torchrun: said once
         print("no validation set: set data.val_ann=... or data.holdout=N to get COCO AP")
     return 0
 
