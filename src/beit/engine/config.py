@@ -403,6 +403,7 @@ def check_output_outside(cfg: Any, image_folders: Sequence[str]) -> None:
                                                   "run's checkpoints, folders and pictures would be read as data by "
                                                   "the next run; choose an output_dir outside it")
 
+
 def stored_config(schema: type[T] | T, saved: Any, path: str | Path | None = None,
                   overrides: list[str] | None = None, source: str = "the checkpoint") -> T:
     """A run config stored in a checkpoint (``saved``: its dict), read back into ``schema``, then a YAML file
