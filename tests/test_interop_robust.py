@@ -318,3 +318,16 @@ that no local file of that name exists."""
                           "and it could not be fetched as a Hugging Face Hub id")
     with pytest.raises(CheckpointError, match=r"^'microsoft/beit-x': no such local file or folder, and it could not"):
         beit.load_model("microsoft/beit-x")
+
+
+def test_save_model_onto_an_existing_file_says_it_writes_a_folder(tmp_path) -> None:
+    """``beit.save_model(model, "mk.py")`` with that file present: ``mkdir``'s bare ``[Errno 17] File exists``; now
+    the file is named and the folder it needs said, before anything is written (export_hf alike)."""
+    model = beit.create_model("beit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    taken = tmp_path / "mk.py"
+    taken.write_text("print('mine')")
+    for save in (beit.save_model, beit.interop.export_hf):
+        with pytest.raises(FileExistsError, match=rf"^{re.escape(str(taken))} is a file: \w+ writes a folder"):
+            save(model, taken)
+    assert taken.read_text() == "print('mine')"
+    assert (beit.save_model(model, tmp_path / "new" / "m") / "config.json").exists()  # parents made

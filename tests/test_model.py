@@ -142,3 +142,19 @@ def test_masks_are_checked_against_the_images() -> None:
         # a mask that fits the default image size does not fit another input size
         with pytest.raises(ValueError, match=r"patch grid 4x4"):
             m(torch.randn(2, 3, 16, 16), mask)
+
+
+def test_a_config_field_of_the_wrong_type_is_named() -> None:
+    """``create_model(depth="2")`` failed inside a comparison ("'<=' not supported between 'str' and 'int'"),
+    naming no field; every field of the wrong type is now named with what it takes, and values of the right type
+    (None where a field allows it, a pair for img_size) still pass."""
+    with pytest.raises(ValueError, match=r"^invalid BEiT config: depth must be an int, got '2' \(str\); "
+                                         r"qkv_bias must be true or false, got 1 \(int\)$"):
+        beit.create_model("beit_tiny_patch16_224", depth="2", qkv_bias=1)
+    with pytest.raises(ValueError, match=r"img_size must be an int or a pair of ints, got \(32, 'a'\)"):
+        beit.create_model("beit_tiny_patch16_224", img_size=(32, "a"))
+    with pytest.raises(ValueError, match=r"mlp_ratio must be a number, got None"):
+        beit.create_model("beit_tiny_patch16_224", mlp_ratio=None)
+    m = beit.create_model("beit_tiny_patch16_224", img_size=[32, 48], patch_size=16, depth=1, init_values=None,
+                          attn_head_dim=None, mlp_ratio=2)
+    assert m.cfg.img_hw == (32, 48) and m.cfg.mlp_ratio == 2

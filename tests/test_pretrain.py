@@ -84,6 +84,12 @@ def test_pretrain_runs_learns_and_writes_pictures(tiny_setup, tmp_path) -> None:
         main(["visualize", str(alone / "last.pt"), "--out", "panel", "--debug"])
     with pytest.raises(ValueError, match="--num must be in 1..64"):
         main(["visualize", str(alone / "last.pt"), "--num", "1000", "--debug"])
+    # --out inside the run's data.path: the next pre-training would train on the panel; refused, nothing written
+    images = tiny_setup / "images"
+    before = sorted(images.rglob("*"))
+    with pytest.raises(ValueError, match=r"would be written inside the run's data.path .*give --out a place outside"):
+        main(["visualize", str(out / "last.pt"), "--out", str(images) + "/", "--num", "2", "--debug"])
+    assert sorted(images.rglob("*")) == before
 
 
 def test_model_init_says_in_the_run_log_what_it_loaded(tiny_setup, tmp_path) -> None:

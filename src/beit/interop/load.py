@@ -458,6 +458,17 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _output_folder(directory: str | os.PathLike, what: str) -> Path:
+    """``directory`` made (with its parents) for ``what`` to write into; an existing file there is refused in words
+    (``mkdir`` said only ``[Errno 17] File exists``)."""
+    out = Path(directory).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: {what} writes a folder (model.safetensors + config.json); give the "
+                              "path of a folder (it is made if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp32") -> Path:
     """Write ``model.safetensors`` + ``config.json`` (our format; ``load_model`` reads it back).
 
@@ -467,6 +478,10 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
     set by ``beit finetune``); ``load_model`` puts it back there.
 
     ``dtype="bf16"`` halves the file (e.g. to ship an encoder); loading casts back to the model's dtype.
+
+    Raises:
+        ValueError: an unknown ``dtype``. TypeError: ``model`` is no :class:`~beit.models.Beit`.
+        FileExistsError: ``directory`` is an existing file.
     """
     from safetensors.torch import save
 
@@ -477,8 +492,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, Beit):
         raise TypeError(f"save_model expects a beit.models.Beit, got {type(model).__name__}")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(directory, "save_model")
     sd = {k: v.detach().cpu().to(DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
           for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
@@ -501,8 +515,7 @@ def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
     """A Hugging Face model directory (config.json + model.safetensors) that transformers loads."""
     from safetensors.torch import save
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(directory, "export_hf")
     sd = formats.to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))  # umask mode (save_file: 0600)
     (out / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))

@@ -7,10 +7,19 @@ infers from a foreign checkpoint, and what ``create_model`` overrides field by f
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 HEADS = ("cls", "mim", "none")
+_INTS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "attn_head_dim", "num_classes", "vocab_size")
+_FLOATS = ("mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate", "layer_norm_eps", "init_values", "init_std",
+           "init_scale")
+_OPTIONAL = ("attn_head_dim", "init_values")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass
@@ -57,9 +66,36 @@ class BeitConfig:
         h, w = self.img_hw
         return h // self.patch_size, w // self.patch_size
 
-    def validate(self) -> None:
-        h, w = self.img_hw
+    def _type_problems(self) -> list[str]:
+        """Fields of the wrong type (``create_model(depth="2")`` failed inside a comparison, naming no field)."""
         problems = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _OPTIONAL and v is None:
+                continue
+            if f.name == "img_size":
+                ok = _is_int(v) or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(x) for x in v))
+                kind = "an int or a pair of ints"
+            elif f.name in _INTS:
+                ok, kind = _is_int(v), "an int"
+            elif f.name in _FLOATS:
+                ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
+            elif f.type in ("bool",):
+                ok, kind = isinstance(v, bool), "true or false"
+            elif f.type == "str":
+                ok, kind = isinstance(v, str), "a string"
+            else:
+                continue
+            if not ok:
+                problems.append(f"{f.name} must be {kind}, got {v!r} ({type(v).__name__})")
+        return problems
+
+    def validate(self) -> None:
+        """Raises ValueError naming every field of the wrong type, else every inconsistent value."""
+        problems = self._type_problems()
+        if problems:
+            raise ValueError("invalid BEiT config: " + "; ".join(problems))
+        h, w = self.img_hw
         if self.patch_size <= 0 or h % self.patch_size or w % self.patch_size:
             problems.append(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         head_dim = self.attn_head_dim or (self.embed_dim // max(self.num_heads, 1))

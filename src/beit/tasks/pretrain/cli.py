@@ -72,6 +72,11 @@ def visualize(args: argparse.Namespace) -> int:
         cfg = stored_config(PretrainConfig, state["config"], None, args.overrides, source=str(ckpt))
     else:
         cfg = load_config(PretrainConfig, cfg_path, args.overrides)
+    data = cfg.data.path
+    if data and Path(data).is_dir() and Path(os.path.realpath(out_path)).is_relative_to(os.path.realpath(data)):
+        raise ValueError(f"--out {args.out}: the panel ({out_path}) would be written inside the run's data.path "
+                         f"{data}, among its images (the next pre-training would train on it): give --out a place "
+                         "outside it")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer, device)
     model = load_model(weights).to(device)
