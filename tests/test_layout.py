@@ -136,7 +136,9 @@ def _bad_file(tmp_path):
     ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
     data = json.loads(ann.read_text())
     data["images"].append({"id": 3, "file_name": "missing.png", "width": 64, "height": 80})
-    data["images"].append({"id": 4, "file_name": data["images"][0]["file_name"], "width": 64, "height": 80})  # empty
+    empty = tmp_path / "images" / "page_empty.png"  # a page of its own (one file under two ids is a problem too)
+    empty.write_bytes((tmp_path / "images" / data["images"][0]["file_name"]).read_bytes())
+    data["images"].append({"id": 4, "file_name": empty.name, "width": 64, "height": 80})  # a page without boxes
     nxt = max(a["id"] for a in data["annotations"]) + 1
     data["annotations"] += [
         {"id": nxt, "image_id": 3, "category_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 0},  # image file missing
@@ -481,6 +483,23 @@ def test_duplicated_image_ids_are_an_error_naming_the_file_and_the_ids(tmp_path)
                                                   r"one 'images' entry: 1 \(2 times\), 3 \(2 times\), 4 \(2 times\), "
                                                   r"5 \(2 times\), 6 \(2 times\) and 2 more; image ids must be unique$"):
             build()
+
+
+def test_one_page_file_under_two_image_ids_is_counted_warned_and_refused_when_asked(tmp_path, beit_warnings):
+    """A page listed again under another id was taken silently: its boxes stayed with the first id and the second
+    trained as a page without any region (only ``empty_pages 1`` said so). Now counted and named in the build-time
+    warning; ``on_bad="error"`` refuses it."""
+    ann = write_synthetic_pages(tmp_path, num_pages=3, size=(32, 48))
+    data = json.loads(ann.read_text())
+    first = data["images"][0]
+    data["images"].append(dict(first, id=99, file_name="./" + first["file_name"]))  # the same file, spelt otherwise
+    ann.write_text(json.dumps(data))
+    said = rf"the page {first['file_name']} is listed under image ids {first['id']}, 99: list each page once"
+    ds = CocoLayoutDataset(ann, tmp_path / "images")
+    assert ds.report["page_listed_twice"] == 1 and len(ds) == 4
+    assert any(re.search(said, r.getMessage()) for r in beit_warnings)
+    with pytest.raises(LayoutDataError, match=rf"^{re.escape(str(ann))}: {said}"):
+        CocoLayoutDataset(ann, tmp_path / "images", on_bad="error")
 
 
 def test_annotations_of_unknown_image_ids_are_left_out_with_one_warning(tmp_path, beit_warnings):

@@ -987,3 +987,17 @@ def test_a_pool_scale_below_1_and_a_flip_probability_outside_0_1_name_their_keys
     with pytest.raises(ConfigError, match=r"^config key 'data.flip_prob': is a probability, in \[0, 1\]; got 2.0$"):
         load_config(SegmentConfig, None, [*SEG_BASE, "data.flip_prob=2"])
     assert load_config(SegmentConfig, None, [*SEG_BASE, "model.pool_scales=[]", "data.flip_prob=1"]).model.pool_scales == []
+
+
+def test_an_unreadable_mask_is_named_without_the_streams_repr(tmp_path: Path) -> None:
+    """A zero-byte or non-image mask: "cannot identify image file <_io.BufferedReader name='...'>" came through
+    the caller's message; now the words an unreadable image gets (the caller names the file)."""
+    from PIL import UnidentifiedImageError
+
+    from beit.tasks.segmentation.data import read_mask
+
+    for content in (b"", b"not a png"):
+        (tmp_path / "m.png").write_bytes(content)
+        with pytest.raises(UnidentifiedImageError) as e:
+            read_mask(tmp_path / "m.png")
+        assert str(e.value).startswith("cannot identify the image format") and "BufferedReader" not in str(e.value)

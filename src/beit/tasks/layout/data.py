@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -295,6 +296,18 @@ class CocoLayoutDataset(Dataset):
             if info is not None:
                 images[info["id"]] = info
         self._resolve_sizes(images, data["annotations"])
+        by_file: dict[Path, list[int]] = {}
+        for info in images.values():
+            by_file.setdefault(Path(os.path.normpath(info["path"])), []).append(info["id"])
+        twice = [(f, ids) for f, ids in by_file.items() if len(ids) > 1]
+        if twice:  # its boxes under one id: the other taught (and scored) as a page without any region
+            f, ids = twice[0]
+            more = f" ({len(twice)} such files)" if len(twice) > 1 else ""
+            message = (f"the page {f.name} is listed under image ids {', '.join(map(str, ids))}{more}: list each "
+                       "page once, with all its boxes under that id")
+            if self.on_bad == "error":
+                self._bad("page_listed_twice", message)
+            self._note("page_listed_twice", message, count=len(twice))
 
         self.anns: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         orphans: list[tuple[Any, Any]] = []  # (annotation id, image id) of annotations of no image of the file

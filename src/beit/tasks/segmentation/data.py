@@ -41,6 +41,7 @@ from beit.data.datasets import (
     first_readable,
     image_size,
     list_images,
+    open_image,
 )
 from beit.data.seeding import seeded
 from beit.engine.config import ConfigError
@@ -209,7 +210,7 @@ def _read_class_file(path: Path) -> list[str]:
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A label map as int64 ``[H, W]``: palette / gray / 16-bit PNGs; RGB only if the 3 channels agree."""
     with open(path, "rb") as f:
-        m = Image.open(f)
+        m = open_image(f)  # its "cannot identify" error without the stream's repr (the caller names the file)
         m.load()
     arr = np.asarray(m)
     if arr.ndim == 3:
