@@ -160,7 +160,8 @@ def test_the_second_lane_is_stopped_at_once_on_a_failure_and_ignores_ctrl_c() ->
         deadline = time.monotonic() + 60
         while sum(j.running() for j in jobs) < 2 and time.monotonic() < deadline:  # in the worker's queue:
             time.sleep(0.1)  # started (the one in progress, the one behind it): no cancelling them
-        assert sum(j.running() for j in jobs) == 2
+        # 2, or 3 once the worker has taken the first out of the pool's call queue (room for one more there)
+        assert sum(j.running() for j in jobs) >= 2
         t = time.monotonic()
     finally:
         lane.close(failed=True)
