@@ -44,6 +44,12 @@ def test_parse_blocks():
     for bad in ("0", "13", "x", ""):
         with pytest.raises(ValueError):
             parse_blocks(bad, 12)
+    # before the model is read (the config's own check): no upper bound ("out of range 1..1000000" said one)
+    assert parse_blocks("40", None) == [40] and parse_blocks("all", None) == parse_blocks("last", None) == []
+    with pytest.raises(ValueError, match=r"^block numbers are counted from 1 \(the first block\), got \[0\]$"):
+        parse_blocks("0", None)
+    with pytest.raises(ConfigError, match=r"^config key 'layers': block numbers are counted from 1"):
+        load_config(LinprobeConfig, None, ["model=beit_base_patch16_224", "layers=0"])
 
 
 def test_probe_heads_are_independent_per_block():

@@ -228,23 +228,30 @@ class LinprobeConfig:
         if self.train.layer_decay != 1.0:
             raise ConfigError("train.layer_decay", "linear heads have no layers: leave it at 1.0")
         try:
-            parse_blocks(self.layers, 10**6)
+            parse_blocks(self.layers, None)  # the depth is known once the model is read
         except ValueError as e:
             raise ConfigError("layers", str(e)) from None
 
 
 
-def parse_blocks(spec: str | int, depth: int) -> list[int]:
-    """``"all"`` / ``"last"`` / ``"9"`` / ``"6,8,10"`` -> sorted 1-based block numbers (block k = ``blocks[k-1]``)."""
+def parse_blocks(spec: str | int, depth: int | None) -> list[int]:
+    """``"all"`` / ``"last"`` / ``"9"`` / ``"6,8,10"`` -> sorted 1-based block numbers (block k = ``blocks[k-1]``).
+
+    ``depth`` None (the model not read yet): only the spelling and the lower bound are checked (``"all"`` and
+    ``"last"`` give ``[]``).
+
+    Raises:
+        ValueError: another spelling, or a block number below 1 or above ``depth``.
+    """
     s = str(spec).strip().lower()
-    if s == "all":
-        return list(range(1, depth + 1))
-    if s == "last":
-        return [depth]
+    if s in ("all", "last"):
+        return [] if depth is None else list(range(1, depth + 1)) if s == "all" else [depth]
     try:
         blocks = sorted({int(x) for x in s.replace(" ", "").split(",") if x})
     except ValueError:
         raise ValueError(f"layers must be 'all', 'last' or block numbers like '9' or '6,8,10', got {spec!r}") from None
-    if not blocks or blocks[0] < 1 or blocks[-1] > depth:
+    if not blocks or blocks[0] < 1:
+        raise ValueError(f"block numbers are counted from 1 (the first block), got {blocks or spec!r}")
+    if depth is not None and blocks[-1] > depth:
         raise ValueError(f"block numbers {blocks} out of range 1..{depth} (counted from 1)")
     return blocks
