@@ -1048,6 +1048,15 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
     return names
 
 
+def lies_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (``~`` expanded, links resolved; neither need exist yet); False
+    when either cannot be resolved. Where an output would land among the images a run reads."""
+    try:
+        return Path(path).expanduser().resolve().is_relative_to(Path(folder).expanduser().resolve())
+    except (OSError, RuntimeError):  # a link loop, an unreadable part of the path
+        return False
+
+
 def not_below(files: Iterable[str | os.PathLike], folder: str | os.PathLike,
               out_dir: str | os.PathLike) -> list[str | os.PathLike]:
     """``files`` (found under ``folder``) without those inside ``out_dir`` when that output folder lies below

@@ -386,19 +386,17 @@ def check_output_outside(cfg: Any, image_folders: Sequence[str]) -> None:
     Raises:
         ConfigError: key ``train.output_dir``, naming the folder's key and value.
     """
-    out = Path(os.fsdecode(cfg.train.output_dir)).expanduser()
+    from ..data.datasets import lies_within
+
+    out = os.fsdecode(cfg.train.output_dir)
     for key in image_folders:
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part, None)
         if not isinstance(value, str) or not value or not Path(value).expanduser().is_dir():
             continue
-        try:
-            ro, rv = out.resolve(), Path(value).expanduser().resolve()
-        except OSError:
-            continue
-        if ro == rv or ro.is_relative_to(rv):
-            where = "is" if ro == rv else "is inside"
+        if lies_within(out, value):
+            where = "is" if lies_within(value, out) else "is inside"
             raise ConfigError("train.output_dir", f"{cfg.train.output_dir} {where} the image folder {key}={value}: the "
                                                   "run's checkpoints, folders and pictures would be read as data by "
                                                   "the next run; choose an output_dir outside it")

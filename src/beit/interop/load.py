@@ -79,6 +79,12 @@ def _read_tensors(path: Path) -> dict[str, Any]:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
+def is_remote_source(text: str) -> bool:
+    """Whether ``text`` names what :func:`load_model` fetches when no local file or folder has that name: a URL
+    (``http(s)://``, ``file://``) or a Hugging Face Hub id (``owner/name``)."""
+    return bool(re.match(r"^(https?|file)://", text) or re.match(r"^[\w.-]+/[\w.-]+$", text))
+
+
 def _resolve_remote(source: str) -> Path:
     """A Hugging Face Hub id or an http(s)/file URL -> a local path (downloaded once into the cache)."""
     if re.match(r"^(https?|file)://", source):
@@ -175,7 +181,7 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
         path = Path(source).expanduser()
         text = str(source)
         if not path.exists():
-            if not (re.match(r"^(https?|file)://", text) or re.match(r"^[\w.-]+/[\w.-]+$", text)):
+            if not is_remote_source(text):
                 raise FileNotFoundError(f"checkpoint not found: {text}")
             path = _resolve_remote(text)
         name = str(path)

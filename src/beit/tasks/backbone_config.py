@@ -15,7 +15,6 @@ instead of failing to merge one schema into another.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ..engine.config import ConfigError
 from ..engine.rundir import check_checkpoint_task
 from ..engine.trainer import TASK_NAMES
 from ..interop.backbone import check_override_keys, is_preset
+from ..interop.load import is_remote_source
 from ..models.config import PRESETS
 
 __all__ = ["TASK_COMMANDS", "TASK_KINDS", "check_model_overrides", "check_model_source", "check_task_of",
@@ -64,7 +64,7 @@ def check_model_source(source: Any, key: str = "model") -> None:
     or path failed as ``checkpoint not found: ...`` once the training set had been listed and decoded)."""
     if not isinstance(source, str) or not source or is_preset(source) or Path(source).expanduser().exists():
         return
-    if re.match(r"^(https?|file)://", source) or re.match(r"^[\w.-]+/[\w.-]+$", source):
+    if is_remote_source(source):
         return  # fetched (or refused) by beit.load_model
     raise ConfigError(key, f"no preset and no checkpoint file or folder named {source!r}: presets are "
                            f"{', '.join(sorted(PRESETS))} (from scratch); else a checkpoint file or folder, a Hugging "

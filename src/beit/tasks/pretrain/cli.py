@@ -34,6 +34,7 @@ def visualize(args: argparse.Namespace) -> int:
     """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
     import torch
 
+    from ...data.datasets import lies_within
     from ...engine.checkpoint import load_checkpoint
     from ...engine.config import load_config, stored_config
     from ...interop import load_model
@@ -73,7 +74,7 @@ def visualize(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(PretrainConfig, cfg_path, args.overrides)
     data = cfg.data.path
-    if data and Path(data).is_dir() and Path(os.path.realpath(out_path)).is_relative_to(os.path.realpath(data)):
+    if data and Path(data).is_dir() and lies_within(out_path, data):
         raise ValueError(f"--out {args.out}: the panel ({out_path}) would be written inside the run's data.path "
                          f"{data}, among its images (the next pre-training would train on it): give --out a place "
                          "outside it")

@@ -75,11 +75,13 @@ def recon_grid_path(out: str, data: str | None = None) -> Path:
             :func:`beit.data.datasets.check_writable_folder`), or a read-only grid file; a grid inside the ``data``
             folder (it would replace one of the images, or be scored with them the next time).
     """
+    from ...data.datasets import lies_within
+
     path = _out_file(out, RECON_GRID_NAME, GRID_SUFFIXES, f"a {' or '.join(GRID_SUFFIXES)} file", "the grid is")
     if path.is_file() and not os.access(path, os.W_OK):
         raise ValueError(f"--out {out}: {path} is read-only (the grid would replace it): make it writable or give "
                          "another --out")
-    if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
+    if data is not None and lies_within(path, data):
         raise ValueError(f"--out {out}: the grid ({path}) would be written inside --data {data}, among the images "
                          "it evaluates (replacing one, or scored with them next time): give --out a place outside it")
     return path
