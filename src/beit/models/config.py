@@ -80,7 +80,7 @@ class BeitConfig:
                 ok, kind = _is_int(v), "an int"
             elif f.name in _FLOATS:
                 ok, kind = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
-            elif f.type in ("bool",):
+            elif f.type == "bool":
                 ok, kind = isinstance(v, bool), "true or false"
             elif f.type == "str":
                 ok, kind = isinstance(v, str), "a string"

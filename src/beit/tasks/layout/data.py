@@ -305,9 +305,7 @@ class CocoLayoutDataset(Dataset):
             more = f" ({len(twice)} such files)" if len(twice) > 1 else ""
             message = (f"the page {f.name} is listed under image ids {', '.join(map(str, ids))}{more}: list each "
                        "page once, with all its boxes under that id")
-            if self.on_bad == "error":
-                self._bad("page_listed_twice", message)
-            self._note("page_listed_twice", message, count=len(twice))
+            self._bad("page_listed_twice", message, count=len(twice))
 
         self.anns: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         orphans: list[tuple[Any, Any]] = []  # (annotation id, image id) of annotations of no image of the file
@@ -355,15 +353,15 @@ class CocoLayoutDataset(Dataset):
 
     # --- build-time checks -------------------------------------------------------------------------------
 
-    def _bad(self, kind: str, message: str) -> None:
-        """A problem that ``on_bad`` decides about: raise, or count and remember the message.
+    def _bad(self, kind: str, message: str, count: int = 1) -> None:
+        """A problem that ``on_bad`` decides about: raise, or count (``count`` of them) and remember the message.
 
         Raises:
             LayoutDataError: with ``on_bad="error"``, the message prefixed by the annotation file.
         """
         if self.on_bad == "error":
             raise LayoutDataError(f"{self.ann_file}: {message}")
-        self._note(kind, message)
+        self._note(kind, message, count)
 
     def _note(self, kind: str, message: str, count: int = 1) -> None:
         """Count ``count`` skipped or repaired ``kind`` and remember its message (the first 50 in ``problems``, the
