@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue [proof]: one device call of a CIFAR-10 fine-tuning run that spans several calls on one warm GPU machine.
+# Installs the carried wheels (what the GPU image lacks: omegaconf and antlr4), extracts the carried CIFAR-10 tars
+# into /tmp/cifar once (a warm machine keeps it), then runs benchmarks/cifar10_sweep.sh with its LIMIT set so the
+# whole call ends within SECONDS_LEFT; the same command in the next call continues the run (train.resume=auto, the
+# run lives in runs/sweep of the machine's checkout). Each call copies the arm's log, metrics and config to $OUT.
+#
+#   SECONDS_LEFT=590 EPOCHS=290 bash benchmarks/cifar10_call.sh \
+#       "scratch_lr5e-4_nomix train.batch_size=512 train.lr=5e-4 mixup=0.0 cutmix=0.0"    # then again, same words
+#
+# Carry (device tool): .whl (omegaconf-2.3.0 and antlr4_python3_runtime-4.9.3 wheels) and .gl/{train,test}.tar.gz
+# (copies of ../shared/data/cifar10/*.tar.gz). One arm per call: arms sharing the GPU slow each other (RESULTS 2).
+set -euo pipefail
+start=$SECONDS
+left=${SECONDS_LEFT:?SECONDS_LEFT: the seconds this call may take in all}
+out=${OUT:?OUT: the folder whose files come back}
+[ $# -ge 1 ] || { echo "usage: SECONDS_LEFT=S EPOCHS=E cifar10_call.sh 'NAME KEY=VALUE ...'" >&2; exit 2; }
+[ $# -eq 1 ] || { echo "cifar10_call.sh: one arm per call" >&2; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+if [ ! -f /tmp/cifar/.done ]; then
+  rm -rf /tmp/cifar && mkdir -p /tmp/cifar/train /tmp/cifar/test
+  tar xzf .gl/train.tar.gz -C /tmp/cifar/train && tar xzf .gl/test.tar.gz -C /tmp/cifar/test
+  touch /tmp/cifar/.done
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$out/gpu.txt" || true
+read -r -a words <<< "$1"
+name=${words[0]}
+limit=$(( left - (SECONDS - start) - 15 ))  # 15 s: the SIGTERM checkpoint, the table, the copies
+[ "$limit" -gt 60 ] || { echo "cifar10_call.sh: only ${limit}s left for training" >&2; exit 1; }
+echo "[call] $(date -u +%FT%TZ) arm $name, EPOCHS=${EPOCHS:-100}, training limit ${limit}s (setup $(( SECONDS - start ))s)"
+LIMIT=$limit bash benchmarks/cifar10_sweep.sh /tmp/cifar "$out" "$1" || true
+cat "$out/log_$name" | grep -E "epoch|top1|stopped|finished|resume" | tail -n 5 || true
+run=${RUN:-runs/sweep}/$name
+for f in metrics.jsonl config.yaml; do [ -f "$run/$f" ] && cp "$run/$f" "$out/${name}_$f"; done
+ls "$run"/*.png >/dev/null 2>&1 && tar czf "$out/${name}_png.tgz" -C "$run" $(cd "$run" && ls ./*.png)
+echo "[call] $(date -u +%FT%TZ) done in $(( SECONDS - start ))s"
