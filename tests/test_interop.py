@@ -299,3 +299,21 @@ def test_saved_weights_get_the_umask_mode_like_every_other_file(tmp_path) -> Non
             assert oct(f.stat().st_mode & 0o777) == oct(0o644), f
     finally:
         os.umask(old)
+
+
+def test_a_new_head_does_not_keep_the_checkpoints_class_names(tmp_path) -> None:
+    """A 5-class Hugging Face classifier loaded with num_classes=3 kept the 5 names: its export_hf wrote 5 labels
+    for a 3-class head (transformers refused it), and beit predict refused the saved model."""
+    names = {i: f"c{i}" for i in range(5)}
+    ref = _randomize(transformers.BeitForImageClassification(
+        _hf_config(id2label=names, label2id={n: i for i, n in names.items()})))
+    ref.save_pretrained(tmp_path / "hf")
+    assert beit.load_model(tmp_path / "hf").cfg.extra["class_names"] == list(names.values())
+    for over in (dict(num_classes=3), dict(head="none"), dict(head="mim")):
+        assert "class_names" not in beit.load_model(tmp_path / "hf", **over).cfg.extra, over
+    model = beit.load_model(tmp_path / "hf", num_classes=3)
+    export_hf(model, tmp_path / "back")
+    back = transformers.BeitForImageClassification.from_pretrained(tmp_path / "back").eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x).logits, model(x), atol=TOL, rtol=0)

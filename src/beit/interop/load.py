@@ -436,6 +436,13 @@ def build_from(sd: dict[str, torch.Tensor], name: str, src: BeitConfig, strict: 
         dst = src.replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
+    if "class_names" in dst.extra and "extra" not in overrides and (
+            dst.head != "cls" or src.head != "cls" or dst.num_classes != src.num_classes):
+        # the names label the checkpoint's head; a model without that head must not carry them (export_hf would
+        # write 5 labels for a 3-class head, beit predict would refuse the model)
+        log.info("%s: its %d class names are left out: they belong to the checkpoint's head, which the model does "
+                 "not keep", name, len(dst.extra["class_names"]))
+        dst = dst.replace(extra={k: v for k, v in dst.extra.items() if k != "class_names"})
     model = Beit(dst)
     try:
         adapted, dropped, moved = _adapt_and_explain(sd, src, dst)
