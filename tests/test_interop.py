@@ -317,3 +317,19 @@ def test_a_new_head_does_not_keep_the_checkpoints_class_names(tmp_path) -> None:
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(back(pixel_values=x).logits, model(x), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mim_head_norm", [False, True])
+def test_export_timm_of_a_pretraining_model_loads_strictly_into_timm(mim_head_norm: bool) -> None:
+    """timm's Beit has no MIM head: export_timm kept mask_token and lm_head, and load_state_dict(strict=True)
+    (what its docstring promises, and what `beit convert pt.pth t.pth --to timm` is for) failed on them."""
+    mim = _randomize(beit.create_model("beit_tiny_patch16_224", **TINY, head="mim", vocab_size=40,
+                                       mim_head_norm=mim_head_norm))
+    sd = export_timm(mim)
+    ref = timm_beit.Beit(img_size=32, patch_size=4, num_classes=0, embed_dim=32, depth=2, num_heads=2,
+                         global_pool="token", init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False,
+                         use_shared_rel_pos_bias=True).eval()
+    ref.load_state_dict(sd, strict=True)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(ref.forward_features(x), mim.forward_features(x), atol=TOL, rtol=0)

@@ -520,8 +520,17 @@ def save_model(model: nn.Module, directory: str | os.PathLike, dtype: str = "fp3
 
 
 def export_timm(model: Beit) -> dict[str, torch.Tensor]:
-    """A state dict that timm's ``Beit`` loads strictly (timm keeps our names)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """A state dict that timm's ``Beit`` loads strictly (timm keeps our names).
+
+    timm's ``Beit`` has no masked-image-modeling head: a pre-training model's ``mask_token``, ``lm_head`` and
+    ``head_norm`` are left out (said in the log), the encoder is kept.
+    """
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    left_out = [k for k in sd if k in MIM_HEAD]
+    if left_out:
+        log.warning("export_timm: left out the MIM pre-training head, which timm's Beit has no place for: %s",
+                    first_few(left_out, 6))
+    return {k: v for k, v in sd.items() if k not in MIM_HEAD}
 
 
 def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
