@@ -333,3 +333,14 @@ def test_export_timm_of_a_pretraining_model_loads_strictly_into_timm(mim_head_no
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(ref.forward_features(x), mim.forward_features(x), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("over", [dict(img_size=(32, 48), patch_size=8), dict(attn_head_dim=8)])
+def test_export_hf_refuses_what_transformers_cannot_hold_before_writing(tmp_path, over) -> None:
+    """transformers reshapes the relative-position table as a square grid: a non-square model exported silently and
+    its logits differed (or its pos_embed crashed transformers). An unexportable model also left model.safetensors
+    behind without a config.json."""
+    model = beit.create_model("beit_tiny_patch16_224", **{**TINY, **over}, num_classes=3)
+    with pytest.raises(ValueError, match="Hugging Face BEiT needs"):
+        export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -186,6 +186,10 @@ def config_to_hf(cfg: BeitConfig) -> dict[str, Any]:
     head_dim = cfg.attn_head_dim or cfg.embed_dim // cfg.num_heads
     if head_dim * cfg.num_heads != cfg.embed_dim:
         raise ValueError("Hugging Face BEiT needs num_heads * head_dim == embed_dim")
+    if cfg.grid[0] != cfg.grid[1]:  # transformers reshapes the position tables as a square grid
+        raise ValueError(f"Hugging Face BEiT needs a square patch grid, this model's is {cfg.grid[0]}x{cfg.grid[1]} "
+                         f"(img_size {cfg.img_size}): transformers would compute other outputs (relative position "
+                         "table) or fail (position embedding); export to timm or our format instead")
     arch = {"cls": "BeitForImageClassification", "mim": "BeitForMaskedImageModeling", "none": "BeitModel"}[cfg.head]
     names = cfg.extra.get("class_names") or [f"LABEL_{i}" for i in range(cfg.num_classes)]
     hf: dict[str, Any] = {

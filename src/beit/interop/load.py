@@ -534,11 +534,16 @@ def export_timm(model: Beit) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
-    """A Hugging Face model directory (config.json + model.safetensors) that transformers loads."""
+    """A Hugging Face model directory (config.json + model.safetensors) that transformers loads.
+
+    Raises ValueError, before anything is written, for a model transformers cannot represent (head dims that do not
+    make up the width, a non-square patch grid).
+    """
     from safetensors.torch import save
 
+    hf_config = config_to_hf(model.cfg)  # refuses what transformers cannot hold before a file is written
     out = _output_folder(directory, "export_hf")
     sd = formats.to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))  # umask mode (save_file: 0600)
-    (out / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     return out
