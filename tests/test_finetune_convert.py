@@ -52,6 +52,17 @@ def test_convert_of_other_checkpoints_adds_nothing(tmp_path) -> None:
     assert "class_names" not in json.loads((tmp_path / "out2" / "config.json").read_text())["config"]["extra"]
 
 
+def test_convert_of_a_legacy_format_classifier_file(tmp_path) -> None:
+    """A classifier .pth in torch's legacy (non-zip) format, which load_model reads: convert looked for a run's
+    metadata with torch.load(mmap=True), which cannot read that format, and ended in a RuntimeError traceback."""
+    plain = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=2)
+    torch.save({"model": plain.state_dict()}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert main(["convert", str(tmp_path / "old.pth"), str(tmp_path / "out")]) == 0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(beit.load_model(tmp_path / "out")(x), plain.eval()(x))
+
+
 def test_evaluate_of_a_classifier_without_class_names_says_which_order_it_assumes(tmp_path, beit_warnings) -> None:
     from PIL import Image
 

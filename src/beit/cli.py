@@ -97,7 +97,11 @@ def _convert_run(args: argparse.Namespace) -> int:
         # a fine-tuning run's last.pt / best.pt: keep its class names and eval preprocessing, as its model/ does
         from .tasks.classify.evaluate import with_run_metadata
 
-        model = with_run_metadata(model, torch.load(src, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap reads only the zip format; a legacy-format file is no run's checkpoint
+            state = None
+        model = with_run_metadata(model, state)
     if args.to == "beit":
         out = save_model(model, args.dst, dtype=args.dtype)
     elif args.to == "hf":
