@@ -344,3 +344,23 @@ def test_export_hf_refuses_what_transformers_cannot_hold_before_writing(tmp_path
     with pytest.raises(ValueError, match="Hugging Face BEiT needs"):
         export_hf(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("to,name", [("hf", "hf/model.safetensors"), ("timm", "t.pth")])
+def test_convert_dtype_applies_to_every_output_format(tmp_path, to: str, name: str) -> None:
+    """`beit convert --to hf --dtype bf16` (or --to timm) wrote fp32 weights without a word."""
+    from safetensors.torch import load_file
+
+    from beit.cli import main
+
+    model = _randomize(beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=3))
+    beit.save_model(model, tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / name.split("/")[0]), "--to", to,
+                 "--dtype", "bf16"]) == 0
+    out = tmp_path / name
+    sd = load_file(out) if to == "hf" else torch.load(out, weights_only=True)
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.bfloat16}
+    back = beit.load_model(tmp_path / name.split("/")[0] if to == "hf" else out)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=3e-2, rtol=0)

@@ -83,13 +83,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint: file, directory, Hugging Face Hub id or URL")
     p.add_argument("dst", help="output: a directory (beit, hf) or a .pth file (timm)")
     p.add_argument("--to", choices=["beit", "timm", "hf"], default="beit", help="output format (default: ours)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype (ours only)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype of the output")
 
 
 def _convert_run(args: argparse.Namespace) -> int:
     import torch
 
     from .interop import export_hf, export_timm, load_model, save_model
+    from .interop.load import DTYPES
 
     model = load_model(args.src)
     src = Path(args.src)
@@ -102,6 +103,8 @@ def _convert_run(args: argparse.Namespace) -> int:
         except RuntimeError:  # mmap reads only the zip format; a legacy-format file is no run's checkpoint
             state = None
         model = with_run_metadata(model, state)
+    if args.to != "beit":  # save_model casts on its own; --dtype bf16 --to hf / timm wrote fp32 weights, silently
+        model = model.to(DTYPES[args.dtype])
     if args.to == "beit":
         out = save_model(model, args.dst, dtype=args.dtype)
     elif args.to == "hf":
