@@ -364,3 +364,14 @@ def test_convert_dtype_applies_to_every_output_format(tmp_path, to: str, name: s
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), atol=3e-2, rtol=0)
+
+
+def test_an_mlp_width_that_is_no_round_ratio_of_the_width_loads() -> None:
+    """A Hugging Face checkpoint of width 56 and intermediate_size 115: the ratio read off the tensors, 115 / 56,
+    built int(56 * (115 / 56)) = 114 MLP units, and loading failed saying the file disagreed with itself."""
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config(hidden_size=56, intermediate_size=115)))
+    x = _images()
+    ours = beit.load_model(ref.state_dict(), num_heads=2)
+    assert ours.blocks[0].mlp.fc1.out_features == 115
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(pixel_values=x).logits, atol=TOL, rtol=0)

@@ -125,10 +125,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
         img_hw = (window[0] * patch_size, window[1] * patch_size)
 
     fc1, fc2 = _first(sd, "mlp.fc1.weight"), _first(sd, "mlp.fc2.weight")
-    if fc1 is not None:
-        mlp_ratio = fc1.shape[0] / embed_dim
-    elif fc2 is not None:
-        mlp_ratio = fc2.shape[1] / embed_dim
+    if fc1 is not None or fc2 is not None:
+        hidden = fc1.shape[0] if fc1 is not None else fc2.shape[1]
+        mlp_ratio = hidden / embed_dim
+        if int(embed_dim * mlp_ratio) != hidden:  # the model's int(dim * ratio) rounds down (56 * (115 / 56) -> 114)
+            mlp_ratio = (hidden + 0.5) / embed_dim
     else:
         mlp_ratio = float(hints.get("mlp_ratio", 4.0))
     gamma = _first(sd, "gamma_1")
