@@ -375,3 +375,32 @@ def test_an_mlp_width_that_is_no_round_ratio_of_the_width_loads() -> None:
     assert ours.blocks[0].mlp.fc1.out_features == 115
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(pixel_values=x).logits, atol=TOL, rtol=0)
+
+
+def test_a_hugging_face_model_folder_brings_its_preprocessing(tmp_path) -> None:
+    """Hugging Face keeps a model's eval preprocessing in preprocessor_config.json (microsoft/beit-base-patch16-224:
+    the whole image to 224 px, bilinear, mean = std = 0.5); it was not read, and beit predict / evaluate fed such a
+    model ImageNet-normalised center crops: other logits than transformers' own for the same image."""
+    import numpy as np
+    from PIL import Image
+
+    from beit.tasks.classify.data import build_preprocess
+    from beit.tasks.classify.evaluate import load_classifier
+
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config(use_relative_position_bias=True)))
+    ref.save_pretrained(tmp_path / "hf")
+    proc = transformers.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, resample=2,
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc.save_pretrained(tmp_path / "hf")
+    _, _, pre = load_classifier(tmp_path / "hf")
+    assert (pre.resize, pre.img_size, pre.interpolation, tuple(pre.mean)) == ("full", 32, "bilinear", (0.5,) * 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    theirs = proc(image, return_tensors="pt")["pixel_values"]
+    ours = build_preprocess(pre)(image)[None]
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=0)
+    model = beit.load_model(tmp_path / "hf")
+    assert beit.load_model(tmp_path / "hf", num_classes=3).cfg.eval_preprocess() == pre  # kept with a new head
+    beit.save_model(model, tmp_path / "ours")  # and carried into our format
+    assert load_classifier(tmp_path / "ours")[2] == pre
+    with torch.no_grad():
+        torch.testing.assert_close(model(ours), ref(pixel_values=theirs).logits, atol=5e-2, rtol=0)

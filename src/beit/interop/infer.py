@@ -182,6 +182,49 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Hugging Face ``preprocessor_config.json`` (``BeitImageProcessor``) -> a :class:`Preprocess` dict, or None
+    when it describes no square input our eval transforms make (no resize, no rescale to [0, 1], a crop-less
+    short-side resize).
+
+    ``microsoft/beit-base-patch16-224``'s: the whole image to 224x224, bilinear, mean = std = 0.5.
+    """
+    def side(v: Any) -> int | None:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, Mapping):
+            if isinstance(v.get("height"), int) and v.get("height") == v.get("width"):
+                return int(v["height"])
+            if isinstance(v.get("shortest_edge"), int):
+                return int(v["shortest_edge"])
+        return None
+
+    if not pp.get("do_resize", True) or not pp.get("do_rescale", True):
+        return None
+    size, crop = side(pp.get("size")), side(pp.get("crop_size"))
+    out: dict[str, Any] = {"interpolation": _PIL_RESAMPLE.get(pp.get("resample"), "bicubic")}
+    if pp.get("do_center_crop", True):
+        if not size or not crop or crop > size:
+            return None
+        out.update(img_size=crop, resize="crop", crop_pct=crop / size)
+    elif size and isinstance(pp.get("size"), (int, Mapping)) and not (
+            isinstance(pp.get("size"), Mapping) and "shortest_edge" in pp["size"]):
+        out.update(img_size=size, resize="full")
+    else:
+        return None
+    if pp.get("do_normalize", True):
+        mean, std = pp.get("image_mean", [0.5] * 3), pp.get("image_std", [0.5] * 3)  # the processor's defaults
+        if not all(isinstance(v, list) and len(v) == 3 for v in (mean, std)):
+            return None
+        out.update(mean=[float(x) for x in mean], std=[float(x) for x in std])
+    else:
+        out.update(mean=[0.0] * 3, std=[1.0] * 3)
+    return out
+
+
 def config_to_hf(cfg: BeitConfig) -> dict[str, Any]:
     """BeitConfig -> a Hugging Face ``config.json`` that transformers' Beit classes load."""
     head_dim = cfg.attn_head_dim or cfg.embed_dim // cfg.num_heads

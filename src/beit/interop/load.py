@@ -24,7 +24,7 @@ from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
 from . import formats
-from .infer import config_from_hf, config_to_hf, infer_config
+from .infer import config_from_hf, config_to_hf, infer_config, preprocess_from_hf
 
 OUR_FORMAT = "beit"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
@@ -162,6 +162,22 @@ def _read_config_json(cfg_file: Path) -> dict[str, Any]:
     return _valid_hints(hints, str(cfg_file))
 
 
+def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
+    """The eval preprocessing of a Hugging Face ``preprocessor_config.json`` (as :func:`preprocess_from_hf`);
+    None, with a warning, when it is unreadable or describes an input our eval transforms do not make."""
+    try:
+        meta = json.loads(pp_file.read_text())
+        pre = preprocess_from_hf(meta) if isinstance(meta, dict) else None
+        if pre is not None:
+            Preprocess.from_dict(pre)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        log.warning("%s: unreadable (%s); ignored", pp_file, e)
+        return None
+    if pre is None:
+        log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file)
+    return pre
+
+
 # transformers classes of the BEiT family: same tensors as Beit* under another top-level name
 _HF_FAMILY_PREFIXES = {"data2vec_vision.": "beit."}
 # extra modules of BEiT relatives that a BEiT encoder does not use: dropped with a note
@@ -189,6 +205,11 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
             cfg_file = path / "config.json"
             if cfg_file.exists():
                 hints = _read_config_json(cfg_file)
+            pp_file = path / "preprocessor_config.json"  # a Hugging Face model's eval preprocessing
+            if pp_file.exists() and "preprocess" not in hints:
+                pre = _read_hf_preprocessor(pp_file)
+                if pre is not None:
+                    hints["preprocess"] = pre
             weights = next((path / f for f in WEIGHT_FILES if (path / f).exists()), None)
             if weights is None:
                 raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
