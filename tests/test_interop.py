@@ -404,3 +404,13 @@ def test_a_hugging_face_model_folder_brings_its_preprocessing(tmp_path) -> None:
     assert load_classifier(tmp_path / "ours")[2] == pre
     with torch.no_grad():
         torch.testing.assert_close(model(ours), ref(pixel_values=theirs).logits, atol=5e-2, rtol=0)
+
+
+def test_convert_to_timm_onto_a_folder_is_one_line(tmp_path, capsys) -> None:
+    """`beit convert src existing_dir/ --to timm` ended in torch.save's RuntimeError traceback ("Is a directory")."""
+    from beit.cli import main
+
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=3), tmp_path / "ours")
+    (tmp_path / "out").mkdir()
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "out"), "--to", "timm"]) == 1
+    assert "is a folder: --to timm writes one state-dict file" in capsys.readouterr().err

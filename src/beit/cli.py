@@ -111,6 +111,9 @@ def _convert_run(args: argparse.Namespace) -> int:
         out = export_hf(model, args.dst)
     else:
         out = Path(args.dst)
+        if out.is_dir():  # torch.save said only "open file failed ... Is a directory", in a traceback
+            raise ValueError(f"{out} is a folder: --to timm writes one state-dict file; give a file path (e.g. "
+                             f"{out / 'model.pth'})")
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(export_timm(model), out)
     cfg = model.cfg
