@@ -8,14 +8,26 @@
 #   SECONDS_LEFT=590 EPOCHS=290 bash benchmarks/cifar10_call.sh \
 #       "scratch_lr5e-4_nomix train.batch_size=512 train.lr=5e-4 mixup=0.0 cutmix=0.0"    # then again, same words
 #
+# An arm held to a GPU-time budget (an equal-time arm): ARM_SECONDS=<the arm's seconds over all its calls>. The
+# first call's EPOCHS is a guess of the pace; each call records its seconds, the epoch it reached, the seconds an
+# epoch took and its start-up cost (imports, decode, compile) in <run>/calls.tsv, and every later call re-plans the
+# schedule's length from them (train.epochs = epochs done + the epochs the arm's remaining seconds hold, less a
+# start-up per call still needed; the warm-up stays pinned) and stops training when the arm's seconds are spent.
+# The cosine's learning rate then steps once at the resume, as the log's `lr` shows; the arm's GPU time is the sum
+# of calls.tsv's seconds.
+#
 # Carry (device tool): .whl (omegaconf-2.3.0 and antlr4_python3_runtime-4.9.3 wheels) and .gl/{train,test}.tar.gz
 # (copies of ../shared/data/cifar10/*.tar.gz). One arm per call: arms sharing the GPU slow each other (RESULTS 2).
 set -euo pipefail
 start=$SECONDS
 left=${SECONDS_LEFT:?SECONDS_LEFT: the seconds this call may take in all}
 out=${OUT:?OUT: the folder whose files come back}
-[ $# -ge 1 ] || { echo "usage: SECONDS_LEFT=S EPOCHS=E cifar10_call.sh 'NAME KEY=VALUE ...'" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: SECONDS_LEFT=S EPOCHS=E [ARM_SECONDS=A] cifar10_call.sh 'NAME KEY=VALUE ...'" >&2; exit 2; }
 [ $# -eq 1 ] || { echo "cifar10_call.sh: one arm per call" >&2; exit 2; }
+read -r -a words <<< "$1"
+name=${words[0]}
+run=${RUN:-runs/sweep}/$name
+margin=15  # the SIGTERM checkpoint, the table, the copies (MARGIN in cifar10_call_plan.py)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 if [ ! -f /tmp/cifar/.done ]; then
@@ -23,16 +35,30 @@ if [ ! -f /tmp/cifar/.done ]; then
   tar xzf .gl/train.tar.gz -C /tmp/cifar/train && tar xzf .gl/test.tar.gz -C /tmp/cifar/test
   touch /tmp/cifar/.done
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/gpu.txt" || true
-read -r -a words <<< "$1"
-name=${words[0]}
-limit=$(( left - (SECONDS - start) - 15 ))  # 15 s: the SIGTERM checkpoint, the table, the copies
-[ "$limit" -gt 60 ] || { echo "cifar10_call.sh: only ${limit}s left for training" >&2; exit 1; }
+
+spec=$1
+budget=$left
+if [ -n "${ARM_SECONDS:-}" ]; then
+  # re-plan from the earlier calls: prints "<epochs> <warmup> <this call's seconds>" or fails naming why
+  plan=$(python3 benchmarks/cifar10_call_plan.py "$run" "$ARM_SECONDS" "$left" \
+         "${EPOCHS:?EPOCHS: the schedule length of the first call}")
+  read -r epochs warm budget <<< "$plan"
+  export EPOCHS=$epochs
+  [ "$warm" = "-" ] || spec="$spec train.warmup_epochs=$warm"
+fi
+limit=$(( budget - (SECONDS - start) - margin ))
+[ "$limit" -gt 20 ] || { echo "cifar10_call.sh: only ${limit}s left for training" >&2; exit 1; }
 echo "[call] $(date -u +%FT%TZ) arm $name, EPOCHS=${EPOCHS:-100}, training limit ${limit}s (setup $(( SECONDS - start ))s)"
-LIMIT=$limit bash benchmarks/cifar10_sweep.sh /tmp/cifar "$out" "$1" || true
-cat "$out/log_$name" | grep -E "epoch|top1|stopped|finished|resume" | tail -n 5 || true
-run=${RUN:-runs/sweep}/$name
+t0=$SECONDS
+LIMIT=$limit bash benchmarks/cifar10_sweep.sh /tmp/cifar "$out" "$spec" || true
+grep -E "epoch|top1|stopped|finished|resume" "$out/log_$name" | tail -n 5 || true
+if [ -n "${ARM_SECONDS:-}" ]; then  # this call's seconds (all of it: setup counts), epoch reached, pace, start-up
+  python3 benchmarks/cifar10_call_plan.py --record "$run" "$out/log_$name" "$(( SECONDS - start + 2 ))" \
+      "$(( t0 - start ))" | tee -a "$out/plan.txt" || true
+  cp "$run/calls.tsv" "$out/calls.tsv" || true
+fi
 for f in metrics.jsonl config.yaml; do [ -f "$run/$f" ] && cp "$run/$f" "$out/${name}_$f"; done
 ls "$run"/*.png >/dev/null 2>&1 && tar czf "$out/${name}_png.tgz" -C "$run" $(cd "$run" && ls ./*.png)
 echo "[call] $(date -u +%FT%TZ) done in $(( SECONDS - start ))s"
