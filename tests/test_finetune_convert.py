@@ -95,3 +95,18 @@ def test_predict_out_never_replaces_an_image_and_takes_a_folder(tmp_path) -> Non
     r = predict_folder(tmp_path / "m", tmp_path / "imgs", tmp_path / "imgs", num_workers=0)  # --out an existing folder
     assert r["csv"] == str(tmp_path / "imgs" / "predictions.csv") and r["num_images"] == 1
     assert (tmp_path / "imgs" / "predictions.csv").read_text().startswith("path,label_1")
+
+
+def test_predict_out_ending_in_a_slash_is_a_folder_even_before_it_exists(tmp_path) -> None:
+    """``--out results/`` for a folder that does not exist yet wrote a CSV file named ``results`` (Path() drops the
+    slash), where ``beit visualize`` and ``beit tokenizer eval|encode`` make the folder and write inside it."""
+    from PIL import Image
+
+    from beit.tasks.classify.evaluate import predict_folder
+
+    beit.save_model(beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=2), tmp_path / "m")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), (0, 90, 200)).save(tmp_path / "imgs" / "a.png")
+    r = predict_folder(tmp_path / "m", tmp_path / "imgs", f"{tmp_path / 'results'}/", num_workers=0)
+    assert (tmp_path / "results").is_dir() and r["csv"] == str(tmp_path / "results" / "predictions.csv")
+    assert (tmp_path / "results" / "predictions.csv").read_text().startswith("path,label_1")

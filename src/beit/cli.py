@@ -142,7 +142,8 @@ TASKS: dict[str, dict[str, Command]] = {
                                  "inside a model folder; never overwrites another report)"),
         "predict": Command("top-k labels and probabilities for a folder of images, as a CSV", "checkpoint",
                            cli_classify.predict, cli_classify.predict_args, config=False, overrides=False,
-                           out_help="the CSV to write (default predictions.csv; a folder: predictions.csv in it)"),
+                           out_help="the CSV to write (default predictions.csv; a folder, or a path ending in /: "
+                                    "predictions.csv in it)"),
     },
     "segment": {
         "train": Command("fine-tune BEiT + UperNet with the shared trainer", "train", cli_segment.train),

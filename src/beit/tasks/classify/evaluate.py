@@ -388,15 +388,16 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     Raises:
         FileNotFoundError: ``images_dir`` does not exist.
         ValueError: ``out_csv`` has an image file's extension (it would replace an image; ``out_csv`` an existing
-            folder writes ``predictions.csv`` inside it); no images under ``images_dir``, or none of them (or the
-            single file) could be read;
+            folder, or a path ending in ``/``, writes ``predictions.csv`` inside it); no images under ``images_dir``,
+            or none of them (or the single file) could be read;
             ``checkpoint`` is not a classifier, or a checkpoint of another task (as :func:`load_classifier`).
     """
     source = Path(images_dir).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"no such image file or folder: {str(images_dir)!r}")
+    as_folder = os.fspath(out_csv).endswith(("/", os.sep))  # Path() drops the slash that says "a folder"
     out_csv = Path(out_csv)
-    if out_csv.is_dir():  # --out results/: the CSV goes inside (as beit visualize's PNG does)
+    if as_folder or out_csv.is_dir():  # --out results/: the CSV goes inside (as beit visualize's PNG does)
         out_csv = out_csv / "predictions.csv"
     if out_csv.suffix.lower() in IMG_EXTENSIONS:  # checked before any work: the CSV would replace that image
         raise ValueError(f"--out {str(out_csv)!r} names an image file; beit predict writes a CSV: give a .csv path "
