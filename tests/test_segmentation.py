@@ -976,6 +976,24 @@ def test_one_image_a_step_where_a_batchnorm_map_is_1x1_is_refused_before_the_run
     assert not out.exists()
 
 
+def test_a_missing_data_root_is_refused_naming_the_key_before_the_model_or_the_run_folder(tmp_path: Path) -> None:
+    """README: missing folders fail in the first second with the key's name. An empty data.root was said only
+    after model.init had been read and the run folder made, and one that does not exist as "pair list not found:
+    '/x/train.txt'" / "image folder does not exist: '/x/images/training'", naming no key."""
+    from beit.cli import main
+    from beit.engine import ConfigError
+    seg_train = importlib.import_module("beit.tasks.segmentation.train").train
+
+    pt = _tiny_pretrained(tmp_path / "pt")
+    for root, said in (("", "set the dataset root"), (str(tmp_path / "nope"), "no such folder")):
+        out = tmp_path / f"run{len(said)}"
+        with pytest.raises(ConfigError, match=f"^config key 'data.root': {said}"):
+            seg_train(load_config(SegmentConfig, CONFIGS / "segment_camvid.yaml", [
+                f"data.root={root}", f"model.init={pt}", f"train.output_dir={out}"]))
+        assert not out.exists()
+        assert main(["segment", "train", "-c", "segment_camvid", f"data.root={root}", f"train.output_dir={out}"]) == 1
+
+
 def test_a_pool_scale_below_1_and_a_flip_probability_outside_0_1_name_their_keys() -> None:
     """model.pool_scales=[0] failed at the first training step inside a conv ("Calculated padded input size per
     channel: (0 x 0)"); data.flip_prob=2 was taken as "always". Both are config errors now."""

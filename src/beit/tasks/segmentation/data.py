@@ -652,10 +652,22 @@ def _classes_source(dcfg: SegDataConfig) -> str:
     return class_list_source(_class_keys(dcfg))
 
 
-def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list[str]]:
+def check_data_root(dcfg: SegDataConfig) -> Path:
+    """``data.root`` as a folder that exists, checked before a training run builds its model or makes its folder.
+
+    Raises:
+        ConfigError: ``data.root`` is empty or no folder.
+    """
     if not dcfg.root:
         raise ConfigError("data.root", "set the dataset root (data.root=/path/to/data)")
     root = Path(dcfg.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError("data.root", f"no such folder: {dcfg.root!r}")
+    return root
+
+
+def _pairs(dcfg: SegDataConfig, split: str) -> tuple[list[tuple[str, str]], list[str]]:
+    root = check_data_root(dcfg)
     name = dcfg.train_split if split == "train" else dcfg.val_split
     if dcfg.format == "list":
         return list_pairs(root / (dcfg.train_list if split == "train" else dcfg.val_list), root)

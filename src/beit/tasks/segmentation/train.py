@@ -37,7 +37,7 @@ from beit.engine.threads import loader_workers
 from beit.engine.trainer import check_run_can_start, check_schedule, worker_init
 
 from .config import SegmentConfig
-from .data import SegmentationDataset, build_datasets, class_names, collate_eval
+from .data import SegmentationDataset, build_datasets, check_data_root, class_names, collate_eval
 from .infer import inference, write_overlays
 from .metrics import ConfusionMatrix, format_table
 from .model import build_model, segmentation_loss
@@ -154,6 +154,7 @@ def train(cfg: SegmentConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     check_batchnorm_batch(cfg)
+    check_data_root(cfg.data)  # before the model is built (a checkpoint read) and the run folder made
     set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
     # the run's log from here (as finetune's): what model.init loaded is said in it (the engine sets it up later)
