@@ -65,3 +65,34 @@ def test_both_stages_pass_paths_with_spaces_whole_and_archive_their_results(tmp_
     with tarfile.open(out_b / "stageB_results.tgz") as t:
         names = t.getnames()
     assert any(n.endswith("ft_scratch/curves.png") for n in names) and any(n.endswith("linprobe.json") for n in names)
+
+
+def test_equal_time_plan_records_each_call_and_fits_the_schedule_to_the_seconds_left(tmp_path):
+    """benchmarks/cifar10_call_plan.py (cifar10_call.sh ARM_SECONDS): a call's pace and start-up come from its log's
+    eval lines; the next call's train.epochs is what the arm's remaining seconds hold, with the warm-up pinned; a
+    spent arm or a finished run is refused."""
+    import sys
+
+    plan = [sys.executable, str(REPO / "benchmarks" / "cifar10_call_plan.py")]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  epochs: 275\n  warmup_epochs: 27.0\n")
+    first = subprocess.run([*plan, str(run), "1171", "590", "275"], capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["275", "-", "590"]  # no call yet: the guess, this call's seconds
+    # call 1: 100 epochs, an eval every 5 s from 00:01:30 (across no midnight), 590 s in all
+    log = tmp_path / "log"
+    log.write_text("".join(f"00:{(90 + 5 * e) // 60:02d}:{(90 + 5 * e) % 60:02d} eval step {97 * e} ep {e}: loss 1, "
+                           "top1 50\n" for e in range(1, 101)))
+    rec = subprocess.run([*plan, "--record", str(run), str(log), "590", "3"], capture_output=True, text=True,
+                         check=True)
+    assert "epoch 0 -> 100, 5.00 s an epoch, start-up 90 s" in rec.stdout
+    assert (run / "calls.tsv").read_text() == "590\t100\t5.000\t90\n"
+    second = subprocess.run([*plan, str(run), "1171", "590", "275"], capture_output=True, text=True, check=True)
+    # 581 s left in one call, a resumed start-up of 45 s (half the cold one) and the 15-s margin: 104 more epochs
+    assert second.stdout.split() == ["204", "27.0", "581"]
+    (run / "calls.tsv").write_text("590\t100\t5.000\t90\n590\t204\t5.000\t60\n")
+    spent = subprocess.run([*plan, str(run), "1171", "590", "275"], capture_output=True, text=True)
+    assert spent.returncode == 1 and "are spent" in spent.stderr
+    (run / "config.yaml").write_text("train:\n  epochs: 204\n  warmup_epochs: 27.0\n")
+    done = subprocess.run([*plan, str(run), "3000", "590", "275"], capture_output=True, text=True)
+    assert done.returncode == 1 and "has finished its 204 epochs" in done.stderr
