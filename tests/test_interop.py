@@ -414,3 +414,47 @@ def test_convert_to_timm_onto_a_folder_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "out").mkdir()
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "out"), "--to", "timm"]) == 1
     assert "is a folder: --to timm writes one state-dict file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resize", ["full", "crop"])
+def test_export_hf_writes_the_image_processor_transformers_loads(tmp_path, resize) -> None:
+    """export_hf wrote no preprocessor_config.json: AutoImageProcessor.from_pretrained / pipeline() on the export
+    failed, and the model's eval preprocessing (its mean / std, resize) was lost on the way to transformers."""
+    import numpy as np
+    from PIL import Image
+
+    from beit.models.config import Preprocess
+    from beit.tasks.classify.data import build_preprocess
+
+    pre = Preprocess(img_size=32, resize=resize, crop_pct=0.8, interpolation="bilinear", mean=(0.5,) * 3,
+                     std=(0.25,) * 3)
+    model = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=3)
+    model = beit.load_model(model.state_dict(), **TINY, num_classes=3)
+    model.cfg = model.cfg.with_preprocess(pre)
+    export_hf(model, tmp_path / "hf")
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    # the crop resize is ours for square images only (the processor squashes before it crops): a square one there
+    shape = (40, 56, 3) if resize == "full" else (48, 48, 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+    torch.testing.assert_close(proc(image, return_tensors="pt")["pixel_values"], build_preprocess(pre)(image)[None],
+                               atol=5e-2, rtol=0)
+    back = beit.load_model(tmp_path / "hf").cfg.eval_preprocess()  # and read back as it was
+    assert (back.resize, back.img_size, back.interpolation, back.mean, back.std) == (
+        resize, 32, "bilinear", pre.mean, pre.std)
+    assert back.crop_pct == pytest.approx(0.8, abs=0.03) if resize == "crop" else True
+
+
+def test_a_sharded_hugging_face_checkpoint_loads(tmp_path) -> None:
+    """save_pretrained(max_shard_size=...) writes model-0000N-of-0000M.safetensors and an index: the folder was
+    refused as having 'no weights file'. A shard missing is named."""
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config(use_relative_position_bias=True)))
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ours = beit.load_model(tmp_path / "hf", strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(pixel_values=x).logits, atol=TOL, rtol=0)
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"its shard {shards[-1].name} is missing"):
+        beit.load_model(tmp_path / "hf")

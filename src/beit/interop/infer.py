@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .._text import first_few
-from ..models.config import BeitConfig
+from ..data.transforms import resolve_crop_pct
+from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import table_size
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,34 @@ def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
         out.update(mean=[float(x) for x in mean], std=[float(x) for x in std])
     else:
         out.update(mean=[0.0] * 3, std=[1.0] * 3)
+    return out
+
+
+def preprocess_to_hf(pre: Preprocess) -> dict[str, Any] | None:
+    """A :class:`Preprocess` -> a Hugging Face ``preprocessor_config.json`` (``BeitImageProcessor``), the inverse of
+    :func:`preprocess_from_hf`; None for ``grayscale`` (the BEiT processor has no gray conversion).
+
+    ``resize="full"``: the whole image to ``img_size`` squared, as ours. ``resize="crop"``: both sides to
+    ``img_size / crop_pct`` then the center ``img_size`` crop (BEiT's processor resizes to a height and width in
+    every transformers version, not by the short side): ours for square images; for others the processor squashes
+    the image before its crop where ours keeps the aspect ratio.
+    """
+    if pre.grayscale:
+        return None
+    out: dict[str, Any] = {
+        "image_processor_type": "BeitImageProcessor", "do_resize": True,
+        "resample": {v: k for k, v in _PIL_RESAMPLE.items()}.get(pre.interpolation, 3),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [float(x) for x in pre.mean], "image_std": [float(x) for x in pre.std],
+        "do_reduce_labels": False,
+    }
+    side = int(pre.img_size)
+    if pre.resize == "full":
+        out.update(size={"height": side, "width": side}, do_center_crop=False)
+    else:
+        resized = int(side / resolve_crop_pct(side, pre.crop_pct))  # as build_eval_transform
+        out.update(size={"height": resized, "width": resized}, do_center_crop=True,
+                   crop_size={"height": side, "width": side})
     return out
 
 

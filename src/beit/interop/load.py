@@ -24,10 +24,11 @@ from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
 from . import formats
-from .infer import config_from_hf, config_to_hf, infer_config, preprocess_from_hf
+from .infer import config_from_hf, config_to_hf, infer_config, preprocess_from_hf, preprocess_to_hf
 
 OUR_FORMAT = "beit"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # Hugging Face's sharded weights
 
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,27 @@ def _read_tensors(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable safetensors file, damaged or truncated? "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+def _read_shards(index: Path) -> dict[str, Any]:
+    """The tensors of a Hugging Face sharded checkpoint (``save_pretrained`` with ``max_shard_size``): its
+    ``*.index.json`` maps each tensor to a shard file beside it.
+
+    Raises CheckpointError: an unreadable index, or a shard it names that is missing or outside the folder.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
+    out: dict[str, Any] = {}
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: names a shard that is not a file beside it: {shard!r}")
+        if not (index.parent / shard).exists():
+            raise CheckpointError(f"{index}: its shard {shard} is missing from {index.parent}")
+        out.update(_read_tensors(index.parent / shard))
+    return out
 
 
 def is_remote_source(text: str) -> bool:
@@ -211,10 +233,11 @@ def _read(source: str | os.PathLike | Mapping) -> tuple[dict[str, torch.Tensor],
                 if pre is not None:
                     hints["preprocess"] = pre
             weights = next((path / f for f in WEIGHT_FILES if (path / f).exists()), None)
-            if weights is None:
-                raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-            path, name = weights, str(weights)
-        raw = _read_tensors(path)
+            index = next((path / f for f in SHARD_INDEXES if (path / f).exists()), None)
+            if weights is None and index is None:
+                raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES + SHARD_INDEXES)})")
+            path, name = (weights, str(weights)) if weights is not None else (index, str(index))
+        raw = _read_shards(path) if path.name in SHARD_INDEXES else _read_tensors(path)
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"{name}: holds a {type(raw).__name__}, not a state dict")
     sd, prefix, left_out = formats.locate(raw)
@@ -555,7 +578,9 @@ def export_timm(model: Beit) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
-    """A Hugging Face model directory (config.json + model.safetensors) that transformers loads.
+    """A Hugging Face model directory (config.json + model.safetensors) that transformers loads, with the model's eval
+    preprocessing as ``preprocessor_config.json`` (``AutoImageProcessor.from_pretrained`` and ``pipeline`` read it;
+    :func:`beit.interop.infer.preprocess_to_hf`; left out, with a warning, for a grayscale preprocessing).
 
     Raises ValueError, before anything is written, for a model transformers cannot represent (head dims that do not
     make up the width, a non-square patch grid).
@@ -567,4 +592,10 @@ def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
     sd = formats.to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))  # umask mode (save_file: 0600)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    processor = preprocess_to_hf(model.cfg.eval_preprocess())
+    if processor is None:
+        log.warning("export_hf: no preprocessor_config.json: the model's grayscale preprocessing has no Hugging Face "
+                    "BeitImageProcessor equivalent (convert images to gray and back to RGB before the processor)")
+    else:
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return out
