@@ -458,3 +458,16 @@ def test_a_sharded_hugging_face_checkpoint_loads(tmp_path) -> None:
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"its shard {shards[-1].name} is missing"):
         beit.load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("size,crop", [(225, 192), (14, 9), (256, 224)])
+def test_a_hugging_face_center_crop_is_read_with_its_own_resize(size: int, crop: int) -> None:
+    """crop_pct = crop / size read back through the eval transform's int(crop / crop_pct) came out a pixel short
+    for some sizes (size 225, crop 192: ours resized to 224), and ours -> HF -> ours moved the resize the same way."""
+    from beit.data.transforms import build_eval_transform
+    from beit.interop.infer import preprocess_from_hf, preprocess_to_hf
+    from beit.models.config import Preprocess
+
+    pre = Preprocess.from_dict(preprocess_from_hf({"size": size, "crop_size": crop}))
+    assert build_eval_transform(crop, crop_pct=pre.crop_pct).transforms[0].size == size
+    assert preprocess_to_hf(pre)["size"] == {"height": size, "width": size}

@@ -210,7 +210,10 @@ def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
     if pp.get("do_center_crop", True):
         if not size or not crop or crop > size:
             return None
-        out.update(img_size=crop, resize="crop", crop_pct=crop / size)
+        crop_pct = crop / size
+        if int(crop / crop_pct) != size:  # the eval transform's int(crop / crop_pct): 192 / (192 / 225) -> 224
+            crop_pct = crop / (size + 0.5)
+        out.update(img_size=crop, resize="crop", crop_pct=crop_pct)
     elif size and isinstance(pp.get("size"), (int, Mapping)) and not (
             isinstance(pp.get("size"), Mapping) and "shortest_edge" in pp["size"]):
         out.update(img_size=size, resize="full")
