@@ -471,3 +471,21 @@ def test_a_hugging_face_center_crop_is_read_with_its_own_resize(size: int, crop:
     pre = Preprocess.from_dict(preprocess_from_hf({"size": size, "crop_size": crop}))
     assert build_eval_transform(crop, crop_pct=pre.crop_pct).transforms[0].size == size
     assert preprocess_to_hf(pre)["size"] == {"height": size, "width": size}
+
+
+@pytest.mark.parametrize("pp", [dict(size=-32, do_center_crop=False), dict(size=40, crop_size=-32),
+                                dict(size=32, do_center_crop=False, image_std=[0, 0, 0]),
+                                dict(size=32, do_center_crop=False, rescale_factor=1 / 127.5, image_mean=[1] * 3,
+                                     image_std=[1] * 3),
+                                dict(size=32, do_center_crop=False, resample=9)])
+def test_a_preprocessor_config_no_processor_runs_is_ignored_at_load(tmp_path, pp, caplog) -> None:
+    """A size of -32 px, a std of 0 or an unknown resample filter was taken as the model's preprocessing (beit
+    predict failed later on 'input_size must be a positive int', naming no file; save_model stored it), and a
+    rescale_factor other than 1 / 255 was dropped: other pixels than transformers' without a word."""
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config()))
+    ref.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(pp))
+    with caplog.at_level("WARNING"):
+        model = beit.load_model(tmp_path / "hf")
+    assert "preprocess" not in model.cfg.extra
+    assert "not a preprocessing beit reproduces" in caplog.text

@@ -188,25 +188,29 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 
 def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
     """Hugging Face ``preprocessor_config.json`` (``BeitImageProcessor``) -> a :class:`Preprocess` dict, or None
-    when it describes no square input our eval transforms make (no resize, no rescale to [0, 1], a crop-less
-    short-side resize).
+    when it describes no square input our eval transforms make (no resize, no rescale to [0, 1] by 1 / 255, a
+    crop-less short-side resize) or holds a value no processor takes (a size below 1 px, a std of 0, an unknown
+    resample filter).
 
     ``microsoft/beit-base-patch16-224``'s: the whole image to 224x224, bilinear, mean = std = 0.5.
     """
     def side(v: Any) -> int | None:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
         if isinstance(v, Mapping):
-            if isinstance(v.get("height"), int) and v.get("height") == v.get("width"):
-                return int(v["height"])
-            if isinstance(v.get("shortest_edge"), int):
-                return int(v["shortest_edge"])
-        return None
+            if "height" in v or "width" in v:
+                v = v.get("height") if v.get("height") == v.get("width") else None
+            else:
+                v = v.get("shortest_edge")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None  # not -32 px
 
     if not pp.get("do_resize", True) or not pp.get("do_rescale", True):
         return None
+    scale = pp.get("rescale_factor", 1 / 255)  # ours scales pixels to [0, 1]; 1 / 127.5 is another input
+    if not isinstance(scale, (int, float)) or not math.isclose(scale, 1 / 255, rel_tol=1e-4):
+        return None
     size, crop = side(pp.get("size")), side(pp.get("crop_size"))
-    out: dict[str, Any] = {"interpolation": _PIL_RESAMPLE.get(pp.get("resample"), "bicubic")}
+    if pp.get("resample", 3) not in _PIL_RESAMPLE:  # the processor's default is bicubic; 9 is no filter
+        return None
+    out: dict[str, Any] = {"interpolation": _PIL_RESAMPLE[pp.get("resample", 3)]}
     if pp.get("do_center_crop", True):
         if not size or not crop or crop > size:
             return None
@@ -224,6 +228,8 @@ def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
         if not all(isinstance(v, list) and len(v) == 3 for v in (mean, std)):
             return None
         out.update(mean=[float(x) for x in mean], std=[float(x) for x in std])
+        if min(out["std"]) <= 0:
+            return None
     else:
         out.update(mean=[0.0] * 3, std=[1.0] * 3)
     return out
