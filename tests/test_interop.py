@@ -489,3 +489,30 @@ def test_a_preprocessor_config_no_processor_runs_is_ignored_at_load(tmp_path, pp
         model = beit.load_model(tmp_path / "hf")
     assert "preprocess" not in model.cfg.extra
     assert "not a preprocessing beit reproduces" in caplog.text
+
+
+@pytest.mark.parametrize("crop_pct,warned", [(0.9, True), (0.8, False)])
+def test_export_hf_says_when_transformers_center_crop_starts_a_pixel_before_ours(tmp_path, caplog, crop_pct,
+                                                                                  warned) -> None:
+    """README said the exported processor equals ours for square images; with a 3-px margin (32 px from 35) its
+    crop starts at 1, torchvision's at round(1.5) = 2: other pixels, and pipeline() gave other scores than beit
+    predict, without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from beit.models.config import Preprocess
+    from beit.tasks.classify.data import build_preprocess
+
+    pre = Preprocess(img_size=32, resize="crop", crop_pct=crop_pct, interpolation="bilinear")
+    model = beit.create_model("beit_tiny_patch16_224", **TINY, num_classes=3)
+    model.cfg = model.cfg.with_preprocess(pre)
+    with caplog.at_level("WARNING"):
+        export_hf(model, tmp_path / "hf")
+    assert ("starts a pixel before ours" in caplog.text) == warned
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")(image, return_tensors="pt")
+    assert torch.allclose(theirs["pixel_values"][0], build_preprocess(pre)(image), atol=1e-3) != warned
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        beit.load_model(tmp_path / "hf")
+    assert ("starts a pixel before ours" in caplog.text) == warned

@@ -235,14 +235,21 @@ def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+def crop_offsets_differ(size: int, crop: int) -> bool:
+    """Whether a center ``crop`` of a ``size`` image starts a pixel apart in ours and in transformers': torchvision
+    rounds (size - crop) / 2 half to even, transformers' processors round it down (size 35, crop 32: 2 and 1)."""
+    return round((size - crop) / 2) != (size - crop) // 2
+
+
 def preprocess_to_hf(pre: Preprocess) -> dict[str, Any] | None:
     """A :class:`Preprocess` -> a Hugging Face ``preprocessor_config.json`` (``BeitImageProcessor``), the inverse of
     :func:`preprocess_from_hf`; None for ``grayscale`` (the BEiT processor has no gray conversion).
 
     ``resize="full"``: the whole image to ``img_size`` squared, as ours. ``resize="crop"``: both sides to
     ``img_size / crop_pct`` then the center ``img_size`` crop (BEiT's processor resizes to a height and width in
-    every transformers version, not by the short side): ours for square images; for others the processor squashes
-    the image before its crop where ours keeps the aspect ratio.
+    every transformers version, not by the short side): ours for square images, but where
+    :func:`crop_offsets_differ` (its crop starts a pixel before ours); for others the processor squashes the image
+    before its crop where ours keeps the aspect ratio.
     """
     if pre.grayscale:
         return None

@@ -24,7 +24,14 @@ from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
 from . import formats
-from .infer import config_from_hf, config_to_hf, infer_config, preprocess_from_hf, preprocess_to_hf
+from .infer import (
+    config_from_hf,
+    config_to_hf,
+    crop_offsets_differ,
+    infer_config,
+    preprocess_from_hf,
+    preprocess_to_hf,
+)
 
 OUR_FORMAT = "beit"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
@@ -197,6 +204,9 @@ def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
         return None
     if pre is None:
         log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file)
+    elif pre["resize"] == "crop" and crop_offsets_differ(int(pre["img_size"] / pre["crop_pct"]), pre["img_size"]):
+        log.warning("%s: its center crop starts a pixel before ours (transformers rounds the margin down): beit's "
+                    "pixels, and logits, differ from transformers' by that shift", pp_file)
     return pre
 
 
@@ -598,4 +608,9 @@ def export_hf(model: Beit, directory: str | os.PathLike) -> Path:
                     "BeitImageProcessor equivalent (convert images to gray and back to RGB before the processor)")
     else:
         (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+        if processor["do_center_crop"] and crop_offsets_differ(processor["size"]["height"],
+                                                               processor["crop_size"]["height"]):
+            log.warning("export_hf: transformers' center crop of %s from %s px starts a pixel before ours (it rounds "
+                        "the margin down): its pixels, and logits, differ from beit predict's; a crop_pct whose "
+                        "margin is even matches", processor["crop_size"]["height"], processor["size"]["height"])
     return out
