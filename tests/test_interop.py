@@ -414,6 +414,10 @@ def test_convert_to_timm_onto_a_folder_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "out").mkdir()
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "out"), "--to", "timm"]) == 1
     assert "is a folder: --to timm writes one state-dict file" in capsys.readouterr().err
+    # a folder not made yet, said with its slash: it was written as a file named "new"
+    assert main(["convert", str(tmp_path / "ours"), f"{tmp_path / 'new'}/", "--to", "timm"]) == 1
+    assert "is a folder: --to timm writes one state-dict file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("resize", ["full", "crop"])

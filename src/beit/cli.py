@@ -111,7 +111,8 @@ def _convert_run(args: argparse.Namespace) -> int:
         out = export_hf(model, args.dst)
     else:
         out = Path(args.dst)
-        if out.is_dir():  # torch.save said only "open file failed ... Is a directory", in a traceback
+        if out.is_dir() or args.dst.endswith(("/", os.sep)):  # torch.save: "Is a directory", in a traceback; out/
+            # (a folder not made yet) was written as a file named "out"
             raise ValueError(f"{out} is a folder: --to timm writes one state-dict file; give a file path (e.g. "
                              f"{out / 'model.pth'})")
         out.parent.mkdir(parents=True, exist_ok=True)
