@@ -462,6 +462,9 @@ def test_a_sharded_hugging_face_checkpoint_loads(tmp_path) -> None:
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"its shard {shards[-1].name} is missing"):
         beit.load_model(tmp_path / "hf")
+    shards[-1].mkdir()  # a folder of the shard's name: IsADirectoryError, in a traceback
+    with pytest.raises(CheckpointError, match=f"its shard {shards[-1].name} is missing"):
+        beit.load_model(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("size,crop", [(225, 192), (14, 9), (256, 224)])

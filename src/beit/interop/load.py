@@ -102,7 +102,7 @@ def _read_shards(index: Path) -> dict[str, Any]:
     for shard in shards:
         if not isinstance(shard, str) or Path(shard).name != shard:
             raise CheckpointError(f"{index}: names a shard that is not a file beside it: {shard!r}")
-        if not (index.parent / shard).exists():
+        if not (index.parent / shard).is_file():  # a folder of that name: IsADirectoryError, in a traceback
             raise CheckpointError(f"{index}: its shard {shard} is missing from {index.parent}")
         out.update(_read_tensors(index.parent / shard))
     return out
