@@ -7,7 +7,8 @@ Two modes, both on ``<run>/calls.tsv`` (one row a call: seconds, epoch reached, 
         seconds are spent.
     python cifar10_call_plan.py --record RUN LOG CALL_SECONDS SETUP_SECONDS
         appends this call's row, read from the run's log ("HH:MM:SS eval step N ep E: ..." lines, an eval every
-        epoch), and prints it.
+        epoch), and prints it; a log with fewer than two evals records the call's seconds with no pace (0), and the
+        plan takes the pace and start-up of the last call that measured them (none: the first guess again).
 
 The first call runs FIRST_EPOCHS (a guess). A later call plans
 ``epochs = reached + (remaining - calls * (start-up + margin)) / pace``, with ``calls`` the calls the remaining seconds
@@ -43,8 +44,15 @@ def plan(run: Path, arm_seconds: float, call_seconds: float, first_epochs: int) 
     if not calls:
         return f"{first_epochs} - {int(min(call_seconds, arm_seconds))}"
     remaining = arm_seconds - sum(c[0] for c in calls)
-    _, reached, pace, startup = calls[-1]
-    if len(calls) == 1:  # only the cold call so far: a resumed call finds the compile cache warm and no extraction
+    measured = [i for i, c in enumerate(calls) if c[2] > 0]  # a call with fewer than two evals measured no pace
+    if not measured:  # none yet: the first guess again, within the arm's seconds left
+        if remaining <= 2 * MARGIN:
+            sys.exit(f"cifar10_call_plan: the arm's {arm_seconds:.0f} s are spent ({remaining:.0f} s left): nothing "
+                     "to run")
+        return f"{first_epochs} - {int(min(call_seconds, remaining))}"
+    reached = calls[-1][1]
+    _, _, pace, startup = calls[measured[-1]]
+    if measured[-1] == 0:  # only the cold call so far: a resumed call finds the compile cache warm and no extraction
         startup *= RESUMED_STARTUP
     if remaining < startup + 2 * pace:
         sys.exit(f"cifar10_call_plan: the arm's {arm_seconds:.0f} s are spent ({remaining:.0f} s left, a call's "
@@ -73,12 +81,17 @@ def record(run: Path, log: Path, call_seconds: float, setup_seconds: float) -> s
             evals.append((h * 3600 + mi * 60 + s, ep))
     calls = read_calls(run)
     before = calls[-1][1] if calls else 0
-    if len(evals) < 2:
-        sys.exit(f"cifar10_call_plan: fewer than two evals in {log}: no pace to record")
-    span = (evals[-1][0] - evals[0][0]) % 86400  # across midnight too
-    pace = span / (evals[-1][1] - evals[0][1])
-    reached = evals[-1][1]
-    startup = call_seconds - (reached - before) * pace  # imports, decode, compile, the unfinished epoch, the stop
+    if len(evals) < 2 or evals[-1][1] == evals[0][1]:
+        # a call that failed or stopped before two evals: no pace (0: the plan takes an earlier call's), but its
+        # seconds count against the arm all the same (they were left out, and the arm ran over its budget)
+        print(f"cifar10_call_plan: fewer than two evals in {log}: no pace measured, the call's seconds recorded",
+              file=sys.stderr)
+        reached, pace, startup = (evals[-1][1] if evals else before), 0.0, 0.0
+    else:
+        span = (evals[-1][0] - evals[0][0]) % 86400  # across midnight too
+        pace = span / (evals[-1][1] - evals[0][1])
+        reached = evals[-1][1]
+        startup = call_seconds - (reached - before) * pace  # imports, decode, compile, the unfinished epoch, the stop
     row = f"{call_seconds:.0f}\t{reached}\t{pace:.3f}\t{startup:.0f}"
     with open(run / "calls.tsv", "a") as f:
         f.write(row + "\n")

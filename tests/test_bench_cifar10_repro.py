@@ -96,3 +96,31 @@ def test_equal_time_plan_records_each_call_and_fits_the_schedule_to_the_seconds_
     (run / "config.yaml").write_text("train:\n  epochs: 204\n  warmup_epochs: 27.0\n")
     done = subprocess.run([*plan, str(run), "3000", "590", "275"], capture_output=True, text=True)
     assert done.returncode == 1 and "has finished its 204 epochs" in done.stderr
+
+
+def test_equal_time_plan_counts_a_call_whose_log_has_no_two_evals(tmp_path):
+    """cifar10_call.sh records each call with `|| true`: a call that crashed or stopped before two evals was refused
+    ('no pace to record') and its seconds never reached calls.tsv, so the arm ran over ARM_SECONDS (the next call
+    planned as if they were never spent, or as the first call again)."""
+    import sys
+
+    plan = [sys.executable, str(REPO / "benchmarks" / "cifar10_call_plan.py")]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train:\n  epochs: 275\n  warmup_epochs: 27.0\n")
+    (tmp_path / "none").write_text("Traceback (most recent call last):\n")
+    subprocess.run([*plan, "--record", str(run), str(tmp_path / "none"), "300", "3"], check=True, capture_output=True)
+    assert (run / "calls.tsv").read_text() == "300\t0\t0.000\t0\n"
+    again = subprocess.run([*plan, str(run), "1171", "590", "275"], capture_output=True, text=True, check=True)
+    assert again.stdout.split() == ["275", "-", "590"]  # still the first guess, the 300 s counted
+    log = tmp_path / "log"
+    clock = [(86390 + 5 * e) % 86400 for e in range(1, 101)]  # an eval every 5 s from 23:59:55, across midnight
+    log.write_text("".join(f"{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d} eval step {e} ep {e}: top1 1\n"
+                           for e, t in zip(range(1, 101), clock)))
+    subprocess.run([*plan, "--record", str(run), str(log), "590", "3"], check=True, capture_output=True)
+    (tmp_path / "one").write_text("23:00:00 eval step 1 ep 101: top1 1\n")  # one eval, then the call died
+    subprocess.run([*plan, "--record", str(run), str(tmp_path / "one"), "60", "3"], check=True, capture_output=True)
+    assert (run / "calls.tsv").read_text().splitlines()[1:] == ["590\t100\t5.000\t90", "60\t101\t0.000\t0"]
+    last = subprocess.run([*plan, str(run), "1500", "590", "275"], capture_output=True, text=True, check=True)
+    # 550 s left in one call, with the pace and start-up (90 s) of the last call that measured them: 89 more epochs
+    assert last.stdout.split() == ["190", "27.0", "550"]
