@@ -244,16 +244,21 @@ def collate_pretrain(batch: Sequence[Any]) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------- fine-tune / eval
-def resolve_crop_pct(input_size: int, crop_pct: float | None) -> float:
-    """The eval crop fraction: ``crop_pct``, or 224/256, and 1.0 at <=32 px and >=384 px when None (unilm).
-
-    Raises ValueError: a fraction outside (0, 1].
-    """
+def _resolve_crop_pct(input_size: int, crop_pct: float | None) -> float:
     if crop_pct is None:  # unilm run_class_finetuning.py: 224/256 below 384, no crop at 384+
         crop_pct = 1.0 if input_size <= SMALL_IMAGE_SIZE or input_size >= 384 else 224 / 256
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return float(crop_pct)
+
+
+def eval_resize_size(input_size: int, crop_pct: float | None) -> int:
+    """The short side, in pixels, that the eval transform resizes to before its center ``input_size`` crop:
+    ``int(input_size / crop_pct)``; ``crop_pct`` None is 224/256, and 1.0 at <=32 px and >=384 px (unilm).
+
+    Raises ValueError: a ``crop_pct`` outside (0, 1].
+    """
+    return int(input_size / _resolve_crop_pct(input_size, crop_pct))
 
 
 def build_eval_transform(
@@ -272,7 +277,7 @@ def build_eval_transform(
     if not isinstance(input_size, int) or input_size <= 0:
         raise ValueError(f"input_size must be a positive int, got {input_size!r}")
     mean, std = _check_mean_std(mean, std)
-    size = int(input_size / resolve_crop_pct(input_size, crop_pct))
+    size = eval_resize_size(input_size, crop_pct)
     return deterministic(T.Compose(  # no random draw: datasets skip the per-sample seeding
         [
             T.Resize(size, interpolation=interpolation_mode(interpolation)),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .._text import first_few
-from ..data.transforms import resolve_crop_pct
+from ..data.transforms import eval_resize_size
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import table_size
 
@@ -215,7 +215,7 @@ def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
         if not size or not crop or crop > size:
             return None
         crop_pct = crop / size
-        if int(crop / crop_pct) != size:  # the eval transform's int(crop / crop_pct): 192 / (192 / 225) -> 224
+        if eval_resize_size(crop, crop_pct) != size:  # int(crop / crop_pct): 192 / (192 / 225) -> 224
             crop_pct = crop / (size + 0.5)
         out.update(img_size=crop, resize="crop", crop_pct=crop_pct)
     elif size and isinstance(pp.get("size"), (int, Mapping)) and not (
@@ -264,7 +264,7 @@ def preprocess_to_hf(pre: Preprocess) -> dict[str, Any] | None:
     if pre.resize == "full":
         out.update(size={"height": side, "width": side}, do_center_crop=False)
     else:
-        resized = int(side / resolve_crop_pct(side, pre.crop_pct))  # as build_eval_transform
+        resized = eval_resize_size(side, pre.crop_pct)
         out.update(size={"height": resized, "width": resized}, do_center_crop=True,
                    crop_size={"height": side, "width": side})
     return out

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._text import first_few
+from ..data.transforms import eval_resize_size
 from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import resize_table
@@ -204,7 +205,8 @@ def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
         return None
     if pre is None:
         log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file)
-    elif pre["resize"] == "crop" and crop_offsets_differ(int(pre["img_size"] / pre["crop_pct"]), pre["img_size"]):
+    elif pre["resize"] == "crop" and crop_offsets_differ(eval_resize_size(pre["img_size"], pre["crop_pct"]),
+                                                         pre["img_size"]):
         log.warning("%s: its center crop starts a pixel before ours (transformers rounds the margin down): beit's "
                     "pixels, and logits, differ from transformers' by that shift", pp_file)
     return pre
