@@ -198,8 +198,6 @@ def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(pp_file.read_text())
         pre = preprocess_from_hf(meta) if isinstance(meta, dict) else None
-        if pre is not None:
-            Preprocess.from_dict(pre)
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         log.warning("%s: unreadable (%s); ignored", pp_file, e)
         return None
