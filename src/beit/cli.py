@@ -89,6 +89,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert_run(args: argparse.Namespace) -> int:
     import torch
 
+    from .data.datasets import names_folder
     from .interop import export_hf, export_timm, load_model, save_model
     from .interop.load import DTYPES
 
@@ -111,8 +112,7 @@ def _convert_run(args: argparse.Namespace) -> int:
         out = export_hf(model, args.dst)
     else:
         out = Path(args.dst)
-        if out.is_dir() or args.dst.endswith(("/", os.sep)):  # torch.save: "Is a directory", in a traceback; out/
-            # (a folder not made yet) was written as a file named "out"
+        if names_folder(args.dst):  # torch.save: "Is a directory", in a traceback; out/ became a file "out"
             raise ValueError(f"{out} is a folder: --to timm writes one state-dict file; give a file path (e.g. "
                              f"{out / 'model.pth'})")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1048,6 +1048,12 @@ def output_stems(paths: Sequence[str | os.PathLike], suffixes: Sequence[str] = (
     return names
 
 
+def names_folder(out: str | os.PathLike) -> bool:
+    """Whether an output path ``out`` names a folder: an existing one, or one said with a trailing ``/`` (``Path()``
+    drops it, and ``results/`` of a folder not made yet became a file named ``results``)."""
+    return Path(out).is_dir() or os.fspath(out).endswith(("/", os.sep))
+
+
 def lies_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` is ``folder`` or inside it (``~`` expanded, links resolved; neither need exist yet); False
     when either cannot be resolved. Where an output would land among the images a run reads."""

@@ -27,7 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..._text import first_few
-from ...data.datasets import IMG_EXTENSIONS, FileImages, LabeledImageFolder, collate_files, find_classes, scan_images
+from ...data.datasets import (
+    IMG_EXTENSIONS,
+    FileImages,
+    LabeledImageFolder,
+    collate_files,
+    find_classes,
+    names_folder,
+    scan_images,
+)
 from ...engine import distributed as D
 from ...engine.checkpoint import model_weights, read_torch_file
 from ...engine.precision import autocast_for
@@ -395,10 +403,7 @@ def predict_folder(checkpoint: str | os.PathLike, images_dir: str | os.PathLike,
     source = Path(images_dir).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"no such image file or folder: {str(images_dir)!r}")
-    as_folder = os.fspath(out_csv).endswith(("/", os.sep))  # Path() drops the slash that says "a folder"
-    out_csv = Path(out_csv)
-    if as_folder or out_csv.is_dir():  # --out results/: the CSV goes inside (as beit visualize's PNG does)
-        out_csv = out_csv / "predictions.csv"
+    out_csv = Path(out_csv) / "predictions.csv" if names_folder(out_csv) else Path(out_csv)  # as visualize's PNG
     if out_csv.suffix.lower() in IMG_EXTENSIONS:  # checked before any work: the CSV would replace that image
         raise ValueError(f"--out {str(out_csv)!r} names an image file; beit predict writes a CSV: give a .csv path "
                          "(default predictions.csv) or a folder")

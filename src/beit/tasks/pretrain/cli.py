@@ -7,7 +7,6 @@ Arguments arrive normalised by :mod:`beit.cli` (``args.config`` a file or None, 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -34,7 +33,7 @@ def visualize(args: argparse.Namespace) -> int:
     """``beit visualize CKPT``: input | mask | predicted tokens decoded, as one PNG (``--out``)."""
     import torch
 
-    from ...data.datasets import lies_within
+    from ...data.datasets import lies_within, names_folder
     from ...engine.checkpoint import load_checkpoint
     from ...engine.config import load_config, stored_config
     from ...interop import load_model
@@ -49,7 +48,7 @@ def visualize(args: argparse.Namespace) -> int:
     if not 1 <= args.num <= 64:
         raise ValueError(f"--num must be in 1..64 (one row of the panel each), got {args.num}")
     out_path = Path(args.out or "mim_panel.png")
-    if out_path.is_dir() or str(args.out or "").endswith(("/", os.sep)):
+    if names_folder(args.out or out_path):
         out_path = out_path / "mim_panel.png"  # a folder: the panel goes inside it
     if out_path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         raise ValueError(f"--out {args.out}: give a .png (or .jpg, .pdf, .svg) file, or a folder")

@@ -47,12 +47,12 @@ def _out_file(out: str, name: str, suffixes: tuple[str, ...], file_kind: str, wh
         ValueError: ``OUT`` is a link that points nowhere, or has another suffix; its folder cannot be written in
             (:func:`beit.data.datasets.check_writable_folder`: a file in the way, a dangling link, ``/proc``).
     """
-    from ...data.datasets import check_writable_folder
+    from ...data.datasets import check_writable_folder, names_folder
 
     path = Path(out)
     if os.path.islink(out) and not path.exists():  # it failed after the whole work with "File exists"
         raise ValueError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
-    if path.is_dir() or out.endswith(("/", os.sep)) or (not path.suffix and not path.is_file()):
+    if names_folder(out) or (not path.suffix and not path.is_file()):
         path = path / name
     elif path.suffix.lower() not in suffixes:
         problem = f"unsupported extension {path.suffix!r}" if path.suffix else "a file without an extension"
