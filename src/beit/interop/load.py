@@ -109,15 +109,18 @@ def _read_shards(index: Path) -> dict[str, Any]:
     return out
 
 
+_URL = re.compile(r"^(https?|file)://")  # what load_model downloads with torch.hub (else: a Hub id)
+
+
 def is_remote_source(text: str) -> bool:
     """Whether ``text`` names what :func:`load_model` fetches when no local file or folder has that name: a URL
     (``http(s)://``, ``file://``) or a Hugging Face Hub id (``owner/name``)."""
-    return bool(re.match(r"^(https?|file)://", text) or re.match(r"^[\w.-]+/[\w.-]+$", text))
+    return bool(_URL.match(text) or re.match(r"^[\w.-]+/[\w.-]+$", text))
 
 
 def _resolve_remote(source: str) -> Path:
     """A Hugging Face Hub id or an http(s)/file URL -> a local path (downloaded once into the cache)."""
-    if re.match(r"^(https?|file)://", source):
+    if _URL.match(source):
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         cache.mkdir(parents=True, exist_ok=True)
         dst = cache / os.path.basename(source.split("?")[0])
