@@ -245,7 +245,9 @@ def parse_blocks(spec: str | int, depth: int | None) -> list[int]:
     """
     s = str(spec).strip().lower()
     if s in ("all", "last"):
-        return [] if depth is None else list(range(1, depth + 1)) if s == "all" else [depth]
+        if depth is None:
+            return []
+        return list(range(1, depth + 1)) if s == "all" else [depth]
     try:
         blocks = sorted({int(x) for x in s.replace(" ", "").split(",") if x})
     except ValueError:
