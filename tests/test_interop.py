@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -496,6 +497,39 @@ def test_a_preprocessor_config_no_processor_runs_is_ignored_at_load(tmp_path, pp
         model = beit.load_model(tmp_path / "hf")
     assert "preprocess" not in model.cfg.extra
     assert "not a preprocessing beit reproduces" in caplog.text
+
+
+@pytest.mark.parametrize("pp,resize,crop_pct", [(dict(do_center_crop=False), "full", None),
+                                                 (dict(crop_pct=0.9), "crop", 0.9), ({"size": None}, "crop", None)])
+def test_a_preprocessor_config_without_a_size_keeps_its_other_fields(tmp_path, caplog, pp, resize, crop_pct) -> None:
+    """A preprocessor_config.json without `size` was ignored whole (mean = std = 0.5 lost: ImageNet-normalised
+    inputs), the warning not saying why: its other fields are used at the model's image size, the warning names
+    the file and the missing size."""
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config()))
+    ref.save_pretrained(tmp_path / "hf")
+    pp_file = tmp_path / "hf" / "preprocessor_config.json"
+    pp_file.write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "resample": 2, **pp}))
+    with caplog.at_level("WARNING"):
+        pre = beit.load_model(tmp_path / "hf").cfg.eval_preprocess()
+    assert (pre.img_size, pre.resize, pre.crop_pct, pre.interpolation) == (32, resize, crop_pct, "bilinear")
+    assert (pre.mean, pre.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert f"{pp_file}: no 'size'" in caplog.text
+
+
+@pytest.mark.parametrize("field,value", [("size", "224"), ("size", 32.0), ("size", {"h": 32}),
+                                         ("size", {"height": "32", "width": "32"}), ("crop_size", [32])])
+def test_a_preprocessor_config_with_an_unparseable_size_is_refused_naming_it(tmp_path, field, value) -> None:
+    """A size no image processor takes ("224", {"h": 32}; transformers refuses the file) was ignored with 'not a
+    preprocessing beit reproduces', as if the file were only unusual: the load fails naming the file and field.
+    A pair is (height, width), as transformers reads it."""
+    ref = _randomize(transformers.BeitForImageClassification(_hf_config()))
+    ref.save_pretrained(tmp_path / "hf")
+    pp_file = tmp_path / "hf" / "preprocessor_config.json"
+    pp_file.write_text(json.dumps({"size": 36, "crop_size": 32, field: value}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(pp_file))}: '{field}' is .*not a size an image processor"):
+        beit.load_model(tmp_path / "hf")
+    pp_file.write_text(json.dumps({"size": [32, 32], "do_center_crop": False}))
+    assert beit.load_model(tmp_path / "hf").cfg.eval_preprocess().img_size == 32
 
 
 @pytest.mark.parametrize("crop_pct,warned", [(0.9, True), (0.8, False)])

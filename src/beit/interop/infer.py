@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -186,46 +187,79 @@ def config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+# the key sets of a size dict transformers' image processors take (image_processing_utils.VALID_SIZE_DICT_KEYS)
+_HF_SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"}, {"longest_edge"},
+                 {"max_height", "max_width"})
+
+
+def _hf_side(pp: Mapping[str, Any], field: str) -> int | None:
+    """The square side in pixels of ``pp[field]`` (``size`` / ``crop_size``: an int, ``[height, width]``, or a
+    ``{"height", "width"}`` / ``{"shortest_edge"}`` dict); None for one our eval transforms do not make (not
+    square, longest edge, below 1 px). Raises ValueError naming ``field`` for a value of no shape a processor takes.
+    """
+    v = pp[field]
+    d = {"height": v[0], "width": v[1]} if isinstance(v, list) and len(v) == 2 else v  # a pair: (height, width)
+    if not (isinstance(d, Mapping) and set(d) in _HF_SIZE_KEYS and all(map(_is_int, d.values())) or _is_int(d)):
+        raise ValueError(f"{field!r} is {json.dumps(v, default=str)}: not a size an image processor takes (whole "
+                         'pixels: {"height": H, "width": W}, {"shortest_edge": S}, [H, W] or one int)')
+    if isinstance(d, Mapping):
+        if "height" in d:
+            d = d["height"] if d["height"] == d["width"] else None
+        else:
+            d = d["shortest_edge"] if set(d) == {"shortest_edge"} else None
+    return d if d is not None and d > 0 else None  # not -32 px
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def preprocess_from_hf(pp: Mapping[str, Any]) -> dict[str, Any] | None:
     """Hugging Face ``preprocessor_config.json`` (``BeitImageProcessor``) -> a :class:`Preprocess` dict, or None
     when it describes no square input our eval transforms make (no resize, no rescale to [0, 1] by 1 / 255, a
     crop-less short-side resize) or holds a value no processor takes (a size below 1 px, a std of 0, an unknown
     resample filter).
 
+    A file without ``size`` (or ``size: null``) still gives its mean, std and resample: the dict then has no
+    ``img_size`` (the caller puts in the model's) and resizes as beit does without a file (the whole image when
+    ``do_center_crop`` is false, else the center crop of the file's ``crop_pct``, or of beit's default).
+    Raises ValueError naming the field for a ``size`` or ``crop_size`` of no shape an image processor takes
+    (``"224"``, ``224.0``, ``{"w": 224}``).
+
     ``microsoft/beit-base-patch16-224``'s: the whole image to 224x224, bilinear, mean = std = 0.5.
     """
-    def side(v: Any) -> int | None:
-        if isinstance(v, Mapping):
-            if "height" in v or "width" in v:
-                v = v.get("height") if v.get("height") == v.get("width") else None
-            else:
-                v = v.get("shortest_edge")
-        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None  # not -32 px
-
+    size = None if pp.get("size") is None else _hf_side(pp, "size")
+    crop = None if pp.get("crop_size") is None else _hf_side(pp, "crop_size")
     if not pp.get("do_resize", True) or not pp.get("do_rescale", True):
         return None
     scale = pp.get("rescale_factor", 1 / 255)  # ours scales pixels to [0, 1]; 1 / 127.5 is another input
     if not isinstance(scale, (int, float)) or not math.isclose(scale, 1 / 255, rel_tol=1e-4):
         return None
-    size, crop = side(pp.get("size")), side(pp.get("crop_size"))
     if pp.get("resample", 3) not in _PIL_RESAMPLE:  # the processor's default is bicubic; 9 is no filter
         return None
     out: dict[str, Any] = {"interpolation": _PIL_RESAMPLE[pp.get("resample", 3)]}
-    if pp.get("do_center_crop", True):
+    if pp.get("size") is None:  # the side is the model's; the resize beit's own for it
+        if not pp.get("do_center_crop", True):
+            out.update(resize="full")
+        else:
+            pct = pp.get("crop_pct")
+            ok = isinstance(pct, (int, float)) and not isinstance(pct, bool) and 0 < pct <= 1
+            out.update(resize="crop", crop_pct=float(pct) if ok else None)
+    elif pp.get("do_center_crop", True):
         if not size or not crop or crop > size:
             return None
         crop_pct = crop / size
         if eval_resize_size(crop, crop_pct) != size:  # int(crop / crop_pct): 192 / (192 / 225) -> 224
             crop_pct = crop / (size + 0.5)
         out.update(img_size=crop, resize="crop", crop_pct=crop_pct)
-    elif size and isinstance(pp.get("size"), (int, Mapping)) and not (
-            isinstance(pp.get("size"), Mapping) and "shortest_edge" in pp["size"]):
+    elif size and not (isinstance(pp["size"], Mapping) and "shortest_edge" in pp["size"]):
         out.update(img_size=size, resize="full")
     else:
         return None
     if pp.get("do_normalize", True):
         mean, std = pp.get("image_mean", [0.5] * 3), pp.get("image_std", [0.5] * 3)  # the processor's defaults
-        if not all(isinstance(v, list) and len(v) == 3 for v in (mean, std)):
+        if not all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                   for v in (mean, std)):
             return None
         out.update(mean=[float(x) for x in mean], std=[float(x) for x in std])
         if min(out["std"]) <= 0:

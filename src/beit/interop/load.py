@@ -197,15 +197,31 @@ def _read_config_json(cfg_file: Path) -> dict[str, Any]:
 
 def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
     """The eval preprocessing of a Hugging Face ``preprocessor_config.json`` (as :func:`preprocess_from_hf`);
-    None, with a warning, when it is unreadable or describes an input our eval transforms do not make."""
+    None, with a warning, when it is unreadable or describes an input our eval transforms do not make. A file
+    without ``size`` gives no ``img_size`` (the model's is taken), with a warning.
+
+    Raises CheckpointError naming the file and the field for a ``size`` / ``crop_size`` of no shape an image
+    processor takes (transformers refuses such a file too).
+    """
     try:
         meta = json.loads(pp_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.warning("%s: unreadable (%s); ignored", pp_file, e)
+        return None
+    try:
         pre = preprocess_from_hf(meta) if isinstance(meta, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+    except ValueError as e:
+        raise CheckpointError(f"{pp_file}: {e}") from None
+    except TypeError as e:  # e.g. an unhashable resample
         log.warning("%s: unreadable (%s); ignored", pp_file, e)
         return None
     if pre is None:
         log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file)
+    elif "img_size" not in pre:
+        how = ("the whole image (do_center_crop false)" if pre["resize"] == "full" else
+               f"a center crop ({'its crop_pct ' + str(pre['crop_pct']) if pre['crop_pct'] else 'beit default'})")
+        log.warning("%s: no 'size': the model's image size is taken, %s; its mean, std and resample are used",
+                    pp_file, how)
     elif pre["resize"] == "crop" and crop_offsets_differ(eval_resize_size(pre["img_size"], pre["crop_pct"]),
                                                          pre["img_size"]):
         log.warning("%s: its center crop starts a pixel before ours (transformers rounds the margin down): beit's "
@@ -458,7 +474,9 @@ def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **over
     ``strict=True`` turns a lacking tensor, or one with no place in the model, into a CheckpointError.
     The family loads too: transformers ``Beit*`` and ``Data2VecVision*``, DiT (``microsoft/dit-*``), BEiT v2
     (its pre-training-only ``cls_pt_layers`` are dropped with a note). Raises CheckpointError (one line
-    naming the file) when the file cannot be read or the architecture cannot be told; FileNotFoundError.
+    naming the file) when the file cannot be read or the architecture cannot be told, or a Hugging Face
+    ``preprocessor_config.json`` has a ``size`` / ``crop_size`` of no shape an image processor takes (one without
+    ``size`` is read at the model's image size, with a warning); FileNotFoundError.
     """
     sd, hints, name, _ = _read(source)
     src = source_config_of(sd, hints, name, overrides)
@@ -482,7 +500,8 @@ def source_config_of(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any], n
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
     if isinstance(hints.get("preprocess"), dict) and "preprocess" not in src.extra:
-        src = src.replace(extra={**src.extra, "preprocess": dict(hints["preprocess"])})
+        # img_size left out: a preprocessor_config.json without a size, at the model's
+        src = src.replace(extra={**src.extra, "preprocess": {"img_size": src.img_hw[0], **hints["preprocess"]}})
     return src
 
 
