@@ -16,6 +16,9 @@ still need, pace and start-up those of the last call (a resumed call's start-up 
 first call only, half of its start-up), and pins the warm-up to the run's config.yaml so that the engine accepts the
 new length (train.epochs may change on a resume, the warm-up may not). A new length within 2% of the current one is
 not taken (no step in the learning rate for a few epochs).
+
+A bad argument (``1628s``, ``abc``, a negative or non-finite number, a fractional FIRST_EPOCHS, a missing one) exits 2
+with one line naming it and its value.
 """
 
 from __future__ import annotations
@@ -24,11 +27,45 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 MARGIN = 15  # seconds cifar10_call.sh keeps back from training in each call (the stop, the copies)
 # a resumed call's start-up as a share of the first call's: 48 s vs 96 s on 2026-12-07 (H100, RESULTS 2)
 RESUMED_STARTUP = 0.5
 EVAL = re.compile(r"^(\d\d):(\d\d):(\d\d) eval step \d+ ep (\d+):")
+
+
+USAGE = ("usage: cifar10_call_plan.py RUN ARM_SECONDS CALL_SECONDS FIRST_EPOCHS\n"
+         "       cifar10_call_plan.py --record RUN LOG CALL_SECONDS SETUP_SECONDS")
+
+
+def _refuse(line: str) -> NoReturn:
+    print(f"cifar10_call_plan: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def seconds_arg(name: str, value: str, zero: bool = False) -> float:
+    """Argument ``name``'s ``value`` as seconds: a finite number above 0 (or 0 with ``zero``); exits 2 with one line
+    naming the argument and its value otherwise."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero):
+        _refuse(f"{name} is {value!r}: not a number of seconds {'of 0 or more' if zero else 'above 0'}")
+    return x
+
+
+def epochs_arg(name: str, value: str) -> int:
+    """Argument ``name``'s ``value`` as a whole number of epochs above 0; exits 2 with one line naming the argument
+    and its value otherwise."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        _refuse(f"{name} is {value!r}: not a whole number of epochs above 0")
+    return n
 
 
 def read_calls(run: Path) -> list[tuple[float, int, float, float]]:
@@ -73,8 +110,13 @@ def plan(run: Path, arm_seconds: float, call_seconds: float, first_epochs: int) 
 
 
 def record(run: Path, log: Path, call_seconds: float, setup_seconds: float) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as e:  # no log (the sweep refused the arm): the call's seconds count all the same
+        print(f"cifar10_call_plan: {log} unreadable ({e.strerror})", file=sys.stderr)
+        text = ""
     evals = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         m = EVAL.match(line.rsplit("\r", 1)[-1])
         if m:
             h, mi, s, ep = map(int, m.groups())
@@ -93,6 +135,7 @@ def record(run: Path, log: Path, call_seconds: float, setup_seconds: float) -> s
         reached = evals[-1][1]
         startup = call_seconds - (reached - before) * pace  # imports, decode, compile, the unfinished epoch, the stop
     row = f"{call_seconds:.0f}\t{reached}\t{pace:.3f}\t{startup:.0f}"
+    run.mkdir(parents=True, exist_ok=True)  # a call whose run never started
     with open(run / "calls.tsv", "a") as f:
         f.write(row + "\n")
     return (f"[record] call {len(calls) + 1}: {call_seconds:.0f} s (setup {setup_seconds:.0f} s), epoch {before} -> "
@@ -102,7 +145,12 @@ def record(run: Path, log: Path, call_seconds: float, setup_seconds: float) -> s
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    if a and a[0] == "--record":
-        print(record(Path(a[1]), Path(a[2]), float(a[3]), float(a[4])))
+    if a[:1] == ["--record"] and len(a) == 5:
+        print(record(Path(a[1]), Path(a[2]), seconds_arg("CALL_SECONDS", a[3]),
+                     seconds_arg("SETUP_SECONDS", a[4], zero=True)))
+    elif a[:1] != ["--record"] and len(a) == 4:
+        print(plan(Path(a[0]), seconds_arg("ARM_SECONDS", a[1]), seconds_arg("CALL_SECONDS", a[2]),
+                   epochs_arg("FIRST_EPOCHS", a[3])))
     else:
-        print(plan(Path(a[0]), float(a[1]), float(a[2]), int(a[3])))
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)

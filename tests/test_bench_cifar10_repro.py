@@ -6,6 +6,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # stand-in for `python3 -m beit ...`: records its arguments (one a line, a command a block) and writes the files the
@@ -124,3 +126,40 @@ def test_equal_time_plan_counts_a_call_whose_log_has_no_two_evals(tmp_path):
     last = subprocess.run([*plan, str(run), "1500", "590", "275"], capture_output=True, text=True, check=True)
     # 550 s left in one call, with the pace and start-up (90 s) of the last call that measured them: 89 more epochs
     assert last.stdout.split() == ["190", "27.0", "550"]
+
+
+@pytest.mark.parametrize("args,named", [
+    (["1628s", "590", "275"], "ARM_SECONDS is '1628s'"), (["-1628", "590", "275"], "ARM_SECONDS is '-1628'"),
+    (["nan", "590", "275"], "ARM_SECONDS is 'nan'"), (["1628", "abc", "275"], "CALL_SECONDS is 'abc'"),
+    (["1628", "590", "-5"], "FIRST_EPOCHS is '-5'"), (["1628", "590", "2.5"], "FIRST_EPOCHS is '2.5'"),
+    (["--record", "LOG", "59x", "3"], "CALL_SECONDS is '59x'"), (["--record", "LOG", "590", "-3"],
+                                                                  "SETUP_SECONDS is '-3'"),
+])
+def test_equal_time_plan_names_a_bad_argument_in_one_line(tmp_path, args, named):
+    """ARM_SECONDS=1628s (or a seconds-left / epochs argument not a number) ended the plan in a ValueError
+    traceback; a negative one was taken (a negative call length printed for cifar10_call.sh, or -5 epochs)."""
+    import sys
+
+    (tmp_path / "LOG").write_text("")
+    if args[0] == "--record":
+        args = ["--record", str(tmp_path / "run"), str(tmp_path / "LOG"), *args[2:]]
+    else:
+        args = [str(tmp_path / "run"), *args]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cifar10_call_plan.py"), *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and named in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "calls.tsv").exists()
+
+
+def test_equal_time_plan_records_a_call_whose_log_and_run_were_never_written(tmp_path):
+    """A call whose arm never started (the sweep refused it) has no log and no run folder: --record ended in a
+    FileNotFoundError traceback, cifar10_call.sh's `|| true` went on, and the call's seconds were never counted."""
+    import sys
+
+    run = tmp_path / "runs" / "arm"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cifar10_call_plan.py"), "--record", str(run),
+                        str(tmp_path / "log_arm"), "120", "100"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (run / "calls.tsv").read_text() == "120\t0\t0.000\t0\n"
+
