@@ -163,3 +163,24 @@ def test_equal_time_plan_records_a_call_whose_log_and_run_were_never_written(tmp
     assert r.returncode == 0, r.stderr
     assert (run / "calls.tsv").read_text() == "120\t0\t0.000\t0\n"
 
+
+@pytest.mark.parametrize("env,named", [({"SECONDS_LEFT": "590s"}, "SECONDS_LEFT is '590s'"),
+                                       ({"SECONDS_LEFT": "-5"}, "SECONDS_LEFT is '-5'"),
+                                       ({"EPOCHS": "abc"}, "EPOCHS is 'abc'"),
+                                       ({"ARM_SECONDS": "1628s"}, "ARM_SECONDS is '1628s'"),
+                                       ({"ARM_SECONDS": "0"}, "ARM_SECONDS is '0'")])
+def test_a_device_call_refuses_a_bad_number_before_its_setup(tmp_path, env, named):
+    """cifar10_call.sh took SECONDS_LEFT / EPOCHS / ARM_SECONDS unchecked: the wheels installed and CIFAR-10
+    extracted (a device call's minutes), then bash's arithmetic or the plan failed. Now one line, exit 2, nothing run.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$FAKE_LOG"\n')
+    fake.chmod(0o755)
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"), "OUT": str(tmp_path),
+            "SECONDS_LEFT": "590", "EPOCHS": "275"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "cifar10_call.sh"), "arm train.lr=5e-4"], cwd=tmp_path,
+                       env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, r.stderr
+    assert not (tmp_path / "log").exists()  # no pip install, no plan
