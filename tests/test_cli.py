@@ -174,6 +174,25 @@ def test_train_flags_become_overrides_in_any_order(setup, tmp_path, captured):
     assert cli._expand(["pretrain", "visualize", "x.pt"]) == ["pretrain", "visualize", "x.pt"]
 
 
+def test_the_printed_summaries_say_which_accuracy_is_a_fraction(setup, tmp_path, monkeypatch, capsys):
+    """`beit pretrain` printed `train/mim_acc: 0.25` (a fraction) and `beit finetune` `top1: 85.3` (a percent) beside
+    its step's `train/acc: 0.9` (a fraction), the unit said nowhere; metrics.jsonl keeps the keys and values."""
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain",
+                        lambda cfg: {"step": 2, "train/mim_acc": 0.25, "train/masked_frac": 0.4, "train/loss": 2.5})
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "pre"))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["step: 2", "train/mim_acc: 0.25 (fraction, 0-1)", "train/masked_frac: 0.4 (fraction, 0-1)",
+                   "train/loss: 2.5"]
+    monkeypatch.setattr("beit.tasks.classify.train.finetune",
+                        lambda cfg: {"train/acc": 0.9, "eval/top1": 85.0, "eval/ema_top5": 99.0, "best/top1": 86.0,
+                                     "best/step": 40, "top1": 85.0, "class_names": ["a", "b"]})
+    assert main(["finetune", "-c", "finetune_cifar10_small", f"data.train_dir={setup / 'images'}",
+                 f"data.val_dir={setup / 'images'}", "--out", str(tmp_path / "ft")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:6] == ["train/acc: 0.9 (fraction, 0-1)", "eval/top1: 85.0 (percent)", "eval/ema_top5: 99.0 (percent)",
+                       "best/top1: 86.0 (percent)", "best/step: 40", "top1: 85.0 (percent)"]
+
+
 def test_a_flag_and_its_key_together_are_refused(setup, tmp_path, captured, capsys):
     assert main(_pretrain_args(setup, "--out", "a", "train.output_dir=b")) == 1
     assert _err(capsys) == "beit pretrain: error: --out and train.output_dir=... both given: keep one"

@@ -65,6 +65,9 @@ def test_later_seeds_run_quietly_with_full_logs(tmp_path, capsys, lanes) -> None
     assert [len(a["runs"]) for a in summary["top1"].values()] == [2, 2]
     assert "seed 0: pre-trained" in printed and "seed 1: pre-trained" in printed
     assert "the other seeds run quietly" in printed
+    # in percent as the top-1 lines, with the fraction metrics.jsonl and the summary keep (it was 0.269 beside 78.6%)
+    mim = summary["mim_acc"]
+    assert f"masked-token accuracy {100 * mim:.1f}% (mim_acc {mim:.3f})" in printed and 0 <= mim <= 1
     # tokenizer + pre-training + seed 0's pre-trained arm, + its scratch arm in one lane; never seed 1's
     assert printed.count("step 12/12") == (4 if lanes == 1 else 3)
     assert ("a second process fine-tunes the from-scratch arm" in printed) == (lanes == 2)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from .._text import first_few
 from .rundir import atomic_write
 
 __all__ = ["RUN_SEPARATOR", "MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves",
-           "quiet_console", "read_metrics", "setup_logging"]
+           "quiet_console", "read_metrics", "setup_logging", "summary_line"]
 
 _LOGGER_NAME = "beit"
 
@@ -226,6 +226,17 @@ class MetricLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def summary_line(key: str, value: Any, units: Mapping[str, str]) -> str:
+    """``key: value`` for a command's printed summary of a run, with the unit of ``key``'s metric when ``units``
+    (metric name -> unit, the task's) has one: ``train/mim_acc: 0.26 (fraction, 0-1)``, ``top1: 85.3 (percent)``.
+
+    The metric of a key is its last ``/`` part without ``ema_`` (``train/acc``, ``eval/ema_top1``, ``best/top1``:
+    ``acc``, ``top1``, ``top1``). Only the text says the unit: ``metrics.jsonl`` keeps the values as logged.
+    """
+    unit = units.get(key.rsplit("/", 1)[-1].removeprefix("ema_"))
+    return f"{key}: {value}" + (f" ({unit})" if unit else "")
 
 
 def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]]) -> list[str]:

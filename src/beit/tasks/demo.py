@@ -353,7 +353,9 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
     )
     pre = pretrain(pre_cfg)
     mim_acc = pre.get("train/mim_acc", float("nan"))
-    print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {mim_acc:.3f}", flush=True)
+    # in percent as the top-1 below; metrics.jsonl's and the summary's mim_acc is the fraction
+    print(f"[3/4] ({time.perf_counter() - t0:.0f}s) pre-trained: masked-token accuracy {100 * mim_acc:.1f}% "
+          f"(mim_acc {mim_acc:.3f})", flush=True)
 
     pretrained_source = (pre["model_dir"], {})
     # the second lane, done with the from-scratch arm by now or soon, takes the last pre-trained seed

@@ -10,9 +10,12 @@ from pathlib import Path
 
 
 def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
+    from ...engine.logging import summary_line
+    from .train import METRIC_UNITS
+
     for k, v in result.items():
         if k not in skip:
-            print(f"{k}: {v}")
+            print(summary_line(k, v, METRIC_UNITS))  # the step's acc a fraction, top1 / top5 percents
 
 
 def finetune(args: argparse.Namespace) -> int:

@@ -61,6 +61,9 @@ __all__ = ["OUTPUTS", "begin_run", "finetune", "make_step_fn", "scaled_train_con
 #: earlier run, see ``beit.engine.rundir``)
 FINAL_DIRS = {"model": ("model", "eval"), "ema": ("model_ema", "eval_ema")}
 OUTPUTS = tuple(name for pair in FINAL_DIRS.values() for name in pair)
+#: the units of the step's and the eval's metrics, as ``beit finetune`` prints them (``metrics.jsonl`` has the bare
+#: values): the step's ``acc`` a fraction (as pre-training's ``mim_acc``), the eval's top-k percents
+METRIC_UNITS = {"acc": "fraction, 0-1", "top1": "percent", "top5": "percent"}
 
 logger = logging.getLogger(__name__)
 

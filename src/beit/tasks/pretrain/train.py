@@ -35,6 +35,9 @@ __all__ = ["OUTPUTS", "make_step_fn", "pretrain"]
 #: MIM panel of its weights (``--overwrite`` deletes them with the earlier run, see ``beit.engine.rundir``)
 FINAL_DIR, PANEL_FILE = "final", "mim_panel.png"
 OUTPUTS = (FINAL_DIR, PANEL_FILE)
+#: the units of the step's metrics, as ``beit pretrain`` prints them (``metrics.jsonl`` has the bare values):
+#: fractions, where fine-tuning's eval ``top1`` is a percent
+METRIC_UNITS = {"mim_acc": "fraction, 0-1", "masked_frac": "fraction, 0-1"}
 
 
 def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
@@ -74,7 +77,8 @@ def make_step_fn(tokenizer: nn.Module, mask_budget: int | None = None):
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run (or resume) a pre-training; returns the final metrics and where things were written."""
+    """Run (or resume) a pre-training; returns the final metrics (``train/mim_acc`` a fraction, 0-1: see
+    :data:`METRIC_UNITS`) and where things were written."""
     validate(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
     D.init_distributed()
