@@ -349,6 +349,70 @@ def test_under_torchrun_only_rank_0_prints_the_training_summary(command, module,
         assert (printed in out) if printed else out == "", (rank, out)
 
 
+def _as_rank(monkeypatch, rank: int, local_rank: int, world_size: int = 2) -> None:
+    """torchrun's environment for one rank, before the process group exists."""
+    for var, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+        monkeypatch.setenv(var, str(value))
+
+
+class _Stopped(BaseException):
+    """What torchrun does to a rank waiting in ``_report`` once the first rank has failed: stops it (SIGTERM)."""
+
+
+@pytest.mark.parametrize("bad", [["finetune", "-c", "finetune_cifar10_small", "train.lr=-1"],
+                                 ["finetune", "-c", "finetune_cifar10_small", "data.train_dir=/nonexistent"],
+                                 ["finetune", "--bogus"]])
+def test_under_torchrun_an_error_every_rank_meets_is_printed_once(bad, tmp_path, monkeypatch, capsys):
+    """Each rank printed the error of a bad config value (``beit finetune: error: config key 'train.lr': ...``),
+    the same line once per rank: the host's first rank prints it; the others wait, silent, until torchrun stops
+    them (exiting at once, they could have had the first rank stopped before it printed)."""
+    argv = [*bad, "--out", str(tmp_path / "run")] if bad[-1] != "--bogus" else bad
+    code = 2 if bad[-1] == "--bogus" else 1
+    waits: list[int] = []
+
+    def stopped_by_torchrun() -> None:
+        waits.append(1)
+        raise _Stopped
+
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", stopped_by_torchrun)
+    for rank, local_rank, world_size, first in ((1, 1, 2, False), (0, 0, 2, True), (3, 1, 4, False),
+                                                (2, 0, 4, True)):  # ranks 2, 3: a second host
+        _as_rank(monkeypatch, rank, local_rank, world_size)
+        if first:
+            assert main(argv) == code, rank
+            assert "error: " in capsys.readouterr().err
+        else:
+            with pytest.raises(_Stopped):
+                main(argv)
+            assert capsys.readouterr().err == "", rank
+    assert len(waits) == 2
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: None)  # not stopped: the first rank did not fail
+    _as_rank(monkeypatch, 1, 1)
+    assert main(argv) == code
+    assert "error: " in capsys.readouterr().err
+
+
+def test_under_torchrun_an_error_of_one_rank_is_printed_by_that_rank(setup, tmp_path, monkeypatch, capsys):
+    """A rank that fails alone, once the ranks joined their group (its data shard, its GPU), still says why."""
+    import beit.engine.distributed as D
+
+    _as_rank(monkeypatch, 1, 1)
+    monkeypatch.setattr(D, "is_dist", lambda: True)
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    exits: list[int] = []
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", lambda cfg: (_ for _ in ()).throw(ValueError("rank 1 failed")))
+    assert main(_pretrain_args(setup, "--out", str(tmp_path / "run"))) == 1 and exits == [1]
+    assert "beit pretrain: error: rank 1 failed" in capsys.readouterr().err
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain",  # a config value the trainer finds bad: every rank's
+                        lambda cfg: (_ for _ in ()).throw(ConfigError("train.batch_size", "too large")))
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(_Stopped()))
+    with pytest.raises(_Stopped):
+        main(_pretrain_args(setup, "--out", str(tmp_path / "run")))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_under_real_torchrun_every_rank_exits_non_zero():
     """2 gloo ranks: rank 1 fails in a command while rank 0 waits in a barrier; both end non-zero, no hang."""

@@ -25,6 +25,8 @@ A training run stopped by SIGINT (Ctrl-C) or SIGTERM saves the checkpoint of its
 auto`` and the exit code ``128 + signal`` (130, 143); a second Ctrl-C during training stops at once (``...
 stopped at once by a second SIGINT after step N, not saved; the last checkpoint is ...``), Ctrl-C outside
 training ends in ``beit CMD: interrupted`` (130).
+Under torchrun an error that every rank meets alike (a bad config value, a usage error) is printed once, by the
+first rank of each host (:func:`_report`); every rank still ends non-zero.
 """
 
 from __future__ import annotations
@@ -506,6 +508,55 @@ def _rank() -> int:
     return D.rank()
 
 
+def _said_by_another_rank(e: BaseException | None = None) -> bool:
+    """Under torchrun: whether the error ``e`` (None: a usage error, from the command line alone) is one every
+    rank of this host meets alike, which the host's first rank (``LOCAL_RANK`` 0; rank 0 on the first host)
+    prints, so this rank stays silent (:func:`_report`; it ends non-zero all the same). Each rank used to print
+    ``beit finetune: error: config key ...`` of a bad value, the same line once per rank.
+
+    Alike: a usage error, a :class:`~beit.engine.config.ConfigError` (a bad key or value, a missing or unwritable
+    path of the config: every rank has the same command line and, on one host, the same files), or any error met
+    before the ranks joined their process group (every rank makes the same checks of the same inputs then),
+    except running out of GPU memory (each rank its own GPU). An error of one rank alone (its data shard, its GPU,
+    a collective) is printed by that rank. The first rank of each host speaks, not rank 0 alone: another host's
+    files may differ, and its launcher's console is its own."""
+    try:
+        from .engine import distributed as D
+        from .engine.config import ConfigError
+
+        if D.world_size() <= 1 or D.local_rank() == 0:
+            return False
+        before_group = not D.is_dist()
+    except Exception:  # noqa: BLE001 - no torch / a broken group: this rank says it
+        return False
+    return e is None or isinstance(e, ConfigError) or (before_group and type(e).__name__ != "OutOfMemoryError")
+
+
+#: seconds a rank whose error its host's first rank prints waits, silent, for torchrun to stop it (:func:`_report`)
+FIRST_RANK_WAIT_S = 15.0
+
+
+def _report(line: str, e: BaseException | None = None) -> None:
+    """Print the error ``line`` on stderr, once under torchrun. A rank whose error the host's first rank prints
+    (:func:`_said_by_another_rank`) first waits :data:`FIRST_RANK_WAIT_S` seconds, silent: the first rank, failing
+    alike, prints and exits, and torchrun stops this rank in its wait (had it exited at once, torchrun could have
+    stopped the first rank before that printed: no line at all). A rank still running after the wait prints its
+    line: the first rank did not fail alike."""
+    if _said_by_another_rank(e):
+        _wait_for_the_first_rank()
+    print(line, file=sys.stderr)
+
+
+def _wait_for_the_first_rank() -> None:
+    """Sleep :data:`FIRST_RANK_WAIT_S` seconds (a Ctrl-C ends the wait, not the error's report)."""
+    import time
+
+    try:
+        time.sleep(FIRST_RANK_WAIT_S)
+    except KeyboardInterrupt:
+        pass
+
+
 def _exit_now_if_distributed(code: int) -> None:
     """Under torchrun a rank that failed must not wait in a collective or in the process-group teardown:
     exit at once (torchrun then stops the other ranks, so every rank ends non-zero)."""
@@ -545,13 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # options and arguments after the key=value overrides: argparse leaves them over
         unknown = [a for a in extra if a.startswith("-") and not _OVERRIDE.match(a)]
         if unknown or not hasattr(args, "rest"):
-            print(f"{shown}: error: unrecognized arguments: {' '.join(unknown or extra)} (see {shown} --help)",
-                  file=sys.stderr)
+            _report(f"{shown}: error: unrecognized arguments: {' '.join(unknown or extra)} (see {shown} --help)")
             return 2
         args.rest = list(args.rest) + extra
     empty = _empty_output(args)
     if empty:
-        print(f"{shown}: error: {empty} (see {shown} --help)", file=sys.stderr)
+        _report(f"{shown}: error: {empty} (see {shown} --help)")
         return 2
     try:
         _normalize(args, label[5:])
@@ -578,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 _exit_now_if_distributed(1)
             raise
-        print(f"{shown}: error: {line}{_fits_another_command(e, args, label[5:])}", file=sys.stderr)
+        _report(f"{shown}: error: {line}{_fits_another_command(e, args, label[5:])}", e)
         _exit_now_if_distributed(1)
         return 1
 
