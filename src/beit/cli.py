@@ -605,7 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _normalize(args, label[5:])
-        code = int(args._cmd.run(args) or 0)
+        if args._cmd.kind == "train":  # a check after the config's leaves no empty run folder behind
+            from .engine.config import output_dir_removed_on_failure
+
+            with output_dir_removed_on_failure():
+                code = int(args._cmd.run(args) or 0)
+        else:
+            code = int(args._cmd.run(args) or 0)
         _close_distributed()
         return code
     except KeyboardInterrupt as e:

@@ -20,7 +20,9 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +34,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from .precision import PRECISIONS
 
 __all__ = ["ConfigError", "TrainConfig", "check_output_dir", "file_in_the_way", "load_config", "load_run_config",
-           "save_config", "stored_config", "to_dict", "validate_config"]
+           "output_dir_removed_on_failure", "save_config", "stored_config", "to_dict", "validate_config"]
 
 T = TypeVar("T")
 
@@ -241,17 +243,30 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
     return None
 
 
+#: the folders :func:`check_output_dir` made inside :func:`output_dir_removed_on_failure` (None: outside one)
+_MADE: ContextVar[list[Path] | None] = ContextVar("beit_output_dirs_made", default=None)
+
+
 def check_output_dir(path: str | Path) -> Path:
     """Fail now, not after the dataset is built, if ``path`` cannot be used as an output folder.
 
-    Creates the folder (and parents) and writes/removes a probe file in it. Raises :class:`ConfigError`
-    (key ``train.output_dir``) naming the folder and the reason: a file in the way, no permission, read-only
-    or full file system.
+    Creates the folder (and parents) and writes/removes a probe file in it; inside
+    :func:`output_dir_removed_on_failure` the folders it made are removed again if the run then fails before
+    writing into them. Raises :class:`ConfigError` (key ``train.output_dir``) naming the folder and the reason: a
+    file in the way, no permission, read-only or full file system.
     """
     path = Path(path)
     probe = path / f".beit_write_probe_{os.getpid()}"
+    missing: list[Path] = []  # the folders this call makes, the deepest first
+    for part in (path, *path.parents):
+        if os.path.lexists(part):
+            break
+        missing.append(part)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        made = _MADE.get()
+        if made is not None:
+            made.extend(missing)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -263,6 +278,45 @@ def check_output_dir(path: str | Path) -> Path:
         where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(probe)) else ""
         raise ConfigError("train.output_dir", f"cannot write to {path}: {why}{where}") from None
     return path
+
+
+@contextmanager
+def output_dir_removed_on_failure() -> Iterator[None]:
+    """Inside the block, the output folder that :func:`check_output_dir` makes (with the parents it makes for it)
+    is removed again when the block fails before anything was written into it: a check made after the config's
+    (the data, the model, the schedule) or an interrupt during the set-up left an empty run folder behind
+    (``beit finetune data.train_dir=/nonexistent`` left ``--out`` with an empty ``log.txt``).
+
+    Only folders this block made are removed, each only while it is empty or holds nothing but an empty
+    ``log.txt`` (the run's logging: this process's handler on it is closed first; under torchrun the rank that
+    made the folder may not be the one that logs); a folder that existed before, or holds anything else, is kept.
+    The error itself goes on, unchanged.
+    """
+    made: list[Path] = []
+    token = _MADE.set(made)
+    try:
+        yield
+    except BaseException:
+        _remove_unused(made)
+        raise
+    finally:
+        _MADE.reset(token)
+
+
+def _remove_unused(folders: Sequence[Path]) -> None:
+    """Remove each of ``folders`` (the deepest first) while it is empty or holds only an empty ``log.txt``; stop at
+    the first one that holds anything else."""
+    from .logging import close_run_log
+
+    for folder in folders:
+        try:
+            log = folder / "log.txt"
+            if os.listdir(folder) == ["log.txt"] and log.is_file() and log.stat().st_size == 0:
+                close_run_log(log)
+                log.unlink()
+            folder.rmdir()  # only an empty folder: a file written meanwhile keeps it
+        except OSError:  # gone, or not empty: kept, and so are its parents
+            return
 
 
 def _key_of(e: OmegaConfBaseException, fallback: str) -> str:

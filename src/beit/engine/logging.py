@@ -22,8 +22,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .._text import first_few
 from .rundir import atomic_write
 
-__all__ = ["RUN_SEPARATOR", "MetricLogger", "console_through_tqdm", "get_logger", "log_to_file", "plot_curves",
-           "quiet_console", "read_metrics", "setup_logging", "summary_line"]
+__all__ = ["RUN_SEPARATOR", "MetricLogger", "close_run_log", "console_through_tqdm", "get_logger", "log_to_file",
+           "plot_curves", "quiet_console", "read_metrics", "setup_logging", "summary_line"]
 
 _LOGGER_NAME = "beit"
 
@@ -100,6 +100,16 @@ def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
             fh.setFormatter(_formatter())
             logger.addHandler(fh)
     return logger
+
+
+def close_run_log(path: str | Path) -> None:
+    """Detach and close the handler that :func:`setup_logging` opened on ``path`` (a run's ``log.txt``), if any:
+    before the file is removed (:func:`beit.engine.config.output_dir_removed_on_failure`)."""
+    logger = get_logger()
+    target = str(Path(path).resolve())
+    for h in [h for h in logger.handlers if isinstance(h, _RunFileHandler) and h.baseFilename == target]:
+        logger.removeHandler(h)
+        h.close()
 
 
 def log_to_file(logger: logging.Logger, level: int, message: str) -> None:
