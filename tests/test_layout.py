@@ -388,6 +388,30 @@ def test_a_missing_annotation_file_or_image_folder_names_its_key(pages, tmp_path
         build(f"data.train_ann={pages}", f"data.train_images={tmp_path / 'pics'}")
 
 
+def test_layout_train_checks_its_files_before_the_ranks_join(pages, tmp_path, monkeypatch):
+    """A missing annotation file or image folder was found after the process group was made, so under torchrun
+    every rank printed it; it is checked before the group now (the CLI prints an error met there once)."""
+    import importlib
+
+    from beit.engine.config import load_config
+    from beit.tasks.layout import LayoutConfig
+
+    layout_train = importlib.import_module("beit.tasks.layout.train")  # the module (the package exports the function)
+
+    def joined() -> None:
+        raise AssertionError("the ranks joined their group before the files were checked")
+
+    monkeypatch.setattr(layout_train, "init_distributed", joined)
+    for overrides, said in (([f"data.train_ann={tmp_path / 'nope.json'}"], r"^data.train_ann=.*nope.json: no such"),
+                            ([f"data.train_ann={pages}", f"data.val_ann={tmp_path / 'val.json'}"],
+                             r"^data.val_ann=.*val.json: no such file"),
+                            ([f"data.train_ann={pages}", f"data.train_images={tmp_path / 'pics'}"],
+                             r"^data.train_images=.*pics: no such folder")):
+        cfg = load_config(LayoutConfig, None, [*overrides, f"train.output_dir={tmp_path / 'run'}"])
+        with pytest.raises(FileNotFoundError, match=said):
+            layout_train.train(cfg)
+
+
 def test_a_val_file_whose_category_names_differ_from_training_is_refused(tmp_path):
     """Evaluation matches the model's classes to the val file's categories by name: a val file with the training
     file's ids under other names is refused at build time, naming both lists (ids alone were compared)."""

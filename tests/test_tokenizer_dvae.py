@@ -287,6 +287,29 @@ def test_train_tokenizer_checks_its_output_folder_before_reading_the_data(tmp_pa
     assert not read and (out / "metrics.jsonl").is_file()
 
 
+def test_train_tokenizer_refuses_a_missing_image_folder_before_the_ranks_join(tmp_path: Path, monkeypatch) -> None:
+    """A missing ``data_dir`` was found after the process group was made (listing the images), so under torchrun
+    every rank printed ``image folder does not exist``; it is a config error now, raised before the group, which
+    the CLI prints once for all ranks."""
+    from beit.engine import TrainConfig
+    from beit.engine.config import ConfigError
+    from beit.tasks.tokenizer import TokenizerTrainConfig
+    from beit.tasks.tokenizer import train as tok_train
+
+    def joined() -> None:
+        raise AssertionError("the ranks joined their group before data_dir was checked")
+
+    monkeypatch.setattr(tok_train.D, "init_distributed", joined)
+    (tmp_path / "a_file").write_text("x")
+    for data_dir, said in (("nope", "no such folder"), ("a_file", "a file, not a folder of images")):
+        cfg = TokenizerTrainConfig(data_dir=str(tmp_path / data_dir), img_size=16, model=DVAEConfig(downsample=4, **TINY),
+                                   train=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2,
+                                                     num_workers=0))
+        with pytest.raises(ConfigError, match=rf"^config key 'data_dir': '.*{data_dir}': {said}$"):
+            tok_train.train_tokenizer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_tokenizer_repeats_exactly_whatever_the_global_rng(tmp_path: Path, one_thread: None) -> None:
     """The initial weights come from train.seed, not from whatever the process drew before: two runs of one
     config give the same tokenizer (a demo's codebook usage once varied 27-46 of 128 between identical runs)."""

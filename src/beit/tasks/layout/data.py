@@ -62,7 +62,7 @@ from ...engine.config import ConfigError
 from .config import CROP_RESIZE, DIT_MIN_SIZES, LayoutConfig
 
 __all__ = ["CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "build_datasets", "build_val_dataset", "collate",
-           "image_folders", "split_image_ids", "write_synthetic_pages"]
+           "check_paths", "image_folders", "split_image_ids", "write_synthetic_pages"]
 
 log = logging.getLogger("beit")
 
@@ -753,6 +753,23 @@ def image_folders(cfg: LayoutConfig) -> dict[str, str]:
         if ann or images:
             folders[f"data.{split}_images"] = str(_images_of(ann, images) if ann else images)
     return folders
+
+
+def check_paths(cfg: LayoutConfig) -> None:
+    """``data.train_ann``, ``data.val_ann`` when set, and their image folders exist: what ``beit layout train`` checks
+    before the ranks join their process group (under torchrun every rank meets a missing file alike, and the CLI
+    prints one line for all: ``beit.cli._report``); :func:`build_datasets` checks the same again.
+
+    Raises:
+        ConfigError: no ``data.train_ann``.
+        FileNotFoundError: an annotation file or its image folder is missing (naming the config key and the path).
+    """
+    d = cfg.data
+    if not d.train_ann:
+        raise ConfigError("data.train_ann", "required: the COCO annotation file to train on")
+    _check_paths("train", d.train_ann, d.train_images)
+    if d.val_ann:
+        _check_paths("val", d.val_ann, d.val_images)
 
 
 def _check_paths(split: str, ann: str, images: str) -> None:

@@ -23,7 +23,7 @@ from ...engine.logging import setup_logging
 from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, check_schedule, seed_everything
 from .config import LayoutConfig
-from .data import CocoLayoutDataset, build_datasets, collate, image_folders
+from .data import CocoLayoutDataset, build_datasets, check_paths, collate, image_folders
 from .evaluate import evaluate_model, format_table
 from .model import build_detector
 from .predict import draw_detections
@@ -89,6 +89,7 @@ def train(cfg: LayoutConfig) -> dict[str, Any]:
     set_max_image_pixels(cfg.data.max_image_pixels)
     # the page folders the config implies (images/ next to data.train_ann) are inputs too: never overwritten
     inputs = image_folders(cfg)
+    check_paths(cfg)  # before the ranks join: a missing file is every rank's, said once under torchrun
     init_distributed()
     # the run's log from here (as finetune's): what model.init loaded is said in it (the engine sets it up later)
     setup_logging(cfg.train.output_dir, is_main())

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ...data.datasets import set_max_image_pixels, spread_indices
 from ...engine import Trainer, is_main, load_config, seed_everything
 from ...engine import distributed as D
+from ...engine.config import ConfigError
 from ...engine.threads import loader_workers
 from ...engine.trainer import check_run_can_start, worker_init
 from ...tokenizers.dvae import DiscreteVAE
@@ -100,9 +101,17 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
     counter, so a resumed run anneals exactly like an uninterrupted one. The output folder (an earlier run there
     without ``--resume`` / ``--overwrite``, another task's run) and ``--resume`` are checked before the images
     are listed (:func:`beit.engine.trainer.check_run_can_start`).
+
+    Raises:
+        ConfigError: a bad config value, or ``data_dir`` no folder (checked before the ranks join their process
+            group: under torchrun the CLI prints it once).
     """
     cfg.validate()
     set_max_image_pixels(cfg.max_image_pixels)
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():  # before the ranks join: every rank's alike, said once under torchrun (beit.cli._report)
+        raise ConfigError("data_dir", f"{str(root)!r}: " + ("a file, not a folder of images" if root.exists()
+                                                             else "no such folder"))
     D.init_distributed()
     # the output folder and --resume as fit() will judge them, before the image folders are listed
     check_run_can_start(cfg.train, cfg)
