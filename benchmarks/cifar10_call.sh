@@ -20,22 +20,29 @@
 # (copies of ../shared/data/cifar10/*.tar.gz). One arm per call: arms sharing the GPU slow each other (RESULTS 2).
 set -euo pipefail
 start=$SECONDS
-left=${SECONDS_LEFT:?SECONDS_LEFT: the seconds this call may take in all}
-out=${OUT:?OUT: the folder whose files come back}
+left=${SECONDS_LEFT:-}
+out=${OUT:-}
+[ -n "$out" ] || { echo "cifar10_call.sh: OUT is not set: the folder whose files come back" >&2; exit 2; }
 [ $# -ge 1 ] || { echo "usage: SECONDS_LEFT=S EPOCHS=E [ARM_SECONDS=A] cifar10_call.sh 'NAME KEY=VALUE ...'" >&2; exit 2; }
 [ $# -eq 1 ] || { echo "cifar10_call.sh: one arm per call" >&2; exit 2; }
 read -r -a words <<< "$1"
 name=${words[0]:-}
 # the numbers and the name checked before the install and the extraction (a device call's minutes): SECONDS_LEFT=590s
 # failed after them in bash's arithmetic ("value too great for base"), ARM_SECONDS=1628s in a traceback of the plan
-whole() {  # NAME VALUE
-  [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "cifar10_call.sh: $1 is '$2': not a whole number above 0" >&2; exit 2; }
+whole() {  # NAME VALUE: 1 to 999999 (more overflows nothing here, but is no call's seconds or epochs)
+  [[ "$2" =~ ^[1-9][0-9]{0,5}$ ]] || { echo "cifar10_call.sh: $1 is '$2': not a whole number from 1 to 999999" >&2
+                                      exit 2; }
 }
 whole SECONDS_LEFT "$left"
 [ -z "${EPOCHS:-}" ] || whole EPOCHS "$EPOCHS"
-[ -z "${ARM_SECONDS:-}" ] || whole ARM_SECONDS "$ARM_SECONDS"
-[[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "cifar10_call.sh: arm name '$name': letters, digits, . _ - only" >&2
-                                        exit 2; }
+if [ -n "${ARM_SECONDS:-}" ]; then
+  whole ARM_SECONDS "$ARM_SECONDS"
+  [ -n "${EPOCHS:-}" ] || { echo "cifar10_call.sh: ARM_SECONDS needs EPOCHS (the first call's schedule length)" >&2
+                            exit 2; }
+fi
+# not . or .. (the run folder would be runs/sweep itself, or runs/)
+[[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {
+  echo "cifar10_call.sh: arm name '$name': letters, digits, . _ - (a letter or digit first)" >&2; exit 2; }
 run=${RUN:-runs/sweep}/$name
 margin=15  # the SIGTERM checkpoint, the table, the copies (MARGIN in cifar10_call_plan.py)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

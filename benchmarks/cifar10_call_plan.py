@@ -48,7 +48,7 @@ def seconds_arg(name: str, value: str, zero: bool = False) -> float:
     """Argument ``name``'s ``value`` as seconds: a finite number above 0 (or 0 with ``zero``); exits 2 with one line
     naming the argument and its value otherwise."""
     try:
-        x = float(value)
+        x = float(value) if "_" not in value else math.nan  # float() takes 1_628
     except ValueError:
         x = math.nan
     if not math.isfinite(x) or x < 0 or (x == 0 and not zero):
@@ -60,7 +60,7 @@ def epochs_arg(name: str, value: str) -> int:
     """Argument ``name``'s ``value`` as a whole number of epochs above 0; exits 2 with one line naming the argument
     and its value otherwise."""
     try:
-        n = int(value)
+        n = int(value) if "_" not in value else 0  # int() takes 1_000
     except ValueError:
         n = 0
     if n < 1:

@@ -20,7 +20,8 @@ names=()
 for spec in "$@"; do  # every arm checked before any starts
   read -r -a words <<< "$spec"
   name=${words[0]:-}
-  [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "arm name '$name': letters, digits, . _ - only" >&2; exit 2; }
+  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || {  # not . or .. (the run folder would be $run itself, or above)
+    echo "arm name '$name': letters, digits, . _ - (a letter or digit first)" >&2; exit 2; }
   for n in "${names[@]}"; do [ "$n" != "$name" ] || { echo "arm name '$name' given twice" >&2; exit 2; }; done
   names+=("$name")
 done

@@ -132,6 +132,7 @@ def test_equal_time_plan_counts_a_call_whose_log_has_no_two_evals(tmp_path):
     (["1628s", "590", "275"], "ARM_SECONDS is '1628s'"), (["-1628", "590", "275"], "ARM_SECONDS is '-1628'"),
     (["nan", "590", "275"], "ARM_SECONDS is 'nan'"), (["1628", "abc", "275"], "CALL_SECONDS is 'abc'"),
     (["1628", "590", "-5"], "FIRST_EPOCHS is '-5'"), (["1628", "590", "2.5"], "FIRST_EPOCHS is '2.5'"),
+    (["1_628", "590", "275"], "ARM_SECONDS is '1_628'"), (["1628", "590", "2_75"], "FIRST_EPOCHS is '2_75'"),
     (["--record", "LOG", "59x", "3"], "CALL_SECONDS is '59x'"), (["--record", "LOG", "590", "-3"],
                                                                   "SETUP_SECONDS is '-3'"),
 ])
@@ -168,10 +169,18 @@ def test_equal_time_plan_records_a_call_whose_log_and_run_were_never_written(tmp
                                        ({"SECONDS_LEFT": "-5"}, "SECONDS_LEFT is '-5'"),
                                        ({"EPOCHS": "abc"}, "EPOCHS is 'abc'"),
                                        ({"ARM_SECONDS": "1628s"}, "ARM_SECONDS is '1628s'"),
-                                       ({"ARM_SECONDS": "0"}, "ARM_SECONDS is '0'")])
+                                       ({"ARM_SECONDS": "0"}, "ARM_SECONDS is '0'"),
+                                       ({"SECONDS_LEFT": ""}, "SECONDS_LEFT is ''"),
+                                       ({"SECONDS_LEFT": "99999999999999999999"}, "from 1 to 999999"),
+                                       ({"OUT": ""}, "OUT is not set"),
+                                       ({"ARM_SECONDS": "1628", "EPOCHS": ""}, "ARM_SECONDS needs EPOCHS"),
+                                       ({"SPEC": ". train.lr=5e-4"}, "arm name '.'"),
+                                       ({"SPEC": ".. train.lr=5e-4"}, "arm name '..'")])
 def test_a_device_call_refuses_a_bad_number_before_its_setup(tmp_path, env, named):
     """cifar10_call.sh took SECONDS_LEFT / EPOCHS / ARM_SECONDS unchecked: the wheels installed and CIFAR-10
-    extracted (a device call's minutes), then bash's arithmetic or the plan failed. Now one line, exit 2, nothing run.
+    extracted (a device call's minutes), then bash's arithmetic or the plan failed. Now one line, exit 2, nothing run;
+    likewise an unset OUT or SECONDS_LEFT (bash's own message, exit 1), ARM_SECONDS without EPOCHS (refused after the
+    setup), an arm named '.' or '..'.
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -180,7 +189,9 @@ def test_a_device_call_refuses_a_bad_number_before_its_setup(tmp_path, env, name
     fake.chmod(0o755)
     base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"), "OUT": str(tmp_path),
             "SECONDS_LEFT": "590", "EPOCHS": "275"}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "cifar10_call.sh"), "arm train.lr=5e-4"], cwd=tmp_path,
-                       env={**base, **env}, capture_output=True, text=True, timeout=60)
+    env = {**base, **env}
+    spec = env.pop("SPEC", "arm train.lr=5e-4")  # '.' / '..' made the run folder runs/sweep itself, or runs/
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "cifar10_call.sh"), spec], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and named in r.stderr, r.stderr
     assert not (tmp_path / "log").exists()  # no pip install, no plan
