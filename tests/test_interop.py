@@ -514,6 +514,8 @@ def test_a_preprocessor_config_without_a_size_keeps_its_other_fields(tmp_path, c
     assert (pre.img_size, pre.resize, pre.crop_pct, pre.interpolation) == (32, resize, crop_pct, "bilinear")
     assert (pre.mean, pre.std) == ((0.5,) * 3, (0.25,) * 3)
     assert f"{pp_file}: no 'size'" in caplog.text
+    # the model's size is the one it is built at: an img_size override's, not the checkpoint's 32
+    assert beit.load_model(tmp_path / "hf", img_size=48).cfg.eval_preprocess().img_size == 48
 
 
 @pytest.mark.parametrize("field,value", [("size", "224"), ("size", 32.0), ("size", {"h": 32}),

@@ -500,8 +500,13 @@ def source_config_of(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any], n
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
     if isinstance(hints.get("preprocess"), dict) and "preprocess" not in src.extra:
-        # img_size left out: a preprocessor_config.json without a size, at the model's
-        src = src.replace(extra={**src.extra, "preprocess": {"img_size": src.img_hw[0], **hints["preprocess"]}})
+        # img_size left out: a preprocessor_config.json without a size, at the model's (an img_size override's, as
+        # load_model(..., img_size=64) builds it, not the checkpoint's)
+        try:
+            size = (src.replace(img_size=overrides["img_size"]) if "img_size" in overrides else src).img_hw[0]
+        except ValueError:  # a bad img_size: build_from says so
+            size = src.img_hw[0]
+        src = src.replace(extra={**src.extra, "preprocess": {"img_size": size, **hints["preprocess"]}})
     return src
 
 
