@@ -3,10 +3,13 @@
 ``fail``: rank 1 fails inside a command while rank 0 waits in a collective; every rank must end non-zero, promptly.
 ``ok``: the command succeeds; ``cli.main`` must leave the process group before returning (a group left for
 interpreter exit can abort a finished rank).
+``peer``: rank 1 fails inside a command while rank 0 is in a collective (an all-reduce): rank 0's collective fails
+on the gone peer (gloo's "Connection reset by peer"), which rank 0 must say in one line, not a traceback.
 """
 
 import sys
 
+import torch
 import torch.distributed as dist
 
 from beit import cli
@@ -18,6 +21,10 @@ def boom(args) -> int:  # noqa: ANN001
     dist.init_process_group("gloo")
     if MODE == "fail" and dist.get_rank() == 1:
         raise ValueError("rank 1 failed")
+    if MODE == "peer":
+        if dist.get_rank() == 1:
+            raise ValueError("rank 1 failed")
+        dist.all_reduce(torch.ones(1))  # fails once rank 1 is gone
     dist.barrier()  # in "fail" mode: waits for a rank that is gone
     return 0
 

@@ -123,7 +123,8 @@ def test_the_table_is_static_and_imports_nothing_heavy():
                           for a in node.names}
         return names
 
-    light = {"__future__", "argparse", "json", "pathlib", "os", "re", "sys", "collections.abc", "dataclasses"}
+    light = {"__future__", "argparse", "json", "pathlib", "os", "re", "sys", "collections.abc", "dataclasses",
+             "contextlib", "signal", "threading", "typing"}
     for mod in ("tasks/pretrain/cli.py", "tasks/classify/cli.py", "tasks/segmentation/cli.py", "tasks/layout/cli.py",
                 "tasks/tokenizer/cli.py"):
         assert top_imports(SRC / "beit" / mod) <= light, mod
@@ -411,6 +412,119 @@ def test_under_torchrun_an_error_of_one_rank_is_printed_by_that_rank(setup, tmp_
     with pytest.raises(_Stopped):
         main(_pretrain_args(setup, "--out", str(tmp_path / "run")))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("bad, line", [
+    (["finetune", "-c"], "beit finetune: error: argument -c/--config: expected one argument"),
+    (["finetun", "-c", "x"], "beit: error: argument COMMAND: invalid choice: 'finetun' (choose from "),
+])
+def test_under_torchrun_argparse_usage_errors_are_printed_once(bad, line, monkeypatch, capsys):
+    """A usage error argparse finds itself (a missing option argument, a mistyped command) was printed by each
+    rank, usage and error line twice: the host's first rank prints it, the others wait silent until torchrun stops
+    them. One process prints argparse's usage and error line, as before."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(AssertionError("waited")))
+    with pytest.raises(SystemExit) as exited:
+        main(bad)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: beit") and err.endswith("\n") and err.splitlines()[-1].startswith(line), err
+    assert all(ln.startswith(" ") for ln in err.splitlines()[1:-1]), err  # the usage, then the error line
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(_Stopped()))
+    _as_rank(monkeypatch, 1, 1)
+    with pytest.raises(_Stopped):
+        main(bad)
+    assert capsys.readouterr().err == ""
+    _as_rank(monkeypatch, 0, 0)
+    with pytest.raises(SystemExit):
+        main(bad)
+    assert capsys.readouterr().err == err
+
+
+def test_under_torchrun_no_image_that_decodes_is_printed_once(tmp_path, monkeypatch, capsys):
+    """``beit pretrain`` joins the process group before it reads its images: a folder none of whose images
+    decodes was ``error: none of the 1 images under ... could be decoded`` from each rank. Every rank reads the
+    same folder: the host's first rank says it (a rank the wait does not end still says it, after the wait)."""
+    import beit.engine.distributed as D
+    from beit.data.datasets import NoReadableImagesError, decode_image_folder
+
+    (tmp_path / "onlybad").mkdir()
+    (tmp_path / "onlybad" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(NoReadableImagesError, match="none of the 1 images under .* could be decoded"):
+        decode_image_folder(tmp_path / "onlybad", labeled=False, progress=False)
+    _as_rank(monkeypatch, 1, 1)
+    monkeypatch.setattr(D, "is_dist", lambda: True)  # after the group was made
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: None)
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(_Stopped()))
+    monkeypatch.setattr("beit.tasks.classify.train.finetune",
+                        lambda cfg: decode_image_folder(tmp_path / "onlybad", labeled=False, progress=False))
+    argv = ["finetune", "-c", "finetune_cifar10_small", "--out", str(tmp_path / "run")]
+    with pytest.raises(_Stopped):
+        main(argv)
+    assert "error:" not in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: None)  # not stopped: it says it itself
+    assert main(argv) == 1
+    assert "beit finetune: error: none of the 1 images under " in capsys.readouterr().err
+
+
+def test_under_torchrun_a_collective_failed_by_a_gone_rank_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    """Rank 1 fails alone after the group was made; rank 0's collective then fails on the gone peer, and rank 0
+    printed gloo's traceback (``RuntimeError: [.../pair.cc:561] Connection closed by peer ...``) below rank 1's
+    line. Now one line that says so; any other error of the rank (not the peer's) keeps its traceback."""
+    import torch.distributed as dist
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli, "_distributed", lambda: True)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    raised: list[BaseException] = []
+    monkeypatch.setattr("beit.tasks.pretrain.train.pretrain", lambda cfg: (_ for _ in ()).throw(raised[0]))
+    args = _pretrain_args(setup, "--out", str(tmp_path / "run"))
+    head = "beit pretrain: error: another rank stopped (its error is printed above): "
+    for error, first in (
+        (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                      "peer [127.0.0.1]:24467. This is typically caused by a remote worker crashing. Check the logs "
+                      "of the remote worker before reporting an error. GLHF!"),
+         "Connection closed by peer [127.0.0.1]:24467."),
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:30626: Connection "
+                      "reset by peer. This is typically caused by a remote worker hanging"),
+         "Read error [127.0.0.1]:30626: Connection reset by peer."),
+        (dist.DistBackendError("NCCL communicator was aborted: remote process exited or there was a network error\n"
+                               "Exception raised from ..."),
+         "NCCL communicator was aborted: remote process exited or there was a network error"),
+    ):
+        raised[:] = [error]
+        assert main(args) == 1 and exits[-1] == 1
+        assert _err(capsys) == head + first
+    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"),  # this rank's own
+                  RuntimeError("Connection reset by peer")):  # not a collective's: this rank's own too
+        raised[:] = [error]
+        with pytest.raises(RuntimeError):
+            main(args)
+        assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_distributed", lambda: False)  # one process: no other rank to blame
+    raised[:] = [RuntimeError("[pair.cc:561] gloo: Connection closed by peer")]
+    with pytest.raises(RuntimeError):
+        main(args)
+
+
+@pytest.mark.slow
+def test_under_real_torchrun_a_rank_whose_peer_is_gone_says_so_in_one_line():
+    """2 gloo ranks: rank 1 fails while rank 0 is in an all-reduce; rank 0's error is one line, no gloo traceback
+    (``--monitor-interval``: torchrun stops rank 0 after that, long after gloo failed its collective)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--monitor-interval", "10", str(Path(__file__).parent / "_cli_dist_script.py"), "peer"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "beit boom: error: rank 1 failed" in out, out[-3000:]
+    assert "beit boom: error: another rank stopped (its error is printed above): Connection " in out, out[-3000:]
+    assert "pair.cc" not in out and "RuntimeError" not in out, out[-3000:]
 
 
 @pytest.mark.slow
@@ -798,6 +912,48 @@ def test_an_interrupted_run_ends_in_one_line_with_step_checkpoint_and_resume_com
     assert main(args) == 130
     assert _err(capsys) == ("beit pretrain: stopped at once by a second SIGINT after step 3, not saved; no "
                             "checkpoint written yet")
+
+
+_SIGTERM_IN_SETUP = """
+import json, os, signal, sys, time
+from pathlib import Path
+
+from beit.cli import main
+from beit.engine.config import check_output_dir
+
+
+def setting_up(cfg):  # the run folder made, then SIGTERM (timeout, scancel) before the trainer's own handler
+    check_output_dir(Path(cfg.train.output_dir))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+
+import beit.tasks.pretrain.train
+beit.tasks.pretrain.train.pretrain = setting_up
+code = main(json.loads(sys.argv[1]))
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the default action is back after main"
+sys.exit(code)
+"""
+
+
+def test_sigterm_while_setting_up_ends_as_ctrl_c_does_and_removes_the_new_folder(setup, tmp_path):
+    """SIGTERM before the trainer set its handler (``timeout --preserve-status 3.4 beit finetune ...``) killed the
+    process silently, leaving an empty run folder; a Ctrl-C there printed a line and removed it. Now SIGTERM does
+    as Ctrl-C: the line, naming the signal; the new folder removed; exit 143 (128 + SIGTERM)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "x" / "run"
+    args = _pretrain_args(setup, "--out", str(out))
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN_SETUP, json.dumps(args)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "beit pretrain: interrupted by SIGTERM outside the training loop (while setting up, or after training while "
+        f"writing its results); if checkpoints were written, beit pretrain {' '.join(args[1:])} --resume auto "
+        "continues the run"), proc.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
 
 
 def test_resuming_another_tasks_checkpoint_is_one_line_before_any_config_diff(setup, tmp_path, capsys):

@@ -24,20 +24,27 @@ A training run stopped by SIGINT (Ctrl-C) or SIGTERM saves the checkpoint of its
 ``beit CMD: interrupted by SIGTERM after step N; checkpoint of that step: PATH; resume with: beit ... --resume
 auto`` and the exit code ``128 + signal`` (130, 143); a second Ctrl-C during training stops at once (``...
 stopped at once by a second SIGINT after step N, not saved; the last checkpoint is ...``), Ctrl-C outside
-training ends in ``beit CMD: interrupted`` (130).
-Under torchrun an error that every rank meets alike (a bad config value, a usage error) is printed once, by the
-first rank of each host (:func:`_report`); every rank still ends non-zero.
+training ends in ``beit CMD: interrupted`` (130), SIGTERM outside a training command's loop (while it sets up) in
+``beit CMD: interrupted by SIGTERM outside the training loop ...`` (143), the new run folder removed as for Ctrl-C.
+Under torchrun an error that every rank meets alike (a bad config value, a usage error, argparse's included, no
+image that decodes) is printed once, by the first rank of each host (:func:`_report`); every rank still ends
+non-zero. A rank whose collective failed because another rank's process is gone says so in one line
+(:func:`_peer_gone`), the other rank's error above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from .tasks.classify import cli as cli_classify
 from .tasks.layout import cli as cli_layout
@@ -265,11 +272,22 @@ def _empty_output(args: argparse.Namespace) -> str | None:
     return f"{flag} is empty{blanks}: give the path to write to, or omit {flag} for its default"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its own usage errors (a missing option argument, an unknown command or choice) said
+    through :func:`_report`: under torchrun once per host, as the CLI's other usage errors (each rank printed the
+    usage and ``beit finetune: error: argument -c/--config: expected one argument``). The text (usage, then the
+    error line) and the exit (``SystemExit(2)``) are argparse's. Sub-parsers are of this class too (argparse makes
+    them of their parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        _report(f"{self.format_usage()}{self.prog}: error: {message}")
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of :data:`TASKS`, :data:`SHORT` and :data:`TOOLS`."""
-    parser = argparse.ArgumentParser(prog="beit", description="BEiT: pre-train and fine-tune image transformers",
-                                     epilog="short forms: " + ", ".join(f"{s} = {t} {a}" for s, (t, a)
-                                                                        in SHORT.items()))
+    parser = _Parser(prog="beit", description="BEiT: pre-train and fine-tune image transformers",
+                     epilog="short forms: " + ", ".join(f"{s} = {t} {a}" for s, (t, a) in SHORT.items()))
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or BEIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for task, actions in TASKS.items():
@@ -475,6 +493,47 @@ def _resume_command(argv: Sequence[str]) -> str:
     return f"torchrun ... -m {line}" if _distributed() else line
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (:func:`_sigterm_interrupts`): handled as a Ctrl-C there is, with
+    ``exit_code`` ``128 + signal`` (143) and ``signal_name``, as :class:`beit.engine.trainer.TrainingInterrupted`
+    has."""
+
+    def __init__(self, signum: int):
+        self.signum, self.exit_code = int(signum), 128 + int(signum)
+        self.signal_name = signal.Signals(self.signum).name
+        super().__init__(self.signal_name)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`_Terminated` (a ``KeyboardInterrupt``), as SIGINT raises its
+    own: a training command stopped by ``timeout`` or ``scancel`` while it sets up (before the trainer's own
+    handler, :data:`beit.engine.trainer.STOP_SIGNALS`) or writes its results (after) died silently, leaving an empty
+    run folder; now it says so, ``interrupted by SIGTERM outside the training loop``, removes the folder it made
+    (:func:`beit.engine.config.output_dir_removed_on_failure`) and exits 143. The trainer replaces this handler
+    during training and restores it after. Only in the main thread, and only over the default action (a handler
+    someone else set, or ``SIG_IGN``, is kept); the default is back after the block, so that torchrun stops a rank
+    waiting in :func:`_report` at once. A forked process that the signal reaches before it set its own handler
+    dies of it, as it would have."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], trains: bool = False) -> str:
     """The last line of an interrupted command: the trainer's account (step, checkpoint) and the command that
     resumes it, or ``interrupted`` for a Ctrl-C outside training (for a training command, ``trains``: with the
@@ -482,11 +541,12 @@ def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], tra
     command without ``--resume`` (not ``trains``) is not told to resume."""
     summary = getattr(e, "summary", None)
     if not summary:
+        by = f" by {e.signal_name}" if getattr(e, "signal_name", None) else ""  # SIGTERM (a Ctrl-C: none named)
         if trains:
-            return (f"{label}: interrupted outside the training loop (while setting up, or after training while "
+            return (f"{label}: interrupted{by} outside the training loop (while setting up, or after training while "
                     f"writing its results); if checkpoints were written, {_resume_command(argv)} continues the run, "
                     "or only writes what is missing when training had finished")
-        return f"{label}: interrupted"
+        return f"{label}: interrupted{by}"
     # only a command with --resume is told to resume (``beit demo``, say, has none: run again, it starts over)
     resume = f"; resume with: {_resume_command(argv)}" if trains and getattr(e, "checkpoint", None) is not None else ""
     return f"{label}: {summary}{resume}"
@@ -514,12 +574,15 @@ def _said_by_another_rank(e: BaseException | None = None) -> bool:
     prints, so this rank stays silent (:func:`_report`; it ends non-zero all the same). Each rank used to print
     ``beit finetune: error: config key ...`` of a bad value, the same line once per rank.
 
-    Alike: a usage error, a :class:`~beit.engine.config.ConfigError` (a bad key or value, a missing or unwritable
-    path of the config: every rank has the same command line and, on one host, the same files), or any error met
-    before the ranks joined their process group (every rank makes the same checks of the same inputs then),
-    except running out of GPU memory (each rank its own GPU). An error of one rank alone (its data shard, its GPU,
-    a collective) is printed by that rank. The first rank of each host speaks, not rank 0 alone: another host's
-    files may differ, and its launcher's console is its own."""
+    Alike: a usage error (argparse's own included, :class:`_Parser`), a :class:`~beit.engine.config.ConfigError`
+    (a bad key or value, a missing or unwritable path of the config: every rank has the same command line and, on
+    one host, the same files), a :class:`~beit.data.datasets.NoReadableImagesError` (none of the images decodes:
+    every rank reads the same folder, after the group was made by ``beit pretrain``), or any error met before the
+    ranks joined their process group (every rank makes the same checks of the same inputs then), except running
+    out of GPU memory (each rank its own GPU). An error of one rank alone (its data shard, its GPU, a collective)
+    is printed by that rank; so is one taken for alike that the first rank did not meet (it is printed after the
+    wait). The first rank of each host speaks, not rank 0 alone: another host's files may differ, and its
+    launcher's console is its own."""
     try:
         from .engine import distributed as D
         from .engine.config import ConfigError
@@ -527,9 +590,39 @@ def _said_by_another_rank(e: BaseException | None = None) -> bool:
         if D.world_size() <= 1 or D.local_rank() == 0:
             return False
         before_group = not D.is_dist()
+        if e is None or isinstance(e, ConfigError):
+            return True
+        from .data.datasets import NoReadableImagesError
     except Exception:  # noqa: BLE001 - no torch / a broken group: this rank says it
         return False
-    return e is None or isinstance(e, ConfigError) or (before_group and type(e).__name__ != "OutOfMemoryError")
+    return isinstance(e, NoReadableImagesError) or (before_group and type(e).__name__ != "OutOfMemoryError")
+
+
+#: what gloo, NCCL and torch's rendezvous store say when another rank's process is gone (see :func:`_peer_gone`)
+_PEER_GONE = re.compile(r"connection (?:was )?(?:reset|closed) by peer|broken pipe|remote process exited", re.I)
+
+
+def _peer_gone(e: BaseException) -> str | None:
+    """Under torchrun: the first line of ``e`` (its ``[file.cc:N]`` prefix and gloo's advice left out) when ``e``
+    is a collective's failure because another rank's process is gone (it failed, and printed its error, or was
+    stopped), else None. Such a rank printed a ~15-line gloo traceback (``RuntimeError: [.../pair.cc:545] Read
+    error ...: Connection reset by peer``) below the other rank's one-line error. Only a distributed error
+    (``torch.distributed.DistError``, or a ``RuntimeError`` naming gloo / NCCL) that says so: any other error of
+    the rank is its own, and is reported as one."""
+    if not isinstance(e, RuntimeError) or not _distributed():
+        return None
+    text = str(e)
+    try:
+        import torch.distributed as dist
+
+        dist_error = isinstance(e, getattr(dist, "DistError", ()))
+    except ImportError:  # pragma: no cover - _distributed() needs torch
+        dist_error = False
+    if not (dist_error or re.search(r"gloo|nccl", text, re.I)) or not _PEER_GONE.search(text):
+        return None
+    first = (text.strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # the C++ source's place
+    return first.split(" This is typically caused by", 1)[0].strip()
 
 
 #: seconds a rank whose error its host's first rank prints waits, silent, for torchrun to stop it (:func:`_report`)
@@ -608,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args._cmd.kind == "train":  # a check after the config's leaves no empty run folder behind
             from .engine.config import output_dir_removed_on_failure
 
-            with output_dir_removed_on_failure():
+            with output_dir_removed_on_failure(), _sigterm_interrupts():
                 code = int(args._cmd.run(args) or 0)
         else:
             code = int(args._cmd.run(args) or 0)
@@ -626,6 +719,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         return 0
     except Exception as e:
+        gone = None if debug else _peer_gone(e)
+        if gone is not None:  # the error is another rank's, printed by it: one line here, no traceback
+            print(f"{shown}: error: another rank stopped (its error is printed above): {gone}", file=sys.stderr)
+            _exit_now_if_distributed(1)
+            return 1
         line = _error_line(e)
         if debug or line is None:  # --debug, or a bug: the traceback
             if _distributed():

@@ -1630,9 +1630,10 @@ def decode_image_folder(
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` does not exist / is a file.
-        ValueError: no images under ``root``, none of them could be decoded, or (labeled) the class
-            sub-folders are missing or do not match ``class_names`` (as :class:`LabeledImageFolder`).
-        NoReadableImagesError (a ValueError): ``every_class`` and some class has no image that decodes, naming it.
+        ValueError: no images under ``root``, or (labeled) the class sub-folders are missing or do not match
+            ``class_names`` (as :class:`LabeledImageFolder`).
+        NoReadableImagesError (a ValueError): none of the images could be decoded; or ``every_class`` and some
+            class has no image that decodes, naming it.
         MemoryBudgetError (a ValueError): the decoded images would not fit in memory (:func:`check_memory_budget`).
     """
     if labeled is None:
@@ -1669,7 +1670,7 @@ def decode_image_folder(
         arrays = list(results)
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
-        raise ValueError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
+        raise NoReadableImagesError(f"none of the {len(ds)} images under {str(root)!r} could be decoded")
     dropped = [ds.samples[i][0] for i, a in enumerate(arrays) if a is None]
     if labeled:
         unreadable = classes_left_empty(ds.samples, keep, names, ds._bad)
