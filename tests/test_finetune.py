@@ -338,6 +338,19 @@ def test_unreadable_images_are_skipped(squares, tmp_path):
     assert report["num_images"] == 32  # the junk val file is left out, not replaced by a neighbour
 
 
+def test_a_folder_with_no_readable_image_is_the_no_readable_images_error(tmp_path):
+    """readable_subset raised a plain ValueError: under torchrun every rank printed it (the CLI prints a
+    NoReadableImagesError once, every rank reading the same folder)."""
+    from beit.data.datasets import LabeledImageFolder, NoReadableImagesError
+    from beit.tasks.classify import readable_subset
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "x.png").write_bytes(b"not an image")
+    with pytest.raises(NoReadableImagesError, match=r"^none of the 2 images under .* could be decoded$"):
+        readable_subset(LabeledImageFolder(tmp_path), num_threads=1)
+
+
 def test_in_memory_cifar_config_runs(squares, tmp_path):
     cfg = load_config(FinetuneConfig, CONFIGS / "finetune_cifar10_small.yaml", [
         *TINY_OVERRIDES, f"data.train_dir={squares / 'train'}", f"data.val_dir={squares / 'val'}",

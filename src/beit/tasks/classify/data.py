@@ -20,6 +20,7 @@ from ...data.datasets import (
     IMG_EXTENSIONS,
     LabeledImageFolder,
     MemoryBudgetError,
+    NoReadableImagesError,
     TensorImageDataset,
     class_folders,
     classes_left_empty,
@@ -75,12 +76,13 @@ def readable_subset(ds: Any, num_threads: int, training: bool = True) -> tuple[D
     (``training``: a training run's validation set, else an evaluation's; the warning's words).
 
     Raises:
-        ValueError: none of the images decodes.
+        NoReadableImagesError: none of the images decodes (a ``ValueError``; under torchrun every rank's alike, the
+            CLI prints it once).
     """
     bad = set(ds.verify(num_threads=num_threads, outcome="it is left out"))
     keep = [i for i, (p, _) in enumerate(ds.samples) if p not in bad]
     if not keep:
-        raise ValueError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
+        raise NoReadableImagesError(f"none of the {len(ds)} images under {ds.root!r} could be decoded")
     warn_left_out(sorted(bad))
     classes = list(getattr(ds, "classes", []))
     if classes:
