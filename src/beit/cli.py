@@ -515,7 +515,10 @@ def _sigterm_interrupts() -> Iterator[None]:
     someone else set, or ``SIG_IGN``, is kept); the default is back after the block, so that torchrun stops a rank
     waiting in :func:`_report` at once. A forked process that the signal reaches before it set its own handler
     dies of it, as it would have."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    if (threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+            or _torchrun_rank()):
+        # under torchrun SIGTERM is how it stops a rank once another failed: a Python handler runs only when C++
+        # code returns (a rank blocked in init_process_group ignored it until torchrun's SIGKILL, 30 s later)
         yield
         return
     pid = os.getpid()
@@ -532,6 +535,14 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _torchrun_rank() -> bool:
+    """Whether this process is one of several ranks torchrun started (``WORLD_SIZE`` > 1), group made or not."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
 def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], trains: bool = False) -> str:
@@ -598,6 +609,9 @@ def _said_by_another_rank(e: BaseException | None = None) -> bool:
     return isinstance(e, NoReadableImagesError) or (before_group and type(e).__name__ != "OutOfMemoryError")
 
 
+#: a collective's own error text: gloo's C++ source place, NCCL's and the process groups' words (not a path that
+#: happens to hold "nccl", as /data/nccl_runs/x.pt: a checkpoint's write error is the rank's own)
+_COLLECTIVE = re.compile(r"third_party/gloo/|gloo/transport/|\bNCCL (?:error|communicator)|ProcessGroup(?:NCCL|Gloo)")
 #: what gloo, NCCL and torch's rendezvous store say when another rank's process is gone (see :func:`_peer_gone`)
 _PEER_GONE = re.compile(r"connection (?:was )?(?:reset|closed) by peer|broken pipe|remote process exited", re.I)
 
@@ -618,7 +632,7 @@ def _peer_gone(e: BaseException) -> str | None:
         dist_error = isinstance(e, getattr(dist, "DistError", ()))
     except ImportError:  # pragma: no cover - _distributed() needs torch
         dist_error = False
-    if not (dist_error or re.search(r"gloo|nccl", text, re.I)) or not _PEER_GONE.search(text):
+    if not (dist_error or _COLLECTIVE.search(text)) or not _PEER_GONE.search(text):
         return None
     first = (text.strip().splitlines() or [""])[0]
     first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # the C++ source's place
@@ -721,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         gone = None if debug else _peer_gone(e)
         if gone is not None:  # the error is another rank's, printed by it: one line here, no traceback
-            print(f"{shown}: error: another rank stopped (its error is printed above): {gone}", file=sys.stderr)
+            print(f"{shown}: error: another rank stopped (its error, if it printed one, is above): {gone}",
+                  file=sys.stderr)
             _exit_now_if_distributed(1)
             return 1
         line = _error_line(e)
