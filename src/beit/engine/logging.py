@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from .._text import first_few
 from .rundir import atomic_write
 
 __all__ = ["RUN_SEPARATOR", "MetricLogger", "close_run_log", "console_through_tqdm", "get_logger", "log_to_file",
-           "plot_curves", "quiet_console", "read_metrics", "setup_logging", "summary_line"]
+           "plot_curves", "quiet_console", "print_summary", "read_metrics", "setup_logging"]
 
 _LOGGER_NAME = "beit"
 
@@ -238,15 +238,19 @@ class MetricLogger:
             self.tb = None
 
 
-def summary_line(key: str, value: Any, units: Mapping[str, str]) -> str:
-    """``key: value`` for a command's printed summary of a run, with the unit of ``key``'s metric when ``units``
-    (metric name -> unit, the task's) has one: ``train/mim_acc: 0.26 (fraction, 0-1)``, ``top1: 85.3 (percent)``.
+def print_summary(result: Mapping[str, Any], units: Mapping[str, str] | None = None, skip: Sequence[str] = ()
+                  ) -> None:
+    """Print a command's summary of a run, ``key: value`` a line (``skip``'s keys left out), with the unit of the
+    key's metric when ``units`` (metric name -> unit, the task's) has one: ``train/mim_acc: 0.26 (fraction, 0-1)``,
+    ``top1: 85.3 (percent)``.
 
     The metric of a key is its last ``/`` part without ``ema_`` (``train/acc``, ``eval/ema_top1``, ``best/top1``:
     ``acc``, ``top1``, ``top1``). Only the text says the unit: ``metrics.jsonl`` keeps the values as logged.
     """
-    unit = units.get(key.rsplit("/", 1)[-1].removeprefix("ema_"))
-    return f"{key}: {value}" + (f" ({unit})" if unit else "")
+    for key, value in result.items():
+        if key not in skip:
+            unit = (units or {}).get(key.rsplit("/", 1)[-1].removeprefix("ema_"))
+            print(f"{key}: {value}" + (f" ({unit})" if unit else ""))
 
 
 def _panel_names(series: dict[tuple[str, str], tuple[list[float], list[float]]]) -> list[str]:

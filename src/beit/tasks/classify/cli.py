@@ -9,28 +9,20 @@ import os
 from pathlib import Path
 
 
-def _print_result(result: dict, skip: tuple[str, ...] = ()) -> None:
-    from ...engine.logging import summary_line
-    from .train import METRIC_UNITS
-
-    for k, v in result.items():
-        if k not in skip:
-            print(summary_line(k, v, METRIC_UNITS))  # the step's acc a fraction, top1 / top5 percents
-
-
 def finetune(args: argparse.Namespace) -> int:
     """``beit finetune``: :func:`beit.tasks.classify.train.finetune` with the paper's recipe."""
     from ..._text import first_few
     from ...engine import distributed as D
     from ...engine.config import load_run_config
+    from ...engine.logging import print_summary
     from .config import FinetuneConfig
-    from .train import finetune
+    from .train import METRIC_UNITS, finetune
 
     cfg = load_run_config(FinetuneConfig, args.config, args.overrides, ("data.train_dir", "data.val_dir"))
     result = finetune(cfg)
     if D.is_main():  # under torchrun: one summary (each rank's, with its own img/s, was printed)
         names = result.get("class_names", [])
-        _print_result(result, skip=("class_names",))
+        print_summary(result, METRIC_UNITS, skip=("class_names",))  # the step's acc a fraction, top1 / top5 percents
         print(f"classes ({len(names)}): {first_few(names, 20)}")
     return 0
 

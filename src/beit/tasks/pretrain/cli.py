@@ -14,15 +14,14 @@ def train(args: argparse.Namespace) -> int:
     """``beit pretrain``: masked-image-modeling pre-training (:func:`beit.tasks.pretrain.train.pretrain`)."""
     from ...engine import distributed as D
     from ...engine.config import load_run_config
-    from ...engine.logging import summary_line
+    from ...engine.logging import print_summary
     from .config import PretrainConfig
     from .train import METRIC_UNITS, pretrain
 
     cfg = load_run_config(PretrainConfig, args.config, args.overrides, ("data.path",))
     result = pretrain(cfg)
     if D.is_main():  # under torchrun: one summary (each rank's, with its own img/s, was printed)
-        for k, v in result.items():
-            print(summary_line(k, v, METRIC_UNITS))  # mim_acc a fraction, fine-tuning's top1 a percent
+        print_summary(result, METRIC_UNITS)  # mim_acc a fraction, fine-tuning's top1 a percent
     return 0
 
 

@@ -23,14 +23,14 @@ def train(args: argparse.Namespace) -> int:
     """``beit tokenizer train``: a dVAE on a folder of images (normalised ``args`` from :mod:`beit.cli`)."""
     from ...engine import distributed as D
     from ...engine.config import load_run_config
+    from ...engine.logging import print_summary
     from .config import TokenizerTrainConfig
     from .train import train_tokenizer
 
     cfg = load_run_config(TokenizerTrainConfig, args.config, args.overrides, ("data_dir", "val_dir"))
     report = train_tokenizer(cfg)
     if D.is_main():  # under torchrun: one report (each rank's was printed)
-        for k, v in report.items():
-            print(f"{k}: {v}")
+        print_summary(report)
     return 0
 
 
