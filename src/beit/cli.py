@@ -540,8 +540,10 @@ def _sigterm_interrupts() -> Iterator[None]:
 def _torchrun_rank() -> bool:
     """Whether this process is one of several ranks torchrun started (``WORLD_SIZE`` > 1), group made or not."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
+        from .engine import distributed as D
+
+        return D.world_size() > 1
+    except Exception:  # noqa: BLE001 - no torch, a WORLD_SIZE that is no number: act as one process
         return False
 
 
