@@ -442,6 +442,64 @@ def test_under_torchrun_argparse_usage_errors_are_printed_once(bad, line, monkey
     assert capsys.readouterr().err == err
 
 
+@pytest.mark.parametrize("argv", [["finetune", "--help"], ["segment", "train", "-h"], ["--help"]])
+def test_under_torchrun_the_help_is_printed_once_per_host(argv, monkeypatch, capsys):
+    """``beit finetune --help`` under torchrun printed the help once per rank: the host's first rank prints it (on
+    each host), the others print nothing and exit 0 as it does, at once (no wait: an exit 0 has torchrun stop no
+    rank). One process prints it as before."""
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(AssertionError("waited")))
+
+    def help_printed() -> str:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0
+        out = capsys.readouterr()
+        assert out.err == ""
+        return out.out
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    alone = help_printed()
+    assert alone.startswith("usage: beit") and "--debug" in alone, alone
+    for rank, local_rank, world_size, first in ((1, 1, 2, False), (0, 0, 2, True), (3, 1, 4, False),
+                                                (2, 0, 4, True)):  # ranks 2, 3: a second host
+        _as_rank(monkeypatch, rank, local_rank, world_size)
+        assert help_printed() == (alone if first else ""), rank
+
+
+def test_under_torchrun_beit_without_a_command_prints_its_help_once(monkeypatch, capsys):
+    """``beit`` alone prints the help and exits 2, a usage error: under torchrun the host's first rank prints it; the
+    others wait, silent, until torchrun stops them (exiting 2 at once could get the first rank stopped before it
+    printed), as for the other usage errors."""
+    monkeypatch.setattr(cli, "_wait_for_the_first_rank", lambda: (_ for _ in ()).throw(_Stopped()))
+    _as_rank(monkeypatch, 1, 1)
+    with pytest.raises(_Stopped):
+        main([])
+    assert capsys.readouterr().out == ""
+    _as_rank(monkeypatch, 0, 0)
+    assert main([]) == 2
+    assert capsys.readouterr().out.startswith("usage: beit")
+
+
+def test_the_help_of_one_process_imports_no_torch() -> None:
+    """The help says once per host under torchrun without loading torch outside it: ``beit finetune --help`` of
+    one process (no ``LOCAL_RANK``) imports none, as before."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from beit.cli import main\n"
+            "try:\n"
+            "    main(['finetune', '--help'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('torch loaded:', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and out.stdout.startswith("usage: beit finetune"), out.stdout + out.stderr
+    assert out.stdout.strip().endswith("torch loaded: False"), out.stdout + out.stderr
+
+
 def test_under_torchrun_no_image_that_decodes_is_printed_once(tmp_path, monkeypatch, capsys):
     """``beit pretrain`` joins the process group before it reads its images: a folder none of whose images
     decodes was ``error: none of the 1 images under ... could be decoded`` from each rank. Every rank reads the

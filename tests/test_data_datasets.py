@@ -341,6 +341,18 @@ def test_webdataset_split_by_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not seen[0] & seen[1] and seen[0] | seen[1] == everything
 
 
+def test_webdataset_too_few_shards_for_the_readers_is_said_by_rank_0(tmp_path: Path, monkeypatch,
+                                                                     beit_warnings) -> None:
+    """Every rank finds alike that there are fewer shards than readers: each said so; rank 0 says it."""
+    urls = _write_shards(tmp_path, n_shards=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        beit_warnings.clear()
+        assert len(list(WebDatasetShards(urls))) == (3 if rank == "0" else 0)
+        assert any("1 shards for 2 ranks x 1 workers" in r.getMessage() for r in beit_warnings) == warned
+
+
 def test_repeated_dataset_passes_are_epochs_of_the_wrapped_dataset() -> None:
     """Item i of epoch e is item i % n of the wrapped dataset at its epoch e * times + i // n."""
     from torch.utils.data import Dataset

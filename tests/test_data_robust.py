@@ -97,6 +97,30 @@ def test_file_link_loop_and_dangling_link_are_skipped_and_named(tmp_path: Path, 
     assert "skipped 5 unreadable entries" in caplog.text and "gone.png" in caplog.text
 
 
+def test_under_torchrun_unreadable_entries_are_named_by_rank_0(tmp_path: Path, monkeypatch, beit_warnings) -> None:
+    """Every rank scans the same folder: each named the same unreadable entries (a dangling link, a link loop), the
+    same warning once per rank. Rank 0 names them; another rank finds them alike (``unreadable_entries``), quietly."""
+    root = tmp_path / "data"
+    _labeled(root)
+    os.symlink(tmp_path / "missing.png", root / "cat" / "gone.png")
+    os.symlink("loop_b", root / "loop_a")
+    os.symlink("loop_a", root / "loop_b")
+    found = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        beit_warnings.clear()
+        ds = LabeledImageFolder(root)
+        found[rank] = (ds.samples, ds.unreadable_entries, list_images(root), ImageFolderDataset(root).paths)
+        said = [r.getMessage() for r in beit_warnings]
+        if rank == "0":
+            assert said and all("unreadable entries" in m for m in said), said
+            assert any("gone.png" in m for m in said) and any("loop_a" in m for m in said), said
+        else:
+            assert said == [], said
+    assert found["0"] == found["1"] and len(found["0"][1]) == 3
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
 def test_unreadable_folder_is_skipped_and_named(tmp_path: Path) -> None:
     _img(tmp_path / "ok" / "a.png")

@@ -69,6 +69,36 @@ def test_validation_class_without_a_readable_image_is_a_warning_naming_it(tmp_pa
         assert "replacement" not in caplog.text and "it is left out" in caplog.text
 
 
+@pytest.mark.parametrize("mode", ["memory", "verify", "cheap"])
+def test_under_torchrun_the_validation_set_warnings_are_rank_0s(tmp_path: Path, monkeypatch, beit_warnings,
+                                                               mode: str) -> None:
+    """Every rank builds the same validation set: each named its unreadable files, the files left out and the class
+    without a readable image, the same warnings once per rank. Rank 0 names them; another rank keeps quiet and
+    leaves out the same files."""
+    train = _folder(tmp_path / "train", good_cat=True)
+    val = _folder(tmp_path / "val")
+    data = DataConfig(train_dir=str(train), val_dir=str(val), in_memory=mode == "memory",
+                      verify_val=mode == "verify")
+    sizes = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        beit_warnings.clear()
+        ds = build_val(data, None, ["cat", "dog"], 0)
+        assert ds is not None
+        sizes[rank] = len(ds)
+        said = " | ".join(r.getMessage() for r in beit_warnings)
+        if rank == "1":
+            assert said == ""
+            continue
+        assert "1 validation class without a readable image: 'cat'" in said
+        if mode != "cheap":  # each bad file named, and the count left out
+            assert all(f"{name}.jpg" in said for name in ("empty", "text", "trunc")), said
+            assert ("left out 3 unreadable images under" if mode == "memory" else "left out 3 unreadable images:"
+                    ) in said, said
+    assert sizes["0"] == sizes["1"] == (4 if mode != "cheap" else 7)
+
+
 def test_in_memory_val_class_check_is_a_warning_train_an_error(tmp_path: Path, caplog) -> None:
     root = _folder(tmp_path / "d")
     with caplog.at_level(logging.WARNING):

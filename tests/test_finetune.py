@@ -432,15 +432,20 @@ def test_folder_without_class_subfolders_is_refused_before_any_work(squares, tmp
     assert rc == 1 and f"config key 'data.train_dir': '{mixed}' has one class sub-folder ('one')" in err, err
 
 
-def test_loose_images_beside_class_folders_are_named_as_unused(squares, tmp_path, beit_warnings):
+@pytest.mark.parametrize("rank, warned", [("0", True), ("1", False)])
+def test_loose_images_beside_class_folders_are_named_as_unused(squares, tmp_path, beit_warnings, monkeypatch,
+                                                               rank: str, warned: bool):
+    """Named in one warning; under torchrun by rank 0 alone (every rank checks the same folder: each said it)."""
     from beit.tasks.classify.data import check_image_folders
 
     data = tmp_path / "data"
     shutil.copytree(squares / "train", data)
     shutil.copy(squares / "train" / "c1" / "0.png", data / "loose.png")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     check_image_folders(FinetuneConfig().data.__class__(train_dir=str(data)))
     assert any("1 images directly in it (e.g. loose.png) belong to no class sub-folder and are not used"
-               in r.getMessage() for r in beit_warnings)
+               in r.getMessage() for r in beit_warnings) == warned
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])  # gpu: the batched device path (on CPU tensors without CUDA)

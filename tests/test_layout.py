@@ -548,6 +548,22 @@ def test_annotations_of_unknown_image_ids_are_left_out_with_one_warning(tmp_path
         CocoLayoutDataset(ann, tmp_path / "images", image_ids=[1, 2], on_bad="error")
 
 
+def test_under_torchrun_the_build_time_warning_is_rank_0s(tmp_path, beit_warnings, monkeypatch):
+    """Every rank builds the same dataset from the same file: each gave the same build-time warning. Rank 0 gives
+    it; another rank counts the same, quietly."""
+    ann = write_synthetic_pages(tmp_path, num_pages=2, size=(64, 80))
+    data = json.loads(ann.read_text())
+    nxt = max(a["id"] for a in data["annotations"]) + 1
+    data["annotations"].append({"id": nxt, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+    ann.write_text(json.dumps(data))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warned in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        beit_warnings.clear()
+        ds = CocoLayoutDataset(ann, tmp_path / "images")
+        assert ds.report["unknown_image"] == 1 and len(beit_warnings) == warned, rank
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(pages, tmp_path_factory):
     """A layout training checkpoint of an untrained tiny detector (no training: eval / predict read it back)."""

@@ -438,6 +438,34 @@ def test_bad_samples_raise_or_skip(tmp_path: Path) -> None:
     assert ev[2] is None and ev[3] is None and ev[1]["mask"].shape == (30, 40)
 
 
+def test_under_torchrun_the_bad_pairs_every_rank_finds_are_named_by_rank_0(tmp_path: Path, beit_warnings: list,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank lists and verifies the same pairs: each named the same bad ones (an image without a mask, a pair
+    ``data.verify`` finds unreadable) and their count, once per rank. Rank 0 names them; another rank counts them
+    alike, quietly, and still names a bad pair it meets loading its own samples."""
+    root = make_ade(tmp_path / "ade", n=2)
+    Image.new("RGB", (40, 30)).save(root / "images/training/ADE_nomask.jpg")
+    (root / "images/training/ADE_1.jpg").write_bytes(b"not a JPEG")
+    ov = [f"data.root={root}", "data.crop_size=32", "data.img_scale=[40,30]", "data.on_bad_sample=skip"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        beit_warnings.clear()
+        ds = build_datasets(load_config(SegmentConfig, None, [*ov, "data.verify=true"]), ("train",))["train"]
+        assert len(ds) == 1 and {Path(p).name for p, _ in ds.bad_samples} == {"ADE_nomask.jpg", "ADE_1.jpg"}
+        said = " | ".join(r.getMessage() for r in beit_warnings)
+        if rank == "1":
+            assert said == ""
+        else:
+            assert "ADE_nomask.jpg: no mask" in said and "ADE_1.jpg" in said, said
+            assert "train: 2 bad samples skipped, 1 used" in said, said
+    monkeypatch.setenv("RANK", "1")
+    lazy = build_datasets(load_config(SegmentConfig, None, ov), ("train",))["train"]  # not verified
+    beit_warnings.clear()
+    assert lazy[1][0].shape == (3, 32, 32)  # ADE_1 met at load: replaced, and named by this rank
+    assert [r.getMessage() for r in beit_warnings if "ADE_1.jpg" in r.getMessage()], beit_warnings
+
+
 def _ade_with_unreadable_images(tmp_path: Path, n: int, bad: tuple[int, ...]) -> list[tuple[str, str]]:
     root = make_ade(tmp_path / "ade", n=n)
     for i in bad:

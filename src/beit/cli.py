@@ -28,8 +28,8 @@ training ends in ``beit CMD: interrupted`` (130), SIGTERM outside a training com
 ``beit CMD: interrupted by SIGTERM outside the training loop ...`` (143), the new run folder removed as for Ctrl-C.
 Under torchrun an error that every rank meets alike (a bad config value, a usage error, argparse's included, no
 image that decodes) is printed once, by the first rank of each host (:func:`_report`); every rank still ends
-non-zero. A rank whose collective failed because another rank's process is gone says so in one line
-(:func:`_peer_gone`), the other rank's error above it.
+non-zero. So is the help (``beit CMD --help``: :meth:`_Parser.print_help`). A rank whose collective failed because
+another rank's process is gone says so in one line (:func:`_peer_gone`), the other rank's error above it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from .tasks.classify import cli as cli_classify
 from .tasks.layout import cli as cli_layout
@@ -277,11 +277,18 @@ class _Parser(argparse.ArgumentParser):
     through :func:`_report`: under torchrun once per host, as the CLI's other usage errors (each rank printed the
     usage and ``beit finetune: error: argument -c/--config: expected one argument``). The text (usage, then the
     error line) and the exit (``SystemExit(2)``) are argparse's. Sub-parsers are of this class too (argparse makes
-    them of their parent's)."""
+    them of their parent's). Its help is printed once per host too (:meth:`print_help`)."""
 
     def error(self, message: str) -> NoReturn:
         _report(f"{self.format_usage()}{self.prog}: error: {message}")
         self.exit(2)
+
+    def print_help(self, file: IO[str] | None = None) -> None:
+        """argparse's help (``-h`` / ``--help``; ``beit`` without a command), under torchrun printed by the host's
+        first rank alone (:func:`_help_said_by_another_rank`): every rank has the same command line, and each
+        printed the same help. The other ranks print nothing and end as that rank does (0 after ``--help``)."""
+        if not _help_said_by_another_rank():
+            super().print_help(file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,6 +648,13 @@ def _peer_gone(e: BaseException) -> str | None:
     return first.split(" This is typically caused by", 1)[0].strip()
 
 
+def _help_said_by_another_rank() -> bool:
+    """:func:`_said_by_another_rank` of the help (from the command line alone, as a usage error): under torchrun
+    whether this rank leaves the help to its host's first rank. Without ``LOCAL_RANK`` (no torchrun) this process
+    is the host's first, and torch is not imported to say so (``beit --help`` loads none)."""
+    return "LOCAL_RANK" in os.environ and _said_by_another_rank()
+
+
 #: seconds a rank whose error its host's first rank prints waits, silent, for torchrun to stop it (:func:`_report`)
 FIRST_RANK_WAIT_S = 15.0
 
@@ -696,7 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = _expand(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if not getattr(args, "_cmd", None):
+    if not getattr(args, "_cmd", None):  # the help, and the exit of a usage error
+        if _help_said_by_another_rank():  # as _report: exiting 2 at once could get the first rank stopped unprinted
+            _wait_for_the_first_rank()
         parser.print_help()
         return 2
     label = f"beit {args._name if args.command in COMMANDS else args.command + ' ' + args._name}"

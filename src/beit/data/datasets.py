@@ -13,6 +13,10 @@ warning naming the file and counts it (``num_skipped``, ``bad_paths``). With Dat
 counters live in the worker processes; call ``verify()`` in the main process first to find bad files
 up front, so that every worker skips them and the main-process counters are complete.
 
+Under torchrun every rank scans, verifies or decodes the same folders: what they all find alike (unreadable
+entries, files a verify or an in-memory decode meets, classes left without an image) is said once, by the first
+rank (:func:`_first_rank`); a file a rank meets reading its own share of the samples, that rank names.
+
 Augmentation runs inside ``seeded(seed, epoch, index)`` so that each sample is a pure function of
 (seed, epoch, index) whatever the number of workers or ranks. ``__getitem__`` also accepts an
 ``(epoch, index)`` pair, for samplers that carry the epoch into persistent workers (where a
@@ -92,6 +96,17 @@ logger = logging.getLogger(__name__)
 #: progress bars of this module's long passes over a folder (verify, decode into memory); False hides them
 #: (``beit.engine.logging.quiet_console`` does, for drivers that run many trainings in a row)
 SHOW_PROGRESS = True
+
+
+def _first_rank() -> bool:
+    """Whether this process speaks for every rank about what they all find alike in the same folders (a scan's
+    unreadable entries, the bad files of a verify or an in-memory decode, the classes left without an image): the
+    first rank under torchrun (``RANK`` 0), or a process torchrun did not start. The other ranks keep quiet about
+    those (each printed the same warnings); rank 0's console lines are also the run's ``log.txt``
+    (``beit.engine.logging.setup_logging``). What a rank meets reading its own share of the samples, it says itself.
+    (torchrun's ``RANK`` variable: the data room knows no process group.)"""
+    return os.environ.get("RANK", "0") == "0"
+
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
@@ -350,8 +365,8 @@ def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, lis
                               required: bool, training: bool = True) -> None:
     """Say which classes under ``root`` have no readable image (``unreadable``: :func:`unreadable_classes`' form):
     for a training set (``required``) an error, for a validation set one warning (those classes are missing from
-    its metrics; ``training=False``: an evaluation's, which picks no best checkpoint). Nothing happens when
-    ``unreadable`` is empty.
+    its metrics; ``training=False``: an evaluation's, which picks no best checkpoint), by the first rank alone under
+    torchrun (:func:`_first_rank`: every rank checks the same folder). Nothing happens when ``unreadable`` is empty.
 
     Raises:
         NoReadableImagesError: ``required`` and some class has no readable image; names each class, its folder,
@@ -374,6 +389,8 @@ def report_unreadable_classes(root: str | os.PathLike, unreadable: dict[str, lis
             f"{len(unreadable)} training class{'' if len(unreadable) == 1 else 'es'} without a readable image: "
             f"{listed}. A class with no image would train an output that never sees an example: replace the "
             "broken files, or remove the class folder")
+    if not _first_rank():
+        return
     one = len(unreadable) == 1
     if not training:
         logger.warning("%d class%s without a readable image: %s; %s missing from the metrics (top-1 / top-5 are over "
@@ -504,7 +521,9 @@ def list_images(
 
 
 def _warn_skipped_entries(root: str | os.PathLike, skipped: Sequence[tuple[str, str]]) -> None:
-    if skipped:
+    """One warning naming the entries a scan of ``root`` could not read, if any; by the first rank alone under
+    torchrun (:func:`_first_rank`: every rank scans the same folder)."""
+    if skipped and _first_rank():
         logger.warning("skipped %d unreadable entries under %s: %s", len(skipped), root,
                        first_few([f"{p} ({why})" for p, why in skipped], 10, sep="; "))
 
@@ -626,12 +645,16 @@ class _RobustImageFiles(Dataset):
         return self._skips.total(epoch)
 
     def _mark_bad(self, index: int, err: BaseException, stage: str = "decode",
-                  outcome: str = "a replacement sample is used") -> None:
+                  outcome: str = "a replacement sample is used", warn: bool = True) -> None:
         """Remember sample ``index`` as bad (for every worker) and warn once naming it and what happens
-        instead (``outcome``: replaced by the next sample, or, for a folder decoded into memory, left out)."""
+        instead (``outcome``: replaced by the next sample, or, for a folder decoded into memory, left out).
+        ``warn=False``: remember it without the warning (a pass every rank makes over the whole folder, on a rank
+        other than the first: :func:`_first_rank`)."""
         self._bad_mask[index] = True
         if index not in self._bad:
             self._bad[index] = f"{type(err).__name__}: {err}"
+            if not warn:
+                return
             what = "unreadable image" if stage == "decode" else "image the transform cannot handle"
             logger.warning(
                 "skipping %s %s (%s: %s); %s",
@@ -688,8 +711,10 @@ class _RobustImageFiles(Dataset):
         Run it in the main process before building the DataLoader: workers then inherit the list
         and skip those files silently, and ``num_skipped`` / ``bad_paths`` are complete here. ``outcome`` ends
         each bad file's warning: what happens to it (replaced by the next sample; a caller that leaves the bad
-        files out, as a verified val set does, says so).
+        files out, as a verified val set does, says so). Under torchrun every rank verifies the whole set: the
+        warnings come from the first rank alone (:func:`_first_rank`); every rank remembers the bad files.
         """
+        warn = _first_rank()
 
         def check(i: int) -> tuple[int, BaseException | None]:
             try:
@@ -704,7 +729,7 @@ class _RobustImageFiles(Dataset):
                 results = tqdm(results, total=len(self.samples), desc="verify images")
             for i, err in results:
                 if err is not None:
-                    self._mark_bad(i, err, outcome=outcome)
+                    self._mark_bad(i, err, outcome=outcome, warn=warn)
         return self.bad_paths
 
     def _transformed(self, img: Image.Image, epoch: int, index: int) -> Any:
@@ -1281,7 +1306,7 @@ class WebDatasetShards(IterableDataset):
         rank, world_size, worker, num_workers = pytorch_worker_info()
         self.epoch = int(self._shared_epoch[0])  # in a persistent worker, its copy's epoch is that of an earlier pass
         shards = self._shards_for_epoch()
-        if len(shards) < world_size * num_workers and worker == 0:
+        if len(shards) < world_size * num_workers and worker == 0 and rank == 0:  # alike on every rank: said once
             logger.warning(
                 "%d shards for %d ranks x %d workers: some readers get no data",
                 len(shards),
@@ -1341,7 +1366,7 @@ class LoadDrops:
 
     def __init__(self, paths: Sequence[str] = (), *, counted: bool | None = None) -> None:
         self.paths = [str(p) for p in paths]
-        self.counted = os.environ.get("RANK", "0") == "0" if counted is None else bool(counted)
+        self.counted = _first_rank() if counted is None else bool(counted)
         self.first_epoch: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -1621,7 +1646,8 @@ def decode_image_folder(
     and names them. Unreadable images are left out (``dropped``), each named in a warning; hand them to
     :class:`TensorImageDataset` (``dropped=``) so that the engine counts them as skipped files. A class (labeled)
     none of whose images decodes is an error with ``every_class`` (a training set, the default) and one warning
-    without it (a validation set: :func:`report_unreadable_classes`).
+    without it (a validation set: :func:`report_unreadable_classes`). Under torchrun every rank decodes the whole
+    folder: the progress bar and the warnings are the first rank's (:func:`_first_rank`), the error every rank's.
 
     ``max_images`` (0 = all) keeps the first files (in the listing's order) before anything is decoded. Before
     decoding, the decoded size is estimated from the image headers and checked against the memory there is
@@ -1638,9 +1664,8 @@ def decode_image_folder(
     """
     if labeled is None:
         labeled = class_names is not None or bool(find_classes(root))
-    # Under torchrun every rank decodes the same folder: one progress bar and one set of warnings (rank 0's).
-    # (torchrun's RANK variable: the data room knows no process group.)
-    first_rank = os.environ.get("RANK", "0") == "0"
+    # Under torchrun every rank decodes the same folder: one progress bar and one set of warnings (rank 0's)
+    first_rank = _first_rank()
     progress = progress and first_rank
     if labeled:
         ds: _RobustImageFiles = LabeledImageFolder(root, class_names=class_names)
@@ -1657,7 +1682,7 @@ def decode_image_folder(
         try:
             img = decode_image(path)
         except Exception as err:  # noqa: BLE001
-            ds._mark_bad(i, err, outcome="it is left out of the images decoded into memory")
+            ds._mark_bad(i, err, outcome="it is left out of the images decoded into memory", warn=first_rank)
             return None
         if size is not None:
             img = _resize_center_crop(img, size)
@@ -1674,8 +1699,7 @@ def decode_image_folder(
     dropped = [ds.samples[i][0] for i, a in enumerate(arrays) if a is None]
     if labeled:
         unreadable = classes_left_empty(ds.samples, keep, names, ds._bad)
-        if every_class or first_rank:  # one warning (rank 0's); every rank stops on the error
-            report_unreadable_classes(root, unreadable, required=every_class)
+        report_unreadable_classes(root, unreadable, required=every_class)  # every rank stops on the error
     if dropped and first_rank:
         logger.warning("left out %d unreadable images under %s (of %d); they count as skipped files of the first "
                        "epoch", len(dropped), root, len(ds))

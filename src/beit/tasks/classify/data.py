@@ -37,6 +37,7 @@ from ...data.transforms import (
     build_finetune_transform,
     build_full_image_transform,
 )
+from ...engine import distributed as D
 from ...engine.config import ConfigError
 from ...models.config import Preprocess
 from ..device_data import unused_jpeg_decode, wants_device_path
@@ -73,7 +74,8 @@ def readable_subset(ds: Any, num_threads: int, training: bool = True) -> tuple[D
     """Decode every file once and keep the readable ones, so that a broken file is reported and left
     out instead of being replaced by its neighbour (which would count that neighbour twice). A class (of a
     :class:`LabeledImageFolder`) left without any image is named in one warning: it is missing from the metrics
-    (``training``: a training run's validation set, else an evaluation's; the warning's words).
+    (``training``: a training run's validation set, else an evaluation's; the warning's words). Under torchrun
+    every rank decodes the whole set alike: the warnings are rank 0's.
 
     Raises:
         NoReadableImagesError: none of the images decodes (a ``ValueError``; under torchrun every rank's alike, the
@@ -120,8 +122,9 @@ def check_train_classes(root: str, samples: list[tuple[str, int]], classes: list
 
 
 def warn_left_out(bad: list[str]) -> None:
-    """One warning naming the unreadable images left out (the first 10), if any."""
-    if bad:
+    """One warning naming the unreadable images left out (the first 10), if any; under torchrun by rank 0 alone
+    (every rank verified the same set and left out the same files: each said so)."""
+    if bad and D.is_main():
         logger.warning("left out %d unreadable image%s: %s", len(bad), "" if len(bad) == 1 else "s",
                        first_few(bad, 10))
 
@@ -149,6 +152,9 @@ def check_image_folders(data: DataConfig) -> None:
     ImageFolder layout ``<dir>/<class>/<image>``: a folder of images without class sub-folders would otherwise
     make a classifier of 0 classes (in memory) or fail late.
 
+    Images directly in a folder (in no class sub-folder) are named in a warning, under torchrun by rank 0 alone
+    (every rank checks the same folders).
+
     Raises:
         ConfigError: ``data.train_dir`` is empty, a folder does not exist or is a file, or has no class sub-folders
             (naming the key and the folder, and what it holds instead: e.g. "has 8 images but no class sub-folders").
@@ -166,7 +172,7 @@ def check_image_folders(data: DataConfig) -> None:
             raise ConfigError(key, f"{str(root)!r} has one class sub-folder ({names[0]!r}): a classifier needs at "
                                    "least 2 classes, one sub-folder each (<dir>/<class>/<image>)")
         loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
-        if loose:
+        if loose and D.is_main():
             logger.warning("%s=%s: %d images directly in it (e.g. %s) belong to no class sub-folder and are not "
                            "used", key, root, len(loose), sorted(loose)[0])
 

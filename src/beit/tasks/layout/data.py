@@ -59,6 +59,7 @@ from ...data.datasets import (
 )
 from ...data.seeding import seeded
 from ...engine.config import ConfigError
+from ...engine.distributed import is_main
 from .config import CROP_RESIZE, DIT_MIN_SIZES, LayoutConfig
 
 __all__ = ["CocoLayoutDataset", "LayoutDataError", "RepeatedDataset", "build_datasets", "build_val_dataset", "collate",
@@ -242,7 +243,8 @@ class CocoLayoutDataset(Dataset):
         ann_file, image_root: the COCO JSON and the folder its ``file_name`` entries are relative to.
         train: augment (crop, multi-scale resize, flip); otherwise pages keep their size (the model resizes).
         image_ids: a subset of the file's images (e.g. from :func:`split_image_ids`).
-        on_bad: ``"skip"`` (count in ``report``, log once) or ``"error"`` (raise at the first problem: a missing or
+        on_bad: ``"skip"`` (count in ``report``, log once: under torchrun, where every rank builds the same
+            dataset, rank 0 alone) or ``"error"`` (raise at the first problem: a missing or
             unreadable page, a bad image entry or annotation, a malformed box or one wholly off its page; a box
             left thinner than ``min_box_size`` by clipping is dropped either way).
         check_images: open every image header at build time (finds missing / unreadable files and wrong sizes).
@@ -347,7 +349,7 @@ class CocoLayoutDataset(Dataset):
         self._bad_pages: dict[int, str] = {}  # page index -> why it failed to decode at load time, per process
         self._bad_mask = torch.zeros(len(self.images), dtype=torch.bool).share_memory_()  # seen by every worker
         skipped = {k: v for k, v in self.report.items() if k not in ("images", "boxes", "empty_pages")}
-        if skipped:
+        if skipped and is_main():  # every rank builds the same dataset: said once
             first = "; ".join(f"{k}: {m}" for k, m in self._first.items())
             log.warning(f"{self.ann_file}: {self.summary()}" + (f"; first of each: {first}" if first else ""))
 

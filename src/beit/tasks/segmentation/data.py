@@ -44,6 +44,7 @@ from beit.data.datasets import (
     open_image,
 )
 from beit.data.seeding import seeded
+from beit.engine import distributed as D
 from beit.engine.config import ConfigError
 from beit.engine.rundir import CLASS_SOURCES, class_list_key, class_list_source
 
@@ -388,6 +389,9 @@ class SegmentationDataset(Dataset):
             sample (the next good one is returned) and counts it in ``num_skipped`` / ``bad_samples``.
         problems: listing problems (unpaired files) found by :func:`folder_pairs` / :func:`list_pairs`;
             raised or counted according to ``on_bad_sample``.
+
+    Under torchrun every rank lists (and :meth:`verify` checks) the same pairs: the warnings naming the bad ones
+    found so are rank 0's; a bad pair a rank meets loading its own share of the samples, that rank names.
     """
 
     def __init__(self, pairs: Sequence[Pair], num_classes: int, *, transform: Any, train: bool = True,
@@ -407,7 +411,7 @@ class SegmentationDataset(Dataset):
         self._skips = SkipCounter()  # replaced samples, summed over DataLoader workers
         self._reset_bad()
         for p in problems:
-            self._bad(p.split(":")[0], p)
+            self._bad(p.split(":")[0], p, warn=D.is_main())  # every rank lists the same pairs: said once
         if not self.pairs:
             raise BadSampleError("no usable image/mask pairs" + (f" ({len(self.bad_samples)} skipped)"
                                                                   if self.bad_samples else ""))
@@ -422,8 +426,9 @@ class SegmentationDataset(Dataset):
         ``epoch`` only when given."""
         return self._skips.total(epoch)
 
-    def _bad(self, path: str, reason: str) -> None:
-        """A bad pair: raise (``on_bad_sample="error"``), or remember it and warn once.
+    def _bad(self, path: str, reason: str, warn: bool = True) -> None:
+        """A bad pair: raise (``on_bad_sample="error"``), or remember it and warn once (``warn=False``: remember it
+        without the warning, which another rank gives).
 
         Raises:
             BadSampleError: with ``on_bad_sample="error"``: ``reason`` (which names the file) and the config key
@@ -433,7 +438,8 @@ class SegmentationDataset(Dataset):
             raise BadSampleError(f"{reason} (set data.on_bad_sample=skip to leave bad samples out and count them)")
         if (path, reason) not in self.bad_samples:
             self.bad_samples.append((path, reason))
-            logger.warning("skipping bad sample: %s", reason)
+            if warn:
+                logger.warning("skipping bad sample: %s", reason)
 
     def _reset_bad(self) -> None:
         """Forget the pairs found bad while loading (``self.pairs`` was just set)."""
@@ -513,9 +519,10 @@ class SegmentationDataset(Dataset):
         """Check every pair now (decodes all masks); with ``skip`` drop the bad ones. Returns how many were bad.
 
         Call it in the main process before training so that DataLoader workers never meet a bad file and
-        ``num_skipped`` is complete (workers keep their own counters).
+        ``num_skipped`` is complete (workers keep their own counters). Under torchrun every rank checks every pair:
+        the bad ones are named by rank 0 alone.
         """
-        good, n_bad = [], 0
+        good, n_bad, warn = [], 0, D.is_main()
         for i in range(len(self.pairs)):
             try:
                 img_path, mask_path = self.pairs[i]
@@ -530,7 +537,8 @@ class SegmentationDataset(Dataset):
                 good.append(self.pairs[i])
             except Exception as e:  # noqa: BLE001 - a broken file of any kind is a bad pair
                 n_bad += 1
-                self._bad(self.pairs[i][0], str(e) if isinstance(e, BadSampleError) else f"{self.pairs[i][0]}: {e}")
+                self._bad(self.pairs[i][0], str(e) if isinstance(e, BadSampleError) else f"{self.pairs[i][0]}: {e}",
+                          warn=warn)
         if not good:
             raise BadSampleError(f"no usable image/mask pairs ({n_bad} bad)")
         self.pairs = good
@@ -696,7 +704,7 @@ def build_datasets(cfg: SegmentConfig, splits: tuple[str, ...] = ("train", "val"
                                  classes_source=_classes_source(d))
         if d.verify:
             ds.verify()
-        if ds.num_skipped:
+        if ds.num_skipped and D.is_main():  # every rank found the same: said once
             logger.warning("%s: %d bad samples skipped, %d used", split, ds.num_skipped, len(ds))
         out[split] = RepeatedDataset(ds, d.repeat) if split == "train" and d.repeat > 1 else ds
     return out
