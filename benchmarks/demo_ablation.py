@@ -7,7 +7,15 @@ Run from the repository root after `beit demo --out runs/demo` (its digits and t
     python benchmarks/demo_ablation.py finetune --src runs/demo/pretrain/final --pad 0      # pre-trained arm
     python benchmarks/demo_ablation.py pretrain --steps 600 --lr 4e-3 --ft-steps 150        # MIM, then seeds 0-2
 
-Each prints one ``RESULT`` line: the settings and held-out top-1 (%) per seed with their mean.
+As the demo runs (its batched tensor augmentation, one thread a run as each of its two processes has):
+
+    python benchmarks/demo_ablation.py finetune --src runs/demo/pretrain/final --pad 0 --data-device batched \
+        --threads 1 --ft-lr 7e-3 --ld 0.75 --seeds 0 1 2 3 4 5
+    python benchmarks/demo_ablation.py pretrain --steps 600 --lr 3e-3 --seed 1 --pad 0 --data-device batched \
+        --threads 1 --ft-lr 7e-3 --ld 0.75 --seeds 0 1 2 3 4 5      # another pre-training (its seed), then 6 seeds
+
+Each prints one ``RESULT`` line: the settings and held-out top-1 (%) per seed with their mean. Defaults not given
+on the command line are the demo's (``DemoConfig``) of the checkout it runs in.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ def _finetune(src: str, root: Path, out: Path, a: argparse.Namespace, seed: int)
                         warmup_steps=max(1, steps // 10), weight_decay=0.05, layer_decay=a.ld, eval_every=10**9,
                         num_workers=0, log_every=100, overwrite=True, seed=seed)
     data = DataConfig(train_dir=str(root / "train"), val_dir=str(root / "test"), in_memory=True, auto_augment=None,
-                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=a.pad)
+                      reprob=0.0, hflip=0.0, color_jitter=0.0, crop_padding=a.pad, device=a.data_device)
     cfg = FinetuneConfig(model=src, model_overrides=overrides, img_size=DEMO.img_size, drop_path=0.0, mixup=0.0,
                          cutmix=0.0, smoothing=0.1, data=data, train=train)
     return float(finetune(cfg)["top1"])
@@ -87,11 +95,13 @@ def pretrain_then_finetune(a: argparse.Namespace) -> list[float]:
         model=PretrainModelConfig(name="beit_tiny_patch16_224", img_size=DEMO.img_size, patch_size=DEMO.patch_size,
                                   drop_path_rate=0.0, **DEMO.encoder()),
         data=PretrainDataConfig(path=str(root / "train"), scale=(0.5, 1.0), color_jitter=0.0, hflip=0.0,
+                                in_memory=a.data_device == "batched", device=a.data_device,
                                 num_mask_patches=a.mask, min_mask_patches_per_block=DEMO.min_mask_patches_per_block),
         tokenizer=PretrainTokenizerConfig(kind="dvae", path=str(a.demo / "tokenizer" / "dvae.safetensors")),
         train=TrainConfig(output_dir=str(a.out / "pretrain"), max_steps=a.steps, batch_size=64, lr=a.lr,
                           min_lr=1e-5, warmup_steps=max(1, a.steps // 10), weight_decay=0.05, betas=(0.9, 0.98),
-                          clip_grad=3.0, image_every=10**9, seed=0, num_workers=0, log_every=100, overwrite=True)))
+                          clip_grad=3.0, image_every=10**9, seed=a.seed, num_workers=0, log_every=100,
+                          overwrite=True)))
     print(f"masked-token accuracy {pre['train/mim_acc']:.3f}")
     return [_finetune(pre["model_dir"], root, a.out / "finetune", a, s) for s in a.seeds]
 
@@ -111,7 +121,13 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=DEMO.ft_lr)
     p.add_argument("--ld", type=float, default=DEMO.layer_decay, help="layer decay")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEMO.seeds))
+    p.add_argument("--seed", type=int, default=0, help="pretrain: the pre-training's seed (the demo's: 0)")
+    p.add_argument("--data-device", default="auto", choices=("auto", "cpu", "batched"),
+                   help="finetune / pretrain: where images are augmented (the demo's: batched)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (the demo's runs: 1; default: torch's)")
     a = p.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     top1 = {"plain": plain, "finetune": finetune_arm, "pretrain": pretrain_then_finetune}[a.what](a)

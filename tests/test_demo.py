@@ -47,7 +47,7 @@ def test_demo_defaults_are_the_recorded_recipe() -> None:
     c = DemoConfig()
     assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.tok_steps, c.pre_steps, c.ft_steps, c.seeds) == (
         16, 4, 96, 4, 300, 600, 150, (0, 1, 2))
-    assert (c.pre_lr, c.ft_lr, c.layer_decay, c.data_device, c.lanes) == (3e-3, 3e-3, 0.85, "batched", 2)
+    assert (c.pre_lr, c.ft_lr, c.layer_decay, c.data_device, c.lanes) == (3e-3, 7e-3, 0.75, "batched", 2)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
