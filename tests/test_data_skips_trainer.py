@@ -76,3 +76,27 @@ def test_skip_counter_is_exact_per_epoch_past_its_64_epoch_cells() -> None:
     assert [c.total(e) for e in (3, 6, 64, 67, 69)] == [0, 1, 1, 1, 1]  # 3 and 67 share a cell: 67's count only
     assert c.total(5) == 0 and c.total(70) == 0  # forgotten (reused by 69) / not counted yet
     assert c.total() == 71  # all epochs
+
+
+def test_the_epochs_skip_warning_is_rank_0s(tmp_path: Path, one_thread, monkeypatch, beit_warnings) -> None:
+    """The per-epoch count of skipped files is summed over ranks, the same on each: under torchrun every rank
+    printed ``epoch 0: 1 unreadable or untransformable files skipped ...`` (the lines of two ranks even ran into
+    one). Rank 0 says it; another rank (here: torchrun's ``RANK`` of a one-process run) keeps quiet."""
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(data / c / f"{i}.png")
+    (data / "b" / "9_bad.png").write_bytes(b"not a png")
+    said = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        beit_warnings.clear()
+        ds = LabeledImageFolder(data, T.Compose([T.ToTensor(), T.Lambda(lambda x: x.flatten())]))
+        cfg = TrainConfig(output_dir=str(tmp_path / f"run{rank}"), epochs=1, batch_size=1, num_workers=0, lr=1e-3,
+                          min_lr=1e-4, warmup_steps=1, log_every=1, ckpt_every=100)
+        assert Trainer(nn.Linear(48, 2), ds, _step_fn, cfg).fit()["skipped_files"] == 1
+        said[rank] = [r.getMessage() for r in beit_warnings if "files skipped" in r.getMessage()]
+    assert said["0"] == ["epoch 0: 1 unreadable or untransformable files skipped (1 in this run); their names are in "
+                         "the warnings above"]
+    assert said["1"] == []

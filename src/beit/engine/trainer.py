@@ -1151,7 +1151,7 @@ class Trainer:
         """One ``split="data"`` record at the end of each epoch (and of training, ``complete=False`` when that
         ends inside an epoch): ``skipped_files`` in that epoch and ``skipped_files_total`` in this run, over
         all workers and ranks. An epoch cut short counts the files the loader had already read for it, trained
-        on or not (its workers run ahead of the step)."""
+        on or not (its workers run ahead of the step). Its warning is rank 0's: the counts are every rank's alike."""
         counts = self._skip_counts([epoch])
         if counts is None:
             return
@@ -1165,7 +1165,7 @@ class Trainer:
         self._skipped_total = total
         self.metric_logger.log(self.step, {"skipped_files": in_epoch, "skipped_files_total": total},
                                split="data", epoch=epoch)
-        if in_epoch:
+        if in_epoch and self.main:  # summed over ranks, the same on each: said once, by rank 0 (each said it)
             self.log.warning(f"epoch {epoch}: {in_epoch} unreadable or untransformable files skipped "
                              f"({total} in this run); their names are in the warnings above")
 
