@@ -14,8 +14,11 @@ As the demo runs (its batched tensor augmentation, one thread a run as each of i
     python benchmarks/demo_ablation.py pretrain --steps 600 --lr 3e-3 --seed 1 --pad 0 --data-device batched \
         --threads 1 --ft-lr 7e-3 --ld 0.75 --seeds 0 1 2 3 4 5      # another pre-training (its seed), then 6 seeds
 
-Each prints one ``RESULT`` line: the settings and held-out top-1 (%) per seed with their mean. Defaults not given
-on the command line are the demo's (``DemoConfig``) of the checkout it runs in.
+Each prints one ``RESULT`` line: the settings and held-out top-1 (%) per seed with their mean. The fine-tuning
+flags (``--ft-steps``, ``--ft-lr``, ``--ld``, ``--seeds``), ``--img`` and ``--mask`` default to the demo's
+(``DemoConfig``) of the checkout it runs in; the others do not (``--steps`` 200, ``--lr`` 2e-3, ``--pad`` img // 8,
+``--data-device`` auto, torch's threads): pass the demo's, as above. A flag that the chosen arm does not use
+(``--seed`` outside ``pretrain``, ``--data-device`` with ``plain``) is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -106,7 +109,19 @@ def pretrain_then_finetune(a: argparse.Namespace) -> list[float]:
     return [_finetune(pre["model_dir"], root, a.out / "finetune", a, s) for s in a.seeds]
 
 
-def main() -> None:
+def _threads(text: str) -> int:
+    """``--threads``: a whole number >= 1 (torch.set_num_threads refuses the rest with a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a new flag that the chosen arm would ignore is a usage error (exit 2), as bad values are."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("plain", "finetune", "pretrain"))
     p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a `beit demo --out` folder")
@@ -121,11 +136,25 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=DEMO.ft_lr)
     p.add_argument("--ld", type=float, default=DEMO.layer_decay, help="layer decay")
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEMO.seeds))
-    p.add_argument("--seed", type=int, default=0, help="pretrain: the pre-training's seed (the demo's: 0)")
-    p.add_argument("--data-device", default="auto", choices=("auto", "cpu", "batched"),
-                   help="finetune / pretrain: where images are augmented (the demo's: batched)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (the demo's runs: 1; default: torch's)")
-    a = p.parse_args()
+    p.add_argument("--seed", type=int, default=None,
+                   help="pretrain: the pre-training's seed (default and the demo's: 0; fine-tuning's: --seeds)")
+    p.add_argument("--data-device", default=None, choices=("auto", "cpu", "batched"),
+                   help="finetune / pretrain: where images are augmented (default auto; the demo's: batched)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="torch threads (the demo's runs: 1; default: torch's)")
+    a = p.parse_args(argv)
+    if a.seed is not None and a.what != "pretrain":
+        p.error(f"--seed is the pre-training's seed: {a.what} has none (the fine-tuning seeds are --seeds)")
+    if a.data_device is not None and a.what == "plain":
+        p.error("--data-device: plain augments its in-memory tensors itself (finetune / pretrain only)")
+    a.data_device = a.data_device or "auto"
+    if a.what == "pretrain" and a.seed is None:
+        a.seed = 0
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)

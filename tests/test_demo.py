@@ -282,3 +282,62 @@ def test_a_second_demo_replaces_the_first(tmp_path) -> None:
     (out / "finetune_scratch" / "seed7" / "log.txt").write_text("old")
     _clear_previous_demo(out)
     assert not (out / "data").exists() and not (out / "finetune_scratch").exists()
+
+
+def _demo_ablation():
+    """benchmarks/demo_ablation.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py"
+    spec = importlib.util.spec_from_file_location("demo_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["finetune", "--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
+    (["finetune", "--threads", "-2"], "argument --threads: must be a whole number >= 1, got '-2'"),
+    (["pretrain", "--threads", "two"], "argument --threads: must be a whole number >= 1, got 'two'"),
+    (["finetune", "--seed", "1"], "--seed is the pre-training's seed: finetune has none (the fine-tuning seeds are "
+                                  "--seeds)"),
+    (["plain", "--seed", "1"], "--seed is the pre-training's seed: plain has none"),
+    (["plain", "--data-device", "batched"], "--data-device: plain augments its in-memory tensors itself"),
+    (["finetune", "--data-device", "gpu"], "argument --data-device: invalid choice: 'gpu'"),
+])
+def test_demo_ablation_refuses_bad_and_ignored_flags(argv, said, capsys) -> None:
+    """``--threads 0`` (or negative) ended in torch's ``RuntimeError: set_num_threads expects a positive integer``
+    traceback; ``--seed`` outside ``pretrain`` and ``--data-device`` with ``plain`` were silently ignored (and the
+    RESULT line still showed them as settings). Each is a usage error now, before any work."""
+    with pytest.raises(SystemExit) as exited:
+        _demo_ablation().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_demo_ablation_defaults() -> None:
+    """The fine-tuning flags are the demo's; ``pretrain`` without ``--seed`` is the demo's pre-training seed 0;
+    ``--data-device`` is auto unless given; the new flags as the docstring's commands pass them."""
+    m = _demo_ablation()
+    c = m.DemoConfig()
+    a = m.parse_args(["finetune"])
+    assert (a.ft_steps, a.ft_lr, a.ld, a.seeds, a.seed, a.data_device, a.threads) == (
+        c.ft_steps, c.ft_lr, c.layer_decay, list(c.seeds), None, "auto", None)
+    assert m.parse_args(["pretrain"]).seed == 0
+    a = m.parse_args(["pretrain", "--seed", "1", "--data-device", "batched", "--threads", "1"])
+    assert (a.seed, a.data_device, a.threads) == (1, "batched", 1)
+
+
+def test_demo_ablation_threads_0_is_a_usage_error_not_a_traceback(tmp_path) -> None:
+    """The script as run: ``--threads 0`` exits 2 naming the flag (was: exit 1, torch's RuntimeError traceback)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py"
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, str(script), "finetune", "--threads", "0", "--demo", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2, out.stderr
+    assert "argument --threads: must be a whole number >= 1, got '0'" in out.stderr and "Traceback" not in out.stderr
