@@ -96,6 +96,8 @@ def test_under_torchrun_the_validation_set_warnings_are_rank_0s(tmp_path: Path, 
             assert all(f"{name}.jpg" in said for name in ("empty", "text", "trunc")), said
             assert ("left out 3 unreadable images under" if mode == "memory" else "left out 3 unreadable images:"
                     ) in said, said
+            if mode == "memory":  # a validation set's are no skipped files of an epoch (the words said they were)
+                assert "a training set counts them as skipped files" in said and "; they count as" not in said
     assert sizes["0"] == sizes["1"] == (4 if mode != "cheap" else 7)
 
 

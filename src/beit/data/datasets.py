@@ -1701,8 +1701,9 @@ def decode_image_folder(
         unreadable = classes_left_empty(ds.samples, keep, names, ds._bad)
         report_unreadable_classes(root, unreadable, required=every_class)  # every rank stops on the error
     if dropped and first_rank:
-        logger.warning("left out %d unreadable images under %s (of %d); they count as skipped files of the first "
-                       "epoch", len(dropped), root, len(ds))
+        # a validation or held-out set's are not counted anywhere else: the words say when they are
+        logger.warning("left out %d unreadable images under %s (of %d); a training set counts them as skipped files "
+                       "of its first epoch", len(dropped), root, len(ds))
     shapes = Counter(arrays[i].shape for i in keep)
     if len(shapes) > 1:  # the most common size; on a tie the larger one
         shape = max(shapes, key=lambda sh: (shapes[sh], sh[0] * sh[1], sh))
