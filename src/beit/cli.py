@@ -286,9 +286,11 @@ class _Parser(argparse.ArgumentParser):
 
     def print_help(self, file: IO[str] | None = None) -> None:
         """argparse's help (``-h`` / ``--help``; ``beit`` without a command), under torchrun printed by the host's
-        first rank alone (:func:`_help_said_by_another_rank`): every rank has the same command line, and each
-        printed the same help. The other ranks print nothing and end as that rank does (0 after ``--help``)."""
-        if not _help_said_by_another_rank():
+        first rank alone (:func:`_another_rank_of_the_host_speaks`, which imports no torch: an import of it on each
+        rank tripled the time of ``torchrun --nproc_per_node 2 -m beit finetune --help`` on a 2-core machine):
+        every rank has the same command line, and each printed the same help. The other ranks print nothing and
+        end as that rank does (0 after ``--help``)."""
+        if not _another_rank_of_the_host_speaks():
             super().print_help(file)
 
 
@@ -545,14 +547,26 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _torchrun_value(name: str, default: int) -> int:
+    """torchrun's variable ``name`` (``WORLD_SIZE``, ``LOCAL_RANK``) as a number; ``default`` without torchrun or
+    for a value that is no number (this process then acts as one alone). Read from the environment, as
+    :mod:`beit.engine.distributed` reads it before the process group exists (the group is built from it), so that
+    the CLI's own checks import no torch: ``beit --help`` loads none, under torchrun either."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def _torchrun_rank() -> bool:
     """Whether this process is one of several ranks torchrun started (``WORLD_SIZE`` > 1), group made or not."""
-    try:
-        from .engine import distributed as D
+    return _torchrun_value("WORLD_SIZE", 1) > 1
 
-        return D.world_size() > 1
-    except Exception:  # noqa: BLE001 - no torch, a WORLD_SIZE that is no number: act as one process
-        return False
+
+def _another_rank_of_the_host_speaks() -> bool:
+    """Under torchrun: whether this rank is not its host's first (``LOCAL_RANK`` not 0), which says what every rank
+    of the host meets alike (the help, a usage error: :func:`_said_by_another_rank`)."""
+    return _torchrun_rank() and _torchrun_value("LOCAL_RANK", 0) != 0
 
 
 def _interrupted_line(e: KeyboardInterrupt, label: str, argv: Sequence[str], trains: bool = False) -> str:
@@ -604,12 +618,12 @@ def _said_by_another_rank(e: BaseException | None = None) -> bool:
     is printed by that rank; so is one taken for alike that the first rank did not meet (it is printed after the
     wait). The first rank of each host speaks, not rank 0 alone: another host's files may differ, and its
     launcher's console is its own."""
+    if not _another_rank_of_the_host_speaks():
+        return False
     try:
         from .engine import distributed as D
         from .engine.config import ConfigError
 
-        if D.world_size() <= 1 or D.local_rank() == 0:
-            return False
         before_group = not D.is_dist()
         if e is None or isinstance(e, ConfigError):
             return True
@@ -647,18 +661,6 @@ def _peer_gone(e: BaseException) -> str | None:
     first = (text.strip().splitlines() or [""])[0]
     first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # the C++ source's place
     return first.split(" This is typically caused by", 1)[0].strip()
-
-
-def _help_said_by_another_rank() -> bool:
-    """:func:`_said_by_another_rank` of the help (from the command line alone, as a usage error): under torchrun
-    whether this rank leaves the help to its host's first rank. Read from torchrun's environment alone
-    (``WORLD_SIZE`` > 1 and ``LOCAL_RANK`` not 0: no process group exists at this point), so that no rank imports
-    torch to say so: ``beit --help`` loads none, under torchrun either (an import of torch on each rank tripled the
-    time of ``torchrun --nproc_per_node 2 -m beit finetune --help`` on a 2-core machine)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) != 0
-    except ValueError:  # not torchrun's values: this process says it, as _said_by_another_rank does
-        return False
 
 
 #: seconds a rank whose error its host's first rank prints waits, silent, for torchrun to stop it (:func:`_report`)
@@ -717,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "_cmd", None):  # the help, and the exit of a usage error
-        if _help_said_by_another_rank():  # as _report: exiting 2 at once could get the first rank stopped unprinted
+        if _another_rank_of_the_host_speaks():  # as _report: an exit at once could get the first rank stopped unprinted
             _wait_for_the_first_rank()
         parser.print_help()
         return 2

@@ -33,7 +33,9 @@ __all__ = [
 
 # The one source of rank / world size for the package: the process group once it exists, before that
 # the launcher's environment (torchrun's RANK / WORLD_SIZE / LOCAL_RANK, which the group is built from),
-# else a single process. Nothing else reads those variables or asks torch.distributed directly.
+# else a single process. Nothing else asks torch.distributed directly; two places read the variables themselves,
+# where this module cannot be imported: beit.data.datasets._first_rank (a lower room) and beit.cli._torchrun_value
+# (the CLI's checks before a command runs, which import no torch).
 
 
 def is_dist() -> bool:
