@@ -191,3 +191,30 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["signal"]:  # the torchrun script of the test above
     _signal_on_one_rank(Path(sys.argv[2]))
+
+
+def test_ranks_after_the_first_leave_out_the_warnings_every_rank_prints_alike(tmp_path: Path, capsys) -> None:
+    """A warning marked ALIKE_ON_EVERY_RANK (the config, a checkpoint, a folder all ranks read) reaches the console
+    of the first rank only; one about what a rank meets alone reaches every rank's. A real call site keeps its
+    mark (a damaged config.json next to a checkpoint, which every rank reads)."""
+    import logging
+
+    from beit._text import ALIKE_ON_EVERY_RANK
+    from beit.engine.logging import setup_logging
+    from beit.interop.load import _read_config_json
+
+    damaged = tmp_path / "config.json"
+    damaged.write_text("{not json")
+    log = logging.getLogger("beit.test_alike")
+    try:
+        for main in (False, True):
+            setup_logging(None, main=main)
+            log.warning("data.crop_padding=4 is ignored", extra=ALIKE_ON_EVERY_RANK)
+            log.warning("skipping unreadable image 7.png")
+            assert _read_config_json(damaged) == {}
+            out = capsys.readouterr().out
+            assert "skipping unreadable image 7.png" in out
+            assert ("data.crop_padding=4 is ignored" in out) == main
+            assert (f"{damaged}: unreadable" in out) == main
+    finally:
+        setup_logging(None, main=True)

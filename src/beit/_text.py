@@ -7,7 +7,13 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["first_few", "repeated", "strict_json"]
+__all__ = ["ALIKE_ON_EVERY_RANK", "first_few", "repeated", "strict_json"]
+
+#: ``extra=`` of a log warning that every rank of a torchrun job would print alike, word for word: one about the
+#: config, a checkpoint or a folder that they all read (``data.crop_padding`` ignored, a checkpoint's missing
+#: tensors). Ranks other than the first drop it from their console (``beit.engine.logging.setup_logging``); a
+#: warning about what one rank meets alone (a bad file of its share of the samples, its GPU) goes without it.
+ALIKE_ON_EVERY_RANK: dict[str, bool] = {"alike_on_every_rank": True}
 
 
 def first_few(items: Sequence[object], n: int, *, sep: str = ", ") -> str:

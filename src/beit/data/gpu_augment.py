@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms.v2 import functional as TF2
 
+from .._text import ALIKE_ON_EVERY_RANK
 from .seeding import derive_seed
 from .transforms import small_image_padding
 
@@ -476,7 +477,7 @@ class _CompiledOnCuda:
             return self._compiled(first, *args)
         except Exception as e:  # noqa: BLE001 - the eager function is the same computation
             logger.warning("compiling %s failed (%s: %s); running it eagerly", self.fn.__name__,
-                           type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                           type(e).__name__, (str(e).splitlines() or [""])[0][:200], extra=ALIKE_ON_EVERY_RANK)
             self._failed = True
             return self.fn(first, *args)
 

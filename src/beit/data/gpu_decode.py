@@ -47,6 +47,7 @@ import torch
 from PIL import ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from .._text import ALIKE_ON_EVERY_RANK
 from .datasets import (
     ImageFolderDataset,
     LabeledImageFolder,
@@ -522,7 +523,8 @@ class BatchDecoder:
         if gpu_pos and self.device.type != "cuda" and not self._warned_cpu:
             self._warned_cpu = True
             logger.warning("data.jpeg_decode=device without CUDA: the JPEGs are decoded on the %s, in the main "
-                           "process (data.jpeg_decode=workers decodes them in the loader workers)", self.device)
+                           "process (data.jpeg_decode=workers decodes them in the loader workers)", self.device,
+                           extra=ALIKE_ON_EVERY_RANK)
         if gpu_pos:
             decoded = self._decode_jpegs([batch.data(i) for i in gpu_pos])  # type: ignore[misc]
             for i, img in zip(gpu_pos, decoded):
@@ -661,7 +663,7 @@ def use_device_path(setting: str, device: torch.device | str) -> bool:
     device = torch.device(device)
     if setting == "gpu" and device.type != "cuda":
         logger.warning("data.device=gpu without CUDA: the batched tensor path runs on %s (data.device=batched "
-                       "asks for that without this warning)", device)
+                       "asks for that without this warning)", device, extra=ALIKE_ON_EVERY_RANK)
     return setting in ("gpu", "batched") or (setting == "auto" and device.type == "cuda")
 
 

@@ -78,15 +78,28 @@ def _mark_new_run(path: Path) -> None:
         f.write(RUN_SEPARATOR.format(pid=os.getpid(), time=when) + "\n")
 
 
+class _SaidByTheFirstRank(logging.Filter):
+    """Drops the records marked :data:`beit._text.ALIKE_ON_EVERY_RANK`: on the console of ranks other than the
+    first, which would print them word for word as the first rank does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "alike_on_every_rank", False)
+
+
 def setup_logging(output_dir: str | Path | None, main: bool) -> logging.Logger:
-    """Console (INFO) and ``output_dir/log.txt`` handlers on the main rank; other ranks only warn.
+    """Console (INFO) and ``output_dir/log.txt`` handlers on the main rank; other ranks only warn, and not the
+    warnings marked :data:`beit._text.ALIKE_ON_EVERY_RANK` (the first rank prints those for all).
 
     Idempotent: handlers are added once per file.
     """
     logger = get_logger()
     logger.setLevel(logging.INFO if main else logging.WARNING)
     logger.propagate = False
-    _console_handlers(logger)
+    for h in _console_handlers(logger):
+        for f in [f for f in h.filters if isinstance(f, _SaidByTheFirstRank)]:
+            h.removeFilter(f)
+        if not main:
+            h.addFilter(_SaidByTheFirstRank())
     if main and output_dir is not None:
         path = str(Path(output_dir).resolve() / "log.txt")
         for h in [h for h in logger.handlers if isinstance(h, _RunFileHandler)]:

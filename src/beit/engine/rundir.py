@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._text import first_few
+from .._text import ALIKE_ON_EVERY_RANK, first_few
 
 __all__ = [
     "CLASSES_KEY", "CLASS_SOURCES", "IMAGES_MARK", "LOCK_NAME", "RESUME_SAFE_KEYS", "RESUME_SAME_TASK", "RUN_DIRS",
@@ -715,7 +715,8 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     said: list[tuple[int, str]] = []  # (level, line): logged at the end, or kept back when not reporting
     if not isinstance(stored, dict):
         if report:
-            log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings")
+            log.warning(f"{source} stores no config: cannot check that the resumed run uses the same settings",
+                        extra=ALIKE_ON_EVERY_RANK)
         return []
     flat_stored, flat_current = _flatten(stored), _flatten(current)  # once, for every comparison below
     diffs = _diff_flat(flat_stored, flat_current)

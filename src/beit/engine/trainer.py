@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from .._text import ALIKE_ON_EVERY_RANK
 from ..data.datasets import NoReadableImagesError
 from . import distributed as D
 from . import optim as O
@@ -776,7 +777,7 @@ class Trainer:
                 if failed and failed[0][0].name == "last.pt" and not isinstance(failed[0][1], TaskMismatchError):
                     self._damaged_last = _identity(failed[0][0])
                 self.log.warning(f"resume=auto: {shown}. Resuming from the newest readable checkpoint instead: "
-                                 f"{candidate} (step {state.get('step')})")
+                                 f"{candidate} (step {state.get('step')})", extra=ALIKE_ON_EVERY_RANK)
             return candidate, state
         if not failed:  # no checkpoint in the folder: a fresh start
             return None, None
@@ -816,7 +817,7 @@ class Trainer:
         if resume_path is not None and self.step >= self.total_steps:
             self.log.warning(f"the checkpoint {resume_path} is at step {self.step}, at or past this run's last step "
                              f"{self.total_steps}: nothing left to train (raise train.max_steps or train.epochs "
-                             "to continue it)")
+                             "to continue it)", extra=ALIKE_ON_EVERY_RANK)
         self.bar = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True,
                         disable=not (self.main and sys.stderr.isatty()))
         try:
@@ -1321,7 +1322,8 @@ class Trainer:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             else:
-                self.log.warning(f"{path} has no EMA weights: EMA restarts from the loaded model")
+                self.log.warning(f"{path} has no EMA weights: EMA restarts from the loaded model",
+                                 extra=ALIKE_ON_EVERY_RANK)
                 self.ema = ModelEMA(self.raw_model, self.cfg.ema)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best = state.get("best")
@@ -1338,7 +1340,7 @@ class Trainer:
             if saved_bs * saved_ws != self.cfg.batch_size * D.world_size():
                 self.log.warning(f"{path}: global batch {saved_bs * saved_ws} -> "
                                  f"{self.cfg.batch_size * D.world_size()} (per step, before accumulation): "
-                                 "steps per epoch and the lr schedule change")
+                                 "steps per epoch and the lr schedule change", extra=ALIKE_ON_EVERY_RANK)
         if self.batch_in_epoch >= self.steps_per_epoch * self.cfg.accum_steps:  # batch size / data changed
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         rng = state.get("rng") or []
@@ -1349,7 +1351,8 @@ class Trainer:
                 self._restored_window = windows[D.rank()]
         else:
             self.log.warning(f"{path} was saved by {len(rng)} rank(s), this run has {D.world_size()}: "
-                             "RNG streams are re-seeded, so the run is not an exact continuation")
+                             "RNG streams are re-seeded, so the run is not an exact continuation",
+                             extra=ALIKE_ON_EVERY_RANK)
             seed_everything(self.cfg.seed + D.rank() + 1000003 * self.step)
         self._checkpoint = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step} "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._text import first_few
+from .._text import ALIKE_ON_EVERY_RANK, first_few
 from ..data.transforms import eval_resize_size
 from ..models.beit import Beit
 from ..models.config import BeitConfig, Preprocess
@@ -157,7 +157,7 @@ def _valid_hints(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if k in checks and not checks[k](v):
-            log.warning("%s: ignoring %s=%r (not a valid value)", where, k, v)
+            log.warning("%s: ignoring %s=%r (not a valid value)", where, k, v, extra=ALIKE_ON_EVERY_RANK)
             continue
         out[k] = tuple(v) if k == "img_size" and isinstance(v, list) else v
     return out
@@ -172,10 +172,11 @@ def _read_config_json(cfg_file: Path) -> dict[str, Any]:
     try:
         meta = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        log.warning("%s: unreadable (%s); the architecture is read from the tensors", cfg_file, e)
+        log.warning("%s: unreadable (%s); the architecture is read from the tensors", cfg_file, e,
+                    extra=ALIKE_ON_EVERY_RANK)
         return {}
     if not isinstance(meta, dict):
-        log.warning("%s: holds a %s, not an object; ignored", cfg_file, type(meta).__name__)
+        log.warning("%s: holds a %s, not an object; ignored", cfg_file, type(meta).__name__, extra=ALIKE_ON_EVERY_RANK)
         return {}
     if meta.get("format") == OUR_FORMAT:
         cfg = meta.get("config")
@@ -185,12 +186,14 @@ def _read_config_json(cfg_file: Path) -> dict[str, Any]:
             BeitConfig.from_dict(cfg)
             return meta
         except (TypeError, ValueError) as e:
-            log.warning("%s: damaged BEiT config (%s); the architecture is read from the tensors", cfg_file, e)
+            log.warning("%s: damaged BEiT config (%s); the architecture is read from the tensors", cfg_file, e,
+                        extra=ALIKE_ON_EVERY_RANK)
             return _valid_hints(cfg if isinstance(cfg, dict) else {}, str(cfg_file))
     try:
         hints = config_from_hf(meta)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
-        log.warning("%s: damaged Hugging Face config (%s); the architecture is read from the tensors", cfg_file, e)
+        log.warning("%s: damaged Hugging Face config (%s); the architecture is read from the tensors", cfg_file, e,
+                    extra=ALIKE_ON_EVERY_RANK)
         return {}
     return _valid_hints(hints, str(cfg_file))
 
@@ -206,26 +209,27 @@ def _read_hf_preprocessor(pp_file: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(pp_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        log.warning("%s: unreadable (%s); ignored", pp_file, e)
+        log.warning("%s: unreadable (%s); ignored", pp_file, e, extra=ALIKE_ON_EVERY_RANK)
         return None
     try:
         pre = preprocess_from_hf(meta) if isinstance(meta, dict) else None
     except ValueError as e:
         raise CheckpointError(f"{pp_file}: {e}") from None
     except TypeError as e:  # e.g. an unhashable resample
-        log.warning("%s: unreadable (%s); ignored", pp_file, e)
+        log.warning("%s: unreadable (%s); ignored", pp_file, e, extra=ALIKE_ON_EVERY_RANK)
         return None
     if pre is None:
-        log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file)
+        log.warning("%s: not a preprocessing beit reproduces; ignored (an ImageNet-style crop is used)", pp_file,
+                    extra=ALIKE_ON_EVERY_RANK)
     elif "img_size" not in pre:
         how = ("the whole image (do_center_crop false)" if pre["resize"] == "full" else
                f"a center crop ({'its crop_pct ' + str(pre['crop_pct']) if pre['crop_pct'] else 'beit default'})")
         log.warning("%s: no 'size': the model's image size is taken, %s; its mean, std and resample are used",
-                    pp_file, how)
+                    pp_file, how, extra=ALIKE_ON_EVERY_RANK)
     elif pre["resize"] == "crop" and crop_offsets_differ(eval_resize_size(pre["img_size"], pre["crop_pct"]),
                                                          pre["img_size"]):
         log.warning("%s: its center crop starts a pixel before ours (transformers rounds the margin down): beit's "
-                    "pixels, and logits, differ from transformers' by that shift", pp_file)
+                    "pixels, and logits, differ from transformers' by that shift", pp_file, extra=ALIKE_ON_EVERY_RANK)
     return pre
 
 
@@ -449,10 +453,10 @@ def _fill_model(model: Beit, sd: dict[str, torch.Tensor], name: str, allow_missi
                  first_few(names, 6))
     if unused:
         log.warning("%s: dropped %d tensors that have no place in the model: %s (not expected)", name, len(unused),
-                    first_few(unused, 6))
+                    first_few(unused, 6), extra=ALIKE_ON_EVERY_RANK)
     if missing:
         log.warning("%s: the checkpoint lacks %d tensors; left at their initial values: %s (not expected)",
-                    name, len(missing), first_few(missing, 6))
+                    name, len(missing), first_few(missing, 6), extra=ALIKE_ON_EVERY_RANK)
 
 
 def load_model(source: str | os.PathLike | Mapping, strict: bool = False, **overrides: Any) -> nn.Module:

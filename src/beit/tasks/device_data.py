@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._text import ALIKE_ON_EVERY_RANK
 from ..data.gpu_decode import DEVICE_SETTINGS, JPEG_DECODERS, BatchDecoder, use_device_path
 from ..engine.config import ConfigError
 
@@ -50,7 +51,7 @@ def unused_jpeg_decode(jpeg_decode: str, why: str) -> None:
     """Warn that ``data.jpeg_decode=device`` was asked for but this run does not decode JPEGs on the device
     path (``why``: the CPU data path, or images held in memory); the default ``workers`` says nothing."""
     if jpeg_decode == "device":
-        logger.warning("data.jpeg_decode=device has no effect here: %s", why)
+        logger.warning("data.jpeg_decode=device has no effect here: %s", why, extra=ALIKE_ON_EVERY_RANK)
 
 
 def decode_summary(decoder: BatchDecoder, log: Callable[[str], Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from ..._text import first_few
+from ..._text import ALIKE_ON_EVERY_RANK, first_few
 from ...data.datasets import (
     IMG_EXTENSIONS,
     LabeledImageFolder,
@@ -135,7 +135,7 @@ def build_train_transform(data: DataConfig, img_size: int) -> Any:
     if data.crop_padding is not None and (img_size > SMALL_IMAGE_SIZE or data.resize != "crop"):
         logger.warning("data.crop_padding=%s is ignored: it applies to the padded random crop of img_size <= %d "
                        "(this run: img_size %d, resize=%s)", data.crop_padding, SMALL_IMAGE_SIZE, img_size,
-                       data.resize)
+                       data.resize, extra=ALIKE_ON_EVERY_RANK)
     if data.resize == "crop":
         tf = build_finetune_transform(True, img_size, auto_augment=data.auto_augment or None,
                                       color_jitter=data.color_jitter, re_prob=data.reprob, scale=tuple(data.scale),
@@ -174,7 +174,7 @@ def check_image_folders(data: DataConfig) -> None:
         loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
         if loose and D.is_main():
             logger.warning("%s=%s: %d images directly in it (e.g. %s) belong to no class sub-folder and are not "
-                           "used", key, root, len(loose), sorted(loose)[0])
+                           "used", key, root, len(loose), sorted(loose)[0], extra=ALIKE_ON_EVERY_RANK)
 
 
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,
