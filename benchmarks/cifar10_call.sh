@@ -63,7 +63,8 @@ if [ -n "${ARM_SECONDS:-}" ]; then
          "${EPOCHS:?EPOCHS: the schedule length of the first call}")
   read -r epochs warm budget <<< "$plan"
   export EPOCHS=$epochs
-  [ "$warm" = "-" ] || spec="$spec train.warmup_epochs=$warm"
+  # the pinned warm-up replaces the arm's own train.warmup_epochs word (one value in the log's resume hint)
+  [ "$warm" = "-" ] || spec="$(sed -E 's/ train\.warmup_epochs=[^ ]*//g' <<< "$spec") train.warmup_epochs=$warm"
 fi
 limit=$(( budget - (SECONDS - start) - margin ))
 [ "$limit" -gt 20 ] || { echo "cifar10_call.sh: only ${limit}s left for training" >&2; exit 1; }
