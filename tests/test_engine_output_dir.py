@@ -118,6 +118,8 @@ def test_output_dir_removed_on_failure_removes_only_what_it_made_while_empty(tmp
     (tmp_path / "d").mkdir()
     fail(tmp_path / "d")  # there before: kept
     assert (tmp_path / "d").is_dir()
+    fail(tmp_path / "d" / "new" / ".." / "run")  # a/new/../run makes a/new too: both removed, d kept
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == []
     with output_dir_removed_on_failure():  # success: kept
         check_output_dir(tmp_path / "e")
     assert (tmp_path / "e").is_dir()

@@ -261,7 +261,8 @@ def check_output_dir(path: str | Path) -> Path:
     for part in (path, *path.parents):
         if os.path.lexists(part):
             break
-        missing.append(part)
+        if part.name != "..":  # a/new/.. is a, there before: only missing while a/new is (--out a/new/../run)
+            missing.append(part)
     try:
         path.mkdir(parents=True, exist_ok=True)
         made = _MADE.get()
