@@ -123,3 +123,21 @@ def test_output_dir_removed_on_failure_removes_only_what_it_made_while_empty(tmp
     with output_dir_removed_on_failure():  # success: kept
         check_output_dir(tmp_path / "e")
     assert (tmp_path / "e").is_dir()
+
+
+@pytest.mark.parametrize("out", ["d/new/../b", "d/x/../x/../b", "d/n1/../n2/../b/../b", "link/n/../b", "d/new/../b/run"])
+def test_output_dir_removed_on_failure_keeps_a_folder_reached_through_new_ones_and_dot_dot(tmp_path, monkeypatch,
+                                                                                          out) -> None:
+    """``--out d/new/../b`` with ``d/b`` there before: ``d/new/../b`` does not exist while ``d/new`` does not, but it
+    is ``d/b``, which a failed start must keep (it was removed while empty); the new folders go (``d/n1``, ``d/n2``
+    were left behind)."""
+    from beit.engine.config import check_output_dir, output_dir_removed_on_failure
+
+    (tmp_path / "d" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "d", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError), output_dir_removed_on_failure():
+        check_output_dir(out)
+        raise ValueError("a check after the config's")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

@@ -257,12 +257,7 @@ def check_output_dir(path: str | Path) -> Path:
     """
     path = Path(path)
     probe = path / f".beit_write_probe_{os.getpid()}"
-    missing: list[Path] = []  # the folders this call makes, the deepest first
-    for part in (path, *path.parents):
-        if os.path.lexists(part):
-            break
-        if part.name != "..":  # a/new/.. is a, there before: only missing while a/new is (--out a/new/../run)
-            missing.append(part)
+    missing = _folders_to_make(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         made = _MADE.get()
@@ -279,6 +274,24 @@ def check_output_dir(path: str | Path) -> Path:
         where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(probe)) else ""
         raise ConfigError("train.output_dir", f"cannot write to {path}: {why}{where}") from None
     return path
+
+
+def _folders_to_make(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` makes, the deepest first, each by its real path (no ``..``, no link).
+
+    A ``..`` after a missing folder cannot be judged by its own path (``a/new/../b`` does not exist while ``a/new``
+    does not, whether or not ``a/b`` does): the path is followed from its deepest existing part (resolved), a ``..``
+    below it is the folder's parent (mkdir makes real folders there), and a folder counts only if it is not there
+    now. ``--out a/new/../b`` makes ``a/new`` alone when ``a/b`` exists; ``a/b`` is never taken for one it made.
+    """
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))  # "." or "/" at the latest
+    here = Path(os.path.realpath(existing))
+    made: list[Path] = []
+    for name in path.parts[len(existing.parts):]:
+        here = here.parent if name == ".." else here / name
+        if here not in made and not os.path.lexists(here):
+            made.append(here)
+    return made[::-1]
 
 
 @contextmanager
