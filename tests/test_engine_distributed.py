@@ -218,3 +218,46 @@ def test_ranks_after_the_first_leave_out_the_warnings_every_rank_prints_alike(tm
             assert (f"{damaged}: unreadable" in out) == main
     finally:
         setup_logging(None, main=True)
+
+
+def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(monkeypatch, capsys) -> None:
+    """Inside the training loop the console goes through tqdm's stand-in handler (``console_through_tqdm``); tqdm
+    before 4.70 (pyproject allows 4.60) copied the console's formatter but not its filters, so a marked warning of
+    the first batches (gpu_augment's compile failure, data.jpeg_decode=device without CUDA) reached every rank."""
+    import contextlib
+    import logging
+
+    from tqdm.contrib import logging as tqdm_logging
+
+    from beit._text import ALIKE_ON_EVERY_RANK
+    from beit.engine import logging as beit_logging
+
+    @contextlib.contextmanager
+    def redirect_of_tqdm_4_67(loggers):  # tqdm 4.67.1's logging_redirect_tqdm: the formatter, not the filters
+        saved = [lg.handlers for lg in loggers]
+        for lg in loggers:
+            stand_in = tqdm_logging._TqdmLoggingHandler()
+            console = tqdm_logging._get_first_found_console_logging_handler(lg.handlers)
+            if console is not None:
+                stand_in.setFormatter(console.formatter)
+            lg.handlers = [h for h in lg.handlers if not tqdm_logging._is_console_logging_handler(h)] + [stand_in]
+        try:
+            yield
+        finally:
+            for lg, handlers in zip(loggers, saved):
+                lg.handlers = handlers
+
+    log = logging.getLogger("beit.test_alike")
+    try:
+        for redirect in (redirect_of_tqdm_4_67, tqdm_logging.logging_redirect_tqdm):
+            monkeypatch.setattr(beit_logging, "logging_redirect_tqdm", redirect)
+            for main in (False, True):
+                with beit_logging.console_through_tqdm(beit_logging.setup_logging(None, main=main)):
+                    log.warning("data.crop_padding=4 is ignored", extra=ALIKE_ON_EVERY_RANK)
+                    log.warning("skipping unreadable image 7.png")
+                out = capsys.readouterr()
+                out = out.out + out.err
+                assert "skipping unreadable image 7.png" in out
+                assert ("data.crop_padding=4 is ignored" in out) == main, (redirect, main)
+    finally:
+        beit_logging.setup_logging(None, main=True)

@@ -159,13 +159,18 @@ def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
 @contextmanager
 def console_through_tqdm(logger: logging.Logger) -> Iterator[None]:
     """tqdm's ``logging_redirect_tqdm`` (console lines printed above the progress bar) that keeps the console's
-    level (tqdm's handler would show everything, :func:`quiet_console` included)."""
-    levels = [h.level for h in logger.handlers if isinstance(h, _StdoutHandler)]
+    level (tqdm's handler would show everything, :func:`quiet_console` included) and filters (tqdm before 4.70 drops
+    them: a rank other than the first printed the warnings marked ``ALIKE_ON_EVERY_RANK`` during training)."""
+    consoles = [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
+    levels = [h.level for h in consoles]
+    filters = [f for h in consoles for f in h.filters]
     with logging_redirect_tqdm(loggers=[logger]):
-        if levels:
-            for h in logger.handlers:
-                if not isinstance(h, (_StdoutHandler, logging.FileHandler)):  # tqdm's stand-in for the console
+        for h in logger.handlers:
+            if not isinstance(h, (_StdoutHandler, logging.FileHandler)):  # tqdm's stand-in for the console
+                if levels:
                     h.setLevel(max(levels))
+                for f in filters:
+                    h.addFilter(f)  # none twice (addFilter checks): tqdm 4.70+ copies them itself
         yield
 
 
