@@ -261,3 +261,18 @@ def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(
                 assert ("data.crop_padding=4 is ignored" in out) == main, (redirect, main)
     finally:
         beit_logging.setup_logging(None, main=True)
+
+
+def test_a_resume_with_a_changed_config_is_said_by_the_first_rank_alone(capsys) -> None:
+    """``resume with a changed config (allow_config_change)``: every rank resumes the same checkpoint with the same
+    config (Trainer.load), so under torchrun it was printed once per rank; now by the first rank alone."""
+    from beit.engine.logging import setup_logging
+    from beit.engine.rundir import check_resume_config
+
+    try:
+        for main in (False, True):
+            setup_logging(None, main=main)
+            check_resume_config({"train": {"lr": 0.01}}, {"train": {"lr": 0.02}}, source="last.pt", allow=True)
+            assert ("resume with a changed config" in capsys.readouterr().out) == main
+    finally:
+        setup_logging(None, main=True)

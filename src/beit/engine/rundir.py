@@ -749,7 +749,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
     if changed and not allow:
         for level, line in said:  # refused: no later resume will say them
-            log.log(level, line)
+            log.log(level, line, extra=ALIKE_ON_EVERY_RANK)
         raise ConfigChangedError(
             f"{source}: the config differs from the checkpoint's in {len(changed)} key(s) that define the "
             f"run: {listed}. Resume with the checkpoint's settings (its config.yaml), or set "
@@ -758,7 +758,7 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
         said.append((logging.WARNING, f"resume with a changed config (allow_config_change): {listed}"))
     if report:
         for level, line in said:
-            log.log(level, line)
+            log.log(level, line, extra=ALIKE_ON_EVERY_RANK)  # every rank resumes the same checkpoint
     return [d[0] for d in diffs]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .._text import first_few
+from .._text import ALIKE_ON_EVERY_RANK, first_few
 from ..data.transforms import eval_resize_size
 from ..models.config import BeitConfig, Preprocess
 from ..models.relpos import table_size
@@ -117,7 +117,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None
     else:
         num_heads = max(1, all_head_dim // 64)
         log.warning("the checkpoint does not tell the number of attention heads (no relative position table, "
-                    "no config): assuming %d (64-dim heads); pass num_heads=... if that is wrong", num_heads)
+                    "no config): assuming %d (64-dim heads); pass num_heads=... if that is wrong", num_heads,
+                    extra=ALIKE_ON_EVERY_RANK)
     num_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
     window = source_grid(None if table is None else table.shape[0], num_pos, _hint_grid(hints, patch_size))
     if window is None:
