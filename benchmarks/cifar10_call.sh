@@ -64,7 +64,9 @@ if [ -n "${ARM_SECONDS:-}" ]; then
   read -r epochs warm budget <<< "$plan"
   export EPOCHS=$epochs
   # the pinned warm-up replaces the arm's own train.warmup_epochs word (one value in the log's resume hint)
-  [ "$warm" = "-" ] || spec="$(sed -E 's/ train\.warmup_epochs=[^ ]*//g' <<< "$spec") train.warmup_epochs=$warm"
+  # (any blank before and after it: read -a splits the words on tabs too, and ' [^ ]*' took a tab and the next word)
+  drop='s/[[:space:]]+train\.warmup_epochs=[^[:space:]]*//g'
+  [ "$warm" = "-" ] || spec="$(sed -E "$drop" <<< "$spec") train.warmup_epochs=$warm"
 fi
 limit=$(( budget - (SECONDS - start) - margin ))
 [ "$limit" -gt 20 ] || { echo "cifar10_call.sh: only ${limit}s left for training" >&2; exit 1; }
