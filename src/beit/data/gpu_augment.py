@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms.v2 import functional as TF2
 
-from .._text import ALIKE_ON_EVERY_RANK
 from .seeding import derive_seed
 from .transforms import small_image_padding
 
@@ -476,8 +475,10 @@ class _CompiledOnCuda:
         try:
             return self._compiled(first, *args)
         except Exception as e:  # noqa: BLE001 - the eager function is the same computation
+            # not marked ALIKE_ON_EVERY_RANK: each rank compiles on its own GPU, and the error may be that rank's
+            # alone (out of memory there, its compile cache); the rank that runs eagerly, slower, must say so
             logger.warning("compiling %s failed (%s: %s); running it eagerly", self.fn.__name__,
-                           type(e).__name__, (str(e).splitlines() or [""])[0][:200], extra=ALIKE_ON_EVERY_RANK)
+                           type(e).__name__, (str(e).splitlines() or [""])[0][:200])
             self._failed = True
             return self.fn(first, *args)
 
