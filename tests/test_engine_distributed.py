@@ -193,21 +193,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["signal"]:  # the torchrun scrip
     _signal_on_one_rank(Path(sys.argv[2]))
 
 
-@pytest.fixture
-def beit_logger_as_it_was():
-    """The ``beit`` logger's handlers, level and propagation as before the test (``setup_logging`` turns off the
-    propagation that pytest's ``caplog`` of later tests reads)."""
-    import logging
-
-    logger = logging.getLogger("beit")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
-
-
-@pytest.mark.usefixtures("beit_logger_as_it_was")
 def test_ranks_after_the_first_leave_out_the_warnings_every_rank_prints_alike(tmp_path: Path, capsys) -> None:
     """A warning marked ALIKE_ON_EVERY_RANK (the config, a checkpoint, a folder all ranks read) reaches the console
     of the first rank only; one about what a rank meets alone reaches every rank's. A real call site keeps its
@@ -235,7 +220,6 @@ def test_ranks_after_the_first_leave_out_the_warnings_every_rank_prints_alike(tm
         setup_logging(None, main=True)
 
 
-@pytest.mark.usefixtures("beit_logger_as_it_was")
 def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(monkeypatch, capsys) -> None:
     """Inside the training loop the console goes through tqdm's stand-in handler (``console_through_tqdm``); tqdm
     before 4.70 (pyproject allows 4.60) copied the console's formatter but not its filters, so a marked warning of
@@ -279,7 +263,6 @@ def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(
         beit_logging.setup_logging(None, main=True)
 
 
-@pytest.mark.usefixtures("beit_logger_as_it_was")
 def test_a_resume_with_a_changed_config_is_said_by_the_first_rank_alone(capsys) -> None:
     """``resume with a changed config (allow_config_change)``: every rank resumes the same checkpoint with the same
     config (Trainer.load), so under torchrun it was printed once per rank; now by the first rank alone."""
