@@ -248,6 +248,9 @@ def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(
                 lg.handlers = handlers
 
     log = logging.getLogger("beit.test_alike")
+    own = logging.Handler(logging.INFO)  # a handler of the user's own on the logger: neither filtered nor re-levelled
+    own.emit = lambda record: None
+    logging.getLogger("beit").addHandler(own)
     try:
         for redirect in (redirect_of_tqdm_4_67, tqdm_logging.logging_redirect_tqdm):
             monkeypatch.setattr(beit_logging, "logging_redirect_tqdm", redirect)
@@ -259,6 +262,7 @@ def test_ranks_after_the_first_leave_out_the_alike_warnings_during_training_too(
                 out = out.out + out.err
                 assert "skipping unreadable image 7.png" in out
                 assert ("data.crop_padding=4 is ignored" in out) == main, (redirect, main)
+                assert own.filters == [] and own.level == logging.INFO
     finally:
         beit_logging.setup_logging(None, main=True)
 

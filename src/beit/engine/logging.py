@@ -164,9 +164,10 @@ def console_through_tqdm(logger: logging.Logger) -> Iterator[None]:
     consoles = [h for h in logger.handlers if isinstance(h, _StdoutHandler)]
     levels = [h.level for h in consoles]
     filters = [f for h in consoles for f in h.filters]
+    before = list(logger.handlers)
     with logging_redirect_tqdm(loggers=[logger]):
         for h in logger.handlers:
-            if not isinstance(h, (_StdoutHandler, logging.FileHandler)):  # tqdm's stand-in for the console
+            if h not in before:  # tqdm's stand-in for the console (a handler of the caller's own: left as it is)
                 if levels:
                     h.setLevel(max(levels))
                 for f in filters:
