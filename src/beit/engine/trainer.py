@@ -777,7 +777,7 @@ class Trainer:
                 if failed and failed[0][0].name == "last.pt" and not isinstance(failed[0][1], TaskMismatchError):
                     self._damaged_last = _identity(failed[0][0])
                 self.log.warning(f"resume=auto: {shown}. Resuming from the newest readable checkpoint instead: "
-                                 f"{candidate} (step {state.get('step')})", extra=ALIKE_ON_EVERY_RANK)
+                                 f"{candidate} (step {state.get('step')})")
             return candidate, state
         if not failed:  # no checkpoint in the folder: a fresh start
             return None, None

@@ -174,7 +174,7 @@ def check_image_folders(data: DataConfig) -> None:
         loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
         if loose and D.is_main():
             logger.warning("%s=%s: %d images directly in it (e.g. %s) belong to no class sub-folder and are not "
-                           "used", key, root, len(loose), sorted(loose)[0], extra=ALIKE_ON_EVERY_RANK)
+                           "used", key, root, len(loose), sorted(loose)[0])
 
 
 def build_datasets(data: DataConfig, train_transform: Any, eval_transform: Any, *, seed: int = 0,
