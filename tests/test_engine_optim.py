@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -42,7 +43,7 @@ def test_layer_decay_scales_and_no_decay_rules():
     assert "layer_00_no_decay" in summary and "layer_04_decay" in summary and "total 363" in summary
 
 
-def test_no_layer_decay_two_groups_frozen_params_and_suffix_match():
+def test_no_layer_decay_two_groups_frozen_params_and_suffix_match(caplog):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -54,8 +55,10 @@ def test_no_layer_decay_two_groups_frozen_params_and_suffix_match():
             return {"relative_position_bias_table"}
 
     m = M()
-    with pytest.warns(UserWarning, match="layer_decay"):
+    with caplog.at_level(logging.WARNING, logger="beit"):
         groups = param_groups(m, 0.1, layer_decay=0.5)  # no layer_id: warn, scale 1
+    said = [r for r in caplog.records if "layer_decay=0.5 ignored: M has no layer_id()" in r.getMessage()]
+    assert len(said) == 1 and said[0].alike_on_every_rank  # the first rank alone prints it (setup_logging)
     by_name = group_of(groups, m)
     assert set(by_name) == {"enc.weight", "enc.bias", "enc.relative_position_bias_table"}  # frozen left out
     assert len(groups) == 2 and all(g["lr_scale"] == 1.0 for g in groups)

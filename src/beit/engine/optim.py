@@ -6,13 +6,15 @@ The trainer sets ``group["lr"] = lr_at(step, ...) * group["lr_scale"]`` before e
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._text import ALIKE_ON_EVERY_RANK
 
 __all__ = ["build_optimizer", "lr_at", "param_groups", "summarize_param_groups"]
 
@@ -32,13 +34,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
       ``layer_decay < 1`` and the model has ``layer_id``; otherwise 1.
 
     Each group carries ``lr_scale``, ``weight_decay``, ``name`` and ``num_params`` (for printing), and
-    ``lr = lr * lr_scale`` when ``lr`` is given. Frozen params (``requires_grad=False``) are left out.
+    ``lr = lr * lr_scale`` when ``lr`` is given. Frozen params (``requires_grad=False``) are left out. A
+    ``layer_decay < 1`` for a model without ``layer_id`` is logged as a warning (logger ``beit``) and ignored.
+
+    Raises:
+        AttributeError: the model has ``layer_id`` but no ``num_layers``.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     use_layers = layer_decay < 1.0 and hasattr(model, "layer_id")
     if layer_decay < 1.0 and not use_layers:
-        warnings.warn(f"layer_decay={layer_decay} ignored: {type(model).__name__} has no layer_id()",
-                      stacklevel=2)
+        # a log record, not warnings.warn: it reaches the run's log file, and the first rank alone prints it
+        logging.getLogger("beit").warning("layer_decay=%s ignored: %s has no layer_id()", layer_decay,
+                                          type(model).__name__, extra=ALIKE_ON_EVERY_RANK)
     num_layers = getattr(model, "num_layers", None) if use_layers else None
     if use_layers and num_layers is None:
         raise AttributeError(f"{type(model).__name__} has layer_id() but no num_layers")
