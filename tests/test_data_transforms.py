@@ -140,6 +140,38 @@ def test_finetune_and_eval_transforms() -> None:
     assert build_linear_probe_transform(False, 64)(img).shape == (3, 64, 64)
 
 
+def test_torchvision_autoaugment_policy_takes_randaugments_place() -> None:
+    """``auto_augment="autoaugment-cifar10"``: torchvision's CIFAR-10 policy after the crop and flip, no colour
+    jitter, filled with the mean; the draws follow the sample's seed like the rest of the recipe."""
+    tf = build_finetune_transform(True, 32, auto_augment="autoaugment-cifar10", re_prob=0.0)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names == ["SmallImageRandomCrop", "RandomHorizontalFlip", "AutoAugment", "MaybeToTensor",
+                     "Normalize"], names  # re_prob 0: no erasing
+    aug = tf.transforms[2]
+    assert aug.policy == T.AutoAugmentPolicy.CIFAR10 and aug.fill == [124, 116, 104]
+    img = _random_image(32, 32)
+    with seeded(0, 0, 1):
+        a = tf(img)
+    with seeded(0, 0, 1):
+        b = tf(img)
+    outs = []
+    for i in range(8):
+        with seeded(0, 0, i):
+            outs.append(tf(img))
+    assert torch.equal(a, b) and len({o.numpy().tobytes() for o in outs}) == 8
+    # the same draws without the policy: the policy changed the pixels (not a no-op slot)
+    plain = build_finetune_transform(True, 32, auto_augment=None, color_jitter=0.0, re_prob=0.0)
+    assert sum(not torch.equal(o, _plain(plain, img, i)) for i, o in enumerate(outs)) >= 4
+    imagenet = build_finetune_transform(True, 224, auto_augment="autoaugment-imagenet")
+    assert [type(t).__name__ for t in imagenet.transforms][2] == "AutoAugment"
+    assert not any(isinstance(t, T.ColorJitter) for t in imagenet.transforms)
+
+
+def _plain(tf, img, i):
+    with seeded(0, 0, i):
+        return tf(img)
+
+
 # The batched views of a PretrainTransform's recipe are beit.data.gpu_augment.PretrainViews (the old
 # transforms.gpu_pretrain_views is gone); these check that the recipe carries over through from_transform.
 def _views(cfg: PretrainTransform, images_hwc: torch.Tensor, epoch: int = 0, masks=None) -> dict:

@@ -234,7 +234,7 @@ def test_a_malformed_auto_augment_is_a_config_error(squares, tmp_path, capsys, d
     """timm's RandAugment / AutoAugment parsers assert: a malformed data.auto_augment ended `beit finetune` in an
     AssertionError traceback when the training transform was built (after the run folder was made), on either
     data path. Now it is the one-line config error naming the key, at load; timm's own strings still load."""
-    for good in ("rand-m9-mstd0.5-inc1", "rand-m7-n3", "original", "v0r", "augmix-m5"):
+    for good in ("rand-m9-mstd0.5-inc1", "rand-m7-n3", "original", "v0r", "augmix-m5", "autoaugment-cifar10"):
         assert tiny_cfg(tmp_path, squares, f"data.auto_augment={good}").data.auto_augment == good
     out = tmp_path / "run"
     bad_specs = [("rand-mstd0.5-x9", r" \(Unknown RandAugment config section\)"), ("randfoo", "")]
@@ -351,12 +351,16 @@ def test_a_folder_with_no_readable_image_is_the_no_readable_images_error(tmp_pat
         readable_subset(LabeledImageFolder(tmp_path), num_threads=1)
 
 
-def test_in_memory_cifar_config_runs(squares, tmp_path):
+@pytest.mark.parametrize("augment", [None, "autoaugment-cifar10"])
+def test_in_memory_cifar_config_runs(squares, tmp_path, augment):
+    """The CIFAR preset as shipped, and with torchvision's CIFAR-10 AutoAugment policy (the public from-scratch
+    recipes' augmentation; the CPU path, since the device path implements RandAugment alone)."""
     cfg = load_config(FinetuneConfig, CONFIGS / "finetune_cifar10_small.yaml", [
         *TINY_OVERRIDES, f"data.train_dir={squares / 'train'}", f"data.val_dir={squares / 'val'}",
         f"train.output_dir={tmp_path}", "train.num_workers=0", "train.batch_size=16", "train.max_steps=2",
-        "train.warmup_epochs=0"])
+        "train.warmup_epochs=0", *([f"data.auto_augment={augment}"] if augment else [])])
     assert cfg.data.in_memory
+    assert (cfg.data.device_path_blocker() is None) == (augment is None)
     res = finetune(cfg)
     assert res["step"] == 2 and 0.0 <= res["top1"] <= 100.0
 

@@ -36,6 +36,7 @@ __all__ = [
     "EnsureMinSize",
     "PretrainTransform",
     "SmallImageRandomCrop",
+    "TORCHVISION_AUTOAUGMENT",
     "build_eval_transform",
     "build_finetune_transform",
     "check_auto_augment",
@@ -56,6 +57,15 @@ _INTERP = {
 }
 
 SMALL_IMAGE_SIZE = 32  # at or below this, follow unilm's CIFAR path: no resize-up-then-crop
+
+#: ``auto_augment`` names of torchvision's AutoAugment policies (Cubuk et al. 2019), which timm lacks for CIFAR and
+#: SVHN: ``autoaugment-cifar10`` is the augmentation of public from-scratch ViT recipes for CIFAR-10 (e.g.
+#: omihub777/ViT-CIFAR's ``CIFAR10Policy``), the recipe a from-scratch baseline is held to.
+TORCHVISION_AUTOAUGMENT: dict[str, T.AutoAugmentPolicy] = {
+    "autoaugment-cifar10": T.AutoAugmentPolicy.CIFAR10,
+    "autoaugment-imagenet": T.AutoAugmentPolicy.IMAGENET,
+    "autoaugment-svhn": T.AutoAugmentPolicy.SVHN,
+}
 
 
 def small_image_padding(input_size: int, padding: int | None = None) -> int:
@@ -391,11 +401,14 @@ def _small_image_crop(input_size: int, interpolation: str, padding: int | None =
 def check_auto_augment(spec: str) -> None:
     """Whether timm parses the augmentation string ``spec`` as ``create_transform`` would (RandAugment ``rand-...``,
     AugMix ``augmix-...``, else an AutoAugment policy): its parsers end a bad one in a bare ``AssertionError``
-    (``rand-mstd0.5-x9``: "Unknown RandAugment config section"; ``randfoo``: no message).
+    (``rand-mstd0.5-x9``: "Unknown RandAugment config section"; ``randfoo``: no message). The names of
+    :data:`TORCHVISION_AUTOAUGMENT` (torchvision's policies: ``autoaugment-cifar10``, ...) pass too.
 
     Raises:
         ValueError: ``spec`` is not one timm can build, naming it and the kinds it can be.
     """
+    if spec in TORCHVISION_AUTOAUGMENT:
+        return
     hparams: dict[str, Any] = {"translate_const": 100, "img_mean": (124, 116, 104)}
     try:
         if spec.startswith("rand"):
@@ -407,7 +420,8 @@ def check_auto_augment(spec: str) -> None:
     except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
         detail = f" ({e})" if str(e) else ""
         raise ValueError(f"{spec!r} is not an augmentation timm can build{detail}: RandAugment 'rand-m9-mstd0.5-inc1', "
-                         "AugMix 'augmix-m5', an AutoAugment policy 'original' | 'originalr' | 'v0' | 'v0r' | '3a', "
+                         "AugMix 'augmix-m5', an AutoAugment policy 'original' | 'originalr' | 'v0' | 'v0r' | '3a' "
+                         f"(timm's) or {' | '.join(repr(k) for k in TORCHVISION_AUTOAUGMENT)} (torchvision's), "
                          "or null for none") from None
 
 
@@ -432,6 +446,8 @@ def build_finetune_transform(
 
     Train: random-resized crop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1`` (timm then
     skips color jitter, as in the official runs), normalise, random erasing 0.25 ('pixel').
+    ``auto_augment`` may also name a torchvision AutoAugment policy (:data:`TORCHVISION_AUTOAUGMENT`), which takes
+    RandAugment's place (no color jitter either; its fill is ``mean`` in 0-255).
     For ``input_size <= 32`` the crop is ``RandomCrop(size, padding=crop_padding)`` instead (default
     ``size // 8``: 4 at 32 px, as unilm does for CIFAR-sized inputs; 0: no shift), after scaling images
     smaller than the crop up to it (``EnsureMinSize``), so tiny or thin images never stop an epoch.
@@ -445,13 +461,14 @@ def build_finetune_transform(
         raise ValueError(f"re_prob is a probability, got {re_prob}")
     mean, std = _check_mean_std(mean, std)
     _check_range(scale, "scale", upper=1.0)
+    policy = TORCHVISION_AUTOAUGMENT.get(auto_augment) if auto_augment else None
     transform = create_transform(
         input_size=input_size,
         is_training=True,
         scale=tuple(scale),
         hflip=hflip,
-        color_jitter=color_jitter if color_jitter else 0.0,
-        auto_augment=auto_augment,
+        color_jitter=color_jitter if color_jitter and policy is None else 0.0,
+        auto_augment=auto_augment if policy is None else None,
         interpolation=interpolation,
         re_prob=re_prob,
         re_mode=re_mode,
@@ -461,6 +478,14 @@ def build_finetune_transform(
     )
     if input_size <= SMALL_IMAGE_SIZE:
         transform.transforms[0] = _small_image_crop(input_size, interpolation, crop_padding)
+    if policy is not None:  # in the place of timm's (no-op) colour jitter, before the tensor conversion
+        steps = transform.transforms
+        at = next(i for i, t in enumerate(steps) if type(t).__name__ in ("MaybeToTensor", "ToTensor"))
+        if at > 0 and isinstance(steps[at - 1], T.ColorJitter):
+            del steps[at - 1]
+            at -= 1
+        fill = [round(255 * m) for m in mean]
+        steps.insert(at, T.AutoAugment(policy, interpolation=InterpolationMode.NEAREST, fill=fill))
     return _guard_posterize(transform)
 
 

@@ -34,7 +34,8 @@ class DataConfig:
     verify_val: bool = True  # decode the val set once up front and leave unreadable files out
     resize: str = "crop"  # crop: random-resized crop / center crop; full: whole image to img_size^2 (documents)
     grayscale: bool = False  # gray -> 3 channels (scans); keeps color out of the decision
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # RandAugment (timm string), null = off
+    # RandAugment (timm string), an AutoAugment policy (timm's or torchvision's: autoaugment-cifar10), null = off
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.4  # used by timm only when auto_augment is off
     reprob: float = 0.25  # random erasing probability
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
