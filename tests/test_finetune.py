@@ -233,13 +233,15 @@ def test_clear_errors(trained, squares, tmp_path, capsys):
 def test_a_malformed_auto_augment_is_a_config_error(squares, tmp_path, capsys, device):
     """timm's RandAugment / AutoAugment parsers assert: a malformed data.auto_augment ended `beit finetune` in an
     AssertionError traceback when the training transform was built (after the run folder was made), on either
-    data path. Now it is the one-line config error naming the key, at load; timm's own strings still load."""
+    data path. Now it is the one-line config error naming the key, at load; timm's own strings still load. A
+    misspelt policy is named as such with data.device=batched too (it was refused as a recipe the device path lacks,
+    "use auto or cpu", and named only on the second try)."""
     for good in ("rand-m9-mstd0.5-inc1", "rand-m7-n3", "original", "v0r", "augmix-m5", "autoaugment-cifar10"):
         assert tiny_cfg(tmp_path, squares, f"data.auto_augment={good}").data.auto_augment == good
     out = tmp_path / "run"
-    bad_specs = [("rand-mstd0.5-x9", r" \(Unknown RandAugment config section\)"), ("randfoo", "")]
-    if device == "cpu":  # batched: a policy that is not RandAugment is refused first, by data.device (own test)
-        bad_specs.append(("orignal", r" \(Unknown AA policy orignal\)"))
+    bad_specs = [("rand-mstd0.5-x9", r" \(Unknown RandAugment config section\)"), ("randfoo", ""),
+                 ("orignal", r" \(Unknown AA policy orignal\)"),
+                 ("autoaugment-cifra10", r" \(Unknown AutoAugment config section\)")]
     for bad, detail in bad_specs:
         assert cli_main(["finetune", *TINY_OVERRIDES, f"data.train_dir={squares / 'train'}", f"data.device={device}",
                          f"train.output_dir={out}", f"data.auto_augment={bad}"]) == 1
@@ -247,6 +249,15 @@ def test_a_malformed_auto_augment_is_a_config_error(squares, tmp_path, capsys, d
         assert re.fullmatch(rf"beit finetune: error: config key 'data\.auto_augment': '{bad}' is not an augmentation "
                             rf"timm can build{detail}: RandAugment 'rand-m9-mstd0\.5-inc1', .*\n", err), err
     assert not out.exists()
+
+
+def test_resize_full_refuses_any_auto_augment_by_its_value(squares, tmp_path):
+    """resize=full (documents) takes no augmentation policy: the error named RandAugment whatever was given (an
+    AutoAugment policy such as autoaugment-cifar10 too); it names the value now."""
+    for spec in ("rand-m9-mstd0.5-inc1", "autoaugment-cifar10", "original"):
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.auto_augment': resize=full \(documents\) takes no "
+                                              rf"augmentation policy, got '{spec}'; set it to null$"):
+            tiny_cfg(tmp_path, squares, "data.resize=full", f"data.auto_augment={spec}")
 
 
 def test_evaluate_a_folder_with_a_class_without_images(trained, squares, tmp_path, capsys, beit_warnings):

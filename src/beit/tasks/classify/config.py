@@ -58,7 +58,8 @@ class DataConfig:
         if self.resize not in ("crop", "full"):
             raise ConfigError("resize", f"must be 'crop' or 'full', got '{self.resize}'")
         if self.resize == "full" and self.auto_augment:
-            raise ConfigError("auto_augment", "resize=full (documents) takes no RandAugment; set it to null")
+            raise ConfigError("auto_augment", f"resize=full (documents) takes no augmentation policy, got "
+                                              f"{self.auto_augment!r}; set it to null")
         if self.auto_augment:  # timm's parsers assert: a traceback after the run folder was made, on either path
             try:
                 check_auto_augment(str(self.auto_augment))
@@ -175,6 +176,12 @@ class FinetuneConfig:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.class_names and len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names", f"has names given more than once: {repeated(self.class_names, 5)}")
+        # the data node's own checks first (validate_config runs them after this node's): a misspelt
+        # data.auto_augment is named as such, not as a recipe the device path lacks
+        try:
+            self.data.validate()
+        except ConfigError as e:
+            raise ConfigError(f"data.{e.key}", e.message) from None
         self.data.check_device_path()  # gpu / batched asked for by name with a recipe it lacks: refused at load
 
 
