@@ -23,6 +23,7 @@ from beit.engine.logging import read_metrics
 from beit.models.relpos import table_size
 from beit.tasks.classify import (
     FinetuneConfig,
+    LinprobeConfig,
     build_model,
     evaluate_checkpoint,
     finetune,
@@ -258,6 +259,22 @@ def test_resize_full_refuses_any_auto_augment_by_its_value(squares, tmp_path):
         with pytest.raises(ConfigError, match=rf"^config key 'data\.auto_augment': resize=full \(documents\) takes no "
                                               rf"augmentation policy, got '{spec}'; set it to null$"):
             tiny_cfg(tmp_path, squares, "data.resize=full", f"data.auto_augment={spec}")
+
+
+def test_mean_and_std_on_the_0_255_scale_are_refused(squares, tmp_path):
+    """data.mean / data.std are for pixels in [0, 1]; segmentation's are on the 0-255 scale, and such values were
+    taken as they were (every image normalised to about -500; the AutoAugment fill 255 * mean overflowed); a zero
+    std was a ValueError that named no key. Each is now a config error naming the key; linprobe's too."""
+    for extra, key, msg in [("data.mean=[124,116,104]", "mean", r"is for pixels in \[0, 1\]"),
+                            ("data.std=[58.4,57.1,57.4]", "std", r"is for pixels in \[0, 1\]"),
+                            ("data.std=[0,0.5,0.5]", "std", r"must be > 0"),
+                            ("data.mean=[-0.1,0.5,0.5]", "mean", r"is for pixels in \[0, 1\]")]:
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.{key}': {msg}"):
+            tiny_cfg(tmp_path, squares, extra)
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.{key}': {msg}"):
+            load_config(LinprobeConfig, None, ["model=beit_tiny_patch16_224", extra])
+    cfg = tiny_cfg(tmp_path, squares, "data.mean=[0,0.5,1]", "data.std=[1,1,1]")  # the bounds themselves load
+    assert cfg.data.mean == (0.0, 0.5, 1.0)
 
 
 def test_evaluate_a_folder_with_a_class_without_images(trained, squares, tmp_path, capsys, beit_warnings):

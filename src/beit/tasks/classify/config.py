@@ -65,6 +65,12 @@ class DataConfig:
                 check_auto_augment(str(self.auto_augment))
             except ValueError as e:
                 raise ConfigError("auto_augment", str(e)) from None
+        for key, values in (("mean", self.mean), ("std", self.std)):  # 0-255 values: segmentation's data.mean
+            if key == "std" and min(values) <= 0:
+                raise ConfigError(key, f"must be > 0, got {list(values)}")
+            if any(not 0.0 <= v <= 1.0 for v in values):
+                raise ConfigError(key, f"is for pixels in [0, 1] (each value in [0, 1]), got {list(values)}: on the "
+                                       "0-255 scale, divide by 255")
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError("reprob", f"must be in [0, 1], got {self.reprob}")
         if self.crop_padding is not None and self.crop_padding < 0:
