@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -389,8 +390,13 @@ def test_in_memory_cifar_config_runs(squares, tmp_path, augment):
         "train.warmup_epochs=0", *([f"data.auto_augment={augment}"] if augment else [])])
     assert cfg.data.in_memory
     assert (cfg.data.device_path_blocker() is None) == (augment is None)
+    if augment:  # and from scratch without the preset's layer decay: no word about it
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, layer_decay=1.0))
     res = finetune(cfg)
     assert res["step"] == 2 and 0.0 <= res["top1"] <= 100.0
+    # the preset is from scratch: its layer decay (meant for model=<pre-training run>) is said to apply, in the log
+    said = "layer_decay 0.85 on random weights (model=beit_tiny_patch16_224 is a preset: from scratch)"
+    assert (said in (tmp_path / "log.txt").read_text()) == (augment is None)
 
 
 def test_rvlcdip_preset_runs_on_generated_pages(tmp_path):
