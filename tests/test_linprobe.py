@@ -113,6 +113,13 @@ def test_linprobe_cli_and_config(setup, tmp_path, capsys):
     with pytest.raises(ConfigError) as info:  # was OmegaConf's "Structured config ... missing mandatory value"
         load_config(LinprobeConfig, None, ["data.train_dir=a"])
     assert str(info.value) == "config key 'model': required, not set: add model=... on the command line or in the -c file"
+    # the fine-tuning transform's keys: checked, then ignored before (features are cached once, unaugmented)
+    for extra, key in [("data.auto_augment=autoaugment-cifar10", "auto_augment"), ("data.hflip=0.5", "hflip"),
+                       ("data.reprob=0.25", "reprob"), ("data.color_jitter=0.4", "color_jitter")]:
+        with pytest.raises(ConfigError, match=rf"^config key 'data\.{key}': linprobe caches each image's features "
+                                              r"once, unaugmented: it has no effect here"):
+            load_config(LinprobeConfig, CONFIGS / "linprobe_base.yaml", ["model=x", extra])
+    assert load_config(LinprobeConfig, None, ["model=x", "data.auto_augment=null", "data.hflip=0"]).data.hflip == 0
     rc = cli_main(["linprobe", f"model={setup['ckpt']}", "img_size=32", "layers=1,3",
                    f"data.train_dir={setup['data'] / 'train'}", f"data.val_dir={setup['data'] / 'val'}",
                    f"train.output_dir={tmp_path}", "train.epochs=2", "train.batch_size=16", "extract_batch_size=32",

@@ -241,6 +241,11 @@ class LinprobeConfig:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.train.layer_decay != 1.0:
             raise ConfigError("train.layer_decay", "linear heads have no layers: leave it at 1.0")
+        # the training transform's keys: set, they were checked and then ignored (no augmentation of cached features)
+        for key, off in (("auto_augment", None), ("color_jitter", 0.0), ("reprob", 0.0), ("hflip", 0.0)):
+            if getattr(self.data, key):
+                raise ConfigError(f"data.{key}", f"linprobe caches each image's features once, unaugmented: it has no "
+                                                 f"effect here, got {getattr(self.data, key)!r}; leave it at {off}")
         try:
             parse_blocks(self.layers, None)  # the depth is known once the model is read
         except ValueError as e:
