@@ -381,6 +381,9 @@ def _run_stages(c: DemoConfig, out: Path, train_dir: Path, test_dir: Path, commo
     print(f"[4/4] ({time.perf_counter() - t0:.0f}s) fine-tuned {c.ft_steps} steps, {len(c.seeds)} seed(s) per arm, "
           f"top-1 on {n_test} held-out digits (mean +- std): pre-trained {pm:.1f} +- {ps:.1f}% vs from scratch "
           f"{sm:.1f} +- {ss:.1f}%", flush=True)
+    if quick:
+        print(f"      (--quick: {c.ft_steps} steps a stage show that every stage runs; these accuracies are no result: "
+              "`beit demo` without --quick compares the arms)", flush=True)
     last = c.seeds[-1]
     pngs = {
         "tokenizer reconstructions": tok.get("recon_grid"),
