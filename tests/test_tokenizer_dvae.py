@@ -310,6 +310,17 @@ def test_train_tokenizer_refuses_a_missing_image_folder_before_the_ranks_join(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_a_layer_decay_is_refused_at_load(tmp_path: Path) -> None:
+    """The dVAE has no layer_id(): train.layer_decay != 1 was logged as ignored once training had started."""
+    from beit.engine.config import ConfigError, load_config
+    from beit.tasks.tokenizer import TokenizerTrainConfig
+
+    with pytest.raises(ConfigError, match=r"^config key 'train\.layer_decay': the dVAE has no transformer blocks to "
+                                          r"decay over: leave it at 1\.0, got 0\.9$"):
+        load_config(TokenizerTrainConfig, None, [f"data_dir={tmp_path}", "train.layer_decay=0.9"])
+    assert load_config(TokenizerTrainConfig, None, [f"data_dir={tmp_path}"]).train.layer_decay == 1.0
+
+
 def test_train_tokenizer_repeats_exactly_whatever_the_global_rng(tmp_path: Path, one_thread: None) -> None:
     """The initial weights come from train.seed, not from whatever the process drew before: two runs of one
     config give the same tokenizer (a demo's codebook usage once varied 27-46 of 128 between identical runs)."""
