@@ -53,8 +53,8 @@ class TokenizerTrainConfig:
         if self.max_val_images < 1 or self.grid_images < 1:
             raise ConfigError("max_val_images", "max_val_images and grid_images must be >= 1")
         if self.train.layer_decay != 1.0:  # logged as ignored, deep in the run, before
-            raise ConfigError("train.layer_decay", f"the dVAE has no transformer blocks to decay over: leave it at 1.0, "
-                                                   f"got {self.train.layer_decay:g}")
+            raise ConfigError("train.layer_decay", "the dVAE has no transformer blocks to decay over: leave it at "
+                                                   f"1.0, got {self.train.layer_decay:g}")
         try:
             self.model.check()
         except ValueError as e:
