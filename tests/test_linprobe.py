@@ -130,6 +130,31 @@ def test_linprobe_cli_and_config(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "linprobe.json").read_text())["blocks"] == [1, 3]
 
 
+def test_a_preset_encoder_is_seeded_by_train_seed(setup, tmp_path, monkeypatch):
+    """model=<preset> probes random features (a baseline): the encoder was built before any seeding, so the same
+    command probed another random encoder, with other accuracies, each time; train.seed now fixes it (as in finetune)."""
+    mod = importlib.import_module("beit.tasks.classify.linprobe")
+    feats: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        out = extract_features_orig(*args, **kwargs)
+        feats.append(out[0])
+        return out
+
+    extract_features_orig = mod.extract_features
+    monkeypatch.setattr(mod, "extract_features", recording)
+    over = ["model=beit_tiny_patch16_224", "model_overrides={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+            "train.epochs=1", "knn=3"]
+    torch.manual_seed(123)  # whatever the global generator's state, as a new process's
+    a = linprobe(lp_cfg(setup, tmp_path / "a", *over))
+    torch.rand(7)
+    b = linprobe(lp_cfg(setup, tmp_path / "b", *over))
+    linprobe(lp_cfg(setup, tmp_path / "c", *over, "train.seed=1"))
+    train_a, train_b, train_c = feats[0], feats[2], feats[4]
+    assert torch.equal(train_a, train_b) and not torch.equal(train_a, train_c)
+    assert a["top1"] == b["top1"] and a["knn_top1"] == b["knn_top1"]
+
+
 def test_linprobe_refuses_several_processes(setup, tmp_path, monkeypatch):
     """The world size comes from engine.distributed (torchrun's WORLD_SIZE before a group exists)."""
     monkeypatch.setenv("WORLD_SIZE", "2")

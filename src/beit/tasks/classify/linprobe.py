@@ -201,6 +201,7 @@ def linprobe(cfg: LinprobeConfig, *, train_dataset: Dataset | None = None, val_d
     if D.world_size() > 1:
         raise ValueError("linprobe runs in one process (features are cached in its memory); launch it without torchrun")
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)  # a preset's random encoder (the baseline) is part of the run, as finetune's
     encoder, src = _load_encoder(cfg)  # read once, at the start: a bad checkpoint fails before any folder is listed
     _log_image_size(cfg, src)
     tf = build_preprocess(cfg.data.preprocess(cfg.img_size))  # features are cached: no augmentation
