@@ -395,7 +395,7 @@ def test_in_memory_cifar_config_runs(squares, tmp_path, augment):
     res = finetune(cfg)
     assert res["step"] == 2 and 0.0 <= res["top1"] <= 100.0
     # the preset is from scratch: its layer decay (meant for model=<pre-training run>) is said to apply, in the log
-    said = "layer_decay 0.85 on random weights (model=beit_tiny_patch16_224 is a preset: from scratch)"
+    said = "layer_decay 0.85 with model=beit_tiny_patch16_224, a preset trained from scratch (every block starts random)"
     assert (said in (tmp_path / "log.txt").read_text()) == (augment is None)
 
 

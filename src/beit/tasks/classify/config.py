@@ -69,8 +69,8 @@ class DataConfig:
             if key == "std" and min(values) <= 0:
                 raise ConfigError(key, f"must be > 0, got {list(values)}")
             if any(not 0.0 <= v <= 1.0 for v in values):
-                raise ConfigError(key, f"is for pixels in [0, 1] (each value in [0, 1]), got {list(values)}: on the "
-                                       "0-255 scale, divide by 255")
+                raise ConfigError(key, f"is for pixels in [0, 1] (each value in [0, 1]), got {list(values)} (values "
+                                       "on the 0-255 scale: divide them by 255)")
         if not 0.0 <= self.reprob <= 1.0:
             raise ConfigError("reprob", f"must be in [0, 1], got {self.reprob}")
         if self.crop_padding is not None and self.crop_padding < 0:
@@ -242,7 +242,7 @@ class LinprobeConfig:
         if self.train.layer_decay != 1.0:
             raise ConfigError("train.layer_decay", "linear heads have no layers: leave it at 1.0")
         # the training transform's keys: set, they were checked and then ignored (no augmentation of cached features)
-        for key, off in (("auto_augment", None), ("color_jitter", 0.0), ("reprob", 0.0), ("hflip", 0.0)):
+        for key, off in (("auto_augment", "null"), ("color_jitter", "0"), ("reprob", "0"), ("hflip", "0")):
             if getattr(self.data, key):
                 raise ConfigError(f"data.{key}", f"linprobe caches each image's features once, unaugmented: it has no "
                                                  f"effect here, got {getattr(self.data, key)!r}; leave it at {off}")

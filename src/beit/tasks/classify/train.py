@@ -212,9 +212,9 @@ def finetune(cfg: FinetuneConfig, *, train_dataset: Dataset | None = None, val_d
                       device_transform=pipeline if device_data is not None else None,
                       metric_to_track="top1" if eval_fn is not None else None, run_config=cfg, outputs=OUTPUTS)
     if is_preset(cfg.model) and train_cfg.layer_decay < 1.0:  # the CIFAR preset's 0.85 applies from scratch too
-        logger.info("layer_decay %g on random weights (model=%s is a preset: from scratch): the lower blocks learn at "
-                    "a fraction of the lr, a recipe for pre-trained encoders; train.layer_decay=1.0 for a "
-                    "from-scratch recipe", train_cfg.layer_decay, cfg.model)
+        logger.info("layer_decay %g with model=%s, a preset trained from scratch (every block starts random): the "
+                    "lower blocks learn at a fraction of the lr, a recipe for pre-trained encoders "
+                    "(train.layer_decay=1.0 turns it off)", train_cfg.layer_decay, cfg.model)
     result: dict[str, Any] = dict(trainer.fit(stop_after_step))
     result["class_names"] = names
     result["output_dir"] = str(trainer.out)
