@@ -215,13 +215,16 @@ def check_values(cfg: Any, prefix: str = "") -> None:
 
 
 def validate_config(cfg: Any, prefix: str = "") -> None:
-    """Generic checks (:func:`check_values`) on the whole tree, then ``validate()`` on every dataclass node;
-    errors get the full dotted key. A validator that trips over a value (e.g. divides by zero) becomes a
-    :class:`ConfigError` naming the node instead of a traceback."""
+    """Generic checks (:func:`check_values`) on the whole tree, then ``validate()`` on every dataclass node, its
+    nested nodes before it (a node's checks may use its parts: they are sound by then); errors get the full dotted
+    key. A validator that trips over a value (e.g. divides by zero) becomes a :class:`ConfigError` naming the node
+    instead of a traceback."""
     if not prefix:
         check_values(cfg)
     if not dataclasses.is_dataclass(cfg):
         return
+    for f in dataclasses.fields(cfg):
+        validate_config(getattr(cfg, f.name), f"{prefix}{f.name}.")
     if hasattr(cfg, "validate"):
         try:
             cfg.validate()
@@ -229,8 +232,6 @@ def validate_config(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(prefix + e.key, e.message) from None
         except (ArithmeticError, TypeError) as e:
             raise ConfigError(prefix.rstrip(".") or "config", f"invalid values ({type(e).__name__}: {e})") from None
-    for f in dataclasses.fields(cfg):
-        validate_config(getattr(cfg, f.name), f"{prefix}{f.name}.")
 
 
 def file_in_the_way(path: str | os.PathLike) -> Path | None:

@@ -182,12 +182,8 @@ class FinetuneConfig:
             raise ConfigError("ref_batch", f"must be >= 0, got {self.ref_batch}")
         if self.class_names and len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names", f"has names given more than once: {repeated(self.class_names, 5)}")
-        # the data node's own checks first (validate_config runs them after this node's): a misspelt
-        # data.auto_augment is named as such, not as a recipe the device path lacks
-        try:
-            self.data.validate()
-        except ConfigError as e:
-            raise ConfigError(f"data.{e.key}", e.message) from None
+        # after the data node's own checks (validate_config runs them first): a misspelt data.auto_augment is
+        # named as such, not as a recipe the device path lacks
         self.data.check_device_path()  # gpu / batched asked for by name with a recipe it lacks: refused at load
 
 
