@@ -467,7 +467,7 @@ def build_finetune_transform(
         is_training=True,
         scale=tuple(scale),
         hflip=hflip,
-        color_jitter=color_jitter if color_jitter and policy is None else 0.0,
+        color_jitter=(color_jitter if color_jitter else 0.0) if policy is None else None,  # None: no jitter step
         auto_augment=auto_augment if policy is None else None,
         interpolation=interpolation,
         re_prob=re_prob,
@@ -478,12 +478,9 @@ def build_finetune_transform(
     )
     if input_size <= SMALL_IMAGE_SIZE:
         transform.transforms[0] = _small_image_crop(input_size, interpolation, crop_padding)
-    if policy is not None:  # in the place of timm's (no-op) colour jitter, before the tensor conversion
+    if policy is not None:  # where RandAugment would be: after the crop and flip, before the tensor conversion
         steps = transform.transforms
         at = next(i for i, t in enumerate(steps) if type(t).__name__ in ("MaybeToTensor", "ToTensor"))
-        if at > 0 and isinstance(steps[at - 1], T.ColorJitter):
-            del steps[at - 1]
-            at -= 1
         fill = [round(255 * m) for m in mean]
         steps.insert(at, T.AutoAugment(policy, interpolation=InterpolationMode.NEAREST, fill=fill))
     return _guard_posterize(transform)
